@@ -1,0 +1,6 @@
+// Each op's binding file (csrc/<op>_bind.cpp) defines one register function; bindings.cpp calls them.
+// The .cu files stay free of torch headers so that CI can compile them with nvcc alone.
+#pragma once
+#include <torch/extension.h>
+
+// void register_<op>(pybind11::module_& m);   (one line per op, added with its kernel)

@@ -1,0 +1,29 @@
+"""pet_fast: fast parameter-efficient transfer learning for PyTorch.
+
+Ops (each with an eager reference and, where built, Triton and CUDA backends chosen per call by
+``pet_fast.dispatch``): :func:`bottleneck_adapter`, :func:`adapter_fusion`,
+:func:`stacked_adapter_fusion`, :func:`masked_linear`, :func:`prefix_attention`.
+Modules: :class:`BottleneckAdapter`, :class:`AdapterFusion`, :class:`MaskedLinear`,
+:class:`PrefixEncoder`, :class:`SideTuning`.
+"""
+from .dispatch import BackendUnavailableError, use_backend
+from .methods import AdapterFusion, BottleneckAdapter, MaskedLinear, PrefixEncoder, SideTuning
+from .ops import adapter_fusion, bottleneck_adapter, masked_linear, prefix_attention, stacked_adapter_fusion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "adapter_fusion",
+    "stacked_adapter_fusion",
+    "bottleneck_adapter",
+    "masked_linear",
+    "prefix_attention",
+    "AdapterFusion",
+    "BottleneckAdapter",
+    "MaskedLinear",
+    "PrefixEncoder",
+    "SideTuning",
+    "use_backend",
+    "BackendUnavailableError",
+]

@@ -1,0 +1,130 @@
+"""``pet-fast`` (also ``python -m pet_fast``): info, demo."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # report, never fail: info is for diagnosing broken installs
+        return f"not available ({type(exc).__name__})"
+
+
+def sample_calls(device, dtype):
+    """One representative call description per op, for ``info`` (the shapes of a BERT-base layer)."""
+    import torch
+
+    # The op modules (pet_fast.ops re-exports the functions of the same names).
+    adapter_fusion, bottleneck_adapter, masked_linear, prefix_attention = (
+        importlib.import_module(f"pet_fast.ops.{name}")
+        for name in ("adapter_fusion", "bottleneck_adapter", "masked_linear", "prefix_attention")
+    )
+
+    def t(*shape):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    def on_device(d):
+        d["device"] = torch.device(device)
+        return d
+
+    x = t(32, 128, 768)
+    return {
+        bottleneck_adapter.OP: on_device(bottleneck_adapter.describe(x, t(64, 768), "relu", 1.0, None)),
+        adapter_fusion.OP: on_device(adapter_fusion.describe(x, 3)),
+        adapter_fusion.OP_STACKED: on_device(adapter_fusion.describe(x, 3, r=64, activation="relu")),
+        masked_linear.OP: on_device(masked_linear.describe(x, t(3072, 768), t(3072, 768).float(), t(3072))),
+        prefix_attention.OP: on_device(prefix_attention.describe(t(32, 12, 128, 64), t(32, 12, 128, 64), t(12, 20, 64), None, False)),
+    }
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import _ext, dispatch
+
+    print(f"pet_fast      {_version('pet_fast')}")
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    print(f"torch         {torch.__version__}")
+    print(f"triton        {_version('triton')}")
+    print(f"transformers  {_version('transformers')}")
+    cuda = torch.version.cuda or "none (CPU build of torch)"
+    print(f"CUDA (torch)  {cuda}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"GPU {i}         {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+        device, dtype = "cuda", torch.bfloat16
+    else:
+        print("GPU           none visible")
+        device, dtype = "cpu", torch.float32
+    built, why = _ext.status(try_load=torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        why = "not loaded: no CUDA device is visible"
+    print(f"pet_fast._C   {'available' if built else 'absent'}: {why}")
+    choice, source = dispatch.requested()
+    print(f"backend       {choice} (from {source})")
+    print(f"\nbackend per op for a {dtype} call on {device} (first listed without reasons is taken by auto):")
+    for op, info in sample_calls(device, dtype).items():
+        try:
+            chosen = dispatch.select(op, info).backend
+        except dispatch.BackendUnavailableError as exc:
+            chosen = f"none ({exc})"
+        print(f"  {op}: {chosen}")
+        for name, reasons in dispatch.explain(op, info):
+            print(f"      {name:7s} {'ok' if not reasons else '; '.join(reasons)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train one bottleneck adapter on a frozen random linear 'backbone' for a few steps (eager)."""
+    import torch
+
+    from . import BottleneckAdapter
+
+    torch.manual_seed(0)
+    d, r, n = 64, 8, 512
+    backbone = torch.nn.Linear(d, d).requires_grad_(False)
+    adapter = BottleneckAdapter(d, r, activation="gelu", init="identity")
+    head = torch.nn.Linear(d, 2)
+    x = torch.randn(n, d)
+    y = (x[:, :4].sum(-1) > 0).long()
+    opt = torch.optim.AdamW(list(adapter.parameters()) + list(head.parameters()), lr=1e-2)
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        logits = head(adapter(backbone(x)))
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
+            acc = (logits.argmax(-1) == y).float().mean().item()
+            print(f"step {step:4d}  loss {loss.item():.4f}  train accuracy {acc:.3f}")
+    ms = (time.perf_counter() - t0) * 1000 / max(args.steps, 1)
+    trainable = sum(p.numel() for p in adapter.parameters())
+    print(f"adapter parameters: {trainable} (backbone frozen: {sum(p.numel() for p in backbone.parameters())}); {ms:.2f} ms/step")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pet-fast", description="Fast parameter-efficient transfer learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, the CUDA extension, and the backend each op takes here")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("demo", help="train a bottleneck adapter on synthetic data (eager, CPU)")
+    p.add_argument("--steps", type=int, default=100)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""The one place that decides which backend runs an op call, and says why.
+
+Backends: ``eager`` (plain PyTorch, always available, the reference), ``triton`` (kernels in
+``pet_fast.kernels``) and ``cuda`` (the C++ extension ``pet_fast._C``). Each op registers one
+:class:`Impl` per backend, with a function that lists the reasons it cannot take a given call
+(an empty list means it can).
+
+The choice, first match wins:
+1. the ``backend=`` argument of the call;
+2. the innermost :func:`use_backend` context;
+3. the ``PET_FAST_BACKEND`` environment variable;
+4. ``auto``.
+An explicit backend that cannot run the inputs raises :class:`BackendUnavailableError` with every
+reason. ``auto`` walks the op's preference order (measured timings where an op provides them, else
+cuda, triton, eager) and takes the first backend with no reasons; eager takes everything, so the CPU
+always works.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+BACKENDS = ("eager", "triton", "cuda")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "PET_FAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs."""
+
+
+@dataclass
+class Impl:
+    op: str
+    backend: str
+    run: Callable
+    reasons: Callable[[Mapping], list]
+
+
+@dataclass
+class _OpEntry:
+    impls: dict = field(default_factory=dict)
+    # Returns the auto preference order for a call; by default cuda, triton, eager.
+    preference: Optional[Callable[[Mapping], Sequence[str]]] = None
+
+
+_REGISTRY: dict[str, _OpEntry] = {}
+_CONTEXT: list[str] = []  # stack of use_backend() choices; a plain list so torch.compile can trace it
+
+
+def register(op: str, backend: str, run: Callable, reasons: Optional[Callable[[Mapping], list]] = None) -> Impl:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impl = Impl(op, backend, run, reasons or (lambda info: []))
+    _REGISTRY.setdefault(op, _OpEntry()).impls[backend] = impl
+    return impl
+
+
+def set_preference(op: str, preference: Callable[[Mapping], Sequence[str]]) -> None:
+    """Let an op order its backends per call (for example from a table of measured timings)."""
+    _REGISTRY.setdefault(op, _OpEntry()).preference = preference
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def validate_backend(name, argname: str = "backend") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{argname} must be a string, one of {CHOICES}, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in CHOICES:
+        raise ValueError(f"{argname} must be one of {CHOICES}, got {name!r}")
+    return key
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops called inside the block on backend ``name`` (or ``"auto"``)."""
+    key = validate_backend(name)
+    _CONTEXT.append(key)
+    try:
+        yield key
+    finally:
+        _CONTEXT.pop()
+
+
+def requested(backend: Optional[str] = None) -> tuple[str, str]:
+    """(choice, where it came from) for a call whose ``backend=`` argument is ``backend``."""
+    if backend is not None:
+        return validate_backend(backend), "argument"
+    if _CONTEXT:
+        return _CONTEXT[-1], "use_backend()"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return validate_backend(env, argname=f"environment variable {ENV_VAR}"), ENV_VAR
+    return "auto", "default"
+
+
+def _preference(entry: _OpEntry, info: Mapping) -> list[str]:
+    order = list(entry.preference(info)) if entry.preference is not None else ["cuda", "triton", "eager"]
+    if "eager" not in order:
+        order.append("eager")
+    return order
+
+
+def explain(op: str, info: Mapping) -> list[tuple[str, list]]:
+    """For every backend, the reasons it cannot take this call (empty: it can), in auto's order."""
+    entry = _REGISTRY[op]
+    out = []
+    for name in _preference(entry, info):
+        impl = entry.impls.get(name)
+        out.append((name, impl.reasons(info) if impl else [f"{op} has no {name} implementation"]))
+    for name in BACKENDS:
+        if name not in [n for n, _ in out]:
+            impl = entry.impls.get(name)
+            out.append((name, impl.reasons(info) if impl else [f"{op} has no {name} implementation"]))
+    return out
+
+
+def select(op: str, info: Mapping, backend: Optional[str] = None) -> Impl:
+    """The implementation that runs this call of ``op`` described by ``info``."""
+    entry = _REGISTRY.get(op)
+    if entry is None:
+        raise KeyError(f"unknown op {op!r}; registered: {ops()}")
+    choice, source = requested(backend)
+    if choice != "auto":
+        impl = entry.impls.get(choice)
+        why = impl.reasons(info) if impl else [f"{op} has no {choice} implementation"]
+        if why:
+            raise BackendUnavailableError(
+                f"{op}: backend {choice!r} (chosen by {source}) cannot run these inputs: " + "; ".join(why)
+            )
+        return impl
+    for name in _preference(entry, info):
+        impl = entry.impls.get(name)
+        # Kernels run on CPU tensors only under the Triton interpreter, which is for tests: auto never
+        # takes that path.
+        if name != "eager" and info["device"].type != "cuda":
+            continue
+        if impl is not None and not impl.reasons(info):
+            return impl
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs: {explain(op, info)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reasons shared by the kernel backends. Each returns a list of human-readable strings.
+
+_LOW_PRECISION_AND_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reasons(info: Mapping, dtypes=_LOW_PRECISION_AND_FP32) -> list:
+    """Why Triton cannot run a call on ``info['device']`` with ``info['dtype']``."""
+    why = []
+    if importlib.util.find_spec("triton") is None:
+        why.append("triton is not installed")
+    device = info["device"]
+    if device.type == "cpu":
+        if not triton_interpreting():
+            why.append("inputs are on the CPU (Triton runs them only under TRITON_INTERPRET=1)")
+    elif device.type != "cuda":
+        why.append(f"inputs are on {device.type}, Triton needs CUDA")
+    elif not torch.cuda.is_available():
+        why.append("CUDA is not available")
+    if info["dtype"] not in dtypes:
+        why.append(f"dtype {info['dtype']} is not one of {tuple(str(d) for d in dtypes)}")
+    return why
+
+
+def cuda_reasons(info: Mapping, dtypes=_LOW_PRECISION_AND_FP32, min_capability=(8, 0)) -> list:
+    """Why the C++ extension cannot run a call; loads (or builds) it only for CUDA inputs."""
+    why = []
+    device = info["device"]
+    if device.type != "cuda":
+        return [f"inputs are on {device.type}, the cuda backend needs CUDA tensors"]
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) < tuple(min_capability):
+        why.append(f"compute capability {cap} is below {min_capability}")
+    if info["dtype"] not in dtypes:
+        why.append(f"dtype {info['dtype']} is not one of {tuple(str(d) for d in dtypes)}")
+    from . import _ext
+
+    if not _ext.available():
+        why.append(_ext.reason())
+    return why
+

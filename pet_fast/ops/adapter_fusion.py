@@ -1,0 +1,206 @@
+"""adapter_fusion: AdapterFusion's attention over the outputs of k adapters (AdapterHub semantics).
+
+For every token, with query q (the layer output the adapters read) and the k adapter outputs
+v_1..v_k (each adapter's scaled up-projection, before any residual):
+
+    if residual_before:   v_j <- v_j + residual          (keys and values both see it)
+    Q   = q @ w_query.T + b_query          (or q itself when w_query is None)
+    K_j = v_j @ w_key.T + b_key            (or v_j when w_key is None)
+    V_j = v_j @ w_value.T (+ b_value)      (when w_value is given and value_before_softmax, else v_j)
+    p   = softmax_j(<Q, K_j> / temperature)          (computed in float32 for low precision)
+    out = sum_j p_j V_j
+    if w_value is given and not value_before_softmax:  out <- out @ w_value.T (+ b_value)
+    if not residual_before:  out <- out + residual
+
+This is the forward of AdapterHub's ``BertFusion`` with its attention dropout off (dropout belongs to
+the module) and ``T`` passed in as ``temperature``. ``stacked_adapter_fusion`` computes the k adapter
+outputs as well, from stacked adapter weights, so a fused backend never stores them.
+
+Contract (adapter_fusion)
+    query     (..., d);  values (..., k, d), k >= 1;  residual (..., d)
+    w_query, w_key, w_value  (d, d) or None;  b_query, b_key, b_value  (d,) or None (a bias needs its weight)
+    temperature  > 0
+Contract (stacked_adapter_fusion), in addition
+    x (..., d) the adapters' input; w_down (k, r, d); b_down (k, r) or None; w_up (k, d, r);
+    b_up (k, d) or None; scaling a number or a tensor of shape (k,); activation as for bottleneck_adapter.
+    Adapters with different bottleneck sizes are stacked by padding with zero rows/columns (all
+    supported activations map 0 to 0, so the padding changes nothing).
+All tensors share query's dtype and device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from . import _checks, activations
+
+OP = "adapter_fusion"
+OP_STACKED = "stacked_adapter_fusion"
+
+
+def _check_projection(name_w, w, name_b, b, d):
+    if w is not None:
+        _checks.tensor(name_w, w, ndim=2)
+        _checks.shape(name_w, w, (d, d), "(d, d)")
+    if b is not None:
+        if w is None:
+            raise ValueError(f"{name_b} was given without {name_w}")
+        _checks.tensor(name_b, b, ndim=1)
+        _checks.shape(name_b, b, (d,))
+
+
+def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values"):
+    _checks.tensor("query", query, min_ndim=1)
+    d = query.shape[-1]
+    lead = tuple(query.shape[:-1])
+    if values is not None:
+        _checks.tensor(values_name, values, min_ndim=2)
+        if tuple(values.shape[:-2]) != lead or values.shape[-1] != d or values.shape[-2] < 1:
+            raise ValueError(f"{values_name} must have shape (..., k, d) = {lead + ('k', d)} with k >= 1, got {tuple(values.shape)}")
+    _checks.tensor("residual", residual)
+    _checks.shape("residual", residual, query.shape, "the shape of query")
+    _check_projection("w_query", w_query, "b_query", b_query, d)
+    _check_projection("w_key", w_key, "b_key", b_key, d)
+    _check_projection("w_value", w_value, "b_value", b_value, d)
+    temperature = _checks.real_number("temperature", temperature, positive=True)
+    others = {values_name: values, "residual": residual, "w_query": w_query, "b_query": b_query,
+              "w_key": w_key, "b_key": b_key, "w_value": w_value, "b_value": b_value}
+    _checks.same_dtype("query", query, **others)
+    _checks.same_device("query", query, **others)
+    return temperature
+
+
+def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
+              b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
+    """Eager PyTorch, differentiable through autograd."""
+    if residual_before:
+        values = values + residual.unsqueeze(-2)
+    q = F.linear(query, w_query, b_query) if w_query is not None else query
+    keys = F.linear(values, w_key, b_key) if w_key is not None else values
+    project_first = w_value is not None and value_before_softmax
+    vals = F.linear(values, w_value, b_value) if project_first else values
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1)  # (..., k)
+    probs = torch.softmax(scores.to(acc) / temperature, dim=-1).to(query.dtype)
+    out = torch.matmul(probs.unsqueeze(-2), vals).squeeze(-2)
+    if w_value is not None and not value_before_softmax:
+        out = F.linear(out, w_value, b_value)
+    if not residual_before:
+        out = out + residual
+    return out
+
+
+def stacked_adapter_outputs(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0):
+    """(..., k, d): each adapter's ``scaling_j * (act(x @ w_down[j].T + b_down[j]) @ w_up[j].T + b_up[j])``."""
+    h = torch.einsum("...d,krd->...kr", x, w_down)
+    if b_down is not None:
+        h = h + b_down
+    h = activations.apply(activations.canonical(activation), h)
+    up = torch.einsum("...kr,kdr->...kd", h, w_up)
+    if b_up is not None:
+        up = up + b_up
+    if isinstance(scaling, torch.Tensor):
+        return up * scaling.unsqueeze(-1)
+    return up * scaling
+
+
+def stacked_reference(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, **fusion):
+    values = stacked_adapter_outputs(x, w_down, b_down, w_up, b_up, activation, scaling)
+    return reference(query, values, residual, **fusion)
+
+
+def describe(query, k, **extra) -> dict:
+    """What the dispatcher sees of a (validated) call of either fusion op."""
+    return _checks.info(query, d=query.shape[-1], k=k, n=query.numel() // max(query.shape[-1], 1), **extra)
+
+
+dispatch.register(OP, "eager", reference)
+dispatch.register(OP_STACKED, "eager", stacked_reference)
+
+
+def adapter_fusion(
+    query: torch.Tensor,
+    values: torch.Tensor,
+    residual: torch.Tensor,
+    *,
+    w_query: Optional[torch.Tensor] = None,
+    b_query: Optional[torch.Tensor] = None,
+    w_key: Optional[torch.Tensor] = None,
+    b_key: Optional[torch.Tensor] = None,
+    w_value: Optional[torch.Tensor] = None,
+    b_value: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    residual_before: bool = False,
+    value_before_softmax: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
+    temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
+    impl = dispatch.select(OP, describe(query, values.shape[-2]), backend)
+    return impl.run(query, values, residual, w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key,
+                    w_value=w_value, b_value=b_value, temperature=temperature,
+                    residual_before=bool(residual_before), value_before_softmax=bool(value_before_softmax))
+
+
+def check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling):
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.shape("x", x, query.shape, "the shape of query")
+    _checks.tensor("w_down", w_down, ndim=3)
+    _checks.tensor("w_up", w_up, ndim=3)
+    k, r, d = w_down.shape
+    if d != x.shape[-1] or k < 1 or r < 1:
+        raise ValueError(f"w_down must have shape (k, r, d) with k, r >= 1 and d = {x.shape[-1]}, got {tuple(w_down.shape)}")
+    _checks.shape("w_up", w_up, (k, d, r), "(k, d, r) to match w_down")
+    if b_down is not None:
+        _checks.tensor("b_down", b_down, ndim=2)
+        _checks.shape("b_down", b_down, (k, r))
+    if b_up is not None:
+        _checks.tensor("b_up", b_up, ndim=2)
+        _checks.shape("b_up", b_up, (k, d))
+    if isinstance(scaling, torch.Tensor):
+        _checks.tensor("scaling", scaling)
+        if tuple(scaling.shape) not in ((), (k,)):
+            raise ValueError(f"scaling must be a number or a tensor of shape () or ({k},), got {tuple(scaling.shape)}")
+    else:
+        scaling = _checks.real_number("scaling", scaling)
+    others = dict(x=x, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up,
+                  scaling=scaling if isinstance(scaling, torch.Tensor) else None)
+    _checks.same_dtype("query", query, **others)
+    _checks.same_device("query", query, **others)
+    return activations.canonical(activation), scaling
+
+
+def stacked_adapter_fusion(
+    x: torch.Tensor,
+    query: torch.Tensor,
+    residual: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    *,
+    activation: str = "relu",
+    scaling: Union[float, torch.Tensor] = 1.0,
+    w_query: Optional[torch.Tensor] = None,
+    b_query: Optional[torch.Tensor] = None,
+    w_key: Optional[torch.Tensor] = None,
+    b_key: Optional[torch.Tensor] = None,
+    w_value: Optional[torch.Tensor] = None,
+    b_value: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    residual_before: bool = False,
+    value_before_softmax: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
+    _checks.tensor("query", query, min_ndim=1)
+    activation, scaling = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
+    temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
+    impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation), backend)
+    return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
+                    w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
+                    temperature=temperature, residual_before=bool(residual_before),
+                    value_before_softmax=bool(value_before_softmax))

@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU only under the interpreter, which must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests must never reach the network (models are built from configs or loaded from local folders).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    monkeypatch.delenv("PET_FAST_BACKEND", raising=False)
+    torch.manual_seed(0)
+    yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (0 when both are 0)."""
+    out, ref = out.double(), ref.double()
+    den = ref.abs().max().item() if ref.numel() else 0.0
+    num = (out - ref).abs().max().item() if ref.numel() else 0.0
+    return num / den if den > 0 else num
