@@ -1,0 +1,77 @@
+"""Shared by the op benchmarks: timing, environment facts, JSON output.
+
+Each benchmark script ``benchmarks/bench_<op>.py`` takes ``--json PATH`` and writes
+``{"env": environment(), "rows": [...]}``; rows give medians in microseconds and ratios to the
+baselines measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+
+def environment() -> dict:
+    env = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} threads)",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
+    except Exception:
+        env["git"] = None
+    return env
+
+
+def bench_us(fn, warmup: int = 5, rep: int = 50) -> float:
+    """Median time of ``fn()`` in microseconds: triton.testing.do_bench on a GPU, wall clock on the CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    return p
+
+
+def write(path, rows, **extra) -> None:
+    doc = {"env": environment(), "rows": rows, **extra}
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+
+
+def print_table(rows, columns) -> None:
+    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(columns, widths)))
