@@ -1,0 +1,153 @@
+"""Attaching methods to a model: ``inject``, the per-model task registry, ``set_active``.
+
+Every method has a config dataclass (a :class:`MethodConfig` subclass registered with
+:func:`register_method`) whose ``attach(model, name, registry)`` adds the task's modules in place.
+The rules every method follows, so that saving, loading and switching stay generic:
+
+* A task's trainable modules live in ``nn.ModuleDict`` attributes named ``pet_fast_tasks`` (the
+  constant ``TASK_ATTR``), keyed by the task name, on the modules they change (or on the model itself
+  for model-wide parts such as a prefix encoder). So every parameter of task ``name`` has a
+  state-dict key containing ``"pet_fast_tasks.<name>."``.
+* Wrappers that run a task's modules read ``registry.active`` at every forward: a tuple of the
+  active task names (usually one), set by :func:`set_active`.
+* ``attach`` checks everything it needs of the model first and raises ``ValueError`` before it
+  changes anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar, Dict, Optional, Tuple, Type
+
+from torch import nn
+
+TASK_ATTR = "pet_fast_tasks"
+_REGISTRY_ATTR = "_pet_fast_registry"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+METHODS: Dict[str, Type["MethodConfig"]] = {}
+
+
+def register_method(cls):
+    """Class decorator: make a config class known by its ``method`` name (for loading saved configs)."""
+    METHODS[cls.method] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of the method configs. ``train_head``: keep the task head (e.g. the classifier) trainable."""
+
+    method: ClassVar[str] = ""
+    train_head: bool = True
+
+    def attach(self, model: nn.Module, name: str, registry: "TaskRegistry") -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "MethodConfig":
+        d = dict(d)
+        method = d.pop("method", None)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in config; known: {sorted(METHODS)}")
+        cls = METHODS[method]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"config for method {method!r} has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class TaskRegistry:
+    """Per-model state (not a module, not saved in the state dict)."""
+
+    def __init__(self):
+        self.configs: Dict[str, MethodConfig] = {}
+        self.active: Tuple[str, ...] = ()
+        self.base_frozen = False
+
+
+def registry(model: nn.Module) -> Optional[TaskRegistry]:
+    return model.__dict__.get(_REGISTRY_ATTR)
+
+
+def _registry_or_create(model: nn.Module) -> TaskRegistry:
+    reg = registry(model)
+    if reg is None:
+        reg = TaskRegistry()
+        model.__dict__[_REGISTRY_ATTR] = reg
+    return reg
+
+
+def check_task_name(name) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"name must be a string of letters, digits, '_' or '-' starting with a letter or '_', got {name!r}")
+    return name
+
+
+def task_holder(host: nn.Module) -> nn.ModuleDict:
+    """The ``pet_fast_tasks`` ModuleDict on ``host`` (created on first use)."""
+    holder = getattr(host, TASK_ATTR, None)
+    if holder is None:
+        holder = nn.ModuleDict()
+        host.add_module(TASK_ATTR, holder)
+    return holder
+
+
+def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.Module:
+    """Freeze the model's pretrained weights and attach ``config``'s method as task ``name``, in place.
+
+    The new task becomes the active one. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"config must be one of the pet_fast method configs ({sorted(METHODS)}), got {type(config).__name__}")
+    check_task_name(name)
+    reg = _registry_or_create(model)
+    if name in reg.configs:
+        raise ValueError(f"model already has a task named {name!r}; pick another name")
+    if not reg.base_frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        reg.base_frozen = True
+    config.attach(model, name, reg)
+    reg.configs[name] = config
+    if config.train_head:
+        from . import models
+
+        for p in models.head_parameters(model):
+            p.requires_grad_(True)
+    set_active(model, name)
+    return model
+
+
+def set_active(model: nn.Module, name) -> None:
+    """Make task ``name`` (a name, a sequence of names, or None for none) the one the model runs."""
+    reg = registry(model)
+    if reg is None:
+        raise ValueError("model has no pet_fast tasks; call pet_fast.inject first")
+    names = () if name is None else ((name,) if isinstance(name, str) else tuple(name))
+    for n in names:
+        if n not in reg.configs:
+            raise ValueError(f"unknown task {n!r}; the model has {sorted(reg.configs)}")
+    reg.active = names
+    # Only the active tasks' parameters train; inactive ones are frozen.
+    for n in reg.configs:
+        for p in task_parameters(model, n).values():
+            p.requires_grad_(n in names)
+
+
+def task_parameters(model: nn.Module, name: str) -> Dict[str, nn.Parameter]:
+    """Every parameter of task ``name``, by state-dict name."""
+    key = f"{TASK_ATTR}.{name}."
+    return {k: p for k, p in model.named_parameters() if key in k}
+
+
+def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
