@@ -8,7 +8,10 @@ Modules: :class:`BottleneckAdapter`, :class:`AdapterFusion`, :class:`MaskedLinea
 """
 from .dispatch import BackendUnavailableError, use_backend
 from .methods import AdapterFusion, BottleneckAdapter, MaskedLinear, PrefixEncoder, SideTuning
-from .ops import adapter_fusion, bottleneck_adapter, masked_linear, prefix_attention, stacked_adapter_fusion
+from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
+from .ops.bottleneck_adapter import bottleneck_adapter
+from .ops.masked_linear import masked_linear
+from .ops.prefix_attention import prefix_attention
 
 __version__ = "0.1.0"
 

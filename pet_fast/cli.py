@@ -19,11 +19,7 @@ def sample_calls(device, dtype):
     """One representative call description per op, for ``info`` (the shapes of a BERT-base layer)."""
     import torch
 
-    # The op modules (pet_fast.ops re-exports the functions of the same names).
-    adapter_fusion, bottleneck_adapter, masked_linear, prefix_attention = (
-        importlib.import_module(f"pet_fast.ops.{name}")
-        for name in ("adapter_fusion", "bottleneck_adapter", "masked_linear", "prefix_attention")
-    )
+    from .ops import adapter_fusion, bottleneck_adapter, masked_linear, prefix_attention
 
     def t(*shape):
         return torch.empty(*shape, device="meta", dtype=dtype)

@@ -1,7 +1,5 @@
-"""The public ops: one module per hot path with its contract, eager reference and backends."""
-from .adapter_fusion import adapter_fusion, stacked_adapter_fusion
-from .bottleneck_adapter import bottleneck_adapter
-from .masked_linear import masked_linear
-from .prefix_attention import prefix_attention
+"""The public ops: one module per hot path with its contract, eager reference and backends.
 
-__all__ = ["adapter_fusion", "stacked_adapter_fusion", "bottleneck_adapter", "masked_linear", "prefix_attention"]
+The functions are exported from ``pet_fast``; this package keeps the module names
+(``pet_fast.ops.bottleneck_adapter`` is the module, ``pet_fast.bottleneck_adapter`` the function).
+"""

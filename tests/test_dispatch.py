@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+import pet_fast
+from pet_fast import dispatch
+
+
+def _adapter_args(dtype=torch.float32):
+    x = torch.randn(3, 8, dtype=dtype)
+    return x, torch.randn(4, 8, dtype=dtype), None, torch.randn(8, 4, dtype=dtype), None
+
+
+@pytest.fixture
+def fake_op():
+    """A throwaway op with eager, triton and cuda implementations whose reasons the test controls."""
+    calls = []
+    why = {"triton": ["no triton here"], "cuda": ["no cuda here"]}
+    for name in dispatch.BACKENDS:
+        dispatch.register("fake_op", name, lambda name=name: calls.append(name) or name,
+                          reasons=lambda info, name=name: list(why.get(name, [])))
+    yield why, calls
+    dispatch._REGISTRY.pop("fake_op")
+
+
+def _info(device="cpu"):
+    return {"device": torch.device(device), "dtype": torch.float32}
+
+
+def test_auto_takes_eager_on_cpu():
+    x, wd, bd, wu, bu = _adapter_args()
+    assert dispatch.select("bottleneck_adapter", _info()).backend == "eager"
+    out = pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, backend="auto")
+    assert out.shape == x.shape
+
+
+def test_auto_prefers_kernels_only_for_cuda_tensors(fake_op):
+    why, _ = fake_op
+    why.clear()  # every backend claims it can run
+    assert dispatch.select("fake_op", _info("cpu")).backend == "eager"
+    assert dispatch.select("fake_op", _info("cuda")).backend == "cuda"
+    why["cuda"] = ["busy"]
+    assert dispatch.select("fake_op", _info("cuda")).backend == "triton"
+
+
+def test_preference_order_is_per_op(fake_op):
+    why, _ = fake_op
+    why.clear()
+    dispatch.set_preference("fake_op", lambda info: ["triton", "cuda"])
+    assert dispatch.select("fake_op", _info("cuda")).backend == "triton"
+    assert [n for n, _ in dispatch.explain("fake_op", _info("cuda"))] == ["triton", "cuda", "eager"]
+
+
+def test_explicit_backend_fails_loudly_with_reasons(fake_op):
+    with pytest.raises(dispatch.BackendUnavailableError, match="no triton here"):
+        dispatch.select("fake_op", _info(), "triton")
+    with pytest.raises(dispatch.BackendUnavailableError, match="chosen by argument"):
+        dispatch.select("fake_op", _info(), "cuda")
+
+
+def test_precedence_argument_context_environment(fake_op, monkeypatch):
+    why, _ = fake_op
+    why.clear()
+    monkeypatch.setenv("PET_FAST_BACKEND", "cuda")
+    assert dispatch.select("fake_op", _info()).backend == "cuda"
+    with pet_fast.use_backend("triton"):
+        assert dispatch.select("fake_op", _info()).backend == "triton"
+        with pet_fast.use_backend("eager"):
+            assert dispatch.select("fake_op", _info()).backend == "eager"
+        assert dispatch.select("fake_op", _info(), backend="cuda").backend == "cuda"
+        assert dispatch.requested() == ("triton", "use_backend()")
+    assert dispatch.requested() == ("cuda", "PET_FAST_BACKEND")
+
+
+def test_context_is_restored_after_an_error():
+    with pytest.raises(RuntimeError):
+        with pet_fast.use_backend("eager"):
+            raise RuntimeError("boom")
+    assert dispatch.requested() == ("auto", "default")
+
+
+def test_unknown_backend_names():
+    x, wd, bd, wu, bu = _adapter_args()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, backend="fast")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, backend=3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with pet_fast.use_backend("gpu"):
+            pass
+
+
+def test_bad_environment_variable_is_named(monkeypatch):
+    monkeypatch.setenv("PET_FAST_BACKEND", "turbo")
+    x, wd, bd, wu, bu = _adapter_args()
+    with pytest.raises(ValueError, match="PET_FAST_BACKEND"):
+        pet_fast.bottleneck_adapter(x, wd, bd, wu, bu)
+
+
+def test_cuda_backend_refuses_cpu_tensors_with_reason():
+    x, wd, bd, wu, bu = _adapter_args()
+    with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
+        pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, backend="cuda")
+
+
+def test_triton_reasons():
+    info = {"device": torch.device("cpu"), "dtype": torch.float64}
+    why = " ".join(dispatch.triton_reasons(info))
+    assert "float64" in why
+    assert dispatch.cuda_reasons(info) == ["inputs are on cpu, the cuda backend needs CUDA tensors"]
+
+
+def test_every_op_has_eager_and_sample_calls():
+    from pet_fast.cli import sample_calls
+
+    samples = sample_calls("cpu", torch.float32)
+    assert set(samples) == set(dispatch.ops()) - {"fake_op"}
+    for op, info in samples.items():
+        assert dispatch.select(op, info).backend == "eager"
