@@ -1,0 +1,51 @@
+"""The wheel ships pet_fast.kernels and the CUDA sources, and no top-level ``kernels`` module."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    env = dict(os.environ, PET_FAST_BUILD_CUDA="0")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    (whl,) = out.glob("pet_fast-*.whl")
+    return zipfile.ZipFile(whl).namelist()
+
+
+def test_no_top_level_kernels_module(wheel):
+    top = {name.split("/")[0] for name in wheel}
+    assert "kernels" not in top
+    assert not any(name.startswith("kernels/") for name in wheel)
+
+
+def test_ships_triton_kernels_and_cuda_sources(wheel):
+    assert "pet_fast/kernels/__init__.py" in wheel
+    assert "pet_fast/csrc/bindings.cpp" in wheel
+    sources = {Path(n).name for n in wheel if n.startswith("pet_fast/csrc/")}
+    assert sources >= {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp", ".h")}
+
+
+def test_console_script_declared(wheel):
+    entry = [n for n in wheel if n.endswith("entry_points.txt")]
+    assert entry
+
+
+def test_cli_info_and_module_entry():
+    out = subprocess.run([sys.executable, "-m", "pet_fast", "info"], capture_output=True, text=True, check=True, timeout=300).stdout
+    for needle in ("torch", "triton", "pet_fast._C", "bottleneck_adapter:", "prefix_attention:", "masked_linear:"):
+        assert needle in out
+
+
+def test_cli_demo_learns():
+    out = subprocess.run([sys.executable, "-m", "pet_fast", "demo", "--steps", "60"], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    last = [l for l in out.splitlines() if l.startswith("step")][-1]
+    assert float(last.split("train accuracy")[1]) > 0.9
