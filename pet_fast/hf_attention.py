@@ -160,10 +160,13 @@ def _run_original(module, lp, query, key, value, attention_mask, scaling, dropou
     causal = _is_causal(module, kwargs)
     if attention_mask is None or attention_mask.dim() == 2:
         # our compact format back into what the original implementation expects
-        if attention_mask is None and (name != "eager" or not causal or L == 1):
-            mask = None  # sdpa applies is_causal itself; eager without causality needs nothing
+        causal = causal and L > 1
+        if attention_mask is None and (not causal or (name == "sdpa" and L == S)):
+            # sdpa applies is_causal itself when queries and keys coincide; without causality nothing
+            # is needed. (sdpa's is_causal is top-left aligned, so L < S needs an explicit mask.)
+            mask = None
         else:
-            mask = _allowed(B, L, S, attention_mask, causal and L > 1, query.device)
+            mask = _allowed(B, L, S, attention_mask, causal, query.device)
     else:
         mask = attention_mask
     if mask is not None and mask.dtype == torch.bool and name == "eager":

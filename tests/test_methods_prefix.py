@@ -225,7 +225,9 @@ def test_gradient_checkpointing_same_gradients(family):
     grads = []
     for ckpt in (False, True):
         if ckpt:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         model.train()
         model.zero_grad()
         out = run(model, family, ids, mask)
@@ -256,6 +258,48 @@ def test_inactive_prefix_falls_back_to_original_attention(family, impl):
         assert (on[real] - plain[real]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "mistral", "qwen2"])
+def test_fused_op_runs_without_dense_mask(family, monkeypatch):
+    """Padding + causal reach pet_fast.prefix_attention as a (B, S) key padding mask and a flag,
+    in prefill and in every decoding step (never a dense mask, never the concatenated path)."""
+    import pet_fast.ops.prefix_attention as op_mod
+
+    model, _ = injected(family, "sdpa")
+    calls = []
+    real_op = op_mod.prefix_attention
+
+    def spy(q, k, v, pk, pv, **kw):
+        calls.append((q.shape, k.shape, pk.shape, kw["key_padding_mask"], kw["causal"]))
+        return real_op(q, k, v, pk, pv, **kw)
+
+    monkeypatch.setattr(op_mod, "prefix_attention", spy)
+    monkeypatch.setattr(hf_attention, "_dense", None)  # any use of the dense path would fail
+    ids, mask, _ = batch([6, 4], "left")
+    L, Hkv, D, _ = model_dims(model)
+    with torch.no_grad():
+        if family in CAUSAL:
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+        else:
+            run(model, family, ids, mask)
+    steps = 3 if family in CAUSAL else 1
+    assert len(calls) == L * steps
+    for i, (qs, ks, ps, kpm, causal) in enumerate(calls):
+        step = i // L
+        assert causal == (family in CAUSAL)
+        assert ps == (Hkv, 3, D)
+        S = ids.shape[1] + step
+        assert ks[1:3] == (Hkv, S) and qs[2] == (ids.shape[1] if step == 0 else 1)
+        assert kpm is not None and kpm.shape == (2, S) and kpm.dtype == torch.bool
+        assert torch.equal(kpm[:, :ids.shape[1]], mask.bool())
+
+
+def set_attention_dropout(model, p):
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = p
+
+
 def test_dense_4d_mask_and_attention_dropout_paths():
     model, base = injected("llama", "sdpa")
     ids, mask, _ = batch([6, 4], "right")
@@ -267,12 +311,34 @@ def test_dense_4d_mask_and_attention_dropout_paths():
         dense = model(input_ids=ids, attention_mask=mask4).logits
     real = mask.bool()
     close(dense[real], ref[real])
-    # attention dropout in training runs the concatenated path with dropout: random, but finite and
-    # equal to eval when the dropout probability is 0
-    model.config.attention_dropout = 0.0
+    # attention dropout in training: the concatenated path with dropout (random, finite), unless
+    # keep_attention_dropout=False, which drops it and runs the fused op (deterministic, = eval)
+    set_attention_dropout(model, 0.5)
     model.train()
     with torch.no_grad():
-        close(model(input_ids=ids, attention_mask=mask).logits[real], ref[real])
+        a, b = model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-3
+    nodrop, _ = injected("llama", "sdpa", keep_attention_dropout=False)
+    set_attention_dropout(nodrop, 0.5)
+    with torch.no_grad():
+        want = nodrop(input_ids=ids, attention_mask=mask).logits
+        nodrop.train()
+        close(nodrop(input_ids=ids, attention_mask=mask).logits[real], want[real])
+
+
+def test_fallback_with_cache_and_several_queries():
+    """No active prefix, sdpa, a cache and L > 1 new tokens without padding: the fallback must give
+    the original model's (bottom-right causal) result."""
+    model, base = injected("llama", "sdpa")
+    set_active(model, None)
+    ids, _, _ = batch([7], "right")
+    with torch.no_grad():
+        outs = []
+        for m in (model, base):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids[:, :3], cache=cache)
+            outs.append(m(input_ids=ids[:, 3:], cache=cache).logits)
+    close(outs[0], outs[1], 1e-6)
 
 
 def test_two_prefix_tasks_concatenate():
