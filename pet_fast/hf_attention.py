@@ -87,21 +87,43 @@ def _mask_kind(mask_function) -> Optional[str]:
     return None
 
 
-def prefix_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-                attention_mask: Optional[torch.Tensor] = None, local_size: Optional[int] = None,
-                use_vmap: bool = False, **kwargs):
-    """Mask function registered under :data:`NAME` (see the module docstring)."""
+def _call_args(fn, args, kwargs) -> dict:
+    if not args:
+        return dict(kwargs)
+    import inspect
+
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    extra = bound.pop("kwargs", {})
+    bound.update(extra)
+    return bound
+
+
+def prefix_mask(*args, **kwargs):
+    """Mask function registered under :data:`NAME` (see the module docstring). Takes the arguments
+    transformers passes to ``sdpa_mask`` (``q_length``/``q_offset`` in 5.x, ``cache_position`` in
+    older releases) and hands them unchanged to ``sdpa_mask`` when it must build a dense mask."""
     from transformers import masking_utils as mu
 
-    if mask_function is None:
-        mask_function = mu.causal_mask_function
+    a = _call_args(mu.sdpa_mask, args, kwargs)
+    mask_function = a.get("mask_function") or mu.causal_mask_function
+    attention_mask = a.get("attention_mask")
+    kv_length, kv_offset = a.get("kv_length"), a.get("kv_offset", 0)
+    q_length, q_offset = a.get("q_length"), a.get("q_offset")
+    cache_position = a.get("cache_position")
+    if cache_position is not None and q_length is None:
+        q_length = cache_position.shape[0]
+        if q_offset is None and not torch.compiler.is_compiling() and cache_position.numel():
+            q_offset = int(cache_position[0])
+    if q_offset is None and cache_position is None:
+        q_offset = 0
     kind = _mask_kind(mask_function)
     plain_ints = all(isinstance(x, int) for x in (q_offset, kv_offset, kv_length, q_length))
-    fast = kind is not None and not use_vmap and plain_ints and kv_offset == 0
+    fast = kind is not None and not a.get("use_vmap", False) and plain_ints and kv_offset == 0
     if fast and kind != "bidirectional":
         # bottom-right causal alignment needs the queries to be the last q_length keys
         fast = q_offset + q_length == kv_length
         if kind == "sliding":
+            local_size = a.get("local_size")
             fast = fast and isinstance(local_size, int) and kv_length <= local_size
     if fast:
         if attention_mask is None:
@@ -110,12 +132,9 @@ def prefix_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         if mask.shape[-1] < kv_length:
             mask = F.pad(mask, (0, kv_length - mask.shape[-1]))
         return mask[:, :kv_length]
-    kwargs.pop("allow_is_causal_skip", None)
-    kwargs.pop("allow_is_bidirectional_skip", None)
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                        local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                        use_vmap=use_vmap, **kwargs)
+    a["allow_is_causal_skip"] = False
+    a["allow_is_bidirectional_skip"] = False
+    return mu.sdpa_mask(**a)
 
 
 def _allowed(B, L, S, key_padding_mask, causal, device) -> Optional[torch.Tensor]:
@@ -217,6 +236,13 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if prefix is None:
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
     pk, pv = prefix
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) > 1:
+        # under autocast, projections and RoPE may leave q, k, v in different dtypes (SDPA would cast)
+        dev = query.device.type
+        target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+        query, key, value = query.to(target), key.to(target), value.to(target)
+    pk, pv = pk.to(query.dtype), pv.to(query.dtype)
     causal = _is_causal(module, kwargs)
     use_dropout = dropout > 0.0 and (lp.keep_dropout if lp is not None else True)
     if use_dropout or (attention_mask is not None and attention_mask.dim() != 2):

@@ -478,3 +478,34 @@ def test_import_adapterhub_checkpoint(family, flat, tmp_path):
         out = run(model, family, ids, mask)
         ref = reference(base, family, table, ids, mask, shift=False)
     close(out, ref, 1e-4)
+
+
+def test_packed_sequences_take_the_dense_mask_path(monkeypatch):
+    """Packed sequences (position_ids restarting, no attention mask): transformers builds a
+    block-diagonal mask, which reaches the attention as a dense mask; each packed sequence sees the
+    prefix and its own tokens only."""
+    model, _ = injected("llama", "sdpa")
+    dense_calls = []
+    real_dense = hf_attention._dense
+    monkeypatch.setattr(hf_attention, "_dense", lambda *a: dense_calls.append(a[5].shape) or real_dense(*a))
+    a, b = _SEQS[3], _SEQS[4]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([a, b])[None], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]),
+                       use_cache=False).logits  # transformers detects packing only without a cache
+        sep_a = model(input_ids=a[None]).logits
+        sep_b = model(input_ids=b[None]).logits
+    assert dense_calls == [(1, 1, 7, 7)] * 2  # the block-diagonal mask, once per layer
+    close(packed[0, :3], sep_a[0])
+    close(packed[0, 3:], sep_b[0])
+
+
+def test_autocast_bf16_runs_close_to_fp32():
+    model, _ = injected("llama", "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
