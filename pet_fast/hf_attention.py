@@ -77,14 +77,24 @@ def _mask_kind(mask_function) -> Optional[str]:
         return "causal"
     if mask_function is mu.bidirectional_mask_function:
         return "bidirectional"
-    # sliding_window_causal_mask_function(w) == and_masks(sliding_window_overlay(w), causal_mask_function)
+    # sliding_window_causal_mask_function(w) == and_masks(sliding_window_overlay(w), causal_mask_function);
+    # recognised by the code objects (torch.compile traces these attribute reads; not __qualname__)
+    # (the code objects are looked up by register(), outside any compiled region). torch.compile
+    # cannot read the closure of a function made inside the compiled region: there, sliding-window
+    # masks take the dense path.
+    if torch.compiler.is_compiling() or _SLIDING_CODE is None:
+        return None
     cells = getattr(mask_function, "__closure__", None) or ()
-    if getattr(mask_function, "__name__", "") == "and_mask" and len(cells) == 1:
+    if getattr(mask_function, "__code__", None) is _AND_CODE and len(cells) == 1:
         parts = cells[0].cell_contents
         if (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
-                and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")):
+                and getattr(parts[0], "__code__", None) is _SLIDING_CODE):
             return "sliding"
     return None
+
+
+_SLIDING_CODE = None
+_AND_CODE = None
 
 
 def _call_args(fn, args, kwargs) -> dict:
@@ -261,6 +271,11 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    global _SLIDING_CODE, _AND_CODE
+    from transformers import masking_utils as mu
+
+    _SLIDING_CODE = mu.sliding_window_overlay(1).__code__
+    _AND_CODE = mu.and_masks(mu.causal_mask_function).__code__
     AttentionInterface.register(NAME, prefix_attention_forward)
     AttentionMaskInterface.register(NAME, prefix_mask)
     _REGISTERED = True
