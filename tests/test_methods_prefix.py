@@ -218,6 +218,16 @@ def test_generate_equals_stepwise_greedy(family, impl):
     assert torch.equal(gen[:, ids.shape[1]], ref[:, -1].argmax(-1))
 
 
+def test_generate_with_static_cache_equals_dynamic_cache():
+    """A static cache holds unfilled slots (keys are not bottom-right aligned): the mask function
+    gives the dense mask and the prefix is still attended at every step."""
+    model, _ = injected("llama", "sdpa", P=4)
+    ids, mask, _ = batch([5, 3], "left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**kw), model.generate(cache_implementation="static", **kw))
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_gradient_checkpointing_same_gradients(family):
     model, _ = injected(family, "sdpa", projection_dim=8)
