@@ -9,8 +9,8 @@ the function of the same name in ``ALL_MASK_ATTENTION_FUNCTIONS``. This module r
 * the **mask function** does not build a dense mask when it does not have to: for a plain causal or
   bidirectional mask (also a sliding window wider than the keys) whose keys start at position 0, it
   returns the 2-D boolean padding mask ``(B, S)`` (True = real key) or ``None`` without padding;
-  anything else (packed sequences, custom overlays, static caches) gets the dense 4-D boolean mask
-  of ``sdpa_mask``.
+  anything else (packed sequences, custom overlays, static caches, sliding windows while
+  torch.compile traces) gets the dense 4-D boolean mask of ``sdpa_mask``.
 * the **attention function** reads the layer's prefix from the attention module (attribute
   :data:`ATTR`, a :class:`LayerPrefix` set by the prefix method) and calls
   ``pet_fast.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=..., causal=...)``:

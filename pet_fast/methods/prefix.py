@@ -229,6 +229,13 @@ class PrefixConfig(MethodConfig):
     * ``keep_attention_dropout``: in training, layers with attention dropout run the concatenated
       path with dropout (same semantics as the model); False drops attention dropout so the fused
       kernel runs.
+    * Gradient checkpointing: each layer computes its prefix inside its own forward (for the MLP,
+      only that layer's rows of the last Linear), so a recomputed layer recomputes its prefix. With
+      transformers' default non-reentrant checkpointing this needs nothing more; with
+      ``use_reentrant=True`` call ``model.enable_input_require_grads()`` (the frozen embeddings give
+      no input that requires grad).
+    * The model is switched to the ``pet_fast_prefix`` attention implementation
+      (:mod:`pet_fast.hf_attention`); it must be configured with ``eager`` or ``sdpa``.
     """
 
     method: ClassVar[str] = "prefix"
