@@ -230,10 +230,8 @@ class PrefixConfig(MethodConfig):
       path with dropout (same semantics as the model); False drops attention dropout so the fused
       kernel runs.
     * Gradient checkpointing: each layer computes its prefix inside its own forward (for the MLP,
-      only that layer's rows of the last Linear), so a recomputed layer recomputes its prefix. With
-      transformers' default non-reentrant checkpointing this needs nothing more; with
-      ``use_reentrant=True`` call ``model.enable_input_require_grads()`` (the frozen embeddings give
-      no input that requires grad).
+      only that layer's rows of the last Linear), so a recomputed layer recomputes its prefix and
+      nothing is stashed between layers (PEFT refuses checkpointing with prefix tuning).
     * The model is switched to the ``pet_fast_prefix`` attention implementation
       (:mod:`pet_fast.hf_attention`); it must be configured with ``eager`` or ``sdpa``.
     """
