@@ -228,15 +228,15 @@ def test_generate_with_static_cache_equals_dynamic_cache():
         assert torch.equal(model.generate(**kw), model.generate(cache_implementation="static", **kw))
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_gradient_checkpointing_same_gradients(family):
+@pytest.mark.parametrize("family,reentrant", [("bert", False), ("llama", False), ("llama", True)])
+def test_gradient_checkpointing_same_gradients(family, reentrant):
     model, _ = injected(family, "sdpa", projection_dim=8)
     ids, mask, _ = batch([6, 4], "right")
     grads = []
     for ckpt in (False, True):
         if ckpt:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+            model.gradient_checkpointing_enable(**kwargs)
             assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         model.train()
         model.zero_grad()
