@@ -1,10 +1,17 @@
 """Prefix-tuning (Li & Liang 2021): P trained key/value vectors per layer."""
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import inspect
+import json
+import os
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..inject import TASK_ATTR, MethodConfig, register_method, task_holder
 
 
 class PrefixEncoder(nn.Module):
@@ -32,6 +39,8 @@ class PrefixEncoder(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_length = prefix_length
         self.projection_dim = projection_dim
+        # Set by PrefixConfig.attach: whether real tokens' positions move by P while this prefix is active.
+        self.shift_positions = False
         out_dim = num_layers * 2 * num_kv_heads * head_dim
         kw = dict(dtype=dtype, device=device)
         if projection_dim is None:
@@ -48,6 +57,23 @@ class PrefixEncoder(nn.Module):
         if self.projection_dim is None:
             return self.prefix
         return self.mlp(self.embedding)
+
+    def layer(self, index: int, dtype: Optional[torch.dtype] = None):
+        """Layer ``index``'s ``(prefix_k, prefix_v)``, each (num_kv_heads, P, head_dim); computes only
+        that layer's slice (for the MLP, only its rows of the last Linear)."""
+        P, H, D = self.prefix_length, self.num_kv_heads, self.head_dim
+        w = 2 * H * D
+        if self.projection_dim is None:
+            x = self.prefix[:, index * w:(index + 1) * w]
+        else:
+            first, act, last = self.mlp[0], self.mlp[1], self.mlp[2]
+            h = act(first(self.embedding))
+            x = F.linear(h, last.weight[index * w:(index + 1) * w], last.bias[index * w:(index + 1) * w])
+        x = self.dropout(x)
+        if dtype is not None:
+            x = x.to(dtype)
+        kv = x.reshape(P, 2, H, D).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
 
     def forward(self, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
         """A list with one ``(prefix_k, prefix_v)`` per layer."""
@@ -68,3 +94,359 @@ class PrefixEncoder(nn.Module):
     def extra_repr(self) -> str:
         kind = "flat" if self.projection_dim is None else f"mlp({self.projection_dim})"
         return f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, P={self.prefix_length}, {kind}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: PrefixConfig and its attach points in transformers models
+
+
+def _attention_modules(model: nn.Module) -> List[nn.Module]:
+    """The self-attention modules of a transformers model, ordered by ``layer_idx``."""
+    found = []
+    for mod_name, m in model.named_modules():
+        idx = getattr(m, "layer_idx", None)
+        if not isinstance(idx, int) or "Attention" not in type(m).__name__:
+            continue
+        if getattr(m, "is_cross_attention", False) or "cross" in mod_name.lower() or "Cross" in type(m).__name__:
+            continue
+        found.append((idx, mod_name, m))
+    found.sort(key=lambda t: t[0])
+    idxs = [t[0] for t in found]
+    if idxs != list(range(len(idxs))):
+        raise ValueError(f"could not map the attention modules of {type(model).__name__} to layers (layer_idx {idxs})")
+    return [m for _, _, m in found]
+
+
+def model_dims(model: nn.Module) -> Tuple[int, int, int, int]:
+    """(num_layers, num_kv_heads, head_dim, hidden_size) of the prefix a model takes; ValueError if none."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError("prefix tuning needs a transformers PreTrainedModel (with a config and an attention interface)")
+    can = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can) and not can():
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' AttentionInterface; "
+                         "prefix tuning cannot attach to it")
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError(f"found no self-attention modules (with a layer_idx) in {type(model).__name__}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = (getattr(mods[0], "head_dim", None) or getattr(mods[0], "attention_head_size", None)
+                or getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return len(mods), int(kv_heads), int(head_dim), int(text.hidden_size)
+
+
+def _active_prefix_encoders(holder: nn.ModuleDict, reg) -> list:
+    return [holder[n] for n in reg.active if n in holder and isinstance(holder[n], PrefixEncoder)]
+
+
+def _position_shift(holder: nn.ModuleDict, reg) -> int:
+    return sum(e.prefix_length for e in _active_prefix_encoders(holder, reg) if e.shift_positions)
+
+
+def _make_source(holder: nn.ModuleDict, reg, index: int):
+    def source(dtype):
+        parts = [e.layer(index, dtype) for e in _active_prefix_encoders(holder, reg)]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+    return source
+
+
+def _shift_hook(holder, reg, kind):
+    """Forward pre-hook that gives real tokens the positions PEFT gives them: + P (see PrefixConfig)."""
+
+    def hook(module, args, kwargs):
+        shift = _position_shift(holder, reg)
+        if not shift:
+            return None
+        kwargs = dict(kwargs)
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            kwargs["position_ids"] = pos + shift
+            return args, kwargs
+        if kind == "embeddings":
+            # BERT/RoBERTa embeddings take the cache length and derive the positions from it (RoBERTa:
+            # from the padding of input_ids), exactly as PEFT's prefix of length P in the cache does.
+            for key in ("cache_length", "past_key_values_length"):
+                if key in kwargs:
+                    kwargs[key] = kwargs[key] + shift
+                    return args, kwargs
+            key = "cache_length" if "cache_length" in inspect.signature(module.forward).parameters else "past_key_values_length"
+            kwargs[key] = shift
+            return args, kwargs
+        # causal LMs: the default positions arange(T) + past, shifted
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            return None
+        T = ref.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        kwargs["position_ids"] = (torch.arange(T, device=ref.device) + (past + shift)).unsqueeze(0)
+        return args, kwargs
+
+    return hook
+
+
+def _install_position_hook(model: nn.Module, holder, reg) -> None:
+    if model.__dict__.get("_pet_fast_prefix_position_hook") is not None:
+        return
+    from .. import models
+
+    base = getattr(model, "base_model", model)
+    if models.family(model) == "bert" and hasattr(getattr(base, "embeddings", None), "position_embeddings"):
+        target, kind = base.embeddings, "embeddings"
+    else:
+        target, kind = base, "model"
+        if "position_ids" not in inspect.signature(target.forward).parameters:
+            raise ValueError(f"{type(target).__name__}.forward takes no position_ids; set shift_positions=False")
+    handle = target.register_forward_pre_hook(_shift_hook(holder, reg, kind), with_kwargs=True)
+    model.__dict__["_pet_fast_prefix_position_hook"] = handle
+
+
+@register_method
+@dataclasses.dataclass
+class PrefixConfig(MethodConfig):
+    """Prefix-tuning: ``prefix_length`` trained key/value vectors per layer, attended by every query.
+
+    * ``projection_dim=None`` trains the prefixes directly (flat); an int re-parametrises them by an
+      MLP of that hidden size (Li & Liang): embedding (P, ``embed_dim``, default Hkv*head_dim) ->
+      Linear -> tanh -> Linear(projection_dim, layers*2*Hkv*head_dim).
+    * Grouped-query models get ``num_key_value_heads`` prefix heads.
+    * ``shift_positions=True`` (PEFT's behaviour): real tokens get the positions they get in PEFT,
+      where the prefix sits in the KV cache as P past tokens: P + their usual position (positions
+      derived from the cache length, from RoBERTa's padding, or passed as ``position_ids``, e.g. by
+      ``generate()`` from the attention mask, all move by P). The prefix itself has no position (no
+      RoPE, no position embedding) in both libraries. ``False``: positions are left alone
+      (AdapterHub's behaviour).
+    * The prefix is never stored in the KV cache: the attention function adds it at every step, and
+      the attention mask covers only real tokens (no ones(P) columns to add).
+    * ``keep_attention_dropout``: in training, layers with attention dropout run the concatenated
+      path with dropout (same semantics as the model); False drops attention dropout so the fused
+      kernel runs.
+    * Gradient checkpointing: each layer computes its prefix inside its own forward (for the MLP,
+      only that layer's rows of the last Linear), so a recomputed layer recomputes its prefix and
+      nothing is stashed between layers (PEFT refuses checkpointing with prefix tuning).
+    * The model is switched to the ``pet_fast_prefix`` attention implementation
+      (:mod:`pet_fast.hf_attention`); it must be configured with ``eager`` or ``sdpa``.
+    """
+
+    method: ClassVar[str] = "prefix"
+    prefix_length: int = 30
+    projection_dim: Optional[int] = None
+    embed_dim: Optional[int] = None
+    dropout: float = 0.0
+    init_std: float = 0.02
+    shift_positions: bool = True
+    keep_attention_dropout: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.prefix_length, int) or isinstance(self.prefix_length, bool) or self.prefix_length < 1:
+            raise ValueError(f"prefix_length must be a positive int, got {self.prefix_length!r}")
+        for fname in ("projection_dim", "embed_dim"):
+            v = getattr(self, fname)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{fname} must be None or a positive int, got {v!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def attach(self, model: nn.Module, name: str, registry) -> None:
+        from .. import hf_attention
+
+        num_layers, kv_heads, head_dim, _ = model_dims(model)  # raises before any change
+        current = hf_attention.current_implementation(model)
+        if current not in ("eager", "sdpa", hf_attention.NAME):
+            raise ValueError(f"prefix tuning runs on models configured with attn_implementation 'eager' or 'sdpa', "
+                             f"not {current!r}")
+        if self.shift_positions:
+            base = getattr(model, "base_model", model)
+            if "position_ids" not in inspect.signature(base.forward).parameters:
+                raise ValueError(f"{type(base).__name__}.forward takes no position_ids; use shift_positions=False")
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+        device = param.device if param is not None else None
+        encoder = PrefixEncoder(num_layers, kv_heads, head_dim, self.prefix_length, projection_dim=self.projection_dim,
+                                embed_dim=self.embed_dim, dropout=self.dropout, init_std=self.init_std,
+                                dtype=dtype, device=device)
+        encoder.shift_positions = self.shift_positions
+        holder = task_holder(model)
+        holder[name] = encoder
+        original = hf_attention.enable(model)
+        for i, m in enumerate(_attention_modules(model)):
+            lp = hf_attention.layer_prefix(m)
+            if lp is None:
+                hf_attention.set_layer_prefix(m, hf_attention.LayerPrefix(
+                    _make_source(holder, registry, i), original, self.keep_attention_dropout))
+            else:  # a second prefix task: the source already reads every active prefix task
+                lp.keep_dropout = lp.keep_dropout and self.keep_attention_dropout
+        if self.shift_positions:
+            _install_position_hook(model, holder, registry)
+
+
+def prefix_encoder(model: nn.Module, name: str) -> PrefixEncoder:
+    holder = getattr(model, TASK_ATTR, None)
+    if holder is None or name not in holder or not isinstance(holder[name], PrefixEncoder):
+        raise ValueError(f"model has no prefix task named {name!r}")
+    return holder[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Importers (``detect(path) -> bool``, ``load_fn(model, path, name) -> None``)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_tensors(path: str, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    for fname in names:
+        full = os.path.join(path, fname)
+        if os.path.isfile(full):
+            if fname.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(full)
+            return torch.load(full, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: none of the weight files {list(names)} is there")
+
+
+def peft_prefix_detect(path) -> bool:
+    """A PEFT prefix-tuning checkpoint: adapter_config.json with peft_type PREFIX_TUNING."""
+    cfg = _read_json(os.fspath(path)) if os.path.isdir(os.fspath(path)) else None
+    return bool(cfg) and str(cfg.get("peft_type", "")).upper() == "PREFIX_TUNING"
+
+
+def peft_prefix_load(model: nn.Module, path, name: str) -> None:
+    """Import a PEFT prefix-tuning checkpoint as task ``name`` (flat prefix, positions shifted like PEFT).
+
+    PEFT saves the flat key/value table ``prompt_embeddings`` (P, num_layers*2*token_dim) even when it
+    trained with ``prefix_projection`` (the MLP's output is saved), ordered (layer, key/value, head,
+    head_dim): our flat layout. ``modules_to_save`` weights (``base_model.<key>``) are copied into the
+    model when it has those keys.
+    """
+    from .. import inject as _inject
+
+    path = os.fspath(path)
+    cfg = _read_json(path)
+    if not cfg or str(cfg.get("peft_type", "")).upper() != "PREFIX_TUNING":
+        raise ValueError(f"{path} is not a PEFT prefix-tuning checkpoint")
+    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+        raise ValueError("PEFT prefix checkpoints of encoder-decoder models (num_transformer_submodules=2) are not supported")
+    num_layers, kv_heads, head_dim, _ = model_dims(model)
+    P = int(cfg["num_virtual_tokens"])
+    want = {"num_layers": num_layers, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads}
+    for key, value in want.items():
+        if cfg.get(key) is not None and int(cfg[key]) != value:
+            raise ValueError(f"PEFT checkpoint has {key}={cfg[key]} but the model needs {value}")
+    sd = _load_tensors(path, ("adapter_model.safetensors", "adapter_model.bin"))
+    if "prompt_embeddings" not in sd:
+        raise ValueError(f"{path}: no 'prompt_embeddings' tensor in the PEFT checkpoint")
+    table = sd["prompt_embeddings"]
+    shape = (P, num_layers * 2 * kv_heads * head_dim)
+    if tuple(table.shape) != shape:
+        raise ValueError(f"prompt_embeddings has shape {tuple(table.shape)}, the model needs {shape}")
+    model_sd = model.state_dict()
+    extra = {}
+    for key, tensor in sd.items():
+        if key == "prompt_embeddings":
+            continue
+        k = key[len("base_model."):] if key.startswith("base_model.") else key
+        if k not in model_sd:
+            raise ValueError(f"PEFT checkpoint tensor {key!r} has no counterpart {k!r} in the model")
+        if model_sd[k].shape != tensor.shape:
+            raise ValueError(f"PEFT checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, model's {k!r} is {tuple(model_sd[k].shape)}")
+        extra[k] = tensor
+    _inject.inject(model, PrefixConfig(prefix_length=P, shift_positions=True), name)
+    enc = prefix_encoder(model, name)
+    with torch.no_grad():
+        enc.prefix.copy_(table.to(enc.prefix.dtype))
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        for k, tensor in extra.items():
+            target = params.get(k, buffers.get(k))
+            target.copy_(tensor.to(target.dtype))
+
+
+def adapterhub_prefix_detect(path) -> bool:
+    """An AdapterHub prefix-tuning checkpoint: adapter_config.json whose config.architecture is
+    prefix_tuning, beside pytorch_adapter.bin or adapter.safetensors."""
+    path = os.fspath(path)
+    cfg = _read_json(path) if os.path.isdir(path) else None
+    if not cfg or not isinstance(cfg.get("config"), dict):
+        return False
+    if cfg["config"].get("architecture") != "prefix_tuning":
+        return False
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("adapter.safetensors", "pytorch_adapter.bin"))
+
+
+def adapterhub_prefix_load(model: nn.Module, path, name: str) -> None:
+    """Import an AdapterHub prefix-tuning checkpoint (flat or MLP) as task ``name``.
+
+    AdapterHub: MLP ``wte`` (P, H) -> ``control_trans`` Linear(H, bottleneck) -> tanh ->
+    Linear(bottleneck, L*2*Hkv*head_dim), viewed (P, L*2, Hkv, head_dim) with key = slot 2l, value =
+    slot 2l+1; flat: one vector ``control_trans`` of that size. The prefix is added after RoPE and
+    after the cache update and real tokens keep their positions, so ``shift_positions=False``.
+    Gating, non-tanh activations and ``leave_out`` are refused.
+    """
+    from .. import inject as _inject
+
+    path = os.fspath(path)
+    meta = _read_json(path)
+    if not meta or not isinstance(meta.get("config"), dict) or meta["config"].get("architecture") != "prefix_tuning":
+        raise ValueError(f"{path} is not an AdapterHub prefix-tuning checkpoint")
+    c = meta["config"]
+    if c.get("use_gating"):
+        raise ValueError("AdapterHub prefix tuning with use_gating=True is not supported")
+    if c.get("leave_out"):
+        raise ValueError(f"AdapterHub prefix tuning with leave_out={c['leave_out']} is not supported")
+    if str(c.get("non_linearity", "tanh")).lower() != "tanh":
+        raise ValueError(f"AdapterHub prefix tuning with non_linearity={c.get('non_linearity')!r} is not supported (tanh only)")
+    num_layers, kv_heads, head_dim, hidden = model_dims(model)
+    P = int(c.get("prefix_length", 30))
+    flat = bool(c.get("flat", False))
+    out_dim = num_layers * 2 * kv_heads * head_dim
+    sd = _load_tensors(path, ("adapter.safetensors", "pytorch_adapter.bin"))
+    ah_name = meta.get("name")
+    marker = f"prefix_tunings.{ah_name}." if ah_name else "prefix_tunings."
+    picked: Dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if marker in key and ".self_prefix." in key:
+            suffix = key.split(".self_prefix.", 1)[1]
+            picked.setdefault(suffix, tensor)  # the pool is saved under several names; they are equal
+    if flat:
+        if "control_trans" not in picked or tuple(picked["control_trans"].shape) != (P * out_dim,):
+            got = tuple(picked["control_trans"].shape) if "control_trans" in picked else None
+            raise ValueError(f"AdapterHub flat prefix needs control_trans of shape ({P * out_dim},), got {got}")
+        config = PrefixConfig(prefix_length=P, projection_dim=None, dropout=float(c.get("dropout") or 0.0),
+                              shift_positions=False)
+    else:
+        bn = int(c.get("bottleneck_size", 512))
+        shapes = {"wte.weight": (P, hidden), "control_trans.0.weight": (bn, hidden), "control_trans.0.bias": (bn,),
+                  "control_trans.2.weight": (out_dim, bn), "control_trans.2.bias": (out_dim,)}
+        for key, shape in shapes.items():
+            if key not in picked:
+                raise ValueError(f"AdapterHub prefix checkpoint lacks '...self_prefix.{key}'")
+            if tuple(picked[key].shape) != shape:
+                raise ValueError(f"AdapterHub tensor self_prefix.{key} has shape {tuple(picked[key].shape)}, the model needs {shape}")
+        config = PrefixConfig(prefix_length=P, projection_dim=bn, embed_dim=hidden,
+                              dropout=float(c.get("dropout") or 0.0), shift_positions=False)
+    _inject.inject(model, config, name)
+    enc = prefix_encoder(model, name)
+    with torch.no_grad():
+        if flat:
+            enc.prefix.copy_(picked["control_trans"].view(P, out_dim))
+        else:
+            enc.embedding.copy_(picked["wte.weight"])
+            enc.mlp[0].weight.copy_(picked["control_trans.0.weight"])
+            enc.mlp[0].bias.copy_(picked["control_trans.0.bias"])
+            enc.mlp[2].weight.copy_(picked["control_trans.2.weight"])
+            enc.mlp[2].bias.copy_(picked["control_trans.2.bias"])

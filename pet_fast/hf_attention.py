@@ -1,0 +1,305 @@
+"""A transformers attention implementation that runs :func:`pet_fast.prefix_attention` with each
+layer's trained prefix.
+
+transformers (4.48 and later, 5.x included) looks up the attention function of a model by the name
+in ``config._attn_implementation`` (``ALL_ATTENTION_FUNCTIONS``) and builds the attention mask with
+the function of the same name in ``ALL_MASK_ATTENTION_FUNCTIONS``. This module registers both under
+:data:`NAME`:
+
+* the **mask function** does not build a dense mask when it does not have to: for a plain causal or
+  bidirectional mask (also a sliding window wider than the keys) whose keys start at position 0, it
+  returns the 2-D boolean padding mask ``(B, S)`` (True = real key) or ``None`` without padding;
+  anything else (packed sequences, custom overlays, static caches, sliding windows while
+  torch.compile traces) gets the dense 4-D boolean mask of ``sdpa_mask``.
+* the **attention function** reads the layer's prefix from the attention module (attribute
+  :data:`ATTR`, a :class:`LayerPrefix` set by the prefix method) and calls
+  ``pet_fast.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=..., causal=...)``:
+  causal is the module's ``is_causal`` (bottom-right aligned, so it also holds while decoding with a
+  KV cache), grouped-query attention is passed through (the op reads ``Hkv`` heads), and the prefix
+  is never written into the cache (it is added at every call). With a dense 4-D mask, or with
+  attention dropout in training (the op has no dropout), it concatenates the prefix and runs
+  ``scaled_dot_product_attention`` with the mask extended by the always visible prefix columns.
+* a layer with no active prefix (no prefix task active, or a module the method did not touch) runs
+  the model's **original** implementation (``eager`` or ``sdpa``, remembered when the method is
+  attached), with the 2-D padding mask turned back into the mask that implementation expects.
+  So a model configured with either keeps its numbers when no prefix task is active.
+
+The returned attention weights are ``None`` whenever a prefix is applied (``output_attentions`` is
+not supported with a prefix).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "pet_fast_prefix"
+ATTR = "_pet_fast_prefix"
+
+_REGISTERED = False
+
+
+class LayerPrefix:
+    """What one attention module needs: a function returning its prefix ``(prefix_k, prefix_v)``
+    (each ``(Hkv, P, D)``) in a given dtype, or None when no prefix is active; the name of the model's
+    original attention implementation; whether attention dropout is kept (dense path in training)."""
+
+    def __init__(self, source: Callable, original: str = "sdpa", keep_dropout: bool = True):
+        self.source = source
+        self.original = original
+        self.keep_dropout = keep_dropout
+
+    def prefix(self, dtype):
+        return self.source(dtype)
+
+
+def layer_prefix(module: nn.Module) -> Optional[LayerPrefix]:
+    return module.__dict__.get(ATTR)
+
+
+def set_layer_prefix(module: nn.Module, lp: LayerPrefix) -> None:
+    # A plain attribute (not a submodule, not in the state dict).
+    module.__dict__[ATTR] = lp
+
+
+# --------------------------------------------------------------------------------------------------
+# masks
+
+
+def _mask_kind(mask_function) -> Optional[str]:
+    """'causal', 'bidirectional' or 'sliding' for transformers' plain mask functions, else None."""
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return "causal"
+    if mask_function is mu.bidirectional_mask_function:
+        return "bidirectional"
+    # sliding_window_causal_mask_function(w) == and_masks(sliding_window_overlay(w), causal_mask_function);
+    # recognised by the code objects (torch.compile traces these attribute reads; not __qualname__)
+    # (the code objects are looked up by register(), outside any compiled region). torch.compile
+    # cannot read the closure of a function made inside the compiled region: there, sliding-window
+    # masks take the dense path.
+    if torch.compiler.is_compiling() or _SLIDING_CODE is None:
+        return None
+    cells = getattr(mask_function, "__closure__", None) or ()
+    if getattr(mask_function, "__code__", None) is _AND_CODE and len(cells) == 1:
+        parts = cells[0].cell_contents
+        if (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
+                and getattr(parts[0], "__code__", None) is _SLIDING_CODE):
+            return "sliding"
+    return None
+
+
+_SLIDING_CODE = None
+_AND_CODE = None
+
+
+def _call_args(fn, args, kwargs) -> dict:
+    if not args:
+        return dict(kwargs)
+    import inspect
+
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    extra = bound.pop("kwargs", {})
+    bound.update(extra)
+    return bound
+
+
+def prefix_mask(*args, **kwargs):
+    """Mask function registered under :data:`NAME` (see the module docstring). Takes the arguments
+    transformers passes to ``sdpa_mask`` (``q_length``/``q_offset`` in 5.x, ``cache_position`` in
+    older releases) and hands them unchanged to ``sdpa_mask`` when it must build a dense mask."""
+    from transformers import masking_utils as mu
+
+    a = _call_args(mu.sdpa_mask, args, kwargs)
+    mask_function = a.get("mask_function") or mu.causal_mask_function
+    attention_mask = a.get("attention_mask")
+    kv_length, kv_offset = a.get("kv_length"), a.get("kv_offset", 0)
+    q_length, q_offset = a.get("q_length"), a.get("q_offset")
+    cache_position = a.get("cache_position")
+    if cache_position is not None and q_length is None:
+        q_length = cache_position.shape[0]
+        if q_offset is None and not torch.compiler.is_compiling() and cache_position.numel():
+            q_offset = int(cache_position[0])
+    if q_offset is None and cache_position is None:
+        q_offset = 0
+    kind = _mask_kind(mask_function)
+    plain_ints = all(isinstance(x, int) for x in (q_offset, kv_offset, kv_length, q_length))
+    fast = kind is not None and not a.get("use_vmap", False) and plain_ints and kv_offset == 0
+    if fast and kind != "bidirectional":
+        # bottom-right causal alignment needs the queries to be the last q_length keys
+        fast = q_offset + q_length == kv_length
+        if kind == "sliding":
+            local_size = a.get("local_size")
+            fast = fast and isinstance(local_size, int) and kv_length <= local_size
+    if fast:
+        if attention_mask is None:
+            return None
+        mask = attention_mask.to(torch.bool)
+        if mask.shape[-1] < kv_length:
+            mask = F.pad(mask, (0, kv_length - mask.shape[-1]))
+        return mask[:, :kv_length]
+    a["allow_is_causal_skip"] = False
+    a["allow_is_bidirectional_skip"] = False
+    return mu.sdpa_mask(**a)
+
+
+def _allowed(B, L, S, key_padding_mask, causal, device) -> Optional[torch.Tensor]:
+    """Bool (B|1, 1, L, S) from the 2-D padding mask and bottom-right causality (None: all allowed)."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask[:, None, None, :].expand(B, 1, L, S)
+    if causal:
+        i = torch.arange(L, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        tri = (j <= i + (S - L))[None, None]
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
+def _is_causal(module, kwargs) -> bool:
+    c = kwargs.get("is_causal")
+    if c is None:
+        c = getattr(module, "is_causal", False)
+    return bool(c)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+
+
+def _original_function(module: nn.Module, name: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise ValueError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    name = lp.original if lp is not None else "sdpa"
+    fn = _original_function(module, name)
+    B, L, S = query.shape[0], query.shape[2], key.shape[2]
+    causal = _is_causal(module, kwargs)
+    if attention_mask is None or attention_mask.dim() == 2:
+        # our compact format back into what the original implementation expects
+        causal = causal and L > 1
+        if attention_mask is None and (not causal or (name == "sdpa" and L == S)):
+            # sdpa applies is_causal itself when queries and keys coincide; without causality nothing
+            # is needed. (sdpa's is_causal is top-left aligned, so L < S needs an explicit mask.)
+            mask = None
+        else:
+            mask = _allowed(B, L, S, attention_mask, causal, query.device)
+    else:
+        mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool and name == "eager":
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _dense(query, key, value, pk, pv, attention_mask, causal, scaling, dropout):
+    """Concatenated prefix + SDPA with an explicit mask (4-D masks, attention dropout)."""
+    B, Hq, L, D = query.shape
+    Hkv, S, P = key.shape[1], key.shape[2], pk.shape[-2]
+    k = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), key], dim=2)
+    v = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), value], dim=2)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask
+        if m.dtype == torch.bool:
+            pre = torch.ones(*m.shape[:-1], P, dtype=torch.bool, device=m.device)
+        else:
+            m = m.to(query.dtype)
+            pre = torch.zeros(*m.shape[:-1], P, dtype=m.dtype, device=m.device)
+        mask = torch.cat([pre, m], dim=-1)
+    else:
+        allowed = _allowed(B, L, S, attention_mask, causal, query.device)
+        if allowed is None:
+            mask = None
+        else:
+            pre = torch.ones(*allowed.shape[:-1], P, dtype=torch.bool, device=query.device)
+            mask = torch.cat([pre, allowed], dim=-1)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                             dropout: float = 0.0, **kwargs):
+    """Attention function registered under :data:`NAME` (see the module docstring).
+
+    ``query`` (B, Hq, L, D), ``key``/``value`` (B, Hkv, S, D) as transformers passes them (after
+    RoPE and after the cache update); returns ``(output (B, L, Hq, D), None)``.
+    """
+    from .ops.prefix_attention import prefix_attention
+
+    lp = layer_prefix(module)
+    prefix = lp.prefix(query.dtype) if lp is not None else None
+    if prefix is None:
+        return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    pk, pv = prefix
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) > 1:
+        # under autocast, projections and RoPE may leave q, k, v in different dtypes (SDPA would cast)
+        dev = query.device.type
+        target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+        query, key, value = query.to(target), key.to(target), value.to(target)
+    pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+    causal = _is_causal(module, kwargs)
+    use_dropout = dropout > 0.0 and (lp.keep_dropout if lp is not None else True)
+    if use_dropout or (attention_mask is not None and attention_mask.dim() != 2):
+        out = _dense(query, key, value, pk, pv, attention_mask, causal, scaling, dropout if use_dropout else 0.0)
+    else:
+        kpm = None if attention_mask is None else attention_mask.to(torch.bool)
+        out = prefix_attention(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register :data:`NAME` with transformers' attention and mask interfaces (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    global _SLIDING_CODE, _AND_CODE
+    from transformers import masking_utils as mu
+
+    _SLIDING_CODE = mu.sliding_window_overlay(1).__code__
+    _AND_CODE = mu.and_masks(mu.causal_mask_function).__code__
+    AttentionInterface.register(NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(NAME, prefix_mask)
+    _REGISTERED = True
+
+
+def current_implementation(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_attn_implementation", None)
+    return name or "eager"
+
+
+def enable(model: nn.Module) -> str:
+    """Switch ``model`` to :data:`NAME`; returns the implementation it had before (its fallback)."""
+    register()
+    original = current_implementation(model)
+    if original == NAME:
+        return original
+    if original not in ("eager", "sdpa"):
+        raise ValueError(
+            f"prefix tuning runs on models configured with attn_implementation 'eager' or 'sdpa'; this model uses "
+            f"{original!r}. Load it with attn_implementation='sdpa' (or 'eager')")
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(NAME)
+    if current_implementation(model) != NAME:
+        model.config._attn_implementation = NAME
+    return original

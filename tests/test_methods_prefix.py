@@ -1,0 +1,525 @@
+"""Prefix-tuning on tiny random transformers models (BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2).
+
+The independent computation everywhere: the same base model (a copy, never injected) run with the
+prefix written into a transformers ``DynamicCache`` as P past tokens, with ``ones(B, P)`` put in
+front of the attention mask, which is how PEFT runs prefix tuning (and, with the positions reset, how
+AdapterHub's concatenation behaves). The prefix tables for it are built from the layouts PEFT and
+AdapterHub document, not from our per-layer slicing.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import transformers as tf
+from transformers import DynamicCache
+
+from pet_fast import hf_attention
+from pet_fast.inject import inject, registry, set_active, task_parameters, trainable_parameters
+from pet_fast.methods.prefix import (
+    PrefixConfig,
+    adapterhub_prefix_detect,
+    adapterhub_prefix_load,
+    model_dims,
+    peft_prefix_detect,
+    peft_prefix_load,
+    prefix_encoder,
+)
+
+V = 61  # vocabulary; token 1 is RoBERTa's padding id, real tokens are drawn from [3, V)
+
+
+def make(family, impl="sdpa"):
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  attn_implementation=impl)
+    if family in ("bert", "roberta"):
+        cls = tf.BertForSequenceClassification if family == "bert" else tf.RobertaForSequenceClassification
+        cfgcls = tf.BertConfig if family == "bert" else tf.RobertaConfig
+        extra = dict(pad_token_id=1) if family == "roberta" else {}
+        cfg = cfgcls(max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, **extra, **common)
+        return cls(cfg).eval()
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=impl)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    kv = {"llama": 2, "mistral": 2, "qwen2": 1}[family]
+    cfgcls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+    clsm = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family]
+    cfg = cfgcls(num_key_value_heads=kv, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                 pad_token_id=0, **common)
+    return clsm(cfg).eval()
+
+
+CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
+FAMILIES = ("bert", "roberta") + CAUSAL
+
+
+_SEQS = [torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(n)) for n in range(8)]
+
+
+def batch(lengths, side, T=None):
+    """Padded batch of fixed random sequences (the sequence of length n is always the same)."""
+    T = T or max(lengths)
+    ids = torch.ones(len(lengths), T, dtype=torch.long)  # padding id 1
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    seqs = []
+    for b, n in enumerate(lengths):
+        s = _SEQS[n]
+        seqs.append(s)
+        sl = slice(0, n) if side == "right" else slice(T - n, T)
+        ids[b, sl] = s
+        mask[b, sl] = 1
+    return ids, mask, seqs
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def peft_cache(table, L, Hkv, D, B, config):
+    """PEFT's get_prompt: (P, L*2*Hkv*D) -> view(B, P, 2L, Hkv, D).permute(2, 0, 3, 1, 4).split(2)."""
+    P = table.shape[0]
+    pkv = table.unsqueeze(0).expand(B, -1, -1).reshape(B, P, 2 * L, Hkv, D).permute(2, 0, 3, 1, 4).split(2)
+    cache = DynamicCache(config=config)
+    for layer, kv in enumerate(pkv):
+        cache.update(kv[0], kv[1], layer)
+    return cache
+
+
+def reference(base, family, table, ids, mask, position_ids=None, shift=True):
+    """The base model with the prefix as P cached tokens (PEFT's way). Returns logits (LMs) or the
+    (last hidden state, classifier logits) pair (encoders)."""
+    L, Hkv, D, _ = model_dims(base)
+    P, B = table.shape[0], ids.shape[0]
+    cache = peft_cache(table, L, Hkv, D, B, base.config)
+    full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+    if not shift and position_ids is None:
+        position_ids = torch.arange(ids.shape[1])[None].expand(B, -1)
+    if shift and position_ids is not None:
+        position_ids = position_ids + P
+    if family in ("bert", "roberta"):
+        if family == "roberta" and position_ids is None:  # roberta's own rule, shifted by P like PEFT
+            position_ids = (mask.cumsum(-1) + P) * mask + 1
+        elif family == "roberta" and not shift:
+            position_ids = (mask.cumsum(-1)) * mask + 1
+        out = base.base_model(input_ids=ids, attention_mask=full_mask, cache=cache, position_ids=position_ids)
+        return out.last_hidden_state, base.classifier(out.last_hidden_state if family == "roberta" else out.pooler_output)
+    return base(input_ids=ids, attention_mask=full_mask, cache=cache, position_ids=position_ids).logits
+
+
+def run(model, family, ids, mask, position_ids=None):
+    if family in ("bert", "roberta"):
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+        return out.last_hidden_state, model.classifier(out.last_hidden_state if family == "roberta" else out.pooler_output)
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+
+
+def close(a, b, tol=2e-5):
+    if isinstance(a, tuple):
+        for x, y in zip(a, b):
+            close(x, y, tol)
+        return
+    assert torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
+
+
+def injected(family, impl="sdpa", **kw):
+    model = make(family, impl)
+    base = copy.deepcopy(model)
+    kw.setdefault("init_std", 1.0)  # prefixes large enough to change the outputs clearly
+    inject(model, PrefixConfig(prefix_length=kw.pop("P", 3), **kw), "p")
+    return model, base
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_prefix_as_cached_tokens(family, impl):
+    proj = 8 if impl == "eager" else None  # MLP re-parametrisation on one, flat on the other
+    model, base = injected(family, impl, projection_dim=proj)
+    assert model.config._attn_implementation == hf_attention.NAME
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        table = prefix_encoder(model, "p").flat()
+        out = run(model, family, ids, mask)
+        ref = reference(base, family, table, ids, mask)
+        plain = run(base, family, ids, mask)
+    real = mask.bool()
+    if family in CAUSAL:
+        close(out[real], ref[real])
+        assert (out[real] - plain[real]).abs().max() > 1e-2  # the prefix does change the outputs
+    else:
+        close(out[0][real], ref[0][real])
+        close(out[1], ref[1])
+        assert (out[0][real] - plain[0][real]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_left_and_right_match_unpadded(family):
+    model, _ = injected(family, "sdpa", projection_dim=8)
+    lengths = [6, 4]
+    with torch.no_grad():
+        singles = []
+        for n in lengths:
+            ids, mask, _ = batch([n], "right")
+            singles.append(run(model, family, ids, mask))
+        for side in ("right", "left"):
+            ids, mask, _ = batch(lengths, side, T=7)
+            pos = None
+            if side == "left" and family != "roberta":  # roberta derives positions from the padding itself
+                pos = positions(mask)
+            out = run(model, family, ids, mask, pos)
+            for b, n in enumerate(lengths):
+                real = mask[b].bool()
+                got = out[0][b][real] if isinstance(out, tuple) else out[b][real]
+                want = singles[b][0][0] if isinstance(out, tuple) else singles[b][0]
+                close(got, want)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_gradients_reach_exactly_prefix_and_head(family):
+    model, _ = injected(family, "sdpa", projection_dim=8 if family == "gpt2" else None)
+    model.train()
+    prefix = set(task_parameters(model, "p"))
+    head = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+    assert set(trainable_parameters(model)) == prefix | head
+    ids, mask, _ = batch([6, 4], "right")
+    out = run(model, family, ids, mask)
+    loss = out[1].square().sum() if isinstance(out, tuple) else out.square().sum()
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == prefix | head
+    for n in prefix:
+        assert model.get_parameter(n).grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("family,impl", [("gpt2", "eager"), ("llama", "sdpa"), ("mistral", "eager"), ("qwen2", "sdpa")])
+def test_generate_equals_stepwise_greedy(family, impl):
+    model, base = injected(family, impl, P=4)
+    ids, mask, _ = batch([5, 3], "left")
+    new = 5
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        seq, m = ids, mask
+        for _ in range(new):  # no cache: the whole sequence every step
+            logits = model(input_ids=seq, attention_mask=m, position_ids=positions(m)).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            m = torch.cat([m, torch.ones_like(nxt)], dim=1)
+        # and the first generated token agrees with the prefix-in-cache computation
+        table = prefix_encoder(model, "p").flat()
+        ref = reference(base, family, table, ids, mask, position_ids=positions(mask))
+    assert torch.equal(gen, seq)
+    assert torch.equal(gen[:, ids.shape[1]], ref[:, -1].argmax(-1))
+
+
+def test_generate_with_static_cache_equals_dynamic_cache():
+    """A static cache holds unfilled slots (keys are not bottom-right aligned): the mask function
+    gives the dense mask and the prefix is still attended at every step."""
+    model, _ = injected("llama", "sdpa", P=4)
+    ids, mask, _ = batch([5, 3], "left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**kw), model.generate(cache_implementation="static", **kw))
+
+
+@pytest.mark.parametrize("family,reentrant", [("bert", False), ("llama", False), ("llama", True)])
+def test_gradient_checkpointing_same_gradients(family, reentrant):
+    model, _ = injected(family, "sdpa", projection_dim=8)
+    ids, mask, _ = batch([6, 4], "right")
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+            model.gradient_checkpointing_enable(**kwargs)
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        model.train()
+        model.zero_grad()
+        out = run(model, family, ids, mask)
+        (out[1] if isinstance(out, tuple) else out).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in task_parameters(model, "p").items()})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        close(grads[0][n], grads[1][n], 1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "mistral"])
+def test_inactive_prefix_falls_back_to_original_attention(family, impl):
+    model, base = injected(family, impl)
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        set_active(model, None)
+        out, plain = run(model, family, ids, mask), run(base, family, ids, mask)
+        set_active(model, "p")
+        on = run(model, family, ids, mask)
+    real = mask.bool()
+    if isinstance(out, tuple):
+        close(out[0][real], plain[0][real], 1e-6)
+        close(out[1], plain[1], 1e-6)
+        assert (on[1] - plain[1]).abs().max() > 1e-3
+    else:
+        close(out[real], plain[real], 1e-6)
+        assert (on[real] - plain[real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "mistral", "qwen2"])
+def test_fused_op_runs_without_dense_mask(family, monkeypatch):
+    """Padding + causal reach pet_fast.prefix_attention as a (B, S) key padding mask and a flag,
+    in prefill and in every decoding step (never a dense mask, never the concatenated path)."""
+    import pet_fast.ops.prefix_attention as op_mod
+
+    model, _ = injected(family, "sdpa")
+    calls = []
+    real_op = op_mod.prefix_attention
+
+    def spy(q, k, v, pk, pv, **kw):
+        calls.append((q.shape, k.shape, pk.shape, kw["key_padding_mask"], kw["causal"]))
+        return real_op(q, k, v, pk, pv, **kw)
+
+    monkeypatch.setattr(op_mod, "prefix_attention", spy)
+    monkeypatch.setattr(hf_attention, "_dense", None)  # any use of the dense path would fail
+    ids, mask, _ = batch([6, 4], "left")
+    L, Hkv, D, _ = model_dims(model)
+    with torch.no_grad():
+        if family in CAUSAL:
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+        else:
+            run(model, family, ids, mask)
+    steps = 3 if family in CAUSAL else 1
+    assert len(calls) == L * steps
+    for i, (qs, ks, ps, kpm, causal) in enumerate(calls):
+        step = i // L
+        assert causal == (family in CAUSAL)
+        assert ps == (Hkv, 3, D)
+        S = ids.shape[1] + step
+        assert ks[1:3] == (Hkv, S) and qs[2] == (ids.shape[1] if step == 0 else 1)
+        assert kpm is not None and kpm.shape == (2, S) and kpm.dtype == torch.bool
+        assert torch.equal(kpm[:, :ids.shape[1]], mask.bool())
+
+
+def set_attention_dropout(model, p):
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = p
+
+
+def test_dense_4d_mask_and_attention_dropout_paths():
+    model, base = injected("llama", "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    T = ids.shape[1]
+    tri = torch.ones(T, T).tril().bool()
+    mask4 = (tri[None, None] & mask.bool()[:, None, None, :])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        dense = model(input_ids=ids, attention_mask=mask4).logits
+    real = mask.bool()
+    close(dense[real], ref[real])
+    # attention dropout in training: the concatenated path with dropout (random, finite), unless
+    # keep_attention_dropout=False, which drops it and runs the fused op (deterministic, = eval)
+    set_attention_dropout(model, 0.5)
+    model.train()
+    with torch.no_grad():
+        a, b = model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-3
+    nodrop, _ = injected("llama", "sdpa", keep_attention_dropout=False)
+    set_attention_dropout(nodrop, 0.5)
+    with torch.no_grad():
+        want = nodrop(input_ids=ids, attention_mask=mask).logits
+        nodrop.train()
+        close(nodrop(input_ids=ids, attention_mask=mask).logits[real], want[real])
+
+
+def test_fallback_with_cache_and_several_queries():
+    """No active prefix, sdpa, a cache and L > 1 new tokens without padding: the fallback must give
+    the original model's (bottom-right causal) result."""
+    model, base = injected("llama", "sdpa")
+    set_active(model, None)
+    ids, _, _ = batch([7], "right")
+    with torch.no_grad():
+        outs = []
+        for m in (model, base):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids[:, :3], cache=cache)
+            outs.append(m(input_ids=ids[:, 3:], cache=cache).logits)
+    close(outs[0], outs[1], 1e-6)
+
+
+def test_two_prefix_tasks_concatenate():
+    model, base = injected("llama", "eager", P=2)
+    inject(model, PrefixConfig(prefix_length=3, init_std=1.0), "q")
+    set_active(model, ["p", "q"])
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        table = torch.cat([prefix_encoder(model, "p").flat(), prefix_encoder(model, "q").flat()], dim=0)
+        close(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+              reference(base, "llama", table, ids, mask)[mask.bool()])
+
+
+def test_config_and_model_errors():
+    with pytest.raises(ValueError, match="prefix_length"):
+        PrefixConfig(prefix_length=0)
+    with pytest.raises(ValueError, match="projection_dim"):
+        PrefixConfig(projection_dim=0)
+    with pytest.raises(ValueError):
+        inject(torch.nn.Linear(3, 3), PrefixConfig())
+
+
+@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("mistral", "eager"), ("bert", "sdpa")])
+def test_torch_compile_fullgraph(family, impl):
+    """No graph break in a whole injected model (dynamo with the eager backend: tracing is what
+    fullgraph checks; the backend only runs the captured graph)."""
+    model, _ = injected(family, impl)
+    ids, mask, _ = batch([6, 4], "left")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    close(got[real] if family in CAUSAL else got, want[real] if family in CAUSAL else want)
+
+
+# --------------------------------------------------------------------------------------------------
+# importers
+
+
+def write_peft(path, model, table, extra=None, **cfg_over):
+    from safetensors.torch import save_file
+
+    L, Hkv, D, _ = model_dims(model)
+    os.makedirs(path, exist_ok=True)
+    cfg = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": table.shape[0],
+           "num_layers": L, "token_dim": Hkv * D, "num_attention_heads": Hkv, "encoder_hidden_size": Hkv * D,
+           "num_transformer_submodules": 1, "prefix_projection": False, "inference_mode": True,
+           "base_model_name_or_path": None, "modules_to_save": None}
+    cfg.update(cfg_over)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    tensors = {"prompt_embeddings": table.contiguous()}
+    tensors.update(extra or {})
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_import_peft_checkpoint(family, tmp_path):
+    model = make(family)
+    base = copy.deepcopy(model)
+    L, Hkv, D, H = model_dims(model)
+    P = 4
+    table = torch.randn(P, L * 2 * Hkv * D)
+    extra = {}
+    if family == "bert":
+        extra = {"base_model.classifier.weight": torch.randn(3, H), "base_model.classifier.bias": torch.randn(3)}
+    write_peft(tmp_path / "peft", model, table, extra, task_type="SEQ_CLS" if family == "bert" else "CAUSAL_LM")
+    assert peft_prefix_detect(tmp_path / "peft") and not adapterhub_prefix_detect(tmp_path / "peft")
+    peft_prefix_load(model, tmp_path / "peft", "imported")
+    with torch.no_grad():
+        if family == "bert":
+            base.classifier.weight.copy_(extra["base_model.classifier.weight"])
+            base.classifier.bias.copy_(extra["base_model.classifier.bias"])
+        ids, mask, _ = batch([6, 4], "right")
+        out = run(model, family, ids, mask)
+        ref = reference(base, family, table, ids, mask, shift=True)
+    close(out, ref)
+
+
+def test_import_peft_refuses_mismatch_without_changes(tmp_path):
+    model = make("llama")
+    L, Hkv, D, _ = model_dims(model)
+    write_peft(tmp_path / "bad", model, torch.randn(4, L * 2 * Hkv * D + 2))
+    with pytest.raises(ValueError, match="prompt_embeddings"):
+        peft_prefix_load(model, tmp_path / "bad", "x")
+    write_peft(tmp_path / "bad2", model, torch.randn(4, L * 2 * Hkv * D), num_layers=L + 1)
+    with pytest.raises(ValueError, match="num_layers"):
+        peft_prefix_load(model, tmp_path / "bad2", "x")
+    assert registry(model) is None and model.config._attn_implementation == "sdpa"
+
+
+def write_adapterhub(path, model, tensors, prefix_length, flat, bottleneck=None, key_prefix="bert.", name="pt",
+                     safetensors=True):
+    L, Hkv, D, H = model_dims(model)
+    os.makedirs(path, exist_ok=True)
+    config = {"architecture": "prefix_tuning", "bottleneck_size": bottleneck or 512, "cross_prefix": True,
+              "dropout": 0.0, "encoder_prefix": True, "flat": flat, "init_weights_seed": None, "leave_out": [],
+              "non_linearity": "tanh", "prefix_length": prefix_length, "shared_gating": True, "use_gating": False}
+    meta = {"config": config, "hidden_size": H, "model_class": type(model).__name__, "model_name": None,
+            "model_type": model.config.model_type, "name": name, "version": "adapters.1.2.0"}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    sd = {}
+    # the pool is stored once at the model and once per layer (the same tensors)
+    for where in [f"{key_prefix}prefix_tuning."] + [f"{key_prefix}encoder.layer.{i}.attention.self.prefix_tuning.pool."
+                                                      for i in range(L)]:
+        for k, t in tensors.items():
+            sd[f"{where}prefix_tunings.{name}.self_prefix.{k}"] = t.clone()
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(sd, os.path.join(path, "adapter.safetensors"))
+    else:
+        torch.save(sd, os.path.join(path, "pytorch_adapter.bin"))
+
+
+@pytest.mark.parametrize("family,flat", [("bert", False), ("gpt2", True)])
+def test_import_adapterhub_checkpoint(family, flat, tmp_path):
+    model = make(family)
+    base = copy.deepcopy(model)
+    L, Hkv, D, H = model_dims(model)
+    P, bn = 5, 7
+    out_dim = L * 2 * Hkv * D
+    if flat:
+        tensors = {"control_trans": torch.randn(P * out_dim)}
+        table = tensors["control_trans"].view(P, out_dim)
+    else:
+        tensors = {"wte.weight": torch.randn(P, H), "control_trans.0.weight": torch.randn(bn, H) * 0.3,
+                   "control_trans.0.bias": torch.randn(bn), "control_trans.2.weight": torch.randn(out_dim, bn),
+                   "control_trans.2.bias": torch.randn(out_dim)}
+        # AdapterHub's PrefixTuning.forward, written out: control_trans(wte(arange(P)))
+        h = torch.tanh(tensors["wte.weight"] @ tensors["control_trans.0.weight"].T + tensors["control_trans.0.bias"])
+        table = h @ tensors["control_trans.2.weight"].T + tensors["control_trans.2.bias"]
+    write_adapterhub(tmp_path / "ah", model, tensors, P, flat, bn, key_prefix="bert." if family == "bert" else "transformer.",
+                     safetensors=not flat)
+    assert adapterhub_prefix_detect(tmp_path / "ah") and not peft_prefix_detect(tmp_path / "ah")
+    adapterhub_prefix_load(model, tmp_path / "ah", "imported")
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        out = run(model, family, ids, mask)
+        ref = reference(base, family, table, ids, mask, shift=False)
+    close(out, ref, 1e-4)
+
+
+def test_packed_sequences_take_the_dense_mask_path(monkeypatch):
+    """Packed sequences (position_ids restarting, no attention mask): transformers builds a
+    block-diagonal mask, which reaches the attention as a dense mask; each packed sequence sees the
+    prefix and its own tokens only."""
+    model, _ = injected("llama", "sdpa")
+    dense_calls = []
+    real_dense = hf_attention._dense
+    monkeypatch.setattr(hf_attention, "_dense", lambda *a: dense_calls.append(a[5].shape) or real_dense(*a))
+    a, b = _SEQS[3], _SEQS[4]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([a, b])[None], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]),
+                       use_cache=False).logits  # transformers detects packing only without a cache
+        sep_a = model(input_ids=a[None]).logits
+        sep_b = model(input_ids=b[None]).logits
+    assert dense_calls == [(1, 1, 7, 7)] * 2  # the block-diagonal mask, once per layer
+    close(packed[0, :3], sep_a[0])
+    close(packed[0, 3:], sep_b[0])
+
+
+def test_autocast_bf16_runs_close_to_fp32():
+    model, _ = injected("llama", "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
