@@ -108,17 +108,120 @@ def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, caus
     return torch.matmul(probs.to(q.dtype), v)
 
 
-def describe(q, k, prefix_k, key_padding_mask, causal) -> dict:
+def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None) -> dict:
     """What the dispatcher sees of a (validated) call."""
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     return _checks.info(
         q, batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
         head_dim=q.shape[3], prefix_len=0 if prefix_k is None else prefix_k.shape[-2],
         prefix_per_batch=prefix_k is not None and prefix_k.dim() == 4,
-        padding=key_padding_mask is not None, causal=causal,
+        padding=key_padding_mask is not None, causal=causal, requires_grad=grad,
     )
 
 
 dispatch.register(OP, "eager", reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused path: the Triton kernels behind torch.library custom ops, so that torch.compile sees one opaque
+# node per direction (no graph break) and autograd reaches q, k, v and the prefix.
+
+MAX_HEAD_DIM = 256  # the kernels pad D to a power of two up to this
+DECODE_MAX_Q_LEN = 8
+
+
+def _kernels():
+    from ..kernels import prefix_attention as kernels
+
+    return kernels
+
+
+def _empty_prefix(prefix):
+    return prefix is None or prefix.shape[-2] == 0
+
+
+@torch.library.custom_op("pet_fast::prefix_attention_fwd", mutates_args=())
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                   prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out like q, lse (B, Hq, L) float32 (natural log, +inf on rows that see no key)."""
+    return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+
+
+@_fused_forward.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pet_fast::prefix_attention_bwd", mutates_args=())
+def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor],
+                    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_prefix_k, d_prefix_v); the prefix gradients are empty tensors without a prefix."""
+    dq, dk, dv, dpk, dpv = _kernels().backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+                                               causal, scale)
+    if dpk is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dpk, dpv
+
+
+@_fused_backward.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+    cf = torch.contiguous_format
+    if prefix_k is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    else:
+        dpk, dpv = torch.empty_like(prefix_k, memory_format=cf), torch.empty_like(prefix_v, memory_format=cf)
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf), dpk, dpv)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _fused_autograd_backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = _fused_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+                                           ctx.causal, ctx.scale)
+    if prefix_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None
+
+
+_fused_forward.register_autograd(_fused_autograd_backward, setup_context=_fused_setup_context)
+
+
+def _canonical_prefix(prefix_k, prefix_v):
+    """None for an absent or empty prefix; a (B, Hkv, P, D) view broadcast over the batch (stride 0)
+    becomes the shared (Hkv, P, D) tensor, so the kernels read it once per head and sum its gradient."""
+    if _empty_prefix(prefix_k):
+        return None, None
+    if prefix_k.dim() == 4 and prefix_k.shape[0] > 1 and prefix_k.stride(0) == 0 and prefix_v.stride(0) == 0:
+        return prefix_k[0], prefix_v[0]
+    return prefix_k, prefix_v
+
+
+def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The Triton path (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_fwd``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    return _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+
+
+def triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if not 1 <= info["head_dim"] <= MAX_HEAD_DIM:
+        why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM} (the kernels hold a padded row of D)")
+    return why
+
+
+dispatch.register(OP, "triton", fused, triton_reasons)
 
 
 def prefix_attention(
@@ -135,5 +238,5 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
     scale = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-    impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal), backend)
+    impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v), backend)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
