@@ -16,6 +16,18 @@ Contract
     scale          defaults to D ** -0.5
 A query row that sees no key at all returns zeros (never NaN) and passes no gradient.
 All floating tensors share q's dtype and device; the output has q's shape.
+
+Backends
+    eager   :func:`reference` (concatenation, dense mask), any device and dtype.
+    triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
+            / ``_bwd`` (torch.compile sees one node each, no graph break): flash-attention forward and
+            backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
+            head_dim <= 256; forward and backward.
+    cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
+            sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
+            head_dim <= 256, forward only (refuses calls that need a gradient).
+auto prefers cuda for q_len <= 8 without autograd, else triton, then eager (see :func:`preference`);
+that order is by design, measured timings on a GPU are still owed.
 """
 from __future__ import annotations
 
@@ -240,3 +252,75 @@ def prefix_attention(
     scale = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v), backend)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode path: the CUDA kernel (csrc/prefix_attention.cu) for 1..8 new tokens per sequence over the
+# prefix plus the cache, split over the key length. Forward only.
+
+def decode_shape_reasons(info) -> list:
+    """Why the decode kernel cannot take a call, whatever the device (shapes and autograd)."""
+    why = []
+    if not 1 <= info["q_len"] <= DECODE_MAX_Q_LEN:
+        why.append(f"q_len {info['q_len']} is outside 1..{DECODE_MAX_Q_LEN} (the decode kernel is for a few new tokens)")
+    if not 1 <= info["head_dim"] <= MAX_HEAD_DIM:
+        why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM}")
+    if info.get("requires_grad"):
+        why.append("a gradient is required and the decode kernel is forward only")
+    return why
+
+
+_DECODE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cuda_decode_reasons(info) -> list:
+    why = decode_shape_reasons(info)
+    if info["device"].type != "cuda":
+        return [f"inputs are on {info['device'].type}, the cuda backend needs CUDA tensors"] + why
+    if why:  # do not load (or build) the extension for a call it could not take anyway
+        if info["dtype"] not in _DECODE_DTYPES:
+            why.append(f"dtype {info['dtype']} is not one of {tuple(str(d) for d in _DECODE_DTYPES)}")
+        return why
+    return dispatch.cuda_reasons(info, dtypes=_DECODE_DTYPES)
+
+
+@torch.library.custom_op("pet_fast::prefix_attention_decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+               prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
+               scale: float) -> torch.Tensor:
+    from .. import _ext
+
+    ext = _ext.load()
+    if ext is None:
+        raise RuntimeError(f"prefix_attention: the CUDA extension is unavailable: {_ext.reason()}")
+    return ext.prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, None, causal, scale, 0)
+
+
+@_decode_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The CUDA decode path (same signature as :func:`reference`)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    return _decode_op(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+
+
+dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
+
+
+def preference(info) -> list:
+    """auto's order: the decode kernel first for a few new tokens without autograd, else Triton.
+
+    This order follows from what each kernel is built for, not from timings on this package's kernels:
+    those are owed (benchmarks/bench_prefix_attention.py on a GPU). In particular, whether eager SDPA
+    beats the kernels on very small problems is not measured yet.
+    """
+    if info["q_len"] <= DECODE_MAX_Q_LEN and not info.get("requires_grad"):
+        return ["cuda", "triton", "eager"]
+    return ["triton", "cuda", "eager"]
+
+
+dispatch.set_preference(OP, preference)
