@@ -225,7 +225,7 @@ cudaError_t launch(const void* q, const void* k, const void* v, const void* pk, 
 
 int prefix_attention_decode_splits(int batch, int q_heads, int total_keys, int sm_count) {
   const int blocks = batch * q_heads;
-  const int target = 2 * (sm_count > 0 ? sm_count : 132);
+  const int target = 8 * (sm_count > 0 ? sm_count : 132);  // several 4-warp blocks per SM hide load latency
   int splits = blocks > 0 ? (target + blocks - 1) / blocks : 1;
   const int max_by_keys = (total_keys + kChunk - 1) / kChunk;  // at least one chunk of keys per split
   if (splits > max_by_keys) splits = max_by_keys;
