@@ -9,9 +9,9 @@ key/value head ``h // group``. It returns the output and the natural log-sum-exp
 
 Backward (flash-attention-2 scheme): ``delta = rowsum(dO * O)`` in fp32, one kernel for the key and
 value gradients per (key block, kv head, batch) that loops over the query heads of the group and the
-query blocks (no atomics: each program owns its key rows), launched once for the sequence keys and once
-for the prefix keys (fp32 partials per batch, summed with torch when the prefix is shared), and one
-kernel for ``dq`` per query block. Accumulation is fp32 everywhere.
+query blocks (no atomics: each program owns its key rows); its first programs take the prefix key
+blocks (fp32 partials per batch, summed with torch when the prefix is shared), the others the sequence
+key blocks, in one launch. One more kernel computes ``dq`` per query block. Accumulation is fp32 everywhere.
 
 Contiguity is the wrappers' job (they make inputs contiguous); the head dimension is padded to a power
 of two with masks, so any D <= 256 runs. No autograd here: see ``pet_fast/ops/prefix_attention.py``.
@@ -141,19 +141,18 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
+def _dkdv_block(
     Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     qk_scale2, scale,
     Hq, G, L, N, S_SEQ, D,
-    sk_b, sk_h,  # key/value strides of this launch's keys (batch stride 0 for a shared prefix)
+    sk_b, sk_h,  # key/value strides of these keys (batch stride 0 for a shared prefix)
     sdk_b, sdk_h,  # strides of the gradient buffers
+    pid_n, hk, b,
     IS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
+    """dk, dv of one block of BLOCK_N keys (prefix or sequence), over every query that sees them."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -219,6 +218,30 @@ def _bwd_dkdv_kernel(
     g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DK, DV, DPK, DPV,
+    qk_scale2, scale,
+    Hq, G, L, S, P, D,
+    sk_b, sk_h, spk_b, spk_h, sdp_b, sdp_h,
+    NB_P,  # the first NB_P programs take the prefix key blocks (the longest: every query sees them)
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    if pid < NB_P:
+        _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, Hq, G, L, P, S, D,
+                    spk_b, spk_h, sdp_b, sdp_h, pid, hk, b,
+                    True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IEEE)
+    else:
+        _dkdv_block(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, qk_scale2, scale, Hq, G, L, S, S, D,
+                    sk_b, sk_h, sk_b, sk_h, pid - NB_P, hk, b,
+                    False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IEEE)
 
 
 @triton.jit
@@ -316,15 +339,22 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _config(D: int, backward: bool):
+def _config(D: int, backward: bool, dtype=torch.float16):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small blocks under the interpreter keep tests fast
-    while still crossing block boundaries."""
+    while still crossing block boundaries. fp32 tiles take twice the shared memory: fewer stages (these
+    shapes compile for sm_90 within its shared memory; timings that would tune them are owed)."""
     if _interpreting():
         return 16, 16, 1, 1
     bd = _block_d(D)
     if backward:
-        return (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
-    return (128, 64, 4, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 4, 2)
+        bm, bn, warps, stages = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
+    else:
+        bm, bn, warps, stages = (128, 64, 4, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 4, 2)
+    if dtype == torch.float32:
+        stages = 1
+        if bd > 128:
+            bm, bn = 32, 32
+    return bm, bn, warps, stages
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -367,7 +397,7 @@ def forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal
     pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-    bm, bn, warps, stages = _config(D, backward=False)
+    bm, bn, warps, stages = _config(D, backward=False, dtype=q.dtype)
     bm, bn = block_m or bm, block_n or bn
     grid = (triton.cdiv(L, bm), Hq, B)
     _fwd_kernel[grid](
@@ -402,23 +432,18 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, 
         pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
         pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
         kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-        bm, bn, warps, stages = _config(D, backward=True)
+        bm, bn, warps, stages = _config(D, backward=True, dtype=q.dtype)
         bm, bn = block_m or bm, block_n or bn
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
                       IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps, num_stages=stages)
         qk_scale2 = scale * LOG2E
-        if S > 0:
-            _bwd_dkdv_kernel[(triton.cdiv(S, bn), Hkv, B)](
-                q, k, v, grad_out, lse, delta, kpm, dk, dv, qk_scale2, scale,
-                Hq, G, L, S, S, D, Hkv * S * D, S * D, Hkv * S * D, S * D,
-                IS_PREFIX=False, HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
-            )
-        if P > 0:
-            _bwd_dkdv_kernel[(triton.cdiv(P, bn), Hkv, B)](
-                q, pk, pv, grad_out, lse, delta, kpm, dpk_part, dpv_part, qk_scale2, scale,
-                Hq, G, L, P, S, D, spk_b, spk_h, Hkv * P * D, P * D,
-                IS_PREFIX=True, HAS_KPM=False, CAUSAL=False, **common,
-            )
+        nb_p = triton.cdiv(P, bn)
+        _bwd_dkdv_kernel[(nb_p + triton.cdiv(S, bn), Hkv, B)](
+            q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
+            _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
+            Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, nb_p,
+            HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
+        )
         _bwd_dq_kernel[(triton.cdiv(L, bm), Hq, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
             Hq, G, L, S, P, D, spk_b, spk_h,
