@@ -16,6 +16,18 @@ Contract
     scale          defaults to D ** -0.5
 A query row that sees no key at all returns zeros (never NaN) and passes no gradient.
 All floating tensors share q's dtype and device; the output has q's shape.
+
+Backends
+    eager   :func:`reference` (concatenation, dense mask), any device and dtype.
+    triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
+            / ``_bwd`` (torch.compile sees one node each, no graph break): flash-attention forward and
+            backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
+            head_dim <= 256; forward and backward.
+    cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
+            sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
+            head_dim <= 256, forward only (refuses calls that need a gradient).
+auto prefers cuda for q_len <= 8 without autograd, else triton, then eager (see :func:`preference`);
+that order is by design, measured timings on a GPU are still owed.
 """
 from __future__ import annotations
 
@@ -108,17 +120,120 @@ def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, caus
     return torch.matmul(probs.to(q.dtype), v)
 
 
-def describe(q, k, prefix_k, key_padding_mask, causal) -> dict:
+def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None) -> dict:
     """What the dispatcher sees of a (validated) call."""
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     return _checks.info(
         q, batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
         head_dim=q.shape[3], prefix_len=0 if prefix_k is None else prefix_k.shape[-2],
         prefix_per_batch=prefix_k is not None and prefix_k.dim() == 4,
-        padding=key_padding_mask is not None, causal=causal,
+        padding=key_padding_mask is not None, causal=causal, requires_grad=grad,
     )
 
 
 dispatch.register(OP, "eager", reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused path: the Triton kernels behind torch.library custom ops, so that torch.compile sees one opaque
+# node per direction (no graph break) and autograd reaches q, k, v and the prefix.
+
+MAX_HEAD_DIM = 256  # the kernels pad D to a power of two up to this
+DECODE_MAX_Q_LEN = 8
+
+
+def _kernels():
+    from ..kernels import prefix_attention as kernels
+
+    return kernels
+
+
+def _empty_prefix(prefix):
+    return prefix is None or prefix.shape[-2] == 0
+
+
+@torch.library.custom_op("pet_fast::prefix_attention_fwd", mutates_args=())
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                   prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out like q, lse (B, Hq, L) float32 (natural log, +inf on rows that see no key)."""
+    return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+
+
+@_fused_forward.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pet_fast::prefix_attention_bwd", mutates_args=())
+def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor],
+                    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_prefix_k, d_prefix_v); the prefix gradients are empty tensors without a prefix."""
+    dq, dk, dv, dpk, dpv = _kernels().backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+                                               causal, scale)
+    if dpk is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dpk, dpv
+
+
+@_fused_backward.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+    cf = torch.contiguous_format
+    if prefix_k is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    else:
+        dpk, dpv = torch.empty_like(prefix_k, memory_format=cf), torch.empty_like(prefix_v, memory_format=cf)
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf), dpk, dpv)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _fused_autograd_backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = _fused_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+                                           ctx.causal, ctx.scale)
+    if prefix_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None
+
+
+_fused_forward.register_autograd(_fused_autograd_backward, setup_context=_fused_setup_context)
+
+
+def _canonical_prefix(prefix_k, prefix_v):
+    """None for an absent or empty prefix; a (B, Hkv, P, D) view broadcast over the batch (stride 0)
+    becomes the shared (Hkv, P, D) tensor, so the kernels read it once per head and sum its gradient."""
+    if _empty_prefix(prefix_k):
+        return None, None
+    if prefix_k.dim() == 4 and prefix_k.shape[0] > 1 and prefix_k.stride(0) == 0 and prefix_v.stride(0) == 0:
+        return prefix_k[0], prefix_v[0]
+    return prefix_k, prefix_v
+
+
+def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The Triton path (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_fwd``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    return _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+
+
+def triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if not 1 <= info["head_dim"] <= MAX_HEAD_DIM:
+        why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM} (the kernels hold a padded row of D)")
+    return why
+
+
+dispatch.register(OP, "triton", fused, triton_reasons)
 
 
 def prefix_attention(
@@ -135,5 +250,77 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
     scale = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-    impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal), backend)
+    impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v), backend)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode path: the CUDA kernel (csrc/prefix_attention.cu) for 1..8 new tokens per sequence over the
+# prefix plus the cache, split over the key length. Forward only.
+
+def decode_shape_reasons(info) -> list:
+    """Why the decode kernel cannot take a call, whatever the device (shapes and autograd)."""
+    why = []
+    if not 1 <= info["q_len"] <= DECODE_MAX_Q_LEN:
+        why.append(f"q_len {info['q_len']} is outside 1..{DECODE_MAX_Q_LEN} (the decode kernel is for a few new tokens)")
+    if not 1 <= info["head_dim"] <= MAX_HEAD_DIM:
+        why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM}")
+    if info.get("requires_grad"):
+        why.append("a gradient is required and the decode kernel is forward only")
+    return why
+
+
+_DECODE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cuda_decode_reasons(info) -> list:
+    why = decode_shape_reasons(info)
+    if info["device"].type != "cuda":
+        return [f"inputs are on {info['device'].type}, the cuda backend needs CUDA tensors"] + why
+    if why:  # do not load (or build) the extension for a call it could not take anyway
+        if info["dtype"] not in _DECODE_DTYPES:
+            why.append(f"dtype {info['dtype']} is not one of {tuple(str(d) for d in _DECODE_DTYPES)}")
+        return why
+    return dispatch.cuda_reasons(info, dtypes=_DECODE_DTYPES)
+
+
+@torch.library.custom_op("pet_fast::prefix_attention_decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+               prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
+               scale: float) -> torch.Tensor:
+    from .. import _ext
+
+    ext = _ext.load()
+    if ext is None:
+        raise RuntimeError(f"prefix_attention: the CUDA extension is unavailable: {_ext.reason()}")
+    return ext.prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, None, causal, scale, 0)
+
+
+@_decode_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The CUDA decode path (same signature as :func:`reference`)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    return _decode_op(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+
+
+dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
+
+
+def preference(info) -> list:
+    """auto's order: the decode kernel first for a few new tokens without autograd, else Triton.
+
+    This order follows from what each kernel is built for, not from timings on this package's kernels:
+    those are owed (benchmarks/bench_prefix_attention.py on a GPU). In particular, whether eager SDPA
+    beats the kernels on very small problems is not measured yet.
+    """
+    if info["q_len"] <= DECODE_MAX_Q_LEN and not info.get("requires_grad"):
+        return ["cuda", "triton", "eager"]
+    return ["triton", "cuda", "eager"]
+
+
+dispatch.set_preference(OP, preference)

@@ -1,0 +1,458 @@
+"""Triton kernels for attention over ``[prefix; keys]`` without building the concatenation.
+
+Forward: one program per (query block, query head, batch). It runs an online softmax (fp32, base 2)
+first over the P prefix keys/values, read from their own tensors (batch stride 0 when the prefix is
+shared by the batch), then over the sequence keys, with the key padding read per key from an int8
+vector and the bottom-right causal bound used to stop the key loop early. Query head ``h`` reads
+key/value head ``h // group``. It returns the output and the natural log-sum-exp per row (fp32,
+``+inf`` for a row that sees no key, whose output is zeros).
+
+Backward (flash-attention-2 scheme): ``delta = rowsum(dO * O)`` in fp32, one kernel for the key and
+value gradients per (key block, kv head, batch) that loops over the query heads of the group and the
+query blocks (no atomics: each program owns its key rows); its first programs take the prefix key
+blocks (fp32 partials per batch, summed with torch when the prefix is shared), the others the sequence
+key blocks, in one launch. One more kernel computes ``dq`` per query block. Accumulation is fp32 everywhere.
+
+Contiguity is the wrappers' job (they make inputs contiguous); the head dimension is padded to a power
+of two with masks, so any D <= 256 runs. No autograd here: see ``pet_fast/ops/prefix_attention.py``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, KPM, O, LSE,
+    qk_scale2,  # scale * log2(e)
+    Hq, G, L, S, P, D,
+    spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows are D apart
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    Hkv = Hq // G
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    m_ok = offs_m < L
+
+    q_base = (b.to(tl.int64) * Hq + h) * L * D
+    kv_base = (b.to(tl.int64) * Hkv + hk) * S * D
+    p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
+
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Prefix keys: never masked.
+    for start in range(0, P, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < P
+        kv_off = p_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
+        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pc = p.to(PV.dtype.element_ty)
+        if UPCAST:
+            pc = pc.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(pc, vt, IEEE)
+        m_i = m_new
+
+    # Sequence keys: padding and bottom-right causal masks; blocks past the causal bound are skipped.
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < S
+        if HAS_KPM:
+            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
+        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pc = p.to(V.dtype.element_ty)
+        if UPCAST:
+            pc = pc.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(pc, vt, IEEE)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b.to(tl.int64) * Hq + h) * L + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _dkdv_block(
+    Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+    qk_scale2, scale,
+    Hq, G, L, N, S_SEQ, D,
+    sk_b, sk_h,  # key/value strides of these keys (batch stride 0 for a shared prefix)
+    sdk_b, sdk_h,  # strides of the gradient buffers
+    pid_n, hk, b,
+    IS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dk, dv of one block of BLOCK_N keys (prefix or sequence), over every query that sees them."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < D
+    n_ok = offs_n < N
+    if not IS_PREFIX:
+        if HAS_KPM:
+            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S_SEQ + offs_n, mask=n_ok, other=0) != 0)
+
+    k_base = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    kv_off = k_base + offs_n[:, None] * D + offs_d[None, :]
+    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+    kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Queries that can see this key block: all of them for prefix keys; for causal sequence keys,
+    # query i sees key j when i >= j - (S - L).
+    m_begin = 0
+    if not IS_PREFIX:
+        if CAUSAL:
+            m_begin = tl.maximum(pid_n * BLOCK_N - (S_SEQ - L), 0)
+            m_begin = (m_begin // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = (b.to(tl.int64) * Hq + h) * L * D
+        r_base = (b.to(tl.int64) * Hq + h) * L
+        for start in range(m_begin, L, BLOCK_M):
+            offs_m = start + offs_m0
+            m_ok = offs_m < L
+            qd_off = q_base + offs_m[:, None] * D + offs_d[None, :]
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
+            do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse2 = tl.load(LSE + r_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + r_base + offs_m, mask=m_ok, other=0.0)
+            s = _dot(kt, tl.trans(q), IEEE) * qk_scale2  # (BLOCK_N, BLOCK_M)
+            ok = n_ok[:, None] & m_ok[None, :]
+            if not IS_PREFIX:
+                if CAUSAL:
+                    ok = ok & (offs_n[:, None] <= offs_m[None, :] + (S_SEQ - L))
+            p = tl.where(ok, tl.exp2(s - lse2[None, :]), 0.0)
+            pc = p.to(DO.dtype.element_ty)
+            if UPCAST:
+                pc = pc.to(tl.float32)
+            dv += _dot(pc, do, IEEE)
+            dp = _dot(vt, tl.trans(do), IEEE)
+            ds = p * (dp - delta[None, :])
+            dsc = ds.to(Q.dtype.element_ty)
+            if UPCAST:
+                dsc = dsc.to(tl.float32)
+            dk += _dot(dsc, q, IEEE)
+
+    dk = dk * scale
+    g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DK, DV, DPK, DPV,
+    qk_scale2, scale,
+    Hq, G, L, S, P, D,
+    sk_b, sk_h, spk_b, spk_h, sdp_b, sdp_h,
+    NB_P,  # the first NB_P programs take the prefix key blocks (the longest: every query sees them)
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    if pid < NB_P:
+        _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, Hq, G, L, P, S, D,
+                    spk_b, spk_h, sdp_b, sdp_h, pid, hk, b,
+                    True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IEEE)
+    else:
+        _dkdv_block(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, qk_scale2, scale, Hq, G, L, S, S, D,
+                    sk_b, sk_h, sk_b, sk_h, pid - NB_P, hk, b,
+                    False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IEEE)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, PK, PV, KPM, DO, LSE, DELTA, DQ,
+    qk_scale2, scale,
+    Hq, G, L, S, P, D,
+    spk_b, spk_h,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    Hkv = Hq // G
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    m_ok = offs_m < L
+
+    q_base = (b.to(tl.int64) * Hq + h) * L * D
+    r_base = (b.to(tl.int64) * Hq + h) * L
+    kv_base = (b.to(tl.int64) * Hkv + hk) * S * D
+    p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
+
+    qd_off = q_base + offs_m[:, None] * D + offs_d[None, :]
+    qd_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
+    do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + r_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + r_base + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    for start in range(0, P, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < P
+        kv_off = p_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
+        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+        ok = n_ok[None, :] & m_ok[:, None]
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vt), IEEE)
+        ds = p * (dp - delta[:, None])
+        dsc = ds.to(PK.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+        dq += _dot(dsc, kt, IEEE)
+
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < S
+        if HAS_KPM:
+            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
+        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+        ok = n_ok[None, :] & m_ok[:, None]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vt), IEEE)
+        ds = p * (dp - delta[:, None])
+        dsc = ds.to(K.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+        dq += _dot(dsc, kt, IEEE)
+
+    dq = dq * scale
+    tl.store(DQ + qd_off, dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side.
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _config(D: int, backward: bool, dtype=torch.float16):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small blocks under the interpreter keep tests fast
+    while still crossing block boundaries. fp32 tiles take twice the shared memory: fewer stages (these
+    shapes compile for sm_90 within its shared memory; timings that would tune them are owed)."""
+    if _interpreting():
+        return 16, 16, 1, 1
+    bd = _block_d(D)
+    if backward:
+        bm, bn, warps, stages = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
+    else:
+        bm, bn, warps, stages = (128, 64, 4, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 4, 2)
+    if dtype == torch.float32:
+        stages = 1
+        if bd > 128:
+            bm, bn = 32, 32
+    return bm, bn, warps, stages
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """Triton wants a real pointer even where no element is read."""
+    return t if t.numel() > 0 else torch.empty(1, dtype=t.dtype, device=t.device)
+
+
+def _prefix_args(prefix: torch.Tensor | None, B: int, Hkv: int, D: int, like: torch.Tensor):
+    """(tensor, P, batch stride, head stride) for a contiguous (Hkv, P, D) or (B, Hkv, P, D) prefix."""
+    if prefix is None or prefix.shape[-2] == 0:
+        return _nonempty(like.new_empty(0)), 0, 0, 0
+    prefix = prefix.contiguous()
+    P = prefix.shape[-2]
+    sb = 0 if prefix.dim() == 3 else Hkv * P * D
+    return prefix, P, sb, P * D
+
+
+def _kpm_args(key_padding_mask: torch.Tensor | None, device):
+    if key_padding_mask is None:
+        return torch.empty(1, dtype=torch.int8, device=device), False
+    return _nonempty(key_padding_mask.contiguous().view(torch.int8)), True
+
+
+def supported_head_dim(D: int) -> bool:
+    return 1 <= D <= MAX_HEAD_DIM
+
+
+def forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
+            block_m=None, block_n=None):
+    """Returns ``(out, lse)``: ``out`` like ``q``; ``lse`` (B, Hq, L) fp32, natural log, ``+inf`` on
+    rows that see no key."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
+    pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
+    kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
+    bm, bn, warps, stages = _config(D, backward=False, dtype=q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    grid = (triton.cdiv(L, bm), Hq, B)
+    _fwd_kernel[grid](
+        q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
+        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h,
+        HAS_KPM=has_kpm, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D),
+        UPCAST=_interpreting(), IEEE=q.dtype == torch.float32 and not _interpreting(),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal=False, scale=None,
+             block_m=None, block_n=None):
+    """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``; the prefix gradients have the prefix's shape
+    (summed over the batch when it is shared) and are None without a prefix."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    has_prefix = prefix_k is not None
+    P = prefix_k.shape[-2] if has_prefix else 0
+    dpk_part = torch.zeros(B, Hkv, P, D, dtype=torch.float32, device=q.device)
+    dpv_part = torch.zeros_like(dpk_part)
+    if B * Hq * L > 0 and B * Hkv * (S + P) > 0:
+        delta = (grad_out.float() * out.float()).sum(-1)
+        pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
+        pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
+        kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
+        bm, bn, warps, stages = _config(D, backward=True, dtype=q.dtype)
+        bm, bn = block_m or bm, block_n or bn
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
+                      IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps, num_stages=stages)
+        qk_scale2 = scale * LOG2E
+        nb_p = triton.cdiv(P, bn)
+        _bwd_dkdv_kernel[(nb_p + triton.cdiv(S, bn), Hkv, B)](
+            q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
+            _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
+            Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, nb_p,
+            HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
+        )
+        _bwd_dq_kernel[(triton.cdiv(L, bm), Hq, B)](
+            q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
+            Hq, G, L, S, P, D, spk_b, spk_h,
+            HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
+        )
+    if not has_prefix:
+        return dq, dk, dv, None, None
+    if prefix_k.dim() == 3:
+        dpk, dpv = dpk_part.sum(0), dpv_part.sum(0)
+    else:
+        dpk, dpv = dpk_part, dpv_part
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)

@@ -1,0 +1,269 @@
+"""The fused prefix attention (Triton kernels behind torch.library custom ops, and the CUDA decode
+kernel) against the float64 reference: outputs and every gradient, the prefix's included.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 with 16x16 blocks, so the odd sizes below
+cross block boundaries; shapes are tiny because the interpreter is slow. GPU tests are marked gpu.
+"""
+import importlib
+
+import pytest
+import torch
+
+import pet_fast
+from pet_fast import dispatch
+from conftest import rel_err
+
+op = importlib.import_module("pet_fast.ops.prefix_attention")  # the package re-exports the function
+kernels = pytest.importorskip("pet_fast.kernels.prefix_attention")
+
+
+def padding_mask(B, S, side, device="cpu"):
+    """Left or right padding with a different length per sequence (the last one may be all padding)."""
+    if side is None:
+        return None
+    lengths = torch.tensor([S - (b * S) // max(B - 1, 1) // 2 for b in range(B)])
+    if B > 2:
+        lengths[-1] = 0
+    pos = torch.arange(S)[None, :]
+    m = pos < lengths[:, None] if side == "right" else pos >= (S - lengths)[:, None]
+    return m.to(device)
+
+
+def make(B, Hq, Hkv, L, S, D, P, prefix="shared", dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(1234 + L * 7 + S)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    q, k, v = r(B, Hq, L, D), r(B, Hkv, S, D), r(B, Hkv, S, D)
+    if prefix is None:
+        return q, k, v, None, None
+    if prefix == "shared":
+        return q, k, v, r(Hkv, P, D), r(Hkv, P, D)
+    if prefix == "per_batch":
+        return q, k, v, r(B, Hkv, P, D), r(B, Hkv, P, D)
+    if prefix == "broadcast":  # (B, Hkv, P, D) view with batch stride 0, as PrefixEncoder returns it
+        return q, k, v, r(Hkv, P, D).expand(B, -1, -1, -1), r(Hkv, P, D).expand(B, -1, -1, -1)
+    raise ValueError(prefix)
+
+
+def run(backend, tensors, kpm, causal, grad_out, scale=None):
+    """Output and gradients (None where an input is absent) of one backend, in the tensors' dtype."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    out = pet_fast.prefix_attention(*leaves, key_padding_mask=kpm, causal=causal, scale=scale, backend=backend)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype), allow_unused=True)
+    it = iter(grads)
+    return out.detach(), [None if t is None else next(it) for t in leaves]
+
+
+def reference64(tensors, kpm, causal, grad_out, scale=None):
+    return run("eager", [None if t is None else t.double() for t in tensors], kpm, causal, grad_out.double(), scale)
+
+
+NAMES = ("out", "dq", "dk", "dv", "d_prefix_k", "d_prefix_v")
+
+CASES = [
+    # B, Hq, Hkv, L, S, D, P, prefix, padding, causal
+    (2, 2, 2, 19, 21, 16, 5, "shared", None, False),
+    (2, 4, 2, 17, 35, 8, 3, "per_batch", "right", True),   # GQA, S > L, bottom-right causal
+    (3, 2, 1, 21, 9, 16, 18, "shared", "left", True),      # L > S: early rows see only the prefix
+    (1, 3, 1, 18, 5, 8, 0, "shared", None, True),          # P = 0 and L > S: early rows see nothing
+    (3, 2, 2, 5, 17, 24, None, None, "left", False),       # no prefix; D = 24 padded to 32
+    (2, 4, 1, 3, 0, 8, 7, "broadcast", None, True),        # S = 0, broadcast prefix view
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,D,P,prefix,pad,causal", CASES)
+def test_float32_output_and_every_gradient(B, Hq, Hkv, L, S, D, P, prefix, pad, causal):
+    tensors = make(B, Hq, Hkv, L, S, D, P, prefix)
+    kpm = padding_mask(B, S, pad)
+    gy = torch.randn(B, Hq, L, D)
+    got = run("triton", tensors, kpm, causal, gy)
+    ref = reference64(tensors, kpm, causal, gy)
+    for name, a, b in zip(NAMES, [got[0]] + got[1], [ref[0]] + ref[1]):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,D,P,prefix,pad,causal", [
+    (2, 4, 2, 17, 19, 16, 5, "shared", "right", True),
+    (3, 2, 2, 9, 18, 8, 3, "per_batch", "left", False),
+])
+def test_float16_follows_the_precision_rule(B, Hq, Hkv, L, S, D, P, prefix, pad, causal):
+    tensors = make(B, Hq, Hkv, L, S, D, P, prefix, dtype=torch.float16)
+    kpm = padding_mask(B, S, pad)
+    gy = torch.randn(B, Hq, L, D)
+    got = run("triton", tensors, kpm, causal, gy)
+    eager = run("eager", tensors, kpm, causal, gy)
+    ref = reference64(tensors, kpm, causal, gy)
+    for name, a, e, r in zip(NAMES, [got[0]] + got[1], [eager[0]] + eager[1], [ref[0]] + ref[1]):
+        assert a.dtype == torch.float16, name
+        err = (a.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 1e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
+def test_fully_masked_rows_are_zero_and_pass_no_gradient():
+    B, Hq, L, S, D = 2, 2, 5, 6, 8
+    q, k, v, _, _ = make(B, Hq, Hq, L, S, D, None, None)
+    kpm = torch.ones(B, S, dtype=torch.bool)
+    kpm[0] = False
+    gy = torch.randn(B, Hq, L, D)
+    out, (dq, dk, dv, _, _) = run("triton", (q, k, v, None, None), kpm, True, gy)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(dq[0], torch.zeros_like(dq[0]))
+    assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
+    # causal with L > S and no prefix: the first L - S rows see nothing
+    q, k, v, _, _ = make(1, 2, 2, 7, 3, D, None, None)
+    out, (dq, _, _, _, _) = run("triton", (q, k, v, None, None), None, True, torch.randn(1, 2, 7, D))
+    assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4]))
+    assert torch.equal(dq[:, :, :4], torch.zeros_like(dq[:, :, :4]))
+    assert out[:, :, 4:].abs().sum() > 0 and torch.isfinite(dq).all()
+
+
+def test_log_sum_exp_and_non_contiguous_inputs():
+    B, Hq, Hkv, L, S, D, P = 2, 4, 2, 6, 9, 16, 3
+    q, k, v, pk, pv = make(B, Hq, Hkv, L, S, D, P)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D) memory, as projections give it
+    assert not q.is_contiguous()
+    kpm = padding_mask(B, S, "right")
+    kpm[1] = False
+    out, lse = kernels.forward(q, k, v, pk, pv, kpm, True, 0.3)
+    kk = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(2, 1).double()
+    scores = q.double() @ kk.transpose(-1, -2) * 0.3
+    allowed = op.allowed_keys(B, L, S, P, kpm, True, "cpu")
+    ref_lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    assert rel_err(lse, ref_lse) < 1e-6
+    assert rel_err(out, op.reference(*(t.double() for t in (q, k, v, pk, pv)), kpm, True, 0.3)) < 2e-6
+    # with a prefix no row is empty; without it, batch 1 has no key at all: +inf and zeros
+    out, lse = kernels.forward(q, k, v, None, None, kpm, True, 0.3)
+    assert torch.isinf(lse[1]).all() and (lse[1] > 0).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_dispatch_reasons_and_auto_choice():
+    q, k, v, pk, pv = make(1, 2, 2, 3, 4, 8, 2)
+    info = op.describe(q, k, pk, None, False, v, pv)
+    names = dict(dispatch.explain(op.OP, info))
+    assert names["triton"] == []  # the tests run under the interpreter
+    assert pet_fast.prefix_attention(q, k, v, pk, pv).shape == q.shape  # auto on CPU: eager
+    assert dispatch.select(op.OP, info).backend == "eager"
+    assert any("head_dim" in r for r in op.triton_reasons(dict(info, head_dim=512)))
+    cuda_why = op.cuda_decode_reasons(info)
+    assert cuda_why and any("cpu" in r for r in cuda_why)
+    gpu_info = dict(info, device=torch.device("cuda", 0), dtype=torch.float16, q_len=16, requires_grad=True)
+    shape_why = op.decode_shape_reasons(gpu_info)
+    assert any("q_len" in r for r in shape_why) and any("grad" in r for r in shape_why)
+    assert op.decode_shape_reasons(dict(gpu_info, q_len=8, requires_grad=False)) == []
+    assert op.preference(dict(gpu_info, q_len=1, requires_grad=False))[0] == "cuda"
+    assert op.preference(gpu_info)[0] == "triton"
+    with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
+        pet_fast.prefix_attention(q, k, v, pk, pv, backend="cuda")
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.prefix_k = torch.nn.Parameter(torch.randn(2, 3, 8))
+            self.prefix_v = torch.nn.Parameter(torch.randn(2, 3, 8))
+
+        def forward(self, x, kpm):  # x: (B, L, 4 heads * 8)
+            B, L, _ = x.shape
+            q = x.view(B, L, 4, 8).transpose(1, 2)
+            kv = self.proj(x.view(B, L, 4, 8)[:, :, :2]).transpose(1, 2)
+            out = pet_fast.prefix_attention(q, kv, kv * 0.5, self.prefix_k, self.prefix_v, key_padding_mask=kpm,
+                                            causal=True, backend="triton")
+            return out.transpose(1, 2).reshape(B, L, 32)
+
+    layer = Layer()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    kpm = padding_mask(2, 5, "left")
+    explained = torch._dynamo.explain(layer)(x, kpm)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x, kpm)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, layer.prefix_k, layer.prefix_v, layer.proj.weight], gy)
+    with pet_fast.use_backend("eager"):
+        y_ref = layer(x, kpm)
+        ref = torch.autograd.grad(y_ref, [x, layer.prefix_k, layer.prefix_v, layer.proj.weight], gy)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: real Triton (TRITON_INTERPRET=0 in benchmarks/gpu_check.sh) and the CUDA decode kernel.
+
+GPU_CASES = [
+    # B, Hq, Hkv, L, S, D, P, prefix, padding, causal
+    (2, 4, 4, 129, 200, 32, 20, "shared", "right", False),
+    (2, 8, 2, 257, 257, 64, 30, "per_batch", "left", True),
+    (1, 4, 4, 100, 333, 80, 64, "shared", "right", True),
+    (2, 6, 3, 190, 77, 96, 7, "broadcast", None, True),
+    (2, 4, 1, 64, 300, 128, 0, "shared", "left", False),
+    (2, 4, 2, 77, 129, 128, 17, None, "right", True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,D,P,prefix,pad,causal", GPU_CASES)
+def test_gpu_triton_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, prefix, pad, causal):
+    tensors = make(B, Hq, Hkv, L, S, D, P, prefix, dtype=dtype, device="cuda")
+    kpm = padding_mask(B, S, pad, "cuda")
+    gy = torch.randn(B, Hq, L, D, device="cuda")
+    got = run("triton", tensors, kpm, causal, gy)
+    ref = reference64(tensors, kpm, causal, gy)
+    if dtype == torch.float32:
+        for name, a, r in zip(NAMES, [got[0]] + got[1], [ref[0]] + ref[1]):
+            if r is not None:
+                assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
+        return
+    eager = run("eager", tensors, kpm, causal, gy)
+    for name, a, e, r in zip(NAMES, [got[0]] + got[1], [eager[0]] + eager[1], [ref[0]] + ref[1]):
+        if r is None:
+            continue
+        err = (a.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,D,P,prefix,pad,causal", [
+    (3, 8, 2, 1, 517, 64, 20, "shared", "right", False),
+    (2, 4, 4, 8, 4100, 128, 64, "per_batch", "right", True),
+    (4, 6, 2, 5, 33, 80, 0, "shared", "left", True),
+    (2, 4, 1, 3, 1000, 96, 9, "broadcast", None, True),
+    (2, 4, 4, 2, 0, 32, 5, "shared", None, False),
+])
+def test_gpu_cuda_decode_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, prefix, pad, causal):
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    tensors = make(B, Hq, Hkv, L, S, D, P, prefix, dtype=dtype, device="cuda")
+    kpm = padding_mask(B, S, pad, "cuda")
+    with torch.no_grad():
+        info = op.describe(tensors[0], tensors[1], tensors[3], kpm, causal, tensors[2], tensors[4])
+        assert dispatch.select(op.OP, info).backend == "cuda"
+        got = pet_fast.prefix_attention(*tensors, key_padding_mask=kpm, causal=causal, backend="cuda")
+        eager = pet_fast.prefix_attention(*tensors, key_padding_mask=kpm, causal=causal, backend="eager")
+        ref = pet_fast.prefix_attention(*(None if t is None else t.double() for t in tensors),
+                                        key_padding_mask=kpm, causal=causal, backend="eager")
+    assert got.dtype == dtype and got.shape == tensors[0].shape
+    err = (got.double() - ref).abs().max().item()
+    eager_err = (eager.double() - ref).abs().max().item()
+    assert err <= 2 * eager_err + 2e-3 * max(1.0, ref.abs().max().item()), (err, eager_err)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_decode_refuses_gradients():
+    q, k, v, pk, pv = make(1, 2, 2, 1, 16, 64, 4, dtype=torch.float16, device="cuda")
+    q.requires_grad_()
+    with pytest.raises(dispatch.BackendUnavailableError, match="grad"):
+        pet_fast.prefix_attention(q, k, v, pk, pv, backend="cuda")
