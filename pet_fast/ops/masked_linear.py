@@ -269,7 +269,8 @@ def _cuda_serving_reasons(info, max_tokens=CUDA_MAX_TOKENS) -> list:
         why.append("the cuda kernel serves packed masks only (training from scores takes triton)")
     if info["n"] > max_tokens:
         why.append(f"{info['n']} tokens > {max_tokens}: the cuda kernel is for serving few tokens")
-    why += _no_grad_reason(info)
+    if info["packed"]:
+        why += _no_grad_reason(info)
     if why and info["device"].type != "cuda":
         return why + [f"inputs are on {info['device'].type}, the cuda backend needs CUDA tensors"]
     if why:
@@ -290,6 +291,54 @@ def _cuda_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
 
 dispatch.register(OP, "triton", _triton_run, _triton_reasons)
 dispatch.register(OP, "cuda", _cuda_run, _cuda_serving_reasons)
+
+
+# Auto's order of backends per call. A table of measured timings, when one exists, decides; it is a JSON
+# file named by $PET_FAST_MASKED_LINEAR_TIMINGS, else pet_fast/ops/masked_linear_timings.json (none is
+# shipped yet: `python benchmarks/bench_masked_linear.py --dispatch-table PATH` writes one from a GPU run):
+#     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]}, ...]}
+# The first row with the call's `packed` and `n <= n_max` gives the order. Without a table (or when no
+# row matches): packed masks with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
+# the CUDA-core kernel reads the weight once), everything else to triton first (tensor cores).
+TIMINGS_ENV = "PET_FAST_MASKED_LINEAR_TIMINGS"
+DEFAULT_CUDA_FIRST_MAX_TOKENS = 16
+_TIMINGS: dict = {}
+
+
+def load_timings(path=None) -> Optional[list]:
+    """(Re)read the measured-timings table; returns its rows, or None when there is no table."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = path or os.environ.get(TIMINGS_ENV) or str(Path(__file__).with_name("masked_linear_timings.json"))
+    rows = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            doc = json.load(f)
+        rows = doc.get("rows") if isinstance(doc, dict) else None
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and {"packed", "n_max", "order"} <= set(r)
+                and all(b in dispatch.BACKENDS for b in r["order"]) for r in rows):
+            raise ValueError(f"{path}: a masked_linear timings table must be {{'rows': [{{'packed': bool, "
+                             f"'n_max': int, 'order': [backends]}}, ...]}}")
+    _TIMINGS["rows"] = rows
+    _TIMINGS["path"] = path
+    return rows
+
+
+def preference(info) -> list:
+    """Auto's order of backends for a call described by ``info`` (see the comment above)."""
+    for row in _TIMINGS.get("rows") or ():
+        if bool(row["packed"]) == bool(info["packed"]) and info["n"] <= row["n_max"]:
+            return list(row["order"])
+    if info["packed"] and info["n"] <= DEFAULT_CUDA_FIRST_MAX_TOKENS:
+        return ["cuda", "triton", "eager"]
+    return ["triton", "cuda", "eager"]
+
+
+load_timings()
+dispatch.set_preference(OP, preference)
 
 
 # ---------------------------------------------------------------------------------------------------
