@@ -3,40 +3,22 @@
 // Each warp owns ROWS output rows and walks their whole K: per step a lane loads 8 consecutive weights
 // of each row (one 16-byte load when K % 8 == 0 and the pointers are aligned) and the byte of mask bits
 // that covers them, zeroes the masked weights in registers, and multiplies them with the same 8 columns
-// of every token (x is small and stays in L1/L2). Each lane keeps ROWS x TOKENS fp32 partial sums;
-// one warp reduction at the end, then bias and the store. The weight and the bits are read once.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// of every token (x is small and stays in L1/L2). Each lane keeps ROWS x TOKENS fp32 partial sums
+// (masked_linear_lane.cuh); one warp reduction at the end, then bias and the store. The weight and the
+// bits are read once.
 #include "masked_linear.h"
+#include "masked_linear_lane.cuh"
 
 namespace pet_fast {
 namespace {
 
-constexpr int kWarps = 4;  // warps per block
-constexpr int kLane = 8;   // consecutive columns per lane and step (16 bytes of fp16/bf16)
-constexpr int kStep = 32 * kLane;
+using namespace masked_linear_detail;
 
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+constexpr int kWarps = 4;  // warps per block
+
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Load 8 columns [k, k + 8) of a row as floats; vec: one 16-byte load (the caller guarantees alignment
-// and k + 8 <= K; the flag is uniform across the grid), else element loads with a bound check.
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int64_t K, bool vec, float (&out)[kLane]) {
-  if (vec) {
-    uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kLane; ++j) out[j] = to_float(v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kLane; ++j) out[j] = (k + j < K) ? to_float(row[k + j]) : 0.f;
-  }
-}
 
 template <typename T, int TOKENS, int ROWS, bool MULTI>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -46,57 +28,11 @@ masked_linear_packed_kernel(const T* __restrict__ x, const T* __restrict__ w, co
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * ROWS;
-  if (row0 >= O) return;
+  if (row0 >= O) return;  // the whole warp leaves together, so the shuffles below stay full-warp
 
   float acc[ROWS][TOKENS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) acc[r][t] = 0.f;
-
-#pragma unroll(TOKENS * ROWS <= 16 ? 2 : 1)
-  for (int64_t k = static_cast<int64_t>(lane) * kLane; k < K; k += kStep) {
-    float wv[ROWS][kLane];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t row = row0 + r;
-      if (row < O) {
-        load8<T>(w + row * K, k, K, vec, wv[r]);
-        if (!MULTI) {
-          const unsigned m = __ldg(bits + row * row_bytes + (k >> 3));
-#pragma unroll
-          for (int j = 0; j < kLane; ++j) wv[r][j] = ((m >> j) & 1u) ? wv[r][j] : 0.f;
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kLane; ++j) wv[r][j] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) {
-      if (t < n_tokens) {
-        float xv[kLane];
-        load8<T>(x + t * K, k, K, vec, xv);
-        // MULTI: this token's mask in the stack (ids outside [0, n_tasks): an all-zero mask)
-        int64_t task = 0;
-        if (MULTI) task = __ldg(task_ids + t);
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          if (MULTI) {
-            const int64_t row = row0 + r;
-            const unsigned m = (task >= 0 && task < n_tasks && row < O)
-                                   ? __ldg(bits + (task * O + row) * row_bytes + (k >> 3)) : 0u;
-#pragma unroll
-            for (int j = 0; j < kLane; ++j) acc[r][t] = fmaf(((m >> j) & 1u) ? wv[r][j] : 0.f, xv[j], acc[r][t]);
-          } else {
-#pragma unroll
-            for (int j = 0; j < kLane; ++j) acc[r][t] = fmaf(wv[r][j], xv[j], acc[r][t]);
-          }
-        }
-      }
-    }
-  }
-
+  lane_partial_sums<T, TOKENS, ROWS, MULTI>(x, w, bits, task_ids, n_tokens, K, O, row_bytes, n_tasks, vec, lane,
+                                            row0, acc);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int64_t row = row0 + r;
@@ -113,8 +49,8 @@ masked_linear_packed_kernel(const T* __restrict__ x, const T* __restrict__ w, co
 }
 
 template <typename T, int TOKENS, int ROWS, bool MULTI>
-cudaError_t launch_vec(bool vec, const T* x, const T* w, const uint8_t* bits, const T* bias, const int32_t* ids, T* y,
-                       int n, int64_t K, int64_t O, int64_t row_bytes, int64_t n_tasks, cudaStream_t stream) {
+cudaError_t launch_shape(bool vec, const T* x, const T* w, const uint8_t* bits, const T* bias, const int32_t* ids,
+                         T* y, int n, int64_t K, int64_t O, int64_t row_bytes, int64_t n_tasks, cudaStream_t stream) {
   const int64_t rows_per_block = static_cast<int64_t>(kWarps) * ROWS;
   const dim3 grid(static_cast<unsigned>((O + rows_per_block - 1) / rows_per_block));
   const dim3 block(kWarps * 32);
@@ -123,18 +59,12 @@ cudaError_t launch_vec(bool vec, const T* x, const T* w, const uint8_t* bits, co
   return cudaGetLastError();
 }
 
-// Tokens per launch rounded up to 1, 4, 16 or 64 (few instantiations keep the build short); rows per
-// warp chosen so that a lane keeps at most 64 fp32 partial sums (and enough 16-byte loads in flight
-// for few tokens).
 template <typename T, bool MULTI>
 cudaError_t launch_tokens(bool vec, const T* x, const T* w, const uint8_t* bits, const T* bias, const int32_t* ids, T* y,
                           int n, int64_t K, int64_t O, int64_t row_bytes, int64_t n_tasks, cudaStream_t stream) {
 #define PET_FAST_ML_CASE(TOK, ROWS) \
-  return launch_vec<T, TOK, ROWS, MULTI>(vec, x, w, bits, bias, ids, y, n, K, O, row_bytes, n_tasks, stream)
-  if (n <= 1) PET_FAST_ML_CASE(1, 4);
-  if (n <= 4) PET_FAST_ML_CASE(4, 4);
-  if (n <= 16) PET_FAST_ML_CASE(16, 2);
-  PET_FAST_ML_CASE(64, 1);
+  return launch_shape<T, TOK, ROWS, MULTI>(vec, x, w, bits, bias, ids, y, n, K, O, row_bytes, n_tasks, stream)
+  PET_FAST_MASKED_LINEAR_SHAPES(PET_FAST_ML_CASE)
 #undef PET_FAST_ML_CASE
 }
 

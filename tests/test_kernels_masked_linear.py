@@ -439,3 +439,99 @@ def test_gpu_cuda_multitask(dtype, n):
     eager = ml.masked_linear_multitask(x, w, packed, ids, b, backend="eager")
     ref = torch.stack([ref64(x[r:r + 1], w, s[int(ids[r])] > 0, b)[0] for r in range(n)])
     assert_close(out, ref, eager, dtype, "y")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CUDA serving kernel's per-lane code, compiled for the host and run for every lane of every warp
+# (tests/csrc/masked_linear_host_check.cpp): its indexing of the weight, of the packed-mask bytes
+# written by pet_fast.pack_mask, of the task stack and of the K tails, checked without a GPU.
+
+def _cuda_include():
+    import os
+    import shutil
+
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    import pathlib
+    import shutil
+    import subprocess
+
+    include = _cuda_include()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if include is None or cxx is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers (cuda_fp16.h)")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    exe = tmp_path_factory.mktemp("host_check") / "masked_linear_host_check"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{include}", f"-I{root / 'csrc'}",
+                    str(root / "tests" / "csrc" / "masked_linear_host_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    return exe
+
+
+def _host_run(exe, workdir, x, w, packed, ids, bias, vec):
+    import subprocess
+
+    import numpy as np
+
+    def dump(name, t):
+        t = t.contiguous()
+        if t.dtype in LOW:
+            t = t.view(torch.int16)
+        t.numpy().tofile(str(workdir / f"{name}.bin"))
+
+    dump("x", x)
+    dump("w", w)
+    dump("bits", packed)
+    if ids is not None:
+        dump("ids", ids.to(torch.int32))
+    if bias is not None:
+        dump("bias", bias)
+    n, k = x.shape
+    o = w.shape[0]
+    tasks = 0 if ids is None else packed.shape[0]
+    code = 0 if x.dtype == torch.float16 else 1
+    subprocess.run([str(exe), str(workdir), str(code), str(n), str(k), str(o), str(tasks), str(int(vec)),
+                    str(int(bias is not None))], check=True, capture_output=True, timeout=120)
+    y = torch.from_numpy(np.fromfile(str(workdir / "y.bin"), dtype=np.int16)).view(x.dtype)
+    return y.reshape(n, o)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,o,tasks,vec", [
+    (1, 40, 9, 0, True),        # one token, K not a multiple of 32
+    (3, 304, 13, 0, True),      # K spans two 256-column steps, rows not a multiple of 4
+    (3, 37, 6, 0, False),       # K % 8 != 0: element loads and a partial mask byte
+    (16, 520, 7, 3, True),      # multitask
+    (33, 61, 5, 2, False),      # multitask, 64-token instantiation, K tail
+    (64, 264, 3, 0, True),
+])
+def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec):
+    x = torch.randn(n, k).to(dtype)
+    w = torch.randn(o, k).to(dtype)
+    b = torch.randn(o).to(dtype) if n != 3 else None
+    if tasks:
+        scores = torch.randn(tasks, o, k)
+        packed = mp.pack_mask(scores)
+        ids = torch.randint(0, tasks, (n,))
+        ids[0] = tasks - 1
+        out = _host_run(host_check, tmp_path, x, w, packed, ids, b, vec)
+        eager = ml.masked_linear_multitask(x, w, packed, ids, b)
+        ref = torch.stack([ref64(x[r:r + 1], w, scores[int(ids[r])] > 0, b)[0] for r in range(n)])
+    else:
+        s = torch.randn(o, k)
+        packed = mp.pack_mask(s)
+        out = _host_run(host_check, tmp_path, x, w, packed, None, b, vec)
+        eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b)
+        ref = ref64(x, w, s > 0, b)
+    assert_close(out, ref, eager, dtype, "y")
+    assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2)
