@@ -120,6 +120,15 @@ def test_triton_frozen_scores_and_zero_tokens():
     assert rel_err(x.grad, torch.ones(4, 5, dtype=torch.float64) @ (w.double() * (s > 0).double())) < 1e-6
 
 
+@pytest.mark.parametrize("i,o", [(0, 4), (5, 0)])
+def test_triton_empty_features(i, o):
+    x, w, s, b = make((3,), i, o, torch.float32, 0.0, True, True)
+    fused = run("triton", x, w, s, b, 0.0, torch.ones(3, o))
+    eager = run("eager", x, w, s, b, 0.0, torch.ones(3, o))
+    for out, ref in zip(fused, eager):
+        assert out.shape == ref.shape and torch.allclose(out, ref)
+
+
 def test_threshold_rounded_like_pytorch_for_half_scores():
     # PyTorch compares fp16 scores with the threshold rounded to fp16: 0.09997 rounds to the fp16 value
     # 0.0999755859375, which is then not > the threshold (although it is > 0.09997 in fp32)
@@ -292,6 +301,23 @@ def test_masked_linear_module_compiles_fullgraph():
     want = (y.detach(), x.grad, layer.scores.grad, layer.weight.grad, layer.bias.grad)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_packed_serving_compiles_fullgraph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    w, b = torch.randn(11, 40), torch.randn(11)
+    packed = mp.pack_mask(torch.randn(11, 40))
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda t: pet_fast.masked_linear(t, w, packed_mask=packed, bias=b, backend="triton"),
+                       fullgraph=True, backend=counter)
+    x = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        out = fn(x)
+    assert counter.frame_count == 1
+    assert rel_err(out, pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")) < 1e-5
     torch._dynamo.reset()
 
 

@@ -14,6 +14,22 @@ Contract
     scores   (out_features, in_features), any floating dtype (usually float32), x's device
     bias     (out_features,) or None, x's dtype
     threshold a real number
+Instead of ``scores`` a call may pass ``packed_mask=`` (int32, (out_features, ceil(in_features / 32)),
+from :func:`pet_fast.pack_mask`; layout in mask_packing.py): the mask for serving, 1 bit per weight,
+with no gradient of its own. Exactly one of the two is required.
+:func:`masked_linear_multitask` serves a batch that mixes tasks: one base weight, a stack of packed
+masks, and a task id per token.
+
+Backends
+    eager   PyTorch; everything, CPU included.
+    triton  kernels/masked_linear.py through the custom ops ``pet_fast::masked_linear`` (forward, with
+            the straight-through backward ``pet_fast::masked_linear_backward``) and
+            ``pet_fast::masked_linear_packed`` (inference): GEMMs that mask weight tiles in registers.
+            fp16/bf16/fp32; scores in fp16/bf16/fp32.
+    cuda    csrc/masked_linear.cu: packed masks only, N <= 64 tokens, fp16/bf16, no gradients; also the
+            multitask op.
+Auto's order per call: a measured-timings table when one exists, else cuda first for packed masks with
+N <= 16 tokens, triton first otherwise (see ``preference``).
 """
 from __future__ import annotations
 
@@ -235,7 +251,10 @@ def _packed_fake(x, weight, packed, bias, task_ids, kernel):
 
 
 def _as_2d(x):
-    return x.reshape(-1, x.shape[-1])
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return x.reshape(n, x.shape[-1])
 
 
 def _triton_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
