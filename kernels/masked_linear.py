@@ -41,6 +41,19 @@ _GEMM_CONFIGS = [
 
 
 @triton.jit
+def _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
+    """The (rows, cols) tile of the mask as booleans: bit ``c % 32`` of word ``c // 32`` of the row, or
+    ``scores > threshold``."""
+    if FROM_BITS:
+        word = tl.load(bits_ptr + offs_r[:, None] * n_words + (offs_c[None, :] >> 5), mask=valid, other=0)
+        keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
+    else:
+        s = tl.load(s_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0).to(tl.float32)
+        keep = s > threshold
+    return keep
+
+
+@triton.jit
 def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_r, offs_c, n_rows, n_cols, n_words, threshold,
                         FROM_BITS: tl.constexpr, UPCAST: tl.constexpr):
     """The (rows, cols) tile of W * M; rows index output features, cols input features (int64 offsets)."""
@@ -48,12 +61,7 @@ def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_r, offs_c, n_rows, n_cols, 
     w = tl.load(w_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
-    if FROM_BITS:
-        word = tl.load(bits_ptr + offs_r[:, None] * n_words + (offs_c[None, :] >> 5), mask=valid, other=0)
-        keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
-    else:
-        s = tl.load(s_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0).to(tl.float32)
-        keep = s > threshold
+    keep = _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
     return tl.where(keep, w, tl.zeros_like(w))
 
 
@@ -136,10 +144,10 @@ def _wgrad_configs():
             for bn, bk, bm, w, s in _WGRAD_CONFIGS]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD"])
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS"])
 @triton.jit
-def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, ds_ptr, dw_ptr, db_ptr, M, N, K, threshold,
-                        WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, db_ptr, M, N, K, n_words, threshold,
+                        FROM_BITS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
                         FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
     """G = dy.T @ x over a (BLOCK_N, BLOCK_K) tile; epilogue d_scores = G * W, d_weight = G * M.
@@ -166,8 +174,8 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, ds_ptr, dw_ptr, db_ptr, M, 
     w = tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     tl.store(ds_ptr + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
     if WEIGHT_GRAD:
-        s = tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-        dw = tl.where(s > threshold, acc, tl.zeros_like(acc))
+        keep = _keep_tile(s_ptr, bits_ptr, offs_n, offs_k, valid, K, n_words, threshold, FROM_BITS)
+        dw = tl.where(keep, acc, tl.zeros_like(acc))
         tl.store(dw_ptr + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
     if BIAS_GRAD:
         if pid_k == 0:
@@ -245,16 +253,27 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Te
     return dx
 
 
-def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: float,
-                weight_grad: bool, bias_grad: bool):
-    """(d_scores, d_weight or None, d_bias or None) from one GEMM G = dy.T @ x."""
+def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor] = None,
+                bits: Optional[torch.Tensor] = None, threshold: float = 0.0, *, weight_grad: bool, bias_grad: bool,
+                scores_dtype: Optional[torch.dtype] = None):
+    """(d_scores, d_weight or None, d_bias or None) from one GEMM G = dy.T @ x: d_scores = G * weight in
+    ``scores_dtype`` (default: the scores' dtype), d_weight = G * mask, the mask from scores or bits."""
+    if (scores is None) == (bits is None):
+        raise ValueError("grad_weight needs exactly one of scores and bits")
     dy = dy.contiguous()
     x = x.contiguous()
     weight = weight.contiguous()
-    scores = scores.contiguous()
     M, N = dy.shape
     K = x.shape[1]
-    ds = torch.empty((N, K), dtype=scores.dtype, device=dy.device)
+    from_bits = bits is not None
+    if from_bits:
+        bits = bits.contiguous()
+        s_arg, n_words, thr = bits, bits.shape[1], 0.0
+    else:
+        scores = scores.contiguous()
+        s_arg, n_words, thr = scores, 0, threshold_for(scores.dtype, threshold)
+    ds_dtype = scores_dtype or (scores.dtype if scores is not None else torch.float32)
+    ds = torch.empty((N, K), dtype=ds_dtype, device=dy.device)
     dw = torch.empty((N, K), dtype=weight.dtype, device=dy.device) if weight_grad else None
     db = torch.empty((N,), dtype=dy.dtype, device=dy.device) if bias_grad else None
     if N == 0:
@@ -263,7 +282,46 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores:
         return ds, dw, (dy.float().sum(0).to(dy.dtype) if bias_grad else None)
     upcast, fp32_dot, precision = _dot_flags(dy.dtype)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    _grad_weight_kernel[grid](dy, x, weight, scores, ds, dw if dw is not None else ds, db if db is not None else ds,
-                              M, N, K, threshold_for(scores.dtype, threshold), WEIGHT_GRAD=weight_grad,
-                              BIAS_GRAD=bias_grad, UPCAST=upcast, FP32_DOT=fp32_dot, PRECISION=precision)
+    _grad_weight_kernel[grid](dy, x, weight, s_arg, s_arg, ds, dw if dw is not None else ds,
+                              db if db is not None else ds, M, N, K, n_words, thr, FROM_BITS=from_bits,
+                              WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, UPCAST=upcast, FP32_DOT=fp32_dot,
+                              PRECISION=precision)
     return ds, dw, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing 1[scores > threshold] into int32 words (the layout of pet_fast/ops/mask_packing.py).
+
+def _pack_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_P": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": bp}, num_warps=w) for bp, w in ((32, 4), (64, 4), (128, 8))]
+
+
+@triton.autotune(configs=_pack_configs(), key=["R", "K"])
+@triton.jit
+def _pack_kernel(s_ptr, out_ptr, R, K, n_words, threshold, BLOCK_P: tl.constexpr):
+    """One program packs BLOCK_P (row, word) pairs: a (BLOCK_P, 32) tile of scores into BLOCK_P words."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row = offs_p // n_words
+    col = (offs_p % n_words) * 32
+    b = tl.arange(0, 32)
+    cols = col[:, None] + b[None, :]
+    valid = (offs_p[:, None] < R * n_words) & (cols < K)
+    s = tl.load(s_ptr + row[:, None] * K + cols, mask=valid, other=0.0).to(tl.float32)
+    bit = tl.where(valid & (s > threshold), 1, 0).to(tl.int32) << b[None, :]
+    # distinct bits: the int32 sum is their OR, bit 31 included (two's complement)
+    tl.store(out_ptr + offs_p, tl.sum(bit, axis=1), mask=offs_p < R * n_words)
+
+
+def pack(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``pet_fast.pack_mask`` for a 2-D (rows, K) scores tensor, in one kernel."""
+    scores = scores.contiguous()
+    R, K = scores.shape
+    n_words = (K + 31) // 32
+    out = torch.empty((R, n_words), dtype=torch.int32, device=scores.device)
+    if out.numel() == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(R * n_words, meta["BLOCK_P"]),)
+    _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold))
+    return out

@@ -150,25 +150,30 @@ def _eager_mask(weight, scores, threshold):
 
 @torch.library.custom_op("pet_fast::masked_linear", mutates_args=())
 def _fused(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias: Optional[torch.Tensor],
-           threshold: float) -> torch.Tensor:
-    """x (M, K) 2-D; the masked weight lives only in registers."""
+           threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits) for x (M, K) 2-D. The mask is packed first (one pass over the scores, 1 bit per weight
+    written), then the GEMM masks weight tiles in registers from those bits, which cost 1/32 of the
+    bytes of fp32 scores on every tile load; the backward reuses the bits."""
     if _kernels_run_on(x):
         from ..kernels import masked_linear as kernels
 
-        return kernels.forward(x, weight, scores=scores, bias=bias, threshold=threshold)
-    return F.linear(x, weight * _eager_mask(weight, scores, threshold), bias)
+        bits = kernels.pack(scores, threshold)
+        return kernels.forward(x, weight, bits=bits, bias=bias), bits
+    bits = mask_packing.pack_mask(scores, threshold)
+    return F.linear(x, weight * _eager_mask(weight, scores, threshold), bias), bits
 
 
 @_fused.register_fake
 def _fused_fake(x, weight, scores, bias, threshold):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    words = mask_packing.packed_words(weight.shape[1])
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((weight.shape[0], words), dtype=torch.int32)
 
 
 @torch.library.custom_op("pet_fast::masked_linear_backward", mutates_args=())
-def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: float,
-                    input_grad: bool, scores_grad: bool, weight_grad: bool,
+def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor,
+                    scores_dtype: torch.dtype, input_grad: bool, scores_grad: bool, weight_grad: bool,
                     bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, d_scores, d_weight, d_bias); the ones not asked for are empty tensors."""
+    """(dx, d_scores, d_weight, d_bias) from the packed mask; the ones not asked for are empty tensors."""
     def empty(dtype):  # a fresh tensor each: outputs of a custom op must not alias each other
         return dy.new_empty((0,), dtype=dtype)
 
@@ -177,46 +182,48 @@ def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sco
         from ..kernels import masked_linear as kernels
 
         if input_grad:
-            dx = kernels.grad_input(dy, weight, scores=scores, threshold=threshold)
+            dx = kernels.grad_input(dy, weight, bits=bits)
         if scores_grad or weight_grad:
-            ds, dw, db = kernels.grad_weight(dy, x, weight, scores, threshold, weight_grad, bias_grad)
+            ds, dw, db = kernels.grad_weight(dy, x, weight, bits=bits, weight_grad=weight_grad, bias_grad=bias_grad,
+                                             scores_dtype=scores_dtype)
     else:
-        mask = _eager_mask(weight, scores, threshold)
+        mask = mask_packing.unpack_mask(bits, weight.shape).to(weight.dtype)
         if input_grad:
             dx = dy @ (weight * mask)
         if scores_grad or weight_grad:
             g = dy.t().float() @ x.float()
-            ds = (g * weight.float()).to(scores.dtype)
+            ds = (g * weight.float()).to(scores_dtype)
             dw = (g * mask.float()).to(weight.dtype) if weight_grad else None
     if bias_grad and db is None:
         db = dy.float().sum(0).to(dy.dtype)
-    return (dx if input_grad else empty(dy.dtype), ds if scores_grad else empty(scores.dtype),
+    return (dx if input_grad else empty(dy.dtype), ds if scores_grad else empty(scores_dtype),
             dw if weight_grad else empty(weight.dtype), db if bias_grad else empty(dy.dtype))
 
 
 @_fused_backward.register_fake
-def _fused_backward_fake(dy, x, weight, scores, threshold, input_grad, scores_grad, weight_grad, bias_grad):
+def _fused_backward_fake(dy, x, weight, bits, scores_dtype, input_grad, scores_grad, weight_grad, bias_grad):
     def maybe(flag, shape, dtype):
         return dy.new_empty(shape if flag else (0,), dtype=dtype)
 
-    return (maybe(input_grad, x.shape, x.dtype), maybe(scores_grad, scores.shape, scores.dtype),
+    return (maybe(input_grad, x.shape, x.dtype), maybe(scores_grad, weight.shape, scores_dtype),
             maybe(weight_grad, weight.shape, weight.dtype), maybe(bias_grad, (weight.shape[0],), dy.dtype))
 
 
 def _fused_setup_context(ctx, inputs, output):
     x, weight, scores, bias, threshold = inputs
-    ctx.save_for_backward(x, weight, scores)
-    ctx.threshold = threshold
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.scores_dtype = scores.dtype
     ctx.has_bias = bias is not None
 
 
-def _fused_autograd(ctx, dy):
-    x, weight, scores = ctx.saved_tensors
+def _fused_autograd(ctx, dy, _dbits):
+    x, weight, bits = ctx.saved_tensors
     need_x, need_w, need_s, need_b, _ = ctx.needs_input_grad
     need_b = bool(need_b and ctx.has_bias)
     if not (need_x or need_w or need_s or need_b):
         return None, None, None, None, None
-    dx, ds, dw, db = torch.ops.pet_fast.masked_linear_backward(dy, x, weight, scores, ctx.threshold, need_x,
+    dx, ds, dw, db = torch.ops.pet_fast.masked_linear_backward(dy, x, weight, bits, ctx.scores_dtype, need_x,
                                                                 need_s, need_w, need_b)
     return (dx if need_x else None, dw if need_w else None, ds if need_s else None, db if need_b else None, None)
 
@@ -262,7 +269,7 @@ def _triton_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     if packed_mask is not None:
         y = torch.ops.pet_fast.masked_linear_packed(x2, weight, packed_mask, bias, None, "triton")
     else:
-        y = torch.ops.pet_fast.masked_linear(x2, weight, scores, bias, threshold)
+        y = torch.ops.pet_fast.masked_linear(x2, weight, scores, bias, threshold)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
