@@ -8,7 +8,9 @@ The masked weight ``W * M`` is never written to global memory: each (rows, K) ti
 the matching tile of the scores (compared to the threshold) or of the packed mask words (bit
 ``k % 32`` of word ``k // 32``, see pet_fast/ops/mask_packing.py), and zeroed where the mask is 0 before
 it enters ``tl.dot``. Accumulation is in fp32; offsets are int64. No autograd here: the wiring is in
-pet_fast/ops/masked_linear.py.
+pet_fast/ops/masked_linear.py, whose training path first packs the mask with :func:`pack` (one pass
+over the scores) and then runs all three GEMMs from the bits: a tile of fp32 scores costs twice the
+bytes of the bf16 weight tile it masks, a tile of bits 1/16.
 
 Layouts (the launchers make inputs contiguous): x (M, K), weight (N, K), scores (N, K),
 bits (N, ceil(K / 32)) int32, bias (N,), y (M, N). Here M counts tokens, N output features and K
