@@ -39,6 +39,8 @@ def _configs(gpu):
 _GEMM_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
+    # few tokens (serving from packed bits with N > 16): narrow row tiles, more programs over the weight
+    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4),
 ]
 
 
