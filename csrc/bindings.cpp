@@ -5,4 +5,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pet_fast CUDA kernels";
   m.attr("abi_version") = 1;
   register_prefix_attention(m);
+  register_masked_linear(m);
 }

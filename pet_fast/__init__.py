@@ -10,7 +10,8 @@ from .dispatch import BackendUnavailableError, use_backend
 from .methods import AdapterFusion, BottleneckAdapter, MaskedLinear, PrefixEncoder, SideTuning
 from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
 from .ops.bottleneck_adapter import bottleneck_adapter
-from .ops.masked_linear import masked_linear
+from .ops.mask_packing import pack_mask, unpack_mask
+from .ops.masked_linear import masked_linear, masked_linear_multitask
 from .ops.prefix_attention import prefix_attention
 
 __version__ = "0.1.0"
@@ -21,6 +22,9 @@ __all__ = [
     "stacked_adapter_fusion",
     "bottleneck_adapter",
     "masked_linear",
+    "masked_linear_multitask",
+    "pack_mask",
+    "unpack_mask",
     "prefix_attention",
     "AdapterFusion",
     "BottleneckAdapter",

@@ -1,0 +1,187 @@
+"""masked_linear (mask-tuning): eager, triton and cuda against plain ``F.linear``, the limit.
+
+Training shapes (N tokens, in, out): forward, and forward + backward with the straight-through
+estimator (gradients to x and to the float32 scores; the weight frozen) against the full-fine-tuning
+linear (forward, dx and dW). Serving shapes: forward from bit-packed masks (no scores) against
+``F.linear`` on the unmasked weight, plus the multitask form (a batch mixing 4 tasks) on eager and cuda.
+
+    python benchmarks/bench_masked_linear.py --json benchmarks/results/masked_linear.json
+    python benchmarks/bench_masked_linear.py --quick        # CPU smoke run: tiny shapes, eager + plain
+    python benchmarks/bench_masked_linear.py --dispatch-table pet_fast/ops/masked_linear_timings.json
+
+``--dispatch-table`` writes auto's backend order for packed-mask calls, from the serving rows measured
+here (see pet_fast/ops/masked_linear.py, ``preference``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
+import pet_fast  # noqa: E402
+from pet_fast import dispatch  # noqa: E402
+
+ml = importlib.import_module("pet_fast.ops.masked_linear")
+mp = importlib.import_module("pet_fast.ops.mask_packing")
+
+TRAIN_SHAPES = [(16384, 768, 3072), (4096, 4096, 4096), (16384, 3072, 768)]
+SERVE_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 11008)]
+QUICK_TRAIN = [(64, 48, 96)]
+QUICK_SERVE = [(1, 64, 128), (16, 64, 128)]
+TASKS = 4
+
+
+def _available(info, backend):
+    impl = dispatch._REGISTRY[ml.OP].impls.get(backend)
+    if impl is None:
+        return [f"no {backend} implementation"]
+    if backend != "eager" and info["device"].type != "cuda":
+        return ["kernels are benchmarked on CUDA only"]
+    return impl.reasons(info)
+
+
+def _time(fn, rep):
+    return round(common.bench_us(fn, rep=rep), 2)
+
+
+def bench_training(shapes, device, dtype, backends, rep):
+    rows = []
+    for n, i, o in shapes:
+        x = torch.randn(n, i, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(o, i, device=device) / i ** 0.5).to(dtype)
+        s = torch.randn(o, i, device=device, requires_grad=True)
+        b = torch.randn(o, device=device, dtype=dtype)
+        dy = torch.randn(n, o, device=device, dtype=dtype)
+        w_ft = w.clone().requires_grad_(True)
+        with torch.no_grad():
+            limit_fwd = _time(lambda: F.linear(x, w, b), rep)
+
+        def full_ft():
+            y = F.linear(x, w_ft, b)
+            torch.autograd.grad(y, (x, w_ft), dy)
+
+        limit_fb = _time(full_ft, rep)
+        base = {"n": n, "in": i, "out": o, "dtype": str(dtype).replace("torch.", "")}
+        rows.append({**base, "case": "train", "backend": "plain F.linear", "fwd_us": limit_fwd, "fwd_bwd_us": limit_fb,
+                     "fwd_vs_limit": 1.0, "fwd_bwd_vs_limit": 1.0})
+        eager = {}
+        for backend in backends:
+            with torch.no_grad():
+                why = _available(ml.describe(x, w, s, b), backend)
+            if why:
+                rows.append({**base, "case": "train", "backend": backend, "skipped": "; ".join(why)})
+                continue
+            with torch.no_grad():
+                fwd = _time(lambda: pet_fast.masked_linear(x, w, s, b, backend=backend), rep)
+
+            def fwd_bwd():
+                y = pet_fast.masked_linear(x, w, s, b, backend=backend)
+                torch.autograd.grad(y, (x, s), dy)
+
+            fb = _time(fwd_bwd, rep)
+            if backend == "eager":
+                eager = {"fwd": fwd, "fb": fb}
+            rows.append({**base, "case": "train", "backend": backend, "fwd_us": fwd, "fwd_bwd_us": fb,
+                         "fwd_vs_limit": round(fwd / limit_fwd, 3), "fwd_bwd_vs_limit": round(fb / limit_fb, 3),
+                         "fwd_vs_eager": round(fwd / eager["fwd"], 3) if eager else None,
+                         "fwd_bwd_vs_eager": round(fb / eager["fb"], 3) if eager else None})
+            if backend == "triton":
+                # The op packs the mask (one pass over the scores) and runs the GEMM from the bits. For
+                # comparison, the kernel masking straight from the fp32 scores, and from pre-packed bits.
+                from pet_fast.kernels import masked_linear as kern
+
+                packed = mp.pack_mask(s)
+                with torch.no_grad():
+                    variants = {
+                        "triton kernel, mask from scores": lambda: kern.forward(x, w, scores=s, bias=b),
+                        "triton kernel, mask from pre-packed bits": lambda: kern.forward(x, w, bits=packed, bias=b),
+                        "triton pack kernel alone": lambda: kern.pack(s, 0.0),
+                    }
+                    for name, fn in variants.items():
+                        t = _time(fn, rep)
+                        rows.append({**base, "case": "train", "backend": name, "fwd_us": t,
+                                     "fwd_vs_limit": round(t / limit_fwd, 3)})
+    return rows
+
+
+@torch.no_grad()
+def bench_serving(shapes, device, dtype, backends, rep):
+    rows = []
+    for n, i, o in shapes:
+        x = torch.randn(n, i, device=device, dtype=dtype)
+        w = (torch.randn(o, i, device=device) / i ** 0.5).to(dtype)
+        b = torch.randn(o, device=device, dtype=dtype)
+        packed = mp.pack_mask(torch.randn(o, i, device=device))
+        stack = mp.pack_mask(torch.randn(TASKS, o, i, device=device))
+        ids = torch.randint(0, TASKS, (n,), device=device)
+        limit = _time(lambda: F.linear(x, w, b), rep)
+        base = {"n": n, "in": i, "out": o, "dtype": str(dtype).replace("torch.", "")}
+        rows.append({**base, "case": "serve", "backend": "plain F.linear", "fwd_us": limit, "fwd_vs_limit": 1.0})
+        eager = None
+        for backend in backends:
+            why = _available(ml.describe(x, w, None, b, packed), backend)
+            if why:
+                rows.append({**base, "case": "serve", "backend": backend, "skipped": "; ".join(why)})
+                continue
+            t = _time(lambda: pet_fast.masked_linear(x, w, None, b, packed_mask=packed, backend=backend), rep)
+            eager = t if backend == "eager" else eager
+            rows.append({**base, "case": "serve", "backend": backend, "fwd_us": t, "fwd_vs_limit": round(t / limit, 3),
+                         "fwd_vs_eager": round(t / eager, 3) if eager else None})
+        eager_mt = None
+        for backend in ("eager", "cuda"):
+            if backend not in backends:
+                continue
+            impl = dispatch._REGISTRY[ml.OP_MULTITASK].impls[backend]
+            why = impl.reasons(ml.describe_multitask(x, w, stack, ids, b))
+            if why:
+                rows.append({**base, "case": f"serve {TASKS} tasks", "backend": backend, "skipped": "; ".join(why)})
+                continue
+            t = _time(lambda: ml.masked_linear_multitask(x, w, stack, ids, b, validate_ids=False, backend=backend), rep)
+            eager_mt = t if backend == "eager" else eager_mt
+            rows.append({**base, "case": f"serve {TASKS} tasks", "backend": backend, "fwd_us": t,
+                         "fwd_vs_limit": round(t / limit, 3), "fwd_vs_eager": round(t / eager_mt, 3) if eager_mt else None})
+    return rows
+
+
+def dispatch_table(rows):
+    """Auto's order for packed-mask calls: for each measured serving N, backends from fastest to slowest."""
+    table = []
+    for n in sorted({r["n"] for r in rows if r["case"] == "serve"}):
+        timed = sorted((r["fwd_us"], r["backend"]) for r in rows
+                       if r["case"] == "serve" and r["n"] == n and r["backend"] in dispatch.BACKENDS and "fwd_us" in r)
+        if timed:
+            table.append({"packed": True, "n_max": n, "order": [b for _, b in timed]})
+    return {"rows": table}
+
+
+def main(argv=None):
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--dispatch-table", help="write auto's backend order for packed masks, measured here")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.quick
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    backends = ["eager", "triton", "cuda"]  # kernels report why they are skipped on the CPU
+    rep = 50 if gpu else 5
+    torch.manual_seed(0)
+    rows = bench_training(TRAIN_SHAPES if not args.quick else QUICK_TRAIN, device, dtype, backends, rep)
+    rows += bench_serving(SERVE_SHAPES if not args.quick else QUICK_SERVE, device, dtype, backends, rep)
+    common.print_table(rows, ["case", "n", "in", "out", "backend", "fwd_us", "fwd_vs_limit", "fwd_bwd_us",
+                              "fwd_bwd_vs_limit", "fwd_vs_eager", "skipped"])
+    common.write(args.json, rows, op="masked_linear",
+                 note="limit: plain F.linear (train fwd+bwd: the full-fine-tuning linear, forward + dx + dW); "
+                      "serving from packed bits, 1 bit per weight")
+    if args.dispatch_table:
+        with open(args.dispatch_table, "w") as f:
+            json.dump({"device": common.environment()["device"], **dispatch_table(rows)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+// Serving kernel of masked_linear: y = x (W * unpack(bits))^T + b for few tokens (N <= 64), and its
+// multitask form where each token picks its mask from a stack. Torch-free so that CI can compile it.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace pet_fast {
+
+enum class MaskedLinearDtype : int { kHalf = 0, kBFloat16 = 1 };
+
+constexpr int kMaskedLinearMaxTokens = 64;
+
+// x (n_tokens, in_features), weight (out_features, in_features), y (n_tokens, out_features): contiguous,
+// of `dtype`. bias (out_features,) or nullptr. packed: int32 words, ceil(in_features / 32) per row,
+// bit b of word w = mask of column 32 w + b (least significant bit first); one (out_features, words)
+// mask when task_ids is nullptr, else a stack of n_tasks of them and task_ids (n_tokens,) int32 picks
+// one per token (ids outside [0, n_tasks) give an all-zero mask). n_tokens <= kMaskedLinearMaxTokens.
+cudaError_t masked_linear_packed_launch(MaskedLinearDtype dtype, const void* x, const void* weight,
+                                        const int32_t* packed, const void* bias, const int32_t* task_ids,
+                                        void* y, int64_t n_tokens, int64_t in_features, int64_t out_features,
+                                        int64_t n_tasks, cudaStream_t stream);
+
+}  // namespace pet_fast

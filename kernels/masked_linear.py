@@ -1,0 +1,331 @@
+"""Triton kernels for masked_linear (mask-tuning): GEMMs whose weight tiles are masked in registers.
+
+    forward   y   = x @ (W * M).T + b                 M = 1[scores > threshold] or the packed bits
+    backward  dx  = dy @ (W * M)
+              G   = dy.T @ x        (one GEMM)  ->  d_scores = G * W,  d_weight = G * M,  d_bias = sum(dy)
+
+The masked weight ``W * M`` is never written to global memory: each (rows, K) tile of W is loaded with
+the matching tile of the scores (compared to the threshold) or of the packed mask words (bit
+``k % 32`` of word ``k // 32``, see pet_fast/ops/mask_packing.py), and zeroed where the mask is 0 before
+it enters ``tl.dot``. Accumulation is in fp32; offsets are int64. No autograd here: the wiring is in
+pet_fast/ops/masked_linear.py, whose training path first packs the mask with :func:`pack` (one pass
+over the scores) and then runs all three GEMMs from the bits: a tile of fp32 scores costs twice the
+bytes of the bf16 weight tile it masks, a tile of bits 1/16.
+
+Layouts (the launchers make inputs contiguous): x (M, K), weight (N, K), scores (N, K),
+bits (N, ceil(K / 32)) int32, bias (N,), y (M, N). Here M counts tokens, N output features and K
+input features.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(gpu):
+    if _INTERPRET:  # the interpreter accepts exactly one config
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in gpu]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the two GEMMs that reduce over K or N (forward, dx)
+_GEMM_CONFIGS = [
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
+    # few tokens (serving from packed bits with N > 16): narrow row tiles, more programs over the weight
+    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4),
+]
+
+
+@triton.jit
+def _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
+    """The (rows, cols) tile of the mask as booleans: bit ``c % 32`` of word ``c // 32`` of the row, or
+    ``scores > threshold``."""
+    if FROM_BITS:
+        word = tl.load(bits_ptr + offs_r[:, None] * n_words + (offs_c[None, :] >> 5), mask=valid, other=0)
+        keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
+    else:
+        s = tl.load(s_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0).to(tl.float32)
+        keep = s > threshold
+    return keep
+
+
+@triton.jit
+def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_r, offs_c, n_rows, n_cols, n_words, threshold,
+                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr):
+    """The (rows, cols) tile of W * M; rows index output features, cols input features (int64 offsets)."""
+    valid = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
+    w = tl.load(w_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0)
+    if UPCAST:
+        w = w.to(tl.float32)
+    keep = _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
+    return tl.where(keep, w, tl.zeros_like(w))
+
+
+@triton.jit
+def _grouped_pid(pid, n_rows_blocks, n_cols_blocks, GROUP: tl.constexpr):
+    """Row-major tile order in groups of GROUP row blocks, so that neighbouring programs share operands in L2."""
+    per_group = GROUP * n_cols_blocks
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(n_rows_blocks - first, GROUP)
+    pid_r = first + (pid % per_group) % size
+    pid_c = (pid % per_group) // size
+    return pid_r, pid_c
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS"])
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_words, threshold,
+                    FROM_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                    FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_n, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        acc = _dot(a, tl.trans(w), acc, FP32_DOT, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS"])
+@triton.jit
+def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words, threshold,
+                       FROM_BITS: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """dx (M, K) = dy (M, N) @ (W * M) (N, K); here BLOCK_N tiles the reduction and BLOCK_K the output."""
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        g = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_n, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        acc = _dot(g, w, acc, FP32_DOT, PRECISION)
+    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# (BLOCK_N, BLOCK_K, BLOCK_M, warps, stages) for the weight-gradient GEMM, which reduces over tokens
+_WGRAD_CONFIGS = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4), (256, 128, 32, 8, 3),
+]
+
+
+def _wgrad_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "GROUP": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP": 8}, num_warps=w, num_stages=s)
+            for bn, bk, bm, w, s in _WGRAD_CONFIGS]
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS"])
+@triton.jit
+def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, db_ptr, M, N, K, n_words, threshold,
+                        FROM_BITS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+                        FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """G = dy.T @ x over a (BLOCK_N, BLOCK_K) tile; epilogue d_scores = G * W, d_weight = G * M.
+    The programs of the first column of tiles also sum dy over tokens for d_bias."""
+    pid_n, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        g_t = tl.load(dy_ptr + offs_m[None, :] * N + offs_n[:, None],
+                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
+        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if UPCAST:
+            g_t = g_t.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = _dot(g_t, a, acc, FP32_DOT, PRECISION)
+        if BIAS_GRAD:
+            db += tl.sum(g_t.to(tl.float32), axis=1)
+    valid = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    idx = offs_n[:, None] * K + offs_k[None, :]
+    w = tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    tl.store(ds_ptr + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
+    if WEIGHT_GRAD:
+        keep = _keep_tile(s_ptr, bits_ptr, offs_n, offs_k, valid, K, n_words, threshold, FROM_BITS)
+        dw = tl.where(keep, acc, tl.zeros_like(acc))
+        tl.store(dw_ptr + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
+    if BIAS_GRAD:
+        if pid_k == 0:
+            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers (plain tensors in, tensors out; the callers validate).
+
+def threshold_for(scores_dtype: torch.dtype, threshold: float) -> float:
+    """The threshold as the kernels must see it so that ``s > t`` (computed in fp32) matches PyTorch's
+    ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype."""
+    return float(torch.tensor(float(threshold), dtype=scores_dtype).item())
+
+
+def _dot_flags(dtype: torch.dtype):
+    upcast = _INTERPRET
+    fp32_dot = upcast or dtype == torch.float32
+    precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _INTERPRET) else "ieee"
+    return upcast, fp32_dot, precision
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor] = None,
+            bits: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, threshold: float = 0.0) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ (weight * mask).T + bias, the mask from ``scores`` or from packed ``bits``."""
+    if (scores is None) == (bits is None):
+        raise ValueError("forward needs exactly one of scores and bits")
+    x = x.contiguous()
+    weight = weight.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    from_bits = bits is not None
+    if from_bits:
+        bits = bits.contiguous()
+        s_arg, n_words, thr = bits, bits.shape[1], 0.0
+    else:
+        scores = scores.contiguous()
+        s_arg, n_words, thr = scores, 0, threshold_for(scores.dtype, threshold)
+    upcast, fp32_dot, precision = _dot_flags(x.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _forward_kernel[grid](x, weight, s_arg, s_arg, bias if bias is not None else y, y, M, N, K, n_words, thr,
+                          FROM_BITS=from_bits, HAS_BIAS=bias is not None, UPCAST=upcast, FP32_DOT=fp32_dot,
+                          PRECISION=precision)
+    return y
+
+
+def grad_input(dy: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor] = None,
+               bits: Optional[torch.Tensor] = None, threshold: float = 0.0) -> torch.Tensor:
+    """dx (M, K) = dy (M, N) @ (weight * mask)."""
+    if (scores is None) == (bits is None):
+        raise ValueError("grad_input needs exactly one of scores and bits")
+    dy = dy.contiguous()
+    weight = weight.contiguous()
+    M, N = dy.shape
+    K = weight.shape[1]
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    from_bits = bits is not None
+    if from_bits:
+        bits = bits.contiguous()
+        s_arg, n_words, thr = bits, bits.shape[1], 0.0
+    else:
+        scores = scores.contiguous()
+        s_arg, n_words, thr = scores, 0, threshold_for(scores.dtype, threshold)
+    upcast, fp32_dot, precision = _dot_flags(dy.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    _grad_input_kernel[grid](dy, weight, s_arg, s_arg, dx, M, N, K, n_words, thr, FROM_BITS=from_bits,
+                             UPCAST=upcast, FP32_DOT=fp32_dot, PRECISION=precision)
+    return dx
+
+
+def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor] = None,
+                bits: Optional[torch.Tensor] = None, threshold: float = 0.0, *, weight_grad: bool, bias_grad: bool,
+                scores_dtype: Optional[torch.dtype] = None):
+    """(d_scores, d_weight or None, d_bias or None) from one GEMM G = dy.T @ x: d_scores = G * weight in
+    ``scores_dtype`` (default: the scores' dtype), d_weight = G * mask, the mask from scores or bits."""
+    if (scores is None) == (bits is None):
+        raise ValueError("grad_weight needs exactly one of scores and bits")
+    dy = dy.contiguous()
+    x = x.contiguous()
+    weight = weight.contiguous()
+    M, N = dy.shape
+    K = x.shape[1]
+    from_bits = bits is not None
+    if from_bits:
+        bits = bits.contiguous()
+        s_arg, n_words, thr = bits, bits.shape[1], 0.0
+    else:
+        scores = scores.contiguous()
+        s_arg, n_words, thr = scores, 0, threshold_for(scores.dtype, threshold)
+    ds_dtype = scores_dtype or (scores.dtype if scores is not None else torch.float32)
+    ds = torch.empty((N, K), dtype=ds_dtype, device=dy.device)
+    dw = torch.empty((N, K), dtype=weight.dtype, device=dy.device) if weight_grad else None
+    db = torch.empty((N,), dtype=dy.dtype, device=dy.device) if bias_grad else None
+    if N == 0:
+        return ds, dw, db
+    if K == 0:  # no weight, but d_bias still needs the sum over tokens
+        return ds, dw, (dy.float().sum(0).to(dy.dtype) if bias_grad else None)
+    upcast, fp32_dot, precision = _dot_flags(dy.dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    _grad_weight_kernel[grid](dy, x, weight, s_arg, s_arg, ds, dw if dw is not None else ds,
+                              db if db is not None else ds, M, N, K, n_words, thr, FROM_BITS=from_bits,
+                              WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, UPCAST=upcast, FP32_DOT=fp32_dot,
+                              PRECISION=precision)
+    return ds, dw, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing 1[scores > threshold] into int32 words (the layout of pet_fast/ops/mask_packing.py).
+
+def _pack_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_P": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": bp}, num_warps=w) for bp, w in ((32, 4), (64, 4), (128, 8))]
+
+
+@triton.autotune(configs=_pack_configs(), key=["R", "K"])
+@triton.jit
+def _pack_kernel(s_ptr, out_ptr, R, K, n_words, threshold, BLOCK_P: tl.constexpr):
+    """One program packs BLOCK_P (row, word) pairs: a (BLOCK_P, 32) tile of scores into BLOCK_P words."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row = offs_p // n_words
+    col = (offs_p % n_words) * 32
+    b = tl.arange(0, 32)
+    cols = col[:, None] + b[None, :]
+    valid = (offs_p[:, None] < R * n_words) & (cols < K)
+    s = tl.load(s_ptr + row[:, None] * K + cols, mask=valid, other=0.0).to(tl.float32)
+    bit = tl.where(valid & (s > threshold), 1, 0).to(tl.int32) << b[None, :]
+    # distinct bits: the int32 sum is their OR, bit 31 included (two's complement)
+    tl.store(out_ptr + offs_p, tl.sum(bit, axis=1), mask=offs_p < R * n_words)
+
+
+def pack(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``pet_fast.pack_mask`` for a 2-D (rows, K) scores tensor, in one kernel."""
+    scores = scores.contiguous()
+    R, K = scores.shape
+    n_words = (K + 31) // 32
+    out = torch.empty((R, n_words), dtype=torch.int32, device=scores.device)
+    if out.numel() == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(R * n_words, meta["BLOCK_P"]),)
+    _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold))
+    return out

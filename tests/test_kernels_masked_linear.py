@@ -1,0 +1,589 @@
+"""masked_linear kernels: the Triton GEMMs (under TRITON_INTERPRET=1 here, on the GPU in the gpu tests),
+the bit packing, the packed-mask and multitask serving paths, the custom ops under torch.compile, and
+dispatch. Every fused output and gradient is compared with a float64 reference."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pet_fast
+from conftest import HAS_GPU, rel_err
+from pet_fast import dispatch
+from pet_fast.methods.mask import MaskedLinear
+
+ml = importlib.import_module("pet_fast.ops.masked_linear")
+mp = importlib.import_module("pet_fast.ops.mask_packing")
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def ref64(x, w, mask, bias):
+    y = x.double() @ (w.double() * mask.double()).T
+    return y if bias is None else y + bias.double()
+
+
+def grads64(x, w, mask, dy):
+    """dx, d_scores, d_weight, d_bias of the straight-through estimator, in float64."""
+    g = dy.double().reshape(-1, w.shape[0])
+    x2 = x.double().reshape(-1, w.shape[1])
+    geff = g.T @ x2
+    return (g @ (w.double() * mask.double())).reshape(x.shape), geff * w.double(), geff * mask.double(), g.sum(0)
+
+
+def assert_close(out, ref, eager, dtype, what, fp32_tol=1e-5):
+    """DESIGN.md §5: fp32 relative error well under 1e-4; fp16/bf16 at most 2x eager PyTorch's error in
+    the same dtype (against the same float64 reference) plus a small atol."""
+    assert out.shape == ref.shape, what
+    if dtype == torch.float32 or dtype == torch.float64:
+        assert rel_err(out, ref) < fp32_tol, (what, rel_err(out, ref))
+        return
+    err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
+    eager_err = (eager.double() - ref).abs().max().item() if ref.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    atol = 1e-3 * max(scale, 1.0) if dtype == torch.float16 else 8e-3 * max(scale, 1.0)
+    assert err <= 2 * eager_err + atol, (what, err, eager_err, atol)
+
+
+def make(shape, i, o, dtype, threshold, bias, train_weight, device="cpu"):
+    x = torch.randn(*shape, i, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(o, i, device=device) / i ** 0.5).to(dtype).requires_grad_(train_weight)
+    s = torch.randn(o, i, device=device).requires_grad_()
+    b = torch.randn(o, device=device).to(dtype).requires_grad_() if bias else None
+    return x, w, s, b
+
+
+def run(backend, x, w, s, b, threshold, dy):
+    leaves = [t for t in (x, w, s, b) if t is not None]
+    for t in leaves:
+        t.grad = None
+    y = pet_fast.masked_linear(x, w, s, b, threshold=threshold, backend=backend)
+    y.backward(dy)
+    out = (y.detach(), x.grad, s.grad, w.grad, None if b is None else b.grad)
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton under the interpreter: forward and straight-through gradients.
+
+THRESHOLDS = [-10.0, 0.0, 10.0]  # keeps every weight, about half, none
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("bias,train_weight", [(True, False), (False, True), (True, True)])
+def test_triton_forward_backward(dtype, threshold, bias, train_weight):
+    # 21 tokens x 37 -> 45: odd sizes that span two tiles in every dimension of the interpreter config
+    x, w, s, b = make((3, 7), 37, 45, dtype, threshold, bias, train_weight)
+    dy = torch.randn(3, 7, 45).to(dtype)
+    fused = run("triton", x, w, s, b, threshold, dy)
+    eager = run("eager", x, w, s, b, threshold, dy)
+    mask = s.detach() > threshold
+    dx, ds, dw, db = grads64(x.detach(), w.detach(), mask, dy)
+    refs = (ref64(x.detach(), w.detach(), mask, None if b is None else b.detach()), dx, ds, dw, db)
+    names = ("y", "dx", "d_scores", "d_weight", "d_bias")
+    for name, out, eag, ref in zip(names, fused, eager, refs):
+        if name == "d_weight" and not train_weight or name == "d_bias" and not bias:
+            assert out is None and eag is None, name
+            continue
+        assert out.dtype == eag.dtype, name  # d_scores in the scores' dtype, the rest in x's
+        assert_close(out, ref, eag, dtype if name != "d_scores" else torch.float32, name,
+                     fp32_tol=1e-5 if dtype == torch.float32 else 2e-3)
+    if threshold == 10.0:  # nothing kept: y is the bias, dx and d_weight are 0, d_scores still flows (STE)
+        assert torch.equal(fused[1], torch.zeros_like(fused[1]))
+        assert fused[2].abs().max() > 0
+        if train_weight:
+            assert torch.equal(fused[3], torch.zeros_like(fused[3]))
+
+
+def test_triton_gradients_match_eager_fp32_tightly():
+    x, w, s, b = make((19,), 33, 17, torch.float32, 0.1, True, True)
+    dy = torch.randn(19, 17)
+    for out, ref in zip(run("triton", x, w, s, b, 0.1, dy), run("eager", x, w, s, b, 0.1, dy)):
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_triton_frozen_scores_and_zero_tokens():
+    x, w, s, b = make((0,), 9, 5, torch.float32, 0.0, True, True)
+    y = pet_fast.masked_linear(x, w, s, b, backend="triton")
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    # scores that do not require grad: the backward skips the weight-gradient GEMM
+    x, w, s, b = make((4,), 9, 5, torch.float32, 0.0, False, False)
+    s.requires_grad_(False)
+    y = pet_fast.masked_linear(x, w, s, None, backend="triton")
+    y.sum().backward()
+    assert rel_err(x.grad, torch.ones(4, 5, dtype=torch.float64) @ (w.double() * (s > 0).double())) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernels_mask_from_scores_and_bits_agree(dtype):
+    # The op packs the mask first and runs the GEMMs from bits; the kernels also mask straight from the
+    # scores. Both modes, called directly, against the float64 reference.
+    from pet_fast.kernels import masked_linear as kern
+
+    x = torch.randn(19, 45).to(dtype)
+    w = torch.randn(35, 45).to(dtype)
+    s = torch.randn(35, 45)
+    b = torch.randn(35).to(dtype)
+    dy = torch.randn(19, 35).to(dtype)
+    bits = kern.pack(s, 0.2)
+    assert torch.equal(bits, mp.pack_mask(s, 0.2))
+    mask = s > 0.2
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    geff = dy.double().T @ x.double()
+    for src in ({"scores": s, "threshold": 0.2}, {"bits": bits}):
+        assert rel_err(kern.forward(x, w, bias=b, **src), ref64(x, w, mask, b)) < tol
+        assert rel_err(kern.grad_input(dy, w, **src), dy.double() @ (w.double() * mask)) < tol
+        ds, dw, db = kern.grad_weight(dy, x, w, weight_grad=True, bias_grad=True, **src)
+        assert ds.dtype == torch.float32 and dw.dtype == dtype
+        assert rel_err(ds, geff * w.double()) < tol
+        assert rel_err(dw, geff * mask) < tol
+        assert rel_err(db, dy.double().sum(0)) < tol
+
+
+@pytest.mark.parametrize("i,o", [(0, 4), (5, 0)])
+def test_triton_empty_features(i, o):
+    x, w, s, b = make((3,), i, o, torch.float32, 0.0, True, True)
+    fused = run("triton", x, w, s, b, 0.0, torch.ones(3, o))
+    eager = run("eager", x, w, s, b, 0.0, torch.ones(3, o))
+    for out, ref in zip(fused, eager):
+        assert out.shape == ref.shape and torch.allclose(out, ref)
+
+
+def test_threshold_rounded_like_pytorch_for_half_scores():
+    # PyTorch compares fp16 scores with the threshold rounded to fp16: 0.09997 rounds to the fp16 value
+    # 0.0999755859375, which is then not > the threshold (although it is > 0.09997 in fp32)
+    thr = 0.09997
+    s = torch.tensor([[thr, 0.0999, 0.1001, -1.0]], dtype=torch.float16).repeat(3, 1)
+    w = torch.ones(3, 4)
+    x = torch.ones(2, 4)
+    ref = pet_fast.masked_linear(x, w, s, threshold=thr, backend="eager")
+    out = pet_fast.masked_linear(x, w, s, threshold=thr, backend="triton")
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bit packing.
+
+@pytest.mark.parametrize("shape", [(1,), (3, 1), (5, 31), (2, 32), (4, 33), (2, 3, 65), (7, 100), (3, 0)])
+def test_pack_unpack_round_trip(shape):
+    s = torch.randn(*shape)
+    packed = pet_fast.pack_mask(s, 0.2) if hasattr(pet_fast, "pack_mask") else mp.pack_mask(s, 0.2)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (*shape[:-1], (shape[-1] + 31) // 32)
+    assert torch.equal(mp.unpack_mask(packed, shape), s > 0.2)
+    # padding bits past in_features are 0
+    full = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(32)) & 1).reshape(*shape[:-1], -1)
+    assert int(full[..., shape[-1]:].sum()) == 0
+
+
+def test_bit_order_lsb_first():
+    m = torch.zeros(2, 70, dtype=torch.bool)
+    m[0, 0] = m[0, 33] = m[0, 69] = True
+    m[1, :32] = True
+    p = mp.pack_bool(m)
+    assert p.tolist() == [[1, 2, 1 << 5], [-1, 0, 0]]
+    # viewed as bytes (little-endian), byte j holds columns 8j .. 8j + 7, column 8j + b in bit b
+    assert p.view(torch.uint8)[0].tolist()[:5] == [1, 0, 0, 0, 2]
+
+
+def test_pack_errors():
+    with pytest.raises(TypeError, match="scores"):
+        mp.pack_mask(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="threshold"):
+        mp.pack_mask(torch.ones(3, 4), "0")
+    with pytest.raises(TypeError, match="int32"):
+        mp.unpack_mask(torch.zeros(3, 1, dtype=torch.int64), (3, 4))
+    with pytest.raises(ValueError, match=r"\(3, 2\)"):
+        mp.unpack_mask(torch.zeros(3, 1, dtype=torch.int32), (3, 40))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed masks through masked_linear.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_mask_forward(dtype, bias):
+    x, w, s, b = make((2, 11), 45, 19, dtype, 0.0, bias, False)
+    x.requires_grad_(False)
+    s.requires_grad_(False)
+    if b is not None:
+        b.requires_grad_(False)
+    packed = mp.pack_mask(s, 0.3)
+    ref = ref64(x, w, s > 0.3, b)
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b)  # auto on CPU: eager
+    assert torch.equal(eager, pet_fast.masked_linear(x, w, s, b, threshold=0.3, backend="eager"))
+    out = pet_fast.masked_linear(x, w, None, b, packed_mask=packed, backend="triton")
+    assert_close(out, ref, eager, dtype, "y")
+
+
+def test_packed_mask_gradients_on_eager_and_refused_by_kernels():
+    x, w, s, b = make((5,), 8, 6, torch.float32, 0.0, True, True)
+    packed = mp.pack_mask(s)
+    y = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b)
+    y.sum().backward()
+    assert rel_err(w.grad, (torch.ones(5, 6).T @ x.detach()) * (s.detach() > 0)) < 1e-6
+    with pytest.raises(dispatch.BackendUnavailableError, match="without gradients"):
+        pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="triton")
+    with torch.no_grad():
+        out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="triton")
+    assert rel_err(out, y.detach()) < 1e-5
+
+
+def test_scores_xor_packed_mask():
+    x, w, s = torch.randn(2, 8), torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="exactly one of scores"):
+        pet_fast.masked_linear(x, w)
+    with pytest.raises(ValueError, match="both"):
+        pet_fast.masked_linear(x, w, s, packed_mask=mp.pack_mask(s))
+    with pytest.raises(TypeError, match="packed_mask"):
+        pet_fast.masked_linear(x, w, packed_mask=(s > 0))
+    with pytest.raises(ValueError, match="packed_mask must have shape"):
+        pet_fast.masked_linear(x, w, packed_mask=mp.pack_mask(s.T))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multitask serving (eager here; cuda in the gpu tests).
+
+def test_multitask_matches_per_task_calls():
+    T, o, i = 3, 10, 37
+    w, b = torch.randn(o, i), torch.randn(o)
+    scores = torch.randn(T, o, i)
+    packed = mp.pack_mask(scores)
+    x = torch.randn(2, 7, i)
+    ids = torch.randint(0, T, (2, 7))
+    ids[0, 0], ids[1, 1] = 0, 2
+    y = ml.masked_linear_multitask(x, w, packed, ids, b)
+    assert y.shape == (2, 7, o)
+    for t in range(T):
+        sel = ids == t
+        ref = ref64(x[sel], w, scores[t] > 0, b)
+        assert rel_err(y[sel], ref) < 1e-5
+
+
+def test_multitask_errors():
+    w = torch.randn(4, 8)
+    packed = mp.pack_mask(torch.randn(2, 4, 8))
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="task_ids must have dtype"):
+        ml.masked_linear_multitask(x, w, packed, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="task_ids must have shape"):
+        ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="packed_masks must be a stack"):
+        ml.masked_linear_multitask(x, w, packed[0], torch.tensor([0, 1, 1]))
+    with pytest.raises(dispatch.BackendUnavailableError, match="needs CUDA tensors"):
+        ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1, 1]), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library custom ops and torch.compile.
+
+def test_custom_ops_opcheck():
+    x = torch.randn(5, 9, requires_grad=True)
+    w = torch.randn(6, 9, requires_grad=True)
+    s = torch.randn(6, 9, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default, (x, w, s, b, 0.1),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear_packed.default,
+                          (x.detach(), w.detach(), mp.pack_mask(s), None, None, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_masked_linear_module_compiles_fullgraph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    layer = MaskedLinear(21, 13, threshold=0.0, train_weight=True, train_bias=True)
+    with torch.no_grad():
+        layer.scores.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 3, 21, requires_grad=True)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(str(gm.graph))
+        return gm.forward
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True, backend=counter)
+    y = compiled(x)
+    y.square().sum().backward()
+    got = (y.detach(), x.grad, layer.scores.grad, layer.weight.grad, layer.bias.grad)
+    assert counter.frame_count == 1
+    assert any("pet_fast.masked_linear" in g for g in seen)
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x, backend="eager")
+    y.square().sum().backward()
+    want = (y.detach(), x.grad, layer.scores.grad, layer.weight.grad, layer.bias.grad)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_packed_serving_compiles_fullgraph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    w, b = torch.randn(11, 40), torch.randn(11)
+    packed = mp.pack_mask(torch.randn(11, 40))
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda t: pet_fast.masked_linear(t, w, packed_mask=packed, bias=b, backend="triton"),
+                       fullgraph=True, backend=counter)
+    x = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        out = fn(x)
+    assert counter.frame_count == 1
+    assert rel_err(out, pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_compile_aot_autograd_backward_uses_fused_backward():
+    torch._dynamo.reset()
+    layer = MaskedLinear(16, 8)
+    graphs = []
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(gm, _):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=fw, bw_compiler=fw))
+    x = torch.randn(4, 16)
+    compiled(x).sum().backward()
+    assert any("masked_linear_backward" in g for g in graphs)
+    assert rel_err(layer.scores.grad, torch.ones(4, 8).T @ x * layer.weight.detach()) < 1e-5
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch.
+
+def test_dispatch_reasons_and_default_order(monkeypatch, tmp_path):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    packed = mp.pack_mask(torch.randn(6, 8))
+    info = ml.describe(x, w, None, None, packed)
+    assert ml.preference(info) == ["cuda", "triton", "eager"]
+    big = dict(info, n=17)
+    assert ml.preference(big) == ["triton", "cuda", "eager"]
+    train = ml.describe(x, w.requires_grad_(), torch.randn(6, 8), None)
+    reasons = dict(dispatch.explain(ml.OP, train))
+    assert any("packed masks only" in r for r in reasons["cuda"])
+    reasons = dict(dispatch.explain(ml.OP, big))
+    assert not any("tokens >" in r for r in reasons["cuda"])
+    assert any("tokens > 64" in r for r in dict(dispatch.explain(ml.OP, dict(info, n=65)))["cuda"])
+    assert reasons["eager"] == []
+    # CPU tensors under auto always take eager
+    assert dispatch.select(ml.OP, info).backend == "eager"
+    # a measured table overrides the default order
+    table = tmp_path / "t.json"
+    table.write_text('{"rows": [{"packed": true, "n_max": 64, "order": ["triton", "cuda", "eager"]}]}')
+    try:
+        ml.load_timings(str(table))
+        assert ml.preference(info) == ["triton", "cuda", "eager"]
+        assert ml.preference(train) == ["triton", "cuda", "eager"]  # no row for scores: the default
+        table.write_text('{"rows": [{"packed": true, "order": ["gpu"]}]}')
+        with pytest.raises(ValueError, match="timings table"):
+            ml.load_timings(str(table))
+    finally:
+        monkeypatch.delenv(ml.TIMINGS_ENV, raising=False)
+        ml.load_timings()
+
+
+def test_triton_refuses_float64_scores():
+    x, w, s = torch.randn(2, 8), torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(dispatch.BackendUnavailableError, match="scores dtype"):
+        pet_fast.masked_linear(x, w, s, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (skipped without one): Triton compiled for the card, the cuda serving kernel.
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("threshold", [-10.0, 0.0, 10.0])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_gpu_triton_forward_backward(dtype, threshold, train_weight):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w, s, b = make((3, 171), 777, 515, dtype, threshold, True, train_weight, device="cuda")
+    dy = torch.randn(3, 171, 515, device="cuda").to(dtype)
+    fused = run("triton", x, w, s, b, threshold, dy)
+    eager = run("eager", x, w, s, b, threshold, dy)
+    mask = s.detach() > threshold
+    dx, ds, dw, db = grads64(x.detach(), w.detach(), mask, dy)
+    refs = (ref64(x.detach(), w.detach(), mask, b.detach()), dx, ds, dw, db)
+    for name, out, eag, ref in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), fused, eager, refs):
+        if name == "d_weight" and not train_weight:
+            assert out is None
+            continue
+        assert_close(out, ref, eag, dtype, name, fp32_tol=5e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_triton_packed(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(200, 1001, device="cuda").to(dtype)
+    w = torch.randn(300, 1001, device="cuda").to(dtype)
+    s = torch.randn(300, 1001, device="cuda")
+    b = torch.randn(300, device="cuda").to(dtype)
+    packed = mp.pack_mask(s)
+    ref = ref64(x, w, s > 0, b)
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="triton")
+    assert_close(out, ref, eager, dtype, "y", fp32_tol=5e-5)
+
+
+def _has_cuda_kernel():
+    return HAS_GPU and not ml._cuda_serving_reasons(
+        {"device": torch.device("cuda"), "dtype": torch.float16, "packed": True, "n": 1, "needs_grad": False})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 16, 33, 64])
+@pytest.mark.parametrize("i,o", [(4096, 257), (1000, 77), (37, 5)])
+def test_gpu_cuda_packed(dtype, n, i, o):
+    if not _has_cuda_kernel():
+        pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
+    x = torch.randn(n, i, device="cuda").to(dtype)
+    w = torch.randn(o, i, device="cuda").to(dtype)
+    s = torch.randn(o, i, device="cuda")
+    b = torch.randn(o, device="cuda").to(dtype)
+    packed = mp.pack_mask(s)
+    ref = ref64(x, w, s > 0, b)
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="cuda")
+    assert_close(out, ref, eager, dtype, "y")
+    out = pet_fast.masked_linear(x, w, packed_mask=packed, backend="cuda")
+    assert_close(out, ref64(x, w, s > 0, None), F.linear(x, w * (s > 0).to(dtype)), dtype, "y without bias")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 16, 64])
+def test_gpu_cuda_multitask(dtype, n):
+    if not _has_cuda_kernel():
+        pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
+    T, o, i = 5, 300, 2048 + 40
+    x = torch.randn(n, i, device="cuda").to(dtype)
+    w = torch.randn(o, i, device="cuda").to(dtype)
+    s = torch.randn(T, o, i, device="cuda")
+    b = torch.randn(o, device="cuda").to(dtype)
+    packed = mp.pack_mask(s)
+    ids = torch.randint(0, T, (n,), device="cuda", dtype=torch.int32)
+    out = ml.masked_linear_multitask(x, w, packed, ids, b, backend="cuda")
+    eager = ml.masked_linear_multitask(x, w, packed, ids, b, backend="eager")
+    ref = torch.stack([ref64(x[r:r + 1], w, s[int(ids[r])] > 0, b)[0] for r in range(n)])
+    assert_close(out, ref, eager, dtype, "y")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CUDA serving kernel's per-lane code, compiled for the host and run for every lane of every warp
+# (tests/csrc/masked_linear_host_check.cpp): its indexing of the weight, of the packed-mask bytes
+# written by pet_fast.pack_mask, of the task stack and of the K tails, checked without a GPU.
+
+def _cuda_include():
+    import os
+    import shutil
+
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    import pathlib
+    import shutil
+    import subprocess
+
+    include = _cuda_include()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if include is None or cxx is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers (cuda_fp16.h)")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    exe = tmp_path_factory.mktemp("host_check") / "masked_linear_host_check"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{include}", f"-I{root / 'csrc'}",
+                    str(root / "tests" / "csrc" / "masked_linear_host_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    return exe
+
+
+def _host_run(exe, workdir, x, w, packed, ids, bias, vec):
+    import subprocess
+
+    import numpy as np
+
+    def dump(name, t):
+        t = t.contiguous()
+        if t.dtype in LOW:
+            t = t.view(torch.int16)
+        t.numpy().tofile(str(workdir / f"{name}.bin"))
+
+    dump("x", x)
+    dump("w", w)
+    dump("bits", packed)
+    if ids is not None:
+        dump("ids", ids.to(torch.int32))
+    if bias is not None:
+        dump("bias", bias)
+    n, k = x.shape
+    o = w.shape[0]
+    tasks = 0 if ids is None else packed.shape[0]
+    code = 0 if x.dtype == torch.float16 else 1
+    subprocess.run([str(exe), str(workdir), str(code), str(n), str(k), str(o), str(tasks), str(int(vec)),
+                    str(int(bias is not None))], check=True, capture_output=True, timeout=120)
+    y = torch.from_numpy(np.fromfile(str(workdir / "y.bin"), dtype=np.int16)).view(x.dtype)
+    return y.reshape(n, o)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,o,tasks,vec", [
+    (1, 40, 9, 0, True),        # one token, K not a multiple of 32
+    (3, 304, 13, 0, True),      # K spans two 256-column steps, rows not a multiple of 4
+    (3, 37, 6, 0, False),       # K % 8 != 0: element loads and a partial mask byte
+    (16, 520, 7, 3, True),      # multitask
+    (33, 61, 5, 2, False),      # multitask, 64-token instantiation, K tail
+    (64, 264, 3, 0, True),
+])
+def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec):
+    x = torch.randn(n, k).to(dtype)
+    w = torch.randn(o, k).to(dtype)
+    b = torch.randn(o).to(dtype) if n != 3 else None
+    if tasks:
+        scores = torch.randn(tasks, o, k)
+        packed = mp.pack_mask(scores)
+        ids = torch.randint(0, tasks, (n,))
+        ids[0] = tasks - 1
+        out = _host_run(host_check, tmp_path, x, w, packed, ids, b, vec)
+        eager = ml.masked_linear_multitask(x, w, packed, ids, b)
+        ref = torch.stack([ref64(x[r:r + 1], w, scores[int(ids[r])] > 0, b)[0] for r in range(n)])
+    else:
+        s = torch.randn(o, k)
+        packed = mp.pack_mask(s)
+        out = _host_run(host_check, tmp_path, x, w, packed, None, b, vec)
+        eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b)
+        ref = ref64(x, w, s > 0, b)
+    assert_close(out, ref, eager, dtype, "y")
+    assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2)
