@@ -34,6 +34,11 @@ def sample_calls(device, dtype):
         adapter_fusion.OP: on_device(adapter_fusion.describe(x, 3)),
         adapter_fusion.OP_STACKED: on_device(adapter_fusion.describe(x, 3, r=64, activation="relu")),
         masked_linear.OP: on_device(masked_linear.describe(x, t(3072, 768), t(3072, 768).float(), t(3072))),
+        masked_linear.OP + " (packed mask, 16 tokens)": on_device(masked_linear.describe(
+            t(16, 4096), t(4096, 4096), None, None, torch.empty(4096, 128, dtype=torch.int32, device="meta"))),
+        masked_linear.OP_MULTITASK: on_device(masked_linear.describe_multitask(
+            t(16, 4096), t(4096, 4096), torch.empty(4, 4096, 128, dtype=torch.int32, device="meta"),
+            torch.empty(16, dtype=torch.long, device="meta"), None)),
         prefix_attention.OP: on_device(prefix_attention.describe(t(32, 12, 128, 64), t(32, 12, 128, 64), t(12, 20, 64), None, False)),
     }
 
@@ -65,12 +70,13 @@ def cmd_info(args) -> int:
     choice, source = dispatch.requested()
     print(f"backend       {choice} (from {source})")
     print(f"\nbackend per op for a {dtype} call on {device} (first listed without reasons is taken by auto):")
-    for op, info in sample_calls(device, dtype).items():
+    for label, info in sample_calls(device, dtype).items():
+        op = label.split(" ")[0]
         try:
             chosen = dispatch.select(op, info).backend
         except dispatch.BackendUnavailableError as exc:
             chosen = f"none ({exc})"
-        print(f"  {op}: {chosen}")
+        print(f"  {label}: {chosen}")
         for name, reasons in dispatch.explain(op, info):
             print(f"      {name:7s} {'ok' if not reasons else '; '.join(reasons)}")
     return 0
