@@ -35,7 +35,7 @@ def masked_ste64(x, w, scores, bias, threshold):
     as its derivative with respect to the scores (so d_scores = (dy^T x) * w, d_w = (dy^T x) * M)."""
     s = scores.double()
     m = (s > threshold).double()
-    mask = m + (s - s.detach())
+    mask = m + (s - s.detach()).nan_to_num(0.0)  # NaN scores: mask 0 (NaN > t is False)
     y = torch.einsum("...i,oi->...o", x.double(), w.double() * mask)
     return y if bias is None else y + bias.double()
 
@@ -126,22 +126,23 @@ def _leaf(t64, dtype, device, grad=True):
     return t.requires_grad_(grad and t.is_floating_point())
 
 
-def build_adapter(p, dtype, device, seed=0) -> Built:
+def build_adapter(p, dtype, device, seed=0, rand=None) -> Built:
     g = _gen(seed)
+    R = rand or (lambda shape, scale=1.0: _rand(g, shape, scale))
     lead, d, r = tuple(p["lead"]), p["d"], p["r"]
-    L = {"x": _rand(g, lead + (d,)), "w_down": _rand(g, (r, d), p.get("wscale", 0.5)),
-         "w_up": _rand(g, (d, r), p.get("wscale", 0.5))}
+    L = {"x": R(lead + (d,)), "w_down": R((r, d), p.get("wscale", 0.5)),
+         "w_up": R((d, r), p.get("wscale", 0.5))}
     if p["b_down"]:
-        L["b_down"] = _rand(g, (r,))
+        L["b_down"] = R((r,))
     if p["b_up"]:
-        L["b_up"] = _rand(g, (d,))
+        L["b_up"] = R((d,))
     if p["residual"]:
-        L["residual"] = _rand(g, lead + (d,))
+        L["residual"] = R(lead + (d,))
     sc = p["scaling"]
     if sc == "scalar":
-        L["scaling"] = _rand(g, ())
+        L["scaling"] = R(())
     elif sc == "channel":
-        L["scaling"] = _rand(g, (d,))
+        L["scaling"] = R((d,))
     leaves = {k: _leaf(v, dtype, device) for k, v in L.items()}
     lay = p.get("layouts", {})
 
@@ -168,15 +169,16 @@ def build_adapter(p, dtype, device, seed=0) -> Built:
     return Built("bottleneck_adapter", leaves, views, call, ref, describe)
 
 
-def build_masked(p, dtype, device, seed=0) -> Built:
+def build_masked(p, dtype, device, seed=0, rand=None) -> Built:
     g = _gen(seed)
+    R = rand or (lambda shape, scale=1.0: _rand(g, shape, scale))
     lead, i, o = tuple(p["lead"]), p["in"], p["out"]
     sdt = {"float32": torch.float32, "float64": torch.float64, "same": dtype}[p.get("scores_dtype", "float32")]
-    leaves = {"x": _leaf(_rand(g, lead + (i,)), dtype, device),
-              "weight": _leaf(_rand(g, (o, i), p.get("wscale", 1.0)), dtype, device, p.get("train_weight", True)),
-              "scores": _leaf(_rand(g, (o, i)), sdt, device)}
+    leaves = {"x": _leaf(R(lead + (i,)), dtype, device),
+              "weight": _leaf(R((o, i), p.get("wscale", 1.0)), dtype, device, p.get("train_weight", True)),
+              "scores": _leaf(R((o, i)), sdt, device)}
     if p["bias"]:
-        leaves["bias"] = _leaf(_rand(g, (o,)), dtype, device)
+        leaves["bias"] = _leaf(R((o,)), dtype, device)
     lay = p.get("layouts", {})
     th = p["threshold"]
 
@@ -209,16 +211,17 @@ def padding(g, B, S, kind):
     return pos < lengths[:, None] if kind == "right" else pos >= (S - lengths)[:, None]
 
 
-def build_attention(p, dtype, device, seed=0, loop_limit=96) -> Built:
+def build_attention(p, dtype, device, seed=0, rand=None, loop_limit=96) -> Built:
     g = _gen(seed)
+    R = rand or (lambda shape, scale=1.0: _rand(g, shape, scale))
     B, Hkv, grp, L_, S, D = p["B"], p["Hkv"], p["group"], p["L"], p["S"], p["D"]
     Hq = Hkv * grp
     sc = p.get("qscale", 1.0)
-    T = {"q": _rand(g, (B, Hq, L_, D), sc), "k": _rand(g, (B, Hkv, S, D), sc), "v": _rand(g, (B, Hkv, S, D))}
+    T = {"q": R((B, Hq, L_, D), sc), "k": R((B, Hkv, S, D), sc), "v": R((B, Hkv, S, D))}
     P, prefix = p["P"], p["prefix"]  # prefix: None | "shared" | "per_batch" | "expanded"
     if prefix is not None:
         shape = (B, Hkv, P, D) if prefix == "per_batch" else (Hkv, P, D)
-        T["prefix_k"], T["prefix_v"] = _rand(g, shape, sc), _rand(g, shape)
+        T["prefix_k"], T["prefix_v"] = R(shape, sc), R(shape)
     kpm = padding(g, B, S, p["pad"])
     leaves = {k: _leaf(v, dtype, device) for k, v in T.items()}
     lay = p.get("layouts", {})
@@ -251,24 +254,25 @@ def build_attention(p, dtype, device, seed=0, loop_limit=96) -> Built:
     return Built("prefix_attention", leaves, views, call, ref, describe)
 
 
-def _projections(g, p, d):
+def _projections(R, p, d):
     T = {}
     for name in ("query", "key", "value"):
         if p.get(name):
-            T[f"w_{name}"] = _rand(g, (d, d), 0.4)
+            T[f"w_{name}"] = R((d, d), 0.4)
             if p.get(f"b_{name}"):
-                T[f"b_{name}"] = _rand(g, (d,), 0.4)
+                T[f"b_{name}"] = R((d,), 0.4)
     return T
 
 
 _PROJ = ("w_query", "b_query", "w_key", "b_key", "w_value", "b_value")
 
 
-def build_fusion(p, dtype, device, seed=0) -> Built:
+def build_fusion(p, dtype, device, seed=0, rand=None) -> Built:
     g = _gen(seed)
+    R = rand or (lambda shape, scale=1.0: _rand(g, shape, scale))
     lead, k, d = tuple(p["lead"]), p["k"], p["d"]
-    T = {"query": _rand(g, lead + (d,)), "values": _rand(g, lead + (k, d)), "residual": _rand(g, lead + (d,))}
-    T.update(_projections(g, p, d))
+    T = {"query": R(lead + (d,)), "values": R(lead + (k, d)), "residual": R(lead + (d,))}
+    T.update(_projections(R, p, d))
     leaves = {n: _leaf(v, dtype, device) for n, v in T.items()}
     lay = p.get("layouts", {})
     flags = dict(temperature=p["temperature"], residual_before=p["residual_before"],
@@ -291,21 +295,22 @@ def build_fusion(p, dtype, device, seed=0) -> Built:
     return Built("adapter_fusion", leaves, views, call, ref, describe)
 
 
-def build_stacked(p, dtype, device, seed=0) -> Built:
+def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
     g = _gen(seed)
+    R = rand or (lambda shape, scale=1.0: _rand(g, shape, scale))
     lead, k, r, d = tuple(p["lead"]), p["k"], p["r"], p["d"]
-    T = {"x": _rand(g, lead + (d,)), "query": _rand(g, lead + (d,)), "residual": _rand(g, lead + (d,)),
-         "w_down": _rand(g, (k, r, d), 0.5), "w_up": _rand(g, (k, d, r), 0.5)}
+    T = {"x": R(lead + (d,)), "query": R(lead + (d,)), "residual": R(lead + (d,)),
+         "w_down": R((k, r, d), 0.5), "w_up": R((k, d, r), 0.5)}
     if p["b_down"]:
-        T["b_down"] = _rand(g, (k, r))
+        T["b_down"] = R((k, r))
     if p["b_up"]:
-        T["b_up"] = _rand(g, (k, d))
+        T["b_up"] = R((k, d))
     sc = p["scaling"]
     if sc == "per_adapter":
-        T["scaling"] = _rand(g, (k,))
+        T["scaling"] = R((k,))
     elif sc == "scalar":
-        T["scaling"] = _rand(g, ())
-    T.update(_projections(g, p, d))
+        T["scaling"] = R(())
+    T.update(_projections(R, p, d))
     leaves = {n: _leaf(v, dtype, device) for n, v in T.items()}
     lay = p.get("layouts", {})
     flags = dict(temperature=p["temperature"], residual_before=p["residual_before"],
@@ -350,8 +355,9 @@ DEFAULTS = {
 }
 
 
-def build(op, p=None, dtype=torch.float32, device="cpu", seed=0) -> Built:
-    return BUILDERS[op](dict(DEFAULTS[op]) if p is None else p, dtype, torch.device(device), seed)
+def build(op, p=None, dtype=torch.float32, device="cpu", seed=0, rand=None) -> Built:
+    """``rand(shape, scale)`` replaces the CPU float64 generator (e.g. to draw huge tensors on a GPU)."""
+    return BUILDERS[op](dict(DEFAULTS[op]) if p is None else p, dtype, torch.device(device), seed, rand)
 
 
 # ----- running a built case ---------------------------------------------------------------------------
