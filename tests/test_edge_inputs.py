@@ -43,7 +43,7 @@ def check_against_reference(b, backend, rtol=1e-4):
     floor = max([_max_abs(ref)] + [_max_abs(g) for g in ref_grads.values()])
     for what, got, want in [("output", out, ref)] + [(n, g, ref_grads[n]) for n, g in grads.items()]:
         assert got.shape == want.shape, what
-        err = (got.detach().double() - want).abs().max().item() if want.numel() else 0.0
+        err = (got.detach().cpu().double() - want).abs().max().item() if want.numel() else 0.0
         assert err <= rtol * _max_abs(want) + 0.1 * rtol * floor, f"{what}: error {err:.3g}"
 
 
@@ -63,32 +63,44 @@ def same_nonfinite_and_close(out, ref, rtol=1e-4):
 
 
 # ----- layouts and leading dimensions -------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["transposed", "strided", "offset"])
-@pytest.mark.parametrize("op,backend", op_backends())
-def test_non_contiguous_inputs(op, backend, kind):
+LAYOUT_KINDS = ["transposed", "strided", "offset"]
+
+
+def check_non_contiguous(op, backend, kind, device="cpu"):
     p = dict(_cases.DEFAULTS[op])
-    b0 = _cases.build(op, p)
-    p["layouts"] = {name: kind for name in b0.leaves}
+    p["layouts"] = {name: kind for name in _cases.build(op, p).leaves}
     if op == "prefix_attention" and kind == "transposed":
         p["layouts"].update(q="heads_last", k="heads_last", v="heads_last")
-    b = _cases.build(op, p)
+    b = _cases.build(op, p, device=device)
     args = b.views(_cases.fresh(b.leaves))
     assert any(not t.is_contiguous() for t in args.values() if t.dim() > 1)
     check_against_reference(b, backend)
 
 
-@pytest.mark.parametrize("lead", [[], [7], [2, 3], [2, 1, 3, 2]])
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+@pytest.mark.parametrize("op,backend", op_backends())
+def test_non_contiguous_inputs(op, backend, kind):
+    check_non_contiguous(op, backend, kind)
+
+
+LEADS = [[], [7], [2, 3], [2, 1, 3, 2]]
+
+
+@pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("op,backend", [pc for pc in op_backends() if pc.values[0] != "prefix_attention"])
 def test_leading_batch_dims(op, backend, lead):
-    p = dict(_cases.DEFAULTS[op], lead=lead)
-    check_against_reference(_cases.build(op, p), backend)
+    check_against_reference(_cases.build(op, dict(_cases.DEFAULTS[op], lead=lead)), backend)
 
 
-def test_expanded_prefix_like_prefix_encoder():
+def check_expanded_prefix(backend, device="cpu"):
     """PrefixEncoder(batch_size=B) hands over stride-0 batch views; every backend takes them."""
-    for backend in backends("prefix_attention"):
-        p = dict(_cases.DEFAULTS["prefix_attention"], prefix="expanded")
-        check_against_reference(_cases.build("prefix_attention", p), backend)
+    p = dict(_cases.DEFAULTS["prefix_attention"], prefix="expanded")
+    check_against_reference(_cases.build("prefix_attention", p, device=device), backend)
+
+
+@pytest.mark.parametrize("backend", backends("prefix_attention"))
+def test_expanded_prefix_like_prefix_encoder(backend):
+    check_expanded_prefix(backend)
 
 
 # ----- empty inputs -------------------------------------------------------------------------------------
@@ -108,21 +120,24 @@ EMPTY = [
 ]
 
 
+def check_empty(op, over, backend, device="cpu"):
+    b = _cases.build(op, dict(_cases.DEFAULTS[op], **over), device=device)
+    check_against_reference(b, backend)
+    out, grads = _cases.run(b, backend)
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
 @pytest.mark.parametrize("op,over", EMPTY, ids=[f"{op}-{sorted(o.items())}" for op, o in EMPTY])
 def test_empty_inputs(op, over):
-    p = dict(_cases.DEFAULTS[op], **over)
     for backend in backends(op):
-        b = _cases.build(op, p)
-        check_against_reference(b, backend)
-        out, grads = _cases.run(b, backend)
-        assert torch.isfinite(out).all()
-        assert all(torch.isfinite(g).all() for g in grads.values())
+        check_empty(op, over, backend)
 
 
 # ----- NaN and inf -------------------------------------------------------------------------------------
-def eager_and(op, backend, p, poison):
+def eager_and(op, backend, p, poison, device="cpu"):
     """Outputs of eager and ``backend`` on the same inputs after ``poison(leaves)`` (in place)."""
-    b = _cases.build(op, p)
+    b = _cases.build(op, p, device=device)
     with torch.no_grad():
         poison(b.leaves)
     outs = []
@@ -138,14 +153,14 @@ def _row(name, index, value):
     return poison
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("op,backend", op_backends())
-def test_nan_and_inf_rows_propagate_like_the_reference(op, backend, value):
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+def check_nonfinite_row(op, backend, value, device="cpu"):
     first = {"bottleneck_adapter": "x", "masked_linear": "x", "prefix_attention": "q", "adapter_fusion": "query",
              "stacked_adapter_fusion": "x"}[op]
-    p = dict(_cases.DEFAULTS[op])
     index = (1, 2) if op != "prefix_attention" else (1, 0, 2)
-    eager, out = eager_and(op, backend, p, _row(first, index, value))
+    eager, out = eager_and(op, backend, dict(_cases.DEFAULTS[op]), _row(first, index, value), device)
     same_nonfinite_and_close(out, eager)
     # the poisoned token/query is the only one affected (per-token ops; attention rows are independent)
     bad = ~torch.isfinite(eager)
@@ -155,26 +170,40 @@ def test_nan_and_inf_rows_propagate_like_the_reference(op, backend, value):
     assert len(rows) <= 1
 
 
-@pytest.mark.parametrize("backend", backends("prefix_attention"))
-def test_nan_key_hidden_by_padding_or_causality_stays_hidden(backend):
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("op,backend", op_backends())
+def test_nan_and_inf_rows_propagate_like_the_reference(op, backend, value):
+    check_nonfinite_row(op, backend, value)
+
+
+def check_hidden_nan_key(backend, device="cpu"):
     p = dict(_cases.DEFAULTS["prefix_attention"], pad=None, causal=True, L=5, S=7)
     # the last key is visible only to the last query (bottom-right causal): every other row stays finite
-    eager, out = eager_and("prefix_attention", backend, p, _row("k", (0, 1, 6), float("nan")))
+    eager, out = eager_and("prefix_attention", backend, p, _row("k", (0, 1, 6), float("nan")), device)
     same_nonfinite_and_close(out, eager)
     assert torch.isnan(eager[0, 2:4, 4]).all() and torch.isfinite(eager[0, :, :4]).all()
     assert torch.isfinite(eager[1]).all()
 
 
-@pytest.mark.parametrize("backend", backends("masked_linear"))
-def test_nan_scores_mean_pruned(backend):
+@pytest.mark.parametrize("backend", backends("prefix_attention"))
+def test_nan_key_hidden_by_causality_stays_hidden(backend):
+    check_hidden_nan_key(backend)
+
+
+def check_nan_scores(backend, device="cpu"):
     """NaN > threshold is False: a NaN score prunes its weight, on every backend."""
-    b = _cases.build("masked_linear")
+    b = _cases.build("masked_linear", device=device)
     with torch.no_grad():
         b.leaves["scores"][0, :] = float("nan")
     out, _ = _cases.run(b, backend, grads=False)
     ref, _ = _cases.run_ref(b)
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref) < 1e-4
+    assert rel_err(out.cpu(), ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend", backends("masked_linear"))
+def test_nan_scores_mean_pruned(backend):
+    check_nan_scores(backend)
 
 
 # ----- very large and tiny scales -----------------------------------------------------------------------
@@ -195,18 +224,22 @@ SCALES = [
 ]
 
 
+def check_scale(op, over, backend, device="cpu"):
+    p = dict(_cases.DEFAULTS[op], **over)
+    eager, out = eager_and(op, backend, p, lambda leaves: None, device)
+    same_nonfinite_and_close(out, eager, rtol=1e-3)
+    ref, _ = _cases.run_ref(_cases.build(op, p, device=device))
+    # where float32 stays finite it agrees with float64
+    e64 = eager.double().cpu()
+    fin = torch.isfinite(e64) & torch.isfinite(ref)
+    if fin.any():
+        assert rel_err(e64[fin], ref[fin]) < 1e-3
+
+
 @pytest.mark.parametrize("op,over", SCALES, ids=[f"{op}-{sorted(o.items())}" for op, o in SCALES])
 def test_extreme_scales_match_the_reference(op, over):
-    p = dict(_cases.DEFAULTS[op], **over)
     for backend in backends(op):
-        eager, out = eager_and(op, backend, p, lambda leaves: None)
-        same_nonfinite_and_close(out, eager, rtol=1e-3)
-        b = _cases.build(op, p)
-        ref, _ = _cases.run_ref(b)
-        # where float32 stays finite it agrees with float64
-        fin = torch.isfinite(eager.double()) & torch.isfinite(ref)
-        if fin.any():
-            assert rel_err(eager.double()[fin], ref[fin]) < 1e-3
+        check_scale(op, over, backend)
 
 
 def test_extreme_scales_cover_infinity():
@@ -216,6 +249,30 @@ def test_extreme_scales_cover_infinity():
             b = _cases.build(op, dict(_cases.DEFAULTS[op], **over))
             out, _ = _cases.run(b, "eager", grads=False)
             assert torch.isinf(out).any(), op
+
+
+# ----- all of the above for the kernels on a GPU ----------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", OPS)
+def test_edge_inputs_gpu(op, backend):
+    if backend not in backends(op, "cuda"):
+        pytest.skip(f"{op} has no {backend} backend that takes float32 CUDA tensors here")
+    for kind in LAYOUT_KINDS:
+        check_non_contiguous(op, backend, kind, "cuda")
+    for eop, over in EMPTY:
+        if eop == op:
+            check_empty(op, over, backend, "cuda")
+    for value in NONFINITE:
+        check_nonfinite_row(op, backend, value, "cuda")
+    for sop, over in SCALES:
+        if sop == op:
+            check_scale(op, over, backend, "cuda")
+    if op == "prefix_attention":
+        check_expanded_prefix(backend, "cuda")
+        check_hidden_nan_key(backend, "cuda")
+    if op == "masked_linear":
+        check_nan_scores(backend, "cuda")
 
 
 # ----- past 2**31 elements (int64 offsets) --------------------------------------------------------------
