@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -50,7 +51,16 @@ class _OpEntry:
 
 
 _REGISTRY: dict[str, _OpEntry] = {}
-_CONTEXT: list[str] = []  # stack of use_backend() choices; a plain list so torch.compile can trace it
+# Stack of use_backend() choices, one per thread (a block in one thread must not change what another
+# thread's calls pick); a plain list inside, so torch.compile can trace it.
+_LOCAL = threading.local()
+
+
+def _context() -> list:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
 
 
 def register(op: str, backend: str, run: Callable, reasons: Optional[Callable[[Mapping], list]] = None) -> Impl:
@@ -83,19 +93,21 @@ def validate_backend(name, argname: str = "backend") -> str:
 def use_backend(name: str) -> Iterator[str]:
     """Run the ops called inside the block on backend ``name`` (or ``"auto"``)."""
     key = validate_backend(name)
-    _CONTEXT.append(key)
+    stack = _context()
+    stack.append(key)
     try:
         yield key
     finally:
-        _CONTEXT.pop()
+        stack.pop()
 
 
 def requested(backend: Optional[str] = None) -> tuple[str, str]:
     """(choice, where it came from) for a call whose ``backend=`` argument is ``backend``."""
     if backend is not None:
         return validate_backend(backend), "argument"
-    if _CONTEXT:
-        return _CONTEXT[-1], "use_backend()"
+    stack = _context()
+    if stack:
+        return stack[-1], "use_backend()"
     env = os.environ.get(ENV_VAR)
     if env:
         return validate_backend(env, argname=f"environment variable {ENV_VAR}"), ENV_VAR

@@ -132,7 +132,12 @@ def set_active(model: nn.Module, name) -> None:
     reg = registry(model)
     if reg is None:
         raise ValueError("model has no pet_fast tasks; call pet_fast.inject first")
-    names = () if name is None else ((name,) if isinstance(name, str) else tuple(name))
+    if name is None or isinstance(name, str):
+        names = () if name is None else (name,)
+    elif isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name):
+        names = tuple(name)
+    else:
+        raise TypeError(f"name must be a task name, a sequence of task names or None, got {name!r}")
     for n in names:
         if n not in reg.configs:
             raise ValueError(f"unknown task {n!r}; the model has {sorted(reg.configs)}")

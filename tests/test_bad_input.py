@@ -113,3 +113,142 @@ def test_mismatched_devices_are_named():
     meta = torch.empty(4, 8, device="meta")
     with pytest.raises(ValueError, match="w_down must be on the device of x"):
         adapter(w_down=meta)()
+
+
+# ----- modules: constructors and calls ------------------------------------------------------------------
+import dataclasses  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from pet_fast import AdapterFusion, BottleneckAdapter, MaskedLinear, PrefixEncoder, SideTuning  # noqa: E402
+from pet_fast import inject as inject_mod  # noqa: E402
+
+
+def ctor(cls, *a, **kw):
+    return lambda: cls(*a, **kw)
+
+
+def fwd(make_module, *a, **kw):
+    return lambda: make_module()(*a, **kw)
+
+
+def adapters_for_fuse(*mods):
+    return lambda: AdapterFusion(8).fuse(t(3, 8), t(3, 8), t(3, 8), list(mods))
+
+
+MODULE_CASES = [
+    (ctor(BottleneckAdapter, 0, 2), ValueError, "d_model must be a positive int"),
+    (ctor(BottleneckAdapter, 8.0, 2), ValueError, "d_model must be a positive int"),
+    (ctor(BottleneckAdapter, 8, 0), ValueError, "bottleneck must be a positive int"),
+    (ctor(BottleneckAdapter, 8, 2, init="xavier"), ValueError, "init must be one of"),
+    (ctor(BottleneckAdapter, 8, 2, scaling="big"), ValueError, "scaling must be a number, 'learned' or 'channel'"),
+    (ctor(BottleneckAdapter, 8, 2, scaling=[1.0]), TypeError, "scaling must be a number"),
+    (ctor(BottleneckAdapter, 8, 2, activation="elu"), ValueError, "activation must be one of"),
+    (fwd(lambda: BottleneckAdapter(8, 2), [1.0] * 8), TypeError, "x must be a torch.Tensor"),
+    (fwd(lambda: BottleneckAdapter(8, 2), t(3, 7)), ValueError, "to match x's last dimension"),
+    (fwd(lambda: BottleneckAdapter(8, 2), t(3, 8), residual=t(3, 9)), ValueError, "residual must have shape (3, 8)"),
+    (fwd(lambda: BottleneckAdapter(8, 2), t(3, 8), backend="fast"), ValueError, "backend must be one of"),
+    (ctor(AdapterFusion, 0), ValueError, "d_model must be a positive int"),
+    (ctor(AdapterFusion, "8"), ValueError, "d_model must be a positive int"),
+    (ctor(AdapterFusion, 8, dropout=1.0), ValueError, "dropout must be in [0, 1)"),
+    (fwd(lambda: AdapterFusion(8), t(3, 8), t(3, 8), t(3, 8)), ValueError, "values must have shape (..., k, d)"),
+    (fwd(lambda: AdapterFusion(8), t(3, 8), t(3, 2, 8), t(3, 7)), ValueError, "residual must have shape (3, 8)"),
+    (fwd(lambda: AdapterFusion(8), t(3, 8), t(3, 2, 8, dtype=f64), t(3, 8)), TypeError, "values must have the dtype of query"),
+    (adapters_for_fuse(), ValueError, "adapters must hold at least one BottleneckAdapter"),
+    (adapters_for_fuse(BottleneckAdapter(8, 2), BottleneckAdapter(8, 2, activation="tanh")), ValueError,
+     "adapters must share one activation"),
+    (adapters_for_fuse(BottleneckAdapter(8, 2), BottleneckAdapter(6, 2)), ValueError, "adapters must share d_model"),
+    (adapters_for_fuse(BottleneckAdapter(8, 2, scaling="channel")), ValueError, "need scalar scaling"),
+    (ctor(MaskedLinear, 0, 4), ValueError, "in_features must be a positive int"),
+    (ctor(MaskedLinear, 4, -1), ValueError, "out_features must be a positive int"),
+    (ctor(MaskedLinear, 4, 4, threshold="0"), TypeError, "threshold must be a real number"),
+    (ctor(MaskedLinear, 4, 4, threshold=0.5, init_score=0.1), ValueError, "init_score (0.1) must be > threshold"),
+    (ctor(MaskedLinear, 4, 4, init_score="1"), TypeError, "init_score must be a real number"),
+    (lambda: MaskedLinear.from_linear(nn.Conv1d(2, 2, 1)), TypeError, "linear must be an nn.Linear"),
+    (fwd(lambda: MaskedLinear(8, 4), t(3, 7)), ValueError, "x's last dimension must equal weight.shape[1] = 8"),
+    (fwd(lambda: MaskedLinear(8, 4), torch.ones(3, 8, dtype=torch.long)), TypeError, "x must be a floating-point"),
+    (ctor(PrefixEncoder, 0, 2, 8, 4), ValueError, "num_layers must be a positive int"),
+    (ctor(PrefixEncoder, 2, 0, 8, 4), ValueError, "num_kv_heads must be a positive int"),
+    (ctor(PrefixEncoder, 2, 2, 0, 4), ValueError, "head_dim must be a positive int"),
+    (ctor(PrefixEncoder, 2, 2, 8, -1), ValueError, "prefix_length must be an int >= 0"),
+    (ctor(PrefixEncoder, 2, 2, 8, 4, projection_dim=0), ValueError, "projection_dim must be None (flat) or a positive int"),
+    (ctor(PrefixEncoder, 2, 2, 8, 4, dropout=1.5), ValueError, "dropout"),
+    (fwd(lambda: PrefixEncoder(2, 2, 8, 4), batch_size=-1), ValueError, "batch_size must be None or an int >= 0"),
+    (fwd(lambda: PrefixEncoder(2, 2, 8, 4), batch_size=2.0), ValueError, "batch_size must be None or an int >= 0"),
+    (fwd(lambda: PrefixEncoder(2, 2, 8, 4), dtype="float16"), TypeError, "dtype must be None or a torch.dtype"),
+    (ctor(SideTuning, lambda x: x, nn.Linear(2, 2)), TypeError, "base and side must be nn.Modules"),
+    (ctor(SideTuning, nn.Linear(2, 2), nn.Linear(2, 2), 1.5), ValueError, "alpha must be a number in [0, 1]"),
+    (ctor(SideTuning, nn.Linear(2, 2), nn.Linear(2, 2), "fixed"), ValueError, "alpha must be a number in [0, 1]"),
+    (ctor(SideTuning, nn.Linear(2, 2), nn.Linear(2, 2), "learned", alpha_init=1.0), ValueError, "alpha_init must be in (0, 1)"),
+    (fwd(lambda: SideTuning(nn.Linear(2, 2), nn.Linear(2, 2), lambda step: 2.0), t(3, 2)), ValueError,
+     "the alpha schedule returned 2.0"),
+]
+
+
+@dataclasses.dataclass
+class _NoopMethod(inject_mod.MethodConfig):
+    """A method that attaches one linear per task (for the inject/set_active contract only)."""
+
+    method: ClassVar[str] = "noop-for-tests"
+
+    def attach(self, model, name, registry):
+        inject_mod.task_holder(model)[name] = nn.Linear(2, 2)
+
+
+def injected():
+    return inject_mod.inject(nn.Linear(2, 2), _NoopMethod(), "a")
+
+
+def twice():
+    inject_mod.inject(injected(), _NoopMethod(), "a")
+
+
+INJECT_CASES = [
+    (lambda: inject_mod.inject("model", _NoopMethod()), TypeError, "model must be an nn.Module"),
+    (lambda: inject_mod.inject(nn.Linear(2, 2), {"method": "adapter"}), TypeError, "config must be one of the pet_fast method configs"),
+    (lambda: inject_mod.inject(nn.Linear(2, 2), _NoopMethod(), "1task"), ValueError, "name must be a string of letters"),
+    (lambda: inject_mod.inject(nn.Linear(2, 2), _NoopMethod(), "a b"), ValueError, "name must be a string of letters"),
+    (lambda: inject_mod.inject(nn.Linear(2, 2), _NoopMethod(), 3), ValueError, "name must be a string of letters"),
+    (twice, ValueError, "model already has a task named 'a'"),
+    (lambda: inject_mod.set_active(nn.Linear(2, 2), "a"), ValueError, "model has no pet_fast tasks"),
+    (lambda: inject_mod.set_active(injected(), "b"), ValueError, "unknown task 'b'"),
+    (lambda: inject_mod.set_active(injected(), ["a", "b"]), ValueError, "unknown task 'b'"),
+    (lambda: inject_mod.set_active(injected(), 3), TypeError, "name must be a task name, a sequence of task names or None"),
+    (lambda: inject_mod.set_active(injected(), [3]), TypeError, "name must be a task name, a sequence of task names or None"),
+    (lambda: inject_mod.MethodConfig.from_dict({"method": "nope"}), ValueError, "unknown method 'nope'"),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "cuda", "auto"])
+@pytest.mark.parametrize("call,exc,text", MODULE_CASES + INJECT_CASES,
+                         ids=[f"m{i}-{c[2][:30]}" for i, c in enumerate(MODULE_CASES + INJECT_CASES)])
+def test_bad_module_and_inject_calls_are_refused(call, exc, text, backend):
+    with pet_fast.use_backend(backend), pytest.raises(exc) as info:
+        call()
+    assert text in str(info.value)
+
+
+def test_set_active_refusal_changes_nothing():
+    model = injected()
+    inject_mod.inject(model, _NoopMethod(), "b")
+    before = (inject_mod.registry(model).active, {k: p.requires_grad for k, p in model.named_parameters()})
+    with pytest.raises(ValueError):
+        inject_mod.set_active(model, ["a", "missing"])
+    assert before == (inject_mod.registry(model).active, {k: p.requires_grad for k, p in model.named_parameters()})
+
+
+def test_bad_input_is_refused_before_any_kernel(monkeypatch):
+    """A refused call never reaches a backend: every registered run function is replaced by one that
+    fails the test, and every bad call of the table still raises its own error."""
+    from pet_fast import dispatch
+
+    def boom(*a, **kw):
+        raise AssertionError("a backend ran on bad input")
+
+    for entry in dispatch._REGISTRY.values():
+        for impl in entry.impls.values():
+            monkeypatch.setattr(impl, "run", boom)
+    for call, exc, text in CASES + [c for c in MODULE_CASES if "schedule" not in c[2]]:
+        with pytest.raises(exc):
+            call()

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..ops import activations
+from ..ops import _checks, activations
 from ..ops.bottleneck_adapter import bottleneck_adapter
 
 INITS = ("bert", "identity")
@@ -84,7 +84,7 @@ class BottleneckAdapter(nn.Module):
         return None if t is None else t.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
-        dt = x.dtype
+        dt = _checks.tensor("x", x, floating=False).dtype
         scaling = self.scaling.to(dt) if isinstance(self.scaling, torch.Tensor) else self.scaling
         return bottleneck_adapter(x, self.w_down.to(dt), self._cast(self.b_down, dt), self.w_up.to(dt),
                                   self._cast(self.b_up, dt), activation=self.activation, scaling=scaling,

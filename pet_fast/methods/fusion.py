@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..ops import _checks
 from ..ops import adapter_fusion as fusion_ops
 from .adapter import BottleneckAdapter
 
@@ -28,6 +29,8 @@ class AdapterFusion(nn.Module):
                  value_initialized: bool = False, temperature: bool = False, residual_before: bool = False,
                  value_before_softmax: bool = True, dropout: float = 0.0, dtype=None, device=None):
         super().__init__()
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
         kw = dict(dtype=dtype, device=device)
         self.query = nn.Linear(d_model, d_model, **kw) if query else None
         self.key = nn.Linear(d_model, d_model, **kw) if key else None
@@ -80,6 +83,7 @@ class AdapterFusion(nn.Module):
     def forward(self, query: torch.Tensor, values: torch.Tensor, residual: torch.Tensor, *,
                 backend: Optional[str] = None) -> torch.Tensor:
         """Fuse given adapter outputs ``values (..., k, d)``."""
+        _checks.tensor("query", query, floating=False)
         t = self._temperature()
         proj = self._projections(query.dtype)
         if self.training and self.dropout > 0:

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops import _checks
 from ..ops.masked_linear import masked_linear
 
 
@@ -21,6 +22,9 @@ class MaskedLinear(nn.Module):
                  init_score: Optional[float] = None, train_weight: bool = False, train_bias: bool = False,
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         weight = torch.empty(out_features, in_features, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
@@ -65,7 +69,7 @@ class MaskedLinear(nn.Module):
         return self.scores.detach() > self.threshold
 
     def forward(self, x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-        dt = x.dtype
+        dt = _checks.tensor("x", x, floating=False).dtype
         bias = None if self.bias is None else self.bias.to(dt)
         return masked_linear(x, self.weight.to(dt), self.scores, bias, threshold=self.threshold, backend=backend)
 

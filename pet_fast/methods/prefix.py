@@ -77,6 +77,10 @@ class PrefixEncoder(nn.Module):
 
     def forward(self, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
         """A list with one ``(prefix_k, prefix_v)`` per layer."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0):
+            raise ValueError(f"batch_size must be None or an int >= 0, got {batch_size!r}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be None or a torch.dtype, got {dtype!r}")
         P = self.prefix_length
         flat = self.dropout(self.flat())
         if dtype is not None:

@@ -1,0 +1,175 @@
+"""Concurrency: processes loading (or building) the extension at once, and modules used from several
+threads in inference."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import pet_fast
+from pet_fast import dispatch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spawn(code, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=str(ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_together(code, n, tmp_path, env_extra=None):
+    """Start ``n`` processes that each wait for a go-file, release them at once, return their outputs."""
+    go = tmp_path / "go"
+    env = dict(env_extra or {}, GO_FILE=str(go))
+    procs = [_spawn(code, env) for _ in range(n)]
+    go.write_text("go")
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, f"a process failed:\n{out}\n{err}"
+        outs.append(out.strip())
+    return outs
+
+
+WAIT = """
+import os, time
+deadline = time.time() + 60
+while not os.path.exists(os.environ["GO_FILE"]):
+    assert time.time() < deadline, "never released"
+    time.sleep(0.005)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU outcome (no extension) is checked here")
+def test_two_processes_loading_the_extension_at_once_get_the_same_answer(tmp_path):
+    code = WAIT + """
+import pet_fast
+from pet_fast import _ext
+m = _ext.load()
+print(repr(m), "|", _ext.reason())
+"""
+    outs = _run_together(code, 2, tmp_path, {"PET_FAST_CACHE": str(tmp_path / "cache")})
+    assert outs[0] == outs[1]
+    assert outs[0].startswith("None |")
+
+
+def test_the_build_lock_serialises_two_just_in_time_builds(tmp_path):
+    """Two processes that both find no prebuilt extension build it just in time under one file lock:
+    the (fake) builds never overlap and both processes get the module."""
+    log = tmp_path / "build.log"
+    inside = tmp_path / "inside"
+    code = WAIT + f"""
+import os, time, types
+import torch, torch.utils.cpp_extension
+from pet_fast import _ext
+
+def fake_build(name, sources, build_directory, **kw):
+    try:
+        fd = os.open({str(inside)!r}, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        with open({str(log)!r}, "a") as fh:
+            fh.write("OVERLAP\\n")
+        raise
+    with open({str(log)!r}, "a") as fh:
+        fh.write(f"start {{os.getpid()}}\\n")
+    time.sleep(0.3)
+    with open({str(log)!r}, "a") as fh:
+        fh.write(f"end {{os.getpid()}}\\n")
+    os.close(fd)
+    os.unlink({str(inside)!r})
+    return types.SimpleNamespace(name=name, build_directory=build_directory)
+
+torch.utils.cpp_extension.load = fake_build
+torch.cuda.get_device_capability = lambda *a: (8, 0)
+_ext._why_not_buildable = lambda: None
+m = _ext.load()
+assert m is not None, _ext.reason()
+print(_ext.reason(), "|", m.build_directory)
+"""
+    outs = _run_together(code, 2, tmp_path, {"PET_FAST_CACHE": str(tmp_path / "cache")})
+    assert outs[0] == outs[1] and outs[0].startswith("built just in time |")
+    assert (tmp_path / "cache") in Path(outs[0].split("| ")[1]).parents
+    events = log.read_text().split()
+    assert "OVERLAP" not in events
+    kinds = events[0::2]
+    assert kinds == ["start", "end", "start", "end"], events
+    assert events[1] == events[3] and events[5] == events[7] and events[1] != events[5]
+
+
+# ----- threads -----------------------------------------------------------------------------------------
+def _workloads():
+    torch.manual_seed(0)
+    d = 16
+    adapter = pet_fast.BottleneckAdapter(d, 4, activation="gelu", scaling="channel").eval()
+    with torch.no_grad():
+        adapter.w_up.normal_()
+    masked = pet_fast.MaskedLinear(d, 8, threshold=0.0).eval()
+    with torch.no_grad():
+        masked.scores.normal_()
+    adapters = [pet_fast.BottleneckAdapter(d, 3) for _ in range(3)]
+    fusion = pet_fast.AdapterFusion(d).eval()
+    enc = pet_fast.PrefixEncoder(1, 2, 8, 3)
+    side = pet_fast.SideTuning(torch.nn.Linear(d, d), torch.nn.Linear(d, d), 0.3).eval()
+    xs = [torch.randn(3, 5, d) for _ in range(8)]
+    qs = [torch.randn(2, 4, 5, 8) for _ in range(8)]
+
+    def attention(i):
+        (pk, pv), = enc(batch_size=2)
+        kv = qs[(i + 1) % 8][:, :2]
+        return pet_fast.prefix_attention(qs[i], kv, kv, pk, pv, causal=True)
+
+    return [
+        lambda i: adapter(xs[i]),
+        lambda i: masked(xs[i]),
+        lambda i: fusion.fuse(xs[i], xs[i], xs[i], adapters),
+        lambda i: fusion(xs[i], torch.stack([xs[i], xs[(i + 1) % 8]], -2), xs[i]),
+        attention,
+        lambda i: side(xs[i]),
+    ]
+
+
+def test_modules_from_several_threads_match_serial():
+    jobs = [(w, i) for w, _ in enumerate(_workloads()) for i in range(8)] * 3
+    work = _workloads()
+    with torch.inference_mode():
+        serial = [work[w](i) for w, i in jobs]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            threaded = list(pool.map(lambda job: work[job[0]](job[1]), jobs))
+    for (w, i), a, b in zip(jobs, serial, threaded):
+        assert torch.equal(a, b), f"workload {w} input {i} differs when run from threads"
+
+
+def test_use_backend_in_one_thread_does_not_leak_into_another():
+    """``use_backend`` is per thread: a thread inside ``use_backend("cuda")`` (which cannot run CPU
+    tensors) must not change what another thread's ``auto`` calls pick."""
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def holder():
+        with pet_fast.use_backend("cuda"):
+            seen["holder"] = dispatch.requested()
+            inside.set()
+            done.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert inside.wait(30)
+        seen["other"] = dispatch.requested()
+        x = torch.randn(3, 8)
+        out = pet_fast.bottleneck_adapter(x, torch.randn(4, 8), None, torch.randn(8, 4), None)  # auto: eager
+        assert out.shape == x.shape
+    finally:
+        done.set()
+        t.join()
+    assert seen["holder"] == ("cuda", "use_backend()")
+    assert seen["other"] == ("auto", "default")
+    assert dispatch.requested() == ("auto", "default")
