@@ -209,6 +209,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor
         raise ValueError("forward needs exactly one of scores and bits")
     x = x.contiguous()
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel indexes the bias with stride 1
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)

@@ -224,11 +224,26 @@ SCALES = [
 ]
 
 
+def overflow_consistent(out, ref64):
+    """For sums whose partial sums overflow float32, inf versus NaN (inf - inf) depends on the order of
+    summation, which differs between backends. What must hold: where the float64 result lies beyond
+    float32's range the output is not finite, and where the output is finite it is close to float64."""
+    big = ref64.abs() > torch.finfo(torch.float32).max
+    assert (~torch.isfinite(out.cpu()[big])).all(), "a result beyond float32's range came out finite"
+    fin = torch.isfinite(out.cpu()) & torch.isfinite(ref64)
+    assert fin.any()
+    assert rel_err(out.cpu()[fin].double(), ref64[fin]) < 1e-3
+
+
 def check_scale(op, over, backend, device="cpu"):
     p = dict(_cases.DEFAULTS[op], **over)
     eager, out = eager_and(op, backend, p, lambda leaves: None, device)
-    same_nonfinite_and_close(out, eager, rtol=1e-3)
     ref, _ = _cases.run_ref(_cases.build(op, p, device=device))
+    if over.get("wscale", 0) >= 1e38:
+        overflow_consistent(out, ref)
+        overflow_consistent(eager, ref)
+        return
+    same_nonfinite_and_close(out, eager, rtol=1e-3)
     # where float32 stays finite it agrees with float64
     e64 = eager.double().cpu()
     fin = torch.isfinite(e64) & torch.isfinite(ref)
