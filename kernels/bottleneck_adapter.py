@@ -343,10 +343,14 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     bn, bd, warps = _blocks(rp)
     upcast = interpreting() or x.dtype == torch.float32
     need_ds = bool(need_ds and scaling is not None)
-    # One fp32 buffer for every weight-side gradient: one memset.
     sizes = [r * d, d * r, d, d, r]
-    buf = torch.zeros(sum(sizes), device=x.device, dtype=torch.float32)
-    dwd, dwu, dbu, ds, dbd = torch.split(buf, sizes)
+    if w_down.dtype == torch.float32:
+        # the fp32 accumulators are the results: separate tensors, so that no two results alias
+        dwd, dwu, dbu, ds, dbd = (torch.zeros(n_, device=x.device, dtype=torch.float32) for n_ in sizes)
+    else:
+        # one fp32 buffer for every weight-side accumulator (one memset), cast at the end
+        buf = torch.zeros(sum(sizes), device=x.device, dtype=torch.float32)
+        dwd, dwu, dbu, ds, dbd = torch.split(buf, sizes)
     dx = torch.empty_like(x)
     if n > 0:
         hbuf = torch.empty((n, rp), device=x.device, dtype=torch.float32)

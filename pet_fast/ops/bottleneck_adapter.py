@@ -13,7 +13,7 @@ All tensors share x's dtype and device. The output has x's shape and dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +68,113 @@ def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, res
 
 def describe(x, w_down, activation, scaling, residual) -> dict:
     """What the dispatcher sees of a (validated) call."""
+    params = [x, w_down, scaling if isinstance(scaling, torch.Tensor) else None, residual]
     return _checks.info(x, d=x.shape[-1], r=w_down.shape[0], n=x.numel() // max(x.shape[-1], 1), activation=activation,
                         per_channel_scaling=isinstance(scaling, torch.Tensor) and scaling.dim() == 1,
-                        residual=residual is not None)
+                        residual=residual is not None,
+                        requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params))
 
 
 dispatch.register(OP, "eager", reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused backends. Each is a torch.library custom op (opaque to torch.compile, with a fake-tensor rule
+# and an autograd formula), so a module calling them compiles with fullgraph=True. The launchers take
+# tokens flattened to (N, d) and contiguous; the run functions below do that and restore the shape.
+
+
+def _triton_kernels():
+    from ..kernels import bottleneck_adapter as kernels  # imports triton: only when a kernel runs
+
+    return kernels
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+                    b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
+                    residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _triton_kernels().forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation)
+
+
+@_triton_forward.register_fake
+def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+    return torch.empty_like(x)
+
+
+def _absent(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # custom ops return no None: an absent gradient travels as an empty tensor
+    return t if t is not None else like.new_empty((0,))
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_triton_backward", mutates_args=())
+def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                     w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
+                     scaling_value: float, has_residual: bool, activation: str, need_ds: bool) -> List[torch.Tensor]:
+    dx, dwd, dbd, dwu, dbu, ds = _triton_kernels().backward(
+        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds)
+    return [dx, dwd, _absent(dbd, x), dwu, _absent(dbu, x), _absent(ds, x)]
+
+
+@_triton_backward.register_fake
+def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
+    empty = x.new_empty((0,))
+    return [torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(b_down) if b_down is not None else empty,
+            torch.empty_like(w_up), torch.empty_like(b_up) if b_up is not None else empty,
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation = inputs
+    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scaling)
+    ctx.scaling_value = scaling_value
+    ctx.has_residual = residual is not None
+    ctx.activation = activation
+
+
+def _backward(ctx, dy):
+    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
+    need_ds = scaling is not None and ctx.needs_input_grad[5]
+    dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_triton_backward(
+        dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
+        ctx.activation, need_ds)
+    return (dx, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
+            ds if need_ds else None, None, dy if ctx.has_residual else None, None)
+
+
+_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
+    """(N, d)-contiguous tensors and (scaling tensor or None, scaling value) for the custom ops."""
+    d = x.shape[-1]
+    c = lambda t: t.contiguous() if t is not None else None
+    if isinstance(scaling, torch.Tensor):
+        s_t, s_v = scaling.contiguous(), 1.0
+    else:
+        s_t, s_v = None, float(scaling)
+    res = residual.reshape(-1, d).contiguous() if residual is not None else None
+    return x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, res
+
+
+def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+    """The triton backend: same call as :func:`reference`."""
+    x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
+    y = torch.ops.pet_fast.bottleneck_adapter_triton(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    return y.reshape(x.shape)
+
+
+TRITON_MAX_R = 256
+
+
+def triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if info["r"] > TRITON_MAX_R:
+        why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
+    return why
+
+
+dispatch.register(OP, "triton", run_triton, triton_reasons)
 
 
 def bottleneck_adapter(
@@ -96,3 +197,19 @@ def bottleneck_adapter(
     activation, scaling = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
     impl = dispatch.select(OP, describe(x, w_down, activation, scaling, residual), backend)
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
+
+
+# The cuda backend (csrc/bottleneck_adapter.cu): a forward for few tokens (serving).
+CUDA_MAX_N = 64
+CUDA_MAX_R = 256
+
+
+def cuda_reasons(info) -> list:
+    why = dispatch.cuda_reasons(info)
+    if info["n"] > CUDA_MAX_N:
+        why.append(f"{info['n']} tokens > {CUDA_MAX_N} (the cuda kernel is the few-token serving path)")
+    if info["r"] > CUDA_MAX_R:
+        why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
+    if info.get("requires_grad"):
+        why.append("an input requires grad and the cuda kernel is forward-only (inference)")
+    return why
