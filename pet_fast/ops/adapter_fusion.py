@@ -29,7 +29,7 @@ All tensors share query's dtype and device.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -204,3 +204,122 @@ def stacked_adapter_fusion(
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),
                     value_before_softmax=bool(value_before_softmax))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused triton backend of stacked_adapter_fusion.
+#
+# With qk = Q @ Wk (Q = query @ Wq.T + bq, or query), <Q, Wk v_j + bk> = <qk, v_j> + <Q, bk>, and the
+# second term is the same for every adapter, so it cancels in the softmax. The probabilities sum to
+# one, so sum_j p_j (Wv (v_j + res) + bv) = Wv (sum_j p_j v_j + res) + bv whether the value projection
+# comes before or after the softmax. The kernel computes ctx = sum_j softmax_j(<qk, v_j>/T) v_j from x
+# and the stacked adapter weights; the d x d projections and residual adds are cuBLAS/PyTorch ops
+# around it, differentiated by autograd.
+
+
+def _fusion_kernels():
+    from ..kernels import adapter_fusion as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("pet_fast::stacked_fusion_core_triton", mutates_args=())
+def _core_forward(x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                  w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
+                  scaling_value: float, activation: str, inv_temperature: float) -> List[torch.Tensor]:
+    ctx, a, p = _fusion_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                                          inv_temperature)
+    return [ctx, a, p]
+
+
+def _rp(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+@_core_forward.register_fake
+def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
+    n = x.shape[0]
+    k, r = w_down.shape[0], w_down.shape[1]
+    return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
+            x.new_empty((n, k), dtype=torch.float32)]
+
+
+@torch.library.custom_op("pet_fast::stacked_fusion_core_triton_backward", mutates_args=())
+def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor,
+                   b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
+                   scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
+                   a: torch.Tensor, p: torch.Tensor, need_ds: bool) -> List[torch.Tensor]:
+    out = _fusion_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                                     inv_temperature, a, p, need_ds)
+    return [t if t is not None else x.new_empty((0,)) for t in out]
+
+
+@_core_backward.register_fake
+def _(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, a, p, need_ds):
+    empty = x.new_empty((0,))
+    like = lambda t: torch.empty_like(t) if t is not None else empty
+    return [torch.empty_like(x), torch.empty_like(qk), torch.empty_like(w_down), like(b_down), torch.empty_like(w_up),
+            like(b_up), torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+
+
+def _core_setup(ctx, inputs, output):
+    x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature = inputs
+    _, a, p = output
+    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p)
+    ctx.mark_non_differentiable(a, p)
+    ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
+
+
+def _core_grad(ctx, grads):
+    dctx = grads[0]
+    x, qk, w_down, b_down, w_up, b_up, scaling, a, p = ctx.saved_tensors
+    need_ds = scaling is not None and ctx.needs_input_grad[6]
+    dx, dqk, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.stacked_fusion_core_triton_backward(
+        dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
+        ctx.inv_temperature, a, p, need_ds)
+    return (dx, dqk, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
+            ds if need_ds else None, None, None, None)
+
+
+_core_forward.register_autograd(_core_grad, setup_context=_core_setup)
+
+
+def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
+                       w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
+                       temperature=1.0, residual_before=False, value_before_softmax=True):
+    """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
+    d = query.shape[-1]
+    q = F.linear(query, w_query, b_query) if w_query is not None else query
+    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
+    c = lambda t: t.contiguous() if t is not None else None
+    if isinstance(scaling, torch.Tensor):
+        s_t, s_v = scaling.contiguous(), 1.0
+    else:
+        s_t, s_v = None, float(scaling)
+    ctx, _, _ = torch.ops.pet_fast.stacked_fusion_core_triton(
+        x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
+        s_t, s_v, activations.canonical(activation), 1.0 / float(temperature))
+    out = ctx.reshape(query.shape)
+    if residual_before:
+        out = out + residual
+    if w_value is not None:
+        out = F.linear(out, w_value, b_value)
+    if not residual_before:
+        out = out + residual
+    return out
+
+
+TRITON_MAX_R = 256
+TRITON_MAX_K = 64
+
+
+def stacked_triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if info["r"] > TRITON_MAX_R:
+        why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
+    if info["k"] > TRITON_MAX_K:
+        why.append(f"k={info['k']} adapters > {TRITON_MAX_K}")
+    return why
+
+
+dispatch.register(OP_STACKED, "triton", run_stacked_triton, stacked_triton_reasons)
