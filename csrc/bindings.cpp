@@ -4,4 +4,5 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pet_fast CUDA kernels";
   m.attr("abi_version") = 1;
+  register_bottleneck_adapter(m);
 }

@@ -4,3 +4,4 @@
 #include <torch/extension.h>
 
 // void register_<op>(pybind11::module_& m);   (one line per op, added with its kernel)
+void register_bottleneck_adapter(pybind11::module_& m);

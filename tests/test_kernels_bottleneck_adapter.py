@@ -213,3 +213,23 @@ def test_gpu_cuda_forward(dtype, n, d, r):
         assert rel_err(out.cpu(), ref) < 2e-5
     else:
         assert err <= 2 * err_eager + 4 * torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+def test_activation_codes_agree():
+    from pet_fast.kernels.bottleneck_adapter import ACT_CODES
+
+    assert op.CUDA_ACT_CODES == ACT_CODES
+    assert set(ACT_CODES) == set(pet_fast.ops.activations.ACTIVATIONS)
+
+
+def test_cuda_backend_refuses_cpu_and_gradients():
+    hi, lo = make_case((4,), 8, 2, torch.float32)
+    with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
+        call(lo, "relu", "cuda")
+    info = op.describe(lo["x"], lo["w_down"], "relu", lo["scaling"], None)
+    assert info["requires_grad"]
+    fake_gpu = {**info, "device": torch.device("cuda"), "n": 65}
+    if not HAS_GPU:
+        return
+    why = op.cuda_reasons({**fake_gpu, "requires_grad": True})
+    assert any("65 tokens" in w for w in why) and any("forward-only" in w for w in why)

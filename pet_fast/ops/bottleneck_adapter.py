@@ -199,9 +199,36 @@ def bottleneck_adapter(
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
 
 
-# The cuda backend (csrc/bottleneck_adapter.cu): a forward for few tokens (serving).
+# The cuda backend (csrc/bottleneck_adapter.cu): a forward for few tokens (serving), no autograd.
 CUDA_MAX_N = 64
 CUDA_MAX_R = 256
+# the AdapterAct enum of csrc/bottleneck_adapter.h (the same codes as the Triton kernels')
+CUDA_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda", mutates_args=())
+def _cuda_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+                  b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
+                  residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    from .. import _ext
+
+    ext = _ext.load()
+    if ext is None:
+        raise RuntimeError(f"bottleneck_adapter (cuda): the extension is not available: {_ext.reason()}")
+    return ext.bottleneck_adapter_forward_small(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual,
+                                                CUDA_ACT_CODES[activation])
+
+
+@_cuda_forward.register_fake
+def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+    return torch.empty_like(x)
+
+
+def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+    """The cuda backend (forward only): same call as :func:`reference`."""
+    x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
+    y = torch.ops.pet_fast.bottleneck_adapter_cuda(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    return y.reshape(x.shape)
 
 
 def cuda_reasons(info) -> list:
@@ -213,3 +240,6 @@ def cuda_reasons(info) -> list:
     if info.get("requires_grad"):
         why.append("an input requires grad and the cuda kernel is forward-only (inference)")
     return why
+
+
+dispatch.register(OP, "cuda", run_cuda, cuda_reasons)
