@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, activations
+from . import _checks, _timings, activations
 
 OP = "adapter_fusion"
 OP_STACKED = "stacked_adapter_fusion"
@@ -199,7 +199,11 @@ def stacked_adapter_fusion(
     _checks.tensor("query", query, min_ndim=1)
     activation, scaling = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
     temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
-    impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation), backend)
+    grad_inputs = (x, query, residual, w_down, w_up, w_query, w_key, w_value,
+                   scaling if isinstance(scaling, torch.Tensor) else None)
+    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation,
+                                                requires_grad=requires_grad), backend)
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),
@@ -323,3 +327,4 @@ def stacked_triton_reasons(info) -> list:
 
 
 dispatch.register(OP_STACKED, "triton", run_stacked_triton, stacked_triton_reasons)
+dispatch.set_preference(OP_STACKED, _timings.preference(OP_STACKED))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, activations
+from . import _checks, _timings, activations
 
 OP = "bottleneck_adapter"
 
@@ -243,3 +243,4 @@ def cuda_reasons(info) -> list:
 
 
 dispatch.register(OP, "cuda", run_cuda, cuda_reasons)
+dispatch.set_preference(OP, _timings.preference(OP))
