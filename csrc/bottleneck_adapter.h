@@ -24,4 +24,15 @@ int bottleneck_adapter_forward_small(int dtype, const void* x, const void* wd, c
                                      const void* residual, void* y, float* workspace, int64_t n, int64_t d,
                                      int64_t r, int act, cudaStream_t stream);
 
+// Gradients of bottleneck_adapter_forward_small for the same n <= kSmallMaxTokens, r <= kSmallMaxR:
+// dx (n, d) (dy added when add_dy, i.e. when the residual is x), dwd (r, d), dbd (r) or null,
+// dwu (d, r), dbu (d) or null, all of x's dtype; ds_partial: d floats, per channel
+// dy * (h @ wu.T + bu) summed over tokens (the caller sums it for a scalar scaling), or null.
+// workspace: 2 * n * r floats. Returns a cudaError_t.
+int bottleneck_adapter_backward_small(int dtype, const void* dy, const void* x, const void* wd, const void* bd,
+                                      const void* wu, const void* bu, const void* scale, int scale_mode,
+                                      float scale_value, int add_dy, void* dx, void* dwd, void* dbd, void* dwu,
+                                      void* dbu, float* ds_partial, float* workspace, int64_t n, int64_t d,
+                                      int64_t r, int act, cudaStream_t stream);
+
 }  // namespace pet_fast

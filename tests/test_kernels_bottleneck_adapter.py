@@ -196,23 +196,26 @@ def test_gpu_compile_inductor():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,d,r", [(1, 768, 64), (16, 4096, 64), (64, 8192, 256), (7, 100, 3)])
-def test_gpu_cuda_forward(dtype, n, d, r):
+@pytest.mark.parametrize("n_shape,d,r,kw", [((1,), 768, 64, dict(scaling="channel", residual=True)),
+                                            ((2, 8), 4096, 64, dict(scaling="scalar")),
+                                            ((64,), 8192, 256, dict(scaling="number")),
+                                            ((7,), 100, 3, dict(scaling="channel", bias=False))])
+def test_gpu_cuda_forward_backward(dtype, n_shape, d, r, kw):
     from pet_fast import _ext
 
     if not _ext.available():
         pytest.skip(_ext.reason())
-    hi, lo = make_case((n,), d, r, dtype, "cuda", scaling="channel", residual=True)
-    with torch.no_grad():
-        ref = call(hi, "gelu_tanh", "eager")
-        out = call(lo, "gelu_tanh", "cuda")
-        eager = call(lo, "gelu_tanh", "eager")
-    err = (out.cpu().double() - ref).abs().max().item()
-    err_eager = (eager.cpu().double() - ref).abs().max().item()
-    if dtype == torch.float32:
-        assert rel_err(out.cpu(), ref) < 2e-5
-    else:
-        assert err <= 2 * err_eager + 4 * torch.finfo(dtype).eps * ref.abs().max().item()
+    check_against_reference(n_shape, d, r, dtype, "gelu_tanh", backend="cuda", device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_cuda_activations(act):
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    check_against_reference((5,), 333, 17, torch.bfloat16, act, backend="cuda", device="cuda", scaling="channel")
 
 
 def test_activation_codes_agree():
@@ -222,14 +225,13 @@ def test_activation_codes_agree():
     assert set(ACT_CODES) == set(pet_fast.ops.activations.ACTIVATIONS)
 
 
-def test_cuda_backend_refuses_cpu_and_gradients():
+def test_cuda_backend_refuses_cpu_and_many_tokens():
     hi, lo = make_case((4,), 8, 2, torch.float32)
     with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
         call(lo, "relu", "cuda")
     info = op.describe(lo["x"], lo["w_down"], "relu", lo["scaling"], None)
     assert info["requires_grad"]
-    fake_gpu = {**info, "device": torch.device("cuda"), "n": 65}
     if not HAS_GPU:
         return
-    why = op.cuda_reasons({**fake_gpu, "requires_grad": True})
-    assert any("65 tokens" in w for w in why) and any("forward-only" in w for w in why)
+    why = op.cuda_reasons({**info, "device": torch.device("cuda"), "n": 65, "r": 300})
+    assert any("65 tokens" in w for w in why) and any("r=300" in w for w in why)

@@ -199,24 +199,29 @@ def bottleneck_adapter(
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
 
 
-# The cuda backend (csrc/bottleneck_adapter.cu): a forward for few tokens (serving), no autograd.
+# The cuda backend (csrc/bottleneck_adapter.cu): forward and backward for few tokens (serving and
+# small-batch steps), where eager PyTorch and the tiled Triton kernels are bound by launches.
 CUDA_MAX_N = 64
 CUDA_MAX_R = 256
 # the AdapterAct enum of csrc/bottleneck_adapter.h (the same codes as the Triton kernels')
 CUDA_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
 
 
-@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda", mutates_args=())
-def _cuda_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
-                  b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
-                  residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+def _extension():
     from .. import _ext
 
     ext = _ext.load()
     if ext is None:
         raise RuntimeError(f"bottleneck_adapter (cuda): the extension is not available: {_ext.reason()}")
-    return ext.bottleneck_adapter_forward_small(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual,
-                                                CUDA_ACT_CODES[activation])
+    return ext
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda", mutates_args=())
+def _cuda_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+                  b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
+                  residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _extension().bottleneck_adapter_forward_small(x, w_down, b_down, w_up, b_up, scaling, scaling_value,
+                                                         residual, CUDA_ACT_CODES[activation])
 
 
 @_cuda_forward.register_fake
@@ -224,8 +229,46 @@ def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activatio
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda_backward", mutates_args=())
+def _cuda_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
+                   scaling_value: float, has_residual: bool, activation: str, need_ds: bool) -> List[torch.Tensor]:
+    need_ds = need_ds and scaling is not None
+    if x.shape[0] == 0:
+        z = lambda t: torch.zeros_like(t) if t is not None else x.new_empty((0,))
+        return [torch.empty_like(x), z(w_down), z(b_down), z(w_up), z(b_up), z(scaling) if need_ds else x.new_empty((0,))]
+    dx, dwd, dbd, dwu, dbu, ds = _extension().bottleneck_adapter_backward_small(
+        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, CUDA_ACT_CODES[activation], need_ds)
+    if need_ds:
+        ds = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
+    else:
+        ds = x.new_empty((0,))
+    return [dx, dwd, dbd, dwu, dbu, ds]
+
+
+@_cuda_backward.register_fake
+def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
+    empty = x.new_empty((0,))
+    return [torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(b_down) if b_down is not None else empty,
+            torch.empty_like(w_up), torch.empty_like(b_up) if b_up is not None else empty,
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+
+
+def _cuda_grad(ctx, dy):
+    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
+    need_ds = scaling is not None and ctx.needs_input_grad[5]
+    dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_cuda_backward(
+        dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
+        ctx.activation, need_ds)
+    return (dx, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
+            ds if need_ds else None, None, dy if ctx.has_residual else None, None)
+
+
+_cuda_forward.register_autograd(_cuda_grad, setup_context=_setup_context)
+
+
 def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
-    """The cuda backend (forward only): same call as :func:`reference`."""
+    """The cuda backend: same call as :func:`reference`."""
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = torch.ops.pet_fast.bottleneck_adapter_cuda(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y.reshape(x.shape)
@@ -234,11 +277,9 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
 def cuda_reasons(info) -> list:
     why = dispatch.cuda_reasons(info)
     if info["n"] > CUDA_MAX_N:
-        why.append(f"{info['n']} tokens > {CUDA_MAX_N} (the cuda kernel is the few-token serving path)")
+        why.append(f"{info['n']} tokens > {CUDA_MAX_N} (the cuda kernels are the few-token path)")
     if info["r"] > CUDA_MAX_R:
         why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
-    if info.get("requires_grad"):
-        why.append("an input requires grad and the cuda kernel is forward-only (inference)")
     return why
 
 
