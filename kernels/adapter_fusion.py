@@ -21,7 +21,8 @@ Backward, two launches: a per-token-tile kernel (``dp_j = <dctx, v_j>`` from ``d
 softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd_j``), writing the
 r-wide ``da`` and k-wide ``dscore``; then a grid over (adapter, block of d, split of tokens) that
 reduces ``dWd``, ``dbd``, ``dWu``, ``dbu`` and ``d_scaling`` into fp32 buffers with fp32 atomics.
-Nothing k x d per token is written in either direction.
+Nothing k x d per token is written in either direction. The forward's tile shape is autotuned on a
+GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, padded_r
+from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
+                                 prune_row_configs, row_configs)
 
 
 @triton.jit
@@ -50,7 +52,7 @@ def _scale(S, s_value, j, S_MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, inv_t,
+def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, inv_t, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                 UPCAST: tl.constexpr):
@@ -261,6 +263,10 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DWD, DWU
         tl.atomic_add(DS + j, tl.sum(acc_s, axis=0))
 
 
+_fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "K", "n_bucket", "UPCAST"],
+                             prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
+
+
 def _blocks(rp: int) -> tuple[int, int, int]:
     if interpreting():
         return 16, 32, 4
@@ -287,14 +293,13 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
     pbuf = torch.empty((n, k), device=x.device, dtype=torch.float32)
     if n == 0:
         return ctx, abuf, pbuf
-    bn, bd, warps = _blocks(rp)
     dummy = x
-    _fwd_kernel[(triton.cdiv(n, bn),)](
+    _fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, qk, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, ctx, abuf, pbuf, n, d, r, k, float(scaling_value),
-        float(inv_temperature), HAS_BD=b_down is not None, HAS_BU=b_up is not None, S_MODE=_scale_mode(scaling),
-        ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp,
-        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=warps)
+        float(inv_temperature), n_bucket(n), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
+        S_MODE=_scale_mode(scaling), ACT=ACT_CODES[activation], RP=rp, KP=kp,
+        UPCAST=interpreting() or x.dtype == torch.float32)
     return ctx, abuf, pbuf
 
 

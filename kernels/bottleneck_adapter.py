@@ -21,6 +21,9 @@ Backward, two launches plus one memset:
    of the first d block), and adds them to fp32 buffers with fp32 atomics (never fp16/bf16 atomics).
 ``d_residual`` is ``dy`` itself.
 
+Tile shapes of the per-token-tile kernels are autotuned per (d, RP, power-of-two class of N, dtype
+class) on a GPU; the reduction kernel uses fixed tiles, since re-running it would add its atomics twice.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast to fp32 right after loading and the
 matrix products run in fp32; on a GPU fp16/bf16 operands go to tensor cores with fp32 accumulation and
 fp32 inputs use ``input_precision="ieee"`` (no tf32).
@@ -105,7 +108,7 @@ def mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value,
+def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, HAS_RES: tl.constexpr,
                 ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
                 UPCAST: tl.constexpr):
@@ -154,7 +157,7 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value,
 
 
 @triton.jit
-def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value,
+def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_bucket,
                      HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -286,7 +289,7 @@ def padded_r(r: int) -> int:
 
 
 def _blocks(rp: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps) for a padded bottleneck width (untuned heuristics)."""
+    """(BLOCK_N, BLOCK_D, num_warps) of the backward's reduction kernel (untuned heuristics)."""
     if interpreting():
         return 16, 64, 4
     if rp <= 64:
@@ -294,6 +297,32 @@ def _blocks(rp: int) -> tuple[int, int, int]:
     if rp <= 128:
         return 32, 64, 4
     return 32, 32, 8
+
+
+def row_configs():
+    """Tile shapes tried by the autotuner of the per-token-tile kernels (one under the interpreter)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bn, bd, w, st in [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 128, 8, 3)]]
+
+
+def prune_row_configs(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 accumulators (BLOCK_N x RP) would not fit in registers."""
+    rp = kwargs.get("RP", named_args.get("RP", 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * rp <= 8192 and c.kwargs["BLOCK_D"] * rp <= 16384]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
+
+
+def n_bucket(n: int) -> int:
+    """Autotuning key for the token count: its power of two, capped (one tuning per size class)."""
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 14)
+
+
+_fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+                             prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
+_bwd_rows_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+                                  prune_configs_by={"early_config_prune": prune_row_configs})(_bwd_rows_kernel)
 
 
 def _scale_mode(scaling):
@@ -311,16 +340,14 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
     if n == 0:
         return y
     rp = padded_r(r)
-    bn, bd, warps = _blocks(rp)
     upcast = interpreting() or x.dtype == torch.float32
     dummy = x
-    _fwd_kernel[(triton.cdiv(n, bn),)](
+    _fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, residual if residual is not None else dummy, y,
-        n, d, r, float(scaling_value),
+        n, d, r, float(scaling_value), n_bucket(n),
         HAS_BD=b_down is not None, HAS_BU=b_up is not None, S_MODE=_scale_mode(scaling),
-        HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp,
-        UPCAST=upcast, num_warps=warps)
+        HAS_RES=residual is not None, ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
     return y
 
 
@@ -358,11 +385,11 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
         dummy = x
         s_mode = _scale_mode(scaling)
         s_arg = scaling if scaling is not None else dummy
-        _bwd_rows_kernel[(triton.cdiv(n, bn),)](
+        _bwd_rows_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             x, w_down, b_down if b_down is not None else dummy, w_up, s_arg, dy, dx, hbuf, dabuf,
-            n, d, r, float(scaling_value),
+            n, d, r, float(scaling_value), n_bucket(n),
             HAS_BD=b_down is not None, S_MODE=s_mode, ADD_DY=not has_residual, ACT=ACT_CODES[activation],
-            BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast, num_warps=warps)
+            RP=rp, UPCAST=upcast)
         d_blocks = triton.cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
         rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
