@@ -311,6 +311,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     rp = padded_r(r)
     kp = max(2, triton.next_power_of_2(k))
     bn, bd, warps = _blocks(rp)
+    stages = 2 if rp >= 128 else 3
     upcast = interpreting() or x.dtype == torch.float32
     need_ds = bool(need_ds and scaling is not None)
     sizes = [k * r * d, k * d * r, k * d, k * r, k]
@@ -330,7 +331,8 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         _bwd_rows_kernel[(triton.cdiv(n, bn),)](
             x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, dscbuf, dx, dqk, n, d, r, k,
             float(scaling_value), float(inv_temperature), HAS_BU=b_up is not None, S_MODE=s_mode,
-            ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp, UPCAST=upcast, num_warps=warps)
+            ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp, UPCAST=upcast, num_warps=warps,
+            num_stages=stages)
         d_blocks = triton.cdiv(d, bd)
         tiles = triton.cdiv(n, bn)
         if interpreting() or x.device.type != "cuda":
@@ -344,7 +346,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
             x, qk, dctx, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, dscbuf, dwd, dwu, dbu, dbd, ds,
             n, d, r, k, float(scaling_value), rows_per_split, HAS_BU=b_up is not None, S_MODE=s_mode,
             NEED_DS=need_ds, NEED_BD=b_down is not None, ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd,
-            RP=rp, UPCAST=upcast, num_warps=warps)
+            RP=rp, UPCAST=upcast, num_warps=warps, num_stages=stages)
     dt = w_down.dtype
     d_scaling = None
     if need_ds:

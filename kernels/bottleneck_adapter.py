@@ -304,7 +304,8 @@ def row_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-            for bn, bd, w, st in [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 128, 8, 3)]]
+            for bn, bd, w, st in [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 128, 8, 3),
+                                  (16, 64, 4, 2), (32, 32, 4, 2)]]  # the last two fit the shared memory at RP=256
 
 
 def prune_row_configs(configs, named_args, **kwargs):
@@ -398,7 +399,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             x, dy, hbuf, dabuf, w_up, b_up if b_up is not None else dummy, s_arg,
             dwd, dwu, dbu, ds, dbd, n, d, r, float(scaling_value), rows_per_split,
             HAS_BU=b_up is not None, S_MODE=s_mode, NEED_DS=need_ds, NEED_BD=b_down is not None,
-            BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast, num_warps=warps)
+            BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast, num_warps=warps, num_stages=2 if rp >= 128 else 3)
     dt = w_down.dtype
     d_scaling = None
     if need_ds:
