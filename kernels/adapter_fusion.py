@@ -353,3 +353,108 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     return (dx, dqk, dwd.view(k, r, d).to(dt), dbd.view(k, r).to(dt) if b_down is not None else None,
             dwu.view(k, d, r).to(dt), dbu.view(k, d).to(dt) if b_up is not None else None, d_scaling)
+
+
+# ---------------------------------------------------------------------------------------------------
+# adapter_fusion with given adapter outputs: ctx = sum_j softmax_j(<qk, v_j> / T) v_j over values
+# (N, k, d). One read of the values in the forward (scores, then the weighted sum from L2); the
+# backward reads them again and writes their gradient, which is an output of the op.
+
+
+@triton.jit
+def _attn_fwd_kernel(V, QK, CTX, PBUF, N, D, K, inv_t,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    kk = tl.arange(0, KP)
+    cols = tl.arange(0, BLOCK_D)
+    scores = tl.zeros((BLOCK_N, KP), dtype=tl.float32)
+    for j in range(K):
+        sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            m2 = rmask[:, None] & (c < D)[None, :]
+            q = tl.load(QK + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(V + (rows[:, None] * K + j) * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            sc += tl.sum(q * v, axis=1)
+        scores = tl.where(kk[None, :] == j, (sc * inv_t)[:, None], scores)
+    scores = tl.where(kk[None, :] < K, scores, float("-inf"))
+    e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    tl.store(PBUF + rows[:, None] * K + kk[None, :], p, mask=rmask[:, None] & (kk[None, :] < K))
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        m2 = rmask[:, None] & (c < D)[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for j in range(K):
+            v = tl.load(V + (rows[:, None] * K + j) * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc += _col(p, kk, j)[:, None] * v
+        tl.store(CTX + rows[:, None] * D + c[None, :], acc.to(CTX.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _attn_bwd_kernel(V, QK, DCTX, PBUF, DV, DQK, N, D, K, inv_t,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    kk = tl.arange(0, KP)
+    cols = tl.arange(0, BLOCK_D)
+    p = tl.load(PBUF + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0.0)
+    dp = tl.zeros((BLOCK_N, KP), dtype=tl.float32)
+    for j in range(K):
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            m2 = rmask[:, None] & (c < D)[None, :]
+            g = tl.load(DCTX + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(V + (rows[:, None] * K + j) * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc += tl.sum(g * v, axis=1)
+        dp = tl.where(kk[None, :] == j, acc[:, None], dp)
+    dsc = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * inv_t
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        m2 = rmask[:, None] & (c < D)[None, :]
+        offs = rows[:, None] * D + c[None, :]
+        g = tl.load(DCTX + offs, mask=m2, other=0.0).to(tl.float32)
+        q = tl.load(QK + offs, mask=m2, other=0.0).to(tl.float32)
+        dq = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for j in range(K):
+            voffs = (rows[:, None] * K + j) * D + c[None, :]
+            v = tl.load(V + voffs, mask=m2, other=0.0).to(tl.float32)
+            dsj = _col(dsc, kk, j)[:, None]
+            dq += dsj * v
+            tl.store(DV + voffs, (_col(p, kk, j)[:, None] * g + dsj * q).to(DV.dtype.element_ty), mask=m2)
+        tl.store(DQK + offs, dq.to(DQK.dtype.element_ty), mask=m2)
+
+
+def _attn_blocks(d: int):
+    if interpreting():
+        return 16, 32, 4
+    return 32, min(128, max(16, triton.next_power_of_2(d))), 4
+
+
+def attention_forward(values, qk, inv_temperature):
+    """values (N, k, d), qk (N, d), contiguous: (ctx (N, d), p (N, k) fp32)."""
+    n, k, d = values.shape
+    ctx = torch.empty_like(qk)
+    p = torch.empty((n, k), device=qk.device, dtype=torch.float32)
+    if n:
+        bn, bd, w = _attn_blocks(d)
+        _attn_fwd_kernel[(triton.cdiv(n, bn),)](values, qk, ctx, p, n, d, k, float(inv_temperature), BLOCK_N=bn,
+                                                BLOCK_D=bd, KP=max(2, triton.next_power_of_2(k)), num_warps=w)
+    return ctx, p
+
+
+def attention_backward(dctx, values, qk, p, inv_temperature):
+    """(d_values (N, k, d), d_qk (N, d))."""
+    n, k, d = values.shape
+    dv = torch.empty_like(values)
+    dqk = torch.empty_like(qk)
+    if n:
+        bn, bd, w = _attn_blocks(d)
+        _attn_bwd_kernel[(triton.cdiv(n, bn),)](values, qk, dctx, p, dv, dqk, n, d, k, float(inv_temperature),
+                                                BLOCK_N=bn, BLOCK_D=bd, KP=max(2, triton.next_power_of_2(k)),
+                                                num_warps=w)
+    return dv, dqk

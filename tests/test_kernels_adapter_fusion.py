@@ -135,3 +135,83 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("n_shape,d,r,k", [((4, 128), 768, 64, 3), ((300,), 1024, 16, 8), ((77,), 4096, 256, 2)])
 def test_gpu(dtype, n_shape, d, r, k):
     check(n_shape, d, r, k, dtype, "cuda", activation="gelu")
+
+
+# --- adapter_fusion (adapter outputs given) ------------------------------------------------------
+
+def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    t = dict(query=g(*n_shape, d), values=g(*n_shape, k, d), residual=g(*n_shape, d))
+    if proj:
+        t.update(w_query=g(d, d) / d ** 0.5, b_query=g(d) * 0.3, w_key=g(d, d) / d ** 0.5, b_key=g(d) * 0.3,
+                 w_value=g(d, d) / d ** 0.5)
+        if value_bias:
+            t["b_value"] = g(d) * 0.3
+    hi = {a: b.clone().requires_grad_() for a, b in t.items()}
+    lo = {a: b.to(device=device, dtype=dtype).requires_grad_() for a, b in t.items()}
+    return hi, lo
+
+
+def call_given(ts, backend, **kw):
+    rest = {a: b for a, b in ts.items() if a not in ("query", "values", "residual")}
+    return pet_fast.adapter_fusion(ts["query"], ts["values"], ts["residual"], backend=backend, **kw, **rest)
+
+
+def check_given(n_shape, d, k, dtype, device="cpu", case=None, **kw):
+    hi, lo = make_given(n_shape, d, k, dtype, device, **(case or {}))
+    ref = call_given(hi, "eager", **kw)
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_g = grads(hi, ref, dy)
+    out = call_given(lo, "triton", **kw)
+    got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
+    res = {"out": (out, ref)} | {a: (got_g[a], ref_g[a]) for a in ref_g}
+    if dtype == torch.float32:
+        for name, (a, b) in res.items():
+            scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
+            assert (a.cpu().double() - b).abs().max().item() / scale < 2e-5, name
+        return
+    lo2 = {a: b.detach().clone().requires_grad_() for a, b in lo.items()}
+    eager = call_given(lo2, "eager", **kw)
+    eager_res = {"out": eager} | grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    eps = torch.finfo(dtype).eps
+    for name, (a, b) in res.items():
+        err = (a.cpu().double() - b).abs().max().item()
+        err_eager = (eager_res[name].cpu().double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * eps * max(b.abs().max().item(), 1e-3), (name, err, err_eager)
+
+
+@pytest.mark.parametrize("case,kw", [
+    (dict(), dict()),
+    (dict(value_bias=False), dict(residual_before=True, value_before_softmax=False, temperature=3.0)),
+    (dict(proj=False), dict(residual_before=True)),
+])
+def test_given_values_fp32(case, kw):
+    check_given((3, 7), 37, 3, torch.float32, case=case, **kw)
+
+
+def test_given_values_fp16():
+    check_given((19,), 40, 5, torch.float16)
+
+
+def test_given_values_compile_fullgraph():
+    torch._dynamo.reset()
+    hi, lo = make_given((2, 3), 16, 3, torch.float32)
+
+    def f(backend, **t):
+        return call_given(t, backend, temperature=2.0).cos()
+
+    ref = f("eager", **lo)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")("triton", **lo)
+    assert rel_err(out, ref) < 2e-5
+    g_ref = torch.autograd.grad(ref.sum(), [lo["values"], lo["w_key"]])
+    g_out = torch.autograd.grad(out.sum(), [lo["values"], lo["w_key"]])
+    for a, b in zip(g_out, g_ref):
+        assert rel_err(a, b) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,k", [((4, 128), 768, 3), ((1001,), 1000, 8)])
+def test_gpu_given_values(dtype, n_shape, d, k):
+    check_given(n_shape, d, k, dtype, "cuda")

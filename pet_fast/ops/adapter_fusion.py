@@ -139,7 +139,9 @@ def adapter_fusion(
 ) -> torch.Tensor:
     """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
     temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
-    impl = dispatch.select(OP, describe(query, values.shape[-2]), backend)
+    grad_inputs = (query, values, residual, w_query, w_key, w_value)
+    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    impl = dispatch.select(OP, describe(query, values.shape[-2], requires_grad=requires_grad), backend)
     return impl.run(query, values, residual, w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key,
                     w_value=w_value, b_value=b_value, temperature=temperature,
                     residual_before=bool(residual_before), value_before_softmax=bool(value_before_softmax))
@@ -328,3 +330,78 @@ def stacked_triton_reasons(info) -> list:
 
 dispatch.register(OP_STACKED, "triton", run_stacked_triton, stacked_triton_reasons)
 dispatch.set_preference(OP_STACKED, _timings.preference(OP_STACKED))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton backend of adapter_fusion (adapter outputs given): the same reduction of the projections, with
+# a kernel for ctx = sum_j softmax_j(<qk, v_j>/T) v_j that reads the values instead of recomputing them.
+
+
+@torch.library.custom_op("pet_fast::fusion_attention_triton", mutates_args=())
+def _attn_forward(values: torch.Tensor, qk: torch.Tensor, inv_temperature: float) -> List[torch.Tensor]:
+    ctx, p = _fusion_kernels().attention_forward(values, qk, inv_temperature)
+    return [ctx, p]
+
+
+@_attn_forward.register_fake
+def _(values, qk, inv_temperature):
+    return [torch.empty_like(qk), qk.new_empty((qk.shape[0], values.shape[1]), dtype=torch.float32)]
+
+
+@torch.library.custom_op("pet_fast::fusion_attention_triton_backward", mutates_args=())
+def _attn_backward(dctx: torch.Tensor, values: torch.Tensor, qk: torch.Tensor, p: torch.Tensor,
+                   inv_temperature: float) -> List[torch.Tensor]:
+    dv, dqk = _fusion_kernels().attention_backward(dctx, values, qk, p, inv_temperature)
+    return [dv, dqk]
+
+
+@_attn_backward.register_fake
+def _(dctx, values, qk, p, inv_temperature):
+    return [torch.empty_like(values), torch.empty_like(qk)]
+
+
+def _attn_setup(ctx, inputs, output):
+    values, qk, inv_temperature = inputs
+    ctx.save_for_backward(values, qk, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.inv_temperature = inv_temperature
+
+
+def _attn_grad(ctx, grads):
+    values, qk, p = ctx.saved_tensors
+    dv, dqk = torch.ops.pet_fast.fusion_attention_triton_backward(grads[0].contiguous(), values, qk, p,
+                                                                  ctx.inv_temperature)
+    return dv, dqk, None
+
+
+_attn_forward.register_autograd(_attn_grad, setup_context=_attn_setup)
+
+
+def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
+               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
+    """The triton backend of adapter_fusion: same call as :func:`reference`."""
+    d = query.shape[-1]
+    k = values.shape[-2]
+    q = F.linear(query, w_query, b_query) if w_query is not None else query
+    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
+    ctx, _ = torch.ops.pet_fast.fusion_attention_triton(values.reshape(-1, k, d).contiguous(),
+                                                        qk.reshape(-1, d).contiguous(), 1.0 / float(temperature))
+    out = ctx.reshape(query.shape)
+    if residual_before:
+        out = out + residual
+    if w_value is not None:
+        out = F.linear(out, w_value, b_value)
+    if not residual_before:
+        out = out + residual
+    return out
+
+
+def fusion_triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if info["k"] > TRITON_MAX_K:
+        why.append(f"k={info['k']} adapters > {TRITON_MAX_K}")
+    return why
+
+
+dispatch.register(OP, "triton", run_triton, fusion_triton_reasons)
+dispatch.set_preference(OP, _timings.preference(OP))
