@@ -1,4 +1,4 @@
-"""Benchmark of bottleneck_adapter and stacked_adapter_fusion: eager vs triton vs cuda.
+"""Benchmark of bottleneck_adapter, stacked_adapter_fusion and adapter_fusion: eager vs triton vs cuda.
 
 Forward (under no_grad) and forward+backward (gradients of the input and of every adapter weight), at
 the shapes of the issue, in bf16 on a GPU. Each row gives the median time, the ratio to eager PyTorch
@@ -56,6 +56,18 @@ def fusion_inputs(n, d, r, k, dtype, device, grad):
                 w_key=mk(d, d, scale=d ** -0.5), b_key=mk(d), w_value=mk(d, d, scale=d ** -0.5))
 
 
+def given_inputs(n, d, k, dtype, device, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+    return dict(query=mk(n, d), values=mk(n, k, d), residual=mk(n, d), w_query=mk(d, d, scale=d ** -0.5),
+                b_query=mk(d), w_key=mk(d, d, scale=d ** -0.5), b_key=mk(d), w_value=mk(d, d, scale=d ** -0.5))
+
+
+def run_given(t, backend):
+    rest = {a: b for a, b in t.items() if a not in ("query", "values", "residual")}
+    return pet_fast.adapter_fusion(t["query"], t["values"], t["residual"], backend=backend, **rest)
+
+
 def run_adapter(t, backend):
     return pet_fast.bottleneck_adapter(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], activation="gelu",
                                        scaling=0.5, backend=backend)
@@ -102,6 +114,7 @@ def main():
     rows = []
     cases = [("bottleneck_adapter", s) for s in (QUICK_ADAPTER if args.quick else ADAPTER_SHAPES)]
     cases += [("stacked_adapter_fusion", s) for s in (QUICK_FUSION if args.quick else FUSION)]
+    cases += [("adapter_fusion", s) for s in (QUICK_FUSION if args.quick else FUSION)]
     for op, shape in cases:
         if op == "bottleneck_adapter":
             n, d, r = shape
@@ -109,6 +122,11 @@ def main():
             make, run = (lambda grad: adapter_inputs(n, d, r, dtype, device, grad)), run_adapter
             weights = 2 * r * d + r + d
             tensors_nd = {"fwd": 2, "fwd+bwd": 4}  # x, y (+ dy, dx)
+        elif op == "adapter_fusion":
+            n, d, r, k = shape
+            make, run = (lambda grad: given_inputs(n, d, k, dtype, device, grad)), run_given
+            weights = 3 * d * d + 2 * d
+            tensors_nd = {"fwd": 3 + k, "fwd+bwd": 6 + 2 * k}  # query, residual, out, k values (+ gradients)
         else:
             n, d, r, k = shape
             make, run = (lambda grad: fusion_inputs(n, d, r, k, dtype, device, grad)), run_fusion
