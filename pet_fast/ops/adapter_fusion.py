@@ -26,6 +26,14 @@ Contract (stacked_adapter_fusion), in addition
     Adapters with different bottleneck sizes are stacked by padding with zero rows/columns (all
     supported activations map 0 to 0, so the padding changes nothing).
 All tensors share query's dtype and device.
+
+Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/adapter_fusion.py, fp32/fp16/
+bf16, k <= 64, and r <= 256 for the stacked op). The triton backends rewrite the projections exactly:
+score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels in the softmax) and,
+since the probabilities sum to one, the value projection and a residual added before the softmax move
+outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
+and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
+around them. Both are torch.library custom ops with autograd, so torch.compile captures them whole.
 """
 from __future__ import annotations
 

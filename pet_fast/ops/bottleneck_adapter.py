@@ -10,6 +10,16 @@ Contract
     scaling   a Python number, or a tensor of shape () or (d,) (may require grad)
     residual  None or a tensor shaped like x
 All tensors share x's dtype and device. The output has x's shape and dtype.
+
+Backends (chosen per call by pet_fast.dispatch; each is a torch.library custom op with a fake-tensor
+rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break):
+    eager   this file's ``reference``; every input, the CPU path.
+    triton  kernels/bottleneck_adapter.py: one launch forward, two launches backward; fp32/fp16/bf16 on
+            CUDA (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d.
+    cuda    csrc/bottleneck_adapter.cu: forward (two launches) and backward (three) for N <= 64 tokens,
+            r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built.
+``auto`` orders them by the measured timings of pet_fast/ops/_timings.py (cuda, triton, eager until
+measured) and takes the first that accepts the call; CPU tensors always go to eager.
 """
 from __future__ import annotations
 
