@@ -89,7 +89,10 @@ def test_odd_shapes_fp32(n_shape, d, r, kw):
 
 @pytest.mark.parametrize("act,kw", [("gelu", dict(scaling="channel", residual=True)),
                                     ("relu", dict(scaling="scalar")),
-                                    ("gelu_tanh", dict(scaling="number", bias=False))])
+                                    ("gelu_tanh", dict(scaling="number", bias=False)),
+                                    ("silu", dict(scaling="channel")),
+                                    ("tanh", dict(scaling="scalar", residual=True)),
+                                    ("identity", dict(scaling="number"))])
 def test_fp16_precision_rule(act, kw):
     check_against_reference((21,), 77, 9, torch.float16, act, **kw)
 
