@@ -304,8 +304,9 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
 
 
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-             abuf, pbuf, need_ds):
-    """(dx, dqk, dWd, dbd or None, dWu, dbu or None, d_scaling or None)."""
+             abuf, pbuf, need_ds, need_weights=True):
+    """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
+    (frozen adapters: the reduction kernel is skipped) and the biases' when they are None."""
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
@@ -333,6 +334,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
             float(scaling_value), float(inv_temperature), HAS_BU=b_up is not None, S_MODE=s_mode,
             ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp, UPCAST=upcast, num_warps=warps,
             num_stages=stages)
+    if n > 0 and (need_weights or need_ds):
         d_blocks = triton.cdiv(d, bd)
         tiles = triton.cdiv(n, bn)
         if interpreting() or x.device.type != "cuda":
@@ -351,6 +353,8 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     d_scaling = None
     if need_ds:
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
+    if not need_weights:
+        return dx, dqk, None, None, None, None, d_scaling
     return (dx, dqk, dwd.view(k, r, d).to(dt), dbd.view(k, r).to(dt) if b_down is not None else None,
             dwu.view(k, d, r).to(dt), dbu.view(k, d).to(dt) if b_up is not None else None, d_scaling)
 

@@ -215,3 +215,19 @@ def test_given_values_compile_fullgraph():
 @pytest.mark.parametrize("n_shape,d,k", [((4, 128), 768, 3), ((1001,), 1000, 8)])
 def test_gpu_given_values(dtype, n_shape, d, k):
     check_given(n_shape, d, k, dtype, "cuda")
+
+
+def test_frozen_adapters_train_only_the_fusion_weights():
+    """The usual AdapterFusion step: adapters frozen, fusion projections and inputs trained."""
+    hi, lo = make_case((6,), 20, 4, 3, torch.float32)
+    for ts in (hi, lo):
+        for name in ("w_down", "b_down", "w_up", "b_up", "scaling"):
+            ts[name] = ts[name].detach()
+    ref = call(hi, "eager", activation="gelu")
+    out = call(lo, "triton", activation="gelu")
+    names = ["x", "query", "w_query", "w_key", "w_value", "b_value"]
+    g_ref = torch.autograd.grad(ref.sum(), [hi[a] for a in names])
+    g_out = torch.autograd.grad(out.sum(), [lo[a] for a in names])
+    assert rel_err(out, ref) < 2e-5
+    for name, a, b in zip(names, g_out, g_ref):
+        assert rel_err(a, b) < 2e-5, name

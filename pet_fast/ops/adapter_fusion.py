@@ -262,18 +262,19 @@ def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv
 def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor,
                    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                    scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
-                   a: torch.Tensor, p: torch.Tensor, need_ds: bool) -> List[torch.Tensor]:
+                   a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool) -> List[torch.Tensor]:
     out = _fusion_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                     inv_temperature, a, p, need_ds)
+                                     inv_temperature, a, p, need_ds, need_weights)
     return [t if t is not None else x.new_empty((0,)) for t in out]
 
 
 @_core_backward.register_fake
-def _(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, a, p, need_ds):
+def _(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, a, p, need_ds,
+      need_weights):
     empty = x.new_empty((0,))
-    like = lambda t: torch.empty_like(t) if t is not None else empty
-    return [torch.empty_like(x), torch.empty_like(qk), torch.empty_like(w_down), like(b_down), torch.empty_like(w_up),
-            like(b_up), torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty
+    return [torch.empty_like(x), torch.empty_like(qk), like(w_down), like(b_down), like(w_up), like(b_up),
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
 
 
 def _core_setup(ctx, inputs, output):
@@ -288,11 +289,13 @@ def _core_grad(ctx, grads):
     dctx = grads[0]
     x, qk, w_down, b_down, w_up, b_up, scaling, a, p = ctx.saved_tensors
     need_ds = scaling is not None and ctx.needs_input_grad[6]
+    need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
     dx, dqk, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.stacked_fusion_core_triton_backward(
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
-        ctx.inv_temperature, a, p, need_ds)
-    return (dx, dqk, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
-            ds if need_ds else None, None, None, None)
+        ctx.inv_temperature, a, p, need_ds, need_weights)
+    w = need_weights
+    return (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
+            dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None)
 
 
 _core_forward.register_autograd(_core_grad, setup_context=_core_setup)
