@@ -360,11 +360,14 @@ def _splits(n: int, d_blocks: int, bn: int, device) -> int:
     return max(1, min(tiles, triton.cdiv(2 * sms, d_blocks)))
 
 
-def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
-    """Gradients of :func:`forward`: (dx, dWd, dbd or None, dWu, dbu or None, d_scaling or None).
+def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds,
+             need_weights=True):
+    """Gradients of :func:`forward`: (dx, dWd, dbd, dWu, dbu, d_scaling).
 
-    d_scaling has the scaling tensor's shape and is computed only when ``need_ds``; the residual's
-    gradient is ``dy`` itself (the caller returns it)."""
+    d_scaling has the scaling tensor's shape and is computed only when ``need_ds``; the weight and bias
+    gradients are None without ``need_weights`` (frozen adapter: the reduction kernel is skipped unless
+    d_scaling needs it) and the biases' when they are None; the residual's gradient is ``dy`` itself
+    (the caller returns it)."""
     n, d = x.shape
     r = w_down.shape[0]
     rp = padded_r(r)
@@ -391,6 +394,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             n, d, r, float(scaling_value), n_bucket(n),
             HAS_BD=b_down is not None, S_MODE=s_mode, ADD_DY=not has_residual, ACT=ACT_CODES[activation],
             RP=rp, UPCAST=upcast)
+    if n > 0 and (need_weights or need_ds):
         d_blocks = triton.cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
         rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
@@ -404,5 +408,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     d_scaling = None
     if need_ds:
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
+    if not need_weights:
+        return dx, None, None, None, None, d_scaling
     return (dx, dwd.view(r, d).to(dt), dbd.to(dt) if b_down is not None else None, dwu.view(d, r).to(dt),
             dbu.to(dt) if b_up is not None else None, d_scaling)

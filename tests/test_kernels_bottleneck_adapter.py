@@ -238,3 +238,18 @@ def test_cuda_backend_refuses_cpu_and_many_tokens():
         return
     why = op.cuda_reasons({**info, "device": torch.device("cuda"), "n": 65, "r": 300})
     assert any("65 tokens" in w for w in why) and any("r=300" in w for w in why)
+
+
+@pytest.mark.parametrize("scaling", ["channel", "number"])
+def test_frozen_adapter_gives_input_and_scaling_gradients(scaling):
+    hi, lo = make_case((9,), 30, 5, torch.float32, scaling=scaling)
+    for ts in (hi, lo):
+        for name in ("w_down", "b_down", "w_up", "b_up"):
+            ts[name] = ts[name].detach()
+    ref = call(hi, "relu", "eager")
+    out = call(lo, "relu", "triton")
+    names = ["x"] + (["scaling"] if scaling == "channel" else [])
+    g_ref = torch.autograd.grad(ref.square().sum(), [hi[a] for a in names])
+    g_out = torch.autograd.grad(out.square().sum(), [lo[a] for a in names])
+    for name, a, b in zip(names, g_out, g_ref):
+        assert rel_err(a, b) < 2e-5, name

@@ -120,17 +120,18 @@ def _absent(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("pet_fast::bottleneck_adapter_triton_backward", mutates_args=())
 def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                      w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
-                     scaling_value: float, has_residual: bool, activation: str, need_ds: bool) -> List[torch.Tensor]:
+                     scaling_value: float, has_residual: bool, activation: str, need_ds: bool,
+                     need_weights: bool) -> List[torch.Tensor]:
     dx, dwd, dbd, dwu, dbu, ds = _triton_kernels().backward(
-        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds)
-    return [dx, dwd, _absent(dbd, x), dwu, _absent(dbu, x), _absent(ds, x)]
+        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights)
+    return [dx, _absent(dwd, x), _absent(dbd, x), _absent(dwu, x), _absent(dbu, x), _absent(ds, x)]
 
 
 @_triton_backward.register_fake
-def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
+def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights):
     empty = x.new_empty((0,))
-    return [torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(b_down) if b_down is not None else empty,
-            torch.empty_like(w_up), torch.empty_like(b_up) if b_up is not None else empty,
+    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty
+    return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up),
             torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
 
 
@@ -145,11 +146,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
     need_ds = scaling is not None and ctx.needs_input_grad[5]
+    w = any(ctx.needs_input_grad[1:5])  # False for a frozen adapter: no weight reduction
     dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_triton_backward(
         dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
-        ctx.activation, need_ds)
-    return (dx, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
-            ds if need_ds else None, None, dy if ctx.has_residual else None, None)
+        ctx.activation, need_ds, w)
+    return (dx, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
+            dbu if (w and b_up is not None) else None, ds if need_ds else None, None,
+            dy if ctx.has_residual else None, None)
 
 
 _triton_forward.register_autograd(_backward, setup_context=_setup_context)
