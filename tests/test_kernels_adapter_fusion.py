@@ -130,6 +130,13 @@ def test_torch_compile_fullgraph():
         assert rel_err(a, b) < 2e-5, name
 
 
+def test_custom_ops_opcheck():
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
+                          (r(5, 16), r(5, 16), r(2, 3, 16), r(2, 3), r(2, 16, 3), r(2, 16), r(2), 1.0, "gelu", 0.5))
+    torch.library.opcheck(torch.ops.pet_fast.fusion_attention_triton.default, (r(5, 3, 16), r(5, 16), 0.5))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_shape,d,r,k", [((4, 128), 768, 64, 3), ((300,), 1024, 16, 8), ((77,), 4096, 256, 2)])

@@ -159,11 +159,14 @@ def test_torch_compile_fullgraph_through_the_custom_op():
         assert rel_err(a, b) < 2e-5
 
 
-def test_custom_op_fake_and_schema():
+@pytest.mark.parametrize("scaling", ["channel", "number"])
+def test_custom_op_opcheck(scaling):
+    """Schema, autograd registration, fake tensors, and AOT dispatch with dynamic shapes (which runs
+    the backward custom op as well)."""
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    s_t = r(16) if scaling == "channel" else None
     torch.library.opcheck(torch.ops.pet_fast.bottleneck_adapter_triton.default,
-                          (torch.randn(5, 16), torch.randn(3, 16), torch.randn(3), torch.randn(16, 3), None,
-                           torch.randn(16), 1.0, None, "silu"),
-                          test_utils=("test_schema", "test_faketensor"))
+                          (r(5, 16), r(3, 16), r(3), r(16, 3), None, s_t, 1.5, r(5, 16), "silu"))
 
 
 # --- GPU tests ------------------------------------------------------------------------------------
@@ -179,6 +182,19 @@ def test_gpu_triton(dtype, n_shape, d, r):
 @pytest.mark.parametrize("act", ACTS)
 def test_gpu_triton_activations_bf16(act):
     check_against_reference((333,), 8192, 64, torch.bfloat16, act, device="cuda", scaling="scalar")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op_name", ["bottleneck_adapter_triton", "bottleneck_adapter_cuda"])
+def test_gpu_custom_op_opcheck(op_name):
+    if op_name.endswith("cuda"):
+        from pet_fast import _ext
+
+        if not _ext.available():
+            pytest.skip(_ext.reason())
+    r = lambda *s: torch.randn(*s, device="cuda", requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.pet_fast, op_name).default,
+                          (r(5, 64), r(3, 64), r(3), r(64, 3), r(64), r(64), 1.0, None, "gelu"))
 
 
 @pytest.mark.gpu
