@@ -238,3 +238,28 @@ def test_frozen_adapters_train_only_the_fusion_weights():
     assert rel_err(out, ref) < 2e-5
     for name, a, b in zip(names, g_out, g_ref):
         assert rel_err(a, b) < 2e-5, name
+
+
+def test_stacked_adapters_of_different_sizes_through_triton():
+    """Adapters of different bottleneck sizes stacked with zero padding (methods.fusion.stack_adapters)."""
+    from pet_fast.methods.fusion import stack_adapters
+
+    d = 24
+    adapters = [pet_fast.BottleneckAdapter(d, r, activation="gelu") for r in (3, 7, 5)]
+    for a in adapters:
+        with torch.no_grad():
+            for p_ in a.parameters():
+                p_.normal_(0, 0.3)
+    w_down, b_down, w_up, b_up, scaling, activation = stack_adapters(adapters, torch.float32)
+    x, query, residual = (torch.randn(2, 5, d, requires_grad=True) for _ in range(3))
+    w_key = torch.randn(d, d, requires_grad=True)
+
+    def run(backend):
+        return pet_fast.stacked_adapter_fusion(x, query, residual, w_down, b_down, w_up, b_up, activation=activation,
+                                               scaling=scaling, w_key=w_key, backend=backend)
+
+    ref, out = run("eager"), run("triton")
+    assert rel_err(out, ref) < 2e-5
+    params = [x, w_key, adapters[1].w_up]
+    for a, b in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert rel_err(a, b) < 2e-5
