@@ -263,3 +263,21 @@ def test_stacked_adapters_of_different_sizes_through_triton():
     params = [x, w_key, adapters[1].w_up]
     for a, b in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
         assert rel_err(a, b) < 2e-5
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    hi, lo = make_case((4, 33), 256, 16, 3, torch.float32, "cuda")
+    leaves = {a: b for a, b in lo.items() if isinstance(b, torch.Tensor)}
+
+    def f(backend, **t):
+        return call(t, backend, activation="gelu").tanh()
+
+    ref = f("eager", **leaves)
+    out = torch.compile(f, fullgraph=True)("triton", **leaves)
+    assert rel_err(out, ref) < 1e-4
+    g_ref = torch.autograd.grad(ref.sum(), [leaves["x"], leaves["w_up"]])
+    g_out = torch.autograd.grad(out.sum(), [leaves["x"], leaves["w_up"]])
+    for a, b in zip(g_out, g_ref):
+        assert rel_err(a, b) < 1e-4
