@@ -281,3 +281,16 @@ def test_gpu_compile_inductor_fullgraph():
     g_out = torch.autograd.grad(out.sum(), [leaves["x"], leaves["w_up"]])
     for a, b in zip(g_out, g_ref):
         assert rel_err(a, b) < 1e-4
+
+
+def test_no_tokens():
+    hi, lo = make_case((0,), 16, 4, 2, torch.float32)
+    out = call(lo, "triton")
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert lo["w_down"].grad is not None and float(lo["w_down"].grad.abs().sum()) == 0.0
+    hi, lo = make_given((0,), 16, 3, torch.float32)
+    out = call_given(lo, "triton")
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert lo["values"].grad.shape == (0, 3, 16)
