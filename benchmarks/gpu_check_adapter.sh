@@ -16,7 +16,7 @@ status=0
 } > "$out/device.txt" 2>&1
 PET_FAST_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { echo "build failed"; tail -30 "$out/build.log"; status=1; }
 python -m pet_fast info > "$out/info.txt" 2>&1
-TRITON_INTERPRET=0 python -m pytest -q -m gpu -x tests/test_kernels_bottleneck_adapter.py tests/test_kernels_adapter_fusion.py \
+TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/test_kernels_bottleneck_adapter.py tests/test_kernels_adapter_fusion.py \
   --junitxml="$out/gpu_tests_adapter.xml" > "$out/gpu_tests_adapter.log" 2>&1 || status=1
 tail -15 "$out/gpu_tests_adapter.log"
 python benchmarks/bench_bottleneck_adapter.py --json "$out/bench_bottleneck_adapter.json" \
