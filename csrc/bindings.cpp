@@ -6,4 +6,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("abi_version") = 1;
   register_prefix_attention(m);
   register_masked_linear(m);
+  register_bottleneck_adapter(m);
 }

@@ -6,3 +6,4 @@
 // void register_<op>(pybind11::module_& m);   (one line per op, added with its kernel)
 void register_prefix_attention(pybind11::module_& m);
 void register_masked_linear(pybind11::module_& m);
+void register_bottleneck_adapter(pybind11::module_& m);

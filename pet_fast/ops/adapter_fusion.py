@@ -26,16 +26,24 @@ Contract (stacked_adapter_fusion), in addition
     Adapters with different bottleneck sizes are stacked by padding with zero rows/columns (all
     supported activations map 0 to 0, so the padding changes nothing).
 All tensors share query's dtype and device.
+
+Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/adapter_fusion.py, fp32/fp16/
+bf16, k <= 64, and r <= 256 for the stacked op). The triton backends rewrite the projections exactly:
+score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels in the softmax) and,
+since the probabilities sum to one, the value projection and a residual added before the softmax move
+outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
+and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
+around them. Both are torch.library custom ops with autograd, so torch.compile captures them whole.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, activations
+from . import _checks, _timings, activations
 
 OP = "adapter_fusion"
 OP_STACKED = "stacked_adapter_fusion"
@@ -139,7 +147,9 @@ def adapter_fusion(
 ) -> torch.Tensor:
     """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
     temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
-    impl = dispatch.select(OP, describe(query, values.shape[-2]), backend)
+    grad_inputs = (query, values, residual, w_query, w_key, w_value)
+    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    impl = dispatch.select(OP, describe(query, values.shape[-2], requires_grad=requires_grad), backend)
     return impl.run(query, values, residual, w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key,
                     w_value=w_value, b_value=b_value, temperature=temperature,
                     residual_before=bool(residual_before), value_before_softmax=bool(value_before_softmax))
@@ -199,8 +209,210 @@ def stacked_adapter_fusion(
     _checks.tensor("query", query, min_ndim=1)
     activation, scaling = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
     temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
-    impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation), backend)
+    grad_inputs = (x, query, residual, w_down, w_up, w_query, w_key, w_value,
+                   scaling if isinstance(scaling, torch.Tensor) else None)
+    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation,
+                                                requires_grad=requires_grad), backend)
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),
                     value_before_softmax=bool(value_before_softmax))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused triton backend of stacked_adapter_fusion.
+#
+# With qk = Q @ Wk (Q = query @ Wq.T + bq, or query), <Q, Wk v_j + bk> = <qk, v_j> + <Q, bk>, and the
+# second term is the same for every adapter, so it cancels in the softmax. The probabilities sum to
+# one, so sum_j p_j (Wv (v_j + res) + bv) = Wv (sum_j p_j v_j + res) + bv whether the value projection
+# comes before or after the softmax. The kernel computes ctx = sum_j softmax_j(<qk, v_j>/T) v_j from x
+# and the stacked adapter weights; the d x d projections and residual adds are cuBLAS/PyTorch ops
+# around it, differentiated by autograd.
+
+
+def _fusion_kernels():
+    from ..kernels import adapter_fusion as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("pet_fast::stacked_fusion_core_triton", mutates_args=())
+def _core_forward(x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                  w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
+                  scaling_value: float, activation: str, inv_temperature: float) -> List[torch.Tensor]:
+    ctx, a, p = _fusion_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                                          inv_temperature)
+    return [ctx, a, p]
+
+
+def _rp(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+@_core_forward.register_fake
+def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
+    n = x.shape[0]
+    k, r = w_down.shape[0], w_down.shape[1]
+    return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
+            x.new_empty((n, k), dtype=torch.float32)]
+
+
+@torch.library.custom_op("pet_fast::stacked_fusion_core_triton_backward", mutates_args=())
+def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor,
+                   b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
+                   scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
+                   a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool) -> List[torch.Tensor]:
+    out = _fusion_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                                     inv_temperature, a, p, need_ds, need_weights)
+    return [t if t is not None else x.new_empty((0,)) for t in out]
+
+
+@_core_backward.register_fake
+def _(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, a, p, need_ds,
+      need_weights):
+    empty = x.new_empty((0,))
+    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty
+    return [torch.empty_like(x), torch.empty_like(qk), like(w_down), like(b_down), like(w_up), like(b_up),
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+
+
+def _core_setup(ctx, inputs, output):
+    x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature = inputs
+    _, a, p = output
+    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p)
+    ctx.mark_non_differentiable(a, p)
+    ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
+
+
+def _core_grad(ctx, grads):
+    dctx = grads[0]
+    x, qk, w_down, b_down, w_up, b_up, scaling, a, p = ctx.saved_tensors
+    need_ds = scaling is not None and ctx.needs_input_grad[6]
+    need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
+    dx, dqk, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.stacked_fusion_core_triton_backward(
+        dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
+        ctx.inv_temperature, a, p, need_ds, need_weights)
+    w = need_weights
+    return (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
+            dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None)
+
+
+_core_forward.register_autograd(_core_grad, setup_context=_core_setup)
+
+
+def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
+                       w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
+                       temperature=1.0, residual_before=False, value_before_softmax=True):
+    """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
+    d = query.shape[-1]
+    q = F.linear(query, w_query, b_query) if w_query is not None else query
+    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
+    c = lambda t: t.contiguous() if t is not None else None
+    if isinstance(scaling, torch.Tensor):
+        s_t, s_v = scaling.contiguous(), 1.0
+    else:
+        s_t, s_v = None, float(scaling)
+    ctx, _, _ = torch.ops.pet_fast.stacked_fusion_core_triton(
+        x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
+        s_t, s_v, activations.canonical(activation), 1.0 / float(temperature))
+    out = ctx.reshape(query.shape)
+    if residual_before:
+        out = out + residual
+    if w_value is not None:
+        out = F.linear(out, w_value, b_value)
+    if not residual_before:
+        out = out + residual
+    return out
+
+
+TRITON_MAX_R = 256
+TRITON_MAX_K = 64
+
+
+def stacked_triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if info["r"] > TRITON_MAX_R:
+        why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
+    if info["k"] > TRITON_MAX_K:
+        why.append(f"k={info['k']} adapters > {TRITON_MAX_K}")
+    return why
+
+
+dispatch.register(OP_STACKED, "triton", run_stacked_triton, stacked_triton_reasons)
+dispatch.set_preference(OP_STACKED, _timings.preference(OP_STACKED))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton backend of adapter_fusion (adapter outputs given): the same reduction of the projections, with
+# a kernel for ctx = sum_j softmax_j(<qk, v_j>/T) v_j that reads the values instead of recomputing them.
+
+
+@torch.library.custom_op("pet_fast::fusion_attention_triton", mutates_args=())
+def _attn_forward(values: torch.Tensor, qk: torch.Tensor, inv_temperature: float) -> List[torch.Tensor]:
+    ctx, p = _fusion_kernels().attention_forward(values, qk, inv_temperature)
+    return [ctx, p]
+
+
+@_attn_forward.register_fake
+def _(values, qk, inv_temperature):
+    return [torch.empty_like(qk), qk.new_empty((qk.shape[0], values.shape[1]), dtype=torch.float32)]
+
+
+@torch.library.custom_op("pet_fast::fusion_attention_triton_backward", mutates_args=())
+def _attn_backward(dctx: torch.Tensor, values: torch.Tensor, qk: torch.Tensor, p: torch.Tensor,
+                   inv_temperature: float) -> List[torch.Tensor]:
+    dv, dqk = _fusion_kernels().attention_backward(dctx, values, qk, p, inv_temperature)
+    return [dv, dqk]
+
+
+@_attn_backward.register_fake
+def _(dctx, values, qk, p, inv_temperature):
+    return [torch.empty_like(values), torch.empty_like(qk)]
+
+
+def _attn_setup(ctx, inputs, output):
+    values, qk, inv_temperature = inputs
+    ctx.save_for_backward(values, qk, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.inv_temperature = inv_temperature
+
+
+def _attn_grad(ctx, grads):
+    values, qk, p = ctx.saved_tensors
+    dv, dqk = torch.ops.pet_fast.fusion_attention_triton_backward(grads[0].contiguous(), values, qk, p,
+                                                                  ctx.inv_temperature)
+    return dv, dqk, None
+
+
+_attn_forward.register_autograd(_attn_grad, setup_context=_attn_setup)
+
+
+def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
+               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
+    """The triton backend of adapter_fusion: same call as :func:`reference`."""
+    d = query.shape[-1]
+    k = values.shape[-2]
+    q = F.linear(query, w_query, b_query) if w_query is not None else query
+    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
+    ctx, _ = torch.ops.pet_fast.fusion_attention_triton(values.reshape(-1, k, d).contiguous(),
+                                                        qk.reshape(-1, d).contiguous(), 1.0 / float(temperature))
+    out = ctx.reshape(query.shape)
+    if residual_before:
+        out = out + residual
+    if w_value is not None:
+        out = F.linear(out, w_value, b_value)
+    if not residual_before:
+        out = out + residual
+    return out
+
+
+def fusion_triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if info["k"] > TRITON_MAX_K:
+        why.append(f"k={info['k']} adapters > {TRITON_MAX_K}")
+    return why
+
+
+dispatch.register(OP, "triton", run_triton, fusion_triton_reasons)
+dispatch.set_preference(OP, _timings.preference(OP))

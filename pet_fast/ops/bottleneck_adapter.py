@@ -10,16 +10,26 @@ Contract
     scaling   a Python number, or a tensor of shape () or (d,) (may require grad)
     residual  None or a tensor shaped like x
 All tensors share x's dtype and device. The output has x's shape and dtype.
+
+Backends (chosen per call by pet_fast.dispatch; each is a torch.library custom op with a fake-tensor
+rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break):
+    eager   this file's ``reference``; every input, the CPU path.
+    triton  kernels/bottleneck_adapter.py: one launch forward, two launches backward; fp32/fp16/bf16 on
+            CUDA (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d.
+    cuda    csrc/bottleneck_adapter.cu: forward (two launches) and backward (three) for N <= 64 tokens,
+            r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built.
+``auto`` orders them by the measured timings of pet_fast/ops/_timings.py (cuda, triton, eager until
+measured) and takes the first that accepts the call; CPU tensors always go to eager.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, activations
+from . import _checks, _timings, activations
 
 OP = "bottleneck_adapter"
 
@@ -68,12 +78,116 @@ def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, res
 
 def describe(x, w_down, activation, scaling, residual) -> dict:
     """What the dispatcher sees of a (validated) call."""
+    params = [x, w_down, scaling if isinstance(scaling, torch.Tensor) else None, residual]
     return _checks.info(x, d=x.shape[-1], r=w_down.shape[0], n=x.numel() // max(x.shape[-1], 1), activation=activation,
                         per_channel_scaling=isinstance(scaling, torch.Tensor) and scaling.dim() == 1,
-                        residual=residual is not None)
+                        residual=residual is not None,
+                        requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params))
 
 
 dispatch.register(OP, "eager", reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused backends. Each is a torch.library custom op (opaque to torch.compile, with a fake-tensor rule
+# and an autograd formula), so a module calling them compiles with fullgraph=True. The launchers take
+# tokens flattened to (N, d) and contiguous; the run functions below do that and restore the shape.
+
+
+def _triton_kernels():
+    from ..kernels import bottleneck_adapter as kernels  # imports triton: only when a kernel runs
+
+    return kernels
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+                    b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
+                    residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _triton_kernels().forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation)
+
+
+@_triton_forward.register_fake
+def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+    return torch.empty_like(x)
+
+
+def _absent(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # custom ops return no None: an absent gradient travels as an empty tensor
+    return t if t is not None else like.new_empty((0,))
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_triton_backward", mutates_args=())
+def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                     w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
+                     scaling_value: float, has_residual: bool, activation: str, need_ds: bool,
+                     need_weights: bool) -> List[torch.Tensor]:
+    dx, dwd, dbd, dwu, dbu, ds = _triton_kernels().backward(
+        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights)
+    return [dx, _absent(dwd, x), _absent(dbd, x), _absent(dwu, x), _absent(dbu, x), _absent(ds, x)]
+
+
+@_triton_backward.register_fake
+def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights):
+    empty = x.new_empty((0,))
+    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty
+    return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up),
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation = inputs
+    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scaling)
+    ctx.scaling_value = scaling_value
+    ctx.has_residual = residual is not None
+    ctx.activation = activation
+
+
+def _backward(ctx, dy):
+    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
+    need_ds = scaling is not None and ctx.needs_input_grad[5]
+    w = any(ctx.needs_input_grad[1:5])  # False for a frozen adapter: no weight reduction
+    dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_triton_backward(
+        dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
+        ctx.activation, need_ds, w)
+    return (dx, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
+            dbu if (w and b_up is not None) else None, ds if need_ds else None, None,
+            dy if ctx.has_residual else None, None)
+
+
+_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
+    """(N, d)-contiguous tensors and (scaling tensor or None, scaling value) for the custom ops."""
+    d = x.shape[-1]
+    c = lambda t: t.contiguous() if t is not None else None
+    if isinstance(scaling, torch.Tensor):
+        s_t, s_v = scaling.contiguous(), 1.0
+    else:
+        s_t, s_v = None, float(scaling)
+    res = residual.reshape(-1, d).contiguous() if residual is not None else None
+    return x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, res
+
+
+def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+    """The triton backend: same call as :func:`reference`."""
+    x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
+    y = torch.ops.pet_fast.bottleneck_adapter_triton(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    return y.reshape(x.shape)
+
+
+TRITON_MAX_R = 256
+
+
+def triton_reasons(info) -> list:
+    why = dispatch.triton_reasons(info)
+    if info["r"] > TRITON_MAX_R:
+        why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
+    return why
+
+
+dispatch.register(OP, "triton", run_triton, triton_reasons)
 
 
 def bottleneck_adapter(
@@ -96,3 +210,91 @@ def bottleneck_adapter(
     activation, scaling = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
     impl = dispatch.select(OP, describe(x, w_down, activation, scaling, residual), backend)
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
+
+
+# The cuda backend (csrc/bottleneck_adapter.cu): forward and backward for few tokens (serving and
+# small-batch steps), where eager PyTorch and the tiled Triton kernels are bound by launches.
+CUDA_MAX_N = 64
+CUDA_MAX_R = 256
+# the AdapterAct enum of csrc/bottleneck_adapter.h (the same codes as the Triton kernels')
+CUDA_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
+
+
+def _extension():
+    from .. import _ext
+
+    ext = _ext.load()
+    if ext is None:
+        raise RuntimeError(f"bottleneck_adapter (cuda): the extension is not available: {_ext.reason()}")
+    return ext
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda", mutates_args=())
+def _cuda_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+                  b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
+                  residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _extension().bottleneck_adapter_forward_small(x, w_down, b_down, w_up, b_up, scaling, scaling_value,
+                                                         residual, CUDA_ACT_CODES[activation])
+
+
+@_cuda_forward.register_fake
+def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda_backward", mutates_args=())
+def _cuda_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
+                   scaling_value: float, has_residual: bool, activation: str, need_ds: bool) -> List[torch.Tensor]:
+    need_ds = need_ds and scaling is not None
+    if x.shape[0] == 0:
+        z = lambda t: torch.zeros_like(t) if t is not None else x.new_empty((0,))
+        return [torch.empty_like(x), z(w_down), z(b_down), z(w_up), z(b_up), z(scaling) if need_ds else x.new_empty((0,))]
+    dx, dwd, dbd, dwu, dbu, ds = _extension().bottleneck_adapter_backward_small(
+        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, CUDA_ACT_CODES[activation], need_ds)
+    if need_ds:
+        ds = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
+    else:
+        ds = x.new_empty((0,))
+    return [dx, dwd, dbd, dwu, dbu, ds]
+
+
+@_cuda_backward.register_fake
+def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
+    empty = x.new_empty((0,))
+    return [torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(b_down) if b_down is not None else empty,
+            torch.empty_like(w_up), torch.empty_like(b_up) if b_up is not None else empty,
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+
+
+def _cuda_grad(ctx, dy):
+    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
+    need_ds = scaling is not None and ctx.needs_input_grad[5]
+    dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_cuda_backward(
+        dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
+        ctx.activation, need_ds)
+    return (dx, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
+            ds if need_ds else None, None, dy if ctx.has_residual else None, None)
+
+
+_cuda_forward.register_autograd(_cuda_grad, setup_context=_setup_context)
+
+
+def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+    """The cuda backend: same call as :func:`reference`."""
+    x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
+    y = torch.ops.pet_fast.bottleneck_adapter_cuda(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    return y.reshape(x.shape)
+
+
+def cuda_reasons(info) -> list:
+    why = dispatch.cuda_reasons(info)
+    if info["n"] > CUDA_MAX_N:
+        why.append(f"{info['n']} tokens > {CUDA_MAX_N} (the cuda kernels are the few-token path)")
+    if info["r"] > CUDA_MAX_R:
+        why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
+    return why
+
+
+dispatch.register(OP, "cuda", run_cuda, cuda_reasons)
+dispatch.set_preference(OP, _timings.preference(OP))

@@ -1,0 +1,174 @@
+"""Benchmark of bottleneck_adapter, stacked_adapter_fusion and adapter_fusion: eager vs triton vs cuda.
+
+Forward (under no_grad) and forward+backward (gradients of the input and of every adapter weight), at
+the shapes of the issue, in bf16 on a GPU. Each row gives the median time, the ratio to eager PyTorch
+and the ratio to the byte floor: the bytes that must move divided by the device's copy rate, measured
+in the same run with a large tensor copy.
+
+    python benchmarks/bench_bottleneck_adapter.py --json out.json      # GPU
+    python benchmarks/bench_bottleneck_adapter.py --quick              # CPU smoke run (eager, tiny)
+
+On a GPU (without --quick) it also writes ``dispatch_table.json`` next to the JSON (or at ``--table``):
+the measured order of backends that ``pet_fast/ops/_timings.py`` reads once it is committed as
+``benchmarks/results/dispatch_table.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pet_fast  # noqa: E402
+from benchmarks import common  # noqa: E402
+from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
+
+ADAPTER_SHAPES = [(16384, 768, 64), (8192, 4096, 64), (8192, 4096, 256), (16, 768, 64), (16, 4096, 64)]
+FUSION = [(16384, 768, 64, k) for k in (2, 3, 8)]
+QUICK_ADAPTER = [(64, 32, 8), (16, 32, 8)]
+QUICK_FUSION = [(32, 16, 4, 2)]
+REPS: dict = {}  # bench_us arguments; fewer repetitions for --quick
+
+
+def copy_rate_bytes_per_us(device, quick: bool) -> float:
+    """Device copy rate: read + write bytes of a large copy per microsecond."""
+    numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on a GPU
+    src = torch.randn(numel, device=device, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = common.bench_us(lambda: dst.copy_(src), **REPS)
+    return 2 * src.numel() * src.element_size() / us
+
+
+def adapter_inputs(n, d, r, dtype, device, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+    return dict(x=mk(n, d), w_down=mk(r, d, scale=d ** -0.5), b_down=mk(r), w_up=mk(d, r, scale=r ** -0.5), b_up=mk(d))
+
+
+def fusion_inputs(n, d, r, k, dtype, device, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+    return dict(x=mk(n, d), query=mk(n, d), residual=mk(n, d), w_down=mk(k, r, d, scale=d ** -0.5), b_down=mk(k, r),
+                w_up=mk(k, d, r, scale=r ** -0.5), b_up=mk(k, d), w_query=mk(d, d, scale=d ** -0.5), b_query=mk(d),
+                w_key=mk(d, d, scale=d ** -0.5), b_key=mk(d), w_value=mk(d, d, scale=d ** -0.5))
+
+
+def given_inputs(n, d, k, dtype, device, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+    return dict(query=mk(n, d), values=mk(n, k, d), residual=mk(n, d), w_query=mk(d, d, scale=d ** -0.5),
+                b_query=mk(d), w_key=mk(d, d, scale=d ** -0.5), b_key=mk(d), w_value=mk(d, d, scale=d ** -0.5))
+
+
+def run_given(t, backend):
+    rest = {a: b for a, b in t.items() if a not in ("query", "values", "residual")}
+    return pet_fast.adapter_fusion(t["query"], t["values"], t["residual"], backend=backend, **rest)
+
+
+def run_adapter(t, backend):
+    return pet_fast.bottleneck_adapter(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], activation="gelu",
+                                       scaling=0.5, backend=backend)
+
+
+def run_fusion(t, backend):
+    rest = {a: b for a, b in t.items() if a not in ("x", "query", "residual", "w_down", "b_down", "w_up", "b_up")}
+    return pet_fast.stacked_adapter_fusion(t["x"], t["query"], t["residual"], t["w_down"], t["b_down"], t["w_up"],
+                                           t["b_up"], activation="gelu", backend=backend, **rest)
+
+
+def time_backend(run, t, backend, mode):
+    """Median microseconds, or None (with the reason) when the backend cannot take the call."""
+    leaves = [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    try:
+        if mode == "fwd":
+            with torch.no_grad():
+                run(t, backend)
+                return common.bench_us(lambda: run(t, backend), **REPS), None
+        out = run(t, backend)
+        dy = torch.randn_like(out)
+
+        def step():
+            torch.autograd.grad(run(t, backend), leaves, dy, allow_unused=True)
+
+        step()
+        return common.bench_us(step, **REPS), None
+    except BackendUnavailableError as exc:
+        return None, str(exc).split(": ", 2)[-1][:160]
+
+
+def main():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--table", help="write the dispatch table here (GPU runs; default: beside --json)")
+    args = p.parse_args()
+    if args.quick:
+        REPS.update(warmup=2, rep=5)
+    gpu = torch.cuda.is_available() and not args.quick
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    backends = ("eager", "triton", "cuda") if gpu else ("eager",)
+    rate = copy_rate_bytes_per_us(device, args.quick or not gpu)
+    e = torch.finfo(dtype).bits // 8
+    rows = []
+    cases = [("bottleneck_adapter", s) for s in (QUICK_ADAPTER if args.quick else ADAPTER_SHAPES)]
+    cases += [("stacked_adapter_fusion", s) for s in (QUICK_FUSION if args.quick else FUSION)]
+    cases += [("adapter_fusion", s) for s in (QUICK_FUSION if args.quick else FUSION)]
+    for op, shape in cases:
+        if op == "bottleneck_adapter":
+            n, d, r = shape
+            k = 1
+            make, run = (lambda grad: adapter_inputs(n, d, r, dtype, device, grad)), run_adapter
+            weights = 2 * r * d + r + d
+            tensors_nd = {"fwd": 2, "fwd+bwd": 4}  # x, y (+ dy, dx)
+        elif op == "adapter_fusion":
+            n, d, r, k = shape
+            make, run = (lambda grad: given_inputs(n, d, k, dtype, device, grad)), run_given
+            weights = 3 * d * d + 2 * d
+            tensors_nd = {"fwd": 3 + k, "fwd+bwd": 6 + 2 * k}  # query, residual, out, k values (+ gradients)
+        else:
+            n, d, r, k = shape
+            make, run = (lambda grad: fusion_inputs(n, d, r, k, dtype, device, grad)), run_fusion
+            weights = k * (2 * r * d + r + d) + 3 * d * d + 2 * d
+            tensors_nd = {"fwd": 4, "fwd+bwd": 8}  # x, query, residual, out (+ their gradients)
+        for mode in ("fwd", "fwd+bwd"):
+            t = make(mode == "fwd+bwd")
+            w_bytes = weights * e * (1 if mode == "fwd" else 2)
+            floor_bytes = tensors_nd[mode] * n * d * e + w_bytes
+            floor_us = floor_bytes / rate
+            times, why = {}, {}
+            for b in backends:
+                times[b], reason = time_backend(run, t, b, mode)
+                if reason:
+                    why[b] = reason
+            base = times.get("eager")
+            for b in backends:
+                us = times[b]
+                rows.append({
+                    "op": op, "mode": mode, "backend": b, "dtype": str(dtype).replace("torch.", ""),
+                    "n": n, "d": d, "r": r, "k": k, "us": None if us is None else round(us, 2),
+                    "vs_eager": None if (us is None or not base) else round(base / us, 3),
+                    "vs_floor": None if us is None else round(us / floor_us, 3),
+                    "floor_us": round(floor_us, 2), "skipped": why.get(b)})
+            del t
+    common.print_table(rows, ["op", "mode", "backend", "n", "d", "r", "k", "us", "vs_eager", "vs_floor", "floor_us"])
+    common.write(args.json, rows, copy_rate_GBps=round(rate * 1e-3, 1),
+                 note="vs_eager = eager time / this time (>1: faster); vs_floor = this time / byte-floor time")
+    table_path = args.table or (os.path.join(os.path.dirname(os.path.abspath(args.json)), "dispatch_table.json")
+                                if args.json else None)
+    if gpu and table_path:
+        measured = {}
+        for row in rows:
+            key = (row["op"], row["mode"], row["dtype"], row["n"], row["d"], row["r"], row["k"])
+            measured.setdefault(key, {})[row["backend"]] = row["us"]
+        table = {"device": common.environment()["device"], "env": common.environment(),
+                 "rows": [dict(op=o, mode=m, dtype=dt, n=n, d=d, r=r, k=k, us=us)
+                          for (o, m, dt, n, d, r, k), us in measured.items()]}
+        with open(table_path, "w") as f:
+            json.dump(table, f, indent=2)
+        print(f"dispatch table written to {table_path}")
+
+
+if __name__ == "__main__":
+    main()

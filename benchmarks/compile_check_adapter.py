@@ -1,0 +1,83 @@
+"""Compile the adapter Triton kernels for sm_90 (H100) without a GPU, and check their shared memory.
+
+Catches what the interpreter cannot: type and shape errors of the GPU compiler, and tiles whose
+shared memory would not fit (the fixed-tile kernels must fit; of the autotuned ones, at least the
+smallest configuration must). Needs triton with its NVIDIA backend (ptxas ships with it); slow on a
+small CPU (minutes):  python benchmarks/compile_check_adapter.py [--all-dtypes]
+"""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import pet_fast.kernels.adapter_fusion as F  # noqa: E402
+import pet_fast.kernels.bottleneck_adapter as B  # noqa: E402
+
+target = GPUTarget("cuda", 90, 32)
+
+
+def comp(fn, ptrs, ints, floats, consts, num_warps=4, num_stages=3):
+    """Compile one specialisation of a @triton.jit function; returns its shared memory in bytes.
+    ptrs: pointer argument -> type ("*bf16"); floats: fp32 scalars; other runtime arguments are i32."""
+    names = fn.arg_names
+    sig = {}
+    for name in names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.metadata.shared
+
+
+LIMIT = 232448  # H100 shared memory per block (227 KiB)
+failed = 0
+for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"]):
+    up = dt == "fp32"
+    P = lambda *n: {x: "*" + dt for x in n}
+    for rp, act, smode in [(256, 2, 1), (128, 1, 2), (64, 3, 0), (32, 4, 1), (16, 5, 2), (16, 0, 0)]:
+        cfgs = B.prune_row_configs(B.row_configs(), {}, RP=rp)
+        small = [c for c in cfgs if c.num_stages == 2] or cfgs[-1:]
+        for cfg in small:
+            bn, bd = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_D"]
+            c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+            sh = comp(B._fwd_kernel, P("X","WD","BD","WU","BU","S","RES","Y"), [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
+            c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+            p = P("X","WD","BD","WU","S","DY","DX"); p.update(HBUF="*fp32", DABUF="*fp32")
+            sh2 = comp(B._bwd_rows_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
+            c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
+            p = P("X","QK","WD","BD","WU","BU","S","CTX"); p.update(ABUF="*fp32", PBUF="*fp32")
+            sh3 = comp(F._fwd_kernel, p, [], ["s_value", "inv_t"], c, cfg.num_warps, cfg.num_stages)
+            ok = max(sh, sh2, sh3) <= LIMIT
+            failed += not ok
+            print("autotuned, smallest tile", dt, rp, bn, bd, cfg.num_stages, sh, sh2, sh3, "fits" if ok else "TOO BIG", flush=True)
+        bn, bd, w = B._blocks(rp)
+        c = dict(HAS_BU=True, S_MODE=smode, NEED_DS=True, NEED_BD=True, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+        p = P("X","DY","WU","BU","S"); p.update({k: "*fp32" for k in ["HBUF","DABUF","DWD","DWU","DBU","DS","DBD"]})
+        sh = comp(B._bwd_cols_kernel, p, [], ["s_value"], c, w, 2 if rp >= 128 else 3)
+        failed += sh > LIMIT
+        print("adapter bwd reduction", dt, rp, bn, bd, sh, "fits" if sh <= LIMIT else "TOO BIG", flush=True)
+        bn, bd, w = F._blocks(rp)
+        st = 2 if rp >= 128 else 3
+        c = dict(HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
+        p = P("X","QK","DCTX","WD","WU","BU","S","DX","DQK"); p.update({k: "*fp32" for k in ["ABUF","PBUF","DABUF","DSCBUF"]})
+        sh = comp(F._bwd_rows_kernel, p, [], ["s_value", "inv_t"], c, w, st)
+        c = dict(HAS_BU=True, S_MODE=smode, NEED_DS=True, NEED_BD=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+        p = P("X","QK","DCTX","WU","BU","S"); p.update({k: "*fp32" for k in ["ABUF","PBUF","DABUF","DSCBUF","DWD","DWU","DBU","DBD","DS"]})
+        sh2 = comp(F._bwd_cols_kernel, p, [], ["s_value"], c, w, st)
+        failed += max(sh, sh2) > LIMIT
+        print("fusion bwd", dt, rp, bn, bd, sh, sh2, "fits" if max(sh, sh2) <= LIMIT else "TOO BIG", flush=True)
+    bn, bd, w = F._attn_blocks(768)
+    for kern, p in [(F._attn_fwd_kernel, dict(V="*"+dt, QK="*"+dt, CTX="*"+dt, PBUF="*fp32")),
+                    (F._attn_bwd_kernel, dict(V="*"+dt, QK="*"+dt, DCTX="*"+dt, PBUF="*fp32", DV="*"+dt, DQK="*"+dt))]:
+        sh = comp(kern, p, [], ["inv_t"], dict(BLOCK_N=bn, BLOCK_D=bd, KP=8), w, 3)
+        failed += sh > LIMIT
+        print("fusion attention", dt, sh, flush=True)
+sys.exit(1 if failed else 0)

@@ -1,0 +1,366 @@
+// Bottleneck adapter forward for few tokens (serving, n <= 64), fp32 / fp16 / bf16.
+//
+// Two launches instead of eager PyTorch's five or six:
+//   down_kernel: one block per (bottleneck row j, tile of up to 8 tokens). The block's threads stride
+//     over d, each keeping one fp32 partial dot product per token of the tile, then reduce across the
+//     block; thread 0 writes act(a + bd[j]) to the fp32 workspace (n x r floats).
+//   up_kernel: one warp per output channel c. The lanes hold row c of wu (r <= 256: at most 8 values
+//     each) in registers and, for every token, reduce <h[n, :], wu[c, :]> across the warp; lane 0
+//     writes base + s * (dot + bu[c]).
+//
+// Backward for the same few tokens, three launches, no atomics (every output element has one owner):
+//   bwd_hidden_kernel: one block per bottleneck row j, looping over the tokens in tiles of 8:
+//     recomputes a = x . wd[j] + bd[j] and dh = sum_c s_c dy[:, c] wu[c, j]; writes h = act(a) and
+//     da = dh * act'(a) (fp32 workspace) and dbd[j] = sum_n da.
+//   bwd_dx_kernel: one thread per (channel c, tile of 8 tokens): dx = da @ wd (+ dy).
+//   bwd_weights_kernel: one thread per (channel c, group of 8 rows j): dwd[j, c] = sum_n da[n, j] x[n, c],
+//     dwu[c, j] = sum_n s_c dy[n, c] h[n, j]; threads of the first row group also write dbu[c] and the
+//     per-channel partial of d_scaling (recomputing h @ wu[c].T + bu[c]).
+// Torch-free: raw pointers, sizes and a stream in (the binding is csrc/bottleneck_adapter_bind.cpp).
+#include "bottleneck_adapter.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace pet_fast {
+namespace {
+
+constexpr int kTokensPerBlock = 8;
+constexpr int kDownThreads = 256;
+constexpr int kUpWarps = 8;
+constexpr int kMaxRPerLane = kSmallMaxR / 32;
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float activate(float a, int act) {
+  switch (act) {
+    case kRelu: return a > 0.f ? a : 0.f;
+    case kGelu: return 0.5f * a * (1.f + erff(a * 0.70710678118654752f));
+    case kGeluTanh: return 0.5f * a * (1.f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
+    case kSilu: return a / (1.f + expf(-a));
+    case kTanh: return tanhf(a);
+    default: return a;
+  }
+}
+
+__device__ __forceinline__ float activate_grad(float a, int act) {
+  switch (act) {
+    case kRelu: return a > 0.f ? 1.f : 0.f;
+    case kGelu: return 0.5f * (1.f + erff(a * 0.70710678118654752f)) + a * 0.3989422804014327f * expf(-0.5f * a * a);
+    case kGeluTanh: {
+      const float t = tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a));
+      return 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * 0.7978845608028654f * (1.f + 0.134145f * a * a);
+    }
+    case kSilu: {
+      const float sg = 1.f / (1.f + expf(-a));
+      return sg * (1.f + a * (1.f - sg));
+    }
+    case kTanh: {
+      const float t = tanhf(a);
+      return 1.f - t * t;
+    }
+    default: return 1.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float scale_at(const T* scale, int scale_mode, float scale_value, int64_t c) {
+  return scale_mode == 0 ? scale_value : to_f(scale[scale_mode == 2 ? c : 0]);
+}
+
+template <typename T>
+__global__ void down_kernel(const T* __restrict__ x, const T* __restrict__ wd, const T* __restrict__ bd,
+                            float* __restrict__ hidden, int64_t n, int64_t d, int64_t r, int act) {
+  const int64_t j = blockIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTokensPerBlock;
+  const int tokens = static_cast<int>(n - n0 < kTokensPerBlock ? n - n0 : kTokensPerBlock);
+  float acc[kTokensPerBlock];
+#pragma unroll
+  for (int t = 0; t < kTokensPerBlock; ++t) acc[t] = 0.f;
+  const T* wrow = wd + j * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float w = to_f(wrow[c]);
+#pragma unroll
+    for (int t = 0; t < kTokensPerBlock; ++t)
+      if (t < tokens) acc[t] += w * to_f(x[(n0 + t) * d + c]);
+  }
+  // Reduce each token's partial sums: within warps by shuffles, then across warps in shared memory.
+  __shared__ float partial[kDownThreads / 32][kTokensPerBlock];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int t = 0; t < kTokensPerBlock; ++t) {
+    float v = acc[t];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) partial[warp][t] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < tokens) {
+    const int t = threadIdx.x;
+    float a = 0.f;
+    for (int w = 0; w < kDownThreads / 32; ++w) a += partial[w][t];
+    if (bd != nullptr) a += to_f(bd[j]);
+    hidden[(n0 + t) * r + j] = activate(a, act);
+  }
+}
+
+template <typename T>
+__global__ void up_kernel(const float* __restrict__ hidden, const T* __restrict__ wu, const T* __restrict__ bu,
+                          const T* __restrict__ scale, int scale_mode, float scale_value,
+                          const T* __restrict__ base, T* __restrict__ y, int64_t n, int64_t d, int64_t r) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kUpWarps + (threadIdx.x >> 5);
+  if (c >= d) return;  // whole warps leave together
+  float w[kMaxRPerLane];
+#pragma unroll
+  for (int i = 0; i < kMaxRPerLane; ++i) {
+    const int64_t k = lane + 32 * i;
+    w[i] = k < r ? to_f(wu[c * r + k]) : 0.f;
+  }
+  const float bias = bu != nullptr ? to_f(bu[c]) : 0.f;
+  const float s = scale_mode == 0 ? scale_value : to_f(scale[scale_mode == 2 ? c : 0]);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* h = hidden + t * r;
+    float v = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxRPerLane; ++i) {
+      const int64_t k = lane + 32 * i;
+      if (k < r) v += w[i] * h[k];
+    }
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) y[t * d + c] = from_f<T>(to_f(base[t * d + c]) + s * (v + bias));
+  }
+}
+
+template <typename T>
+int launch(const void* x, const void* wd, const void* bd, const void* wu, const void* bu, const void* scale,
+           int scale_mode, float scale_value, const void* residual, void* y, float* workspace, int64_t n,
+           int64_t d, int64_t r, int act, cudaStream_t stream) {
+  const T* xt = static_cast<const T*>(x);
+  dim3 down_grid(static_cast<unsigned>(r), static_cast<unsigned>((n + kTokensPerBlock - 1) / kTokensPerBlock));
+  down_kernel<T><<<down_grid, kDownThreads, 0, stream>>>(xt, static_cast<const T*>(wd), static_cast<const T*>(bd),
+                                                         workspace, n, d, r, act);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const unsigned up_blocks = static_cast<unsigned>((d + kUpWarps - 1) / kUpWarps);
+  const T* base = residual != nullptr ? static_cast<const T*>(residual) : xt;
+  up_kernel<T><<<up_blocks, kUpWarps * 32, 0, stream>>>(workspace, static_cast<const T*>(wu), static_cast<const T*>(bu),
+                                                        static_cast<const T*>(scale), scale_mode, scale_value, base,
+                                                        static_cast<T*>(y), n, d, r);
+  return static_cast<int>(cudaGetLastError());
+}
+
+
+template <typename T>
+__global__ void bwd_hidden_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ wd,
+                                  const T* __restrict__ bd, const T* __restrict__ wu, const T* __restrict__ scale,
+                                  int scale_mode, float scale_value, float* __restrict__ hbuf,
+                                  float* __restrict__ dabuf, T* __restrict__ dbd, int64_t n, int64_t d, int64_t r,
+                                  int act) {
+  const int64_t j = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ float partial[kDownThreads / 32][2 * kTokensPerBlock];
+  float dbd_sum = 0.f;  // meaningful in thread 0
+  for (int64_t n0 = 0; n0 < n; n0 += kTokensPerBlock) {
+    const int tokens = static_cast<int>(n - n0 < kTokensPerBlock ? n - n0 : kTokensPerBlock);
+    float acc_a[kTokensPerBlock], acc_dh[kTokensPerBlock];
+#pragma unroll
+    for (int t = 0; t < kTokensPerBlock; ++t) acc_a[t] = acc_dh[t] = 0.f;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const float w_dn = to_f(wd[j * d + c]);
+      const float w_up = to_f(wu[c * r + j]) * scale_at(scale, scale_mode, scale_value, c);
+#pragma unroll
+      for (int t = 0; t < kTokensPerBlock; ++t) {
+        if (t < tokens) {
+          acc_a[t] += w_dn * to_f(x[(n0 + t) * d + c]);
+          acc_dh[t] += w_up * to_f(dy[(n0 + t) * d + c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kTokensPerBlock; ++t) {
+      float va = acc_a[t], vd = acc_dh[t];
+      for (int off = 16; off > 0; off >>= 1) {
+        va += __shfl_xor_sync(0xffffffffu, va, off);
+        vd += __shfl_xor_sync(0xffffffffu, vd, off);
+      }
+      if (lane == 0) {
+        partial[warp][t] = va;
+        partial[warp][kTokensPerBlock + t] = vd;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < tokens) {
+      const int t = threadIdx.x;
+      float a = 0.f, dh = 0.f;
+      for (int w = 0; w < kDownThreads / 32; ++w) {
+        a += partial[w][t];
+        dh += partial[w][kTokensPerBlock + t];
+      }
+      if (bd != nullptr) a += to_f(bd[j]);
+      const float da = dh * activate_grad(a, act);
+      hbuf[(n0 + t) * r + j] = activate(a, act);
+      dabuf[(n0 + t) * r + j] = da;
+      partial[0][t] = da;  // row 0 of this tile's partial sums is no longer read by other threads
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int t = 0; t < tokens; ++t) dbd_sum += partial[0][t];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0 && dbd != nullptr) dbd[j] = from_f<T>(dbd_sum);
+}
+
+template <typename T>
+__global__ void bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ wd, const float* __restrict__ dabuf,
+                              T* __restrict__ dx, int add_dy, int64_t n, int64_t d, int64_t r) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTokensPerBlock;
+  if (c >= d) return;
+  const int tokens = static_cast<int>(n - n0 < kTokensPerBlock ? n - n0 : kTokensPerBlock);
+  float acc[kTokensPerBlock];
+#pragma unroll
+  for (int t = 0; t < kTokensPerBlock; ++t) acc[t] = 0.f;
+  for (int64_t j = 0; j < r; ++j) {
+    const float w = to_f(wd[j * d + c]);
+#pragma unroll
+    for (int t = 0; t < kTokensPerBlock; ++t)
+      if (t < tokens) acc[t] += dabuf[(n0 + t) * r + j] * w;
+  }
+  for (int t = 0; t < tokens; ++t) {
+    const int64_t o = (n0 + t) * d + c;
+    dx[o] = from_f<T>(acc[t] + (add_dy ? to_f(dy[o]) : 0.f));
+  }
+}
+
+constexpr int kRowsPerThread = 8;
+
+template <typename T>
+__global__ void bwd_weights_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ wu,
+                                   const T* __restrict__ bu, const T* __restrict__ scale, int scale_mode,
+                                   float scale_value, const float* __restrict__ hbuf,
+                                   const float* __restrict__ dabuf, T* __restrict__ dwd, T* __restrict__ dwu,
+                                   T* __restrict__ dbu, float* __restrict__ ds_partial, int64_t n, int64_t d,
+                                   int64_t r) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread;
+  if (c >= d) return;
+  const int rows = static_cast<int>(r - j0 < kRowsPerThread ? r - j0 : kRowsPerThread);
+  const float s = scale_at(scale, scale_mode, scale_value, c);
+  float acc_wd[kRowsPerThread], acc_wu[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) acc_wd[i] = acc_wu[i] = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float xv = to_f(x[t * d + c]);
+    const float gv = s * to_f(dy[t * d + c]);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      if (i < rows) {
+        acc_wd[i] += dabuf[t * r + j0 + i] * xv;
+        acc_wu[i] += hbuf[t * r + j0 + i] * gv;
+      }
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    dwd[(j0 + i) * d + c] = from_f<T>(acc_wd[i]);
+    dwu[c * r + j0 + i] = from_f<T>(acc_wu[i]);
+  }
+  if (blockIdx.y != 0) return;
+  if (dbu != nullptr || ds_partial != nullptr) {
+    const float bias = bu != nullptr ? to_f(bu[c]) : 0.f;
+    float sum_g = 0.f, sum_ds = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      const float dyv = to_f(dy[t * d + c]);
+      sum_g += s * dyv;
+      if (ds_partial != nullptr) {
+        float up = bias;
+        for (int64_t j = 0; j < r; ++j) up += hbuf[t * r + j] * to_f(wu[c * r + j]);
+        sum_ds += dyv * up;
+      }
+    }
+    if (dbu != nullptr) dbu[c] = from_f<T>(sum_g);
+    if (ds_partial != nullptr) ds_partial[c] = sum_ds;
+  }
+}
+
+template <typename T>
+int launch_backward(const void* dy, const void* x, const void* wd, const void* bd, const void* wu, const void* bu,
+                    const void* scale, int scale_mode, float scale_value, int add_dy, void* dx, void* dwd,
+                    void* dbd, void* dwu, void* dbu, float* ds_partial, float* workspace, int64_t n, int64_t d,
+                    int64_t r, int act, cudaStream_t stream) {
+  const T* dyt = static_cast<const T*>(dy);
+  const T* xt = static_cast<const T*>(x);
+  const T* st = static_cast<const T*>(scale);
+  float* hbuf = workspace;
+  float* dabuf = workspace + n * r;
+  bwd_hidden_kernel<T><<<static_cast<unsigned>(r), kDownThreads, 0, stream>>>(
+      dyt, xt, static_cast<const T*>(wd), static_cast<const T*>(bd), static_cast<const T*>(wu), st, scale_mode,
+      scale_value, hbuf, dabuf, static_cast<T*>(dbd), n, d, r, act);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return static_cast<int>(err);
+  constexpr int kThreads = 128;
+  const unsigned cblocks = static_cast<unsigned>((d + kThreads - 1) / kThreads);
+  dim3 dx_grid(cblocks, static_cast<unsigned>((n + kTokensPerBlock - 1) / kTokensPerBlock));
+  bwd_dx_kernel<T><<<dx_grid, kThreads, 0, stream>>>(dyt, static_cast<const T*>(wd), dabuf, static_cast<T*>(dx),
+                                                     add_dy, n, d, r);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return static_cast<int>(err);
+  dim3 w_grid(cblocks, static_cast<unsigned>((r + kRowsPerThread - 1) / kRowsPerThread));
+  bwd_weights_kernel<T><<<w_grid, kThreads, 0, stream>>>(
+      dyt, xt, static_cast<const T*>(wu), static_cast<const T*>(bu), st, scale_mode, scale_value, hbuf, dabuf,
+      static_cast<T*>(dwd), static_cast<T*>(dwu), static_cast<T*>(dbu), ds_partial, n, d, r);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int bottleneck_adapter_forward_small(int dtype, const void* x, const void* wd, const void* bd, const void* wu,
+                                     const void* bu, const void* scale, int scale_mode, float scale_value,
+                                     const void* residual, void* y, float* workspace, int64_t n, int64_t d,
+                                     int64_t r, int act, cudaStream_t stream) {
+  if (n < 0 || n > kSmallMaxTokens || r < 1 || r > kSmallMaxR || d < 1 || act < kRelu || act > kIdentity ||
+      scale_mode < 0 || scale_mode > 2 || (scale_mode != 0 && scale == nullptr))
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return static_cast<int>(cudaSuccess);
+  switch (dtype) {
+    case kAdapterF32:
+      return launch<float>(x, wd, bd, wu, bu, scale, scale_mode, scale_value, residual, y, workspace, n, d, r, act, stream);
+    case kAdapterF16:
+      return launch<__half>(x, wd, bd, wu, bu, scale, scale_mode, scale_value, residual, y, workspace, n, d, r, act, stream);
+    case kAdapterBF16:
+      return launch<__nv_bfloat16>(x, wd, bd, wu, bu, scale, scale_mode, scale_value, residual, y, workspace, n, d, r, act, stream);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+int bottleneck_adapter_backward_small(int dtype, const void* dy, const void* x, const void* wd, const void* bd,
+                                      const void* wu, const void* bu, const void* scale, int scale_mode,
+                                      float scale_value, int add_dy, void* dx, void* dwd, void* dbd, void* dwu,
+                                      void* dbu, float* ds_partial, float* workspace, int64_t n, int64_t d,
+                                      int64_t r, int act, cudaStream_t stream) {
+  if (n < 1 || n > kSmallMaxTokens || r < 1 || r > kSmallMaxR || d < 1 || act < kRelu || act > kIdentity ||
+      scale_mode < 0 || scale_mode > 2 || (scale_mode != 0 && scale == nullptr))
+    return static_cast<int>(cudaErrorInvalidValue);
+  switch (dtype) {
+    case kAdapterF32:
+      return launch_backward<float>(dy, x, wd, bd, wu, bu, scale, scale_mode, scale_value, add_dy, dx, dwd, dbd, dwu,
+                                    dbu, ds_partial, workspace, n, d, r, act, stream);
+    case kAdapterF16:
+      return launch_backward<__half>(dy, x, wd, bd, wu, bu, scale, scale_mode, scale_value, add_dy, dx, dwd, dbd, dwu,
+                                     dbu, ds_partial, workspace, n, d, r, act, stream);
+    case kAdapterBF16:
+      return launch_backward<__nv_bfloat16>(dy, x, wd, bd, wu, bu, scale, scale_mode, scale_value, add_dy, dx, dwd,
+                                            dbd, dwu, dbu, ds_partial, workspace, n, d, r, act, stream);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace pet_fast

@@ -1,0 +1,414 @@
+"""Triton kernels of the bottleneck adapter ``y = base + s * (act(x @ Wd.T + bd) @ Wu.T + bu)``.
+
+Forward: one launch, one program per tile of ``BLOCK_N`` tokens. The program accumulates the
+down-projection ``a = x @ Wd.T`` over blocks of d into an fp32 ``(BLOCK_N, RP)`` tile (RP = r padded to
+a power of two >= 16; padded rows of Wd load as zeros), adds ``bd``, applies the activation, and with
+the r-wide hidden still in registers loops over d again: up-projection, ``bu``, scaling (a Python
+number, a scalar tensor or one value per channel) and the residual (``x`` or a separate tensor). The
+hidden never reaches global memory.
+
+What the forward saves for the backward: nothing beyond its inputs (x, Wd, bd, Wu, bu, the scaling
+tensor). The backward recomputes the hidden.
+
+Backward, two launches plus one memset:
+1. ``_bwd_rows_kernel``, one program per token tile: recomputes ``a`` and, in the same pass over d,
+   ``dh = (s * dy) @ Wu``; then ``h = act(a)``, ``da = dh * act'(a)``; writes ``h`` and ``da`` (fp32,
+   r-wide, N x RP: the only intermediates that touch global memory) and ``dx = da @ Wd (+ dy when the
+   residual is x)``.
+2. ``_bwd_cols_kernel``, a grid over (blocks of d) x (splits of the tokens): each program reduces its
+   tokens into ``dWd[:, blk] = da.T @ x``, ``dWu[blk, :] = (s*dy).T @ h``, ``dbu``, ``d_scaling``
+   (recomputing ``h @ Wu.T + bu``, only when the scaling tensor needs a gradient) and ``dbd`` (programs
+   of the first d block), and adds them to fp32 buffers with fp32 atomics (never fp16/bf16 atomics).
+``d_residual`` is ``dy`` itself.
+
+Tile shapes of the per-token-tile kernels are autotuned per (d, RP, power-of-two class of N, dtype
+class) on a GPU; the reduction kernel uses fixed tiles, since re-running it would add its atomics twice.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast to fp32 right after loading and the
+matrix products run in fp32; on a GPU fp16/bf16 operands go to tensor cores with fp32 accumulation and
+fp32 inputs use ``input_precision="ieee"`` (no tf32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_C = 0.7978845608028654  # sqrt(2/pi)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2/(exp(2u)+1): exact limits at +-inf, no tl.tanh needed (absent in some Triton versions).
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def act_fwd(a, ACT: tl.constexpr):
+    if ACT == 0:
+        h = tl.maximum(a, 0.0)
+    elif ACT == 1:
+        h = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a))
+        h = 0.5 * a * (1.0 + t)
+    elif ACT == 3:
+        h = a / (1.0 + tl.exp(-a))
+    elif ACT == 4:
+        h = _tanh(a)
+    else:
+        h = a
+    return h
+
+
+@triton.jit
+def act_fwd_bwd(a, ACT: tl.constexpr):
+    """(act(a), act'(a)) in fp32."""
+    if ACT == 0:
+        h = tl.maximum(a, 0.0)
+        g = tl.where(a > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        h = a * cdf
+        g = cdf + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a))
+        h = 0.5 * a * (1.0 + t)
+        g = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+    elif ACT == 3:
+        sg = 1.0 / (1.0 + tl.exp(-a))
+        h = a * sg
+        g = sg * (1.0 + a * (1.0 - sg))
+    elif ACT == 4:
+        h = _tanh(a)
+        g = 1.0 - h * h
+    else:
+        h = a
+        g = tl.full(a.shape, 1.0, tl.float32)
+    return h, g
+
+
+@triton.jit
+def mm(a, b, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 'ieee' products when UPCAST, else the operands' own type."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
+                HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, HAS_RES: tl.constexpr,
+                ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
+                UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        cm = c < D
+        xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        wt = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+        acc += mm(xt, tl.trans(wt), UPCAST)
+    if HAS_BD:
+        acc += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
+    h = act_fwd(acc, ACT)
+    if UPCAST:
+        hq = h
+    else:
+        hq = h.to(Y.dtype.element_ty)
+    if S_MODE == 0:
+        s = s_value
+    elif S_MODE == 1:
+        s = tl.load(S).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        cm = c < D
+        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+        up = mm(hq, tl.trans(wu), UPCAST)
+        if HAS_BU:
+            up += tl.load(BU + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        if S_MODE == 2:
+            up = up * tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        else:
+            up = up * s
+        offs = rows[:, None] * D + c[None, :]
+        m2 = rmask[:, None] & cm[None, :]
+        if HAS_RES:
+            base = tl.load(RES + offs, mask=m2, other=0.0).to(tl.float32)
+        else:
+            base = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+        tl.store(Y + offs, (base + up).to(Y.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_bucket,
+                     HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, ACT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
+    cols = tl.arange(0, BLOCK_D)
+    a = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+    dh = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+    if S_MODE == 0:
+        s = s_value
+    elif S_MODE == 1:
+        s = tl.load(S).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        cm = c < D
+        m2 = rmask[:, None] & cm[None, :]
+        offs = rows[:, None] * D + c[None, :]
+        xt = tl.load(X + offs, mask=m2, other=0.0)
+        wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+        a += mm(xt, tl.trans(wd), UPCAST)
+        g = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
+        if S_MODE == 2:
+            g = g * tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        else:
+            g = g * s
+        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+        if UPCAST:
+            dh += mm(g, wu, UPCAST)
+        else:
+            dh += mm(g.to(wu.dtype), wu, UPCAST)
+    if HAS_BD:
+        a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
+    h, gp = act_fwd_bwd(a, ACT)
+    da = dh * gp
+    hoffs = rows[:, None] * RP + rr[None, :]
+    tl.store(HBUF + hoffs, h, mask=rmask[:, None])
+    tl.store(DABUF + hoffs, da, mask=rmask[:, None])
+    if UPCAST:
+        daq = da
+    else:
+        daq = da.to(DX.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        cm = c < D
+        m2 = rmask[:, None] & cm[None, :]
+        offs = rows[:, None] * D + c[None, :]
+        wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+        dx = mm(daq, wd, UPCAST)
+        if ADD_DY:
+            dx += tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, DWD, DWU, DBU, DS, DBD, N, D, R, s_value, rows_per_split,
+                     HAS_BU: tl.constexpr, S_MODE: tl.constexpr, NEED_DS: tl.constexpr, NEED_BD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = c < D
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
+    if S_MODE == 0:
+        s = tl.full((BLOCK_D,), 1.0, tl.float32) * s_value
+    elif S_MODE == 1:
+        s = tl.full((BLOCK_D,), 1.0, tl.float32) * tl.load(S).to(tl.float32)
+    else:
+        s = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)
+    if NEED_DS:
+        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+        if HAS_BU:
+            bu = tl.load(BU + c, mask=cm, other=0.0).to(tl.float32)
+    acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
+    acc_wu = tl.zeros((BLOCK_D, RP), dtype=tl.float32)
+    acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_bd = tl.zeros((RP,), dtype=tl.float32)
+    start = pid_s * rows_per_split
+    stop = tl.minimum(start + rows_per_split, N)
+    for n0 in range(start, stop, BLOCK_N):
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rmask = rows < stop
+        m2 = rmask[:, None] & cm[None, :]
+        offs = rows[:, None] * D + c[None, :]
+        xt = tl.load(X + offs, mask=m2, other=0.0)
+        dyt = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
+        hoffs = rows[:, None] * RP + rr[None, :]
+        h = tl.load(HBUF + hoffs, mask=rmask[:, None], other=0.0)
+        da = tl.load(DABUF + hoffs, mask=rmask[:, None], other=0.0)
+        g = dyt * s[None, :]
+        if UPCAST:
+            acc_wd += mm(tl.trans(da), xt, UPCAST)
+            acc_wu += mm(tl.trans(g), h, UPCAST)
+        else:
+            acc_wd += mm(tl.trans(da.to(xt.dtype)), xt, UPCAST)
+            acc_wu += mm(tl.trans(g.to(xt.dtype)), h.to(xt.dtype), UPCAST)
+        acc_bu += tl.sum(g, axis=0)
+        if NEED_DS:
+            if UPCAST:
+                up = mm(h, tl.trans(wu), UPCAST)
+            else:
+                up = mm(h.to(wu.dtype), tl.trans(wu), UPCAST)
+            if HAS_BU:
+                up += bu[None, :]
+            acc_s += tl.sum(dyt * up, axis=0)
+        if NEED_BD:
+            acc_bd += tl.sum(da, axis=0)
+    tl.atomic_add(DWD + rr[:, None] * D + c[None, :], acc_wd, mask=rrmask[:, None] & cm[None, :])
+    tl.atomic_add(DWU + c[:, None] * R + rr[None, :], acc_wu, mask=cm[:, None] & rrmask[None, :])
+    tl.atomic_add(DBU + c, acc_bu, mask=cm)
+    if NEED_DS:
+        tl.atomic_add(DS + c, acc_s, mask=cm)
+    if NEED_BD:
+        if pid_d == 0:
+            tl.atomic_add(DBD + rr, acc_bd, mask=rrmask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers (plain tensors in and out; autograd lives in pet_fast/ops/bottleneck_adapter.py).
+
+MAX_R = 256
+
+
+def padded_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _blocks(rp: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) of the backward's reduction kernel (untuned heuristics)."""
+    if interpreting():
+        return 16, 64, 4
+    if rp <= 64:
+        return 64, 64, 4
+    if rp <= 128:
+        return 32, 64, 4
+    return 32, 32, 8
+
+
+def row_configs():
+    """Tile shapes tried by the autotuner of the per-token-tile kernels (one under the interpreter)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bn, bd, w, st in [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 128, 8, 3),
+                                  (16, 64, 4, 2), (32, 32, 4, 2)]]  # the last two fit the shared memory at RP=256
+
+
+def prune_row_configs(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 accumulators (BLOCK_N x RP) would not fit in registers."""
+    rp = kwargs.get("RP", named_args.get("RP", 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * rp <= 8192 and c.kwargs["BLOCK_D"] * rp <= 16384]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
+
+
+def n_bucket(n: int) -> int:
+    """Autotuning key for the token count: its power of two, capped (one tuning per size class)."""
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 14)
+
+
+_fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+                             prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
+_bwd_rows_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+                                  prune_configs_by={"early_config_prune": prune_row_configs})(_bwd_rows_kernel)
+
+
+def _scale_mode(scaling):
+    if scaling is None:
+        return 0
+    return 2 if scaling.dim() == 1 else 1
+
+
+def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+    """x (N, d) contiguous; returns y (N, d). ``scaling`` is a tensor (() or (d,)) or None (then
+    ``scaling_value`` is used)."""
+    n, d = x.shape
+    r = w_down.shape[0]
+    y = torch.empty_like(x)
+    if n == 0:
+        return y
+    rp = padded_r(r)
+    upcast = interpreting() or x.dtype == torch.float32
+    dummy = x
+    _fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
+        scaling if scaling is not None else dummy, residual if residual is not None else dummy, y,
+        n, d, r, float(scaling_value), n_bucket(n),
+        HAS_BD=b_down is not None, HAS_BU=b_up is not None, S_MODE=_scale_mode(scaling),
+        HAS_RES=residual is not None, ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
+    return y
+
+
+def _splits(n: int, d_blocks: int, bn: int, device) -> int:
+    tiles = triton.cdiv(n, bn)
+    if interpreting() or device.type != "cuda":
+        return min(tiles, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(2 * sms, d_blocks)))
+
+
+def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds,
+             need_weights=True):
+    """Gradients of :func:`forward`: (dx, dWd, dbd, dWu, dbu, d_scaling).
+
+    d_scaling has the scaling tensor's shape and is computed only when ``need_ds``; the weight and bias
+    gradients are None without ``need_weights`` (frozen adapter: the reduction kernel is skipped unless
+    d_scaling needs it) and the biases' when they are None; the residual's gradient is ``dy`` itself
+    (the caller returns it)."""
+    n, d = x.shape
+    r = w_down.shape[0]
+    rp = padded_r(r)
+    bn, bd, warps = _blocks(rp)
+    upcast = interpreting() or x.dtype == torch.float32
+    need_ds = bool(need_ds and scaling is not None)
+    sizes = [r * d, d * r, d, d, r]
+    if w_down.dtype == torch.float32:
+        # the fp32 accumulators are the results: separate tensors, so that no two results alias
+        dwd, dwu, dbu, ds, dbd = (torch.zeros(n_, device=x.device, dtype=torch.float32) for n_ in sizes)
+    else:
+        # one fp32 buffer for every weight-side accumulator (one memset), cast at the end
+        buf = torch.zeros(sum(sizes), device=x.device, dtype=torch.float32)
+        dwd, dwu, dbu, ds, dbd = torch.split(buf, sizes)
+    dx = torch.empty_like(x)
+    if n > 0:
+        hbuf = torch.empty((n, rp), device=x.device, dtype=torch.float32)
+        dabuf = torch.empty((n, rp), device=x.device, dtype=torch.float32)
+        dummy = x
+        s_mode = _scale_mode(scaling)
+        s_arg = scaling if scaling is not None else dummy
+        _bwd_rows_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x, w_down, b_down if b_down is not None else dummy, w_up, s_arg, dy, dx, hbuf, dabuf,
+            n, d, r, float(scaling_value), n_bucket(n),
+            HAS_BD=b_down is not None, S_MODE=s_mode, ADD_DY=not has_residual, ACT=ACT_CODES[activation],
+            RP=rp, UPCAST=upcast)
+    if n > 0 and (need_weights or need_ds):
+        d_blocks = triton.cdiv(d, bd)
+        splits = _splits(n, d_blocks, bn, x.device)
+        rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+        splits = triton.cdiv(n, rows_per_split)
+        _bwd_cols_kernel[(d_blocks, splits)](
+            x, dy, hbuf, dabuf, w_up, b_up if b_up is not None else dummy, s_arg,
+            dwd, dwu, dbu, ds, dbd, n, d, r, float(scaling_value), rows_per_split,
+            HAS_BU=b_up is not None, S_MODE=s_mode, NEED_DS=need_ds, NEED_BD=b_down is not None,
+            BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast, num_warps=warps, num_stages=2 if rp >= 128 else 3)
+    dt = w_down.dtype
+    d_scaling = None
+    if need_ds:
+        d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
+    if not need_weights:
+        return dx, None, None, None, None, d_scaling
+    return (dx, dwd.view(r, d).to(dt), dbd.to(dt) if b_down is not None else None, dwu.view(d, r).to(dt),
+            dbu.to(dt) if b_up is not None else None, d_scaling)

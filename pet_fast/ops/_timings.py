@@ -1,0 +1,77 @@
+"""Measured timings that order the backends of the adapter ops for ``auto`` dispatch.
+
+The table is the JSON written by ``benchmarks/bench_bottleneck_adapter.py --table PATH``:
+
+    {"device": "...", "rows": [{"op": "bottleneck_adapter", "mode": "fwd" | "fwd+bwd", "dtype": "bfloat16",
+                                "n": 16384, "d": 768, "r": 64, "k": 1, "us": {"eager": 62.8, "triton": 20.1}}]}
+
+It is read once, at import, from ``$PET_FAST_DISPATCH_TABLE``, else ``pet_fast/ops/dispatch_table.json`` (a
+copy shipped in the wheel), else ``benchmarks/results/dispatch_table.json`` of a source checkout or
+editable install. For a call, the row of the same op and mode
+(forward only, or with gradients) nearest in log-size (n, d, r, k), preferring the call's dtype, orders
+the backends it measured from fastest to slowest; backends it did not measure follow in the default
+order. Without a table (nothing measured yet on a GPU) the order is the unmeasured default
+``DEFAULT_ORDER``: cuda (which only accepts what it specialises in), then triton, then eager.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+DEFAULT_ORDER = ("cuda", "triton", "eager")
+ENV_VAR = "PET_FAST_DISPATCH_TABLE"
+
+
+def _default_path() -> Path:
+    """A copy shipped inside the package (pet_fast/ops/dispatch_table.json) wins over the checkout's."""
+    here = Path(__file__).resolve()
+    shipped = here.parent / "dispatch_table.json"
+    return shipped if shipped.is_file() else here.parents[2] / "benchmarks" / "results" / "dispatch_table.json"
+
+
+def load_table(path=None) -> list:
+    """Rows as tuples (op, mode, dtype, log n, log d, log r, log k, backends fastest first)."""
+    path = Path(path or os.environ.get(ENV_VAR) or _default_path())
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for row in doc.get("rows", []):
+        try:
+            us = {b: float(t) for b, t in row["us"].items() if t is not None and t == t}
+            order = tuple(sorted(us, key=us.get))
+            logs = tuple(math.log(max(int(row.get(key, 1)), 1)) for key in ("n", "d", "r", "k"))
+            rows.append((str(row["op"]), str(row["mode"]), str(row.get("dtype", "")), *logs, order))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return rows
+
+
+TABLE = load_table()
+
+
+def preference(op: str):
+    """A preference function for ``dispatch.set_preference(op, ...)``, reading :data:`TABLE`."""
+
+    def order(info) -> list:
+        if not TABLE:
+            return list(DEFAULT_ORDER)
+        mode = "fwd+bwd" if info.get("requires_grad") else "fwd"
+        dtype = str(info["dtype"]).replace("torch.", "")
+        point = [math.log(max(int(info.get(key, 1)), 1)) for key in ("n", "d", "r", "k")]
+        best, best_dist = None, None
+        for row in TABLE:
+            if row[0] != op or row[1] != mode:
+                continue
+            dist = sum(abs(a - b) for a, b in zip(point, row[3:7])) + (0.0 if row[2] == dtype else 100.0)
+            if best_dist is None or dist < best_dist:
+                best, best_dist = row, dist
+        if best is None:
+            return list(DEFAULT_ORDER)
+        measured = list(best[7])
+        return measured + [b for b in DEFAULT_ORDER if b not in measured]
+
+    return order

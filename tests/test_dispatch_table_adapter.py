@@ -1,0 +1,47 @@
+"""The measured-timings table that orders the adapter ops' backends."""
+import json
+
+import torch
+
+from pet_fast.ops import _timings
+
+
+def test_table_orders_backends_by_nearest_measured_row(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"device": "test", "rows": [
+        {"op": "bottleneck_adapter", "mode": "fwd", "dtype": "bfloat16", "n": 16, "d": 768, "r": 64,
+         "us": {"eager": 30.0, "triton": 9.0, "cuda": 6.0}},
+        {"op": "bottleneck_adapter", "mode": "fwd", "dtype": "bfloat16", "n": 16384, "d": 768, "r": 64,
+         "us": {"eager": 60.0, "triton": 20.0, "cuda": None}},
+        {"op": "bottleneck_adapter", "mode": "fwd+bwd", "dtype": "bfloat16", "n": 16384, "d": 768, "r": 64,
+         "us": {"eager": 400.0, "triton": 500.0}},
+        {"op": "bad row"},
+    ]}))
+    monkeypatch.setattr(_timings, "TABLE", _timings.load_table(path))
+    assert len(_timings.TABLE) == 3
+    order = _timings.preference("bottleneck_adapter")
+    info = dict(dtype=torch.bfloat16, n=8, d=1024, r=64, requires_grad=False)
+    assert order(info) == ["cuda", "triton", "eager"]
+    assert order({**info, "n": 8192})[:2] == ["triton", "eager"]
+    # eager measured faster with gradients: auto prefers it
+    assert order({**info, "n": 8192, "requires_grad": True})[:2] == ["eager", "triton"]
+    assert _timings.preference("stacked_adapter_fusion")(info) == list(_timings.DEFAULT_ORDER)
+
+
+def test_missing_table_gives_the_default_order(tmp_path, monkeypatch):
+    assert _timings.load_table(tmp_path / "absent.json") == []
+    monkeypatch.setattr(_timings, "TABLE", [])
+    order = _timings.preference("bottleneck_adapter")(dict(dtype=torch.float16, n=1, d=8, r=2))
+    assert order == ["cuda", "triton", "eager"]
+
+
+def test_auto_dispatch_with_a_table_compiles_without_graph_breaks(monkeypatch):
+    import pet_fast
+
+    monkeypatch.setattr(_timings, "TABLE", [("bottleneck_adapter", "fwd+bwd", "float32", 1.0, 2.7, 1.4, 0.0,
+                                              ("triton", "eager"))])
+    torch._dynamo.reset()
+    m = pet_fast.BottleneckAdapter(16, 4, activation="gelu", scaling="channel")
+    x = torch.randn(3, 16, requires_grad=True)
+    out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)  # auto: eager on the CPU
+    assert torch.allclose(out, m(x, backend="eager"))

@@ -1,0 +1,296 @@
+"""The triton backend of stacked_adapter_fusion against the eager reference: output and every gradient
+(adapter weights, fusion projections, inputs). CPU runs use the Triton interpreter: tiny shapes."""
+import importlib
+
+import pytest
+import torch
+
+import pet_fast
+from conftest import rel_err
+from pet_fast import dispatch
+
+fusion_ops = importlib.import_module("pet_fast.ops.adapter_fusion")
+
+INPUTS = ("x", "query", "residual", "w_down", "b_down", "w_up", "b_up")
+
+
+def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True, scaling="adapter", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    t = dict(x=g(*n_shape, d), query=g(*n_shape, d), residual=g(*n_shape, d), w_down=g(k, r, d) / d ** 0.5,
+             b_down=g(k, r) * 0.5, w_up=g(k, d, r) / r ** 0.5, b_up=g(k, d) * 0.5)
+    if proj:
+        t.update(w_query=g(d, d) / d ** 0.5, b_query=g(d) * 0.3, w_key=g(d, d) / d ** 0.5, b_key=g(d) * 0.3,
+                 w_value=g(d, d) / d ** 0.5)
+        if value_bias:
+            t["b_value"] = g(d) * 0.3
+    if scaling == "adapter":
+        t["scaling"] = g(k)
+    elif scaling == "scalar":
+        t["scaling"] = g(()).abs() + 0.5
+    hi = {a: b.clone().requires_grad_() for a, b in t.items()}
+    lo = {a: b.to(device=device, dtype=dtype).requires_grad_() for a, b in t.items()}
+    if scaling == "number":
+        hi["scaling"] = lo["scaling"] = 1.5
+    return hi, lo
+
+
+def call(ts, backend, **kw):
+    rest = {a: b for a, b in ts.items() if a not in INPUTS}
+    return pet_fast.stacked_adapter_fusion(*(ts[a] for a in INPUTS), backend=backend, **kw, **rest)
+
+
+def grads(ts, out, dy):
+    names = [a for a, b in ts.items() if isinstance(b, torch.Tensor)]
+    g = torch.autograd.grad(out, [ts[a] for a in names], dy, allow_unused=True)
+    # b_key cancels in the softmax: the fused path does not use it, its gradient is exactly zero
+    return {a: (gi if gi is not None else torch.zeros_like(ts[a])) for a, gi in zip(names, g)}
+
+
+def check(n_shape, d, r, k, dtype, device="cpu", case=None, **kw):
+    hi, lo = make_case(n_shape, d, r, k, dtype, device, **(case or {}))
+    ref = call(hi, "eager", **kw)
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_g = grads(hi, ref, dy)
+    out = call(lo, "triton", **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
+    res = {"out": (out, ref)} | {a: (got_g[a], ref_g[a]) for a in ref_g}
+    if dtype == torch.float32:
+        for name, (a, b) in res.items():
+            scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
+            err = (a.cpu().double() - b).abs().max().item() / scale
+            assert err < 2e-5, (name, err)
+        return
+    lo2 = {a: (b.detach().clone().requires_grad_() if isinstance(b, torch.Tensor) else b) for a, b in lo.items()}
+    eager = call(lo2, "eager", **kw)
+    eager_res = {"out": eager} | grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    eps = torch.finfo(dtype).eps
+    for name, (a, b) in res.items():
+        err = (a.cpu().double() - b).abs().max().item()
+        err_eager = (eager_res[name].cpu().double() - b).abs().max().item()
+        atol = 4 * eps * max(b.abs().max().item(), 1e-3)
+        assert err <= 2 * err_eager + atol, (name, err, err_eager, atol)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
+def test_activations_fp32(act):
+    check((11,), 20, 3, 2, torch.float32, activation=act, temperature=1.3)
+
+
+@pytest.mark.parametrize("case,kw", [
+    (dict(scaling="adapter"), dict(residual_before=False, value_before_softmax=True)),
+    (dict(scaling="scalar", value_bias=False), dict(residual_before=True, value_before_softmax=False)),
+    (dict(scaling="number", proj=False), dict(residual_before=True)),
+    (dict(scaling="number"), dict(residual_before=False, value_before_softmax=False, temperature=50.0)),
+])
+def test_fusion_variants_fp32(case, kw):
+    check((3, 7), 33, 5, 3, torch.float32, case=case, activation="gelu", **kw)
+
+
+def test_single_adapter_and_wide_bottleneck_fp32():
+    check((5,), 40, 100, 1, torch.float32, activation="silu")
+
+
+def test_eight_adapters_fp32():
+    check((9,), 24, 4, 8, torch.float32, activation="relu")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(residual_before=True, value_before_softmax=False)])
+def test_fp16_precision_rule(kw):
+    check((13,), 36, 6, 3, torch.float16, activation="gelu", **kw)
+
+
+def test_dispatch_reasons_and_auto():
+    hi, lo = make_case((4,), 8, 300, 2, torch.float32)
+    with pytest.raises(dispatch.BackendUnavailableError, match="r=300"):
+        call(lo, "triton")
+    info = fusion_ops.describe(lo["query"], 2, r=4, activation="relu")
+    assert fusion_ops.stacked_triton_reasons(info) == []
+    assert dispatch.select(fusion_ops.OP_STACKED, info).backend == "eager"  # CPU tensors: auto takes eager
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    hi, lo = make_case((2, 3), 16, 4, 2, torch.float32)
+    leaves = {a: b for a, b in lo.items() if isinstance(b, torch.Tensor)}
+
+    def f(backend, **t):
+        return call(t, backend, activation="tanh").sin()
+
+    ref = f("eager", **leaves)
+    ref_g = torch.autograd.grad(ref.sum(), list(leaves.values()), allow_unused=True)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")("triton", **leaves)
+    got_g = torch.autograd.grad(out.sum(), list(leaves.values()), allow_unused=True)
+    assert rel_err(out, ref) < 2e-5
+    for name, a, b in zip(leaves, got_g, ref_g):
+        if name == "b_key":
+            assert a is None or float(a.abs().max()) == 0.0
+            continue
+        assert rel_err(a, b) < 2e-5, name
+
+
+def test_custom_ops_opcheck():
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
+                          (r(5, 16), r(5, 16), r(2, 3, 16), r(2, 3), r(2, 16, 3), r(2, 16), r(2), 1.0, "gelu", 0.5))
+    torch.library.opcheck(torch.ops.pet_fast.fusion_attention_triton.default, (r(5, 3, 16), r(5, 16), 0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r,k", [((4, 128), 768, 64, 3), ((300,), 1024, 16, 8), ((77,), 4096, 256, 2)])
+def test_gpu(dtype, n_shape, d, r, k):
+    check(n_shape, d, r, k, dtype, "cuda", activation="gelu")
+
+
+# --- adapter_fusion (adapter outputs given) ------------------------------------------------------
+
+def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    t = dict(query=g(*n_shape, d), values=g(*n_shape, k, d), residual=g(*n_shape, d))
+    if proj:
+        t.update(w_query=g(d, d) / d ** 0.5, b_query=g(d) * 0.3, w_key=g(d, d) / d ** 0.5, b_key=g(d) * 0.3,
+                 w_value=g(d, d) / d ** 0.5)
+        if value_bias:
+            t["b_value"] = g(d) * 0.3
+    hi = {a: b.clone().requires_grad_() for a, b in t.items()}
+    lo = {a: b.to(device=device, dtype=dtype).requires_grad_() for a, b in t.items()}
+    return hi, lo
+
+
+def call_given(ts, backend, **kw):
+    rest = {a: b for a, b in ts.items() if a not in ("query", "values", "residual")}
+    return pet_fast.adapter_fusion(ts["query"], ts["values"], ts["residual"], backend=backend, **kw, **rest)
+
+
+def check_given(n_shape, d, k, dtype, device="cpu", case=None, **kw):
+    hi, lo = make_given(n_shape, d, k, dtype, device, **(case or {}))
+    ref = call_given(hi, "eager", **kw)
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_g = grads(hi, ref, dy)
+    out = call_given(lo, "triton", **kw)
+    got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
+    res = {"out": (out, ref)} | {a: (got_g[a], ref_g[a]) for a in ref_g}
+    if dtype == torch.float32:
+        for name, (a, b) in res.items():
+            scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
+            assert (a.cpu().double() - b).abs().max().item() / scale < 2e-5, name
+        return
+    lo2 = {a: b.detach().clone().requires_grad_() for a, b in lo.items()}
+    eager = call_given(lo2, "eager", **kw)
+    eager_res = {"out": eager} | grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    eps = torch.finfo(dtype).eps
+    for name, (a, b) in res.items():
+        err = (a.cpu().double() - b).abs().max().item()
+        err_eager = (eager_res[name].cpu().double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * eps * max(b.abs().max().item(), 1e-3), (name, err, err_eager)
+
+
+@pytest.mark.parametrize("case,kw", [
+    (dict(), dict()),
+    (dict(value_bias=False), dict(residual_before=True, value_before_softmax=False, temperature=3.0)),
+    (dict(proj=False), dict(residual_before=True)),
+])
+def test_given_values_fp32(case, kw):
+    check_given((3, 7), 37, 3, torch.float32, case=case, **kw)
+
+
+def test_given_values_fp16():
+    check_given((19,), 40, 5, torch.float16)
+
+
+def test_given_values_compile_fullgraph():
+    torch._dynamo.reset()
+    hi, lo = make_given((2, 3), 16, 3, torch.float32)
+
+    def f(backend, **t):
+        return call_given(t, backend, temperature=2.0).cos()
+
+    ref = f("eager", **lo)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")("triton", **lo)
+    assert rel_err(out, ref) < 2e-5
+    g_ref = torch.autograd.grad(ref.sum(), [lo["values"], lo["w_key"]])
+    g_out = torch.autograd.grad(out.sum(), [lo["values"], lo["w_key"]])
+    for a, b in zip(g_out, g_ref):
+        assert rel_err(a, b) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,k", [((4, 128), 768, 3), ((1001,), 1000, 8)])
+def test_gpu_given_values(dtype, n_shape, d, k):
+    check_given(n_shape, d, k, dtype, "cuda")
+
+
+def test_frozen_adapters_train_only_the_fusion_weights():
+    """The usual AdapterFusion step: adapters frozen, fusion projections and inputs trained."""
+    hi, lo = make_case((6,), 20, 4, 3, torch.float32)
+    for ts in (hi, lo):
+        for name in ("w_down", "b_down", "w_up", "b_up", "scaling"):
+            ts[name] = ts[name].detach()
+    ref = call(hi, "eager", activation="gelu")
+    out = call(lo, "triton", activation="gelu")
+    names = ["x", "query", "w_query", "w_key", "w_value", "b_value"]
+    g_ref = torch.autograd.grad(ref.sum(), [hi[a] for a in names])
+    g_out = torch.autograd.grad(out.sum(), [lo[a] for a in names])
+    assert rel_err(out, ref) < 2e-5
+    for name, a, b in zip(names, g_out, g_ref):
+        assert rel_err(a, b) < 2e-5, name
+
+
+def test_stacked_adapters_of_different_sizes_through_triton():
+    """Adapters of different bottleneck sizes stacked with zero padding (methods.fusion.stack_adapters)."""
+    from pet_fast.methods.fusion import stack_adapters
+
+    d = 24
+    adapters = [pet_fast.BottleneckAdapter(d, r, activation="gelu") for r in (3, 7, 5)]
+    for a in adapters:
+        with torch.no_grad():
+            for p_ in a.parameters():
+                p_.normal_(0, 0.3)
+    w_down, b_down, w_up, b_up, scaling, activation = stack_adapters(adapters, torch.float32)
+    x, query, residual = (torch.randn(2, 5, d, requires_grad=True) for _ in range(3))
+    w_key = torch.randn(d, d, requires_grad=True)
+
+    def run(backend):
+        return pet_fast.stacked_adapter_fusion(x, query, residual, w_down, b_down, w_up, b_up, activation=activation,
+                                               scaling=scaling, w_key=w_key, backend=backend)
+
+    ref, out = run("eager"), run("triton")
+    assert rel_err(out, ref) < 2e-5
+    params = [x, w_key, adapters[1].w_up]
+    for a, b in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert rel_err(a, b) < 2e-5
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    hi, lo = make_case((4, 33), 256, 16, 3, torch.float32, "cuda")
+    leaves = {a: b for a, b in lo.items() if isinstance(b, torch.Tensor)}
+
+    def f(backend, **t):
+        return call(t, backend, activation="gelu").tanh()
+
+    ref = f("eager", **leaves)
+    out = torch.compile(f, fullgraph=True)("triton", **leaves)
+    assert rel_err(out, ref) < 1e-4
+    g_ref = torch.autograd.grad(ref.sum(), [leaves["x"], leaves["w_up"]])
+    g_out = torch.autograd.grad(out.sum(), [leaves["x"], leaves["w_up"]])
+    for a, b in zip(g_out, g_ref):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_no_tokens():
+    hi, lo = make_case((0,), 16, 4, 2, torch.float32)
+    out = call(lo, "triton")
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert lo["w_down"].grad is not None and float(lo["w_down"].grad.abs().sum()) == 0.0
+    hi, lo = make_given((0,), 16, 3, torch.float32)
+    out = call_given(lo, "triton")
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert lo["values"].grad.shape == (0, 3, 16)

@@ -1,0 +1,271 @@
+"""The triton (and cuda) backends of bottleneck_adapter against the eager reference, outputs and every
+gradient. CPU runs use the Triton interpreter (TRITON_INTERPRET=1, set by conftest): tiny shapes."""
+import pytest
+import torch
+
+import pet_fast
+from conftest import HAS_GPU, rel_err
+from pet_fast import dispatch
+import importlib
+
+op = importlib.import_module("pet_fast.ops.bottleneck_adapter")
+
+ACTS = ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"]
+
+
+def make_case(n_shape, d, r, dtype, device="cpu", bias=True, scaling="channel", residual=False, seed=0):
+    """Leaf tensors in float64 (the reference) and copies in ``dtype`` (the kernels and eager)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    t = {"x": rnd(*n_shape, d), "w_down": rnd(r, d) / d ** 0.5, "w_up": rnd(d, r) / r ** 0.5}
+    t["b_down"] = rnd(r) * 0.5 if bias else None
+    t["b_up"] = rnd(d) * 0.5 if bias else None
+    if scaling == "channel":
+        t["scaling"] = rnd(d)
+    elif scaling == "scalar":
+        t["scaling"] = rnd(()).abs() + 0.5
+    t["residual"] = rnd(*n_shape, d) if residual else None
+    hi = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in t.items()}
+    lo = {k: (v.to(device=device, dtype=dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
+    if scaling == "number":
+        hi["scaling"] = lo["scaling"] = 0.75
+    return hi, lo
+
+
+def call(ts, act, backend):
+    return pet_fast.bottleneck_adapter(ts["x"], ts["w_down"], ts["b_down"], ts["w_up"], ts["b_up"], activation=act,
+                                       scaling=ts["scaling"], residual=ts["residual"], backend=backend)
+
+
+def grads(ts, out, dy):
+    names = [k for k, v in ts.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    g = torch.autograd.grad(out, [ts[k] for k in names], dy)
+    return dict(zip(names, g))
+
+
+def check_against_reference(n_shape, d, r, dtype, act, backend="triton", device="cpu", **kw):
+    """Output and every gradient: fp32 by relative error; fp16/bf16 by the precision rule (error vs the
+    float64 reference at most 2x eager PyTorch's error in the same dtype, plus a small atol)."""
+    hi, lo = make_case(n_shape, d, r, dtype, device, **kw)
+    ref = call(hi, act, "eager")
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_g = grads(hi, ref, dy)
+    out = call(lo, act, backend)
+    assert out.dtype == dtype and out.shape == ref.shape
+    got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
+    assert set(got_g) == set(ref_g)
+    results = {"out": (out, ref)} | {k: (got_g[k], ref_g[k]) for k in ref_g}
+    if dtype == torch.float32:
+        for name, (a, b) in results.items():
+            assert rel_err(a.cpu(), b) < 2e-5, (name, rel_err(a.cpu(), b))
+        return
+    lo2 = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
+    eager = call(lo2, act, "eager")
+    eager_g = grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    eager_res = {"out": eager} | eager_g
+    eps = torch.finfo(dtype).eps
+    for name, (a, b) in results.items():
+        err = (a.cpu().double() - b).abs().max().item()
+        err_eager = (eager_res[name].cpu().double() - b).abs().max().item()
+        atol = 4 * eps * b.abs().max().item()
+        assert err <= 2 * err_eager + atol, (name, err, err_eager, atol)
+
+
+# --- interpreter tests (CPU) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("act", ACTS)
+def test_every_activation_fp32(act):
+    check_against_reference((3, 7), 45, 5, torch.float32, act, scaling="channel", residual=True)
+
+
+@pytest.mark.parametrize("n_shape,d,r,kw", [
+    ((37,), 70, 17, dict(scaling="scalar")),
+    ((5,), 33, 1, dict(scaling="number", bias=False)),
+    ((2, 9), 24, 3, dict(scaling="number", residual=True)),
+])
+def test_odd_shapes_fp32(n_shape, d, r, kw):
+    check_against_reference(n_shape, d, r, torch.float32, "silu", **kw)
+
+
+@pytest.mark.parametrize("act,kw", [("gelu", dict(scaling="channel", residual=True)),
+                                    ("relu", dict(scaling="scalar")),
+                                    ("gelu_tanh", dict(scaling="number", bias=False)),
+                                    ("silu", dict(scaling="channel")),
+                                    ("tanh", dict(scaling="scalar", residual=True)),
+                                    ("identity", dict(scaling="number"))])
+def test_fp16_precision_rule(act, kw):
+    check_against_reference((21,), 77, 9, torch.float16, act, **kw)
+
+
+@pytest.mark.parametrize("r", [1, 16, 100, 256])
+def test_bottleneck_widths_up_to_256_at_d_1024(r):
+    check_against_reference((3,), 1024, r, torch.float32, "relu", scaling="scalar")
+
+
+def test_empty_token_dimension():
+    hi, lo = make_case((0,), 16, 4, torch.float32)
+    out = call(lo, "relu", "triton")
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert lo["w_down"].grad is not None and float(lo["w_down"].grad.abs().sum()) == 0.0
+
+
+def test_non_contiguous_inputs():
+    hi, lo = make_case((6,), 40, 4, torch.float32, scaling="scalar")
+    x = torch.randn(40, 6).t()  # (6, 40), not contiguous
+    wu = torch.randn(4, 40).t()
+    ref = pet_fast.bottleneck_adapter(x, lo["w_down"], lo["b_down"], wu, lo["b_up"], scaling=lo["scaling"], backend="eager")
+    out = pet_fast.bottleneck_adapter(x, lo["w_down"], lo["b_down"], wu, lo["b_up"], scaling=lo["scaling"], backend="triton")
+    assert rel_err(out, ref) < 2e-5
+
+
+def test_dispatch_reasons():
+    hi, lo = make_case((4,), 8, 300, torch.float32)
+    with pytest.raises(dispatch.BackendUnavailableError, match="r=300"):
+        call(lo, "relu", "triton")
+    info = op.describe(lo["x"], lo["w_down"], "relu", lo["scaling"], None)
+    assert op.triton_reasons({**info, "r": 64}) == []  # under the interpreter the CPU is accepted
+    # auto never takes a kernel for CPU tensors
+    assert dispatch.select(op.OP, info).backend == "eager"
+    assert any("cuda" in w.lower() for w in op.cuda_reasons(info))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d, r):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.adapter = pet_fast.BottleneckAdapter(d, r, activation="gelu", scaling="channel")
+        with torch.no_grad():
+            for p in self.adapter.parameters():
+                p.normal_(0, 0.3)
+
+    def forward(self, x, backend):
+        return self.adapter(self.lin(x), backend=backend).tanh()
+
+
+def test_torch_compile_fullgraph_through_the_custom_op():
+    """fullgraph=True fails on any graph break; the compiled module runs the Triton kernel (interpreter)
+    through the custom op, with its fake-tensor rule and autograd formula."""
+    torch._dynamo.reset()
+    m = _Block(24, 5)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    ref = m(x, "eager")
+    ref_g = torch.autograd.grad(ref.square().sum(), [x] + list(m.parameters()))
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x, "triton")
+    got_g = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+    assert rel_err(out, ref) < 2e-5
+    for a, b in zip(got_g, ref_g):
+        assert rel_err(a, b) < 2e-5
+
+
+@pytest.mark.parametrize("scaling", ["channel", "number"])
+def test_custom_op_opcheck(scaling):
+    """Schema, autograd registration, fake tensors, and AOT dispatch with dynamic shapes (which runs
+    the backward custom op as well)."""
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    s_t = r(16) if scaling == "channel" else None
+    torch.library.opcheck(torch.ops.pet_fast.bottleneck_adapter_triton.default,
+                          (r(5, 16), r(3, 16), r(3), r(16, 3), None, s_t, 1.5, r(5, 16), "silu"))
+
+
+# --- GPU tests ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r", [((4, 128), 768, 64), ((1,), 4096, 256), ((1001,), 1000, 7), ((8, 8192), 1024, 16)])
+def test_gpu_triton(dtype, n_shape, d, r):
+    check_against_reference(n_shape, d, r, dtype, "gelu", device="cuda", scaling="channel", residual=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_triton_activations_bf16(act):
+    check_against_reference((333,), 8192, 64, torch.bfloat16, act, device="cuda", scaling="scalar")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op_name", ["bottleneck_adapter_triton", "bottleneck_adapter_cuda"])
+def test_gpu_custom_op_opcheck(op_name):
+    if op_name.endswith("cuda"):
+        from pet_fast import _ext
+
+        if not _ext.available():
+            pytest.skip(_ext.reason())
+    r = lambda *s: torch.randn(*s, device="cuda", requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.pet_fast, op_name).default,
+                          (r(5, 64), r(3, 64), r(3), r(64, 3), r(64), r(64), 1.0, None, "gelu"))
+
+
+@pytest.mark.gpu
+def test_gpu_many_tokens_bf16():
+    check_against_reference((65536,), 768, 64, torch.bfloat16, "relu", device="cuda", scaling="number")
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    torch._dynamo.reset()
+    m = _Block(256, 16).cuda()
+    x = torch.randn(4, 33, 256, device="cuda", requires_grad=True)
+    ref = m(x, "eager")
+    out = torch.compile(m, fullgraph=True)(x, "triton")
+    assert rel_err(out, ref) < 1e-4
+    out.sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r,kw", [((1,), 768, 64, dict(scaling="channel", residual=True)),
+                                            ((2, 8), 4096, 64, dict(scaling="scalar")),
+                                            ((64,), 8192, 256, dict(scaling="number")),
+                                            ((7,), 100, 3, dict(scaling="channel", bias=False))])
+def test_gpu_cuda_forward_backward(dtype, n_shape, d, r, kw):
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    check_against_reference(n_shape, d, r, dtype, "gelu_tanh", backend="cuda", device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_cuda_activations(act):
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    check_against_reference((5,), 333, 17, torch.bfloat16, act, backend="cuda", device="cuda", scaling="channel")
+
+
+def test_activation_codes_agree():
+    from pet_fast.kernels.bottleneck_adapter import ACT_CODES
+
+    assert op.CUDA_ACT_CODES == ACT_CODES
+    assert set(ACT_CODES) == set(pet_fast.ops.activations.ACTIVATIONS)
+
+
+def test_cuda_backend_refuses_cpu_and_many_tokens():
+    hi, lo = make_case((4,), 8, 2, torch.float32)
+    with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
+        call(lo, "relu", "cuda")
+    info = op.describe(lo["x"], lo["w_down"], "relu", lo["scaling"], None)
+    assert info["requires_grad"]
+    if not HAS_GPU:
+        return
+    why = op.cuda_reasons({**info, "device": torch.device("cuda"), "n": 65, "r": 300})
+    assert any("65 tokens" in w for w in why) and any("r=300" in w for w in why)
+
+
+@pytest.mark.parametrize("scaling", ["channel", "number"])
+def test_frozen_adapter_gives_input_and_scaling_gradients(scaling):
+    hi, lo = make_case((9,), 30, 5, torch.float32, scaling=scaling)
+    for ts in (hi, lo):
+        for name in ("w_down", "b_down", "w_up", "b_up"):
+            ts[name] = ts[name].detach()
+    ref = call(hi, "relu", "eager")
+    out = call(lo, "relu", "triton")
+    names = ["x"] + (["scaling"] if scaling == "channel" else [])
+    g_ref = torch.autograd.grad(ref.square().sum(), [hi[a] for a in names])
+    g_out = torch.autograd.grad(out.square().sum(), [lo[a] for a in names])
+    for name, a, b in zip(names, g_out, g_ref):
+        assert rel_err(a, b) < 2e-5, name
