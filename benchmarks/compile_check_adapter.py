@@ -14,7 +14,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import pet_fast.kernels.adapter_fusion as F  # noqa: E402
+import pet_fast.kernels.adapter_fusion as A  # noqa: E402
+import pet_fast.kernels.stacked_adapter_fusion as F  # noqa: E402
 import pet_fast.kernels.bottleneck_adapter as B  # noqa: E402
 
 target = GPUTarget("cuda", 90, 32)
@@ -74,9 +75,9 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
         sh2 = comp(F._bwd_cols_kernel, p, [], ["s_value"], c, w, st)
         failed += max(sh, sh2) > LIMIT
         print("fusion bwd", dt, rp, bn, bd, sh, sh2, "fits" if max(sh, sh2) <= LIMIT else "TOO BIG", flush=True)
-    bn, bd, w = F._attn_blocks(768)
-    for kern, p in [(F._attn_fwd_kernel, dict(V="*"+dt, QK="*"+dt, CTX="*"+dt, PBUF="*fp32")),
-                    (F._attn_bwd_kernel, dict(V="*"+dt, QK="*"+dt, DCTX="*"+dt, PBUF="*fp32", DV="*"+dt, DQK="*"+dt))]:
+    bn, bd, w = A._attn_blocks(768)
+    for kern, p in [(A._attn_fwd_kernel, dict(V="*"+dt, QK="*"+dt, CTX="*"+dt, PBUF="*fp32")),
+                    (A._attn_bwd_kernel, dict(V="*"+dt, QK="*"+dt, DCTX="*"+dt, PBUF="*fp32", DV="*"+dt, DQK="*"+dt))]:
         sh = comp(kern, p, [], ["inv_t"], dict(BLOCK_N=bn, BLOCK_D=bd, KP=8), w, 3)
         failed += sh > LIMIT
         print("fusion attention", dt, sh, flush=True)

@@ -205,3 +205,11 @@ def cuda_reasons(info: Mapping, dtypes=_LOW_PRECISION_AND_FP32, min_capability=(
         why.append(_ext.reason())
     return why
 
+
+def nondeterministic_reasons(what: str = "its backward sums weight gradients with fp32 atomics") -> list:
+    """The reason a backend whose results depend on the order of atomic updates gives under
+    ``torch.use_deterministic_algorithms(True)`` (then auto falls back to a deterministic backend)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return [f"not deterministic: {what} (torch.use_deterministic_algorithms is on)"]
+    return []
+

@@ -27,7 +27,7 @@ Contract (stacked_adapter_fusion), in addition
     supported activations map 0 to 0, so the padding changes nothing).
 All tensors share query's dtype and device.
 
-Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/adapter_fusion.py, fp32/fp16/
+Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/stacked_adapter_fusion.py and kernels/adapter_fusion.py, fp32/fp16/
 bf16, k <= 64, and r <= 256 for the stacked op). The triton backends rewrite the projections exactly:
 score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels in the softmax) and,
 since the probabilities sum to one, the value projection and a residual added before the softmax move
@@ -231,8 +231,14 @@ def stacked_adapter_fusion(
 # around it, differentiated by autograd.
 
 
-def _fusion_kernels():
+def _attention_kernels():
     from ..kernels import adapter_fusion as kernels
+
+    return kernels
+
+
+def _stacked_kernels():
+    from ..kernels import stacked_adapter_fusion as kernels
 
     return kernels
 
@@ -241,7 +247,7 @@ def _fusion_kernels():
 def _core_forward(x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                   scaling_value: float, activation: str, inv_temperature: float) -> List[torch.Tensor]:
-    ctx, a, p = _fusion_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+    ctx, a, p = _stacked_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
                                           inv_temperature)
     return [ctx, a, p]
 
@@ -263,7 +269,7 @@ def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down
                    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                    scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
                    a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool) -> List[torch.Tensor]:
-    out = _fusion_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+    out = _stacked_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
                                      inv_temperature, a, p, need_ds, need_weights)
     return [t if t is not None else x.new_empty((0,)) for t in out]
 
@@ -331,7 +337,7 @@ TRITON_MAX_K = 64
 
 
 def stacked_triton_reasons(info) -> list:
-    why = dispatch.triton_reasons(info)
+    why = dispatch.triton_reasons(info) + dispatch.nondeterministic_reasons()
     if info["r"] > TRITON_MAX_R:
         why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
     if info["k"] > TRITON_MAX_K:
@@ -350,7 +356,7 @@ dispatch.set_preference(OP_STACKED, _timings.preference(OP_STACKED))
 
 @torch.library.custom_op("pet_fast::fusion_attention_triton", mutates_args=())
 def _attn_forward(values: torch.Tensor, qk: torch.Tensor, inv_temperature: float) -> List[torch.Tensor]:
-    ctx, p = _fusion_kernels().attention_forward(values, qk, inv_temperature)
+    ctx, p = _attention_kernels().attention_forward(values, qk, inv_temperature)
     return [ctx, p]
 
 
@@ -362,7 +368,7 @@ def _(values, qk, inv_temperature):
 @torch.library.custom_op("pet_fast::fusion_attention_triton_backward", mutates_args=())
 def _attn_backward(dctx: torch.Tensor, values: torch.Tensor, qk: torch.Tensor, p: torch.Tensor,
                    inv_temperature: float) -> List[torch.Tensor]:
-    dv, dqk = _fusion_kernels().attention_backward(dctx, values, qk, p, inv_temperature)
+    dv, dqk = _attention_kernels().attention_backward(dctx, values, qk, p, inv_temperature)
     return [dv, dqk]
 
 
