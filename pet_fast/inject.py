@@ -121,10 +121,30 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     if config.train_head:
         from . import models
 
-        for p in models.head_parameters(model):
-            p.requires_grad_(True)
+        models.attach_task_head(model, name, reg)
     set_active(model, name)
     return model
+
+
+def remove(model: nn.Module, name: str) -> None:
+    """Detach task ``name``: its modules, its head copy and its overrides go; the base is untouched."""
+    from .methods import _sites
+
+    reg = registry(model)
+    if reg is None or name not in reg.configs:
+        raise ValueError(f"unknown task {name!r}; the model has {sorted(reg.configs) if reg else []}")
+    for other, cfg in reg.configs.items():
+        if other != name and name in getattr(cfg, "adapters", ()):
+            raise ValueError(f"task {other!r} (a fusion) uses adapter {name!r}; remove {other!r} first")
+    for _, host in _sites.hosts_with_task(model, name):
+        del getattr(host, TASK_ATTR)[name]
+        _sites.uninstall_if_unused(host)
+    for mod in list(model.modules()):  # norms that only captured inputs for removed parallel adapters
+        if _sites.site_kind(mod) == "capture":
+            _sites.uninstall_if_unused(mod)
+    del reg.configs[name]
+    reg.active = tuple(n for n in reg.active if n != name)
+    set_active(model, reg.active)
 
 
 def set_active(model: nn.Module, name) -> None:
@@ -137,10 +157,12 @@ def set_active(model: nn.Module, name) -> None:
         if n not in reg.configs:
             raise ValueError(f"unknown task {n!r}; the model has {sorted(reg.configs)}")
     reg.active = names
-    # Only the active tasks' parameters train; inactive ones are frozen.
+    # Only the active tasks' parameters train; inactive ones are frozen. A config may keep some of
+    # its parameters frozen (``frozen_parameters``: e.g. the adapters under a fusion).
     for n in reg.configs:
-        for p in task_parameters(model, n).values():
-            p.requires_grad_(n in names)
+        frozen = getattr(reg.configs[n], "frozen_parameter_keys", None)
+        for k, p in task_parameters(model, n).items():
+            p.requires_grad_(n in names and not (frozen is not None and frozen(k)))
 
 
 def task_parameters(model: nn.Module, name: str) -> Dict[str, nn.Parameter]:
