@@ -109,14 +109,20 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be one of the pet_fast method configs ({sorted(METHODS)}), got {type(config).__name__}")
     check_task_name(name)
+    existed = registry(model) is not None
     reg = _registry_or_create(model)
     if name in reg.configs:
         raise ValueError(f"model already has a task named {name!r}; pick another name")
+    try:
+        config.attach(model, name, reg)  # checks first, raises before changing anything
+    except BaseException:
+        if not existed:
+            model.__dict__.pop(_REGISTRY_ATTR, None)
+        raise
     if not reg.base_frozen:
-        for p in model.parameters():
+        for p in model.parameters():  # the new task's parameters are re-enabled by set_active below
             p.requires_grad_(False)
         reg.base_frozen = True
-    config.attach(model, name, reg)
     reg.configs[name] = config
     if config.train_head:
         from . import models
