@@ -119,6 +119,10 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
         if not existed:
             model.__dict__.pop(_REGISTRY_ATTR, None)
         raise
+    for host in model.modules():  # new modules follow the train/eval mode of the module they sit on
+        holder = host._modules.get(TASK_ATTR)
+        if holder is not None and name in holder._modules:
+            holder[name].train(host.training)
     if not reg.base_frozen:
         for p in model.parameters():  # the new task's parameters are re-enabled by set_active below
             p.requires_grad_(False)

@@ -44,7 +44,7 @@ def test_bert_fusion_closed_form(placement, kind):
     v = fus.value(u) if kind == "dynamic" else u
     p = torch.softmax((kk * q.unsqueeze(-2)).sum(-1), dim=-1)
     want = LN(h + x + (p.unsqueeze(-1) * v).sum(-2))
-    torch.testing.assert_close(host(hs, x), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(host(hs, x), want, rtol=1e-5, atol=2e-5)
 
 
 def test_fusion_trains_only_the_fusion_layers_and_uses_the_stacked_op(monkeypatch):
