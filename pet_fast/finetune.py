@@ -26,7 +26,12 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TRAIN = DATA_DIR / "sentiment_train.jsonl"
 DEFAULT_TEST = DATA_DIR / "sentiment_test.jsonl"
 METHODS = ("adapter", "fusion", "side", "mask", "prefix")
-DEFAULT_LR = {"adapter": 3e-3, "fusion": 3e-3, "side": 2e-3, "mask": 2e-3, "prefix": 1e-2}
+DEFAULT_LR = {"adapter": 3e-3, "fusion": 3e-3, "side": 2e-3, "mask": 5e-3, "prefix": 1e-2}
+# Learning-rate factor for the method's own parameters (the head keeps the full rate). Mask scores
+# start 0.01 above the threshold and Adam moves each by about lr per step, so a small rate keeps
+# the mask from flipping wholesale at once; the fusion's d x d projections start near the identity
+# (value) and drift far from it at adapter-sized rates (AdapterHub trains fusion at 5e-5).
+BODY_LR_FACTOR = {"mask": 0.1, "fusion": 0.03}
 
 
 def default_model_path() -> Path:
@@ -123,11 +128,15 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _train(model, encode, train_rows, label_ids, *, steps, batch_size, lr, seed, progress, desc, step_times):
+def _train(model, encode, train_rows, label_ids, *, steps, batch_size, lr, seed, progress, desc, step_times,
+           body_lr_factor: float = 1.0):
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if n.split(".")[0] in ("classifier", "score")]
+    body = [p for n, p in named if n.split(".")[0] not in ("classifier", "score")]
+    groups = [g for g in ({"params": head, "lr": lr}, {"params": body, "lr": lr * body_lr_factor}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     model.train()
     bar = _Progress(steps, progress, desc)
@@ -162,6 +171,21 @@ def _accuracy(model, encode, rows, label_ids, batch_size) -> float:
             pred = logits.argmax(-1)
             correct += sum(int(p) == label_ids[l] for p, (_, l) in zip(pred.tolist(), chunk))
     return correct / max(len(rows), 1)
+
+
+def _start_head_from(model, source: str, target: str) -> None:
+    """Copy task ``source``'s head into task ``target``'s (the fusion starts from an adapter's head
+    rather than from the untrained one)."""
+    import torch
+
+    from .inject import TASK_ATTR
+
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, v in state.items():
+            src = k.replace(f"{TASK_ATTR}.{target}.", f"{TASK_ATTR}.{source}.")
+            if src != k and src in state and k.split(".")[0] in ("classifier", "score"):
+                v.copy_(state[src])
 
 
 def _dir_size(path: Path) -> int:
@@ -242,11 +266,13 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
     else:
         config = _method_config(method, adapters)
     pet_fast.inject(model, config, "task")
+    if method == "fusion":
+        _start_head_from(model, config.adapters[0], "task")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     t_start = time.perf_counter()
     _train(model, encode, train_rows, label_ids, steps=total_steps, batch_size=batch_size, lr=lr, seed=seed,
-           progress=progress, desc=f"{method}", step_times=step_times)
+           progress=progress, desc=f"{method}", step_times=step_times, body_lr_factor=BODY_LR_FACTOR.get(method, 1.0))
     train_seconds = time.perf_counter() - t_start
     accuracy = _accuracy(model, encode, test_rows, label_ids, 64)
     majority = max(sum(1 for _, l in test_rows if l == lab) for lab in labels) / len(test_rows)
