@@ -171,3 +171,23 @@ def test_pfeiffer_after_attention_refused_on_pre_ln_before_any_change():
     assert set(model.state_dict()) == keys
     assert all(p.requires_grad for p in model.parameters())
     assert pet_fast.inject.__module__ and getattr(model, "_pet_fast_registry", None) is None
+
+
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_left_padding_and_generate_with_a_kv_cache(kind):
+    model = build(kind, head="lm")
+    ids, mask = batch(pad_left=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="parallel", init="identity"), "t")
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    for mod in model.modules():
+        if isinstance(mod, pet_fast.BottleneckAdapter):
+            with torch.no_grad():
+                mod.w_up.normal_(0, 0.5)
+    # With the cache, each new token's logits equal those of a full forward over the sequence so far.
+    full = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    step = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+    last = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=step.past_key_values).logits[:, -1]
+    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
