@@ -161,7 +161,11 @@ class FusionConfig(MethodConfig):
     ``None`` fields take them. ``dropout_prob=None`` takes the model's attention dropout (as
     AdapterHub does). With ``regularization``, add ``fusion_regularization_loss(model)`` to the loss
     to pull the value projections toward the identity (AdapterHub applies it one step late).
-    At the sites, the k adapters and the fusion run as one ``stacked_adapter_fusion`` op.
+    At the sites, the k adapters and the fusion run as one ``stacked_adapter_fusion`` op; in
+    training with a dropout above 0 (BERT's default 0.1), the scores need dropout, so the adapters
+    and the fusion run eagerly: pass ``dropout_prob=0.0`` to train on the fused op.
+    With parallel adapters, the fusion adds its output once to ``h + x`` (AdapterHub adds ``x``
+    a second time there).
     """
 
     method = "fusion"
