@@ -7,7 +7,8 @@ Modules: :class:`BottleneckAdapter`, :class:`AdapterFusion`, :class:`MaskedLinea
 :class:`PrefixEncoder`, :class:`SideTuning`.
 """
 from .dispatch import BackendUnavailableError, use_backend
-from .inject import inject, remove, set_active, task_parameters, trainable_parameters
+from . import inject  # the module, callable as the function inject(model, config, name)
+from .inject import remove, set_active, task_parameters, trainable_parameters
 from .io import load, register_importer, save
 from .methods import (AdapterConfig, AdapterFusion, BottleneckAdapter, FusionConfig, MaskConfig, MaskedLinear,
                       PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge)

@@ -191,3 +191,11 @@ def test_left_padding_and_generate_with_a_kv_cache(kind):
     step = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
     last = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=step.past_key_values).logits[:, -1]
     torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
+
+
+def test_inject_is_both_the_module_and_the_function():
+    import pet_fast.inject as mod
+
+    assert mod.TASK_ATTR == TASK_ATTR and callable(pet_fast.inject)
+    model = build("bert")
+    assert pet_fast.inject(model, pet_fast.AdapterConfig(), "t") is model
