@@ -349,3 +349,30 @@ def test_register_importer_is_tried(tmp_path):
         assert seen == ["z"]
     finally:
         pio.IMPORTERS.pop()
+
+
+def test_import_adapterhub_adapter_llama_layout(tmp_path):
+    """AdapterHub's Llama blocks hold ``attention_adapters`` / ``output_adapters`` and pass no LayerNorm:
+    seq_bn then computes y + A(y) on the block output y = x + h."""
+    H, d = 32, 4
+    path = tmp_path / "ll"
+    _ah_adapter_files(path, "t", "pfeiffer", H, 0, d)  # config only
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for i in range(2):
+        p = f"model.layers.{i}.output_adapters.adapters.t."
+        state[p + "adapter_down.0.weight"] = torch.randn(d, H, generator=g) * 0.3
+        state[p + "adapter_down.0.bias"] = torch.randn(d, generator=g) * 0.1
+        state[p + "adapter_up.weight"] = torch.randn(H, d, generator=g) * 0.3
+        state[p + "adapter_up.bias"] = torch.randn(H, generator=g) * 0.1
+    torch.save(state, path / "pytorch_adapter.bin")
+    base = build("llama", head="lm")
+    for i, layer in enumerate(base.model.layers):
+        p = f"model.layers.{i}.output_adapters.adapters.t."
+        layer.register_forward_hook(lambda m, a, out, p=p: out + _ah_A(state, p, out, "relu", 1.0))
+    ids, mask = batch()
+    with torch.no_grad():
+        want = logits(base, ids, mask)
+    model = build("llama", head="lm")
+    pet_fast.load(model, path)
+    torch.testing.assert_close(logits(model, ids, mask), want, rtol=1e-5, atol=1e-5)
