@@ -10,9 +10,9 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["pet_fast", "pet_fast.ops", "pet_fast.methods", "pet_fast.kernels", "pet_fast.csrc"]
+PACKAGES = ["pet_fast", "pet_fast.ops", "pet_fast.methods", "pet_fast.kernels", "pet_fast.csrc", "pet_fast.data"]
 PACKAGE_DIR = {"pet_fast.kernels": "kernels", "pet_fast.csrc": "csrc"}
-PACKAGE_DATA = {"pet_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]}
+PACKAGE_DATA = {"pet_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"], "pet_fast.data": ["*.jsonl"]}
 
 
 def _cuda_build_mode():

@@ -7,7 +7,11 @@ Modules: :class:`BottleneckAdapter`, :class:`AdapterFusion`, :class:`MaskedLinea
 :class:`PrefixEncoder`, :class:`SideTuning`.
 """
 from .dispatch import BackendUnavailableError, use_backend
-from .methods import AdapterFusion, BottleneckAdapter, MaskedLinear, PrefixEncoder, SideTuning
+from . import inject  # the module, callable as the function inject(model, config, name)
+from .inject import remove, set_active, task_parameters, trainable_parameters
+from .io import load, register_importer, save
+from .methods import (AdapterConfig, AdapterFusion, BottleneckAdapter, FusionConfig, MaskConfig, MaskedLinear,
+                      PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge)
 from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
 from .ops.bottleneck_adapter import bottleneck_adapter
 from .ops.mask_packing import pack_mask, unpack_mask
@@ -32,5 +36,20 @@ __all__ = [
     "PrefixEncoder",
     "SideTuning",
     "use_backend",
+    "inject",
+    "remove",
+    "set_active",
+    "task_parameters",
+    "trainable_parameters",
+    "save",
+    "load",
+    "register_importer",
+    "merge",
+    "example_ids",
+    "fusion_regularization_loss",
+    "AdapterConfig",
+    "FusionConfig",
+    "MaskConfig",
+    "SideConfig",
     "BackendUnavailableError",
 ]

@@ -1,4 +1,4 @@
-"""``pet-fast`` (also ``python -m pet_fast``): info, demo."""
+"""``pet-fast`` (also ``python -m pet_fast``): info, demo, finetune."""
 from __future__ import annotations
 
 import argparse
@@ -120,7 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a bottleneck adapter on synthetic data (eager, CPU)")
     p.add_argument("--steps", type=int, default=100)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model on text classification with one method, and report")
+    from . import finetune
+
+    finetune.add_arguments(p)
+    p.set_defaults(func=cmd_finetune)
     return parser
+
+
+def cmd_finetune(args) -> int:
+    from . import finetune
+
+    return finetune.main(args)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+import types
 from typing import ClassVar, Dict, Optional, Tuple, Type
 
 from torch import nn
@@ -109,22 +111,52 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be one of the pet_fast method configs ({sorted(METHODS)}), got {type(config).__name__}")
     check_task_name(name)
+    existed = registry(model) is not None
     reg = _registry_or_create(model)
     if name in reg.configs:
         raise ValueError(f"model already has a task named {name!r}; pick another name")
+    try:
+        config.attach(model, name, reg)  # checks first, raises before changing anything
+    except BaseException:
+        if not existed:
+            model.__dict__.pop(_REGISTRY_ATTR, None)
+        raise
+    for host in model.modules():  # new modules follow the train/eval mode of the module they sit on
+        holder = host._modules.get(TASK_ATTR)
+        if holder is not None and name in holder._modules:
+            holder[name].train(host.training)
     if not reg.base_frozen:
-        for p in model.parameters():
+        for p in model.parameters():  # the new task's parameters are re-enabled by set_active below
             p.requires_grad_(False)
         reg.base_frozen = True
-    config.attach(model, name, reg)
     reg.configs[name] = config
     if config.train_head:
         from . import models
 
-        for p in models.head_parameters(model):
-            p.requires_grad_(True)
+        models.attach_task_head(model, name, reg)
     set_active(model, name)
     return model
+
+
+def remove(model: nn.Module, name: str) -> None:
+    """Detach task ``name``: its modules, its head copy and its overrides go; the base is untouched."""
+    from .methods import _sites
+
+    reg = registry(model)
+    if reg is None or name not in reg.configs:
+        raise ValueError(f"unknown task {name!r}; the model has {sorted(reg.configs) if reg else []}")
+    for other, cfg in reg.configs.items():
+        if other != name and name in getattr(cfg, "adapters", ()):
+            raise ValueError(f"task {other!r} (a fusion) uses adapter {name!r}; remove {other!r} first")
+    for _, host in _sites.hosts_with_task(model, name):
+        del getattr(host, TASK_ATTR)[name]
+        _sites.uninstall_if_unused(host)
+    for mod in list(model.modules()):  # norms that only captured inputs for removed parallel adapters
+        if _sites.site_kind(mod) == "capture":
+            _sites.uninstall_if_unused(mod)
+    del reg.configs[name]
+    reg.active = tuple(n for n in reg.active if n != name)
+    set_active(model, reg.active)
 
 
 def set_active(model: nn.Module, name) -> None:
@@ -142,10 +174,12 @@ def set_active(model: nn.Module, name) -> None:
         if n not in reg.configs:
             raise ValueError(f"unknown task {n!r}; the model has {sorted(reg.configs)}")
     reg.active = names
-    # Only the active tasks' parameters train; inactive ones are frozen.
+    # Only the active tasks' parameters train; inactive ones are frozen. A config may keep some of
+    # its parameters frozen (``frozen_parameters``: e.g. the adapters under a fusion).
     for n in reg.configs:
-        for p in task_parameters(model, n).values():
-            p.requires_grad_(n in names)
+        frozen = getattr(reg.configs[n], "frozen_parameter_keys", None)
+        for k, p in task_parameters(model, n).items():
+            p.requires_grad_(n in names and not (frozen is not None and frozen(k)))
 
 
 def task_parameters(model: nn.Module, name: str) -> Dict[str, nn.Parameter]:
@@ -156,3 +190,14 @@ def task_parameters(model: nn.Module, name: str) -> Dict[str, nn.Parameter]:
 
 def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+class _CallableModule(types.ModuleType):
+    """``pet_fast.inject`` is this module and, called, the function :func:`inject`, so that both
+    ``pet_fast.inject(model, config)`` and ``pet_fast.inject.task_holder`` work."""
+
+    def __call__(self, model: nn.Module, config: MethodConfig, name: str = "default") -> nn.Module:
+        return inject(model, config, name)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -44,3 +44,114 @@ def head_parameters(model: nn.Module) -> List[nn.Parameter]:
             continue  # LM heads are tied or pretrained; the pooler is pretrained. Methods opt in explicitly.
         params.extend(child.parameters())
     return params
+
+
+# --------------------------------------------------------------------------------------------
+# Attach points per family
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer without its task head (``model.base_model`` for transformers models)."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("cannot tell the model's hidden size from model.config (hidden_size / n_embd / d_model)")
+
+
+def layers(model: nn.Module) -> List[nn.Module]:
+    """The transformer blocks, in order, for the known families (ValueError otherwise)."""
+    fam = family(model)
+    base = backbone(model)
+    if fam == "bert":
+        encoder = getattr(base, "encoder", None)
+        blocks = getattr(encoder, "layer", None)
+    elif fam == "gpt2":
+        blocks = getattr(base, "h", None)
+    elif fam == "llama":
+        blocks = getattr(base, "layers", None)
+    else:
+        blocks = None
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"cannot find the transformer blocks of this {model_type(model) or type(model).__name__} model; "
+                         "pass target_modules")
+    return list(blocks)
+
+
+def block_parts(block: nn.Module, fam: str) -> dict:
+    """Named parts of one block: for BERT the two post-LN output modules; for pre-LN families the
+    attention, the MLP and the norms in front of them."""
+    if fam == "bert":
+        return {"mh": block.attention.output, "output": block.output}
+    if fam == "gpt2":
+        return {"attn": block.attn, "mlp": block.mlp, "norm_attn": block.ln_1, "norm_mlp": block.ln_2, "block": block}
+    if fam == "llama":
+        return {"attn": block.self_attn, "mlp": block.mlp, "norm_attn": block.input_layernorm,
+                "norm_mlp": block.post_attention_layernorm, "block": block}
+    raise ValueError(f"no attach points known for family {fam!r}")
+
+
+def match_targets(model: nn.Module, target_modules, *, kinds: tuple = (nn.Module,)) -> List[tuple]:
+    """(name, module) pairs whose name equals an entry of ``target_modules`` or ends with ``"." + entry``."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    targets = list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    found = []
+    for name, mod in model.named_modules():
+        if "pet_fast_tasks" in name.split("."):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets) and isinstance(mod, kinds):
+            found.append((name, mod))
+    if not found:
+        raise ValueError(f"target_modules {targets} match no module of the model")
+    return found
+
+
+def layer_index(name: str) -> int:
+    """The block index in a module name such as ``bert.encoder.layer.3.output`` (-1 if none)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].isdigit() and parts[i - 1] in ("layer", "layers", "h", "block", "blocks"):
+            return int(parts[i])
+    return -1
+
+
+def linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def attach_task_head(model: nn.Module, name: str, registry) -> List[nn.Parameter]:
+    """Give task ``name`` its own copy of the task head (the classifier), so that tasks on one base
+    keep their heads apart and a saved task restores its head. The copies live at
+    ``<head>.pet_fast_tasks.<name>`` and run while the task is active."""
+    import copy
+
+    from .inject import TASK_ATTR, task_holder
+    from .methods import _sites
+
+    params = []
+    for child_name, child in list(model.named_children()):
+        if child_name not in HEAD_NAMES or child_name in ("lm_head", "cls", "pooler"):
+            continue
+        holder = child._modules.get(TASK_ATTR)
+        memo = {}
+        if holder is not None:
+            memo[id(holder)] = None
+        override = child.__dict__.get("forward")
+        if override is not None:
+            memo[id(override)] = None
+        twin = copy.deepcopy(child, memo)
+        twin._modules.pop(TASK_ATTR, None)
+        twin.__dict__.pop("forward", None)
+        _sites.install(child, "head", registry)
+        task_holder(child)[name] = twin
+        params.extend(twin.parameters())
+    return params

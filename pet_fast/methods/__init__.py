@@ -1,8 +1,10 @@
 """One module per method: its nn.Modules (and, with the methods issue, its config and attach points)."""
-from .adapter import BottleneckAdapter
-from .fusion import AdapterFusion
-from .mask import MaskedLinear
+from .adapter import AdapterConfig, BottleneckAdapter
+from .fusion import AdapterFusion, FusionConfig, fusion_regularization_loss
+from .mask import MaskConfig, MaskedLinear, MaskScores, merge
 from .prefix import PrefixEncoder
-from .side import SideTuning
+from .side import SideBranch, SideConfig, SideNetwork, SideTuning, example_ids
 
-__all__ = ["BottleneckAdapter", "AdapterFusion", "MaskedLinear", "PrefixEncoder", "SideTuning"]
+__all__ = ["BottleneckAdapter", "AdapterFusion", "MaskedLinear", "PrefixEncoder", "SideTuning",
+           "AdapterConfig", "FusionConfig", "MaskConfig", "SideConfig", "MaskScores", "SideBranch", "SideNetwork",
+           "fusion_regularization_loss", "merge", "example_ids"]

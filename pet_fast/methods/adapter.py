@@ -93,3 +93,155 @@ class BottleneckAdapter(nn.Module):
     def extra_repr(self) -> str:
         s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"
         return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation}, scaling={s}"
+
+
+# --------------------------------------------------------------------------------------------
+# AdapterConfig: where adapters go in a transformers model
+
+import dataclasses  # noqa: E402
+from typing import List  # noqa: E402
+
+from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+PLACEMENT_ALIASES = {"double_seq_bn": "houlsby", "seq_bn": "pfeiffer", "par_bn": "parallel"}
+# AdapterHub's defaults per placement (double_seq_bn, seq_bn, par_bn): reduction factor, activation,
+# scaling, init, attention-output adapter, FFN-output adapter.
+PLACEMENT_DEFAULTS = {
+    "houlsby": dict(reduction_factor=16.0, activation="swish", scaling=1.0, init="bert", mh_adapter=True, output_adapter=True),
+    "pfeiffer": dict(reduction_factor=16.0, activation="relu", scaling=1.0, init="bert", mh_adapter=False, output_adapter=True),
+    "parallel": dict(reduction_factor=2.0, activation="relu", scaling=4.0, init="identity", mh_adapter=False, output_adapter=True),
+}
+INIT_ALIASES = {"mam_adapter": "identity"}
+
+
+@register_method
+@dataclasses.dataclass
+class AdapterConfig(MethodConfig):
+    """Bottleneck adapters, placed and computed as AdapterHub's ``double_seq_bn`` (``"houlsby"``),
+    ``seq_bn`` (``"pfeiffer"``) and ``par_bn`` (``"parallel"``).
+
+    With the sublayer output ``h``, its residual input ``x``, the block's LayerNorm ``LN`` and
+    ``A(z) = scaling * up(act(down(z)))``, a BERT-style (post-LN) sublayer computes
+    houlsby ``LN(h + x + A(h))``, pfeiffer ``LN(h + x + A(LN(h + x)))``, parallel ``LN(h + x + A(x))``.
+    Pre-LN blocks (GPT-2, Llama) have no LN there: houlsby adds ``A(h)`` to the attention and MLP
+    outputs, pfeiffer adds ``A(y)`` to the block output ``y``, parallel adds ``A(r)`` (``r`` the
+    residual stream entering the sublayer's norm) to the sublayer output.
+
+    ``None`` fields take the placement's AdapterHub default (table ``PLACEMENT_DEFAULTS``); the
+    bottleneck size is ``bottleneck`` or ``max(1, hidden // reduction_factor)``. ``init``:
+    ``"bert"`` (N(0, 0.02)) or ``"identity"`` (alias ``"mam_adapter"``: up-projection zero, so a new
+    adapter leaves the model's outputs unchanged). ``target_modules``: names of modules (e.g.
+    ``["attention.output.dense"]``) after which an adapter runs on their output (houlsby/pfeiffer:
+    ``h + A(h)``; parallel: ``h + A(input)``), for any model. ``leave_out``: block indices to skip.
+    """
+
+    method = "adapter"
+    placement: str = "pfeiffer"
+    bottleneck: Optional[int] = None
+    reduction_factor: Optional[float] = None
+    activation: Optional[str] = None
+    scaling: Union[float, str, None] = None
+    init: Optional[str] = None
+    mh_adapter: Optional[bool] = None
+    output_adapter: Optional[bool] = None
+    target_modules: Optional[List[str]] = None
+    leave_out: List[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.placement, str):
+            raise TypeError(f"placement must be a string, one of {PLACEMENTS}, got {type(self.placement).__name__}")
+        placement = PLACEMENT_ALIASES.get(self.placement.lower(), self.placement.lower())
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS} (or {sorted(PLACEMENT_ALIASES)}), got {self.placement!r}")
+        self.placement = placement
+        for key, value in PLACEMENT_DEFAULTS[placement].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.activation = activations.canonical(self.activation)
+        self.init = INIT_ALIASES.get(self.init, self.init)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS} or 'mam_adapter', got {self.init!r}")
+        if self.bottleneck is not None and (isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1):
+            raise ValueError(f"bottleneck must be a positive int or None, got {self.bottleneck!r}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
+            raise ValueError(f"reduction_factor must be a positive number, got {self.reduction_factor!r}")
+        self.reduction_factor = float(self.reduction_factor)
+        if isinstance(self.scaling, str):
+            if self.scaling not in ("learned", "channel"):
+                raise ValueError(f"scaling must be a number, 'learned' or 'channel', got {self.scaling!r}")
+        elif isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise TypeError(f"scaling must be a number, 'learned' or 'channel', got {type(self.scaling).__name__}")
+        else:
+            self.scaling = float(self.scaling)
+        if not (self.mh_adapter or self.output_adapter) and self.target_modules is None:
+            raise ValueError("mh_adapter and output_adapter are both False: the adapter would go nowhere")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            self.target_modules = list(self.target_modules)
+        self.leave_out = sorted(int(i) for i in self.leave_out)
+
+    def bottleneck_size(self, hidden: int) -> int:
+        return self.bottleneck if self.bottleneck is not None else max(1, int(hidden // self.reduction_factor))
+
+    def sites(self, model: nn.Module) -> list:
+        """(host, kind, peer) triples where this config puts an adapter (peer: capture norms)."""
+        from .. import models
+
+        fam = models.family(model)
+        out = []
+        if self.target_modules is not None:
+            for name, mod in models.match_targets(model, self.target_modules):
+                if models.layer_index(name) not in self.leave_out:
+                    out.append((mod, "generic", None))
+            return out
+        if fam == "generic":
+            raise ValueError(f"model type {models.model_type(model)!r} has no known adapter placement; pass target_modules")
+        for i, block in enumerate(models.layers(model)):
+            if i in self.leave_out:
+                continue
+            parts = models.block_parts(block, fam)
+            if fam == "bert":
+                if self.mh_adapter:
+                    out.append((parts["mh"], "bert_sublayer", None))
+                if self.output_adapter:
+                    out.append((parts["output"], "bert_sublayer", None))
+                continue
+            if self.placement == "pfeiffer":
+                if self.mh_adapter:
+                    raise ValueError("a pfeiffer adapter after the attention of a pre-LN block (GPT-2, Llama) is not "
+                                     "supported; use mh_adapter=False or placement='houlsby'")
+                out.append((parts["block"], "block", None))
+                continue
+            for loc, sub, norm in (("mh_adapter", "attn", "norm_attn"), ("output_adapter", "mlp", "norm_mlp")):
+                if getattr(self, loc):
+                    out.append((parts[sub], "sublayer", None))
+                    if self.placement == "parallel":
+                        out.append((parts[norm], "capture", parts[sub]))
+        if not out:
+            raise ValueError("this config places no adapter in the model (every layer left out?)")
+        return out
+
+    def attach(self, model: nn.Module, name: str, registry) -> None:
+        from .. import models
+        from . import _sites
+
+        hidden = models.hidden_size(model)
+        sites = self.sites(model)
+        for host, kind, _ in sites:
+            _sites.check_installable(host, kind)
+        r = self.bottleneck_size(hidden)
+        for host, kind, peer in sites:
+            _sites.install(host, kind, registry, peer)
+            if kind == "capture":
+                continue
+            ref = next(host.parameters(), None)
+            dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+            width = hidden
+            if kind == "generic":
+                width = getattr(host, "out_features", None) or getattr(host, "nf", None) or hidden
+            adapter = BottleneckAdapter(width, r, activation=self.activation, scaling=self.scaling, init=self.init,
+                                        dtype=dtype, device=None if ref is None else ref.device)
+            adapter.placement = self.placement
+            task_holder(host)[name] = adapter

@@ -134,3 +134,140 @@ def stack_adapters(adapters: Sequence[BottleneckAdapter], dtype):
     else:
         raise ValueError("adapters to be fused need scalar scaling (fixed or learned), not per-channel")
     return w_down, b_down, w_up, b_up, scaling, acts.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# FusionConfig: AdapterFusion over adapter tasks already attached to a model
+
+import dataclasses  # noqa: E402
+from typing import List  # noqa: E402
+
+from torch import nn as _nn  # noqa: E402
+
+from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+
+FUSION_KINDS = {
+    # AdapterHub's "static" and "dynamic" (its default) fusion configs.
+    "static": dict(query=True, key=True, value=False, query_before_ln=False, regularization=False, residual_before=False,
+                   temperature=False, value_before_softmax=True, value_initialized=False),
+    "dynamic": dict(query=True, key=True, value=True, query_before_ln=False, regularization=True, residual_before=False,
+                    temperature=False, value_before_softmax=True, value_initialized=True),
+}
+
+
+@register_method
+@dataclasses.dataclass
+class FusionConfig(MethodConfig):
+    """AdapterFusion over adapter tasks ``adapters`` (names of AdapterConfig tasks already attached,
+    e.g. loaded with ``pet_fast.load(model, path, name)``). The fusion task trains only its fusion
+    layers (and the head); the adapters stay frozen. All adapters must share placement, locations
+    and activation. ``kind`` picks AdapterHub's ``"dynamic"`` (default) or ``"static"`` field values;
+    ``None`` fields take them. ``dropout_prob=None`` takes the model's attention dropout (as
+    AdapterHub does). With ``regularization``, add ``fusion_regularization_loss(model)`` to the loss
+    to pull the value projections toward the identity (AdapterHub applies it one step late).
+    At the sites, the k adapters and the fusion run as one ``stacked_adapter_fusion`` op; in
+    training with a dropout above 0 (BERT's default 0.1), the scores need dropout, so the adapters
+    and the fusion run eagerly: pass ``dropout_prob=0.0`` to train on the fused op.
+    With parallel adapters, the fusion adds its output once to ``h + x`` (AdapterHub adds ``x``
+    a second time there).
+    """
+
+    method = "fusion"
+    adapters: List[str] = dataclasses.field(default_factory=list)
+    kind: str = "dynamic"
+    query: Optional[bool] = None
+    key: Optional[bool] = None
+    value: Optional[bool] = None
+    query_before_ln: Optional[bool] = None
+    regularization: Optional[bool] = None
+    residual_before: Optional[bool] = None
+    temperature: Optional[bool] = None
+    value_before_softmax: Optional[bool] = None
+    value_initialized: Optional[bool] = None
+    dropout_prob: Optional[float] = None
+
+    def __post_init__(self):
+        if self.kind not in FUSION_KINDS:
+            raise ValueError(f"kind must be one of {sorted(FUSION_KINDS)}, got {self.kind!r}")
+        for key, value in FUSION_KINDS[self.kind].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if isinstance(self.adapters, str):
+            self.adapters = [self.adapters]
+        self.adapters = list(self.adapters)
+        if len(self.adapters) < 1 or not all(isinstance(a, str) for a in self.adapters):
+            raise ValueError(f"adapters must list the names of at least one adapter task, got {self.adapters!r}")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ValueError(f"adapters has duplicates: {self.adapters}")
+        if self.dropout_prob is not None and not 0.0 <= self.dropout_prob < 1.0:
+            raise ValueError(f"dropout_prob must be in [0, 1) or None, got {self.dropout_prob}")
+
+    def attach(self, model: _nn.Module, name: str, registry) -> None:
+        from . import _sites
+        from .adapter import AdapterConfig
+
+        configs = []
+        for a in self.adapters:
+            cfg = registry.configs.get(a)
+            if cfg is None:
+                raise ValueError(f"fusion needs adapter task {a!r}, which the model does not have (it has {sorted(registry.configs)}); "
+                                 "inject or load the adapters first")
+            if not isinstance(cfg, AdapterConfig):
+                raise ValueError(f"task {a!r} is a {cfg.method!r} task; fusion combines adapter tasks only")
+            configs.append(cfg)
+        first = configs[0]
+        for a, cfg in zip(self.adapters[1:], configs[1:]):
+            for field in ("placement", "mh_adapter", "output_adapter", "target_modules", "leave_out", "activation"):
+                if getattr(cfg, field) != getattr(first, field):
+                    raise ValueError(f"adapters to fuse must share {field}: {self.adapters[0]!r} has {getattr(first, field)!r}, "
+                                     f"{a!r} has {getattr(cfg, field)!r}")
+        if any(cfg.scaling == "channel" for cfg in configs):
+            raise ValueError("adapters with per-channel scaling cannot be fused (the stacked op takes one scale per adapter)")
+        hosts = [h for _, h in _sites.hosts_with_task(model, self.adapters[0])
+                 if isinstance(h.pet_fast_tasks[self.adapters[0]], BottleneckAdapter)]
+        for h in hosts:
+            kind = _sites.site_kind(h)
+            if (self.residual_before or self.query_before_ln) and kind in ("block", "generic"):
+                raise ValueError("residual_before / query_before_ln are supported at BERT-style sites and pre-LN "
+                                 "attention/MLP sites only, not at block outputs or target_modules")
+            missing = [a for a in self.adapters if a not in getattr(h, "pet_fast_tasks")]
+            if missing:
+                raise ValueError(f"adapters {missing} are not attached where {self.adapters[0]!r} is; they cannot be fused")
+        dropout = self.dropout_prob
+        if dropout is None:
+            dropout = float(getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0)
+        for h in hosts:
+            child = h.pet_fast_tasks[self.adapters[0]]
+            ref = child.w_down
+            fusion = AdapterFusion(child.d_model, query=self.query, key=self.key, value=self.value,
+                                   value_initialized=self.value_initialized, temperature=self.temperature,
+                                   residual_before=self.residual_before, value_before_softmax=self.value_before_softmax,
+                                   dropout=dropout, dtype=ref.dtype, device=ref.device)
+            fusion.adapter_names = tuple(self.adapters)
+            fusion.placement = first.placement
+            fusion.query_before_ln = self.query_before_ln
+            task_holder(h)[name] = fusion
+
+
+def fusion_regularization_loss(model: _nn.Module, name: Optional[str] = None) -> torch.Tensor:
+    """AdapterHub's fusion regularizer: ``0.01 * sum ||I - W_value||_F^2`` over the value projections
+    of fusion task ``name`` (default: the active fusion tasks) whose weight trains."""
+    from ..inject import TASK_ATTR, registry
+
+    reg = registry(model)
+    names = [name] if name is not None else [n for n in (reg.active if reg else ()) if isinstance(reg.configs[n], FusionConfig)]
+    total = None
+    for mod in model.modules():
+        holder = mod._modules.get(TASK_ATTR)
+        if holder is None:
+            continue
+        for n in names:
+            f = holder[n] if n in holder else None
+            if isinstance(f, AdapterFusion) and f.value is not None and f.value.weight.requires_grad:
+                w = f.value.weight
+                term = 0.01 * (torch.eye(w.shape[0], dtype=w.dtype, device=w.device) - w).pow(2).sum()
+                total = term if total is None else total + term
+    if total is None:
+        p = next(model.parameters())
+        return torch.zeros((), dtype=p.dtype, device=p.device)
+    return total

@@ -85,3 +85,158 @@ class MaskedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, threshold={self.threshold}"
+
+
+# --------------------------------------------------------------------------------------------
+# MaskConfig: masks on the linears of a transformers model, kept per task
+
+import dataclasses  # noqa: E402
+from typing import List  # noqa: E402
+
+from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+
+
+class MaskScores(nn.Module):
+    """One task's real-valued scores for a frozen linear (``(out, in)``, float32); the mask is
+    ``scores > threshold``. For transformers' Conv1D (weight stored ``(in, out)``) the scores still
+    use the ``(out, in)`` layout of nn.Linear."""
+
+    def __init__(self, out_features: int, in_features: int, *, threshold: float, init_score: float, device=None):
+        super().__init__()
+        self.threshold = float(threshold)
+        self.scores = nn.Parameter(torch.full((out_features, in_features), float(init_score), dtype=torch.float32, device=device))
+
+    def mask(self) -> torch.Tensor:
+        return self.scores.detach() > self.threshold
+
+    @staticmethod
+    def weight_of(host: nn.Module) -> torch.Tensor:
+        """The host's weight as (out, in)."""
+        return host.weight.t() if type(host).__name__ == "Conv1D" else host.weight
+
+    def apply_to(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        bias = None if host.bias is None else host.bias.to(dt)
+        return masked_linear(x, self.weight_of(host).to(dt), self.scores, bias, threshold=self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.scores.shape)}, threshold={self.threshold}"
+
+
+@register_method
+@dataclasses.dataclass
+class MaskConfig(MethodConfig):
+    """Mask-tuning: every ``nn.Linear`` (and GPT-2 ``Conv1D``) in the transformer blocks, or those
+    named by ``target_modules``, computes with ``W * 1[scores > threshold]``; only the scores (and
+    the head) train, through the straight-through estimator. Scores start at ``init_score``
+    (default ``threshold + 0.01``), so the first mask keeps every weight. Several mask tasks share
+    the frozen weights; ``pet_fast.merge(model)`` folds the active one into plain linears."""
+
+    method = "mask"
+    threshold: float = 0.0
+    init_score: Optional[float] = None
+    target_modules: Optional[List[str]] = None
+    leave_out: List[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"threshold must be a real number, got {type(self.threshold).__name__}")
+        self.threshold = float(self.threshold)
+        if self.init_score is None:
+            self.init_score = self.threshold + 0.01
+        if isinstance(self.init_score, bool) or not isinstance(self.init_score, (int, float)):
+            raise TypeError(f"init_score must be a real number, got {type(self.init_score).__name__}")
+        if not self.init_score > self.threshold:
+            raise ValueError(f"init_score ({self.init_score}) must be > threshold ({self.threshold}) so that the first mask keeps every weight")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+        self.leave_out = sorted(int(i) for i in self.leave_out)
+
+    def targets(self, model: nn.Module) -> list:
+        from .. import models
+
+        if self.target_modules is not None:
+            found = models.match_targets(model, self.target_modules)
+            bad = [n for n, m in found if not models.linear_like(m)]
+            if bad:
+                raise ValueError(f"mask-tuning needs nn.Linear (or Conv1D) targets; not linear: {bad}")
+            return [(n, m) for n, m in found if models.layer_index(n) not in self.leave_out]
+        if models.family(model) == "generic":
+            raise ValueError(f"model type {models.model_type(model)!r} has no known transformer blocks; pass target_modules")
+        out = []
+        for i, block in enumerate(models.layers(model)):
+            if i in self.leave_out:
+                continue
+            for n, m in block.named_modules():
+                if "pet_fast_tasks" not in n.split(".") and models.linear_like(m):
+                    out.append((f"{i}.{n}", m))
+        if not out:
+            raise ValueError("mask-tuning found no linear layer to mask")
+        return out
+
+    def attach(self, model: nn.Module, name: str, registry) -> None:
+        from . import _sites
+
+        targets = self.targets(model)
+        for _, host in targets:
+            _sites.check_installable(host, "linear")
+        for _, host in targets:
+            _sites.install(host, "linear", registry)
+            out_f, in_f = MaskScores.weight_of(host).shape
+            task_holder(host)[name] = MaskScores(out_f, in_f, threshold=self.threshold, init_score=self.init_score,
+                                                 device=host.weight.device)
+
+
+def _merged_module(host: nn.Module, scores: MaskScores) -> nn.Module:
+    w = host.weight.detach()
+    if type(host).__name__ == "Conv1D":
+        new = type(host)(w.shape[1], w.shape[0])
+        mask = scores.mask().t()
+    else:
+        new = nn.Linear(w.shape[1], w.shape[0], bias=host.bias is not None)
+        mask = scores.mask()
+    new = new.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w * mask.to(w.dtype))
+        if host.bias is not None:
+            new.bias.copy_(host.bias)
+    new.requires_grad_(False)
+    return new
+
+
+def merge(model: nn.Module, name: Optional[str] = None) -> nn.Module:
+    """Fold mask task ``name`` (default: the active one) into plain linears and its head into the
+    model's head, then drop every mask task: the model runs with no pet_fast overhead. In place;
+    returns ``model``. Other (non-mask) tasks stay attached."""
+    from ..inject import TASK_ATTR, registry, remove
+    from . import _sites
+
+    reg = registry(model)
+    if reg is None:
+        raise ValueError("model has no pet_fast tasks")
+    if name is None:
+        masks = [n for n in reg.active if isinstance(reg.configs[n], MaskConfig)]
+        if len(masks) != 1:
+            raise ValueError(f"merge needs exactly one active mask task (or name=...); active: {list(reg.active)}")
+        name = masks[0]
+    if not isinstance(reg.configs.get(name), MaskConfig):
+        raise ValueError(f"task {name!r} is not a mask task; only masks can be merged")
+    modules = dict(model.named_modules())
+    for mod_name, host in _sites.hosts_with_task(model, name):
+        kind = _sites.site_kind(host)
+        sub = getattr(host, TASK_ATTR)[name]
+        if kind == "linear":
+            parent_name, _, attr = mod_name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            setattr(parent, attr, _merged_module(host, sub))
+        elif kind == "head":
+            own = {k: v for k, v in host.state_dict().items() if TASK_ATTR not in k.split(".")}
+            with torch.no_grad():
+                for k, v in sub.state_dict().items():
+                    if k in own:
+                        own[k].copy_(v)
+    for n in [n for n, c in reg.configs.items() if isinstance(c, MaskConfig)]:
+        remove(model, n)
+    return model

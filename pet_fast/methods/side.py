@@ -77,3 +77,285 @@ class SideTuning(nn.Module):
         if self.training:
             self.steps += 1
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# SideConfig: side-tuning on a transformers backbone
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+
+_IDS_ATTR = "_pet_fast_example_ids"
+
+
+class _SideBlock(nn.Module):
+    def __init__(self, width: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, ffn)
+        self.fc2 = nn.Linear(ffn, width)
+
+    def forward(self, x, allowed):
+        B, T, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.out(a.transpose(1, 2).reshape(B, T, W))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class SideNetwork(nn.Module):
+    """The default side network: the frozen input embeddings (width d) -> Linear(d, width) + learned
+    positions -> ``layers`` small pre-LN transformer blocks (causal for decoder models) -> LayerNorm ->
+    Linear(width, d). The last projection starts at zero (the side output starts at 0)."""
+
+    def __init__(self, d_model: int, *, width: int = 64, layers: int = 1, heads: int = 4, ffn: Optional[int] = None,
+                 max_positions: int = 512, causal: bool = False):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
+        self.causal = causal
+        self.proj_in = nn.Linear(d_model, width)
+        self.pos = nn.Parameter(torch.randn(max_positions, width) * 0.02)
+        self.blocks = nn.ModuleList([_SideBlock(width, heads, ffn or 4 * width) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, d_model)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, emb: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, _ = emb.shape
+        if T > self.pos.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds the side network's {self.pos.shape[0]} positions")
+        x = self.proj_in(emb.to(self.proj_in.weight.dtype)) + self.pos[:T]
+        allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=emb.device)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.to(torch.bool).view(B, 1, 1, T)
+        if self.causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=emb.device).tril()
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=emb.device)  # no row without a key
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.proj_out(self.norm(x))
+
+
+class SideBranch(nn.Module):
+    """One side-tuning task on a backbone: the side network, the blend weight and the optional
+    cache of base outputs. ``alpha``: fixed, ``"learned"`` (sigmoid of a trained logit starting at
+    ``alpha_init``), or scheduled linearly from ``alpha`` to ``alpha_end`` over ``schedule_steps``
+    training forwards (the step count is a buffer, saved with the task)."""
+
+    def __init__(self, network: nn.Module, *, alpha=0.5, alpha_init: float = 0.5, alpha_end: Optional[float] = None,
+                 schedule_steps: int = 0, cache: bool = False):
+        super().__init__()
+        self.network = network
+        self.alpha_logit = None
+        if alpha == "learned":
+            self.alpha_logit = nn.Parameter(torch.tensor(math.log(alpha_init / (1 - alpha_init))))
+        self.alpha_value = None if alpha == "learned" else float(alpha)
+        self.alpha_end = alpha_end
+        self.schedule_steps = schedule_steps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.use_cache = cache
+        self.cache = {}
+
+    def alpha(self):
+        if self.alpha_logit is not None:
+            return torch.sigmoid(self.alpha_logit)
+        if self.alpha_end is not None and self.schedule_steps > 0:
+            t = min(int(self.steps), self.schedule_steps) / self.schedule_steps
+            return self.alpha_value + t * (self.alpha_end - self.alpha_value)
+        return self.alpha_value
+
+    def blend(self, base: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        a = self.alpha()
+        if isinstance(a, torch.Tensor):
+            a = a.to(side.dtype)
+        return a * base.to(side.dtype) + (1 - a) * side
+
+    def cached(self, ids, input_ids) -> Optional[torch.Tensor]:
+        rows = []
+        for i, key in enumerate(ids):
+            hit = self.cache.get(key)
+            if hit is None:
+                return None
+            stored_ids, hidden = hit
+            if input_ids is not None:
+                row = input_ids[i].detach().cpu()
+                if stored_ids is None or stored_ids.shape != row.shape:
+                    return None  # padded differently in this batch: recompute
+                if not torch.equal(stored_ids, row):
+                    raise ValueError(f"example id {key!r} was seen before with different input_ids; example ids must be unique per example")
+            rows.append(hidden)
+        return torch.stack(rows)
+
+    def store(self, ids, input_ids, hidden: torch.Tensor) -> None:
+        for i, key in enumerate(ids):
+            row = None if input_ids is None else input_ids[i].detach().cpu()
+            self.cache[key] = (row, hidden[i].detach())
+
+    def extra_repr(self) -> str:
+        a = "learned" if self.alpha_logit is not None else self.alpha_value
+        return f"alpha={a}, alpha_end={self.alpha_end}, schedule_steps={self.schedule_steps}, cache={self.use_cache}"
+
+
+@contextlib.contextmanager
+def _base_eval(host: nn.Module):
+    """Put the frozen base (everything under host except pet_fast task modules) in eval mode."""
+    holder = host._modules.get("pet_fast_tasks")
+    skip = set(map(id, holder.modules())) if holder is not None else set()
+    flags = [(m, m.training) for m in host.modules() if id(m) not in skip]
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _normalise_ids(ids) -> list:
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.flatten().tolist()]
+    return [i if isinstance(i, (int, str)) else int(i) for i in ids]
+
+
+def side_forward(site, *args, **kwargs):
+    """The backbone's forward with a side-tuning task active (see SideConfig)."""
+    host = site.host
+    ids = kwargs.pop("example_ids", None)
+    ctx_ids = host.__dict__.get(_IDS_ATTR)
+    if ids is None:
+        ids = ctx_ids
+    act = site.active()
+    if act is None:
+        return site.original(*args, **kwargs)
+    _, branch = act
+    arguments = inspect.signature(type(host).forward).bind_partial(host, *args, **kwargs).arguments
+    input_ids = arguments.get("input_ids")
+    attention_mask = arguments.get("attention_mask")
+    inputs_embeds = arguments.get("inputs_embeds")
+    ids = None if ids is None else _normalise_ids(ids)
+    hidden = out = None
+    if branch.use_cache and ids is not None:
+        hidden = branch.cached(ids, input_ids)
+    if hidden is None:
+        with torch.no_grad(), _base_eval(host):
+            out = site.original(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if branch.use_cache and ids is not None:
+            branch.store(ids, input_ids, hidden)
+    with torch.no_grad():
+        emb = inputs_embeds if inputs_embeds is not None else host.get_input_embeddings()(input_ids)
+    mask2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+    side = branch.network(emb.detach(), mask2d)
+    blended = branch.blend(hidden, side)
+    if branch.training and torch.is_grad_enabled():
+        branch.steps += 1
+    pooler = getattr(host, "pooler", None)
+    pooled = pooler(blended) if isinstance(pooler, nn.Module) else None
+    if out is None:
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=blended, pooler_output=pooled)
+    if isinstance(out, tuple):
+        return (blended,) + ((pooled,) + tuple(out[2:]) if pooled is not None else tuple(out[1:]))
+    out.last_hidden_state = blended
+    if pooled is not None:
+        out.pooler_output = pooled
+    return out
+
+
+@contextlib.contextmanager
+def example_ids(model: nn.Module, ids):
+    """Give the ids of the examples of the next forwards (for the side-tuning cache), when the model
+    call cannot take ``example_ids=`` itself."""
+    from .. import models
+
+    host = models.backbone(model)
+    host.__dict__[_IDS_ATTR] = ids
+    try:
+        yield
+    finally:
+        host.__dict__.pop(_IDS_ATTR, None)
+
+
+@register_method
+@dataclasses.dataclass
+class SideConfig(MethodConfig):
+    """Side-tuning on a transformers model: the final hidden states of the frozen backbone (run under
+    ``torch.no_grad()`` and in eval mode, so it keeps no graph and no activations) are blended with a
+    small side network's output, ``alpha * base + (1 - alpha) * side``, before the task head (and
+    before BERT's pooler). The side network reads the frozen input embeddings (default
+    ``SideNetwork``: ``width``, ``layers``, ``heads``, ``ffn``; causal for GPT-2/Llama).
+
+    ``alpha``: a number in [0, 1], or ``"learned"`` (starting at ``alpha_init``); with ``alpha_end``
+    and ``schedule_steps`` it moves linearly from ``alpha`` to ``alpha_end`` over that many training
+    forwards. ``cache=True`` keeps the base's output per example id, so epochs after the first skip
+    the base: pass the ids as ``model(..., example_ids=ids)`` (a tensor or list of ints/strings, one per
+    row; transformers models hand extra keywords to the backbone) or wrap the call in
+    ``with pet_fast.example_ids(model, ids):``. A cached example must come back with the same
+    ``input_ids`` (same padding); otherwise it is recomputed (different length) or refused (same
+    length, different tokens). The cache lives in memory on the base's device and is not saved.
+    """
+
+    method = "side"
+    width: int = 64
+    layers: int = 1
+    heads: int = 4
+    ffn: Optional[int] = None
+    alpha: Union[float, str] = 0.5
+    alpha_init: float = 0.5
+    alpha_end: Optional[float] = None
+    schedule_steps: int = 0
+    cache: bool = False
+
+    def __post_init__(self):
+        for key in ("width", "layers", "heads"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be a positive int, got {v!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        if isinstance(self.alpha, str):
+            if self.alpha != "learned":
+                raise ValueError(f"alpha must be a number in [0, 1] or 'learned', got {self.alpha!r}")
+            if not 0.0 < self.alpha_init < 1.0:
+                raise ValueError(f"alpha_init must be in (0, 1), got {self.alpha_init}")
+        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1] or 'learned', got {self.alpha!r}")
+        if self.alpha_end is not None:
+            if isinstance(self.alpha, str):
+                raise ValueError("alpha_end (a schedule) needs a numeric alpha to start from")
+            if not 0.0 <= self.alpha_end <= 1.0:
+                raise ValueError(f"alpha_end must be in [0, 1], got {self.alpha_end}")
+            if not isinstance(self.schedule_steps, int) or self.schedule_steps < 1:
+                raise ValueError(f"schedule_steps must be a positive int with alpha_end, got {self.schedule_steps!r}")
+
+    def attach(self, model: nn.Module, name: str, registry) -> None:
+        from .. import models
+        from . import _sites
+
+        host = models.backbone(model)
+        if not hasattr(host, "get_input_embeddings") or host.get_input_embeddings() is None:
+            raise ValueError("side-tuning needs a transformers backbone with input embeddings")
+        _sites.check_installable(host, "side")
+        hidden = models.hidden_size(model)
+        cfg = getattr(model, "config", None)
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
+        causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False))
+        ref = host.get_input_embeddings().weight
+        network = SideNetwork(hidden, width=self.width, layers=self.layers, heads=self.heads, ffn=self.ffn,
+                              max_positions=max_pos, causal=causal)
+        branch = SideBranch(network, alpha=self.alpha, alpha_init=self.alpha_init, alpha_end=self.alpha_end,
+                            schedule_steps=self.schedule_steps, cache=self.cache).to(device=ref.device)
+        _sites.install(host, "side", registry)
+        task_holder(host)[name] = branch

@@ -1,0 +1,1 @@
+"""Small datasets shipped with pet_fast (used by ``pet-fast finetune``)."""

@@ -1,0 +1,255 @@
+"""Where the methods run inside a model: per-module forward overrides that read the active task.
+
+A *site* is a module of the pretrained model whose forward pet_fast replaces with an ``Override``
+(an instance attribute, so the module keeps its class, its state-dict keys and its parameters). The
+override looks up which of the model's active tasks (``registry.active``) has a module in the
+site's ``pet_fast_tasks`` ModuleDict and runs it; with no active task there it runs the original
+forward unchanged. One override per module serves every task attached there.
+
+Kinds of site (the functions in ``KINDS``):
+  ``bert_sublayer``  BertSelfOutput / BertOutput (post-LN): ``LN(dropout(dense(hs)) + input)``
+  ``sublayer``       attention / MLP of a pre-LN block (GPT-2, Llama): their output ``h``
+  ``block``          a pre-LN block: its output (the residual stream after the FFN)
+  ``capture``        a norm in front of a sublayer: remembers its input for a parallel adapter
+  ``generic``        any module named by ``target_modules``: its input and output
+  ``linear``         an nn.Linear / GPT-2 Conv1D with masks
+  ``head``           the task head: per-task copies
+  ``side``           the backbone: side-tuning
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..inject import TASK_ATTR
+
+_OVERRIDE = "forward"
+_CAPTURED = "_pet_fast_captured"
+
+
+class Override:
+    """Replaces ``host.forward``; calls ``KINDS[kind](self, *args, **kwargs)``."""
+
+    def __init__(self, host: nn.Module, kind: str, registry, peer: Optional[nn.Module] = None):
+        self.host = host
+        self.kind = kind
+        self.registry = registry
+        self.peer = peer
+
+    def original(self, *args, **kwargs):
+        return type(self.host).forward(self.host, *args, **kwargs)
+
+    def active(self) -> Optional[Tuple[str, nn.Module]]:
+        holder = getattr(self.host, TASK_ATTR, None)
+        if holder is None:
+            return None
+        found = [n for n in self.registry.active if n in holder]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise RuntimeError(f"tasks {found} are all active on the same module ({type(self.host).__name__}); "
+                               "activate one at a time (combine adapters with FusionConfig)")
+        return found[0], holder[found[0]]
+
+    def __call__(self, *args, **kwargs):
+        return KINDS[self.kind](self, *args, **kwargs)
+
+
+def check_installable(host: nn.Module, kind: str) -> None:
+    """Raise ValueError if ``install(host, kind, ...)`` would fail (checked before changing anything)."""
+    current = host.__dict__.get(_OVERRIDE)
+    if isinstance(current, Override):
+        if current.kind != kind:
+            raise ValueError(f"module {type(host).__name__} already runs pet_fast site {current.kind!r}, cannot also be a {kind!r} site")
+    elif current is not None:
+        raise ValueError(f"module {type(host).__name__} already has a patched forward; pet_fast cannot attach there")
+
+
+def install(host: nn.Module, kind: str, registry, peer: Optional[nn.Module] = None) -> None:
+    """Install (once) an override of ``kind`` on ``host``."""
+    current = host.__dict__.get(_OVERRIDE)
+    if isinstance(current, Override):
+        if current.kind != kind:
+            raise ValueError(f"module {type(host).__name__} already runs pet_fast site {current.kind!r}, cannot also be a {kind!r} site")
+        return
+    if current is not None:
+        raise ValueError(f"module {type(host).__name__} already has a patched forward; pet_fast cannot attach there")
+    host.__dict__[_OVERRIDE] = Override(host, kind, registry, peer)
+
+
+def uninstall_if_unused(host: nn.Module) -> None:
+    holder = getattr(host, TASK_ATTR, None)
+    if holder is not None and len(holder) > 0:
+        return
+    if holder is not None:
+        delattr(host, TASK_ATTR)
+    current = host.__dict__.get(_OVERRIDE)
+    if isinstance(current, Override):
+        if current.kind == "capture" and current.peer is not None and len(getattr(current.peer, TASK_ATTR, ())) > 0:
+            return  # the sublayer still has parallel adapters that read this input
+        del host.__dict__[_OVERRIDE]
+    host.__dict__.pop(_CAPTURED, None)
+
+
+def site_kind(host: nn.Module) -> Optional[str]:
+    current = host.__dict__.get(_OVERRIDE)
+    return current.kind if isinstance(current, Override) else None
+
+
+# --------------------------------------------------------------------------------------------
+# adapter / fusion computations, shared by the kinds
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, value):
+    return (value,) + tuple(out[1:]) if isinstance(out, tuple) else value
+
+
+def _adapter(module, inp, residual):
+    """``residual + A(inp)`` with residual cast to inp's dtype (autocast mixes fp32 and bf16)."""
+    return module(inp, residual=residual.to(inp.dtype))
+
+
+def _children(self: Override, fusion) -> list:
+    holder = getattr(self.host, TASK_ATTR)
+    missing = [c for c in fusion.adapter_names if c not in holder]
+    if missing:
+        raise RuntimeError(f"fusion needs adapters {missing}, which are no longer attached here")
+    return [holder[c] for c in fusion.adapter_names]
+
+
+def _fuse(self, fusion, inp, query, residual):
+    adapters = _children(self, fusion)
+    dt = inp.dtype
+    return fusion.fuse(inp, query.to(dt), residual.to(dt), adapters)
+
+
+def _is_fusion(module) -> bool:
+    return hasattr(module, "adapter_names")
+
+
+def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs):
+    act = self.active()
+    if act is None or args or kwargs:
+        return self.original(hidden_states, input_tensor, *args, **kwargs)
+    _, module = act
+    host = self.host
+    h = host.dropout(host.dense(hidden_states))
+    x = input_tensor
+    LN = host.LayerNorm
+    placement = module.placement
+    if _is_fusion(module):
+        if placement == "houlsby":
+            out = _fuse(self, module, h, h, h)
+        elif placement == "pfeiffer":
+            y = LN(h + x)
+            out = _fuse(self, module, y, h if module.query_before_ln else y, h)
+        else:  # parallel: the adapters read the sublayer input
+            out = _fuse(self, module, x, x, h)
+        return LN(out + x.to(out.dtype))
+    s = h + x
+    if placement == "houlsby":
+        out = _adapter(module, h, s)
+    elif placement == "pfeiffer":
+        out = _adapter(module, LN(s), s)
+    else:
+        out = _adapter(module, x, s)
+    return LN(out)
+
+
+def _sublayer(self: Override, *args, **kwargs):
+    out = self.original(*args, **kwargs)
+    act = self.active()
+    if act is None:
+        self.host.__dict__.pop(_CAPTURED, None)
+        return out
+    _, module = act
+    h = _first(out)
+    if module.placement == "parallel":
+        x = self.host.__dict__.pop(_CAPTURED, None)
+        if x is None:
+            raise RuntimeError("parallel adapter: the input of the norm in front of this sublayer was not seen")
+        new = _fuse(self, module, x, x, h) if _is_fusion(module) else _adapter(module, x, h)
+    else:
+        new = _fuse(self, module, h, h, h) if _is_fusion(module) else _adapter(module, h, h)
+    return _replace_first(out, new)
+
+
+def _block(self: Override, *args, **kwargs):
+    out = self.original(*args, **kwargs)
+    act = self.active()
+    if act is None:
+        return out
+    _, module = act
+    y = _first(out)
+    new = _fuse(self, module, y, y, y) if _is_fusion(module) else _adapter(module, y, y)
+    return _replace_first(out, new)
+
+
+def _capture(self: Override, x, *args, **kwargs):
+    if self.peer is not None and self.peer.__dict__.get(_OVERRIDE) is not None:
+        self.peer.__dict__[_CAPTURED] = x
+    return self.original(x, *args, **kwargs)
+
+
+def _generic(self: Override, *args, **kwargs):
+    out = self.original(*args, **kwargs)
+    act = self.active()
+    if act is None:
+        return out
+    _, module = act
+    h = _first(out)
+    if module.placement == "parallel":
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[-1] != h.shape[-1]:
+            raise RuntimeError("parallel adapter on a generic target needs a module whose input and output widths match")
+        new = _fuse(self, module, x, x, h) if _is_fusion(module) else _adapter(module, x, h)
+    else:
+        new = _fuse(self, module, h, h, h) if _is_fusion(module) else _adapter(module, h, h)
+    return _replace_first(out, new)
+
+
+def _linear(self: Override, x, *args, **kwargs):
+    act = self.active()
+    if act is None:
+        return self.original(x, *args, **kwargs)
+    _, scores_module = act
+    return scores_module.apply_to(self.host, x)
+
+
+def _head(self: Override, *args, **kwargs):
+    act = self.active()
+    if act is None:
+        return self.original(*args, **kwargs)
+    return act[1](*args, **kwargs)
+
+
+def _side(self: Override, *args, **kwargs):
+    from .side import side_forward
+
+    return side_forward(self, *args, **kwargs)
+
+
+KINDS: Dict[str, Callable] = {
+    "bert_sublayer": _bert_sublayer,
+    "sublayer": _sublayer,
+    "block": _block,
+    "capture": _capture,
+    "generic": _generic,
+    "linear": _linear,
+    "head": _head,
+    "side": _side,
+}
+
+
+def hosts_with_task(model: nn.Module, name: str) -> List[Tuple[str, nn.Module]]:
+    out = []
+    for mod_name, mod in model.named_modules():
+        holder = mod.__dict__.get("_modules", {}).get(TASK_ATTR)
+        if holder is not None and name in holder:
+            out.append((mod_name, mod))
+    return out

@@ -1,0 +1,56 @@
+"""``pet-fast finetune`` on the shipped MiniLM-L6 and dataset (a few steps), and its inputs."""
+import json
+
+import pytest
+
+import pet_fast
+from pet_fast import cli, finetune
+
+
+def test_shipped_dataset_is_balanced_enough_and_disjoint():
+    train = finetune.read_examples(finetune.DEFAULT_TRAIN)
+    test = finetune.read_examples(finetune.DEFAULT_TEST)
+    assert len(train) >= 300 and len(test) >= 100
+    assert {l for _, l in train} == {l for _, l in test} == {"0", "1"}
+    assert not {t for t, _ in train} & {t for t, _ in test}
+
+
+def test_read_csv_and_errors(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\ngood,pos\nbad,neg\nfine,pos\nawful,neg\n")
+    assert finetune.read_examples(p)[1] == ("bad", "neg")
+    (tmp_path / "bad.csv").write_text("sentence,y\na,1\n")
+    with pytest.raises(ValueError, match="text"):
+        finetune.read_examples(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="csv or .jsonl"):
+        finetune.read_examples(tmp_path / "d.txt")
+
+
+def test_finetune_minilm_reports_and_saves(tmp_path, capsys):
+    try:
+        model_path = finetune.default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "task"
+    rc = cli.main(["finetune", "--method", "adapter", "--steps", "12", "--batch-size", "16", "--threads", "1",
+                   "--output", str(out), "--json", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for line in ("trainable params", "checkpoint size", "time per step", "held-out accuracy"):
+        assert line in text
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["model"] == str(model_path) and r["steps"] == 12
+    assert 0 < r["trainable_fraction"] < 0.02 and r["checkpoint_fraction"] < 0.02
+    assert r["eval_accuracy"] >= r["majority_baseline"] + 0.15  # well above chance after 12 steps
+    # the saved task loads onto a fresh MiniLM
+    from transformers import AutoModelForSequenceClassification
+
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=2, local_files_only=True)
+    assert pet_fast.load(fresh, out) == "task"
+
+
+def test_prefix_without_prefix_config_is_a_clear_error(monkeypatch):
+    if hasattr(pet_fast, "PrefixConfig"):
+        pytest.skip("this build has PrefixConfig")
+    with pytest.raises(SystemExit, match="PrefixConfig"):
+        finetune._method_config("prefix", ())

@@ -1,0 +1,201 @@
+"""AdapterConfig on tiny BERT / RoBERTa / GPT-2 / Llama-family models, checked against closed forms
+of AdapterHub's computations (seq_bn, double_seq_bn, par_bn) written here independently."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pet_fast
+from pet_fast import models
+from pet_fast.inject import TASK_ATTR
+from tiny_models import batch, build, logits
+
+ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+def A(ad, z):
+    """AdapterHub's adapter branch: scaling * up(act(down(z))) (no residual)."""
+    h = ACT[ad.activation](z @ ad.w_down.T + ad.b_down)
+    return ad.scaling * (h @ ad.w_up.T + ad.b_up)
+
+
+def test_defaults_follow_adapterhub():
+    h = pet_fast.AdapterConfig(placement="houlsby")
+    p = pet_fast.AdapterConfig()  # seq_bn is AdapterHub's default
+    par = pet_fast.AdapterConfig(placement="par_bn")
+    assert (h.reduction_factor, h.activation, h.scaling, h.init, h.mh_adapter, h.output_adapter) == (16, "silu", 1.0, "bert", True, True)
+    assert (p.placement, p.reduction_factor, p.activation, p.mh_adapter, p.output_adapter) == ("pfeiffer", 16, "relu", False, True)
+    assert (par.placement, par.reduction_factor, par.scaling, par.init) == ("parallel", 2, 4.0, "identity")
+    assert pet_fast.AdapterConfig(placement="double_seq_bn").placement == "houlsby"
+    with pytest.raises(ValueError, match="placement"):
+        pet_fast.AdapterConfig(placement="sideways")
+    with pytest.raises(ValueError, match="activation"):
+        pet_fast.AdapterConfig(activation="nope")
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_bert_sublayer_closed_form(placement):
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert", reduction_factor=4), "t")
+    layer = model.bert.encoder.layer[0]
+    torch.manual_seed(3)
+    for host, width in ((layer.attention.output, 32), (layer.output, 37)):
+        if TASK_ATTR not in host._modules:
+            assert placement != "houlsby"
+            continue
+        ad = host.pet_fast_tasks["t"]
+        with torch.no_grad():
+            ad.b_down.normal_()
+            ad.b_up.normal_()
+        hs, x = torch.randn(2, 5, width), torch.randn(2, 5, 32)
+        LN = host.LayerNorm
+        h = host.dense(hs)
+        if placement == "houlsby":
+            want = LN(h + x + A(ad, h))
+        elif placement == "pfeiffer":
+            want = LN(h + x + A(ad, LN(h + x)))
+        else:
+            want = LN(h + x + A(ad, x))
+        got = host(hs, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        pet_fast.set_active(model, None)
+        torch.testing.assert_close(host(hs, x), LN(h + x))  # no active task: the original layer
+        pet_fast.set_active(model, "t")
+
+
+def _manual_pre_ln(base, model, placement):
+    """Hooks on an untouched copy that add the adapters by the closed forms (x + h + A(...))."""
+    fam = models.family(base)
+    handles = []
+    for b_blk, m_blk in zip(models.layers(base), models.layers(model)):
+        bp, mp = models.block_parts(b_blk, fam), models.block_parts(m_blk, fam)
+        if placement == "houlsby":
+            for sub in ("attn", "mlp"):
+                ad = mp[sub].pet_fast_tasks["t"]
+
+                def hook(mod, inp, out, ad=ad):
+                    if isinstance(out, tuple):
+                        return (out[0] + A(ad, out[0]),) + out[1:]
+                    return out + A(ad, out)
+                handles.append(bp[sub].register_forward_hook(hook))
+        elif placement == "pfeiffer":
+            ad = mp["block"].pet_fast_tasks["t"]
+
+            def hook(mod, inp, out, ad=ad):
+                y = out[0] if isinstance(out, tuple) else out
+                y = y + A(ad, y)
+                return (y,) + out[1:] if isinstance(out, tuple) else y
+            handles.append(bp["block"].register_forward_hook(hook))
+        else:
+            ad = mp["mlp"].pet_fast_tasks["t"]
+            seen = {}
+            handles.append(bp["norm_mlp"].register_forward_pre_hook(lambda mod, inp, seen=seen: seen.update(r=inp[0])))
+            handles.append(bp["mlp"].register_forward_hook(lambda mod, inp, out, ad=ad, seen=seen: out + A(ad, seen["r"])))
+    return handles
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_pre_ln_closed_form(kind, placement):
+    base = build(kind)
+    model = copy.deepcopy(base)
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert", bottleneck=5, train_head=False), "t")
+    for mod in model.modules():
+        if isinstance(mod, pet_fast.BottleneckAdapter):
+            with torch.no_grad():
+                mod.w_up.normal_(0, 0.3)
+                mod.b_up.normal_(0, 0.1)
+    ids, mask = batch()
+    _manual_pre_ln(base, model, placement)
+    torch.testing.assert_close(logits(model, ids, mask), logits(base, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2", "llama", "mistral", "qwen2"])
+def test_identity_init_keeps_logits_and_gradients_reach_exactly_the_task(kind):
+    model = build(kind)
+    ids, mask = batch()
+    ref = logits(model, ids, mask).detach()
+    placement = "houlsby" if kind in ("bert", "llama") else "parallel"
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="identity"), "t")
+    out = logits(model, ids, mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.float().pow(2).sum().backward()
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    with_grad = {k for k, p in model.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    assert trainable and all(f"{TASK_ATTR}.t." in k for k in trainable)
+    assert any(k.startswith(("classifier", "score")) for k in trainable)  # the task's own head copy
+
+
+def test_two_tasks_switch_and_remove():
+    model = build("bert")
+    ids, mask = batch()
+    ref = logits(model, ids, mask).detach()
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", init="bert"), "a")
+    out_a = logits(model, ids, mask).detach()
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", init="bert"), "b")
+    out_b = logits(model, ids, mask).detach()
+    assert not torch.allclose(out_a, out_b)
+    pet_fast.set_active(model, "a")
+    torch.testing.assert_close(logits(model, ids, mask), out_a)
+    assert all(not p.requires_grad for k, p in model.named_parameters() if ".b." in k)
+    with pytest.raises(RuntimeError, match="active on the same module"):
+        pet_fast.set_active(model, ["a", "b"])
+        logits(model, ids, mask)
+    pet_fast.remove(model, "a")
+    pet_fast.remove(model, "b")
+    assert not any(TASK_ATTR in k for k in model.state_dict())
+    torch.testing.assert_close(logits(model, ids, mask), ref, rtol=0, atol=0)
+
+
+def test_target_modules_generic_path():
+    model = build("bert")
+    cfg = pet_fast.AdapterConfig(placement="houlsby", target_modules=["attention.self.value"], bottleneck=4, init="bert")
+    pet_fast.inject(model, cfg, "t")
+    host = model.bert.encoder.layer[1].attention.self.value
+    ad = host.pet_fast_tasks["t"]
+    x = torch.randn(2, 3, 32)
+    h = torch.nn.functional.linear(x, host.weight, host.bias)
+    torch.testing.assert_close(host(x), h + A(ad, h), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="match no module"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(target_modules=["nope"]), "u")
+    assert "u" not in model._pet_fast_registry.configs
+
+
+def test_pfeiffer_after_attention_refused_on_pre_ln_before_any_change():
+    model = build("llama")
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="pre-LN"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", mh_adapter=True), "t")
+    assert set(model.state_dict()) == keys
+    assert all(p.requires_grad for p in model.parameters())
+    assert pet_fast.inject.__module__ and getattr(model, "_pet_fast_registry", None) is None
+
+
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_left_padding_and_generate_with_a_kv_cache(kind):
+    model = build(kind, head="lm")
+    ids, mask = batch(pad_left=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="parallel", init="identity"), "t")
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    for mod in model.modules():
+        if isinstance(mod, pet_fast.BottleneckAdapter):
+            with torch.no_grad():
+                mod.w_up.normal_(0, 0.5)
+    # With the cache, each new token's logits equal those of a full forward over the sequence so far.
+    full = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    step = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+    last = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=step.past_key_values).logits[:, -1]
+    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
+
+
+def test_inject_is_both_the_module_and_the_function():
+    import pet_fast.inject as mod
+
+    assert mod.TASK_ATTR == TASK_ATTR and callable(pet_fast.inject)
+    model = build("bert")
+    assert pet_fast.inject(model, pet_fast.AdapterConfig(), "t") is model

@@ -1,0 +1,103 @@
+"""FusionConfig: AdapterHub's BertFusion over adapter tasks, checked against closed forms."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pet_fast
+import pet_fast.ops.adapter_fusion as fusion_ops
+from pet_fast.inject import TASK_ATTR
+from tiny_models import batch, build, logits
+
+
+def A(ad, z):
+    act = {"relu": F.relu, "silu": F.silu}[ad.activation]
+    return ad.scaling * (act(z @ ad.w_down.T + ad.b_down) @ ad.w_up.T + ad.b_up)
+
+
+def _fused_model(placement, kind="dynamic", k=3):
+    model = build("bert")
+    for i in range(k):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert", bottleneck=4 + i), f"a{i}")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=[f"a{i}" for i in range(k)], kind=kind), "f")
+    for mod in model.modules():
+        if isinstance(mod, pet_fast.AdapterFusion):
+            with torch.no_grad():
+                for lin in (mod.query, mod.key, mod.value):
+                    if lin is not None:
+                        lin.weight.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("placement,kind", [("pfeiffer", "dynamic"), ("pfeiffer", "static"), ("houlsby", "dynamic")])
+def test_bert_fusion_closed_form(placement, kind):
+    model = _fused_model(placement, kind)
+    host = model.bert.encoder.layer[1].output
+    fus = host.pet_fast_tasks["f"]
+    ads = [host.pet_fast_tasks[f"a{i}"] for i in range(3)]
+    hs, x = torch.randn(2, 4, 37), torch.randn(2, 4, 32)
+    LN = host.LayerNorm
+    h = host.dense(hs)
+    q_in = LN(h + x) if placement == "pfeiffer" else h
+    u = torch.stack([A(a, q_in) for a in ads], dim=-2)  # (B, T, k, H)
+    q = fus.query(q_in)
+    kk = fus.key(u)
+    v = fus.value(u) if kind == "dynamic" else u
+    p = torch.softmax((kk * q.unsqueeze(-2)).sum(-1), dim=-1)
+    want = LN(h + x + (p.unsqueeze(-1) * v).sum(-2))
+    torch.testing.assert_close(host(hs, x), want, rtol=1e-5, atol=2e-5)
+
+
+def test_fusion_trains_only_the_fusion_layers_and_uses_the_stacked_op(monkeypatch):
+    calls = []
+    real = fusion_ops.stacked_adapter_fusion
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion", counting)
+    model = _fused_model("pfeiffer")
+    model.train()
+    for mod in model.modules():  # dropout on the scores would take the eager path
+        if isinstance(mod, pet_fast.AdapterFusion):
+            mod.dropout = 0.0
+    ids, mask = batch()
+    out = logits(model, ids, mask)
+    assert len(calls) == 2  # one per layer
+    loss = out.pow(2).sum() + pet_fast.fusion_regularization_loss(model)
+    loss.backward()
+    with_grad = {k for k, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert with_grad and all(f"{TASK_ATTR}.f." in k for k in with_grad)
+    assert any(".value." in k for k in with_grad)
+
+
+def test_fusion_regularization_value():
+    model = _fused_model("pfeiffer")
+    ws = [m.value.weight for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
+    want = sum(0.01 * (torch.eye(32) - w).pow(2).sum() for w in ws)
+    torch.testing.assert_close(pet_fast.fusion_regularization_loss(model), want)
+
+
+def test_fusion_defaults_and_refusals():
+    d, s = pet_fast.FusionConfig(adapters=["a"]), pet_fast.FusionConfig(adapters=["a"], kind="static")
+    assert (d.value, d.value_initialized, d.regularization) == (True, True, True)
+    assert (s.value, s.value_initialized, s.regularization) == (False, False, False)
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer"), "a")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby"), "b")
+    with pytest.raises(ValueError, match="does not have"):
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "zz"]), "f")
+    with pytest.raises(ValueError, match="share placement"):
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b"]), "f")
+    assert "f" not in model._pet_fast_registry.configs
+
+
+def test_fusion_on_llama_runs_and_trains():
+    model = build("llama", head="lm")
+    for i in range(2):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4), f"a{i}")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1"], kind="static"), "f")
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    assert all(f"{TASK_ATTR}.f." in k for k, p in model.named_parameters() if p.grad is not None)

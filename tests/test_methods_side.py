@@ -1,0 +1,85 @@
+"""SideConfig: frozen base without graph or saved activations, side network, alpha, cache."""
+import pytest
+import torch
+
+import pet_fast
+from pet_fast.inject import TASK_ATTR
+from tiny_models import batch, build, logits
+
+
+def _saved_shapes(fn):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_side_base_keeps_no_activations_and_only_the_side_trains(kind):
+    model = build(kind)
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2), "s")
+    model.train()
+    ids, mask = batch()
+    # Embeddings that require grad: a base run with autograd on would then keep its activations.
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    out, shapes = _saved_shapes(lambda: model(inputs_embeds=emb, attention_mask=mask).logits)
+    # The base's FFN is 37 wide; nothing of that width may be kept for backward.
+    assert shapes and not any(37 in s for s in shapes)
+    out.pow(2).sum().backward()
+    with_grad = {k for k, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert all(f"{TASK_ATTR}.s." in k for k in with_grad)
+    assert any(".network." in k for k in with_grad)
+
+
+def test_side_blend_formula_and_alpha_modes():
+    model = build("bert", head="base")
+    ids, mask = batch()
+    base = model(input_ids=ids, attention_mask=mask).last_hidden_state.detach()
+    pet_fast.inject(model, pet_fast.SideConfig(width=8, heads=2, alpha=0.25), "s")
+    branch = model.pet_fast_tasks["s"]
+    with torch.no_grad():
+        branch.network.proj_out.bias.fill_(1.0)
+    side = branch.network(model.get_input_embeddings()(ids), mask)
+    out = model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out.last_hidden_state, 0.25 * base + 0.75 * side)
+    torch.testing.assert_close(out.pooler_output, model.pooler(out.last_hidden_state))
+    pet_fast.inject(model, pet_fast.SideConfig(width=8, heads=2, alpha=1.0, alpha_end=0.0, schedule_steps=4), "sched")
+    sched = model.pet_fast_tasks["sched"]
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, attention_mask=mask)
+    assert int(sched.steps) == 2 and sched.alpha() == pytest.approx(0.5)
+    pet_fast.inject(model, pet_fast.SideConfig(width=8, heads=2, alpha="learned", alpha_init=0.3), "learned")
+    lrn = model.pet_fast_tasks["learned"]
+    assert float(lrn.alpha().detach()) == pytest.approx(0.3)
+    model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+    assert lrn.alpha_logit.grad is not None
+    with pytest.raises(ValueError, match="alpha"):
+        pet_fast.SideConfig(alpha=1.5)
+
+
+def test_side_cache_skips_the_base_after_the_first_epoch():
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    calls = []
+    model.bert.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids, mask = batch()
+    first = model(input_ids=ids, attention_mask=mask, example_ids=torch.tensor([10, 11, 12])).logits
+    assert len(calls) == 1
+    second = model(input_ids=ids, attention_mask=mask, example_ids=torch.tensor([10, 11, 12])).logits
+    assert len(calls) == 1  # served from the cache
+    torch.testing.assert_close(first, second)
+    with pet_fast.example_ids(model, [10, 11, 12]):
+        model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 1
+    model(input_ids=ids, attention_mask=mask)  # no ids: the base runs
+    assert len(calls) == 2
+    other = ids.clone()
+    other[1, 0] = (other[1, 0] + 1) % 50 + 3
+    with pytest.raises(ValueError, match="example id 11"):
+        model(input_ids=other, attention_mask=mask, example_ids=[10, 11, 12])

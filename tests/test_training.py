@@ -1,0 +1,173 @@
+"""The methods in training loops: plain PyTorch, HF Trainer, gradient checkpointing, autocast, DDP."""
+import os
+
+import pytest
+import torch
+
+import pet_fast
+from pet_fast.inject import TASK_ATTR
+from tiny_models import batch, build
+
+
+def _config(method):
+    return {
+        "adapter": pet_fast.AdapterConfig(placement="houlsby"),
+        "parallel": pet_fast.AdapterConfig(placement="parallel"),
+        "side": pet_fast.SideConfig(width=16, heads=2),
+        "mask": pet_fast.MaskConfig(),
+    }[method]
+
+
+def _prepare(kind, method):
+    model = build(kind, num_labels=2)
+    if method == "fusion":
+        for n in ("a", "b"):
+            pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4), n)
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b"]), "t")
+    else:
+        pet_fast.inject(model, _config(method), "t")
+    return model
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, pet_fast.AdapterFusion):
+            m.dropout = 0.0
+
+
+def _task_step(model, ids, mask, labels):
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+@pytest.mark.parametrize("kind,method", [
+    ("bert", "adapter"), ("bert", "fusion"), ("bert", "side"), ("bert", "mask"),
+    ("roberta", "parallel"), ("roberta", "mask"),
+    ("gpt2", "adapter"), ("gpt2", "fusion"), ("gpt2", "side"), ("gpt2", "mask"),
+    ("llama", "parallel"), ("llama", "fusion"), ("llama", "side"), ("llama", "mask"),
+    ("mistral", "adapter"), ("qwen2", "mask"),
+])
+def test_plain_loop_trains(kind, method):
+    model = _prepare(kind, method)
+    model.train()
+    _no_dropout(model)
+    ids, mask = batch(B=4)
+    labels = torch.tensor([0, 1, 1, 0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if TASK_ATTR not in k}
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = _task_step(model, ids, mask, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())  # the pretrained weights never move
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = _prepare("llama", "adapter")
+        model.train()
+        _no_dropout(model)
+        if ckpt:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            assert model.model.gradient_checkpointing
+        ids, mask = batch()
+        _task_step(model, ids, mask, torch.tensor([0, 1, 0])).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        assert all(g is not None for g in grads[-1].values())
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["adapter", "fusion", "side", "mask"])
+def test_autocast_bf16_on_cpu(method):
+    model = _prepare("bert", method)
+    model.train()
+    ids, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _task_step(model, ids, mask, torch.tensor([0, 1, 0]))
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, 60, (n, 7), generator=g)
+        self.labels = (self.ids[:, 0] > 30).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(7, dtype=torch.long), "labels": self.labels[i]}
+
+
+def test_hf_trainer(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = _prepare("bert", "adapter")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=_Data()).train()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(f"{TASK_ATTR}.t." in k for k in changed)
+    pet_fast.save(model, tmp_path / "task")
+    fresh = build("bert", num_labels=2)
+    pet_fast.load(fresh, tmp_path / "task")
+    model.eval()
+    ids, mask = batch()
+    torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+
+
+def _ddp_worker(rank, world, path):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = _prepare("bert", "adapter")
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)
+        ids, mask = batch(seed=10 + rank)  # different data on each rank
+        for _ in range(2):
+            loss = ddp(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, rank])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save({k: v for k, v in model.state_dict().items() if TASK_ATTR in k}, f"{path}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    start = {k: v for k, v in _prepare("bert", "adapter").state_dict().items() if TASK_ATTR in k}
+    assert r0.keys() == r1.keys() == start.keys()
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k])  # gradients were averaged across ranks
+    assert any(not torch.equal(r0[k], start[k]) for k in r0)
