@@ -18,7 +18,6 @@ of two with masks, so any D <= 256 runs. No autograd here: see ``pet_fast/ops/pr
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -7,11 +7,10 @@ Modules: :class:`BottleneckAdapter`, :class:`AdapterFusion`, :class:`MaskedLinea
 :class:`PrefixEncoder`, :class:`SideTuning`.
 """
 from .dispatch import BackendUnavailableError, use_backend
-from . import inject  # the module, callable as the function inject(model, config, name)
-from .inject import remove, set_active, task_parameters, trainable_parameters
+from .tasks import inject, remove, set_active, task_parameters, trainable_parameters
 from .io import load, register_importer, save
 from .methods import (AdapterConfig, AdapterFusion, BottleneckAdapter, FusionConfig, MaskConfig, MaskedLinear,
-                      PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge)
+                      PrefixConfig, PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge)
 from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
 from .ops.bottleneck_adapter import bottleneck_adapter
 from .ops.mask_packing import pack_mask, unpack_mask
@@ -33,6 +32,7 @@ __all__ = [
     "AdapterFusion",
     "BottleneckAdapter",
     "MaskedLinear",
+    "PrefixConfig",
     "PrefixEncoder",
     "SideTuning",
     "use_backend",

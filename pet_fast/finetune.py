@@ -13,7 +13,6 @@ import csv
 import importlib.util
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -178,7 +177,7 @@ def _start_head_from(model, source: str, target: str) -> None:
     rather than from the untrained one)."""
     import torch
 
-    from .inject import TASK_ATTR
+    from .tasks import TASK_ATTR
 
     state = model.state_dict()
     with torch.no_grad():
@@ -249,7 +248,6 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
 
     if method == "fusion":
         names = []
-        tmp_dirs = []
         if adapters:
             for i, path in enumerate(adapters):
                 names.append(pet_fast.load(model, path, name=f"adapter{i}"))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import models
-from .inject import (TASK_ATTR, MethodConfig, check_task_name, inject, registry, remove, set_active)
+from .tasks import (TASK_ATTR, MethodConfig, check_task_name, inject, registry, remove)
 
 CONFIG_FILE = "pet_fast_config.json"
 WEIGHTS_FILE = "pet_fast_task.safetensors"
@@ -517,3 +517,32 @@ def import_adapterhub_fusion(model: nn.Module, path, name: Optional[str] = None)
 
 register_importer(_ah_detect, import_adapterhub_adapter)
 register_importer(_ah_fusion_detect, import_adapterhub_fusion)
+
+
+def _prefix_importer(load_fn):
+    """Adapt a prefix importer (which needs a task name) to ``register_importer``'s contract."""
+
+    def run(model: nn.Module, path, name: Optional[str] = None) -> str:
+        if name is None:
+            try:
+                meta = json.loads((Path(path) / "adapter_config.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            name = (meta.get("name") if isinstance(meta, dict) else None) or Path(path).name
+            name = re.sub(r"[^A-Za-z0-9_\-]", "_", str(name))
+            if not re.match(r"^[A-Za-z_]", name):
+                name = f"task_{name}"
+        load_fn(model, path, check_task_name(name))
+        return name
+
+    return run
+
+
+def _register_prefix_importers():
+    from .methods import prefix
+
+    register_importer(prefix.peft_prefix_detect, _prefix_importer(prefix.peft_prefix_load))
+    register_importer(prefix.adapterhub_prefix_detect, _prefix_importer(prefix.adapterhub_prefix_load))
+
+
+_register_prefix_importers()

@@ -134,7 +134,7 @@ def attach_task_head(model: nn.Module, name: str, registry) -> List[nn.Parameter
     ``<head>.pet_fast_tasks.<name>`` and run while the task is active."""
     import copy
 
-    from .inject import TASK_ATTR, task_holder
+    from .tasks import TASK_ATTR, task_holder
     from .methods import _sites
 
     params = []

@@ -122,7 +122,7 @@ from typing import ClassVar  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pet_fast import AdapterFusion, BottleneckAdapter, MaskedLinear, PrefixEncoder, SideTuning  # noqa: E402
-from pet_fast import inject as inject_mod  # noqa: E402
+from pet_fast import tasks as inject_mod  # noqa: E402
 
 
 def ctor(cls, *a, **kw):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pet_fast
 import pet_fast.io as pio
-from pet_fast.inject import TASK_ATTR
+from pet_fast.tasks import TASK_ATTR
 from tiny_models import batch, build, logits
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import pet_fast
 import pet_fast.ops.adapter_fusion as fusion_ops
-from pet_fast.inject import TASK_ATTR
+from pet_fast.tasks import TASK_ATTR
 from tiny_models import batch, build, logits
 
 

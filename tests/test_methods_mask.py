@@ -4,7 +4,7 @@ import torch
 
 import pet_fast
 from pet_fast import models
-from pet_fast.inject import TASK_ATTR
+from pet_fast.tasks import TASK_ATTR
 from pet_fast.methods.mask import MaskScores
 from tiny_models import batch, build, logits
 

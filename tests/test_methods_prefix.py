@@ -16,7 +16,7 @@ import transformers as tf
 from transformers import DynamicCache
 
 from pet_fast import hf_attention
-from pet_fast.inject import inject, registry, set_active, task_parameters, trainable_parameters
+from pet_fast.tasks import inject, registry, set_active, task_parameters, trainable_parameters
 from pet_fast.methods.prefix import (
     PrefixConfig,
     adapterhub_prefix_detect,
@@ -523,3 +523,24 @@ def test_autocast_bf16_runs_close_to_fp32():
     real = mask.bool()
     assert torch.isfinite(got).all()
     assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
+
+
+def test_pet_fast_load_recognises_prefix_checkpoints(tmp_path):
+    """The importers are wired into pet_fast.load: PEFT and AdapterHub prefix folders load by their files."""
+    import pet_fast
+
+    model = make("llama")
+    base = copy.deepcopy(model)
+    L, Hkv, D, _ = model_dims(model)
+    table = torch.randn(3, L * 2 * Hkv * D)
+    write_peft(tmp_path / "peft", model, table)
+    assert pet_fast.load(model, tmp_path / "peft", "p") == "p"
+    ids, mask, _ = batch([5, 3], "left")
+    with torch.no_grad():
+        close(run(model, "llama", ids, mask), reference(base, "llama", table, ids, mask, shift=True))
+
+    bert = make("bert")
+    L, Hkv, D, H = model_dims(bert)
+    write_adapterhub(tmp_path / "ah", bert, {"control_trans": torch.randn(2 * L * 2 * Hkv * D)}, 2, True, name="sst")
+    assert pet_fast.load(bert, tmp_path / "ah") == "sst"
+    assert registry(bert).active == ("sst",)

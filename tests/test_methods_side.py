@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pet_fast
-from pet_fast.inject import TASK_ATTR
+from pet_fast.tasks import TASK_ATTR
 from tiny_models import batch, build, logits
 
 

@@ -2,9 +2,9 @@
 from .adapter import AdapterConfig, BottleneckAdapter
 from .fusion import AdapterFusion, FusionConfig, fusion_regularization_loss
 from .mask import MaskConfig, MaskedLinear, MaskScores, merge
-from .prefix import PrefixEncoder
+from .prefix import PrefixConfig, PrefixEncoder
 from .side import SideBranch, SideConfig, SideNetwork, SideTuning, example_ids
 
-__all__ = ["BottleneckAdapter", "AdapterFusion", "MaskedLinear", "PrefixEncoder", "SideTuning",
+__all__ = ["BottleneckAdapter", "AdapterFusion", "MaskedLinear", "PrefixConfig", "PrefixEncoder", "SideTuning",
            "AdapterConfig", "FusionConfig", "MaskConfig", "SideConfig", "MaskScores", "SideBranch", "SideNetwork",
            "fusion_regularization_loss", "merge", "example_ids"]

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
-from ..inject import TASK_ATTR
+from ..tasks import TASK_ATTR
 
 _OVERRIDE = "forward"
 _CAPTURED = "_pet_fast_captured"

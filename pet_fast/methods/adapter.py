@@ -101,7 +101,7 @@ class BottleneckAdapter(nn.Module):
 import dataclasses  # noqa: E402
 from typing import List  # noqa: E402
 
-from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 PLACEMENT_ALIASES = {"double_seq_bn": "houlsby", "seq_bn": "pfeiffer", "par_bn": "parallel"}

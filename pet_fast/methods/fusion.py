@@ -144,7 +144,7 @@ from typing import List  # noqa: E402
 
 from torch import nn as _nn  # noqa: E402
 
-from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 FUSION_KINDS = {
     # AdapterHub's "static" and "dynamic" (its default) fusion configs.
@@ -252,7 +252,7 @@ class FusionConfig(MethodConfig):
 def fusion_regularization_loss(model: _nn.Module, name: Optional[str] = None) -> torch.Tensor:
     """AdapterHub's fusion regularizer: ``0.01 * sum ||I - W_value||_F^2`` over the value projections
     of fusion task ``name`` (default: the active fusion tasks) whose weight trains."""
-    from ..inject import TASK_ATTR, registry
+    from ..tasks import TASK_ATTR, registry
 
     reg = registry(model)
     names = [name] if name is not None else [n for n in (reg.active if reg else ()) if isinstance(reg.configs[n], FusionConfig)]

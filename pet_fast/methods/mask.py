@@ -93,7 +93,7 @@ class MaskedLinear(nn.Module):
 import dataclasses  # noqa: E402
 from typing import List  # noqa: E402
 
-from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 
 class MaskScores(nn.Module):
@@ -210,7 +210,7 @@ def merge(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     """Fold mask task ``name`` (default: the active one) into plain linears and its head into the
     model's head, then drop every mask task: the model runs with no pet_fast overhead. In place;
     returns ``model``. Other (non-mask) tasks stay attached."""
-    from ..inject import TASK_ATTR, registry, remove
+    from ..tasks import TASK_ATTR, registry, remove
     from . import _sites
 
     reg = registry(model)

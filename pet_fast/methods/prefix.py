@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inject import TASK_ATTR, MethodConfig, register_method, task_holder
+from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder
 
 
 class PrefixEncoder(nn.Module):
@@ -337,7 +337,7 @@ def peft_prefix_load(model: nn.Module, path, name: str) -> None:
     head_dim): our flat layout. ``modules_to_save`` weights (``base_model.<key>``) are copied into the
     model when it has those keys.
     """
-    from .. import inject as _inject
+    from .. import tasks as _inject
 
     path = os.fspath(path)
     cfg = _read_json(path)
@@ -401,7 +401,7 @@ def adapterhub_prefix_load(model: nn.Module, path, name: str) -> None:
     after the cache update and real tokens keep their positions, so ``shift_positions=False``.
     Gating, non-tanh activations and ``leave_out`` are refused.
     """
-    from .. import inject as _inject
+    from .. import tasks as _inject
 
     path = os.fspath(path)
     meta = _read_json(path)

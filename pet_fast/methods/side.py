@@ -88,7 +88,7 @@ import inspect  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from ..inject import MethodConfig, register_method, task_holder  # noqa: E402
+from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 _IDS_ATTR = "_pet_fast_example_ids"
 

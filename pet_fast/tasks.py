@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
-import types
 from typing import ClassVar, Dict, Optional, Tuple, Type
 
 from torch import nn
@@ -190,14 +188,3 @@ def task_parameters(model: nn.Module, name: str) -> Dict[str, nn.Parameter]:
 
 def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
-
-
-class _CallableModule(types.ModuleType):
-    """``pet_fast.inject`` is this module and, called, the function :func:`inject`, so that both
-    ``pet_fast.inject(model, config)`` and ``pet_fast.inject.task_holder`` work."""
-
-    def __call__(self, model: nn.Module, config: MethodConfig, name: str = "default") -> nn.Module:
-        return inject(model, config, name)
-
-
-sys.modules[__name__].__class__ = _CallableModule
