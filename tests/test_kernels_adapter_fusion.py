@@ -294,3 +294,17 @@ def test_no_tokens():
     assert out.shape == (0, 16)
     out.sum().backward()
     assert lo["values"].grad.shape == (0, 3, 16)
+
+
+def test_relu_keeps_nan_like_torch_regression():
+    """Found by the edge-input tests: the kernels' relu mapped NaN to 0 (torch.relu keeps NaN), so a NaN
+    token vanished inside the stacked fusion instead of reaching the output."""
+    import importlib
+
+    cases = importlib.import_module("_cases")
+    b = cases.build("stacked_adapter_fusion", dict(cases.DEFAULTS["stacked_adapter_fusion"], act="relu"))
+    with torch.no_grad():
+        b.leaves["x"][1, 2] = float("nan")
+    out, _ = cases.run(b, "triton", grads=False)
+    ref, _ = cases.run(b, "eager", grads=False)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref[1, 2]).all()
