@@ -41,7 +41,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 __device__ __forceinline__ float activate(float a, int act) {
   switch (act) {
-    case kRelu: return a > 0.f ? a : 0.f;
+    case kRelu: return a < 0.f ? 0.f : a;  // NaN stays NaN, as in torch.relu
     case kGelu: return 0.5f * a * (1.f + erff(a * 0.70710678118654752f));
     case kGeluTanh: return 0.5f * a * (1.f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
     case kSilu: return a / (1.f + expf(-a));
