@@ -193,9 +193,9 @@ def test_left_padding_and_generate_with_a_kv_cache(kind):
     torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
 
 
-def test_inject_is_both_the_module_and_the_function():
-    import pet_fast.inject as mod
+def test_inject_returns_the_model_and_the_registry_lives_in_tasks():
+    import pet_fast.tasks as mod
 
-    assert mod.TASK_ATTR == TASK_ATTR and callable(pet_fast.inject)
+    assert mod.TASK_ATTR == TASK_ATTR and pet_fast.inject is mod.inject
     model = build("bert")
     assert pet_fast.inject(model, pet_fast.AdapterConfig(), "t") is model

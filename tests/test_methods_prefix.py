@@ -185,7 +185,7 @@ def test_gradients_reach_exactly_prefix_and_head(family):
     model, _ = injected(family, "sdpa", projection_dim=8 if family == "gpt2" else None)
     model.train()
     prefix = set(task_parameters(model, "p"))
-    head = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+    head = {n for n, _ in model.named_parameters() if n.startswith("classifier.pet_fast_tasks.p.")}  # the task's head
     assert set(trainable_parameters(model)) == prefix | head
     ids, mask, _ = batch([6, 4], "right")
     out = run(model, family, ids, mask)

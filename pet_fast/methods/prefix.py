@@ -376,7 +376,11 @@ def peft_prefix_load(model: nn.Module, path, name: str) -> None:
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         for k, tensor in extra.items():
-            target = params.get(k, buffers.get(k))
+            # A head the task trains has a per-task copy (<head>.pet_fast_tasks.<name>.*): PEFT's
+            # modules_to_save weights belong there, so switching tasks keeps them apart.
+            head, _, leaf = k.partition(".")
+            task_key = f"{head}.{TASK_ATTR}.{name}.{leaf}"
+            target = params.get(task_key, params.get(k, buffers.get(k)))
             target.copy_(tensor.to(target.dtype))
 
 
