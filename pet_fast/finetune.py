@@ -81,11 +81,7 @@ def _method_config(method: str, args_adapters: Sequence[str]):
     if method == "mask":
         return pet_fast.MaskConfig()
     if method == "prefix":
-        config_cls = getattr(pet_fast, "PrefixConfig", None)
-        if config_cls is None:
-            raise SystemExit("pet-fast finetune --method prefix: this build of pet_fast has no PrefixConfig "
-                             "(prefix-tuning is not available in it)")
-        return config_cls()
+        return pet_fast.PrefixConfig()
     raise ValueError(method)
 
 

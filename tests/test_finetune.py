@@ -49,8 +49,7 @@ def test_finetune_minilm_reports_and_saves(tmp_path, capsys):
     assert pet_fast.load(fresh, out) == "task"
 
 
-def test_prefix_without_prefix_config_is_a_clear_error(monkeypatch):
-    if hasattr(pet_fast, "PrefixConfig"):
-        pytest.skip("this build has PrefixConfig")
-    with pytest.raises(SystemExit, match="PrefixConfig"):
-        finetune._method_config("prefix", ())
+def test_every_method_has_a_config():
+    for method, cls in (("adapter", pet_fast.AdapterConfig), ("side", pet_fast.SideConfig),
+                        ("mask", pet_fast.MaskConfig), ("prefix", pet_fast.PrefixConfig)):
+        assert isinstance(finetune._method_config(method, ()), cls)
