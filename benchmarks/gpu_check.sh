@@ -14,7 +14,8 @@ status=0
 PET_FAST_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { echo "build failed"; status=1; }
 python -m pet_fast info > "$out/info.txt" 2>&1
 # GPU tests (those marked gpu) and the kernel tests on real hardware.
-TRITON_INTERPRET=0 python -m pytest -q -m gpu --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1 || status=1
+TRITON_INTERPRET=0 PET_FAST_HYPOTHESIS_PROFILE=gpu PET_FAST_PROPERTY_COUNTS="$out/property_counts.txt" \
+  python -m pytest -q -m gpu --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1 || status=1
 tail -3 "$out/gpu_tests.log"
 for bench in benchmarks/bench_*.py; do
   [ -e "$bench" ] || continue
