@@ -9,6 +9,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import no_network  # noqa: E402  (tests/no_network.py: outgoing connections of this process are refused)
+
+no_network.install()
+
 HAS_GPU = torch.cuda.is_available()
 
 
