@@ -270,8 +270,6 @@ def load(model: nn.Module, path, name: Optional[str] = None) -> str:
     that does not fit the model (config, model facts, tensor names or shapes) raises ValueError and
     leaves the model as it was. Folders in another library's format go to the importers. Returns
     the task's name."""
-    from safetensors.torch import load_file
-
     from .methods.mask import MaskConfig
 
     path = Path(path)
@@ -283,16 +281,20 @@ def load(model: nn.Module, path, name: Optional[str] = None) -> str:
                 return load_fn(model, path, name)
         raise ValueError(f"{str(path)!r} is neither a pet_fast checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a format "
                          f"an importer recognises")
-    with open(path / CONFIG_FILE) as f:
-        meta = json.load(f)
+    meta = read_json(path / CONFIG_FILE)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{CONFIG_FILE} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                          f"expected {FORMAT!r} version {FORMAT_VERSION}")
-    config = MethodConfig.from_dict(meta["config"])
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("name"), str):
+        raise ValueError(f"{CONFIG_FILE} in {str(path)!r} lacks its 'config' object or the task 'name'")
+    try:
+        config = MethodConfig.from_dict(meta["config"])
+    except TypeError as exc:
+        raise ValueError(f"{CONFIG_FILE} in {str(path)!r} holds an invalid config: {exc}") from exc
     name = meta["name"] if name is None else name
     check_task_name(name)
     _check_facts(model, meta.get("model", {}), f"checkpoint {str(path)!r}")
-    stored = load_file(str(path / WEIGHTS_FILE))
+    stored = read_tensors(path / WEIGHTS_FILE)
     key = f"{TASK_ATTR}.{name}."
     values = {}
     for k, t in stored.items():
@@ -331,18 +333,41 @@ AH_ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu
 _LOC = r"(attention\.output|output|attention_adapters|output_adapters)"
 
 
+def read_tensors(f: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a pickled ``.bin`` read with ``weights_only=True`` (no
+    code from the file ever runs). Anything unreadable, truncated or not a dict of tensors raises
+    ValueError naming the file."""
+    f = Path(f)
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(f))
+        else:
+            state = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, unpickling and zip errors all mean: not a usable file
+        raise ValueError(f"cannot read the tensors of {str(f)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{str(f)!r} does not hold a dict of named tensors")
+    return state
+
+
+def read_json(f: Path) -> dict:
+    """A JSON object from ``f``, or ValueError naming the file."""
+    try:
+        meta = json.loads(Path(f).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {str(f)!r} as JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(f)!r} must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def _read_weights(path: Path, names) -> Dict[str, torch.Tensor]:
     for fname in names:
         f = path / fname
         if f.is_file():
-            if fname.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(f))
-            state = torch.load(str(f), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(f"{f} does not hold a dict of tensors")
-            return state
+            return read_tensors(f)
     raise ValueError(f"{str(path)!r} has none of the weight files {list(names)}")
 
 

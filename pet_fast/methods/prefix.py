@@ -315,11 +315,9 @@ def _load_tensors(path: str, names: Sequence[str]) -> Dict[str, torch.Tensor]:
     for fname in names:
         full = os.path.join(path, fname)
         if os.path.isfile(full):
-            if fname.endswith(".safetensors"):
-                from safetensors.torch import load_file
+            from ..io import read_tensors
 
-                return load_file(full)
-            return torch.load(full, map_location="cpu", weights_only=True)
+            return read_tensors(full)
     raise ValueError(f"{path}: none of the weight files {list(names)} is there")
 
 
