@@ -64,25 +64,41 @@ class Row:
     result: Dict = field(default_factory=dict)
 
 
+# The compiled rows measured right after the first model's eager rows (the targets' rows): the
+# floor, the fast (auto) path of each method, full fine-tuning. The rest come after every eager row.
+KEY_COMPILED = ["floor", "houlsby/auto", "pfeiffer/auto", "fusion3/auto", "prefix20/auto", "mask/auto",
+                "side/auto", "side-cache/auto", "full"]
+
+
 def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True) -> List[Row]:
-    """Every row, eager rows of all models first, then compiled rows (the floor and Houlsby first), so
-    a time budget cuts the least important rows."""
-    eager, compiled = [], []
-    for m in models:
-        eager += [Row(m, "full", "full"), Row(m, "floor", "floor"), Row(m, "base-forward", "base-forward")]
+    """Every row, in the order a time budget should cut last to first: the first model's eager rows,
+    its key compiled rows (KEY_COMPILED), the other models' eager rows, then every other compiled row."""
+    eager, key, rest = [], [], []
+    for i, m in enumerate(models):
+        rows = [Row(m, "full", "full"), Row(m, "floor", "floor"), Row(m, "base-forward", "base-forward")]
         for meth in METHODS:
             for be in ("eager", "auto") if auto_rows else ("eager",):
-                eager.append(Row(m, f"{meth}/{be}", meth, be))
-        eager += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
-        if compile_rows:
-            compiled += [Row(m, "floor+compile", "floor", compiled=True),
-                         Row(m, "houlsby/auto+compile", "houlsby", "auto", True),
-                         Row(m, "full+compile", "full", compiled=True)]
-            for meth in METHODS:
-                for be in ("auto", "eager"):
-                    if (meth, be) != ("houlsby", "auto"):
-                        compiled.append(Row(m, f"{meth}/{be}+compile", meth, be, True))
-    return eager + compiled
+                rows.append(Row(m, f"{meth}/{be}", meth, be))
+        rows += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
+        comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows if r.kind != "base-forward"]
+        comp.sort(key=lambda r: KEY_COMPILED.index(r.row[:-len("+compile")]) if r.row[:-len("+compile")] in KEY_COMPILED
+                  else len(KEY_COMPILED))
+        first = [r for r in comp if r.row[:-len("+compile")] in KEY_COMPILED]
+        if i == 0:
+            eager = rows + eager
+            if compile_rows:
+                key += first
+                rest += [r for r in comp if r not in first]
+        else:
+            eager += rows
+            if compile_rows:
+                rest += comp
+    return _interleave(models, eager, key) + rest
+
+
+def _interleave(models, eager, key):
+    first = [r for r in eager if r.model == models[0]]
+    return first + key + [r for r in eager if r.model != models[0]]
 
 
 def _external_available(name: str) -> bool:
@@ -166,7 +182,8 @@ def prepare(row: Row, model):
 
 
 def _head(model):
-    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    head = getattr(model, "classifier", None)
+    head = head if head is not None else getattr(model, "score", None)
     if head is None:
         raise ValueError(f"{type(model).__name__} has no classifier/score head")
     return head
@@ -339,7 +356,8 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
         threads = 1  # tiny models: one thread is faster and free of oversubscription on a shared CPU
     if threads:
         torch.set_num_threads(threads)
-    label = f"GPU bf16 autocast ({torch.cuda.get_device_name(0)})" if gpu else "CPU eager (fp32)"
+    label = f"GPU bf16 autocast ({torch.cuda.get_device_name(0)})" if gpu else ("CPU eager (fp32)" if not compile_rows
+                                                                              else "CPU (fp32), eager and torch.compile rows")
     log(f"step benchmark: {label}; {len(todo)} rows; {warmup} warm-up + {steps} timed steps each")
     out, t_start = [], time.perf_counter()
     for i, row in enumerate(todo):

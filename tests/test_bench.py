@@ -94,13 +94,20 @@ def test_ratios_use_the_compiled_floor_for_compiled_rows():
     assert rows[3]["vs_full"] == 0.6 and "vs_floor" not in rows[5]
 
 
-def test_plan_orders_eager_rows_first_and_filters():
+def test_plan_orders_rows_for_a_time_budget():
     rows = bench.plan(["bert-32x128", "llama1b-4x1024"], compile_rows=True)
-    first_compiled = next(i for i, r in enumerate(rows) if r.compiled)
-    assert all(not r.compiled for r in rows[:first_compiled]) and all(r.compiled for r in rows[first_compiled:])
-    assert rows[first_compiled].row == "floor+compile"
+    kinds = [(r.model, r.compiled) for r in rows]
+    first_model_eager = kinds.index(("bert-32x128", True))
+    assert set(kinds[:first_model_eager]) == {("bert-32x128", False)}
+    assert [r.row for r in rows[first_model_eager:first_model_eager + 2]] == ["floor+compile", "houlsby/auto+compile"]
+    llama_eager = kinds.index(("llama1b-4x1024", False))
+    assert all(c for _, c in kinds[first_model_eager:llama_eager])  # the key compiled rows of the first model
+    assert llama_eager - first_model_eager == len(bench.KEY_COMPILED)
+    assert all(c for _, c in kinds[kinds.index(("llama1b-4x1024", True)):])
+    assert len(rows) == len({(r.model, r.row) for r in rows})
     names = {r.row for r in rows if r.model == "bert-32x128"}
     for m in bench.METHODS:
         assert {f"{m}/eager", f"{m}/auto", f"{m}/eager+compile", f"{m}/auto+compile"} <= names
+    assert {"floor", "floor+compile", "full", "full+compile", "base-forward"} <= names
     with pytest.raises(ValueError, match="--models"):
         bench.step_benchmark(quick=True, models=["nope"])
