@@ -471,7 +471,7 @@ def chart(doc: dict, path: str, log=print) -> Optional[str]:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(sel)))
         ax.set_xticklabels([r["row"] for r in sel], rotation=70, ha="right", fontsize=7)
-        ax.set_ylabel("step time / floor")
+        ax.set_ylabel("step time / floor (compiled rows: / compiled floor)", fontsize=8)
         ax.set_title(f"{m} ({doc['step'].get('label', '')}; blue eager, orange torch.compile)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
