@@ -1,4 +1,4 @@
-"""``pet-fast`` (also ``python -m pet_fast``): info, demo, finetune."""
+"""``pet-fast`` (also ``python -m pet_fast``): info, demo, finetune, bench."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune.add_arguments(p)
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("bench", help="time training steps per method and the ops on this machine; JSON, chart, compare")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(func=lambda args: bench.main(args))
     return parser
 
 

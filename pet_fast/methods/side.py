@@ -228,6 +228,20 @@ def _normalise_ids(ids) -> list:
     return [i if isinstance(i, (int, str)) else int(i) for i in ids]
 
 
+# The cache is a host-side dictionary keyed by example ids, and whether a batch hits it depends on
+# the ids' values: under torch.compile these two calls run eagerly (one graph break each, around a
+# dictionary look-up; the base and the side network stay compiled). Without the cache, side-tuning
+# compiles with fullgraph=True.
+@torch.compiler.disable
+def _cache_lookup(branch, ids, input_ids):
+    return branch.cached(_normalise_ids(ids), input_ids)
+
+
+@torch.compiler.disable
+def _cache_store(branch, ids, input_ids, hidden) -> None:
+    branch.store(_normalise_ids(ids), input_ids, hidden)
+
+
 def side_forward(site, *args, **kwargs):
     """The backbone's forward with a side-tuning task active (see SideConfig)."""
     host = site.host
@@ -243,16 +257,16 @@ def side_forward(site, *args, **kwargs):
     input_ids = arguments.get("input_ids")
     attention_mask = arguments.get("attention_mask")
     inputs_embeds = arguments.get("inputs_embeds")
-    ids = None if ids is None else _normalise_ids(ids)
+    use_cache = branch.use_cache and ids is not None
     hidden = out = None
-    if branch.use_cache and ids is not None:
-        hidden = branch.cached(ids, input_ids)
+    if use_cache:
+        hidden = _cache_lookup(branch, ids, input_ids)
     if hidden is None:
         with torch.no_grad(), _base_eval(host):
             out = site.original(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        if branch.use_cache and ids is not None:
-            branch.store(ids, input_ids, hidden)
+        if use_cache:
+            _cache_store(branch, ids, input_ids, hidden)
     with torch.no_grad():
         emb = inputs_embeds if inputs_embeds is not None else host.get_input_embeddings()(input_ids)
     mask2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None

@@ -1,0 +1,113 @@
+"""`pet-fast bench` end to end on the CPU (tiny models, eager), its JSON, and `--compare`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pet_fast import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=240):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "pet_fast", "bench", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "a.json"
+    out = _cli("--quick", "--json", str(path))
+    return path, out, json.loads(path.read_text())
+
+
+def test_quick_run_writes_every_row(quick_run):
+    path, out, doc = quick_run
+    env = doc["env"]
+    assert {"device", "torch", "python", "triton", "git", "time"} <= env.keys()
+    step = doc["step"]
+    assert step["label"].startswith("CPU eager")
+    assert step["settings"]["quick"] is True and step["settings"]["compile"] is False
+    rows = step["rows"]
+    want = {(m, r.row) for m in bench.QUICK_MODELS for r in bench.plan([m], compile_rows=False, auto_rows=False)}
+    assert {(r["model"], r["row"]) for r in rows} == want
+    for method in bench.METHODS:
+        assert any(r["row"] == f"{method}/eager" for r in rows)
+    for r in rows:
+        assert "note" not in r, r  # every row ran (no error)
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] is None  # no peak memory on the CPU
+        assert r["vs_floor"] == pytest.approx(r["ms"] / next(f["ms"] for f in rows if f["model"] == r["model"]
+                                                               and f["row"] == "floor"), rel=1e-2)
+        assert r["trainable_params"] > 0 or r["row"] == "base-forward"
+    by = {(r["model"], r["row"]): r for r in rows}
+    assert by[("bert-tiny-4x32", "full")]["trainable_params"] > by[("bert-tiny-4x32", "houlsby/eager")]["trainable_params"]
+    assert by[("llama-tiny-4x32", "floor")]["left_padding"] is True
+    # the op benchmarks ran as subprocesses and their JSON is embedded
+    assert set(doc["ops"]) == {"bench_bottleneck_adapter", "bench_masked_linear", "bench_prefix_attention"}
+    assert all(d.get("rows") for d in doc["ops"].values())
+    assert "floor" in out and "[1/" in out  # table and progress printed
+    assert "chart" in out  # a PNG or a message saying why there is none
+    assert os.path.exists(path.with_suffix(".png")) == ("chart: skipped" not in out)
+
+
+def test_compare_two_runs(quick_run, tmp_path):
+    path_a = quick_run[0]
+    path_b = tmp_path / "b.json"
+    _cli("--step", "--quick", "--models", "bert-tiny-4x32", "--rows", "floor", "houlsby/*", "--json", str(path_b))
+    rows_b = json.loads(path_b.read_text())["step"]["rows"]
+    assert [r["row"] for r in rows_b] == ["floor", "houlsby/eager", "houlsby/auto"]  # asked for: auto too
+    assert all(r["ms"] > 0 for r in rows_b)
+    out = _cli("--compare", str(path_a), str(path_b))
+    lines = [line for line in out.splitlines() if line.startswith("bert-tiny-4x32")]
+    assert len(lines) == 2 and "B/A" in out  # the rows both files have
+
+
+def test_compare_ratios(tmp_path, capsys):
+    def doc(ms, us):
+        return {"env": {"device": "x"}, "step": {"label": "l", "rows": [
+            {"model": "m", "row": "floor", "ms": ms, "peak_mem_mb": 100.0},
+            {"model": "m", "row": "only-here", "ms": 1.0}]},
+            "ops": {"bench_x": {"rows": [{"op": "a", "n": 4, "us": us, "vs_eager": 2.0}]}}}
+    (tmp_path / "a.json").write_text(json.dumps(doc(10.0, 4.0)))
+    b = doc(15.0, 2.0)
+    b["step"]["rows"].pop()
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    rows = bench.compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert rows[0]["B/A"] == 1.5 and rows[0]["mem B/A"] == 1.0 and len(rows) == 2
+    assert rows[1]["bench"] == "bench_x" and rows[1]["B/A"] == 0.5
+
+
+def test_ratios_use_the_compiled_floor_for_compiled_rows():
+    rows = [{"model": "m", "row": "floor", "compiled": False, "ms": 10.0},
+            {"model": "m", "row": "floor+compile", "compiled": True, "ms": 5.0},
+            {"model": "m", "row": "full", "compiled": False, "ms": 20.0},
+            {"model": "m", "row": "x/auto", "compiled": False, "ms": 12.0},
+            {"model": "m", "row": "x/auto+compile", "compiled": True, "ms": 6.0},
+            {"model": "m", "row": "y", "compiled": False, "note": "error: boom"}]
+    bench.add_ratios(rows)
+    assert rows[3]["vs_floor"] == 1.2 and rows[4]["vs_floor"] == 1.2 and rows[4]["floor_row"] == "floor+compile"
+    assert rows[3]["vs_full"] == 0.6 and "vs_floor" not in rows[5]
+
+
+def test_plan_orders_rows_for_a_time_budget():
+    rows = bench.plan(["bert-32x128", "llama1b-4x1024"], compile_rows=True)
+    kinds = [(r.model, r.compiled) for r in rows]
+    first_model_eager = kinds.index(("bert-32x128", True))
+    assert set(kinds[:first_model_eager]) == {("bert-32x128", False)}
+    assert [r.row for r in rows[first_model_eager:first_model_eager + 2]] == ["floor+compile", "houlsby/auto+compile"]
+    llama_eager = kinds.index(("llama1b-4x1024", False))
+    assert all(c for _, c in kinds[first_model_eager:llama_eager])  # the key compiled rows of the first model
+    assert llama_eager - first_model_eager == len(bench.KEY_COMPILED)
+    assert all(c for _, c in kinds[kinds.index(("llama1b-4x1024", True)):])
+    assert len(rows) == len({(r.model, r.row) for r in rows})
+    names = {r.row for r in rows if r.model == "bert-32x128"}
+    for m in bench.METHODS:
+        assert {f"{m}/eager", f"{m}/auto", f"{m}/eager+compile", f"{m}/auto+compile"} <= names
+    assert {"floor", "floor+compile", "full", "full+compile", "base-forward"} <= names
+    with pytest.raises(ValueError, match="--models"):
+        bench.step_benchmark(quick=True, models=["nope"])

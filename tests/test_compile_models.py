@@ -1,0 +1,99 @@
+"""Whole models with each method attached compile with ``torch.compile(fullgraph=True)``: no graph
+break from pet_fast code, forward and backward, same outputs and gradients as the uncompiled model.
+``aot_eager`` traces forward and backward without code generation, so the check is fast on the CPU."""
+import copy
+
+import pytest
+import torch
+
+import pet_fast
+from tiny_models import batch, build
+
+CASES = [("bert", m) for m in ("houlsby", "pfeiffer", "parallel", "fusion", "side", "mask", "prefix")]
+CASES += [("llama", m) for m in ("houlsby", "parallel", "fusion", "side", "mask", "prefix")]
+
+
+def _prepared(kind, method, device="cpu"):
+    model = build(kind, num_labels=2)
+    if method == "fusion":
+        for n in ("a", "b", "c"):
+            pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4), n)
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b", "c"], dropout_prob=0.0), "t")
+    else:
+        cfg = {"houlsby": pet_fast.AdapterConfig(placement="houlsby", bottleneck=4),
+               "pfeiffer": pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4),
+               "parallel": pet_fast.AdapterConfig(placement="parallel", bottleneck=4),
+               "side": pet_fast.SideConfig(width=16, heads=2),
+               "side-cache": pet_fast.SideConfig(width=16, heads=2, cache=True),
+               "mask": pet_fast.MaskConfig(),
+               "prefix": pet_fast.PrefixConfig(prefix_length=5)}[method]
+        pet_fast.inject(model, cfg, "t")
+    for m in model.modules():  # train mode (the training code paths) without randomness
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.to(device).train()
+
+
+def _run(model, fn, ids, mask, labels, **kw):
+    out = fn(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    out.loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("kind,method", CASES)
+def test_fullgraph_forward_backward_matches_eager(kind, method):
+    model = _prepared(kind, method)
+    ids, mask = batch(pad_left=kind == "llama")
+    labels = torch.tensor([0, 1, 0])
+    ref_logits, ref_grads = _run(model, model, ids, mask, labels)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # raises on any graph break
+    logits, grads = _run(model, compiled, ids, mask, labels)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any("pet_fast_tasks" in k for k in grads)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_side_cache_breaks_only_around_the_lookup():
+    """The cache is a host-side dictionary keyed by example ids: its look-up and store run eagerly
+    (torch.compiler.disable), the rest compiles; a hit gives the same outputs as eager."""
+    model = _prepared("bert", "side-cache")
+    ref_model = copy.deepcopy(model)
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 0])
+    ex = torch.tensor([10, 11, 12])
+    explain = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels, example_ids=ex)
+    assert explain.graph_break_count <= 2, explain.break_reasons
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):  # a miss (fills the cache), then a hit
+        logits, grads = _run(model, compiled, ids, mask, labels, example_ids=ex)
+        ref_logits, ref_grads = _run(ref_model, ref_model, ids, mask, labels, example_ids=ex)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["houlsby", "fusion", "prefix", "mask"])
+def test_reduce_overhead_cuda_graphs(method):
+    """mode="reduce-overhead" (CUDA graphs) on fixed shapes: training steps give the eager losses."""
+    ids, mask = (t.cuda() for t in batch())
+    labels = torch.tensor([0, 1, 0], device="cuda")
+    losses = []
+    for compiled in (False, True):
+        model = _prepared("bert", method, device="cuda")
+        fn = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        run = []
+        for _ in range(4):
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = fn(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses.append(run)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-4)
