@@ -141,7 +141,10 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
             cm = c < D
             dct = tl.load(DCTX + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-            g += mm(dct, wu, UPCAST)
+            if UPCAST:
+                g += mm(dct, wu, UPCAST)
+            else:
+                g += mm(dct.to(wu.dtype), wu, UPCAST)  # dctx may come in fp32: tensor-core operands
             if HAS_BU:
                 gb += tl.sum(dct.to(tl.float32) * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
         s = _scale(S, s_value, j, S_MODE)
