@@ -56,7 +56,7 @@ def _tanh(u):
 @triton.jit
 def act_fwd(a, ACT: tl.constexpr):
     if ACT == 0:
-        h = tl.maximum(a, 0.0)
+        h = tl.where(a < 0.0, 0.0, a)  # keeps NaN like torch.relu (tl.maximum may drop it)
     elif ACT == 1:
         h = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
     elif ACT == 2:
@@ -75,7 +75,7 @@ def act_fwd(a, ACT: tl.constexpr):
 def act_fwd_bwd(a, ACT: tl.constexpr):
     """(act(a), act'(a)) in fp32."""
     if ACT == 0:
-        h = tl.maximum(a, 0.0)
+        h = tl.where(a < 0.0, 0.0, a)  # keeps NaN like torch.relu (tl.maximum may drop it)
         g = tl.where(a > 0.0, 1.0, 0.0)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
