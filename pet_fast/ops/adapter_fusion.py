@@ -241,6 +241,13 @@ def stacked_adapter_fusion(
 # value projection (and the residual added before it) and its backward forms dctx = dy @ Wv in
 # fp32, which the kernels read as such; the forward is unchanged (ctx, the projection's input and
 # its output in the input dtype, as in eager).
+#
+# Precision of qk. Rounded to fp16/bf16, qk = Q @ Wk puts an error relative to |qk| |v_j| into every
+# score, which the softmax backward passes on to the gradients of query, Wq, Wk, x and Wd (random
+# fp16 cases: up to 1.2x the bound of the rule, against at most 0.7x with qk in fp32); eager PyTorch
+# never forms qk. So for low precision qk is a matmul with an fp32 result (fusion_qk_f32: tensor
+# cores where torch can write fp32 from fp16/bf16 operands); the kernels read it as fp32 and return
+# dqk in fp32, which its backward rounds once to the input dtype for the two matmuls, as before.
 
 
 def _attention_kernels():
@@ -265,6 +272,30 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):
             pass
     return a.float() @ b.float()
+
+
+@torch.library.custom_op("pet_fast::fusion_qk_f32", mutates_args=())
+def _qk_f32(q: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
+    """q (N, d) @ w_key (d, d) in fp32 for fp16/bf16 operands (see the comment above)."""
+    return _matmul_f32(q, w_key)
+
+
+@_qk_f32.register_fake
+def _(q, w_key):
+    return q.new_empty((q.shape[0], w_key.shape[1]), dtype=torch.float32)
+
+
+def _qk_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _qk_grad(ctx, dqk):
+    q, w_key = ctx.saved_tensors
+    g = dqk.to(q.dtype)
+    return (g @ w_key.t() if ctx.needs_input_grad[0] else None, q.t() @ g if ctx.needs_input_grad[1] else None)
+
+
+_qk_f32.register_autograd(_qk_grad, setup_context=_qk_setup)
 
 
 def _project(ctx, residual, w_value, b_value):
@@ -364,7 +395,12 @@ def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activatio
     """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
     d = query.shape[-1]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
-    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
+    if w_key is None:
+        qk = q  # b_key cancels in the softmax
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        qk = torch.ops.pet_fast.fusion_qk_f32(q.reshape(-1, d), w_key)  # fp32 (see above)
+    else:
+        qk = torch.matmul(q, w_key)
     c = lambda t: t.contiguous() if t is not None else None
     if isinstance(scaling, torch.Tensor):
         s_t, s_v = scaling.contiguous(), 1.0
