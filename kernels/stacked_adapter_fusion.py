@@ -22,8 +22,8 @@ softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd
 r-wide ``da`` and k-wide ``dscore``; then a grid over (adapter, block of d, split of tokens) that
 reduces ``dWd``, ``dbd``, ``dWu``, ``dbu`` and ``d_scaling`` into fp32 buffers with fp32 atomics.
 Nothing k x d per token is written in either direction. For fp16/bf16 inputs ``qk`` and ``dctx`` come
-in fp32 (see pet_fast/ops/adapter_fusion.py: their rounding cost precision the eager path keeps), and
-``dqk`` is written in qk's dtype. The forward's tile shape is autotuned on a
+in fp32 (rounded to the input dtype they cost the gradients precision: see pet_fast/ops/adapter_fusion.py);
+the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's tile shape is autotuned on a
 GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations

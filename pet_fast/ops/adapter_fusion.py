@@ -33,7 +33,8 @@ score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels 
 since the probabilities sum to one, the value projection and a residual added before the softmax move
 outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
 and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
-around them. Both are torch.library custom ops with autograd, so torch.compile captures them whole.
+around them. For fp16/bf16 the stacked backend keeps qk and the gradient of ctx in fp32, which the
+precision rule needs (see the comment above its custom ops). Both are torch.library custom ops with autograd, so torch.compile captures them whole.
 """
 from __future__ import annotations
 
@@ -233,11 +234,12 @@ def stacked_adapter_fusion(
 #
 # Precision of the gradient of ctx. Autograd hands a tensor a gradient of its own dtype, so with ctx
 # in fp16/bf16 and the value projection outside the op, dctx = dy @ Wv arrived rounded to the low
-# precision. Every gradient the kernel reduces over tokens and d from it (d_scaling above all:
-# sum over n, j, c of dctx * v_j, a sum with cancellation whose rounding noise is relative to its
-# terms, not its value) carried that rounding, which eager PyTorch only matches by the luck of
-# its own roundings (property test: k=1, r=2, d=7, swish, per-adapter scaling, value projection
-# after the softmax, fp16: d_scaling error 1.8e-3 against eager's 1.3e-4). So the core op takes the
+# precision. Every gradient the kernel reduces over tokens and d from it carried that rounding,
+# d_scaling above all: sum over n, j, c of dctx * v_j, a sum with cancellation whose rounding noise
+# is relative to its terms, not to its value. Eager PyTorch rounds the same gradient, but its error
+# in that sum moves with its other roundings, and the rule compares case by case (property test:
+# k=1, r=2, d=7, swish, per-adapter scaling, value projection after the softmax, fp16: d_scaling
+# error 1.8e-3 against eager's 1.3e-4; 1.3e-4 with dctx in fp32). So the core op takes the
 # value projection (and the residual added before it) and its backward forms dctx = dy @ Wv in
 # fp32, which the kernels read as such; the forward is unchanged (ctx, the projection's input and
 # its output in the input dtype, as in eager).
