@@ -21,7 +21,9 @@ Backward, two launches: a per-token-tile kernel (``dp_j = <dctx, v_j>`` from ``d
 softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd_j``), writing the
 r-wide ``da`` and k-wide ``dscore``; then a grid over (adapter, block of d, split of tokens) that
 reduces ``dWd``, ``dbd``, ``dWu``, ``dbu`` and ``d_scaling`` into fp32 buffers with fp32 atomics.
-Nothing k x d per token is written in either direction. The forward's tile shape is autotuned on a
+Nothing k x d per token is written in either direction. For fp16/bf16 inputs ``qk`` and ``dctx`` come
+in fp32 (rounded to the input dtype they cost the gradients precision: see pet_fast/ops/adapter_fusion.py);
+the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's tile shape is autotuned on a
 GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations
@@ -141,7 +143,10 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
             cm = c < D
             dct = tl.load(DCTX + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-            g += mm(dct, wu, UPCAST)
+            if UPCAST:
+                g += mm(dct, wu, UPCAST)
+            else:
+                g += mm(dct.to(wu.dtype), wu, UPCAST)  # dctx may come in fp32: tensor-core operands
             if HAS_BU:
                 gb += tl.sum(dct.to(tl.float32) * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
         s = _scale(S, s_value, j, S_MODE)
@@ -161,7 +166,10 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
             cm = c < D
             qt = tl.load(QK + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-            gq += mm(qt, wu, UPCAST)
+            if UPCAST:
+                gq += mm(qt, wu, UPCAST)
+            else:
+                gq += mm(qt.to(wu.dtype), wu, UPCAST)  # qk comes in fp32 for fp16/bf16: tensor-core operands
         s = _scale(S, s_value, j, S_MODE)
         aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
         a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)

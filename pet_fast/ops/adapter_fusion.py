@@ -33,7 +33,8 @@ score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels 
 since the probabilities sum to one, the value projection and a residual added before the softmax move
 outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
 and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
-around them. Both are torch.library custom ops with autograd, so torch.compile captures them whole.
+around them. For fp16/bf16 the stacked backend keeps qk and the gradient of ctx in fp32, which the
+precision rule needs (see the comment above its custom ops). Both are torch.library custom ops with autograd, so torch.compile captures them whole.
 """
 from __future__ import annotations
 
@@ -228,7 +229,27 @@ def stacked_adapter_fusion(
 # one, so sum_j p_j (Wv (v_j + res) + bv) = Wv (sum_j p_j v_j + res) + bv whether the value projection
 # comes before or after the softmax. The kernel computes ctx = sum_j softmax_j(<qk, v_j>/T) v_j from x
 # and the stacked adapter weights; the d x d projections and residual adds are cuBLAS/PyTorch ops
-# around it, differentiated by autograd.
+# around it, differentiated by autograd, except the value projection, which the core op applies
+# itself when there is one (see _core_grad).
+#
+# Precision of the gradient of ctx. Autograd hands a tensor a gradient of its own dtype, so with ctx
+# in fp16/bf16 and the value projection outside the op, dctx = dy @ Wv arrived rounded to the low
+# precision. Every gradient the kernel reduces over tokens and d from it carried that rounding,
+# d_scaling above all: sum over n, j, c of dctx * v_j, a sum with cancellation whose rounding noise
+# is relative to its terms, not to its value. Eager PyTorch rounds the same gradient, but its error
+# in that sum moves with its other roundings, and the rule compares case by case (property test:
+# k=1, r=2, d=7, swish, per-adapter scaling, value projection after the softmax, fp16: d_scaling
+# error 1.8e-3 against eager's 1.3e-4; 1.3e-4 with dctx in fp32). So the core op takes the
+# value projection (and the residual added before it) and its backward forms dctx = dy @ Wv in
+# fp32, which the kernels read as such; the forward is unchanged (ctx, the projection's input and
+# its output in the input dtype, as in eager).
+#
+# Precision of qk. Rounded to fp16/bf16, qk = Q @ Wk puts an error relative to |qk| |v_j| into every
+# score, which the softmax backward passes on to the gradients of query, Wq, Wk, x and Wd (random
+# fp16 cases: up to 1.2x the bound of the rule, against at most 0.7x with qk in fp32); eager PyTorch
+# never forms qk. So for low precision qk is a matmul with an fp32 result (fusion_qk_f32: tensor
+# cores where torch can write fp32 from fp16/bf16 operands); the kernels read it as fp32 and return
+# dqk in fp32, which its backward rounds once to the input dtype for the two matmuls, as before.
 
 
 def _attention_kernels():
@@ -243,13 +264,60 @@ def _stacked_kernels():
     return kernels
 
 
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (2-D) with an fp32 result for fp16/bf16 operands: fp32 accumulation, no rounding of the result."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda:
+        try:  # tensor cores, fp32 output (torch >= 2.8)
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return a.float() @ b.float()
+
+
+@torch.library.custom_op("pet_fast::fusion_qk_f32", mutates_args=())
+def _qk_f32(q: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
+    """q (N, d) @ w_key (d, d) in fp32 for fp16/bf16 operands (see the comment above)."""
+    return _matmul_f32(q, w_key)
+
+
+@_qk_f32.register_fake
+def _(q, w_key):
+    return q.new_empty((q.shape[0], w_key.shape[1]), dtype=torch.float32)
+
+
+def _qk_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _qk_grad(ctx, dqk):
+    q, w_key = ctx.saved_tensors
+    g = dqk.to(q.dtype)
+    return (g @ w_key.t() if ctx.needs_input_grad[0] else None, q.t() @ g if ctx.needs_input_grad[1] else None)
+
+
+_qk_f32.register_autograd(_qk_grad, setup_context=_qk_setup)
+
+
+def _project(ctx, residual, w_value, b_value):
+    """(out, pre): out = (ctx + residual) @ Wv.T + bv in ctx's dtype, pre its input (saved for dWv)."""
+    pre = ctx + residual if residual is not None else ctx
+    return F.linear(pre, w_value, b_value), pre
+
+
 @torch.library.custom_op("pet_fast::stacked_fusion_core_triton", mutates_args=())
 def _core_forward(x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
-                  scaling_value: float, activation: str, inv_temperature: float) -> List[torch.Tensor]:
+                  scaling_value: float, activation: str, inv_temperature: float, residual: Optional[torch.Tensor],
+                  w_value: Optional[torch.Tensor], b_value: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input."""
     ctx, a, p = _stacked_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
                                           inv_temperature)
-    return [ctx, a, p]
+    if w_value is None:
+        return [ctx, a, p, x.new_empty((0,))]
+    out, pre = _project(ctx, residual, w_value, b_value)
+    return [out, a, p, pre]
 
 
 def _rp(r: int) -> int:
@@ -257,11 +325,13 @@ def _rp(r: int) -> int:
 
 
 @_core_forward.register_fake
-def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
+def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual, w_value,
+      b_value):
     n = x.shape[0]
     k, r = w_down.shape[0], w_down.shape[1]
     return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
-            x.new_empty((n, k), dtype=torch.float32)]
+            x.new_empty((n, k), dtype=torch.float32),
+            torch.empty_like(x) if w_value is not None else x.new_empty((0,))]
 
 
 @torch.library.custom_op("pet_fast::stacked_fusion_core_triton_backward", mutates_args=())
@@ -284,16 +354,30 @@ def _(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
 
 
 def _core_setup(ctx, inputs, output):
-    x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature = inputs
-    _, a, p = output
-    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p)
-    ctx.mark_non_differentiable(a, p)
+    x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual, w_value, \
+        b_value = inputs
+    _, a, p, pre = output
+    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre)
+    ctx.mark_non_differentiable(a, p, pre)
     ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
+    ctx.has_residual, ctx.has_b_value = residual is not None, b_value is not None
 
 
 def _core_grad(ctx, grads):
-    dctx = grads[0]
-    x, qk, w_down, b_down, w_up, b_up, scaling, a, p = ctx.saved_tensors
+    dout = grads[0]
+    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre = ctx.saved_tensors
+    dres = dwv = dbv = None
+    if w_value is None:
+        dctx = dout
+    else:
+        # dctx in fp32 (module comment above); the projection's own gradients as autograd forms them
+        dctx = _matmul_f32(dout, w_value)
+        if ctx.has_residual and ctx.needs_input_grad[10]:
+            dres = dctx.to(dout.dtype)
+        if ctx.needs_input_grad[11]:
+            dwv = dout.t() @ pre
+        if ctx.has_b_value and ctx.needs_input_grad[12]:
+            dbv = dout.sum(0)
     need_ds = scaling is not None and ctx.needs_input_grad[6]
     need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
     dx, dqk, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.stacked_fusion_core_triton_backward(
@@ -301,7 +385,7 @@ def _core_grad(ctx, grads):
         ctx.inv_temperature, a, p, need_ds, need_weights)
     w = need_weights
     return (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
-            dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None)
+            dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv)
 
 
 _core_forward.register_autograd(_core_grad, setup_context=_core_setup)
@@ -313,20 +397,24 @@ def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activatio
     """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
     d = query.shape[-1]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
-    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
+    if w_key is None:
+        qk = q  # b_key cancels in the softmax
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        qk = torch.ops.pet_fast.fusion_qk_f32(q.reshape(-1, d), w_key)  # fp32 (see above)
+    else:
+        qk = torch.matmul(q, w_key)
     c = lambda t: t.contiguous() if t is not None else None
     if isinstance(scaling, torch.Tensor):
         s_t, s_v = scaling.contiguous(), 1.0
     else:
         s_t, s_v = None, float(scaling)
-    ctx, _, _ = torch.ops.pet_fast.stacked_fusion_core_triton(
+    res = residual.reshape(-1, d) if (residual_before and w_value is not None) else None
+    out, _, _, _ = torch.ops.pet_fast.stacked_fusion_core_triton(
         x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
-        s_t, s_v, activations.canonical(activation), 1.0 / float(temperature))
-    out = ctx.reshape(query.shape)
-    if residual_before:
+        s_t, s_v, activations.canonical(activation), 1.0 / float(temperature), res, w_value, b_value)
+    out = out.reshape(query.shape)
+    if residual_before and w_value is None:
         out = out + residual
-    if w_value is not None:
-        out = F.linear(out, w_value, b_value)
     if not residual_before:
         out = out + residual
     return out
