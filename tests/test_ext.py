@@ -33,6 +33,7 @@ def test_import_does_not_load_the_extension():
     import subprocess
     import sys
 
-    code = "import sys, pet_fast; print('pet_fast._C' in sys.modules, 'triton' in sys.modules)"
+    code = ("import sys, pet_fast; print('pet_fast._C' in sys.modules, "
+            "any(m.startswith('pet_fast.kernels') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False"]
+    assert out == ["False", "False"]  # neither the CUDA extension nor the Triton kernels load at import
