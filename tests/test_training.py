@@ -137,8 +137,11 @@ def test_hf_trainer(tmp_path):
 def _ddp_worker(rank, world, path):
     import torch.distributed as dist
 
+    import datetime
+
     os.environ["MASTER_ADDR"] = "127.0.0.1"
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A bounded rendezvous: a rank that cannot reach the other fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         model = _prepare("bert", "adapter")
