@@ -12,7 +12,9 @@ from setuptools import setup
 
 PACKAGES = ["pet_fast", "pet_fast.ops", "pet_fast.methods", "pet_fast.kernels", "pet_fast.csrc", "pet_fast.data"]
 PACKAGE_DIR = {"pet_fast.kernels": "kernels", "pet_fast.csrc": "csrc"}
-PACKAGE_DATA = {"pet_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"], "pet_fast.data": ["*.jsonl"]}
+PACKAGE_DATA = {"pet_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"], "pet_fast.data": ["*.jsonl"],
+                # measured dispatch tables, once a GPU session commits them
+                "pet_fast.ops": ["*.json"]}
 
 
 def _cuda_build_mode():
