@@ -549,14 +549,8 @@ def _prefix_importer(load_fn):
 
     def run(model: nn.Module, path, name: Optional[str] = None) -> str:
         if name is None:
-            try:
-                meta = json.loads((Path(path) / "adapter_config.json").read_text())
-            except (OSError, ValueError):
-                meta = {}
-            name = (meta.get("name") if isinstance(meta, dict) else None) or Path(path).name
-            name = re.sub(r"[^A-Za-z0-9_\-]", "_", str(name))
-            if not re.match(r"^[A-Za-z_]", name):
-                name = f"task_{name}"
+            meta = read_json(Path(path) / "adapter_config.json")  # the detector has read it already
+            name = _safe_name(meta.get("name") or Path(path).name)
         load_fn(model, path, check_task_name(name))
         return name
 
