@@ -109,7 +109,7 @@ def timed(fn, inputs, grad):
     return bench_us(step, **REPS)
 
 
-def training_rows(quick, device, dtype):
+def training_rows(quick, device, dtype, flex=True):
     if quick:
         shapes = [("tiny B2 H2 L64 D32 P4", 2, 2, 2, 64, 64, 32, 4, False),
                   ("tiny causal GQA B2 H4/2 L48 D32 P5", 2, 4, 2, 48, 48, 32, 5, True)]
@@ -135,6 +135,8 @@ def training_rows(quick, device, dtype):
                 cands["pet_fast triton, no padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
                     q, k, v, pk, pv, causal=c, backend="triton")
                 try:
+                    if not flex:
+                        raise RuntimeError("skipped (--no-flex)")
                     cands["flex (cat) + padding"] = flex_fn(B, Hq, Hkv, L, S, P, kpm, causal, device)
                 except Exception as exc:  # FlexAttention needs a recent torch and a GPU
                     rows.append(dict(shape=name, mode=mode, impl="flex (cat) + padding", error=repr(exc)[:200]))
@@ -189,7 +191,9 @@ def decode_rows(quick, device, dtype):
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--no-flex", action="store_true", help="leave out the FlexAttention rows (each compiles for tens of s)")
+    args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -199,7 +203,7 @@ def main(argv=None):
         REPS.update(warmup=3, rep=15)
         if not on_gpu:
             torch.set_num_threads(1)  # a smoke run: fewer threads fight less over shared cores
-    rows = training_rows(args.quick, device, dtype) + decode_rows(args.quick, device, dtype)
+    rows = training_rows(args.quick, device, dtype, flex=not args.no_flex) + decode_rows(args.quick, device, dtype)
     print_table(rows, ["shape", "mode", "impl", "us", "x_limit", "speedup_vs_cat_mask", "error"])
     write(args.json, rows, op="prefix_attention", dtype=str(dtype), quick=bool(args.quick))
 

@@ -299,10 +299,18 @@ def _blocks(rp: int) -> tuple[int, int, int]:
     return 32, 32, 8
 
 
+def autotuning() -> bool:
+    """False under the interpreter or with PET_FAST_AUTOTUNE=0 (GPU correctness runs: one safe tile per
+    kernel, so that many test shapes cost one compile each instead of one per tile)."""
+    return not interpreting() and os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
+
+
 def row_configs():
     """Tile shapes tried by the autotuner of the per-token-tile kernels (one under the interpreter)."""
     if interpreting():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
+    if not autotuning():  # fits the registers and shared memory up to RP=256
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
             for bn, bd, w, st in [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 128, 8, 3),
                                   (16, 64, 4, 2), (32, 32, 4, 2)]]  # the last two fit the shared memory at RP=256

@@ -26,13 +26,15 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# PET_FAST_AUTOTUNE=0 (GPU correctness runs): one small tile per kernel, one compile per kernel.
+_TUNE = os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
 
 
 def _configs(gpu):
     if _INTERPRET:  # the interpreter accepts exactly one config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in gpu]
+            for bm, bn, bk, w, s in (gpu if _TUNE else [(64, 64, 64, 4, 3)])]
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the two GEMMs that reduce over K or N (forward, dx)
@@ -145,7 +147,7 @@ def _wgrad_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "GROUP": 4}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bn, bk, bm, w, s in _WGRAD_CONFIGS]
+            for bn, bk, bm, w, s in (_WGRAD_CONFIGS if _TUNE else [(64, 64, 64, 4, 3)])]
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS"])
@@ -300,7 +302,7 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores:
 def _pack_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_P": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_P": bp}, num_warps=w) for bp, w in ((32, 4), (64, 4), (128, 8))]
+    return [triton.Config({"BLOCK_P": bp}, num_warps=w) for bp, w in ((32, 4), (64, 4), (128, 8))[:3 if _TUNE else 1]]
 
 
 @triton.autotune(configs=_pack_configs(), key=["R", "K"])

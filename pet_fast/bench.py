@@ -330,7 +330,7 @@ def print_table(rows: List[dict], columns=COLUMNS, file=None) -> None:
 
 
 def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, warmup=None, steps=None,
-                   budget_s=None, threads=None, log=print) -> dict:
+                   budget_s=None, threads=None, log=print, on_row=None) -> dict:
     """Run the step benchmark; return ``{"label", "settings", "rows"}``."""
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -376,6 +376,8 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
             finally:
                 _cleanup(row.compiled)
         out.append(rec)
+        if on_row is not None:  # e.g. keep a partial JSON, so that a run killed at a time limit keeps its rows
+            on_row(out)
         log(f"[{i + 1}/{len(todo)}] {row.model} {row.row}: "
             + (f"{rec['ms']:.2f} ms/step" if rec.get("ms") else rec.get("note", "")))
     torch.set_num_threads(old_threads)
@@ -554,6 +556,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "reported as skipped)")
 
 
+def _write_json(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(args) -> int:
     if args.compare:
         compare(*args.compare)
@@ -569,12 +578,12 @@ def main(args) -> int:
     if run_step:
         doc["step"] = step_benchmark(quick=args.quick, models=args.models, rows=args.rows,
                                      compile_rows=args.compile_rows, warmup=args.warmup, steps=args.steps,
-                                     budget_s=args.budget_s, threads=args.threads, log=lambda s: print(s, flush=True))
+                                     budget_s=args.budget_s, threads=args.threads, log=lambda s: print(s, flush=True),
+                                     on_row=lambda rows: _write_json(path, {**doc, "step": {"partial": True, "rows": rows}}))
         print()
         print(doc["step"]["label"])
         print_table(doc["step"]["rows"])
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
+    _write_json(path, doc)
     print(f"\nJSON: {path}")
     if run_step:
         chart(doc, args.chart or os.path.splitext(path)[0] + ".png")
