@@ -152,6 +152,7 @@ def main():
                     "vs_floor": None if us is None else round(us / floor_us, 3),
                     "floor_us": round(floor_us, 2), "skipped": why.get(b)})
             del t
+            common.write(args.json, rows, partial=True)  # a run stopped at a time limit keeps its rows
     common.print_table(rows, ["op", "mode", "backend", "n", "d", "r", "k", "us", "vs_eager", "vs_floor", "floor_us"])
     common.write(args.json, rows, copy_rate_GBps=round(rate * 1e-3, 1),
                  note="vs_eager = eager time / this time (>1: faster); vs_floor = this time / byte-floor time")

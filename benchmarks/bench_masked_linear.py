@@ -54,6 +54,7 @@ def _time(fn, rep):
 def bench_training(shapes, device, dtype, backends, rep):
     rows = []
     for n, i, o in shapes:
+        common.checkpoint(rows)  # the shapes measured so far
         x = torch.randn(n, i, device=device, dtype=dtype, requires_grad=True)
         w = (torch.randn(o, i, device=device) / i ** 0.5).to(dtype)
         s = torch.randn(o, i, device=device, requires_grad=True)
@@ -108,6 +109,7 @@ def bench_training(shapes, device, dtype, backends, rep):
                         t = _time(fn, rep)
                         rows.append({**base, "case": "train", "backend": name, "fwd_us": t,
                                      "fwd_vs_limit": round(t / limit_fwd, 3)})
+    common.checkpoint(rows, section_done=True)
     return rows
 
 
@@ -115,6 +117,7 @@ def bench_training(shapes, device, dtype, backends, rep):
 def bench_serving(shapes, device, dtype, backends, rep):
     rows = []
     for n, i, o in shapes:
+        common.checkpoint(rows)  # the shapes measured so far
         x = torch.randn(n, i, device=device, dtype=dtype)
         w = (torch.randn(o, i, device=device) / i ** 0.5).to(dtype)
         b = torch.randn(o, device=device, dtype=dtype)
@@ -147,6 +150,7 @@ def bench_serving(shapes, device, dtype, backends, rep):
             eager_mt = t if backend == "eager" else eager_mt
             rows.append({**base, "case": f"serve {TASKS} tasks", "backend": backend, "fwd_us": t,
                          "fwd_vs_limit": round(t / limit, 3), "fwd_vs_eager": round(t / eager_mt, 3) if eager_mt else None})
+    common.checkpoint(rows, section_done=True)
     return rows
 
 
@@ -171,6 +175,7 @@ def main(argv=None):
     backends = ["eager", "triton", "cuda"]  # kernels report why they are skipped on the CPU
     rep = 50 if gpu else 5
     torch.manual_seed(0)
+    common.keep_partial(args.json)
     rows = bench_training(TRAIN_SHAPES if not args.quick else QUICK_TRAIN, device, dtype, backends, rep)
     rows += bench_serving(SERVE_SHAPES if not args.quick else QUICK_SERVE, device, dtype, backends, rep)
     common.print_table(rows, ["case", "n", "in", "out", "backend", "fwd_us", "fwd_vs_limit", "fwd_bwd_us",

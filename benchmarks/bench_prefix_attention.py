@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_us, parser, print_table, write  # noqa: E402
+from benchmarks.common import bench_us, checkpoint, keep_partial, parser, print_table, write  # noqa: E402
 
 import pet_fast  # noqa: E402
 
@@ -119,6 +119,7 @@ def training_rows(quick, device, dtype, flex=True):
                   ("causal GQA B8 H16/4 L1024 D128 P30", 8, 16, 4, 1024, 1024, 128, 30, True)]
     rows = []
     for name, B, Hq, Hkv, L, S, D, P, causal in shapes:
+        checkpoint(rows)  # the shapes measured so far
         for grad in (False, True):
             mode = "fwd+bwd" if grad else "fwd"
             q, k, v, pk, pv, kpm = make_inputs(B, Hq, Hkv, L, S, D, P, dtype, device, grad)
@@ -152,6 +153,7 @@ def training_rows(quick, device, dtype, flex=True):
                 rows.append(dict(shape=name, mode=mode, impl=impl, us=round(us, 1),
                                  x_limit=round(us / limit, 3) if limit else None,
                                  speedup_vs_cat_mask=round(cat_mask / us, 3) if cat_mask else None))
+    checkpoint(rows, section_done=True)
     return rows
 
 
@@ -187,6 +189,7 @@ def decode_rows(quick, device, dtype):
             rows.append(dict(shape=name, mode="decode", impl=impl, us=round(us, 1),
                              x_limit=round(us / limit, 3) if limit else None,
                              speedup_vs_cat_mask=round(cat_mask / us, 3) if cat_mask else None))
+    checkpoint(rows, section_done=True)
     return rows
 
 
@@ -203,6 +206,7 @@ def main(argv=None):
         REPS.update(warmup=3, rep=15)
         if not on_gpu:
             torch.set_num_threads(1)  # a smoke run: fewer threads fight less over shared cores
+    keep_partial(args.json)
     rows = training_rows(args.quick, device, dtype, flex=not args.no_flex) + decode_rows(args.quick, device, dtype)
     print_table(rows, ["shape", "mode", "impl", "us", "x_limit", "speedup_vs_cat_mask", "error"])
     write(args.json, rows, op="prefix_attention", dtype=str(dtype), quick=bool(args.quick))

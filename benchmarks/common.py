@@ -75,3 +75,19 @@ def print_table(rows, columns) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(columns, widths)))
+
+
+# Partial results: a benchmark stopped at a time limit keeps the rows it measured.
+_PARTIAL = {"path": None, "done": []}
+
+
+def keep_partial(path) -> None:
+    """Rewrite ``path`` (when given) with the rows so far on every :func:`checkpoint`."""
+    _PARTIAL.update(path=path, done=[])
+
+
+def checkpoint(rows, section_done: bool = False) -> None:
+    if _PARTIAL["path"]:
+        write(_PARTIAL["path"], _PARTIAL["done"] + list(rows), partial=True)
+    if section_done:
+        _PARTIAL["done"] = _PARTIAL["done"] + list(rows)

@@ -7,6 +7,8 @@
 # when pet_fast._C already imports, e.g. on the machine of an earlier call).
 # DEADLINE_S (default 3000) bounds the whole script: every step's own limit is cut to the time left,
 # and the step benchmark gets what the earlier steps left over.
+# STEP_FIRST=1 runs the step benchmark before the op benchmarks, with STEP_ARGS (e.g. "--models
+# bert-32x128 --rows floor full houlsby/auto --no-compile") and a budget of STEP_BUDGET_S seconds.
 # Results: WORK_DIR (default benchmarks/results/latest) holds the logs and JSON; when $OUT is set
 # (the device tool), they are also packed into $OUT/gpu_check.tar.gz with $OUT/summary.txt beside it.
 set -uo pipefail
@@ -49,7 +51,9 @@ cat "$work/summary.txt"
 if [ "$part" = steps ] && python -c "import pet_fast._C" 2>/dev/null; then
   echo "build: kept" | tee -a "$work/summary.txt"
 else
-  PET_FAST_BUILD_CUDA=1 step build 240 pip install --no-build-isolation --no-deps -e .
+  PET_FAST_BUILD_CUDA=1 step build 240 python -m pip install --no-build-isolation --no-deps -e . ||
+    # without the prebuilt extension (pet_fast._ext then builds it just in time)
+    PET_FAST_BUILD_CUDA=0 step install 60 python -m pip install --no-build-isolation --no-deps -e .
   tail -5 "$work/build.log"
 fi
 step info 60 python -m pet_fast info
@@ -57,10 +61,20 @@ cat "$work/info.log"
 if [ "$part" != steps ]; then
   # GPU tests (marked gpu): every kernel on real hardware vs float64 references, determinism, edge inputs.
   # One tile per kernel (PET_FAST_AUTOTUNE=0) so that the many test shapes do not each run the autotuner.
-  xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
+  xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) * 3 / 4 ))"
   TRITON_INTERPRET=0 PET_FAST_AUTOTUNE=0 PET_FAST_PROPERTY_COUNTS="$work/property_counts.txt" \
-    step gpu_tests 170 python -m pytest -q -m gpu $xdist --maxfail=30 -p no:cacheprovider --junitxml="$work/gpu_tests.xml"
+    step gpu_tests ${TESTS_LIMIT_S:-170} python -m pytest -v -m gpu $xdist --maxfail=40 -p no:cacheprovider -rfE --junitxml="$work/gpu_tests.xml"
   grep -E "^(FAILED|ERROR)|passed|failed" "$work/gpu_tests.log" | tail -40 | tee -a "$work/summary.txt"
+fi
+step_bench() {
+  local budget=$(( $(left) - 60 ))
+  [ -n "${STEP_BUDGET_S:-}" ] && [ "$STEP_BUDGET_S" -lt "$budget" ] && budget=$STEP_BUDGET_S
+  # shellcheck disable=SC2086
+  step bench_step $(( budget + 45 )) python benchmarks/bench_step.py --json "$work/bench_step.json" --budget-s "$budget" ${STEP_ARGS:-}
+  tail -40 "$work/bench_step.log"
+}
+[ "$part" != kernels ] && [ "${STEP_FIRST:-0}" = 1 ] && step_bench
+if [ "$part" != steps ]; then
   step bench_bottleneck_adapter 150 python benchmarks/bench_bottleneck_adapter.py --json "$work/bench_bottleneck_adapter.json"
   tail -45 "$work/bench_bottleneck_adapter.log"
   step bench_masked_linear 110 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json"
@@ -68,14 +82,10 @@ if [ "$part" != steps ]; then
   step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json"
   tail -45 "$work/bench_prefix_attention.log"
 fi
-if [ "$part" != kernels ]; then
-  # Whole training steps (BERT-base 32x128 eager rows first, then its key torch.compile rows, then the
-  # other models); rows not started within the budget are written as skipped, and the JSON is rewritten
-  # after every row so that a run stopped at the limit keeps what it measured.
-  budget=$(( $(left) - 60 ))
-  step bench_step $(( budget + 45 )) python benchmarks/bench_step.py --json "$work/bench_step.json" --budget-s "$budget"
-  tail -60 "$work/bench_step.log"
-fi
+# Whole training steps (BERT-base 32x128 eager rows first, then its key torch.compile rows, then the
+# other models); rows not started within the budget are written as skipped, and the JSON is rewritten
+# after every row so that a run stopped at the limit keeps what it measured.
+[ "$part" != kernels ] && [ "${STEP_FIRST:-0}" != 1 ] && step_bench
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_check.tar.gz" -C "$work" .
   cp "$work/summary.txt" "$OUT/summary.txt"

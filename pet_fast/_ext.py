@@ -91,7 +91,16 @@ def _build_just_in_time():
 
 
 def load():
-    """Return the extension module, or None (then :func:`reason` says why). Tries once per process."""
+    """Return the extension module, or None (then :func:`reason` says why). Tries once per process.
+
+    Once tried, the answer is read without the lock, so that dispatch inside torch.compile traces it.
+    Under torch.compile before any eager call has tried, the extension counts as absent for that
+    graph (a build cannot run inside tracing)."""
+    if _state["loaded"]:
+        return _state["module"]
+    if torch_compiling():
+        _state["reason"] = "not loaded yet (the first call ran under torch.compile; call once eagerly to load it)"
+        return None
     with _lock:
         if _state["loaded"]:
             return _state["module"]
@@ -115,6 +124,12 @@ def load():
         except Exception as exc:
             _state["reason"] = f"the just-in-time build failed: {exc}"
         return _state["module"]
+
+
+def torch_compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def available() -> bool:

@@ -170,10 +170,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once: find_spec is not traceable by torch.compile, and select() runs inside compiled code.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_reasons(info: Mapping, dtypes=_LOW_PRECISION_AND_FP32) -> list:
     """Why Triton cannot run a call on ``info['device']`` with ``info['dtype']``."""
     why = []
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         why.append("triton is not installed")
     device = info["device"]
     if device.type == "cpu":

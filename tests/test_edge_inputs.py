@@ -355,5 +355,9 @@ def test_past_2_31_elements(op, backend):
         pytest.skip("needs about 40 GiB of free GPU memory")
     try:
         check_big(op, backend, 2 ** 31 + 2 ** 20, "cuda")
+    except pet_fast.BackendUnavailableError as exc:
+        if backend == "auto":
+            raise
+        pytest.skip(f"outside the {backend} backend's contract: {exc}")  # e.g. the cuda serving kernels
     finally:
         torch.cuda.empty_cache()
