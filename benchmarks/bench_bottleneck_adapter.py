@@ -102,7 +102,14 @@ def time_backend(run, t, backend, mode):
 def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--table", help="write the dispatch table here (GPU runs; default: beside --json)")
+    p.add_argument("--table-from", metavar="JSON", help="only write the dispatch table (--table) from the rows of an "
+                   "earlier GPU run's JSON, e.g. one stopped at its time limit")
     args = p.parse_args()
+    if args.table_from:
+        with open(args.table_from) as f:
+            doc = json.load(f)
+        write_table(doc["rows"], doc["env"], args.table or "dispatch_table.json")
+        return
     if args.quick:
         REPS.update(warmup=2, rep=5)
     gpu = torch.cuda.is_available() and not args.quick
@@ -159,16 +166,22 @@ def main():
     table_path = args.table or (os.path.join(os.path.dirname(os.path.abspath(args.json)), "dispatch_table.json")
                                 if args.json else None)
     if gpu and table_path:
-        measured = {}
-        for row in rows:
-            key = (row["op"], row["mode"], row["dtype"], row["n"], row["d"], row["r"], row["k"])
-            measured.setdefault(key, {})[row["backend"]] = row["us"]
-        table = {"device": common.environment()["device"], "env": common.environment(),
-                 "rows": [dict(op=o, mode=m, dtype=dt, n=n, d=d, r=r, k=k, us=us)
-                          for (o, m, dt, n, d, r, k), us in measured.items()]}
-        with open(table_path, "w") as f:
-            json.dump(table, f, indent=2)
-        print(f"dispatch table written to {table_path}")
+        write_table(rows, common.environment(), table_path)
+
+
+def write_table(rows, env, path) -> None:
+    """The dispatch table (pet_fast/ops/_timings.py) of these measured rows: per case, each backend's time."""
+    measured = {}
+    for row in rows:
+        key = (row["op"], row["mode"], row["dtype"], row["n"], row["d"], row["r"], row["k"])
+        measured.setdefault(key, {})[row["backend"]] = row["us"]
+    table = {"device": env["device"], "env": env,
+             "rows": [dict(op=o, mode=m, dtype=dt, n=n, d=d, r=r, k=k, us=us)
+                      for (o, m, dt, n, d, r, k), us in measured.items()]}
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    print(f"dispatch table written to {path}")
 
 
 if __name__ == "__main__":

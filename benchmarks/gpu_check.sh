@@ -77,6 +77,9 @@ step_bench() {
 if [ "$part" != steps ]; then
   step bench_bottleneck_adapter 150 python benchmarks/bench_bottleneck_adapter.py --json "$work/bench_bottleneck_adapter.json"
   tail -45 "$work/bench_bottleneck_adapter.log"
+  # GPU time per kernel and host time per call of one adapter forward+backward, per backend
+  step profile_adapter 60 python benchmarks/profile_adapter.py --json "$work/profile_adapter.json"
+  tail -40 "$work/profile_adapter.log"
   step bench_masked_linear 110 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json"
   tail -45 "$work/bench_masked_linear.log"
   step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json"

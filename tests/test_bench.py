@@ -111,3 +111,22 @@ def test_plan_orders_rows_for_a_time_budget():
     assert {"floor", "floor+compile", "full", "full+compile", "base-forward"} <= names
     with pytest.raises(ValueError, match="--models"):
         bench.step_benchmark(quick=True, models=["nope"])
+
+
+def test_profile_adapter_quick(tmp_path):
+    """benchmarks/profile_adapter.py (per-kernel time of one adapter forward+backward) runs and writes rows."""
+    path = tmp_path / "prof.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_adapter.py"), "--quick", "--json",
+                    str(path)], check=True, capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    rows = json.loads(path.read_text())["rows"]
+    whole = [r for r in rows if r["kernel"] == "(whole call)"]
+    assert [r["backend"] for r in whole] == ["eager"]
+    assert whole[0]["host_us_per_call"] > 0 and whole[0]["wall_us_per_call"] > 0
+    assert any(r["kernel"].startswith("aten::") and r["us_per_call"] > 0 for r in rows)
+
+
+def test_step_benchmark_reports_each_row_as_it_goes():
+    seen = []
+    doc = bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["floor", "full"], warmup=1, steps=1,
+                               on_row=lambda rows: seen.append(len(rows)))
+    assert seen == [1, 2] and len(doc["rows"]) == 2

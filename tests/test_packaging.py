@@ -29,6 +29,7 @@ def test_no_top_level_kernels_module(wheel):
 def test_ships_triton_kernels_and_cuda_sources(wheel):
     assert "pet_fast/kernels/__init__.py" in wheel
     assert "pet_fast/csrc/bindings.cpp" in wheel
+    assert "pet_fast/ops/dispatch_table.json" in wheel  # the measured timings auto dispatches by
     sources = {Path(n).name for n in wheel if n.startswith("pet_fast/csrc/")}
     assert sources >= {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp", ".h")}
 

@@ -5,9 +5,9 @@ The table is the JSON written by ``benchmarks/bench_bottleneck_adapter.py --tabl
     {"device": "...", "rows": [{"op": "bottleneck_adapter", "mode": "fwd" | "fwd+bwd", "dtype": "bfloat16",
                                 "n": 16384, "d": 768, "r": 64, "k": 1, "us": {"eager": 62.8, "triton": 20.1}}]}
 
-It is read once, at import, from ``$PET_FAST_DISPATCH_TABLE``, else ``pet_fast/ops/dispatch_table.json`` (a
-copy shipped in the wheel), else ``benchmarks/results/dispatch_table.json`` of a source checkout or
-editable install. For a call, the row of the same op and mode
+It is read once, at import, from ``$PET_FAST_DISPATCH_TABLE``, else ``pet_fast/ops/dispatch_table.json`` (the
+committed measurements, shipped in the wheel; ``bench_bottleneck_adapter.py --table-from RESULTS.json --table
+pet_fast/ops/dispatch_table.json`` rewrites it), else ``benchmarks/results/dispatch_table.json``. For a call, the row of the same op and mode
 (forward only, or with gradients) nearest in log-size (n, d, r, k), preferring the call's dtype, orders
 the backends it measured from fastest to slowest; backends it did not measure follow in the default
 order. Without a table (nothing measured yet on a GPU) the order is the unmeasured default

@@ -18,8 +18,9 @@ rule and an autograd formula, so torch.compile(fullgraph=True) captures it witho
             CUDA (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d.
     cuda    csrc/bottleneck_adapter.cu: forward (two launches) and backward (three) for N <= 64 tokens,
             r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built.
-``auto`` orders them by the measured timings of pet_fast/ops/_timings.py (cuda, triton, eager until
-measured) and takes the first that accepts the call; CPU tensors always go to eager.
+``auto`` orders them by the measured timings of pet_fast/ops/_timings.py and takes the first that
+accepts the call; CPU tensors always go to eager. The committed table (H100, bf16) puts triton first
+for forward-only calls and eager first with gradients, where the Triton backward measured slower.
 """
 from __future__ import annotations
 
