@@ -256,6 +256,13 @@ def _cuda_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_do
         ds = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     else:
         ds = x.new_empty((0,))
+    # Outputs of a custom op must not alias one another: absent gradients get fresh empty tensors here
+    # rather than whatever placeholders the extension returned (an older build returned one shared empty
+    # tensor for both biases, which torch rejects).
+    if b_down is None:
+        dbd = x.new_empty((0,))
+    if b_up is None:
+        dbu = x.new_empty((0,))
     return [dx, dwd, dbd, dwu, dbu, ds]
 
 
