@@ -345,3 +345,16 @@ def test_cuda_backward_custom_op_outputs_never_alias(monkeypatch):
     r = lambda *s: torch.randn(*s, requires_grad=True)
     torch.library.opcheck(torch.ops.pet_fast.bottleneck_adapter_cuda.default,
                           (r(5, 16), r(3, 16), None, r(16, 3), None, r(16), 1.0, None, "gelu_tanh"))
+
+
+def test_backward_fake_rules_return_no_aliases():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, wd, wu, s = torch.empty(5, 16), torch.empty(3, 16), torch.empty(16, 3), torch.empty(16)
+        outs = [torch.ops.pet_fast.bottleneck_adapter_cuda_backward(x, x, wd, None, wu, None, s, 1.0, False, "relu",
+                                                                     False),
+                torch.ops.pet_fast.bottleneck_adapter_triton_backward(x, x, wd, None, wu, None, s, 1.0, False, "relu",
+                                                                       False, False)]
+        for out in outs:
+            assert len({t.untyped_storage()._cdata for t in out}) == len(out)
