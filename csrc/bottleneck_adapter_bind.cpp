@@ -84,12 +84,13 @@ std::vector<at::Tensor> backward_small(const at::Tensor& dy, const at::Tensor& x
     scale_mode = scaling->dim() == 0 ? 1 : 2;
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor empty = at::empty({0}, x.options());
+  // Every returned tensor has its own storage, the empty ones included: the results become the outputs
+  // of a torch.library custom op, which must not alias one another.
   at::Tensor dx = at::empty_like(x);
   at::Tensor dwd = at::empty_like(w_down);
   at::Tensor dwu = at::empty_like(w_up);
-  at::Tensor dbd = b_down.has_value() ? at::empty_like(*b_down) : empty;
-  at::Tensor dbu = b_up.has_value() ? at::empty_like(*b_up) : empty;
+  at::Tensor dbd = b_down.has_value() ? at::empty_like(*b_down) : at::empty({0}, x.options());
+  at::Tensor dbu = b_up.has_value() ? at::empty_like(*b_up) : at::empty({0}, x.options());
   const bool want_ds = need_ds && scaling.has_value();
   at::Tensor ds = want_ds ? at::empty({d}, x.options().dtype(at::kFloat)) : at::empty({0}, x.options().dtype(at::kFloat));
   at::Tensor workspace = at::empty({2 * n * r}, x.options().dtype(at::kFloat));

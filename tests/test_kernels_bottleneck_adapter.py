@@ -269,3 +269,92 @@ def test_frozen_adapter_gives_input_and_scaling_gradients(scaling):
     g_out = torch.autograd.grad(out.square().sum(), [lo[a] for a in names])
     for name, a, b in zip(names, g_out, g_ref):
         assert rel_err(a, b) < 2e-5, name
+
+
+# --- the cuda backend's Python side on CPU, with a stand-in for pet_fast._C --------------------------
+
+class _FakeExtension:
+    """Eager float64 stand-in for the two functions of csrc/bottleneck_adapter_bind.cpp, with the same
+    arguments and results. Like the first build of the binding, it returns ONE shared empty tensor for
+    both absent bias gradients: the Python side must not hand such placeholders on as custom-op outputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _act(code):
+        return {v: k for k, v in op.CUDA_ACT_CODES.items()}[code]
+
+    def bottleneck_adapter_forward_small(self, x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual,
+                                         activation):
+        self.calls.append("forward")
+        d64 = lambda t: t.double() if t is not None else None
+        s = d64(scaling) if scaling is not None else scaling_value
+        y = op.reference(d64(x), d64(w_down), d64(b_down), d64(w_up), d64(b_up), self._act(activation), s,
+                         d64(residual))
+        return y.to(x.dtype)
+
+    def bottleneck_adapter_backward_small(self, dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value,
+                                          has_residual, activation, need_ds):
+        self.calls.append("backward")
+        # plain float64 algebra (autograd is off inside a custom op's implementation)
+        f64 = lambda t: t.double() if t is not None else None
+        x64, wd, bd, wu, bu = (f64(t) for t in (x, w_down, b_down, w_up, b_up))
+        act = self._act(activation)
+        a = x64 @ wd.T + (bd if bd is not None else 0)
+        h, act_vjp = torch.func.vjp(lambda t: pet_fast.ops.activations.apply(act, t), a)
+        up = h @ wu.T + (bu if bu is not None else 0)
+        g = dy.double() * (scaling.double() if scaling is not None else scaling_value)
+        da = act_vjp(g @ wu)[0]
+        res = {"x": da @ wd + (0 if has_residual else dy.double()), "wd": da.T @ x64, "bd": da.sum(0),
+               "wu": g.T @ h, "bu": g.sum(0)}
+        empty = x.new_empty((0,))  # shared on purpose (see the class docstring)
+        out = lambda name, t: res[name].to(x.dtype) if t is not None else empty
+        if need_ds and scaling is not None:
+            ds = (dy.double() * up).sum(0).float()  # per-channel partials, float32
+        else:
+            ds = x.new_empty((0,), dtype=torch.float32)
+        return [out("x", x), out("wd", wd), out("bd", bd), out("wu", wu), out("bu", bu), ds]
+
+
+@pytest.mark.parametrize("kw", [dict(scaling="channel", bias=False),
+                                dict(scaling="scalar", residual=True),
+                                dict(scaling="number", bias=False, residual=True)])
+def test_cuda_backend_python_side_with_a_fake_extension(monkeypatch, kw):
+    """run_cuda's custom ops and autograd formula on CPU: argument mapping, absent bias gradients,
+    d_scaling partials (summed for a scalar scaling, cast to scaling's dtype), the residual's gradient."""
+    fake = _FakeExtension()
+    monkeypatch.setattr(op, "_extension", lambda: fake)
+    hi, lo = make_case((7,), 10, 3, torch.float32, **kw)
+    ref = call(hi, "gelu_tanh", "eager")
+    out = op.run_cuda(lo["x"], lo["w_down"], lo["b_down"], lo["w_up"], lo["b_up"], activation="gelu_tanh",
+                      scaling=lo["scaling"], residual=lo["residual"])
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_g = grads(hi, ref, dy)
+    got_g = grads(lo, out, dy.float())
+    assert fake.calls == ["forward", "backward"]
+    assert set(got_g) == set(ref_g)
+    assert rel_err(out, ref) < 2e-5
+    for name in ref_g:
+        assert got_g[name].dtype == torch.float32 and got_g[name].shape == ref_g[name].shape, name
+        assert rel_err(got_g[name], ref_g[name]) < 2e-5, name
+
+
+def test_cuda_backward_custom_op_outputs_never_alias(monkeypatch):
+    monkeypatch.setattr(op, "_extension", lambda: _FakeExtension())
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    torch.library.opcheck(torch.ops.pet_fast.bottleneck_adapter_cuda.default,
+                          (r(5, 16), r(3, 16), None, r(16, 3), None, r(16), 1.0, None, "gelu_tanh"))
+
+
+def test_backward_fake_rules_return_no_aliases():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, wd, wu, s = torch.empty(5, 16), torch.empty(3, 16), torch.empty(16, 3), torch.empty(16)
+        outs = [torch.ops.pet_fast.bottleneck_adapter_cuda_backward(x, x, wd, None, wu, None, s, 1.0, False, "relu",
+                                                                     False),
+                torch.ops.pet_fast.bottleneck_adapter_triton_backward(x, x, wd, None, wu, None, s, 1.0, False, "relu",
+                                                                       False, False)]
+        for out in outs:
+            assert len({t.untyped_storage()._cdata for t in out}) == len(out)

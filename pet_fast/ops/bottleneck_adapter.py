@@ -130,10 +130,10 @@ def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_
 
 @_triton_backward.register_fake
 def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights):
-    empty = x.new_empty((0,))
-    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty
+    empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
+    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
     return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up),
-            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty()]
 
 
 def _setup_context(ctx, inputs, output):
@@ -257,15 +257,21 @@ def _cuda_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_do
         ds = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     else:
         ds = x.new_empty((0,))
+    # Outputs of a custom op must not alias one another: absent gradients get fresh empty tensors here
+    # rather than whatever placeholders the extension returned (an older build returned one shared empty
+    # tensor for both biases, which torch rejects).
+    if b_down is None:
+        dbd = x.new_empty((0,))
+    if b_up is None:
+        dbu = x.new_empty((0,))
     return [dx, dwd, dbd, dwu, dbu, ds]
 
 
 @_cuda_backward.register_fake
 def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
-    empty = x.new_empty((0,))
-    return [torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(b_down) if b_down is not None else empty,
-            torch.empty_like(w_up), torch.empty_like(b_up) if b_up is not None else empty,
-            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+    like = lambda t: torch.empty_like(t) if t is not None else x.new_empty((0,))  # outputs never alias
+    return [torch.empty_like(x), torch.empty_like(w_down), like(b_down), torch.empty_like(w_up), like(b_up),
+            like(scaling if need_ds else None)]
 
 
 def _cuda_grad(ctx, dy):
