@@ -243,6 +243,9 @@ cudaError_t prefix_attention_decode(DecodeDtype dtype, const void* q, const void
       q_heads % kv_heads != 0 || num_splits < 1 || batch < 1 || batch > 65535 || q_heads > 65535)
     return cudaErrorInvalidValue;
   if (prefix_len > 0 && (prefix_k == nullptr || prefix_v == nullptr)) return cudaErrorInvalidValue;
+  if (prefix_len < 0 || kv_len < 0 || static_cast<long long>(prefix_len) + kv_len > kDecodeMaxKeys ||
+      num_splits > kDecodeMaxSplits)
+    return cudaErrorInvalidValue;
   if (dtype == DecodeDtype::kFloat16)
     return launch<__half>(q, k, v, prefix_k, prefix_v, prefix_batch_stride, key_mask, cache_lens, out, partial_out,
                           partial_ml, batch, q_heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, scale,

@@ -7,6 +7,10 @@ namespace pet_fast {
 
 constexpr int kDecodeMaxQueries = 8;    // new tokens per sequence
 constexpr int kDecodeMaxHeadDim = 256;
+// Key positions (prefix plus cache) and split bounds are int in the kernel: these limits keep every sum
+// of them (begin + length of a split, chunk starts) below 2**31.
+constexpr int kDecodeMaxSplits = 4096;
+constexpr long long kDecodeMaxKeys = 2147483647LL - 2 * kDecodeMaxSplits;
 
 enum class DecodeDtype : int { kFloat16 = 0, kBFloat16 = 1 };
 

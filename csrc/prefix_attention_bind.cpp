@@ -65,6 +65,11 @@ torch::Tensor prefix_attention_decode(torch::Tensor q, torch::Tensor k, torch::T
     lens = cache_lens->to(q.device(), at::kInt).contiguous();
   }
 
+  TORCH_CHECK(P + S <= pet_fast::kDecodeMaxKeys, "prefix_attention_decode: prefix plus cache length must be <= ",
+              pet_fast::kDecodeMaxKeys, ", got ", P + S);
+  TORCH_CHECK(num_splits <= pet_fast::kDecodeMaxSplits, "prefix_attention_decode: num_splits must be <= ",
+              pet_fast::kDecodeMaxSplits, ", got ", num_splits);
+
   auto out = torch::empty_like(q);
   if (B == 0 || Hq == 0) return out;
   int splits = static_cast<int>(num_splits);

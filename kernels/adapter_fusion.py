@@ -20,7 +20,7 @@ from .stacked_adapter_fusion import _col
 def _attn_fwd_kernel(V, QK, CTX, PBUF, N, D, K, inv_t,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
     kk = tl.arange(0, KP)
     cols = tl.arange(0, BLOCK_D)
@@ -52,7 +52,7 @@ def _attn_fwd_kernel(V, QK, CTX, PBUF, N, D, K, inv_t,
 def _attn_bwd_kernel(V, QK, DCTX, PBUF, DV, DQK, N, D, K, inv_t,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
     kk = tl.arange(0, KP)
     cols = tl.arange(0, BLOCK_D)

@@ -113,7 +113,7 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
                 ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
                 UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
     rr = tl.arange(0, RP)
     rrmask = rr < R
@@ -161,7 +161,7 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
                      HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
     rr = tl.arange(0, RP)
     rrmask = rr < R
@@ -238,7 +238,7 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, DWD, DWU, DBU, DS, DBD, N, D
     acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_bd = tl.zeros((RP,), dtype=tl.float32)
-    start = pid_s * rows_per_split
+    start = pid_s.to(tl.int64) * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)

@@ -65,8 +65,12 @@ def _fwd_kernel(
     q_base = (b.to(tl.int64) * Hq + h) * L * D
     kv_base = (b.to(tl.int64) * Hkv + hk) * S * D
     p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
+    # One head alone may hold 2**31 elements (L * D or S * D): rows are int64 before they meet D; key blocks
+    # start at an int64 scalar and only the offsets inside a tile (< BLOCK_N * BLOCK_D) stay int32.
+    q_off = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
 
-    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -78,7 +82,7 @@ def _fwd_kernel(
     for start in range(0, P, BLOCK_N):
         offs_n = start + offs_n0
         n_ok = offs_n < P
-        kv_off = p_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
         kv_mask = n_ok[:, None] & d_ok[None, :]
         kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
         vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
@@ -107,7 +111,7 @@ def _fwd_kernel(
         n_ok = offs_n < S
         if HAS_KPM:
             n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
-        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_off = kv_base + tl.cast(start, tl.int64) * D + kv_tile
         kv_mask = n_ok[:, None] & d_ok[None, :]
         kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
@@ -134,7 +138,7 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + q_off, out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + (b.to(tl.int64) * Hq + h) * L + offs_m, lse, mask=m_ok)
 
@@ -162,7 +166,8 @@ def _dkdv_block(
             n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S_SEQ + offs_n, mask=n_ok, other=0) != 0)
 
     k_base = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
-    kv_off = k_base + offs_n[:, None] * D + offs_d[None, :]
+    rows64 = offs_n.to(tl.int64)[:, None] * D  # N * D may pass 2**31 (see _fwd_kernel)
+    kv_off = k_base + rows64 + offs_d[None, :]
     kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
     kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
@@ -180,6 +185,7 @@ def _dkdv_block(
         if CAUSAL:
             m_begin = tl.maximum(pid_n * BLOCK_N - (S_SEQ - L), 0)
             m_begin = (m_begin // BLOCK_M) * BLOCK_M
+    qd_tile = offs_m0[:, None] * D + offs_d[None, :]
     for g in range(0, G):
         h = hk * G + g
         q_base = (b.to(tl.int64) * Hq + h) * L * D
@@ -187,7 +193,7 @@ def _dkdv_block(
         for start in range(m_begin, L, BLOCK_M):
             offs_m = start + offs_m0
             m_ok = offs_m < L
-            qd_off = q_base + offs_m[:, None] * D + offs_d[None, :]
+            qd_off = q_base + tl.cast(start, tl.int64) * D + qd_tile
             qd_mask = m_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
             do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
@@ -214,7 +220,7 @@ def _dkdv_block(
             dk += _dot(dsc, q, IEEE)
 
     dk = dk * scale
-    g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + offs_n[:, None] * D + offs_d[None, :]
+    g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + rows64 + offs_d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -268,8 +274,9 @@ def _bwd_dq_kernel(
     r_base = (b.to(tl.int64) * Hq + h) * L
     kv_base = (b.to(tl.int64) * Hkv + hk) * S * D
     p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
+    kv_tile = offs_n0[:, None] * D + offs_d[None, :]  # int64 block starts, int32 tile offsets (see _fwd_kernel)
 
-    qd_off = q_base + offs_m[:, None] * D + offs_d[None, :]
+    qd_off = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
     do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
@@ -283,7 +290,7 @@ def _bwd_dq_kernel(
     for start in range(0, P, BLOCK_N):
         offs_n = start + offs_n0
         n_ok = offs_n < P
-        kv_off = p_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
         kv_mask = n_ok[:, None] & d_ok[None, :]
         kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
         vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
@@ -308,7 +315,7 @@ def _bwd_dq_kernel(
         n_ok = offs_n < S
         if HAS_KPM:
             n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
-        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        kv_off = kv_base + tl.cast(start, tl.int64) * D + kv_tile
         kv_mask = n_ok[:, None] & d_ok[None, :]
         kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)

@@ -59,7 +59,7 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                 UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
     rr = tl.arange(0, RP)
     rrmask = rr < R
@@ -125,7 +125,7 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
     rr = tl.arange(0, RP)
     rrmask = rr < R
@@ -227,7 +227,7 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DWD, DWU
     acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_bd = tl.zeros((RP,), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    start = pid_s * rows_per_split
+    start = pid_s.to(tl.int64) * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)

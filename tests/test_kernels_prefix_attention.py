@@ -156,6 +156,8 @@ def test_dispatch_reasons_and_auto_choice():
     shape_why = op.decode_shape_reasons(gpu_info)
     assert any("q_len" in r for r in shape_why) and any("grad" in r for r in shape_why)
     assert op.decode_shape_reasons(dict(gpu_info, q_len=8, requires_grad=False)) == []
+    long_cache = dict(gpu_info, q_len=8, requires_grad=False, kv_len=op.DECODE_MAX_KEYS)  # plus the prefix
+    assert any("int32" in r for r in op.decode_shape_reasons(long_cache))
     assert op.preference(dict(gpu_info, q_len=1, requires_grad=False))[0] == "cuda"
     assert op.preference(gpu_info)[0] == "triton"
     with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):

@@ -141,6 +141,7 @@ dispatch.register(OP, "eager", reference)
 
 MAX_HEAD_DIM = 256  # the kernels pad D to a power of two up to this
 DECODE_MAX_Q_LEN = 8
+DECODE_MAX_KEYS = 2 ** 31 - 1 - 2 * 4096  # kDecodeMaxKeys of csrc/prefix_attention.h (int key positions)
 
 
 def _kernels():
@@ -267,6 +268,9 @@ def decode_shape_reasons(info) -> list:
         why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM}")
     if info.get("requires_grad"):
         why.append("a gradient is required and the decode kernel is forward only")
+    if info["kv_len"] + info["prefix_len"] > DECODE_MAX_KEYS:
+        why.append(f"prefix plus cache length {info['kv_len'] + info['prefix_len']} is over {DECODE_MAX_KEYS} "
+                   "(the decode kernel's key positions are int32)")
     return why
 
 
