@@ -23,7 +23,9 @@ r-wide ``da`` and k-wide ``dscore``; then a grid over (adapter, block of d, spli
 reduces ``dWd``, ``dbd``, ``dWu``, ``dbu`` and ``d_scaling`` into fp32 buffers with fp32 atomics.
 Nothing k x d per token is written in either direction. For fp16/bf16 inputs ``qk`` and ``dctx`` come
 in fp32 (rounded to the input dtype they cost the gradients precision: see pet_fast/ops/adapter_fusion.py);
-the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's tile shape is autotuned on a
+the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's score matmul takes the
+hidden h as two halves in the input dtype (h ~ hi + lo), so the scores keep fp32 precision on the tensor
+cores: the softmax and d_scaling are sensitive to them. The forward's tile shape is autotuned on a
 GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations
