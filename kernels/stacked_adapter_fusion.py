@@ -23,7 +23,9 @@ r-wide ``da`` and k-wide ``dscore``; then a grid over (adapter, block of d, spli
 reduces ``dWd``, ``dbd``, ``dWu``, ``dbu`` and ``d_scaling`` into fp32 buffers with fp32 atomics.
 Nothing k x d per token is written in either direction. For fp16/bf16 inputs ``qk`` and ``dctx`` come
 in fp32 (rounded to the input dtype they cost the gradients precision: see pet_fast/ops/adapter_fusion.py);
-the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's tile shape is autotuned on a
+the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's score matmul takes the
+hidden h as two halves in the input dtype (h ~ hi + lo), so the scores keep fp32 precision on the tensor
+cores: the softmax and d_scaling are sensitive to them. The forward's tile shape is autotuned on a
 GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations
@@ -80,10 +82,17 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
             a += tl.load(BD + j * R + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
         tl.store(ABUF + (rows[:, None] * K + j) * RP + rr[None, :], a, mask=rmask[:, None])
         h = act_fwd(a, ACT)
+        # The scores need h to fp32 precision: a score is a sum over d of |qk| |v_j| terms, and rounding h
+        # to fp16/bf16 here perturbed the probabilities enough to move d_scaling past the precision rule's
+        # bound (fp16, d=768, r=64, k=3: error 15.2 against a bound of 10.6; 3.2 with h in fp32). So for
+        # the tensor cores h is split into a high and a low half in the input dtype, h ~ hq + hl to ~2^-22,
+        # and both go through the matmul with fp32 accumulation (W_up is exact in the input dtype).
         if UPCAST:
             hq = h
+            hl = h
         else:
             hq = h.to(CTX.dtype.element_ty)
+            hl = (h - hq.to(tl.float32)).to(CTX.dtype.element_ty)
         sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
@@ -91,6 +100,8 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
             m2 = rmask[:, None] & cm[None, :]
             wu = tl.load(wu_j + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
             u = mm(hq, tl.trans(wu), UPCAST)
+            if not UPCAST:
+                u += mm(hl, tl.trans(wu), UPCAST)
             if HAS_BU:
                 u += tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :]
             q = tl.load(QK + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
