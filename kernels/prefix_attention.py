@@ -42,6 +42,28 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(h, b, Hq, G, L, S, D, spk_b, spk_h,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Index set-up of a program that owns BLOCK_M query rows of head h in batch b (forward and dq):
+    row/column/key-tile ranges, their masks, the head's base offsets of q, k/v and the prefix, the query
+    tile's offsets and the offsets inside one key tile.
+
+    One head alone may hold 2**31 elements (L * D or S * D): rows are int64 before they meet D; key blocks
+    start at an int64 scalar (added by the caller) and only the offsets inside a tile (< BLOCK_N * BLOCK_D)
+    stay int32."""
+    hk = h // G
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q_base = (b.to(tl.int64) * Hq + h) * L * D
+    kv_base = (b.to(tl.int64) * (Hq // G) + hk) * S * D
+    p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
+    q_off = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
+    return offs_m, offs_d, offs_n0, offs_m < L, offs_d < D, q_base, kv_base, p_base, q_off, kv_tile
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, KPM, O, LSE,
     qk_scale2,  # scale * log2(e)
@@ -54,21 +76,8 @@ def _fwd_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    Hkv = Hq // G
-    hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < D
-    m_ok = offs_m < L
-
-    q_base = (b.to(tl.int64) * Hq + h) * L * D
-    kv_base = (b.to(tl.int64) * Hkv + hk) * S * D
-    p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
-    # One head alone may hold 2**31 elements (L * D or S * D): rows are int64 before they meet D; key blocks
-    # start at an int64 scalar and only the offsets inside a tile (< BLOCK_N * BLOCK_D) stay int32.
-    q_off = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
+    offs_m, offs_d, offs_n0, m_ok, d_ok, q_base, kv_base, p_base, q_off, kv_tile = _query_tile(
+        h, b, Hq, G, L, S, D, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D)
 
     q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -262,21 +271,9 @@ def _bwd_dq_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    Hkv = Hq // G
-    hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < D
-    m_ok = offs_m < L
-
-    q_base = (b.to(tl.int64) * Hq + h) * L * D
+    offs_m, offs_d, offs_n0, m_ok, d_ok, q_base, kv_base, p_base, qd_off, kv_tile = _query_tile(
+        h, b, Hq, G, L, S, D, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D)
     r_base = (b.to(tl.int64) * Hq + h) * L
-    kv_base = (b.to(tl.int64) * Hkv + hk) * S * D
-    p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
-    kv_tile = offs_n0[:, None] * D + offs_d[None, :]  # int64 block starts, int32 tile offsets (see _fwd_kernel)
-
-    qd_off = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
     do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
