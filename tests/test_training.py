@@ -135,13 +135,15 @@ def test_hf_trainer(tmp_path):
 
 
 def _ddp_worker(rank, world, path):
-    import torch.distributed as dist
-
     import datetime
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    # A bounded rendezvous: a rank that cannot reach the other fails the test instead of hanging it.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    import torch.distributed as dist
+
+    # Rendezvous through a file and gloo pairs on loopback: no port race, no host-name lookup (a sandbox's
+    # host name may resolve to an address the ranks cannot reach each other on).
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         model = _prepare("bert", "adapter")
@@ -159,15 +161,25 @@ def _ddp_worker(rank, world, path):
         dist.destroy_process_group()
 
 
+DDP_DEADLINE_S = 240
+
+
 def test_ddp_two_gloo_processes(tmp_path):
-    import socket
+    import time
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    # Joined with a deadline: a rank stuck anywhere (rendezvous, collective, exit) fails this test
+    # instead of hanging the whole run.
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + DDP_DEADLINE_S
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP ranks {alive} still running after {DDP_DEADLINE_S} s; "
+                        f"saved: {sorted(f.name for f in tmp_path.glob('rank*.pt'))}")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     start = {k: v for k, v in _prepare("bert", "adapter").state_dict().items() if TASK_ATTR in k}
     assert r0.keys() == r1.keys() == start.keys()
