@@ -2,7 +2,7 @@
 
 Catches what the interpreter cannot: type and shape errors of the GPU compiler, and tiles whose
 shared memory would not fit (the fixed-tile kernels must fit; of the autotuned ones, at least the
-smallest configuration must). Needs triton with its NVIDIA backend (ptxas ships with it); slow on a
+smallest configuration must), with the registers and spill stack of each (cuobjdump). Needs triton with its NVIDIA backend (ptxas ships with it); slow on a
 small CPU (minutes):  python benchmarks/compile_check_adapter.py [--all-dtypes]
 """
 import os
@@ -35,7 +35,28 @@ def comp(fn, ptrs, ints, floats, consts, num_warps=4, num_stages=3):
             sig[name] = "fp32" if name in floats else "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    usage = resource_usage(compiled.asm["cubin"])
+    if usage:
+        print(f"  {fn.__name__} warps={num_warps} stages={num_stages}: {usage}", flush=True)
     return compiled.metadata.shared
+
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> str:
+    """Registers per thread and local-memory stack (spills) of a cubin, from the cuobjdump Triton ships."""
+    if not os.path.exists(CUOBJDUMP):
+        return ""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = [w for line in out.splitlines() if "REG:" in line for w in line.split() if w.split(":")[0] in ("REG", "STACK")]
+    return " ".join(fields)
 
 
 LIMIT = 232448  # H100 shared memory per block (227 KiB)
@@ -51,7 +72,7 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
             c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
             sh = comp(B._fwd_kernel, P("X","WD","BD","WU","BU","S","RES","Y"), [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
             c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-            p = P("X","WD","BD","WU","S","DY","DX"); p.update(HBUF="*fp32", DABUF="*fp32")
+            p = P("X","WD","BD","WU","S","DY","DX","HBUF","DABUF")
             sh2 = comp(B._bwd_rows_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
             c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
             p = P("X","QK","WD","BD","WU","BU","S","CTX"); p.update(ABUF="*fp32", PBUF="*fp32")
@@ -60,8 +81,9 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
             failed += not ok
             print("autotuned, smallest tile", dt, rp, bn, bd, cfg.num_stages, sh, sh2, sh3, "fits" if ok else "TOO BIG", flush=True)
         bn, bd, w = B._blocks(rp)
-        c = dict(HAS_BU=True, S_MODE=smode, NEED_DS=True, NEED_BD=True, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-        p = P("X","DY","WU","BU","S"); p.update({k: "*fp32" for k in ["HBUF","DABUF","DWD","DWU","DBU","DS","DBD"]})
+        c = dict(NEED_W=True, HAS_BU=True, NEED_BD=True, NEED_DS=True, S_MODE=smode, BLOCK_N=bn, BLOCK_D=bd, RP=rp,
+                 UPCAST=up)
+        p = P("X","DY","HBUF","DABUF","WU","BU","S"); p.update(PART="*fp32")
         sh = comp(B._bwd_cols_kernel, p, [], ["s_value"], c, w, 2 if rp >= 128 else 3)
         failed += sh > LIMIT
         print("adapter bwd reduction", dt, rp, bn, bd, sh, "fits" if sh <= LIMIT else "TOO BIG", flush=True)

@@ -10,19 +10,21 @@ hidden never reaches global memory.
 What the forward saves for the backward: nothing beyond its inputs (x, Wd, bd, Wu, bu, the scaling
 tensor). The backward recomputes the hidden.
 
-Backward, two launches plus one memset:
+Backward, two launches plus one sum:
 1. ``_bwd_rows_kernel``, one program per token tile: recomputes ``a`` and, in the same pass over d,
-   ``dh = (s * dy) @ Wu``; then ``h = act(a)``, ``da = dh * act'(a)``; writes ``h`` and ``da`` (fp32,
-   r-wide, N x RP: the only intermediates that touch global memory) and ``dx = da @ Wd (+ dy when the
-   residual is x)``.
+   ``dh = (s * dy) @ Wu``; then ``h = act(a)``, ``da = dh * act'(a)``; writes ``h`` and ``da`` (r-wide,
+   N x RP in x's dtype: the only intermediates that touch global memory) and
+   ``dx = da @ Wd (+ dy when the residual is x)``.
 2. ``_bwd_cols_kernel``, a grid over (blocks of d) x (splits of the tokens): each program reduces its
-   tokens into ``dWd[:, blk] = da.T @ x``, ``dWu[blk, :] = (s*dy).T @ h``, ``dbu``, ``d_scaling``
-   (recomputing ``h @ Wu.T + bu``, only when the scaling tensor needs a gradient) and ``dbd`` (programs
-   of the first d block), and adds them to fp32 buffers with fp32 atomics (never fp16/bf16 atomics).
+   tokens into ``da.T @ x`` (dWd), ``M = dy.T @ h``, ``sum(dy)`` and ``sum(da)`` (dbd, programs of the
+   first d block) in fp32, then applies the scaling once: ``dWu = s * M``, ``dbu = s * sum(dy)``, and
+   ``d_scaling = rowsum(M * Wu) + bu * sum(dy)`` (exact algebra: no second pass over the hidden). It
+   writes these fp32 partial sums to its own slice of a (splits, ...) buffer; one ``sum(0)`` adds the
+   splits. No atomics, so the gradients are the same bits on every run.
 ``d_residual`` is ``dy`` itself.
 
 Tile shapes of the per-token-tile kernels are autotuned per (d, RP, power-of-two class of N, dtype
-class) on a GPU; the reduction kernel uses fixed tiles, since re-running it would add its atomics twice.
+class) on a GPU; the reduction kernel uses fixed tiles (its grid, and so its partials buffer, depends on them).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast to fp32 right after loading and the
 matrix products run in fp32; on a GPU fp16/bf16 operands go to tensor cores with fp32 accumulation and
@@ -112,9 +114,15 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, HAS_RES: tl.constexpr,
                 ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
                 UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
-    rmask = rows < N
+    # The tile's first row moves the base pointers (int64: N * D may pass 2**31); offsets inside the
+    # tile stay int32, which keeps the pointer tiles at half the registers.
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    X += row0 * D
+    Y += row0 * D
+    if HAS_RES:
+        RES += row0 * D
+    rows = tl.arange(0, BLOCK_N)
+    rmask = rows < N - row0
     rr = tl.arange(0, RP)
     rrmask = rr < R
     cols = tl.arange(0, BLOCK_D)
@@ -160,9 +168,14 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
 def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_bucket,
                      HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
-    rmask = rows < N
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N  # int64 base, int32 offsets in the tile (as in the forward)
+    X += row0 * D
+    DY += row0 * D
+    DX += row0 * D
+    HBUF += row0 * RP
+    DABUF += row0 * RP
+    rows = tl.arange(0, BLOCK_N)
+    rmask = rows < N - row0
     rr = tl.arange(0, RP)
     rrmask = rr < R
     cols = tl.arange(0, BLOCK_D)
@@ -195,8 +208,8 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
     h, gp = act_fwd_bwd(a, ACT)
     da = dh * gp
     hoffs = rows[:, None] * RP + rr[None, :]
-    tl.store(HBUF + hoffs, h, mask=rmask[:, None])
-    tl.store(DABUF + hoffs, da, mask=rmask[:, None])
+    tl.store(HBUF + hoffs, h.to(HBUF.dtype.element_ty), mask=rmask[:, None])
+    tl.store(DABUF + hoffs, da.to(DABUF.dtype.element_ty), mask=rmask[:, None])
     if UPCAST:
         daq = da
     else:
@@ -214,68 +227,63 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
 
 
 @triton.jit
-def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, DWD, DWU, DBU, DS, DBD, N, D, R, s_value, rows_per_split,
-                     HAS_BU: tl.constexpr, S_MODE: tl.constexpr, NEED_DS: tl.constexpr, NEED_BD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows_per_split, split_stride,
+                     OFF_WU, OFF_BU, OFF_BD, OFF_DS,
+                     NEED_W: tl.constexpr, HAS_BU: tl.constexpr, NEED_BD: tl.constexpr, NEED_DS: tl.constexpr,
+                     S_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
+                     UPCAST: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = c < D
     rr = tl.arange(0, RP)
     rrmask = rr < R
+    acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)  # da.T @ x
+    acc_m = tl.zeros((BLOCK_D, RP), dtype=tl.float32)  # dy.T @ h, unscaled
+    acc_dy = tl.zeros((BLOCK_D,), dtype=tl.float32)  # sum of dy
+    acc_bd = tl.zeros((RP,), dtype=tl.float32)
+    start = pid_s.to(tl.int64) * rows_per_split
+    stop = tl.minimum(start + rows_per_split, N)
+    rows = tl.arange(0, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
+        # int32 offsets inside the tile; the tile's first row (int64) moves the base pointers
+        rmask = rows < stop - n0
+        m2 = rmask[:, None] & cm[None, :]
+        offs = rows[:, None] * D + c[None, :]
+        hoffs = rows[:, None] * RP + rr[None, :]
+        dyt = tl.load(DY + n0 * D + offs, mask=m2, other=0.0)
+        h = tl.load(HBUF + n0 * RP + hoffs, mask=rmask[:, None], other=0.0)
+        acc_m += mm(tl.trans(dyt), h, UPCAST)
+        acc_dy += tl.sum(dyt.to(tl.float32), axis=0)
+        if NEED_W:
+            xt = tl.load(X + n0 * D + offs, mask=m2, other=0.0)
+            da = tl.load(DABUF + n0 * RP + hoffs, mask=rmask[:, None], other=0.0)
+            acc_wd += mm(tl.trans(da), xt, UPCAST)
+            if NEED_BD:
+                acc_bd += tl.sum(da.to(tl.float32), axis=0)
+    # The scaling multiplies dy per channel: applied once here rather than to every loaded tile.
     if S_MODE == 0:
         s = tl.full((BLOCK_D,), 1.0, tl.float32) * s_value
     elif S_MODE == 1:
         s = tl.full((BLOCK_D,), 1.0, tl.float32) * tl.load(S).to(tl.float32)
     else:
         s = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)
-    if NEED_DS:
-        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+    part = PART + pid_s.to(tl.int64) * split_stride
+    if NEED_W:
+        tl.store(part + rr[:, None] * D + c[None, :], acc_wd, mask=rrmask[:, None] & cm[None, :])
+        tl.store(part + OFF_WU + c[:, None] * R + rr[None, :], acc_m * s[:, None], mask=cm[:, None] & rrmask[None, :])
         if HAS_BU:
-            bu = tl.load(BU + c, mask=cm, other=0.0).to(tl.float32)
-    acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
-    acc_wu = tl.zeros((BLOCK_D, RP), dtype=tl.float32)
-    acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_bd = tl.zeros((RP,), dtype=tl.float32)
-    start = pid_s.to(tl.int64) * rows_per_split
-    stop = tl.minimum(start + rows_per_split, N)
-    for n0 in range(start, stop, BLOCK_N):
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rmask = rows < stop
-        m2 = rmask[:, None] & cm[None, :]
-        offs = rows[:, None] * D + c[None, :]
-        xt = tl.load(X + offs, mask=m2, other=0.0)
-        dyt = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
-        hoffs = rows[:, None] * RP + rr[None, :]
-        h = tl.load(HBUF + hoffs, mask=rmask[:, None], other=0.0)
-        da = tl.load(DABUF + hoffs, mask=rmask[:, None], other=0.0)
-        g = dyt * s[None, :]
-        if UPCAST:
-            acc_wd += mm(tl.trans(da), xt, UPCAST)
-            acc_wu += mm(tl.trans(g), h, UPCAST)
-        else:
-            acc_wd += mm(tl.trans(da.to(xt.dtype)), xt, UPCAST)
-            acc_wu += mm(tl.trans(g.to(xt.dtype)), h.to(xt.dtype), UPCAST)
-        acc_bu += tl.sum(g, axis=0)
-        if NEED_DS:
-            if UPCAST:
-                up = mm(h, tl.trans(wu), UPCAST)
-            else:
-                up = mm(h.to(wu.dtype), tl.trans(wu), UPCAST)
-            if HAS_BU:
-                up += bu[None, :]
-            acc_s += tl.sum(dyt * up, axis=0)
+            tl.store(part + OFF_BU + c, acc_dy * s, mask=cm)
         if NEED_BD:
-            acc_bd += tl.sum(da, axis=0)
-    tl.atomic_add(DWD + rr[:, None] * D + c[None, :], acc_wd, mask=rrmask[:, None] & cm[None, :])
-    tl.atomic_add(DWU + c[:, None] * R + rr[None, :], acc_wu, mask=cm[:, None] & rrmask[None, :])
-    tl.atomic_add(DBU + c, acc_bu, mask=cm)
+            if pid_d == 0:
+                tl.store(part + OFF_BD + rr, acc_bd, mask=rrmask)
     if NEED_DS:
-        tl.atomic_add(DS + c, acc_s, mask=cm)
-    if NEED_BD:
-        if pid_d == 0:
-            tl.atomic_add(DBD + rr, acc_bd, mask=rrmask)
+        # d_scaling[c] = sum_n dy[n, c] * (h[n] . Wu[c] + bu[c]) = sum_k acc_m[c, k] Wu[c, k] + bu[c] sum_n dy[n, c]
+        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0).to(tl.float32)
+        ds = tl.sum(acc_m * wu, axis=1)
+        if HAS_BU:
+            ds += tl.load(BU + c, mask=cm, other=0.0).to(tl.float32) * acc_dy
+        tl.store(part + OFF_DS + c, ds, mask=cm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,10 +300,11 @@ def _blocks(rp: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) of the backward's reduction kernel (untuned heuristics)."""
     if interpreting():
         return 16, 64, 4
+    # 8 warps: at 4 the two fp32 accumulators spill to local memory (ptxas, sm_90, bf16)
     if rp <= 64:
-        return 64, 64, 4
+        return 64, 64, 8
     if rp <= 128:
-        return 32, 64, 4
+        return 32, 64, 8
     return 32, 32, 8
 
 
@@ -309,11 +318,12 @@ def row_configs():
     """Tile shapes tried by the autotuner of the per-token-tile kernels (one under the interpreter)."""
     if interpreting():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
-    if not autotuning():  # fits the registers and shared memory up to RP=256
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2)]
+    if not autotuning():  # fits the shared memory up to RP=256 without spilling registers (sm_90, bf16)
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=2)]
+    # 8 warps first: with 4, most of these tiles spill to local memory (benchmarks/compile_check_adapter.py)
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-            for bn, bd, w, st in [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 128, 8, 3),
-                                  (16, 64, 4, 2), (32, 32, 4, 2)]]  # the last two fit the shared memory at RP=256
+            for bn, bd, w, st in [(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3),
+                                  (32, 64, 4, 3), (16, 128, 4, 4), (16, 32, 8, 2), (32, 32, 8, 2)]]  # the last two fit the shared memory at RP=256
 
 
 def prune_row_configs(configs, named_args, **kwargs):
@@ -361,6 +371,8 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
 
 
 def _splits(n: int, d_blocks: int, bn: int, device) -> int:
+    """Token splits of the reduction: about two programs per SM over the whole grid. The fp32 partials
+    then hold splits x (2 r d + 2 d + r) floats, at most about 2 x SMs x (2 RP BLOCK_D + ...) floats."""
     tiles = triton.cdiv(n, bn)
     if interpreting() or device.type != "cuda":
         return min(tiles, 2)
@@ -373,50 +385,70 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     """Gradients of :func:`forward`: (dx, dWd, dbd, dWu, dbu, d_scaling).
 
     d_scaling has the scaling tensor's shape and is computed only when ``need_ds``; the weight and bias
-    gradients are None without ``need_weights`` (frozen adapter: the reduction kernel is skipped unless
-    d_scaling needs it) and the biases' when they are None; the residual's gradient is ``dy`` itself
-    (the caller returns it)."""
+    gradients are None without ``need_weights`` (frozen adapter: the reduction reads neither x nor da)
+    and the biases' when they are None; the residual's gradient is ``dy`` itself (the caller returns it).
+    No atomics: each reduction program writes its fp32 partial sums to its own slice of a
+    (splits, ...) buffer, and one ``sum(0)`` adds the splits, so the result is the same bits every run."""
     n, d = x.shape
     r = w_down.shape[0]
     rp = padded_r(r)
     bn, bd, warps = _blocks(rp)
     upcast = interpreting() or x.dtype == torch.float32
     need_ds = bool(need_ds and scaling is not None)
-    sizes = [r * d, d * r, d, d, r]
-    if w_down.dtype == torch.float32:
-        # the fp32 accumulators are the results: separate tensors, so that no two results alias
-        dwd, dwu, dbu, ds, dbd = (torch.zeros(n_, device=x.device, dtype=torch.float32) for n_ in sizes)
-    else:
-        # one fp32 buffer for every weight-side accumulator (one memset), cast at the end
-        buf = torch.zeros(sum(sizes), device=x.device, dtype=torch.float32)
-        dwd, dwu, dbu, ds, dbd = torch.split(buf, sizes)
     dx = torch.empty_like(x)
-    if n > 0:
-        hbuf = torch.empty((n, rp), device=x.device, dtype=torch.float32)
-        dabuf = torch.empty((n, rp), device=x.device, dtype=torch.float32)
+    if n == 0:
+        hbuf = dabuf = None
+    else:
+        # h and da in x's dtype: the reduction feeds them to the tensor cores in that dtype anyway
+        hbuf = torch.empty((n, rp), device=x.device, dtype=x.dtype)
+        dabuf = torch.empty((n, rp), device=x.device, dtype=x.dtype)
         dummy = x
-        s_mode = _scale_mode(scaling)
-        s_arg = scaling if scaling is not None else dummy
         _bwd_rows_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x, w_down, b_down if b_down is not None else dummy, w_up, s_arg, dy, dx, hbuf, dabuf,
-            n, d, r, float(scaling_value), n_bucket(n),
-            HAS_BD=b_down is not None, S_MODE=s_mode, ADD_DY=not has_residual, ACT=ACT_CODES[activation],
-            RP=rp, UPCAST=upcast)
-    if n > 0 and (need_weights or need_ds):
+            x, w_down, b_down if b_down is not None else dummy, w_up, scaling if scaling is not None else dummy,
+            dy, dx, hbuf, dabuf, n, d, r, float(scaling_value), n_bucket(n),
+            HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual,
+            ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
+    # Layout of one split's partial sums; only what is needed is computed.
+    regions = {}
+    if need_weights:
+        regions.update(wd=r * d, wu=d * r)
+        if b_up is not None:
+            regions["bu"] = d
+        if b_down is not None:
+            regions["bd"] = r
+    if need_ds:
+        regions["ds"] = d
+    offsets, total = {}, 0
+    for name, size in regions.items():
+        offsets[name], total = total, total + size
+    if n == 0 or total == 0:
+        sums = torch.zeros(total, device=x.device, dtype=torch.float32)  # no tokens: zero gradients
+    else:
         d_blocks = triton.cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
         rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
         splits = triton.cdiv(n, rows_per_split)
+        part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
         _bwd_cols_kernel[(d_blocks, splits)](
-            x, dy, hbuf, dabuf, w_up, b_up if b_up is not None else dummy, s_arg,
-            dwd, dwu, dbu, ds, dbd, n, d, r, float(scaling_value), rows_per_split,
-            HAS_BU=b_up is not None, S_MODE=s_mode, NEED_DS=need_ds, NEED_BD=b_down is not None,
-            BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast, num_warps=warps, num_stages=2 if rp >= 128 else 3)
-    dt = w_down.dtype
+            x, dy, hbuf, dabuf, w_up, b_up if b_up is not None else x, scaling if scaling is not None else x, part,
+            n, d, r, float(scaling_value), rows_per_split, total,
+            offsets.get("wu", 0), offsets.get("bu", 0), offsets.get("bd", 0), offsets.get("ds", 0),
+            NEED_W=need_weights, HAS_BU=b_up is not None, NEED_BD=need_weights and b_down is not None,
+            NEED_DS=need_ds, S_MODE=_scale_mode(scaling), BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast,
+            num_warps=warps, num_stages=2 if rp >= 128 else 3)
+        sums = part.sum(0) if splits > 1 else part[0]
+
+    def grad(name, shape, dtype):
+        # a copy each: gradients returned by a custom op must not alias one another
+        o = offsets[name]
+        return sums[o:o + regions[name]].view(shape).to(dtype, copy=True)
+
     d_scaling = None
     if need_ds:
+        ds = grad("ds", (d,), torch.float32)
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     if not need_weights:
         return dx, None, None, None, None, d_scaling
-    return (dx, dwd.view(r, d).to(dt), dbd.to(dt) if b_down is not None else None, dwu.view(d, r).to(dt),
-            dbu.to(dt) if b_up is not None else None, d_scaling)
+    dt = w_down.dtype
+    return (dx, grad("wd", (r, d), dt), grad("bd", (r,), dt) if b_down is not None else None,
+            grad("wu", (d, r), dt), grad("bu", (d,), dt) if b_up is not None else None, d_scaling)

@@ -182,7 +182,7 @@ TRITON_MAX_R = 256
 
 
 def triton_reasons(info) -> list:
-    why = dispatch.triton_reasons(info) + dispatch.nondeterministic_reasons()
+    why = dispatch.triton_reasons(info)  # deterministic: no atomics, fixed reduction order
     if info["r"] > TRITON_MAX_R:
         why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
     return why
