@@ -87,6 +87,11 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
         sh = comp(B._bwd_cols_kernel, p, [], ["s_value"], c, w, 2 if rp >= 128 else 3)
         failed += sh > LIMIT
         print("adapter bwd reduction", dt, rp, bn, bd, sh, "fits" if sh <= LIMIT else "TOO BIG", flush=True)
+        if rp == 256:  # the split sum has no tile depending on r: once per dtype
+            p = {"PART": "*fp32", "O0": "*" + dt, "O1": "*" + dt, "O2": "*" + dt, "O3": "*" + dt, "O4": "*fp32"}
+            sh = comp(B._sum_splits_kernel, p, [], [], dict(BLOCK=1024), 4, 3)
+            failed += sh > LIMIT
+            print("adapter bwd split sum", dt, sh, flush=True)
         bn, bd, w = F._blocks(rp)
         st = 2 if rp >= 128 else 3
         c = dict(HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)

@@ -10,7 +10,7 @@ hidden never reaches global memory.
 What the forward saves for the backward: nothing beyond its inputs (x, Wd, bd, Wu, bu, the scaling
 tensor). The backward recomputes the hidden.
 
-Backward, two launches plus one sum:
+Backward, three launches:
 1. ``_bwd_rows_kernel``, one program per token tile: recomputes ``a`` and, in the same pass over d,
    ``dh = (s * dy) @ Wu``; then ``h = act(a)``, ``da = dh * act'(a)``; writes ``h`` and ``da`` (r-wide,
    N x RP in x's dtype: the only intermediates that touch global memory) and
@@ -19,8 +19,9 @@ Backward, two launches plus one sum:
    tokens into ``da.T @ x`` (dWd), ``M = dy.T @ h``, ``sum(dy)`` and ``sum(da)`` (dbd, programs of the
    first d block) in fp32, then applies the scaling once: ``dWu = s * M``, ``dbu = s * sum(dy)``, and
    ``d_scaling = rowsum(M * Wu) + bu * sum(dy)`` (exact algebra: no second pass over the hidden). It
-   writes these fp32 partial sums to its own slice of a (splits, ...) buffer; one ``sum(0)`` adds the
-   splits. No atomics, so the gradients are the same bits on every run.
+   writes these fp32 partial sums to its own slice of a (splits, ...) buffer.
+3. ``_sum_splits_kernel`` adds the splits in a fixed order and writes each gradient in its own dtype.
+No atomics, so the gradients are the same bits on every run.
 ``d_residual`` is ``dy`` itself.
 
 Tile shapes of the per-token-tile kernels are autotuned per (d, RP, power-of-two class of N, dtype
@@ -286,6 +287,24 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
         tl.store(part + OFF_DS + c, ds, mask=cm)
 
 
+@triton.jit
+def _sum_splits_kernel(PART, O0, O1, O2, O3, O4, total, splits, E0, E1, E2, E3, BLOCK: tl.constexpr):
+    """Adds the (splits, total) fp32 partial sums in split order (the same bits every run) and writes
+    region k = [E(k-1), Ek) of the result to its own tensor Ok in Ok's dtype (E4 = total)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    src = PART + i
+    for _ in range(0, splits):
+        acc += tl.load(src, mask=m, other=0.0)
+        src += total  # pointer steps: no int32 product of split and size
+    tl.store(O0 + i, acc.to(O0.dtype.element_ty), mask=m & (i < E0))
+    tl.store(O1 + (i - E0), acc.to(O1.dtype.element_ty), mask=m & (i >= E0) & (i < E1))
+    tl.store(O2 + (i - E1), acc.to(O2.dtype.element_ty), mask=m & (i >= E1) & (i < E2))
+    tl.store(O3 + (i - E2), acc.to(O3.dtype.element_ty), mask=m & (i >= E2) & (i < E3))
+    tl.store(O4 + (i - E3), acc.to(O4.dtype.element_ty), mask=m & (i >= E3))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launchers (plain tensors in and out; autograd lives in pet_fast/ops/bottleneck_adapter.py).
 
@@ -388,7 +407,8 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     gradients are None without ``need_weights`` (frozen adapter: the reduction reads neither x nor da)
     and the biases' when they are None; the residual's gradient is ``dy`` itself (the caller returns it).
     No atomics: each reduction program writes its fp32 partial sums to its own slice of a
-    (splits, ...) buffer, and one ``sum(0)`` adds the splits, so the result is the same bits every run."""
+    (splits, ...) buffer; ``_sum_splits_kernel`` adds the splits in a fixed order and writes every
+    gradient in its dtype, so the result is the same bits on every run (three launches in all)."""
     n, d = x.shape
     r = w_down.shape[0]
     rp = padded_r(r)
@@ -408,22 +428,28 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             dy, dx, hbuf, dabuf, n, d, r, float(scaling_value), n_bucket(n),
             HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual,
             ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
-    # Layout of one split's partial sums; only what is needed is computed.
-    regions = {}
+    # One split's partial sums, region by region (only what is needed), and the tensor each lands in:
+    # separate allocations, since gradients returned by a custom op must not alias one another.
+    dt = w_down.dtype
+    new = lambda *shape, dtype=dt: torch.empty(shape, device=x.device, dtype=dtype)
+    outs = {}
     if need_weights:
-        regions.update(wd=r * d, wu=d * r)
+        outs.update(wd=new(r, d), wu=new(d, r))
         if b_up is not None:
-            regions["bu"] = d
+            outs["bu"] = new(d)
         if b_down is not None:
-            regions["bd"] = r
+            outs["bd"] = new(r)
     if need_ds:
-        regions["ds"] = d
-    offsets, total = {}, 0
-    for name, size in regions.items():
-        offsets[name], total = total, total + size
-    if n == 0 or total == 0:
-        sums = torch.zeros(total, device=x.device, dtype=torch.float32)  # no tokens: zero gradients
-    else:
+        outs["ds"] = new(d, dtype=scaling.dtype if scaling.dim() == 1 else torch.float32)
+    ends, total = [], 0
+    for t in outs.values():
+        total += t.numel()
+        ends.append(total)
+    offsets = dict(zip(outs, [0] + ends[:-1]))
+    if total > 0 and n == 0:
+        for t in outs.values():
+            t.zero_()  # no tokens: zero gradients
+    elif total > 0:
         d_blocks = triton.cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
         rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
@@ -436,19 +462,13 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             NEED_W=need_weights, HAS_BU=b_up is not None, NEED_BD=need_weights and b_down is not None,
             NEED_DS=need_ds, S_MODE=_scale_mode(scaling), BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast,
             num_warps=warps, num_stages=2 if rp >= 128 else 3)
-        sums = part.sum(0) if splits > 1 else part[0]
-
-    def grad(name, shape, dtype):
-        # a copy each: gradients returned by a custom op must not alias one another
-        o = offsets[name]
-        return sums[o:o + regions[name]].view(shape).to(dtype, copy=True)
-
+        o = list(outs.values()) + [part] * (5 - len(outs))  # absent regions: empty, never stored to
+        e = ends[:-1] + [total] * (5 - len(ends))
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
     d_scaling = None
     if need_ds:
-        ds = grad("ds", (d,), torch.float32)
-        d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
+        d_scaling = outs["ds"] if scaling.dim() == 1 else outs["ds"].sum().to(scaling.dtype)
     if not need_weights:
         return dx, None, None, None, None, d_scaling
-    dt = w_down.dtype
-    return (dx, grad("wd", (r, d), dt), grad("bd", (r,), dt) if b_down is not None else None,
-            grad("wu", (d, r), dt), grad("bu", (d,), dt) if b_up is not None else None, d_scaling)
+    return dx, outs["wd"], outs.get("bd"), outs["wu"], outs.get("bu"), d_scaling
