@@ -161,12 +161,24 @@ def main():
             del t
             common.write(args.json, rows, partial=True)  # a run stopped at a time limit keeps its rows
     common.print_table(rows, ["op", "mode", "backend", "n", "d", "r", "k", "us", "vs_eager", "vs_floor", "floor_us"])
-    common.write(args.json, rows, copy_rate_GBps=round(rate * 1e-3, 1),
+    common.write(args.json, rows, copy_rate_GBps=round(rate * 1e-3, 1), tuned=tuned_configs() if gpu else {},
                  note="vs_eager = eager time / this time (>1: faster); vs_floor = this time / byte-floor time")
     table_path = args.table or (os.path.join(os.path.dirname(os.path.abspath(args.json)), "dispatch_table.json")
                                 if args.json else None)
     if gpu and table_path:
         write_table(rows, common.environment(), table_path)
+
+
+def tuned_configs() -> dict:
+    """The tile the autotuner chose per kernel and key (what to keep when trimming the configurations)."""
+    from pet_fast.kernels import bottleneck_adapter as ka, stacked_adapter_fusion as kf
+
+    out = {}
+    for name, tuner in [("adapter_fwd", ka._fwd_tuned), ("adapter_bwd_rows", ka._bwd_rows_tuned)] + [
+            (f"fusion_{n}", getattr(kf, n)) for n in dir(kf) if n.endswith("_tuned")]:
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            out.setdefault(name, {})[str(key)] = str(cfg)
+    return out
 
 
 def write_table(rows, env, path) -> None:
