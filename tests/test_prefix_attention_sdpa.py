@@ -244,3 +244,41 @@ def test_compiles_fullgraph_and_matches_eager(P, causal, pad):
     assert rel_err(y, y_ref) < 1e-6
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: SDPA's CUDA kernels (flash without a mask, the memory-efficient one with a mask, enable_gqa).
+
+GPU_CASES = [
+    # B, Hq, Hkv, L, S, D, P, prefix, padding, causal
+    (2, 4, 4, 129, 200, 64, 20, "shared", "right", False),
+    (2, 8, 2, 257, 257, 64, 30, "per_batch", "left", True),
+    (2, 8, 2, 190, 190, 128, 0, "shared", None, True),       # is_causal with enable_gqa
+    (2, 8, 2, 100, 333, 80, 7, "expanded", None, False),     # no mask: flash with enable_gqa
+    (3, 4, 4, 77, 50, 64, None, None, "right", True),        # rows with no key (L > S, no prefix)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,D,P,prefix,pad,causal", GPU_CASES)
+def test_gpu_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, prefix, pad, causal):
+    tensors, kpm, gy = make(B, Hq, Hkv, L, S, D, P, prefix, pad, seed=4)
+    if pad == "right":
+        kpm[-1] = False  # one sequence all padding
+    tensors = tuple(None if t is None else t.cuda() for t in tensors)
+    kpm, gy = (None if kpm is None else kpm.cuda()), gy.cuda()
+    got = forward_backward(op.sdpa, tensors, kpm, causal, gy, dtype)
+    want = forward_backward(op.reference, tensors, kpm, causal, gy, torch.float64)
+    base = None if dtype == torch.float32 else forward_backward(op.reference, tensors, kpm, causal, gy, dtype)
+    for i, (name, a, r) in enumerate(zip(NAMES, got, want)):
+        if r is None or r.numel() == 0:
+            continue
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        if base is None:
+            assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
+            continue
+        err = (a.double() - r).abs().max().item()
+        base_err = (base[i].double() - r).abs().max().item()
+        atol = (1e-2 if dtype == torch.bfloat16 else 2e-3) * max(1.0, r.abs().max().item())
+        assert err <= 2 * base_err + atol, (name, err, base_err)
