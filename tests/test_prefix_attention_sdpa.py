@@ -246,6 +246,26 @@ def test_compiles_fullgraph_and_matches_eager(P, causal, pad):
         assert rel_err(a, b) < 1e-6
 
 
+def test_compiles_with_dynamic_shapes():
+    """dynamic=True: the shape tests of sdpa (P == 0, L == S, L > S) are symbolic; they become guards,
+    never a graph break or a SymBool handed to SDPA."""
+    def f(q, k, v, pk, pv, kpm):
+        return pet_fast.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True, backend="eager")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    g = torch.Generator().manual_seed(5)
+    for L, S, P, pad in [(5, 7, 3, True), (6, 6, 0, False), (7, 3, 0, True)]:
+        q = torch.randn(2, 4, L, 8, generator=g, requires_grad=True)
+        k, v = torch.randn(2, 2, S, 8, generator=g), torch.randn(2, 2, S, 8, generator=g)
+        pk, pv = torch.randn(2, P, 8, generator=g), torch.randn(2, P, 8, generator=g)
+        kpm = torch.rand(2, S, generator=g) < 0.7 if pad else None
+        out = compiled(q, k, v, pk, pv, kpm)
+        (dq,) = torch.autograd.grad(out.sum(), [q])
+        ref = op.reference(q, k, v, pk, pv, kpm, True)
+        (rq,) = torch.autograd.grad(ref.sum(), [q])
+        assert rel_err(out, ref) < 1e-5 and rel_err(dq, rq) < 1e-5, (L, S, P, pad)
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU: SDPA's CUDA kernels (flash without a mask, the memory-efficient one with a mask, enable_gqa).
 

@@ -166,7 +166,7 @@ def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
     the call allows: (B, 1, 1, P + S) for padding alone, (1, 1, L, P + S) for causality alone.
     ``rows``: None when every query row sees at least one key (always so with P > 0); else a bool
     mask broadcastable to (B, 1, L, 1) of the rows that do. Such rows are given every key in
-    ``attn_mask`` (SDPA would return NaN for a row with none) and zeroed afterwards."""
+    ``attn_mask`` (SDPA may return NaN for a row with none) and zeroed afterwards."""
     seq = None  # which of the S sequence keys each query may see
     if key_padding_mask is not None:
         seq = key_padding_mask[:, None, None, :]
@@ -177,8 +177,7 @@ def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
         seq = tri if seq is None else seq & tri
     # rows with no key at all are possible only without a prefix, and only with padding, with no keys,
     # or with causality and more queries than keys (bottom-right alignment)
-    empty_rows = P == 0 and (key_padding_mask is not None or S == 0 or (causal and L > S))
-    if not empty_rows:
+    if not (P == 0 and (key_padding_mask is not None or S == 0 or (causal and L > S))):
         rows = None
     else:
         if seq is None:  # S == 0 and no prefix: no row sees anything
@@ -212,7 +211,11 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
             prefix_v = prefix_v.unsqueeze(0).expand(B, -1, -1, -1)
         k = torch.cat([prefix_k, k], dim=2)
         v = torch.cat([prefix_v, v], dim=2)
-    use_is_causal = causal and key_padding_mask is None and P == 0 and L == S and S > 0
+    # an `if`, not a bool expression: under torch.compile with dynamic shapes the comparisons are
+    # SymBools, which a branch turns into guards but SDPA's is_causal argument refuses
+    use_is_causal = False
+    if causal and key_padding_mask is None and P == 0 and L == S and S > 0:
+        use_is_causal = True
     if use_is_causal:
         mask, rows = None, None
     else:
