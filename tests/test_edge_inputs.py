@@ -190,7 +190,7 @@ def _hidden_nan_cases():
     # The eager backend (SDPA) adds its mask to the scores, so a NaN key leaks into rows that cannot
     # see it (NaN + -inf is NaN); the module docstring says so. Strict: a torch that hides it passes
     # this test, which then fails until the mark is removed.
-    leaks = pytest.mark.xfail(strict=True, reason="SDPA lets a NaN in a hidden key reach every row")
+    leaks = pytest.mark.xfail(strict=True, reason="SDPA lets a NaN in a hidden key reach the rows that cannot see it")
     return [pytest.param(b, marks=[leaks] if b == "eager" else []) for b in backends("prefix_attention")]
 
 
