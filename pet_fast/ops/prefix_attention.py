@@ -197,8 +197,9 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     No mask is built without padding and causality, so SDPA may take its flash kernel; causal without
     padding and prefix with L == S is SDPA's ``is_causal`` (its top-left alignment is bottom-right
     there); anything else passes a broadcast bool mask. Grouped-query attention uses SDPA's
-    ``enable_gqa`` on CUDA without a mask (the kernels that take a mask, and the CPU's, have no
-    GQA and would fall back to the math path), else repeats the key/value heads. Rows that see no
+    ``enable_gqa`` for fp16/bf16 on CUDA without a mask (the flash kernel's case; CUDA's
+    memory-efficient kernel, which takes masks and fp32, and the CPU's flash kernel have no GQA and
+    would fall back to the math path), else repeats the key/value heads. Rows that see no
     key are zeros with no gradient, as the contract says (SDPA alone would give NaN there on some
     devices). Plain torch ops only: autograd, every dtype, torch.compile(fullgraph=True)."""
     B, Hq, L, D = q.shape
