@@ -6,8 +6,10 @@ Training shapes (forward, and forward+backward with gradients for q, k, v and th
   P30 with Hkv=4 (padding).
 Decode shapes (no autograd): B32 Hq32 Hkv8 D128 P20, 1 new token, caches of 512 and 4096 keys.
 Every row gives its median in microseconds, the ratio to the limit measured in the same run, and the
-speed-up over concatenation + SDPA with the padding mask. bf16 on a GPU; ``--quick`` runs tiny fp32
-shapes on the CPU with the eager reference and SDPA only.
+speed-up over concatenation + SDPA with the padding mask. "pet_fast eager (sdpa)" is the op's eager
+backend (what auto falls back to, and the CPU path); "reference (definition)" is the op's materialised
+reference, timed on the smaller shapes only (it holds fp32 scores of every query and key).
+bf16 on a GPU; ``--quick`` runs tiny fp32 shapes on the CPU with the eager paths and SDPA only.
 
     python benchmarks/bench_prefix_attention.py --json benchmarks/results/prefix_attention.json
 """
@@ -23,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import bench_us, checkpoint, keep_partial, parser, print_table, write  # noqa: E402
 
 import pet_fast  # noqa: E402
+from pet_fast.ops import prefix_attention as attention_ops  # noqa: E402
+
+REFERENCE_MAX_SCORES = 2 ** 27  # time the reference only where B * Hq * L * (P + S) is at most this
 
 
 def make_inputs(B, Hq, Hkv, L, S, D, P, dtype, device, grad):
@@ -127,9 +132,12 @@ def training_rows(quick, device, dtype, flex=True):
                 "sdpa, no prefix, no padding (limit)": (lambda q, k, v, pk, pv, m, c: limit_sdpa(q, k, v, c)),
                 "cat + sdpa, no padding": (lambda q, k, v, pk, pv, m, c: cat_sdpa(q, k, v, pk, pv, m, c, False)),
                 "cat + sdpa + padding mask": (lambda q, k, v, pk, pv, m, c: cat_sdpa(q, k, v, pk, pv, m, c, True)),
-                "eager reference + padding": (lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
+                "pet_fast eager (sdpa) + padding": (lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
                     q, k, v, pk, pv, key_padding_mask=m, causal=c, backend="eager")),
             }
+            if B * Hq * L * (P + S) <= REFERENCE_MAX_SCORES:
+                cands["reference (definition) + padding"] = (lambda q, k, v, pk, pv, m, c: attention_ops.reference(
+                    q, k, v, pk, pv, key_padding_mask=m, causal=c))
             if not quick:
                 cands["pet_fast triton + padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
                     q, k, v, pk, pv, key_padding_mask=m, causal=c, backend="triton")
@@ -168,7 +176,7 @@ def decode_rows(quick, device, dtype):
         cands = {
             "sdpa, no prefix, no padding (limit)": lambda: limit_sdpa(q, k, v, False),
             "cat + sdpa + padding mask": lambda: cat_sdpa(q, k, v, pk, pv, kpm, True, True),
-            "eager reference + padding": lambda: pet_fast.prefix_attention(
+            "pet_fast eager (sdpa) + padding": lambda: pet_fast.prefix_attention(
                 q, k, v, pk, pv, key_padding_mask=kpm, causal=True, backend="eager"),
         }
         if not quick:

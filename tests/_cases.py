@@ -26,6 +26,9 @@ from test_ops_masked_linear import ref64 as masked64
 from test_ops_prefix_attention import ref64 as attention64
 
 OPS = ("bottleneck_adapter", "masked_linear", "prefix_attention", "adapter_fusion", "stacked_adapter_fusion")
+# A pseudo-backend for run(): the op's eager reference function, its definition. That is the eager
+# backend for every op but prefix_attention, whose eager backend runs SDPA instead.
+REFERENCE = "reference"
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -237,6 +240,9 @@ def build_attention(p, dtype, device, seed=0, rand=None, loop_limit=96) -> Built
         return None if kpm is None else kpm.to(on)
 
     def call(a, backend):
+        if backend == REFERENCE:  # the definition (the eager backend is SDPA, not this)
+            return attention_ops.reference(a["q"], a["k"], a["v"], a.get("prefix_k"), a.get("prefix_v"),
+                                           mask(a["q"].device), p["causal"], p.get("scale"))
         return pet_fast.prefix_attention(a["q"], a["k"], a["v"], a.get("prefix_k"), a.get("prefix_v"),
                                          key_padding_mask=mask(a["q"].device), causal=p["causal"],
                                          scale=p.get("scale"), backend=backend)
@@ -366,8 +372,11 @@ def fresh(leaves: dict) -> dict:
 
 
 def run(b: Built, backend, leaves=None, gy=None, grads=True):
-    """(output, {leaf name: gradient}) of the op on ``backend`` (gradients for ``gy``)."""
+    """(output, {leaf name: gradient}) of the op on ``backend`` (gradients for ``gy``); ``REFERENCE``
+    runs the op's definition in the leaves' dtype."""
     leaves = fresh(b.leaves) if leaves is None else leaves
+    if backend == REFERENCE and b.op != "prefix_attention":
+        backend = "eager"
     out = b.call(b.views(leaves), backend)
     if not grads:
         return out, {}

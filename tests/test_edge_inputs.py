@@ -136,12 +136,13 @@ def test_empty_inputs(op, over):
 
 # ----- NaN and inf -------------------------------------------------------------------------------------
 def eager_and(op, backend, p, poison, device="cpu"):
-    """Outputs of eager and ``backend`` on the same inputs after ``poison(leaves)`` (in place)."""
+    """Outputs of the op's eager definition (its reference function: for prefix_attention not the eager
+    backend, which runs SDPA) and of ``backend`` on the same inputs after ``poison(leaves)`` (in place)."""
     b = _cases.build(op, p, device=device)
     with torch.no_grad():
         poison(b.leaves)
     outs = []
-    for name in ("eager", backend):
+    for name in (_cases.REFERENCE, backend):
         out, _ = _cases.run(b, name, grads=False)
         outs.append(out.detach())
     return outs
@@ -185,7 +186,15 @@ def check_hidden_nan_key(backend, device="cpu"):
     assert torch.isfinite(eager[1]).all()
 
 
-@pytest.mark.parametrize("backend", backends("prefix_attention"))
+def _hidden_nan_cases():
+    # The eager backend (SDPA) adds its mask to the scores, so a NaN key leaks into rows that cannot
+    # see it (NaN + -inf is NaN); the module docstring says so. Strict: a torch that hides it passes
+    # this test, which then fails until the mark is removed.
+    leaks = pytest.mark.xfail(strict=True, reason="SDPA lets a NaN in a hidden key reach the rows that cannot see it")
+    return [pytest.param(b, marks=[leaks] if b == "eager" else []) for b in backends("prefix_attention")]
+
+
+@pytest.mark.parametrize("backend", _hidden_nan_cases())
 def test_nan_key_hidden_by_causality_stays_hidden(backend):
     check_hidden_nan_key(backend)
 

@@ -45,9 +45,14 @@ def make(B, Hq, Hkv, L, S, D, P, prefix="shared", dtype=torch.float32, device="c
 
 
 def run(backend, tensors, kpm, causal, grad_out, scale=None):
-    """Output and gradients (None where an input is absent) of one backend, in the tensors' dtype."""
+    """Output and gradients (None where an input is absent) of one backend, in the tensors' dtype.
+    ``"reference"`` runs the op's definition, :func:`op.reference` (the eager backend is SDPA): the
+    float64 reference and the low-precision baseline of the precision rule."""
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-    out = pet_fast.prefix_attention(*leaves, key_padding_mask=kpm, causal=causal, scale=scale, backend=backend)
+    if backend == "reference":
+        out = op.reference(*leaves, key_padding_mask=kpm, causal=causal, scale=scale)
+    else:
+        out = pet_fast.prefix_attention(*leaves, key_padding_mask=kpm, causal=causal, scale=scale, backend=backend)
     present = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(out, present, grad_out.to(out.dtype), allow_unused=True)
     it = iter(grads)
@@ -55,7 +60,8 @@ def run(backend, tensors, kpm, causal, grad_out, scale=None):
 
 
 def reference64(tensors, kpm, causal, grad_out, scale=None):
-    return run("eager", [None if t is None else t.double() for t in tensors], kpm, causal, grad_out.double(), scale)
+    return run("reference", [None if t is None else t.double() for t in tensors], kpm, causal, grad_out.double(),
+               scale)
 
 
 NAMES = ("out", "dq", "dk", "dv", "d_prefix_k", "d_prefix_v")
@@ -96,7 +102,7 @@ def test_float16_follows_the_precision_rule(B, Hq, Hkv, L, S, D, P, prefix, pad,
     kpm = padding_mask(B, S, pad)
     gy = torch.randn(B, Hq, L, D)
     got = run("triton", tensors, kpm, causal, gy)
-    eager = run("eager", tensors, kpm, causal, gy)
+    eager = run("reference", tensors, kpm, causal, gy)
     ref = reference64(tensors, kpm, causal, gy)
     for name, a, e, r in zip(NAMES, [got[0]] + got[1], [eager[0]] + eager[1], [ref[0]] + ref[1]):
         assert a.dtype == torch.float16, name
@@ -225,7 +231,7 @@ def test_gpu_triton_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, pr
             if r is not None:
                 assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
         return
-    eager = run("eager", tensors, kpm, causal, gy)
+    eager = run("reference", tensors, kpm, causal, gy)
     for name, a, e, r in zip(NAMES, [got[0]] + got[1], [eager[0]] + eager[1], [ref[0]] + ref[1]):
         if r is None:
             continue
@@ -254,9 +260,8 @@ def test_gpu_cuda_decode_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, 
         info = op.describe(tensors[0], tensors[1], tensors[3], kpm, causal, tensors[2], tensors[4])
         assert dispatch.select(op.OP, info).backend == "cuda"
         got = pet_fast.prefix_attention(*tensors, key_padding_mask=kpm, causal=causal, backend="cuda")
-        eager = pet_fast.prefix_attention(*tensors, key_padding_mask=kpm, causal=causal, backend="eager")
-        ref = pet_fast.prefix_attention(*(None if t is None else t.double() for t in tensors),
-                                        key_padding_mask=kpm, causal=causal, backend="eager")
+        eager = op.reference(*tensors, key_padding_mask=kpm, causal=causal)  # the definition in dtype
+        ref = op.reference(*(None if t is None else t.double() for t in tensors), key_padding_mask=kpm, causal=causal)
     assert got.dtype == dtype and got.shape == tensors[0].shape
     err = (got.double() - ref).abs().max().item()
     eager_err = (eager.double() - ref).abs().max().item()

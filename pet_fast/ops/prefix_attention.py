@@ -18,7 +18,14 @@ A query row that sees no key at all returns zeros (never NaN) and passes no grad
 All floating tensors share q's dtype and device; the output has q's shape.
 
 Backends
-    eager   :func:`reference` (concatenation, dense mask), any device and dtype.
+    eager   :func:`sdpa`: the prefix concatenated onto the keys/values and one call of
+            ``torch.nn.functional.scaled_dot_product_attention`` with no mask when there is no padding
+            and no causality (or ``is_causal`` where L == S and P == 0), else a broadcast bool mask;
+            any device and dtype, differentiable through autograd. :func:`reference` (scores and a
+            dense mask materialised, softmax in float32) stays the definition every backend is
+            tested against; it is not dispatched to. One difference: SDPA adds its mask to the
+            scores, so a NaN or inf in a key that a query may not see (padding, causality) may still
+            reaches that query's row, where the reference and the kernels keep it hidden.
     triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
             / ``_bwd`` (torch.compile sees one node each, no graph break): flash-attention forward and
             backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
@@ -34,6 +41,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import dispatch
 from . import _checks
@@ -132,7 +140,102 @@ def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None) ->
     )
 
 
-dispatch.register(OP, "eager", reference)
+def _sdpa_takes_enable_gqa() -> bool:
+    """Whether the installed torch's SDPA has ``enable_gqa`` (torch >= 2.5); asked once, at import."""
+    try:
+        import inspect
+
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try it on a tiny input
+        pass
+    try:
+        t = torch.zeros(1, 2, 1, 1)
+        F.scaled_dot_product_attention(t, t[:, :1], t[:, :1], enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+_SDPA_GQA = _sdpa_takes_enable_gqa()
+
+
+def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
+    """(attn_mask, rows) for :func:`sdpa`, decided from the arguments only (no look at tensor values).
+
+    ``attn_mask``: None, or a bool mask broadcastable to (B, 1, L, P + S) (True = attend), as small as
+    the call allows: (B, 1, 1, P + S) for padding alone, (1, 1, L, P + S) for causality alone.
+    ``rows``: None when every query row sees at least one key (always so with P > 0); else a bool
+    mask broadcastable to (B, 1, L, 1) of the rows that do. Such rows are given every key in
+    ``attn_mask`` (SDPA may return NaN for a row with none) and zeroed afterwards."""
+    seq = None  # which of the S sequence keys each query may see
+    if key_padding_mask is not None:
+        seq = key_padding_mask[:, None, None, :]
+    if causal:
+        i = torch.arange(L, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        tri = (j <= i + (S - L))[None, None]
+        seq = tri if seq is None else seq & tri
+    # rows with no key at all are possible only without a prefix, and only with padding, with no keys,
+    # or with causality and more queries than keys (bottom-right alignment)
+    if not (P == 0 and (key_padding_mask is not None or S == 0 or (causal and L > S))):
+        rows = None
+    else:
+        if seq is None:  # S == 0 and no prefix: no row sees anything
+            seq = torch.ones(1, 1, 1, S, dtype=torch.bool, device=device)
+        rows = seq.any(dim=-1, keepdim=True)
+        seq = seq | ~rows
+    if seq is None or P == 0:
+        return seq, rows
+    prefix_cols = torch.ones(*seq.shape[:-1], P, dtype=torch.bool, device=device)
+    return torch.cat([prefix_cols, seq], dim=-1), rows
+
+
+def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The eager backend (same signature and contract as :func:`reference`): the prefix concatenated
+    onto the keys and values, then ``torch.nn.functional.scaled_dot_product_attention``.
+
+    No mask is built without padding and causality, so SDPA may take its flash kernel; causal without
+    padding and prefix with L == S is SDPA's ``is_causal`` (its top-left alignment is bottom-right
+    there); anything else passes a broadcast bool mask. Grouped-query attention uses SDPA's
+    ``enable_gqa`` for fp16/bf16 on CUDA without a mask (the flash kernel's case; CUDA's
+    memory-efficient kernel, which takes masks and fp32, and the CPU's flash kernel have no GQA and
+    would fall back to the math path), else repeats the key/value heads. Rows that see no
+    key are zeros with no gradient, as the contract says (SDPA alone would give NaN there on some
+    devices). Plain torch ops only: autograd, every dtype, torch.compile(fullgraph=True)."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
+    if P > 0:
+        if prefix_k.dim() == 3:
+            prefix_k = prefix_k.unsqueeze(0).expand(B, -1, -1, -1)
+            prefix_v = prefix_v.unsqueeze(0).expand(B, -1, -1, -1)
+        k = torch.cat([prefix_k, k], dim=2)
+        v = torch.cat([prefix_v, v], dim=2)
+    # an `if`, not a bool expression: under torch.compile with dynamic shapes the comparisons are
+    # SymBools, which a branch turns into guards but SDPA's is_causal argument refuses
+    use_is_causal = False
+    if causal and key_padding_mask is None and P == 0 and L == S and S > 0:
+        use_is_causal = True
+    if use_is_causal:
+        mask, rows = None, None
+    else:
+        mask, rows = _sdpa_masks(B, L, S, P, key_padding_mask, causal, q.device)
+    group = Hq // Hkv
+    extra = {}
+    if group > 1:
+        if _SDPA_GQA and mask is None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+            extra["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=use_is_causal, scale=scale, **extra)
+    if rows is not None:
+        out = torch.where(rows, out, out.new_zeros(()))
+    return out
+
+
+dispatch.register(OP, "eager", sdpa)
 
 
 # ---------------------------------------------------------------------------------------------------
