@@ -25,7 +25,7 @@ Backends
             dense mask materialised, softmax in float32) stays the definition every backend is
             tested against; it is not dispatched to. One difference: SDPA adds its mask to the
             scores, so a NaN or inf in a key that a query may not see (padding, causality) may still
-            reaches that query's row, where the reference and the kernels keep it hidden.
+            reach that query's row, where the reference and the kernels keep it hidden.
     triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
             / ``_bwd`` (torch.compile sees one node each, no graph break): flash-attention forward and
             backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
