@@ -24,6 +24,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 64;
 constexpr int kColsPerThread = kDecodeMaxHeadDim / kThreads;  // 2
 constexpr int kLanesElems = kDecodeMaxHeadDim / 32;           // 8
+constexpr int kKeysInFlight = 4;  // key (or value) rows a warp (or thread) loads before using them
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -84,35 +85,48 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   for (int c0 = k_begin; c0 < k_end; c0 += kChunk) {
     const int c_n = min(kChunk, k_end - c0);
-    // (a) scores
-    for (int t = warp; t < c_n; t += kWarps) {
-      const int key = c0 + t;
-      const bool is_prefix = key < P;
-      const int j = key - P;
-      bool key_ok = true;
-      if (!is_prefix) {
-        key_ok = j < len_b && (key_mask == nullptr || key_mask[(long long)b * S + j] != 0);
+    // (a) scores. A warp takes kKeysInFlight keys at a time and loads all their slices before any
+    // reduction, so that several row loads are in flight per warp instead of one.
+    for (int t0 = warp * kKeysInFlight; t0 < c_n; t0 += kWarps * kKeysInFlight) {
+      float kr[kKeysInFlight][kLanesElems];
+      bool ok_key[kKeysInFlight];
+#pragma unroll
+      for (int u = 0; u < kKeysInFlight; ++u) {
+        const int t = t0 + u;
+        const int key = c0 + t;
+        const bool is_prefix = key < P;
+        const int j = key - P;
+        bool key_ok = t < c_n;
+        if (key_ok && !is_prefix) key_ok = j < len_b && (key_mask == nullptr || key_mask[(long long)b * S + j] != 0);
+        ok_key[u] = key_ok;
+        const T* krow = is_prefix ? k_pre + (long long)key * D : k_seq + (long long)j * D;
+#pragma unroll
+        for (int e = 0; e < kLanesElems; ++e) {
+          const int d = lane + 32 * e;
+          kr[u][e] = (key_ok && d < D) ? to_float(krow[d]) : 0.f;
+        }
       }
-      if (lane == 0) valid_s[t] = key_ok;
-      const T* krow = is_prefix ? k_pre + (long long)key * D : k_seq + (long long)j * D;
-      float kr[kLanesElems];
 #pragma unroll
-      for (int e = 0; e < kLanesElems; ++e) {
-        const int d = lane + 32 * e;
-        kr[e] = (key_ok && d < D) ? to_float(krow[d]) : 0.f;
-      }
+      for (int u = 0; u < kKeysInFlight; ++u) {
+        const int t = t0 + u;
+        if (t >= c_n) break;
+        const int key = c0 + t;
+        const bool is_prefix = key < P;
+        const int j = key - P;
+        if (lane == 0) valid_s[t] = ok_key[u];
 #pragma unroll
-      for (int i = 0; i < kDecodeMaxQueries; ++i) {
-        if (i < L) {
-          float part = 0.f;
+        for (int i = 0; i < kDecodeMaxQueries; ++i) {
+          if (i < L) {
+            float part = 0.f;
 #pragma unroll
-          for (int e = 0; e < kLanesElems; ++e) {
-            const int d = lane + 32 * e;
-            if (d < D) part += q_s[i * D + d] * kr[e];
+            for (int e = 0; e < kLanesElems; ++e) {
+              const int d = lane + 32 * e;
+              if (d < D) part += q_s[i * D + d] * kr[u][e];
+            }
+            part = warp_sum(part);
+            const bool ok = ok_key[u] && (is_prefix || !causal || j <= i + causal_shift);
+            if (lane == 0) s_s[i * kChunk + t] = ok ? part : -INFINITY;
           }
-          part = warp_sum(part);
-          const bool ok = key_ok && (is_prefix || !causal || j <= i + causal_shift);
-          if (lane == 0) s_s[i * kChunk + t] = ok ? part : -INFINITY;
         }
       }
     }
@@ -141,7 +155,8 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
     }
     __syncthreads();
-    // (c) weighted values
+    // (c) weighted values, kKeysInFlight value rows loaded before they are used (a chain of one load
+    // per key would leave each thread waiting on memory latency key after key).
 #pragma unroll
     for (int c = 0; c < kColsPerThread; ++c) {
       const int d = tid + c * kThreads;
@@ -149,13 +164,24 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
         for (int i = 0; i < kDecodeMaxQueries; ++i)
           if (i < L) acc[i][c] *= alpha_s[i];
-        for (int t = 0; t < c_n; ++t) {
-          const int key = c0 + t;
-          if (!valid_s[t]) continue;
-          const float vv = key < P ? to_float(v_pre[(long long)key * D + d]) : to_float(v_seq[(long long)(key - P) * D + d]);
+        for (int t0 = 0; t0 < c_n; t0 += kKeysInFlight) {
+          float vv[kKeysInFlight];
 #pragma unroll
-          for (int i = 0; i < kDecodeMaxQueries; ++i)
-            if (i < L) acc[i][c] += s_s[i * kChunk + t] * vv;
+          for (int u = 0; u < kKeysInFlight; ++u) {
+            const int t = t0 + u;
+            const int key = c0 + t;
+            vv[u] = 0.f;
+            if (t < c_n && valid_s[t])
+              vv[u] = key < P ? to_float(v_pre[(long long)key * D + d]) : to_float(v_seq[(long long)(key - P) * D + d]);
+          }
+#pragma unroll
+          for (int u = 0; u < kKeysInFlight; ++u) {
+            if (t0 + u < c_n) {  // s_s past c_n holds stale values
+#pragma unroll
+              for (int i = 0; i < kDecodeMaxQueries; ++i)
+                if (i < L) acc[i][c] += s_s[i * kChunk + t0 + u] * vv[u];
+            }
+          }
         }
       }
     }
