@@ -201,9 +201,35 @@ def decode_rows(quick, device, dtype):
     return rows
 
 
+BACKEND_IMPLS = {"pet_fast eager (sdpa) + padding": "eager", "pet_fast triton + padding": "triton",
+                 "pet_fast cuda decode + padding": "cuda"}
+
+
+def dispatch_table(rows) -> dict:
+    """auto's order per kind of call (decode, fwd, fwd+bwd) from the padded rows of each backend: the
+    backend that is fastest on more shapes first, ties broken by total time; only shapes where every
+    compared backend ran count."""
+    orders = {}
+    for mode in ("decode", "fwd", "fwd+bwd"):
+        per_shape = {}
+        for r in rows:
+            if r.get("mode") == mode and r.get("impl") in BACKEND_IMPLS and r.get("us") is not None:
+                per_shape.setdefault(r["shape"], {})[BACKEND_IMPLS[r["impl"]]] = r["us"]
+        backends = sorted({b for t in per_shape.values() for b in t})
+        shapes = [t for t in per_shape.values() if set(t) == set(backends)]
+        if len(backends) < 2 or not shapes:
+            continue
+        wins = {b: sum(min(t, key=t.get) == b for t in shapes) for b in backends}
+        total = {b: sum(t[b] for t in shapes) for b in backends}
+        orders[mode] = sorted(backends, key=lambda b: (-wins[b], total[b]))
+    return {"orders": orders}
+
+
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--no-flex", action="store_true", help="leave out the FlexAttention rows (each compiles for tens of s)")
+    p.add_argument("--dispatch-table", help="write auto's measured backend order here (GPU runs; copy it to "
+                   "pet_fast/ops/prefix_attention_timings.json to ship it)")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if on_gpu else "cpu"
@@ -218,6 +244,11 @@ def main(argv=None):
     rows = training_rows(args.quick, device, dtype, flex=not args.no_flex) + decode_rows(args.quick, device, dtype)
     print_table(rows, ["shape", "mode", "impl", "us", "x_limit", "speedup_vs_cat_mask", "error"])
     write(args.json, rows, op="prefix_attention", dtype=str(dtype), quick=bool(args.quick))
+    if args.dispatch_table and on_gpu:
+        import json
+
+        with open(args.dispatch_table, "w") as f:
+            json.dump(dispatch_table(rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,10 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
       step profile_adapter 60 python benchmarks/profile_adapter.py --json "$work/profile_adapter.json"
       tail -40 "$work/profile_adapter.log" ;;
     masked_linear)
-      step bench_masked_linear 110 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json"
+      step bench_masked_linear 110 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json" --dispatch-table "$work/masked_linear_timings.json"
       tail -45 "$work/bench_masked_linear.log" ;;
     prefix_attention)
-      step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json"
+      step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json" --dispatch-table "$work/prefix_attention_timings.json"
       tail -45 "$work/bench_prefix_attention.log" ;;
     *) echo "unknown benchmark $1" | tee -a "$work/summary.txt" ;;
   esac

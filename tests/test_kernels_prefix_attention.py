@@ -275,3 +275,41 @@ def test_gpu_cuda_decode_refuses_gradients():
     q.requires_grad_()
     with pytest.raises(dispatch.BackendUnavailableError, match="grad"):
         pet_fast.prefix_attention(q, k, v, pk, pv, backend="cuda")
+
+
+def test_measured_timings_order_auto(tmp_path):
+    """A GPU run's table (bench_prefix_attention.py --dispatch-table) decides auto's order per kind of call."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_prefix_attention import dispatch_table
+
+    rows = [dict(shape="d512", mode="decode", impl="pet_fast cuda decode + padding", us=50.0),
+            dict(shape="d512", mode="decode", impl="pet_fast eager (sdpa) + padding", us=270.0),
+            dict(shape="d512", mode="decode", impl="pet_fast triton + padding", us=60.0),
+            dict(shape="d4k", mode="decode", impl="pet_fast cuda decode + padding", us=260.0),
+            dict(shape="d4k", mode="decode", impl="pet_fast eager (sdpa) + padding", us=1700.0),
+            dict(shape="d4k", mode="decode", impl="pet_fast triton + padding", us=255.0),
+            dict(shape="t", mode="fwd+bwd", impl="pet_fast eager (sdpa) + padding", us=800.0),
+            dict(shape="t", mode="fwd+bwd", impl="pet_fast triton + padding", us=900.0),
+            dict(shape="t", mode="fwd+bwd", impl="cat + sdpa + padding mask", us=10.0),  # not a backend
+            dict(shape="u", mode="fwd", impl="pet_fast triton + padding", error="failed")]
+    table = dispatch_table(rows)
+    # decode: one win each, cuda's total time is lower (310 against 315); fwd has a single backend measured: no order
+    assert table == {"orders": {"decode": ["cuda", "triton", "eager"], "fwd+bwd": ["eager", "triton"]}}
+    path = tmp_path / "prefix_attention_timings.json"
+    path.write_text(json.dumps(table))
+    gpu = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, q_len=1, requires_grad=False)
+    try:
+        op.load_timings(str(path))
+        assert op.preference(gpu) == ["cuda", "triton", "eager"]
+        assert op.preference(dict(gpu, requires_grad=True)) == ["eager", "triton", "cuda"]
+        assert op.preference(dict(gpu, q_len=64)) == ["triton", "cuda", "eager"]  # not measured: by design
+        path.write_text(json.dumps({"orders": {"decode": ["fast"]}}))
+        with pytest.raises(ValueError, match="prefix_attention timings"):
+            op.load_timings(str(path))
+    finally:
+        op.load_timings()
+    assert op.preference(gpu) == ["triton", "eager", "cuda"]

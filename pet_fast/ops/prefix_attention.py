@@ -33,8 +33,9 @@ Backends
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
             head_dim <= 256, forward only (refuses calls that need a gradient).
-auto takes triton, then eager; the decode kernel only when asked for (it measured slower than
-concatenation + SDPA on an H100; see :func:`preference`).
+auto follows measured timings where a GPU run left a table (prefix_attention_timings.json), else takes
+triton, then eager, and the decode kernel last (it measured slower than concatenation + SDPA on an H100;
+see :func:`preference`).
 """
 from __future__ import annotations
 
@@ -418,18 +419,57 @@ def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=
 dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
 
 
-def preference(info) -> list:
-    """auto's order: Triton first, then eager (SDPA), then the CUDA decode kernel.
+TIMINGS_ENV = "PET_FAST_PREFIX_ATTENTION_TIMINGS"
+_TIMINGS: dict = {}
 
-    Measured on an H100 (benchmarks/results/h100-2026-11-27, bf16, B32 H32/8 D128 P20, one new token):
-    the decode kernel took 505 us with a cache of 512 and 3717 us with 4096, against 274 and 1777 us for
-    concatenation + SDPA, which is what the eager backend now runs; so auto does not take it. It has been
-    reworked since (more loads in flight per warp); auto puts it first for few-token calls again once a
-    GPU run measures it faster. The Triton kernels' place is by design: their timings are still owed.
+
+def load_timings(path=None) -> Optional[dict]:
+    """(Re)read auto's measured order: ``{"orders": {"decode" | "fwd" | "fwd+bwd": [backends]}}``,
+    written by ``benchmarks/bench_prefix_attention.py --dispatch-table PATH`` on a GPU. Looked up in
+    $PET_FAST_PREFIX_ATTENTION_TIMINGS, else pet_fast/ops/prefix_attention_timings.json; None without one."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = path or os.environ.get(TIMINGS_ENV) or str(Path(__file__).with_name("prefix_attention_timings.json"))
+    orders = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            doc = json.load(f)
+        orders = doc.get("orders") if isinstance(doc, dict) else None
+        if not isinstance(orders, dict) or not all(
+                m in ("decode", "fwd", "fwd+bwd") and isinstance(o, list) and o and all(b in dispatch.BACKENDS for b in o)
+                for m, o in orders.items()):
+            raise ValueError(f"{path}: a prefix_attention timings table must be {{'orders': {{'decode' | 'fwd' | "
+                             f"'fwd+bwd': [backends, fastest first]}}}}")
+    _TIMINGS["orders"] = orders
+    _TIMINGS["path"] = path
+    return orders
+
+
+def _mode(info) -> str:
+    if info.get("requires_grad"):
+        return "fwd+bwd"
+    return "decode" if info["q_len"] <= DECODE_MAX_Q_LEN else "fwd"
+
+
+def preference(info) -> list:
+    """auto's order: the measured one where a timings table has this kind of call (decode, forward,
+    forward+backward), else Triton first, then eager (SDPA), then the CUDA decode kernel.
+
+    Without a table the decode kernel comes last: on an H100 (benchmarks/results/h100-2026-11-27, bf16,
+    B32 H32/8 D128 P20, one new token) it took 505 us with a cache of 512 and 3717 us with 4096, against
+    274 and 1777 us for concatenation + SDPA, which is what the eager backend runs. It has been reworked
+    since (more loads in flight per warp); a GPU run's table puts it first again where it measures faster.
+    The Triton kernels' place is by design until a table says otherwise.
     """
-    if info["q_len"] <= DECODE_MAX_Q_LEN and not info.get("requires_grad"):
+    measured = (_TIMINGS.get("orders") or {}).get(_mode(info))
+    if measured:
+        return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
+    if _mode(info) == "decode":
         return ["triton", "eager", "cuda"]
     return ["triton", "cuda", "eager"]
 
 
+load_timings()
 dispatch.set_preference(OP, preference)
