@@ -77,6 +77,13 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
             c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
             p = P("X","QK","WD","BD","WU","BU","S","CTX"); p.update(ABUF="*fp32", PBUF="*fp32")
             sh3 = comp(F._fwd_kernel, p, [], ["s_value", "inv_t"], c, cfg.num_warps, cfg.num_stages)
+            if dt != "fp32":  # float32 master weights with half-precision x
+                c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+                p = P("X", "RES", "Y"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "BU", "S")})
+                sh = max(sh, comp(B._fwd_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages))
+                c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+                p = P("X", "DY", "DX", "HBUF", "DABUF"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "S")})
+                sh2 = max(sh2, comp(B._bwd_rows_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages))
             ok = max(sh, sh2, sh3) <= LIMIT
             failed += not ok
             print("autotuned, smallest tile", dt, rp, bn, bd, cfg.num_stages, sh, sh2, sh3, "fits" if ok else "TOO BIG", flush=True)
@@ -85,6 +92,9 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
                  UPCAST=up)
         p = P("X","DY","HBUF","DABUF","WU","BU","S"); p.update(PART="*fp32")
         sh = comp(B._bwd_cols_kernel, p, [], ["s_value"], c, w, 2 if rp >= 128 else 3)
+        if dt != "fp32":  # float32 master weights
+            p.update(WU="*fp32", BU="*fp32", S="*fp32")
+            sh = max(sh, comp(B._bwd_cols_kernel, p, [], ["s_value"], c, w, 2 if rp >= 128 else 3))
         failed += sh > LIMIT
         print("adapter bwd reduction", dt, rp, bn, bd, sh, "fits" if sh <= LIMIT else "TOO BIG", flush=True)
         if rp == 256:  # the split sum has no tile depending on r: once per dtype

@@ -133,7 +133,7 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
         cm = c < D
         xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
         wt = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
-        acc += mm(xt, tl.trans(wt), UPCAST)
+        acc += mm(xt, tl.trans(wt.to(xt.dtype)), UPCAST)  # float32 master weights: rounded to x's dtype
     if HAS_BD:
         acc += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
     h = act_fwd(acc, ACT)
@@ -149,7 +149,7 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
         c = d0 + cols
         cm = c < D
         wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-        up = mm(hq, tl.trans(wu), UPCAST)
+        up = mm(hq, tl.trans(wu.to(Y.dtype.element_ty)), UPCAST)
         if HAS_BU:
             up += tl.load(BU + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         if S_MODE == 2:
@@ -193,7 +193,7 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
         offs = rows[:, None] * D + c[None, :]
         xt = tl.load(X + offs, mask=m2, other=0.0)
         wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
-        a += mm(xt, tl.trans(wd), UPCAST)
+        a += mm(xt, tl.trans(wd.to(xt.dtype)), UPCAST)
         g = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
         if S_MODE == 2:
             g = g * tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
@@ -203,7 +203,7 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
         if UPCAST:
             dh += mm(g, wu, UPCAST)
         else:
-            dh += mm(g.to(wu.dtype), wu, UPCAST)
+            dh += mm(g.to(DX.dtype.element_ty), wu.to(DX.dtype.element_ty), UPCAST)
     if HAS_BD:
         a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
     h, gp = act_fwd_bwd(a, ACT)
@@ -221,7 +221,7 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
         m2 = rmask[:, None] & cm[None, :]
         offs = rows[:, None] * D + c[None, :]
         wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
-        dx = mm(daq, wd, UPCAST)
+        dx = mm(daq, wd.to(DX.dtype.element_ty), UPCAST)
         if ADD_DY:
             dx += tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m2)
@@ -280,8 +280,10 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
                 tl.store(part + OFF_BD + rr, acc_bd, mask=rrmask)
     if NEED_DS:
         # d_scaling[c] = sum_n dy[n, c] * (h[n] . Wu[c] + bu[c]) = sum_k acc_m[c, k] Wu[c, k] + bu[c] sum_n dy[n, c]
-        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0).to(tl.float32)
-        ds = tl.sum(acc_m * wu, axis=1)
+        wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+        if not UPCAST:
+            wu = wu.to(DY.dtype.element_ty)  # as the forward used it
+        ds = tl.sum(acc_m * wu.to(tl.float32), axis=1)
         if HAS_BU:
             ds += tl.load(BU + c, mask=cm, other=0.0).to(tl.float32) * acc_dy
         tl.store(part + OFF_DS + c, ds, mask=cm)

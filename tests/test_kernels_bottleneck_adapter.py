@@ -169,6 +169,56 @@ def test_custom_op_opcheck(scaling):
                           (r(5, 16), r(3, 16), r(3), r(16, 3), None, s_t, 1.5, r(5, 16), "silu"))
 
 
+def check_master_weights(n_shape, d, r, dtype, act, backend="triton", device="cpu", **kw):
+    """x (and residual) in ``dtype``, parameters in float32: the output in ``dtype`` and the parameter
+    gradients in float32, each within the precision rule against the float64 reference (the eager op
+    with the same mixed inputs is the baseline)."""
+    hi, lo = make_case(n_shape, d, r, dtype, device, **kw)
+    for name in ("w_down", "b_down", "w_up", "b_up", "scaling"):
+        if isinstance(lo[name], torch.Tensor):
+            lo[name] = lo[name].detach().float().requires_grad_()
+    ref = call(hi, act, "eager")
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_g = grads(hi, ref, dy)
+    out = call(lo, act, backend)
+    got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
+    lo2 = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
+    eager = call(lo2, act, "eager")
+    eager_g = grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    assert out.dtype == dtype and eager.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for name, a, e, b in [("out", out, eager, ref)] + [(k, got_g[k], eager_g[k], ref_g[k]) for k in ref_g]:
+        assert a.dtype == lo[name].dtype if name != "out" else True, (name, a.dtype)
+        err = (a.cpu().double() - b).abs().max().item()
+        err_eager = (e.cpu().double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * eps * b.abs().max().item(), (name, err, err_eager)
+
+
+@pytest.mark.parametrize("kw", [dict(scaling="channel", residual=True), dict(scaling="scalar", bias=False),
+                                dict(scaling="number")])
+def test_float32_master_weights_with_fp16_input(kw):
+    check_master_weights((37,), 70, 9, torch.float16, "gelu", **kw)
+
+
+def test_master_weights_read_without_casts():
+    """The triton backend takes float32 parameters of half-precision x as they are: no cast op runs
+    between the module and the kernel (each would be a launch and an autograd node per call)."""
+    m = pet_fast.BottleneckAdapter(16, 4, scaling="channel")
+    x = torch.randn(5, 16, dtype=torch.float16, requires_grad=True)
+    y = m(x, backend="triton")
+    names, seen, stack = [], set(), [y.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.append(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    assert not any("ToCopy" in n for n in names), names
+    y.float().sum().backward()
+    assert m.w_down.grad.dtype == torch.float32 and m.scaling.grad.dtype == torch.float32
+
+
 # --- GPU tests ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -195,6 +245,18 @@ def test_gpu_custom_op_opcheck(op_name):
     r = lambda *s: torch.randn(*s, device="cuda", requires_grad=True)
     torch.library.opcheck(getattr(torch.ops.pet_fast, op_name).default,
                           (r(5, 64), r(3, 64), r(3), r(64, 3), r(64), r(64), 1.0, None, "gelu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_float32_master_weights_bf16(backend):
+    if backend == "cuda":
+        from pet_fast import _ext
+
+        if not _ext.available():
+            pytest.skip(_ext.reason())
+    check_master_weights((2, 16) if backend == "cuda" else (3, 333), 768, 64, torch.bfloat16, "gelu",
+                         backend=backend, device="cuda", scaling="channel", residual=True)
 
 
 @pytest.mark.gpu

@@ -26,8 +26,9 @@ class BottleneckAdapter(nn.Module):
         init: ``"bert"`` (AdapterHub's default: weights ~ N(0, 0.02), biases 0) or ``"identity"``
             (down ~ Kaiming-uniform, up and biases 0: the adapter starts as the identity map).
         bias: whether the projections have biases.
-    Parameters live in float32 (or the dtype given); the forward casts them to the input's dtype so
-    the module works under autocast and in half precision.
+    Parameters live in float32 (or the dtype given). With float16/bfloat16 input (autocast, half
+    precision) float32 parameters go to the op as they are (it rounds them as it reads them); other
+    mismatches are cast to the input's dtype.
     """
 
     def __init__(self, d_model: int, bottleneck: int, *, activation: str = "relu",
@@ -81,14 +82,16 @@ class BottleneckAdapter(nn.Module):
                     b.zero_()
 
     def _cast(self, t, dtype):
-        return None if t is None else t.to(dtype)
+        return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
         dt = _checks.tensor("x", x, floating=False).dtype
+        if self.w_down.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16):
+            dt = torch.float32  # the op takes float32 master weights of half-precision x as they are
         scaling = self.scaling.to(dt) if isinstance(self.scaling, torch.Tensor) else self.scaling
-        return bottleneck_adapter(x, self.w_down.to(dt), self._cast(self.b_down, dt), self.w_up.to(dt),
-                                  self._cast(self.b_up, dt), activation=self.activation, scaling=scaling,
-                                  residual=residual, backend=backend)
+        return bottleneck_adapter(x, self._cast(self.w_down, dt), self._cast(self.b_down, dt),
+                                  self._cast(self.w_up, dt), self._cast(self.b_up, dt), activation=self.activation,
+                                  scaling=scaling, residual=residual, backend=backend)
 
     def extra_repr(self) -> str:
         s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"

@@ -9,13 +9,17 @@ Contract
     activation  one of ACTIVATIONS (aliases: swish -> silu, gelu_new -> gelu_tanh)
     scaling   a Python number, or a tensor of shape () or (d,) (may require grad)
     residual  None or a tensor shaped like x
-All tensors share x's dtype and device. The output has x's shape and dtype.
+All tensors share x's device. The residual has x's dtype; the parameters (w_down, b_down, w_up, b_up,
+a scaling tensor) share one dtype: x's, or float32 when x is float16/bfloat16 (float32 master weights,
+as in mixed-precision training). Float32 parameters enter the products rounded to x's dtype, as autocast
+would round them, and their gradients come back in float32. The output has x's shape and dtype.
 
 Backends (chosen per call by pet_fast.dispatch; each is a torch.library custom op with a fake-tensor
 rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break):
     eager   this file's ``reference``; every input, the CPU path.
-    triton  kernels/bottleneck_adapter.py: one launch forward, two launches backward; fp32/fp16/bf16 on
-            CUDA (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d.
+    triton  kernels/bottleneck_adapter.py: one launch forward, three backward; fp32/fp16/bf16 on CUDA
+            (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d; reads float32 parameters of
+            half-precision x directly (no cast launches) and writes their gradients in float32.
     cuda    csrc/bottleneck_adapter.cu: forward (two launches) and backward (three) for N <= 64 tokens,
             r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built.
 ``auto`` orders them by the measured timings of pet_fast/ops/_timings.py and takes the first that
@@ -62,15 +66,29 @@ def check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual) -
             raise ValueError(f"scaling must be a number or a tensor of shape () or ({d},), got {tuple(scaling.shape)}")
     else:
         scaling = _checks.real_number("scaling", scaling)
-    tensors = dict(w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, residual=residual,
-                   scaling=scaling if isinstance(scaling, torch.Tensor) else None)
-    _checks.same_dtype("x", x, **tensors)
-    _checks.same_device("x", x, **tensors)
+    params = dict(b_down=b_down, w_up=w_up, b_up=b_up, scaling=scaling if isinstance(scaling, torch.Tensor) else None)
+    _checks.same_dtype("x", x, residual=residual)
+    if not (w_down.dtype == x.dtype or (w_down.dtype == torch.float32 and x.dtype in HALF)):
+        raise TypeError(f"w_down must have the dtype of x ({x.dtype})" + (
+            " or float32" if x.dtype in HALF else "") + f", got {w_down.dtype}")
+    _checks.same_dtype("w_down", w_down, **params)
+    _checks.same_device("x", x, w_down=w_down, residual=residual, **params)
     return activations.canonical(activation), scaling
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _as_dtype(t, dtype):
+    return t.to(dtype) if (t is not None and t.dtype != dtype) else t
 
 
 def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
     """Eager PyTorch, differentiable through autograd; the definition every backend must match."""
+    if w_down.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
+        w_down, b_down, w_up, b_up = (_as_dtype(t, x.dtype) for t in (w_down, b_down, w_up, b_up))
+        if isinstance(scaling, torch.Tensor):
+            scaling = scaling.to(x.dtype)
     h = activations.apply(activations.canonical(activation), F.linear(x, w_down, b_down))
     up = F.linear(h, w_up, b_up)
     base = x if residual is None else residual
@@ -288,7 +306,12 @@ _cuda_forward.register_autograd(_cuda_grad, setup_context=_setup_context)
 
 
 def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
-    """The cuda backend: same call as :func:`reference`."""
+    """The cuda backend: same call as :func:`reference`. Float32 parameters of half-precision x are
+    cast first (the few-token kernels take one dtype)."""
+    if w_down.dtype != x.dtype:
+        w_down, b_down, w_up, b_up = (_as_dtype(t, x.dtype) for t in (w_down, b_down, w_up, b_up))
+        if isinstance(scaling, torch.Tensor):
+            scaling = scaling.to(x.dtype)
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = torch.ops.pet_fast.bottleneck_adapter_cuda(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y.reshape(x.shape)
