@@ -25,9 +25,11 @@ then a grid over (adapter, block of d, split of tokens) whose programs sum ``dWd
 buffer, which one ``torch.sum`` over the splits reduces: no atomics, so the backward is deterministic
 (the same bits on every run). The scaling multiplies each sum once at the end, and ``d_scaling`` comes
 from the unscaled ``dWu`` sum and ``Wu`` (see ``_bwd_cols_kernel``). Nothing k x d per token is written
-in either direction. For fp16/bf16 inputs ``qk`` and ``dctx`` come
-in fp32 (rounded to the input dtype they cost the gradients precision: see pet_fast/ops/adapter_fusion.py);
-the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's score matmul takes the
+in either direction.
+
+For fp16/bf16 inputs ``qk`` and ``dctx`` come in fp32 (rounded to the input dtype they cost the
+gradients precision: see pet_fast/ops/adapter_fusion.py); the kernels load them as fp32 and ``dqk`` is
+written in qk's dtype. The forward's score matmul takes the
 hidden h as two halves in the input dtype (h ~ hi + lo), so the scores keep fp32 precision on the tensor
 cores: the softmax and d_scaling are sensitive to them. The forward's tile shape is autotuned on a
 GPU (one configuration under the interpreter); the backward uses fixed tiles.
