@@ -104,11 +104,14 @@ for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"])
             print("adapter bwd split sum", dt, sh, flush=True)
         bn, bd, w = F._blocks(rp)
         st = 2 if rp >= 128 else 3
-        c = dict(HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
-        p = P("X","QK","DCTX","WD","WU","BU","S","DX","DQK"); p.update({k: "*fp32" for k in ["ABUF","PBUF","DABUF","DSCBUF"]})
+        low = not up  # fp16/bf16: qk and dctx in fp32, da and h in the input dtype
+        c = dict(HAS_BU=True, S_MODE=smode, ACT=act, WRITE_H=low, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
+        p = P("X","WD","WU","BU","S","DX","DA","HB"); p.update({k: "*fp32" for k in ["QK","DCTX","DQK","ABUF","PBUF","DABUF","DSCBUF"]})
         sh = comp(F._bwd_rows_kernel, p, [], ["s_value", "inv_t"], c, w, st)
-        c = dict(HAS_BU=True, S_MODE=smode, NEED_DS=True, NEED_BD=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-        p = P("X","QK","DCTX","WU","BU","S"); p.update({k: "*fp32" for k in ["ABUF","PBUF","DABUF","DSCBUF","DWD","DWU","DBU","DBD","DS"]})
+        bn, bd, w, st = F._cols_blocks(rp)
+        c = dict(HAS_BU=True, S_MODE=smode, NEED_W=True, NEED_DS=True, NEED_BD=True, H_IS_A=up, ACT=act,
+                 BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+        p = P("X","WU","BU","S","HB","DA"); p.update({k: "*fp32" for k in ["QK","DCTX","PBUF","DSCBUF","PART"]})
         sh2 = comp(F._bwd_cols_kernel, p, [], ["s_value"], c, w, st)
         failed += max(sh, sh2) > LIMIT
         print("fusion bwd", dt, rp, bn, bd, sh, sh2, "fits" if max(sh, sh2) <= LIMIT else "TOO BIG", flush=True)

@@ -19,11 +19,17 @@ eager PyTorch keeps the (N, k, d) adapter outputs and their projections.
 
 Backward, two launches: a per-token-tile kernel (``dp_j = <dctx, v_j>`` from ``dctx @ Wu_j``; the
 softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd_j``), writing the
-r-wide ``da`` and k-wide ``dscore``; then a grid over (adapter, block of d, split of tokens) that
-reduces ``dWd``, ``dbd``, ``dWu``, ``dbu`` and ``d_scaling`` into fp32 buffers with fp32 atomics.
-Nothing k x d per token is written in either direction. For fp16/bf16 inputs ``qk`` and ``dctx`` come
-in fp32 (rounded to the input dtype they cost the gradients precision: see pet_fast/ops/adapter_fusion.py);
-the kernels load them as fp32 and ``dqk`` is written in qk's dtype. The forward's score matmul takes the
+r-wide ``da`` and k-wide ``dscore`` (and for fp16/bf16 ``da`` and the hidden ``h`` in the input dtype);
+then a grid over (adapter, block of d, split of tokens) whose programs sum ``dWd``, ``dbd``, ``dWu``,
+``dbu`` and ``d_scaling`` over their tokens in fp32 and write them to their own slice of a partials
+buffer, which one ``torch.sum`` over the splits reduces: no atomics, so the backward is deterministic
+(the same bits on every run). The scaling multiplies each sum once at the end, and ``d_scaling`` comes
+from the unscaled ``dWu`` sum and ``Wu`` (see ``_bwd_cols_kernel``). Nothing k x d per token is written
+in either direction.
+
+For fp16/bf16 inputs ``qk`` and ``dctx`` come in fp32 (rounded to the input dtype they cost the
+gradients precision: see pet_fast/ops/adapter_fusion.py); the kernels load them as fp32 and ``dqk`` is
+written in qk's dtype. The forward's score matmul takes the
 hidden h as two halves in the input dtype (h ~ hi + lo), so the scores keep fp32 precision on the tensor
 cores: the softmax and d_scaling are sensitive to them. The forward's tile shape is autotuned on a
 GPU (one configuration under the interpreter); the backward uses fixed tiles.
@@ -131,8 +137,8 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
 
 
 @triton.jit
-def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, DQK, N, D, R, K, s_value, inv_t,
-                     HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
+def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCBUF, DX, DQK, N, D, R, K, s_value,
+                     inv_t, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_H: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -169,7 +175,10 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
         tl.store(DABUF + aoffs, g * (s * _col(p, kk, j))[:, None], mask=rmask[:, None])
     dsc = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * inv_t
     tl.store(DSCBUF + rows[:, None] * K + kk[None, :], dsc, mask=rmask[:, None] & kmask[None, :])
-    # pass B: da_j = (s_j p_j dctx @ Wu_j + s_j dscore_j qk @ Wu_j) * act'(a_j)
+    tl.debug_barrier()  # the tiles stored above are read back below, maybe by other threads of the program
+    # pass B: da_j = (s_j p_j dctx @ Wu_j + s_j dscore_j qk @ Wu_j) * act'(a_j), written to DA in its dtype
+    # (the input dtype for fp16/bf16: the tensor-core dots that read it round it to that anyway); with
+    # WRITE_H also h_j in the input dtype, for the weight-gradient reduction (see ``backward``)
     for j in range(K):
         gq = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -187,7 +196,10 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
         h, gp = act_fwd_bwd(a, ACT)
         da = tl.load(DABUF + aoffs, mask=rmask[:, None], other=0.0)
         da = (da + gq * (s * _col(dsc, kk, j))[:, None]) * gp
-        tl.store(DABUF + aoffs, da, mask=rmask[:, None])
+        tl.store(DA + aoffs, da.to(DA.dtype.element_ty), mask=rmask[:, None])
+        if WRITE_H:
+            tl.store(HB + aoffs, h.to(HB.dtype.element_ty), mask=rmask[:, None])
+    tl.debug_barrier()
     # pass C, per block of d: dqk = sum_j dscore_j v_j and dx = sum_j da_j @ Wd_j
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
@@ -199,7 +211,7 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
             aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
             a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)
             hw = act_fwd(a, ACT) * w[:, None]
-            da = tl.load(DABUF + aoffs, mask=rmask[:, None], other=0.0)
+            da = tl.load(DA + aoffs, mask=rmask[:, None], other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
             wd = tl.load(WD + j * R * D + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
             if not UPCAST:
@@ -216,28 +228,36 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DX, 
 
 
 @triton.jit
-def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DWD, DWU, DBU, DBD, DS,
-                     N, D, R, K, s_value, rows_per_split,
-                     HAS_BU: tl.constexpr, S_MODE: tl.constexpr, NEED_DS: tl.constexpr, NEED_BD: tl.constexpr,
-                     ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
+                     N, D, R, K, s_value, rows_per_split, part_stride, off_wu, off_bu, off_bd, off_ds, d_blocks,
+                     HAS_BU: tl.constexpr, S_MODE: tl.constexpr, NEED_W: tl.constexpr, NEED_DS: tl.constexpr,
+                     NEED_BD: tl.constexpr, H_IS_A: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (block of d, split of tokens, adapter j): this split's sums over its tokens, written to its own
+    slice PART[split] of the partials (no atomics; ``backward`` sums over the splits).
+
+    With dv = p_j dctx + dscore_j qk (the gradient of v_j) and u_j = h_j Wu_j^T + bu_j:
+        dWd_j = da_j^T x     dbd_j = sum_n da_j          (da_j holds s_j already)
+        dWu_j = s_j dv^T h_j     dbu_j = s_j sum_n dv
+        ds_j  = sum_n <dv, u_j> = <dv^T h_j, Wu_j> + <sum_n dv, bu_j>
+    so the loop accumulates the unscaled A = dv^T h_j and b = sum_n dv, multiplies them by s_j once at the
+    end, and forms ds_j from A and b with this program's tile of Wu_j and bu_j (exact algebra; no matmul
+    for u_j in the loop). For fp16/bf16 with NEED_DS, dv goes into the tensor-core dot as two halves
+    (dv ~ hi + lo in the input dtype), so A, hence ds_j, keeps dv at fp32 precision, as the former
+    fp32 <dv, u_j> sum did; h_j is rounded to the input dtype as before.
+    """
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    j = tl.program_id(2)
+    j = tl.program_id(2).to(tl.int64)
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = c < D
     rr = tl.arange(0, RP)
     rrmask = rr < R
-    s = _scale(S, s_value, j, S_MODE)
-    if NEED_DS:
-        wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-        if HAS_BU:
-            bu = tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)
-    acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
     acc_wu = tl.zeros((BLOCK_D, RP), dtype=tl.float32)
     acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_bd = tl.zeros((RP,), dtype=tl.float32)
-    acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if NEED_W:
+        acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
+        acc_bd = tl.zeros((RP,), dtype=tl.float32)
     start = pid_s.to(tl.int64) * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
@@ -245,41 +265,50 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, ABUF, PBUF, DABUF, DSCBUF, DWD, DWU
         rmask = rows < stop
         m2 = rmask[:, None] & cm[None, :]
         offs = rows[:, None] * D + c[None, :]
-        xt = tl.load(X + offs, mask=m2, other=0.0)
         dct = tl.load(DCTX + offs, mask=m2, other=0.0).to(tl.float32)
         qt = tl.load(QK + offs, mask=m2, other=0.0).to(tl.float32)
         pj = tl.load(PBUF + rows * K + j, mask=rmask, other=0.0)
         dscj = tl.load(DSCBUF + rows * K + j, mask=rmask, other=0.0)
-        dv = pj[:, None] * dct + dscj[:, None] * qt  # gradient of v_j
-        du = dv * s
+        dv = pj[:, None] * dct + dscj[:, None] * qt  # gradient of v_j, unscaled
         aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
-        h = act_fwd(tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0), ACT)
-        da = tl.load(DABUF + aoffs, mask=rmask[:, None], other=0.0)
+        h = tl.load(HB + aoffs, mask=rmask[:, None], other=0.0)
+        if H_IS_A:
+            h = act_fwd(h, ACT)
         if UPCAST:
-            acc_wd += mm(tl.trans(da), xt, UPCAST)
-            acc_wu += mm(tl.trans(du), h, UPCAST)
+            acc_wu += mm(tl.trans(dv), h, UPCAST)
         else:
+            hq = h.to(X.dtype.element_ty)
+            dvq = dv.to(X.dtype.element_ty)
+            acc_wu += mm(tl.trans(dvq), hq, UPCAST)
+            if NEED_DS:
+                dvl = (dv - dvq.to(tl.float32)).to(X.dtype.element_ty)
+                acc_wu += mm(tl.trans(dvl), hq, UPCAST)
+        acc_bu += tl.sum(dv, axis=0)
+        if NEED_W:
+            xt = tl.load(X + offs, mask=m2, other=0.0)
+            da = tl.load(DA + aoffs, mask=rmask[:, None], other=0.0)
             acc_wd += mm(tl.trans(da.to(xt.dtype)), xt, UPCAST)
-            acc_wu += mm(tl.trans(du.to(xt.dtype)), h.to(xt.dtype), UPCAST)
-        acc_bu += tl.sum(du, axis=0)
+            if NEED_BD:
+                acc_bd += tl.sum(da.to(tl.float32), axis=0)
+    # Every element of this split's slice is written by exactly one program: (j, rows < R, columns < D) of
+    # dWd, dWu and dbu by the program of its d block, dbd by the d block 0, ds entry (j, pid_d) by its own.
+    out = PART + pid_s.to(tl.int64) * part_stride
+    if NEED_W:
+        s = _scale(S, s_value, j, S_MODE)
+        tl.store(out + j * R * D + rr[:, None] * D + c[None, :], acc_wd, mask=rrmask[:, None] & cm[None, :])
+        tl.store(out + off_wu + j * D * R + c[:, None] * R + rr[None, :], acc_wu * s,
+                 mask=cm[:, None] & rrmask[None, :])
+        if HAS_BU:
+            tl.store(out + off_bu + j * D + c, acc_bu * s, mask=cm)
         if NEED_BD:
-            acc_bd += tl.sum(da, axis=0)
-        if NEED_DS:
-            if UPCAST:
-                u = mm(h, tl.trans(wu), UPCAST)
-            else:
-                u = mm(h.to(wu.dtype), tl.trans(wu), UPCAST)
-            if HAS_BU:
-                u += bu[None, :]
-            acc_s += tl.sum(dv * u, axis=1)
-    tl.atomic_add(DWD + j * R * D + rr[:, None] * D + c[None, :], acc_wd, mask=rrmask[:, None] & cm[None, :])
-    tl.atomic_add(DWU + j * D * R + c[:, None] * R + rr[None, :], acc_wu, mask=cm[:, None] & rrmask[None, :])
-    tl.atomic_add(DBU + j * D + c, acc_bu, mask=cm)
-    if NEED_BD:
-        if pid_d == 0:
-            tl.atomic_add(DBD + j * R + rr, acc_bd, mask=rrmask)
+            if pid_d == 0:
+                tl.store(out + off_bd + j * R + rr, acc_bd, mask=rrmask)
     if NEED_DS:
-        tl.atomic_add(DS + j, tl.sum(acc_s, axis=0))
+        wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+        ds = tl.sum(tl.sum(acc_wu * wu.to(tl.float32), axis=1), axis=0)
+        if HAS_BU:
+            ds += tl.sum(acc_bu * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32), axis=0)
+        tl.store(out + off_ds + j * d_blocks + pid_d, ds)
 
 
 _fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "K", "n_bucket", "UPCAST"],
@@ -292,6 +321,19 @@ def _blocks(rp: int) -> tuple[int, int, int]:
     if rp <= 64:
         return 32, 64, 4
     return 16, 64, 4
+
+
+def _cols_blocks(rp: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps, num_stages) of the weight-gradient reduction. Its grid has only about
+    2 programs per SM, so 8 warps each; the tiles are the largest whose sm_90 build keeps the registers
+    without spilling (ptxas, bf16, d_scaling trained: 0 bytes of stack at r = 16..256)."""
+    if interpreting():
+        return 16, 32, 4, 1
+    if rp <= 64:
+        return 32, 64, 8, 3
+    if rp <= 128:
+        return 32, 32, 8, 3
+    return 16, 32, 8, 2
 
 
 def _scale_mode(scaling):
@@ -322,10 +364,34 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
     return ctx, abuf, pbuf
 
 
+def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, int, int]:
+    """(d_blocks, splits, rows_per_split) of the weight-gradient reduction: a grid of d_blocks x splits x k
+    programs, about 2 per SM on a GPU. Bound of the partials: splits <= max(1, cdiv(2 SMs, d_blocks k)),
+    and one split's slice of the partials holds k (2 r d + d + r) + k d_blocks fp32 numbers, about
+    d_blocks k BLOCK_D (2 r + 1) (one tile per program), so the partials take at most about
+    max(2 SMs, d_blocks k) programs x BLOCK_D (2 r + 1) x 4 bytes: the grid times one program's tile
+    (e.g. 264 x 64 x 129 x 4 B = 8.7 MB on an H100 at r = 64), never a multiple of N."""
+    d_blocks = triton.cdiv(d, bd)
+    tiles = triton.cdiv(n, bn)
+    if interpreting() or getattr(device, "type", "cpu") != "cuda":
+        splits = min(tiles, 3)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(tiles, triton.cdiv(2 * sms, d_blocks * k)))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+    return d_blocks, triton.cdiv(n, rows_per_split), rows_per_split
+
+
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
              abuf, pbuf, need_ds, need_weights=True):
     """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
-    (frozen adapters: the reduction kernel is skipped) and the biases' when they are None."""
+    (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
+
+    The reduction writes fp32 partial sums, one slice per split of the tokens, and one ``torch.sum`` over
+    the splits adds them in a fixed order: no atomics, the same bits on every run. For fp16/bf16 the
+    per-token tensors it reads r-wide (h and da, per token and adapter) come in the input dtype from the
+    per-token kernel (its tensor-core dots round them to that anyway): half the bytes of the fp32 a and
+    da, which it reads once per block of d."""
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
@@ -334,45 +400,58 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     stages = 2 if rp >= 128 else 3
     upcast = interpreting() or x.dtype == torch.float32
     need_ds = bool(need_ds and scaling is not None)
-    sizes = [k * r * d, k * d * r, k * d, k * r, k]
-    if w_down.dtype == torch.float32:
-        dwd, dwu, dbu, dbd, ds = (torch.zeros(n_, device=x.device, dtype=torch.float32) for n_ in sizes)
-    else:
-        dwd, dwu, dbu, dbd, ds = torch.split(torch.zeros(sum(sizes), device=x.device, dtype=torch.float32), sizes)
+    reduce = n > 0 and (need_weights or need_ds)
+    low = x.dtype != torch.float32
     dx = torch.empty_like(x)
     dqk = torch.empty_like(qk)
+    dummy = x
+    s_mode = _scale_mode(scaling)
+    s_arg = scaling if scaling is not None else dummy
+    bu_arg = b_up if b_up is not None else dummy
     if n > 0:
-        dummy = x
-        s_mode = _scale_mode(scaling)
-        s_arg = scaling if scaling is not None else dummy
-        bu_arg = b_up if b_up is not None else dummy
         dabuf = torch.empty_like(abuf)
+        da = torch.empty(abuf.shape, device=x.device, dtype=x.dtype) if low else dabuf
+        hbuf = torch.empty(abuf.shape, device=x.device, dtype=x.dtype) if (low and reduce) else abuf
         dscbuf = torch.empty_like(pbuf)
         _bwd_rows_kernel[(triton.cdiv(n, bn),)](
-            x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, dscbuf, dx, dqk, n, d, r, k,
+            x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, dx, dqk, n, d, r, k,
             float(scaling_value), float(inv_temperature), HAS_BU=b_up is not None, S_MODE=s_mode,
-            ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp, UPCAST=upcast, num_warps=warps,
-            num_stages=stages)
-    if n > 0 and (need_weights or need_ds):
-        d_blocks = triton.cdiv(d, bd)
-        tiles = triton.cdiv(n, bn)
-        if interpreting() or x.device.type != "cuda":
-            splits = min(tiles, 2)
-        else:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = max(1, min(tiles, triton.cdiv(2 * sms, d_blocks * k)))
-        rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
-        splits = triton.cdiv(n, rows_per_split)
+            ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp,
+            UPCAST=upcast, num_warps=warps, num_stages=stages)
+        del dabuf
+    need_bd = need_weights and b_down is not None
+    need_bu = need_weights and b_up is not None
+    bn, bd, warps, stages = _cols_blocks(rp)
+    d_blocks = triton.cdiv(d, bd)
+    # one split's slice of the partials: [dWd (k, r, d) | dWu (k, d, r) | dbu (k, d) | dbd (k, r) | ds (k, d_blocks)],
+    # each part present only when needed
+    sizes = {"wd": k * r * d if need_weights else 0, "wu": k * d * r if need_weights else 0,
+             "bu": k * d if need_bu else 0, "bd": k * r if need_bd else 0, "ds": k * d_blocks if need_ds else 0}
+    offs, total = {}, 0
+    for name, size in sizes.items():
+        offs[name] = total
+        total += size
+    if reduce:
+        d_blocks, splits, rows_per_split = split_plan(n, d, k, bn, bd, x.device)
+        part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
         _bwd_cols_kernel[(d_blocks, splits, k)](
-            x, qk, dctx, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, dscbuf, dwd, dwu, dbu, dbd, ds,
-            n, d, r, k, float(scaling_value), rows_per_split, HAS_BU=b_up is not None, S_MODE=s_mode,
-            NEED_DS=need_ds, NEED_BD=b_down is not None, ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd,
-            RP=rp, UPCAST=upcast, num_warps=warps, num_stages=stages)
+            x, qk, dctx, w_up, bu_arg, s_arg, hbuf, da, pbuf, dscbuf, part,
+            n, d, r, k, float(scaling_value), rows_per_split, total, offs["wu"], offs["bu"], offs["bd"], offs["ds"],
+            d_blocks, HAS_BU=b_up is not None, S_MODE=s_mode, NEED_W=need_weights, NEED_DS=need_ds,
+            NEED_BD=need_bd, H_IS_A=hbuf is abuf, ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp,
+            UPCAST=upcast, num_warps=warps, num_stages=stages)
+        sums = part[0] if splits == 1 else part.sum(dim=0)  # the one reduction over the splits, in a fixed order
+    else:  # no tokens: every gradient is zero
+        sums = torch.zeros(total, device=x.device, dtype=torch.float32)
+    parts = dict(zip(sizes, torch.split(sums, list(sizes.values()))))
     dt = w_down.dtype
     d_scaling = None
     if need_ds:
+        ds = parts["ds"].view(k, d_blocks).sum(dim=1)
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     if not need_weights:
         return dx, dqk, None, None, None, None, d_scaling
-    return (dx, dqk, dwd.view(k, r, d).to(dt), dbd.view(k, r).to(dt) if b_down is not None else None,
-            dwu.view(k, d, r).to(dt), dbu.view(k, d).to(dt) if b_up is not None else None, d_scaling)
+    # copy=True: the returned gradients never share the one buffer (custom-op outputs must not alias)
+    grad = lambda name, shape: parts[name].view(shape).to(dt, copy=True)
+    return (dx, dqk, grad("wd", (k, r, d)), grad("bd", (k, r)) if need_bd else None, grad("wu", (k, d, r)),
+            grad("bu", (k, d)) if need_bu else None, d_scaling)

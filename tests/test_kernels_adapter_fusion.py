@@ -371,3 +371,80 @@ def test_fp16_tensor_core_path_scores_at_fp32_precision_regression(monkeypatch):
 def test_fp16_tensor_core_path_precision_rule(monkeypatch, kw):
     monkeypatch.setattr(stacked_kernels, "interpreting", lambda: False)
     check((40,), 72, 16, 3, torch.float16, activation="gelu", **kw)
+
+
+# --- the weight-gradient reduction: partial sums per split of the tokens, no atomics ------------------
+
+def _plan(n, d, k, r):
+    bn, bd, _, _ = stacked_kernels._cols_blocks(stacked_kernels.padded_r(r))
+    return stacked_kernels.split_plan(n, d, k, bn, bd, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("case", [dict(scaling="adapter"), dict(scaling="scalar", value_bias=False)])
+def test_backward_several_splits_and_d_blocks_regression(case):
+    """The reduction over (adapter, block of d, split of tokens) writes one slice of partials per split;
+    with ragged last split and d block every gradient must still match the float64 reference."""
+    d_blocks, splits, rows = _plan(37, 45, 3, 5)
+    assert d_blocks > 1 and splits > 2 and 37 % rows != 0 and 45 % 32 != 0  # ragged split and d block
+    check((37,), 45, 5, 3, torch.float32, case=case, activation="gelu")
+
+
+def test_backward_several_splits_fp16_tensor_core_path(monkeypatch):
+    """The same on the GPU's fp16 path (emulated): h and da in fp16, dv in two halves for d_scaling."""
+    monkeypatch.setattr(stacked_kernels, "interpreting", lambda: False)
+    d_blocks, splits, _ = _plan(77, 97, 2, 16)
+    assert d_blocks > 1 and splits > 2
+    check((77,), 97, 16, 2, torch.float16, activation="silu")
+
+
+def test_backward_frozen_adapters_trained_scaling():
+    """Adapters frozen but the scaling trained: the reduction then forms only d_scaling (no weight sums)."""
+    hi, lo = make_case((37,), 45, 5, 3, torch.float32)
+    for ts in (hi, lo):
+        for name in ("w_down", "b_down", "w_up", "b_up"):
+            ts[name] = ts[name].detach()
+    names = ["scaling", "x", "w_key"]
+    ref, out = call(hi, "eager", activation="tanh"), call(lo, "triton", activation="tanh")
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_ref = torch.autograd.grad(ref, [hi[a] for a in names], dy)
+    g_out = torch.autograd.grad(out, [lo[a] for a in names], dy.float())
+    for name, a, b in zip(names, g_out, g_ref):
+        assert rel_err(a.double(), b) < 2e-5, name
+
+
+class _NaNEmpty:
+    """Stands in for ``torch`` in the kernels module: fresh buffers come filled with NaN, so any element
+    of the partials (or of another buffer) that no program writes shows up in the gradients."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kw):
+        t = torch.empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    @staticmethod
+    def empty_like(t, **kw):
+        t = torch.empty_like(t, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def test_backward_same_bits_twice_and_every_partial_written(monkeypatch):
+    hi, lo = make_case((37,), 45, 5, 3, torch.float32, seed=4)
+    assert _plan(37, 45, 3, 5)[1] > 1
+    leaves = {a: b for a, b in lo.items() if isinstance(b, torch.Tensor)}
+    dy = torch.randn(37, 45, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        out = call(lo, "triton", activation="gelu")
+        return [out.detach()] + list(torch.autograd.grad(out, list(leaves.values()), dy, allow_unused=True))
+
+    first, again = run(), run()
+    monkeypatch.setattr(stacked_kernels, "torch", _NaNEmpty())
+    poisoned = run()
+    for name, a, b, c in zip(["out"] + list(leaves), first, again, poisoned):
+        if a is None:  # b_key: unused by the fused path
+            continue
+        assert torch.equal(a, b), name
+        assert torch.equal(a, c), name

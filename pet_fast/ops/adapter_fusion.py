@@ -425,7 +425,7 @@ TRITON_MAX_K = 64
 
 
 def stacked_triton_reasons(info) -> list:
-    why = dispatch.triton_reasons(info) + dispatch.nondeterministic_reasons()
+    why = dispatch.triton_reasons(info)  # deterministic: the backward's reduction has no atomics
     if info["r"] > TRITON_MAX_R:
         why.append(f"bottleneck size r={info['r']} > {TRITON_MAX_R} (the r-wide hidden tile must fit in registers)")
     if info["k"] > TRITON_MAX_K:
