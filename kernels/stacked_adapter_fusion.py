@@ -22,7 +22,8 @@ softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd
 r-wide ``da`` and k-wide ``dscore`` (and for fp16/bf16 ``da`` and the hidden ``h`` in the input dtype);
 then a grid over (adapter, block of d, split of tokens) whose programs sum ``dWd``, ``dbd``, ``dWu``,
 ``dbu`` and ``d_scaling`` over their tokens in fp32 and write them to their own slice of a partials
-buffer, which one ``torch.sum`` over the splits reduces: no atomics, so the backward is deterministic
+buffer, which ``_sum_splits_kernel`` (bottleneck_adapter.py) reduces over the splits in a fixed order,
+writing every gradient in its dtype in one launch: no atomics, so the backward is deterministic
 (the same bits on every run). The scaling multiplies each sum once at the end, and ``d_scaling`` comes
 from the unscaled ``dWu`` sum and ``Wu`` (see ``_bwd_cols_kernel``). Nothing k x d per token is written
 in either direction.
@@ -36,11 +37,13 @@ GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
+from .bottleneck_adapter import (ACT_CODES, _sum_splits_kernel, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
                                  prune_row_configs, row_configs)
 
 
@@ -387,8 +390,8 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
     (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
 
-    The reduction writes fp32 partial sums, one slice per split of the tokens, and one ``torch.sum`` over
-    the splits adds them in a fixed order: no atomics, the same bits on every run. For fp16/bf16 the
+    The reduction writes fp32 partial sums, one slice per split of the tokens, and ``_sum_splits_kernel``
+    adds the splits in a fixed order into each gradient's own tensor: no atomics, the same bits on every run. For fp16/bf16 the
     per-token tensors it reads r-wide (h and da, per token and adapter) come in the input dtype from the
     per-token kernel (its tensor-core dots round them to that anyway): half the bytes of the fp32 a and
     da, which it reads once per block of d."""
@@ -440,18 +443,24 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
             d_blocks, HAS_BU=b_up is not None, S_MODE=s_mode, NEED_W=need_weights, NEED_DS=need_ds,
             NEED_BD=need_bd, H_IS_A=hbuf is abuf, ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp,
             UPCAST=upcast, num_warps=warps, num_stages=stages)
-        sums = part[0] if splits == 1 else part.sum(dim=0)  # the one reduction over the splits, in a fixed order
-    else:  # no tokens: every gradient is zero
-        sums = torch.zeros(total, device=x.device, dtype=torch.float32)
-    parts = dict(zip(sizes, torch.split(sums, list(sizes.values()))))
     dt = w_down.dtype
+    shapes = {"wd": (k, r, d), "wu": (k, d, r), "bu": (k, d), "bd": (k, r), "ds": (k, d_blocks)}
+    # separate tensors, each in its dtype: custom-op outputs must not alias one another
+    outs = {name: torch.empty(shapes[name], device=x.device, dtype=torch.float32 if name == "ds" else dt)
+            for name, size in sizes.items() if size}
+    if reduce and total:
+        # adds the splits in a fixed order and writes each region into its tensor (one launch)
+        o = list(outs.values()) + [part] * (5 - len(outs))
+        ends = list(itertools.accumulate(t.numel() for t in outs.values()))
+        e = ends[:-1] + [total] * (5 - len(ends))
+        _sum_splits_kernel[(triton.cdiv(total, 1024),)](part, *o, total, splits, *e[:4], BLOCK=1024, num_warps=4)
+    else:  # no tokens: every gradient is zero
+        for t in outs.values():
+            t.zero_()
     d_scaling = None
     if need_ds:
-        ds = parts["ds"].view(k, d_blocks).sum(dim=1)
+        ds = outs["ds"].sum(dim=1)
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     if not need_weights:
         return dx, dqk, None, None, None, None, d_scaling
-    # copy=True: the returned gradients never share the one buffer (custom-op outputs must not alias)
-    grad = lambda name, shape: parts[name].view(shape).to(dt, copy=True)
-    return (dx, dqk, grad("wd", (k, r, d)), grad("bd", (k, r)) if need_bd else None, grad("wu", (k, d, r)),
-            grad("bu", (k, d)) if need_bu else None, d_scaling)
+    return (dx, dqk, outs["wd"], outs.get("bd"), outs["wu"], outs.get("bu"), d_scaling)
