@@ -101,3 +101,65 @@ def test_fusion_on_llama_runs_and_trains():
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     out.loss.backward()
     assert all(f"{TASK_ATTR}.f." in k for k, p in model.named_parameters() if p.grad is not None)
+
+
+def _frozen_fusion(scales=(1.0, 0.5, 2.0)):
+    ads = [pet_fast.BottleneckAdapter(16, 3 + i, activation="relu", scaling=s) for i, s in enumerate(scales)]
+    for a in ads:
+        a.requires_grad_(False)
+        with torch.no_grad():
+            a.w_up.normal_(0, 0.3)
+    fus = pet_fast.AdapterFusion(16)
+    return ads, fus
+
+
+def test_stacked_frozen_adapters_are_kept_until_they_change(monkeypatch):
+    """Frozen adapters are stacked once; an in-place update of one of them (version counter) or another
+    dtype rebuilds the stack, and the result always equals a fresh computation."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    ads, fus = _frozen_fusion()
+    calls = []
+    real = fusion_mod.stack_adapters
+    monkeypatch.setattr(fusion_mod, "stack_adapters", lambda *a: calls.append(1) or real(*a))
+    x, q, res = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 16)
+    first = fus.fuse(x, q, res, ads)
+    second = fus.fuse(x, q, res, ads)
+    assert len(calls) == 1 and torch.equal(first, second)
+    with torch.no_grad():
+        ads[1].w_up.add_(0.5)  # e.g. load_state_dict copies in place
+    third = fus.fuse(x, q, res, ads)
+    assert len(calls) == 2 and not torch.allclose(third, first)
+    fresh = pet_fast.AdapterFusion(16)
+    fresh.load_state_dict(fus.state_dict())
+    torch.testing.assert_close(third, fresh.fuse(x, q, res, ads))  # its own stack: one more call
+    assert len(calls) == 3
+    fus.fuse(x.half(), q.half(), res.half(), ads)  # another dtype: rebuilt
+    assert len(calls) == 4
+    assert "_stack_cache" not in fus.state_dict()
+
+
+def test_stacked_trainable_adapters_are_stacked_every_call_and_get_gradients(monkeypatch):
+    import pet_fast.methods.fusion as fusion_mod
+
+    ads, fus = _frozen_fusion()
+    for a in ads:
+        a.requires_grad_(True)
+    calls = []
+    real = fusion_mod.stack_adapters
+    monkeypatch.setattr(fusion_mod, "stack_adapters", lambda *a: calls.append(1) or real(*a))
+    x, q, res = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 16)
+    fus.fuse(x, q, res, ads).sum().backward()
+    fus.fuse(x, q, res, ads)
+    assert len(calls) == 2
+    assert all(a.w_down.grad is not None and a.w_down.grad.abs().sum() > 0 for a in ads)
+
+
+def test_stack_adapters_fixed_scales_filled_on_the_device():
+    from pet_fast.methods.fusion import stack_adapters
+
+    ads, _ = _frozen_fusion(scales=(1.0, 0.5, 2.0))
+    assert stack_adapters(ads, torch.float32)[4].tolist() == [1.0, 0.5, 2.0]
+    ads, _ = _frozen_fusion(scales=(0.25, 0.25, 0.25))
+    s = stack_adapters(ads, torch.float16)[4]
+    assert s.dtype == torch.float16 and s.tolist() == [0.25, 0.25, 0.25]

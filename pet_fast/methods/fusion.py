@@ -90,6 +90,24 @@ class AdapterFusion(nn.Module):
             return self._eager_with_dropout(query, values, residual, t, proj)
         return fusion_ops.adapter_fusion(query, values, residual, temperature=t, backend=backend, **proj)
 
+    def _stacked(self, adapters: Sequence[BottleneckAdapter], dtype) -> tuple:
+        """:func:`stack_adapters`, kept between calls while the adapters are frozen (AdapterFusion's
+        usual second stage): stacking k adapters costs a few dozen small launches per call. The copy is
+        rebuilt when any adapter parameter changes in place (its version counter moves), when the
+        adapters or the dtype change, and never kept when autograd needs the stacking or under
+        torch.compile (which folds it into the graph)."""
+        params = [p for a in adapters for p in a.parameters()]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return stack_adapters(adapters, dtype)
+        key = (dtype, tuple(id(a) for a in adapters), tuple((id(p), p.device, p._version) for p in params),
+               tuple(a.scaling if isinstance(a.scaling, float) else id(a.scaling) for a in adapters))
+        cache = self.__dict__.get("_stack_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, stack_adapters(adapters, dtype))
+            self.__dict__["_stack_cache"] = cache  # a plain attribute: not in state_dict, not moved by .to()
+        return cache[1]
+
     def fuse(self, x: torch.Tensor, query: torch.Tensor, residual: torch.Tensor,
              adapters: Sequence[BottleneckAdapter], *, backend: Optional[str] = None) -> torch.Tensor:
         """Run ``adapters`` on ``x`` and fuse their outputs in one op (the k outputs are not stored
@@ -99,7 +117,7 @@ class AdapterFusion(nn.Module):
         if self.training and self.dropout > 0:
             values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in adapters], dim=-2)
             return self.forward(query, values, residual, backend=backend)
-        w_down, b_down, w_up, b_up, scaling, activation = stack_adapters(adapters, x.dtype)
+        w_down, b_down, w_up, b_up, scaling, activation = self._stacked(adapters, x.dtype)
         t = self._temperature()
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
@@ -128,7 +146,12 @@ def stack_adapters(adapters: Sequence[BottleneckAdapter], dtype):
     b_down, b_up = torch.stack(bd), torch.stack(bu)
     scales = [a.scaling for a in adapters]
     if all(isinstance(s, float) for s in scales):
-        scaling = torch.tensor(scales, dtype=dtype, device=ref.device)
+        # filled on the device: torch.tensor(scales, device=cuda) would copy from the host and wait for
+        # the GPU to drain on every call
+        if len(set(scales)) == 1:
+            scaling = ref.new_full((len(scales),), scales[0], dtype=dtype)
+        else:
+            scaling = torch.stack([ref.new_full((), s, dtype=dtype) for s in scales])
     elif all(isinstance(s, torch.Tensor) and s.dim() == 0 for s in scales):
         scaling = torch.stack([s.to(dtype) for s in scales])
     else:
