@@ -256,7 +256,6 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
                        lr=DEFAULT_LR["adapter"], seed=seed + i, progress=progress, desc=f"adapter{i}", step_times=[])
                 names.append(f"adapter{i}")
         config = pet_fast.FusionConfig(adapters=names)
-        del tmp_dirs
     else:
         config = _method_config(method, adapters)
     pet_fast.inject(model, config, "task")

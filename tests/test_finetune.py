@@ -53,3 +53,16 @@ def test_every_method_has_a_config():
     for method, cls in (("adapter", pet_fast.AdapterConfig), ("side", pet_fast.SideConfig),
                         ("mask", pet_fast.MaskConfig), ("prefix", pet_fast.PrefixConfig)):
         assert isinstance(finetune._method_config(method, ()), cls)
+
+
+def test_finetune_fusion_trains_two_adapters_then_fuses(tmp_path):
+    """method="fusion" without given adapters trains two on halves of the data, then the fusion."""
+    try:
+        finetune.default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    r = finetune.finetune(method="fusion", steps=2, batch_size=8, threads=1, progress=False,
+                          output=str(tmp_path / "fused"))
+    assert r["method"] == "fusion" and r["steps"] == 2
+    assert 0 < r["trainable_fraction"] < 0.2  # three d x d projections per fusion layer
+    assert (tmp_path / "fused").is_dir()

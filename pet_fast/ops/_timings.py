@@ -53,6 +53,21 @@ def load_table(path=None) -> list:
 TABLE = load_table()
 
 
+def read_order_table(op: str, env_var: str, key: str, valid, expected: str, path=None):
+    """``(doc[key], path)`` of an op's measured-order JSON: ``path``, else ``$env_var``, else
+    ``<op>_timings.json`` beside this file; ``(None, path)`` without a file. ``valid(value)`` checks the
+    entry; a file that fails it raises ValueError naming the file and the ``expected`` layout."""
+    path = path or os.environ.get(env_var) or str(Path(__file__).with_name(f"{op}_timings.json"))
+    if not os.path.isfile(path):
+        return None, path
+    with open(path) as f:
+        doc = json.load(f)
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if not valid(value):
+        raise ValueError(f"{path}: a {op} timings table must be {expected}")
+    return value, path
+
+
 def preference(op: str):
     """A preference function for ``dispatch.set_preference(op, ...)``, reading :data:`TABLE`."""
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, mask_packing
+from . import _checks, _timings, mask_packing
 
 OP = "masked_linear"
 
@@ -333,23 +333,14 @@ _TIMINGS: dict = {}
 
 def load_timings(path=None) -> Optional[list]:
     """(Re)read the measured-timings table; returns its rows, or None when there is no table."""
-    import json
-    import os
-    from pathlib import Path
+    def valid(rows):
+        return isinstance(rows, list) and all(
+            isinstance(r, dict) and {"packed", "n_max", "order"} <= set(r)
+            and all(b in dispatch.BACKENDS for b in r["order"]) for r in rows)
 
-    path = path or os.environ.get(TIMINGS_ENV) or str(Path(__file__).with_name("masked_linear_timings.json"))
-    rows = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            doc = json.load(f)
-        rows = doc.get("rows") if isinstance(doc, dict) else None
-        if not isinstance(rows, list) or not all(
-                isinstance(r, dict) and {"packed", "n_max", "order"} <= set(r)
-                and all(b in dispatch.BACKENDS for b in r["order"]) for r in rows):
-            raise ValueError(f"{path}: a masked_linear timings table must be {{'rows': [{{'packed': bool, "
-                             f"'n_max': int, 'order': [backends]}}, ...]}}")
-    _TIMINGS["rows"] = rows
-    _TIMINGS["path"] = path
+    expected = "{'rows': [{'packed': bool, 'n_max': int, 'order': [backends]}, ...]}"
+    rows, path = _timings.read_order_table(OP, TIMINGS_ENV, "rows", valid, expected, path)
+    _TIMINGS.update(rows=rows, path=path)
     return rows
 
 

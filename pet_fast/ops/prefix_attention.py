@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks
+from . import _checks, _timings
 
 OP = "prefix_attention"
 
@@ -427,23 +427,14 @@ def load_timings(path=None) -> Optional[dict]:
     """(Re)read auto's measured order: ``{"orders": {"decode" | "fwd" | "fwd+bwd": [backends]}}``,
     written by ``benchmarks/bench_prefix_attention.py --dispatch-table PATH`` on a GPU. Looked up in
     $PET_FAST_PREFIX_ATTENTION_TIMINGS, else pet_fast/ops/prefix_attention_timings.json; None without one."""
-    import json
-    import os
-    from pathlib import Path
+    def valid(orders):
+        return isinstance(orders, dict) and all(
+            m in ("decode", "fwd", "fwd+bwd") and isinstance(o, list) and o and all(b in dispatch.BACKENDS for b in o)
+            for m, o in orders.items())
 
-    path = path or os.environ.get(TIMINGS_ENV) or str(Path(__file__).with_name("prefix_attention_timings.json"))
-    orders = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            doc = json.load(f)
-        orders = doc.get("orders") if isinstance(doc, dict) else None
-        if not isinstance(orders, dict) or not all(
-                m in ("decode", "fwd", "fwd+bwd") and isinstance(o, list) and o and all(b in dispatch.BACKENDS for b in o)
-                for m, o in orders.items()):
-            raise ValueError(f"{path}: a prefix_attention timings table must be {{'orders': {{'decode' | 'fwd' | "
-                             f"'fwd+bwd': [backends, fastest first]}}}}")
-    _TIMINGS["orders"] = orders
-    _TIMINGS["path"] = path
+    expected = "{'orders': {'decode' | 'fwd' | 'fwd+bwd': [backends, fastest first]}}"
+    orders, path = _timings.read_order_table(OP, TIMINGS_ENV, "orders", valid, expected, path)
+    _TIMINGS.update(orders=orders, path=path)
     return orders
 
 
