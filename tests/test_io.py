@@ -298,7 +298,7 @@ def test_import_adapterhub_legacy_gelu_and_refusals(tmp_path):
 
 
 def test_import_adapterhub_fusion(tmp_path):
-    H, k = 32, 2
+    H = 32
     states = [_ah_adapter_files(tmp_path / n, n, "pfeiffer", H, 2, 4, seed=i) for i, n in enumerate(("a", "b"))]
     fdir = tmp_path / "fusion"
     fdir.mkdir()

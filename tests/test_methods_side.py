@@ -4,7 +4,7 @@ import torch
 
 import pet_fast
 from pet_fast.tasks import TASK_ATTR
-from tiny_models import batch, build, logits
+from tiny_models import batch, build
 
 
 def _saved_shapes(fn):

@@ -24,13 +24,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pet_fast
 from pet_fast import dispatch
 from pet_fast.ops.activations import ACTIVATIONS, ALIASES
 
 import _cases
 from _cases import LAYOUTS, OPS
-from conftest import rel_err
 
 f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 
