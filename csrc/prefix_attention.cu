@@ -2,13 +2,15 @@
 // length (split-K) and merged by log-sum-exp. The prefix is read from its own tensor (batch stride 0
 // when shared), never copied into the cache. fp16/bf16 in, fp32 softmax and accumulation.
 //
-// Kernel 1, one block per (split, q head, batch), 4 warps: for each chunk of 64 keys of its split,
-//   (a) each warp takes keys in turn; lanes hold slices of the key row and reduce q_i . k_j for all
-//       L query rows at once, so every key row is loaded once per block;
+// Kernel 1, one block per (split, group of up to 8 query rows of one key/value head, batch), 4 warps.
+// The rows are (query head, new token) pairs of the heads that share the key/value head (GQA), so a
+// key/value row is read once for all of them. For each chunk of 64 keys of its split:
+//   (a) each warp takes keys in turn; lanes hold slices of the key row and reduce q . k_j for all the
+//       block's rows at once, so every key row is loaded once per block;
 //   (b) one warp per query row updates the running max and sum (online softmax, natural exp);
 //   (c) each thread owns head-dim columns and adds p_ij * v_j[d] for all rows: each value row is
 //       loaded once, coalesced.
-// Kernel 2, one block per (query row, q head, batch): merges the splits' (max, sum, partial output).
+// Kernel 2, one block per (new token, q head, batch): merges the splits' (max, sum, partial output).
 #include "prefix_attention.h"
 
 #include <cuda_bf16.h>
@@ -50,8 +52,12 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     const uint8_t* __restrict__ key_mask, const int32_t* __restrict__ cache_lens,
                     float* __restrict__ part_o, float* __restrict__ part_ml, int Hq, int Hkv, int L, int S, int P,
                     int D, bool causal, float scale, int splits) {
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (Hq / Hkv);
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int G = Hq / Hkv;                                              // query heads per key/value head
+  const int groups = (G * L + kDecodeMaxQueries - 1) / kDecodeMaxQueries;  // row groups per key/value head
+  const int hk = blockIdx.y / groups;
+  const int row0 = (blockIdx.y % groups) * kDecodeMaxQueries;          // first (head, token) row of this block
+  const int nrows = min(kDecodeMaxQueries, G * L - row0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int T_total = P + S;
   const int per_split = (T_total + splits - 1) / splits;
@@ -63,10 +69,17 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ float q_s[kDecodeMaxQueries * kDecodeMaxHeadDim];
   __shared__ float s_s[kDecodeMaxQueries * kChunk];
   __shared__ float m_s[kDecodeMaxQueries], l_s[kDecodeMaxQueries], alpha_s[kDecodeMaxQueries];
+  __shared__ int tok_s[kDecodeMaxQueries];         // each row's new-token index (for causality)
+  __shared__ long long qrow_s[kDecodeMaxQueries];  // each row's index in q / out, (b * Hq + h) * L + i
   __shared__ bool valid_s[kChunk];  // padded or out-of-length cache slots may hold anything: never read them
 
-  const long long q_row0 = ((long long)b * Hq + h) * L;
-  for (int x = tid; x < L * D; x += kThreads) q_s[x] = to_float(q[q_row0 * D + x]) * scale;
+  if (tid < nrows) {
+    const int g = row0 + tid;
+    tok_s[tid] = g % L;
+    qrow_s[tid] = ((long long)b * Hq + (long long)hk * G + g / L) * L + g % L;
+  }
+  __syncthreads();
+  for (int x = tid; x < nrows * D; x += kThreads) q_s[x] = to_float(q[qrow_s[x / D] * D + x % D]) * scale;
   if (tid < kDecodeMaxQueries) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
@@ -116,7 +129,7 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         if (lane == 0) valid_s[t] = ok_key[u];
 #pragma unroll
         for (int i = 0; i < kDecodeMaxQueries; ++i) {
-          if (i < L) {
+          if (i < nrows) {
             float part = 0.f;
 #pragma unroll
             for (int e = 0; e < kLanesElems; ++e) {
@@ -124,7 +137,7 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
               if (d < D) part += q_s[i * D + d] * kr[u][e];
             }
             part = warp_sum(part);
-            const bool ok = ok_key[u] && (is_prefix || !causal || j <= i + causal_shift);
+            const bool ok = ok_key[u] && (is_prefix || !causal || j <= tok_s[i] + causal_shift);
             if (lane == 0) s_s[i * kChunk + t] = ok ? part : -INFINITY;
           }
         }
@@ -132,7 +145,7 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
     __syncthreads();
     // (b) online softmax per query row
-    for (int i = warp; i < L; i += kWarps) {
+    for (int i = warp; i < nrows; i += kWarps) {
       float mx = -INFINITY;
       for (int t = lane; t < c_n; t += 32) mx = fmaxf(mx, s_s[i * kChunk + t]);
       mx = warp_max(mx);
@@ -163,7 +176,7 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       if (d < D) {
 #pragma unroll
         for (int i = 0; i < kDecodeMaxQueries; ++i)
-          if (i < L) acc[i][c] *= alpha_s[i];
+          if (i < nrows) acc[i][c] *= alpha_s[i];
         for (int t0 = 0; t0 < c_n; t0 += kKeysInFlight) {
           float vv[kKeysInFlight];
 #pragma unroll
@@ -179,7 +192,7 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
             if (t0 + u < c_n) {  // s_s past c_n holds stale values
 #pragma unroll
               for (int i = 0; i < kDecodeMaxQueries; ++i)
-                if (i < L) acc[i][c] += s_s[i * kChunk + t0 + u] * vv[u];
+                if (i < nrows) acc[i][c] += s_s[i * kChunk + t0 + u] * vv[u];
             }
           }
         }
@@ -190,8 +203,8 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
 #pragma unroll
   for (int i = 0; i < kDecodeMaxQueries; ++i) {
-    if (i < L) {
-      const long long row = ((q_row0 + i) * splits + split);
+    if (i < nrows) {
+      const long long row = qrow_s[i] * splits + split;
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c) {
         const int d = tid + c * kThreads;
@@ -235,7 +248,8 @@ cudaError_t launch(const void* q, const void* k, const void* v, const void* pk, 
                    const uint8_t* key_mask, const int32_t* cache_lens, void* out, float* part_o, float* part_ml, int B,
                    int Hq, int Hkv, int L, int S, int P, int D, bool causal, float scale, int splits,
                    cudaStream_t stream) {
-  dim3 grid1(splits, Hq, B);
+  const int groups = ((Hq / Hkv) * L + kDecodeMaxQueries - 1) / kDecodeMaxQueries;
+  dim3 grid1(splits, Hkv * groups, B);
   decode_split_kernel<T><<<grid1, kThreads, 0, stream>>>(
       static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(pk),
       static_cast<const T*>(pv), pk_bstride, key_mask, cache_lens, part_o, part_ml, Hq, Hkv, L, S, P, D, causal, scale,
@@ -249,8 +263,9 @@ cudaError_t launch(const void* q, const void* k, const void* v, const void* pk, 
 
 }  // namespace
 
-int prefix_attention_decode_splits(int batch, int q_heads, int total_keys, int sm_count) {
-  const int blocks = batch * q_heads;
+int prefix_attention_decode_splits(int batch, int q_heads, int kv_heads, int q_len, int total_keys, int sm_count) {
+  const int groups = kv_heads > 0 ? ((q_heads / kv_heads) * q_len + kDecodeMaxQueries - 1) / kDecodeMaxQueries : 1;
+  const int blocks = batch * kv_heads * groups;
   const int target = 8 * (sm_count > 0 ? sm_count : 132);  // several 4-warp blocks per SM hide load latency
   int splits = blocks > 0 ? (target + blocks - 1) / blocks : 1;
   const int max_by_keys = (total_keys + kChunk - 1) / kChunk;  // at least one chunk of keys per split
@@ -266,7 +281,8 @@ cudaError_t prefix_attention_decode(DecodeDtype dtype, const void* q, const void
                                     int q_len, int kv_len, int prefix_len, int head_dim, bool causal, float scale,
                                     int num_splits, cudaStream_t stream) {
   if (q_len < 1 || q_len > kDecodeMaxQueries || head_dim < 1 || head_dim > kDecodeMaxHeadDim || kv_heads < 1 ||
-      q_heads % kv_heads != 0 || num_splits < 1 || batch < 1 || batch > 65535 || q_heads > 65535)
+      q_heads % kv_heads != 0 || num_splits < 1 || batch < 1 || batch > 65535 ||
+      (long long)kv_heads * (((q_heads / kv_heads) * q_len + kDecodeMaxQueries - 1) / kDecodeMaxQueries) > 65535)
     return cudaErrorInvalidValue;
   if (prefix_len > 0 && (prefix_k == nullptr || prefix_v == nullptr)) return cudaErrorInvalidValue;
   if (prefix_len < 0 || kv_len < 0 || static_cast<long long>(prefix_len) + kv_len > kDecodeMaxKeys ||

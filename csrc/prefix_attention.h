@@ -5,7 +5,7 @@
 
 namespace pet_fast {
 
-constexpr int kDecodeMaxQueries = 8;    // new tokens per sequence
+constexpr int kDecodeMaxQueries = 8;    // new tokens per sequence; also the (query head, token) rows of a block
 constexpr int kDecodeMaxHeadDim = 256;
 // Key positions (prefix plus cache) and split bounds are int in the kernel: these limits keep every sum
 // of them (begin + length of a split, chunk starts) below 2**31.
@@ -14,8 +14,9 @@ constexpr long long kDecodeMaxKeys = 2147483647LL - 2 * kDecodeMaxSplits;
 
 enum class DecodeDtype : int { kFloat16 = 0, kBFloat16 = 1 };
 
-// Number of key splits for B * Hq (query rows grouped per head) over total_keys = P + S keys.
-int prefix_attention_decode_splits(int batch, int q_heads, int total_keys, int sm_count);
+// Number of key splits over total_keys = P + S keys, for blocks of up to kDecodeMaxQueries (query head,
+// new token) rows that share a key/value head.
+int prefix_attention_decode_splits(int batch, int q_heads, int kv_heads, int q_len, int total_keys, int sm_count);
 
 // q (B, Hq, L, D); k, v (B, Hkv, S, D); prefix_k/_v rows of D at prefix + b * prefix_batch_stride
 // + h_kv * P * D (batch stride 0 when shared; null when P == 0); out like q. All contiguous.

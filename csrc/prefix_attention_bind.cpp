@@ -75,7 +75,8 @@ torch::Tensor prefix_attention_decode(torch::Tensor q, torch::Tensor k, torch::T
   int splits = static_cast<int>(num_splits);
   if (splits <= 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    splits = pet_fast::prefix_attention_decode_splits(static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(P + S), sms);
+    splits = pet_fast::prefix_attention_decode_splits(static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(Hkv),
+                                                      static_cast<int>(L), static_cast<int>(P + S), sms);
   }
   auto fopts = q.options().dtype(at::kFloat);
   auto part_o = torch::empty({B * Hq * L * splits * D}, fopts);

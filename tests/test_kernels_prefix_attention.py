@@ -259,7 +259,7 @@ def test_gpu_cuda_decode_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, 
     kpm = padding_mask(B, S, pad, "cuda")
     with torch.no_grad():
         info = op.describe(tensors[0], tensors[1], tensors[3], kpm, causal, tensors[2], tensors[4])
-        assert dispatch.select(op.OP, info).backend == "cuda"
+        assert op.cuda_decode_reasons(info) == []  # auto's order comes from timings; the kernel must accept
         got = pet_fast.prefix_attention(*tensors, key_padding_mask=kpm, causal=causal, backend="cuda")
         eager = op.reference(*tensors, key_padding_mask=kpm, causal=causal)  # the definition in dtype
         ref = op.reference(*(None if t is None else t.double() for t in tensors), key_padding_mask=kpm, causal=causal)
