@@ -30,20 +30,39 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TUNE = os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
 
 
-def _configs(gpu):
+def _configs(gpu, transpose=False):
+    """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tuples in forward terms (an
+    (M, N) output tile, K the reduction); ``transpose`` maps them onto the dx kernel, whose BLOCK_N is
+    the reduction and BLOCK_K the output tile. The fp32 tiles of _FMA_CONFIGS go with the others: the
+    pruner keeps them for IEEE fp32 dots only (see _prune)."""
     if _INTERPRET:  # the interpreter accepts exactly one config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in (gpu if _TUNE else [(64, 64, 64, 4, 3)])]
+    tiles = gpu + _FMA_CONFIGS if _TUNE else [(64, 64, 64, 4, 3), (64, 64, 16, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bk if transpose else bn, "BLOCK_K": bn if transpose else bk,
+                           "GROUP": 8}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the two GEMMs that reduce over K or N (forward, dx)
+def _prune(reduction):
+    """IEEE fp32 dots run on the FMA units with their operand tiles in registers: on sm_90 the
+    tensor-core tiles spill 0.5-17 KB per thread there (benchmarks/compile_check_kernels.py), while
+    reductions of 16 do not spill. Keep the tiles that suit the dot: reduction block <= 16 for IEEE
+    fp32, >= 32 otherwise."""
+    def prune(configs, named_args, **kwargs):
+        fma = bool(kwargs.get("FP32_DOT")) and kwargs.get("PRECISION") == "ieee"
+        return [c for c in configs if (c.kwargs[reduction] <= 16) == fma] or configs
+    return prune
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the two GEMMs that reduce over K or N (forward, dx), in
+# forward terms. On sm_90 each fits the shared memory; in bf16/fp16 only (64, 256, 32, 4, 4) spills (8-24 B).
 _GEMM_CONFIGS = [
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3), (128, 256, 32, 8, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
     # few tokens (serving from packed bits with N > 16): narrow row tiles, more programs over the weight
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4),
 ]
+# IEEE fp32 (no tensor cores): short reductions, none of them spills on sm_90
+_FMA_CONFIGS = [(64, 64, 16, 4, 3), (32, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (16, 64, 16, 4, 3)]
 
 
 @triton.jit
@@ -90,7 +109,8 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_K")})
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_words, threshold,
                     FROM_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -114,7 +134,8 @@ def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_word
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, transpose=True), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit
 def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words, threshold,
                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
