@@ -7,7 +7,9 @@
 The masked weight ``W * M`` is never written to global memory: each (rows, K) tile of W is loaded with
 the matching tile of the scores (compared to the threshold) or of the packed mask words (bit
 ``k % 32`` of word ``k // 32``, see pet_fast/ops/mask_packing.py), and zeroed where the mask is 0 before
-it enters ``tl.dot``. Accumulation is in fp32; offsets are int64. No autograd here: the wiring is in
+it enters ``tl.dot``. Accumulation is in fp32. Each tile starts at an int64 base (row * row length) and the
+offsets inside it are int32 (rows of a tile * row length < 2**31, see _check_sizes): int64 offset tiles
+cost twice the registers, and on sm_90 made the odd-shape tiles spill. No autograd here: the wiring is in
 pet_fast/ops/masked_linear.py, whose training path first packs the mask with :func:`pack` (one pass
 over the scores) and then runs all three GEMMs from the bits: a tile of fp32 scores costs twice the
 bytes of the bf16 weight tile it masks, a tile of bits 1/16.
@@ -66,27 +68,30 @@ _FMA_CONFIGS = [(64, 64, 16, 4, 3), (32, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64
 
 
 @triton.jit
-def _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
-    """The (rows, cols) tile of the mask as booleans: bit ``c % 32`` of word ``c // 32`` of the row, or
-    ``scores > threshold``."""
+def _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
+    """The (rows, cols) tile of the mask as booleans, for rows ``row0 + rows`` (row0 a scalar, rows the
+    int32 offsets inside the tile): bit ``c % 32`` of word ``c // 32`` of the row, or ``scores > threshold``."""
     if FROM_BITS:
-        word = tl.load(bits_ptr + offs_r[:, None] * n_words + (offs_c[None, :] >> 5), mask=valid, other=0)
+        word = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + (offs_c[None, :] >> 5)),
+                       mask=valid, other=0)
         keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
     else:
-        s = tl.load(s_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0).to(tl.float32)
+        s = tl.load((s_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
+                    mask=valid, other=0.0).to(tl.float32)
         keep = s > threshold
     return keep
 
 
 @triton.jit
-def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_r, offs_c, n_rows, n_cols, n_words, threshold,
+def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, row0, rows, offs_c, n_rows, n_cols, n_words, threshold,
                         FROM_BITS: tl.constexpr, UPCAST: tl.constexpr):
-    """The (rows, cols) tile of W * M; rows index output features, cols input features (int64 offsets)."""
-    valid = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
-    w = tl.load(w_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0)
+    """The (rows, cols) tile of W * M; rows (``row0 + rows``) index output features, cols input features."""
+    valid = ((row0 + rows)[:, None] < n_rows) & (offs_c[None, :] < n_cols)
+    w = tl.load((w_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
+                mask=valid, other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
-    keep = _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
+    keep = _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
     return tl.where(keep, w, tl.zeros_like(w))
 
 
@@ -117,21 +122,25 @@ def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_word
                     FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = (m0 + rm) < M
+    x_base = x_ptr + tl.cast(m0, tl.int64) * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_base + (rm[:, None] * K + offs_k[None, :]), mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_n, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
         acc = _dot(a, tl.trans(w), acc, FP32_DOT, PRECISION)
+    offs_n = n0 + rn
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store((y_ptr + tl.cast(m0, tl.int64) * N) + (rm[:, None] * N + offs_n[None, :]), acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
 
 
 @triton.autotune(configs=_configs(_GEMM_CONFIGS, transpose=True), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
@@ -142,19 +151,22 @@ def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """dx (M, K) = dy (M, N) @ (W * M) (N, K); here BLOCK_N tiles the reduction and BLOCK_K the output."""
     pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m0 = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = (m0 + rm) < M
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    dy_base = dy_ptr + tl.cast(m0, tl.int64) * N
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        g = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        offs_n = n0 + rn
+        g = tl.load(dy_base + (rm[:, None] * N + offs_n[None, :]), mask=m_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_n, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
         acc = _dot(g, w, acc, FP32_DOT, PRECISION)
-    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.store((dx_ptr + tl.cast(m0, tl.int64) * K) + (rm[:, None] * K + offs_k[None, :]), acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_k[None, :] < K))
 
 
 # (BLOCK_N, BLOCK_K, BLOCK_M, warps, stages) for the weight-gradient GEMM, which reduces over tokens
@@ -180,16 +192,19 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
     """G = dy.T @ x over a (BLOCK_N, BLOCK_K) tile; epilogue d_scores = G * W, d_weight = G * M.
     The programs of the first column of tiles also sum dy over tokens for d_bias."""
     pid_n, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n0 = pid_n * BLOCK_N
+    rn = tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    offs_n = n0 + rn
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        g_t = tl.load(dy_ptr + offs_m[None, :] * N + offs_n[:, None],
-                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
-        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        m_ok = (m0 + rm) < M
+        g_t = tl.load((dy_ptr + tl.cast(m0, tl.int64) * N) + (rm[None, :] * N + offs_n[:, None]),
+                      mask=m_ok[None, :] & (offs_n[:, None] < N), other=0.0)
+        a = tl.load((x_ptr + tl.cast(m0, tl.int64) * K) + (rm[:, None] * K + offs_k[None, :]),
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if UPCAST:
             g_t = g_t.to(tl.float32)
             a = a.to(tl.float32)
@@ -197,13 +212,14 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
         if BIAS_GRAD:
             db += tl.sum(g_t.to(tl.float32), axis=1)
     valid = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    idx = offs_n[:, None] * K + offs_k[None, :]
-    w = tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    tl.store(ds_ptr + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
+    base = tl.cast(n0, tl.int64) * K
+    idx = rn[:, None] * K + offs_k[None, :]
+    w = tl.load((w_ptr + base) + idx, mask=valid, other=0.0).to(tl.float32)
+    tl.store((ds_ptr + base) + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
     if WEIGHT_GRAD:
-        keep = _keep_tile(s_ptr, bits_ptr, offs_n, offs_k, valid, K, n_words, threshold, FROM_BITS)
+        keep = _keep_tile(s_ptr, bits_ptr, n0, rn, offs_k, valid, K, n_words, threshold, FROM_BITS)
         dw = tl.where(keep, acc, tl.zeros_like(acc))
-        tl.store(dw_ptr + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
+        tl.store((dw_ptr + base) + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
     if BIAS_GRAD:
         if pid_k == 0:
             tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
@@ -216,6 +232,16 @@ def threshold_for(scores_dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the kernels must see it so that ``s > t`` (computed in fp32) matches PyTorch's
     ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype."""
     return float(torch.tensor(float(threshold), dtype=scores_dtype).item())
+
+
+# Offsets inside a tile are int32: (rows of a tile, at most 256) * (row length) must stay below 2**31.
+MAX_FEATURES = 1 << 22
+
+
+def _check_sizes(n_out: int, n_in: int) -> None:
+    for name, n in (("out_features", n_out), ("in_features", n_in)):
+        if n >= MAX_FEATURES:
+            raise ValueError(f"{name} = {n}: the Triton masked_linear kernels take fewer than {MAX_FEATURES}")
 
 
 def _dot_flags(dtype: torch.dtype):
@@ -235,6 +261,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor
     bias = None if bias is None else bias.contiguous()  # the kernel indexes the bias with stride 1
     M, K = x.shape
     N = weight.shape[0]
+    _check_sizes(N, K)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
@@ -262,6 +289,7 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Te
     weight = weight.contiguous()
     M, N = dy.shape
     K = weight.shape[1]
+    _check_sizes(N, K)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0 or K == 0:
         return dx
@@ -293,6 +321,7 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores:
     weight = weight.contiguous()
     M, N = dy.shape
     K = x.shape[1]
+    _check_sizes(N, K)
     from_bits = bits is not None
     if from_bits:
         bits = bits.contiguous()
