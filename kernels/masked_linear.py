@@ -39,7 +39,7 @@ def _configs(gpu, transpose=False):
     pruner keeps them for IEEE fp32 dots only (see _prune)."""
     if _INTERPRET:  # the interpreter accepts exactly one config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
-    tiles = gpu + _FMA_CONFIGS if _TUNE else [(64, 64, 64, 4, 3), (64, 64, 16, 4, 3)]
+    tiles = gpu + _FMA_CONFIGS if _TUNE else [(64, 64, 64, 8, 3), (64, 64, 16, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bk if transpose else bn, "BLOCK_K": bn if transpose else bk,
                            "GROUP": 8}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
 
@@ -56,15 +56,18 @@ def _prune(reduction):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the two GEMMs that reduce over K or N (forward, dx), in
-# forward terms. On sm_90 each fits the shared memory; in bf16/fp16 only (64, 256, 32, 4, 4) spills (8-24 B).
+# forward terms. On sm_90 each fits the shared memory; in bf16/fp16 only (64, 256, 32, 4, 4) spills (0-32 B).
+# (64, 64, 64, 8, 3) is also the PET_FAST_AUTOTUNE=0 tile: with 4 warps it spilled 184-304 B at odd K.
 _GEMM_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 256, 32, 8, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
+    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
     # few tokens (serving from packed bits with N > 16): narrow row tiles, more programs over the weight
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4),
 ]
-# IEEE fp32 (no tensor cores): short reductions, none of them spills on sm_90
-_FMA_CONFIGS = [(64, 64, 16, 4, 3), (32, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (16, 64, 16, 4, 3)]
+# IEEE fp32 (no tensor cores): short reductions, none of them spills on sm_90 ((64, 64, 16, 4, 3) does at odd K,
+# hence the 8-warp one, also the PET_FAST_AUTOTUNE=0 tile)
+_FMA_CONFIGS = [(64, 64, 16, 4, 3), (64, 64, 16, 8, 3), (32, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3),
+                (16, 64, 16, 4, 3)]
 
 
 @triton.jit
@@ -170,20 +173,25 @@ def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words,
 
 
 # (BLOCK_N, BLOCK_K, BLOCK_M, warps, stages) for the weight-gradient GEMM, which reduces over tokens
+# On sm_90 (bf16/fp16) (256, 128, 32, 8, 3) spills 350-360 B in the epilogue; the others do not spill.
 _WGRAD_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (64, 64, 64, 4, 4), (256, 128, 32, 8, 3),
+    (64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (256, 128, 32, 8, 3),
 ]
+# IEEE fp32 (FMA units): reductions of 16 tokens, none of them spills on sm_90 (the tiles above spill up to 470 B)
+_WGRAD_FMA_CONFIGS = [(64, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (128, 128, 16, 8, 3)]
 
 
 def _wgrad_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "GROUP": 4}, num_warps=4, num_stages=1)]
+    tiles = _WGRAD_CONFIGS + _WGRAD_FMA_CONFIGS if _TUNE else [(64, 64, 64, 8, 3), (64, 64, 16, 4, 3)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bn, bk, bm, w, s in (_WGRAD_CONFIGS if _TUNE else [(64, 64, 64, 4, 3)])]
+            for bn, bk, bm, w, s in tiles]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS"])
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
 @triton.jit
 def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, db_ptr, M, N, K, n_words, threshold,
                         FROM_BITS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
