@@ -7,7 +7,9 @@
 The masked weight ``W * M`` is never written to global memory: each (rows, K) tile of W is loaded with
 the matching tile of the scores (compared to the threshold) or of the packed mask words (bit
 ``k % 32`` of word ``k // 32``, see pet_fast/ops/mask_packing.py), and zeroed where the mask is 0 before
-it enters ``tl.dot``. Accumulation is in fp32; offsets are int64. No autograd here: the wiring is in
+it enters ``tl.dot``. Accumulation is in fp32. Each tile starts at an int64 base (row * row length) and the
+offsets inside it are int32 (rows of a tile * row length < 2**31, see _check_sizes): int64 offset tiles
+cost twice the registers, and on sm_90 made the odd-shape tiles spill. No autograd here: the wiring is in
 pet_fast/ops/masked_linear.py, whose training path first packs the mask with :func:`pack` (one pass
 over the scores) and then runs all three GEMMs from the bits: a tile of fp32 scores costs twice the
 bytes of the bf16 weight tile it masks, a tile of bits 1/16.
@@ -30,44 +32,69 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TUNE = os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
 
 
-def _configs(gpu):
+def _configs(gpu, transpose=False):
+    """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tuples in forward terms (an
+    (M, N) output tile, K the reduction); ``transpose`` maps them onto the dx kernel, whose BLOCK_N is
+    the reduction and BLOCK_K the output tile. The fp32 tiles of _FMA_CONFIGS go with the others: the
+    pruner keeps them for IEEE fp32 dots only (see _prune)."""
     if _INTERPRET:  # the interpreter accepts exactly one config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in (gpu if _TUNE else [(64, 64, 64, 4, 3)])]
+    tiles = gpu + _FMA_CONFIGS if _TUNE else [(64, 64, 64, 8, 3), (64, 64, 16, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bk if transpose else bn, "BLOCK_K": bn if transpose else bk,
+                           "GROUP": 8}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the two GEMMs that reduce over K or N (forward, dx)
+def _prune(reduction):
+    """IEEE fp32 dots run on the FMA units with their operand tiles in registers: on sm_90 the
+    tensor-core tiles spill 0.5-17 KB per thread there (benchmarks/compile_check_kernels.py), while
+    reductions of 16 do not spill. Keep the tiles that suit the dot: reduction block <= 16 for IEEE
+    fp32, >= 32 otherwise."""
+    def prune(configs, named_args, **kwargs):
+        fma = bool(kwargs.get("FP32_DOT")) and kwargs.get("PRECISION") == "ieee"
+        return [c for c in configs if (c.kwargs[reduction] <= 16) == fma] or configs
+    return prune
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the two GEMMs that reduce over K or N (forward, dx), in
+# forward terms. On sm_90 each fits the shared memory; in bf16/fp16 only (64, 256, 32, 4, 4) spills (0-32 B).
+# (64, 64, 64, 8, 3) is also the PET_FAST_AUTOTUNE=0 tile: with 4 warps it spilled 184-304 B at odd K.
 _GEMM_CONFIGS = [
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
+    (128, 128, 64, 8, 3), (128, 256, 32, 8, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
     # few tokens (serving from packed bits with N > 16): narrow row tiles, more programs over the weight
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4),
 ]
+# IEEE fp32 (no tensor cores): short reductions, none of them spills on sm_90 ((64, 64, 16, 4, 3) does at odd K,
+# hence the 8-warp one, also the PET_FAST_AUTOTUNE=0 tile)
+_FMA_CONFIGS = [(64, 64, 16, 4, 3), (64, 64, 16, 8, 3), (32, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3),
+                (16, 64, 16, 4, 3)]
 
 
 @triton.jit
-def _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
-    """The (rows, cols) tile of the mask as booleans: bit ``c % 32`` of word ``c // 32`` of the row, or
-    ``scores > threshold``."""
+def _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
+    """The (rows, cols) tile of the mask as booleans, for rows ``row0 + rows`` (row0 a scalar, rows the
+    int32 offsets inside the tile): bit ``c % 32`` of word ``c // 32`` of the row, or ``scores > threshold``."""
     if FROM_BITS:
-        word = tl.load(bits_ptr + offs_r[:, None] * n_words + (offs_c[None, :] >> 5), mask=valid, other=0)
+        word = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + (offs_c[None, :] >> 5)),
+                       mask=valid, other=0)
         keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
     else:
-        s = tl.load(s_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0).to(tl.float32)
+        s = tl.load((s_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
+                    mask=valid, other=0.0).to(tl.float32)
         keep = s > threshold
     return keep
 
 
 @triton.jit
-def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_r, offs_c, n_rows, n_cols, n_words, threshold,
+def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, row0, rows, offs_c, n_rows, n_cols, n_words, threshold,
                         FROM_BITS: tl.constexpr, UPCAST: tl.constexpr):
-    """The (rows, cols) tile of W * M; rows index output features, cols input features (int64 offsets)."""
-    valid = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
-    w = tl.load(w_ptr + offs_r[:, None] * n_cols + offs_c[None, :], mask=valid, other=0.0)
+    """The (rows, cols) tile of W * M; rows (``row0 + rows``) index output features, cols input features."""
+    valid = ((row0 + rows)[:, None] < n_rows) & (offs_c[None, :] < n_cols)
+    w = tl.load((w_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
+                mask=valid, other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
-    keep = _keep_tile(s_ptr, bits_ptr, offs_r, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
+    keep = _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
     return tl.where(keep, w, tl.zeros_like(w))
 
 
@@ -90,67 +117,81 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_K")})
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_words, threshold,
                     FROM_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                     FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = (m0 + rm) < M
+    x_base = x_ptr + tl.cast(m0, tl.int64) * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_base + (rm[:, None] * K + offs_k[None, :]), mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_n, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
         acc = _dot(a, tl.trans(w), acc, FP32_DOT, PRECISION)
+    offs_n = n0 + rn
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store((y_ptr + tl.cast(m0, tl.int64) * N) + (rm[:, None] * N + offs_n[None, :]), acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, transpose=True), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit
 def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words, threshold,
                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """dx (M, K) = dy (M, N) @ (W * M) (N, K); here BLOCK_N tiles the reduction and BLOCK_K the output."""
     pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m0 = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = (m0 + rm) < M
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    dy_base = dy_ptr + tl.cast(m0, tl.int64) * N
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        g = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        offs_n = n0 + rn
+        g = tl.load(dy_base + (rm[:, None] * N + offs_n[None, :]), mask=m_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, offs_n, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
         acc = _dot(g, w, acc, FP32_DOT, PRECISION)
-    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.store((dx_ptr + tl.cast(m0, tl.int64) * K) + (rm[:, None] * K + offs_k[None, :]), acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_k[None, :] < K))
 
 
 # (BLOCK_N, BLOCK_K, BLOCK_M, warps, stages) for the weight-gradient GEMM, which reduces over tokens
+# On sm_90 (bf16/fp16) (256, 128, 32, 8, 3) spills 350-360 B in the epilogue; the others do not spill.
 _WGRAD_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (64, 64, 64, 4, 4), (256, 128, 32, 8, 3),
+    (64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (256, 128, 32, 8, 3),
 ]
+# IEEE fp32 (FMA units): reductions of 16 tokens, none of them spills on sm_90 (the tiles above spill up to 470 B)
+_WGRAD_FMA_CONFIGS = [(64, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (128, 128, 16, 8, 3)]
 
 
 def _wgrad_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "GROUP": 4}, num_warps=4, num_stages=1)]
+    tiles = _WGRAD_CONFIGS + _WGRAD_FMA_CONFIGS if _TUNE else [(64, 64, 64, 8, 3), (64, 64, 16, 4, 3)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bn, bk, bm, w, s in (_WGRAD_CONFIGS if _TUNE else [(64, 64, 64, 4, 3)])]
+            for bn, bk, bm, w, s in tiles]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS"])
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
 @triton.jit
 def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, db_ptr, M, N, K, n_words, threshold,
                         FROM_BITS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
@@ -159,16 +200,19 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
     """G = dy.T @ x over a (BLOCK_N, BLOCK_K) tile; epilogue d_scores = G * W, d_weight = G * M.
     The programs of the first column of tiles also sum dy over tokens for d_bias."""
     pid_n, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n0 = pid_n * BLOCK_N
+    rn = tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    offs_n = n0 + rn
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        g_t = tl.load(dy_ptr + offs_m[None, :] * N + offs_n[:, None],
-                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
-        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        m_ok = (m0 + rm) < M
+        g_t = tl.load((dy_ptr + tl.cast(m0, tl.int64) * N) + (rm[None, :] * N + offs_n[:, None]),
+                      mask=m_ok[None, :] & (offs_n[:, None] < N), other=0.0)
+        a = tl.load((x_ptr + tl.cast(m0, tl.int64) * K) + (rm[:, None] * K + offs_k[None, :]),
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if UPCAST:
             g_t = g_t.to(tl.float32)
             a = a.to(tl.float32)
@@ -176,13 +220,14 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
         if BIAS_GRAD:
             db += tl.sum(g_t.to(tl.float32), axis=1)
     valid = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    idx = offs_n[:, None] * K + offs_k[None, :]
-    w = tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    tl.store(ds_ptr + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
+    base = tl.cast(n0, tl.int64) * K
+    idx = rn[:, None] * K + offs_k[None, :]
+    w = tl.load((w_ptr + base) + idx, mask=valid, other=0.0).to(tl.float32)
+    tl.store((ds_ptr + base) + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
     if WEIGHT_GRAD:
-        keep = _keep_tile(s_ptr, bits_ptr, offs_n, offs_k, valid, K, n_words, threshold, FROM_BITS)
+        keep = _keep_tile(s_ptr, bits_ptr, n0, rn, offs_k, valid, K, n_words, threshold, FROM_BITS)
         dw = tl.where(keep, acc, tl.zeros_like(acc))
-        tl.store(dw_ptr + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
+        tl.store((dw_ptr + base) + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
     if BIAS_GRAD:
         if pid_k == 0:
             tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
@@ -195,6 +240,16 @@ def threshold_for(scores_dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the kernels must see it so that ``s > t`` (computed in fp32) matches PyTorch's
     ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype."""
     return float(torch.tensor(float(threshold), dtype=scores_dtype).item())
+
+
+# Offsets inside a tile are int32: (rows of a tile, at most 256) * (row length) must stay below 2**31.
+MAX_FEATURES = 1 << 22
+
+
+def _check_sizes(n_out: int, n_in: int) -> None:
+    for name, n in (("out_features", n_out), ("in_features", n_in)):
+        if n >= MAX_FEATURES:
+            raise ValueError(f"{name} = {n}: the Triton masked_linear kernels take fewer than {MAX_FEATURES}")
 
 
 def _dot_flags(dtype: torch.dtype):
@@ -214,6 +269,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor
     bias = None if bias is None else bias.contiguous()  # the kernel indexes the bias with stride 1
     M, K = x.shape
     N = weight.shape[0]
+    _check_sizes(N, K)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
@@ -241,6 +297,7 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Te
     weight = weight.contiguous()
     M, N = dy.shape
     K = weight.shape[1]
+    _check_sizes(N, K)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0 or K == 0:
         return dx
@@ -272,6 +329,7 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores:
     weight = weight.contiguous()
     M, N = dy.shape
     K = x.shape[1]
+    _check_sizes(N, K)
     from_bits = bits is not None
     if from_bits:
         bits = bits.contiguous()

@@ -344,20 +344,21 @@ def _block_d(D: int) -> int:
 
 def _config(D: int, backward: bool, dtype=torch.float16):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small blocks under the interpreter keep tests fast
-    while still crossing block boundaries. fp32 tiles take twice the shared memory: fewer stages (these
-    shapes compile for sm_90 within its shared memory; timings that would tune them are owed)."""
+    while still crossing block boundaries. On sm_90 (benchmarks/compile_check_kernels.py, cuobjdump):
+    these tiles fit the shared memory and do not spill registers; with 4 warps the 128-row forward,
+    the head-dim-256 tiles and the backward at head dims 80-256 spill 8-112 bytes per thread. fp32
+    dots in IEEE precision run on the FMA units with whole operand tiles in registers: the tensor-core
+    tiles spill 8-17 KB per thread there, hence the small fp32 tiles. Timings that would tune these
+    are owed."""
     if _interpreting():
         return 16, 16, 1, 1
     bd = _block_d(D)
-    if backward:
-        bm, bn, warps, stages = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
-    else:
-        bm, bn, warps, stages = (128, 64, 4, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 4, 2)
     if dtype == torch.float32:
-        stages = 1
-        if bd > 128:
-            bm, bn = 32, 32
-    return bm, bn, warps, stages
+        bm, bn, warps = (32, 16, 4) if bd <= 64 else (16, 16, 4) if bd <= 128 else (16, 16, 8)
+        return bm, bn, warps, 1
+    if backward:
+        return (64, 64, 4, 2) if bd <= 64 else (64, 32, 8, 2) if bd <= 128 else (32, 32, 8, 1)
+    return (128, 64, 8, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 8, 2)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:

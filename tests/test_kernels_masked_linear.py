@@ -596,3 +596,23 @@ def test_triton_strided_bias_regression(xshape):
     b = torch.randn(2, 2)[:, 0]
     out = pet_fast.masked_linear(x, w, s, b, backend="triton")
     assert torch.allclose(out, pet_fast.masked_linear(x, w, s, b, backend="eager"), atol=1e-6)
+
+
+def test_triton_refuses_features_past_its_int32_tile_offsets():
+    """The GEMM kernels index inside a tile with int32 (rows of a tile * row length < 2**31): the
+    launchers refuse wider layers and dispatch gives them to eager."""
+    from pet_fast.kernels import masked_linear as kernels
+
+    wide = kernels.MAX_FEATURES
+    assert ml._KERNEL_MAX_FEATURES == wide
+    x, w = torch.zeros(1, wide), torch.zeros(1, wide)
+    bits = torch.zeros(1, wide // 32, dtype=torch.int32)
+    with pytest.raises(ValueError, match="in_features"):
+        kernels.forward(x, w, bits=bits)
+    with pytest.raises(ValueError, match="in_features"):
+        kernels.grad_weight(torch.zeros(1, 1), x, w, bits=bits, weight_grad=True, bias_grad=False)
+    with pytest.raises(ValueError, match="out_features"):
+        kernels.grad_input(torch.zeros(1, wide), w.T.contiguous(), bits=torch.zeros(wide, 1, dtype=torch.int32))
+    info = ml.describe(x, w, torch.zeros(1, wide), None)
+    assert any("int32 offsets" in why for why in ml._triton_reasons(info))
+    assert not any("int32 offsets" in why for why in ml._triton_reasons(ml.describe(x[:, :64], w[:, :64], w[:, :64], None)))

@@ -286,7 +286,14 @@ def _triton_reasons(info) -> list:
         why += _no_grad_reason(info)
     elif info["scores_dtype"] not in _KERNEL_SCORE_DTYPES:
         why.append(f"scores dtype {info['scores_dtype']} is not one of float16, bfloat16, float32")
+    features = max(info["in_features"], info["out_features"])
+    if features >= _KERNEL_MAX_FEATURES:
+        why.append(f"{features} features >= {_KERNEL_MAX_FEATURES}: the kernels' int32 offsets inside a tile "
+                   "would overflow")
     return why
+
+
+_KERNEL_MAX_FEATURES = 1 << 22  # kernels/masked_linear.py MAX_FEATURES (not imported here: it imports triton)
 
 
 def _cuda_serving_reasons(info, max_tokens=CUDA_MAX_TOKENS) -> list:
