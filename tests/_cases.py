@@ -146,7 +146,9 @@ def build_adapter(p, dtype, device, seed=0, rand=None) -> Built:
         L["scaling"] = R(())
     elif sc == "channel":
         L["scaling"] = R((d,))
-    leaves = {k: _leaf(v, dtype, device) for k, v in L.items()}
+    # float32 master weights with half-precision x (the op's mixed-precision contract)
+    pdt = torch.float32 if p.get("master") and dtype in (torch.float16, torch.bfloat16) else dtype
+    leaves = {k: _leaf(v, dtype if k in ("x", "residual") else pdt, device) for k, v in L.items()}
     lay = p.get("layouts", {})
 
     def views(t):

@@ -74,7 +74,8 @@ def draw_adapter(data, c):
              r=data.draw(st.integers(1, c["r"]), label="r"), act=data.draw(st.sampled_from(ACT_NAMES), label="act"),
              b_down=data.draw(st.booleans()), b_up=data.draw(st.booleans()), residual=data.draw(st.booleans()),
              scaling=data.draw(st.one_of(st.sampled_from(["scalar", "channel"]),
-                                         st.floats(-4, 4, allow_nan=False, width=32)), label="scaling"))
+                                         st.floats(-4, 4, allow_nan=False, width=32)), label="scaling"),
+             master=data.draw(st.booleans(), label="float32 master weights (half-precision x)"))
     p["layouts"] = layouts(data, ["x", "w_down", "w_up", "residual", "b_down", "b_up"])
     return p
 
