@@ -43,6 +43,29 @@ def sample_calls(device, dtype):
     }
 
 
+def timing_tables() -> list:
+    """One line per op with measured timings: where auto's order comes from (a GPU run's table or the
+    design order when there is none)."""
+    import json
+    import os
+
+    from .ops import _timings, masked_linear, prefix_attention
+
+    lines = []
+    path = os.environ.get(_timings.ENV_VAR) or str(_timings._default_path())
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        lines.append(f"adapter ops:      {len(_timings.TABLE)} rows measured on {doc.get('device', '?')} ({path})")
+    except (OSError, ValueError):
+        lines.append(f"adapter ops:      no table ({path}): design order cuda, triton, eager")
+    for name, mod, key in (("masked_linear", masked_linear, "rows"), ("prefix_attention", prefix_attention, "orders")):
+        loaded = mod._TIMINGS.get(key)
+        where = mod._TIMINGS.get("path")
+        lines.append(f"{name + ':':17s} " + (f"measured order from {where}" if loaded else f"no table ({where}): design order"))
+    return lines
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -69,6 +92,9 @@ def cmd_info(args) -> int:
     print(f"pet_fast._C   {'available' if built else 'absent'}: {why}")
     choice, source = dispatch.requested()
     print(f"backend       {choice} (from {source})")
+    print("\nmeasured timings behind auto:")
+    for line in timing_tables():
+        print(f"  {line}")
     print(f"\nbackend per op for a {dtype} call on {device} (first listed without reasons is taken by auto):")
     for label, info in sample_calls(device, dtype).items():
         op = label.split(" ")[0]

@@ -43,6 +43,12 @@ def test_cli_info_and_module_entry():
     out = subprocess.run([sys.executable, "-m", "pet_fast", "info"], capture_output=True, text=True, check=True, timeout=300).stdout
     for needle in ("torch", "triton", "pet_fast._C", "bottleneck_adapter:", "prefix_attention:", "masked_linear:"):
         assert needle in out
+    # where auto's order comes from: the shipped adapter table, and a table or the design order for the others
+    import re
+
+    assert re.search(r"adapter ops: +\d+ rows measured on \S", out), out
+    for op in ("masked_linear", "prefix_attention"):
+        assert re.search(op + r": +(measured order from|no table \()", out), out
 
 
 def test_cli_demo_learns():
