@@ -33,6 +33,7 @@ fp32 inputs use ``input_precision="ieee"`` (no tf32).
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -392,6 +393,17 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
     return y
 
 
+def sum_splits(part, outs) -> None:
+    """Adds the rows of ``part`` (splits, total), fp32 partial sums, in split order and writes consecutive
+    regions of the sum into ``outs`` (at most 5 tensors whose sizes add up to ``total``), each in its dtype."""
+    splits, total = part.shape
+    o = list(outs) + [part] * (5 - len(outs))  # absent regions: empty, never stored to
+    ends = list(itertools.accumulate(t.numel() for t in outs))
+    e = ends[:-1] + [total] * (5 - len(ends))
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
+
+
 def _splits(n: int, d_blocks: int, bn: int, device) -> int:
     """Token splits of the reduction: about two programs per SM over the whole grid. The fp32 partials
     then hold splits x (2 r d + 2 d + r) floats, at most about 2 x SMs x (2 RP BLOCK_D + ...) floats."""
@@ -444,11 +456,9 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             outs["bd"] = new(r)
     if need_ds:
         outs["ds"] = new(d, dtype=scaling.dtype if scaling.dim() == 1 else torch.float32)
-    ends, total = [], 0
-    for t in outs.values():
-        total += t.numel()
-        ends.append(total)
-    offsets = dict(zip(outs, [0] + ends[:-1]))
+    sizes = [t.numel() for t in outs.values()]
+    total = sum(sizes)
+    offsets = dict(zip(outs, itertools.accumulate([0] + sizes[:-1])))
     if total > 0 and n == 0:
         for t in outs.values():
             t.zero_()  # no tokens: zero gradients
@@ -465,10 +475,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             NEED_W=need_weights, HAS_BU=b_up is not None, NEED_BD=need_weights and b_down is not None,
             NEED_DS=need_ds, S_MODE=_scale_mode(scaling), BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast,
             num_warps=warps, num_stages=2 if rp >= 128 else 3)
-        o = list(outs.values()) + [part] * (5 - len(outs))  # absent regions: empty, never stored to
-        e = ends[:-1] + [total] * (5 - len(ends))
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
+        sum_splits(part, list(outs.values()))
     d_scaling = None
     if need_ds:
         d_scaling = outs["ds"] if scaling.dim() == 1 else outs["ds"].sum().to(scaling.dtype)

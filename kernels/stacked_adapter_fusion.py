@@ -22,7 +22,7 @@ softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd
 r-wide ``da`` and k-wide ``dscore`` (and for fp16/bf16 ``da`` and the hidden ``h`` in the input dtype);
 then a grid over (adapter, block of d, split of tokens) whose programs sum ``dWd``, ``dbd``, ``dWu``,
 ``dbu`` and ``d_scaling`` over their tokens in fp32 and write them to their own slice of a partials
-buffer, which ``_sum_splits_kernel`` (bottleneck_adapter.py) reduces over the splits in a fixed order,
+buffer, which ``sum_splits`` (bottleneck_adapter.py) reduces over the splits in a fixed order,
 writing every gradient in its dtype in one launch: no atomics, so the backward is deterministic
 (the same bits on every run). The scaling multiplies each sum once at the end, and ``d_scaling`` comes
 from the unscaled ``dWu`` sum and ``Wu`` (see ``_bwd_cols_kernel``). Nothing k x d per token is written
@@ -37,14 +37,12 @@ GPU (one configuration under the interpreter); the backward uses fixed tiles.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import (ACT_CODES, _sum_splits_kernel, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
-                                 prune_row_configs, row_configs)
+from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
+                                 prune_row_configs, row_configs, sum_splits)
 
 
 @triton.jit
@@ -390,7 +388,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
     (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
 
-    The reduction writes fp32 partial sums, one slice per split of the tokens, and ``_sum_splits_kernel``
+    The reduction writes fp32 partial sums, one slice per split of the tokens, and ``sum_splits``
     adds the splits in a fixed order into each gradient's own tensor: no atomics, the same bits on every run. For fp16/bf16 the
     per-token tensors it reads r-wide (h and da, per token and adapter) come in the input dtype from the
     per-token kernel (its tensor-core dots round them to that anyway): half the bytes of the fp32 a and
@@ -449,11 +447,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     outs = {name: torch.empty(shapes[name], device=x.device, dtype=torch.float32 if name == "ds" else dt)
             for name, size in sizes.items() if size}
     if reduce and total:
-        # adds the splits in a fixed order and writes each region into its tensor (one launch)
-        o = list(outs.values()) + [part] * (5 - len(outs))
-        ends = list(itertools.accumulate(t.numel() for t in outs.values()))
-        e = ends[:-1] + [total] * (5 - len(ends))
-        _sum_splits_kernel[(triton.cdiv(total, 1024),)](part, *o, total, splits, *e[:4], BLOCK=1024, num_warps=4)
+        sum_splits(part, list(outs.values()))  # the splits in a fixed order, each region into its tensor
     else:  # no tokens: every gradient is zero
         for t in outs.values():
             t.zero_()

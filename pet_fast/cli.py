@@ -46,19 +46,13 @@ def sample_calls(device, dtype):
 def timing_tables() -> list:
     """One line per op with measured timings: where auto's order comes from (a GPU run's table or the
     design order when there is none)."""
-    import json
-    import os
-
     from .ops import _timings, masked_linear, prefix_attention
 
-    lines = []
-    path = os.environ.get(_timings.ENV_VAR) or str(_timings._default_path())
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        lines.append(f"adapter ops:      {len(_timings.TABLE)} rows measured on {doc.get('device', '?')} ({path})")
-    except (OSError, ValueError):
-        lines.append(f"adapter ops:      no table ({path}): design order cuda, triton, eager")
+    path = _timings.SOURCE.get("path")
+    if _timings.SOURCE.get("device") is not None:
+        lines = [f"adapter ops:      {len(_timings.TABLE)} rows measured on {_timings.SOURCE['device']} ({path})"]
+    else:
+        lines = [f"adapter ops:      no table ({path}): design order cuda, triton, eager"]
     for name, mod, key in (("masked_linear", masked_linear, "rows"), ("prefix_attention", prefix_attention, "orders")):
         loaded = mod._TIMINGS.get(key)
         where = mod._TIMINGS.get("path")

@@ -31,12 +31,21 @@ def _default_path() -> Path:
     return shipped if shipped.is_file() else here.parents[2] / "benchmarks" / "results" / "dispatch_table.json"
 
 
+SOURCE: dict = {}  # where the default table (TABLE) came from: {"path": ..., "device": None without one}
+
+
 def load_table(path=None) -> list:
-    """Rows as tuples (op, mode, dtype, log n, log d, log r, log k, backends fastest first)."""
+    """Rows as tuples (op, mode, dtype, log n, log d, log r, log k, backends fastest first). Without
+    ``path`` (the table auto uses) it also records its path and card in :data:`SOURCE`."""
+    default = path is None
     path = Path(path or os.environ.get(ENV_VAR) or _default_path())
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
+        doc = None
+    if default:
+        SOURCE.update(path=str(path), device=None if doc is None else str(doc.get("device", "?")))
+    if doc is None:
         return []
     rows = []
     for row in doc.get("rows", []):

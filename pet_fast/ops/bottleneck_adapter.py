@@ -79,16 +79,17 @@ def check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual) -
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _as_dtype(t, dtype):
-    return t.to(dtype) if (t is not None and t.dtype != dtype) else t
+def _params_in(dtype, w_down, b_down, w_up, b_up, scaling):
+    """The parameters in ``dtype`` (float32 master weights of half-precision x, for the paths that take
+    one dtype); the call's own tensors when they already are."""
+    cast = lambda t: t.to(dtype) if (isinstance(t, torch.Tensor) and t.dtype != dtype) else t
+    return cast(w_down), cast(b_down), cast(w_up), cast(b_up), cast(scaling)
 
 
 def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
     """Eager PyTorch, differentiable through autograd; the definition every backend must match."""
     if w_down.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
-        w_down, b_down, w_up, b_up = (_as_dtype(t, x.dtype) for t in (w_down, b_down, w_up, b_up))
-        if isinstance(scaling, torch.Tensor):
-            scaling = scaling.to(x.dtype)
+        w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     h = activations.apply(activations.canonical(activation), F.linear(x, w_down, b_down))
     up = F.linear(h, w_up, b_up)
     base = x if residual is None else residual
@@ -308,10 +309,7 @@ _cuda_forward.register_autograd(_cuda_grad, setup_context=_setup_context)
 def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
     """The cuda backend: same call as :func:`reference`. Float32 parameters of half-precision x are
     cast first (the few-token kernels take one dtype)."""
-    if w_down.dtype != x.dtype:
-        w_down, b_down, w_up, b_up = (_as_dtype(t, x.dtype) for t in (w_down, b_down, w_up, b_up))
-        if isinstance(scaling, torch.Tensor):
-            scaling = scaling.to(x.dtype)
+    w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = torch.ops.pet_fast.bottleneck_adapter_cuda(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y.reshape(x.shape)
