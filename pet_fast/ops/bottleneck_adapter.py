@@ -15,7 +15,8 @@ as in mixed-precision training). Float32 parameters enter the products rounded t
 would round them, and their gradients come back in float32. The output has x's shape and dtype.
 
 Backends (chosen per call by pet_fast.dispatch; each is a torch.library custom op with a fake-tensor
-rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break):
+rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break; eager
+calls take the same formulas through an autograd.Function, see ops/_autograd.py):
     eager   this file's ``reference``; every input, the CPU path.
     triton  kernels/bottleneck_adapter.py: one launch forward, three backward; fp32/fp16/bf16 on CUDA
             (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d; reads float32 parameters of
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, _timings, activations
+from . import _autograd, _checks, _timings, activations
 
 OP = "bottleneck_adapter"
 
@@ -120,15 +121,13 @@ def _triton_kernels():
     return kernels
 
 
-@torch.library.custom_op("pet_fast::bottleneck_adapter_triton", mutates_args=())
 def _triton_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
                     b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
                     residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     return _triton_kernels().forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation)
 
 
-@_triton_forward.register_fake
-def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+def _forward_fake(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
     return torch.empty_like(x)
 
 
@@ -137,7 +136,6 @@ def _absent(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like.new_empty((0,))
 
 
-@torch.library.custom_op("pet_fast::bottleneck_adapter_triton_backward", mutates_args=())
 def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                      w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                      scaling_value: float, has_residual: bool, activation: str, need_ds: bool,
@@ -147,8 +145,8 @@ def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_
     return [dx, _absent(dwd, x), _absent(dbd, x), _absent(dwu, x), _absent(dbu, x), _absent(ds, x)]
 
 
-@_triton_backward.register_fake
-def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights):
+def _triton_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation,
+                          need_ds, need_weights):
     empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
     like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
     return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up),
@@ -167,7 +165,7 @@ def _backward(ctx, dy):
     x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
     need_ds = scaling is not None and ctx.needs_input_grad[5]
     w = any(ctx.needs_input_grad[1:5])  # False for a frozen adapter: no weight reduction
-    dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_triton_backward(
+    dx, dwd, dbd, dwu, dbu, ds = TRITON_BACKWARD.within(ctx)(
         dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
         ctx.activation, need_ds, w)
     return (dx, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
@@ -175,7 +173,10 @@ def _backward(ctx, dy):
             dy if ctx.has_residual else None, None)
 
 
-_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+TRITON_BACKWARD = _autograd.custom_op("bottleneck_adapter_triton_backward", _triton_backward,
+                                      fake=_triton_backward_fake)
+TRITON = _autograd.custom_op("bottleneck_adapter_triton", _triton_forward, fake=_forward_fake,
+                             autograd=(_backward, _setup_context))
 
 
 def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
@@ -193,7 +194,7 @@ def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
 def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
     """The triton backend: same call as :func:`reference`."""
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
-    y = torch.ops.pet_fast.bottleneck_adapter_triton(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y.reshape(x.shape)
 
 
@@ -249,7 +250,6 @@ def _extension():
     return ext
 
 
-@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda", mutates_args=())
 def _cuda_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
                   b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
                   residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
@@ -257,12 +257,6 @@ def _cuda_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.
                                                          residual, CUDA_ACT_CODES[activation])
 
 
-@_cuda_forward.register_fake
-def _(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("pet_fast::bottleneck_adapter_cuda_backward", mutates_args=())
 def _cuda_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                    w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                    scaling_value: float, has_residual: bool, activation: str, need_ds: bool) -> List[torch.Tensor]:
@@ -286,8 +280,7 @@ def _cuda_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_do
     return [dx, dwd, dbd, dwu, dbu, ds]
 
 
-@_cuda_backward.register_fake
-def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
+def _cuda_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds):
     like = lambda t: torch.empty_like(t) if t is not None else x.new_empty((0,))  # outputs never alias
     return [torch.empty_like(x), torch.empty_like(w_down), like(b_down), torch.empty_like(w_up), like(b_up),
             like(scaling if need_ds else None)]
@@ -296,14 +289,16 @@ def _(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, a
 def _cuda_grad(ctx, dy):
     x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
     need_ds = scaling is not None and ctx.needs_input_grad[5]
-    dx, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.bottleneck_adapter_cuda_backward(
+    dx, dwd, dbd, dwu, dbu, ds = CUDA_BACKWARD.within(ctx)(
         dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
         ctx.activation, need_ds)
     return (dx, dwd, dbd if b_down is not None else None, dwu, dbu if b_up is not None else None,
             ds if need_ds else None, None, dy if ctx.has_residual else None, None)
 
 
-_cuda_forward.register_autograd(_cuda_grad, setup_context=_setup_context)
+CUDA_BACKWARD = _autograd.custom_op("bottleneck_adapter_cuda_backward", _cuda_backward, fake=_cuda_backward_fake)
+CUDA = _autograd.custom_op("bottleneck_adapter_cuda", _cuda_forward, fake=_forward_fake,
+                           autograd=(_cuda_grad, _setup_context))
 
 
 def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
@@ -311,7 +306,7 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     cast first (the few-token kernels take one dtype)."""
     w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
-    y = torch.ops.pet_fast.bottleneck_adapter_cuda(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    y = CUDA(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y.reshape(x.shape)
 
 
