@@ -71,6 +71,13 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
     step gpu_tests ${TESTS_LIMIT_S:-170} python -m pytest -v -m gpu $xdist --maxfail=40 -p no:cacheprovider -rfE \
     --junitxml="$work/gpu_tests.xml" $files
   grep -E "^(FAILED|ERROR)|passed|failed" "$work/gpu_tests.log" | tail -40 | tee -a "$work/summary.txt"
+  # A suite cut at its limit can leave xdist workers running kernels and holding CPUs: the benchmarks
+  # after it would then time a shared GPU and host (seen once: eager rows twice as slow as the run before).
+  pkill -9 -f "pytest" 2>/dev/null
+  for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do
+    [ "$pid" != "$$" ] && kill -9 "$pid" 2>/dev/null
+  done
+  sleep 2
 fi
 step_bench() {
   local budget=$(( $(left) - 60 ))
