@@ -7,7 +7,8 @@
 # when pet_fast._C already imports (the warm machine of an earlier call). TESTS_LIMIT_S=0 skips the tests.
 # DEADLINE_S (default 3000) bounds the whole script: every step's own limit is cut to the time left,
 # and the step benchmark gets what the earlier steps left over.
-# BENCHES="masked_linear prefix_attention bottleneck_adapter" picks and orders the op benchmarks.
+# BENCHES="masked_linear prefix_attention bottleneck_adapter profile_step" picks and orders the op benchmarks
+# (profile_step: where whole training steps spend their time; not in the default list).
 # STEP_FIRST=1 runs the step benchmark before the op benchmarks, with STEP_ARGS (e.g. "--models
 # bert-32x128 --rows floor full houlsby/auto --no-compile") and a budget of STEP_BUDGET_S seconds.
 # Results: WORK_DIR (default benchmarks/results/latest) holds the logs and JSON; when $OUT is set
@@ -101,6 +102,10 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
     prefix_attention)
       step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json" --dispatch-table "$work/prefix_attention_timings.json"
       tail -45 "$work/bench_prefix_attention.log" ;;
+    profile_step)  # host vs GPU time and top kernels of whole steps (PROFILE_ROWS picks the rows)
+      # shellcheck disable=SC2086
+      step profile_step 150 python benchmarks/profile_step.py --json "$work/profile_step.json" ${PROFILE_ROWS:+--rows $PROFILE_ROWS}
+      tail -20 "$work/profile_step.log" ;;
     *) echo "unknown benchmark $1" | tee -a "$work/summary.txt" ;;
   esac
 }

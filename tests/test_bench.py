@@ -125,6 +125,22 @@ def test_profile_adapter_quick(tmp_path):
     assert any(r["kernel"].startswith("aten::") and r["us_per_call"] > 0 for r in rows)
 
 
+def test_profile_step_quick(tmp_path):
+    """benchmarks/profile_step.py (host vs device time and top ops of whole steps) runs and writes rows."""
+    path = tmp_path / "prof_step.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--quick", "--rows", "floor",
+                    "houlsby/eager", "--steps", "1", "--json", str(path)], check=True, capture_output=True, timeout=300,
+                   env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["floor", "houlsby/eager"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["wall_ms"] > 0 and r["host_ops_per_step"] > 0
+        assert r["top_host_ops"] and r["top_host_ops"][0]["us_per_step"] > 0
+    # the adapters add host-side ops to the frozen model's step
+    assert rows[1]["host_ops_per_step"] > rows[0]["host_ops_per_step"]
+
+
 def test_step_benchmark_reports_each_row_as_it_goes():
     seen = []
     doc = bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["floor", "full"], warmup=1, steps=1,
