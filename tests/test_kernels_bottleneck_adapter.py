@@ -102,6 +102,39 @@ def test_bottleneck_widths_up_to_256_at_d_1024(r):
     check_against_reference((3,), 1024, r, torch.float32, "relu", scaling="scalar")
 
 
+@pytest.mark.parametrize("dtype,n_shape,d,r,act,kw", [
+    (torch.float32, (3, 7), 45, 5, "gelu", dict(scaling="channel", residual=True)),
+    (torch.float32, (19,), 33, 17, "silu", dict(scaling="scalar")),
+    (torch.float32, (5,), 20, 3, "relu", dict(scaling="number", bias=False)),
+    (torch.float16, (21,), 77, 9, "tanh", dict(scaling="channel")),
+    (torch.float16, (11,), 40, 6, "relu", dict(scaling="scalar", residual=True)),
+])
+def test_weight_gradients_through_matmuls(monkeypatch, dtype, n_shape, d, r, act, kw):
+    """Wide bottlenecks reduce the weight gradients with matrix products instead of _bwd_cols_kernel:
+    that path, forced at every width here, against the reference (both scaling kinds, biases or not)."""
+    kernels = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    monkeypatch.setattr(kernels, "MATMUL_REDUCTION_MIN_RP", 16)
+    check_against_reference(n_shape, d, r, dtype, act, **kw)
+
+
+def test_weight_gradients_through_matmuls_float32_master_weights(monkeypatch):
+    kernels = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    monkeypatch.setattr(kernels, "MATMUL_REDUCTION_MIN_RP", 16)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 24, generator=g).half().requires_grad_()
+    ws = [torch.randn(5, 24, generator=g) * 0.2, torch.randn(5, generator=g), torch.randn(24, 5, generator=g) * 0.2,
+          torch.randn(24, generator=g), torch.rand(24, generator=g) + 0.5]
+    ws = [w.requires_grad_() for w in ws]
+    outs = {}
+    for backend in ("eager", "triton"):
+        leaves = [x] + ws
+        y = pet_fast.bottleneck_adapter(x, *ws[:4], scaling=ws[4], activation="gelu", backend=backend)
+        outs[backend] = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    for a, b in zip(outs["triton"], outs["eager"]):
+        assert a.dtype == b.dtype
+        assert rel_err(a.float(), b.float()) < 2e-2
+
+
 def test_empty_token_dimension():
     hi, lo = make_case((0,), 16, 4, torch.float32)
     out = call(lo, "relu", "triton")
