@@ -1,7 +1,8 @@
 """Benchmark of bottleneck_adapter, stacked_adapter_fusion and adapter_fusion: eager vs triton vs cuda.
 
 Forward (under no_grad) and forward+backward (gradients of the input and of every adapter weight), at
-the shapes of the issue, in bf16 on a GPU. Each row gives the median time, the ratio to eager PyTorch
+the shapes of the issue, in bf16 on a GPU; for few tokens (N <= 64) also the forward replayed from a CUDA
+graph, which shows the device time without the host's (launch-bound at that size). Each row gives the median time, the ratio to eager PyTorch
 and the ratio to the byte floor: the bytes that must move divided by the device's copy rate, measured
 in the same run with a large tensor copy.
 
@@ -79,10 +80,35 @@ def run_fusion(t, backend):
                                            t["b_up"], activation="gelu", backend=backend, **rest)
 
 
+GRAPH_MODE = "fwd, CUDA graph"  # few tokens (serving): the forward replayed from a CUDA graph, without host cost
+GRAPH_MAX_N = 64
+
+
+def _graph_us(run, t, backend):
+    """Median microseconds of one forward replayed from a CUDA graph: the device time of the call alone
+    (serving loops capture their decode step in a graph, e.g. torch.compile's mode="reduce-overhead")."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (autotuning, first launches) outside the capture
+            for _ in range(3):
+                run(t, backend)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(t, backend)
+    return common.bench_us(graph.replay, **REPS)
+
+
 def time_backend(run, t, backend, mode):
     """Median microseconds, or None (with the reason) when the backend cannot take the call."""
     leaves = [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     try:
+        if mode == GRAPH_MODE:
+            try:
+                return _graph_us(run, t, backend), None
+            except RuntimeError as exc:  # a call that cannot be captured is reported, not fatal
+                return None, f"capture failed: {exc}"[:160]
         if mode == "fwd":
             with torch.no_grad():
                 run(t, backend)
@@ -139,10 +165,11 @@ def main():
             make, run = (lambda grad: fusion_inputs(n, d, r, k, dtype, device, grad)), run_fusion
             weights = k * (2 * r * d + r + d) + 3 * d * d + 2 * d
             tensors_nd = {"fwd": 4, "fwd+bwd": 8}  # x, query, residual, out (+ their gradients)
-        for mode in ("fwd", "fwd+bwd"):
+        modes = ["fwd", "fwd+bwd"] + ([GRAPH_MODE] if (gpu and op == "bottleneck_adapter" and n <= GRAPH_MAX_N) else [])
+        for mode in modes:
             t = make(mode == "fwd+bwd")
-            w_bytes = weights * e * (1 if mode == "fwd" else 2)
-            floor_bytes = tensors_nd[mode] * n * d * e + w_bytes
+            w_bytes = weights * e * (2 if mode == "fwd+bwd" else 1)
+            floor_bytes = tensors_nd["fwd+bwd" if mode == "fwd+bwd" else "fwd"] * n * d * e + w_bytes
             floor_us = floor_bytes / rate
             times, why = {}, {}
             for b in backends:
@@ -185,6 +212,8 @@ def write_table(rows, env, path) -> None:
     """The dispatch table (pet_fast/ops/_timings.py) of these measured rows: per case, each backend's time."""
     measured = {}
     for row in rows:
+        if row["mode"] not in ("fwd", "fwd+bwd"):  # dispatch decides eager calls; graph replays are reported only
+            continue
         key = (row["op"], row["mode"], row["dtype"], row["n"], row["d"], row["r"], row["k"])
         measured.setdefault(key, {})[row["backend"]] = row["us"]
     table = {"device": env["device"], "env": env,
