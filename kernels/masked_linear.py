@@ -10,9 +10,11 @@ the matching tile of the scores (compared to the threshold) or of the packed mas
 it enters ``tl.dot``. Accumulation is in fp32. Each tile starts at an int64 base (row * row length) and the
 offsets inside it are int32 (rows of a tile * row length < 2**31, see _check_sizes): int64 offset tiles
 cost twice the registers, and on sm_90 made the odd-shape tiles spill. No autograd here: the wiring is in
-pet_fast/ops/masked_linear.py, whose training path first packs the mask with :func:`pack` (one pass
-over the scores) and then runs all three GEMMs from the bits: a tile of fp32 scores costs twice the
-bytes of the bf16 weight tile it masks, a tile of bits 1/16.
+pet_fast/ops/masked_linear.py. The op serves packed masks with these GEMMs (``forward(bits=...)``); its
+training path does NOT use them any more: measured on an H100 (bf16) they ran 2.5x slower than cuBLAS
+masking from the scores and far slower from bits, so training writes the masked weight once with
+:func:`masked_weight`, runs cuBLAS, and forms the score and weight gradients with :func:`mask_grads`
+(both at the end of this file). The GEMMs stay callable for the serving path and the benchmark's rows.
 
 Layouts (the launchers make inputs contiguous): x (M, K), weight (N, K), scores (N, K),
 bits (N, ceil(K / 32)) int32, bias (N,), y (M, N). Here M counts tokens, N output features and K
@@ -390,3 +392,69 @@ def pack(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(R * n_words, meta["BLOCK_P"]),)
     _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training path's elementwise kernels. The op (pet_fast/ops/masked_linear.py) computes
+#     W_eff = W * 1[scores > threshold]        (masked_weight, written once in the GEMMs' dtype)
+#     y = x @ W_eff.T + b, dx = dy @ W_eff, G = dy.T @ x      (cuBLAS)
+#     d_scores = G * W, d_weight = G * 1[scores > threshold]  (mask_grads, one pass)
+# This writes the masked weight (weight-sized, in the compute dtype) once per step, which the in-register
+# GEMMs above avoid; measured on an H100 (bf16) those GEMMs reach about 40% of cuBLAS at the training
+# shapes (masking from scores) and much less from packed bits, so writing W_eff and calling cuBLAS is the
+# faster training path. Fixed blocks, no autotune: both kernels are memory-bound streams, and autotune's
+# host-side lookup costs more than it would win here.
+
+_EW_BLOCK = 1024
+
+
+@triton.jit
+def _masked_weight_kernel(w_ptr, s_ptr, out_ptr, numel, threshold, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, tl.where(s > threshold, w, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _mask_grads_kernel(g_ptr, w_ptr, s_ptr, ds_ptr, dw_ptr, numel, threshold, WEIGHT_GRAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ds_ptr + offs, (g * w).to(ds_ptr.dtype.element_ty), mask=ok)
+    if WEIGHT_GRAD:
+        s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + offs, tl.where(s > threshold, g, 0.0).to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(weight * (scores > threshold)).to(dtype)`` in one pass (weight and scores of any float dtypes;
+    the comparison is that of PyTorch in the scores' dtype, see :func:`threshold_for`)."""
+    weight = weight.contiguous()
+    scores = scores.contiguous()
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    n = out.numel()
+    if n:
+        _masked_weight_kernel[(triton.cdiv(n, _EW_BLOCK),)](weight, scores, out, n,
+                                                           threshold_for(scores.dtype, threshold), BLOCK=_EW_BLOCK)
+    return out
+
+
+def mask_grads(g: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: float, *,
+               scores_dtype: torch.dtype, weight_grad: bool):
+    """(d_scores, d_weight or None) from G = dy.T @ x in one pass: d_scores = G * weight in
+    ``scores_dtype``, d_weight = G * (scores > threshold) in the weight's dtype (products in fp32)."""
+    g = g.contiguous()
+    weight = weight.contiguous()
+    scores = scores.contiguous()
+    ds = torch.empty(weight.shape, dtype=scores_dtype, device=g.device)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=g.device) if weight_grad else None
+    n = ds.numel()
+    if n:
+        _mask_grads_kernel[(triton.cdiv(n, _EW_BLOCK),)](g, weight, scores, ds, dw if dw is not None else ds, n,
+                                                        threshold_for(scores.dtype, threshold),
+                                                        WEIGHT_GRAD=weight_grad, BLOCK=_EW_BLOCK)
+    return ds, dw

@@ -98,6 +98,95 @@ def test_triton_forward_backward(dtype, threshold, bias, train_weight):
             assert torch.equal(fused[3], torch.zeros_like(fused[3]))
 
 
+def test_training_path_kernels_direct():
+    """The two elementwise kernels of the training path at an odd size (not a multiple of the block),
+    into fp16/fp32 outputs, with NaN scores (never kept) and a threshold rounded like PyTorch's."""
+    from pet_fast.kernels import masked_linear as kern
+
+    w = torch.randn(37, 61)
+    s = torch.randn(37, 61)
+    s[0, :5] = float("nan")
+    g = torch.randn(37, 61).half()
+    for dtype in (torch.float32, torch.float16):
+        out = kern.masked_weight(w, s, 0.3, dtype)
+        assert out.dtype == dtype and torch.equal(out, (w * (s > 0.3)).to(dtype))
+    ds, dw = kern.mask_grads(g, w, s, 0.3, scores_dtype=torch.float32, weight_grad=True)
+    assert torch.equal(ds, g.float() * w) and dw.dtype == torch.float32
+    assert torch.equal(dw, g.float() * (s > 0.3))
+    ds, dw = kern.mask_grads(g, w.half(), s.half(), 0.3, scores_dtype=torch.float16, weight_grad=False)
+    assert dw is None and ds.dtype == torch.float16
+    assert torch.equal(ds, (g.float() * w.half().float()).half())
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
+def test_autocast_and_float32_master_weights(backend, weight_dtype):
+    """Under autocast the GEMMs run in autocast's dtype (fp16 here: the interpreter computes bf16
+    wrong), as F.linear's would; float32 weights also serve half-precision x without autocast. Both
+    against the eager op under the same autocast and against float64."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 37).requires_grad_()
+    w = (torch.randn(45, 37) / 37 ** 0.5).to(weight_dtype).requires_grad_()
+    s = torch.randn(45, 37).requires_grad_()
+    b = torch.randn(45).to(weight_dtype).requires_grad_()
+    dy = torch.randn(3, 7, 45).half()
+
+    def go(x, backend):
+        for t in (x, w, s, b):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.float16, enabled=weight_dtype == torch.float32 and x.dtype == torch.float32):
+            y = pet_fast.masked_linear(x, w, s, b, threshold=0.1, backend=backend)
+        y.backward(dy)
+        return y.detach(), x.grad, s.grad, w.grad, b.grad
+
+    x16 = x.detach().half().requires_grad_()
+    cases = [x16] if weight_dtype == torch.float16 else [x, x16]
+    mask = s.detach() > 0.1
+    for xin in cases:
+        out = go(xin, backend)
+        ref = go(xin, "eager") if backend != "eager" else out
+        dx, ds, dw, db = grads64(xin.detach(), w.detach(), mask, dy)
+        want = (ref64(xin.detach(), w.detach(), mask, b.detach()), dx, ds, dw, db)
+        for name, o, e, r in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), out, ref, want):
+            assert o.dtype == e.dtype, name
+            assert o.dtype == {"y": torch.float16, "dx": xin.dtype, "d_scores": torch.float32}.get(name, weight_dtype)
+            assert_close(o, r, e, torch.float16, name)
+
+
+@pytest.mark.parametrize("scores_grad,x_grad,weight_grad", [(False, True, True), (True, False, False),
+                                                            (False, False, True), (True, True, False)])
+def test_training_path_subsets_of_gradients(scores_grad, x_grad, weight_grad):
+    """Frozen scores, x without a gradient, the weight frozen or trainable: the op computes only what is
+    asked for, and every gradient it returns is exact (fp32)."""
+    x, w, s, b = make((2, 5), 37, 19, torch.float32, 0.0, True, weight_grad)
+    x.requires_grad_(x_grad)
+    s.requires_grad_(scores_grad)
+    dy = torch.randn(2, 5, 19)
+    fused = run("triton", x, w, s, b, 0.0, dy)
+    eager = run("eager", x, w, s, b, 0.0, dy)
+    for name, out, ref, flag in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), fused, eager,
+                                    (True, x_grad, scores_grad, weight_grad, True)):
+        assert (out is None) == (not flag) == (ref is None), name
+        if flag:
+            assert rel_err(out, ref) < 1e-5, name
+
+
+def test_custom_op_and_eager_function_paths_agree(monkeypatch):
+    """Eager calls go through an autograd.Function, compiled code (and PET_FAST_CUSTOM_OPS=1) through
+    the custom ops: both run the same functions, so outputs and gradients are identical."""
+    x, w, s, b = make((3, 4), 21, 13, torch.float32, 0.0, True, True)
+    dy = torch.randn(3, 4, 13)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PET_FAST_CUSTOM_OPS", flag)
+        results.append(run("triton", x, w, s, b, 0.0, dy))
+        with torch.no_grad():
+            packed = mp.pack_mask(s)
+            results[-1] += (pet_fast.masked_linear(x, w, None, b, packed_mask=packed, backend="triton"),)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
 def test_triton_gradients_match_eager_fp32_tightly():
     x, w, s, b = make((19,), 33, 17, torch.float32, 0.1, True, True)
     dy = torch.randn(19, 17)
@@ -290,8 +379,15 @@ def test_custom_ops_opcheck():
     w = torch.randn(6, 9, requires_grad=True)
     s = torch.randn(6, 9, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
-    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default, (x, w, s, b, 0.1),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default, (x, w, s, b, 0.1), test_utils=utils)
+    # 3-D x computed in fp16 (what autocast asks for): y, W_eff and the cast of x in fp16
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default,
+                          (x.detach().reshape(5, 1, 9).requires_grad_(), w, s, None, 0.1, torch.float16), test_utils=utils)
+    dy = torch.randn(5, 6)
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear_backward.default,
+                          (dy, x.detach(), w.detach(), w.detach(), s.detach(), 0.1, torch.float32, torch.float32,
+                           True, True, False, True), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.pet_fast.masked_linear_packed.default,
                           (x.detach(), w.detach(), mp.pack_mask(s), None, None, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
@@ -613,6 +709,9 @@ def test_triton_refuses_features_past_its_int32_tile_offsets():
         kernels.grad_weight(torch.zeros(1, 1), x, w, bits=bits, weight_grad=True, bias_grad=False)
     with pytest.raises(ValueError, match="out_features"):
         kernels.grad_input(torch.zeros(1, wide), w.T.contiguous(), bits=torch.zeros(wide, 1, dtype=torch.int32))
-    info = ml.describe(x, w, torch.zeros(1, wide), None)
+    with torch.no_grad():
+        info = ml.describe(x, w, None, None, bits)
     assert any("int32 offsets" in why for why in ml._triton_reasons(info))
-    assert not any("int32 offsets" in why for why in ml._triton_reasons(ml.describe(x[:, :64], w[:, :64], w[:, :64], None)))
+    assert not any("int32 offsets" in why for why in ml._triton_reasons(dict(info, in_features=64)))
+    # the training path (elementwise kernels with int64 offsets, then cuBLAS) has no such limit
+    assert not any("int32 offsets" in why for why in ml._triton_reasons(ml.describe(x, w, torch.zeros(1, wide), None)))
