@@ -22,6 +22,7 @@ input features.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -73,13 +74,31 @@ _FMA_CONFIGS = [(64, 64, 16, 4, 3), (64, 64, 16, 8, 3), (32, 64, 16, 4, 3), (128
 
 
 @triton.jit
-def _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
-    """The (rows, cols) tile of the mask as booleans, for rows ``row0 + rows`` (row0 a scalar, rows the
-    int32 offsets inside the tile): bit ``c % 32`` of word ``c // 32`` of the row, or ``scores > threshold``."""
+def _keep_tile(s_ptr, bits_ptr, row0, rows, col0, offs_c, valid, n_rows, n_cols, n_words, threshold,
+               FROM_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) tile of the mask as booleans, for rows ``row0 + rows`` (row0 a scalar, rows
+    the int32 offsets inside the tile) and columns ``offs_c = col0 + arange(BLOCK_C)``: bit ``c % 32`` of
+    word ``c // 32`` of the row, or ``scores > threshold``.
+
+    From bits, with BLOCK_C a multiple of 32 (col0, a multiple of BLOCK_C, then starts a word): the
+    (BLOCK_R, BLOCK_C / 32) tile of words is loaded once, one load per word, and expanded in registers by
+    a broadcast shift to (BLOCK_R, BLOCK_C / 32, 32) bits, reshaped to the (BLOCK_R, BLOCK_C) tile. (A
+    gather of the word of every element, 32 loads of each word, measured ~15x slower than masking from
+    the scores on an H100; the expansion is unmeasured on hardware.) Bits past n_cols are 0 in the layout
+    and the callers mask the weight there anyway. Narrower tiles (the fp32 FMA tiles of 16 columns)
+    keep the per-element gather."""
     if FROM_BITS:
-        word = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + (offs_c[None, :] >> 5)),
-                       mask=valid, other=0)
-        keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
+        if BLOCK_C % 32 == 0:
+            wi = (col0 // 32) + tl.arange(0, BLOCK_C // 32)
+            row_ok = (row0 + rows) < n_rows
+            words = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + wi[None, :]),
+                            mask=row_ok[:, None] & (wi[None, :] < n_words), other=0)
+            bit3 = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+            keep = tl.reshape(bit3, (BLOCK_R, BLOCK_C)) != 0
+        else:
+            word = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + (offs_c[None, :] >> 5)),
+                           mask=valid, other=0)
+            keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
     else:
         s = tl.load((s_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
                     mask=valid, other=0.0).to(tl.float32)
@@ -88,15 +107,16 @@ def _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, thre
 
 
 @triton.jit
-def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, row0, rows, offs_c, n_rows, n_cols, n_words, threshold,
-                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr):
+def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, row0, rows, col0, offs_c, n_rows, n_cols, n_words, threshold,
+                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The (rows, cols) tile of W * M; rows (``row0 + rows``) index output features, cols input features."""
     valid = ((row0 + rows)[:, None] < n_rows) & (offs_c[None, :] < n_cols)
     w = tl.load((w_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
                 mask=valid, other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
-    keep = _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
+    keep = _keep_tile(s_ptr, bits_ptr, row0, rows, col0, offs_c, valid, n_rows, n_cols, n_words, threshold, FROM_BITS,
+                      BLOCK_R, BLOCK_C)
     return tl.where(keep, w, tl.zeros_like(w))
 
 
@@ -139,7 +159,8 @@ def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_word
         a = tl.load(x_base + (rm[:, None] * K + offs_k[None, :]), mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, k0, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST,
+                                BLOCK_N, BLOCK_K)
         acc = _dot(a, tl.trans(w), acc, FP32_DOT, PRECISION)
     offs_n = n0 + rn
     if HAS_BIAS:
@@ -168,7 +189,8 @@ def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words,
         g = tl.load(dy_base + (rm[:, None] * N + offs_n[None, :]), mask=m_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, pid_k * BLOCK_K, offs_k, N, K, n_words, threshold,
+                                FROM_BITS, UPCAST, BLOCK_N, BLOCK_K)
         acc = _dot(g, w, acc, FP32_DOT, PRECISION)
     tl.store((dx_ptr + tl.cast(m0, tl.int64) * K) + (rm[:, None] * K + offs_k[None, :]), acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & (offs_k[None, :] < K))
@@ -227,7 +249,8 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
     w = tl.load((w_ptr + base) + idx, mask=valid, other=0.0).to(tl.float32)
     tl.store((ds_ptr + base) + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
     if WEIGHT_GRAD:
-        keep = _keep_tile(s_ptr, bits_ptr, n0, rn, offs_k, valid, K, n_words, threshold, FROM_BITS)
+        keep = _keep_tile(s_ptr, bits_ptr, n0, rn, pid_k * BLOCK_K, offs_k, valid, N, K, n_words, threshold, FROM_BITS,
+                          BLOCK_N, BLOCK_K)
         dw = tl.where(keep, acc, tl.zeros_like(acc))
         tl.store((dw_ptr + base) + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
     if BIAS_GRAD:
@@ -238,9 +261,11 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
 # ---------------------------------------------------------------------------------------------------
 # Launchers (plain tensors in, tensors out; the callers validate).
 
+@functools.lru_cache(maxsize=256)
 def threshold_for(scores_dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the kernels must see it so that ``s > t`` (computed in fp32) matches PyTorch's
-    ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype."""
+    ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype. Cached: the
+    rounding goes through a CPU tensor (two aten ops and a few us of host time per call otherwise)."""
     return float(torch.tensor(float(threshold), dtype=scores_dtype).item())
 
 

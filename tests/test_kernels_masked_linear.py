@@ -235,6 +235,31 @@ def test_kernels_mask_from_scores_and_bits_agree(dtype):
         assert rel_err(db, dy.double().sum(0)) < tol
 
 
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_bits_tile_expansion_and_gather(block_k):
+    """The forward from bits with other column tiles than the interpreter's single config: 64 columns
+    (two words per row expanded by the broadcast shift, the second tile starting at word 2) and 16 (the
+    fp32 FMA tiles: per-element gather), at odd sizes, with bit 31 set (negative int32 words)."""
+    from pet_fast.kernels import masked_linear as kern
+
+    M, N, K = 9, 37, 100
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    s = torch.randn(N, K)
+    s[:, 31] = 1.0  # bit 31 of every first word
+    bits = mp.pack_mask(s)
+    assert int(bits[:, 0].max()) < 0
+    y = torch.empty(M, N)
+    grid = (triton_cdiv(M, 16) * triton_cdiv(N, 32),)
+    kern._forward_kernel.fn[grid](x, w, bits, bits, b, y, M, N, K, bits.shape[1], 0.0, FROM_BITS=True, HAS_BIAS=True,
+                                  UPCAST=True, FP32_DOT=True, PRECISION="ieee", BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k,
+                                  GROUP=4)
+    assert rel_err(y, ref64(x, w, s > 0, b)) < 1e-5
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
 @pytest.mark.parametrize("i,o", [(0, 4), (5, 0)])
 def test_triton_empty_features(i, o):
     x, w, s, b = make((3,), i, o, torch.float32, 0.0, True, True)

@@ -100,14 +100,13 @@ def straight_through_mask(scores: torch.Tensor, threshold: float, dtype: torch.d
 def reference(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     """Eager PyTorch: masks the weight once, then ``F.linear``. Autograd gives the STE gradients (to x,
     weight and bias also with a packed mask, which itself has no gradient)."""
+    if weight.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if packed_mask is not None:
         mask = mask_packing.unpack_mask(packed_mask, weight.shape).to(weight.dtype)
     else:
         mask = straight_through_mask(scores, threshold, weight.dtype)
-    w = weight * mask
-    if w.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
-        w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
-    return F.linear(x, w, bias)
+    return F.linear(x, weight * mask, bias)
 
 
 def describe(x, weight, scores, bias, packed_mask=None) -> dict:
@@ -224,12 +223,8 @@ def _train_backward(dy: torch.Tensor, x_c: torch.Tensor, w_eff: Optional[torch.T
     def empty(dtype):  # a fresh tensor each: outputs of a custom op must not alias each other
         return dy.new_empty((0,), dtype=dtype)
 
-    dx = empty(x_dtype)
-    ds = empty(scores.dtype)
-    dw = empty(weight.dtype)
-    db = empty(bias_dtype)
-    if input_grad:
-        dx = torch.matmul(dy, w_eff).to(x_dtype)
+    dx = torch.matmul(dy, w_eff).to(x_dtype) if input_grad else empty(x_dtype)
+    ds = dw = None
     if scores_grad or weight_grad:
         g = _as_2d(dy).t() @ _as_2d(x_c)  # (out, in) in the GEMMs' dtype
         if _kernels_run_on(g):
@@ -239,13 +234,10 @@ def _train_backward(dy: torch.Tensor, x_c: torch.Tensor, w_eff: Optional[torch.T
             gf = g.float()
             ds_ = (gf * weight).to(scores.dtype)
             dw_ = torch.where(scores > threshold, gf, 0.0).to(weight.dtype) if weight_grad else None
-        if scores_grad:
-            ds = ds_
-        if weight_grad:
-            dw = dw_
-    if bias_grad:
-        db = _as_2d(dy).sum(0, dtype=bias_dtype)
-    return dx, ds, dw, db
+        ds = ds_ if scores_grad else None
+        dw = dw_ if weight_grad else None
+    db = _as_2d(dy).sum(0, dtype=bias_dtype) if bias_grad else empty(bias_dtype)
+    return dx, (ds if ds is not None else empty(scores.dtype)), (dw if dw is not None else empty(weight.dtype)), db
 
 
 def _train_backward_fake(dy, x_c, w_eff, weight, scores, threshold, x_dtype, bias_dtype, input_grad, scores_grad,
@@ -262,6 +254,7 @@ def _train_setup_context(ctx, inputs, output):
     x, weight, scores, bias, threshold, dtype = inputs
     y, w_eff, x_c = output
     ctx.mark_non_differentiable(w_eff, x_c)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero tensor the size of W_eff
     need_x, need_w, need_s = ctx.needs_input_grad[:3]
     x_kept = (x if x.dtype == y.dtype else x_c) if (need_w or need_s) else None  # x in the GEMMs' dtype
     ctx.save_for_backward(x_kept, w_eff if need_x else None, weight, scores)
