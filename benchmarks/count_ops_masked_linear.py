@@ -53,8 +53,12 @@ def _count_launches(counter):
 
 
 def count(backend: str, autocast: bool, x_dtype: torch.dtype) -> collections.Counter:
+    """backend "plain": the nn.Linear that full fine-tuning trains (weight and bias), for comparison."""
     torch.manual_seed(0)
-    layer = MaskedLinear(40, 24)
+    layer = MaskedLinear(40, 24) if backend != "plain" else torch.nn.Linear(40, 24)
+    if backend == "plain":
+        layer.scores = layer.weight
+        layer.forward = lambda t, backend=None, _f=layer.forward: _f(t.to(layer.weight.dtype) if not autocast else t)
     x = torch.randn(6, 40, dtype=x_dtype, requires_grad=True)
     dy = torch.randn(6, 24, dtype=torch.bfloat16 if (autocast or x_dtype != torch.float32) else torch.float32)
 
@@ -78,7 +82,7 @@ def count(backend: str, autocast: bool, x_dtype: torch.dtype) -> collections.Cou
 def main():
     cases = [("fp32, no autocast", False, torch.float32), ("bf16 autocast, fp32 x", True, torch.float32),
              ("bf16 autocast, bf16 x, fp32 weight", True, torch.bfloat16)]
-    for backend in ("eager", "triton"):
+    for backend in ("plain", "eager", "triton"):
         for label, autocast, x_dtype in cases:
             ops = count(backend, autocast, x_dtype)
             aten = sum(n for k, n in ops.items() if not k.startswith("triton:"))

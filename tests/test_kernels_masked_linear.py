@@ -496,6 +496,7 @@ def test_dispatch_reasons_and_default_order(monkeypatch, tmp_path):
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     packed = mp.pack_mask(torch.randn(6, 8))
     info = ml.describe(x, w, None, None, packed)
+    assert ml.load_timings(str(tmp_path / "absent.json")) is None  # the design order, without a table
     assert ml.preference(info) == ["cuda", "triton", "eager"]
     big = dict(info, n=17)
     assert ml.preference(big) == ["triton", "cuda", "eager"]
@@ -515,11 +516,29 @@ def test_dispatch_reasons_and_default_order(monkeypatch, tmp_path):
         ml.load_timings(str(table))
         assert ml.preference(info) == ["triton", "cuda", "eager"]
         assert ml.preference(train) == ["triton", "cuda", "eager"]  # no row for scores: the default
+        table.write_text('{"rows": [{"packed": false, "n_max": 4096, "order": ["eager", "triton"]}]}')
+        ml.load_timings(str(table))
+        assert ml.preference(train) == ["eager", "triton"]
+        assert ml.preference(dict(train, n=4097)) == ["triton", "cuda", "eager"]
         table.write_text('{"rows": [{"packed": true, "order": ["gpu"]}]}')
         with pytest.raises(ValueError, match="timings table"):
             ml.load_timings(str(table))
     finally:
         monkeypatch.delenv(ml.TIMINGS_ENV, raising=False)
+        ml.load_timings()
+
+
+def test_shipped_timings_table_loads():
+    import pathlib
+
+    path = pathlib.Path(ml.__file__).with_name("masked_linear_timings.json")
+    rows = ml.load_timings(str(path))
+    try:
+        assert rows and all(r["packed"] for r in rows)  # serving rows of the H100 run so far
+        with torch.no_grad():
+            info = ml.describe(torch.randn(16, 8), torch.randn(6, 8), None, None, mp.pack_mask(torch.randn(6, 8)))
+        assert ml.preference(info) == [r for r in rows if r["n_max"] >= 16][0]["order"]
+    finally:
         ml.load_timings()
 
 

@@ -181,11 +181,14 @@ def _kernels():
     return kernels
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")  # others (meta, in `pet-fast info`) have no autocast state
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the GEMMs of a call run in: autocast's for x's device type when autocast is on there
     (as ``F.linear``'s would; float64 is left alone, as autocast leaves it), else x's."""
     device = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+    if device in _AUTOCAST_DEVICES and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
@@ -383,12 +386,16 @@ dispatch.register(OP, "cuda", _cuda_run, _cuda_serving_reasons)
 
 
 # Auto's order of backends per call. A table of measured timings, when one exists, decides; it is a JSON
-# file named by $PET_FAST_MASKED_LINEAR_TIMINGS, else pet_fast/ops/masked_linear_timings.json (none is
-# shipped yet: `python benchmarks/bench_masked_linear.py --dispatch-table PATH` writes one from a GPU run):
-#     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]}, ...]}
+# file named by $PET_FAST_MASKED_LINEAR_TIMINGS, else pet_fast/ops/masked_linear_timings.json (shipped:
+# the serving rows of an H100 run, benchmarks/results/h100-2026-11-27b/call4; `python
+# benchmarks/bench_masked_linear.py --dispatch-table PATH` writes one from a GPU run, with rows for
+# training calls too, ordered by their forward + backward):
+#     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]},
+#               {"packed": false, "n_max": 4096, "order": ["triton", "eager"]}, ...]}
 # The first row with the call's `packed` and `n <= n_max` gives the order. Without a table (or when no
 # row matches): packed masks with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
-# the CUDA-core kernel reads the weight once), everything else to triton first (tensor cores).
+# the CUDA-core kernel reads the weight once), everything else to triton first (for scores: the training
+# path of one masking pass, cuBLAS, one gradient pass).
 TIMINGS_ENV = "PET_FAST_MASKED_LINEAR_TIMINGS"
 DEFAULT_CUDA_FIRST_MAX_TOKENS = 16
 _TIMINGS: dict = {}
