@@ -589,6 +589,60 @@ def test_gpu_triton_packed(dtype):
     assert_close(out, ref, eager, dtype, "y", fp32_tol=5e-5)
 
 
+@pytest.mark.gpu
+def test_gpu_training_path_under_autocast():
+    """The op's training path in a bf16 autocast step with float32 x, weight and bias (a BERT linear
+    after a LayerNorm): y in bf16, gradients in their inputs' dtypes, against the eager op under the same
+    autocast and float64."""
+    x, w, s, b = make((4, 129), 771, 515, torch.float32, 0.0, True, True, device="cuda")
+    dy = torch.randn(4, 129, 515, device="cuda").bfloat16()
+
+    def go(backend):
+        for t in (x, w, s, b):
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = pet_fast.masked_linear(x, w, s, b, backend=backend)
+        y.backward(dy)
+        return y.detach(), x.grad, s.grad, w.grad, b.grad
+
+    fused, eager = go("triton"), go("eager")
+    mask = s.detach() > 0
+    dx, ds, dw, db = grads64(x.detach(), w.detach(), mask, dy)
+    refs = (ref64(x.detach(), w.detach(), mask, b.detach()), dx, ds, dw, db)
+    for name, out, eag, ref in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), fused, eager, refs):
+        assert out.dtype == eag.dtype, name
+        assert_close(out, ref, eag, torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_register_masking_gemms_direct(dtype):
+    """The in-register masking GEMMs (no longer the op's training path, still its serving path from
+    bits) compiled for the card with every autotune config's tile: from scores and from bits."""
+    from pet_fast.kernels import masked_linear as kern
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(333, 1001, device="cuda").to(dtype)
+    w = torch.randn(515, 1001, device="cuda").to(dtype)
+    s = torch.randn(515, 1001, device="cuda")
+    b = torch.randn(515, device="cuda").to(dtype)
+    dy = torch.randn(333, 515, device="cuda").to(dtype)
+    mask = s > 0
+    bits = kern.pack(s, 0.0)
+    assert torch.equal(bits, mp.pack_mask(s))
+    w_eff = w * mask.to(dtype)
+    g = dy.double().T @ x.double()
+    for src in ({"scores": s}, {"bits": bits}):
+        assert_close(kern.forward(x, w, bias=b, **src), ref64(x, w, mask, b), F.linear(x, w_eff, b), dtype, "y", 5e-5)
+        assert_close(kern.grad_input(dy, w, **src), dy.double() @ (w.double() * mask), dy @ w_eff, dtype, "dx", 5e-5)
+        ds, dw, db = kern.grad_weight(dy, x, w, weight_grad=True, bias_grad=True, **src)
+        eager_g = dy.T @ x
+        assert ds.dtype == torch.float32 and dw.dtype == dtype
+        assert_close(ds, g * w.double(), eager_g.float() * w.float(), dtype, "d_scores", 5e-5)
+        assert_close(dw, g * mask, eager_g * mask, dtype, "d_weight", 5e-5)
+        assert_close(db, dy.double().sum(0), dy.sum(0), dtype, "d_bias", 5e-5)
+
+
 def _has_cuda_kernel():
     return HAS_GPU and not ml._cuda_serving_reasons(
         {"device": torch.device("cuda"), "dtype": torch.float16, "packed": True, "n": 1, "needs_grad": False})
