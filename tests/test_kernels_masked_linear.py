@@ -451,6 +451,34 @@ def test_masked_linear_module_compiles_fullgraph():
     torch._dynamo.reset()
 
 
+def test_training_path_compiles_fullgraph_under_autocast():
+    """torch.compile reads the autocast state when it traces the call: the custom op gets the GEMMs'
+    dtype as an argument, and the compiled step matches the eager one."""
+    torch._dynamo.reset()
+    layer = MaskedLinear(21, 13, threshold=0.0)
+    with torch.no_grad():
+        layer.scores.normal_()
+    x = torch.randn(2, 3, 21, requires_grad=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True, backend=backend)
+    got, want = [], []
+    for fn, out in ((compiled, got), (lambda t: layer(t, backend="triton"), want)):
+        x.grad = layer.scores.grad = None
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = fn(x)
+        y.float().square().sum().backward()
+        out += [y.detach(), x.grad, layer.scores.grad]
+    assert got[0].dtype == torch.float16 and any("pet_fast.masked_linear" in g for g in graphs)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
 def test_packed_serving_compiles_fullgraph():
     from torch._dynamo.testing import CompileCounterWithBackend
 
