@@ -81,22 +81,29 @@ def check_inputs(x, weight, scores, bias, threshold, packed_mask=None) -> float:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class _StraightThroughMask(torch.autograd.Function):
-    """Forward: the hard mask 1[scores > threshold] in ``dtype``. Backward: the gradient of the mask,
-    passed to the scores unchanged (the straight-through estimator)."""
+class _MaskedWeight(torch.autograd.Function):
+    """Forward: ``W * 1[scores > threshold]``, zero where the mask is 0 (whatever W holds there), in one
+    ``where``. Backward, with the straight-through estimator for the hard threshold: d_weight = grad * M,
+    d_scores = grad * W in the scores' dtype."""
 
     @staticmethod
-    def forward(ctx, scores, threshold, dtype):
+    def forward(ctx, weight, scores, threshold):
+        keep = scores > threshold
+        ctx.save_for_backward(keep if ctx.needs_input_grad[0] else None, weight if ctx.needs_input_grad[1] else None)
         ctx.scores_dtype = scores.dtype
-        return (scores > threshold).to(dtype)
+        return torch.where(keep, weight, 0.0)
 
     @staticmethod
-    def backward(ctx, grad_mask):
-        return grad_mask.to(ctx.scores_dtype), None, None
+    def backward(ctx, grad):
+        keep, weight = ctx.saved_tensors
+        d_weight = torch.where(keep, grad, 0.0) if keep is not None else None
+        d_scores = (grad * weight).to(ctx.scores_dtype) if weight is not None else None
+        return d_weight, d_scores, None
 
 
-def straight_through_mask(scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
-    return _StraightThroughMask.apply(scores, threshold, dtype)
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``weight * 1[scores > threshold]`` with straight-through gradients to ``scores`` (eager PyTorch)."""
+    return _MaskedWeight.apply(weight, scores, threshold)
 
 
 def reference(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
@@ -105,10 +112,10 @@ def reference(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     if weight.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
         weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if packed_mask is not None:
-        mask = mask_packing.unpack_mask(packed_mask, weight.shape).to(weight.dtype)
+        w_eff = weight * mask_packing.unpack_mask(packed_mask, weight.shape).to(weight.dtype)
     else:
-        mask = straight_through_mask(scores, threshold, weight.dtype)
-    return F.linear(x, weight * mask, bias)
+        w_eff = masked_weight(weight, scores, threshold)
+    return F.linear(x, w_eff, bias)
 
 
 def describe(x, weight, scores, bias, packed_mask=None) -> dict:
