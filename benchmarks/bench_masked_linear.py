@@ -9,8 +9,11 @@ linear (forward, dx and dW). Serving shapes: forward from bit-packed masks (no s
     python benchmarks/bench_masked_linear.py --quick        # CPU smoke run: tiny shapes, eager + plain
     python benchmarks/bench_masked_linear.py --dispatch-table pet_fast/ops/masked_linear_timings.json
 
-``--dispatch-table`` writes auto's backend order for packed-mask calls, from the serving rows measured
-here (see pet_fast/ops/masked_linear.py, ``preference``).
+``--dispatch-table`` writes auto's backend orders measured here (see pet_fast/ops/masked_linear.py,
+``preference``): for packed-mask calls from the serving rows, for training calls (scores) from the
+forward + backward of the training rows. The "triton" training row is the op's training path (masked
+weight written by one Triton pass, cuBLAS GEMMs, one Triton pass for the score gradients); the rows
+beside it time its two kernels alone and the in-register masking GEMMs (the previous training path).
 """
 from __future__ import annotations
 
@@ -94,22 +97,48 @@ def bench_training(shapes, device, dtype, backends, rep):
                          "fwd_vs_eager": round(fwd / eager["fwd"], 3) if eager else None,
                          "fwd_bwd_vs_eager": round(fb / eager["fb"], 3) if eager else None})
             if backend == "triton":
-                # The op packs the mask (one pass over the scores) and runs the GEMM from the bits. For
-                # comparison, the kernel masking straight from the fp32 scores, and from pre-packed bits.
-                from pet_fast.kernels import masked_linear as kern
-
-                packed = mp.pack_mask(s)
-                with torch.no_grad():
-                    variants = {
-                        "triton kernel, mask from scores": lambda: kern.forward(x, w, scores=s, bias=b),
-                        "triton kernel, mask from pre-packed bits": lambda: kern.forward(x, w, bits=packed, bias=b),
-                        "triton pack kernel alone": lambda: kern.pack(s, 0.0),
-                    }
-                    for name, fn in variants.items():
-                        t = _time(fn, rep)
-                        rows.append({**base, "case": "train", "backend": name, "fwd_us": t,
-                                     "fwd_vs_limit": round(t / limit_fwd, 3)})
+                rows += _triton_variants(base, x, w, s, b, dy, limit_fwd, limit_fb, rep)
     common.checkpoint(rows, section_done=True)
+    return rows
+
+
+@torch.no_grad()
+def _triton_variants(base, x, w, s, b, dy, limit_fwd, limit_fb, rep):
+    """Rows beside the op's triton training path (the "triton" row: the masked weight written by one
+    Triton pass, cuBLAS GEMMs, one Triton pass for the score and weight gradients): its two elementwise
+    kernels alone, and the in-register masking GEMMs of kernels/masked_linear.py, which were the
+    training path before (pack the mask, then forward, dx and the weight-gradient GEMM reading bits),
+    called directly without autograd; and those GEMMs masking from the scores or from pre-packed bits."""
+    from pet_fast.kernels import masked_linear as kern
+
+    packed = mp.pack_mask(s)
+    g = dy.t() @ x
+    rows = []
+
+    def gemms_from_bits(backward):
+        bits = kern.pack(s, 0.0)
+        y = kern.forward(x, w, bits=bits, bias=b)
+        if backward:
+            kern.grad_input(dy, w, bits=bits)
+            kern.grad_weight(dy, x, w, bits=bits, weight_grad=False, bias_grad=False, scores_dtype=s.dtype)
+        return y
+
+    fwd = _time(lambda: gemms_from_bits(False), rep)
+    fb = _time(lambda: gemms_from_bits(True), rep)
+    rows.append({**base, "case": "train", "backend": "triton in-register GEMMs from packed bits (kernels direct)",
+                 "fwd_us": fwd, "fwd_bwd_us": fb, "fwd_vs_limit": round(fwd / limit_fwd, 3),
+                 "fwd_bwd_vs_limit": round(fb / limit_fb, 3)})
+    variants = {
+        "triton masked_weight kernel alone (W_eff in x's dtype)": lambda: kern.masked_weight(w, s, 0.0, x.dtype),
+        "triton mask_grads kernel alone (d_scores from G)": lambda: kern.mask_grads(g, w, s, 0.0, scores_dtype=s.dtype,
+                                                                                  weight_grad=False),
+        "triton GEMM kernel, mask from scores": lambda: kern.forward(x, w, scores=s, bias=b),
+        "triton GEMM kernel, mask from pre-packed bits": lambda: kern.forward(x, w, bits=packed, bias=b),
+        "triton pack kernel alone": lambda: kern.pack(s, 0.0),
+    }
+    for name, fn in variants.items():
+        t = _time(fn, rep)
+        rows.append({**base, "case": "train", "backend": name, "fwd_us": t, "fwd_vs_limit": round(t / limit_fwd, 3)})
     return rows
 
 
@@ -155,19 +184,27 @@ def bench_serving(shapes, device, dtype, backends, rep):
 
 
 def dispatch_table(rows):
-    """Auto's order for packed-mask calls: for each measured serving N, backends from fastest to slowest."""
+    """Auto's orders, backends from fastest to slowest, one row per measured N: packed-mask calls by the
+    serving forward times, calls with scores (training) by the forward + backward times (summed over the
+    training shapes that share N; a backend counts only where it was measured at all of them)."""
     table = []
-    for n in sorted({r["n"] for r in rows if r["case"] == "serve"}):
-        timed = sorted((r["fwd_us"], r["backend"]) for r in rows
-                       if r["case"] == "serve" and r["n"] == n and r["backend"] in dispatch.BACKENDS and "fwd_us" in r)
-        if timed:
-            table.append({"packed": True, "n_max": n, "order": [b for _, b in timed]})
+    for packed, case, key in ((True, "serve", "fwd_us"), (False, "train", "fwd_bwd_us")):
+        for n in sorted({r["n"] for r in rows if r["case"] == case}):
+            at_n = [r for r in rows if r["case"] == case and r["n"] == n]
+            shapes = {(r["in"], r["out"]) for r in at_n}
+            totals = {}
+            for backend in dispatch.BACKENDS:
+                times = [r[key] for r in at_n if r["backend"] == backend and r.get(key) is not None]
+                if len(times) == len(shapes):
+                    totals[backend] = sum(times)
+            if totals:
+                table.append({"packed": packed, "n_max": n, "order": sorted(totals, key=totals.get)})
     return {"rows": table}
 
 
 def main(argv=None):
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--dispatch-table", help="write auto's backend order for packed masks, measured here")
+    p.add_argument("--dispatch-table", help="write auto's backend orders (packed masks and training), measured here")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if gpu else "cpu"

@@ -10,9 +10,11 @@ the matching tile of the scores (compared to the threshold) or of the packed mas
 it enters ``tl.dot``. Accumulation is in fp32. Each tile starts at an int64 base (row * row length) and the
 offsets inside it are int32 (rows of a tile * row length < 2**31, see _check_sizes): int64 offset tiles
 cost twice the registers, and on sm_90 made the odd-shape tiles spill. No autograd here: the wiring is in
-pet_fast/ops/masked_linear.py, whose training path first packs the mask with :func:`pack` (one pass
-over the scores) and then runs all three GEMMs from the bits: a tile of fp32 scores costs twice the
-bytes of the bf16 weight tile it masks, a tile of bits 1/16.
+pet_fast/ops/masked_linear.py. The op serves packed masks with these GEMMs (``forward(bits=...)``); its
+training path does NOT use them any more: measured on an H100 (bf16) they ran 2.5x slower than cuBLAS
+masking from the scores and far slower from bits, so training writes the masked weight once with
+:func:`masked_weight`, runs cuBLAS, and forms the score and weight gradients with :func:`mask_grads`
+(both at the end of this file). The GEMMs stay callable for the serving path and the benchmark's rows.
 
 Layouts (the launchers make inputs contiguous): x (M, K), weight (N, K), scores (N, K),
 bits (N, ceil(K / 32)) int32, bias (N,), y (M, N). Here M counts tokens, N output features and K
@@ -20,6 +22,7 @@ input features.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -71,13 +74,31 @@ _FMA_CONFIGS = [(64, 64, 16, 4, 3), (64, 64, 16, 8, 3), (32, 64, 16, 4, 3), (128
 
 
 @triton.jit
-def _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS: tl.constexpr):
-    """The (rows, cols) tile of the mask as booleans, for rows ``row0 + rows`` (row0 a scalar, rows the
-    int32 offsets inside the tile): bit ``c % 32`` of word ``c // 32`` of the row, or ``scores > threshold``."""
+def _keep_tile(s_ptr, bits_ptr, row0, rows, col0, offs_c, valid, n_rows, n_cols, n_words, threshold,
+               FROM_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) tile of the mask as booleans, for rows ``row0 + rows`` (row0 a scalar, rows
+    the int32 offsets inside the tile) and columns ``offs_c = col0 + arange(BLOCK_C)``: bit ``c % 32`` of
+    word ``c // 32`` of the row, or ``scores > threshold``.
+
+    From bits, with BLOCK_C a multiple of 32 (col0, a multiple of BLOCK_C, then starts a word): the
+    (BLOCK_R, BLOCK_C / 32) tile of words is loaded once, one load per word, and expanded in registers by
+    a broadcast shift to (BLOCK_R, BLOCK_C / 32, 32) bits, reshaped to the (BLOCK_R, BLOCK_C) tile. (A
+    gather of the word of every element, 32 loads of each word, measured ~15x slower than masking from
+    the scores on an H100; the expansion is unmeasured on hardware.) Bits past n_cols are 0 in the layout
+    and the callers mask the weight there anyway. Narrower tiles (the fp32 FMA tiles of 16 columns)
+    keep the per-element gather."""
     if FROM_BITS:
-        word = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + (offs_c[None, :] >> 5)),
-                       mask=valid, other=0)
-        keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
+        if BLOCK_C % 32 == 0:
+            wi = (col0 // 32) + tl.arange(0, BLOCK_C // 32)
+            row_ok = (row0 + rows) < n_rows
+            words = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + wi[None, :]),
+                            mask=row_ok[:, None] & (wi[None, :] < n_words), other=0)
+            bit3 = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+            keep = tl.reshape(bit3, (BLOCK_R, BLOCK_C)) != 0
+        else:
+            word = tl.load((bits_ptr + tl.cast(row0, tl.int64) * n_words) + (rows[:, None] * n_words + (offs_c[None, :] >> 5)),
+                           mask=valid, other=0)
+            keep = ((word >> (offs_c[None, :] & 31).to(tl.int32)) & 1) != 0
     else:
         s = tl.load((s_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
                     mask=valid, other=0.0).to(tl.float32)
@@ -86,15 +107,16 @@ def _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, thre
 
 
 @triton.jit
-def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, row0, rows, offs_c, n_rows, n_cols, n_words, threshold,
-                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr):
+def _masked_weight_tile(w_ptr, s_ptr, bits_ptr, row0, rows, col0, offs_c, n_rows, n_cols, n_words, threshold,
+                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The (rows, cols) tile of W * M; rows (``row0 + rows``) index output features, cols input features."""
     valid = ((row0 + rows)[:, None] < n_rows) & (offs_c[None, :] < n_cols)
     w = tl.load((w_ptr + tl.cast(row0, tl.int64) * n_cols) + (rows[:, None] * n_cols + offs_c[None, :]),
                 mask=valid, other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
-    keep = _keep_tile(s_ptr, bits_ptr, row0, rows, offs_c, valid, n_cols, n_words, threshold, FROM_BITS)
+    keep = _keep_tile(s_ptr, bits_ptr, row0, rows, col0, offs_c, valid, n_rows, n_cols, n_words, threshold, FROM_BITS,
+                      BLOCK_R, BLOCK_C)
     return tl.where(keep, w, tl.zeros_like(w))
 
 
@@ -137,7 +159,8 @@ def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_word
         a = tl.load(x_base + (rm[:, None] * K + offs_k[None, :]), mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, k0, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST,
+                                BLOCK_N, BLOCK_K)
         acc = _dot(a, tl.trans(w), acc, FP32_DOT, PRECISION)
     offs_n = n0 + rn
     if HAS_BIAS:
@@ -166,7 +189,8 @@ def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words,
         g = tl.load(dy_base + (rm[:, None] * N + offs_n[None, :]), mask=m_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
-        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, offs_k, N, K, n_words, threshold, FROM_BITS, UPCAST)
+        w = _masked_weight_tile(w_ptr, s_ptr, bits_ptr, n0, rn, pid_k * BLOCK_K, offs_k, N, K, n_words, threshold,
+                                FROM_BITS, UPCAST, BLOCK_N, BLOCK_K)
         acc = _dot(g, w, acc, FP32_DOT, PRECISION)
     tl.store((dx_ptr + tl.cast(m0, tl.int64) * K) + (rm[:, None] * K + offs_k[None, :]), acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & (offs_k[None, :] < K))
@@ -225,7 +249,8 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
     w = tl.load((w_ptr + base) + idx, mask=valid, other=0.0).to(tl.float32)
     tl.store((ds_ptr + base) + idx, (acc * w).to(ds_ptr.dtype.element_ty), mask=valid)
     if WEIGHT_GRAD:
-        keep = _keep_tile(s_ptr, bits_ptr, n0, rn, offs_k, valid, K, n_words, threshold, FROM_BITS)
+        keep = _keep_tile(s_ptr, bits_ptr, n0, rn, pid_k * BLOCK_K, offs_k, valid, N, K, n_words, threshold, FROM_BITS,
+                          BLOCK_N, BLOCK_K)
         dw = tl.where(keep, acc, tl.zeros_like(acc))
         tl.store((dw_ptr + base) + idx, dw.to(dw_ptr.dtype.element_ty), mask=valid)
     if BIAS_GRAD:
@@ -236,9 +261,11 @@ def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, d
 # ---------------------------------------------------------------------------------------------------
 # Launchers (plain tensors in, tensors out; the callers validate).
 
+@functools.lru_cache(maxsize=256)
 def threshold_for(scores_dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the kernels must see it so that ``s > t`` (computed in fp32) matches PyTorch's
-    ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype."""
+    ``scores > threshold`` in the scores' dtype: the threshold rounded to that dtype. Cached: the
+    rounding goes through a CPU tensor (two aten ops and a few us of host time per call otherwise)."""
     return float(torch.tensor(float(threshold), dtype=scores_dtype).item())
 
 
@@ -390,3 +417,69 @@ def pack(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(R * n_words, meta["BLOCK_P"]),)
     _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training path's elementwise kernels. The op (pet_fast/ops/masked_linear.py) computes
+#     W_eff = W * 1[scores > threshold]        (masked_weight, written once in the GEMMs' dtype)
+#     y = x @ W_eff.T + b, dx = dy @ W_eff, G = dy.T @ x      (cuBLAS)
+#     d_scores = G * W, d_weight = G * 1[scores > threshold]  (mask_grads, one pass)
+# This writes the masked weight (weight-sized, in the compute dtype) once per step, which the in-register
+# GEMMs above avoid; measured on an H100 (bf16) those GEMMs reach about 40% of cuBLAS at the training
+# shapes (masking from scores) and much less from packed bits, so writing W_eff and calling cuBLAS is the
+# faster training path. Fixed blocks, no autotune: both kernels are memory-bound streams, and autotune's
+# host-side lookup costs more than it would win here.
+
+_EW_BLOCK = 1024
+
+
+@triton.jit
+def _masked_weight_kernel(w_ptr, s_ptr, out_ptr, numel, threshold, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, tl.where(s > threshold, w, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _mask_grads_kernel(g_ptr, w_ptr, s_ptr, ds_ptr, dw_ptr, numel, threshold, WEIGHT_GRAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ds_ptr + offs, (g * w).to(ds_ptr.dtype.element_ty), mask=ok)
+    if WEIGHT_GRAD:
+        s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + offs, tl.where(s > threshold, g, 0.0).to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(weight * (scores > threshold)).to(dtype)`` in one pass (weight and scores of any float dtypes;
+    the comparison is that of PyTorch in the scores' dtype, see :func:`threshold_for`)."""
+    weight = weight.contiguous()
+    scores = scores.contiguous()
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    n = out.numel()
+    if n:
+        _masked_weight_kernel[(triton.cdiv(n, _EW_BLOCK),)](weight, scores, out, n,
+                                                           threshold_for(scores.dtype, threshold), BLOCK=_EW_BLOCK)
+    return out
+
+
+def mask_grads(g: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: float, *,
+               scores_dtype: torch.dtype, weight_grad: bool):
+    """(d_scores, d_weight or None) from G = dy.T @ x in one pass: d_scores = G * weight in
+    ``scores_dtype``, d_weight = G * (scores > threshold) in the weight's dtype (products in fp32)."""
+    g = g.contiguous()
+    weight = weight.contiguous()
+    scores = scores.contiguous()
+    ds = torch.empty(weight.shape, dtype=scores_dtype, device=g.device)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=g.device) if weight_grad else None
+    n = ds.numel()
+    if n:
+        _mask_grads_kernel[(triton.cdiv(n, _EW_BLOCK),)](g, weight, scores, ds, dw if dw is not None else ds, n,
+                                                        threshold_for(scores.dtype, threshold),
+                                                        WEIGHT_GRAD=weight_grad, BLOCK=_EW_BLOCK)
+    return ds, dw

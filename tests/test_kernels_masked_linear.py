@@ -98,6 +98,95 @@ def test_triton_forward_backward(dtype, threshold, bias, train_weight):
             assert torch.equal(fused[3], torch.zeros_like(fused[3]))
 
 
+def test_training_path_kernels_direct():
+    """The two elementwise kernels of the training path at an odd size (not a multiple of the block),
+    into fp16/fp32 outputs, with NaN scores (never kept) and a threshold rounded like PyTorch's."""
+    from pet_fast.kernels import masked_linear as kern
+
+    w = torch.randn(37, 61)
+    s = torch.randn(37, 61)
+    s[0, :5] = float("nan")
+    g = torch.randn(37, 61).half()
+    for dtype in (torch.float32, torch.float16):
+        out = kern.masked_weight(w, s, 0.3, dtype)
+        assert out.dtype == dtype and torch.equal(out, (w * (s > 0.3)).to(dtype))
+    ds, dw = kern.mask_grads(g, w, s, 0.3, scores_dtype=torch.float32, weight_grad=True)
+    assert torch.equal(ds, g.float() * w) and dw.dtype == torch.float32
+    assert torch.equal(dw, g.float() * (s > 0.3))
+    ds, dw = kern.mask_grads(g, w.half(), s.half(), 0.3, scores_dtype=torch.float16, weight_grad=False)
+    assert dw is None and ds.dtype == torch.float16
+    assert torch.equal(ds, (g.float() * w.half().float()).half())
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
+def test_autocast_and_float32_master_weights(backend, weight_dtype):
+    """Under autocast the GEMMs run in autocast's dtype (fp16 here: the interpreter computes bf16
+    wrong), as F.linear's would; float32 weights also serve half-precision x without autocast. Both
+    against the eager op under the same autocast and against float64."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 37).requires_grad_()
+    w = (torch.randn(45, 37) / 37 ** 0.5).to(weight_dtype).requires_grad_()
+    s = torch.randn(45, 37).requires_grad_()
+    b = torch.randn(45).to(weight_dtype).requires_grad_()
+    dy = torch.randn(3, 7, 45).half()
+
+    def go(x, backend):
+        for t in (x, w, s, b):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.float16, enabled=weight_dtype == torch.float32 and x.dtype == torch.float32):
+            y = pet_fast.masked_linear(x, w, s, b, threshold=0.1, backend=backend)
+        y.backward(dy)
+        return y.detach(), x.grad, s.grad, w.grad, b.grad
+
+    x16 = x.detach().half().requires_grad_()
+    cases = [x16] if weight_dtype == torch.float16 else [x, x16]
+    mask = s.detach() > 0.1
+    for xin in cases:
+        out = go(xin, backend)
+        ref = go(xin, "eager") if backend != "eager" else out
+        dx, ds, dw, db = grads64(xin.detach(), w.detach(), mask, dy)
+        want = (ref64(xin.detach(), w.detach(), mask, b.detach()), dx, ds, dw, db)
+        for name, o, e, r in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), out, ref, want):
+            assert o.dtype == e.dtype, name
+            assert o.dtype == {"y": torch.float16, "dx": xin.dtype, "d_scores": torch.float32}.get(name, weight_dtype)
+            assert_close(o, r, e, torch.float16, name)
+
+
+@pytest.mark.parametrize("scores_grad,x_grad,weight_grad", [(False, True, True), (True, False, False),
+                                                            (False, False, True), (True, True, False)])
+def test_training_path_subsets_of_gradients(scores_grad, x_grad, weight_grad):
+    """Frozen scores, x without a gradient, the weight frozen or trainable: the op computes only what is
+    asked for, and every gradient it returns is exact (fp32)."""
+    x, w, s, b = make((2, 5), 37, 19, torch.float32, 0.0, True, weight_grad)
+    x.requires_grad_(x_grad)
+    s.requires_grad_(scores_grad)
+    dy = torch.randn(2, 5, 19)
+    fused = run("triton", x, w, s, b, 0.0, dy)
+    eager = run("eager", x, w, s, b, 0.0, dy)
+    for name, out, ref, flag in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), fused, eager,
+                                    (True, x_grad, scores_grad, weight_grad, True)):
+        assert (out is None) == (not flag) == (ref is None), name
+        if flag:
+            assert rel_err(out, ref) < 1e-5, name
+
+
+def test_custom_op_and_eager_function_paths_agree(monkeypatch):
+    """Eager calls go through an autograd.Function, compiled code (and PET_FAST_CUSTOM_OPS=1) through
+    the custom ops: both run the same functions, so outputs and gradients are identical."""
+    x, w, s, b = make((3, 4), 21, 13, torch.float32, 0.0, True, True)
+    dy = torch.randn(3, 4, 13)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PET_FAST_CUSTOM_OPS", flag)
+        results.append(run("triton", x, w, s, b, 0.0, dy))
+        with torch.no_grad():
+            packed = mp.pack_mask(s)
+            results[-1] += (pet_fast.masked_linear(x, w, None, b, packed_mask=packed, backend="triton"),)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
 def test_triton_gradients_match_eager_fp32_tightly():
     x, w, s, b = make((19,), 33, 17, torch.float32, 0.1, True, True)
     dy = torch.randn(19, 17)
@@ -144,6 +233,31 @@ def test_kernels_mask_from_scores_and_bits_agree(dtype):
         assert rel_err(ds, geff * w.double()) < tol
         assert rel_err(dw, geff * mask) < tol
         assert rel_err(db, dy.double().sum(0)) < tol
+
+
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_bits_tile_expansion_and_gather(block_k):
+    """The forward from bits with other column tiles than the interpreter's single config: 64 columns
+    (two words per row expanded by the broadcast shift, the second tile starting at word 2) and 16 (the
+    fp32 FMA tiles: per-element gather), at odd sizes, with bit 31 set (negative int32 words)."""
+    from pet_fast.kernels import masked_linear as kern
+
+    M, N, K = 9, 37, 100
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    s = torch.randn(N, K)
+    s[:, 31] = 1.0  # bit 31 of every first word
+    bits = mp.pack_mask(s)
+    assert int(bits[:, 0].max()) < 0
+    y = torch.empty(M, N)
+    grid = (triton_cdiv(M, 16) * triton_cdiv(N, 32),)
+    kern._forward_kernel.fn[grid](x, w, bits, bits, b, y, M, N, K, bits.shape[1], 0.0, FROM_BITS=True, HAS_BIAS=True,
+                                  UPCAST=True, FP32_DOT=True, PRECISION="ieee", BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k,
+                                  GROUP=4)
+    assert rel_err(y, ref64(x, w, s > 0, b)) < 1e-5
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
 
 
 @pytest.mark.parametrize("i,o", [(0, 4), (5, 0)])
@@ -290,8 +404,15 @@ def test_custom_ops_opcheck():
     w = torch.randn(6, 9, requires_grad=True)
     s = torch.randn(6, 9, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
-    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default, (x, w, s, b, 0.1),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default, (x, w, s, b, 0.1), test_utils=utils)
+    # 3-D x computed in fp16 (what autocast asks for): y, W_eff and the cast of x in fp16
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear.default,
+                          (x.detach().reshape(5, 1, 9).requires_grad_(), w, s, None, 0.1, torch.float16), test_utils=utils)
+    dy = torch.randn(5, 6)
+    torch.library.opcheck(torch.ops.pet_fast.masked_linear_backward.default,
+                          (dy, x.detach(), w.detach(), w.detach(), s.detach(), 0.1, torch.float32, torch.float32,
+                           True, True, False, True), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.pet_fast.masked_linear_packed.default,
                           (x.detach(), w.detach(), mp.pack_mask(s), None, None, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
@@ -327,6 +448,34 @@ def test_masked_linear_module_compiles_fullgraph():
     want = (y.detach(), x.grad, layer.scores.grad, layer.weight.grad, layer.bias.grad)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_training_path_compiles_fullgraph_under_autocast():
+    """torch.compile reads the autocast state when it traces the call: the custom op gets the GEMMs'
+    dtype as an argument, and the compiled step matches the eager one."""
+    torch._dynamo.reset()
+    layer = MaskedLinear(21, 13, threshold=0.0)
+    with torch.no_grad():
+        layer.scores.normal_()
+    x = torch.randn(2, 3, 21, requires_grad=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True, backend=backend)
+    got, want = [], []
+    for fn, out in ((compiled, got), (lambda t: layer(t, backend="triton"), want)):
+        x.grad = layer.scores.grad = None
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = fn(x)
+        y.float().square().sum().backward()
+        out += [y.detach(), x.grad, layer.scores.grad]
+    assert got[0].dtype == torch.float16 and any("pet_fast.masked_linear" in g for g in graphs)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
     torch._dynamo.reset()
 
 
@@ -375,6 +524,7 @@ def test_dispatch_reasons_and_default_order(monkeypatch, tmp_path):
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     packed = mp.pack_mask(torch.randn(6, 8))
     info = ml.describe(x, w, None, None, packed)
+    assert ml.load_timings(str(tmp_path / "absent.json")) is None  # the design order, without a table
     assert ml.preference(info) == ["cuda", "triton", "eager"]
     big = dict(info, n=17)
     assert ml.preference(big) == ["triton", "cuda", "eager"]
@@ -394,11 +544,29 @@ def test_dispatch_reasons_and_default_order(monkeypatch, tmp_path):
         ml.load_timings(str(table))
         assert ml.preference(info) == ["triton", "cuda", "eager"]
         assert ml.preference(train) == ["triton", "cuda", "eager"]  # no row for scores: the default
+        table.write_text('{"rows": [{"packed": false, "n_max": 4096, "order": ["eager", "triton"]}]}')
+        ml.load_timings(str(table))
+        assert ml.preference(train) == ["eager", "triton"]
+        assert ml.preference(dict(train, n=4097)) == ["triton", "cuda", "eager"]
         table.write_text('{"rows": [{"packed": true, "order": ["gpu"]}]}')
         with pytest.raises(ValueError, match="timings table"):
             ml.load_timings(str(table))
     finally:
         monkeypatch.delenv(ml.TIMINGS_ENV, raising=False)
+        ml.load_timings()
+
+
+def test_shipped_timings_table_loads():
+    import pathlib
+
+    path = pathlib.Path(ml.__file__).with_name("masked_linear_timings.json")
+    rows = ml.load_timings(str(path))
+    try:
+        assert rows and all(r["packed"] for r in rows)  # serving rows of the H100 run so far
+        with torch.no_grad():
+            info = ml.describe(torch.randn(16, 8), torch.randn(6, 8), None, None, mp.pack_mask(torch.randn(6, 8)))
+        assert ml.preference(info) == [r for r in rows if r["n_max"] >= 16][0]["order"]
+    finally:
         ml.load_timings()
 
 
@@ -447,6 +615,60 @@ def test_gpu_triton_packed(dtype):
     eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
     out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="triton")
     assert_close(out, ref, eager, dtype, "y", fp32_tol=5e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_training_path_under_autocast():
+    """The op's training path in a bf16 autocast step with float32 x, weight and bias (a BERT linear
+    after a LayerNorm): y in bf16, gradients in their inputs' dtypes, against the eager op under the same
+    autocast and float64."""
+    x, w, s, b = make((4, 129), 771, 515, torch.float32, 0.0, True, True, device="cuda")
+    dy = torch.randn(4, 129, 515, device="cuda").bfloat16()
+
+    def go(backend):
+        for t in (x, w, s, b):
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = pet_fast.masked_linear(x, w, s, b, backend=backend)
+        y.backward(dy)
+        return y.detach(), x.grad, s.grad, w.grad, b.grad
+
+    fused, eager = go("triton"), go("eager")
+    mask = s.detach() > 0
+    dx, ds, dw, db = grads64(x.detach(), w.detach(), mask, dy)
+    refs = (ref64(x.detach(), w.detach(), mask, b.detach()), dx, ds, dw, db)
+    for name, out, eag, ref in zip(("y", "dx", "d_scores", "d_weight", "d_bias"), fused, eager, refs):
+        assert out.dtype == eag.dtype, name
+        assert_close(out, ref, eag, torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_register_masking_gemms_direct(dtype):
+    """The in-register masking GEMMs (no longer the op's training path, still its serving path from
+    bits) compiled for the card with every autotune config's tile: from scores and from bits."""
+    from pet_fast.kernels import masked_linear as kern
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(333, 1001, device="cuda").to(dtype)
+    w = torch.randn(515, 1001, device="cuda").to(dtype)
+    s = torch.randn(515, 1001, device="cuda")
+    b = torch.randn(515, device="cuda").to(dtype)
+    dy = torch.randn(333, 515, device="cuda").to(dtype)
+    mask = s > 0
+    bits = kern.pack(s, 0.0)
+    assert torch.equal(bits, mp.pack_mask(s))
+    w_eff = w * mask.to(dtype)
+    g = dy.double().T @ x.double()
+    for src in ({"scores": s}, {"bits": bits}):
+        assert_close(kern.forward(x, w, bias=b, **src), ref64(x, w, mask, b), F.linear(x, w_eff, b), dtype, "y", 5e-5)
+        assert_close(kern.grad_input(dy, w, **src), dy.double() @ (w.double() * mask), dy @ w_eff, dtype, "dx", 5e-5)
+        ds, dw, db = kern.grad_weight(dy, x, w, weight_grad=True, bias_grad=True, **src)
+        eager_g = dy.T @ x
+        assert ds.dtype == torch.float32 and dw.dtype == dtype
+        assert_close(ds, g * w.double(), eager_g.float() * w.float(), dtype, "d_scores", 5e-5)
+        assert_close(dw, g * mask, eager_g * mask, dtype, "d_weight", 5e-5)
+        assert_close(db, dy.double().sum(0), dy.sum(0), dtype, "d_bias", 5e-5)
 
 
 def _has_cuda_kernel():
@@ -613,6 +835,9 @@ def test_triton_refuses_features_past_its_int32_tile_offsets():
         kernels.grad_weight(torch.zeros(1, 1), x, w, bits=bits, weight_grad=True, bias_grad=False)
     with pytest.raises(ValueError, match="out_features"):
         kernels.grad_input(torch.zeros(1, wide), w.T.contiguous(), bits=torch.zeros(wide, 1, dtype=torch.int32))
-    info = ml.describe(x, w, torch.zeros(1, wide), None)
+    with torch.no_grad():
+        info = ml.describe(x, w, None, None, bits)
     assert any("int32 offsets" in why for why in ml._triton_reasons(info))
-    assert not any("int32 offsets" in why for why in ml._triton_reasons(ml.describe(x[:, :64], w[:, :64], w[:, :64], None)))
+    assert not any("int32 offsets" in why for why in ml._triton_reasons(dict(info, in_features=64)))
+    # the training path (elementwise kernels with int64 offsets, then cuBLAS) has no such limit
+    assert not any("int32 offsets" in why for why in ml._triton_reasons(ml.describe(x, w, torch.zeros(1, wide), None)))

@@ -10,6 +10,16 @@ from ..ops import _checks
 from ..ops.masked_linear import masked_linear
 
 
+def _params_for(dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The weight and bias as masked_linear takes them for x of ``dtype``: as they are when they have
+    that dtype, or are float32 with half-precision x (the op casts inside its single masking pass, and
+    under autocast computes in autocast's dtype, as F.linear would); cast otherwise."""
+    if weight.dtype == dtype or (weight.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        if bias is None or bias.dtype == weight.dtype:
+            return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class MaskedLinear(nn.Module):
     """``y = x @ (W * 1[scores > threshold]).T + b`` with real-valued scores trained through the
     straight-through estimator.
@@ -70,8 +80,8 @@ class MaskedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
         dt = _checks.tensor("x", x, floating=False).dtype
-        bias = None if self.bias is None else self.bias.to(dt)
-        return masked_linear(x, self.weight.to(dt), self.scores, bias, threshold=self.threshold, backend=backend)
+        weight, bias = _params_for(dt, self.weight, self.bias)
+        return masked_linear(x, weight, self.scores, bias, threshold=self.threshold, backend=backend)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
@@ -115,9 +125,8 @@ class MaskScores(nn.Module):
         return host.weight.t() if type(host).__name__ == "Conv1D" else host.weight
 
     def apply_to(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        bias = None if host.bias is None else host.bias.to(dt)
-        return masked_linear(x, self.weight_of(host).to(dt), self.scores, bias, threshold=self.threshold)
+        weight, bias = _params_for(x.dtype, self.weight_of(host), host.bias)
+        return masked_linear(x, weight, self.scores, bias, threshold=self.threshold)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, threshold={self.threshold}"

@@ -10,10 +10,13 @@ Gradients (straight-through estimator for the hard threshold):
 
 Contract
     x        (..., in_features) floating; leading dimensions are tokens (N may be 0)
-    weight   (out_features, in_features), x's dtype and device
+    weight   (out_features, in_features), x's device; x's dtype, or float32 when x is float16/bfloat16
+             (float32 master weights: the product is taken in x's dtype)
     scores   (out_features, in_features), any floating dtype (usually float32), x's device
-    bias     (out_features,) or None, x's dtype
+    bias     (out_features,) or None, the weight's dtype
     threshold a real number
+Under autocast the product runs in autocast's dtype, as ``F.linear``'s would (y has that dtype); the
+gradients come back in their inputs' dtypes.
 Instead of ``scores`` a call may pass ``packed_mask=`` (int32, (out_features, ceil(in_features / 32)),
 from :func:`pet_fast.pack_mask`; layout in mask_packing.py): the mask for serving, 1 bit per weight,
 with no gradient of its own. Exactly one of the two is required.
@@ -22,14 +25,19 @@ masks, and a task id per token.
 
 Backends
     eager   PyTorch; everything, CPU included.
-    triton  kernels/masked_linear.py through the custom ops ``pet_fast::masked_linear`` (forward, with
-            the straight-through backward ``pet_fast::masked_linear_backward``) and
-            ``pet_fast::masked_linear_packed`` (inference): GEMMs that mask weight tiles in registers.
-            fp16/bf16/fp32; scores in fp16/bf16/fp32.
+    triton  training (scores): one Triton pass writes the masked weight W_eff = W * M in the GEMMs'
+            dtype, cuBLAS runs y, dx and G = dy^T x, one Triton pass writes d_scores and d_weight from G
+            (custom ops ``pet_fast::masked_linear`` and ``pet_fast::masked_linear_backward``). This
+            writes the masked weight (weight-sized, in the GEMMs' dtype) once per call, departing from
+            the plan of never writing it: the GEMMs that mask weight tiles in registers measured 2.5x
+            slower than cuBLAS at the training shapes (H100, bf16; see the comment above the ops).
+            Serving (packed_mask): kernels/masked_linear.py's GEMM that masks weight tiles in registers
+            from the bits (``pet_fast::masked_linear_packed``). fp16/bf16/fp32; scores in fp16/bf16/fp32.
     cuda    csrc/masked_linear.cu: packed masks only, N <= 64 tokens, fp16/bf16, no gradients; also the
             multitask op.
-Auto's order per call: a measured-timings table when one exists, else cuda first for packed masks with
-N <= 16 tokens, triton first otherwise (see ``preference``).
+Eager calls reach the custom ops' functions through autograd.Functions (ops/_autograd.py), compiled code
+the custom ops themselves. Auto's order per call: a measured-timings table when one exists, else cuda
+first for packed masks with N <= 16 tokens, triton first otherwise (see ``preference``).
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, _timings, mask_packing
+from . import _autograd, _checks, _timings, mask_packing
 
 OP = "masked_linear"
 
@@ -62,43 +70,59 @@ def check_inputs(x, weight, scores, bias, threshold, packed_mask=None) -> float:
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
         _checks.shape("bias", bias, (out_f,))
-    _checks.same_dtype("x", x, weight=weight, bias=bias)
+    if not (weight.dtype == x.dtype or (weight.dtype == torch.float32 and x.dtype in _HALF)):
+        raise TypeError(f"weight must have the dtype of x ({x.dtype})" + (
+            " or float32" if x.dtype in _HALF else "") + f", got {weight.dtype}")
+    _checks.same_dtype("weight", weight, bias=bias)
     _checks.same_device("x", x, weight=weight, scores=scores, packed_mask=packed_mask, bias=bias)
     return _checks.real_number("threshold", threshold)
 
 
-class _StraightThroughMask(torch.autograd.Function):
-    """Forward: the hard mask 1[scores > threshold] in ``dtype``. Backward: the gradient of the mask,
-    passed to the scores unchanged (the straight-through estimator)."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """Forward: ``W * 1[scores > threshold]``, zero where the mask is 0 (whatever W holds there), in one
+    ``where``. Backward, with the straight-through estimator for the hard threshold: d_weight = grad * M,
+    d_scores = grad * W in the scores' dtype."""
 
     @staticmethod
-    def forward(ctx, scores, threshold, dtype):
+    def forward(ctx, weight, scores, threshold):
+        keep = scores > threshold
+        ctx.save_for_backward(keep if ctx.needs_input_grad[0] else None, weight if ctx.needs_input_grad[1] else None)
         ctx.scores_dtype = scores.dtype
-        return (scores > threshold).to(dtype)
+        return torch.where(keep, weight, 0.0)
 
     @staticmethod
-    def backward(ctx, grad_mask):
-        return grad_mask.to(ctx.scores_dtype), None, None
+    def backward(ctx, grad):
+        keep, weight = ctx.saved_tensors
+        d_weight = torch.where(keep, grad, 0.0) if keep is not None else None
+        d_scores = (grad * weight).to(ctx.scores_dtype) if weight is not None else None
+        return d_weight, d_scores, None
 
 
-def straight_through_mask(scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
-    return _StraightThroughMask.apply(scores, threshold, dtype)
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``weight * 1[scores > threshold]`` with straight-through gradients to ``scores`` (eager PyTorch)."""
+    return _MaskedWeight.apply(weight, scores, threshold)
 
 
 def reference(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     """Eager PyTorch: masks the weight once, then ``F.linear``. Autograd gives the STE gradients (to x,
     weight and bias also with a packed mask, which itself has no gradient)."""
+    if weight.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if packed_mask is not None:
-        mask = mask_packing.unpack_mask(packed_mask, weight.shape).to(weight.dtype)
+        w_eff = weight * mask_packing.unpack_mask(packed_mask, weight.shape).to(weight.dtype)
     else:
-        mask = straight_through_mask(scores, threshold, weight.dtype)
-    return F.linear(x, weight * mask, bias)
+        w_eff = masked_weight(weight, scores, threshold)
+    return F.linear(x, w_eff, bias)
 
 
 def describe(x, weight, scores, bias, packed_mask=None) -> dict:
     """What the dispatcher sees of a (validated) call."""
     tensors = [t for t in (x, weight, scores, bias) if t is not None]
-    return _checks.info(x, scores_dtype=None if scores is None else scores.dtype, packed=packed_mask is not None,
+    return _checks.info(x, dtype=compute_dtype(x), x_dtype=x.dtype,
+                        scores_dtype=None if scores is None else scores.dtype, packed=packed_mask is not None,
                         n=x.numel() // max(x.shape[-1], 1), in_features=weight.shape[1],
                         out_features=weight.shape[0], bias=bias is not None, weight_grad=weight.requires_grad,
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
@@ -129,11 +153,27 @@ def masked_linear(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Fused backends. The kernels are wrapped as torch.library custom ops (with a fake implementation and
-# an autograd formula) so that torch.compile(fullgraph=True) captures them as single nodes. Their
-# implementations launch the Triton kernels on CUDA tensors (and on CPU tensors under
-# TRITON_INTERPRET=1); on CPU tensors otherwise they compute the same formulas eagerly, so the
-# custom ops are usable (and testable) everywhere.
+# Fused backends. Each is a torch.library custom op (a fake-tensor rule, and an autograd formula for the
+# training op) so that torch.compile(fullgraph=True) captures it as one node; eager calls take the same
+# functions through an autograd.Function (ops/_autograd.py: a custom op costs ~130 us of host time per
+# call outside compiled code, an autograd.Function ~7 us). The implementations launch the Triton kernels
+# on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1); on CPU tensors otherwise they compute
+# the same formulas with PyTorch, so the ops are usable (and testable) everywhere.
+#
+# The training path (scores) departs from the issue's "never write the masked weight": it writes
+# W_eff = W * 1[scores > threshold] once per call, in the GEMMs' dtype, with one elementwise kernel, and
+# hands every GEMM to cuBLAS:
+#     forward   W_eff (Triton), y = x @ W_eff.T + b (F.linear)
+#     backward  dx = dy @ W_eff, G = dy.T @ x (cuBLAS), then d_scores = G * W and d_weight = G * M in one
+#               elementwise pass (Triton), d_bias = sum of dy
+# because on an H100 (bf16, the issue's training shapes) the in-register masking GEMMs of
+# kernels/masked_linear.py measured 2.5x slower than cuBLAS when masking from the scores and ~15x slower
+# still from packed bits (benchmarks/results/h100-2026-11-27b/call4), while the extra traffic here is one
+# weight-sized write and read. W_eff is kept for the backward's dx rather than recomputed: recomputing
+# reads W and the scores again (4 + 4 bytes per weight in fp32) and writes W_eff again, keeping it costs
+# nothing but its memory until the backward, which is what autocast's F.linear keeps too (its cast copy
+# of the weight). Under autocast the GEMMs run in autocast's dtype, as F.linear's would: W_eff is written
+# in that dtype straight from the (float32) weight, x is cast once, and that cast is kept for G.
 
 _KERNEL_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -144,94 +184,117 @@ def _kernels_run_on(t: torch.Tensor) -> bool:
     return t.is_cuda or dispatch.triton_interpreting()
 
 
-def _eager_mask(weight, scores, threshold):
-    return (scores > threshold).to(weight.dtype)
+def _kernels():
+    from ..kernels import masked_linear as kernels  # imports triton: only when a kernel runs
+
+    return kernels
 
 
-@torch.library.custom_op("pet_fast::masked_linear", mutates_args=())
-def _fused(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias: Optional[torch.Tensor],
-           threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, bits) for x (M, K) 2-D. The mask is packed first (one pass over the scores, 1 bit per weight
-    written), then the GEMM masks weight tiles in registers from those bits, which cost 1/32 of the
-    bytes of fp32 scores on every tile load; the backward reuses the bits."""
-    if _kernels_run_on(x):
-        from ..kernels import masked_linear as kernels
-
-        bits = kernels.pack(scores, threshold)
-        return kernels.forward(x, weight, bits=bits, bias=bias), bits
-    bits = mask_packing.pack_mask(scores, threshold)
-    return F.linear(x, weight * _eager_mask(weight, scores, threshold), bias), bits
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")  # others (meta, in `pet-fast info`) have no autocast state
 
 
-@_fused.register_fake
-def _fused_fake(x, weight, scores, bias, threshold):
-    words = mask_packing.packed_words(weight.shape[1])
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((weight.shape[0], words), dtype=torch.int32)
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs of a call run in: autocast's for x's device type when autocast is on there
+    (as ``F.linear``'s would; float64 is left alone, as autocast leaves it), else x's."""
+    device = x.device.type
+    if device in _AUTOCAST_DEVICES and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
-@torch.library.custom_op("pet_fast::masked_linear_backward", mutates_args=())
-def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor,
-                    scores_dtype: torch.dtype, input_grad: bool, scores_grad: bool, weight_grad: bool,
-                    bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, d_scores, d_weight, d_bias) from the packed mask; the ones not asked for are empty tensors."""
+def _masked_weight(weight, scores, threshold, dtype):
+    if _kernels_run_on(weight):
+        return _kernels().masked_weight(weight, scores, threshold, dtype)
+    return torch.where(scores > threshold, weight, 0.0).to(dtype)
+
+
+def _train_forward(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias: Optional[torch.Tensor],
+                   threshold: float, dtype: Optional[torch.dtype] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, W_eff, x_c): y (..., out) = x_c @ W_eff.T + bias in ``dtype`` (default x's), W_eff the masked
+    weight and x_c x in that dtype, both kept for the backward (x_c is empty when x already has it:
+    outputs of a custom op must not alias its inputs). W_eff is written to memory (one Triton pass), not
+    masked inside the GEMM: see the comment above for the measurements behind that choice."""
+    dtype = dtype or x.dtype
+    w_eff = _masked_weight(weight, scores, threshold, dtype)
+    x_c = x.to(dtype)
+    y = F.linear(x_c, w_eff, None if bias is None else bias.to(dtype))
+    return y, w_eff, (x_c if x_c is not x else x.new_empty((0,), dtype=dtype))
+
+
+def _train_forward_fake(x, weight, scores, bias, threshold, dtype=None):
+    dtype = dtype or x.dtype
+    return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype), weight.new_empty(weight.shape, dtype=dtype),
+            x.new_empty(x.shape if dtype != x.dtype else (0,), dtype=dtype))
+
+
+def _train_backward(dy: torch.Tensor, x_c: torch.Tensor, w_eff: Optional[torch.Tensor], weight: torch.Tensor,
+                    scores: torch.Tensor, threshold: float, x_dtype: torch.dtype, bias_dtype: torch.dtype,
+                    input_grad: bool, scores_grad: bool, weight_grad: bool, bias_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_scores, d_weight, d_bias) for dy (..., out); the ones not asked for are empty tensors."""
     def empty(dtype):  # a fresh tensor each: outputs of a custom op must not alias each other
         return dy.new_empty((0,), dtype=dtype)
 
-    dx = ds = dw = db = None
-    if _kernels_run_on(dy):
-        from ..kernels import masked_linear as kernels
-
-        if input_grad:
-            dx = kernels.grad_input(dy, weight, bits=bits)
-        if scores_grad or weight_grad:
-            ds, dw, db = kernels.grad_weight(dy, x, weight, bits=bits, weight_grad=weight_grad, bias_grad=bias_grad,
-                                             scores_dtype=scores_dtype)
-    else:
-        mask = mask_packing.unpack_mask(bits, weight.shape).to(weight.dtype)
-        if input_grad:
-            dx = dy @ (weight * mask)
-        if scores_grad or weight_grad:
-            g = dy.t().float() @ x.float()
-            ds = (g * weight.float()).to(scores_dtype)
-            dw = (g * mask.float()).to(weight.dtype) if weight_grad else None
-    if bias_grad and db is None:
-        db = dy.float().sum(0).to(dy.dtype)
-    return (dx if input_grad else empty(dy.dtype), ds if scores_grad else empty(scores_dtype),
-            dw if weight_grad else empty(weight.dtype), db if bias_grad else empty(dy.dtype))
+    dx = torch.matmul(dy, w_eff).to(x_dtype) if input_grad else empty(x_dtype)
+    ds = dw = None
+    if scores_grad or weight_grad:
+        g = _as_2d(dy).t() @ _as_2d(x_c)  # (out, in) in the GEMMs' dtype
+        if _kernels_run_on(g):
+            ds_, dw_ = _kernels().mask_grads(g, weight, scores, threshold, scores_dtype=scores.dtype,
+                                             weight_grad=weight_grad)
+        else:
+            gf = g.float()
+            ds_ = (gf * weight).to(scores.dtype)
+            dw_ = torch.where(scores > threshold, gf, 0.0).to(weight.dtype) if weight_grad else None
+        ds = ds_ if scores_grad else None
+        dw = dw_ if weight_grad else None
+    db = _as_2d(dy).sum(0, dtype=bias_dtype) if bias_grad else empty(bias_dtype)
+    return dx, (ds if ds is not None else empty(scores.dtype)), (dw if dw is not None else empty(weight.dtype)), db
 
 
-@_fused_backward.register_fake
-def _fused_backward_fake(dy, x, weight, bits, scores_dtype, input_grad, scores_grad, weight_grad, bias_grad):
+def _train_backward_fake(dy, x_c, w_eff, weight, scores, threshold, x_dtype, bias_dtype, input_grad, scores_grad,
+                         weight_grad, bias_grad):
     def maybe(flag, shape, dtype):
         return dy.new_empty(shape if flag else (0,), dtype=dtype)
 
-    return (maybe(input_grad, x.shape, x.dtype), maybe(scores_grad, weight.shape, scores_dtype),
-            maybe(weight_grad, weight.shape, weight.dtype), maybe(bias_grad, (weight.shape[0],), dy.dtype))
+    return (maybe(input_grad, (*dy.shape[:-1], weight.shape[1]), x_dtype),
+            maybe(scores_grad, weight.shape, scores.dtype), maybe(weight_grad, weight.shape, weight.dtype),
+            maybe(bias_grad, (weight.shape[0],), bias_dtype))
 
 
-def _fused_setup_context(ctx, inputs, output):
-    x, weight, scores, bias, threshold = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.scores_dtype = scores.dtype
-    ctx.has_bias = bias is not None
+def _train_setup_context(ctx, inputs, output):
+    x, weight, scores, bias, threshold, dtype = inputs
+    y, w_eff, x_c = output
+    ctx.mark_non_differentiable(w_eff, x_c)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero tensor the size of W_eff
+    need_x, need_w, need_s = ctx.needs_input_grad[:3]
+    x_kept = (x if x.dtype == y.dtype else x_c) if (need_w or need_s) else None  # x in the GEMMs' dtype
+    ctx.save_for_backward(x_kept, w_eff if need_x else None, weight, scores)
+    ctx.threshold = threshold
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _fused_autograd(ctx, dy, _dbits):
-    x, weight, bits = ctx.saved_tensors
-    need_x, need_w, need_s, need_b, _ = ctx.needs_input_grad
-    need_b = bool(need_b and ctx.has_bias)
-    if not (need_x or need_w or need_s or need_b):
-        return None, None, None, None, None
-    dx, ds, dw, db = torch.ops.pet_fast.masked_linear_backward(dy, x, weight, bits, ctx.scores_dtype, need_x,
-                                                                need_s, need_w, need_b)
-    return (dx if need_x else None, dw if need_w else None, ds if need_s else None, db if need_b else None, None)
+def _train_grad(ctx, dy, _dw_eff, _dx_c):
+    x_c, w_eff, weight, scores = ctx.saved_tensors
+    need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
+    need_b = bool(need_b and ctx.bias_dtype is not None)
+    if dy is None or not (need_x or need_w or need_s or need_b):  # dy: grads are not materialized
+        return None, None, None, None, None, None
+    if x_c is None:  # not kept (neither scores nor weight needed a gradient at the forward)
+        x_c = weight.new_empty((0, weight.shape[1]), dtype=dy.dtype)
+    dx, ds, dw, db = TRAIN_BACKWARD.within(ctx)(
+        dy, x_c, w_eff, weight, scores, ctx.threshold, ctx.x_dtype, ctx.bias_dtype or dy.dtype, need_x, need_s,
+        need_w, need_b)
+    return (dx if need_x else None, dw if need_w else None, ds if need_s else None, db if need_b else None, None, None)
 
 
-_fused.register_autograd(_fused_autograd, setup_context=_fused_setup_context)
+TRAIN_BACKWARD = _autograd.custom_op("masked_linear_backward", _train_backward, fake=_train_backward_fake)
+TRAIN = _autograd.custom_op("masked_linear", _train_forward, fake=_train_forward_fake,
+                            autograd=(_train_grad, _train_setup_context))
 
 
-@torch.library.custom_op("pet_fast::masked_linear_packed", mutates_args=())
 def _packed(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
             task_ids: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
     """Inference from packed bits: x (M, K); packed (N, W) or, with task_ids (M,), a stack (T, N, W).
@@ -244,17 +307,17 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: O
             raise RuntimeError(f"pet_fast._C is not available: {_ext.reason()}")
         return ext.masked_linear_packed(x, weight, packed, bias, task_ids)
     if kernel == "triton" and task_ids is None and _kernels_run_on(x):
-        from ..kernels import masked_linear as kernels
-
-        return kernels.forward(x, weight, bits=packed, bias=bias)
+        return _kernels().forward(x, weight, bits=packed, bias=bias)
     if task_ids is None:
         return reference(x, weight, None, bias, packed_mask=packed)
     return reference_multitask(x, weight, packed, task_ids, bias)
 
 
-@_packed.register_fake
 def _packed_fake(x, weight, packed, bias, task_ids, kernel):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+PACKED = _autograd.custom_op("masked_linear_packed", _packed, fake=_packed_fake)
 
 
 def _as_2d(x):
@@ -264,13 +327,18 @@ def _as_2d(x):
     return x.reshape(n, x.shape[-1])
 
 
+def _serving_args(x, weight, bias):
+    """x (flattened to 2-D), weight and bias in the dtype the serving kernels compute in (they take one)."""
+    dtype = compute_dtype(x)
+    cast = lambda t: t if (t is None or t.dtype == dtype) else t.to(dtype)
+    return cast(_as_2d(x)), cast(weight), cast(bias)
+
+
 def _triton_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
-    x2 = _as_2d(x)
-    if packed_mask is not None:
-        y = torch.ops.pet_fast.masked_linear_packed(x2, weight, packed_mask, bias, None, "triton")
-    else:
-        y = torch.ops.pet_fast.masked_linear(x2, weight, scores, bias, threshold)[0]
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    if packed_mask is None:
+        return TRAIN(x, weight, scores, bias, threshold, compute_dtype(x))[0]
+    x2, w, b = _serving_args(x, weight, bias)
+    return PACKED(x2, w, packed_mask, b, None, "triton").reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _no_grad_reason(info) -> list:
@@ -287,7 +355,7 @@ def _triton_reasons(info) -> list:
     elif info["scores_dtype"] not in _KERNEL_SCORE_DTYPES:
         why.append(f"scores dtype {info['scores_dtype']} is not one of float16, bfloat16, float32")
     features = max(info["in_features"], info["out_features"])
-    if features >= _KERNEL_MAX_FEATURES:
+    if info["packed"] and features >= _KERNEL_MAX_FEATURES:
         why.append(f"{features} features >= {_KERNEL_MAX_FEATURES}: the kernels' int32 offsets inside a tile "
                    "would overflow")
     return why
@@ -318,7 +386,8 @@ def _cuda_serving_reasons(info, max_tokens=CUDA_MAX_TOKENS) -> list:
 
 
 def _cuda_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
-    y = torch.ops.pet_fast.masked_linear_packed(_as_2d(x), weight, packed_mask, bias, None, "cuda")
+    x2, w, b = _serving_args(x, weight, bias)
+    y = PACKED(x2, w, packed_mask, b, None, "cuda")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -327,12 +396,16 @@ dispatch.register(OP, "cuda", _cuda_run, _cuda_serving_reasons)
 
 
 # Auto's order of backends per call. A table of measured timings, when one exists, decides; it is a JSON
-# file named by $PET_FAST_MASKED_LINEAR_TIMINGS, else pet_fast/ops/masked_linear_timings.json (none is
-# shipped yet: `python benchmarks/bench_masked_linear.py --dispatch-table PATH` writes one from a GPU run):
-#     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]}, ...]}
+# file named by $PET_FAST_MASKED_LINEAR_TIMINGS, else pet_fast/ops/masked_linear_timings.json (shipped:
+# the serving rows of an H100 run, benchmarks/results/h100-2026-11-27b/call4; `python
+# benchmarks/bench_masked_linear.py --dispatch-table PATH` writes one from a GPU run, with rows for
+# training calls too, ordered by their forward + backward):
+#     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]},
+#               {"packed": false, "n_max": 4096, "order": ["triton", "eager"]}, ...]}
 # The first row with the call's `packed` and `n <= n_max` gives the order. Without a table (or when no
 # row matches): packed masks with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
-# the CUDA-core kernel reads the weight once), everything else to triton first (tensor cores).
+# the CUDA-core kernel reads the weight once), everything else to triton first (for scores: the training
+# path of one masking pass, cuBLAS, one gradient pass).
 TIMINGS_ENV = "PET_FAST_MASKED_LINEAR_TIMINGS"
 DEFAULT_CUDA_FIRST_MAX_TOKENS = 16
 _TIMINGS: dict = {}
@@ -421,7 +494,7 @@ def describe_multitask(x, weight, packed_masks, task_ids, bias) -> dict:
 
 
 def _cuda_multitask_run(x, weight, packed_masks, task_ids, bias=None):
-    y = torch.ops.pet_fast.masked_linear_packed(_as_2d(x), weight, packed_masks, bias, task_ids.reshape(-1), "cuda")
+    y = PACKED(_as_2d(x), weight, packed_masks, bias, task_ids.reshape(-1), "cuda")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
