@@ -190,3 +190,26 @@ def test_fused_op_in_a_model_under_autocast(placement):
     for k in g_e:
         scale = g_e[k].abs().max().item()
         assert (g_t[k] - g_e[k]).abs().max().item() <= 0.05 * scale + 1e-4, k
+
+
+def test_fuse_under_autocast_keeps_the_stack_in_the_autocast_dtype(monkeypatch):
+    """float32 activations under autocast: the frozen adapters are stacked once in the autocast dtype (no
+    casts of them per call), the residual stays float32 and so does the output, as with eager autocast."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    ads, fus = _frozen_fusion()
+    calls = []
+    real = fusion_mod.stack_adapters
+    monkeypatch.setattr(fusion_mod, "stack_adapters", lambda *a: calls.append(a[1]) or real(*a))
+    x, res = torch.randn(5, 16), torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        first = fus.fuse(x, x, res, ads)
+        second = fus.fuse(x, x, res, ads)
+    assert calls == [torch.float16] and torch.equal(first, second) and first.dtype == torch.float32
+    # the same products as the op on inputs cast by hand, the residual added in float32
+    h = x.half()
+    w_down, b_down, w_up, b_up, scaling, act = real(ads, torch.float16)
+    proj = fus._projections(torch.float16)
+    want = fusion_ops.stacked_adapter_fusion(h, h, torch.zeros_like(h), w_down, b_down, w_up, b_up, activation=act,
+                                             scaling=scaling, **proj).float() + res
+    torch.testing.assert_close(first, want)

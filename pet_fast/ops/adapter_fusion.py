@@ -25,7 +25,13 @@ Contract (stacked_adapter_fusion), in addition
     b_up (k, d) or None; scaling a number or a tensor of shape (k,); activation as for bottleneck_adapter.
     Adapters with different bottleneck sizes are stacked by padding with zero rows/columns (all
     supported activations map 0 to 0, so the padding changes nothing).
-All tensors share query's dtype and device.
+All tensors share query's device and dtype, except that with fp16/bf16 tensors and residual_before=False the
+residual may be float32: it is then added to the fused output in float32, and the output is float32 (as
+eager PyTorch under autocast gives it, where a float32 residual stream meets half-precision products).
+
+Under autocast, with inputs not in the autocast dtype, every backend computes as eager PyTorch does
+there: the products in the autocast dtype, float32 leaves getting float32 gradients (the triton backends
+cast the inputs once and run with autocast off; see "Autocast" below).
 
 Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/stacked_adapter_fusion.py and kernels/adapter_fusion.py, fp32/fp16/
 bf16, k <= 64, and r <= 256 for the stacked op). The triton backends rewrite the projections exactly:
@@ -34,7 +40,9 @@ since the probabilities sum to one, the value projection and a residual added be
 outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
 and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
 around them. For fp16/bf16 the stacked backend keeps qk and the gradient of ctx in fp32, which the
-precision rule needs (see the comment above its custom ops). Both are torch.library custom ops with autograd, so torch.compile captures them whole.
+precision rule needs (see the comment above its custom ops). Both are torch.library custom ops with
+autograd, so torch.compile captures them whole; eager calls take the same formulas through
+autograd.Functions (ops/_autograd.py: far less host time per call).
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ from . import _autograd, _checks, _timings, activations
 
 OP = "adapter_fusion"
 OP_STACKED = "stacked_adapter_fusion"
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_projection(name_w, w, name_b, b, d):
@@ -62,7 +71,8 @@ def _check_projection(name_w, w, name_b, b, d):
         _checks.shape(name_b, b, (d,))
 
 
-def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values"):
+def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values",
+                 residual_before=False):
     _checks.tensor("query", query, min_ndim=1)
     d = query.shape[-1]
     lead = tuple(query.shape[:-1])
@@ -78,8 +88,13 @@ def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_valu
     temperature = _checks.real_number("temperature", temperature, positive=True)
     others = {values_name: values, "residual": residual, "w_query": w_query, "b_query": b_query,
               "w_key": w_key, "b_key": b_key, "w_value": w_value, "b_value": b_value}
-    _checks.same_dtype("query", query, **others)
     _checks.same_device("query", query, **others)
+    if residual.dtype == torch.float32 and query.dtype in HALF and not residual_before:
+        others.pop("residual")  # float32 residual added after the fusion (see the contract)
+    elif residual.dtype != query.dtype:
+        raise TypeError(f"residual must have the dtype of query ({query.dtype})" + (
+            " or, with residual_before=False, float32" if query.dtype in HALF else "") + f", got {residual.dtype}")
+    _checks.same_dtype("query", query, **others)
     return temperature
 
 
@@ -148,7 +163,8 @@ def adapter_fusion(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
-    temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
+    temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                               residual_before=residual_before)
     grad_inputs = (query, values, residual, w_query, w_key, w_value)
     requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
     impl = dispatch.select(OP, describe(query, values.shape[-2], requires_grad=requires_grad), backend)
@@ -210,7 +226,8 @@ def stacked_adapter_fusion(
     """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
     _checks.tensor("query", query, min_ndim=1)
     activation, scaling = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
-    temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
+    temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                               residual_before=residual_before)
     grad_inputs = (x, query, residual, w_down, w_up, w_query, w_key, w_value,
                    scaling if isinstance(scaling, torch.Tensor) else None)
     requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
@@ -417,6 +434,7 @@ def _core_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(a, p, pre)
     ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
     ctx.has_residual, ctx.has_b_value = residual is not None, b_value is not None
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for a, p and pre: 3 launches per backward
 
 
 def _core_grad(ctx, grads):
@@ -538,6 +556,7 @@ def _attn_setup(ctx, inputs, output):
     ctx.save_for_backward(values, qk, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.inv_temperature = inv_temperature
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for p
 
 
 def _attn_grad(ctx, grads):
