@@ -485,10 +485,13 @@ def _autocast_check(op, case, kw, dtype=torch.float16):
         assert err <= 2 * err_eager + 4 * eps * max(b.abs().max().item(), 1e-3), (name, err, err_eager)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(residual_before=True, value_before_softmax=False)])
-def test_stacked_autocast_float32_inputs(kw):
+@pytest.mark.parametrize("kw,custom_ops", [(dict(), "0"), (dict(residual_before=True, value_before_softmax=False), "0"),
+                                            (dict(), "1")])
+def test_stacked_autocast_float32_inputs(kw, custom_ops, monkeypatch):
     """The H100 step row fusion3/auto crashed here: under autocast the core op's value projection came out
-    in bf16 while its float32 input was saved for dWv, and the backward's matmul mixed the two."""
+    in bf16 while its float32 input was saved for dWv, and the backward's matmul mixed the two. Both entry
+    points: the autograd.Function (eager calls) and the custom op (PET_FAST_CUSTOM_OPS=1)."""
+    monkeypatch.setenv("PET_FAST_CUSTOM_OPS", custom_ops)
     _autocast_check("stacked", dict(scaling="adapter"), dict(activation="gelu", **kw))
 
 
@@ -545,3 +548,27 @@ def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
     (out0, g0), (out1, g1) = results["0"], results["1"]
     assert torch.equal(out0, out1)
     assert g0.keys() == g1.keys() and all(torch.equal(g0[a], g1[a]) for a in g0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fuse_compiles_under_autocast(backend):
+    """The module's autocast handling (activations cast once, the op run with autocast off inside) traces
+    without graph breaks, and gives what the uncompiled call gives."""
+    torch._dynamo.reset()
+    d = 8
+    adapters = [pet_fast.BottleneckAdapter(d, 3) for _ in range(3)]
+    for a in adapters:
+        a.requires_grad_(False)
+    fusion = pet_fast.AdapterFusion(d).eval()
+    x, h = torch.randn(2, 5, d, requires_grad=True), torch.randn(2, 5, d)
+
+    def f(x):
+        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            return fusion.fuse(x, x, h, adapters)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    ref = f(x)
+    assert out.dtype == ref.dtype == torch.float32 and torch.equal(out, ref)
+    g_out, = torch.autograd.grad(out.sum(), x)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    assert torch.equal(g_out, g_ref)

@@ -213,3 +213,16 @@ def test_fuse_under_autocast_keeps_the_stack_in_the_autocast_dtype(monkeypatch):
     want = fusion_ops.stacked_adapter_fusion(h, h, torch.zeros_like(h), w_down, b_down, w_up, b_up, activation=act,
                                              scaling=scaling, **proj).float() + res
     torch.testing.assert_close(first, want)
+
+
+def test_dropout_path_with_half_inputs_and_float32_module():
+    """Training with dropout on the scores runs eagerly; half-precision inputs with a float32 fusion
+    layer (no autocast) use the projections cast to the inputs' dtype, as the fused op does."""
+    ads, fus = _frozen_fusion()
+    fus.dropout = 0.1
+    fus.train()
+    x = torch.randn(5, 16).half()
+    out = fus.fuse(x, x, x, ads)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert fus.query.weight.grad is not None and fus.query.weight.grad.dtype == torch.float32
