@@ -575,3 +575,24 @@ def test_fuse_compiles_under_autocast(backend):
     g_out, = torch.autograd.grad(out.sum(), x)
     g_ref, = torch.autograd.grad(ref.sum(), x)
     assert torch.equal(g_out, g_ref)
+
+
+def test_op_compiles_under_autocast_with_float32_inputs():
+    """The triton backend's own autocast handling (casts of float32 inputs, autocast off inside) under
+    torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    d, k, r = 8, 3, 4
+    x, res = torch.randn(5, d, requires_grad=True), torch.randn(5, d)
+    wd, wu, w = torch.randn(k, r, d), torch.randn(k, d, r), torch.randn(d, d, requires_grad=True)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return pet_fast.stacked_adapter_fusion(x, x, res, wd, None, wu, None, w_query=w, w_key=w, w_value=w,
+                                                   backend="triton")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    ref = f(x)
+    assert out.dtype == ref.dtype == torch.float32 and torch.equal(out, ref)
+    g_out = torch.autograd.grad(out.sum(), [x, w])
+    g_ref = torch.autograd.grad(ref.sum(), [x, w])
+    assert all(torch.equal(a, b) for a, b in zip(g_out, g_ref))
