@@ -77,7 +77,7 @@ class AdapterFusion(nn.Module):
 
     def _eager_with_dropout(self, query, values, residual, t, proj):
         # Same as fusion_ops.reference, with dropout on the scores as AdapterHub applies it.
-        # the projections in query's dtype (float32 master weights of half-precision inputs: cast, as the op takes them)
+        # The projections in query's dtype (float32 master weights of half-precision inputs: cast, as the op takes them).
         lin = F.linear
         if proj["residual_before"]:
             values = values + residual.unsqueeze(-2)
@@ -108,7 +108,7 @@ class AdapterFusion(nn.Module):
         adapters or the dtype change, and never kept when autograd needs the stacking or under
         torch.compile (which folds it into the graph)."""
         # the adapters' own parameter dicts: Module.parameters() (a generator that walks submodules and
-        # deduplicates) cost ~100 us per call for three adapters, on every layer of every step
+        # deduplicates) made half the host time of a cached call (three adapters: 13 -> 6 us on the CPU)
         params = [p for a in adapters for p in (a._parameters.values() if not a._modules else a.parameters())
                   if p is not None]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
