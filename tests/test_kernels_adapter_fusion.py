@@ -56,21 +56,33 @@ def check(n_shape, d, r, k, dtype, device="cpu", case=None, **kw):
     assert out.shape == ref.shape and out.dtype == dtype
     got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
     res = {"out": (out, ref)} | {a: (got_g[a], ref_g[a]) for a in ref_g}
-    if dtype == torch.float32:
-        for name, (a, b) in res.items():
-            scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
-            err = (a.cpu().double() - b).abs().max().item() / scale
-            assert err < 2e-5, (name, err)
-        return
     lo2 = {a: (b.detach().clone().requires_grad_() if isinstance(b, torch.Tensor) else b) for a, b in lo.items()}
     eager = call(lo2, "eager", **kw)
     eager_res = {"out": eager} | grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    if dtype == torch.float32:
+        check_fp32(res, eager_res, ref)
+        return
     eps = torch.finfo(dtype).eps
     for name, (a, b) in res.items():
         err = (a.cpu().double() - b).abs().max().item()
         err_eager = (eager_res[name].cpu().double() - b).abs().max().item()
         atol = 4 * eps * max(b.abs().max().item(), 1e-3)
         assert err <= 2 * err_eager + atol, (name, err, err_eager, atol)
+
+
+def check_fp32(res, eager_res, ref):
+    """fp32 rule (DESIGN.md 5: well under 1e-4), error relative to the largest reference value: under
+    2e-5 up to d = 256, growing as sqrt(d) beyond (fp32 dot products over d terms round as sqrt(d) eps:
+    the scores and their backward sum over d), or under twice eager PyTorch's fp32 error on the same
+    device; never 5e-5 or more. At N=300, d=1024, k=8 (the fp32 GPU case that failed the former flat
+    2e-5) eager fp32 itself errs 1.9e-5 on the CPU and the kernels 1.9e-5 under the interpreter."""
+    d = ref.shape[-1]
+    tol = 2e-5 * max(1.0, d / 256) ** 0.5
+    for name, (a, b) in res.items():
+        scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
+        err = (a.cpu().double() - b).abs().max().item() / scale
+        err_eager = (eager_res[name].cpu().double() - b).abs().max().item() / scale
+        assert err < min(max(tol, 2 * err_eager), 5e-5), (name, err, err_eager)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
@@ -179,14 +191,12 @@ def check_given(n_shape, d, k, dtype, device="cpu", case=None, **kw):
     out = call_given(lo, "triton", **kw)
     got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
     res = {"out": (out, ref)} | {a: (got_g[a], ref_g[a]) for a in ref_g}
-    if dtype == torch.float32:
-        for name, (a, b) in res.items():
-            scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
-            assert (a.cpu().double() - b).abs().max().item() / scale < 2e-5, name
-        return
     lo2 = {a: b.detach().clone().requires_grad_() for a, b in lo.items()}
     eager = call_given(lo2, "eager", **kw)
     eager_res = {"out": eager} | grads(lo2, eager, dy.to(device=device, dtype=dtype))
+    if dtype == torch.float32:
+        check_fp32(res, eager_res, ref)
+        return
     eps = torch.finfo(dtype).eps
     for name, (a, b) in res.items():
         err = (a.cpu().double() - b).abs().max().item()
@@ -448,3 +458,141 @@ def test_backward_same_bits_twice_and_every_partial_written(monkeypatch):
             continue
         assert torch.equal(a, b), name
         assert torch.equal(a, c), name
+
+
+# --- autocast: float32 inputs, matmuls in the autocast dtype -------------------------------------
+# (fp16 autocast on the CPU: the interpreter computes bf16 wrong; the GPU step benchmark runs bf16)
+
+def _autocast_check(op, case, kw, dtype=torch.float16):
+    make, run = (make_case, call) if op == "stacked" else (make_given, call_given)
+    hi, lo = (make((7,), 24, 5, 3, torch.float32, **case) if op == "stacked"
+              else make((7,), 24, 3, torch.float32, **case))
+    ref = run(hi, "eager", **kw)
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_g = grads(hi, ref, dy)
+    res = {}
+    for backend in ("eager", "triton"):
+        ts = {a: (b.detach().clone().requires_grad_() if isinstance(b, torch.Tensor) else b) for a, b in lo.items()}
+        with torch.autocast("cpu", dtype=dtype):
+            out = run(ts, backend, **kw)
+        g = grads(ts, out, dy.to(out.dtype))
+        assert all(g[a].dtype == torch.float32 for a in g)  # float32 leaves get float32 gradients
+        res[backend] = {"out": out} | g
+    assert res["triton"]["out"].dtype == res["eager"]["out"].dtype
+    eps = torch.finfo(dtype).eps
+    for name, b in ({"out": ref} | ref_g).items():
+        if name == "b_key":
+            continue
+        err = (res["triton"][name].double() - b).abs().max().item()
+        err_eager = (res["eager"][name].double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * eps * max(b.abs().max().item(), 1e-3), (name, err, err_eager)
+
+
+@pytest.mark.parametrize("kw,custom_ops", [(dict(), "0"), (dict(residual_before=True, value_before_softmax=False), "0"),
+                                            (dict(), "1")])
+def test_stacked_autocast_float32_inputs(kw, custom_ops, monkeypatch):
+    """The H100 step row fusion3/auto crashed here: under autocast the core op's value projection came out
+    in bf16 while its float32 input was saved for dWv, and the backward's matmul mixed the two. Both entry
+    points: the autograd.Function (eager calls) and the custom op (PET_FAST_CUSTOM_OPS=1)."""
+    monkeypatch.setenv("PET_FAST_CUSTOM_OPS", custom_ops)
+    _autocast_check("stacked", dict(scaling="adapter"), dict(activation="gelu", **kw))
+
+
+def test_given_values_autocast_float32_inputs():
+    _autocast_check("given", dict(), dict(residual_before=True))
+    _autocast_check("given", dict(), dict())
+
+
+def test_core_op_under_autocast_keeps_its_dtypes():
+    """Called directly under autocast, the core op's output and gradients keep the dtypes of its fake rule."""
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    args = (r(5, 16), r(5, 16), r(2, 3, 16), r(2, 3), r(2, 16, 3), r(2, 16), r(2), 1.0, "gelu", 0.5,
+            r(5, 16), r(16, 16), r(16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = torch.ops.pet_fast.stacked_fusion_core_triton(*args)[0]
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert all(a.grad is not None and a.grad.dtype == torch.float32 for a in args if isinstance(a, torch.Tensor))
+
+
+# --- the two entry points: autograd.Function (eager calls) and custom op (compiled code, opcheck) -------
+
+def _graph_names(t):
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo.extend(g for g, _ in f.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("op,dtype", [("stacked", torch.float32), ("stacked", torch.float16), ("given", torch.float32)])
+def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
+    """Eager calls take the ops' formulas through autograd.Functions; PET_FAST_CUSTOM_OPS=1 (read per call)
+    sends them through the custom ops. Same kernels, same formulas: the same bits, output and gradients
+    (fp16 covers fusion_qk_f32)."""
+    results = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv("PET_FAST_CUSTOM_OPS", env)
+        if op == "stacked":
+            _, lo = make_case((6,), 20, 3, 2, dtype, scaling="adapter")
+            out = call(lo, "triton", activation="gelu", temperature=1.5)
+        else:
+            _, lo = make_given((6,), 20, 3, dtype)
+            out = call_given(lo, "triton", temperature=1.5)
+        names = _graph_names(out)
+        function_nodes = {n for n in names if n.endswith("_functionBackward")}
+        assert bool(function_nodes) == (env == "0"), names
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+        results[env] = (out, grads(lo, out, dy))
+    (out0, g0), (out1, g1) = results["0"], results["1"]
+    assert torch.equal(out0, out1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[a], g1[a]) for a in g0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fuse_compiles_under_autocast(backend):
+    """The module's autocast handling (activations cast once, the op run with autocast off inside) traces
+    without graph breaks, and gives what the uncompiled call gives."""
+    torch._dynamo.reset()
+    d = 8
+    adapters = [pet_fast.BottleneckAdapter(d, 3) for _ in range(3)]
+    for a in adapters:
+        a.requires_grad_(False)
+    fusion = pet_fast.AdapterFusion(d).eval()
+    x, h = torch.randn(2, 5, d, requires_grad=True), torch.randn(2, 5, d)
+
+    def f(x):
+        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            return fusion.fuse(x, x, h, adapters)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    ref = f(x)
+    assert out.dtype == ref.dtype == torch.float32 and torch.equal(out, ref)
+    g_out, = torch.autograd.grad(out.sum(), x)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    assert torch.equal(g_out, g_ref)
+
+
+def test_op_compiles_under_autocast_with_float32_inputs():
+    """The triton backend's own autocast handling (casts of float32 inputs, autocast off inside) under
+    torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    d, k, r = 8, 3, 4
+    x, res = torch.randn(5, d, requires_grad=True), torch.randn(5, d)
+    wd, wu, w = torch.randn(k, r, d), torch.randn(k, d, r), torch.randn(d, d, requires_grad=True)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return pet_fast.stacked_adapter_fusion(x, x, res, wd, None, wu, None, w_query=w, w_key=w, w_value=w,
+                                                   backend="triton")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    ref = f(x)
+    assert out.dtype == ref.dtype == torch.float32 and torch.equal(out, ref)
+    g_out = torch.autograd.grad(out.sum(), [x, w])
+    g_ref = torch.autograd.grad(ref.sum(), [x, w])
+    assert all(torch.equal(a, b) for a, b in zip(g_out, g_ref))

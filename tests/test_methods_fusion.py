@@ -163,3 +163,66 @@ def test_stack_adapters_fixed_scales_filled_on_the_device():
     ads, _ = _frozen_fusion(scales=(0.25, 0.25, 0.25))
     s = stack_adapters(ads, torch.float16)[4]
     assert s.dtype == torch.float16 and s.tolist() == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_fused_op_in_a_model_under_autocast(placement):
+    """A BERT training step under autocast with the fusion on the triton backend (the interpreter; fp16
+    autocast, which the interpreter computes right): the pfeiffer sites hand the op float32 inputs (the
+    LayerNorm's output), the houlsby sites half ones. Loss and gradients match the eager backend's."""
+    results = []
+    for backend in ("eager", "triton"):
+        model = _fused_model(placement)
+        model.train()
+        for mod in model.modules():
+            if isinstance(mod, pet_fast.AdapterFusion):
+                mod.dropout = 0.0
+        ids, mask = batch()
+        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            loss = logits(model, ids, mask).float().pow(2).mean()
+        loss.backward()
+        # the key bias cancels in the softmax: the fused op leaves its gradient None (eager's is ~0)
+        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad and not k.endswith("key.bias")}
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+        results.append((loss.detach(), grads))
+    (loss_e, g_e), (loss_t, g_t) = results
+    torch.testing.assert_close(loss_t, loss_e, rtol=5e-3, atol=1e-3)
+    for k in g_e:
+        scale = g_e[k].abs().max().item()
+        assert (g_t[k] - g_e[k]).abs().max().item() <= 0.05 * scale + 1e-4, k
+
+
+def test_fuse_under_autocast_keeps_the_stack_in_the_autocast_dtype(monkeypatch):
+    """float32 activations under autocast: the frozen adapters are stacked once in the autocast dtype (no
+    casts of them per call), the residual stays float32 and so does the output, as with eager autocast."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    ads, fus = _frozen_fusion()
+    calls = []
+    real = fusion_mod.stack_adapters
+    monkeypatch.setattr(fusion_mod, "stack_adapters", lambda *a: calls.append(a[1]) or real(*a))
+    x, res = torch.randn(5, 16), torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        first = fus.fuse(x, x, res, ads)
+        second = fus.fuse(x, x, res, ads)
+    assert calls == [torch.float16] and torch.equal(first, second) and first.dtype == torch.float32
+    # the same products as the op on inputs cast by hand, the residual added in float32
+    h = x.half()
+    w_down, b_down, w_up, b_up, scaling, act = real(ads, torch.float16)
+    proj = fus._projections(torch.float16)
+    want = fusion_ops.stacked_adapter_fusion(h, h, torch.zeros_like(h), w_down, b_down, w_up, b_up, activation=act,
+                                             scaling=scaling, **proj).float() + res
+    torch.testing.assert_close(first, want)
+
+
+def test_dropout_path_with_half_inputs_and_float32_module():
+    """Training with dropout on the scores runs eagerly; half-precision inputs with a float32 fusion
+    layer (no autocast) use the projections cast to the inputs' dtype, as the fused op does."""
+    ads, fus = _frozen_fusion()
+    fus.dropout = 0.1
+    fus.train()
+    x = torch.randn(5, 16).half()
+    out = fus.fuse(x, x, x, ads)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert fus.query.weight.grad is not None and fus.query.weight.grad.dtype == torch.float32

@@ -84,3 +84,26 @@ def test_stacked_gradcheck():
     wq, wk, wv, s = t(d, d), t(d, d), t(d, d), t(k)
     f = lambda *a: pet_fast.stacked_adapter_fusion(*a[:7], activation="tanh", scaling=a[10], w_query=a[7], w_key=a[8], w_value=a[9])
     assert torch.autograd.gradcheck(f, args + (wq, wk, wv, s))
+
+
+def test_float32_residual_with_half_inputs():
+    """A float32 residual (the residual stream under autocast) is added after the fusion in float32; with
+    residual_before it would enter the products, and is refused."""
+    d, k = 8, 3
+    h = lambda *s: torch.randn(*s).half()
+    query, values, w = h(4, d), h(4, k, d), h(d, d)
+    residual = torch.randn(4, d)
+    out = pet_fast.adapter_fusion(query, values, residual, w_query=w, w_key=w, w_value=w)
+    assert out.dtype == torch.float32
+    want = pet_fast.adapter_fusion(query, values, torch.zeros_like(query), w_query=w, w_key=w, w_value=w).float() + residual
+    torch.testing.assert_close(out, want)
+    with pytest.raises(TypeError, match="residual"):
+        pet_fast.adapter_fusion(query, values, residual, w_query=w, w_key=w, residual_before=True)
+    with pytest.raises(TypeError, match="residual"):
+        pet_fast.adapter_fusion(query.float(), values.float(), residual.half())
+    x = h(4, d)
+    stacked = dict(w_down=h(k, 2, d), b_down=None, w_up=h(k, d, 2), b_up=None)
+    out = pet_fast.stacked_adapter_fusion(x, query, residual, **stacked, w_key=w)
+    assert out.dtype == torch.float32
+    with pytest.raises(TypeError, match="residual"):
+        pet_fast.stacked_adapter_fusion(x, query, residual, **stacked, residual_before=True)

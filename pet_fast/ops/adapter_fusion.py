@@ -25,7 +25,13 @@ Contract (stacked_adapter_fusion), in addition
     b_up (k, d) or None; scaling a number or a tensor of shape (k,); activation as for bottleneck_adapter.
     Adapters with different bottleneck sizes are stacked by padding with zero rows/columns (all
     supported activations map 0 to 0, so the padding changes nothing).
-All tensors share query's dtype and device.
+All tensors share query's device and dtype, except that with fp16/bf16 tensors and residual_before=False the
+residual may be float32: it is then added to the fused output in float32, and the output is float32 (as
+eager PyTorch under autocast gives it, where a float32 residual stream meets half-precision products).
+
+Under autocast, with inputs not in the autocast dtype, every backend computes as eager PyTorch does
+there: the products in the autocast dtype, float32 leaves getting float32 gradients (the triton backends
+cast the inputs once and run with autocast off; see "Autocast" below).
 
 Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/stacked_adapter_fusion.py and kernels/adapter_fusion.py, fp32/fp16/
 bf16, k <= 64, and r <= 256 for the stacked op). The triton backends rewrite the projections exactly:
@@ -34,20 +40,24 @@ since the probabilities sum to one, the value projection and a residual added be
 outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
 and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
 around them. For fp16/bf16 the stacked backend keeps qk and the gradient of ctx in fp32, which the
-precision rule needs (see the comment above its custom ops). Both are torch.library custom ops with autograd, so torch.compile captures them whole.
+precision rule needs (see the comment above its custom ops). Both are torch.library custom ops with
+autograd, so torch.compile captures them whole; eager calls take the same formulas through
+autograd.Functions (ops/_autograd.py: far less host time per call).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, _timings, activations
+from . import _autograd, _checks, _timings, activations
 
 OP = "adapter_fusion"
 OP_STACKED = "stacked_adapter_fusion"
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_projection(name_w, w, name_b, b, d):
@@ -61,7 +71,8 @@ def _check_projection(name_w, w, name_b, b, d):
         _checks.shape(name_b, b, (d,))
 
 
-def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values"):
+def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values",
+                 residual_before=False):
     _checks.tensor("query", query, min_ndim=1)
     d = query.shape[-1]
     lead = tuple(query.shape[:-1])
@@ -77,8 +88,13 @@ def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_valu
     temperature = _checks.real_number("temperature", temperature, positive=True)
     others = {values_name: values, "residual": residual, "w_query": w_query, "b_query": b_query,
               "w_key": w_key, "b_key": b_key, "w_value": w_value, "b_value": b_value}
-    _checks.same_dtype("query", query, **others)
     _checks.same_device("query", query, **others)
+    if residual.dtype == torch.float32 and query.dtype in HALF and not residual_before:
+        others.pop("residual")  # float32 residual added after the fusion (see the contract)
+    elif residual.dtype != query.dtype:
+        raise TypeError(f"residual must have the dtype of query ({query.dtype})" + (
+            " or, with residual_before=False, float32" if query.dtype in HALF else "") + f", got {residual.dtype}")
+    _checks.same_dtype("query", query, **others)
     return temperature
 
 
@@ -147,7 +163,8 @@ def adapter_fusion(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
-    temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
+    temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                               residual_before=residual_before)
     grad_inputs = (query, values, residual, w_query, w_key, w_value)
     requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
     impl = dispatch.select(OP, describe(query, values.shape[-2], requires_grad=requires_grad), backend)
@@ -209,7 +226,8 @@ def stacked_adapter_fusion(
     """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
     _checks.tensor("query", query, min_ndim=1)
     activation, scaling = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
-    temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature)
+    temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                               residual_before=residual_before)
     grad_inputs = (x, query, residual, w_down, w_up, w_query, w_key, w_value,
                    scaling if isinstance(scaling, torch.Tensor) else None)
     requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
@@ -252,6 +270,20 @@ def stacked_adapter_fusion(
 # dqk in fp32, which its backward rounds once to the input dtype for the two matmuls, as before.
 
 
+#
+# Autocast. The eager reference under autocast runs its matmuls in the autocast dtype with float32
+# inputs (F.linear / matmul / einsum cast them), so the fused backends do the same, explicitly: a call
+# under autocast whose inputs are not in the autocast dtype casts them once (tensors that take part in
+# the products; the residual added after the fusion keeps its dtype, as eager adds it) and runs the
+# fused path with autocast off. Inside, every custom op sees inputs of one dtype, and its output and
+# gradients have the dtypes its fake rule states (an F.linear that autocast rounded inside the core op
+# made its output bf16 with a float32 input saved for dWv, and the backward's matmul failed). The casts
+# are differentiable: float32 master weights get float32 gradients, as under autocast.
+#
+# Eager calls reach the custom ops' formulas through autograd.Functions (see ops/_autograd.py): the
+# custom ops, with their fake rules, are what torch.compile sees.
+
+
 def _attention_kernels():
     from ..kernels import adapter_fusion as kernels
 
@@ -264,11 +296,54 @@ def _stacked_kernels():
     return kernels
 
 
+def _list_op(name, fn, *, fake, autograd):
+    """``_autograd.custom_op`` for an op returning ``List[Tensor]``: its autograd.Function returns a tuple
+    and hands the formula the gradients as one list, as the custom op's autograd does."""
+    backward, setup_context = autograd
+    op = torch.library.custom_op(f"pet_fast::{name}", mutates_args=())(fn)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
+    function = _autograd.function(f"_{name}_function", lambda *a: tuple(fn(*a)), setup_context,
+                                  lambda ctx, *grads: backward(ctx, list(grads)))
+    return _autograd.Op(op, function.apply)
+
+
+def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run ``t``'s matmuls in, when autocast is on and would cast ``t``; else None."""
+    dev = t.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return None if (t.dtype == dt or t.dtype == torch.float64) else dt
+
+
+def _no_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` (a no-op context when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _caster(dtype):
+    """t -> t.to(dtype) for tensors (once per distinct tensor: x and query are often the same), else t."""
+    seen = {}
+
+    def cast(t):
+        if not isinstance(t, torch.Tensor) or t.dtype == dtype:
+            return t
+        key = id(t)
+        if key not in seen:
+            seen[key] = (t, t.to(dtype))  # keeps t alive, so its id stays unique during the call
+        return seen[key][1]
+
+    return cast
+
+
 def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D) with an fp32 result for fp16/bf16 operands: fp32 accumulation, no rounding of the result."""
     if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.is_cuda:
+        return a @ b.to(a.dtype)
+    if a.is_cuda and b.dtype == a.dtype:
         try:  # tensor cores, fp32 output (torch >= 2.8)
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
@@ -276,14 +351,12 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-@torch.library.custom_op("pet_fast::fusion_qk_f32", mutates_args=())
 def _qk_f32(q: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
     """q (N, d) @ w_key (d, d) in fp32 for fp16/bf16 operands (see the comment above)."""
     return _matmul_f32(q, w_key)
 
 
-@_qk_f32.register_fake
-def _(q, w_key):
+def _qk_fake(q, w_key):
     return q.new_empty((q.shape[0], w_key.shape[1]), dtype=torch.float32)
 
 
@@ -294,19 +367,22 @@ def _qk_setup(ctx, inputs, output):
 def _qk_grad(ctx, dqk):
     q, w_key = ctx.saved_tensors
     g = dqk.to(q.dtype)
-    return (g @ w_key.t() if ctx.needs_input_grad[0] else None, q.t() @ g if ctx.needs_input_grad[1] else None)
+    dq = g @ w_key.t().to(g.dtype) if ctx.needs_input_grad[0] else None
+    dw = (q.t() @ g).to(w_key.dtype) if ctx.needs_input_grad[1] else None
+    return dq, dw
 
 
-_qk_f32.register_autograd(_qk_grad, setup_context=_qk_setup)
+QK_F32 = _autograd.custom_op("fusion_qk_f32", _qk_f32, fake=_qk_fake, autograd=(_qk_grad, _qk_setup))
 
 
 def _project(ctx, residual, w_value, b_value):
-    """(out, pre): out = (ctx + residual) @ Wv.T + bv in ctx's dtype, pre its input (saved for dWv)."""
+    """(out, pre): out = (ctx + residual) @ Wv.T + bv in ctx's dtype, pre its input (saved for dWv).
+    Autocast is off here: the op's output has its inputs' dtype whatever the caller's context."""
     pre = ctx + residual if residual is not None else ctx
-    return F.linear(pre, w_value, b_value), pre
+    with _no_autocast(pre.device.type):
+        return F.linear(pre, w_value, b_value), pre
 
 
-@torch.library.custom_op("pet_fast::stacked_fusion_core_triton", mutates_args=())
 def _core_forward(x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                   scaling_value: float, activation: str, inv_temperature: float, residual: Optional[torch.Tensor],
@@ -324,9 +400,8 @@ def _rp(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-@_core_forward.register_fake
-def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual, w_value,
-      b_value):
+def _core_fake(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
+               w_value, b_value):
     n = x.shape[0]
     k, r = w_down.shape[0], w_down.shape[1]
     return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
@@ -334,7 +409,6 @@ def _(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv
             torch.empty_like(x) if w_value is not None else x.new_empty((0,))]
 
 
-@torch.library.custom_op("pet_fast::stacked_fusion_core_triton_backward", mutates_args=())
 def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor,
                    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                    scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
@@ -344,13 +418,12 @@ def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down
     return [t if t is not None else x.new_empty((0,)) for t in out]
 
 
-@_core_backward.register_fake
-def _(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, a, p, need_ds,
-      need_weights):
-    empty = x.new_empty((0,))
-    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty
+def _core_backward_fake(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                        inv_temperature, a, p, need_ds, need_weights):
+    empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
+    like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
     return [torch.empty_like(x), torch.empty_like(qk), like(w_down), like(b_down), like(w_up), like(b_up),
-            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty]
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty()]
 
 
 def _core_setup(ctx, inputs, output):
@@ -361,6 +434,7 @@ def _core_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(a, p, pre)
     ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
     ctx.has_residual, ctx.has_b_value = residual is not None, b_value is not None
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for a, p and pre: 3 launches per backward
 
 
 def _core_grad(ctx, grads):
@@ -370,17 +444,20 @@ def _core_grad(ctx, grads):
     if w_value is None:
         dctx = dout
     else:
-        # dctx in fp32 (module comment above); the projection's own gradients as autograd forms them
+        # dctx in fp32 (module comment above); the projection's own gradients as autograd forms them.
+        # The operands share x's dtype (the run functions resolve autocast before the op); the casts
+        # below are no-ops then and keep the formula well-typed for any caller.
+        dout = dout.to(pre.dtype)
         dctx = _matmul_f32(dout, w_value)
         if ctx.has_residual and ctx.needs_input_grad[10]:
             dres = dctx.to(dout.dtype)
         if ctx.needs_input_grad[11]:
-            dwv = dout.t() @ pre
+            dwv = (dout.t() @ pre).to(w_value.dtype)
         if ctx.has_b_value and ctx.needs_input_grad[12]:
-            dbv = dout.sum(0)
+            dbv = dout.sum(0).to(w_value.dtype)
     need_ds = scaling is not None and ctx.needs_input_grad[6]
     need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
-    dx, dqk, dwd, dbd, dwu, dbu, ds = torch.ops.pet_fast.stacked_fusion_core_triton_backward(
+    dx, dqk, dwd, dbd, dwu, dbu, ds = CORE_BACKWARD.within(ctx)(
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
         ctx.inv_temperature, a, p, need_ds, need_weights)
     w = need_weights
@@ -388,19 +465,19 @@ def _core_grad(ctx, grads):
             dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv)
 
 
-_core_forward.register_autograd(_core_grad, setup_context=_core_setup)
+CORE_BACKWARD = _autograd.custom_op("stacked_fusion_core_triton_backward", _core_backward, fake=_core_backward_fake)
+CORE = _list_op("stacked_fusion_core_triton", _core_forward, fake=_core_fake, autograd=(_core_grad, _core_setup))
 
 
-def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
-                       w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
-                       temperature=1.0, residual_before=False, value_before_softmax=True):
-    """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
+def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
+                    w_value, b_value, temperature, residual_before):
+    """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end."""
     d = query.shape[-1]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
     if w_key is None:
         qk = q  # b_key cancels in the softmax
     elif q.dtype in (torch.float16, torch.bfloat16):
-        qk = torch.ops.pet_fast.fusion_qk_f32(q.reshape(-1, d), w_key)  # fp32 (see above)
+        qk = QK_F32(q.reshape(-1, d), w_key)  # fp32 (see above)
     else:
         qk = torch.matmul(q, w_key)
     c = lambda t: t.contiguous() if t is not None else None
@@ -409,15 +486,28 @@ def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activatio
     else:
         s_t, s_v = None, float(scaling)
     res = residual.reshape(-1, d) if (residual_before and w_value is not None) else None
-    out, _, _, _ = torch.ops.pet_fast.stacked_fusion_core_triton(
-        x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
-        s_t, s_v, activations.canonical(activation), 1.0 / float(temperature), res, w_value, b_value)
+    out = CORE(x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up),
+               c(b_up), s_t, s_v, activations.canonical(activation), 1.0 / float(temperature), res, w_value,
+               b_value)[0]
     out = out.reshape(query.shape)
-    if residual_before and w_value is None:
-        out = out + residual
-    if not residual_before:
+    if res is None:  # residual_before without the value projection, or the residual added after
         out = out + residual
     return out
+
+
+def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
+                       w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
+                       temperature=1.0, residual_before=False, value_before_softmax=True):
+    """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
+    args = (x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key, w_value,
+            b_value, temperature, residual_before)
+    dt = _autocast_dtype(query)
+    if dt is None:
+        with _no_autocast(query.device.type):  # autocast on, inputs in its dtype: nothing to round
+            return _stacked_triton(*args)
+    cast = _caster(dt)
+    with torch.autocast(query.device.type, enabled=False):
+        return _stacked_triton(*(cast(a) if i != 2 or residual_before else a for i, a in enumerate(args)))
 
 
 TRITON_MAX_R = 256
@@ -442,26 +532,22 @@ dispatch.set_preference(OP_STACKED, _timings.preference(OP_STACKED))
 # a kernel for ctx = sum_j softmax_j(<qk, v_j>/T) v_j that reads the values instead of recomputing them.
 
 
-@torch.library.custom_op("pet_fast::fusion_attention_triton", mutates_args=())
 def _attn_forward(values: torch.Tensor, qk: torch.Tensor, inv_temperature: float) -> List[torch.Tensor]:
     ctx, p = _attention_kernels().attention_forward(values, qk, inv_temperature)
     return [ctx, p]
 
 
-@_attn_forward.register_fake
-def _(values, qk, inv_temperature):
+def _attn_fake(values, qk, inv_temperature):
     return [torch.empty_like(qk), qk.new_empty((qk.shape[0], values.shape[1]), dtype=torch.float32)]
 
 
-@torch.library.custom_op("pet_fast::fusion_attention_triton_backward", mutates_args=())
 def _attn_backward(dctx: torch.Tensor, values: torch.Tensor, qk: torch.Tensor, p: torch.Tensor,
                    inv_temperature: float) -> List[torch.Tensor]:
     dv, dqk = _attention_kernels().attention_backward(dctx, values, qk, p, inv_temperature)
     return [dv, dqk]
 
 
-@_attn_backward.register_fake
-def _(dctx, values, qk, p, inv_temperature):
+def _attn_backward_fake(dctx, values, qk, p, inv_temperature):
     return [torch.empty_like(values), torch.empty_like(qk)]
 
 
@@ -470,27 +556,27 @@ def _attn_setup(ctx, inputs, output):
     ctx.save_for_backward(values, qk, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.inv_temperature = inv_temperature
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for p
 
 
 def _attn_grad(ctx, grads):
     values, qk, p = ctx.saved_tensors
-    dv, dqk = torch.ops.pet_fast.fusion_attention_triton_backward(grads[0].contiguous(), values, qk, p,
-                                                                  ctx.inv_temperature)
+    dv, dqk = ATTENTION_BACKWARD.within(ctx)(grads[0].contiguous(), values, qk, p, ctx.inv_temperature)
     return dv, dqk, None
 
 
-_attn_forward.register_autograd(_attn_grad, setup_context=_attn_setup)
+ATTENTION_BACKWARD = _autograd.custom_op("fusion_attention_triton_backward", _attn_backward,
+                                         fake=_attn_backward_fake)
+ATTENTION = _list_op("fusion_attention_triton", _attn_forward, fake=_attn_fake, autograd=(_attn_grad, _attn_setup))
 
 
-def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
-               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
-    """The triton backend of adapter_fusion: same call as :func:`reference`."""
+def _given_triton(query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature,
+                  residual_before):
     d = query.shape[-1]
     k = values.shape[-2]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
     qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
-    ctx, _ = torch.ops.pet_fast.fusion_attention_triton(values.reshape(-1, k, d).contiguous(),
-                                                        qk.reshape(-1, d).contiguous(), 1.0 / float(temperature))
+    ctx = ATTENTION(values.reshape(-1, k, d).contiguous(), qk.reshape(-1, d).contiguous(), 1.0 / float(temperature))[0]
     out = ctx.reshape(query.shape)
     if residual_before:
         out = out + residual
@@ -499,6 +585,19 @@ def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, 
     if not residual_before:
         out = out + residual
     return out
+
+
+def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
+               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
+    """The triton backend of adapter_fusion: same call as :func:`reference`."""
+    args = (query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature, residual_before)
+    dt = _autocast_dtype(query)
+    if dt is None:
+        with _no_autocast(query.device.type):
+            return _given_triton(*args)
+    cast = _caster(dt)
+    with torch.autocast(query.device.type, enabled=False):
+        return _given_triton(*(cast(a) if i != 2 or residual_before else a for i, a in enumerate(args)))
 
 
 def fusion_triton_reasons(info) -> list:
