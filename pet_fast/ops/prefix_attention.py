@@ -33,9 +33,11 @@ Backends
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
             head_dim <= 256, forward only (refuses calls that need a gradient).
-auto follows measured timings where a GPU run left a table (prefix_attention_timings.json), else takes
-triton, then eager, and the decode kernel last (it measured slower than concatenation + SDPA on an H100;
-see :func:`preference`).
+auto follows measured timings where a GPU run left a table (prefix_attention_timings.json, one order per
+kind of call: "fwd" when no gradient is needed, "fwd+bwd" when one is, "decode" for at most 8 queries
+without a gradient), else takes triton, then eager, and the decode kernel last (see :func:`preference`).
+The shipped table (H100, bf16, benchmarks/results/h100-2026-11-27b/call2) puts triton first for the
+forward and for decode, and eager (SDPA) first for forward+backward, where it measured faster.
 """
 from __future__ import annotations
 
@@ -434,14 +436,35 @@ def load_timings(path=None) -> Optional[dict]:
 
     expected = "{'orders': {'decode' | 'fwd' | 'fwd+bwd': [backends, fastest first]}}"
     orders, path = _timings.read_order_table(OP, TIMINGS_ENV, "orders", valid, expected, path)
-    _TIMINGS.update(orders=orders, path=path)
+    _TIMINGS.update(orders=orders, path=path, device=_timings.table_device(path) if orders else None)
     return orders
+
+
+def timings_summary() -> str:
+    """One line for ``pet-fast info``: the card and the order per kind of call auto follows."""
+    orders, where = _TIMINGS.get("orders"), _TIMINGS.get("path")
+    if not orders:
+        return f"no table ({where}): design order triton, cuda, eager (decode: triton, eager, cuda)"
+    card = _TIMINGS.get("device") or "an unnamed card"
+    modes = "; ".join(f"{m}: {', '.join(preference_for_mode(m))}" for m in ("fwd", "fwd+bwd", "decode"))
+    return f"measured on {card} ({where}): {modes}"
 
 
 def _mode(info) -> str:
     if info.get("requires_grad"):
         return "fwd+bwd"
     return "decode" if info["q_len"] <= DECODE_MAX_Q_LEN else "fwd"
+
+
+def preference_for_mode(mode: str) -> list:
+    """auto's order for one kind of call: "fwd" (no gradient needed), "fwd+bwd" (a gradient is needed)
+    or "decode" (no gradient, at most DECODE_MAX_Q_LEN queries)."""
+    measured = (_TIMINGS.get("orders") or {}).get(mode)
+    if measured:
+        return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
+    if mode == "decode":
+        return ["triton", "eager", "cuda"]
+    return ["triton", "cuda", "eager"]
 
 
 def preference(info) -> list:
@@ -454,12 +477,7 @@ def preference(info) -> list:
     since (more loads in flight per warp); a GPU run's table puts it first again where it measures faster.
     The Triton kernels' place is by design until a table says otherwise.
     """
-    measured = (_TIMINGS.get("orders") or {}).get(_mode(info))
-    if measured:
-        return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
-    if _mode(info) == "decode":
-        return ["triton", "eager", "cuda"]
-    return ["triton", "cuda", "eager"]
+    return preference_for_mode(_mode(info))
 
 
 load_timings()
