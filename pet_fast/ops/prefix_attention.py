@@ -27,7 +27,8 @@ Backends
             scores, so a NaN or inf in a key that a query may not see (padding, causality) may still
             reach that query's row, where the reference and the kernels keep it hidden.
     triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
-            / ``_bwd`` (torch.compile sees one node each, no graph break): flash-attention forward and
+            / ``_bwd`` (torch.compile sees one node each, no graph break; eager calls take the same
+            functions through an autograd.Function, ops/_autograd.py): flash-attention forward and
             backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
             head_dim <= 256; forward and backward.
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, _timings
+from . import _autograd, _checks, _timings
 
 OP = "prefix_attention"
 
@@ -260,7 +261,6 @@ def _empty_prefix(prefix):
     return prefix is None or prefix.shape[-2] == 0
 
 
-@torch.library.custom_op("pet_fast::prefix_attention_fwd", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
                    prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,12 +268,10 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: 
     return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
-@_fused_forward.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def _fused_forward_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("pet_fast::prefix_attention_bwd", mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor],
                     key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
@@ -286,8 +284,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq, dk, dv, dpk, dpv
 
 
-@_fused_backward.register_fake
-def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+def _fused_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
     cf = torch.contiguous_format
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
@@ -306,14 +303,18 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_autograd_backward(ctx, grad_out, grad_lse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dpk, dpv = _fused_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-                                           ctx.causal, ctx.scale)
+    dq, dk, dv, dpk, dpv = FUSED_BACKWARD.within(ctx)(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
+                                                      lse, ctx.causal, ctx.scale)
     if prefix_k is None:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv, None, None, None
 
 
-_fused_forward.register_autograd(_fused_autograd_backward, setup_context=_fused_setup_context)
+# Custom ops for compiled code (one opaque node per direction, no graph break); eager calls take the same
+# functions through an autograd.Function, which costs far less host time (see ops/_autograd.py).
+FUSED_BACKWARD = _autograd.custom_op("prefix_attention_bwd", _fused_backward, fake=_fused_backward_fake)
+FUSED_FORWARD = _autograd.custom_op("prefix_attention_fwd", _fused_forward, fake=_fused_forward_fake,
+                                    autograd=(_fused_autograd_backward, _fused_setup_context))
 
 
 def _canonical_prefix(prefix_k, prefix_v):
@@ -330,7 +331,7 @@ def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=F
     """The Triton path (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_fwd``."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    return _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+    return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
 
 
 def triton_reasons(info) -> list:
@@ -394,10 +395,9 @@ def cuda_decode_reasons(info) -> list:
     return dispatch.cuda_reasons(info, dtypes=_DECODE_DTYPES)
 
 
-@torch.library.custom_op("pet_fast::prefix_attention_decode", mutates_args=())
-def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
-               prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
-               scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+            prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
+            scale: float) -> torch.Tensor:
     from .. import _ext
 
     ext = _ext.load()
@@ -406,16 +406,18 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Opti
     return ext.prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, None, causal, scale, 0)
 
 
-@_decode_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+DECODE = _autograd.custom_op("prefix_attention_decode", _decode, fake=_decode_fake)
 
 
 def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
     """The CUDA decode path (same signature as :func:`reference`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    return _decode_op(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    return DECODE(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
 dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
