@@ -141,7 +141,14 @@ def prefix_mask(*args, **kwargs):
         mask = attention_mask.to(torch.bool)
         if mask.shape[-1] < kv_length:
             mask = F.pad(mask, (0, kv_length - mask.shape[-1]))
-        return mask[:, :kv_length]
+        mask = mask[:, :kv_length]
+        # Nothing padded: no mask, as transformers' sdpa_mask does (one look at the mask per forward, a
+        # device sync the model's own sdpa path pays too). A padding mask, even all True, sends SDPA off
+        # its flash kernel and costs mask ops in every layer. Kept while compiling or tracing (no
+        # data-dependent branch there).
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and bool(mask.all()):
+            return None
+        return mask
     a["allow_is_causal_skip"] = False
     a["allow_is_bidirectional_skip"] = False
     return mu.sdpa_mask(**a)

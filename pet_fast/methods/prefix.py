@@ -69,11 +69,14 @@ class PrefixEncoder(nn.Module):
             first, act, last = self.mlp[0], self.mlp[1], self.mlp[2]
             h = act(first(self.embedding))
             x = F.linear(h, last.weight[index * w:(index + 1) * w], last.bias[index * w:(index + 1) * w])
-        x = self.dropout(x)
-        if dtype is not None:
+        if self.dropout.p > 0:
+            x = self.dropout(x)
+        if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
-        kv = x.reshape(P, 2, H, D).permute(1, 2, 0, 3)
-        return kv[0], kv[1]
+        # one unbind (one backward node that stacks both gradients) rather than two selects (two
+        # zero-filled gradients summed)
+        pk, pv = x.view(P, 2, H, D).permute(1, 2, 0, 3).unbind(0)
+        return pk, pv
 
     def forward(self, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
         """A list with one ``(prefix_k, prefix_v)`` per layer."""
