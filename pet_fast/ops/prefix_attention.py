@@ -358,6 +358,14 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
     scale = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    return attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend)
+
+
+def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float, backend=None):
+    """:func:`prefix_attention` without :func:`check_inputs`, for callers whose arguments satisfy the
+    contract by construction (pet_fast.hf_attention: q, k, v from the model's projections, the prefix
+    from its encoder, the padding mask from its mask function), where the checks would run in every
+    layer of every step. ``scale`` must be a float. Same dispatch."""
     impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v), backend)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
