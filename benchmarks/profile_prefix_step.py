@@ -11,7 +11,8 @@ dispatcher), which is what decides a BERT-base step at batch 32 x 128 on a GPU. 
   classifier trained (the bench's floor row).
 * ``pet_fast``: ``PrefixConfig(prefix_length=P)`` (flat prefix, the bench's prefix row) with the given
   backend (``--backend``, default eager), its classifier copy trained.
-* ``peft-style``: what PEFT's prefix tuning does, flat prefix (PEFT's default, ``prefix_projection=False``):
+* ``peft-style``: what PEFT's prefix tuning does, flat prefix (PEFT's default, ``prefix_projection=False``;
+  ``--projection N`` gives both rows the MLP re-parametrisation, PEFT's ``prefix_projection=True``):
   once per step the (P, layers*2*H*D) table is viewed as one (B, H, P, D) key and value per layer
   (expanded over the batch); each layer concatenates them before its keys/values and calls SDPA with
   transformers' sdpa mask (None when nothing is padded) widened by P visible columns. The classifier
@@ -88,15 +89,24 @@ def _register_peft_style():
 
 
 class PeftStylePrefix(torch.nn.Module):
-    def __init__(self, layers, heads, head_dim, P):
+    def __init__(self, layers, heads, head_dim, P, projection=None):
         super().__init__()
         self.layers, self.heads, self.head_dim, self.P = layers, heads, head_dim, P
-        self.embedding = torch.nn.Embedding(P, layers * 2 * heads * head_dim)
+        out = layers * 2 * heads * head_dim
+        if projection is None:
+            self.embedding = torch.nn.Embedding(P, out)
+            self.mlp = None
+        else:  # PEFT's prefix_projection=True: Embedding(P, hidden) -> Linear -> tanh -> Linear
+            self.embedding = torch.nn.Embedding(P, heads * head_dim)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(heads * head_dim, projection), torch.nn.Tanh(),
+                                           torch.nn.Linear(projection, out))
         self.register_buffer("tokens", torch.arange(P), persistent=False)
 
     def set_prefix(self, batch_size):
-        # PEFT: embedding(tokens expanded over the batch) -> view -> permute -> split per layer
+        # PEFT: embedding(tokens expanded over the batch) [-> MLP] -> view -> permute -> split per layer
         table = self.embedding(self.tokens.unsqueeze(0).expand(batch_size, -1))  # (B, P, L*2*H*D)
+        if self.mlp is not None:
+            table = self.mlp(table)
         kv = table.view(batch_size, self.P, self.layers * 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         _PEFT_PREFIX[:] = [(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)]
 
@@ -115,7 +125,7 @@ def prepare(kind, args):
         for p in head.parameters():
             p.requires_grad_(True)
     elif kind == "pet_fast":
-        pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=args.prefix), "task")
+        pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=args.prefix, projection_dim=args.projection), "task")
     elif kind == "peft-style":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -123,7 +133,7 @@ def prepare(kind, args):
             p.requires_grad_(True)
         _register_peft_style()
         model.config._attn_implementation = PEFT_NAME
-        prefix = PeftStylePrefix(args.layers, args.heads, args.hidden // args.heads, args.prefix)
+        prefix = PeftStylePrefix(args.layers, args.heads, args.hidden // args.heads, args.prefix, args.projection)
     params = [p for p in model.parameters() if p.requires_grad] + ([] if prefix is None else list(prefix.parameters()))
     return model, prefix, params
 
@@ -195,6 +205,8 @@ def parser():
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--prefix", type=int, default=20)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--projection", type=int, default=None,
+                   help="MLP re-parametrisation of this width in both prefix rows (default: flat, as the bench)")
     p.add_argument("--padding", action="store_true", help="pad half of the rows (default: no padding, as the bench's BERT rows)")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast on the CPU (the casts of a GPU step)")
     p.add_argument("--backend", default="eager", help="pet_fast backend for the pet_fast row (eager or auto)")
@@ -210,7 +222,7 @@ def main(argv=None):
     rows = measure(args.rows, args)
     floor = next((r for r in rows if r["row"] == "floor"), None)
     print(f"BERT {args.layers} layers, hidden {args.hidden}, {args.heads} heads, batch {args.batch} x {args.tokens}, "
-          f"P={args.prefix}, padding={args.padding}, autocast={args.autocast}, torch {torch.__version__}")
+          f"P={args.prefix}, projection={args.projection}, padding={args.padding}, autocast={args.autocast}, torch {torch.__version__}")
     print(f"{'row':12s} {'aten ops':>9s} {'host ms':>9s} {'min ms':>9s} {'x floor':>8s}")
     for r in rows:
         ratio = r["host_ms"] / floor["host_ms"] if floor else float("nan")
