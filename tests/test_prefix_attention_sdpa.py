@@ -302,3 +302,27 @@ def test_gpu_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, prefix, p
         base_err = (base[i].double() - r).abs().max().item()
         atol = (1e-2 if dtype == torch.bfloat16 else 2e-3) * max(1.0, r.abs().max().item())
         assert err <= 2 * base_err + atol, (name, err, base_err)
+
+
+def test_masks_built_once_for_the_layers_of_a_forward(monkeypatch):
+    """Calls with the same padding mask object (the layers of one forward) reuse the masks; a new
+    mask, a change in place, other sizes or causality build them again, and the results follow."""
+    g = torch.Generator().manual_seed(3)
+    (q, k, v, pk, pv), _, _ = make(2, 2, 2, 5, 7, 4, 3, "shared", None)
+    kpm = padding_mask(2, 7, "random", g)
+    kpm[:, 0] = True
+    built = []
+    real = op._sdpa_masks
+    monkeypatch.setattr(op, "_sdpa_masks", lambda *a: built.append(a) or real(*a))
+    op._LAST_MASKS[0] = None
+    first = op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm)
+    assert torch.equal(op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm), first)
+    assert len(built) == 1
+    kpm[1, 3:] = False  # in place: the version counter moves
+    changed = op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm)
+    assert len(built) == 2
+    assert torch.allclose(changed, ref64(q, k, v, pk, pv, kpm, False), atol=1e-12)
+    assert not torch.allclose(changed, first)
+    op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)
+    op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm.clone())
+    assert len(built) == 4

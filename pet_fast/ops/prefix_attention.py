@@ -194,6 +194,26 @@ def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
     return torch.cat([prefix_cols, seq], dim=-1), rows
 
 
+_LAST_MASKS: list = [None]  # (key_padding_mask, facts, masks) of the last masked call of sdpa
+
+
+def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device):
+    """:func:`_sdpa_masks`, reusing the last call's masks when the arguments are the same: every layer
+    of a model's forward passes the same padding mask object, so the masks are built once per forward
+    rather than once per layer. The padding mask's version counter catches changes in place; while
+    torch.compile traces (it fuses the mask ops anyway) and for inference tensors (no version counter)
+    the masks are built every time."""
+    if torch.compiler.is_compiling() or (key_padding_mask is not None and key_padding_mask.is_inference()):
+        return _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
+    facts = (B, L, S, P, causal, device, None if key_padding_mask is None else key_padding_mask._version)
+    last = _LAST_MASKS[0]
+    if last is not None and last[0] is key_padding_mask and last[1] == facts:
+        return last[2]
+    masks = _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
+    _LAST_MASKS[0] = (key_padding_mask, facts, masks)
+    return masks
+
+
 def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
     """The eager backend (same signature and contract as :func:`reference`): the prefix concatenated
     onto the keys and values, then ``torch.nn.functional.scaled_dot_product_attention``.
@@ -221,10 +241,10 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     use_is_causal = False
     if causal and key_padding_mask is None and P == 0 and L == S and S > 0:
         use_is_causal = True
-    if use_is_causal:
-        mask, rows = None, None
+    if use_is_causal or (key_padding_mask is None and not causal and P + S > 0):
+        mask, rows = None, None  # what _sdpa_masks gives, without its look-up
     else:
-        mask, rows = _sdpa_masks(B, L, S, P, key_padding_mask, causal, q.device)
+        mask, rows = _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, q.device)
     group = Hq // Hkv
     extra = {}
     if group > 1:
