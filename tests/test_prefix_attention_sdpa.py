@@ -197,13 +197,18 @@ def test_mask_only_when_needed(monkeypatch, B, Hq, Hkv, L, S, P, pad, causal, ma
 
 def test_grouped_heads_are_repeated_on_the_cpu(monkeypatch):
     """The CPU's flash kernel has no GQA (enable_gqa would send it to the math path): the key/value
-    heads are repeated there; enable_gqa is for CUDA calls without a mask."""
+    heads are repeated there; enable_gqa is for CUDA calls in fp16/bf16."""
     spy = _Spy()
     monkeypatch.setattr(op.F, "scaled_dot_product_attention", spy)
     tensors, _, _ = make(2, 6, 2, 4, 5, 8, 3, "shared", None)
     out = op.sdpa(*tensors)
     assert spy.calls[0]["k"][1] == 6 and "enable_gqa" not in spy.calls[0]
     assert rel_err(out, op.reference(*tensors)) < 1e-12
+    # CUDA in half precision: enable_gqa, with or without a mask (measured faster on an H100)
+    assert op._sdpa_gqa("cuda", torch.bfloat16) == op._SDPA_GQA
+    assert op._sdpa_gqa("cuda", torch.float16, masked=True) == (op._SDPA_GQA and op._SDPA_GQA_WITH_MASK)
+    assert op._SDPA_GQA_WITH_MASK == (tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11))
+    assert not op._sdpa_gqa("cuda", torch.float32) and not op._sdpa_gqa("cpu", torch.bfloat16, masked=True)
 
 
 class _Layer(torch.nn.Module):

@@ -163,6 +163,30 @@ def _sdpa_takes_enable_gqa() -> bool:
 _SDPA_GQA = _sdpa_takes_enable_gqa()
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+_SDPA_GQA_WITH_MASK = _torch_at_least(2, 11)  # the release it was measured on (below)
+
+
+def _sdpa_gqa(device_type: str, dtype, masked: bool = False) -> bool:
+    """Whether :func:`sdpa` passes ``enable_gqa`` rather than repeating the key/value heads: fp16/bf16
+    on CUDA without a mask (the flash kernel's case), and with a mask from torch 2.11 on. Measured on
+    an H100 (torch 2.11, bf16, benchmarks/results/h100-2026-11-27b/call2):
+    concatenation + SDPA with a padding mask and ``enable_gqa`` took 378.6 us forward and 1309.6 us
+    forward+backward at B8 H16/4 L1024 D128 P30, and 271 / 1765 us decoding B32 H32/8 D128 over caches
+    of 512 / 4096, against 554.0, 1434.0, 662 and 4537 us with the heads repeated. The CPU's flash
+    kernel has no GQA (enable_gqa sends it to the math path), and fp32 on CUDA, or a mask on older
+    torch (where enable_gqa with a mask may take the math path), are unmeasured: they repeat."""
+    if masked and not _SDPA_GQA_WITH_MASK:
+        return False
+    return _SDPA_GQA and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
 def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
     """(attn_mask, rows) for :func:`sdpa`, decided from the arguments only (no look at tensor values).
 
@@ -221,9 +245,8 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     No mask is built without padding and causality, so SDPA may take its flash kernel; causal without
     padding and prefix with L == S is SDPA's ``is_causal`` (its top-left alignment is bottom-right
     there); anything else passes a broadcast bool mask. Grouped-query attention uses SDPA's
-    ``enable_gqa`` for fp16/bf16 on CUDA without a mask (the flash kernel's case; CUDA's
-    memory-efficient kernel, which takes masks and fp32, and the CPU's flash kernel have no GQA and
-    would fall back to the math path), else repeats the key/value heads. Rows that see no
+    ``enable_gqa`` for fp16/bf16 on CUDA (with a mask from torch 2.11 on; see :func:`_sdpa_gqa`), else
+    repeats the key/value heads. Rows that see no
     key are zeros with no gradient, as the contract says (SDPA alone would give NaN there on some
     devices). Plain torch ops only: autograd, every dtype, torch.compile(fullgraph=True)."""
     B, Hq, L, D = q.shape
@@ -248,7 +271,7 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     group = Hq // Hkv
     extra = {}
     if group > 1:
-        if _SDPA_GQA and mask is None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        if _sdpa_gqa(q.device.type, q.dtype, mask is not None):
             extra["enable_gqa"] = True
         else:
             k = k.repeat_interleave(group, dim=1)
