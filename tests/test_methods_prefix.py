@@ -661,3 +661,14 @@ def test_no_padding_mask_when_nothing_is_padded(monkeypatch):
         assert seen and all(m is not None for m in seen)
     close(out[0], out_padded[0][:, :5], 1e-5)
     close(out[1], out_padded[1], 1e-5)
+
+
+def test_deep_copy_reads_its_own_prefix():
+    model, _ = injected("llama", "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        twin = copy.deepcopy(model)
+        prefix_encoder(twin, "p").prefix.add_(1.0)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+        assert (twin(input_ids=ids, attention_mask=mask).logits - before).abs().max() > 1e-3

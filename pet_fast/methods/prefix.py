@@ -236,10 +236,21 @@ def _forward_prefixes(model: nn.Module, holder: nn.ModuleDict, reg) -> _ForwardP
     return state
 
 
-def _make_source(state: _ForwardPrefixes, index: int):
-    def source(dtype, batch_size=None):
-        return state.layer(index, dtype, batch_size)
-    return source
+class _Source:
+    """Layer ``index``'s prefix source (an object, not a closure, so that a deep copy of the model reads
+    the copy's prefixes)."""
+
+    __slots__ = ("state", "index")
+
+    def __init__(self, state: _ForwardPrefixes, index: int):
+        self.state, self.index = state, index
+
+    def __call__(self, dtype, batch_size=None):
+        return self.state.layer(self.index, dtype, batch_size)
+
+
+def _make_source(state: _ForwardPrefixes, index: int) -> _Source:
+    return _Source(state, index)
 
 
 def _shift_hook(holder, reg, kind):
