@@ -8,7 +8,8 @@ the function of the same name in ``ALL_MASK_ATTENTION_FUNCTIONS``. This module r
 
 * the **mask function** does not build a dense mask when it does not have to: for a plain causal or
   bidirectional mask (also a sliding window wider than the keys) whose keys start at position 0, it
-  returns the 2-D boolean padding mask ``(B, S)`` (True = real key) or ``None`` without padding;
+  returns the 2-D boolean padding mask ``(B, S)`` (True = real key) or ``None`` when nothing is
+  padded (an all-True mask included, looked at once per forward as transformers' sdpa_mask does);
   anything else (packed sequences, custom overlays, static caches, sliding windows while
   torch.compile traces) gets the dense 4-D boolean mask of ``sdpa_mask``.
 * the **attention function** reads the layer's prefix from the attention module (attribute
