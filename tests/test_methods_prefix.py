@@ -672,3 +672,31 @@ def test_deep_copy_reads_its_own_prefix():
         prefix_encoder(twin, "p").prefix.add_(1.0)
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
         assert (twin(input_ids=ids, attention_mask=mask).logits - before).abs().max() > 1e-3
+
+
+def test_threads_sharing_a_model_keep_their_forwards_apart():
+    """The per-forward prefixes are per thread: concurrent training forwards on one model each build
+    and free their own graph."""
+    import threading
+
+    model, _ = injected("bert", "sdpa")
+    model.train()
+    ids, mask, _ = batch([6, 4], "right")
+    ref = run(model, "bert", ids, mask)[0].detach()
+    errors = []
+
+    def work():
+        try:
+            for _ in range(3):
+                out = run(model, "bert", ids, mask)[0]
+                out.square().sum().backward()
+                close(out.detach(), ref, 1e-6)
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

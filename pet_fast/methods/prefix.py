@@ -1,10 +1,12 @@
 """Prefix-tuning (Li & Liang 2021): P trained key/value vectors per layer."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
 import os
+import threading
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -186,36 +188,62 @@ class _ForwardPrefixes:
     def __init__(self, holder: nn.ModuleDict, reg, checkpoint_modules: Sequence[nn.Module]):
         self.holder, self.reg = holder, reg
         self.checkpoint_modules = list(checkpoint_modules)
-        self.open = False
-        self.cache: dict = {}
+        self._local = threading.local()  # a forward per thread: threads sharing the model keep apart
+
+    def __deepcopy__(self, memo):
+        twin = _ForwardPrefixes.__new__(_ForwardPrefixes)
+        memo[id(self)] = twin
+        twin.holder, twin.reg = copy.deepcopy(self.holder, memo), copy.deepcopy(self.reg, memo)
+        twin.checkpoint_modules = copy.deepcopy(self.checkpoint_modules, memo)
+        twin._local = threading.local()
+        return twin
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def open(self) -> bool:
+        return getattr(self._local, "open", False)
+
+    @property
+    def cache(self) -> dict:
+        return getattr(self._local, "cache", {})
 
     def start(self, module, args, kwargs):
         if torch.compiler.is_compiling():
             return None
-        self.cache = {}
-        self.open = not any(getattr(m, "gradient_checkpointing", False) for m in self.checkpoint_modules)
+        local = self._local
+        local.cache = {}
+        local.open = not any(getattr(m, "gradient_checkpointing", False) for m in self.checkpoint_modules)
         return None
 
     def stop(self, module, args, kwargs, output):
         if torch.compiler.is_compiling():
             return None
-        self.open = False
-        self.cache = {}
+        self._local.open = False
+        self._local.cache = {}
         return None
 
     def layer(self, index: int, dtype, batch_size: Optional[int] = None):
         encoders = _active_prefix_encoders(self.holder, self.reg)
         if not encoders:
             return None
-        if self.open and not torch.compiler.is_compiling():
+        local = None if torch.compiler.is_compiling() else self._local  # compiled: per layer (it fuses)
+        if local is not None and getattr(local, "open", False):
             key = (dtype, batch_size, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
-            layers = self.cache.get(key)
+            layers = local.cache.get(key)
             if layers is None:
                 per_task = [e.all_layers(dtype, batch_size) for e in encoders]
                 layers = per_task[0] if len(per_task) == 1 else [
                     (torch.cat([t[i][0] for t in per_task], dim=-2), torch.cat([t[i][1] for t in per_task], dim=-2))
                     for i in range(len(per_task[0]))]
-                self.cache[key] = layers
+                local.cache[key] = layers
             return layers[index]
         parts = [e.layer(index, dtype) for e in encoders]
         if len(parts) == 1:
