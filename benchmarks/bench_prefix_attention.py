@@ -248,7 +248,8 @@ def main(argv=None):
         import json
 
         with open(args.dispatch_table, "w") as f:
-            json.dump(dispatch_table(rows), f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(0), "dtype": str(dtype).replace("torch.", ""),
+                       **dispatch_table(rows)}, f, indent=1)
 
 
 if __name__ == "__main__":

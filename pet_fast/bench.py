@@ -171,6 +171,10 @@ def prepare(row: Row, model):
     elif kind == "mask":
         pet_fast.inject(model, pet_fast.MaskConfig(), "task")
     elif kind.startswith("prefix"):
+        # Like for like with the peft-prefix20 row: a flat prefix (PEFT's default prefix_projection=False),
+        # positions shifted by P as PEFT's cache does, the classifier trained (PEFT's modules_to_save for
+        # SEQ_CLS): the same trainable parameters (370178 at BERT-base, P=20). The BERT batch has no
+        # padding: neither path passes SDPA a mask.
         pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=int(kind[len("prefix"):])), "task")
     elif kind.startswith("adapters-"):
         model = _adapterhub(model, kind[len("adapters-"):])
@@ -211,7 +215,8 @@ def _adapterhub(model, what):  # pragma: no cover - needs AdapterHub's `adapters
 
 
 def _peft(model, what):  # pragma: no cover - needs peft (not installed in CI)
-    """PEFT rows (unverified here: peft is not installed where this was written)."""
+    """PEFT rows (unverified here: peft is not installed where this was written). prefix20: PEFT's
+    defaults, a flat prefix table (P, layers*2*hidden) and the classifier trained, as the prefix20 rows."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
     assert what == "prefix20"

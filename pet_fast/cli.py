@@ -53,10 +53,9 @@ def timing_tables() -> list:
         lines = [f"adapter ops:      {len(_timings.TABLE)} rows measured on {_timings.SOURCE['device']} ({path})"]
     else:
         lines = [f"adapter ops:      no table ({path}): design order cuda, triton, eager"]
-    for name, mod, key in (("masked_linear", masked_linear, "rows"), ("prefix_attention", prefix_attention, "orders")):
-        loaded = mod._TIMINGS.get(key)
-        where = mod._TIMINGS.get("path")
-        lines.append(f"{name + ':':17s} " + (f"measured order from {where}" if loaded else f"no table ({where}): design order"))
+    loaded, where = masked_linear._TIMINGS.get("rows"), masked_linear._TIMINGS.get("path")
+    lines.append(f"{'masked_linear:':17s} " + (f"measured order from {where}" if loaded else f"no table ({where}): design order"))
+    lines.append(f"{'prefix_attention:':17s} {prefix_attention.timings_summary()}")
     return lines
 
 

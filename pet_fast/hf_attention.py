@@ -8,7 +8,8 @@ the function of the same name in ``ALL_MASK_ATTENTION_FUNCTIONS``. This module r
 
 * the **mask function** does not build a dense mask when it does not have to: for a plain causal or
   bidirectional mask (also a sliding window wider than the keys) whose keys start at position 0, it
-  returns the 2-D boolean padding mask ``(B, S)`` (True = real key) or ``None`` without padding;
+  returns the 2-D boolean padding mask ``(B, S)`` (True = real key) or ``None`` when nothing is
+  padded (an all-True mask included, looked at once per forward as transformers' sdpa_mask does);
   anything else (packed sequences, custom overlays, static caches, sliding windows while
   torch.compile traces) gets the dense 4-D boolean mask of ``sdpa_mask``.
 * the **attention function** reads the layer's prefix from the attention module (attribute
@@ -43,17 +44,18 @@ _REGISTERED = False
 
 
 class LayerPrefix:
-    """What one attention module needs: a function returning its prefix ``(prefix_k, prefix_v)``
-    (each ``(Hkv, P, D)``) in a given dtype, or None when no prefix is active; the name of the model's
-    original attention implementation; whether attention dropout is kept (dense path in training)."""
+    """What one attention module needs: a function ``source(dtype, batch_size)`` returning its prefix
+    ``(prefix_k, prefix_v)`` in that dtype (each ``(Hkv, P, D)``, or ``(B, Hkv, P, D)`` views broadcast
+    over the batch), or None when no prefix is active; the name of the model's original attention
+    implementation; whether attention dropout is kept (dense path in training)."""
 
     def __init__(self, source: Callable, original: str = "sdpa", keep_dropout: bool = True):
         self.source = source
         self.original = original
         self.keep_dropout = keep_dropout
 
-    def prefix(self, dtype):
-        return self.source(dtype)
+    def prefix(self, dtype, batch_size: Optional[int] = None):
+        return self.source(dtype, batch_size)
 
 
 def layer_prefix(module: nn.Module) -> Optional[LayerPrefix]:
@@ -141,7 +143,14 @@ def prefix_mask(*args, **kwargs):
         mask = attention_mask.to(torch.bool)
         if mask.shape[-1] < kv_length:
             mask = F.pad(mask, (0, kv_length - mask.shape[-1]))
-        return mask[:, :kv_length]
+        mask = mask[:, :kv_length]
+        # Nothing padded: no mask, as transformers' sdpa_mask does (one look at the mask per forward, a
+        # device sync the model's own sdpa path pays too). A padding mask, even all True, sends SDPA off
+        # its flash kernel and costs mask ops in every layer. Kept while compiling or tracing (no
+        # data-dependent branch there).
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and bool(mask.all()):
+            return None
+        return mask
     a["allow_is_causal_skip"] = False
     a["allow_is_bidirectional_skip"] = False
     return mu.sdpa_mask(**a)
@@ -208,8 +217,10 @@ def _dense(query, key, value, pk, pv, attention_mask, causal, scaling, dropout):
     """Concatenated prefix + SDPA with an explicit mask (4-D masks, attention dropout)."""
     B, Hq, L, D = query.shape
     Hkv, S, P = key.shape[1], key.shape[2], pk.shape[-2]
-    k = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), key], dim=2)
-    v = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), value], dim=2)
+    if pk.dim() == 3:
+        pk, pv = pk.unsqueeze(0).expand(B, -1, -1, -1), pv.unsqueeze(0).expand(B, -1, -1, -1)
+    k = torch.cat([pk, key], dim=2)
+    v = torch.cat([pv, value], dim=2)
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
@@ -239,27 +250,32 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     ``query`` (B, Hq, L, D), ``key``/``value`` (B, Hkv, S, D) as transformers passes them (after
     RoPE and after the cache update); returns ``(output (B, L, Hq, D), None)``.
     """
-    from .ops.prefix_attention import prefix_attention
+    from .ops.prefix_attention import attend
 
     lp = layer_prefix(module)
-    prefix = lp.prefix(query.dtype) if lp is not None else None
-    if prefix is None:
+    if lp is None:
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    pk, pv = prefix
-    dtypes = {query.dtype, key.dtype, value.dtype}
-    if len(dtypes) > 1:
+    target = query.dtype
+    if key.dtype != target or value.dtype != target:
         # under autocast, projections and RoPE may leave q, k, v in different dtypes (SDPA would cast)
         dev = query.device.type
         target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    prefix = lp.prefix(target, query.shape[0])
+    if prefix is None:
+        return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if query.dtype != target or key.dtype != target or value.dtype != target:
         query, key, value = query.to(target), key.to(target), value.to(target)
-    pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+    pk, pv = prefix
+    pk, pv = pk.to(target), pv.to(target)
     causal = _is_causal(module, kwargs)
     use_dropout = dropout > 0.0 and (lp.keep_dropout if lp is not None else True)
     if use_dropout or (attention_mask is not None and attention_mask.dim() != 2):
         out = _dense(query, key, value, pk, pv, attention_mask, causal, scaling, dropout if use_dropout else 0.0)
     else:
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
-        out = prefix_attention(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scaling)
+        # the arguments are right by construction (module docstring): the op's checks are skipped
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        out = attend(query, key, value, pk, pv, kpm, causal, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

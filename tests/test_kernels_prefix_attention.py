@@ -5,6 +5,7 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 with 16x16 blocks, so
 cross block boundaries; shapes are tiny because the interpreter is slow. GPU tests are marked gpu.
 """
 import importlib
+import os
 
 import pytest
 import torch
@@ -164,9 +165,14 @@ def test_dispatch_reasons_and_auto_choice():
     assert op.decode_shape_reasons(dict(gpu_info, q_len=8, requires_grad=False)) == []
     long_cache = dict(gpu_info, q_len=8, requires_grad=False, kv_len=op.DECODE_MAX_KEYS)  # plus the prefix
     assert any("int32" in r for r in op.decode_shape_reasons(long_cache))
-    # the decode kernel measured slower than concatenation + SDPA (the eager path): auto tries it last
-    assert op.preference(dict(gpu_info, q_len=1, requires_grad=False)) == ["triton", "eager", "cuda"]
-    assert op.preference(gpu_info)[0] == "triton"
+    # without a table (the design order) the decode kernel, which once measured slower than concatenation
+    # + SDPA, is tried last; the shipped table's orders are tested below
+    try:
+        op.load_timings(os.devnull + ".absent")
+        assert op.preference(dict(gpu_info, q_len=1, requires_grad=False)) == ["triton", "eager", "cuda"]
+        assert op.preference(gpu_info)[0] == "triton"
+    finally:
+        op.load_timings()
     with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
         pet_fast.prefix_attention(q, k, v, pk, pv, backend="cuda")
 
@@ -312,4 +318,113 @@ def test_measured_timings_order_auto(tmp_path):
             op.load_timings(str(path))
     finally:
         op.load_timings()
-    assert op.preference(gpu) == ["triton", "eager", "cuda"]
+    shipped = op._TIMINGS.get("orders")
+    assert op.preference(gpu) == (list(shipped["decode"]) if shipped and "decode" in shipped
+                                  else ["triton", "eager", "cuda"])
+
+
+def test_auto_follows_every_order_of_a_table(tmp_path):
+    """fwd (no gradient needed), fwd+bwd (a gradient is needed) and decode (no gradient, few queries) each
+    take their own order from the table, decided from the real call (grad mode and requires_grad)."""
+    import json
+
+    orders = {"fwd": ["eager", "cuda", "triton"], "fwd+bwd": ["cuda", "eager", "triton"],
+              "decode": ["eager", "triton", "cuda"]}
+    path = tmp_path / "prefix_attention_timings.json"
+    path.write_text(json.dumps({"device": "Test Card 9000", "orders": orders}))
+    q, k, v, pk, pv = make(2, 2, 1, 12, 12, 8, 3)
+    try:
+        op.load_timings(str(path))
+
+        def order(q_, pk_):
+            info = op.describe(q_, k, pk_, None, False, v, pv)
+            return [name for name, _ in dispatch.explain(op.OP, info)]
+
+        assert order(q, pk) == orders["fwd"]
+        assert order(q, pk.requires_grad_()) == orders["fwd+bwd"]
+        with torch.no_grad():
+            assert order(q, pk) == orders["fwd"]  # parameters that need a gradient, but none is recorded
+        assert order(q[:, :, :1], pk) == orders["fwd+bwd"]
+        with torch.no_grad():
+            assert order(q[:, :, :1], pk) == orders["decode"]
+        for mode, expected in orders.items():
+            assert op.preference_for_mode(mode) == expected
+        # a table with some modes only: the others keep the design order
+        path.write_text(json.dumps({"orders": {"fwd+bwd": ["eager"]}}))
+        op.load_timings(str(path))
+        assert op.preference_for_mode("fwd+bwd") == ["eager", "triton", "cuda"]
+        assert op.preference_for_mode("fwd") == ["triton", "cuda", "eager"]
+        assert op.preference_for_mode("decode") == ["triton", "eager", "cuda"]
+    finally:
+        op.load_timings()
+
+
+def test_info_reports_the_table(tmp_path):
+    import json
+
+    from pet_fast import cli
+
+    path = tmp_path / "prefix_attention_timings.json"
+    path.write_text(json.dumps({"device": "Test Card 9000", "orders": {"fwd": ["eager", "triton"],
+                                                                       "fwd+bwd": ["triton", "eager"]}}))
+    try:
+        op.load_timings(str(path))
+        line = [x for x in cli.timing_tables() if x.startswith("prefix_attention:")]
+        assert len(line) == 1
+        assert "Test Card 9000" in line[0] and str(path) in line[0]
+        assert "fwd: eager, triton, cuda" in line[0] and "fwd+bwd: triton, eager, cuda" in line[0]
+        assert "decode: triton, eager, cuda" in line[0]  # not in the table: design order
+        op.load_timings(str(tmp_path / "absent.json"))
+        line = [x for x in cli.timing_tables() if x.startswith("prefix_attention:")][0]
+        assert "no table" in line
+    finally:
+        op.load_timings()
+
+
+def test_shipped_table_is_the_h100_measurement():
+    """pet_fast/ops/prefix_attention_timings.json: the orders bench_prefix_attention.py measured on an H100
+    (benchmarks/results/h100-2026-11-27b/call2), read by default."""
+    import json
+    from pathlib import Path
+
+    shipped = Path(op.__file__).with_name("prefix_attention_timings.json")
+    doc = json.loads(shipped.read_text())
+    assert "H100" in doc["device"]
+    if op.TIMINGS_ENV not in __import__("os").environ:
+        assert op._TIMINGS["path"] == str(shipped)
+        assert op._TIMINGS["orders"] == doc["orders"]
+        assert op.preference_for_mode("fwd+bwd")[0] == doc["orders"]["fwd+bwd"][0]
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_eager_path_matches_custom_op_path(monkeypatch, per_batch):
+    """Eager calls go through an autograd.Function (ops/_autograd.py), compiled code through the custom
+    ops; PET_FAST_CUSTOM_OPS=1 sends eager calls through the custom ops: same outputs, same gradients."""
+    from pet_fast.ops import _autograd
+
+    def run():
+        q, k, v, pk, pv = make(2, 4, 2, 9, 11, 16, 3, prefix="per_batch" if per_batch else "shared")
+        leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+        mask = padding_mask(2, 11, "left")
+        out = op.fused(q, k, v, pk, pv, key_padding_mask=mask, causal=True)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    monkeypatch.delenv(_autograd.ENV_VAR, raising=False)
+    eager = run()
+    monkeypatch.setenv(_autograd.ENV_VAR, "1")
+    custom = run()
+    for a, b in zip(eager, custom):
+        assert torch.equal(a, b)
+
+
+def test_custom_ops_opcheck():
+    q, k, v, pk, pv = make(1, 2, 1, 5, 7, 8, 2)
+    mask = padding_mask(1, 7, "right")
+    torch.library.opcheck(torch.ops.pet_fast.prefix_attention_fwd.default,
+                          (q.requires_grad_(), k.requires_grad_(), v, pk.requires_grad_(), pv, mask, True, 0.3),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, lse = torch.ops.pet_fast.prefix_attention_fwd(q.detach(), k.detach(), v, pk.detach(), pv, mask, True, 0.3)
+    torch.library.opcheck(torch.ops.pet_fast.prefix_attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v, pk.detach(), pv, mask, out, lse, True, 0.3),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -276,13 +276,14 @@ def test_fused_op_runs_without_dense_mask(family, monkeypatch):
 
     model, _ = injected(family, "sdpa")
     calls = []
-    real_op = op_mod.prefix_attention
+    real_op = op_mod.attend  # prefix_attention without the argument checks (hf_attention calls it)
 
-    def spy(q, k, v, pk, pv, **kw):
-        calls.append((q.shape, k.shape, pk.shape, kw["key_padding_mask"], kw["causal"]))
-        return real_op(q, k, v, pk, pv, **kw)
+    def spy(q, k, v, pk, pv, key_padding_mask, causal, scale, backend=None):
+        calls.append((q.shape, k.shape, pk, key_padding_mask, causal))
+        op_mod.check_inputs(q, k, v, pk, pv, key_padding_mask, causal, scale)  # the contract holds
+        return real_op(q, k, v, pk, pv, key_padding_mask, causal, scale, backend)
 
-    monkeypatch.setattr(op_mod, "prefix_attention", spy)
+    monkeypatch.setattr(op_mod, "attend", spy)
     monkeypatch.setattr(hf_attention, "_dense", None)  # any use of the dense path would fail
     ids, mask, _ = batch([6, 4], "left")
     L, Hkv, D, _ = model_dims(model)
@@ -294,10 +295,11 @@ def test_fused_op_runs_without_dense_mask(family, monkeypatch):
             run(model, family, ids, mask)
     steps = 3 if family in CAUSAL else 1
     assert len(calls) == L * steps
-    for i, (qs, ks, ps, kpm, causal) in enumerate(calls):
+    for i, (qs, ks, pk, kpm, causal) in enumerate(calls):
         step = i // L
         assert causal == (family in CAUSAL)
-        assert ps == (Hkv, 3, D)
+        # the prefix of one forward comes broadcast over the batch (stride 0): never copied per sequence
+        assert pk.shape == (2, Hkv, 3, D) and pk.stride(0) == 0
         S = ids.shape[1] + step
         assert ks[1:3] == (Hkv, S) and qs[2] == (ids.shape[1] if step == 0 else 1)
         assert kpm is not None and kpm.shape == (2, S) and kpm.dtype == torch.bool
@@ -544,3 +546,157 @@ def test_pet_fast_load_recognises_prefix_checkpoints(tmp_path):
     write_adapterhub(tmp_path / "ah", bert, {"control_trans": torch.randn(2 * L * 2 * Hkv * D)}, 2, True, name="sst")
     assert pet_fast.load(bert, tmp_path / "ah") == "sst"
     assert registry(bert).active == ("sst",)
+
+
+# --------------------------------------------------------------------------------------------------
+# One computation of every layer's prefix per forward (methods/prefix.py: _ForwardPrefixes)
+
+
+def _count_prefix_calls(monkeypatch):
+    from pet_fast.methods import prefix as prefix_mod
+
+    counts = {"all_layers": 0, "layer": 0}
+    for name in counts:
+        real = getattr(prefix_mod.PrefixEncoder, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            counts[_name] += 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(prefix_mod.PrefixEncoder, name, spy)
+    return counts
+
+
+def _grads_and_output(model, family, ids, mask):
+    model.zero_grad()
+    out = run(model, family, ids, mask)
+    out = out[1] if isinstance(out, tuple) else out
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+
+
+@pytest.mark.parametrize("family,projection", [("bert", None), ("llama", 8), ("gpt2", None)])
+def test_one_prefix_computation_per_forward_same_numbers(family, projection, monkeypatch):
+    """A forward computes all layers' prefixes once (flat or MLP); the per-layer path (taken while
+    gradient checkpointing is on or outside a forward) gives the same outputs and gradients."""
+    import types
+
+    model, _ = injected(family, "sdpa", projection_dim=projection)
+    model.train()
+    ids, mask, _ = batch([6, 4], "left")
+    counts = _count_prefix_calls(monkeypatch)
+    out, grads = _grads_and_output(model, family, ids, mask)
+    assert counts == {"all_layers": 1, "layer": 0}
+    state = model.__dict__["_pet_fast_prefix_forward"]
+    assert not state.open and not state.cache  # closed after the forward: nothing is kept
+    # as if gradient checkpointing were on: each layer computes its own prefix
+    monkeypatch.setattr(state, "checkpoint_modules", [types.SimpleNamespace(gradient_checkpointing=True)])
+    out2, grads2 = _grads_and_output(model, family, ids, mask)
+    L = model_dims(model)[0]
+    assert counts == {"all_layers": 1, "layer": L}
+    close(out, out2, 1e-6)
+    assert grads.keys() == grads2.keys() and grads
+    for n in grads:
+        close(grads[n], grads2[n], 1e-6)
+
+
+def test_prefix_cache_sees_updates_and_separate_forwards():
+    """Every forward recomputes the prefix: an optimizer step between forwards is seen, and two
+    forwards before their backwards (gradient accumulation) each have their own graph."""
+    model, base = injected("llama", "sdpa")
+    model.train()
+    ids, mask, _ = batch([6, 4], "right")
+    enc = prefix_encoder(model, "p")
+    loss1 = model(input_ids=ids, attention_mask=mask).logits.square().mean()
+    loss2 = model(input_ids=ids, attention_mask=mask).logits.square().mean()
+    loss1.backward()
+    loss2.backward()  # would fail if both forwards shared one graph of the prefix
+    g = enc.prefix.grad.clone()
+    model.zero_grad()
+    model(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    close(g, 2 * enc.prefix.grad, 1e-6)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        enc.prefix.add_(0.5)
+        after = model(input_ids=ids, attention_mask=mask).logits
+        table = enc.prefix.detach()
+        L, Hkv, D, _ = model_dims(model)
+        ref = reference(base, "llama", table, ids, mask)
+    real = mask.bool()
+    assert (after - before).abs().max() > 1e-3
+    close(after[real], ref[real], 2e-5)
+
+
+def test_prefix_cache_closed_after_a_failing_forward():
+    model, _ = injected("bert", "sdpa")
+    state = model.__dict__["_pet_fast_prefix_forward"]
+    with pytest.raises(Exception):
+        model(input_ids=torch.full((1, 3), V + 5))  # out of the vocabulary: the embedding raises
+    assert not state.open and not state.cache
+
+
+def test_no_padding_mask_when_nothing_is_padded(monkeypatch):
+    """An all-ones attention mask reaches the op as no mask (SDPA keeps its fast kernel), with the
+    numbers of the padded path."""
+    import pet_fast.ops.prefix_attention as op_mod
+
+    model, _ = injected("bert", "sdpa")
+    seen = []
+    real_op = op_mod.attend
+
+    def spy(q, k, v, pk, pv, key_padding_mask, *a, **kw):
+        seen.append(key_padding_mask)
+        return real_op(q, k, v, pk, pv, key_padding_mask, *a, **kw)
+
+    monkeypatch.setattr(op_mod, "attend", spy)
+    ids, mask, _ = batch([5, 5], "right")
+    assert bool(mask.all())
+    with torch.no_grad():
+        out = run(model, "bert", ids, mask)
+        assert seen and all(m is None for m in seen)
+        seen.clear()
+        padded_ids = torch.cat([ids, torch.ones(2, 2, dtype=ids.dtype)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(2, 2, dtype=mask.dtype)], 1)
+        out_padded = run(model, "bert", padded_ids, padded_mask)
+        assert seen and all(m is not None for m in seen)
+    close(out[0], out_padded[0][:, :5], 1e-5)
+    close(out[1], out_padded[1], 1e-5)
+
+
+def test_deep_copy_reads_its_own_prefix():
+    model, _ = injected("llama", "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        twin = copy.deepcopy(model)
+        prefix_encoder(twin, "p").prefix.add_(1.0)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+        assert (twin(input_ids=ids, attention_mask=mask).logits - before).abs().max() > 1e-3
+
+
+def test_threads_sharing_a_model_keep_their_forwards_apart():
+    """The per-forward prefixes are per thread: concurrent training forwards on one model each build
+    and free their own graph."""
+    import threading
+
+    model, _ = injected("bert", "sdpa")
+    model.train()
+    ids, mask, _ = batch([6, 4], "right")
+    ref = run(model, "bert", ids, mask)[0].detach()
+    errors = []
+
+    def work():
+        try:
+            for _ in range(3):
+                out = run(model, "bert", ids, mask)[0]
+                out.square().sum().backward()
+                close(out.detach(), ref, 1e-6)
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -197,13 +197,18 @@ def test_mask_only_when_needed(monkeypatch, B, Hq, Hkv, L, S, P, pad, causal, ma
 
 def test_grouped_heads_are_repeated_on_the_cpu(monkeypatch):
     """The CPU's flash kernel has no GQA (enable_gqa would send it to the math path): the key/value
-    heads are repeated there; enable_gqa is for CUDA calls without a mask."""
+    heads are repeated there; enable_gqa is for CUDA calls in fp16/bf16."""
     spy = _Spy()
     monkeypatch.setattr(op.F, "scaled_dot_product_attention", spy)
     tensors, _, _ = make(2, 6, 2, 4, 5, 8, 3, "shared", None)
     out = op.sdpa(*tensors)
     assert spy.calls[0]["k"][1] == 6 and "enable_gqa" not in spy.calls[0]
     assert rel_err(out, op.reference(*tensors)) < 1e-12
+    # CUDA in half precision: enable_gqa, with or without a mask (measured faster on an H100)
+    assert op._sdpa_gqa("cuda", torch.bfloat16) == op._SDPA_GQA
+    assert op._sdpa_gqa("cuda", torch.float16, masked=True) == (op._SDPA_GQA and op._SDPA_GQA_WITH_MASK)
+    assert op._SDPA_GQA_WITH_MASK == (tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11))
+    assert not op._sdpa_gqa("cuda", torch.float32) and not op._sdpa_gqa("cpu", torch.bfloat16, masked=True)
 
 
 class _Layer(torch.nn.Module):
@@ -302,3 +307,27 @@ def test_gpu_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, prefix, p
         base_err = (base[i].double() - r).abs().max().item()
         atol = (1e-2 if dtype == torch.bfloat16 else 2e-3) * max(1.0, r.abs().max().item())
         assert err <= 2 * base_err + atol, (name, err, base_err)
+
+
+def test_masks_built_once_for_the_layers_of_a_forward(monkeypatch):
+    """Calls with the same padding mask object (the layers of one forward) reuse the masks; a new
+    mask, a change in place, other sizes or causality build them again, and the results follow."""
+    g = torch.Generator().manual_seed(3)
+    (q, k, v, pk, pv), _, _ = make(2, 2, 2, 5, 7, 4, 3, "shared", None)
+    kpm = padding_mask(2, 7, "random", g)
+    kpm[:, 0] = True
+    built = []
+    real = op._sdpa_masks
+    monkeypatch.setattr(op, "_sdpa_masks", lambda *a: built.append(a) or real(*a))
+    op._LAST_MASKS[0] = None
+    first = op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm)
+    assert torch.equal(op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm), first)
+    assert len(built) == 1
+    kpm[1, 3:] = False  # in place: the version counter moves
+    changed = op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm)
+    assert len(built) == 2
+    assert torch.allclose(changed, ref64(q, k, v, pk, pv, kpm, False), atol=1e-12)
+    assert not torch.allclose(changed, first)
+    op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)
+    op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm.clone())
+    assert len(built) == 4

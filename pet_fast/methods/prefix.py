@@ -1,10 +1,12 @@
 """Prefix-tuning (Li & Liang 2021): P trained key/value vectors per layer."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
 import os
+import threading
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -69,11 +71,32 @@ class PrefixEncoder(nn.Module):
             first, act, last = self.mlp[0], self.mlp[1], self.mlp[2]
             h = act(first(self.embedding))
             x = F.linear(h, last.weight[index * w:(index + 1) * w], last.bias[index * w:(index + 1) * w])
-        x = self.dropout(x)
-        if dtype is not None:
+        if self.dropout.p > 0:
+            x = self.dropout(x)
+        if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
-        kv = x.reshape(P, 2, H, D).permute(1, 2, 0, 3)
-        return kv[0], kv[1]
+        # one unbind (one backward node that stacks both gradients) rather than two selects (two
+        # zero-filled gradients summed)
+        pk, pv = x.view(P, 2, H, D).permute(1, 2, 0, 3).unbind(0)
+        return pk, pv
+
+    def all_layers(self, dtype: Optional[torch.dtype] = None, batch_size: Optional[int] = None) -> list:
+        """Every layer's ``(prefix_k, prefix_v)`` from one computation: one MLP call (or none), one
+        dropout, one cast, one unbind, so the backward has one node for all layers. Each is
+        (num_kv_heads, P, head_dim), or with ``batch_size`` a (B, num_kv_heads, P, head_dim) view
+        broadcast over the batch (stride 0), whose gradient is summed over the batch once for all
+        layers. The same values as :meth:`layer` for every index."""
+        P, L, H, D = self.prefix_length, self.num_layers, self.num_kv_heads, self.head_dim
+        x = self.flat()
+        if self.dropout.p > 0:
+            x = self.dropout(x)
+        if dtype is not None and x.dtype != dtype:
+            x = x.to(dtype)
+        kv = x.view(P, 2 * L, H, D).permute(1, 2, 0, 3)  # (2L, H, P, D): (layer, key/value) major
+        if batch_size is not None:
+            kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        t = kv.unbind(0)
+        return [(t[2 * i], t[2 * i + 1]) for i in range(L)]
 
     def forward(self, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
         """A list with one ``(prefix_k, prefix_v)`` per layer."""
@@ -149,15 +172,113 @@ def _position_shift(holder: nn.ModuleDict, reg) -> int:
     return sum(e.prefix_length for e in _active_prefix_encoders(holder, reg) if e.shift_positions)
 
 
-def _make_source(holder: nn.ModuleDict, reg, index: int):
-    def source(dtype):
-        parts = [e.layer(index, dtype) for e in _active_prefix_encoders(holder, reg)]
-        if not parts:
+class _ForwardPrefixes:
+    """Every attention layer's prefix, computed once per forward of the model rather than once per layer.
+
+    A forward pre-hook on the base model opens a forward and a forward hook (also called when the
+    forward raises) closes it; while one is open, the first layer to ask computes all layers' prefixes
+    of every active prefix task (:meth:`PrefixEncoder.all_layers`: one MLP call, one cast and one
+    unbind for the whole model, broadcast over the batch) and the other layers take theirs from it.
+    Outside a forward of the base model (a layer called on its own), while torch.compile traces (it
+    fuses either way) and while transformers' gradient checkpointing is on (a recomputed layer
+    recomputes its own prefix, nothing is kept between layers), each layer computes its own slice
+    (:meth:`PrefixEncoder.layer`). Both give the same values; the cache holds tensors of one forward
+    only, so parameter updates between forwards are always seen."""
+
+    def __init__(self, holder: nn.ModuleDict, reg, checkpoint_modules: Sequence[nn.Module]):
+        self.holder, self.reg = holder, reg
+        self.checkpoint_modules = list(checkpoint_modules)
+        self._local = threading.local()  # a forward per thread: threads sharing the model keep apart
+
+    def __deepcopy__(self, memo):
+        twin = _ForwardPrefixes.__new__(_ForwardPrefixes)
+        memo[id(self)] = twin
+        twin.holder, twin.reg = copy.deepcopy(self.holder, memo), copy.deepcopy(self.reg, memo)
+        twin.checkpoint_modules = copy.deepcopy(self.checkpoint_modules, memo)
+        twin._local = threading.local()
+        return twin
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def open(self) -> bool:
+        return getattr(self._local, "open", False)
+
+    @property
+    def cache(self) -> dict:
+        return getattr(self._local, "cache", {})
+
+    def start(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
             return None
+        local = self._local
+        local.cache = {}
+        local.open = not any(getattr(m, "gradient_checkpointing", False) for m in self.checkpoint_modules)
+        return None
+
+    def stop(self, module, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return None
+        self._local.open = False
+        self._local.cache = {}
+        return None
+
+    def layer(self, index: int, dtype, batch_size: Optional[int] = None):
+        encoders = _active_prefix_encoders(self.holder, self.reg)
+        if not encoders:
+            return None
+        local = None if torch.compiler.is_compiling() else self._local  # compiled: per layer (it fuses)
+        if local is not None and getattr(local, "open", False):
+            key = (dtype, batch_size, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
+            layers = local.cache.get(key)
+            if layers is None:
+                per_task = [e.all_layers(dtype, batch_size) for e in encoders]
+                layers = per_task[0] if len(per_task) == 1 else [
+                    (torch.cat([t[i][0] for t in per_task], dim=-2), torch.cat([t[i][1] for t in per_task], dim=-2))
+                    for i in range(len(per_task[0]))]
+                local.cache[key] = layers
+            return layers[index]
+        parts = [e.layer(index, dtype) for e in encoders]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-    return source
+
+
+def _forward_prefixes(model: nn.Module, holder: nn.ModuleDict, reg) -> _ForwardPrefixes:
+    """The model's :class:`_ForwardPrefixes`, made (and its hooks installed) on the first prefix task."""
+    state = model.__dict__.get("_pet_fast_prefix_forward")
+    if state is not None:
+        return state
+    base = getattr(model, "base_model", model)
+    state = _ForwardPrefixes(holder, reg, [m for m in base.modules() if hasattr(m, "gradient_checkpointing")])
+    base.register_forward_pre_hook(state.start, with_kwargs=True)
+    base.register_forward_hook(state.stop, with_kwargs=True, always_call=True)
+    model.__dict__["_pet_fast_prefix_forward"] = state
+    return state
+
+
+class _Source:
+    """Layer ``index``'s prefix source (an object, not a closure, so that a deep copy of the model reads
+    the copy's prefixes)."""
+
+    __slots__ = ("state", "index")
+
+    def __init__(self, state: _ForwardPrefixes, index: int):
+        self.state, self.index = state, index
+
+    def __call__(self, dtype, batch_size=None):
+        return self.state.layer(self.index, dtype, batch_size)
+
+
+def _make_source(state: _ForwardPrefixes, index: int) -> _Source:
+    return _Source(state, index)
 
 
 def _shift_hook(holder, reg, kind):
@@ -233,9 +354,11 @@ class PrefixConfig(MethodConfig):
     * ``keep_attention_dropout``: in training, layers with attention dropout run the concatenated
       path with dropout (same semantics as the model); False drops attention dropout so the fused
       kernel runs.
-    * Gradient checkpointing: each layer computes its prefix inside its own forward (for the MLP,
-      only that layer's rows of the last Linear), so a recomputed layer recomputes its prefix and
-      nothing is stashed between layers (PEFT refuses checkpointing with prefix tuning).
+    * One forward of the model computes every layer's prefix once (one MLP call, one cast, one
+      backward node for all layers) and each layer reads its own. Gradient checkpointing: then each
+      layer computes its prefix inside its own forward (for the MLP, only that layer's rows of the
+      last Linear), so a recomputed layer recomputes its prefix and nothing is stashed between
+      layers (PEFT refuses checkpointing with prefix tuning).
     * The model is switched to the ``pet_fast_prefix`` attention implementation
       (:mod:`pet_fast.hf_attention`); it must be configured with ``eager`` or ``sdpa``.
     """
@@ -281,11 +404,12 @@ class PrefixConfig(MethodConfig):
         holder = task_holder(model)
         holder[name] = encoder
         original = hf_attention.enable(model)
+        state = _forward_prefixes(model, holder, registry)
         for i, m in enumerate(_attention_modules(model)):
             lp = hf_attention.layer_prefix(m)
             if lp is None:
                 hf_attention.set_layer_prefix(m, hf_attention.LayerPrefix(
-                    _make_source(holder, registry, i), original, self.keep_attention_dropout))
+                    _make_source(state, i), original, self.keep_attention_dropout))
             else:  # a second prefix task: the source already reads every active prefix task
                 lp.keep_dropout = lp.keep_dropout and self.keep_attention_dropout
         if self.shift_positions:

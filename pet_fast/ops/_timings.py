@@ -77,6 +77,17 @@ def read_order_table(op: str, env_var: str, key: str, valid, expected: str, path
     return value, path
 
 
+def table_device(path) -> str | None:
+    """The card named by an order table's ``"device"`` entry (None when the file or the entry is absent)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return None
+    device = doc.get("device") if isinstance(doc, dict) else None
+    return None if device is None else str(device)
+
+
 def preference(op: str):
     """A preference function for ``dispatch.set_preference(op, ...)``, reading :data:`TABLE`."""
 

@@ -27,15 +27,18 @@ Backends
             scores, so a NaN or inf in a key that a query may not see (padding, causality) may still
             reach that query's row, where the reference and the kernels keep it hidden.
     triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
-            / ``_bwd`` (torch.compile sees one node each, no graph break): flash-attention forward and
+            / ``_bwd`` (torch.compile sees one node each, no graph break; eager calls take the same
+            functions through an autograd.Function, ops/_autograd.py): flash-attention forward and
             backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
             head_dim <= 256; forward and backward.
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
             head_dim <= 256, forward only (refuses calls that need a gradient).
-auto follows measured timings where a GPU run left a table (prefix_attention_timings.json), else takes
-triton, then eager, and the decode kernel last (it measured slower than concatenation + SDPA on an H100;
-see :func:`preference`).
+auto follows measured timings where a GPU run left a table (prefix_attention_timings.json, one order per
+kind of call: "fwd" when no gradient is needed, "fwd+bwd" when one is, "decode" for at most 8 queries
+without a gradient), else takes triton, then eager, and the decode kernel last (see :func:`preference`).
+The shipped table (H100, bf16, benchmarks/results/h100-2026-11-27b/call2) puts triton first for the
+forward and for decode, and eager (SDPA) first for forward+backward, where it measured faster.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _checks, _timings
+from . import _autograd, _checks, _timings
 
 OP = "prefix_attention"
 
@@ -160,6 +163,30 @@ def _sdpa_takes_enable_gqa() -> bool:
 _SDPA_GQA = _sdpa_takes_enable_gqa()
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+_SDPA_GQA_WITH_MASK = _torch_at_least(2, 11)  # the release it was measured on (below)
+
+
+def _sdpa_gqa(device_type: str, dtype, masked: bool = False) -> bool:
+    """Whether :func:`sdpa` passes ``enable_gqa`` rather than repeating the key/value heads: fp16/bf16
+    on CUDA without a mask (the flash kernel's case), and with a mask from torch 2.11 on. Measured on
+    an H100 (torch 2.11, bf16, benchmarks/results/h100-2026-11-27b/call2):
+    concatenation + SDPA with a padding mask and ``enable_gqa`` took 378.6 us forward and 1309.6 us
+    forward+backward at B8 H16/4 L1024 D128 P30, and 271 / 1765 us decoding B32 H32/8 D128 over caches
+    of 512 / 4096, against 554.0, 1434.0, 662 and 4537 us with the heads repeated. The CPU's flash
+    kernel has no GQA (enable_gqa sends it to the math path), and fp32 on CUDA, or a mask on older
+    torch (where enable_gqa with a mask may take the math path), are unmeasured: they repeat."""
+    if masked and not _SDPA_GQA_WITH_MASK:
+        return False
+    return _SDPA_GQA and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
 def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
     """(attn_mask, rows) for :func:`sdpa`, decided from the arguments only (no look at tensor values).
 
@@ -191,6 +218,26 @@ def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
     return torch.cat([prefix_cols, seq], dim=-1), rows
 
 
+_LAST_MASKS: list = [None]  # (key_padding_mask, facts, masks) of the last masked call of sdpa
+
+
+def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device):
+    """:func:`_sdpa_masks`, reusing the last call's masks when the arguments are the same: every layer
+    of a model's forward passes the same padding mask object, so the masks are built once per forward
+    rather than once per layer. The padding mask's version counter catches changes in place; while
+    torch.compile traces (it fuses the mask ops anyway) and for inference tensors (no version counter)
+    the masks are built every time."""
+    if torch.compiler.is_compiling() or (key_padding_mask is not None and key_padding_mask.is_inference()):
+        return _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
+    facts = (B, L, S, P, causal, device, None if key_padding_mask is None else key_padding_mask._version)
+    last = _LAST_MASKS[0]
+    if last is not None and last[0] is key_padding_mask and last[1] == facts:
+        return last[2]
+    masks = _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
+    _LAST_MASKS[0] = (key_padding_mask, facts, masks)
+    return masks
+
+
 def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
     """The eager backend (same signature and contract as :func:`reference`): the prefix concatenated
     onto the keys and values, then ``torch.nn.functional.scaled_dot_product_attention``.
@@ -198,9 +245,8 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     No mask is built without padding and causality, so SDPA may take its flash kernel; causal without
     padding and prefix with L == S is SDPA's ``is_causal`` (its top-left alignment is bottom-right
     there); anything else passes a broadcast bool mask. Grouped-query attention uses SDPA's
-    ``enable_gqa`` for fp16/bf16 on CUDA without a mask (the flash kernel's case; CUDA's
-    memory-efficient kernel, which takes masks and fp32, and the CPU's flash kernel have no GQA and
-    would fall back to the math path), else repeats the key/value heads. Rows that see no
+    ``enable_gqa`` for fp16/bf16 on CUDA (with a mask from torch 2.11 on; see :func:`_sdpa_gqa`), else
+    repeats the key/value heads. Rows that see no
     key are zeros with no gradient, as the contract says (SDPA alone would give NaN there on some
     devices). Plain torch ops only: autograd, every dtype, torch.compile(fullgraph=True)."""
     B, Hq, L, D = q.shape
@@ -218,14 +264,14 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     use_is_causal = False
     if causal and key_padding_mask is None and P == 0 and L == S and S > 0:
         use_is_causal = True
-    if use_is_causal:
-        mask, rows = None, None
+    if use_is_causal or (key_padding_mask is None and not causal and P + S > 0):
+        mask, rows = None, None  # what _sdpa_masks gives, without its look-up
     else:
-        mask, rows = _sdpa_masks(B, L, S, P, key_padding_mask, causal, q.device)
+        mask, rows = _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, q.device)
     group = Hq // Hkv
     extra = {}
     if group > 1:
-        if _SDPA_GQA and mask is None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        if _sdpa_gqa(q.device.type, q.dtype, mask is not None):
             extra["enable_gqa"] = True
         else:
             k = k.repeat_interleave(group, dim=1)
@@ -258,7 +304,6 @@ def _empty_prefix(prefix):
     return prefix is None or prefix.shape[-2] == 0
 
 
-@torch.library.custom_op("pet_fast::prefix_attention_fwd", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
                    prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,12 +311,10 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: 
     return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
-@_fused_forward.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def _fused_forward_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("pet_fast::prefix_attention_bwd", mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor],
                     key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
@@ -284,8 +327,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq, dk, dv, dpk, dpv
 
 
-@_fused_backward.register_fake
-def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+def _fused_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
     cf = torch.contiguous_format
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
@@ -304,14 +346,18 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_autograd_backward(ctx, grad_out, grad_lse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dpk, dpv = _fused_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-                                           ctx.causal, ctx.scale)
+    dq, dk, dv, dpk, dpv = FUSED_BACKWARD.within(ctx)(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
+                                                      lse, ctx.causal, ctx.scale)
     if prefix_k is None:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv, None, None, None
 
 
-_fused_forward.register_autograd(_fused_autograd_backward, setup_context=_fused_setup_context)
+# Custom ops for compiled code (one opaque node per direction, no graph break); eager calls take the same
+# functions through an autograd.Function, which costs far less host time (see ops/_autograd.py).
+FUSED_BACKWARD = _autograd.custom_op("prefix_attention_bwd", _fused_backward, fake=_fused_backward_fake)
+FUSED_FORWARD = _autograd.custom_op("prefix_attention_fwd", _fused_forward, fake=_fused_forward_fake,
+                                    autograd=(_fused_autograd_backward, _fused_setup_context))
 
 
 def _canonical_prefix(prefix_k, prefix_v):
@@ -328,7 +374,7 @@ def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=F
     """The Triton path (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_fwd``."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    return _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+    return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
 
 
 def triton_reasons(info) -> list:
@@ -355,6 +401,14 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
     scale = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    return attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend)
+
+
+def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float, backend=None):
+    """:func:`prefix_attention` without :func:`check_inputs`, for callers whose arguments satisfy the
+    contract by construction (pet_fast.hf_attention: q, k, v from the model's projections, the prefix
+    from its encoder, the padding mask from its mask function), where the checks would run in every
+    layer of every step. ``scale`` must be a float. Same dispatch."""
     impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v), backend)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
@@ -392,10 +446,9 @@ def cuda_decode_reasons(info) -> list:
     return dispatch.cuda_reasons(info, dtypes=_DECODE_DTYPES)
 
 
-@torch.library.custom_op("pet_fast::prefix_attention_decode", mutates_args=())
-def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
-               prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
-               scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+            prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
+            scale: float) -> torch.Tensor:
     from .. import _ext
 
     ext = _ext.load()
@@ -404,16 +457,18 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Opti
     return ext.prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, None, causal, scale, 0)
 
 
-@_decode_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+DECODE = _autograd.custom_op("prefix_attention_decode", _decode, fake=_decode_fake)
 
 
 def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
     """The CUDA decode path (same signature as :func:`reference`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    return _decode_op(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    return DECODE(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
 dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
@@ -434,14 +489,35 @@ def load_timings(path=None) -> Optional[dict]:
 
     expected = "{'orders': {'decode' | 'fwd' | 'fwd+bwd': [backends, fastest first]}}"
     orders, path = _timings.read_order_table(OP, TIMINGS_ENV, "orders", valid, expected, path)
-    _TIMINGS.update(orders=orders, path=path)
+    _TIMINGS.update(orders=orders, path=path, device=_timings.table_device(path) if orders else None)
     return orders
+
+
+def timings_summary() -> str:
+    """One line for ``pet-fast info``: the card and the order per kind of call auto follows."""
+    orders, where = _TIMINGS.get("orders"), _TIMINGS.get("path")
+    if not orders:
+        return f"no table ({where}): design order triton, cuda, eager (decode: triton, eager, cuda)"
+    card = _TIMINGS.get("device") or "an unnamed card"
+    modes = "; ".join(f"{m}: {', '.join(preference_for_mode(m))}" for m in ("fwd", "fwd+bwd", "decode"))
+    return f"measured on {card} ({where}): {modes}"
 
 
 def _mode(info) -> str:
     if info.get("requires_grad"):
         return "fwd+bwd"
     return "decode" if info["q_len"] <= DECODE_MAX_Q_LEN else "fwd"
+
+
+def preference_for_mode(mode: str) -> list:
+    """auto's order for one kind of call: "fwd" (no gradient needed), "fwd+bwd" (a gradient is needed)
+    or "decode" (no gradient, at most DECODE_MAX_Q_LEN queries)."""
+    measured = (_TIMINGS.get("orders") or {}).get(mode)
+    if measured:
+        return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
+    if mode == "decode":
+        return ["triton", "eager", "cuda"]
+    return ["triton", "cuda", "eager"]
 
 
 def preference(info) -> list:
@@ -454,12 +530,7 @@ def preference(info) -> list:
     since (more loads in flight per warp); a GPU run's table puts it first again where it measures faster.
     The Triton kernels' place is by design until a table says otherwise.
     """
-    measured = (_TIMINGS.get("orders") or {}).get(_mode(info))
-    if measured:
-        return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
-    if _mode(info) == "decode":
-        return ["triton", "eager", "cuda"]
-    return ["triton", "cuda", "eager"]
+    return preference_for_mode(_mode(info))
 
 
 load_timings()

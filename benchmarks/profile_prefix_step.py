@@ -1,0 +1,244 @@
+"""Where the host time of a prefix-tuning training step goes: aten ops per step and host time for the
+frozen floor, pet_fast's prefix tuning, and a PEFT-style prefix written here (peft itself is not needed).
+
+    python benchmarks/profile_prefix_step.py                 # CPU: BERT, 12 layers of width 64, batch 4 x 16
+    python benchmarks/profile_prefix_step.py --layers 2 --json out.json
+
+The model is small on purpose: its arithmetic is cheap, so the step time is the host's (Python and the
+dispatcher), which is what decides a BERT-base step at batch 32 x 128 on a GPU. Rows:
+
+* ``floor``: the frozen backbone, gradients through every layer into the input embeddings, the
+  classifier trained (the bench's floor row).
+* ``pet_fast``: ``PrefixConfig(prefix_length=P)`` (flat prefix, the bench's prefix row) with the given
+  backend (``--backend``, default eager), its classifier copy trained.
+* ``peft-style``: what PEFT's prefix tuning does, flat prefix (PEFT's default, ``prefix_projection=False``;
+  ``--projection N`` gives both rows the MLP re-parametrisation, PEFT's ``prefix_projection=True``):
+  once per step the (P, layers*2*H*D) table is viewed as one (B, H, P, D) key and value per layer
+  (expanded over the batch); each layer concatenates them before its keys/values and calls SDPA with
+  transformers' sdpa mask (None when nothing is padded) widened by P visible columns. The classifier
+  is trained too (PEFT's modules_to_save for sequence classification). Positions are not shifted.
+
+Columns: aten ops per step (forward, backward and AdamW, counted by a TorchDispatchMode), host ms per
+step (median, one thread), ratio to the floor, and the ops that differ most from the floor.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(layers, hidden, heads, seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, vocab_size=1000, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "sdpa"
+    return tf.BertForSequenceClassification(cfg).train()
+
+
+# ---------------------------------------------------------------- the PEFT-style prefix
+
+PEFT_NAME = "profile_peft_style"
+_PEFT_PREFIX: list = []  # per layer (pk, pv), each (B, H, P, D), set once per step
+
+
+def _peft_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    pk, pv = _PEFT_PREFIX[module.layer_idx]
+    key = torch.cat([pk.to(key.dtype), key], dim=2)
+    value = torch.cat([pv.to(value.dtype), value], dim=2)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            pre = attention_mask.new_ones(*attention_mask.shape[:-1], pk.shape[2])
+        else:
+            pre = attention_mask.new_zeros(*attention_mask.shape[:-1], pk.shape[2])
+        attention_mask = torch.cat([pre, attention_mask], dim=-1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_peft_style():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PEFT_NAME, _peft_attention)
+    AttentionMaskInterface.register(PEFT_NAME, sdpa_mask)
+
+
+class PeftStylePrefix(torch.nn.Module):
+    def __init__(self, layers, heads, head_dim, P, projection=None):
+        super().__init__()
+        self.layers, self.heads, self.head_dim, self.P = layers, heads, head_dim, P
+        out = layers * 2 * heads * head_dim
+        if projection is None:
+            self.embedding = torch.nn.Embedding(P, out)
+            self.mlp = None
+        else:  # PEFT's prefix_projection=True: Embedding(P, hidden) -> Linear -> tanh -> Linear
+            self.embedding = torch.nn.Embedding(P, heads * head_dim)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(heads * head_dim, projection), torch.nn.Tanh(),
+                                           torch.nn.Linear(projection, out))
+        self.register_buffer("tokens", torch.arange(P), persistent=False)
+
+    def set_prefix(self, batch_size):
+        # PEFT: embedding(tokens expanded over the batch) [-> MLP] -> view -> permute -> split per layer
+        table = self.embedding(self.tokens.unsqueeze(0).expand(batch_size, -1))  # (B, P, L*2*H*D)
+        if self.mlp is not None:
+            table = self.mlp(table)
+        kv = table.view(batch_size, self.P, self.layers * 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        _PEFT_PREFIX[:] = [(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)]
+
+
+# ---------------------------------------------------------------- rows
+
+def prepare(kind, args):
+    import pet_fast
+
+    model = build(args.layers, args.hidden, args.heads)
+    head = model.classifier
+    prefix = None
+    if kind == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+    elif kind == "pet_fast":
+        pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=args.prefix, projection_dim=args.projection), "task")
+    elif kind == "peft-style":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        _register_peft_style()
+        model.config._attn_implementation = PEFT_NAME
+        prefix = PeftStylePrefix(args.layers, args.heads, args.hidden // args.heads, args.prefix, args.projection)
+    params = [p for p in model.parameters() if p.requires_grad] + ([] if prefix is None else list(prefix.parameters()))
+    return model, prefix, params
+
+
+def make_step(kind, args):
+    import pet_fast
+
+    model, prefix, params = prepare(kind, args)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 1000, (args.batch, args.tokens), generator=g)
+    mask = torch.ones(args.batch, args.tokens, dtype=torch.long)
+    if args.padding:
+        mask[::2, : args.tokens // 4] = 0
+    labels = torch.randint(0, 2, (args.batch,), generator=g)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    embed = model.get_input_embeddings()
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext())
+
+    def step():
+        with pet_fast.use_backend(args.backend), autocast:
+            if kind == "floor":
+                with torch.no_grad():
+                    emb = embed(ids)
+                out = model(inputs_embeds=emb.requires_grad_(), attention_mask=mask, labels=labels)
+            else:
+                if prefix is not None:
+                    prefix.set_prefix(ids.shape[0])
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(kinds, args):
+    """One dict per row: aten ops of one step, and the median host time of ``args.steps`` steps taken
+    in rounds over the rows (one step of each row per round), so that load on a shared machine reaches
+    every row alike."""
+    steps = {kind: make_step(kind, args) for kind in kinds}
+    rows = {}
+    for kind, step in steps.items():
+        for _ in range(3):
+            step()
+        counter = OpCounter()
+        with counter:
+            step()
+        rows[kind] = {"row": kind, "aten_ops": sum(counter.counts.values()), "counts": dict(counter.counts)}
+    # CPU time of this thread (the autograd engine runs CPU work on the calling thread): unlike the wall
+    # clock, it does not count the time other processes on a shared machine hold the core
+    times = {kind: [] for kind in kinds}
+    for _ in range(args.steps):
+        for kind, step in steps.items():
+            t0 = time.thread_time()
+            step()
+            times[kind].append(time.thread_time() - t0)
+    for kind in kinds:
+        rows[kind]["host_ms"] = round(statistics.median(times[kind]) * 1e3, 3)
+        rows[kind]["host_ms_min"] = round(min(times[kind]) * 1e3, 3)
+    return [rows[kind] for kind in kinds]
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--prefix", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--projection", type=int, default=None,
+                   help="MLP re-parametrisation of this width in both prefix rows (default: flat, as the bench)")
+    p.add_argument("--padding", action="store_true", help="pad half of the rows (default: no padding, as the bench's BERT rows)")
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast on the CPU (the casts of a GPU step)")
+    p.add_argument("--backend", default="eager", help="pet_fast backend for the pet_fast row (eager or auto)")
+    p.add_argument("--rows", nargs="+", default=["floor", "pet_fast", "peft-style"])
+    p.add_argument("--top", type=int, default=12, help="how many differing ops to list per row")
+    p.add_argument("--json")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    torch.set_num_threads(1)
+    rows = measure(args.rows, args)
+    floor = next((r for r in rows if r["row"] == "floor"), None)
+    print(f"BERT {args.layers} layers, hidden {args.hidden}, {args.heads} heads, batch {args.batch} x {args.tokens}, "
+          f"P={args.prefix}, projection={args.projection}, padding={args.padding}, autocast={args.autocast}, torch {torch.__version__}")
+    print(f"{'row':12s} {'aten ops':>9s} {'host ms':>9s} {'min ms':>9s} {'x floor':>8s}")
+    for r in rows:
+        ratio = r["host_ms"] / floor["host_ms"] if floor else float("nan")
+        print(f"{r['row']:12s} {r['aten_ops']:9d} {r['host_ms']:9.3f} {r['host_ms_min']:9.3f} {ratio:8.2f}")
+    if floor:
+        for r in rows:
+            if r is floor:
+                continue
+            diff = collections.Counter(r["counts"])
+            diff.subtract(floor["counts"])
+            top = [(k, v) for k, v in diff.most_common() if v][: args.top]
+            print(f"  {r['row']} - floor: " + ", ".join(f"{k} {v:+d}" for k, v in top))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
