@@ -530,7 +530,7 @@ def host_check(tmp_path_factory):
     return exe
 
 
-def _host_run(exe, workdir, x, w, packed, ids, bias, vec):
+def _host_run(exe, workdir, x, w, packed, ids, bias, vec, sms=132):
     import subprocess
 
     import numpy as np
@@ -552,22 +552,31 @@ def _host_run(exe, workdir, x, w, packed, ids, bias, vec):
     o = w.shape[0]
     tasks = 0 if ids is None else packed.shape[0]
     code = 0 if x.dtype == torch.float16 else 1
-    subprocess.run([str(exe), str(workdir), str(code), str(n), str(k), str(o), str(tasks), str(int(vec)),
-                    str(int(bias is not None))], check=True, capture_output=True, timeout=120)
+    run = subprocess.run([str(exe), str(workdir), str(code), str(n), str(k), str(o), str(tasks), str(int(vec)),
+                          str(int(bias is not None)), str(sms)], check=True, capture_output=True, text=True,
+                         timeout=120)
+    plan = dict(kv.split("=") for kv in run.stdout.split())
     y = torch.from_numpy(np.fromfile(str(workdir / "y.bin"), dtype=np.int16)).view(x.dtype)
-    return y.reshape(n, o)
+    return y.reshape(n, o), {key: int(v) for key, v in plan.items()}
+
+
+# (n, k, o, tasks, vec, sms, expected plan entries): the plan the launcher would pick on a GPU with `sms`
+# multiprocessors, asserted so that each case keeps covering what its comment says
+_HOST_CASES = [
+    (1, 40, 9, 0, True, 132, {"tokens": 1, "splits": 1}),                  # one token, K % 32 != 0, rows % 4 != 0
+    (3, 1104, 13, 0, True, 132, {"tokens": 4, "splits": 5, "kc": 256}),    # split K, last chunk past K
+    (2, 2056, 33, 0, True, 2, {"tokens": 2, "tiles": 2, "splits": 2, "kc": 1280}),  # 5-step chunks, 2 tiles
+    (3, 37, 6, 0, False, 132, {"tokens": 4}),                              # K % 8 != 0: element loads, partial byte
+    (5, 300, 70, 0, False, 1, {"tokens": 8, "passes": 4, "splits": 1, "kc": 512}),  # 3 empty tokens, passes
+    (16, 1032, 70, 3, True, 1, {"tokens": 16, "tiles": 2, "splits": 2, "kc": 1024}),  # multitask, 16 tokens
+    (33, 61, 5, 2, False, 132, {"tokens": 16, "groups": 3}),               # multitask, three token groups, K tail
+    (64, 776, 5, 0, True, 132, {"tokens": 16, "groups": 4, "splits": 4}),  # four groups and split K
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,o,tasks,vec", [
-    (1, 40, 9, 0, True),        # one token, K not a multiple of 32
-    (3, 304, 13, 0, True),      # K spans two 256-column steps, rows not a multiple of 4
-    (3, 37, 6, 0, False),       # K % 8 != 0: element loads and a partial mask byte
-    (16, 520, 7, 3, True),      # multitask
-    (33, 61, 5, 2, False),      # multitask, 64-token instantiation, K tail
-    (64, 264, 3, 0, True),
-])
-def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec):
+@pytest.mark.parametrize("n,k,o,tasks,vec,sms,plan", _HOST_CASES)
+def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec, sms, plan):
     x = torch.randn(n, k).to(dtype)
     w = torch.randn(o, k).to(dtype)
     b = torch.randn(o).to(dtype) if n != 3 else None
@@ -576,17 +585,41 @@ def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec
         packed = mp.pack_mask(scores)
         ids = torch.randint(0, tasks, (n,))
         ids[0] = tasks - 1
-        out = _host_run(host_check, tmp_path, x, w, packed, ids, b, vec)
+        out, got = _host_run(host_check, tmp_path, x, w, packed, ids, b, vec, sms)
         eager = ml.masked_linear_multitask(x, w, packed, ids, b)
         ref = torch.stack([ref64(x[r:r + 1], w, scores[int(ids[r])] > 0, b)[0] for r in range(n)])
     else:
         s = torch.randn(o, k)
         packed = mp.pack_mask(s)
-        out = _host_run(host_check, tmp_path, x, w, packed, None, b, vec)
+        out, got = _host_run(host_check, tmp_path, x, w, packed, None, b, vec, sms)
         eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b)
         ref = ref64(x, w, s > 0, b)
+    assert {key: got[key] for key in plan} == plan
     assert_close(out, ref, eager, dtype, "y")
     assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+
+
+@pytest.mark.parametrize("n,k,o,plan", [
+    (1, 4096, 4096, {"tokens": 1, "tiles": 128, "kc": 1536, "splits": 3, "blocks": 384}),
+    (16, 4096, 4096, {"tokens": 16, "groups": 1, "tiles": 64, "kc": 1024, "splits": 4, "blocks": 256}),
+    (64, 4096, 11008, {"tokens": 16, "groups": 4, "tiles": 172, "kc": 1024, "splits": 4}),
+])
+def test_cuda_plan_of_serving_shapes(host_check, n, k, o, plan):
+    """The launch plans of the benchmark's serving shapes on an H100 (132 SMs): at least ~2 blocks per
+    SM and, for N <= 16, one wave at most; x staged in at most 32 KiB; each weight byte read by one
+    block per group of 16 tokens."""
+    import subprocess
+
+    run = subprocess.run([str(host_check), "--plan", "1", str(n), str(k), str(o), "0", "1", "0", "132"],
+                         check=True, capture_output=True, text=True, timeout=60)
+    got = {key: int(v) for key, v in (kv.split("=") for kv in run.stdout.split())}
+    assert {key: got[key] for key in plan} == plan
+    assert got["blocks"] >= 2 * 132 - 8
+    if n <= 16:
+        assert got["blocks"] <= 132 * (3 if n == 1 else 2)
+    assert got["tokens"] * got["kc"] * 2 <= 32 * 1024
+    assert got["tiles"] * got["rows_per_block"] >= o > (got["tiles"] - 1) * got["rows_per_block"]
+    assert got["splits"] * got["kc"] >= k > (got["splits"] - 1) * got["kc"]
 
 
 @pytest.mark.parametrize("xshape", [(1,), (3, 1)])
