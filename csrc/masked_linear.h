@@ -12,8 +12,9 @@ enum class MaskedLinearDtype : int { kHalf = 0, kBFloat16 = 1 };
 constexpr int kMaskedLinearMaxTokens = 64;
 
 // Bytes of float32 scratch that masked_linear_packed_launch needs for these sizes on the current device
-// (split-K partials; 0 when it needs none), or -1 for invalid sizes.
-int64_t masked_linear_packed_workspace_bytes(int64_t n_tokens, int64_t in_features, int64_t out_features);
+// (split-K partials; 0 when it needs none), or -1 for invalid sizes. per_token_masks: task_ids given.
+int64_t masked_linear_packed_workspace_bytes(int64_t n_tokens, int64_t in_features, int64_t out_features,
+                                             bool per_token_masks);
 
 // x (n_tokens, in_features), weight (out_features, in_features), y (n_tokens, out_features): contiguous,
 // of `dtype`. bias (out_features,) or nullptr. packed: int32 words, ceil(in_features / 32) per row,

@@ -55,7 +55,7 @@ at::Tensor masked_linear_packed(const at::Tensor& x_in, const at::Tensor& weight
   if (n == 0 || o == 0) return y;
   const auto code = dtype == at::kHalf ? pet_fast::MaskedLinearDtype::kHalf : pet_fast::MaskedLinearDtype::kBFloat16;
   // split-K partials (float32), sized by the kernel's plan for this device; from the caching allocator
-  const int64_t ws_bytes = pet_fast::masked_linear_packed_workspace_bytes(n, k, o);
+  const int64_t ws_bytes = pet_fast::masked_linear_packed_workspace_bytes(n, k, o, multi);
   TORCH_CHECK(ws_bytes >= 0, "masked_linear_packed: invalid sizes");
   at::Tensor workspace;
   if (ws_bytes > 0) workspace = at::empty({(ws_bytes + 3) / 4}, x.options().dtype(at::kFloat));

@@ -39,10 +39,12 @@ constexpr int kWarps = 8;                // warps per block
 constexpr int kThreads = kWarps * 32;
 constexpr int kGroupTokens = 16;         // tokens per block at most; more tokens take several groups
 
-// weight rows per warp and pass: 4 for few tokens (more 16-byte loads in flight per lane), 2 for 8 or 16
-// tokens (2 x 16 fp32 sums per lane, and room for the next step's loads without spilling)
-PET_FAST_HDC int rows_for(int tokens) { return tokens >= 8 ? 2 : 4; }
-constexpr int kStageBytes = 32 * 1024;   // shared memory for the staged x chunk, at most
+// fp32 kernel: weight rows per warp and pass: 4 for few tokens (more 16-byte loads in flight per lane),
+// 2 for 8 or 16 tokens (2 x 16 fp32 sums per lane, and room for the next step's loads without spilling)
+PET_FAST_HDC int rows_for(int tokens, bool) { return tokens >= 8 ? 2 : 4; }
+constexpr int kStageBytes = 32 * 1024;   // shared memory for the staged x chunk, at most (+ padding)
+constexpr int kMmaRows = 16;             // tensor-core kernel: weight rows per warp (the m of m16n8k16)
+constexpr int kMmaSub = 2;               // tensor-core kernel: 32-column blocks per load step (64 columns)
 
 struct alignas(16) Vec16 {
   uint32_t w[4];
@@ -151,24 +153,28 @@ PET_FAST_HD unsigned load_byte(const uint8_t* p) {
 // K % 8 == 0), else element loads with zeros past K.
 template <typename T, bool VEC>
 PET_FAST_HD Vec16 load8(const T* __restrict__ row, int64_t k, int64_t K) {
-  if (VEC) return load16_global(row + k);
-  Vec16 v;
+  if constexpr (VEC) {
+    return load16_global(row + k);
+  } else {
+    Vec16 v;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = (k + 2 * i < K) ? bits16(row[k + 2 * i]) : 0u;
-    const uint32_t hi = (k + 2 * i + 1 < K) ? bits16(row[k + 2 * i + 1]) : 0u;
-    v.w[i] = lo | (hi << 16);
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = (k + 2 * i < K) ? bits16(row[k + 2 * i]) : 0u;
+      const uint32_t hi = (k + 2 * i + 1 < K) ? bits16(row[k + 2 * i + 1]) : 0u;
+      v.w[i] = lo | (hi << 16);
+    }
+    return v;
   }
-  return v;
 }
 
 // ---- the launch plan ---------------------------------------------------------------------------------
 
 struct Plan {
-  int tokens;             // TOKENS of the instantiation: 1, 2, 4, 8 or 16
+  int mma;                // 1: tensor-core kernel (single mask), 0: fp32 FMA kernel (per-token masks)
+  int tokens;             // TOKENS of the instantiation: 1, 2, 4, 8 or 16 (tensor cores: 8 or 16)
   int groups;             // token groups of `tokens` (several only with 16)
   int passes;             // row passes per block
-  int64_t rows_per_block; // kWarps * rows_for(tokens) * passes
+  int64_t rows_per_block; // kWarps * rows per warp * passes
   int64_t tiles;          // row tiles
   int64_t kc;             // columns per K chunk (a multiple of kStep)
   int64_t splits;         // K chunks
@@ -177,19 +183,21 @@ struct Plan {
 
 inline int plan_tokens(int64_t n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : kGroupTokens; }
 
-// Blocks of one instantiation that fit an SM at once: its __launch_bounds__ (masked_linear.cu) caps the
-// registers at 80 per thread for one token (3 blocks of 256 threads) and 128 for more (2 blocks).
-PET_FAST_HDC int blocks_per_sm(int tokens) { return tokens == 1 ? 3 : 2; }
+// Blocks that fit an SM at once: __launch_bounds__ in masked_linear.cu caps the registers at 128 per
+// thread (2 blocks of 256 threads; the instantiations use 64-128 without spilling on sm_80 and sm_90).
+PET_FAST_HDC int blocks_per_sm(int) { return 2; }
 
 // sms: multiprocessors of the device. Splits K so that the grid fills the GPU in one wave (no partial
 // second wave), in chunks small enough to stage in kStageBytes. Layers with more row tiles than the GPU holds at once keep K whole (as far as
 // the staging allows) and run in several waves.
-inline Plan make_plan(int64_t n, int64_t K, int64_t O, int sms) {
+inline Plan make_plan(int64_t n, int64_t K, int64_t O, int sms, bool mma, bool multi) {
   Plan p;
-  p.tokens = plan_tokens(n);
+  p.mma = mma ? 1 : 0;
+  p.tokens = mma ? (n <= 8 ? 8 : kGroupTokens) : plan_tokens(n);
   p.groups = static_cast<int>((n + p.tokens - 1) / p.tokens);
-  p.passes = p.tokens >= 8 ? 4 : 1;  // 8+ tokens: x staged once per 64 rows
-  p.rows_per_block = static_cast<int64_t>(kWarps) * rows_for(p.tokens) * p.passes;
+  p.passes = mma ? 1 : p.tokens >= 8 ? 4 : 1;  // fp32 kernel with 8+ tokens: x staged once per 64 rows
+  p.rows_per_block = mma ? static_cast<int64_t>(kWarps) * kMmaRows
+                         : static_cast<int64_t>(kWarps) * rows_for(p.tokens, multi) * p.passes;
   p.tiles = (O + p.rows_per_block - 1) / p.rows_per_block;
   const int64_t steps = K > 0 ? (K + kStep - 1) / kStep : 1;
   const int64_t max_chunk_steps = kStageBytes / (2 * kStep * p.tokens);  // 2 bytes per element
@@ -204,6 +212,10 @@ inline Plan make_plan(int64_t n, int64_t K, int64_t O, int sms) {
   p.blocks = p.tiles * p.splits * p.groups;
   return p;
 }
+
+// row stride of the staged x chunk: the tensor-core kernel reads 8 token rows at the same column per
+// load, so its rows are padded by 64 bytes (no shared-memory bank conflicts)
+PET_FAST_HD int64_t plan_ldx(const Plan& p) { return p.mma ? p.kc + 32 : p.kc; }
 
 // float32 scratch for the split-K partials: (splits, n, O), none with one chunk
 inline int64_t plan_workspace_floats(const Plan& p, int64_t n, int64_t O) { return p.splits > 1 ? p.splits * n * O : 0; }
@@ -231,31 +243,38 @@ PET_FAST_HD int64_t warp_row0(int64_t tile, int64_t rows_per_block, int rows, in
 
 // ---- staging x -----------------------------------------------------------------------------------------
 
-// Thread `tid`'s share of copying x[t0 + t, k0 + c] (t < TOKENS, c < kc) to sx[t * kc + c], zeros past n
-// and past K; with MULTI, also the tokens' tasks (-1 past n and for ids outside [0, n_tasks)).
+// Thread `tid`'s share of copying x[t0 + t, k0 + c] (t < TOKENS, c < kc) to sx[t * ldx + c], zeros past n
+// and past K; with MULTI, also the byte offset of each token's mask in the stack (-1 past n and for ids
+// outside [0, n_tasks)).
 template <typename T, int TOKENS, bool MULTI, bool VEC>
-PET_FAST_HD void stage_x(const T* __restrict__ x, const int32_t* __restrict__ task_ids, T* sx, int32_t* stask, int64_t n,
-                         int64_t t0, int64_t K, int64_t k0, int64_t kc, int64_t n_tasks, int tid) {
+PET_FAST_HD void stage_x(const T* __restrict__ x, const int32_t* __restrict__ task_ids, T* sx, int64_t* stask, int64_t n,
+                         int64_t t0, int64_t K, int64_t k0, int64_t kc, int64_t ldx, int64_t n_tasks, int64_t O,
+                         int64_t row_bytes, int tid) {
   if (VEC) {
-    const int64_t per_token = kc / kLane;
-    for (int64_t u = tid; u < TOKENS * per_token; u += kThreads) {
-      const int64_t t = u / per_token, c = (u - t * per_token) * kLane;
-      const int64_t tok = t0 + t, k = k0 + c;
-      Vec16 v = {{0u, 0u, 0u, 0u}};
-      if (tok < n && k < K) v = load16_global(x + tok * K + k);
-      store16_shared(sx + t * kc + c, v);
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) {
+      const int64_t tok = t0 + t;
+      for (int64_t c = static_cast<int64_t>(tid) * kLane; c < kc; c += kThreads * kLane) {
+        const int64_t k = k0 + c;
+        Vec16 v = {{0u, 0u, 0u, 0u}};
+        if (tok < n && k < K) v = load16_global(x + tok * K + k);
+        store16_shared(sx + t * ldx + c, v);
+      }
     }
   } else {
-    for (int64_t u = tid; u < TOKENS * kc; u += kThreads) {
-      const int64_t t = u / kc, c = u - t * kc;
-      const int64_t tok = t0 + t, k = k0 + c;
-      sx[u] = (tok < n && k < K) ? x[tok * K + k] : from_float<T>(0.f);
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) {
+      const int64_t tok = t0 + t;
+      for (int64_t c = tid; c < kc; c += kThreads) {
+        const int64_t k = k0 + c;
+        sx[t * ldx + c] = (tok < n && k < K) ? x[tok * K + k] : from_float<T>(0.f);
+      }
     }
   }
   if (MULTI && tid < TOKENS) {
     const int64_t tok = t0 + tid;
     const int64_t id = tok < n ? static_cast<int64_t>(task_ids[tok]) : -1;
-    stask[tid] = (id >= 0 && id < n_tasks) ? static_cast<int32_t>(id) : -1;
+    stask[tid] = (id >= 0 && id < n_tasks) ? id * O * row_bytes : -1;
   }
 }
 
@@ -277,26 +296,36 @@ PET_FAST_HD void load_step(const T* __restrict__ w, const uint8_t* __restrict__ 
   }
 }
 
-// Lane `lane`'s partial sums acc[r * TOKENS + t] of y[t0 + t, row0 + r] (r < R = rows_for(TOKENS)) over
+// Lane `lane`'s partial sums acc[r * TOKENS + t] of y[t0 + t, row0 + r] (r < R = rows_for(TOKENS, MULTI)) over
 // the chunk [k0, k0 + kc): the lane takes columns k0 + 256 s + 8 lane .. + 7 of every step s, in two
 // halves of 4 columns (fewer live registers: R x 4 weights as floats, 4 x values). sx: the staged chunk
-// (TOKENS x kc). With MULTI, token t uses mask stask[t] of the stack (O rows each; -1: all zero), applied
+// (TOKENS x kc). With MULTI, token t uses the mask at byte stask[t] of the stack (-1: all zero), applied
 // per token to the weights as they are unpacked.
+// The first step's weights and bits of a lane (single mask only: the multitask form loads each step as
+// it comes). The kernel issues them for its first pass before staging x, so that they are in flight
+// while the block waits for the staging.
+template <typename T, int R, bool MULTI, bool VEC>
+PET_FAST_HD void first_loads(const T* __restrict__ w, const uint8_t* __restrict__ bits, int64_t K, int64_t O,
+                             int64_t row_bytes, int lane, int64_t row0, int64_t k0, Vec16 (&raw)[R], unsigned (&m)[R]) {
+  if (!MULTI) load_step<T, R, MULTI, VEC>(w, bits, K, O, row_bytes, row0, k0 + lane * kLane, raw, m);
+}
+
 template <typename T, int TOKENS, bool MULTI, bool VEC>
-PET_FAST_HD void lane_chunk_sums(const T* sx, const int32_t* stask, const T* __restrict__ w,
+PET_FAST_HD void lane_chunk_sums(const T* sx, const int64_t* stask, const T* __restrict__ w,
                                  const uint8_t* __restrict__ bits, int64_t K, int64_t O, int64_t row_bytes,
-                                 int lane, int64_t row0, int64_t k0, int64_t kc,
-                                 float (&acc)[rows_for(TOKENS) * TOKENS]) {
-  constexpr int R = rows_for(TOKENS);
+                                 int lane, int64_t row0, int64_t k0, int64_t kc, Vec16 (&raw)[rows_for(TOKENS, MULTI)],
+                                 unsigned (&m)[rows_for(TOKENS, MULTI)],
+                                 float (&acc)[rows_for(TOKENS, MULTI) * TOKENS]) {
+  constexpr int R = rows_for(TOKENS, MULTI);
 #pragma unroll
   for (int i = 0; i < R * TOKENS; ++i) acc[i] = 0.f;
   const int64_t steps = kc / kStep;
   // single mask: the next step's weights and bits are loaded before this step's arithmetic (registers
-  // as a double buffer); multitask: no double buffer (its per-token mask bytes need the registers)
+  // as a double buffer; raw and m hold the first step from first_loads); multitask: no double buffer
+  // (its per-token mask bytes need the registers)
   constexpr bool kPrefetch = !MULTI;
-  Vec16 raw[R], next[R];
-  unsigned m[R], next_m[R];
-  if (kPrefetch) load_step<T, R, MULTI, VEC>(w, bits, K, O, row_bytes, row0, k0 + lane * kLane, raw, m);
+  Vec16 next[R];
+  unsigned next_m[R];
 #pragma unroll 1
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t c = s * kStep + lane * kLane;  // column inside the chunk
@@ -304,15 +333,16 @@ PET_FAST_HD void lane_chunk_sums(const T* sx, const int32_t* stask, const T* __r
     if (!kPrefetch) load_step<T, R, MULTI, VEC>(w, bits, K, O, row_bytes, row0, k, raw, m);
     if (kPrefetch && s + 1 < steps) load_step<T, R, MULTI, VEC>(w, bits, K, O, row_bytes, row0, k + kStep, next, next_m);
     if (MULTI) {
+      // byte of this lane's columns in each row's mask, -1 where the row or the columns are past O or K
+      int64_t rb[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) rb[r] = (row0 + r < O && k < K) ? (row0 + r) * row_bytes + (k >> 3) : -1;
 #pragma unroll
       for (int t = 0; t < TOKENS; ++t) {
-        const int64_t task = stask[t];
+        const int64_t off = stask[t];
         unsigned mt[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = row0 + r;
-          mt[r] = (task >= 0 && row < O && k < K) ? load_byte(bits + (task * O + row) * row_bytes + (k >> 3)) : 0u;
-        }
+        for (int r = 0; r < R; ++r) mt[r] = (off >= 0 && rb[r] >= 0) ? load_byte(bits + off + rb[r]) : 0u;
         const Vec16 xr = load16_shared(sx + t * kc + c);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -366,6 +396,73 @@ PET_FAST_HD void lane_chunk_sums(const T* sx, const int32_t* stask, const T* __r
     }
   }
 }
+
+// ---- the tensor-core kernel (single mask) ------------------------------------------------------------
+// A warp owns 16 weight rows and multiplies them with 8 or 16 tokens by mma.m16n8k16 (fp32 accumulate):
+// A = the masked weight tile (16 rows x 16 columns), B = x^T (16 columns x 8 tokens). The k order inside
+// an mma is free as long as A and B agree, so lane (g = lane / 4, q = lane % 4) loads 8 consecutive
+// weights [8q, 8q + 8) of rows g and g + 8 of each 32-column block with one 16-byte load each (four
+// lanes read 64 contiguous bytes of a row) and the mask byte that covers them; its first 4 columns feed
+// the k slots {2q, 2q + 1, 2q + 8, 2q + 9} of the block's first mma, the last 4 those of the second
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). B: the same 8 columns of
+// token g (and g + 8 for the second n tile) from the staged x. The masked-out weights become +0.
+
+struct MmaStep {
+  Vec16 w[kMmaSub][2];      // [32-column block][row g, row g + 8]
+  unsigned m[kMmaSub][2];   // their mask bytes
+};
+
+// lane's loads of the columns [kb, kb + 32 kMmaSub) of rows row0 + g and row0 + g + 8 (zeros past O, K)
+template <typename T, bool VEC>
+PET_FAST_HD void mma_load(const T* __restrict__ w, const uint8_t* __restrict__ bits, int64_t K, int64_t O,
+                          int64_t row_bytes, int64_t row0, int64_t kb, int lane, MmaStep& st) {
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int u = 0; u < kMmaSub; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + g + 8 * h;
+      const int64_t k = kb + 32 * u + 8 * q;
+      if (row < O && k < K) {
+        st.w[u][h] = load8<T, VEC>(w + row * K, k, K);
+        st.m[u][h] = load_byte(bits + row * row_bytes + (k >> 3));
+      } else {
+        st.w[u][h] = Vec16{{0u, 0u, 0u, 0u}};
+        st.m[u][h] = 0u;
+      }
+    }
+  }
+}
+
+// word i (elements 2i, 2i + 1) of a 16-byte weight load with its two mask bits applied
+PET_FAST_HD uint32_t masked_word(const Vec16& v, unsigned m, int i) {
+  const unsigned b = m >> (2 * i);
+  return v.w[i] & (((b & 1u) ? 0x0000ffffu : 0u) | ((b & 2u) ? 0xffff0000u : 0u));
+}
+
+// A fragment of 32-column block u, half hf (0: its columns 0-3 per lane, 1: columns 4-7)
+PET_FAST_HD void mma_a_frag(const MmaStep& st, int u, int hf, uint32_t (&a)[4]) {
+  a[0] = masked_word(st.w[u][0], st.m[u][0], 2 * hf);
+  a[1] = masked_word(st.w[u][1], st.m[u][1], 2 * hf);
+  a[2] = masked_word(st.w[u][0], st.m[u][0], 2 * hf + 1);
+  a[3] = masked_word(st.w[u][1], st.m[u][1], 2 * hf + 1);
+}
+
+// B fragments of 32-column block u at chunk column cb (the step's first column), n tile j: the lane's
+// 8 columns of token 8 j + g from the staged x (row stride ldx); b[hf] for the two halves
+template <typename T>
+PET_FAST_HD void mma_b_frags(const T* sx, int64_t ldx, int64_t cb, int u, int j, int lane, uint32_t (&b)[2][2]) {
+  const int g = lane >> 2, q = lane & 3;
+  const Vec16 v = load16_shared(sx + (8 * j + g) * ldx + cb + 32 * u + 8 * q);
+  b[0][0] = v.w[0];
+  b[0][1] = v.w[1];
+  b[1][0] = v.w[2];
+  b[1][1] = v.w[3];
+}
+
+// where accumulator i of n tile j of a lane goes: row offset in the warp's 16 rows, token in the group
+PET_FAST_HD int mma_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+PET_FAST_HD int mma_c_token(int lane, int j, int i) { return 8 * j + 2 * (lane & 3) + (i & 1); }
 
 // ---- the warp's reduce-scatter ----------------------------------------------------------------------------
 // V sums per lane, summed over the 32 lanes in 5 stages (lane offsets 16, 8, 4, 2, 1). At a stage with L
@@ -428,7 +525,8 @@ PET_FAST_HD void finish_entry(int64_t i, const float* __restrict__ ws, const T* 
   y[i] = from_float<T>(v);
 }
 
-// The token counts of the instantiations (few keep the build short); the host check uses the same.
+// The token counts of the fp32 kernel's instantiations (few keep the build short); the host check uses
+// the same.
 #define PET_FAST_MASKED_LINEAR_TOKENS(CASE) \
   switch (plan.tokens) {                    \
     case 1: CASE(1);                        \
