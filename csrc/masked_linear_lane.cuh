@@ -1,18 +1,22 @@
-// The index math of the masked_linear serving kernel (csrc/masked_linear.cu), shared with a host check
+// The index math of the masked_linear serving kernels (csrc/masked_linear.cu), shared with a host check
 // (tests/csrc/masked_linear_host_check.cpp) that runs it on the CPU for every thread of every block the
-// launcher would start (the x staging, each lane's partial sums, the warp's reduce-scatter with its
-// shuffles emulated, the split-K partials and their final sum) and compares the result with the eager
-// op: the indexing of the weight, the mask bytes, the task stack, the chunks and the tails is thereby
-// tested without a GPU.
+// launcher would start (the x staging, each lane's loads and partial sums, the warp's mma or reduce-
+// scatter emulated lane by lane, the split-K partials and their final sum) and compares the result with
+// the eager op: the indexing of the weight, the mask bytes, the task stack, the chunks and the tails is
+// thereby tested without a GPU.
 //
-// Work split (see make_plan): a block of kWarps warps owns `passes` groups of kWarps * kRows output rows,
-// one K chunk of kc columns and one group of up to 16 tokens. It stages that chunk of x (all its tokens)
-// in shared memory once, then each warp streams its kRows weight rows through the chunk: per 256-column
-// step a lane loads 8 consecutive weights of each row (one 16-byte load) and the mask byte covering them,
-// with the next step's loads issued before the current step's arithmetic. It keeps kRows x TOKENS fp32
-// partial sums in registers and reads x from shared memory, once per token and step for all its rows.
-// A reduce-scatter across the warp's lanes (31 shuffles for 32 sums instead of 5 per sum) ends a pass;
-// with one chunk the lanes write y (bias added), with several they write fp32 partials that a second
+// Work split (make_plan): a block of kWarps warps owns a tile of output rows, one K chunk of kc columns
+// and one group of up to 16 tokens; K is split until the grid fills the GPU in one wave. The block stages
+// its chunk of x (all its tokens) in shared memory once; each warp then streams its weight rows through
+// the chunk with 16-byte loads (8 weights of a row per lane, plus the mask byte that covers them), the
+// next step's loads issued before the current step's arithmetic, and masks the weights in registers.
+// - Single mask, compute capability 8.0+ (mma): a warp owns 16 rows and runs mma.m16n8k16 (fp32
+//   accumulate) on the masked tile against 8 or 16 staged tokens; see "the tensor-core kernel" below.
+// - Per-token masks (and single masks on older GPUs): fp32 FMAs; a warp owns rows_for(TOKENS) rows per
+//   pass, keeps rows x TOKENS partial sums per lane, reads x from shared memory once per token and step
+//   for all its rows, and ends a pass with a reduce-scatter across its lanes (31 shuffles for 32 sums
+//   instead of 5 per sum).
+// With one chunk the lanes write y (bias added); with several they write fp32 partials that a second
 // kernel sums in a fixed order (deterministic) before adding the bias.
 #pragma once
 #include <cmath>
@@ -38,13 +42,13 @@ constexpr int kStep = 32 * kLane;        // columns per warp and step
 constexpr int kWarps = 8;                // warps per block
 constexpr int kThreads = kWarps * 32;
 constexpr int kGroupTokens = 16;         // tokens per block at most; more tokens take several groups
-
-// fp32 kernel: weight rows per warp and pass: 4 for few tokens (more 16-byte loads in flight per lane),
-// 2 for 8 or 16 tokens (2 x 16 fp32 sums per lane, and room for the next step's loads without spilling)
-PET_FAST_HDC int rows_for(int tokens, bool) { return tokens >= 8 ? 2 : 4; }
 constexpr int kStageBytes = 32 * 1024;   // shared memory for the staged x chunk, at most (+ padding)
 constexpr int kMmaRows = 16;             // tensor-core kernel: weight rows per warp (the m of m16n8k16)
 constexpr int kMmaSub = 2;               // tensor-core kernel: 32-column blocks per load step (64 columns)
+
+// fp32 kernel: weight rows per warp and pass: 4 for few tokens (more 16-byte loads in flight per lane),
+// 2 for 8 or 16 tokens (2 x 16 fp32 sums per lane, and room for the next step's loads without spilling)
+PET_FAST_HDC int rows_for(int tokens, bool /*multi*/) { return tokens >= 8 ? 2 : 4; }
 
 struct alignas(16) Vec16 {
   uint32_t w[4];
