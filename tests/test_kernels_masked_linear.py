@@ -476,6 +476,28 @@ def test_gpu_cuda_packed(dtype, n, i, o):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cuda_packed_unaligned_and_deterministic(dtype):
+    """x and weight 2 bytes off a 16-byte boundary (K % 8 == 0 but element loads), and two calls on the
+    same inputs bitwise equal (the split-K partials are summed in a fixed order)."""
+    if not _has_cuda_kernel():
+        pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
+    n, i, o = 5, 1032, 300
+    x = torch.randn(n * i + 1, device="cuda").to(dtype)[1:].view(n, i)
+    w = torch.randn(o * i + 1, device="cuda").to(dtype)[1:].view(o, i)
+    s = torch.randn(o, i, device="cuda")
+    b = torch.randn(o, device="cuda").to(dtype)
+    packed = mp.pack_mask(s)
+    out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="cuda")
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    assert_close(out, ref64(x, w, s > 0, b), eager, dtype, "y")
+    xa, wa = x.clone(), w.clone()  # aligned copies: 16-byte loads
+    again = pet_fast.masked_linear(xa, wa, packed_mask=packed, bias=b, backend="cuda")
+    assert_close(again, ref64(x, w, s > 0, b), eager, dtype, "y aligned")
+    assert torch.equal(again, pet_fast.masked_linear(xa, wa, packed_mask=packed, bias=b, backend="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 16, 64])
 def test_gpu_cuda_multitask(dtype, n):
     if not _has_cuda_kernel():
