@@ -54,9 +54,15 @@ at::Tensor masked_linear_packed(const at::Tensor& x_in, const at::Tensor& weight
   at::Tensor y = at::empty({n, o}, x.options());
   if (n == 0 || o == 0) return y;
   const auto code = dtype == at::kHalf ? pet_fast::MaskedLinearDtype::kHalf : pet_fast::MaskedLinearDtype::kBFloat16;
+  // split-K partials (float32), sized by the kernel's plan for this device; from the caching allocator
+  const int64_t ws_bytes = pet_fast::masked_linear_packed_workspace_bytes(n, k, o, multi);
+  TORCH_CHECK(ws_bytes >= 0, "masked_linear_packed: invalid sizes");
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({(ws_bytes + 3) / 4}, x.options().dtype(at::kFloat));
   const cudaError_t err = pet_fast::masked_linear_packed_launch(
       code, x.data_ptr(), weight.data_ptr(), packed.data_ptr<int32_t>(), bias.defined() ? bias.data_ptr() : nullptr,
       multi ? task_ids.data_ptr<int32_t>() : nullptr, y.data_ptr(), n, k, o, n_tasks,
+      workspace.defined() ? workspace.data_ptr() : nullptr, ws_bytes,
       at::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "masked_linear_packed: kernel launch failed: ", cudaGetErrorString(err));
   return y;

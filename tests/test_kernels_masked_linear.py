@@ -698,6 +698,28 @@ def test_gpu_cuda_packed(dtype, n, i, o):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cuda_packed_unaligned_and_deterministic(dtype):
+    """x and weight 2 bytes off a 16-byte boundary (K % 8 == 0 but element loads), and two calls on the
+    same inputs bitwise equal (the split-K partials are summed in a fixed order)."""
+    if not _has_cuda_kernel():
+        pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
+    n, i, o = 5, 1032, 300
+    x = torch.randn(n * i + 1, device="cuda").to(dtype)[1:].view(n, i)
+    w = torch.randn(o * i + 1, device="cuda").to(dtype)[1:].view(o, i)
+    s = torch.randn(o, i, device="cuda")
+    b = torch.randn(o, device="cuda").to(dtype)
+    packed = mp.pack_mask(s)
+    out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="cuda")
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    assert_close(out, ref64(x, w, s > 0, b), eager, dtype, "y")
+    xa, wa = x.clone(), w.clone()  # aligned copies: 16-byte loads
+    again = pet_fast.masked_linear(xa, wa, packed_mask=packed, bias=b, backend="cuda")
+    assert_close(again, ref64(x, w, s > 0, b), eager, dtype, "y aligned")
+    assert torch.equal(again, pet_fast.masked_linear(xa, wa, packed_mask=packed, bias=b, backend="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 16, 64])
 def test_gpu_cuda_multitask(dtype, n):
     if not _has_cuda_kernel():
@@ -752,7 +774,7 @@ def host_check(tmp_path_factory):
     return exe
 
 
-def _host_run(exe, workdir, x, w, packed, ids, bias, vec):
+def _host_run(exe, workdir, x, w, packed, ids, bias, vec, sms=132, mma=True):
     import subprocess
 
     import numpy as np
@@ -774,22 +796,37 @@ def _host_run(exe, workdir, x, w, packed, ids, bias, vec):
     o = w.shape[0]
     tasks = 0 if ids is None else packed.shape[0]
     code = 0 if x.dtype == torch.float16 else 1
-    subprocess.run([str(exe), str(workdir), str(code), str(n), str(k), str(o), str(tasks), str(int(vec)),
-                    str(int(bias is not None))], check=True, capture_output=True, timeout=120)
+    run = subprocess.run([str(exe), str(workdir), str(code), str(n), str(k), str(o), str(tasks), str(int(vec)),
+                          str(int(bias is not None)), str(sms), str(int(mma))], check=True, capture_output=True,
+                         text=True,
+                         timeout=120)
+    plan = dict(kv.split("=") for kv in run.stdout.split())
     y = torch.from_numpy(np.fromfile(str(workdir / "y.bin"), dtype=np.int16)).view(x.dtype)
-    return y.reshape(n, o)
+    return y.reshape(n, o), {key: int(v) for key, v in plan.items()}
+
+
+# (n, k, o, tasks, vec, sms, mma, expected plan entries): the plan the launcher would pick on a GPU with
+# `sms` multiprocessors (mma: compute capability 8.0 or more, where a single mask takes the tensor-core
+# kernel; per-token masks always take the fp32 kernel), asserted so that each case keeps covering what
+# its comment says
+_HOST_CASES = [
+    (1, 40, 9, 0, True, 132, True, {"mma": 1, "tokens": 8, "splits": 1}),   # one token, K % 32 != 0, 9 rows
+    (3, 1104, 13, 0, True, 132, True, {"mma": 1, "splits": 5, "kc": 256}),  # split K, last chunk past K
+    (2, 2056, 33, 0, True, 2, True, {"mma": 1, "splits": 3, "kc": 768}),    # 12 loads per chunk, in flight
+    (3, 37, 6, 0, False, 132, True, {"mma": 1}),                           # K % 8 != 0: element loads
+    (12, 300, 40, 0, False, 132, True, {"mma": 1, "tokens": 16, "splits": 2}),  # two n tiles, 4 empty tokens
+    (20, 2056, 150, 0, True, 1, True, {"mma": 1, "groups": 2, "tiles": 2, "kc": 1024}),  # 2 groups, 2 tiles
+    (64, 776, 5, 0, True, 132, True, {"mma": 1, "groups": 4, "splits": 4}),   # four groups and split K
+    (3, 1104, 13, 0, True, 132, False, {"mma": 0, "tokens": 4, "splits": 5}),  # fp32 kernel: split K
+    (5, 300, 70, 0, False, 1, False, {"mma": 0, "tokens": 8, "passes": 4, "kc": 512}),  # 3 empty tokens, passes
+    (16, 1032, 70, 3, True, 1, True, {"mma": 0, "tokens": 16, "tiles": 2, "splits": 2}),  # multitask, 16 tokens
+    (33, 61, 5, 2, False, 132, True, {"mma": 0, "tokens": 16, "groups": 3}),  # multitask, 3 token groups, K tail
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,o,tasks,vec", [
-    (1, 40, 9, 0, True),        # one token, K not a multiple of 32
-    (3, 304, 13, 0, True),      # K spans two 256-column steps, rows not a multiple of 4
-    (3, 37, 6, 0, False),       # K % 8 != 0: element loads and a partial mask byte
-    (16, 520, 7, 3, True),      # multitask
-    (33, 61, 5, 2, False),      # multitask, 64-token instantiation, K tail
-    (64, 264, 3, 0, True),
-])
-def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec):
+@pytest.mark.parametrize("n,k,o,tasks,vec,sms,mma,plan", _HOST_CASES)
+def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec, sms, mma, plan):
     x = torch.randn(n, k).to(dtype)
     w = torch.randn(o, k).to(dtype)
     b = torch.randn(o).to(dtype) if n != 3 else None
@@ -798,17 +835,43 @@ def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec
         packed = mp.pack_mask(scores)
         ids = torch.randint(0, tasks, (n,))
         ids[0] = tasks - 1
-        out = _host_run(host_check, tmp_path, x, w, packed, ids, b, vec)
+        out, got = _host_run(host_check, tmp_path, x, w, packed, ids, b, vec, sms, mma)
         eager = ml.masked_linear_multitask(x, w, packed, ids, b)
         ref = torch.stack([ref64(x[r:r + 1], w, scores[int(ids[r])] > 0, b)[0] for r in range(n)])
     else:
         s = torch.randn(o, k)
         packed = mp.pack_mask(s)
-        out = _host_run(host_check, tmp_path, x, w, packed, None, b, vec)
+        out, got = _host_run(host_check, tmp_path, x, w, packed, None, b, vec, sms, mma)
         eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b)
         ref = ref64(x, w, s > 0, b)
+    assert {key: got[key] for key in plan} == plan
     assert_close(out, ref, eager, dtype, "y")
     assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+
+
+@pytest.mark.parametrize("n,k,o,tasks,plan", [
+    (1, 4096, 4096, 0, {"mma": 1, "tokens": 8, "tiles": 32, "kc": 512, "splits": 8, "blocks": 256}),
+    (16, 4096, 4096, 0, {"mma": 1, "tokens": 16, "groups": 1, "tiles": 32, "kc": 512, "splits": 8, "blocks": 256}),
+    (64, 4096, 11008, 0, {"mma": 1, "tokens": 16, "groups": 4, "tiles": 86, "kc": 1024, "splits": 4}),
+    (1, 4096, 4096, 4, {"mma": 0, "tokens": 1, "tiles": 128, "kc": 2048, "splits": 2, "blocks": 256}),
+    (16, 4096, 4096, 4, {"mma": 0, "tokens": 16, "tiles": 64, "kc": 1024, "splits": 4, "blocks": 256}),
+])
+def test_cuda_plan_of_serving_shapes(host_check, n, k, o, tasks, plan):
+    """The launch plans of the benchmark's serving shapes on an H100 (132 SMs): at least ~2 blocks per
+    SM and, for N <= 16, one wave at most; x staged in at most 32 KiB; each weight byte read by one
+    block per group of 16 tokens."""
+    import subprocess
+
+    run = subprocess.run([str(host_check), "--plan", "1", str(n), str(k), str(o), str(tasks), "1", "0", "132"],
+                         check=True, capture_output=True, text=True, timeout=60)
+    got = {key: int(v) for key, v in (kv.split("=") for kv in run.stdout.split())}
+    assert {key: got[key] for key in plan} == plan
+    assert got["blocks"] >= 2 * 132 - 8
+    if n <= 16:
+        assert got["blocks"] <= 132 * 2
+    assert got["tokens"] * got["kc"] * 2 <= 32 * 1024
+    assert got["tiles"] * got["rows_per_block"] >= o > (got["tiles"] - 1) * got["rows_per_block"]
+    assert got["splits"] * got["kc"] >= k > (got["splits"] - 1) * got["kc"]
 
 
 @pytest.mark.parametrize("xshape", [(1,), (3, 1)])
