@@ -257,8 +257,9 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
         hoffs = rows[:, None] * RP + rr[None, :]
         dyt = tl.load(DY + n0 * D + offs, mask=m2, other=0.0)
         h = tl.load(HBUF + n0 * RP + hoffs, mask=rmask[:, None], other=0.0)
-        acc_m += mm(tl.trans(dyt), h, UPCAST)
         acc_dy += tl.sum(dyt.to(tl.float32), axis=0)
+        # dy is float32 when the residual (and so the output) is: the product takes it in h's dtype
+        acc_m += mm(tl.trans(dyt.to(HBUF.dtype.element_ty)), h, UPCAST)
         if NEED_W:
             xt = tl.load(X + n0 * D + offs, mask=m2, other=0.0)
             da = tl.load(DABUF + n0 * RP + hoffs, mask=rmask[:, None], other=0.0)
@@ -376,11 +377,12 @@ def _scale_mode(scaling):
 
 
 def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
-    """x (N, d) contiguous; returns y (N, d). ``scaling`` is a tensor (() or (d,)) or None (then
-    ``scaling_value`` is used)."""
+    """x (N, d) contiguous; returns y (N, d) in the residual's dtype (x's without one: a float32
+    residual of half-precision x gives a float32 sum). ``scaling`` is a tensor (() or (d,)) or None
+    (then ``scaling_value`` is used)."""
     n, d = x.shape
     r = w_down.shape[0]
-    y = torch.empty_like(x)
+    y = torch.empty_like(x if residual is None else residual)
     if n == 0:
         return y
     rp = padded_r(r)
@@ -430,7 +432,7 @@ def _reduce_with_matmuls(outs, x, dy, h, da, w_up, b_up, scaling, scaling_value,
         s = scaling_value
     else:
         s = scaling.float() if scaling.dim() == 0 else scaling.float()[:, None]
-    m = torch.mm(dy.t(), h).float()  # (d, r) = dy.T h, unscaled
+    m = torch.mm(dy.t().to(h.dtype), h).float()  # (d, r) = dy.T h, unscaled (dy in h's dtype, as the kernel)
     if "wu" in outs:
         outs["wu"].copy_(m * s)
         outs["wd"].copy_(torch.mm(da.t(), x))

@@ -135,6 +135,38 @@ def test_weight_gradients_through_matmuls_float32_master_weights(monkeypatch):
         assert rel_err(a.float(), b.float()) < 2e-2
 
 
+@pytest.mark.parametrize("matmul_reduction", [False, True])
+@pytest.mark.parametrize("master", [False, True])
+def test_float32_residual_with_half_x(monkeypatch, matmul_reduction, master):
+    """A float32 residual stream with fp16 x (autocast): the sum in float32, every gradient in its
+    leaf's dtype, within the precision rule of eager PyTorch doing the same in mixed dtypes."""
+    if matmul_reduction:
+        kernels = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+        monkeypatch.setattr(kernels, "MATMUL_REDUCTION_MIN_RP", 16)
+    hi, lo = make_case((3, 7), 45, 5, torch.float16, scaling="channel", residual=True)
+    lo["residual"] = hi["residual"].detach().float().requires_grad_()
+    if master:
+        for k in ("w_down", "b_down", "w_up", "b_up", "scaling"):
+            lo[k] = hi[k].detach().float().requires_grad_()
+    ref = call(hi, "gelu", "eager")
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_g = grads(hi, ref, dy)
+    results = {}
+    for backend in ("triton", "eager"):
+        ts = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
+        out = call(ts, "gelu", backend)
+        assert out.dtype == torch.float32
+        g = grads(ts, out, dy.float())
+        for k, v in g.items():
+            assert v.dtype == ts[k].dtype, k
+        results[backend] = {"out": out} | g
+    eps = torch.finfo(torch.float16).eps
+    for name, b in ({"out": ref} | ref_g).items():
+        err = (results["triton"][name].double() - b).abs().max().item()
+        err_eager = (results["eager"][name].double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * eps * b.abs().max().item(), (name, err, err_eager)
+
+
 def test_empty_token_dimension():
     hi, lo = make_case((0,), 16, 4, torch.float32)
     out = call(lo, "relu", "triton")
@@ -161,6 +193,9 @@ def test_dispatch_reasons():
     # auto never takes a kernel for CPU tensors
     assert dispatch.select(op.OP, info).backend == "eager"
     assert any("cuda" in w.lower() for w in op.cuda_reasons(info))
+    x16 = lo["x"].detach().half()
+    mixed = op.describe(x16, lo["w_down"], "relu", 1.0, torch.zeros(x16.shape))
+    assert mixed["float32_residual"] and any("float32 residual" in w for w in op.cuda_reasons(mixed))
 
 
 class _Block(torch.nn.Module):

@@ -199,3 +199,42 @@ def test_inject_returns_the_model_and_the_registry_lives_in_tasks():
     assert mod.TASK_ATTR == TASK_ATTR and pet_fast.inject is mod.inject
     model = build("bert")
     assert pet_fast.inject(model, pet_fast.AdapterConfig(), "t") is model
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_training_step_under_autocast_triton_matches_eager(placement, monkeypatch):
+    """BERT under fp16 autocast (which the interpreter computes right): houlsby sites hand the adapter
+    half activations with the float32 residual stream, pfeiffer sites float32 LayerNorm outputs (the
+    module casts them for the products, keeps the residual float32). No cast of the residual stream
+    reaches the op, the triton backend's loss and gradients match eager's, every gradient is float32."""
+    from pet_fast.ops import bottleneck_adapter as op
+
+    seen = []
+    real = op.bottleneck_adapter
+
+    def spy(x, *args, residual=None, **kw):
+        seen.append((x.dtype, None if residual is None else residual.dtype))
+        return real(x, *args, residual=residual, **kw)
+
+    monkeypatch.setattr("pet_fast.methods.adapter.bottleneck_adapter", spy)
+    results = []
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        model = build("bert")
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert"), "t")
+        model.train()
+        ids, mask = batch()
+        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            loss = logits(model, ids, mask).float().pow(2).mean()
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+        results.append((loss.detach(), grads))
+    assert seen and all(xd == torch.float16 for xd, _ in seen)
+    if placement != "parallel":  # BERT's residual stream is float32 under autocast and stays so
+        assert all(rd == torch.float32 for _, rd in seen)
+    (loss_e, g_e), (loss_t, g_t) = results
+    torch.testing.assert_close(loss_t, loss_e, rtol=5e-3, atol=1e-3)
+    for k in g_e:
+        scale = g_e[k].abs().max().item()
+        assert (g_t[k] - g_e[k]).abs().max().item() <= 0.05 * scale + 1e-4, k

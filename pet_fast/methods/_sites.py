@@ -109,8 +109,9 @@ def _replace_first(out, value):
 
 
 def _adapter(module, inp, residual):
-    """``residual + A(inp)`` with residual cast to inp's dtype (autocast mixes fp32 and bf16)."""
-    return module(inp, residual=residual.to(inp.dtype))
+    """``residual + A(inp)``; under autocast a float32 residual stream stays float32 (the module adds it
+    in float32, no cast launch) and float32 inputs reach the products in autocast's dtype."""
+    return module(inp, residual=residual)
 
 
 def _children(self: Override, fusion) -> list:

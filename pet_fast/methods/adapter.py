@@ -14,6 +14,22 @@ from ..ops.bottleneck_adapter import bottleneck_adapter
 INITS = ("bert", "identity")
 
 
+def autocast_inputs(x: torch.Tensor, residual: Optional[torch.Tensor]):
+    """(x, residual) for the op under autocast: float32 activations go to the products in autocast's
+    dtype (as autocast would cast them for a linear layer), while the residual, x itself when none is
+    given, stays float32 and the op adds it in float32 (as eager autocast adds float32 + half). Outside
+    autocast, or for x already in a half dtype, the arguments are returned as they are; a residual whose
+    dtype the op does not take with x (e.g. half with float32 x) is cast to x's."""
+    if x.dtype == torch.float32 and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        if dt in (torch.float16, torch.bfloat16):
+            return x.to(dt), (x if residual is None else residual.float())
+    if residual is not None and residual.dtype != x.dtype and not (
+            residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        residual = residual.to(x.dtype)
+    return x, residual
+
+
 class BottleneckAdapter(nn.Module):
     """``residual + s * up(act(down(x)))`` with a d -> r -> d bottleneck.
 
@@ -85,7 +101,9 @@ class BottleneckAdapter(nn.Module):
         return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
-        dt = _checks.tensor("x", x, floating=False).dtype
+        _checks.tensor("x", x, floating=False)
+        x, residual = autocast_inputs(x, residual)
+        dt = x.dtype
         if self.w_down.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16):
             dt = torch.float32  # the op takes float32 master weights of half-precision x as they are
         scaling = self.scaling.to(dt) if isinstance(self.scaling, torch.Tensor) else self.scaling

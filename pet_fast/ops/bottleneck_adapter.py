@@ -9,10 +9,12 @@ Contract
     activation  one of ACTIVATIONS (aliases: swish -> silu, gelu_new -> gelu_tanh)
     scaling   a Python number, or a tensor of shape () or (d,) (may require grad)
     residual  None or a tensor shaped like x
-All tensors share x's device. The residual has x's dtype; the parameters (w_down, b_down, w_up, b_up,
-a scaling tensor) share one dtype: x's, or float32 when x is float16/bfloat16 (float32 master weights,
-as in mixed-precision training). Float32 parameters enter the products rounded to x's dtype, as autocast
-would round them, and their gradients come back in float32. The output has x's shape and dtype.
+All tensors share x's device. The parameters (w_down, b_down, w_up, b_up, a scaling tensor) share one
+dtype: x's, or float32 when x is float16/bfloat16 (float32 master weights, as in mixed-precision
+training). Float32 parameters enter the products rounded to x's dtype, as autocast would round them, and
+their gradients come back in float32. The residual has x's dtype, or float32 when x is float16/bfloat16
+(the float32 residual stream of a model under autocast): the sum is then taken and returned in float32,
+as eager autocast would. The output has x's shape and the residual's dtype (x's without a residual).
 
 Backends (chosen per call by pet_fast.dispatch; each is a torch.library custom op with a fake-tensor
 rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break; eager
@@ -22,7 +24,8 @@ calls take the same formulas through an autograd.Function, see ops/_autograd.py)
             (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d; reads float32 parameters of
             half-precision x directly (no cast launches) and writes their gradients in float32.
     cuda    csrc/bottleneck_adapter.cu: forward (two launches) and backward (three) for N <= 64 tokens,
-            r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built.
+            r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built; one dtype
+            for x and the residual.
 ``auto`` orders them by the measured timings of pet_fast/ops/_timings.py and takes the first that
 accepts the call; CPU tensors always go to eager. The committed table (H100, bf16) puts triton first
 for forward-only calls and eager first with gradients, where the Triton backward measured slower.
@@ -68,7 +71,9 @@ def check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual) -
     else:
         scaling = _checks.real_number("scaling", scaling)
     params = dict(b_down=b_down, w_up=w_up, b_up=b_up, scaling=scaling if isinstance(scaling, torch.Tensor) else None)
-    _checks.same_dtype("x", x, residual=residual)
+    if residual is not None and not (residual.dtype == x.dtype or (residual.dtype == torch.float32 and x.dtype in HALF)):
+        raise TypeError(f"residual must have the dtype of x ({x.dtype})" + (
+            " or float32" if x.dtype in HALF else "") + f", got {residual.dtype}")
     if not (w_down.dtype == x.dtype or (w_down.dtype == torch.float32 and x.dtype in HALF)):
         raise TypeError(f"w_down must have the dtype of x ({x.dtype})" + (
             " or float32" if x.dtype in HALF else "") + f", got {w_down.dtype}")
@@ -103,6 +108,7 @@ def describe(x, w_down, activation, scaling, residual) -> dict:
     return _checks.info(x, d=x.shape[-1], r=w_down.shape[0], n=x.numel() // max(x.shape[-1], 1), activation=activation,
                         per_channel_scaling=isinstance(scaling, torch.Tensor) and scaling.dim() == 1,
                         residual=residual is not None,
+                        float32_residual=residual is not None and residual.dtype != x.dtype,
                         requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params))
 
 
@@ -128,7 +134,7 @@ def _triton_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torc
 
 
 def _forward_fake(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
-    return torch.empty_like(x)
+    return torch.empty_like(x if residual is None else residual)
 
 
 def _absent(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -316,6 +322,8 @@ def cuda_reasons(info) -> list:
         why.append(f"{info['n']} tokens > {CUDA_MAX_N} (the cuda kernels are the few-token path)")
     if info["r"] > CUDA_MAX_R:
         why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
+    if info.get("float32_residual"):
+        why.append("a float32 residual with half-precision x (the cuda kernels take one dtype)")
     return why
 
 
