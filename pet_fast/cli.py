@@ -54,7 +54,9 @@ def timing_tables() -> list:
     else:
         lines = [f"adapter ops:      no table ({path}): design order cuda, triton, eager"]
     loaded, where = masked_linear._TIMINGS.get("rows"), masked_linear._TIMINGS.get("path")
-    lines.append(f"{'masked_linear:':17s} " + (f"measured order from {where}" if loaded else f"no table ({where}): design order"))
+    card = _timings.table_device(where) or "an unnamed card"
+    lines.append(f"{'masked_linear:':17s} " + (f"measured on {card} ({where}): {len(loaded)} rows" if loaded
+                                                else f"no table ({where}): design order"))
     lines.append(f"{'prefix_attention:':17s} {prefix_attention.timings_summary()}")
     return lines
 
