@@ -8,7 +8,8 @@
 # DEADLINE_S (default 3000) bounds the whole script: every step's own limit is cut to the time left,
 # and the step benchmark gets what the earlier steps left over.
 # BENCHES="masked_linear prefix_attention bottleneck_adapter profile_step" picks and orders the op benchmarks
-# (profile_step: where whole training steps spend their time; not in the default list).
+# (not in the default list: profile_step, where whole training steps spend their time; masked_serving,
+# a one-minute check of the CUDA serving kernel).
 # STEP_FIRST=1 runs the step benchmark before the op benchmarks, with STEP_ARGS (e.g. "--models
 # bert-32x128 --rows floor full houlsby/auto --no-compile") and a budget of STEP_BUDGET_S seconds.
 # Results: WORK_DIR (default benchmarks/results/latest) holds the logs and JSON; when $OUT is set
@@ -97,11 +98,14 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
       step profile_adapter 60 python benchmarks/profile_adapter.py --json "$work/profile_adapter.json"
       tail -40 "$work/profile_adapter.log" ;;
     masked_linear)
-      step bench_masked_linear 110 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json" --dispatch-table "$work/masked_linear_timings.json"
+      step bench_masked_linear 150 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json" --dispatch-table "$work/masked_linear_timings.json"
       tail -45 "$work/bench_masked_linear.log" ;;
     prefix_attention)
       step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json" --dispatch-table "$work/prefix_attention_timings.json"
       tail -45 "$work/bench_prefix_attention.log" ;;
+    masked_serving)  # the CUDA serving kernel alone: correctness against eager, kernel and op times
+      step check_masked_linear_serving 90 python benchmarks/check_masked_linear_serving.py --json "$work/check_masked_linear_serving.json"
+      tail -20 "$work/check_masked_linear_serving.log" ;;
     profile_step)  # host vs GPU time and top kernels of whole steps (PROFILE_ROWS picks the rows)
       # shellcheck disable=SC2086
       step profile_step 150 python benchmarks/profile_step.py --json "$work/profile_step.json" ${PROFILE_ROWS:+--rows $PROFILE_ROWS}
