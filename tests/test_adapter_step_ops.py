@@ -1,0 +1,87 @@
+"""The host work an adapter adds to a training step, counted in aten ops (views and allocations aside)
+and kernel launches: BERT-size steps are bound by the host, so each adapter site on the fused path
+must cost its kernels and next to nothing else. Tiny BERT, fp16 autocast (the interpreter computes it
+right), the Triton launchers counted and run outside the count."""
+import collections
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+import pet_fast
+from pet_fast import bench
+
+FREE = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "alias", "detach",
+        "as_strided", "slice", "select", "permute", "empty", "empty_like", "empty_strided", "new_empty",
+        "_reshape_alias", "split", "unbind", "lift_fresh"}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in FREE:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_counts(monkeypatch, placement, backend):
+    kernels = pytest.importorskip("pet_fast.kernels.bottleneck_adapter")
+    spec = bench.QUICK_MODELS["bert-tiny-4x32"]
+    torch.manual_seed(0)
+    model = bench.build_model(spec, torch.device("cpu"))
+    ids, mask, labels = bench.make_batch(spec, model.config.vocab_size, torch.device("cpu"))
+    if placement is None:  # the frozen model with its head training: what every method adds to
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+    else:
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement), "t")
+    launches = collections.Counter()
+    for name in ("forward", "backward"):
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name):
+            launches[_name] += 1
+            with _disable_current_modes():  # the interpreter's own tensor traffic is not the step's
+                return _real(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+
+    def step():
+        ctx = pet_fast.use_backend(backend) if backend else contextlib.nullcontext()
+        with torch.no_grad():
+            emb = model.get_input_embeddings()(ids)
+        with ctx, torch.autocast("cpu", dtype=torch.float16):  # gradients reach the input in every variant
+            out = model(inputs_embeds=emb.requires_grad_(), attention_mask=mask, labels=labels)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    launches.clear()
+    with _Count() as count:
+        step()
+    return count.ops, launches
+
+
+# aten ops per site besides the kernels: pfeiffer's placement itself runs the block's LayerNorm once more
+# (forward and backward) and casts that float32 output to half for the products (and back in the backward)
+BUDGET = {"houlsby": 3, "pfeiffer": 6}
+
+
+@pytest.mark.parametrize("placement,sites", [("houlsby", 4), ("pfeiffer", 2)])
+def test_fused_adapter_sites_add_their_kernels_and_little_else(monkeypatch, placement, sites):
+    base, _ = _step_counts(monkeypatch, None, None)
+    fused, launches = _step_counts(monkeypatch, placement, "triton")
+    eager, _ = _step_counts(monkeypatch, placement, "eager")
+    assert launches == {"forward": sites, "backward": sites}  # one launcher call each way per site
+    extra = sum(fused.values()) - sum(base.values())
+    extra_eager = sum(eager.values()) - sum(base.values())
+    assert extra <= BUDGET[placement] * sites, (extra, fused - base)
+    assert fused["_to_copy"] <= base["_to_copy"] + (2 * sites if placement == "pfeiffer" else 0), (fused - base)
+    assert extra_eager > extra + 10 * sites  # what the fused path saves over eager PyTorch's adapter
