@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from pet_fast import bench  # noqa: E402
 
-DEFAULT_ROWS = ["floor", "full", "houlsby/eager", "houlsby/auto", "pfeiffer/eager", "pfeiffer/auto", "mask/eager",
-                "mask/auto", "prefix20/eager", "prefix20/auto", "fusion3/auto"]
+DEFAULT_ROWS = ["floor", "full", "houlsby/eager", "houlsby/triton", "pfeiffer/triton", "mask/eager", "mask/triton",
+                "prefix20/eager", "prefix20/triton", "fusion3/triton"]
 
 
 def _step_fn(row, spec, device):
@@ -107,7 +107,7 @@ def main():
     if model not in table:
         raise SystemExit(f"--model must be one of {sorted(table)}, got {model!r}")
     wanted = args.rows or (DEFAULT_ROWS if gpu else ["floor", "houlsby/eager"])
-    todo = [r for r in bench.plan([model], compile_rows=False, auto_rows=True)
+    todo = [r for r in bench.plan([model], compile_rows=False, auto_rows=True, kernel_rows=gpu)
             if any(bench._matches(r, pat) for pat in wanted)]
     steps = args.steps or (5 if gpu else 2)
     rows = []

@@ -70,17 +70,26 @@ KEY_COMPILED = ["floor", "houlsby/auto", "pfeiffer/auto", "fusion3/auto", "prefi
                 "side/auto", "side-cache/auto", "full"]
 
 
-def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True) -> List[Row]:
+# Methods with fused kernels: on a GPU their "<method>/triton" row times the kernels' path whatever auto
+# chooses (auto follows the committed timing tables, which may predate a kernel's latest version).
+KERNEL_ROWS = ["houlsby", "pfeiffer", "fusion3", "mask", "prefix20"]
+
+
+def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False) -> List[Row]:
     """Every row, in the order a time budget should cut last to first: the first model's eager rows,
     its key compiled rows (KEY_COMPILED), the other models' eager rows, then every other compiled row."""
     eager, key, rest = [], [], []
     for i, m in enumerate(models):
         rows = [Row(m, "full", "full"), Row(m, "floor", "floor"), Row(m, "base-forward", "base-forward")]
         for meth in METHODS:
-            for be in ("eager", "auto") if auto_rows else ("eager",):
+            backends = ("eager", "auto") if auto_rows else ("eager",)
+            if kernel_rows and meth in KERNEL_ROWS:
+                backends += ("triton",)
+            for be in backends:
                 rows.append(Row(m, f"{meth}/{be}", meth, be))
         rows += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
-        comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows if r.kind != "base-forward"]
+        comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows
+                if r.kind != "base-forward" and r.backend != "triton"]
         comp.sort(key=lambda r: KEY_COMPILED.index(r.row[:-len("+compile")]) if r.row[:-len("+compile")] in KEY_COMPILED
                   else len(KEY_COMPILED))
         first = [r for r in comp if r.row[:-len("+compile")] in KEY_COMPILED]
@@ -351,7 +360,7 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
         table = {m: {**MODELS, **QUICK_MODELS}[m] for m in names}
     if compile_rows is None:
         compile_rows = gpu  # on the CPU the benchmark reports the eager path
-    todo = plan(names, compile_rows=compile_rows, auto_rows=gpu or bool(rows))
+    todo = plan(names, compile_rows=compile_rows, auto_rows=gpu or bool(rows), kernel_rows=gpu)
     if rows:
         todo = [r for r in todo if any(_matches(r, pat) for pat in rows)]
     warmup = warmup if warmup is not None else (2 if quick else 3)

@@ -94,6 +94,13 @@ def test_ratios_use_the_compiled_floor_for_compiled_rows():
     assert rows[3]["vs_full"] == 0.6 and "vs_floor" not in rows[5]
 
 
+def test_plan_has_kernel_rows_on_a_gpu_only():
+    cpu = {r.row for r in bench.plan(["bert-32x128"], compile_rows=True)}
+    gpu = {r.row for r in bench.plan(["bert-32x128"], compile_rows=True, kernel_rows=True)}
+    assert not any(r.endswith("/triton") for r in cpu)
+    assert gpu - cpu == {f"{m}/triton" for m in bench.KERNEL_ROWS}  # eager only: no compiled copies
+
+
 def test_plan_orders_rows_for_a_time_budget():
     rows = bench.plan(["bert-32x128", "llama1b-4x1024"], compile_rows=True)
     kinds = [(r.model, r.compiled) for r in rows]
