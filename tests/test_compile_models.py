@@ -97,3 +97,29 @@ def test_reduce_overhead_cuda_graphs(method):
             run.append(loss.item())
         losses.append(run)
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
+def test_fullgraph_under_autocast_with_the_triton_adapter(method):
+    """Under autocast the adapter sites hand the op half activations and the float32 residual stream
+    (pfeiffer: float32 LayerNorm outputs cast by the module): the fake rule's output dtype (the
+    residual's) must agree with the kernels', forward and backward, with no graph break."""
+    model = _prepared("bert", method)
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 0])
+
+    def run(fn):
+        with pet_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.float16):
+            out = fn(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out.logits.detach().float(), grads
+
+    ref_logits, ref_grads = run(model)
+    logits, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3)
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        assert grads[k].dtype == torch.float32
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-4)
