@@ -13,7 +13,6 @@ step: the step is host-bound when this is close to wall_ms), ``gpu_ms`` (summed 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -29,34 +28,8 @@ DEFAULT_ROWS = ["floor", "full", "houlsby/eager", "houlsby/triton", "pfeiffer/tr
                 "prefix20/eager", "prefix20/triton", "fusion3/triton"]
 
 
-def _step_fn(row, spec, device):
-    import pet_fast
-
-    torch.manual_seed(0)
-    model = bench.build_model(spec, device)
-    ids, mask, labels = bench.make_batch(spec, model.config.vocab_size, device)
-    model, kw, params = bench.prepare(row, model)
-    embed = model.get_input_embeddings()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-    def step():
-        with (pet_fast.use_backend(row.backend) if row.backend else contextlib.nullcontext()), autocast:
-            if row.kind == "floor":
-                with torch.no_grad():
-                    emb = embed(ids)
-                out = model(inputs_embeds=emb.requires_grad_(), attention_mask=mask, labels=labels)
-            else:
-                out = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def profile_row(row, spec, device, steps: int, top: int) -> dict:
-    step = _step_fn(row, spec, device)
+    step = bench.make_step(row, spec, device)[0]
     for _ in range(3):
         step()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

@@ -239,7 +239,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
+def make_step(row: Row, spec, device):
+    """(step, trainable parameters, batch shape (B, T)): one training step of the row (forward under autocast on a GPU,
+    backward, AdamW), on a fresh model and batch; shared by the step benchmark and profile_step.py."""
     import pet_fast
 
     torch.manual_seed(0)
@@ -251,8 +253,7 @@ def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
     embed = model.get_input_embeddings()
     fwd = torch.compile(model) if row.compiled else model
     opt = torch.optim.AdamW(params, lr=1e-5) if row.kind != "base-forward" else None
-    gpu = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()  # reusable
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def backend():
         return pet_fast.use_backend(row.backend) if row.backend else contextlib.nullcontext()
@@ -272,6 +273,12 @@ def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, params, ids.shape
+
+
+def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
+    step, params, (B, T) = make_step(row, spec, device)
+    gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     t_compile = time.perf_counter()
@@ -287,11 +294,10 @@ def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
-    B, T = ids.shape
     result = {"ms": round(ms, 3), "tokens_per_s": round(B * T / (ms / 1e3), 1), "warmup_s": round(warm_s, 2),
               "steps": steps, "trainable_params": sum(p.numel() for p in params)}
     result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if gpu else None
-    del model, fwd, opt, params
+    del step, params  # the step holds the model and optimizer
     return result
 
 
