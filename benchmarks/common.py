@@ -7,6 +7,7 @@ baselines measured in the same run.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ import subprocess
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def environment() -> dict:
@@ -91,3 +93,19 @@ def checkpoint(rows, section_done: bool = False) -> None:
         write(_PARTIAL["path"], _PARTIAL["done"] + list(rows), partial=True)
     if section_done:
         _PARTIAL["done"] = _PARTIAL["done"] + list(rows)
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten ops run while active, by name, in ``.ops`` (names in ``skip`` are not counted:
+    e.g. views and allocations, which launch nothing). The host work of a step, in ops."""
+
+    def __init__(self, skip=()):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.skip = frozenset(skip)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.skip:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))

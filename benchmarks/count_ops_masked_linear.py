@@ -19,20 +19,11 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
 from pet_fast.methods.mask import MaskedLinear  # noqa: E402
-
-
-class Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _count_launches(counter):
@@ -70,7 +61,7 @@ def count(backend: str, autocast: bool, x_dtype: torch.dtype) -> collections.Cou
         y.backward(dy)
 
     step()  # warm-up (compiles the kernels under the interpreter)
-    with Counter() as c:
+    with common.AtenOps() as c:
         restore = _count_launches(c)
         try:
             step()

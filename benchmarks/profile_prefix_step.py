@@ -34,19 +34,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
+from benchmarks import common  # noqa: E402
 
 
 def build(layers, hidden, heads, seed=0):
@@ -178,10 +168,10 @@ def measure(kinds, args):
     for kind, step in steps.items():
         for _ in range(3):
             step()
-        counter = OpCounter()
+        counter = common.AtenOps()
         with counter:
             step()
-        rows[kind] = {"row": kind, "aten_ops": sum(counter.counts.values()), "counts": dict(counter.counts)}
+        rows[kind] = {"row": kind, "aten_ops": sum(counter.ops.values()), "counts": dict(counter.ops)}
     # CPU time of this thread (the autograd engine runs CPU work on the calling thread): unlike the wall
     # clock, it does not count the time other processes on a shared machine hold the core
     times = {kind: [] for kind in kinds}

@@ -4,29 +4,22 @@ must cost its kernels and next to nothing else. Tiny BERT, fp16 autocast (the in
 right), the Triton launchers counted and run outside the count."""
 import collections
 import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
-import pet_fast
-from pet_fast import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pet_fast  # noqa: E402
+from benchmarks import common  # noqa: E402
+from pet_fast import bench  # noqa: E402
 
 FREE = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "alias", "detach",
         "as_strided", "slice", "select", "permute", "empty", "empty_like", "empty_strided", "new_empty",
         "_reshape_alias", "split", "unbind", "lift_fresh"}
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in FREE:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _step_counts(monkeypatch, placement, backend):
@@ -64,7 +57,7 @@ def _step_counts(monkeypatch, placement, backend):
 
     step()
     launches.clear()
-    with _Count() as count:
+    with common.AtenOps(skip=FREE) as count:
         step()
     return count.ops, launches
 
