@@ -28,16 +28,16 @@ def function(name: str, forward: Callable, setup_context: Callable, backward: Ca
     """An ``autograd.Function`` with ``forward(*inputs)``, ``setup_context(ctx, inputs, output)`` and
     ``backward(ctx, *grads)`` as registered with ``register_autograd`` of a custom op."""
 
-    def fwd(ctx, *inputs):
-        out = forward(*inputs)
-        setup_context(ctx, inputs, out)
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
         ctx.pet_fast_eager = True  # its backward then calls the eager backward ops too (Op.within)
-        return out
 
     def bwd(ctx, *grads):
         return backward(ctx, *grads)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    # forward and setup_context apart, as a custom op's autograd has them (torch.func can then trace it)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
+                                                   "backward": staticmethod(bwd)})
 
 
 class Op:
