@@ -19,9 +19,9 @@ merge = pytest.importorskip("pet_fast.kernels.prefix_attention_merge")
 NAMES = ("out", "dq", "dk", "dv", "d_prefix_k", "d_prefix_v")
 
 
-def make(B, H, L, S, D, P, prefix, dtype=torch.float32):
+def make(B, H, L, S, D, P, prefix, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(99 + 3 * L + S + (P or 0))
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     q, k, v = r(B, H, L, D), r(B, H, S, D), r(B, H, S, D)
     if prefix is None:
         return [q, k, v, None, None]
@@ -174,3 +174,46 @@ def test_torch_compile_fullgraph_captures_the_merged_op():
     assert any("prefix_attention_merged_fwd" in g for g in graphs)
     for a, b in zip([eager[0]] + eager[1], [compiled[0]] + compiled[1]):
         assert torch.equal(a, b)
+
+
+GPU_CASES = [
+    # B, H, L, S, D, P, prefix, causal
+    (2, 4, 129, 200, 64, 20, "shared", False),
+    (2, 8, 257, 257, 128, 30, "per_batch", True),
+    (1, 4, 100, 100, 80, 64, "broadcast", True),
+    (1, 2, 65, 90, 256, 17, "shared", False),
+    (2, 4, 77, 129, 96, None, None, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,L,S,D,P,prefix,causal", GPU_CASES)
+def test_gpu_merged_path_follows_the_precision_rule(dtype, B, H, L, S, D, P, prefix, causal):
+    """The triton backend on a gradient call it covers: torch's flash kernels plus the Triton merge."""
+    tensors = make(B, H, L, S, D, P, prefix, dtype=dtype, device="cuda")
+    assert op.merged_reasons(tensors[0], tensors[1], tensors[3], None, causal) == []
+    gy = torch.randn(B, H, L, D, device="cuda")
+    triton_backend = lambda *a, causal: pet_fast.prefix_attention(*a, causal=causal, backend="triton")
+    got = run(triton_backend, tensors, causal, gy)
+    eager = run(op.reference, tensors, causal, gy)
+    ref = ref64(tensors, causal, gy)
+    for name, a, e, r in zip(NAMES, [got[0]] + got[1], [eager[0]] + eager[1], [ref[0]] + ref[1]):
+        if r is None:
+            continue
+        assert a.dtype == dtype and a.shape == r.shape, name
+        err = (a.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
+@pytest.mark.gpu
+def test_gpu_merged_prefix_gradients_same_bits_twice():
+    """The prefix gradients are reduced in a fixed order (dq, dk, dv come from torch's flash backward,
+    which follows torch's own determinism setting)."""
+    tensors = make(4, 8, 300, 300, 64, 20, "shared", dtype=torch.bfloat16, device="cuda")
+    gy = torch.randn(4, 8, 300, 64, device="cuda")
+    a = run(op.merged, tensors, True, gy)
+    b = run(op.merged, tensors, True, gy)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1][3], b[1][3]) and torch.equal(a[1][4], b[1][4])
