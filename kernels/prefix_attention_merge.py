@@ -196,19 +196,23 @@ def _merge_bwd_kernel(
 
 
 @triton.jit
-def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr):
-    """Adds the rows of the (splits, 2 * half) fp32 buffer in row order (the same bits every run) and
-    writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype."""
+def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Adds the rows of the (splits, 2 * half) fp32 buffer in a fixed order (the same bits every run:
+    SPLIT_BLOCK running sums per column, one tile of rows at a time, then one tree sum over them) and
+    writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype. A tile of rows per
+    step keeps many loads in flight however many splits there are."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = 2 * half
+    total = 2 * half.to(tl.int64)
     m = i < total
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    src = PART + i
-    for _ in range(0, splits):
-        acc += tl.load(src, mask=m, other=0.0)
-        src += total
-    tl.store(OK + i, acc.to(OK.dtype.element_ty), mask=m & (i < half))
-    tl.store(OV + (i - half), acc.to(OV.dtype.element_ty), mask=m & (i >= half))
+    r0 = tl.arange(0, SPLIT_BLOCK)
+    acc = tl.zeros((SPLIT_BLOCK, BLOCK), dtype=tl.float32)
+    for start in range(0, splits, SPLIT_BLOCK):
+        r = start + r0
+        acc += tl.load(PART + r.to(tl.int64)[:, None] * total + i[None, :], mask=(r < splits)[:, None] & m[None, :],
+                       other=0.0)
+    acc_sum = tl.sum(acc, 0)
+    tl.store(OK + i, acc_sum.to(OK.dtype.element_ty), mask=m & (i < half))
+    tl.store(OV + (i - half), acc_sum.to(OV.dtype.element_ty), mask=m & (i >= half))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +320,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
     dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
     rows = part.view(-1, dpk.numel() * 2)
-    block = 256 if _interpreting() else 1024
+    block, split_block = (128, 4) if _interpreting() else (128, 32)
     _sum_parts_kernel[(triton.cdiv(rows.shape[1], block),)](rows, dpk, dpv, dpk.numel(), rows.shape[0],
-                                                             BLOCK=block, num_warps=4)
+                                                             BLOCK=block, SPLIT_BLOCK=split_block, num_warps=4)
     return dq, dk, dv, dpk, dpv
