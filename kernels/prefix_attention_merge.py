@@ -202,7 +202,7 @@ def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLO
     writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype. A tile of rows per
     step keeps many loads in flight however many splits there are."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = 2 * half.to(tl.int64)
+    total = 2 * half  # products with the int64 row index below stay int64
     m = i < total
     r0 = tl.arange(0, SPLIT_BLOCK)
     acc = tl.zeros((SPLIT_BLOCK, BLOCK), dtype=tl.float32)
@@ -223,16 +223,18 @@ def _block_d(D: int) -> int:
 
 
 def _config(D: int, P: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps): unmeasured on a GPU (a first guess: the prefix loop is short, the
-    query tile is the whole work). The backward's partial-sum buffer holds ceil(L / BLOCK_M) copies of
-    the prefix gradients, hence its larger query tile at small head dims."""
+    """(BLOCK_M, BLOCK_N, num_warps). Untimed on a GPU (a first guess: the prefix loop is short, the
+    query tile is the whole work); for sm_90 every head dim 32..256 at P = 20 and 64 compiles without
+    register spills (benchmarks/compile_check_kernels.py --only prefix_merge, cuobjdump). The
+    backward's partial-sum buffer holds ceil(L / BLOCK_M) copies of the prefix gradients, hence its
+    large query tile at small head dims."""
     if _interpreting():
         return 16, 16, 1
     bn = min(64, max(16, triton.next_power_of_2(max(P, 1))))
     bd = _block_d(D)
     if backward:
-        return (128, min(bn, 32), 8) if bd <= 64 else (64, min(bn, 32), 8) if bd <= 128 else (32, 16, 8)
-    return (128, bn, 8) if bd <= 64 else (64, bn, 4) if bd <= 128 else (64, min(bn, 32), 8)
+        return (128, min(bn, 32), 8) if bd <= 64 else (64, 16, 8) if bd <= 128 else (32, 16, 8)
+    return (128, bn, 8) if bd <= 64 else (64, bn, 8) if bd <= 128 else (32, min(bn, 32), 8)
 
 
 def _prefix(prefix: torch.Tensor, B: int, H: int, D: int):
