@@ -111,6 +111,18 @@ def test_same_bits_twice():
         assert torch.equal(x, y)
 
 
+def test_eager_path_matches_custom_op_path(monkeypatch):
+    """Eager calls take an autograd.Function, PET_FAST_CUSTOM_OPS=1 the custom ops: the same bits."""
+    tensors = make(2, 2, 9, 11, 8, 3, "per_batch")
+    gy = torch.randn(2, 2, 9, 8)
+    monkeypatch.delenv(op._autograd.ENV_VAR, raising=False)
+    eager = run(op.merged, tensors, False, gy)
+    monkeypatch.setenv(op._autograd.ENV_VAR, "1")
+    custom = run(op.merged, tensors, False, gy)
+    for a, b in zip([eager[0]] + eager[1], [custom[0]] + custom[1]):
+        assert torch.equal(a, b)
+
+
 def test_triton_backend_routes_gradient_calls_it_covers(monkeypatch):
     """Calls needing a gradient without padding/GQA take the merged path; forward-only calls, padded
     calls and GQA calls take the flash-style kernels."""
