@@ -229,3 +229,15 @@ def test_gpu_merged_prefix_gradients_same_bits_twice():
     b = run(op.merged, tensors, True, gy)
     assert torch.equal(a[0], b[0])
     assert torch.equal(a[1][3], b[1][3]) and torch.equal(a[1][4], b[1][4])
+
+
+def test_gpu_check_script_quick_run(capsys):
+    """benchmarks/check_prefix_merge.py, the GPU check of this path, at its tiny CPU shape."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.check_prefix_merge import main
+
+    assert main(["--quick"]) == 0
+    assert "d_prefix_v" in capsys.readouterr().out
