@@ -67,6 +67,7 @@ def _merge_fwd_kernel(
     Q, PK, PV, OS, LSES, O, LSE,
     qk_scale2,  # scale * log2(e)
     H, L, P, D,
+    sq_b, sq_h, sq_l,  # strides of q (its last dim is contiguous; the output is contiguous)
     sos_b, sos_h, sos_l,  # strides of o_s (its last dim is contiguous)
     sls_b, sls_h, sls_l,  # strides of lse_s
     spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows D apart
@@ -84,9 +85,9 @@ def _merge_fwd_kernel(
     rows = offs_m.to(tl.int64)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q_off = (b64 * H + h64) * L * D + rows[:, None] * D + offs_d[None, :]
+    o_off = (b64 * H + h64) * L * D + rows[:, None] * D + offs_d[None, :]
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_off, mask=md_mask, other=0.0)
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     p_base = b64 * spk_b + h64 * spk_h
@@ -125,7 +126,7 @@ def _merge_fwd_kernel(
     o_s = tl.load(OS + b64 * sos_b + h64 * sos_h + rows[:, None] * sos_l + offs_d[None, :],
                   mask=md_mask, other=0.0).to(tl.float32)
     out = w_s[:, None] * o_s + w_p[:, None] * acc
-    tl.store(O + q_off, out.to(O.dtype.element_ty), mask=md_mask)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b64 * H + h64) * L + rows, lse2 * 0.6931471805599453, mask=m_ok)
 
 
@@ -134,6 +135,8 @@ def _merge_bwd_kernel(
     Q, PK, PV, DO, O, LSE, DQS, DQ, PART,
     qk_scale2, scale,
     H, L, P, D,
+    sq_b, sq_h, sq_l,  # strides of q
+    sdo_b, sdo_h, sdo_l,  # strides of dO (o and dq are contiguous)
     sdq_b, sdq_h, sdq_l,  # strides of the flash backward's dq (its last dim is contiguous)
     spk_b, spk_h,
     spart_m, spart_b, spart_w,  # part buffer strides: query tile, batch, which (0: d_prefix_k, 1: d_prefix_v)
@@ -152,10 +155,10 @@ def _merge_bwd_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     bh = b64 * H + h64
-    qd_off = bh * L * D + rows[:, None] * D + offs_d[None, :]  # q, dO, o, dq are contiguous
+    qd_off = bh * L * D + rows[:, None] * D + offs_d[None, :]  # o and dq are contiguous
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + qd_off, mask=md_mask, other=0.0)
-    do = tl.load(DO + qd_off, mask=md_mask, other=0.0)
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + rows[:, None] * sdo_l + offs_d[None, :], mask=md_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -244,6 +247,12 @@ def _prefix(prefix: torch.Tensor, B: int, H: int, D: int):
     return prefix, P, (0 if prefix.dim() == 3 else H * P * D), P * D
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous (the (B, L, H, D) memory of projections, seen as
+    (B, H, L, D), is read in place by flash and the kernels), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _flash_forward(q, k, v, causal: bool, scale: float):
     if q.device.type == "cuda":
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
@@ -266,7 +275,7 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
     """Returns ``(out, lse)``: ``out`` contiguous like ``q``; ``lse`` (B, H, L) fp32 natural log. A
     prefix that is None (or has P = 0) leaves the flash result as it is."""
     B, H, L, D = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     o_s, lse_s = _flash_forward(q, k, v, bool(causal), float(scale))
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return o_s.contiguous(), lse_s.contiguous()
@@ -274,11 +283,11 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
     pv, _, _, _ = _prefix(prefix_v, B, H, D)
     if o_s.stride(-1) != 1:
         o_s = o_s.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     bm, bn, warps = _config(D, P, backward=False)
     _merge_fwd_kernel[(triton.cdiv(L, bm), H, B)](
-        q, pk, pv, o_s, lse_s, out, lse, float(scale) * LOG2E, H, L, P, D,
+        q, pk, pv, o_s, lse_s, out, lse, float(scale) * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
         o_s.stride(0), o_s.stride(1), o_s.stride(2), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
         spk_b, spk_h,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
@@ -291,8 +300,8 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``, all contiguous; the prefix gradients have the
     prefix's shape (summed over the batch when it is shared, (H, P, D)) and are None without a prefix."""
     B, H, L, D = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    out, lse = out.contiguous(), lse.contiguous()
     dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
     dk, dv = dk.contiguous(), dv.contiguous()
     if prefix_k is None or prefix_k.shape[-2] == 0:
@@ -312,9 +321,10 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     else:  # rows (tile), each [dpk of every batch | dpv of every batch]: summed over tiles
         part = torch.empty(n_m, 2, B, half, dtype=torch.float32, device=q.device)
         s_m, s_b, s_w = 2 * B * half, half, B * half
-    dq = torch.empty_like(q)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _merge_bwd_kernel[(n_m, H, B)](
         q, pk, pv, grad_out, out, lse, dq_s, dq, part, float(scale) * LOG2E, float(scale), H, L, P, D,
+        q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), spk_b, spk_h, s_m, s_b, s_w,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
         IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,

@@ -70,6 +70,20 @@ def test_float32_output_and_every_gradient(B, H, L, S, D, P, prefix, causal):
         assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
 
 
+def test_projection_layout_inputs_are_read_in_place():
+    """q, k, v and dO with (B, L, H, D) memory (as attention layers make them), read through strides."""
+    B, H, L, S, D, P = 2, 3, 17, 13, 16, 6
+    bl = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)
+    tensors = make(B, H, L, S, D, P, "shared")
+    tensors[:3] = [bl(t) for t in tensors[:3]]
+    gy = bl(torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(8)))
+    assert not tensors[0].is_contiguous() and not gy.is_contiguous()
+    got = run(op.merged, tensors, False, gy)
+    ref = ref64(tensors, False, gy)
+    for name, a, b in zip(NAMES, [got[0]] + got[1], [ref[0]] + ref[1]):
+        assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
+
+
 @pytest.mark.parametrize("B,H,L,S,D,P,prefix,causal", [
     (2, 2, 17, 19, 16, 5, "shared", False),
     (2, 3, 17, 17, 8, 18, "per_batch", True),
