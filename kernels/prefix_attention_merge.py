@@ -36,7 +36,10 @@ on CUDA (sm80+), and on the CPU under ``TRITON_INTERPRET=1`` for the tests. The 
 op calls, in particular the backward's arguments ``cum_seq_* = None``, ``max_q = L``, ``max_k = S`` and
 empty philox tensors, which flash reads only with dropout) has not run on a GPU yet. The flash
 backward on CUDA accumulates ``dq`` with atomics, so its ``dq``/``dk``/``dv`` follow torch's own
-determinism setting; the prefix gradients are reduced here in a fixed order.
+determinism setting; the prefix gradients are reduced here in a fixed order. q, k, v and dO are
+read through their strides when their rows are contiguous (no copy of the (B, L, H, D) layout of
+projections); the output, dq, dk and dv are returned contiguous (dk/dv copied when flash gives
+them in another layout).
 """
 from __future__ import annotations
 
