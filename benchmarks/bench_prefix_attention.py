@@ -141,8 +141,15 @@ def training_rows(quick, device, dtype, flex=True):
             if not quick:
                 cands["pet_fast triton + padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
                     q, k, v, pk, pv, key_padding_mask=m, causal=c, backend="triton")
+                # fwd+bwd: the merged path (torch flash + Triton prefix merge) where it applies (no GQA,
+                # causal only with L == S); fwd: the flash-style Triton kernels
                 cands["pet_fast triton, no padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
                     q, k, v, pk, pv, causal=c, backend="triton")
+                cands["pet_fast triton own kernels, no padding"] = lambda q, k, v, pk, pv, m, c: attention_ops.own_kernels(
+                    q, k, v, pk, pv, causal=c)
+                if not attention_ops.merged_reasons(q, k, pk, None, causal):
+                    cands["pet_fast triton flash-merge, no padding"] = lambda q, k, v, pk, pv, m, c: attention_ops.merged(
+                        q, k, v, pk, pv, causal=c)
                 try:
                     if not flex:
                         raise RuntimeError("skipped (--no-flex)")

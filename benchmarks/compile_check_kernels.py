@@ -15,7 +15,7 @@ pass 2**31 on very long inputs. Needs triton with its NVIDIA backend (ptxas ship
 small CPU: 435 specialisations in about 9.5 minutes on 2 shared cores with a cold triton cache (--quick:
 about 100 in 2 minutes; the triton cache makes reruns fast):
 
-    python benchmarks/compile_check_kernels.py [--only masked_linear|prefix_attention] [--dtypes bf16,fp16,fp32]
+    python benchmarks/compile_check_kernels.py [--only masked_linear|prefix_attention|prefix_merge] [--dtypes bf16,fp16,fp32]
                                                [--jobs N] [--quick]
 
 Exits 1 when a specialisation fails to compile or needs more shared memory than an H100 has.
@@ -37,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import pet_fast.kernels.masked_linear as ML  # noqa: E402
 import pet_fast.kernels.prefix_attention as PA  # noqa: E402
+import pet_fast.kernels.prefix_attention_merge as PAM  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 LIMIT = 232448  # H100 shared memory per block (227 KiB)
@@ -45,6 +46,7 @@ KERNELS = {
     "ml_forward": ML._forward_kernel.fn, "ml_grad_input": ML._grad_input_kernel.fn,
     "ml_grad_weight": ML._grad_weight_kernel.fn, "ml_pack": ML._pack_kernel.fn,
     "pa_fwd": PA._fwd_kernel, "pa_bwd_dkdv": PA._bwd_dkdv_kernel, "pa_bwd_dq": PA._bwd_dq_kernel,
+    "pam_fwd": PAM._merge_fwd_kernel, "pam_bwd": PAM._merge_bwd_kernel, "pam_sum": PAM._sum_parts_kernel,
 }
 
 
@@ -230,9 +232,43 @@ def prefix_attention_jobs(dtypes, quick):
     return jobs
 
 
+def prefix_merge_jobs(dtypes, quick):
+    """The merged path's kernels (kernels/prefix_attention_merge.py: fp16/bf16 on CUDA only) at the tiles
+    its launchers pick per head dim and prefix length."""
+    jobs = []
+    for dt in [d for d in dtypes if d in ("bf16", "fp16")]:
+        t = "*" + dt
+        for D in ((64, 128) if quick else (32, 64, 80, 96, 128, 256)):
+            for P in ((20,) if quick else (20, 64)):
+                for variant in (("odd",) if quick else ("aligned", "odd", "i64")):
+                    div = {"D"} | ({"L", "P", "H"} if variant == "aligned" else set())
+                    i64 = variant == "i64"
+                    for backward in (False, True):
+                        bm, bn, warps = PAM._config(D, P, backward)
+                        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=PAM._block_d(D), UPCAST=False, IEEE=False)
+                        common = dict(dtype=dt, tag=f"D={D} P={P} BM={bm} BN={bn}", warps=warps, stages=1,
+                                      div=div, variant=variant, consts=consts)
+                        if not backward:
+                            strides = ("sq_b", "sq_h", "sq_l", "sos_b", "sos_h", "sos_l", "sls_b", "sls_h", "sls_l",
+                                       "spk_b", "spk_h")
+                            jobs.append(dict(kernel="pam_fwd", **common, types=dict(
+                                Q=t, PK=t, PV=t, OS=t, LSES="*fp32", O=t, LSE="*fp32", qk_scale2="fp32",
+                                **({k: "i64" for k in strides} if i64 else {}))))
+                        else:
+                            strides = ("sq_b", "sq_h", "sq_l", "sdo_b", "sdo_h", "sdo_l", "sdq_b", "sdq_h", "sdq_l",
+                                       "spk_b", "spk_h", "spart_m", "spart_b", "spart_w")
+                            jobs.append(dict(kernel="pam_bwd", **common, types=dict(
+                                Q=t, PK=t, PV=t, DO=t, O=t, LSE="*fp32", DQS=t, DQ=t, PART="*fp32",
+                                qk_scale2="fp32", scale="fp32", **({k: "i64" for k in strides} if i64 else {}))))
+        jobs.append(dict(kernel="pam_sum", dtype=dt, tag="BLOCK=128 SPLIT_BLOCK=32", warps=4, stages=1, div=set(),
+                         variant="odd", consts=dict(BLOCK=128, SPLIT_BLOCK=32),
+                         types=dict(PART="*fp32", OK=t, OV=t)))
+    return jobs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["masked_linear", "prefix_attention"])
+    ap.add_argument("--only", choices=["masked_linear", "prefix_attention", "prefix_merge"])
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
     ap.add_argument("--quick", action="store_true", help="a few specialisations per kernel")
@@ -243,6 +279,8 @@ def main():
         jobs += masked_linear_jobs(dtypes, args.quick)
     if args.only in (None, "prefix_attention"):
         jobs += prefix_attention_jobs(dtypes, args.quick)
+    if args.only in (None, "prefix_merge"):
+        jobs += prefix_merge_jobs(dtypes, args.quick)
     print(f"{len(jobs)} specialisations for sm_90 (triton {triton.__version__}); "
           f"shared memory limit {LIMIT} B", flush=True)
     t0 = time.time()

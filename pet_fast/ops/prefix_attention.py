@@ -30,7 +30,13 @@ Backends
             / ``_bwd`` (torch.compile sees one node each, no graph break; eager calls take the same
             functions through an autograd.Function, ops/_autograd.py): flash-attention forward and
             backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
-            head_dim <= 256; forward and backward.
+            head_dim <= 256; forward and backward. Calls that need a gradient, without padding or
+            GQA, non-causal or causal with L == S, head_dim % 8 == 0, fp16/bf16 on CUDA, take the
+            merged path instead (``pet_fast::prefix_attention_merged_fwd`` / ``_bwd``,
+            kernels/prefix_attention_merge.py): torch's flash attention forward and backward over the
+            sequence and a Triton kernel for the prefix, merged through their log-sum-exps (exact:
+            the flash backward called with the merged output and log-sum-exp gives the joint
+            softmax's sequence gradients). Its CUDA side has not yet run on a GPU.
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
             head_dim <= 256, forward only (refuses calls that need a gradient).
@@ -370,10 +376,131 @@ def _canonical_prefix(prefix_k, prefix_v):
     return prefix_k, prefix_v
 
 
-def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
-    """The Triton path (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_fwd``."""
+# ---------------------------------------------------------------------------------------------------
+# Merged path: torch's flash attention over the sequence, a Triton kernel for the prefix, merged through
+# the log-sum-exps (pet_fast/kernels/prefix_attention_merge.py), forward and backward. The triton backend
+# takes it for calls that need a gradient and that it covers (:func:`merged_reasons`).
+
+_MERGED_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# On the CPU only the interpreter runs it (tests); bf16 is left out there, the interpreter computes it wrong.
+_MERGED_CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def merged_reasons(q, k, prefix_k, key_padding_mask, causal) -> list:
+    """Why the merged path cannot take a call (empty: it can), from the arguments' metadata only."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    why = []
+    if key_padding_mask is not None:
+        why.append("a key padding mask (torch's flash kernel takes none)")
+    if Hq != Hkv:
+        why.append(f"grouped-query attention ({Hq} query heads over {Hkv} key/value heads)")
+    if causal and L != S:
+        why.append(f"causal with q_len {L} != kv_len {S} (flash's causal mask is top-left aligned)")
+    if L == 0 or S == 0 or B * Hq == 0:
+        why.append("an empty batch, head or sequence")
+    if D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM:
+        why.append(f"head_dim {D} is not a multiple of 8 in 8..{MAX_HEAD_DIM}")
+    if prefix_k is not None and prefix_k.dim() == 4 and prefix_k.shape[0] != B:
+        why.append("a prefix batch that is not q's")
+    if q.device.type == "cuda":
+        if q.dtype not in _MERGED_CUDA_DTYPES:
+            why.append(f"dtype {q.dtype} on CUDA (torch's flash kernel takes fp16/bf16)")
+        elif torch.cuda.get_device_capability(q.device)[0] < 8:
+            why.append("a GPU older than sm80 (torch's flash kernel needs Ampere or newer)")
+    elif q.device.type == "cpu":
+        if q.dtype not in _MERGED_CPU_DTYPES:
+            why.append(f"dtype {q.dtype} on the CPU (the interpreter's tests run fp32/fp16)")
+    else:
+        why.append(f"device {q.device.type}")
+    return why
+
+
+def _merge_kernels():
+    from ..kernels import prefix_attention_merge as kernels
+
+    return kernels
+
+
+def _merged_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                    prefix_v: Optional[torch.Tensor], causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the joint softmax: out contiguous like q, lse (B, H, L) float32 natural log."""
+    return _merge_kernels().forward(q, k, v, prefix_k, prefix_v, causal, scale)
+
+
+def _merged_forward_fake(q, k, v, prefix_k, prefix_v, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _merged_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor], out: torch.Tensor,
+                     lse: torch.Tensor, causal: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_prefix_k, d_prefix_v); the prefix gradients are empty tensors without a prefix."""
+    dq, dk, dv, dpk, dpv = _merge_kernels().backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal, scale)
+    if dpk is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dpk, dpv
+
+
+def _merged_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal, scale):
+    return _fused_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, None, out, lse, causal, scale)
+
+
+def _merged_setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _merged_autograd_backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = MERGED_BACKWARD.within(ctx)(grad_out, q, k, v, prefix_k, prefix_v, out, lse,
+                                                       ctx.causal, ctx.scale)
+    if prefix_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None
+
+
+MERGED_BACKWARD = _autograd.custom_op("prefix_attention_merged_bwd", _merged_backward, fake=_merged_backward_fake)
+MERGED_FORWARD = _autograd.custom_op("prefix_attention_merged_fwd", _merged_forward, fake=_merged_forward_fake,
+                                     autograd=(_merged_autograd_backward, _merged_setup_context))
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def merged(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The merged path alone (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_merged_fwd``;
+    raises ValueError for a call that :func:`merged_reasons` refuses. For tests and benchmarks; the
+    triton backend (:func:`fused`) routes to it by itself."""
+    why = merged_reasons(q, k, prefix_k, key_padding_mask, causal)
+    if why:
+        raise ValueError("prefix_attention: the merged path cannot take this call: " + "; ".join(why))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    return MERGED_FORWARD(q, k, v, prefix_k, prefix_v, causal, scale)[0]
+
+
+def own_kernels(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The flash-style Triton kernels of kernels/prefix_attention.py for every call, forward and backward
+    (``torch.ops.pet_fast.prefix_attention_fwd``); same signature as :func:`reference`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+
+
+def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+    """The triton backend (same signature as :func:`reference`). Calls that need a gradient and that
+    :func:`merged_reasons` accepts take the merged path (torch's flash attention over the sequence plus
+    the Triton prefix merge, ``pet_fast::prefix_attention_merged_fwd``); every other call, and every
+    forward-only call, takes the flash-style Triton kernels (``pet_fast::prefix_attention_fwd``)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
+    if _needs_grad(q, k, v, prefix_k, prefix_v) and not merged_reasons(q, k, prefix_k, key_padding_mask, causal):
+        return MERGED_FORWARD(q, k, v, prefix_k, prefix_v, causal, scale)[0]
     return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
 
 

@@ -1,0 +1,341 @@
+"""Attention over ``[prefix; keys]`` as torch's flash attention over the sequence plus a Triton merge.
+
+The sequence part (the L x S scores) goes to PyTorch's own flash kernels
+(``aten::_scaled_dot_product_flash_attention`` and its backward on CUDA, the ``_for_cpu`` variants on
+the CPU); only the small L x P prefix part is computed here, in two Triton kernels:
+
+Forward, ``_merge_fwd_kernel``, one program per (query tile, head, batch): it computes the tile's
+prefix scores from the prefix keys/values read from their own tensors (batch stride 0 when shared by
+the batch), runs its own max and sum over them (fp32, base 2), reads the flash output ``o_s`` and
+log-sum-exp ``lse_s`` of the same rows and writes
+
+    lse = logaddexp(lse_s, lse_p)
+    o   = exp(lse_s - lse) * o_s + sum_p exp(s_p - lse) v_p
+
+Why the merge is exact: the softmax over the union of two key sets has the normaliser
+``exp(lse) = exp(lse_s) + exp(lse_p)``; ``o_s`` is the sequence part's average of the values under its
+own normaliser ``exp(lse_s)``, so ``exp(lse_s - lse) * o_s`` re-weights it to the joint one, and the
+prefix terms are added with the joint normaliser directly. Only roundings differ from one softmax
+over the concatenation (``o_s`` is rounded to q's dtype once by the flash kernel).
+
+What the forward saves (ops/prefix_attention.py): q, k, v, the prefix, and the MERGED output and
+log-sum-exp (nothing of ``o_s`` / ``lse_s``). The flash backward called with the merged ``o`` and
+``lse`` computes ``P = exp(s - lse)`` (the joint softmax's probabilities on the sequence keys) and
+``D = rowsum(dO * o)`` (the joint softmax's term), so its ``dq_s``, ``dk``, ``dv`` are exactly those
+of the joint attention restricted to the sequence keys. The prefix remainder is
+``_merge_bwd_kernel``, one program per (query tile, head, batch): ``P = exp(s_p - lse)``,
+``D = rowsum(dO * o)``, ``dS = P * (dO v_p^T - D)``, ``dq = dq_s + scale * dS pk``, and fp32 partial
+sums ``scale * dS^T q`` and ``P^T dO`` of the prefix gradients per program, written to a buffer and
+added by ``_sum_parts_kernel`` in a fixed order (the same bits every run; no atomics), over the
+query tiles, and over the batch when the prefix is shared.
+
+Scope (checked by the caller, pet_fast/ops/prefix_attention.py): no key padding mask, as many
+key/value heads as query heads, non-causal or causal with L == S (flash's causal mask is top-left
+aligned, equal to the op's bottom-right one only there), L, S >= 1, D % 8 == 0 and D <= 256; fp16/bf16
+on CUDA (sm80+), and on the CPU under ``TRITON_INTERPRET=1`` for the tests. The CUDA side (the flash
+op calls, in particular the backward's arguments ``cum_seq_* = None``, ``max_q = L``, ``max_k = S`` and
+empty philox tensors, which flash reads only with dropout) has not run on a GPU yet. The flash
+backward on CUDA accumulates ``dq`` with atomics, so its ``dq``/``dk``/``dv`` follow torch's own
+determinism setting; the prefix gradients are reduced here in a fixed order. q, k, v and dO are
+read through their strides when their rows are contiguous (no copy of the (B, L, H, D) layout of
+projections); the output, dq, dk and dv are returned contiguous (dk/dv copied when flash gives
+them in another layout).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _merge_fwd_kernel(
+    Q, PK, PV, OS, LSES, O, LSE,
+    qk_scale2,  # scale * log2(e)
+    H, L, P, D,
+    sq_b, sq_h, sq_l,  # strides of q (its last dim is contiguous; the output is contiguous)
+    sos_b, sos_h, sos_l,  # strides of o_s (its last dim is contiguous)
+    sls_b, sls_h, sls_l,  # strides of lse_s
+    spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows D apart
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < L
+    d_ok = offs_d < D
+    rows = offs_m.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o_off = (b64 * H + h64) * L * D + rows[:, None] * D + offs_d[None, :]
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    p_base = b64 * spk_b + h64 * spk_h
+    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, P, BLOCK_N):
+        n_ok = (start + offs_n0) < P
+        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
+        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _mm(q, tl.trans(kt), IEEE) * qk_scale2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: P >= 1, every row sees the first prefix key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pc = p.to(PV.dtype.element_ty)
+        if UPCAST:
+            pc = pc.to(tl.float32)
+        acc = acc * alpha[:, None] + _mm(pc, vt, IEEE)
+        m_i = m_new
+
+    lse_s2 = tl.load(LSES + b64 * sls_b + h64 * sls_h + rows * sls_l, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse_p2 = m_i + tl.log2(l_i)
+    top = tl.maximum(lse_s2, lse_p2)
+    lse2 = top + tl.log2(tl.exp2(lse_s2 - top) + tl.exp2(lse_p2 - top))
+    w_s = tl.exp2(lse_s2 - lse2)
+    w_p = tl.exp2(m_i - lse2)  # acc holds sum_p exp2(s_p - m_i) v_p
+    o_s = tl.load(OS + b64 * sos_b + h64 * sos_h + rows[:, None] * sos_l + offs_d[None, :],
+                  mask=md_mask, other=0.0).to(tl.float32)
+    out = w_s[:, None] * o_s + w_p[:, None] * acc
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=md_mask)
+    tl.store(LSE + (b64 * H + h64) * L + rows, lse2 * 0.6931471805599453, mask=m_ok)
+
+
+@triton.jit
+def _merge_bwd_kernel(
+    Q, PK, PV, DO, O, LSE, DQS, DQ, PART,
+    qk_scale2, scale,
+    H, L, P, D,
+    sq_b, sq_h, sq_l,  # strides of q
+    sdo_b, sdo_h, sdo_l,  # strides of dO (o and dq are contiguous)
+    sdq_b, sdq_h, sdq_l,  # strides of the flash backward's dq (its last dim is contiguous)
+    spk_b, spk_h,
+    spart_m, spart_b, spart_w,  # part buffer strides: query tile, batch, which (0: d_prefix_k, 1: d_prefix_v)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < L
+    d_ok = offs_d < D
+    rows = offs_m.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    bh = b64 * H + h64
+    qd_off = bh * L * D + rows[:, None] * D + offs_d[None, :]  # o and dq are contiguous
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + rows[:, None] * sdo_l + offs_d[None, :], mask=md_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    o = tl.load(O + qd_off, mask=md_mask, other=0.0).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o, 1)
+    lse2 = tl.load(LSE + bh * L + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    p_base = b64 * spk_b + h64 * spk_h
+    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
+    part_base = pid_m.to(tl.int64) * spart_m + b64 * spart_b + h64 * P * D
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, P, BLOCK_N):
+        n_ok = (start + offs_n0) < P
+        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
+        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _mm(q, tl.trans(kt), IEEE) * qk_scale2
+        p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _mm(do, tl.trans(vt), IEEE)
+        ds = p * (dp - delta[:, None])
+        dsc = ds.to(Q.dtype.element_ty)
+        pc = p.to(DO.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+            pc = pc.to(tl.float32)
+        dq += _mm(dsc, kt, IEEE)
+        dpk = _mm(tl.trans(dsc), q, IEEE) * scale  # (BLOCK_N, BLOCK_D)
+        dpv = _mm(tl.trans(pc), do, IEEE)
+        g_off = part_base + tl.cast(start, tl.int64) * D + kv_tile
+        tl.store(PART + g_off, dpk, mask=kv_mask)
+        tl.store(PART + spart_w + g_off, dpv, mask=kv_mask)
+    dq_s = tl.load(DQS + b64 * sdq_b + h64 * sdq_h + rows[:, None] * sdq_l + offs_d[None, :],
+                   mask=md_mask, other=0.0).to(tl.float32)
+    tl.store(DQ + qd_off, (dq_s + dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Adds the rows of the (splits, 2 * half) fp32 buffer in a fixed order (the same bits every run:
+    SPLIT_BLOCK running sums per column, one tile of rows at a time, then one tree sum over them) and
+    writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype. A tile of rows per
+    step keeps many loads in flight however many splits there are."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    total = 2 * half  # products with the int64 row index below stay int64
+    m = i < total
+    r0 = tl.arange(0, SPLIT_BLOCK)
+    acc = tl.zeros((SPLIT_BLOCK, BLOCK), dtype=tl.float32)
+    for start in range(0, splits, SPLIT_BLOCK):
+        r = start + r0
+        acc += tl.load(PART + r.to(tl.int64)[:, None] * total + i[None, :], mask=(r < splits)[:, None] & m[None, :],
+                       other=0.0)
+    acc_sum = tl.sum(acc, 0)
+    tl.store(OK + i, acc_sum.to(OK.dtype.element_ty), mask=m & (i < half))
+    tl.store(OV + (i - half), acc_sum.to(OV.dtype.element_ty), mask=m & (i >= half))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side.
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _config(D: int, P: int, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps). Untimed on a GPU (a first guess: the prefix loop is short, the
+    query tile is the whole work); for sm_90 every head dim 32..256 at P = 20 and 64 compiles without
+    register spills (benchmarks/compile_check_kernels.py --only prefix_merge, cuobjdump). The
+    backward's partial-sum buffer holds ceil(L / BLOCK_M) copies of the prefix gradients, hence its
+    large query tile at small head dims."""
+    if _interpreting():
+        return 16, 16, 1
+    bn = min(64, max(16, triton.next_power_of_2(max(P, 1))))
+    bd = _block_d(D)
+    if backward:
+        return (128, min(bn, 32), 8) if bd <= 64 else (64, 16, 8) if bd <= 128 else (32, 16, 8)
+    return (128, bn, 8) if bd <= 64 else (64, bn, 8) if bd <= 128 else (32, min(bn, 32), 8)
+
+
+def _prefix(prefix: torch.Tensor, B: int, H: int, D: int):
+    """(contiguous tensor, P, batch stride, head stride) of a (H, P, D) or (B, H, P, D) prefix."""
+    prefix = prefix.contiguous()
+    P = prefix.shape[-2]
+    return prefix, P, (0 if prefix.dim() == 3 else H * P * D), P * D
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous (the (B, L, H, D) memory of projections, seen as
+    (B, H, L, D), is read in place by flash and the kernels), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_forward(q, k, v, causal: bool, scale: float):
+    if q.device.type == "cuda":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    if q.device.type == "cuda":
+        # dense (not varlen) call: no cumulative lengths; no dropout, so the philox state is never read
+        unused = torch.empty((), dtype=torch.long)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, unused, unused,
+            scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
+    """Returns ``(out, lse)``: ``out`` contiguous like ``q``; ``lse`` (B, H, L) fp32 natural log. A
+    prefix that is None (or has P = 0) leaves the flash result as it is."""
+    B, H, L, D = q.shape
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    o_s, lse_s = _flash_forward(q, k, v, bool(causal), float(scale))
+    if prefix_k is None or prefix_k.shape[-2] == 0:
+        return o_s.contiguous(), lse_s.contiguous()
+    pk, P, spk_b, spk_h = _prefix(prefix_k, B, H, D)
+    pv, _, _, _ = _prefix(prefix_v, B, H, D)
+    if o_s.stride(-1) != 1:
+        o_s = o_s.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    bm, bn, warps = _config(D, P, backward=False)
+    _merge_fwd_kernel[(triton.cdiv(L, bm), H, B)](
+        q, pk, pv, o_s, lse_s, out, lse, float(scale) * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
+        o_s.stride(0), o_s.stride(1), o_s.stride(2), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
+        spk_b, spk_h,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
+        IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
+    )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scale: float):
+    """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``, all contiguous; the prefix gradients have the
+    prefix's shape (summed over the batch when it is shared, (H, P, D)) and are None without a prefix."""
+    B, H, L, D = q.shape
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    out, lse = out.contiguous(), lse.contiguous()
+    dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
+    dk, dv = dk.contiguous(), dv.contiguous()
+    if prefix_k is None or prefix_k.shape[-2] == 0:
+        empty = None if prefix_k is None else (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))
+        return (dq_s.contiguous(), dk, dv) + ((None, None) if empty is None else empty)
+    pk, P, spk_b, spk_h = _prefix(prefix_k, B, H, D)
+    pv, _, _, _ = _prefix(prefix_v, B, H, D)
+    if dq_s.stride(-1) != 1:
+        dq_s = dq_s.contiguous()
+    bm, bn, warps = _config(D, P, backward=True)
+    n_m = triton.cdiv(L, bm)
+    half = H * P * D  # one batch's prefix gradient
+    shared = prefix_k.dim() == 3
+    if shared:  # rows (tile, batch), each [dpk | dpv] of one batch: summed over tiles and the batch
+        part = torch.empty(n_m, B, 2, half, dtype=torch.float32, device=q.device)
+        s_m, s_b, s_w = B * 2 * half, 2 * half, half
+    else:  # rows (tile), each [dpk of every batch | dpv of every batch]: summed over tiles
+        part = torch.empty(n_m, 2, B, half, dtype=torch.float32, device=q.device)
+        s_m, s_b, s_w = 2 * B * half, half, B * half
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _merge_bwd_kernel[(n_m, H, B)](
+        q, pk, pv, grad_out, out, lse, dq_s, dq, part, float(scale) * LOG2E, float(scale), H, L, P, D,
+        q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), spk_b, spk_h, s_m, s_b, s_w,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
+        IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
+    )
+    dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
+    dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
+    rows = part.view(-1, dpk.numel() * 2)
+    block, split_block = (128, 4) if _interpreting() else (128, 32)
+    _sum_parts_kernel[(triton.cdiv(rows.shape[1], block),)](rows, dpk, dpv, dpk.numel(), rows.shape[0],
+                                                             BLOCK=block, SPLIT_BLOCK=split_block, num_warps=4)
+    return dq, dk, dv, dpk, dpv
