@@ -210,18 +210,24 @@ def decode_rows(quick, device, dtype):
 
 BACKEND_IMPLS = {"pet_fast eager (sdpa) + padding": "eager", "pet_fast triton + padding": "triton",
                  "pet_fast cuda decode + padding": "cuda"}
+# Without padding the eager backend runs concatenation + SDPA without a mask, the triton backend (for a
+# gradient) its flash-merge path where the call allows it: their rows give the "fwd+bwd, no padding" order.
+NO_PADDING_IMPLS = {"cat + sdpa, no padding": "eager", "pet_fast triton, no padding": "triton"}
 
 
 def dispatch_table(rows) -> dict:
-    """auto's order per kind of call (decode, fwd, fwd+bwd) from the padded rows of each backend: the
+    """auto's order per kind of call (decode, fwd, fwd+bwd from the padded rows of each backend, and
+    fwd+bwd without padding from the unpadded ones): the
     backend that is fastest on more shapes first, ties broken by total time; only shapes where every
     compared backend ran count."""
     orders = {}
-    for mode in ("decode", "fwd", "fwd+bwd"):
+    for mode, row_mode, impls in [("decode", "decode", BACKEND_IMPLS), ("fwd", "fwd", BACKEND_IMPLS),
+                                  ("fwd+bwd", "fwd+bwd", BACKEND_IMPLS),
+                                  ("fwd+bwd, no padding", "fwd+bwd", NO_PADDING_IMPLS)]:
         per_shape = {}
         for r in rows:
-            if r.get("mode") == mode and r.get("impl") in BACKEND_IMPLS and r.get("us") is not None:
-                per_shape.setdefault(r["shape"], {})[BACKEND_IMPLS[r["impl"]]] = r["us"]
+            if r.get("mode") == row_mode and r.get("impl") in impls and r.get("us") is not None:
+                per_shape.setdefault(r["shape"], {})[impls[r["impl"]]] = r["us"]
         backends = sorted({b for t in per_shape.values() for b in t})
         shapes = [t for t in per_shape.values() if set(t) == set(backends)]
         if len(backends) < 2 or not shapes:

@@ -301,17 +301,21 @@ def test_measured_timings_order_auto(tmp_path):
             dict(shape="t", mode="fwd+bwd", impl="pet_fast eager (sdpa) + padding", us=800.0),
             dict(shape="t", mode="fwd+bwd", impl="pet_fast triton + padding", us=900.0),
             dict(shape="t", mode="fwd+bwd", impl="cat + sdpa + padding mask", us=10.0),  # not a backend
+            dict(shape="t", mode="fwd+bwd", impl="cat + sdpa, no padding", us=600.0),  # eager without padding
+            dict(shape="t", mode="fwd+bwd", impl="pet_fast triton, no padding", us=450.0),
             dict(shape="u", mode="fwd", impl="pet_fast triton + padding", error="failed")]
     table = dispatch_table(rows)
     # decode: one win each, cuda's total time is lower (310 against 315); fwd has a single backend measured: no order
-    assert table == {"orders": {"decode": ["cuda", "triton", "eager"], "fwd+bwd": ["eager", "triton"]}}
+    assert table == {"orders": {"decode": ["cuda", "triton", "eager"], "fwd+bwd": ["eager", "triton"],
+                                "fwd+bwd, no padding": ["triton", "eager"]}}
     path = tmp_path / "prefix_attention_timings.json"
     path.write_text(json.dumps(table))
     gpu = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, q_len=1, requires_grad=False)
     try:
         op.load_timings(str(path))
         assert op.preference(gpu) == ["cuda", "triton", "eager"]
-        assert op.preference(dict(gpu, requires_grad=True)) == ["eager", "triton", "cuda"]
+        assert op.preference(dict(gpu, requires_grad=True, padding=True)) == ["eager", "triton", "cuda"]
+        assert op.preference(dict(gpu, requires_grad=True, padding=False)) == ["triton", "eager", "cuda"]
         assert op.preference(dict(gpu, q_len=64)) == ["triton", "cuda", "eager"]  # not measured: by design
         path.write_text(json.dumps({"orders": {"decode": ["fast"]}}))
         with pytest.raises(ValueError, match="prefix_attention timings"):
@@ -341,7 +345,7 @@ def test_auto_follows_every_order_of_a_table(tmp_path):
             return [name for name, _ in dispatch.explain(op.OP, info)]
 
         assert order(q, pk) == orders["fwd"]
-        assert order(q, pk.requires_grad_()) == orders["fwd+bwd"]
+        assert order(q, pk.requires_grad_()) == orders["fwd+bwd"]  # no padding: fwd+bwd's order without its own
         with torch.no_grad():
             assert order(q, pk) == orders["fwd"]  # parameters that need a gradient, but none is recorded
         assert order(q[:, :, :1], pk) == orders["fwd+bwd"]
@@ -349,6 +353,14 @@ def test_auto_follows_every_order_of_a_table(tmp_path):
             assert order(q[:, :, :1], pk) == orders["decode"]
         for mode, expected in orders.items():
             assert op.preference_for_mode(mode) == expected
+        # unpadded calls that need a gradient: their own order where the table has one
+        path.write_text(json.dumps({"orders": {**orders, "fwd+bwd, no padding": ["triton", "eager", "cuda"]}}))
+        op.load_timings(str(path))
+        assert order(q, pk.detach()) == orders["fwd"]
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        info = op.describe(q, k, pk, mask, False, v, pv)
+        assert [name for name, _ in dispatch.explain(op.OP, info)] == orders["fwd+bwd"]
+        assert order(q, pk.requires_grad_()) == ["triton", "eager", "cuda"]
         # a table with some modes only: the others keep the design order
         path.write_text(json.dumps({"orders": {"fwd+bwd": ["eager"]}}))
         op.load_timings(str(path))

@@ -41,8 +41,10 @@ Backends
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
             head_dim <= 256, forward only (refuses calls that need a gradient).
 auto follows measured timings where a GPU run left a table (prefix_attention_timings.json, one order per
-kind of call: "fwd" when no gradient is needed, "fwd+bwd" when one is, "decode" for at most 8 queries
-without a gradient), else takes triton, then eager, and the decode kernel last (see :func:`preference`).
+kind of call: "fwd" when no gradient is needed, "fwd+bwd" when one is, "fwd+bwd, no padding" when one is
+and nothing is masked (the triton backend's flash-merge path; the "fwd+bwd" order when the table has no
+such entry), "decode" for at most 8 queries without a gradient), else takes triton, then eager, and the
+decode kernel last (see :func:`preference`).
 The shipped table (H100, bf16, benchmarks/results/h100-2026-11-27b/call2) puts triton first for the
 forward and for decode, and eager (SDPA) first for forward+backward, where it measured faster.
 """
@@ -602,19 +604,21 @@ dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
 
 
 TIMINGS_ENV = "PET_FAST_PREFIX_ATTENTION_TIMINGS"
+NO_PADDING = "fwd+bwd, no padding"
+MODES = ("decode", "fwd", "fwd+bwd", NO_PADDING)
 _TIMINGS: dict = {}
 
 
 def load_timings(path=None) -> Optional[dict]:
-    """(Re)read auto's measured order: ``{"orders": {"decode" | "fwd" | "fwd+bwd": [backends]}}``,
+    """(Re)read auto's measured order: ``{"orders": {mode: [backends]}}`` for the modes of MODES,
     written by ``benchmarks/bench_prefix_attention.py --dispatch-table PATH`` on a GPU. Looked up in
     $PET_FAST_PREFIX_ATTENTION_TIMINGS, else pet_fast/ops/prefix_attention_timings.json; None without one."""
     def valid(orders):
         return isinstance(orders, dict) and all(
-            m in ("decode", "fwd", "fwd+bwd") and isinstance(o, list) and o and all(b in dispatch.BACKENDS for b in o)
+            m in MODES and isinstance(o, list) and o and all(b in dispatch.BACKENDS for b in o)
             for m, o in orders.items())
 
-    expected = "{'orders': {'decode' | 'fwd' | 'fwd+bwd': [backends, fastest first]}}"
+    expected = "{'orders': {" + " | ".join(repr(m) for m in MODES) + ": [backends, fastest first]}}"
     orders, path = _timings.read_order_table(OP, TIMINGS_ENV, "orders", valid, expected, path)
     _TIMINGS.update(orders=orders, path=path, device=_timings.table_device(path) if orders else None)
     return orders
@@ -626,20 +630,22 @@ def timings_summary() -> str:
     if not orders:
         return f"no table ({where}): design order triton, cuda, eager (decode: triton, eager, cuda)"
     card = _TIMINGS.get("device") or "an unnamed card"
-    modes = "; ".join(f"{m}: {', '.join(preference_for_mode(m))}" for m in ("fwd", "fwd+bwd", "decode"))
+    modes = "; ".join(f"{m}: {', '.join(preference_for_mode(m))}" for m in ("fwd", "fwd+bwd", NO_PADDING, "decode"))
     return f"measured on {card} ({where}): {modes}"
 
 
 def _mode(info) -> str:
     if info.get("requires_grad"):
-        return "fwd+bwd"
+        return "fwd+bwd" if info.get("padding") else NO_PADDING
     return "decode" if info["q_len"] <= DECODE_MAX_Q_LEN else "fwd"
 
 
 def preference_for_mode(mode: str) -> list:
-    """auto's order for one kind of call: "fwd" (no gradient needed), "fwd+bwd" (a gradient is needed)
+    """auto's order for one kind of call: "fwd" (no gradient needed), "fwd+bwd" (a gradient is needed),
+    "fwd+bwd, no padding" (the same without a key-padding mask: its own measured order, else fwd+bwd's)
     or "decode" (no gradient, at most DECODE_MAX_Q_LEN queries)."""
-    measured = (_TIMINGS.get("orders") or {}).get(mode)
+    orders = _TIMINGS.get("orders") or {}
+    measured = orders.get(mode) or (orders.get("fwd+bwd") if mode == NO_PADDING else None)
     if measured:
         return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
     if mode == "decode":
