@@ -4,6 +4,8 @@ frozen floor, pet_fast's prefix tuning, and a PEFT-style prefix written here (pe
     python benchmarks/profile_prefix_step.py                 # CPU: BERT, 12 layers of width 64, batch 4 x 16
     python benchmarks/profile_prefix_step.py --layers 2 --json out.json
     python benchmarks/profile_prefix_step.py --family llama  # Llama, GQA 8/2 heads, left padding, RoPE
+    python benchmarks/profile_prefix_step.py --family llama --device cuda --autocast --layers 16 --hidden 2048 \
+        --heads 32 --kv-heads 4 --intermediate 8192 --batch 4 --tokens 1024 --steps 10   # the bench's ~1B shape
 
 The model is small on purpose: its arithmetic is cheap, so the step time is the host's (Python and the
 dispatcher), which is what decides a BERT-base step at batch 32 x 128 on a GPU. Rows:
@@ -43,13 +45,19 @@ LEFT by a quarter of the length (padding on by default; ``--no-padding`` turns i
   cache object the model also returns; pet_fast adds it inside the attention function.)
 
 Columns: aten ops per step (forward, backward and AdamW, counted by a TorchDispatchMode), host ms per
-step (median, one thread), ratio to the floor, and the ops that differ most from the floor.
+step (median CPU time of this thread), wall ms per step (median, synchronised on CUDA; on CUDA the
+backward runs on another thread, so the wall column is the step's time there), their ratios to the
+floor, and the ops that differ most from the floor. ``--device cuda`` runs the rows on a GPU: its op
+counts name the SDPA kernel each row takes (``_scaled_dot_product_efficient_attention``,
+``_scaled_dot_product_cudnn_attention``, ``_scaled_dot_product_flash_attention``, or the math path's
+``bmm``/``_softmax``), which is what decides the prefix rows at the bench's Llama shape.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import inspect
 import json
 import os
 import statistics
@@ -63,22 +71,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 
-def build(layers, hidden, heads, seed=0, family="bert", kv_heads=None):
+def build(layers, hidden, heads, seed=0, family="bert", kv_heads=None, intermediate=None, device="cpu"):
     import transformers as tf
 
     torch.manual_seed(seed)
     if family == "llama":
         cfg = tf.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=kv_heads or heads, intermediate_size=2 * hidden, vocab_size=1000,
+                             num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or 2 * hidden,
+                             vocab_size=1000,
                              num_labels=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                             max_position_embeddings=512, attention_dropout=0.0)
+                             max_position_embeddings=4096, attention_dropout=0.0)
         cfg._attn_implementation = "sdpa"
-        return tf.LlamaForSequenceClassification(cfg).train()
+        with torch.device(device):
+            return tf.LlamaForSequenceClassification(cfg).train()
     cfg = tf.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=2 * hidden, vocab_size=1000, num_labels=2, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     cfg._attn_implementation = "sdpa"
-    return tf.BertForSequenceClassification(cfg).train()
+    with torch.device(device):
+        return tf.BertForSequenceClassification(cfg).train()
 
 
 # ---------------------------------------------------------------- the PEFT-style prefix
@@ -143,7 +154,8 @@ class PeftStylePrefix(torch.nn.Module):
 def prepare(kind, args):
     import pet_fast
 
-    model = build(args.layers, args.hidden, args.heads, family=args.family, kv_heads=args.kv_heads)
+    model = build(args.layers, args.hidden, args.heads, family=args.family, kv_heads=args.kv_heads,
+                  intermediate=args.intermediate, device=args.device)
     head = model.score if args.family == "llama" else model.classifier
     prefix = None
     if kind == "floor":
@@ -160,11 +172,12 @@ def prepare(kind, args):
             p.requires_grad_(True)
         if args.family == "llama":  # PEFT's decoder path: the prefix in a cache, the model's own sdpa
             prefix = PeftStylePrefix(args.layers, args.kv_heads, args.hidden // args.heads, args.prefix,
-                                     args.projection, cache_config=model.config)
+                                     args.projection, cache_config=model.config).to(args.device)
         else:
             _register_peft_style()
             model.config._attn_implementation = PEFT_NAME
-            prefix = PeftStylePrefix(args.layers, args.heads, args.hidden // args.heads, args.prefix, args.projection)
+            prefix = PeftStylePrefix(args.layers, args.heads, args.hidden // args.heads, args.prefix,
+                                     args.projection).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad] + ([] if prefix is None else list(prefix.parameters()))
     return model, prefix, params
 
@@ -181,22 +194,28 @@ def make_step(kind, args):
         if args.family == "llama":
             ids[::2, : args.tokens // 4] = 0
     labels = torch.randint(0, 2, (args.batch,), generator=g)
+    ids, mask, labels = ids.to(args.device), mask.to(args.device), labels.to(args.device)
     opt = torch.optim.AdamW(params, lr=1e-5)
     embed = model.get_input_embeddings()
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext())
+    device_type = torch.device(args.device).type
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext())
+
+    # transformers 5.x names the cache argument `cache` (`past_key_values` still taken, deprecated)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def step():
         with pet_fast.use_backend(args.backend), autocast:
             if kind == "floor":
                 with torch.no_grad():
                     emb = embed(ids)
+                # (Llama pools the last position from inputs_embeds: with left padding, the same token)
                 out = model(inputs_embeds=emb.requires_grad_(), attention_mask=mask, labels=labels)
             else:
                 kw = {}
                 if prefix is not None:
                     cache = prefix.set_prefix(ids.shape[0])
                     if cache is not None:  # PEFT: the cache, and the mask widened by P ones on the left
-                        kw["past_key_values"] = cache
+                        kw[cache_kw] = cache
                         wide = torch.ones(ids.shape[0], prefix.P).to(mask.device)
                         kw["attention_mask"] = torch.cat((wide, mask), dim=1)
                 out = model(input_ids=ids, **{"attention_mask": mask, **kw}, labels=labels)
@@ -221,17 +240,26 @@ def measure(kinds, args):
         with counter:
             step()
         rows[kind] = {"row": kind, "aten_ops": sum(counter.ops.values()), "counts": dict(counter.ops)}
-    # CPU time of this thread (the autograd engine runs CPU work on the calling thread): unlike the wall
-    # clock, it does not count the time other processes on a shared machine hold the core
+    # CPU time of this thread (on the CPU the autograd engine runs on the calling thread): unlike the wall
+    # clock, it does not count the time other processes on a shared machine hold the core. On CUDA the
+    # backward runs on the engine's device thread: there the wall time (synchronised) is the step's.
+    cuda = torch.device(args.device).type == "cuda"
     times = {kind: [] for kind in kinds}
+    walls = {kind: [] for kind in kinds}
     for _ in range(args.steps):
         for kind, step in steps.items():
-            t0 = time.thread_time()
+            if cuda:
+                torch.cuda.synchronize()
+            t0, w0 = time.thread_time(), time.perf_counter()
             step()
+            if cuda:
+                torch.cuda.synchronize()
             times[kind].append(time.thread_time() - t0)
+            walls[kind].append(time.perf_counter() - w0)
     for kind in kinds:
         rows[kind]["host_ms"] = round(statistics.median(times[kind]) * 1e3, 3)
         rows[kind]["host_ms_min"] = round(min(times[kind]) * 1e3, 3)
+        rows[kind]["wall_ms"] = round(statistics.median(walls[kind]) * 1e3, 3)
     return [rows[kind] for kind in kinds]
 
 
@@ -242,6 +270,8 @@ def parser():
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=None, help="query heads (default: 4 for BERT, 8 for Llama)")
     p.add_argument("--kv-heads", type=int, default=2, help="Llama's key/value heads (grouped-query attention)")
+    p.add_argument("--intermediate", type=int, default=None, help="Llama's MLP width (default 2 x hidden)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: on CUDA the op counts name the SDPA kernel taken")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--prefix", type=int, default=20)
@@ -280,10 +310,12 @@ def main(argv=None):
     floor = next((r for r in rows if r["row"] == "floor"), None)
     print(f"{args.family} {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, batch {args.batch} x {args.tokens}, "
           f"P={args.prefix}, projection={args.projection}, padding={args.padding}, autocast={args.autocast}, torch {torch.__version__}")
-    print(f"{'row':12s} {'aten ops':>9s} {'host ms':>9s} {'min ms':>9s} {'x floor':>8s}")
+    print(f"{'row':12s} {'aten ops':>9s} {'host ms':>9s} {'min ms':>9s} {'x floor':>8s} {'wall ms':>9s} {'x floor':>8s}")
     for r in rows:
         ratio = r["host_ms"] / floor["host_ms"] if floor else float("nan")
-        print(f"{r['row']:12s} {r['aten_ops']:9d} {r['host_ms']:9.3f} {r['host_ms_min']:9.3f} {ratio:8.2f}")
+        wall = r["wall_ms"] / floor["wall_ms"] if floor else float("nan")
+        print(f"{r['row']:12s} {r['aten_ops']:9d} {r['host_ms']:9.3f} {r['host_ms_min']:9.3f} {ratio:8.2f} "
+              f"{r['wall_ms']:9.3f} {wall:8.2f}")
     if floor:
         for r in rows:
             if r is floor:
