@@ -169,8 +169,14 @@ class _Spy:
         self.calls = []
 
     def __call__(self, q, k, v, attn_mask=None, is_causal=False, scale=None, **kw):
+        # mask_values: the allowed positions as bool, whether sdpa passed a bool or an additive mask
+        allowed = attn_mask
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            allowed = attn_mask != float("-inf")
         self.calls.append(dict(q=q.shape, k=k.shape, mask=None if attn_mask is None else attn_mask.shape,
-                               is_causal=is_causal, mask_values=attn_mask, **kw))
+                               is_causal=is_causal, mask_values=allowed, mask_dtype=None if attn_mask is None
+                               else attn_mask.dtype, mask_stride=None if attn_mask is None else attn_mask.stride(),
+                               **kw))
         return _SDPA(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
 
 
@@ -331,3 +337,56 @@ def test_masks_built_once_for_the_layers_of_a_forward(monkeypatch):
     op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)
     op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm.clone())
     assert len(built) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Hkv,L,S,P,pad,causal", [
+    (1, 5, 7, 3, "left", True),      # GQA, left padding, causal, prefix: the Llama case
+    (2, 5, 7, 3, "right", False),    # padding alone: (B, 1, 1, P + S)
+    (2, 6, 6, 3, None, True),        # causality alone: (1, 1, L, P + S)
+    (2, 6, 4, 0, "random", True),    # no prefix, rows that see no key
+])
+def test_additive_mask_gives_the_bool_masks_results(monkeypatch, dtype, Hkv, L, S, P, pad, causal):
+    """sdpa passes its mask as the additive float mask SDPA makes of a bool one (q's dtype, rows
+    16-aligned): the output and every gradient are the bits of the bool-mask call."""
+    g = torch.Generator().manual_seed(7)
+    tensors, _, gy = make(2, 2, Hkv, L, S, 8, P or None, "expanded" if P else None, None, seed=5)
+    kpm = padding_mask(2, S, pad, g)
+    spy = _Spy()
+    monkeypatch.setattr(op.F, "scaled_dot_product_attention", spy)
+    op._LAST_MASKS[0] = None
+    additive = forward_backward(op.sdpa, tensors, kpm, causal, gy, dtype)
+    call = spy.calls[-1]
+    assert call["mask_dtype"] == dtype and call["mask_stride"][-2] % 16 == 0 and call["mask_stride"][-1] == 1
+    monkeypatch.setattr(op, "_additive_dtype", lambda q: None)
+    op._LAST_MASKS[0] = None
+    boolean = forward_backward(op.sdpa, tensors, kpm, causal, gy, dtype)
+    assert spy.calls[-1]["mask_dtype"] == torch.bool
+    for name, a, b in zip(NAMES, additive, boolean):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), name
+
+
+def test_additive_mask_is_sdpas_conversion():
+    m = torch.rand(3, 1, 4, 21, generator=torch.Generator().manual_seed(0)) < 0.5
+    a = op._additive_mask(m, torch.float16)
+    want = torch.zeros(m.shape, dtype=torch.float16).masked_fill(~m, float("-inf"))
+    assert torch.equal(a, want) and a.stride(-2) == 32 and a.stride(-1) == 1
+
+
+def test_mask_stays_bool_under_autocast_to_another_dtype(monkeypatch):
+    """Under autocast to a dtype other than q's, SDPA runs in the autocast dtype: the mask is left bool
+    (an additive mask in q's dtype would be cast in every call)."""
+    (q, k, v, pk, pv), _, _ = make(2, 2, 1, 5, 7, 8, 3, "shared", None)
+    kpm = padding_mask(2, 7, "left", None)
+    q, k, v, pk, pv = (t.float() for t in (q, k, v, pk, pv))
+    spy = _Spy()
+    monkeypatch.setattr(op.F, "scaled_dot_product_attention", spy)
+    op._LAST_MASKS[0] = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert op._additive_dtype(q) is None and op._additive_dtype(q.bfloat16()) == torch.bfloat16
+        op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)
+    assert spy.calls[-1]["mask_dtype"] == torch.bool
+    op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)  # same mask object, no autocast: rebuilt
+    assert spy.calls[-1]["mask_dtype"] == torch.float32

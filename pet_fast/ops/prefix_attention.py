@@ -226,22 +226,63 @@ def _sdpa_masks(B, L, S, P, key_padding_mask, causal, device):
     return torch.cat([prefix_cols, seq], dim=-1), rows
 
 
+_MASK_ALIGN = 16  # elements: the row stride of an additive mask (SDPA's memory-efficient kernel wants 8)
+
+
+def _additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """The bool mask (True = attend) as the additive mask SDPA makes of it (0 where True, -inf where
+    False, in ``dtype``), laid out with rows ``_MASK_ALIGN``-aligned: a view of the first
+    ``mask.shape[-1]`` columns of a wider buffer.
+
+    SDPA turns a bool mask into this float mask on every call (``where`` over the whole mask, in
+    every layer), and on CUDA its memory-efficient kernel copies a mask whose row stride is not a
+    multiple of 8 into a padded one, again per call (P + S is rarely aligned: 1044 at P=20, S=1024).
+    Built here once per forward (:func:`_sdpa_masks_reused`), neither happens per layer. Same values
+    as SDPA's own conversion, so the same results (tests/test_prefix_attention_sdpa.py checks bits)."""
+    n = mask.shape[-1]
+    width = n + (-n) % _MASK_ALIGN
+    out = torch.zeros(*mask.shape[:-1], width, dtype=dtype, device=mask.device).narrow(-1, 0, n)
+    return out.masked_fill_(~mask, float("-inf"))
+
+
+def _additive_dtype(q: torch.Tensor):
+    """The dtype in which :func:`sdpa` passes its mask as an additive one, or None (bool mask): q's
+    floating dtype, unless autocast would run SDPA in another (then SDPA would cast the mask per call;
+    the bool mask is left to SDPA)."""
+    if not q.is_floating_point():
+        return None
+    dev = q.device.type
+    try:
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != q.dtype:
+            return None
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+    return q.dtype
+
+
 _LAST_MASKS: list = [None]  # (key_padding_mask, facts, masks) of the last masked call of sdpa
 
 
-def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device):
+def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device, additive=None):
     """:func:`_sdpa_masks`, reusing the last call's masks when the arguments are the same: every layer
     of a model's forward passes the same padding mask object, so the masks are built once per forward
-    rather than once per layer. The padding mask's version counter catches changes in place; while
-    torch.compile traces (it fuses the mask ops anyway) and for inference tensors (no version counter)
-    the masks are built every time."""
+    rather than once per layer. With ``additive`` (a dtype) the attention mask comes back as
+    :func:`_additive_mask` of it (converted once per forward too). The padding mask's version counter
+    catches changes in place; while torch.compile traces (it fuses the mask ops anyway) and for
+    inference tensors (no version counter) the masks are built every time."""
+    def build():
+        mask, rows = _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
+        if mask is not None and additive is not None:
+            mask = _additive_mask(mask, additive)
+        return mask, rows
+
     if torch.compiler.is_compiling() or (key_padding_mask is not None and key_padding_mask.is_inference()):
-        return _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
-    facts = (B, L, S, P, causal, device, None if key_padding_mask is None else key_padding_mask._version)
+        return build()
+    facts = (B, L, S, P, causal, device, additive, None if key_padding_mask is None else key_padding_mask._version)
     last = _LAST_MASKS[0]
     if last is not None and last[0] is key_padding_mask and last[1] == facts:
         return last[2]
-    masks = _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
+    masks = build()
     _LAST_MASKS[0] = (key_padding_mask, facts, masks)
     return masks
 
@@ -252,7 +293,9 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
 
     No mask is built without padding and causality, so SDPA may take its flash kernel; causal without
     padding and prefix with L == S is SDPA's ``is_causal`` (its top-left alignment is bottom-right
-    there); anything else passes a broadcast bool mask. Grouped-query attention uses SDPA's
+    there); anything else passes a mask, built once per forward (:func:`_sdpa_masks_reused`) as the
+    additive float mask SDPA would make of a bool one (:func:`_additive_mask`: no conversion and no
+    realignment of the mask in every layer), or bool under autocast to another dtype. Grouped-query attention uses SDPA's
     ``enable_gqa`` for fp16/bf16 on CUDA (with a mask from torch 2.11 on; see :func:`_sdpa_gqa`), else
     repeats the key/value heads. Rows that see no
     key are zeros with no gradient, as the contract says (SDPA alone would give NaN there on some
@@ -275,7 +318,7 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     if use_is_causal or (key_padding_mask is None and not causal and P + S > 0):
         mask, rows = None, None  # what _sdpa_masks gives, without its look-up
     else:
-        mask, rows = _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, q.device)
+        mask, rows = _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, q.device, _additive_dtype(q))
     group = Hq // Hkv
     extra = {}
     if group > 1:
