@@ -173,3 +173,18 @@ def test_use_backend_in_one_thread_does_not_leak_into_another():
     assert seen["holder"] == ("cuda", "use_backend()")
     assert seen["other"] == ("auto", "default")
     assert dispatch.requested() == ("auto", "default")
+
+
+def test_prefix_masks_built_under_inference_mode_stay_out_of_other_threads_graphs():
+    """The eager prefix backend reuses a forward's masks across layers: a mask built under inference_mode
+    (in one thread) must not reach a graph that records gradients (another thread, or later)."""
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    pk = torch.randn(4, 3, 8, requires_grad=True)
+    with torch.inference_mode():
+        pet_fast.prefix_attention(q, k, k, pk, pk, causal=True, backend="eager")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        out = pool.submit(lambda: pet_fast.prefix_attention(q, k, k, pk, pk, causal=True, backend="eager")).result()
+    out.sum().backward()
+    out2 = pet_fast.prefix_attention(q, k, k, pk, pk, causal=True, backend="eager")
+    out2.sum().backward()
+    assert pk.grad is not None and torch.isfinite(pk.grad).all()

@@ -325,7 +325,7 @@ def test_masks_built_once_for_the_layers_of_a_forward(monkeypatch):
     built = []
     real = op._sdpa_masks
     monkeypatch.setattr(op, "_sdpa_masks", lambda *a: built.append(a) or real(*a))
-    op._LAST_MASKS[0] = None
+    op._LAST_MASKS.value = None
     first = op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm)
     assert torch.equal(op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm), first)
     assert len(built) == 1
@@ -354,12 +354,12 @@ def test_additive_mask_gives_the_bool_masks_results(monkeypatch, dtype, Hkv, L, 
     kpm = padding_mask(2, S, pad, g)
     spy = _Spy()
     monkeypatch.setattr(op.F, "scaled_dot_product_attention", spy)
-    op._LAST_MASKS[0] = None
+    op._LAST_MASKS.value = None
     additive = forward_backward(op.sdpa, tensors, kpm, causal, gy, dtype)
     call = spy.calls[-1]
     assert call["mask_dtype"] == dtype and call["mask_stride"][-2] % 16 == 0 and call["mask_stride"][-1] == 1
     monkeypatch.setattr(op, "_additive_dtype", lambda q: None)
-    op._LAST_MASKS[0] = None
+    op._LAST_MASKS.value = None
     boolean = forward_backward(op.sdpa, tensors, kpm, causal, gy, dtype)
     assert spy.calls[-1]["mask_dtype"] == torch.bool
     for name, a, b in zip(NAMES, additive, boolean):
@@ -383,7 +383,7 @@ def test_mask_stays_bool_under_autocast_to_another_dtype(monkeypatch):
     q, k, v, pk, pv = (t.float() for t in (q, k, v, pk, pv))
     spy = _Spy()
     monkeypatch.setattr(op.F, "scaled_dot_product_attention", spy)
-    op._LAST_MASKS[0] = None
+    op._LAST_MASKS.value = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert op._additive_dtype(q) is None and op._additive_dtype(q.bfloat16()) == torch.bfloat16
         op.sdpa(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)

@@ -50,6 +50,7 @@ forward and for decode, and eager (SDPA) first for forward+backward, where it me
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -260,7 +261,9 @@ def _additive_dtype(q: torch.Tensor):
     return q.dtype
 
 
-_LAST_MASKS: list = [None]  # (key_padding_mask, facts, masks) of the last masked call of sdpa
+# (key_padding_mask, facts, masks) of this thread's last masked call of sdpa: per thread, since grad and
+# inference modes are per thread (masks built under inference_mode must not reach another thread's graph)
+_LAST_MASKS = threading.local()
 
 
 def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device, additive=None):
@@ -268,22 +271,24 @@ def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device, additive=No
     of a model's forward passes the same padding mask object, so the masks are built once per forward
     rather than once per layer. With ``additive`` (a dtype) the attention mask comes back as
     :func:`_additive_mask` of it (converted once per forward too). The padding mask's version counter
-    catches changes in place; while torch.compile traces (it fuses the mask ops anyway) and for
-    inference tensors (no version counter) the masks are built every time."""
+    catches changes in place; while torch.compile traces (it fuses the mask ops anyway), under
+    inference_mode and for inference tensors (no version counter; masks that no graph may save) the
+    masks are built every time. The cache is per thread."""
     def build():
         mask, rows = _sdpa_masks(B, L, S, P, key_padding_mask, causal, device)
         if mask is not None and additive is not None:
             mask = _additive_mask(mask, additive)
         return mask, rows
 
-    if torch.compiler.is_compiling() or (key_padding_mask is not None and key_padding_mask.is_inference()):
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or (
+            key_padding_mask is not None and key_padding_mask.is_inference()):
         return build()
     facts = (B, L, S, P, causal, device, additive, None if key_padding_mask is None else key_padding_mask._version)
-    last = _LAST_MASKS[0]
+    last = getattr(_LAST_MASKS, "value", None)
     if last is not None and last[0] is key_padding_mask and last[1] == facts:
         return last[2]
     masks = build()
-    _LAST_MASKS[0] = (key_padding_mask, facts, masks)
+    _LAST_MASKS.value = (key_padding_mask, facts, masks)
     return masks
 
 
