@@ -7,8 +7,9 @@ For each (N, in, out) of the issue's serving shapes, bf16: plain F.linear on the
 limit), the extension called directly (kernel time without the op's Python layer), the op with
 backend="cuda", and the multitask form over 4 tasks; ratios to the limit and the bytes-moved floor
 (weight + bits + x + y at the copy rate measured in the same run). Exits 1 when an output differs from
-the eager op by more than the precision rule of DESIGN.md §5 allows. Not part of gpu_check.sh's op
-benchmarks (bench_masked_linear.py is): a quick rerun after a kernel change.
+the eager op by more than the precision rule of DESIGN.md §5 allows. Not among gpu_check.sh's default
+benchmarks (bench_masked_linear.py is; BENCHES=masked_serving runs this one): a quick rerun after a
+kernel change.
 """
 import argparse
 import importlib

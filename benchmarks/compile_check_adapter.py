@@ -5,9 +5,13 @@ shared memory would not fit (the fixed-tile kernels must fit; of the autotuned o
 smallest configuration must), with the registers and spill stack of each (cuobjdump). Needs triton with its NVIDIA backend (ptxas ships with it); slow on a
 small CPU (minutes):  python benchmarks/compile_check_adapter.py [--all-dtypes]
 """
+import argparse
 import os
 import sys
 
+_parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+_parser.add_argument("--all-dtypes", action="store_true", help="bf16, fp32 and fp16 (default: bf16 only)")
+ARGS = _parser.parse_args()
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
@@ -61,7 +65,7 @@ def resource_usage(cubin: bytes) -> str:
 
 LIMIT = 232448  # H100 shared memory per block (227 KiB)
 failed = 0
-for dt in (["bf16", "fp32", "fp16"] if "--all-dtypes" in sys.argv else ["bf16"]):
+for dt in (["bf16", "fp32", "fp16"] if ARGS.all_dtypes else ["bf16"]):
     up = dt == "fp32"
     P = lambda *n: {x: "*" + dt for x in n}
     for rp, act, smode in [(256, 2, 1), (128, 1, 2), (64, 3, 0), (32, 4, 1), (16, 5, 2), (16, 0, 0)]:

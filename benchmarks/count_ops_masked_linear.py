@@ -12,6 +12,7 @@ bf16 x and a float32 weight (a linear after a GEMM). Frozen weight and bias, tra
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import sys
@@ -71,6 +72,7 @@ def count(backend: str, autocast: bool, x_dtype: torch.dtype) -> collections.Cou
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     cases = [("fp32, no autocast", False, torch.float32), ("bf16 autocast, fp32 x", True, torch.float32),
              ("bf16 autocast, bf16 x, fp32 weight", True, torch.bfloat16)]
     for backend in ("plain", "eager", "triton"):

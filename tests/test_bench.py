@@ -153,3 +153,15 @@ def test_step_benchmark_reports_each_row_as_it_goes():
     doc = bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["floor", "full"], warmup=1, steps=1,
                                on_row=lambda rows: seen.append(len(rows)))
     assert seen == [1, 2] and len(doc["rows"]) == 2
+
+
+def test_every_benchmark_script_imports():
+    """The GPU-only scripts (checks, profiles) run nowhere in CI: at least each must import and parse its
+    command line without a GPU, so a GPU session does not lose a call to a typo."""
+    scripts = sorted(p for p in os.listdir(os.path.join(ROOT, "benchmarks"))
+                     if p.endswith(".py") and p not in ("__init__.py", "common.py"))  # common: a module, no CLI
+    assert {"check_masked_linear_serving.py", "check_prefix_merge.py", "profile_step.py"} <= set(scripts)
+    for name in scripts:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--help"], capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), (name, out.stderr[-800:])
