@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops._autocast import compute_dtype
+
 NAME = "pet_fast_prefix"
 ATTR = "_pet_fast_prefix"
 
@@ -258,8 +260,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     target = query.dtype
     if key.dtype != target or value.dtype != target:
         # under autocast, projections and RoPE may leave q, k, v in different dtypes (SDPA would cast)
-        dev = query.device.type
-        target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+        target = compute_dtype(query)
     prefix = lp.prefix(target, query.shape[0])
     if prefix is None:
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)

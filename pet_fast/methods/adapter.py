@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops import _checks, activations
+from ..ops._autocast import compute_dtype
 from ..ops.bottleneck_adapter import bottleneck_adapter
 
 INITS = ("bert", "identity")
@@ -20,8 +21,8 @@ def autocast_inputs(x: torch.Tensor, residual: Optional[torch.Tensor]):
     given, stays float32 and the op adds it in float32 (as eager autocast adds float32 + half). Outside
     autocast, or for x already in a half dtype, the arguments are returned as they are; a residual whose
     dtype the op does not take with x (e.g. half with float32 x) is cast to x's."""
-    if x.dtype == torch.float32 and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    if x.dtype == torch.float32:
+        dt = compute_dtype(x)
         if dt in (torch.float16, torch.bfloat16):
             return x.to(dt), (x if residual is None else residual.float())
     if residual is not None and residual.dtype != x.dtype and not (

@@ -8,20 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _checks
+from ..ops._autocast import compute_dtype
 from ..ops import adapter_fusion as fusion_ops
 from .adapter import BottleneckAdapter
 
 
 def _maybe_cast(t, dtype):
     return None if t is None else t.to(dtype)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run ``x``'s products in (x's own dtype outside autocast, and for float64)."""
-    dev = x.device.type
-    if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
-        return x.dtype
-    return torch.get_autocast_dtype(dev)
 
 
 class AdapterFusion(nn.Module):
@@ -131,7 +124,7 @@ class AdapterFusion(nn.Module):
         if self.training and self.dropout > 0:
             values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in adapters], dim=-2)
             return self.forward(query, values, residual, backend=backend)
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         if dt != x.dtype:
             # Under autocast with float32 activations (the LayerNorm output at a Pfeiffer site), run the op in
             # the autocast dtype as eager autocast would: the activations cast once (x and query are often

@@ -65,14 +65,21 @@ class Op:
         return self.impl if getattr(ctx, "pet_fast_eager", False) else self.custom_op
 
 
-def custom_op(name: str, fn: Callable, *, fake: Callable, autograd: tuple | None = None) -> Op:
+def custom_op(name: str, fn: Callable, *, fake: Callable, autograd: tuple | None = None,
+              returns_list: bool = False) -> Op:
     """Registers ``fn`` as the custom op ``pet_fast::<name>`` (schema from its annotations) with the
     fake-tensor rule ``fake`` and, when given, ``autograd = (backward, setup_context)``; returns the
-    :class:`Op` that calls it in compiled code and the eager path otherwise."""
+    :class:`Op` that calls it in compiled code and the eager path otherwise. ``returns_list``: ``fn``
+    returns ``List[Tensor]``; its autograd.Function returns a tuple (as a Function must) and hands
+    ``backward`` the gradients as one list, as the custom op's autograd does."""
     op = torch.library.custom_op(f"pet_fast::{name}", mutates_args=())(fn)
     op.register_fake(fake)
     if autograd is None:
         return Op(op, fn)
     backward, setup_context = autograd
     op.register_autograd(backward, setup_context=setup_context)
-    return Op(op, function(f"_{name}_function", fn, setup_context, backward).apply)
+    if returns_list:
+        fn_eager, backward_eager = (lambda *a: tuple(fn(*a))), (lambda ctx, *grads: backward(ctx, list(grads)))
+    else:
+        fn_eager, backward_eager = fn, backward
+    return Op(op, function(f"_{name}_function", fn_eager, setup_context, backward_eager).apply)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _autograd, _checks, _timings, activations
+from ._autocast import compute_dtype
 
 OP = "adapter_fusion"
 OP_STACKED = "stacked_adapter_fusion"
@@ -296,27 +297,6 @@ def _stacked_kernels():
     return kernels
 
 
-def _list_op(name, fn, *, fake, autograd):
-    """``_autograd.custom_op`` for an op returning ``List[Tensor]``: its autograd.Function returns a tuple
-    and hands the formula the gradients as one list, as the custom op's autograd does."""
-    backward, setup_context = autograd
-    op = torch.library.custom_op(f"pet_fast::{name}", mutates_args=())(fn)
-    op.register_fake(fake)
-    op.register_autograd(backward, setup_context=setup_context)
-    function = _autograd.function(f"_{name}_function", lambda *a: tuple(fn(*a)), setup_context,
-                                  lambda ctx, *grads: backward(ctx, list(grads)))
-    return _autograd.Op(op, function.apply)
-
-
-def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would run ``t``'s matmuls in, when autocast is on and would cast ``t``; else None."""
-    dev = t.device.type
-    if not torch.is_autocast_enabled(dev):
-        return None
-    dt = torch.get_autocast_dtype(dev)
-    return None if (t.dtype == dt or t.dtype == torch.float64) else dt
-
-
 def _no_autocast(device_type: str):
     """A context with autocast off on ``device_type`` (a no-op context when it is off already)."""
     if torch.is_autocast_enabled(device_type):
@@ -466,7 +446,8 @@ def _core_grad(ctx, grads):
 
 
 CORE_BACKWARD = _autograd.custom_op("stacked_fusion_core_triton_backward", _core_backward, fake=_core_backward_fake)
-CORE = _list_op("stacked_fusion_core_triton", _core_forward, fake=_core_fake, autograd=(_core_grad, _core_setup))
+CORE = _autograd.custom_op("stacked_fusion_core_triton", _core_forward, fake=_core_fake,
+                           autograd=(_core_grad, _core_setup), returns_list=True)
 
 
 def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
@@ -501,9 +482,9 @@ def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activatio
     """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
     args = (x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key, w_value,
             b_value, temperature, residual_before)
-    dt = _autocast_dtype(query)
-    if dt is None:
-        with _no_autocast(query.device.type):  # autocast on, inputs in its dtype: nothing to round
+    dt = compute_dtype(query)
+    if dt == query.dtype:
+        with _no_autocast(query.device.type):  # autocast off, or on with inputs in its dtype: nothing to round
             return _stacked_triton(*args)
     cast = _caster(dt)
     with torch.autocast(query.device.type, enabled=False):
@@ -567,7 +548,8 @@ def _attn_grad(ctx, grads):
 
 ATTENTION_BACKWARD = _autograd.custom_op("fusion_attention_triton_backward", _attn_backward,
                                          fake=_attn_backward_fake)
-ATTENTION = _list_op("fusion_attention_triton", _attn_forward, fake=_attn_fake, autograd=(_attn_grad, _attn_setup))
+ATTENTION = _autograd.custom_op("fusion_attention_triton", _attn_forward, fake=_attn_fake,
+                                autograd=(_attn_grad, _attn_setup), returns_list=True)
 
 
 def _given_triton(query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature,
@@ -591,8 +573,8 @@ def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, 
                b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
     """The triton backend of adapter_fusion: same call as :func:`reference`."""
     args = (query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature, residual_before)
-    dt = _autocast_dtype(query)
-    if dt is None:
+    dt = compute_dtype(query)
+    if dt == query.dtype:
         with _no_autocast(query.device.type):
             return _given_triton(*args)
     cast = _caster(dt)

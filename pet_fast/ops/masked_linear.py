@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _autograd, _checks, _timings, mask_packing
+from ._autocast import compute_dtype  # the GEMMs' dtype of a call
 
 OP = "masked_linear"
 
@@ -188,18 +189,6 @@ def _kernels():
     from ..kernels import masked_linear as kernels  # imports triton: only when a kernel runs
 
     return kernels
-
-
-_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")  # others (meta, in `pet-fast info`) have no autocast state
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs of a call run in: autocast's for x's device type when autocast is on there
-    (as ``F.linear``'s would; float64 is left alone, as autocast leaves it), else x's."""
-    device = x.device.type
-    if device in _AUTOCAST_DEVICES and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 def _masked_weight(weight, scores, threshold, dtype):

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _autograd, _checks, _timings
+from ._autocast import compute_dtype
 
 OP = "prefix_attention"
 
@@ -250,13 +251,7 @@ def _additive_dtype(q: torch.Tensor):
     """The dtype in which :func:`sdpa` passes its mask as an additive one, or None (bool mask): q's
     floating dtype, unless autocast would run SDPA in another (then SDPA would cast the mask per call;
     the bool mask is left to SDPA)."""
-    if not q.is_floating_point():
-        return None
-    dev = q.device.type
-    try:
-        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != q.dtype:
-            return None
-    except (RuntimeError, TypeError):  # a device type autocast does not know
+    if not q.is_floating_point() or compute_dtype(q) != q.dtype:
         return None
     return q.dtype
 
