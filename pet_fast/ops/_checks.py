@@ -52,6 +52,11 @@ def real_number(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will record a call on these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def info(x: torch.Tensor, **extra) -> dict:
     """What the dispatcher sees of a call: device, dtype, and op-specific facts."""
     d = {"device": x.device, "dtype": x.dtype}

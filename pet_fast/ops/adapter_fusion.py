@@ -167,7 +167,7 @@ def adapter_fusion(
     temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
                                residual_before=residual_before)
     grad_inputs = (query, values, residual, w_query, w_key, w_value)
-    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    requires_grad = _checks.needs_grad(*grad_inputs)
     impl = dispatch.select(OP, describe(query, values.shape[-2], requires_grad=requires_grad), backend)
     return impl.run(query, values, residual, w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key,
                     w_value=w_value, b_value=b_value, temperature=temperature,
@@ -231,7 +231,7 @@ def stacked_adapter_fusion(
                                residual_before=residual_before)
     grad_inputs = (x, query, residual, w_down, w_up, w_query, w_key, w_value,
                    scaling if isinstance(scaling, torch.Tensor) else None)
-    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    requires_grad = _checks.needs_grad(*grad_inputs)
     impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation,
                                                 requires_grad=requires_grad), backend)
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,

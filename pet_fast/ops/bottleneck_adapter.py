@@ -109,7 +109,7 @@ def describe(x, w_down, activation, scaling, residual) -> dict:
                         per_channel_scaling=isinstance(scaling, torch.Tensor) and scaling.dim() == 1,
                         residual=residual is not None,
                         float32_residual=residual is not None and residual.dtype != x.dtype,
-                        requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params))
+                        requires_grad=_checks.needs_grad(*params))
 
 
 dispatch.register(OP, "eager", reference)

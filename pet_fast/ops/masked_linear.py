@@ -126,7 +126,7 @@ def describe(x, weight, scores, bias, packed_mask=None) -> dict:
                         scores_dtype=None if scores is None else scores.dtype, packed=packed_mask is not None,
                         n=x.numel() // max(x.shape[-1], 1), in_features=weight.shape[1],
                         out_features=weight.shape[0], bias=bias is not None, weight_grad=weight.requires_grad,
-                        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                        needs_grad=_checks.needs_grad(*tensors))
 
 
 dispatch.register(OP, "eager", reference)
@@ -479,7 +479,7 @@ def describe_multitask(x, weight, packed_masks, task_ids, bias) -> dict:
     tensors = [t for t in (x, weight, bias) if t is not None]
     return _checks.info(x, packed=True, tasks=packed_masks.shape[0], n=x.numel() // max(x.shape[-1], 1),
                         in_features=weight.shape[1], out_features=weight.shape[0], bias=bias is not None,
-                        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                        needs_grad=_checks.needs_grad(*tensors))
 
 
 def _cuda_multitask_run(x, weight, packed_masks, task_ids, bias=None):

@@ -144,8 +144,7 @@ def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, caus
 
 def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None) -> dict:
     """What the dispatcher sees of a (validated) call."""
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    grad = _checks.needs_grad(q, k, v, prefix_k, prefix_v)
     return _checks.info(
         q, batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
         head_dim=q.shape[3], prefix_len=0 if prefix_k is None else prefix_k.shape[-2],
@@ -513,10 +512,6 @@ MERGED_FORWARD = _autograd.custom_op("prefix_attention_merged_fwd", _merged_forw
                                      autograd=(_merged_autograd_backward, _merged_setup_context))
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def merged(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
     """The merged path alone (same signature as :func:`reference`): ``torch.ops.pet_fast.prefix_attention_merged_fwd``;
     raises ValueError for a call that :func:`merged_reasons` refuses. For tests and benchmarks; the
@@ -544,7 +539,7 @@ def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=F
     forward-only call, takes the flash-style Triton kernels (``pet_fast::prefix_attention_fwd``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    if _needs_grad(q, k, v, prefix_k, prefix_v) and not merged_reasons(q, k, prefix_k, key_padding_mask, causal):
+    if _checks.needs_grad(q, k, v, prefix_k, prefix_v) and not merged_reasons(q, k, prefix_k, key_padding_mask, causal):
         return MERGED_FORWARD(q, k, v, prefix_k, prefix_v, causal, scale)[0]
     return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
 
