@@ -64,6 +64,36 @@ def _query_tile(h, b, Hq, G, L, S, D, spk_b, spk_h,
 
 
 @triton.jit
+def _load_kv(K, V, off, mask, UPCAST: tl.constexpr):
+    """One block of keys and values (zeros where ``mask`` is off), upcast to fp32 under UPCAST."""
+    kt = tl.load(K + off, mask=mask, other=0.0)
+    vt = tl.load(V + off, mask=mask, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    return kt, vt
+
+
+@triton.jit
+def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax (base 2): the scores of q against kt where ``ok``, folded into
+    the running row max ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's
+    dtype for the product, as flash attention does). Rows with no key yet stay (-inf, 0, 0)."""
+    s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pc = p.to(V.dtype.element_ty)
+    if UPCAST:
+        pc = pc.to(tl.float32)
+    acc = acc * alpha[:, None] + _dot(pc, vt, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, KPM, O, LSE,
     qk_scale2,  # scale * log2(e)
@@ -91,25 +121,9 @@ def _fwd_kernel(
     for start in range(0, P, BLOCK_N):
         offs_n = start + offs_n0
         n_ok = offs_n < P
-        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
-        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pc = p.to(PV.dtype.element_ty)
-        if UPCAST:
-            pc = pc.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(pc, vt, IEEE)
-        m_i = m_new
+        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+                          UPCAST)
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, UPCAST, IEEE)
 
     # Sequence keys: padding and bottom-right causal masks; blocks past the causal bound are skipped.
     end = S
@@ -120,28 +134,12 @@ def _fwd_kernel(
         n_ok = offs_n < S
         if HAS_KPM:
             n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
-        kv_off = kv_base + tl.cast(start, tl.int64) * D + kv_tile
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+        kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+                          UPCAST)
         ok = n_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + (S - L))
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pc = p.to(V.dtype.element_ty)
-        if UPCAST:
-            pc = pc.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(pc, vt, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST, IEEE)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

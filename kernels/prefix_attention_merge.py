@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .prefix_attention import LOG2E, _interpreting  # shared with the op's own kernels
-from .prefix_attention import _dot as _mm
+from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step
 
 
 @triton.jit
@@ -87,24 +87,10 @@ def _merge_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, P, BLOCK_N):
         n_ok = (start + offs_n0) < P
-        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
-        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = _mm(q, tl.trans(kt), IEEE) * qk_scale2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: P >= 1, every row sees the first prefix key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pc = p.to(PV.dtype.element_ty)
-        if UPCAST:
-            pc = pc.to(tl.float32)
-        acc = acc * alpha[:, None] + _mm(pc, vt, IEEE)
-        m_i = m_new
+        # the op's own online-softmax step (P >= 1: every row sees the first prefix key, m_i is finite)
+        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+                          UPCAST)
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, UPCAST, IEEE)
 
     lse_s2 = tl.load(LSES + b64 * sls_b + h64 * sls_h + rows * sls_l, mask=m_ok, other=0.0) * 1.4426950408889634
     lse_p2 = m_i + tl.log2(l_i)
@@ -160,13 +146,8 @@ def _merge_bwd_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, P, BLOCK_N):
         n_ok = (start + offs_n0) < P
-        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
-        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, kv_mask, UPCAST)
         s = _mm(q, tl.trans(kt), IEEE) * qk_scale2
         p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = _mm(do, tl.trans(vt), IEEE)
