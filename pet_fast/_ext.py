@@ -148,5 +148,8 @@ def status(try_load: bool = True) -> tuple[bool, str]:
 
 
 def _reset_for_tests():
+    from . import dispatch
+
     with _lock:
         _state.update(loaded=False, module=None, reason="not loaded yet")
+    dispatch.clear_plans()  # plans remember which backends the extension's state allowed

@@ -68,12 +68,14 @@ def register(op: str, backend: str, run: Callable, reasons: Optional[Callable[[M
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     impl = Impl(op, backend, run, reasons or (lambda info: []))
     _REGISTRY.setdefault(op, _OpEntry()).impls[backend] = impl
+    clear_plans()
     return impl
 
 
 def set_preference(op: str, preference: Callable[[Mapping], Sequence[str]]) -> None:
     """Let an op order its backends per call (for example from a table of measured timings)."""
     _REGISTRY.setdefault(op, _OpEntry()).preference = preference
+    clear_plans()
 
 
 def ops() -> list[str]:
@@ -158,6 +160,49 @@ def select(op: str, info: Mapping, backend: Optional[str] = None) -> Impl:
         if impl is not None and not impl.reasons(info):
             return impl
     raise BackendUnavailableError(f"{op}: no backend can run these inputs: {explain(op, info)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Call plans: the ops' fast path on the host.
+#
+# A training step calls each op with the same shapes, dtypes and devices in every layer and every step.
+# Checking the arguments, describing the call and walking the backends' reasons took about 20 us of host
+# time per call (measured on the CPU, benchmarks/bench_host_overhead.py), as much as launching a kernel,
+# and a BERT-base step is bound by the host. So an op names each call by a *signature*, every fact its
+# checks and its dispatch description read (tensors' shapes, dtypes, devices and requires_grad, the other
+# arguments by type and value; see _checks.signature), and the first call with a signature, under a given
+# dispatch state (requested backend, grad mode, deterministic mode, Triton interpreter), remembers what
+# its checks returned and which backend it took. A call with a known signature and state skips both; any
+# other call runs them, so bad input still raises. Code being compiled takes the plain path (dynamo
+# traces it and guards on the same facts).
+
+_PLANS: dict = {}
+PLANS_MAX = 4096  # distinct (op, signature, state) entries kept; beyond, the memo starts again
+
+
+def clear_plans() -> None:
+    """Forget every remembered call plan (done whenever a backend, a preference or a timings table changes)."""
+    _PLANS.clear()
+
+
+def plan(op: str, signature, backend: Optional[str], resolve: Callable[[], tuple]) -> tuple:
+    """``(checked, impl)`` for a call of ``op``: ``resolve()`` runs the op's argument checks and returns
+    ``(checked, info)`` (``checked``: what the op needs back from its checks, e.g. normalised arguments;
+    ``info``: the call's description for :func:`select`). Remembered per ``signature`` and dispatch state;
+    ``signature=None`` (an argument the signature cannot describe) always resolves."""
+    if signature is None or torch.compiler.is_compiling():
+        checked, info = resolve()
+        return checked, select(op, info, backend)
+    key = (op, requested(backend)[0], signature, torch.is_grad_enabled(),
+           torch.are_deterministic_algorithms_enabled(), triton_interpreting())
+    hit = _PLANS.get(key)
+    if hit is None:
+        checked, info = resolve()
+        hit = (checked, select(op, info, backend))
+        if len(_PLANS) >= PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = hit
+    return hit
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -36,3 +36,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     den = ref.abs().max().item() if ref.numel() else 0.0
     num = (out - ref).abs().max().item() if ref.numel() else 0.0
     return num / den if den > 0 else num
+
+
+@pytest.fixture(autouse=True)
+def _fresh_call_plans():
+    """Tests swap timings tables and backends' functions: no test sees another's remembered call plans."""
+    from pet_fast import dispatch
+
+    dispatch.clear_plans()
+    yield

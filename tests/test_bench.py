@@ -48,7 +48,8 @@ def test_quick_run_writes_every_row(quick_run):
     assert by[("bert-tiny-4x32", "full")]["trainable_params"] > by[("bert-tiny-4x32", "houlsby/eager")]["trainable_params"]
     assert by[("llama-tiny-4x32", "floor")]["left_padding"] is True
     # the op benchmarks ran as subprocesses and their JSON is embedded
-    assert set(doc["ops"]) == {"bench_bottleneck_adapter", "bench_masked_linear", "bench_prefix_attention"}
+    assert set(doc["ops"]) == {"bench_bottleneck_adapter", "bench_host_overhead", "bench_masked_linear",
+                               "bench_prefix_attention"}
     assert all(d.get("rows") for d in doc["ops"].values())
     assert "floor" in out and "[1/" in out  # table and progress printed
     assert "chart" in out  # a PNG or a message saying why there is none

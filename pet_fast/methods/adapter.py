@@ -13,6 +13,7 @@ from ..ops._autocast import compute_dtype
 from ..ops.bottleneck_adapter import bottleneck_adapter
 
 INITS = ("bert", "identity")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def autocast_inputs(x: torch.Tensor, residual: Optional[torch.Tensor]):
@@ -98,19 +99,23 @@ class BottleneckAdapter(nn.Module):
                 if b is not None:
                     b.zero_()
 
-    def _cast(self, t, dtype):
-        return None if t is None else (t if t.dtype == dtype else t.to(dtype))
-
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
         _checks.tensor("x", x, floating=False)
         x, residual = autocast_inputs(x, residual)
+        # parameters read from _parameters directly: this runs in every adapter of every step, and each
+        # nn.Module attribute lookup of a parameter costs about a microsecond of host time
+        p = self._parameters
+        w_down, b_down, w_up, b_up = p["w_down"], p["b_down"], p["w_up"], p["b_up"]
+        scaling = p["scaling"] if "scaling" in p else self.scaling
         dt = x.dtype
-        if self.w_down.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16):
-            dt = torch.float32  # the op takes float32 master weights of half-precision x as they are
-        scaling = self.scaling.to(dt) if isinstance(self.scaling, torch.Tensor) else self.scaling
-        return bottleneck_adapter(x, self._cast(self.w_down, dt), self._cast(self.b_down, dt),
-                                  self._cast(self.w_up, dt), self._cast(self.b_up, dt), activation=self.activation,
-                                  scaling=scaling, residual=residual, backend=backend)
+        if w_down.dtype != dt and not (w_down.dtype == torch.float32 and dt in _HALF):
+            # the op takes x's dtype, or float32 master weights of half-precision x as they are
+            cast = lambda t: None if t is None else t.to(dt)
+            w_down, b_down, w_up, b_up = cast(w_down), cast(b_down), cast(w_up), cast(b_up)
+        if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
+            scaling = scaling.to(w_down.dtype)
+        return bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
+                                  residual=residual, backend=backend)
 
     def extra_repr(self) -> str:
         s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"

@@ -57,6 +57,25 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_PLAIN = (str, bool, int, float, type(None))
+
+
+def signature(*args) -> Optional[tuple]:
+    """What an op's checks and dispatch description read of its arguments, as a hashable key for
+    ``dispatch.plan``: per tensor its shape, dtype, device and requires_grad; per plain value (str, bool,
+    int, float, None) its type and value. None when an argument is anything else (the call then runs its
+    checks, which name what is wrong)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.shape, a.dtype, a.device, a.requires_grad))
+        elif isinstance(a, _PLAIN):
+            out.append((type(a), a))
+        else:
+            return None
+    return tuple(out)
+
+
 def info(x: torch.Tensor, **extra) -> dict:
     """What the dispatcher sees of a call: device, dtype, and op-specific facts."""
     d = {"device": x.device, "dtype": x.dtype}

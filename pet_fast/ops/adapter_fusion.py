@@ -164,11 +164,15 @@ def adapter_fusion(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
-    temperature = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
-                               residual_before=residual_before)
-    grad_inputs = (query, values, residual, w_query, w_key, w_value)
-    requires_grad = _checks.needs_grad(*grad_inputs)
-    impl = dispatch.select(OP, describe(query, values.shape[-2], requires_grad=requires_grad), backend)
+    def resolve():
+        t = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                         residual_before=residual_before)
+        requires_grad = _checks.needs_grad(query, values, residual, w_query, w_key, w_value)
+        return t, describe(query, values.shape[-2], requires_grad=requires_grad)
+
+    sig = _checks.signature(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                            bool(residual_before))
+    temperature, impl = dispatch.plan(OP, sig, backend, resolve)
     return impl.run(query, values, residual, w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key,
                     w_value=w_value, b_value=b_value, temperature=temperature,
                     residual_before=bool(residual_before), value_before_softmax=bool(value_before_softmax))
@@ -225,15 +229,21 @@ def stacked_adapter_fusion(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
-    _checks.tensor("query", query, min_ndim=1)
-    activation, scaling = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
-    temperature = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
-                               residual_before=residual_before)
-    grad_inputs = (x, query, residual, w_down, w_up, w_query, w_key, w_value,
-                   scaling if isinstance(scaling, torch.Tensor) else None)
-    requires_grad = _checks.needs_grad(*grad_inputs)
-    impl = dispatch.select(OP_STACKED, describe(query, w_down.shape[0], r=w_down.shape[1], activation=activation,
-                                                requires_grad=requires_grad), backend)
+    def resolve():
+        _checks.tensor("query", query, min_ndim=1)
+        act, s = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
+        t = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
+                         residual_before=residual_before)
+        requires_grad = _checks.needs_grad(x, query, residual, w_down, w_up, w_query, w_key, w_value,
+                                           s if isinstance(s, torch.Tensor) else None)
+        info = describe(query, w_down.shape[0], r=w_down.shape[1], activation=act, requires_grad=requires_grad)
+        # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
+        return (act, None if isinstance(s, torch.Tensor) else s, t), info
+
+    sig = _checks.signature(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query,
+                            w_key, b_key, w_value, b_value, temperature, bool(residual_before))
+    (activation, number, temperature), impl = dispatch.plan(OP_STACKED, sig, backend, resolve)
+    scaling = scaling if number is None else number
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),

@@ -234,8 +234,14 @@ def bottleneck_adapter(
     See the module docstring for the contract. ``backend`` overrides the dispatcher's choice
     (``"eager"``, ``"triton"``, ``"cuda"`` or ``"auto"``).
     """
-    activation, scaling = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
-    impl = dispatch.select(OP, describe(x, w_down, activation, scaling, residual), backend)
+    def resolve():
+        act, s = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
+        # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
+        return (act, None if isinstance(s, torch.Tensor) else s), describe(x, w_down, act, s, residual)
+
+    sig = _checks.signature(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
+    (activation, number), impl = dispatch.plan(OP, sig, backend, resolve)
+    scaling = scaling if number is None else number
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
 
 

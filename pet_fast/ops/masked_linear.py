@@ -148,8 +148,14 @@ def masked_linear(
     1 bit per weight; inference, ``threshold`` is then unused). See the module docstring for the contract
     and the gradients.
     """
-    threshold = check_inputs(x, weight, scores, bias, threshold, packed_mask)
-    impl = dispatch.select(OP, describe(x, weight, scores, bias, packed_mask), backend)
+    def resolve():
+        return check_inputs(x, weight, scores, bias, threshold, packed_mask), describe(x, weight, scores, bias, packed_mask)
+
+    # the description reads autocast's state (compute_dtype): part of the signature
+    sig = _checks.signature(x, weight, scores, bias, threshold, packed_mask)
+    if sig is not None:
+        sig += (compute_dtype(x),)
+    threshold, impl = dispatch.plan(OP, sig, backend, resolve)
     return impl.run(x, weight, scores, bias, threshold=threshold, packed_mask=packed_mask)
 
 
@@ -410,6 +416,7 @@ def load_timings(path=None) -> Optional[list]:
     expected = "{'rows': [{'packed': bool, 'n_max': int, 'order': [backends]}, ...]}"
     rows, path = _timings.read_order_table(OP, TIMINGS_ENV, "rows", valid, expected, path)
     _TIMINGS.update(rows=rows, path=path)
+    dispatch.clear_plans()  # remembered choices followed the old table
     return rows
 
 

@@ -567,8 +567,13 @@ def prefix_attention(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
-    scale = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-    return attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend)
+    def resolve():
+        s = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+        return s, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v)
+
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    scale, impl = dispatch.plan(OP, sig, backend, resolve)
+    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
 
 def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float, backend=None):
@@ -576,7 +581,8 @@ def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: f
     contract by construction (pet_fast.hf_attention: q, k, v from the model's projections, the prefix
     from its encoder, the padding mask from its mask function), where the checks would run in every
     layer of every step. ``scale`` must be a float. Same dispatch."""
-    impl = dispatch.select(OP, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v), backend)
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+    _, impl = dispatch.plan(OP, sig, backend, lambda: (None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v)))
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
 
@@ -659,6 +665,7 @@ def load_timings(path=None) -> Optional[dict]:
     expected = "{'orders': {" + " | ".join(repr(m) for m in MODES) + ": [backends, fastest first]}}"
     orders, path = _timings.read_order_table(OP, TIMINGS_ENV, "orders", valid, expected, path)
     _TIMINGS.update(orders=orders, path=path, device=_timings.table_device(path) if orders else None)
+    dispatch.clear_plans()  # remembered choices followed the old table
     return orders
 
 

@@ -1,0 +1,144 @@
+"""Host time per op call: what pet_fast's Python layers (argument checks, dispatch, autograd glue, kernel
+launch) cost beside the plain PyTorch ops they replace, on shapes so small that the device is idle.
+
+A BERT-base training step at batch 32 x 128 is bound by the host on an H100 (benchmarks/profile_step.py):
+every microsecond an op spends in Python before its kernels start is added to the step, 24 times for
+Houlsby adapters, 72 times for mask-tuning. This benchmark measures it per call and per backend.
+
+    python benchmarks/bench_host_overhead.py --json out.json      # GPU: every backend that runs there
+    python benchmarks/bench_host_overhead.py --quick              # CPU: eager, the path CPU users take
+
+Rows: ``op``, ``mode`` (fwd: no gradient; fwd+bwd: forward, then torch.autograd.grad), ``impl`` (``torch``:
+the op's eager PyTorch function called directly, without checks or dispatch, the baseline;
+``op/<backend>``: pet_fast's functional op;
+``module``: pet_fast's nn.Module under auto), ``host_us`` (per call: calls issued back to back without a
+synchronisation, then one; on a GPU the device keeps up at these sizes, so this is the host's rate) and
+``vs_torch``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pet_fast  # noqa: E402
+from benchmarks import common  # noqa: E402
+from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
+from pet_fast.ops import adapter_fusion as fusion_op  # noqa: E402
+from pet_fast.ops import bottleneck_adapter as adapter_op  # noqa: E402
+from pet_fast.ops import masked_linear as masked_op  # noqa: E402
+from pet_fast.ops import prefix_attention as prefix_op  # noqa: E402
+
+
+def host_us(fn, calls: int, device) -> float:
+    for _ in range(5):
+        fn()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    best = None
+    for _ in range(3):  # the best of three runs: the machine's other work only ever adds time
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        us = (time.perf_counter() - t0) / calls * 1e6
+        best = us if best is None else min(best, us)
+    return best
+
+
+def cases(device, dtype):
+    """(op, {impl: callable(grad) -> output}, leaves needing gradients) per op, at tiny shapes."""
+    g = torch.Generator().manual_seed(0)
+    new = lambda *s, grad=False: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+    n, d, r = 16, 64, 8
+
+    x, res = new(n, d, grad=True), new(n, d)
+    wd, bd, wu, bu = new(r, d, grad=True), new(r, grad=True), new(d, r, grad=True), new(d, grad=True)
+    module = pet_fast.BottleneckAdapter(d, r, activation="silu").to(device=device, dtype=dtype)
+    adapter = {
+        "torch": lambda: adapter_op.reference(x, wd, bd, wu, bu, "silu", 1.0, res),
+        "module": lambda: module(x, residual=res),
+    }
+    for b in ("eager", "triton", "cuda"):
+        adapter[f"op/{b}"] = (lambda b=b: pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, activation="silu",
+                                                                      residual=res, backend=b))
+    yield "bottleneck_adapter", adapter, [x, wd, bd, wu, bu]
+
+    w, bias = new(d, d), new(d)
+    scores = torch.randn(d, d, generator=g).to(device).requires_grad_(True)  # float32 scores, as MaskedLinear's
+    layer = pet_fast.MaskedLinear(d, d).to(device=device)
+    if dtype != torch.float32:
+        layer.weight.data = layer.weight.data.to(dtype)
+        layer.bias.data = layer.bias.data.to(dtype)
+    masked = {
+        "torch": lambda: masked_op.reference(x, w, scores, bias),
+        "module": lambda: layer(x),
+    }
+    for b in ("eager", "triton"):
+        masked[f"op/{b}"] = (lambda b=b: pet_fast.masked_linear(x, w, scores, bias, backend=b))
+    yield "masked_linear", masked, [x, scores]
+
+    k = 3
+    wd3, wu3 = new(k, r, d, grad=True), new(k, d, r, grad=True)
+    wq, wk, wv = new(d, d, grad=True), new(d, d, grad=True), new(d, d, grad=True)
+    fusion = {"torch": lambda: fusion_op.stacked_reference(x, x, res, wd3, None, wu3, None, w_query=wq, w_key=wk,
+                                                           w_value=wv)}
+    for b in ("eager", "triton"):
+        fusion[f"op/{b}"] = (lambda b=b: pet_fast.stacked_adapter_fusion(x, x, res, wd3, None, wu3, None, w_query=wq,
+                                                                         w_key=wk, w_value=wv, backend=b))
+    yield "stacked_adapter_fusion", fusion, [x, wd3, wu3, wq, wk, wv]
+
+    B, H, L, D, P = 2, 4, 16, 32, 4
+    q, kk, v = new(B, H, L, D, grad=True), new(B, H, L, D, grad=True), new(B, H, L, D, grad=True)
+    pk, pv = new(H, P, D, grad=True), new(H, P, D, grad=True)
+    prefix = {"torch": lambda: prefix_op.sdpa(q, kk, v, pk, pv)}
+    for b in ("eager", "triton"):
+        prefix[f"op/{b}"] = (lambda b=b: pet_fast.prefix_attention(q, kk, v, pk, pv, backend=b))
+    yield "prefix_attention", prefix, [q, kk, v, pk, pv]
+
+
+def main():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=None, help="calls per timing (default 2000 on a GPU, 300 on the CPU)")
+    args = p.parse_args()
+    gpu = torch.cuda.is_available() and not args.quick
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    calls = args.calls or (2000 if gpu else 300)
+    rows = []
+    for op, impls, leaves in cases(device, dtype):
+        for mode in ("fwd", "fwd+bwd"):
+            base = None
+            for name, fn in impls.items():
+                if name.startswith("op/") and name != "op/eager" and not gpu:
+                    continue  # kernels run on the CPU only in the interpreter: not a host-time measurement
+                if mode == "fwd":
+                    call = lambda fn=fn: fn()
+                    ctx = torch.no_grad
+                else:
+                    def call(fn=fn):
+                        out = fn()
+                        torch.autograd.grad(out, [t for t in leaves if t.requires_grad] or [out], torch.ones_like(out),
+                                            allow_unused=True)
+                    ctx = torch.enable_grad
+                try:
+                    with ctx():
+                        us = host_us(call, calls, device)
+                except (BackendUnavailableError, RuntimeError) as exc:
+                    rows.append({"op": op, "mode": mode, "impl": name, "error": f"{type(exc).__name__}: {exc}"[:160]})
+                    continue
+                base = us if name == "torch" else base
+                rows.append({"op": op, "mode": mode, "impl": name, "host_us": round(us, 1),
+                             "vs_torch": round(us / base, 2) if base else None})
+                print(f"{op:24s} {mode:8s} {name:10s} {us:8.1f} us" + (f"  {us / base:5.2f}x torch" if base else ""),
+                      flush=True)
+    common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls)
+
+
+if __name__ == "__main__":
+    main()
