@@ -13,7 +13,9 @@ method attached, beside the baselines measured in the same run:
 * each method (Houlsby, Pfeiffer, AdapterFusion over 3 Pfeiffer adapters, side-tuning with and
   without the base-output cache, mask-tuning, prefix-tuning P=20/32) with ``pet_fast.use_backend``
   ``eager`` and ``auto``, eager and under ``torch.compile`` (default inductor backend; the
-  ``auto`` rows only on a GPU, since ``auto`` takes eager for CPU tensors);
+  ``auto`` rows only on a GPU, since ``auto`` takes eager for CPU tensors); on a GPU the key rows also
+  under ``mode="reduce-overhead"`` (``+cudagraphs``: the step's forward and backward replayed as CUDA
+  graphs, so the host's time per op drops out; the optimizer step stays eager);
 * where AdapterHub's ``adapters`` or ``peft`` can be imported, their methods on the same batch.
 
 Models are random-initialised from their configs (no download) with every dropout set to 0, so
@@ -62,6 +64,11 @@ class Row:
     backend: Optional[str] = None
     compiled: bool = False
     result: Dict = field(default_factory=dict)
+    compile_mode: Optional[str] = None  # torch.compile's mode: None (default) or "reduce-overhead" (CUDA graphs)
+
+
+# Suffixes of the compiled rows' names, by torch.compile mode.
+COMPILE_SUFFIX = {None: "+compile", "reduce-overhead": "+cudagraphs"}
 
 
 # The compiled rows measured right after the first model's eager rows (the targets' rows): the
@@ -75,9 +82,12 @@ KEY_COMPILED = ["floor", "houlsby/auto", "pfeiffer/auto", "fusion3/auto", "prefi
 KERNEL_ROWS = ["houlsby", "pfeiffer", "fusion3", "mask", "prefix20"]
 
 
-def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False) -> List[Row]:
+def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False,
+         cudagraph_rows: bool = False) -> List[Row]:
     """Every row, in the order a time budget should cut last to first: the first model's eager rows,
-    its key compiled rows (KEY_COMPILED), the other models' eager rows, then every other compiled row."""
+    its key compiled rows (KEY_COMPILED; with ``cudagraph_rows`` each also under
+    ``mode="reduce-overhead"``, named ``+cudagraphs``), the other models' eager rows, then every other
+    compiled row."""
     eager, key, rest = [], [], []
     for i, m in enumerate(models):
         rows = [Row(m, "full", "full"), Row(m, "floor", "floor"), Row(m, "base-forward", "base-forward")]
@@ -97,6 +107,9 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
             eager = rows + eager
             if compile_rows:
                 key += first
+                if cudagraph_rows:  # CUDA graphs replay the whole step: no host time per op
+                    key += [Row(m, r.row[:-len("+compile")] + COMPILE_SUFFIX["reduce-overhead"], r.kind, r.backend, True,
+                                compile_mode="reduce-overhead") for r in first]
                 rest += [r for r in comp if r not in first]
         else:
             eager += rows
@@ -251,7 +264,8 @@ def make_step(row: Row, spec, device):
     if row.kind == "side-cache":
         kw["example_ids"] = torch.arange(ids.shape[0])
     embed = model.get_input_embeddings()
-    fwd = torch.compile(model) if row.compiled else model
+    fwd = torch.compile(model, mode=row.compile_mode) if row.compiled else model
+    cudagraphs = row.compile_mode == "reduce-overhead"
     opt = torch.optim.AdamW(params, lr=1e-5) if row.kind != "base-forward" else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -259,6 +273,8 @@ def make_step(row: Row, spec, device):
         return pet_fast.use_backend(row.backend) if row.backend else contextlib.nullcontext()
 
     def step():
+        if cudagraphs:  # the previous step's graph outputs are dead: its memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with backend(), autocast:
             if row.kind == "base-forward":
                 with torch.no_grad():
@@ -310,8 +326,8 @@ def _cleanup(compiled: bool):
 
 
 def add_ratios(rows: List[dict]) -> None:
-    """ms and memory relative to the floor (eager rows to the eager floor, compiled to the compiled
-    floor when it was measured) and to full fine-tuning, within each model."""
+    """ms and memory relative to the floor (eager rows to the eager floor, compiled rows to the floor
+    compiled the same way when it was measured) and to full fine-tuning, within each model."""
     def find(model, name):
         for r in rows:
             if r["model"] == model and r["row"] == name and r.get("ms"):
@@ -321,8 +337,9 @@ def add_ratios(rows: List[dict]) -> None:
     for r in rows:
         if not r.get("ms"):
             continue
-        floor = (find(r["model"], "floor+compile") if r["compiled"] else None) or find(r["model"], "floor")
-        full = (find(r["model"], "full+compile") if r["compiled"] else None) or find(r["model"], "full")
+        suffix = next((x for x in COMPILE_SUFFIX.values() if r["row"].endswith(x)), None) if r["compiled"] else None
+        floor = (find(r["model"], "floor" + suffix) if suffix else None) or find(r["model"], "floor")
+        full = (find(r["model"], "full" + suffix) if suffix else None) or find(r["model"], "full")
         if floor:
             r["vs_floor"] = round(r["ms"] / floor["ms"], 3)
             r["floor_row"] = floor["row"]
@@ -366,7 +383,7 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
         table = {m: {**MODELS, **QUICK_MODELS}[m] for m in names}
     if compile_rows is None:
         compile_rows = gpu  # on the CPU the benchmark reports the eager path
-    todo = plan(names, compile_rows=compile_rows, auto_rows=gpu or bool(rows), kernel_rows=gpu)
+    todo = plan(names, compile_rows=compile_rows, auto_rows=gpu or bool(rows), kernel_rows=gpu, cudagraph_rows=gpu)
     if rows:
         todo = [r for r in todo if any(_matches(r, pat) for pat in rows)]
     warmup = warmup if warmup is not None else (2 if quick else 3)
@@ -381,7 +398,8 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
     log(f"step benchmark: {label}; {len(todo)} rows; {warmup} warm-up + {steps} timed steps each")
     out, t_start = [], time.perf_counter()
     for i, row in enumerate(todo):
-        rec = {"model": row.model, "row": row.row, "kind": row.kind, "backend": row.backend, "compiled": row.compiled}
+        rec = {"model": row.model, "row": row.row, "kind": row.kind, "backend": row.backend, "compiled": row.compiled,
+               "compile_mode": row.compile_mode}
         family, B, T, left_pad, size = table[row.model]
         rec.update(family=family, batch=B, seq=T, left_padding=left_pad, size=size)
         if budget_s is not None and time.perf_counter() - t_start > budget_s:

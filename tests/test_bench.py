@@ -95,6 +95,31 @@ def test_ratios_use_the_compiled_floor_for_compiled_rows():
     assert rows[3]["vs_full"] == 0.6 and "vs_floor" not in rows[5]
 
 
+def test_cudagraph_rows_use_the_cudagraph_floor():
+    rows = [{"model": "m", "row": "floor", "compiled": False, "ms": 10.0},
+            {"model": "m", "row": "floor+compile", "compiled": True, "ms": 5.0},
+            {"model": "m", "row": "floor+cudagraphs", "compiled": True, "ms": 4.0},
+            {"model": "m", "row": "x/auto+cudagraphs", "compiled": True, "ms": 5.0},
+            {"model": "m", "row": "full+cudagraphs", "compiled": True, "ms": 10.0}]
+    bench.add_ratios(rows)
+    assert rows[3]["vs_floor"] == 1.25 and rows[3]["floor_row"] == "floor+cudagraphs" and rows[3]["vs_full"] == 0.5
+
+
+def test_plan_has_cudagraph_rows_for_the_key_rows_when_asked():
+    rows = bench.plan(["bert-32x128", "llama1b-4x1024"], compile_rows=True, cudagraph_rows=True)
+    graphs = [r for r in rows if r.row.endswith("+cudagraphs")]
+    assert [r.row[:-len("+cudagraphs")] for r in graphs] == bench.KEY_COMPILED
+    assert {r.model for r in graphs} == {"bert-32x128"}
+    assert all(r.compiled and r.compile_mode == "reduce-overhead" for r in graphs)
+    assert all(r.compile_mode is None for r in rows if r.row.endswith("+compile"))
+    # right after the first model's key compiled rows, before the second model's eager rows
+    names = [r.row for r in rows]
+    assert names.index("full+cudagraphs") < [(r.model, r.compiled) for r in rows].index(("llama1b-4x1024", False))
+    assert not any(r.row.endswith("+cudagraphs") for r in bench.plan(["bert-32x128"], compile_rows=True))
+    assert not any(r.row.endswith("+cudagraphs") for r in bench.plan(["bert-32x128"], compile_rows=False,
+                                                                      cudagraph_rows=True))
+
+
 def test_plan_has_kernel_rows_on_a_gpu_only():
     cpu = {r.row for r in bench.plan(["bert-32x128"], compile_rows=True)}
     gpu = {r.row for r in bench.plan(["bert-32x128"], compile_rows=True, kernel_rows=True)}
