@@ -61,3 +61,22 @@ def test_backward_formula_picks_the_path_of_its_forward():
     assert op.within(ctx) == "custom"  # a custom op's context (also fake-tensor tracing)
     ctx.pet_fast_eager = True
     assert op.within(ctx) == "eager"
+
+
+def test_calls_without_grad_skip_the_autograd_function(monkeypatch):
+    """With grad mode off nothing is recorded: the op runs its forward alone (an autograd.Function
+    costs host time per call); with grad mode on it runs the Function, and the results agree."""
+    monkeypatch.setenv(_autograd.ENV_VAR, "0")
+    x = torch.randn(3, 8, requires_grad=True)
+    w = [torch.randn(2, 8), None, torch.randn(8, 2), None]
+    y_grad = pet_fast.bottleneck_adapter(x, *w, backend="triton")
+
+    def refuse(*args):
+        raise AssertionError("the autograd.Function ran without grad mode")
+
+    monkeypatch.setattr(ba.TRITON, "impl", refuse)
+    with torch.no_grad():
+        y = pet_fast.bottleneck_adapter(x, *w, backend="triton")
+    assert torch.equal(y, y_grad.detach()) and not y.requires_grad
+    with pytest.raises(AssertionError, match="Function ran"):
+        pet_fast.bottleneck_adapter(x, *w, backend="triton")

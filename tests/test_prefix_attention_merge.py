@@ -141,13 +141,15 @@ def test_triton_backend_routes_gradient_calls_it_covers(monkeypatch):
     """Calls needing a gradient without padding/GQA take the merged path; forward-only calls, padded
     calls and GQA calls take the flash-style kernels."""
     seen = []
-    real_merged, real_fused = op._merged_forward, op._fused_forward
+    real_merged, real_fused = op.MERGED_FORWARD.forward, op.FUSED_FORWARD.forward
+    spy_merged = lambda *a: seen.append("merged") or real_merged(*a)
+    spy_fused = lambda *a: seen.append("own") or real_fused(*a)
     monkeypatch.setattr(op.MERGED_FORWARD, "impl", op._autograd.function(
-        "_spy_merged", lambda *a: seen.append("merged") or real_merged(*a), op._merged_setup_context,
-        op._merged_autograd_backward).apply)
+        "_spy_merged", spy_merged, op._merged_setup_context, op._merged_autograd_backward).apply)
     monkeypatch.setattr(op.FUSED_FORWARD, "impl", op._autograd.function(
-        "_spy_fused", lambda *a: seen.append("own") or real_fused(*a), op._fused_setup_context,
-        op._fused_autograd_backward).apply)
+        "_spy_fused", spy_fused, op._fused_setup_context, op._fused_autograd_backward).apply)
+    monkeypatch.setattr(op.MERGED_FORWARD, "forward", spy_merged)  # the entry of calls without grad
+    monkeypatch.setattr(op.FUSED_FORWARD, "forward", spy_fused)
     monkeypatch.delenv(op._autograd.ENV_VAR, raising=False)
     q, k, v, pk, pv = make(1, 2, 5, 6, 8, 2, "shared")
     pet_fast.prefix_attention(q.requires_grad_(), k, v, pk, pv, backend="triton")
