@@ -8,7 +8,7 @@
 # DEADLINE_S (default 3000) bounds the whole script: every step's own limit is cut to the time left,
 # and the step benchmark gets what the earlier steps left over.
 # BENCHES="masked_linear prefix_attention bottleneck_adapter profile_step" picks and orders the op benchmarks
-# (not in the default list: profile_step, where whole training steps spend their time; masked_serving
+# (not in the default list: host_overhead, host time per op call; profile_step, where whole training steps spend their time; masked_serving
 # and prefix_merge, one-minute checks of the CUDA serving kernel and of prefix attention's flash-merge path).
 # STEP_FIRST=1 runs the step benchmark before the op benchmarks, with STEP_ARGS (e.g. "--models
 # bert-32x128 --rows floor full houlsby/auto --no-compile") and a budget of STEP_BUDGET_S seconds.
@@ -109,6 +109,9 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
     prefix_merge)  # the flash-merge training path of prefix attention alone: errors and times
       step check_prefix_merge 90 python benchmarks/check_prefix_merge.py --json "$work/check_prefix_merge.json"
       tail -20 "$work/check_prefix_merge.log" ;;
+    host_overhead)  # host time per op call, per backend, beside the eager functions (tiny shapes)
+      step bench_host_overhead 60 python benchmarks/bench_host_overhead.py --json "$work/bench_host_overhead.json"
+      tail -25 "$work/bench_host_overhead.log" ;;
     profile_step)  # host vs GPU time and top kernels of whole steps (PROFILE_ROWS picks the rows)
       # shellcheck disable=SC2086
       step profile_step 150 python benchmarks/profile_step.py --json "$work/profile_step.json" ${PROFILE_ROWS:+--rows $PROFILE_ROWS}
