@@ -52,7 +52,8 @@ def host_us(fn, calls: int, device) -> float:
 
 
 def cases(device, dtype):
-    """(op, {impl: callable(grad) -> output}, leaves needing gradients) per op, at tiny shapes."""
+    """(op, {impl: callable}, {impl or "": leaves}) per op, at tiny shapes: the leaves are the tensors whose
+    gradients the fwd+bwd rows take ("" for every impl not named: a module's row takes its own parameters)."""
     g = torch.Generator().manual_seed(0)
     new = lambda *s, grad=False: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
     n, d, r = 16, 64, 8
@@ -60,6 +61,9 @@ def cases(device, dtype):
     x, res = new(n, d, grad=True), new(n, d)
     wd, bd, wu, bu = new(r, d, grad=True), new(r, grad=True), new(d, r, grad=True), new(d, grad=True)
     module = pet_fast.BottleneckAdapter(d, r, activation="silu").to(device=device, dtype=dtype)
+    with torch.no_grad():  # the op rows' weights, so that every row computes the same gradients
+        for name, t in zip(("w_down", "b_down", "w_up", "b_up"), (wd, bd, wu, bu)):
+            getattr(module, name).copy_(t)
     adapter = {
         "torch": lambda: adapter_op.reference(x, wd, bd, wu, bu, "silu", 1.0, res),
         "module": lambda: module(x, residual=res),
@@ -67,21 +71,22 @@ def cases(device, dtype):
     for b in ("eager", "triton", "cuda"):
         adapter[f"op/{b}"] = (lambda b=b: pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, activation="silu",
                                                                       residual=res, backend=b))
-    yield "bottleneck_adapter", adapter, [x, wd, bd, wu, bu]
+    yield "bottleneck_adapter", adapter, {"": [x, wd, bd, wu, bu], "module": [x] + list(module.parameters())}
 
     w, bias = new(d, d), new(d)
     scores = torch.randn(d, d, generator=g).to(device).requires_grad_(True)  # float32 scores, as MaskedLinear's
-    layer = pet_fast.MaskedLinear(d, d).to(device=device)
-    if dtype != torch.float32:
-        layer.weight.data = layer.weight.data.to(dtype)
-        layer.bias.data = layer.bias.data.to(dtype)
+    layer = pet_fast.MaskedLinear(d, d, dtype=dtype, device=device)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(bias)
+        layer.scores.copy_(scores)
     masked = {
         "torch": lambda: masked_op.reference(x, w, scores, bias),
         "module": lambda: layer(x),
     }
     for b in ("eager", "triton"):
         masked[f"op/{b}"] = (lambda b=b: pet_fast.masked_linear(x, w, scores, bias, backend=b))
-    yield "masked_linear", masked, [x, scores]
+    yield "masked_linear", masked, {"": [x, scores], "module": [x, layer.scores]}
 
     k = 3
     wd3, wu3 = new(k, r, d, grad=True), new(k, d, r, grad=True)
@@ -91,7 +96,7 @@ def cases(device, dtype):
     for b in ("eager", "triton"):
         fusion[f"op/{b}"] = (lambda b=b: pet_fast.stacked_adapter_fusion(x, x, res, wd3, None, wu3, None, w_query=wq,
                                                                          w_key=wk, w_value=wv, backend=b))
-    yield "stacked_adapter_fusion", fusion, [x, wd3, wu3, wq, wk, wv]
+    yield "stacked_adapter_fusion", fusion, {"": [x, wd3, wu3, wq, wk, wv]}
 
     B, H, L, D, P = 2, 4, 16, 32, 4
     q, kk, v = new(B, H, L, D, grad=True), new(B, H, L, D, grad=True), new(B, H, L, D, grad=True)
@@ -99,7 +104,7 @@ def cases(device, dtype):
     prefix = {"torch": lambda: prefix_op.sdpa(q, kk, v, pk, pv)}
     for b in ("eager", "triton"):
         prefix[f"op/{b}"] = (lambda b=b: pet_fast.prefix_attention(q, kk, v, pk, pv, backend=b))
-    yield "prefix_attention", prefix, [q, kk, v, pk, pv]
+    yield "prefix_attention", prefix, {"": [q, kk, v, pk, pv]}
 
 
 def main():
@@ -121,10 +126,11 @@ def main():
                     call = lambda fn=fn: fn()
                     ctx = torch.no_grad
                 else:
-                    def call(fn=fn):
+                    wrt = [t for t in leaves.get(name, leaves[""]) if t.requires_grad]
+
+                    def call(fn=fn, wrt=wrt):
                         out = fn()
-                        torch.autograd.grad(out, [t for t in leaves if t.requires_grad] or [out], torch.ones_like(out),
-                                            allow_unused=True)
+                        torch.autograd.grad(out, wrt, torch.ones_like(out))
                     ctx = torch.enable_grad
                 try:
                     with ctx():

@@ -80,8 +80,9 @@ class MaskedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
         dt = _checks.tensor("x", x, floating=False).dtype
-        weight, bias = _params_for(dt, self.weight, self.bias)
-        return masked_linear(x, weight, self.scores, bias, threshold=self.threshold, backend=backend)
+        p = self._parameters  # not nn.Module's attribute lookup: this runs in every linear of every step
+        weight, bias = _params_for(dt, p["weight"], p["bias"])
+        return masked_linear(x, weight, p["scores"], bias, threshold=self.threshold, backend=backend)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
@@ -125,8 +126,10 @@ class MaskScores(nn.Module):
         return host.weight.t() if type(host).__name__ == "Conv1D" else host.weight
 
     def apply_to(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = _params_for(x.dtype, self.weight_of(host), host.bias)
-        return masked_linear(x, weight, self.scores, bias, threshold=self.threshold)
+        hp = host._parameters  # not nn.Module's attribute lookup: this runs in every linear of every step
+        weight = hp["weight"].t() if type(host).__name__ == "Conv1D" else hp["weight"]
+        weight, bias = _params_for(x.dtype, weight, hp.get("bias"))
+        return masked_linear(x, weight, self._parameters["scores"], bias, threshold=self.threshold)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, threshold={self.threshold}"
