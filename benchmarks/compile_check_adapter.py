@@ -73,7 +73,7 @@ for dt in (["bf16", "fp32", "fp16"] if ARGS.all_dtypes else ["bf16"]):
         small = [c for c in cfgs if c.num_stages == 2] or cfgs[-1:]
         for cfg in small:
             bn, bd = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_D"]
-            c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+            c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ADD_X=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
             sh = comp(B._fwd_kernel, P("X","WD","BD","WU","BU","S","RES","Y"), [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
             c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
             p = P("X","WD","BD","WU","S","DY","DX","HBUF","DABUF")
@@ -82,7 +82,7 @@ for dt in (["bf16", "fp32", "fp16"] if ARGS.all_dtypes else ["bf16"]):
             p = P("X","QK","WD","BD","WU","BU","S","CTX"); p.update(ABUF="*fp32", PBUF="*fp32")
             sh3 = comp(F._fwd_kernel, p, [], ["s_value", "inv_t"], c, cfg.num_warps, cfg.num_stages)
             if dt != "fp32":  # float32 master weights with half-precision x
-                c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+                c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ADD_X=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
                 p = P("X", "RES", "Y"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "BU", "S")})
                 sh = max(sh, comp(B._fwd_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages))
                 c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)

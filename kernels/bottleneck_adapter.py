@@ -116,8 +116,8 @@ def mm(a, b, UPCAST: tl.constexpr):
 @triton.jit
 def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, HAS_RES: tl.constexpr,
-                ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
-                UPCAST: tl.constexpr):
+                ADD_X: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                RP: tl.constexpr, UPCAST: tl.constexpr):
     # The tile's first row moves the base pointers (int64: N * D may pass 2**31); offsets inside the
     # tile stay int32, which keeps the pointer tiles at half the registers.
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -163,6 +163,8 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
         m2 = rmask[:, None] & cm[None, :]
         if HAS_RES:
             base = tl.load(RES + offs, mask=m2, other=0.0).to(tl.float32)
+            if ADD_X:  # base = residual + x, in float32 (as eager adds a half x to a float32 residual)
+                base += tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         else:
             base = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         tl.store(Y + offs, (base + up).to(Y.dtype.element_ty), mask=m2)
@@ -376,10 +378,10 @@ def _scale_mode(scaling):
     return 2 if scaling.dim() == 1 else 1
 
 
-def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False):
     """x (N, d) contiguous; returns y (N, d) in the residual's dtype (x's without one: a float32
     residual of half-precision x gives a float32 sum). ``scaling`` is a tensor (() or (d,)) or None
-    (then ``scaling_value`` is used)."""
+    (then ``scaling_value`` is used). ``add_input``: the base is residual + x (a residual is given)."""
     n, d = x.shape
     r = w_down.shape[0]
     y = torch.empty_like(x if residual is None else residual)
@@ -393,7 +395,8 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
         scaling if scaling is not None else dummy, residual if residual is not None else dummy, y,
         n, d, r, float(scaling_value), n_bucket(n),
         HAS_BD=b_down is not None, HAS_BU=b_up is not None, S_MODE=_scale_mode(scaling),
-        HAS_RES=residual is not None, ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
+        HAS_RES=residual is not None, ADD_X=bool(add_input) and residual is not None, ACT=ACT_CODES[activation],
+        RP=rp, UPCAST=upcast)
     return y
 
 

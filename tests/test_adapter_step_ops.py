@@ -63,8 +63,11 @@ def _step_counts(monkeypatch, placement, backend):
 
 
 # aten ops per site besides the kernels: pfeiffer's placement itself runs the block's LayerNorm once more
-# (forward and backward) and casts that float32 output to half for the products (and back in the backward)
-BUDGET = {"houlsby": 3, "pfeiffer": 6}
+# (forward and backward) and casts that float32 output to half for the products (and back in the backward);
+# houlsby's op adds h + x itself (add_input), the add the frozen block runs before its LayerNorm, so a
+# houlsby site runs at least one aten op fewer than the frozen model (measured: 2, the add and a cast of
+# h's gradient in the backward)
+BUDGET = {"houlsby": -1, "pfeiffer": 6}
 
 
 @pytest.mark.parametrize("placement,sites", [("houlsby", 4), ("pfeiffer", 2)])

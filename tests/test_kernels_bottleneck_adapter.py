@@ -13,7 +13,8 @@ op = importlib.import_module("pet_fast.ops.bottleneck_adapter")
 ACTS = ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"]
 
 
-def make_case(n_shape, d, r, dtype, device="cpu", bias=True, scaling="channel", residual=False, seed=0):
+def make_case(n_shape, d, r, dtype, device="cpu", bias=True, scaling="channel", residual=False, add_input=False,
+              seed=0):
     """Leaf tensors in float64 (the reference) and copies in ``dtype`` (the kernels and eager)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
@@ -29,12 +30,14 @@ def make_case(n_shape, d, r, dtype, device="cpu", bias=True, scaling="channel", 
     lo = {k: (v.to(device=device, dtype=dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
     if scaling == "number":
         hi["scaling"] = lo["scaling"] = 0.75
+    hi["add_input"] = lo["add_input"] = add_input
     return hi, lo
 
 
 def call(ts, act, backend):
     return pet_fast.bottleneck_adapter(ts["x"], ts["w_down"], ts["b_down"], ts["w_up"], ts["b_up"], activation=act,
-                                       scaling=ts["scaling"], residual=ts["residual"], backend=backend)
+                                       scaling=ts["scaling"], residual=ts["residual"],
+                                       add_input=ts.get("add_input", False), backend=backend)
 
 
 def grads(ts, out, dy):
@@ -97,6 +100,17 @@ def test_fp16_precision_rule(act, kw):
     check_against_reference((21,), 77, 9, torch.float16, act, **kw)
 
 
+@pytest.mark.parametrize("dtype,act,kw", [
+    (torch.float32, "silu", dict(scaling="channel")),
+    (torch.float32, "relu", dict(scaling="number", bias=False)),
+    (torch.float16, "gelu", dict(scaling="scalar")),
+    (torch.float16, "silu", dict(scaling="number")),
+])
+def test_add_input_base_is_input_plus_residual(dtype, act, kw):
+    """add_input=True: base = x + residual, and x's gradient gets dy added in the rows kernel."""
+    check_against_reference((3, 11), 37, 6, dtype, act, residual=True, add_input=True, **kw)
+
+
 @pytest.mark.parametrize("r", [1, 16, 100, 256])
 def test_bottleneck_widths_up_to_256_at_d_1024(r):
     check_against_reference((3,), 1024, r, torch.float32, "relu", scaling="scalar")
@@ -137,13 +151,15 @@ def test_weight_gradients_through_matmuls_float32_master_weights(monkeypatch):
 
 @pytest.mark.parametrize("matmul_reduction", [False, True])
 @pytest.mark.parametrize("master", [False, True])
-def test_float32_residual_with_half_x(monkeypatch, matmul_reduction, master):
+@pytest.mark.parametrize("add_input", [False, True])
+def test_float32_residual_with_half_x(monkeypatch, matmul_reduction, master, add_input):
     """A float32 residual stream with fp16 x (autocast): the sum in float32, every gradient in its
-    leaf's dtype, within the precision rule of eager PyTorch doing the same in mixed dtypes."""
+    leaf's dtype, within the precision rule of eager PyTorch doing the same in mixed dtypes. With
+    add_input, the Houlsby site under autocast: LN(h + x + A(h)), h half, x the float32 stream."""
     if matmul_reduction:
         kernels = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
         monkeypatch.setattr(kernels, "MATMUL_REDUCTION_MIN_RP", 16)
-    hi, lo = make_case((3, 7), 45, 5, torch.float16, scaling="channel", residual=True)
+    hi, lo = make_case((3, 7), 45, 5, torch.float16, scaling="channel", residual=True, add_input=add_input)
     lo["residual"] = hi["residual"].detach().float().requires_grad_()
     if master:
         for k in ("w_down", "b_down", "w_up", "b_up", "scaling"):
@@ -227,14 +243,14 @@ def test_torch_compile_fullgraph_through_the_custom_op():
         assert rel_err(a, b) < 2e-5
 
 
-@pytest.mark.parametrize("scaling", ["channel", "number"])
-def test_custom_op_opcheck(scaling):
+@pytest.mark.parametrize("scaling,add_input", [("channel", False), ("number", False), ("channel", True)])
+def test_custom_op_opcheck(scaling, add_input):
     """Schema, autograd registration, fake tensors, and AOT dispatch with dynamic shapes (which runs
     the backward custom op as well)."""
     r = lambda *s: torch.randn(*s, requires_grad=True)
     s_t = r(16) if scaling == "channel" else None
     torch.library.opcheck(torch.ops.pet_fast.bottleneck_adapter_triton.default,
-                          (r(5, 16), r(3, 16), r(3), r(16, 3), None, s_t, 1.5, r(5, 16), "silu"))
+                          (r(5, 16), r(3, 16), r(3), r(16, 3), None, s_t, 1.5, r(5, 16), "silu", add_input))
 
 
 def check_master_weights(n_shape, d, r, dtype, act, backend="triton", device="cpu", **kw):
@@ -294,6 +310,21 @@ def test_master_weights_read_without_casts():
 @pytest.mark.parametrize("n_shape,d,r", [((4, 128), 768, 64), ((1,), 4096, 256), ((1001,), 1000, 7), ((8, 8192), 1024, 16)])
 def test_gpu_triton(dtype, n_shape, d, r):
     check_against_reference(n_shape, d, r, dtype, "gelu", device="cuda", scaling="channel", residual=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_add_input(dtype, backend):
+    """Houlsby's base h + x: in the forward kernel (triton), before the kernels (cuda, few tokens)."""
+    if backend == "cuda":
+        from pet_fast import _ext
+
+        if not _ext.available():
+            pytest.skip(_ext.reason())
+    n_shape = (4, 128) if backend == "triton" else (16,)
+    check_against_reference(n_shape, 768, 64, dtype, "silu", backend=backend, device="cuda", residual=True,
+                            add_input=True, scaling="channel")
 
 
 @pytest.mark.gpu

@@ -88,3 +88,35 @@ def test_half_precision_runs_and_keeps_dtype():
     out = pet_fast.bottleneck_adapter(x, wd, bd, wu, bu)
     assert out.dtype == torch.float16
     assert rel_err(out, ref64(x, wd, bd, wu, bu, "relu", 1.0, None)) < 1e-2
+
+
+def test_add_input_adds_x_to_the_residual_and_checks_its_arguments():
+    torch.manual_seed(1)
+    x, res = torch.randn(4, 6, 10, dtype=torch.float64), torch.randn(4, 6, 10, dtype=torch.float64)
+    wd, bd, wu, bu = torch.randn(3, 10, dtype=torch.float64), None, torch.randn(10, 3, dtype=torch.float64), None
+    out = pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, activation="silu", residual=res, add_input=True)
+    expect = ref64(x, wd, bd, wu, bu, "silu", 1.0, x + res).reshape(x.shape)
+    assert rel_err(out, expect) < 1e-12
+    args = [t.requires_grad_() for t in (x, wd, wu)]
+    res.requires_grad_()
+    torch.autograd.gradcheck(lambda x, wd, wu, res: pet_fast.bottleneck_adapter(
+        x, wd, None, wu, None, activation="tanh", residual=res, add_input=True), (*args, res))
+    with pytest.raises(ValueError, match="add_input=True adds x to the residual: a residual is required"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, add_input=True)
+    with pytest.raises(TypeError, match="add_input must be a bool"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, residual=res, add_input=1)
+    module = pet_fast.BottleneckAdapter(10, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="a residual is required"):  # the module must not take x as the residual
+        module(x, add_input=True)
+
+
+def test_add_input_with_a_float32_input_under_autocast_keeps_it_in_float32():
+    """The module casts float32 input to autocast's dtype for the products; the base still takes the
+    float32 input (the parallel placement in a post-LN block: x is the LayerNorm's float32 output)."""
+    torch.manual_seed(2)
+    module = pet_fast.BottleneckAdapter(16, 4, init="identity")  # up-projection zero: out = h + x exactly
+    x, h = torch.randn(5, 16), torch.randn(5, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, residual=h, add_input=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, h.float() + x, rtol=0, atol=0)

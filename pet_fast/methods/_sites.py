@@ -108,10 +108,12 @@ def _replace_first(out, value):
     return (value,) + tuple(out[1:]) if isinstance(out, tuple) else value
 
 
-def _adapter(module, inp, residual):
-    """``residual + A(inp)``; under autocast a float32 residual stream stays float32 (the module adds it
-    in float32, no cast launch) and float32 inputs reach the products in autocast's dtype."""
-    return module(inp, residual=residual)
+def _adapter(module, inp, residual, add_input=False):
+    """``residual + A(inp)`` (``inp + residual + A(inp)`` with ``add_input``); under autocast a float32
+    residual stream stays float32 (the module adds it in float32, no cast launch) and float32 inputs
+    reach the products in autocast's dtype. A residual that is the input itself is passed as none: the
+    op's base is then its input, and its backward adds the two gradients of the input in its kernel."""
+    return module(inp, residual=None if residual is inp else residual, add_input=add_input)
 
 
 def _children(self: Override, fusion) -> list:
@@ -151,13 +153,13 @@ def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs)
         else:  # parallel: the adapters read the sublayer input
             out = _fuse(self, module, x, x, h)
         return LN(out + x.to(out.dtype))
-    s = h + x
-    if placement == "houlsby":
-        out = _adapter(module, h, s)
+    if placement == "houlsby":  # LN(h + x + A(h)): the op adds h + x itself (no add launch, forward or backward)
+        out = _adapter(module, h, x, add_input=True)
     elif placement == "pfeiffer":
+        s = h + x
         out = _adapter(module, LN(s), s)
-    else:
-        out = _adapter(module, x, s)
+    else:  # parallel: LN(h + x + A(x))
+        out = _adapter(module, x, h, add_input=True)
     return LN(out)
 
 

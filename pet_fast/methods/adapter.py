@@ -99,8 +99,16 @@ class BottleneckAdapter(nn.Module):
                 if b is not None:
                     b.zero_()
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, add_input: bool = False,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """``base + A(x)``: base = x, or ``residual``, or ``x + residual`` with ``add_input`` (see the op)."""
         _checks.tensor("x", x, floating=False)
+        if add_input is True:
+            if residual is None:
+                raise ValueError("add_input=True adds x to the residual: a residual is required")
+            if x.dtype == torch.float32 and compute_dtype(x) in _HALF:
+                # x reaches the products cast to autocast's dtype, but the base takes it in float32
+                residual, add_input = residual + x, False
         x, residual = autocast_inputs(x, residual)
         # parameters read from _parameters directly: this runs in every adapter of every step, and each
         # nn.Module attribute lookup of a parameter costs about a microsecond of host time
@@ -115,7 +123,7 @@ class BottleneckAdapter(nn.Module):
         if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
             scaling = scaling.to(w_down.dtype)
         return bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
-                                  residual=residual, backend=backend)
+                                  residual=residual, add_input=add_input, backend=backend)
 
     def extra_repr(self) -> str:
         s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"

@@ -1,6 +1,7 @@
 """bottleneck_adapter: the residual bottleneck of Houlsby and Pfeiffer adapters.
 
-    out = base + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up),  base = x if residual is None
+    out = base + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)
+    base = x without a residual, the residual when given, x + residual with add_input=True
 
 Contract
     x         (..., d) floating; leading dimensions are flattened into tokens (N may be 0)
@@ -9,6 +10,10 @@ Contract
     activation  one of ACTIVATIONS (aliases: swish -> silu, gelu_new -> gelu_tanh)
     scaling   a Python number, or a tensor of shape () or (d,) (may require grad)
     residual  None or a tensor shaped like x
+    add_input  bool (default False): the base is x + residual (a residual is required). A post-LN block
+              with a Houlsby adapter computes LN(h + x + A(h)): the op takes h and x and adds both, where
+              a separate h + x before it would cost a launch, and its backward one more (adding the two
+              gradients of h); the op's backward adds them in the kernel that computes dx.
 All tensors share x's device. The parameters (w_down, b_down, w_up, b_up, a scaling tensor) share one
 dtype: x's, or float32 when x is float16/bfloat16 (float32 master weights, as in mixed-precision
 training). Float32 parameters enter the products rounded to x's dtype, as autocast would round them, and
@@ -43,8 +48,12 @@ from . import _autograd, _checks, _timings, activations
 OP = "bottleneck_adapter"
 
 
-def check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual) -> tuple:
+def check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input=False) -> tuple:
     """Validate a call; returns (canonical activation, scaling)."""
+    if not isinstance(add_input, bool):
+        raise TypeError(f"add_input must be a bool, got {type(add_input).__name__}")
+    if add_input and residual is None:
+        raise ValueError("add_input=True adds x to the residual: a residual is required")
     _checks.tensor("x", x, min_ndim=1)
     _checks.tensor("w_down", w_down, ndim=2)
     _checks.tensor("w_up", w_up, ndim=2)
@@ -92,13 +101,13 @@ def _params_in(dtype, w_down, b_down, w_up, b_up, scaling):
     return cast(w_down), cast(b_down), cast(w_up), cast(b_up), cast(scaling)
 
 
-def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False):
     """Eager PyTorch, differentiable through autograd; the definition every backend must match."""
     if w_down.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
         w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     h = activations.apply(activations.canonical(activation), F.linear(x, w_down, b_down))
     up = F.linear(h, w_up, b_up)
-    base = x if residual is None else residual
+    base = x if residual is None else (residual + x if add_input else residual)
     return base + scaling * up
 
 
@@ -129,11 +138,12 @@ def _triton_kernels():
 
 def _triton_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
                     b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
-                    residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    return _triton_kernels().forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation)
+                    residual: Optional[torch.Tensor], activation: str, add_input: bool = False) -> torch.Tensor:
+    return _triton_kernels().forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation,
+                                     add_input)
 
 
-def _forward_fake(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation):
+def _forward_fake(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False):
     return torch.empty_like(x if residual is None else residual)
 
 
@@ -160,10 +170,12 @@ def _triton_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_va
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation = inputs
+    x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation = inputs[:9]
     ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scaling)
     ctx.scaling_value = scaling_value
     ctx.has_residual = residual is not None
+    # dy reaches x itself too without a residual, or when x is added to it: the rows kernel adds it to dx
+    ctx.dy_to_x = residual is None or (len(inputs) > 9 and inputs[9])
     ctx.activation = activation
 
 
@@ -172,11 +184,11 @@ def _backward(ctx, dy):
     need_ds = scaling is not None and ctx.needs_input_grad[5]
     w = any(ctx.needs_input_grad[1:5])  # False for a frozen adapter: no weight reduction
     dx, dwd, dbd, dwu, dbu, ds = TRITON_BACKWARD.within(ctx)(
-        dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
+        dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, not ctx.dy_to_x,
         ctx.activation, need_ds, w)
     return (dx, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
             dbu if (w and b_up is not None) else None, ds if need_ds else None, None,
-            dy if ctx.has_residual else None, None)
+            dy if ctx.has_residual else None, None, None)
 
 
 TRITON_BACKWARD = _autograd.custom_op("bottleneck_adapter_triton_backward", _triton_backward,
@@ -197,10 +209,10 @@ def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
     return x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, res
 
 
-def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False):
     """The triton backend: same call as :func:`reference`."""
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
-    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
+    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input))
     return y.reshape(x.shape)
 
 
@@ -227,22 +239,25 @@ def bottleneck_adapter(
     activation: str = "relu",
     scaling: Union[float, torch.Tensor] = 1.0,
     residual: Optional[torch.Tensor] = None,
+    add_input: bool = False,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """``(x if residual is None else residual) + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)``.
+    """``base + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)``, ``base`` = x without a residual,
+    the residual when given, ``x + residual`` with ``add_input=True``.
 
     See the module docstring for the contract. ``backend`` overrides the dispatcher's choice
     (``"eager"``, ``"triton"``, ``"cuda"`` or ``"auto"``).
     """
     def resolve():
-        act, s = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
+        act, s = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
         # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
         return (act, None if isinstance(s, torch.Tensor) else s), describe(x, w_down, act, s, residual)
 
-    sig = _checks.signature(x, w_down, b_down, w_up, b_up, activation, scaling, residual)
+    sig = _checks.signature(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
     (activation, number), impl = dispatch.plan(OP, sig, backend, resolve)
     scaling = scaling if number is None else number
-    return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
+    kw = dict(add_input=True) if add_input else {}
+    return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual, **kw)
 
 
 # The cuda backend (csrc/bottleneck_adapter.cu): forward and backward for few tokens (serving and
@@ -313,9 +328,12 @@ CUDA = _autograd.custom_op("bottleneck_adapter_cuda", _cuda_forward, fake=_forwa
                            autograd=(_cuda_grad, _setup_context))
 
 
-def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False):
     """The cuda backend: same call as :func:`reference`. Float32 parameters of half-precision x are
-    cast first (the few-token kernels take one dtype)."""
+    cast first (the few-token kernels take one dtype); with ``add_input`` the base x + residual is added
+    before the kernels (one more launch: the kernels take one base)."""
+    if add_input:
+        residual = residual + x
     w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = CUDA(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
