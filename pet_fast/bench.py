@@ -297,11 +297,13 @@ def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
+    skips_before = _cudagraph_skips()
     t_compile = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(device)
     warm_s = time.perf_counter() - t_compile
+    skipped = _cudagraph_skips() - skips_before
     times = []
     for _ in range(steps):
         _sync(device)
@@ -313,8 +315,19 @@ def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
     result = {"ms": round(ms, 3), "tokens_per_s": round(B * T / (ms / 1e3), 1), "warmup_s": round(warm_s, 2),
               "steps": steps, "trainable_params": sum(p.numel() for p in params)}
     result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if gpu else None
+    if row.compile_mode == "reduce-overhead" and skipped:  # inductor ran those graphs without CUDA graphs
+        result["note"] = f"CUDA graphs skipped for {skipped} graph(s) (inductor's cudagraph_skips)"
     del step, params  # the step holds the model and optimizer
     return result
+
+
+def _cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without CUDA graphs under mode="reduce-overhead"."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - older torch
+        return 0
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _cleanup(compiled: bool):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pet_fast import bench
 
@@ -191,3 +192,25 @@ def test_every_benchmark_script_imports():
         out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--help"], capture_output=True,
                              text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (name, out.stderr[-800:])
+
+
+def test_a_cudagraph_row_says_when_inductor_skipped_cuda_graphs(monkeypatch):
+    calls = iter([3, 5])
+    monkeypatch.setattr(bench, "_cudagraph_skips", lambda: next(calls))
+    monkeypatch.setattr(bench, "make_step", lambda row, spec, device: (lambda: None, [torch.zeros(2)], (1, 4)))
+    row = bench.Row("m", "houlsby/auto+cudagraphs", "houlsby", "auto", True, compile_mode="reduce-overhead")
+    rec = bench.run_row(row, None, torch.device("cpu"), warmup=1, steps=2)
+    assert rec["note"] == "CUDA graphs skipped for 2 graph(s) (inductor's cudagraph_skips)"
+    calls = iter([4, 4])
+    monkeypatch.setattr(bench, "_cudagraph_skips", lambda: next(calls))
+    assert "note" not in bench.run_row(row, None, torch.device("cpu"), warmup=1, steps=2)
+
+def test_cudagraph_skips_reads_inductors_counter():
+    from torch._dynamo.utils import counters
+
+    before = bench._cudagraph_skips()
+    counters["inductor"]["cudagraph_skips"] += 1
+    try:
+        assert bench._cudagraph_skips() == before + 1
+    finally:
+        counters["inductor"]["cudagraph_skips"] -= 1
