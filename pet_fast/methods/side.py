@@ -84,6 +84,7 @@ class SideTuning(nn.Module):
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import inspect  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
@@ -182,25 +183,26 @@ class SideBranch(nn.Module):
         return a * base.to(side.dtype) + (1 - a) * side
 
     def cached(self, ids, input_ids) -> Optional[torch.Tensor]:
-        rows = []
-        for i, key in enumerate(ids):
-            hit = self.cache.get(key)
-            if hit is None:
-                return None
-            stored_ids, hidden = hit
-            if input_ids is not None:
-                row = input_ids[i].detach().cpu()
-                if stored_ids is None or stored_ids.shape != row.shape:
-                    return None  # padded differently in this batch: recompute
-                if not torch.equal(stored_ids, row):
-                    raise ValueError(f"example id {key!r} was seen before with different input_ids; example ids must be unique per example")
-            rows.append(hidden)
-        return torch.stack(rows)
+        hits = [self.cache.get(key) for key in ids]
+        if not hits or any(h is None for h in hits):
+            return None
+        if input_ids is not None:
+            # the batch's ids reach the host in one copy (one synchronisation), not one per example
+            batch = input_ids.detach().cpu()
+            stored = [s for s, _ in hits]
+            if any(s is None or s.shape != batch.shape[1:] for s in stored):
+                return None  # padded differently in this batch: recompute
+            same = (torch.stack(stored) == batch).reshape(len(stored), -1).all(1)
+            if not bool(same.all()):
+                key = ids[int((~same).nonzero()[0])]
+                raise ValueError(f"example id {key!r} was seen before with different input_ids; example ids must be unique per example")
+        return torch.stack([h for _, h in hits])
 
     def store(self, ids, input_ids, hidden: torch.Tensor) -> None:
+        batch = None if input_ids is None else input_ids.detach().cpu()  # one copy for the batch
+        hidden = hidden.detach()
         for i, key in enumerate(ids):
-            row = None if input_ids is None else input_ids[i].detach().cpu()
-            self.cache[key] = (row, hidden[i].detach())
+            self.cache[key] = (None if batch is None else batch[i], hidden[i])
 
     def extra_repr(self) -> str:
         a = "learned" if self.alpha_logit is not None else self.alpha_value
@@ -242,6 +244,13 @@ def _cache_store(branch, ids, input_ids, hidden) -> None:
     branch.store(_normalise_ids(ids), input_ids, hidden)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls) -> inspect.Signature:
+    """``inspect.signature`` of a backbone class's forward, computed once per class (it costs tens of
+    microseconds, and this runs in every step)."""
+    return inspect.signature(cls.forward)
+
+
 def side_forward(site, *args, **kwargs):
     """The backbone's forward with a side-tuning task active (see SideConfig)."""
     host = site.host
@@ -253,7 +262,7 @@ def side_forward(site, *args, **kwargs):
     if act is None:
         return site.original(*args, **kwargs)
     _, branch = act
-    arguments = inspect.signature(type(host).forward).bind_partial(host, *args, **kwargs).arguments
+    arguments = _forward_signature(type(host)).bind_partial(host, *args, **kwargs).arguments
     input_ids = arguments.get("input_ids")
     attention_mask = arguments.get("attention_mask")
     inputs_embeds = arguments.get("inputs_embeds")
