@@ -104,9 +104,9 @@ _AND_CODE = None
 def _call_args(fn, args, kwargs) -> dict:
     if not args:
         return dict(kwargs)
-    import inspect
+    from . import models
 
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    bound = models.signature(fn).bind_partial(*args, **kwargs).arguments
     extra = bound.pop("kwargs", {})
     bound.update(extra)
     return bound

@@ -5,6 +5,8 @@ the model's config; everything else is ``"generic"`` (methods then need ``target
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import List
 
 from torch import nn
@@ -14,6 +16,14 @@ FAMILIES = {
     "gpt2": ("gpt2",),
     "llama": ("llama", "mistral", "qwen2", "qwen3"),
 }
+
+
+@functools.lru_cache(maxsize=256)
+def signature(fn) -> inspect.Signature:
+    """``inspect.signature(fn)`` computed once per function (it costs tens of microseconds, and the hooks
+    that ask run in every forward). Pass plain functions (``type(module).forward``), not bound methods,
+    which would keep their module alive in the cache."""
+    return inspect.signature(fn)
 
 
 def model_type(model: nn.Module) -> str:

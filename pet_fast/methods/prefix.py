@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models
 from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder
 
 
@@ -300,7 +301,7 @@ def _shift_hook(holder, reg, kind):
                 if key in kwargs:
                     kwargs[key] = kwargs[key] + shift
                     return args, kwargs
-            key = "cache_length" if "cache_length" in inspect.signature(module.forward).parameters else "past_key_values_length"
+            key = "cache_length" if "cache_length" in models.signature(type(module).forward).parameters else "past_key_values_length"
             kwargs[key] = shift
             return args, kwargs
         # causal LMs: the default positions arange(T) + past, shifted
@@ -321,7 +322,6 @@ def _shift_hook(holder, reg, kind):
 def _install_position_hook(model: nn.Module, holder, reg) -> None:
     if model.__dict__.get("_pet_fast_prefix_position_hook") is not None:
         return
-    from .. import models
 
     base = getattr(model, "base_model", model)
     if models.family(model) == "bert" and hasattr(getattr(base, "embeddings", None), "position_embeddings"):

@@ -84,11 +84,10 @@ class SideTuning(nn.Module):
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import inspect  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
+from .. import models  # noqa: E402
 from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 _IDS_ATTR = "_pet_fast_example_ids"
@@ -244,13 +243,6 @@ def _cache_store(branch, ids, input_ids, hidden) -> None:
     branch.store(_normalise_ids(ids), input_ids, hidden)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_signature(cls) -> inspect.Signature:
-    """``inspect.signature`` of a backbone class's forward, computed once per class (it costs tens of
-    microseconds, and this runs in every step)."""
-    return inspect.signature(cls.forward)
-
-
 def side_forward(site, *args, **kwargs):
     """The backbone's forward with a side-tuning task active (see SideConfig)."""
     host = site.host
@@ -262,7 +254,7 @@ def side_forward(site, *args, **kwargs):
     if act is None:
         return site.original(*args, **kwargs)
     _, branch = act
-    arguments = _forward_signature(type(host)).bind_partial(host, *args, **kwargs).arguments
+    arguments = models.signature(type(host).forward).bind_partial(host, *args, **kwargs).arguments
     input_ids = arguments.get("input_ids")
     attention_mask = arguments.get("attention_mask")
     inputs_embeds = arguments.get("inputs_embeds")
@@ -301,7 +293,6 @@ def side_forward(site, *args, **kwargs):
 def example_ids(model: nn.Module, ids):
     """Give the ids of the examples of the next forwards (for the side-tuning cache), when the model
     call cannot take ``example_ids=`` itself."""
-    from .. import models
 
     host = models.backbone(model)
     host.__dict__[_IDS_ATTR] = ids
@@ -364,7 +355,6 @@ class SideConfig(MethodConfig):
                 raise ValueError(f"schedule_steps must be a positive int with alpha_end, got {self.schedule_steps!r}")
 
     def attach(self, model: nn.Module, name: str, registry) -> None:
-        from .. import models
         from . import _sites
 
         host = models.backbone(model)
