@@ -73,21 +73,29 @@ for dt in (["bf16", "fp32", "fp16"] if ARGS.all_dtypes else ["bf16"]):
         small = [c for c in cfgs if c.num_stages == 2] or cfgs[-1:]
         for cfg in small:
             bn, bd = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_D"]
-            c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ADD_X=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-            sh = comp(B._fwd_kernel, P("X","WD","BD","WU","BU","S","RES","Y"), [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
-            c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-            p = P("X","WD","BD","WU","S","DY","DX","HBUF","DABUF")
-            sh2 = comp(B._bwd_rows_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages)
+            c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ADD_X=True, LN=False, HAS_LNW=False, HAS_LNB=False, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+            sh = comp(B._fwd_kernel, P("X","WD","BD","WU","BU","S","RES","Y","CD","LNW","LNB"), [], ["s_value", "eps"], c, cfg.num_warps, cfg.num_stages)
+            c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, LN=False, HAS_LNW=False, HAS_LNB=False, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+            p = P("X","WD","BD","WU","S","DY","DX","HBUF","DABUF","CD","LNW","LNB","YBUF")
+            sh2 = comp(B._bwd_rows_kernel, p, [], ["s_value", "eps"], c, cfg.num_warps, cfg.num_stages)
             c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=8, UPCAST=up)
             p = P("X","QK","WD","BD","WU","BU","S","CTX"); p.update(ABUF="*fp32", PBUF="*fp32")
             sh3 = comp(F._fwd_kernel, p, [], ["s_value", "inv_t"], c, cfg.num_warps, cfg.num_stages)
-            if dt != "fp32":  # float32 master weights with half-precision x
-                c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ADD_X=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-                p = P("X", "RES", "Y"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "BU", "S")})
-                sh = max(sh, comp(B._fwd_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages))
-                c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
-                p = P("X", "DY", "DX", "HBUF", "DABUF"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "S")})
-                sh2 = max(sh2, comp(B._bwd_rows_kernel, p, [], ["s_value"], c, cfg.num_warps, cfg.num_stages))
+            if dt != "fp32":  # float32 master weights with half-precision x, and a float32 residual stream
+                c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=True, ADD_X=True, LN=False, HAS_LNW=False, HAS_LNB=False, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+                p = P("X", "CD", "LNW", "LNB"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "BU", "S", "RES", "Y")})
+                sh = max(sh, comp(B._fwd_kernel, p, [], ["s_value", "eps"], c, cfg.num_warps, cfg.num_stages))
+                c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, LN=False, HAS_LNW=False, HAS_LNB=False, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=up)
+                p = P("X", "DX", "HBUF", "DABUF", "CD", "LNW", "LNB", "YBUF"); p.update({k: "*fp32" for k in ("WD", "BD", "WU", "S", "DY")})
+                sh2 = max(sh2, comp(B._bwd_rows_kernel, p, [], ["s_value", "eps"], c, cfg.num_warps, cfg.num_stages))
+                # Pfeiffer under autocast: the float32 stream x, its frozen LayerNorm applied in the kernels,
+                # the products in dt (CD), x's gradient float32
+                c = dict(HAS_BD=True, HAS_BU=True, S_MODE=smode, HAS_RES=False, ADD_X=False, LN=True, HAS_LNW=True, HAS_LNB=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=False)
+                p = P("CD"); p.update({k: "*fp32" for k in ("X", "WD", "BD", "WU", "BU", "S", "RES", "Y", "LNW", "LNB")})
+                sh = max(sh, comp(B._fwd_kernel, p, [], ["s_value", "eps"], c, cfg.num_warps, cfg.num_stages))
+                c = dict(HAS_BD=True, S_MODE=smode, ADD_DY=True, LN=True, HAS_LNW=True, HAS_LNB=True, ACT=act, BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=False)
+                p = P("HBUF", "DABUF", "CD", "YBUF"); p.update({k: "*fp32" for k in ("X", "WD", "BD", "WU", "S", "DY", "DX", "LNW", "LNB")})
+                sh2 = max(sh2, comp(B._bwd_rows_kernel, p, [], ["s_value", "eps"], c, cfg.num_warps, cfg.num_stages))
             ok = max(sh, sh2, sh3) <= LIMIT
             failed += not ok
             print("autotuned, smallest tile", dt, rp, bn, bd, cfg.num_stages, sh, sh2, sh3, "fits" if ok else "TOO BIG", flush=True)

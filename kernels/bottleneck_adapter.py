@@ -7,14 +7,20 @@ the r-wide hidden still in registers loops over d again: up-projection, ``bu``, 
 number, a scalar tensor or one value per channel) and the residual (``x`` or a separate tensor). The
 hidden never reaches global memory.
 
+With a LayerNorm (``LN``: the op's ``layer_norm``, Pfeiffer's placement), each program first takes its
+rows' mean and variance (two passes over x in fp32) and the down-projection reads ``LN(x)``, rounded to
+the products' dtype (``CD``'s: autocast's for the float32 residual stream); the base is x.
+
 What the forward saves for the backward: nothing beyond its inputs (x, Wd, bd, Wu, bu, the scaling
-tensor). The backward recomputes the hidden.
+tensor, the LayerNorm's weight and bias). The backward recomputes the hidden (and the LayerNorm).
 
 Backward, three launches:
 1. ``_bwd_rows_kernel``, one program per token tile: recomputes ``a`` and, in the same pass over d,
    ``dh = (s * dy) @ Wu``; then ``h = act(a)``, ``da = dh * act'(a)``; writes ``h`` and ``da`` (r-wide,
    N x RP in x's dtype: the only intermediates that touch global memory) and
-   ``dx = da @ Wd (+ dy when the residual is x)``.
+   ``dx = da @ Wd (+ dy when the residual is x)``. With a LayerNorm it also writes ``LN(x)`` (N x d, in the
+   products' dtype: the reduction's x) and takes ``da @ Wd`` back through the LayerNorm: two row sums,
+   then dx column block by column block.
 2. ``_bwd_cols_kernel``, a grid over (blocks of d) x (splits of the tokens): each program reduces its
    tokens into ``da.T @ x`` (dWd), ``M = dy.T @ h``, ``sum(dy)`` and ``sum(da)`` (dbd, programs of the
    first d block) in fp32, then applies the scaling once: ``dWu = s * M``, ``dbu = s * sum(dy)``, and
@@ -114,10 +120,41 @@ def mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
+def _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mean and 1/sqrt(var + eps) of each row of the tile (LayerNorm's statistics, two passes in fp32)."""
+    s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        m2 = rmask[:, None] & (c < D)[None, :]
+        s1 += tl.sum(tl.load(X + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32), axis=1)
+    mean = s1 / D
+    s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        m2 = rmask[:, None] & (c < D)[None, :]
+        xc = tl.load(X + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32) - mean[:, None]
+        s2 += tl.sum(tl.where(m2, xc * xc, 0.0), axis=1)
+    return mean, 1.0 / tl.sqrt(s2 / D + eps)
+
+
+@triton.jit
+def _normalized(xt, mean, rstd, LNW, LNB, c, cm, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
+    """LayerNorm of a loaded tile of x (columns c), in fp32."""
+    y = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    if HAS_LNW:
+        y = y * tl.load(LNW + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_LNB:
+        y = y + tl.load(LNB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, CD, LNW, LNB, N, D, R, s_value, eps, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, HAS_RES: tl.constexpr,
-                ADD_X: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                ADD_X: tl.constexpr, LN: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
+                ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr):
+    # CD only carries the products' dtype (x's, or autocast's for a LayerNorm read from float32 x).
     # The tile's first row moves the base pointers (int64: N * D may pass 2**31); offsets inside the
     # tile stay int32, which keeps the pointer tiles at half the registers.
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -130,11 +167,15 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
     rr = tl.arange(0, RP)
     rrmask = rr < R
     cols = tl.arange(0, BLOCK_D)
+    if LN:
+        mean, rstd = _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N, BLOCK_D)
     acc = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         cm = c < D
         xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        if LN:  # the adapter reads LN(x), rounded to the products' dtype (as autocast would round it)
+            xt = _normalized(xt, mean, rstd, LNW, LNB, c, cm, HAS_LNW, HAS_LNB).to(CD.dtype.element_ty)
         wt = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
         acc += mm(xt, tl.trans(wt.to(xt.dtype)), UPCAST)  # float32 master weights: rounded to x's dtype
     if HAS_BD:
@@ -143,7 +184,7 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
     if UPCAST:
         hq = h
     else:
-        hq = h.to(Y.dtype.element_ty)
+        hq = h.to(CD.dtype.element_ty)
     if S_MODE == 0:
         s = s_value
     elif S_MODE == 1:
@@ -152,7 +193,7 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
         c = d0 + cols
         cm = c < D
         wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-        up = mm(hq, tl.trans(wu.to(Y.dtype.element_ty)), UPCAST)
+        up = mm(hq, tl.trans(wu.to(CD.dtype.element_ty)), UPCAST)
         if HAS_BU:
             up += tl.load(BU + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         if S_MODE == 2:
@@ -171,8 +212,9 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, N, D, R, s_value, n_bucket,
 
 
 @triton.jit
-def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_bucket,
-                     HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, ACT: tl.constexpr,
+def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, N, D, R, s_value, eps, n_bucket,
+                     HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, LN: tl.constexpr,
+                     HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_N  # int64 base, int32 offsets in the tile (as in the forward)
     X += row0 * D
@@ -185,6 +227,9 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
     rr = tl.arange(0, RP)
     rrmask = rr < R
     cols = tl.arange(0, BLOCK_D)
+    if LN:  # the adapter read y = LN(x): recomputed here, and written for the weight-gradient reduction
+        YBUF += row0 * D
+        mean, rstd = _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N, BLOCK_D)
     a = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     dh = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     if S_MODE == 0:
@@ -197,6 +242,9 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
         m2 = rmask[:, None] & cm[None, :]
         offs = rows[:, None] * D + c[None, :]
         xt = tl.load(X + offs, mask=m2, other=0.0)
+        if LN:
+            xt = _normalized(xt, mean, rstd, LNW, LNB, c, cm, HAS_LNW, HAS_LNB).to(CD.dtype.element_ty)
+            tl.store(YBUF + offs, xt, mask=m2)
         wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
         a += mm(xt, tl.trans(wd.to(xt.dtype)), UPCAST)
         g = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
@@ -208,7 +256,7 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
         if UPCAST:
             dh += mm(g, wu, UPCAST)
         else:
-            dh += mm(g.to(DX.dtype.element_ty), wu.to(DX.dtype.element_ty), UPCAST)
+            dh += mm(g.to(CD.dtype.element_ty), wu.to(CD.dtype.element_ty), UPCAST)
     if HAS_BD:
         a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
     h, gp = act_fwd_bwd(a, ACT)
@@ -219,17 +267,51 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, N, D, R, s_value, n_
     if UPCAST:
         daq = da
     else:
-        daq = da.to(DX.dtype.element_ty)
+        daq = da.to(CD.dtype.element_ty)
+    if LN:
+        # gy = da @ Wd is the gradient of y = LN(x); with g = gy * w and xhat = (x - mean) * rstd,
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)): two row sums first, then dx column by column
+        sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sgx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            g, xhat = _ln_grad_tile(X, WD, LNW, daq, mean, rstd, rows, rmask, rr, rrmask, c, D, CD,
+                                    HAS_LNW, UPCAST)
+            sg += tl.sum(g, axis=1)
+            sgx += tl.sum(g * xhat, axis=1)
+        sg = sg / D
+        sgx = sgx / D
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         cm = c < D
         m2 = rmask[:, None] & cm[None, :]
         offs = rows[:, None] * D + c[None, :]
-        wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
-        dx = mm(daq, wd.to(DX.dtype.element_ty), UPCAST)
+        if LN:
+            g, xhat = _ln_grad_tile(X, WD, LNW, daq, mean, rstd, rows, rmask, rr, rrmask, c, D, CD,
+                                    HAS_LNW, UPCAST)
+            dx = rstd[:, None] * (g - sg[:, None] - xhat * sgx[:, None])
+        else:
+            wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+            dx = mm(daq, wd.to(CD.dtype.element_ty), UPCAST)
         if ADD_DY:
             dx += tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _ln_grad_tile(X, WD, LNW, daq, mean, rstd, rows, rmask, rr, rrmask, c, D, CD, HAS_LNW: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """For columns c of the tile: g = (da @ Wd) * w, the gradient of LN's normalised x scaled by its
+    weight, and xhat; both fp32 and zero outside the tile."""
+    cm = c < D
+    m2 = rmask[:, None] & cm[None, :]
+    wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+    g = mm(daq, wd.to(CD.dtype.element_ty), UPCAST)
+    if HAS_LNW:
+        g = g * tl.load(LNW + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    x = tl.load(X + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    return tl.where(m2, g, 0.0), tl.where(m2, xhat, 0.0)
 
 
 @triton.jit
@@ -288,7 +370,7 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
         # d_scaling[c] = sum_n dy[n, c] * (h[n] . Wu[c] + bu[c]) = sum_k acc_m[c, k] Wu[c, k] + bu[c] sum_n dy[n, c]
         wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
         if not UPCAST:
-            wu = wu.to(DY.dtype.element_ty)  # as the forward used it
+            wu = wu.to(HBUF.dtype.element_ty)  # as the forward used it (in the products' dtype)
         ds = tl.sum(acc_m * wu.to(tl.float32), axis=1)
         if HAS_BU:
             ds += tl.load(BU + c, mask=cm, other=0.0).to(tl.float32) * acc_dy
@@ -378,25 +460,40 @@ def _scale_mode(scaling):
     return 2 if scaling.dim() == 1 else 1
 
 
-def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False):
+def _ln_args(x, ln, compute):
+    """(carrier of the products' dtype, LN weight, LN bias, eps, LN flags) for the kernels. ``ln`` is None
+    or (weight or None, bias or None, eps); ``compute`` the products' dtype (x's when None)."""
+    cd = x if compute is None or compute == x.dtype else x.new_empty((0,), dtype=compute)
+    if ln is None:
+        return cd, x, x, 0.0, dict(LN=False, HAS_LNW=False, HAS_LNB=False)
+    w, b, eps = ln
+    return cd, (w if w is not None else x), (b if b is not None else x), float(eps), dict(
+        LN=True, HAS_LNW=w is not None, HAS_LNB=b is not None)
+
+
+def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
+            ln=None, compute=None):
     """x (N, d) contiguous; returns y (N, d) in the residual's dtype (x's without one: a float32
     residual of half-precision x gives a float32 sum). ``scaling`` is a tensor (() or (d,)) or None
-    (then ``scaling_value`` is used). ``add_input``: the base is residual + x (a residual is given)."""
+    (then ``scaling_value`` is used). ``add_input``: the base is residual + x (a residual is given).
+    ``ln`` = (weight, bias, eps): the adapter reads LayerNorm(x), the base stays x; ``compute``: the
+    products' dtype (default x's), e.g. autocast's for float32 x."""
     n, d = x.shape
     r = w_down.shape[0]
     y = torch.empty_like(x if residual is None else residual)
     if n == 0:
         return y
     rp = padded_r(r)
-    upcast = interpreting() or x.dtype == torch.float32
+    cd, lnw, lnb, eps, ln_flags = _ln_args(x, ln, compute)
+    upcast = interpreting() or cd.dtype == torch.float32
     dummy = x
     _fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
-        scaling if scaling is not None else dummy, residual if residual is not None else dummy, y,
-        n, d, r, float(scaling_value), n_bucket(n),
+        scaling if scaling is not None else dummy, residual if residual is not None else dummy, y, cd, lnw, lnb,
+        n, d, r, float(scaling_value), eps, n_bucket(n),
         HAS_BD=b_down is not None, HAS_BU=b_up is not None, S_MODE=_scale_mode(scaling),
-        HAS_RES=residual is not None, ADD_X=bool(add_input) and residual is not None, ACT=ACT_CODES[activation],
-        RP=rp, UPCAST=upcast)
+        HAS_RES=residual is not None, ADD_X=bool(add_input) and residual is not None, **ln_flags,
+        ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
     return y
 
 
@@ -453,7 +550,7 @@ def _reduce_with_matmuls(outs, x, dy, h, da, w_up, b_up, scaling, scaling_value,
 
 
 def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds,
-             need_weights=True):
+             need_weights=True, ln=None, compute=None):
     """Gradients of :func:`forward`: (dx, dWd, dbd, dWu, dbu, d_scaling).
 
     d_scaling has the scaling tensor's shape and is computed only when ``need_ds``; the weight and bias
@@ -463,25 +560,31 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     (splits, ...) buffer; ``_sum_splits_kernel`` adds the splits in a fixed order and writes every
     gradient in its dtype, so the result is the same bits on every run (three launches in all). From a
     padded width of MATMUL_REDUCTION_MIN_RP the weight gradients come from cuBLAS products instead
-    (deterministic too)."""
+    (deterministic too). With ``ln`` (the forward's), the rows kernel recomputes LayerNorm(x), writes it
+    in the products' dtype for the reduction (the x of dWd), and returns x's gradient through the
+    LayerNorm (its weight and bias get none)."""
     n, d = x.shape
     r = w_down.shape[0]
     rp = padded_r(r)
     bn, bd, warps = _blocks(rp)
-    upcast = interpreting() or x.dtype == torch.float32
+    cd, lnw, lnb, eps, ln_flags = _ln_args(x, ln, compute)
+    upcast = interpreting() or cd.dtype == torch.float32
     need_ds = bool(need_ds and scaling is not None)
     dx = torch.empty_like(x)
+    xin = x  # what the adapter read: x, or LN(x) written by the rows kernel
     if n == 0:
         hbuf = dabuf = None
     else:
-        # h and da in x's dtype: the reduction feeds them to the tensor cores in that dtype anyway
-        hbuf = torch.empty((n, rp), device=x.device, dtype=x.dtype)
-        dabuf = torch.empty((n, rp), device=x.device, dtype=x.dtype)
+        # h and da in the products' dtype: the reduction feeds them to the tensor cores in that dtype anyway
+        hbuf = torch.empty((n, rp), device=x.device, dtype=cd.dtype)
+        dabuf = torch.empty((n, rp), device=x.device, dtype=cd.dtype)
+        if ln is not None:
+            xin = torch.empty((n, d), device=x.device, dtype=cd.dtype)
         dummy = x
         _bwd_rows_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             x, w_down, b_down if b_down is not None else dummy, w_up, scaling if scaling is not None else dummy,
-            dy, dx, hbuf, dabuf, n, d, r, float(scaling_value), n_bucket(n),
-            HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual,
+            dy, dx, hbuf, dabuf, cd, lnw, lnb, xin, n, d, r, float(scaling_value), eps, n_bucket(n),
+            HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual, **ln_flags,
             ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
     # One split's partial sums, region by region (only what is needed), and the tensor each lands in:
     # separate allocations, since gradients returned by a custom op must not alias one another.
@@ -503,7 +606,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
         for t in outs.values():
             t.zero_()  # no tokens: zero gradients
     elif total > 0 and rp >= MATMUL_REDUCTION_MIN_RP:
-        _reduce_with_matmuls(outs, x, dy, hbuf[:, :r], dabuf[:, :r], w_up, b_up, scaling, scaling_value, upcast)
+        _reduce_with_matmuls(outs, xin, dy, hbuf[:, :r], dabuf[:, :r], w_up, b_up, scaling, scaling_value, upcast)
     elif total > 0:
         d_blocks = triton.cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
@@ -511,7 +614,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
         splits = triton.cdiv(n, rows_per_split)
         part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
         _bwd_cols_kernel[(d_blocks, splits)](
-            x, dy, hbuf, dabuf, w_up, b_up if b_up is not None else x, scaling if scaling is not None else x, part,
+            xin, dy, hbuf, dabuf, w_up, b_up if b_up is not None else x, scaling if scaling is not None else x, part,
             n, d, r, float(scaling_value), rows_per_split, total,
             offsets.get("wu", 0), offsets.get("bu", 0), offsets.get("bd", 0), offsets.get("ds", 0),
             NEED_W=need_weights, HAS_BU=b_up is not None, NEED_BD=need_weights and b_down is not None,

@@ -62,12 +62,12 @@ def _step_counts(monkeypatch, placement, backend):
     return count.ops, launches
 
 
-# aten ops per site besides the kernels: pfeiffer's placement itself runs the block's LayerNorm once more
-# (forward and backward) and casts that float32 output to half for the products (and back in the backward);
-# houlsby's op adds h + x itself (add_input), the add the frozen block runs before its LayerNorm, so a
-# houlsby site runs at least one aten op fewer than the frozen model (measured: 2, the add and a cast of
-# h's gradient in the backward)
-BUDGET = {"houlsby": -1, "pfeiffer": 6}
+# aten ops per site besides the kernels: houlsby's op adds h + x itself (add_input), the add the frozen
+# block runs before its LayerNorm, so a houlsby site runs at least one aten op fewer than the frozen model
+# (measured: 2, the add and a cast of h's gradient in the backward); pfeiffer's op applies the block's
+# frozen LayerNorm to the float32 stream itself (layer_norm) and rounds it for the products in its
+# kernels, so its second LayerNorm, the casts and the gradient-accumulation add are no aten ops (measured: 0)
+BUDGET = {"houlsby": -1, "pfeiffer": 0}
 
 
 @pytest.mark.parametrize("placement,sites", [("houlsby", 4), ("pfeiffer", 2)])
@@ -79,5 +79,6 @@ def test_fused_adapter_sites_add_their_kernels_and_little_else(monkeypatch, plac
     extra = sum(fused.values()) - sum(base.values())
     extra_eager = sum(eager.values()) - sum(base.values())
     assert extra <= BUDGET[placement] * sites, (extra, fused - base)
-    assert fused["_to_copy"] <= base["_to_copy"] + (2 * sites if placement == "pfeiffer" else 0), (fused - base)
+    assert fused["_to_copy"] <= base["_to_copy"], (fused - base)
+    assert fused["native_layer_norm"] == base["native_layer_norm"], (fused - base)
     assert extra_eager > extra + 10 * sites  # what the fused path saves over eager PyTorch's adapter

@@ -14,7 +14,7 @@ ACTS = ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"]
 
 
 def make_case(n_shape, d, r, dtype, device="cpu", bias=True, scaling="channel", residual=False, add_input=False,
-              seed=0):
+              layer_norm=None, seed=0):
     """Leaf tensors in float64 (the reference) and copies in ``dtype`` (the kernels and eager)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
@@ -31,13 +31,19 @@ def make_case(n_shape, d, r, dtype, device="cpu", bias=True, scaling="channel", 
     if scaling == "number":
         hi["scaling"] = lo["scaling"] = 0.75
     hi["add_input"] = lo["add_input"] = add_input
+    if layer_norm is not None:  # "affine" or "plain": the frozen LayerNorm the adapter reads x through
+        affine = layer_norm == "affine"
+        lw, lb = (1 + 0.2 * rnd(d), 0.2 * rnd(d)) if affine else (None, None)
+        hi["layer_norm"] = (lw, lb, 1e-5)
+        lo["layer_norm"] = tuple(t.to(device=device, dtype=dtype) if t is not None else None for t in (lw, lb)) + (1e-5,)
     return hi, lo
 
 
 def call(ts, act, backend):
     return pet_fast.bottleneck_adapter(ts["x"], ts["w_down"], ts["b_down"], ts["w_up"], ts["b_up"], activation=act,
                                        scaling=ts["scaling"], residual=ts["residual"],
-                                       add_input=ts.get("add_input", False), backend=backend)
+                                       add_input=ts.get("add_input", False), layer_norm=ts.get("layer_norm"),
+                                       backend=backend)
 
 
 def grads(ts, out, dy):
@@ -109,6 +115,72 @@ def test_fp16_precision_rule(act, kw):
 def test_add_input_base_is_input_plus_residual(dtype, act, kw):
     """add_input=True: base = x + residual, and x's gradient gets dy added in the rows kernel."""
     check_against_reference((3, 11), 37, 6, dtype, act, residual=True, add_input=True, **kw)
+
+
+@pytest.mark.parametrize("dtype,n_shape,d,r,act,kw", [
+    (torch.float32, (37,), 45, 6, "gelu", dict(scaling="channel", layer_norm="affine")),
+    (torch.float32, (2, 9), 70, 17, "relu", dict(scaling="number", bias=False, layer_norm="plain")),
+    (torch.float16, (21,), 77, 9, "silu", dict(scaling="scalar", layer_norm="affine")),
+    (torch.float16, (5,), 33, 3, "tanh", dict(scaling="channel", layer_norm="plain")),
+])
+def test_layer_norm_before_the_adapter(dtype, n_shape, d, r, act, kw):
+    """layer_norm=(w, b, eps): the adapter reads LN(x), the base is x; x's gradient through the LayerNorm."""
+    check_against_reference(n_shape, d, r, dtype, act, **kw)
+
+
+def check_layer_norm_under_autocast(n_shape, d, r, half, device="cpu"):
+    """Pfeiffer under autocast: x is the float32 residual stream, LN(x) is rounded to ``half`` for the
+    products inside the kernels (as the module's cast did), the output and x's gradient stay float32;
+    within the precision rule of eager PyTorch doing the same under autocast."""
+    hi, lo = make_case(n_shape, d, r, torch.float32, device, scaling="channel", layer_norm="affine")
+    ref = call(hi, "gelu", "eager")
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_g = grads(hi, ref, dy)
+    results = {}
+    for backend in ("triton", "eager"):
+        ts = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
+        with torch.autocast(device, dtype=half):
+            out = call(ts, "gelu", backend)
+        assert out.dtype == torch.float32
+        results[backend] = {"out": out} | grads(ts, out, dy.to(device=device, dtype=torch.float32))
+    eps = torch.finfo(half).eps
+    for name, b in ({"out": ref} | ref_g).items():
+        err = (results["triton"][name].cpu().double() - b).abs().max().item()
+        err_eager = (results["eager"][name].cpu().double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * eps * b.abs().max().item(), (name, err, err_eager)
+        assert err_eager > 10 * torch.finfo(torch.float32).eps * b.abs().max().item()  # half products, not fp32
+
+
+@pytest.mark.parametrize("matmul_reduction", [False, True])
+def test_layer_norm_from_float32_under_autocast(monkeypatch, matmul_reduction):
+    if matmul_reduction:
+        kernels = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+        monkeypatch.setattr(kernels, "MATMUL_REDUCTION_MIN_RP", 16)
+    check_layer_norm_under_autocast((3, 7), 45, 5, torch.float16)
+
+
+def test_layer_norm_arguments_are_checked():
+    hi, lo = make_case((4,), 16, 3, torch.float32, layer_norm="affine")
+    x, wd, wu = lo["x"], lo["w_down"], lo["w_up"]
+    lw, lb, _ = lo["layer_norm"]
+    ok = dict(layer_norm=(lw, lb, 1e-5))
+    pet_fast.bottleneck_adapter(x, wd, None, wu, None, **ok)
+    with pytest.raises(ValueError, match="layer_norm weight requires grad"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, layer_norm=(lw.clone().requires_grad_(), lb, 1e-5))
+    with pytest.raises(ValueError, match=r"layer_norm bias must have shape \(16,\)"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, layer_norm=(lw, lb[:3], 1e-5))
+    with pytest.raises(ValueError, match="layer_norm eps must be > 0"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, layer_norm=(lw, lb, 0.0))
+    with pytest.raises(TypeError, match="layer_norm must be None or a tuple"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, layer_norm=lw)
+    with pytest.raises(ValueError, match="pass no residual"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, residual=x.detach(), layer_norm=(lw, lb, 1e-5))
+    with pytest.raises(TypeError, match="layer_norm weight must have the dtype of x"):
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, layer_norm=(lw.double(), lb, 1e-5))
+    with torch.no_grad():  # a weight that requires grad is fine where no graph is recorded
+        pet_fast.bottleneck_adapter(x, wd, None, wu, None, layer_norm=(lw.clone().requires_grad_(), lb, 1e-5))
+    reasons = dict(dispatch.explain(op.OP, op.describe(x, wd, "relu", 1.0, None, ok["layer_norm"])))
+    assert any("LayerNorm" in w for w in reasons["cuda"])
 
 
 @pytest.mark.parametrize("r", [1, 16, 100, 256])
@@ -253,6 +325,13 @@ def test_custom_op_opcheck(scaling, add_input):
                           (r(5, 16), r(3, 16), r(3), r(16, 3), None, s_t, 1.5, r(5, 16), "silu", add_input))
 
 
+def test_custom_op_opcheck_with_layer_norm():
+    r = lambda *s: torch.randn(*s, requires_grad=True)
+    torch.library.opcheck(torch.ops.pet_fast.bottleneck_adapter_triton.default,
+                          (r(5, 16), r(3, 16), r(3), r(16, 3), r(16), r(16), 1.0, None, "gelu", False, True,
+                           torch.randn(16), torch.randn(16), 1e-5, torch.float16))
+
+
 def check_master_weights(n_shape, d, r, dtype, act, backend="triton", device="cpu", **kw):
     """x (and residual) in ``dtype``, parameters in float32: the output in ``dtype`` and the parameter
     gradients in float32, each within the precision rule against the float64 reference (the eager op
@@ -325,6 +404,19 @@ def test_gpu_add_input(dtype, backend):
     n_shape = (4, 128) if backend == "triton" else (16,)
     check_against_reference(n_shape, 768, 64, dtype, "silu", backend=backend, device="cuda", residual=True,
                             add_input=True, scaling="channel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_layer_norm(dtype):
+    """Pfeiffer's inner LayerNorm in the kernels: x, LN parameters and products in one dtype."""
+    check_against_reference((4, 128), 768, 64, dtype, "relu", device="cuda", layer_norm="affine", scaling="number")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_shape,d,r", [((8, 128), 768, 48), ((1000,), 1024, 256)])
+def test_gpu_layer_norm_under_bf16_autocast(n_shape, d, r):
+    check_layer_norm_under_autocast(n_shape, d, r, torch.bfloat16, device="cuda")
 
 
 @pytest.mark.gpu

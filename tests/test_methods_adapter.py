@@ -204,16 +204,20 @@ def test_inject_returns_the_model_and_the_registry_lives_in_tasks():
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
 def test_training_step_under_autocast_triton_matches_eager(placement, monkeypatch):
     """BERT under fp16 autocast (which the interpreter computes right): houlsby sites hand the adapter
-    half activations with the float32 residual stream, pfeiffer sites float32 LayerNorm outputs (the
-    module casts them for the products, keeps the residual float32). No cast of the residual stream
-    reaches the op, the triton backend's loss and gradients match eager's, every gradient is float32."""
+    half activations with the float32 residual stream; pfeiffer sites hand it the float32 stream itself
+    with the block's frozen LayerNorm (the op normalises and rounds to fp16 for the products inside).
+    No cast of the residual stream reaches the op, the triton backend's loss and gradients match
+    eager's, every gradient is float32."""
     from pet_fast.ops import bottleneck_adapter as op
 
     seen = []
     real = op.bottleneck_adapter
 
     def spy(x, *args, residual=None, **kw):
-        seen.append((x.dtype, None if residual is None else residual.dtype))
+        if kw.get("layer_norm") is not None:  # pfeiffer: x is the float32 stream, the base of the op
+            seen.append((torch.float16 if x.dtype == torch.float32 else x.dtype, torch.float32))
+        else:
+            seen.append((x.dtype, None if residual is None else residual.dtype))
         return real(x, *args, residual=residual, **kw)
 
     monkeypatch.setattr("pet_fast.methods.adapter.bottleneck_adapter", spy)

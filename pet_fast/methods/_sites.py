@@ -116,6 +116,18 @@ def _adapter(module, inp, residual, add_input=False):
     return module(inp, residual=None if residual is inp else residual, add_input=add_input)
 
 
+def _frozen_layer_norm(norm) -> Optional[tuple]:
+    """(weight, bias, eps) of an nn.LayerNorm over the last dimension whose parameters do not train (the
+    base's, as adapters leave it), for the adapter op to apply itself; None for anything else."""
+    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        return None
+    p = norm._parameters
+    w, b = p.get("weight"), p.get("bias")
+    if (w is not None and w.requires_grad) or (b is not None and b.requires_grad):
+        return None
+    return w, b, norm.eps
+
+
 def _children(self: Override, fusion) -> list:
     holder = getattr(self.host, TASK_ATTR)
     missing = [c for c in fusion.adapter_names if c not in holder]
@@ -155,9 +167,10 @@ def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs)
         return LN(out + x.to(out.dtype))
     if placement == "houlsby":  # LN(h + x + A(h)): the op adds h + x itself (no add launch, forward or backward)
         out = _adapter(module, h, x, add_input=True)
-    elif placement == "pfeiffer":
+    elif placement == "pfeiffer":  # LN(s + A(LN(s))), s = h + x: the op applies the inner (frozen) LN itself
         s = h + x
-        out = _adapter(module, LN(s), s)
+        ln = _frozen_layer_norm(LN)
+        out = module(s, layer_norm=ln) if ln is not None else _adapter(module, LN(s), s)
     else:  # parallel: LN(h + x + A(x))
         out = _adapter(module, x, h, add_input=True)
     return LN(out)

@@ -100,9 +100,17 @@ class BottleneckAdapter(nn.Module):
                     b.zero_()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *, add_input: bool = False,
-                backend: Optional[str] = None) -> torch.Tensor:
-        """``base + A(x)``: base = x, or ``residual``, or ``x + residual`` with ``add_input`` (see the op)."""
+                layer_norm: Optional[tuple] = None, backend: Optional[str] = None) -> torch.Tensor:
+        """``base + A(x)``: base = x, or ``residual``, or ``x + residual`` with ``add_input``; with
+        ``layer_norm=(weight, bias, eps)``, ``x + A(LayerNorm(x))`` (see the op)."""
         _checks.tensor("x", x, floating=False)
+        if layer_norm is not None:
+            # the op rounds LN(x) to autocast's dtype itself: x stays as it is (float32 under autocast)
+            p = self._parameters
+            scaling = p["scaling"] if "scaling" in p else self.scaling
+            return bottleneck_adapter(x, p["w_down"], p["b_down"], p["w_up"], p["b_up"], activation=self.activation,
+                                      scaling=scaling, residual=residual, add_input=add_input,
+                                      layer_norm=layer_norm, backend=backend)
         if add_input is True:
             if residual is None:
                 raise ValueError("add_input=True adds x to the residual: a residual is required")

@@ -14,6 +14,12 @@ Contract
               with a Houlsby adapter computes LN(h + x + A(h)): the op takes h and x and adds both, where
               a separate h + x before it would cost a launch, and its backward one more (adding the two
               gradients of h); the op's backward adds them in the kernel that computes dx.
+    layer_norm  None or (weight, bias, eps): the adapter reads LayerNorm(x) (over the last dimension;
+              weight and bias (d,) tensors or None, of x's dtype or float32, and without gradient: they
+              are the frozen base's) and the base is x. Pfeiffer's placement, s + A(LN(s)), in one op:
+              the LayerNorm runs inside the kernels, and under autocast its float32 output is rounded to
+              autocast's dtype for the products there (as F.linear would round it), with no launch for
+              either. Needs residual=None and add_input=False.
 All tensors share x's device. The parameters (w_down, b_down, w_up, b_up, a scaling tensor) share one
 dtype: x's, or float32 when x is float16/bfloat16 (float32 master weights, as in mixed-precision
 training). Float32 parameters enter the products rounded to x's dtype, as autocast would round them, and
@@ -44,8 +50,35 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _autograd, _checks, _timings, activations
+from ._autocast import compute_dtype
 
 OP = "bottleneck_adapter"
+
+
+def check_layer_norm(x, layer_norm, residual, add_input) -> Optional[tuple]:
+    """Validate ``layer_norm``; returns (weight, bias, eps as a float) or None."""
+    if layer_norm is None:
+        return None
+    if not isinstance(layer_norm, (tuple, list)) or len(layer_norm) != 3:
+        raise TypeError("layer_norm must be None or a tuple (weight, bias, eps)")
+    w, b, eps = layer_norm
+    d = x.shape[-1]
+    for name, t in (("layer_norm weight", w), ("layer_norm bias", b)):
+        if t is None:
+            continue
+        _checks.tensor(name, t, ndim=1)
+        _checks.shape(name, t, (d,))
+        if not (t.dtype == x.dtype or t.dtype == torch.float32):
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}) or float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+        if _checks.needs_grad(t):
+            raise ValueError(f"{name} requires grad: the op's LayerNorm computes no gradient for its weight and "
+                             "bias (they are the frozen base's); apply the LayerNorm outside the op to train them")
+    eps = _checks.real_number("layer_norm eps", eps, positive=True)
+    if residual is not None or add_input:
+        raise ValueError("layer_norm makes x itself the base: pass no residual and add_input=False")
+    return w, b, eps
 
 
 def check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input=False) -> tuple:
@@ -101,8 +134,13 @@ def _params_in(dtype, w_down, b_down, w_up, b_up, scaling):
     return cast(w_down), cast(b_down), cast(w_up), cast(b_up), cast(scaling)
 
 
-def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False):
+def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False,
+              layer_norm=None):
     """Eager PyTorch, differentiable through autograd; the definition every backend must match."""
+    if layer_norm is not None:  # A(LN(x)) on the base x; LN's output rounded to the products' dtype
+        w, b, eps = layer_norm
+        y = F.layer_norm(x, (x.shape[-1],), w, b, eps).to(compute_dtype(x))
+        return reference(y, w_down, b_down, w_up, b_up, activation, scaling, residual=x)
     if w_down.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
         w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     h = activations.apply(activations.canonical(activation), F.linear(x, w_down, b_down))
@@ -111,12 +149,12 @@ def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, res
     return base + scaling * up
 
 
-def describe(x, w_down, activation, scaling, residual) -> dict:
+def describe(x, w_down, activation, scaling, residual, layer_norm=None) -> dict:
     """What the dispatcher sees of a (validated) call."""
     params = [x, w_down, scaling if isinstance(scaling, torch.Tensor) else None, residual]
     return _checks.info(x, d=x.shape[-1], r=w_down.shape[0], n=x.numel() // max(x.shape[-1], 1), activation=activation,
                         per_channel_scaling=isinstance(scaling, torch.Tensor) and scaling.dim() == 1,
-                        residual=residual is not None,
+                        residual=residual is not None, layer_norm=layer_norm is not None,
                         float32_residual=residual is not None and residual.dtype != x.dtype,
                         requires_grad=_checks.needs_grad(*params))
 
@@ -138,12 +176,15 @@ def _triton_kernels():
 
 def _triton_forward(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
                     b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
-                    residual: Optional[torch.Tensor], activation: str, add_input: bool = False) -> torch.Tensor:
+                    residual: Optional[torch.Tensor], activation: str, add_input: bool = False,
+                    ln: bool = False, ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
+                    ln_eps: float = 0.0, compute: Optional[torch.dtype] = None) -> torch.Tensor:
     return _triton_kernels().forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation,
-                                     add_input)
+                                     add_input, (ln_weight, ln_bias, ln_eps) if ln else None, compute)
 
 
-def _forward_fake(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False):
+def _forward_fake(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
+                  ln=False, ln_weight=None, ln_bias=None, ln_eps=0.0, compute=None):
     return torch.empty_like(x if residual is None else residual)
 
 
@@ -155,14 +196,17 @@ def _absent(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def _triton_backward(dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                      w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                      scaling_value: float, has_residual: bool, activation: str, need_ds: bool,
-                     need_weights: bool) -> List[torch.Tensor]:
+                     need_weights: bool, ln: bool = False, ln_weight: Optional[torch.Tensor] = None,
+                     ln_bias: Optional[torch.Tensor] = None, ln_eps: float = 0.0,
+                     compute: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     dx, dwd, dbd, dwu, dbu, ds = _triton_kernels().backward(
-        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights)
+        dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_weights,
+        (ln_weight, ln_bias, ln_eps) if ln else None, compute)
     return [dx, _absent(dwd, x), _absent(dbd, x), _absent(dwu, x), _absent(dbu, x), _absent(ds, x)]
 
 
 def _triton_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation,
-                          need_ds, need_weights):
+                          need_ds, need_weights, ln=False, ln_weight=None, ln_bias=None, ln_eps=0.0, compute=None):
     empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
     like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
     return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up),
@@ -171,24 +215,31 @@ def _triton_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_va
 
 def _setup_context(ctx, inputs, output):
     x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation = inputs[:9]
-    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scaling)
+    ln = len(inputs) > 10 and inputs[10]
+    ln_weight, ln_bias = (inputs[11], inputs[12]) if ln else (None, None)
+    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scaling, ln_weight, ln_bias)
     ctx.scaling_value = scaling_value
     ctx.has_residual = residual is not None
     # dy reaches x itself too without a residual, or when x is added to it: the rows kernel adds it to dx
     ctx.dy_to_x = residual is None or (len(inputs) > 9 and inputs[9])
     ctx.activation = activation
+    ctx.ln = bool(ln)
+    ctx.ln_eps = inputs[13] if ln else 0.0
+    ctx.compute = inputs[14] if len(inputs) > 14 else None
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, dy):
-    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
+    x, w_down, b_down, w_up, b_up, scaling, ln_weight, ln_bias = ctx.saved_tensors
     need_ds = scaling is not None and ctx.needs_input_grad[5]
     w = any(ctx.needs_input_grad[1:5])  # False for a frozen adapter: no weight reduction
     dx, dwd, dbd, dwu, dbu, ds = TRITON_BACKWARD.within(ctx)(
         dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, not ctx.dy_to_x,
-        ctx.activation, need_ds, w)
-    return (dx, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
-            dbu if (w and b_up is not None) else None, ds if need_ds else None, None,
-            dy if ctx.has_residual else None, None, None)
+        ctx.activation, need_ds, w, ctx.ln, ln_weight, ln_bias, ctx.ln_eps, ctx.compute)
+    grads = (dx, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
+             dbu if (w and b_up is not None) else None, ds if need_ds else None, None,
+             dy if ctx.has_residual else None, None)
+    return grads + (None,) * (ctx.n_inputs - len(grads))  # add_input and the LayerNorm's: no gradient
 
 
 TRITON_BACKWARD = _autograd.custom_op("bottleneck_adapter_triton_backward", _triton_backward,
@@ -209,10 +260,17 @@ def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
     return x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, res
 
 
-def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False):
+def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False,
+               layer_norm=None):
     """The triton backend: same call as :func:`reference`."""
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
-    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input))
+    if layer_norm is None:
+        y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input))
+        return y.reshape(x.shape)
+    lw, lb, eps = layer_norm
+    c = lambda t: None if t is None else t.contiguous()
+    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), False, True, c(lw), c(lb),
+               float(eps), compute_dtype(x))
     return y.reshape(x.shape)
 
 
@@ -240,23 +298,31 @@ def bottleneck_adapter(
     scaling: Union[float, torch.Tensor] = 1.0,
     residual: Optional[torch.Tensor] = None,
     add_input: bool = False,
+    layer_norm: Optional[tuple] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """``base + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)``, ``base`` = x without a residual,
-    the residual when given, ``x + residual`` with ``add_input=True``.
+    """``base + scaling * (act(z @ w_down.T + b_down) @ w_up.T + b_up)`` with z = x, or LayerNorm(x) with
+    ``layer_norm=(weight, bias, eps)``; ``base`` = x without a residual, the residual when given,
+    ``x + residual`` with ``add_input=True``.
 
     See the module docstring for the contract. ``backend`` overrides the dispatcher's choice
     (``"eager"``, ``"triton"``, ``"cuda"`` or ``"auto"``).
     """
     def resolve():
         act, s = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
+        ln = check_layer_norm(x, layer_norm, residual, add_input)
         # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
-        return (act, None if isinstance(s, torch.Tensor) else s), describe(x, w_down, act, s, residual)
+        return (act, None if isinstance(s, torch.Tensor) else s), describe(x, w_down, act, s, residual, ln)
 
     sig = _checks.signature(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
+    if sig is not None and layer_norm is not None:  # its tensors, eps and autocast's dtype (the products')
+        ln_sig = (_checks.signature(*layer_norm) if isinstance(layer_norm, (tuple, list)) else None)
+        sig = None if ln_sig is None else sig + ln_sig + (compute_dtype(x),)
     (activation, number), impl = dispatch.plan(OP, sig, backend, resolve)
     scaling = scaling if number is None else number
     kw = dict(add_input=True) if add_input else {}
+    if layer_norm is not None:
+        kw["layer_norm"] = layer_norm
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual, **kw)
 
 
@@ -314,7 +380,7 @@ def _cuda_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_valu
 
 
 def _cuda_grad(ctx, dy):
-    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors
+    x, w_down, b_down, w_up, b_up, scaling = ctx.saved_tensors[:6]  # (the setup saves two LayerNorm slots)
     need_ds = scaling is not None and ctx.needs_input_grad[5]
     dx, dwd, dbd, dwu, dbu, ds = CUDA_BACKWARD.within(ctx)(
         dy.contiguous(), x, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.has_residual,
@@ -328,7 +394,8 @@ CUDA = _autograd.custom_op("bottleneck_adapter_cuda", _cuda_forward, fake=_forwa
                            autograd=(_cuda_grad, _setup_context))
 
 
-def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False):
+def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False,
+             layer_norm=None):
     """The cuda backend: same call as :func:`reference`. Float32 parameters of half-precision x are
     cast first (the few-token kernels take one dtype); with ``add_input`` the base x + residual is added
     before the kernels (one more launch: the kernels take one base)."""
@@ -348,6 +415,8 @@ def cuda_reasons(info) -> list:
         why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
     if info.get("float32_residual"):
         why.append("a float32 residual with half-precision x (the cuda kernels take one dtype)")
+    if info.get("layer_norm"):
+        why.append("a LayerNorm before the adapter (the cuda kernels read x as it is)")
     return why
 
 
