@@ -128,27 +128,39 @@ def test_layer_norm_before_the_adapter(dtype, n_shape, d, r, act, kw):
     check_against_reference(n_shape, d, r, dtype, act, **kw)
 
 
-def check_layer_norm_under_autocast(n_shape, d, r, half, device="cpu"):
-    """Pfeiffer under autocast: x is the float32 residual stream, LN(x) is rounded to ``half`` for the
-    products inside the kernels (as the module's cast did), the output and x's gradient stay float32;
-    within the precision rule of eager PyTorch doing the same under autocast."""
-    hi, lo = make_case(n_shape, d, r, torch.float32, device, scaling="channel", layer_norm="affine")
+def check_mixed_dtypes(hi, lo, half, device="cpu", autocast=False):
+    """Triton against eager PyTorch computing the same in mixed dtypes (a float32 stream with ``half``
+    products, optionally under autocast): a float32 output, every gradient in its leaf's dtype, and the
+    precision rule against the float64 reference; returns eager's errors."""
     ref = call(hi, "gelu", "eager")
     dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref_g = grads(hi, ref, dy)
     results = {}
     for backend in ("triton", "eager"):
         ts = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
-        with torch.autocast(device, dtype=half):
+        with torch.autocast(device, dtype=half, enabled=autocast):
             out = call(ts, "gelu", backend)
         assert out.dtype == torch.float32
-        results[backend] = {"out": out} | grads(ts, out, dy.to(device=device, dtype=torch.float32))
+        g = grads(ts, out, dy.to(device=device, dtype=torch.float32))
+        for k, v in g.items():
+            assert v.dtype == ts[k].dtype, k
+        results[backend] = {"out": out} | g
     eps = torch.finfo(half).eps
+    eager_errs = {}
     for name, b in ({"out": ref} | ref_g).items():
         err = (results["triton"][name].cpu().double() - b).abs().max().item()
-        err_eager = (results["eager"][name].cpu().double() - b).abs().max().item()
+        eager_errs[name] = err_eager = (results["eager"][name].cpu().double() - b).abs().max().item()
         assert err <= 2 * err_eager + 4 * eps * b.abs().max().item(), (name, err, err_eager)
-        assert err_eager > 10 * torch.finfo(torch.float32).eps * b.abs().max().item()  # half products, not fp32
+    return eager_errs, {"out": ref} | ref_g
+
+
+def check_layer_norm_under_autocast(n_shape, d, r, half, device="cpu"):
+    """Pfeiffer under autocast: x is the float32 residual stream, LN(x) is rounded to ``half`` for the
+    products inside the kernels (as the module's cast did), the output and x's gradient stay float32."""
+    hi, lo = make_case(n_shape, d, r, torch.float32, device, scaling="channel", layer_norm="affine")
+    eager_errs, refs = check_mixed_dtypes(hi, lo, half, device, autocast=True)
+    for name, b in refs.items():  # the products really ran in the half dtype, not in float32
+        assert eager_errs[name] > 10 * torch.finfo(torch.float32).eps * b.abs().max().item(), name
 
 
 @pytest.mark.parametrize("matmul_reduction", [False, True])
@@ -236,23 +248,7 @@ def test_float32_residual_with_half_x(monkeypatch, matmul_reduction, master, add
     if master:
         for k in ("w_down", "b_down", "w_up", "b_up", "scaling"):
             lo[k] = hi[k].detach().float().requires_grad_()
-    ref = call(hi, "gelu", "eager")
-    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ref_g = grads(hi, ref, dy)
-    results = {}
-    for backend in ("triton", "eager"):
-        ts = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
-        out = call(ts, "gelu", backend)
-        assert out.dtype == torch.float32
-        g = grads(ts, out, dy.float())
-        for k, v in g.items():
-            assert v.dtype == ts[k].dtype, k
-        results[backend] = {"out": out} | g
-    eps = torch.finfo(torch.float16).eps
-    for name, b in ({"out": ref} | ref_g).items():
-        err = (results["triton"][name].double() - b).abs().max().item()
-        err_eager = (results["eager"][name].double() - b).abs().max().item()
-        assert err <= 2 * err_eager + 4 * eps * b.abs().max().item(), (name, err, err_eager)
+    check_mixed_dtypes(hi, lo, torch.float16)
 
 
 def test_empty_token_dimension():
