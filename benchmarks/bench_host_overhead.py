@@ -11,7 +11,8 @@ Houlsby adapters, 72 times for mask-tuning. This benchmark measures it per call 
 Rows: ``op``, ``mode`` (fwd: no gradient; fwd+bwd: forward, then torch.autograd.grad), ``impl`` (``torch``:
 the op's eager PyTorch function called directly, without checks or dispatch, the baseline;
 ``op/<backend>``: pet_fast's functional op;
-``module``: pet_fast's nn.Module under auto), ``host_us`` (per call: calls issued back to back without a
+``module``: pet_fast's nn.Module under auto; ``module houlsby`` / ``module pfeiffer``: its calls at those
+sites of a post-LN block, with ``add_input`` / ``layer_norm``), ``host_us`` (per call: calls issued back to back without a
 synchronisation, then one; on a GPU the device keeps up at these sizes, so this is the host's rate) and
 ``vs_torch``.
 """
@@ -63,14 +64,20 @@ def cases(device, dtype):
     with torch.no_grad():  # the op rows' weights, so that every row computes the same gradients
         for name, t in zip(("w_down", "b_down", "w_up", "b_up"), (wd, bd, wu, bu)):
             getattr(module, name).copy_(t)
+    lnw, lnb = torch.ones(d, device=device, dtype=dtype), torch.zeros(d, device=device, dtype=dtype)
     adapter = {
         "torch": lambda: adapter_op.reference(x, wd, bd, wu, bu, "silu", 1.0, res),
         "module": lambda: module(x, residual=res),
+        # the calls of the Houlsby and Pfeiffer sites of a post-LN block
+        "module houlsby": lambda: module(x, residual=res, add_input=True),
+        "module pfeiffer": lambda: module(x, layer_norm=(lnw, lnb, 1e-5)),
     }
     for b in ("eager", "triton", "cuda"):
         adapter[f"op/{b}"] = (lambda b=b: pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, activation="silu",
                                                                       residual=res, backend=b))
-    yield "bottleneck_adapter", adapter, {"": [x, wd, bd, wu, bu], "module": [x] + list(module.parameters())}
+    own = [x] + list(module.parameters())
+    yield "bottleneck_adapter", adapter, {"": [x, wd, bd, wu, bu], "module": own, "module houlsby": own,
+                                          "module pfeiffer": own}
 
     w, bias = new(d, d), new(d)
     scores = torch.randn(d, d, generator=g).to(device).requires_grad_(True)  # float32 scores, as MaskedLinear's
@@ -140,7 +147,7 @@ def main():
                 base = us if name == "torch" else base
                 rows.append({"op": op, "mode": mode, "impl": name, "host_us": round(us, 1),
                              "vs_torch": round(us / base, 2) if base else None})
-                print(f"{op:24s} {mode:8s} {name:10s} {us:8.1f} us" + (f"  {us / base:5.2f}x torch" if base else ""),
+                print(f"{op:24s} {mode:8s} {name:16s} {us:8.1f} us" + (f"  {us / base:5.2f}x torch" if base else ""),
                       flush=True)
     common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls)
 
