@@ -52,6 +52,29 @@ from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step
 
 
 @triton.jit
+def _merge_tile(Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Set-up of a program owning BLOCK_M query rows of head h in batch b (forward and backward): row and
+    column ranges and masks, int64 rows/batch/head, the query tile (upcast under UPCAST), the prefix's
+    base offset and the offsets inside one prefix block."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < L
+    d_ok = offs_d < D
+    rows = offs_m.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    p_base = b64 * spk_b + h64 * spk_h
+    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
+    return offs_d, offs_n0, m_ok, d_ok, rows, b64, h64, md_mask, q, p_base, kv_tile
+
+
+@triton.jit
 def _merge_fwd_kernel(
     Q, PK, PV, OS, LSES, O, LSE,
     qk_scale2,  # scale * log2(e)
@@ -63,24 +86,11 @@ def _merge_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    m_ok = offs_m < L
-    d_ok = offs_d < D
-    rows = offs_m.to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    offs_d, offs_n0, m_ok, d_ok, rows, b64, h64, md_mask, q, p_base, kv_tile = _merge_tile(
+        Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     o_off = (b64 * H + h64) * L * D + rows[:, None] * D + offs_d[None, :]
-    md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    p_base = b64 * spk_b + h64 * spk_h
-    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -121,27 +131,16 @@ def _merge_bwd_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    m_ok = offs_m < L
-    d_ok = offs_d < D
-    rows = offs_m.to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    offs_d, offs_n0, m_ok, d_ok, rows, b64, h64, md_mask, q, p_base, kv_tile = _merge_tile(
+        Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     bh = b64 * H + h64
     qd_off = bh * L * D + rows[:, None] * D + offs_d[None, :]  # o and dq are contiguous
-    md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + offs_d[None, :], mask=md_mask, other=0.0)
     do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + rows[:, None] * sdo_l + offs_d[None, :], mask=md_mask, other=0.0)
     if UPCAST:
-        q = q.to(tl.float32)
         do = do.to(tl.float32)
     o = tl.load(O + qd_off, mask=md_mask, other=0.0).to(tl.float32)
     delta = tl.sum(do.to(tl.float32) * o, 1)
     lse2 = tl.load(LSE + bh * L + rows, mask=m_ok, other=0.0) * 1.4426950408889634
-    p_base = b64 * spk_b + h64 * spk_h
-    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
     part_base = pid_m.to(tl.int64) * spart_m + b64 * spart_b + h64 * P * D
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, P, BLOCK_N):
