@@ -460,10 +460,18 @@ def _scale_mode(scaling):
     return 2 if scaling.dim() == 1 else 1
 
 
+_CARRIERS: dict = {}  # (device, dtype) -> an empty tensor: its pointer only tells a kernel the dtype
+
+
 def _ln_args(x, ln, compute):
     """(carrier of the products' dtype, LN weight, LN bias, eps, LN flags) for the kernels. ``ln`` is None
     or (weight or None, bias or None, eps); ``compute`` the products' dtype (x's when None)."""
-    cd = x if compute is None or compute == x.dtype else x.new_empty((0,), dtype=compute)
+    if compute is None or compute == x.dtype:
+        cd = x
+    else:  # kept, not allocated per call (its null pointer is never read)
+        cd = _CARRIERS.get((x.device, compute))
+        if cd is None:
+            cd = _CARRIERS[(x.device, compute)] = x.new_empty((0,), dtype=compute)
     if ln is None:
         return cd, x, x, 0.0, dict(LN=False, HAS_LNW=False, HAS_LNB=False)
     w, b, eps = ln

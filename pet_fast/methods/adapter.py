@@ -104,34 +104,28 @@ class BottleneckAdapter(nn.Module):
         """``base + A(x)``: base = x, or ``residual``, or ``x + residual`` with ``add_input``; with
         ``layer_norm=(weight, bias, eps)``, ``x + A(LayerNorm(x))`` (see the op)."""
         _checks.tensor("x", x, floating=False)
-        if layer_norm is not None:
-            # the op rounds LN(x) to autocast's dtype itself: x stays as it is (float32 under autocast)
-            p = self._parameters
-            scaling = p["scaling"] if "scaling" in p else self.scaling
-            return bottleneck_adapter(x, p["w_down"], p["b_down"], p["w_up"], p["b_up"], activation=self.activation,
-                                      scaling=scaling, residual=residual, add_input=add_input,
-                                      layer_norm=layer_norm, backend=backend)
-        if add_input is True:
-            if residual is None:
-                raise ValueError("add_input=True adds x to the residual: a residual is required")
-            if x.dtype == torch.float32 and compute_dtype(x) in _HALF:
-                # x reaches the products cast to autocast's dtype, but the base takes it in float32
-                residual, add_input = residual + x, False
-        x, residual = autocast_inputs(x, residual)
         # parameters read from _parameters directly: this runs in every adapter of every step, and each
         # nn.Module attribute lookup of a parameter costs about a microsecond of host time
         p = self._parameters
         w_down, b_down, w_up, b_up = p["w_down"], p["b_down"], p["w_up"], p["b_up"]
         scaling = p["scaling"] if "scaling" in p else self.scaling
-        dt = x.dtype
-        if w_down.dtype != dt and not (w_down.dtype == torch.float32 and dt in _HALF):
-            # the op takes x's dtype, or float32 master weights of half-precision x as they are
-            cast = lambda t: None if t is None else t.to(dt)
-            w_down, b_down, w_up, b_up = cast(w_down), cast(b_down), cast(w_up), cast(b_up)
-        if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
-            scaling = scaling.to(w_down.dtype)
+        if layer_norm is None:  # (with one, the op rounds LN(x) to autocast's dtype itself: x stays as it is)
+            if add_input is True:
+                if residual is None:
+                    raise ValueError("add_input=True adds x to the residual: a residual is required")
+                if x.dtype == torch.float32 and compute_dtype(x) in _HALF:
+                    # x reaches the products cast to autocast's dtype, but the base takes it in float32
+                    residual, add_input = residual + x, False
+            x, residual = autocast_inputs(x, residual)
+            dt = x.dtype
+            if w_down.dtype != dt and not (w_down.dtype == torch.float32 and dt in _HALF):
+                # the op takes x's dtype, or float32 master weights of half-precision x as they are
+                cast = lambda t: None if t is None else t.to(dt)
+                w_down, b_down, w_up, b_up = cast(w_down), cast(b_down), cast(w_up), cast(b_up)
+            if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
+                scaling = scaling.to(w_down.dtype)
         return bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
-                                  residual=residual, add_input=add_input, backend=backend)
+                                  residual=residual, add_input=add_input, layer_norm=layer_norm, backend=backend)
 
     def extra_repr(self) -> str:
         s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"

@@ -293,7 +293,6 @@ def side_forward(site, *args, **kwargs):
 def example_ids(model: nn.Module, ids):
     """Give the ids of the examples of the next forwards (for the side-tuning cache), when the model
     call cannot take ``example_ids=`` itself."""
-
     host = models.backbone(model)
     host.__dict__[_IDS_ATTR] = ids
     try:

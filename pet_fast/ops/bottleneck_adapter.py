@@ -213,19 +213,21 @@ def _triton_backward_fake(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_va
             torch.empty_like(scaling) if (need_ds and scaling is not None) else empty()]
 
 
+# The triton op's inputs after the nine it shares with the cuda op, and their defaults:
+# add_input, ln, ln_weight, ln_bias, ln_eps, compute.
+_TRITON_ONLY_DEFAULTS = (False, False, None, None, 0.0, None)
+
+
 def _setup_context(ctx, inputs, output):
-    x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation = inputs[:9]
-    ln = len(inputs) > 10 and inputs[10]
-    ln_weight, ln_bias = (inputs[11], inputs[12]) if ln else (None, None)
+    (x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation,
+     add_input, ln, ln_weight, ln_bias, ln_eps, compute) = tuple(inputs) + _TRITON_ONLY_DEFAULTS[len(inputs) - 9:]
     ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scaling, ln_weight, ln_bias)
     ctx.scaling_value = scaling_value
     ctx.has_residual = residual is not None
     # dy reaches x itself too without a residual, or when x is added to it: the rows kernel adds it to dx
-    ctx.dy_to_x = residual is None or (len(inputs) > 9 and inputs[9])
+    ctx.dy_to_x = residual is None or add_input
     ctx.activation = activation
-    ctx.ln = bool(ln)
-    ctx.ln_eps = inputs[13] if ln else 0.0
-    ctx.compute = inputs[14] if len(inputs) > 14 else None
+    ctx.ln, ctx.ln_eps, ctx.compute = ln, ln_eps, compute
     ctx.n_inputs = len(inputs)
 
 
@@ -265,12 +267,11 @@ def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, re
     """The triton backend: same call as :func:`reference`."""
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     if layer_norm is None:
-        y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input))
-        return y.reshape(x.shape)
-    lw, lb, eps = layer_norm
-    c = lambda t: None if t is None else t.contiguous()
-    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), False, True, c(lw), c(lb),
-               float(eps), compute_dtype(x))
+        ln = ()
+    else:
+        c = lambda t: None if t is None else t.contiguous()
+        ln = (True, c(layer_norm[0]), c(layer_norm[1]), float(layer_norm[2]), compute_dtype(x))
+    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input), *ln)
     return y.reshape(x.shape)
 
 
