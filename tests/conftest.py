@@ -30,6 +30,19 @@ def _clean_backend_env(monkeypatch):
     yield
 
 
+def graph_node_names(t: torch.Tensor) -> set:
+    """The class names of every autograd node behind ``t`` (which ops a call recorded)."""
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo.extend(g for g, _ in f.next_functions)
+    return names
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref| (0 when both are 0)."""
     out, ref = out.double(), ref.double()

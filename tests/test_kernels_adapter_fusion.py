@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pet_fast
-from conftest import rel_err
+from conftest import graph_node_names, rel_err
 from pet_fast import dispatch
 
 fusion_ops = importlib.import_module("pet_fast.ops.adapter_fusion")
@@ -517,18 +517,6 @@ def test_core_op_under_autocast_keeps_its_dtypes():
 
 # --- the two entry points: autograd.Function (eager calls) and custom op (compiled code, opcheck) -------
 
-def _graph_names(t):
-    names, todo, seen = set(), [t.grad_fn], set()
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        todo.extend(g for g, _ in f.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("op,dtype", [("stacked", torch.float32), ("stacked", torch.float16), ("given", torch.float32)])
 def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
     """Eager calls take the ops' formulas through autograd.Functions; PET_FAST_CUSTOM_OPS=1 (read per call)
@@ -543,7 +531,7 @@ def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
         else:
             _, lo = make_given((6,), 20, 3, dtype)
             out = call_given(lo, "triton", temperature=1.5)
-        names = _graph_names(out)
+        names = graph_node_names(out)
         function_nodes = {n for n in names if n.endswith("_functionBackward")}
         assert bool(function_nodes) == (env == "0"), names
         dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)

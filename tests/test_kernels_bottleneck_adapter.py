@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pet_fast
-from conftest import HAS_GPU, rel_err
+from conftest import HAS_GPU, graph_node_names, rel_err
 from pet_fast import dispatch
 import importlib
 
@@ -365,14 +365,7 @@ def test_master_weights_read_without_casts():
     m = pet_fast.BottleneckAdapter(16, 4, scaling="channel")
     x = torch.randn(5, 16, dtype=torch.float16, requires_grad=True)
     y = m(x, backend="triton")
-    names, seen, stack = [], set(), [y.grad_fn]
-    while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        names.append(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
+    names = graph_node_names(y)
     assert not any("ToCopy" in n for n in names), names
     y.float().sum().backward()
     assert m.w_down.grad.dtype == torch.float32 and m.scaling.grad.dtype == torch.float32
