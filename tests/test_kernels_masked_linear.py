@@ -418,6 +418,15 @@ def test_custom_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _graph_recorder(graphs: list):
+    """A torch.compile backend that keeps each captured graph's text in ``graphs`` and runs it as is."""
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    return backend
+
+
 def test_masked_linear_module_compiles_fullgraph():
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -428,12 +437,7 @@ def test_masked_linear_module_compiles_fullgraph():
         layer.bias.normal_()
     x = torch.randn(2, 3, 21, requires_grad=True)
     seen = []
-
-    def backend(gm, example_inputs):
-        seen.append(str(gm.graph))
-        return gm.forward
-
-    counter = CompileCounterWithBackend(backend)
+    counter = CompileCounterWithBackend(_graph_recorder(seen))
     compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True, backend=counter)
     y = compiled(x)
     y.square().sum().backward()
@@ -460,12 +464,7 @@ def test_training_path_compiles_fullgraph_under_autocast():
         layer.scores.normal_()
     x = torch.randn(2, 3, 21, requires_grad=True)
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
-    compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True, backend=backend)
+    compiled = torch.compile(lambda t: layer(t, backend="triton"), fullgraph=True, backend=_graph_recorder(graphs))
     got, want = [], []
     for fn, out in ((compiled, got), (lambda t: layer(t, backend="triton"), want)):
         x.grad = layer.scores.grad = None
