@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 from .bottleneck_adapter import interpreting
 from .stacked_adapter_fusion import _col
 
@@ -87,7 +89,7 @@ def _attn_bwd_kernel(V, QK, DCTX, PBUF, DV, DQK, N, D, K, inv_t,
 def _attn_blocks(d: int):
     if interpreting():
         return 16, 32, 4
-    return 32, min(128, max(16, triton.next_power_of_2(d))), 4
+    return 32, min(128, max(16, next_power_of_2(d))), 4
 
 
 def attention_forward(values, qk, inv_temperature):
@@ -97,8 +99,8 @@ def attention_forward(values, qk, inv_temperature):
     p = torch.empty((n, k), device=qk.device, dtype=torch.float32)
     if n:
         bn, bd, w = _attn_blocks(d)
-        _attn_fwd_kernel[(triton.cdiv(n, bn),)](values, qk, ctx, p, n, d, k, float(inv_temperature), BLOCK_N=bn,
-                                                BLOCK_D=bd, KP=max(2, triton.next_power_of_2(k)), num_warps=w)
+        _attn_fwd_kernel[(cdiv(n, bn),)](values, qk, ctx, p, n, d, k, float(inv_temperature), BLOCK_N=bn,
+                                                BLOCK_D=bd, KP=max(2, next_power_of_2(k)), num_warps=w)
     return ctx, p
 
 
@@ -109,7 +111,7 @@ def attention_backward(dctx, values, qk, p, inv_temperature):
     dqk = torch.empty_like(qk)
     if n:
         bn, bd, w = _attn_blocks(d)
-        _attn_bwd_kernel[(triton.cdiv(n, bn),)](values, qk, dctx, p, dv, dqk, n, d, k, float(inv_temperature),
-                                                BLOCK_N=bn, BLOCK_D=bd, KP=max(2, triton.next_power_of_2(k)),
+        _attn_bwd_kernel[(cdiv(n, bn),)](values, qk, dctx, p, dv, dqk, n, d, k, float(inv_temperature),
+                                                BLOCK_N=bn, BLOCK_D=bd, KP=max(2, next_power_of_2(k)),
                                                 num_warps=w)
     return dv, dqk

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
 
 _SQRT1_2 = 0.7071067811865476
@@ -55,8 +57,14 @@ _INV_SQRT_2PI = 0.3989422804014327
 _GELU_C = 0.7978845608028654  # sqrt(2/pi)
 
 
+# Read once, as triton.jit itself reads TRITON_INTERPRET when the kernels are defined (a launcher runs per
+# adapter per step: no environment lookups there).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 @triton.jit
@@ -402,7 +410,7 @@ MAX_R = 256
 
 
 def padded_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _blocks(rp: int) -> tuple[int, int, int]:
@@ -420,7 +428,7 @@ def _blocks(rp: int) -> tuple[int, int, int]:
 def autotuning() -> bool:
     """False under the interpreter or with PET_FAST_AUTOTUNE=0 (GPU correctness runs: one safe tile per
     kernel, so that many test shapes cost one compile each instead of one per tile)."""
-    return not interpreting() and os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
+    return not interpreting() and _AUTOTUNE
 
 
 def row_configs():
@@ -445,7 +453,7 @@ def prune_row_configs(configs, named_args, **kwargs):
 
 def n_bucket(n: int) -> int:
     """Autotuning key for the token count: its power of two, capped (one tuning per size class)."""
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 14)
+    return min(next_power_of_2(max(n, 1)), 1 << 14)
 
 
 _fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
@@ -495,7 +503,7 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
     cd, lnw, lnb, eps, ln_flags = _ln_args(x, ln, compute)
     upcast = interpreting() or cd.dtype == torch.float32
     dummy = x
-    _fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    _fwd_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, residual if residual is not None else dummy, y, cd, lnw, lnb,
         n, d, r, float(scaling_value), eps, n_bucket(n),
@@ -513,17 +521,17 @@ def sum_splits(part, outs) -> None:
     ends = list(itertools.accumulate(t.numel() for t in outs))
     e = ends[:-1] + [total] * (5 - len(ends))
     block = 1024
-    _sum_splits_kernel[(triton.cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
+    _sum_splits_kernel[(cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
 
 
 def _splits(n: int, d_blocks: int, bn: int, device) -> int:
     """Token splits of the reduction: about two programs per SM over the whole grid. The fp32 partials
     then hold splits x (2 r d + 2 d + r) floats, at most about 2 x SMs x (2 RP BLOCK_D + ...) floats."""
-    tiles = triton.cdiv(n, bn)
+    tiles = cdiv(n, bn)
     if interpreting() or device.type != "cuda":
         return min(tiles, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(2 * sms, d_blocks)))
+    return max(1, min(tiles, cdiv(2 * sms, d_blocks)))
 
 
 # From this padded bottleneck width up, the weight gradients are reduced over the tokens by cuBLAS matrix
@@ -589,7 +597,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
         if ln is not None:
             xin = torch.empty((n, d), device=x.device, dtype=cd.dtype)
         dummy = x
-        _bwd_rows_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        _bwd_rows_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
             x, w_down, b_down if b_down is not None else dummy, w_up, scaling if scaling is not None else dummy,
             dy, dx, hbuf, dabuf, cd, lnw, lnb, xin, n, d, r, float(scaling_value), eps, n_bucket(n),
             HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual, **ln_flags,
@@ -616,10 +624,10 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     elif total > 0 and rp >= MATMUL_REDUCTION_MIN_RP:
         _reduce_with_matmuls(outs, xin, dy, hbuf[:, :r], dabuf[:, :r], w_up, b_up, scaling, scaling_value, upcast)
     elif total > 0:
-        d_blocks = triton.cdiv(d, bd)
+        d_blocks = cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
-        rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
-        splits = triton.cdiv(n, rows_per_split)
+        rows_per_split = cdiv(cdiv(n, splits), bn) * bn
+        splits = cdiv(n, rows_per_split)
         part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
         _bwd_cols_kernel[(d_blocks, splits)](
             xin, dy, hbuf, dabuf, w_up, b_up if b_up is not None else x, scaling if scaling is not None else x, part,

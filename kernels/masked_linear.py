@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # PET_FAST_AUTOTUNE=0 (GPU correctness runs): one small tile per kernel, one compile per kernel.
 _TUNE = os.environ.get("PET_FAST_AUTOTUNE", "1") != "0"
@@ -308,7 +310,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor
         scores = scores.contiguous()
         s_arg, n_words, thr = scores, 0, threshold_for(scores.dtype, threshold)
     upcast, fp32_dot, precision = _dot_flags(x.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _forward_kernel[grid](x, weight, s_arg, s_arg, bias if bias is not None else y, y, M, N, K, n_words, thr,
                           FROM_BITS=from_bits, HAS_BIAS=bias is not None, UPCAST=upcast, FP32_DOT=fp32_dot,
                           PRECISION=precision)
@@ -338,7 +340,7 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Te
         scores = scores.contiguous()
         s_arg, n_words, thr = scores, 0, threshold_for(scores.dtype, threshold)
     upcast, fp32_dot, precision = _dot_flags(dy.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
     _grad_input_kernel[grid](dy, weight, s_arg, s_arg, dx, M, N, K, n_words, thr, FROM_BITS=from_bits,
                              UPCAST=upcast, FP32_DOT=fp32_dot, PRECISION=precision)
     return dx
@@ -373,7 +375,7 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores:
     if K == 0:  # no weight, but d_bias still needs the sum over tokens
         return ds, dw, (dy.float().sum(0).to(dy.dtype) if bias_grad else None)
     upcast, fp32_dot, precision = _dot_flags(dy.dtype)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),)
     _grad_weight_kernel[grid](dy, x, weight, s_arg, s_arg, ds, dw if dw is not None else ds,
                               db if db is not None else ds, M, N, K, n_words, thr, FROM_BITS=from_bits,
                               WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, UPCAST=upcast, FP32_DOT=fp32_dot,
@@ -414,7 +416,7 @@ def pack(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     out = torch.empty((R, n_words), dtype=torch.int32, device=scores.device)
     if out.numel() == 0:
         return out
-    grid = lambda meta: (triton.cdiv(R * n_words, meta["BLOCK_P"]),)
+    grid = lambda meta: (cdiv(R * n_words, meta["BLOCK_P"]),)
     _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold))
     return out
 
@@ -463,7 +465,7 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, 
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     n = out.numel()
     if n:
-        _masked_weight_kernel[(triton.cdiv(n, _EW_BLOCK),)](weight, scores, out, n,
+        _masked_weight_kernel[(cdiv(n, _EW_BLOCK),)](weight, scores, out, n,
                                                            threshold_for(scores.dtype, threshold), BLOCK=_EW_BLOCK)
     return out
 
@@ -479,7 +481,7 @@ def mask_grads(g: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, thre
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=g.device) if weight_grad else None
     n = ds.numel()
     if n:
-        _mask_grads_kernel[(triton.cdiv(n, _EW_BLOCK),)](g, weight, scores, ds, dw if dw is not None else ds, n,
+        _mask_grads_kernel[(cdiv(n, _EW_BLOCK),)](g, weight, scores, ds, dw if dw is not None else ds, n,
                                                         threshold_for(scores.dtype, threshold),
                                                         WEIGHT_GRAD=weight_grad, BLOCK=_EW_BLOCK)
     return ds, dw

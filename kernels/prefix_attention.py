@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
@@ -337,7 +339,7 @@ def _bwd_dq_kernel(
 # Host side.
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_power_of_2(D))
 
 
 def _config(D: int, backward: bool, dtype=torch.float16):
@@ -401,7 +403,7 @@ def forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
     bm, bn, warps, stages = _config(D, backward=False, dtype=q.dtype)
     bm, bn = block_m or bm, block_n or bn
-    grid = (triton.cdiv(L, bm), Hq, B)
+    grid = (cdiv(L, bm), Hq, B)
     _fwd_kernel[grid](
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
         scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h,
@@ -439,14 +441,14 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, 
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
                       IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps, num_stages=stages)
         qk_scale2 = scale * LOG2E
-        nb_p = triton.cdiv(P, bn)
-        _bwd_dkdv_kernel[(nb_p + triton.cdiv(S, bn), Hkv, B)](
+        nb_p = cdiv(P, bn)
+        _bwd_dkdv_kernel[(nb_p + cdiv(S, bn), Hkv, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
             _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
             Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, nb_p,
             HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
         )
-        _bwd_dq_kernel[(triton.cdiv(L, bm), Hq, B)](
+        _bwd_dq_kernel[(cdiv(L, bm), Hq, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
             Hq, G, L, S, P, D, spk_b, spk_h,
             HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 from .prefix_attention import LOG2E, _interpreting  # shared with the op's own kernels
 from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step
 
@@ -191,7 +193,7 @@ def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLO
 # Host side.
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_power_of_2(D))
 
 
 def _config(D: int, P: int, backward: bool):
@@ -202,7 +204,7 @@ def _config(D: int, P: int, backward: bool):
     large query tile at small head dims."""
     if _interpreting():
         return 16, 16, 1
-    bn = min(64, max(16, triton.next_power_of_2(max(P, 1))))
+    bn = min(64, max(16, next_power_of_2(max(P, 1))))
     bd = _block_d(D)
     if backward:
         return (128, min(bn, 32), 8) if bd <= 64 else (64, 16, 8) if bd <= 128 else (32, 16, 8)
@@ -255,7 +257,7 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     bm, bn, warps = _config(D, P, backward=False)
-    _merge_fwd_kernel[(triton.cdiv(L, bm), H, B)](
+    _merge_fwd_kernel[(cdiv(L, bm), H, B)](
         q, pk, pv, o_s, lse_s, out, lse, float(scale) * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
         o_s.stride(0), o_s.stride(1), o_s.stride(2), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
         spk_b, spk_h,
@@ -281,7 +283,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     if dq_s.stride(-1) != 1:
         dq_s = dq_s.contiguous()
     bm, bn, warps = _config(D, P, backward=True)
-    n_m = triton.cdiv(L, bm)
+    n_m = cdiv(L, bm)
     half = H * P * D  # one batch's prefix gradient
     shared = prefix_k.dim() == 3
     if shared:  # rows (tile, batch), each [dpk | dpv] of one batch: summed over tiles and the batch
@@ -302,6 +304,6 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
     rows = part.view(-1, dpk.numel() * 2)
     block, split_block = (128, 4) if _interpreting() else (128, 32)
-    _sum_parts_kernel[(triton.cdiv(rows.shape[1], block),)](rows, dpk, dpv, dpk.numel(), rows.shape[0],
+    _sum_parts_kernel[(cdiv(rows.shape[1], block),)](rows, dpk, dpv, dpk.numel(), rows.shape[0],
                                                              BLOCK=block, SPLIT_BLOCK=split_block, num_warps=4)
     return dq, dk, dv, dpk, dpv

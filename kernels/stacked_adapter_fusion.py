@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
                                  prune_row_configs, row_configs, sum_splits)
 
@@ -349,14 +351,14 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
-    kp = max(2, triton.next_power_of_2(k))
+    kp = max(2, next_power_of_2(k))
     ctx = torch.empty_like(x)
     abuf = torch.empty((n, k, rp), device=x.device, dtype=torch.float32)
     pbuf = torch.empty((n, k), device=x.device, dtype=torch.float32)
     if n == 0:
         return ctx, abuf, pbuf
     dummy = x
-    _fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    _fwd_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, qk, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, ctx, abuf, pbuf, n, d, r, k, float(scaling_value),
         float(inv_temperature), n_bucket(n), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
@@ -372,15 +374,15 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
     d_blocks k BLOCK_D (2 r + 1) (one tile per program), so the partials take at most about
     max(2 SMs, d_blocks k) programs x BLOCK_D (2 r + 1) x 4 bytes: the grid times one program's tile
     (e.g. 264 x 64 x 129 x 4 B = 8.7 MB on an H100 at r = 64), never a multiple of N."""
-    d_blocks = triton.cdiv(d, bd)
-    tiles = triton.cdiv(n, bn)
+    d_blocks = cdiv(d, bd)
+    tiles = cdiv(n, bn)
     if interpreting() or getattr(device, "type", "cpu") != "cuda":
         splits = min(tiles, 3)
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(tiles, triton.cdiv(2 * sms, d_blocks * k)))
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), bn) * bn
-    return d_blocks, triton.cdiv(n, rows_per_split), rows_per_split
+        splits = max(1, min(tiles, cdiv(2 * sms, d_blocks * k)))
+    rows_per_split = cdiv(cdiv(n, splits), bn) * bn
+    return d_blocks, cdiv(n, rows_per_split), rows_per_split
 
 
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
@@ -396,7 +398,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
-    kp = max(2, triton.next_power_of_2(k))
+    kp = max(2, next_power_of_2(k))
     bn, bd, warps = _blocks(rp)
     stages = 2 if rp >= 128 else 3
     upcast = interpreting() or x.dtype == torch.float32
@@ -414,7 +416,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         da = torch.empty(abuf.shape, device=x.device, dtype=x.dtype) if low else dabuf
         hbuf = torch.empty(abuf.shape, device=x.device, dtype=x.dtype) if (low and reduce) else abuf
         dscbuf = torch.empty_like(pbuf)
-        _bwd_rows_kernel[(triton.cdiv(n, bn),)](
+        _bwd_rows_kernel[(cdiv(n, bn),)](
             x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, dx, dqk, n, d, r, k,
             float(scaling_value), float(inv_temperature), HAS_BU=b_up is not None, S_MODE=s_mode,
             ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp,
@@ -423,7 +425,7 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     need_bd = need_weights and b_down is not None
     need_bu = need_weights and b_up is not None
     bn, bd, warps, stages = _cols_blocks(rp)
-    d_blocks = triton.cdiv(d, bd)
+    d_blocks = cdiv(d, bd)
     # one split's slice of the partials: [dWd (k, r, d) | dWu (k, d, r) | dbu (k, d) | dbd (k, r) | ds (k, d_blocks)],
     # each part present only when needed
     sizes = {"wd": k * r * d if need_weights else 0, "wu": k * d * r if need_weights else 0,

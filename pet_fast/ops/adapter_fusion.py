@@ -47,6 +47,7 @@ autograd.Functions (ops/_autograd.py: far less host time per call).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import List, Optional, Union
 
 import torch
@@ -295,12 +296,14 @@ def stacked_adapter_fusion(
 # custom ops, with their fake rules, are what torch.compile sees.
 
 
+@functools.cache  # imported once: no import statement per launch
 def _attention_kernels():
     from ..kernels import adapter_fusion as kernels
 
     return kernels
 
 
+@functools.cache  # imported once: no import statement per launch
 def _stacked_kernels():
     from ..kernels import stacked_adapter_fusion as kernels
 

@@ -43,6 +43,7 @@ for forward-only calls and eager first with gradients, where the Triton backward
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Union
 
 import torch
@@ -168,6 +169,7 @@ dispatch.register(OP, "eager", reference)
 # tokens flattened to (N, d) and contiguous; the run functions below do that and restore the shape.
 
 
+@functools.cache  # an import statement per call costs microseconds: the launchers run per adapter per step
 def _triton_kernels():
     from ..kernels import bottleneck_adapter as kernels  # imports triton: only when a kernel runs
 

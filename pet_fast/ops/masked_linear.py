@@ -41,6 +41,7 @@ first for packed masks with N <= 16 tokens, triton first otherwise (see ``prefer
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -191,6 +192,7 @@ def _kernels_run_on(t: torch.Tensor) -> bool:
     return t.is_cuda or dispatch.triton_interpreting()
 
 
+@functools.cache  # imported once: no import statement per launch
 def _kernels():
     from ..kernels import masked_linear as kernels  # imports triton: only when a kernel runs
 

@@ -50,6 +50,7 @@ forward and for decode, and eager (SDPA) first for forward+backward, where it me
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
 
@@ -344,6 +345,7 @@ DECODE_MAX_Q_LEN = 8
 DECODE_MAX_KEYS = 2 ** 31 - 1 - 2 * 4096  # kDecodeMaxKeys of csrc/prefix_attention.h (int key positions)
 
 
+@functools.cache  # imported once: no import statement per launch
 def _kernels():
     from ..kernels import prefix_attention as kernels
 
@@ -460,6 +462,7 @@ def merged_reasons(q, k, prefix_k, key_padding_mask, causal) -> list:
     return why
 
 
+@functools.cache  # imported once: no import statement per launch
 def _merge_kernels():
     from ..kernels import prefix_attention_merge as kernels
 

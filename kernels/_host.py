@@ -1,0 +1,15 @@
+"""Host-side helpers of the launchers, kept cheap: a training step at BERT-base size is bound by the host,
+and every launcher runs once per adapter, masked linear or attention layer per step."""
+from __future__ import annotations
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for Python ints. ``triton.cdiv`` is a constexpr function in recent Triton: a few
+    microseconds per call on the host, several calls per launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as ``triton.next_power_of_2``, which is a constexpr
+    function too."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
