@@ -1,12 +1,10 @@
 """Prefix-tuning (Li & Liang 2021): P trained key/value vectors per layer."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import json
 import os
-import threading
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 
 from .. import models
 from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder
+from ._per_forward import PerForward, checkpoint_modules
 
 
 class PrefixEncoder(nn.Module):
@@ -173,11 +172,10 @@ def _position_shift(holder: nn.ModuleDict, reg) -> int:
     return sum(e.prefix_length for e in _active_prefix_encoders(holder, reg) if e.shift_positions)
 
 
-class _ForwardPrefixes:
+class _ForwardPrefixes(PerForward):
     """Every attention layer's prefix, computed once per forward of the model rather than once per layer.
 
-    A forward pre-hook on the base model opens a forward and a forward hook (also called when the
-    forward raises) closes it; while one is open, the first layer to ask computes all layers' prefixes
+    While a forward of the base model is open (see _per_forward.py), the first layer to ask computes all layers' prefixes
     of every active prefix task (:meth:`PrefixEncoder.all_layers`: one MLP call, one cast and one
     unbind for the whole model, broadcast over the batch) and the other layers take theirs from it.
     Outside a forward of the base model (a layer called on its own), while torch.compile traces (it
@@ -187,49 +185,8 @@ class _ForwardPrefixes:
     only, so parameter updates between forwards are always seen."""
 
     def __init__(self, holder: nn.ModuleDict, reg, checkpoint_modules: Sequence[nn.Module]):
+        super().__init__(checkpoint_modules)
         self.holder, self.reg = holder, reg
-        self.checkpoint_modules = list(checkpoint_modules)
-        self._local = threading.local()  # a forward per thread: threads sharing the model keep apart
-
-    def __deepcopy__(self, memo):
-        twin = _ForwardPrefixes.__new__(_ForwardPrefixes)
-        memo[id(self)] = twin
-        twin.holder, twin.reg = copy.deepcopy(self.holder, memo), copy.deepcopy(self.reg, memo)
-        twin.checkpoint_modules = copy.deepcopy(self.checkpoint_modules, memo)
-        twin._local = threading.local()
-        return twin
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    @property
-    def open(self) -> bool:
-        return getattr(self._local, "open", False)
-
-    @property
-    def cache(self) -> dict:
-        return getattr(self._local, "cache", {})
-
-    def start(self, module, args, kwargs):
-        if torch.compiler.is_compiling():
-            return None
-        local = self._local
-        local.cache = {}
-        local.open = not any(getattr(m, "gradient_checkpointing", False) for m in self.checkpoint_modules)
-        return None
-
-    def stop(self, module, args, kwargs, output):
-        if torch.compiler.is_compiling():
-            return None
-        self._local.open = False
-        self._local.cache = {}
-        return None
 
     def layer(self, index: int, dtype, batch_size: Optional[int] = None):
         encoders = _active_prefix_encoders(self.holder, self.reg)
@@ -258,9 +215,8 @@ def _forward_prefixes(model: nn.Module, holder: nn.ModuleDict, reg) -> _ForwardP
     if state is not None:
         return state
     base = getattr(model, "base_model", model)
-    state = _ForwardPrefixes(holder, reg, [m for m in base.modules() if hasattr(m, "gradient_checkpointing")])
-    base.register_forward_pre_hook(state.start, with_kwargs=True)
-    base.register_forward_hook(state.stop, with_kwargs=True, always_call=True)
+    state = _ForwardPrefixes(holder, reg, checkpoint_modules(base))
+    state.install(base)
     model.__dict__["_pet_fast_prefix_forward"] = state
     return state
 

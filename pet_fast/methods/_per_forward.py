@@ -1,0 +1,74 @@
+"""State kept for one forward of a model: what a method computes once per forward for all its layers.
+
+A forward pre-hook on the model opens a forward, a forward hook (also called when the forward raises)
+closes it; while one is open, :attr:`PerForward.cache` is a dict for that forward only (per thread:
+threads sharing a model keep apart). It is not open outside a forward of the model (a layer called on its
+own), while torch.compile traces (compiled code takes the per-layer path, which it fuses), and while
+transformers' gradient checkpointing is on (a recomputed layer must not find another forward's tensors).
+Parameter updates between forwards are always seen: nothing outlives the forward.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class PerForward:
+    def __init__(self, checkpoint_modules: Sequence[nn.Module]):
+        self.checkpoint_modules = list(checkpoint_modules)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo):
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for k, v in self.__dict__.items():
+            if k != "_local":
+                twin.__dict__[k] = copy.deepcopy(v, memo)
+        twin._local = threading.local()
+        return twin
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def open(self) -> bool:
+        return getattr(self._local, "open", False)
+
+    @property
+    def cache(self) -> dict:
+        return getattr(self._local, "cache", {})
+
+    def start(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            return None
+        local = self._local
+        local.cache = {}
+        local.open = not any(getattr(m, "gradient_checkpointing", False) for m in self.checkpoint_modules)
+        return None
+
+    def stop(self, module, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return None
+        self._local.open = False
+        self._local.cache = {}
+        return None
+
+    def install(self, module: nn.Module) -> None:
+        """Open and close this state around every forward of ``module``."""
+        module.register_forward_pre_hook(self.start, with_kwargs=True)
+        module.register_forward_hook(self.stop, with_kwargs=True, always_call=True)
+
+
+def checkpoint_modules(model: nn.Module) -> list:
+    """The modules of ``model`` that carry transformers' ``gradient_checkpointing`` switch."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
