@@ -1,4 +1,4 @@
-"""Compile the masked_linear and prefix_attention Triton kernels for sm_90 (H100) without a GPU.
+"""Compile the masked_linear, masked_weights and prefix_attention Triton kernels for sm_90 (H100) without a GPU.
 
 Catches what the interpreter cannot: type, layout and tl.dot shape errors of the GPU compiler in the
 non-upcast fp16/bf16/fp32 paths, and tiles whose shared memory would not fit an H100 (232448 B). Every
@@ -15,7 +15,8 @@ pass 2**31 on very long inputs. Needs triton with its NVIDIA backend (ptxas ship
 small CPU: 435 specialisations in about 9.5 minutes on 2 shared cores with a cold triton cache (--quick:
 about 100 in 2 minutes; the triton cache makes reruns fast):
 
-    python benchmarks/compile_check_kernels.py [--only masked_linear|prefix_attention|prefix_merge] [--dtypes bf16,fp16,fp32]
+    python benchmarks/compile_check_kernels.py [--only masked_linear|masked_weights|prefix_attention|prefix_merge]
+                                               [--dtypes bf16,fp16,fp32]
                                                [--jobs N] [--quick]
 
 Exits 1 when a specialisation fails to compile or needs more shared memory than an H100 has.
@@ -36,6 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import pet_fast.kernels.masked_linear as ML  # noqa: E402
+import pet_fast.kernels.masked_weights as MW  # noqa: E402
 import pet_fast.kernels.prefix_attention as PA  # noqa: E402
 import pet_fast.kernels.prefix_attention_merge as PAM  # noqa: E402
 
@@ -44,7 +46,7 @@ LIMIT = 232448  # H100 shared memory per block (227 KiB)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {
     "ml_forward": ML._forward_kernel.fn, "ml_grad_input": ML._grad_input_kernel.fn,
-    "ml_grad_weight": ML._grad_weight_kernel.fn, "ml_pack": ML._pack_kernel.fn,
+    "ml_grad_weight": ML._grad_weight_kernel.fn, "ml_pack": ML._pack_kernel.fn, "mw_grouped": MW._grouped_kernel,
     "pa_fwd": PA._fwd_kernel, "pa_bwd_dkdv": PA._bwd_dkdv_kernel, "pa_bwd_dq": PA._bwd_dq_kernel,
     "pam_fwd": PAM._merge_fwd_kernel, "pam_bwd": PAM._merge_bwd_kernel, "pam_sum": PAM._sum_parts_kernel,
 }
@@ -266,9 +268,25 @@ def prefix_merge_jobs(dtypes, quick):
     return jobs
 
 
+def masked_weights_jobs(dtypes, quick):
+    """The grouped masked-weights kernel: float32 weights and scores (mixed-precision training) or both in
+    the dtype, writing the dtype; with and without the alignment hints (ALIGNED)."""
+    jobs = []
+    for dt in dtypes:
+        for src in sorted({"fp32", dt}):
+            for aligned in (True, False):
+                jobs.append(dict(kernel="mw_grouped", dtype=dt, tag=f"from {src} ALIGNED={int(aligned)}", warps=4,
+                                 stages=1, div=set(), variant="aligned" if aligned else "odd",
+                                 consts=dict(BLOCK=MW.BLOCK, ALIGNED=aligned),
+                                 types=dict(W_PTRS="*i64", S_PTRS="*i64", OUT="*" + dt, TILE_TENSOR="*i32",
+                                            TILE_START="*i64", SIZES="*i64", OUT_OFFSETS="*i64", threshold="fp32",
+                                            W_CARRIER="*" + src, S_CARRIER="*" + src)))
+    return jobs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["masked_linear", "prefix_attention", "prefix_merge"])
+    ap.add_argument("--only", choices=["masked_linear", "masked_weights", "prefix_attention", "prefix_merge"])
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
     ap.add_argument("--quick", action="store_true", help="a few specialisations per kernel")
@@ -277,6 +295,8 @@ def main():
     jobs = []
     if args.only in (None, "masked_linear"):
         jobs += masked_linear_jobs(dtypes, args.quick)
+    if args.only in (None, "masked_weights"):
+        jobs += masked_weights_jobs(dtypes, args.quick)
     if args.only in (None, "prefix_attention"):
         jobs += prefix_attention_jobs(dtypes, args.quick)
     if args.only in (None, "prefix_merge"):

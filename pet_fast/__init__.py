@@ -2,7 +2,7 @@
 
 Ops (each with an eager reference and, where built, Triton and CUDA backends chosen per call by
 ``pet_fast.dispatch``): :func:`bottleneck_adapter`, :func:`adapter_fusion`,
-:func:`stacked_adapter_fusion`, :func:`masked_linear`, :func:`prefix_attention`.
+:func:`stacked_adapter_fusion`, :func:`masked_linear`, :func:`masked_weights`, :func:`prefix_attention`.
 Modules: :class:`BottleneckAdapter`, :class:`AdapterFusion`, :class:`MaskedLinear`,
 :class:`PrefixEncoder`, :class:`SideTuning`.
 """
@@ -15,6 +15,7 @@ from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
 from .ops.bottleneck_adapter import bottleneck_adapter
 from .ops.mask_packing import pack_mask, unpack_mask
 from .ops.masked_linear import masked_linear, masked_linear_multitask
+from .ops.masked_weights import masked_weights
 from .ops.prefix_attention import prefix_attention
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "bottleneck_adapter",
     "masked_linear",
     "masked_linear_multitask",
+    "masked_weights",
     "pack_mask",
     "unpack_mask",
     "prefix_attention",

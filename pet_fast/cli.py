@@ -19,7 +19,7 @@ def sample_calls(device, dtype):
     """One representative call description per op, for ``info`` (the shapes of a BERT-base layer)."""
     import torch
 
-    from .ops import adapter_fusion, bottleneck_adapter, masked_linear, prefix_attention
+    from .ops import adapter_fusion, bottleneck_adapter, masked_linear, masked_weights, prefix_attention
 
     def t(*shape):
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -39,6 +39,9 @@ def sample_calls(device, dtype):
         masked_linear.OP_MULTITASK: on_device(masked_linear.describe_multitask(
             t(16, 4096), t(4096, 4096), torch.empty(4, 4096, 128, dtype=torch.int32, device="meta"),
             torch.empty(16, dtype=torch.long, device="meta"), None)),
+        masked_weights.OP + " (BERT-base's 72 linears)": on_device(masked_weights.describe(
+            [t(768, 768).float()] * 48 + [t(3072, 768).float(), t(768, 3072).float()] * 12,
+            [t(768, 768).float()] * 48 + [t(3072, 768).float(), t(768, 3072).float()] * 12, dtype)),
         prefix_attention.OP: on_device(prefix_attention.describe(t(32, 12, 128, 64), t(32, 12, 128, 64), t(12, 20, 64), None, False)),
     }
 

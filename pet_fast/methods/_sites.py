@@ -232,8 +232,8 @@ def _linear(self: Override, x, *args, **kwargs):
     act = self.active()
     if act is None:
         return self.original(x, *args, **kwargs)
-    _, scores_module = act
-    return scores_module.apply_to(self.host, x)
+    name, scores_module = act
+    return scores_module.apply_to(self.host, x, name)
 
 
 def _head(self: Override, *args, **kwargs):

@@ -4,10 +4,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _checks
-from ..ops.masked_linear import masked_linear
+from ..ops._autocast import compute_dtype
+from ..ops.masked_linear import backend_for, masked_linear
+from ..ops.masked_weights import masked_weights
+from ._per_forward import PerForward, checkpoint_modules
 
 
 def _params_for(dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -104,7 +108,7 @@ class MaskedLinear(nn.Module):
 import dataclasses  # noqa: E402
 from typing import List  # noqa: E402
 
-from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
+from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder  # noqa: E402
 
 
 class MaskScores(nn.Module):
@@ -125,14 +129,94 @@ class MaskScores(nn.Module):
         """The host's weight as (out, in)."""
         return host.weight.t() if type(host).__name__ == "Conv1D" else host.weight
 
-    def apply_to(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply_to(self, host: nn.Module, x: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
+        """The masked linear of ``host`` on ``x``; ``name``: this task's name, for the masked weight its
+        forward made for every linear at once (_ForwardMasks), when there is one."""
         hp = host._parameters  # not nn.Module's attribute lookup: this runs in every linear of every step
-        weight = hp["weight"].t() if type(host).__name__ == "Conv1D" else hp["weight"]
+        conv = type(host).__name__ == "Conv1D"
+        weight = hp["weight"].t() if conv else hp["weight"]
         weight, bias = _params_for(x.dtype, weight, hp.get("bias"))
+        forward = self.__dict__.get("_forward")
+        if forward is not None and name is not None and not conv:
+            w_eff = forward.weight(name, self, host, x)
+            if w_eff is not None:  # under autocast F.linear casts x and the bias; else they have w_eff's dtype
+                if bias is not None and bias.dtype != w_eff.dtype and not torch.is_autocast_enabled(x.device.type):
+                    bias = bias.to(w_eff.dtype)
+                return F.linear(x, w_eff, bias)
         return masked_linear(x, weight, self._parameters["scores"], bias, threshold=self.threshold)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, threshold={self.threshold}"
+
+
+class _ForwardMasks(PerForward):
+    """The masked weights of every masked linear of the active mask task, made by one
+    :func:`pet_fast.masked_weights` call per forward of the model (one autograd node, and one launch on a
+    GPU, in place of one op call per linear: 72 in BERT-base), at the first masked linear that asks; each
+    linear then runs a plain ``F.linear``, whose weight gradient G = dy^T x reaches the scores through
+    masked_weights' straight-through backward (G * W), as masked_linear's would.
+
+    Open during a forward of the model (_per_forward.py), with grad enabled. Linears outside the batch run
+    masked_linear per call, with the same values and gradients: GPT-2's Conv1D (its weight is stored
+    transposed), a weight of another dtype than the call's products (cast per call), a non-contiguous
+    weight, a linear called twice in one forward (its masked weight is taken once), and every call without
+    grad (inference keeps the per-call path's memory: one masked weight at a time). The batch's backend is
+    the one masked_linear takes for the first linear's call."""
+
+    def __init__(self, checkpoint_modules):
+        super().__init__(checkpoint_modules)
+        self.sites: dict = {}  # task name -> [(host linear, MaskScores)], in attach order
+
+    def weight(self, name: str, module: "MaskScores", host: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``module``'s masked weight for this forward, or None (then the linear runs masked_linear)."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        local = self._local
+        if not getattr(local, "open", False):
+            return None
+        dtype = compute_dtype(x)
+        key = (name, dtype, module.threshold)
+        batch = local.cache.get(key)
+        if batch is None:
+            batch = local.cache[key] = self._batch(name, dtype, module, host, x)
+        return batch.pop(id(module), None)
+
+    def _batch(self, name, dtype, module, host, x) -> dict:
+        # forget the linears of removed tasks (remove() detaches them from their hosts)
+        self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, m) for h, m in pairs if _holds(h, n, m)])}
+        attached = self.sites.get(name, ())
+        pairs = [(h, m) for h, m in attached if m.threshold == module.threshold and _batchable(h, m, dtype)]
+        if not any(m is module for _, m in pairs):
+            return {}
+        weight, bias = _params_for(x.dtype, host._parameters["weight"], host._parameters.get("bias"))
+        chosen = backend_for(x, weight, module._parameters["scores"], bias, threshold=module.threshold)
+        outs = masked_weights([h._parameters["weight"] for h, _ in pairs], [m._parameters["scores"] for _, m in pairs],
+                              threshold=module.threshold, dtype=dtype, backend="eager" if chosen == "eager" else None)
+        return {id(m): w for (_, m), w in zip(pairs, outs)}
+
+
+def _holds(host: nn.Module, name: str, module: nn.Module) -> bool:
+    holder = host._modules.get(TASK_ATTR)
+    return holder is not None and holder._modules.get(name) is module
+
+
+def _batchable(host: nn.Module, module: "MaskScores", dtype: torch.dtype) -> bool:
+    if type(host).__name__ == "Conv1D":
+        return False
+    w, s = host._parameters.get("weight"), module._parameters["scores"]
+    return (w is not None and w.dim() == 2 and w.is_contiguous() and s.is_contiguous() and w.device == s.device
+            and (w.dtype == dtype or (w.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16))))
+
+
+def _forward_masks(model: nn.Module) -> _ForwardMasks:
+    """The model's :class:`_ForwardMasks`, made (and its hooks installed) on the first mask task."""
+    state = model.__dict__.get("_pet_fast_mask_forward")
+    if state is None:
+        base = getattr(model, "base_model", model)
+        state = _ForwardMasks(checkpoint_modules(base))
+        state.install(base)
+        model.__dict__["_pet_fast_mask_forward"] = state
+    return state
 
 
 @register_method
@@ -194,11 +278,15 @@ class MaskConfig(MethodConfig):
         targets = self.targets(model)
         for _, host in targets:
             _sites.check_installable(host, "linear")
+        forward = _forward_masks(model)
+        forward.sites[name] = []
         for _, host in targets:
             _sites.install(host, "linear", registry)
             out_f, in_f = MaskScores.weight_of(host).shape
-            task_holder(host)[name] = MaskScores(out_f, in_f, threshold=self.threshold, init_score=self.init_score,
-                                                 device=host.weight.device)
+            scores = MaskScores(out_f, in_f, threshold=self.threshold, init_score=self.init_score, device=host.weight.device)
+            scores.__dict__["_forward"] = forward  # a plain attribute: not a submodule, not in the state dict
+            task_holder(host)[name] = scores
+            forward.sites[name].append((host, scores))
 
 
 def _merged_module(host: nn.Module, scores: MaskScores) -> nn.Module:

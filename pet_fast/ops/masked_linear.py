@@ -149,6 +149,12 @@ def masked_linear(
     1 bit per weight; inference, ``threshold`` is then unused). See the module docstring for the contract
     and the gradients.
     """
+    threshold, impl = _plan(x, weight, scores, bias, threshold, packed_mask, backend)
+    return impl.run(x, weight, scores, bias, threshold=threshold, packed_mask=packed_mask)
+
+
+def _plan(x, weight, scores, bias, threshold, packed_mask, backend) -> tuple:
+    """(checked threshold, implementation) of a call, from dispatch's call plans."""
     def resolve():
         return check_inputs(x, weight, scores, bias, threshold, packed_mask), describe(x, weight, scores, bias, packed_mask)
 
@@ -156,8 +162,13 @@ def masked_linear(
     sig = _checks.signature(x, weight, scores, bias, threshold, packed_mask)
     if sig is not None:
         sig += (compute_dtype(x),)
-    threshold, impl = dispatch.plan(OP, sig, backend, resolve)
-    return impl.run(x, weight, scores, bias, threshold=threshold, packed_mask=packed_mask)
+    return dispatch.plan(OP, sig, backend, resolve)
+
+
+def backend_for(x, weight, scores=None, bias=None, *, threshold: float = 0.0, packed_mask=None,
+                backend: Optional[str] = None) -> str:
+    """The backend that :func:`masked_linear` runs this call on (checking the call as it would)."""
+    return _plan(x, weight, scores, bias, threshold, packed_mask, backend)[1].backend
 
 
 # ---------------------------------------------------------------------------------------------------

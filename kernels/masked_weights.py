@@ -1,0 +1,96 @@
+"""Triton kernel of ``masked_weights``: ``W_i * 1[S_i > threshold]`` for a whole list of weights in one launch.
+
+Mask-tuning masks every linear of a model (72 in BERT-base). One launch per weight costs its host time 72
+times per step; this kernel writes all the masked weights in one launch, into one flat output buffer (each
+weight at an offset padded to 16 elements), from a table of the weights' and scores' addresses.
+
+Grid: one program per tile of ``BLOCK`` elements of one weight, over all the weights' tiles; tables, made
+once per list of (address, size) and kept on the device: the tile's weight index, the tile's first element,
+each weight's size, its output offset, and the weights' and scores' addresses (int64, cast to pointers of
+the weights' and the scores' dtypes, which are the same for the whole list). Reads the weight and the
+scores once, writes the masked weight once in the output dtype: 10 bytes per weight for fp32 weights and
+scores and a bf16 output. The comparison is taken in fp32 against the threshold rounded to the scores'
+dtype, as PyTorch's ``scores > threshold`` (kernels/masked_linear.py: threshold_for).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._host import cdiv
+from .masked_linear import threshold_for
+
+BLOCK = 1024
+ALIGN = 16  # output offsets are multiples of this many elements (the kernel assumes it)
+
+
+@triton.jit
+def _grouped_kernel(W_PTRS, S_PTRS, OUT, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, threshold, W_CARRIER,
+                    S_CARRIER, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(TILE_TENSOR + pid)
+    start = tl.multiple_of(tl.load(TILE_START + pid), BLOCK)  # tiles start at multiples of BLOCK
+    size = tl.load(SIZES + t)
+    w_ptr = tl.load(W_PTRS + t).to(W_CARRIER.dtype)  # int64 address -> pointer to the weights' dtype
+    s_ptr = tl.load(S_PTRS + t).to(S_CARRIER.dtype)
+    o = tl.multiple_of(tl.load(OUT_OFFSETS + t), 16)  # ALIGN
+    if ALIGNED:  # every address 16-byte aligned and every size a multiple of 16 (checked by the launcher):
+        # the compiler may then use vector loads and stores, which it cannot prove for loaded addresses
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
+        size = tl.multiple_of(size, 16)
+    out = OUT + o
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < size
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + offs, tl.where(s > threshold, w, 0.0).to(OUT.dtype.element_ty), mask=ok)
+
+
+_TABLES: dict = {}  # (device, ((weight address, scores address, numel), ...)) -> device tables
+_TABLES_MAX = 64
+
+
+def _tables(weights, scores, device):
+    """(w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total) for the list, cached by
+    addresses and sizes (parameters keep both from step to step)."""
+    key = (device, tuple((w.data_ptr(), s.data_ptr(), w.numel()) for w, s in zip(weights, scores)))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    sizes = [w.numel() for w in weights]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += cdiv(n, ALIGN) * ALIGN
+    tile_tensor, tile_start = [], []
+    for i, n in enumerate(sizes):
+        tiles = cdiv(n, BLOCK)
+        tile_tensor += [i] * tiles
+        tile_start += [j * BLOCK for j in range(tiles)]
+    as_dev = lambda values, dtype: torch.tensor(values, dtype=dtype).to(device)
+    hit = (as_dev([w.data_ptr() for w in weights], torch.int64), as_dev([s.data_ptr() for s in scores], torch.int64),
+           as_dev(tile_tensor, torch.int32), as_dev(tile_start, torch.int64), as_dev(sizes, torch.int64),
+           as_dev(offsets, torch.int64), offsets, total)
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.clear()
+    _TABLES[key] = hit
+    return hit
+
+
+def grouped_masked_weights(weights, scores, threshold: float, dtype: torch.dtype) -> list:
+    """``[(w * (s > threshold)).to(dtype) for w, s in zip(weights, scores)]`` in one launch. The weights
+    share one dtype, the scores another; all are contiguous and on one device. The outputs are views of one
+    buffer (they do not alias each other)."""
+    device = weights[0].device
+    w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total = _tables(weights, scores, device)
+    flat = torch.empty(total, dtype=dtype, device=device)
+    tiles = tile_tensor.numel()
+    if tiles:
+        aligned = all(w.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0 and w.numel() % 16 == 0
+                      for w, s in zip(weights, scores))
+        _grouped_kernel[(tiles,)](w_ptrs, s_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets,
+                                  threshold_for(scores[0].dtype, threshold), weights[0], scores[0], BLOCK=BLOCK,
+                                  ALIGNED=aligned)
+    return [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)]
