@@ -1,0 +1,158 @@
+"""Host time of whole training steps on the CPU, every Triton launch replaced by a stub that costs nothing:
+what pet_fast's own Python costs per step on the paths a GPU takes (the ``/triton`` rows), beside the
+floor, full fine-tuning and the eager rows.
+
+A BERT-base step at batch 32 x 128 is bound by the host on an H100: each adapter or masked linear adds its
+host time to the step, 24 and 72 times. This script reproduces that regime on a machine without a GPU:
+a BERT as deep as BERT-base (12 layers) but narrow (hidden 64, batch 2 x 16), so that every row is bound by
+the host too, with the step benchmark's methods (pet_fast/bench.py). Under ``TRITON_INTERPRET=1`` the
+triton backends accept CPU tensors; the stubs make their launches free, so a triton row measures the
+Python around the kernels (argument checks, dispatch, autograd glue, allocations, launch set-up).
+
+    python benchmarks/profile_host_step.py --json out.json
+    python benchmarks/profile_host_step.py --rows floor 'houlsby/*' --steps 50
+
+What it is not: the stubbed kernels leave their outputs uninitialised, so nothing computed is checked or
+meaningful; the rows time forward + backward + zero_grad, without AdamW's step (on the CPU its foreach
+kernels fall back to per-tensor loops, which a GPU does not do); and a GPU adds, per stubbed launch, the
+Triton launcher's own host time (reported as ``stubbed_launches`` per step). CPU numbers only: a GPU
+session measures the real steps with bench_step.py and profile_step.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib
+import os
+import pkgutil
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit reads it: the kernels take CPU tensors
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from pet_fast import bench  # noqa: E402
+
+ROWS = ["full", "floor", "houlsby/eager", "houlsby/triton", "pfeiffer/eager", "pfeiffer/triton", "mask/eager",
+        "mask/triton", "fusion3/eager", "fusion3/triton", "prefix20/eager", "prefix20/triton"]
+# BERT-base's depth and heads' layout, at a width where the host bounds every op
+SPEC = ("bert", 2, 16, False, "tiny")
+DIMS = dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=128, vocab_size=1000)
+
+
+class _Stub:
+    """Stands for a Triton kernel (jit function or autotuner): ``kernel[grid](...)`` evaluates the grid,
+    counts the launch and returns."""
+
+    launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _Stub.launches += 1
+            if callable(grid):  # the launcher's grid function still runs, with block sizes a config would give
+                grid({**kwargs, **{k: 64 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "BLOCK_P", "BLOCK")}})
+        return launch
+
+
+def stub_kernels() -> int:
+    """Replace every Triton kernel in pet_fast.kernels by a stub; returns how many."""
+    import pet_fast.kernels as package
+
+    n = 0
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, value in list(vars(module).items()):
+            if type(value).__name__ in ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics"):
+                setattr(module, name, _Stub())
+                n += 1
+    return n
+
+
+def build_model(spec, device):
+    import transformers as tf
+
+    cfg = tf.BertConfig(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **DIMS)
+    cfg._attn_implementation = "sdpa"
+    return tf.BertForSequenceClassification(cfg).to(device).train()
+
+
+def make_step(row: bench.Row):
+    """One training step of ``row`` without the optimizer's update (see the module docstring)."""
+    import pet_fast
+
+    torch.manual_seed(0)
+    model = build_model(SPEC, "cpu")
+    ids, mask, labels = bench.make_batch(SPEC, model.config.vocab_size, "cpu")
+    model, kw, params = bench.prepare(row, model)
+    embed = model.get_input_embeddings()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        with (pet_fast.use_backend(row.backend) if row.backend else contextlib.nullcontext()):
+            if row.kind == "floor":
+                with torch.no_grad():
+                    emb = embed(ids)
+                out = model(inputs_embeds=emb.requires_grad_(), attention_mask=mask, labels=labels)
+            else:
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+        out.loss.backward()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_row(row: bench.Row, steps: int) -> dict:
+    step = make_step(row)
+    for _ in range(3):
+        step()
+    _Stub.launches = 0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"row": row.row, "ms": round(statistics.median(times) * 1e3, 3),
+            "stubbed_launches": round(_Stub.launches / steps, 1)}
+
+
+def main():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", default=ROWS, help="row names or glob patterns (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per row (the median is reported)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="passes over all rows; each row reports its fastest pass (other work only adds time)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # garbage from stubbed kernels must not hit slow denormal arithmetic
+    print(f"stubbed {stub_kernels()} Triton kernels", flush=True)
+    extra = [r for r in args.rows if r not in ROWS and not any(c in r for c in "*?[")]  # e.g. side/eager
+    names = [r for r in ROWS + extra if any(fnmatch.fnmatch(r, pat) for pat in args.rows)]
+    rows = {}
+    for _ in range(args.repeats):
+        for name in names:
+            kind, _, backend = name.partition("/")
+            rec = time_row(bench.Row("bert-deep-narrow", name, kind, backend or None), args.steps)
+            if name not in rows or rec["ms"] < rows[name]["ms"]:
+                rows[name] = rec
+            print(f"{name}: {rec['ms']} ms, {rec['stubbed_launches']} stubbed launches", flush=True)
+    floor = rows.get("floor", {}).get("ms")
+    full = rows.get("full", {}).get("ms")
+    out = []
+    for name in names:
+        rec = dict(rows[name])
+        rec["vs_floor"] = round(rec["ms"] / floor, 3) if floor else None
+        rec["vs_full"] = round(rec["ms"] / full, 3) if full else None
+        out.append(rec)
+    print()
+    common.print_table(out, ["row", "ms", "vs_floor", "vs_full", "stubbed_launches"])
+    common.write(args.json, out, model=dict(DIMS, batch=SPEC[1], seq=SPEC[2]), threads=1,
+                 what="host time per step, Triton launches stubbed, no optimizer update (CPU)")
+
+
+if __name__ == "__main__":
+    main()
