@@ -175,6 +175,21 @@ def test_profile_step_quick(tmp_path):
     assert rows[1]["host_ops_per_step"] > rows[0]["host_ops_per_step"]
 
 
+def test_profile_host_step_stubs_the_kernels_and_counts_their_launches(tmp_path):
+    """benchmarks/profile_host_step.py times steps with every Triton launch stubbed: a triton row counts its
+    stubbed launches (one grouped masked-weights launch per mask-tuning step), eager rows launch none."""
+    path = tmp_path / "host_step.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_host_step.py"), "--rows", "floor",
+                    "mask/triton", "houlsby/triton", "--steps", "1", "--repeats", "1", "--json", str(path)],
+                   check=True, capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    rows = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"floor", "houlsby/triton", "mask/triton"}
+    assert rows["floor"]["stubbed_launches"] == 0 and rows["floor"]["vs_floor"] == 1.0
+    assert rows["mask/triton"]["stubbed_launches"] == 1.0
+    assert rows["houlsby/triton"]["stubbed_launches"] == 96.0  # 24 adapters: 1 forward + 3 backward launches
+    assert all(r["ms"] > 0 for r in rows.values())
+
+
 def test_step_benchmark_reports_each_row_as_it_goes():
     seen = []
     doc = bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["floor", "full"], warmup=1, steps=1,
