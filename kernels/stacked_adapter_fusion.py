@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, sm_count
 
 from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
                                  prune_row_configs, row_configs, sum_splits)
@@ -379,7 +379,7 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
     if interpreting() or getattr(device, "type", "cpu") != "cuda":
         splits = min(tiles, 3)
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = sm_count(device)
         splits = max(1, min(tiles, cdiv(2 * sms, d_blocks * k)))
     rows_per_split = cdiv(cdiv(n, splits), bn) * bn
     return d_blocks, cdiv(n, rows_per_split), rows_per_split

@@ -14,3 +14,23 @@ def test_cdiv_matches_triton():
 def test_next_power_of_2_matches_triton():
     for n in list(range(0, 2100)) + [2**31 - 1, 2**31, 2**31 + 1]:
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+def test_sm_count_queries_each_device_once(monkeypatch):
+    import torch
+
+    from pet_fast.kernels import _host
+
+    calls = []
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: calls.append(i) or Props())
+    _host._sm_count.cache_clear()
+    try:
+        assert [_host.sm_count(torch.device("cuda", 0)) for _ in range(3)] == [132] * 3
+        assert _host.sm_count(torch.device("cuda", 1)) == 132
+        assert calls == [0, 1]
+    finally:
+        _host._sm_count.cache_clear()
