@@ -4,6 +4,11 @@ Training shapes (N tokens, in, out): forward, and forward + backward with the st
 estimator (gradients to x and to the float32 scores; the weight frozen) against the full-fine-tuning
 linear (forward, dx and dW). Serving shapes: forward from bit-packed masks (no scores) against
 ``F.linear`` on the unmasked weight, plus the multitask form (a batch mixing 4 tasks) on eager and cuda.
+Mask-tuning's masked weights per step (``masked_weights``: BERT-base's 72 linears, float32 weights and
+scores, written in the GEMMs' dtype): eager, the grouped Triton kernel, the per-weight Triton pass (one
+launch per linear), against autocast's cast of the 72 float32 weights (what full fine-tuning's step does
+instead) and the byte floor (10 bytes per weight at bf16); forward, and forward + backward (the scores'
+straight-through gradients from the 72 weight gradients).
 
     python benchmarks/bench_masked_linear.py --json benchmarks/results/masked_linear.json
     python benchmarks/bench_masked_linear.py --quick        # CPU smoke run: tiny shapes, eager + plain
@@ -183,6 +188,62 @@ def bench_serving(shapes, device, dtype, backends, rep):
     return rows
 
 
+# BERT-base's linears, (out, in): per layer query, key, value, attention output, intermediate, output
+BERT_BASE_LINEARS = ([(768, 768)] * 4 + [(3072, 768), (768, 3072)]) * 12
+QUICK_LINEARS = [(48, 32), (32, 48), (96, 32)] * 2
+
+
+def bench_masked_weights(shapes, device, dtype, rep, rate):
+    """masked_weights over a model's linears against autocast's weight casts and the byte floor."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(s, generator=g).to(device) for s in shapes]
+    ss = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+    n = sum(w.numel() for w in ws)
+    e = torch.finfo(dtype).bits // 8
+    # read weight and scores, write the masked weight; backward: read G and the weight, write d_scores
+    floor_fwd = n * (4 + 4 + e) / rate if rate else None
+    floor_fb = floor_fwd + n * (e + 4 + 4) / rate if rate else None
+    vs = lambda t, f: round(t / f, 3) if f else None  # noqa: E731
+    base = {"case": "masked_weights", "n": len(shapes), "in": n, "out": None}
+    rows = [{**base, "backend": "autocast weight casts (full FT)", "fwd_us": _time(lambda: [w.to(dtype) for w in ws], rep),
+             "byte_floor_us": floor_fwd and round(floor_fwd, 2)}]
+    grads = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+    runs = {"eager": dict(backend="eager"), "triton": dict(backend="triton")}
+    for name, kw in runs.items():
+        why = _available_weights(ws, ss, dtype, kw["backend"])
+        if why:
+            rows.append({**base, "backend": name, "skipped": why})
+            continue
+        fwd = lambda: pet_fast.masked_weights(ws, [s.detach() for s in ss], dtype=dtype, **kw)  # noqa: E731
+        fb = lambda: torch.autograd.grad(pet_fast.masked_weights(ws, ss, dtype=dtype, **kw), ss, grads)  # noqa: E731
+        t_f, t_fb = _time(fwd, rep), _time(fb, rep)
+        rows.append({**base, "backend": name, "fwd_us": t_f, "fwd_bwd_us": t_fb, "byte_floor_us": floor_fwd and round(floor_fwd, 2),
+                     "fwd_vs_floor": vs(t_f, floor_fwd), "fwd_bwd_vs_floor": vs(t_fb, floor_fb)})
+    if device == "cuda":  # the per-linear path's pass: one launch per weight
+        k = importlib.import_module("pet_fast.kernels.masked_linear")
+        t = _time(lambda: [k.masked_weight(w, s.detach(), 0.0, dtype) for w, s in zip(ws, ss)], rep)
+        rows.append({**base, "backend": "triton, one launch per weight", "fwd_us": t, "fwd_vs_floor": vs(t, floor_fwd)})
+    return rows
+
+
+def _available_weights(ws, ss, dtype, backend):
+    from pet_fast.ops import masked_weights as mw
+
+    info = mw.describe(ws, ss, dtype)
+    if backend != "eager" and info["device"].type != "cuda":
+        return "kernels are benchmarked on CUDA only"
+    return "; ".join(dispatch._REGISTRY[mw.OP].impls[backend].reasons(info))
+
+
+def _copy_rate(device) -> float:
+    """Bytes per microsecond of a large device copy (read + write), for the byte floors."""
+    if device != "cuda":
+        return None  # no floor on the CPU (its rows are a smoke run)
+    a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() / common.bench_us(lambda: b.copy_(a), rep=20)
+
+
 def dispatch_table(rows):
     """Auto's orders, backends from fastest to slowest, one row per measured N: packed-mask calls by the
     serving forward times, calls with scores (training) by the forward + backward times (summed over the
@@ -215,8 +276,11 @@ def main(argv=None):
     common.keep_partial(args.json)
     rows = bench_training(TRAIN_SHAPES if not args.quick else QUICK_TRAIN, device, dtype, backends, rep)
     rows += bench_serving(SERVE_SHAPES if not args.quick else QUICK_SERVE, device, dtype, backends, rep)
+    common.checkpoint(rows)
+    rows += bench_masked_weights(QUICK_LINEARS if args.quick else BERT_BASE_LINEARS, device, dtype, rep,
+                                 _copy_rate(device))
     common.print_table(rows, ["case", "n", "in", "out", "backend", "fwd_us", "fwd_vs_limit", "fwd_bwd_us",
-                              "fwd_bwd_vs_limit", "fwd_vs_eager", "skipped"])
+                              "fwd_bwd_vs_limit", "fwd_vs_eager", "fwd_vs_floor", "skipped"])
     common.write(args.json, rows, op="masked_linear",
                  note="limit: plain F.linear (train fwd+bwd: the full-fine-tuning linear, forward + dx + dW); "
                       "serving from packed bits, 1 bit per weight")
