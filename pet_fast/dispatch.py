@@ -18,6 +18,7 @@ always works.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -237,13 +238,24 @@ def triton_reasons(info: Mapping, dtypes=_LOW_PRECISION_AND_FP32) -> list:
     return why
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA device, queried once per device: launchers that ask per call (a step calls
+    them per layer) would otherwise pay the driver query each time."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def cuda_reasons(info: Mapping, dtypes=_LOW_PRECISION_AND_FP32, min_capability=(8, 0)) -> list:
     """Why the C++ extension cannot run a call; loads (or builds) it only for CUDA inputs."""
     why = []
     device = info["device"]
     if device.type != "cuda":
         return [f"inputs are on {device.type}, the cuda backend needs CUDA tensors"]
-    cap = torch.cuda.get_device_capability(device)
+    cap = device_capability(device)
     if tuple(cap) < tuple(min_capability):
         why.append(f"compute capability {cap} is below {min_capability}")
     if info["dtype"] not in dtypes:

@@ -34,3 +34,18 @@ def test_sm_count_queries_each_device_once(monkeypatch):
         assert calls == [0, 1]
     finally:
         _host._sm_count.cache_clear()
+
+
+def test_device_capability_is_queried_once_per_device(monkeypatch):
+    import torch
+
+    from pet_fast import dispatch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: calls.append(i) or (9, 0))
+    dispatch._capability.cache_clear()
+    try:
+        assert [dispatch.device_capability(torch.device("cuda", 0)) for _ in range(3)] == [(9, 0)] * 3
+        assert calls == [0]
+    finally:
+        dispatch._capability.cache_clear()

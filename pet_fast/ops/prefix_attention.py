@@ -452,7 +452,7 @@ def merged_reasons(q, k, prefix_k, key_padding_mask, causal) -> list:
     if q.device.type == "cuda":
         if q.dtype not in _MERGED_CUDA_DTYPES:
             why.append(f"dtype {q.dtype} on CUDA (torch's flash kernel takes fp16/bf16)")
-        elif torch.cuda.get_device_capability(q.device)[0] < 8:
+        elif dispatch.device_capability(q.device)[0] < 8:
             why.append("a GPU older than sm80 (torch's flash kernel needs Ampere or newer)")
     elif q.device.type == "cpu":
         if q.dtype not in _MERGED_CPU_DTYPES:
