@@ -20,7 +20,6 @@ session measures the real steps with bench_step.py and profile_step.py.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import importlib
 import os
@@ -82,30 +81,8 @@ def build_model(spec, device):
 
 
 def make_step(row: bench.Row):
-    """One training step of ``row`` without the optimizer's update (see the module docstring)."""
-    import pet_fast
-
-    torch.manual_seed(0)
-    model = build_model(SPEC, "cpu")
-    ids, mask, labels = bench.make_batch(SPEC, model.config.vocab_size, "cpu")
-    model, kw, params = bench.prepare(row, model)
-    if row.kind == "side-cache":  # as bench.make_step: the batch's examples are named, so their base outputs are kept
-        kw["example_ids"] = torch.arange(ids.shape[0])
-    embed = model.get_input_embeddings()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def step():
-        with (pet_fast.use_backend(row.backend) if row.backend else contextlib.nullcontext()):
-            if row.kind == "floor":
-                with torch.no_grad():
-                    emb = embed(ids)
-                out = model(inputs_embeds=emb.requires_grad_(), attention_mask=mask, labels=labels)
-            else:
-                out = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
-        out.loss.backward()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    """One training step of ``row`` (the step benchmark's) without the optimizer's update (see the module docstring)."""
+    return bench.make_step(row, SPEC, torch.device("cpu"), build=build_model, update=False)[0]
 
 
 def time_row(row: bench.Row, steps: int) -> dict:

@@ -252,13 +252,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_step(row: Row, spec, device):
+def make_step(row: Row, spec, device, *, build=None, update: bool = True):
     """(step, trainable parameters, batch shape (B, T)): one training step of the row (forward under autocast on a GPU,
-    backward, AdamW), on a fresh model and batch; shared by the step benchmark and profile_step.py."""
+    backward, AdamW), on a fresh model and batch; shared by the step benchmark, profile_step.py and
+    profile_host_step.py. ``build(spec, device)``: the model (default :func:`build_model`); ``update=False``:
+    no optimizer step (gradients are still zeroed)."""
     import pet_fast
 
     torch.manual_seed(0)
-    model = build_model(spec, device)
+    model = (build or build_model)(spec, device)
     ids, mask, labels = make_batch(spec, model.config.vocab_size, device)
     model, kw, params = prepare(row, model)
     if row.kind == "side-cache":
@@ -286,7 +288,8 @@ def make_step(row: Row, spec, device):
             else:
                 out = fwd(input_ids=ids, attention_mask=mask, labels=labels, **kw)
         out.loss.backward()
-        opt.step()
+        if update:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, params, ids.shape
