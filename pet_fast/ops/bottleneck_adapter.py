@@ -147,6 +147,8 @@ def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, res
     h = activations.apply(activations.canonical(activation), F.linear(x, w_down, b_down))
     up = F.linear(h, w_up, b_up)
     base = x if residual is None else (residual + x if add_input else residual)
+    if not isinstance(scaling, torch.Tensor) and scaling == 1.0:
+        return base + up  # the same bits as 1.0 * up, without its launch forward and backward
     return base + scaling * up
 
 
