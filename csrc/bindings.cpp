@@ -7,4 +7,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_prefix_attention(m);
   register_masked_linear(m);
   register_bottleneck_adapter(m);
+  register_bottleneck_adapter_autograd(m);
 }

@@ -34,9 +34,11 @@ calls take the same formulas through an autograd.Function, see ops/_autograd.py)
     triton  kernels/bottleneck_adapter.py: one launch forward, three backward; fp32/fp16/bf16 on CUDA
             (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d; reads float32 parameters of
             half-precision x directly (no cast launches) and writes their gradients in float32.
-    cuda    csrc/bottleneck_adapter.cu: forward (two launches) and backward (three) for N <= 64 tokens,
-            r <= 256, fp32/fp16/bf16, compute capability >= 8.0, when pet_fast._C is built; one dtype
-            for x and the residual.
+    cuda    when pet_fast._C is built, fp32/fp16/bf16, compute capability >= 8.0. For N <= 64 tokens,
+            csrc/bottleneck_adapter.cu: forward (two launches) and backward (three), r <= 256, one dtype
+            for x and the residual. Beyond, csrc/bottleneck_adapter_autograd.cpp: the adapter as one C++
+            autograd node of ATen ops (cuBLAS products; the forward one call from Python, the backward run
+            by the engine in C++), for steps bound by the host; eager calls only (not under torch.compile).
 ``auto`` orders them by the measured timings of pet_fast/ops/_timings.py and takes the first that
 accepts the call; CPU tensors always go to eager. The committed table (H100, bf16) puts triton first
 for forward-only calls and eager first with gradients, where the Triton backward measured slower.
@@ -406,9 +408,18 @@ CUDA = _autograd.custom_op("bottleneck_adapter_cuda", _cuda_forward, fake=_forwa
 
 def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False,
              layer_norm=None):
-    """The cuda backend: same call as :func:`reference`. Float32 parameters of half-precision x are
-    cast first (the few-token kernels take one dtype); with ``add_input`` the base x + residual is added
-    before the kernels (one more launch: the kernels take one base)."""
+    """The cuda backend: same call as :func:`reference`. Up to CUDA_MAX_N tokens, the few-token kernels:
+    float32 parameters of half-precision x are cast first (the kernels take one dtype); with ``add_input``
+    the base x + residual is added before the kernels (one more launch: the kernels take one base). Beyond,
+    the C++ autograd node of csrc/bottleneck_adapter_autograd.cpp, which takes every form of the call but
+    the LayerNorm."""
+    d = x.shape[-1]
+    if x.numel() > CUDA_MAX_N * d:
+        s_t, s_v = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
+        y = _extension().bottleneck_adapter_composite(
+            x.reshape(-1, d).contiguous(), w_down, b_down, w_up, b_up, s_t, s_v,
+            None if residual is None else residual.reshape(-1, d), CUDA_ACT_CODES[activation], bool(add_input))
+        return y.reshape(x.shape)
     if add_input:
         residual = residual + x
     w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
@@ -419,14 +430,17 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
 
 def cuda_reasons(info) -> list:
     why = dispatch.cuda_reasons(info)
-    if info["n"] > CUDA_MAX_N:
-        why.append(f"{info['n']} tokens > {CUDA_MAX_N} (the cuda kernels are the few-token path)")
-    if info["r"] > CUDA_MAX_R:
+    if info.get("layer_norm"):
+        why.append("a LayerNorm before the adapter (the cuda backend reads x as it is)")
+    if info["n"] > CUDA_MAX_N:  # the C++ autograd node
+        if torch.compiler.is_compiling():
+            why.append(f"{info['n']} tokens > {CUDA_MAX_N} under torch.compile: beyond the few-token kernels the cuda "
+                       "backend is a C++ autograd node for eager calls (compiled code takes the custom ops)")
+        return why
+    if info["r"] > CUDA_MAX_R:  # the few-token kernels
         why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
     if info.get("float32_residual"):
-        why.append("a float32 residual with half-precision x (the cuda kernels take one dtype)")
-    if info.get("layer_norm"):
-        why.append("a LayerNorm before the adapter (the cuda kernels read x as it is)")
+        why.append("a float32 residual with half-precision x (the few-token kernels take one dtype)")
     return why
 
 
