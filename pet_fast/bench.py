@@ -80,6 +80,9 @@ KEY_COMPILED = ["floor", "houlsby/auto", "pfeiffer/auto", "fusion3/auto", "prefi
 # Methods with fused kernels: on a GPU their "<method>/triton" row times the kernels' path whatever auto
 # chooses (auto follows the committed timing tables, which may predate a kernel's latest version).
 KERNEL_ROWS = ["houlsby", "pfeiffer", "fusion3", "mask", "prefix20"]
+# ... and "<method>/cuda" rows where the cuda backend takes every call of the method's step: Houlsby's
+# adapters (beyond 64 tokens, the adapter's C++ autograd node; Pfeiffer's sites apply a LayerNorm it does not)
+CUDA_ROWS = ["houlsby"]
 
 
 def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False,
@@ -95,11 +98,13 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
             backends = ("eager", "auto") if auto_rows else ("eager",)
             if kernel_rows and meth in KERNEL_ROWS:
                 backends += ("triton",)
+            if kernel_rows and meth in CUDA_ROWS:
+                backends += ("cuda",)
             for be in backends:
                 rows.append(Row(m, f"{meth}/{be}", meth, be))
         rows += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
         comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows
-                if r.kind != "base-forward" and r.backend != "triton"]
+                if r.kind != "base-forward" and r.backend not in ("triton", "cuda")]
         comp.sort(key=lambda r: KEY_COMPILED.index(r.row[:-len("+compile")]) if r.row[:-len("+compile")] in KEY_COMPILED
                   else len(KEY_COMPILED))
         first = [r for r in comp if r.row[:-len("+compile")] in KEY_COMPILED]
