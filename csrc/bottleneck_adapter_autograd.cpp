@@ -8,11 +8,12 @@
 // from C++. The GPU work is that of eager PyTorch (4 ops forward, about 10 backward), which at these
 // sizes takes less time than the host needs to issue it from Python.
 //
-// Contract (pet_fast/ops/bottleneck_adapter.py, without layer_norm): x (n, d) contiguous, w_down (r, d),
+// Contract (pet_fast/ops/bottleneck_adapter.py): x (n, d) contiguous, w_down (r, d),
 // w_up (d, r), biases (r,) / (d,) or undefined, parameters in x's dtype or float32 with half x (used in
 // x's dtype, gradients returned in theirs), scaling a tensor of shape () or (d,) or a number, residual
 // undefined or (n, d) in x's dtype or float32 (then the sum is float32), add_input: the base is
-// residual + x. out = base + scaling * (act(x w_down^T + b_down) w_up^T + b_up).
+// residual + x; with a LayerNorm (frozen weight and bias) the adapter reads LayerNorm(x) in the products'
+// dtype and the base is x. out = base + scaling * (act(z w_down^T + b_down) w_up^T + b_up), z = x or LN(x).
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "bindings.h"
@@ -62,14 +63,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
 
 struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
   // Inputs: x, w_down, b_down, w_up, b_up, scaling (a tensor, or none: then scaling_value), residual, then
-  // scaling_value, activation, add_input. Absent optionals are not autograd inputs.
+  // scaling_value, activation, add_input, and the LayerNorm's: use_ln, its weight and bias (frozen: no
+  // gradient), eps, and a tensor of the products' dtype (none: x's). Absent optionals are not autograd inputs.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_down,
                             const c10::optional<at::Tensor>& b_down_opt, const at::Tensor& w_up,
                             const c10::optional<at::Tensor>& b_up_opt, const c10::optional<at::Tensor>& scaling_opt,
                             const c10::optional<at::Tensor>& residual_opt, double scaling_value, int64_t act,
-                            bool add_input) {
+                            bool add_input, bool use_ln, const c10::optional<at::Tensor>& ln_weight_opt,
+                            const c10::optional<at::Tensor>& ln_bias_opt, double ln_eps,
+                            const c10::optional<at::Tensor>& compute_like) {
     const at::Tensor b_down = undefined_if_none(b_down_opt), b_up = undefined_if_none(b_up_opt),
-                     scaling = undefined_if_none(scaling_opt), residual = undefined_if_none(residual_opt);
+                     scaling = undefined_if_none(scaling_opt), residual = undefined_if_none(residual_opt),
+                     ln_weight = undefined_if_none(ln_weight_opt), ln_bias = undefined_if_none(ln_bias_opt);
     // which gradients the backward computes (the edges of absent optionals do not exist, so the
     // context's needs_input_grad would be indexed among the present tensors only)
     const auto needs = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
@@ -77,10 +82,18 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
                                                     needs(scaling)};
     // the op's dtypes are explicit (the module resolved autocast): no autocast inside
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const auto dt = x.scalar_type();
+    // the products' dtype: x's, or with the LayerNorm the one given (autocast's, for the float32 stream)
+    const auto dt = (use_ln && compute_like.has_value()) ? compute_like->scalar_type() : x.scalar_type();
+    at::Tensor z = x, mean, rstd;  // z: what the adapter reads, x or LayerNorm(x) in the products' dtype
+    if (use_ln) {
+      const auto ln = at::native_layer_norm(x, {x.size(1)}, ln_weight, ln_bias, ln_eps);
+      z = in_dtype(std::get<0>(ln), dt);
+      mean = std::get<1>(ln);
+      rstd = std::get<2>(ln);
+    }
     const at::Tensor wd = in_dtype(w_down, dt), bd = in_dtype(b_down, dt), wu = in_dtype(w_up, dt),
                      bu = in_dtype(b_up, dt), s = in_dtype(scaling, dt);
-    const at::Tensor a = linear(x, wd, bd);
+    const at::Tensor a = linear(z, wd, bd);
     const at::Tensor h = act_forward(a, act);
     at::Tensor up = linear(h, wu, bu);
     const at::Tensor base = !residual.defined() ? x : (add_input ? residual + x : residual);
@@ -90,7 +103,8 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
     } else {
       out = at::add(base, up, scaling_value);  // base + scaling_value * up in one kernel
     }
-    ctx->save_for_backward({x, wd, wu, bu, s, a, h});
+    ctx->save_for_backward({x, wd, wu, bu, s, a, h, z, mean, rstd, ln_weight, ln_bias});
+    ctx->saved_data["use_ln"] = use_ln;
     ctx->saved_data["scaling_value"] = scaling_value;
     ctx->saved_data["act"] = act;
     ctx->saved_data["dy_to_x"] = !residual.defined() || add_input;
@@ -103,7 +117,9 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &wd = saved[1], &wu = saved[2], &bu = saved[3], &s = saved[4], &a = saved[5],
-                     &h = saved[6];
+                     &h = saved[6], &z = saved[7], &mean = saved[8], &rstd = saved[9], &ln_weight = saved[10],
+                     &ln_bias = saved[11];
+    const bool use_ln = ctx->saved_data["use_ln"].toBool();
     const double scaling_value = ctx->saved_data["scaling_value"].toDouble();
     const int64_t act = ctx->saved_data["act"].toInt();
     const bool dy_to_x = ctx->saved_data["dy_to_x"].toBool();
@@ -112,7 +128,7 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
     const auto param_dt = static_cast<at::ScalarType>(dtypes[0]);
     const auto scaling_dt = static_cast<at::ScalarType>(dtypes[1]);
     const at::Tensor& g = grads[0];
-    const auto dt = x.scalar_type();
+    const auto dt = z.scalar_type();  // the products'
     const at::Tensor gx = in_dtype(g, dt);  // the gradient of the adapter's branch, in its dtype
     const auto needs = ctx->saved_data["needs"].toIntVector();  // x, w_down, b_down, w_up, b_up, scaling
     const bool need_x = needs[0], need_wd = needs[1], need_bd = needs[2], need_wu = needs[3], need_bu = needs[4],
@@ -143,17 +159,24 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
     if (need_bu) d_bu = g_up.sum(0);
     if (need_x || need_wd || need_bd) {
       const at::Tensor da = act_backward(at::mm(g_up, wu), a, h, act);  // (n, r)
-      if (need_wd) d_wd = at::mm(da.t(), x);
+      if (need_wd) d_wd = at::mm(da.t(), z);
       if (need_bd) d_bd = da.sum(0);
       if (need_x) {
-        dx = at::mm(da, wd);
-        if (dy_to_x) dx.add_(gx);
+        dx = at::mm(da, wd);  // the gradient of z
+        if (use_ln) {  // back through the cast and the LayerNorm (its weight and bias are frozen); the base is x
+          dx = std::get<0>(at::native_layer_norm_backward(in_dtype(dx, x.scalar_type()), x, {x.size(1)}, mean, rstd,
+                                                          ln_weight, ln_bias, {true, false, false}));
+          dx.add_(in_dtype(g, x.scalar_type()));
+        } else if (dy_to_x) {
+          dx.add_(gx);
+        }
       }
     }
     auto as_param = [&](const at::Tensor& t) { return in_dtype(t, param_dt); };
-    // gradients of: x, w_down, b_down, w_up, b_up, scaling, residual, scaling_value, act, add_input
-    return {dx, as_param(d_wd), as_param(d_bd), as_param(d_wu), as_param(d_bu), d_s,
-            has_residual ? g : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // gradients of: x, w_down, b_down, w_up, b_up, scaling, residual, scaling_value, act, add_input, and the
+    // LayerNorm's arguments (none)
+    return {dx, as_param(d_wd), as_param(d_bd), as_param(d_wu), as_param(d_bu), d_s, has_residual ? g : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -163,10 +186,16 @@ at::Tensor bottleneck_adapter_composite(const at::Tensor& x, const at::Tensor& w
                                         const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                         const c10::optional<at::Tensor>& b_up, const c10::optional<at::Tensor>& scaling,
                                         double scaling_value, const c10::optional<at::Tensor>& residual,
-                                        int64_t activation, bool add_input) {
+                                        int64_t activation, bool add_input, bool use_ln,
+                                        const c10::optional<at::Tensor>& ln_weight,
+                                        const c10::optional<at::Tensor>& ln_bias, double ln_eps,
+                                        const c10::optional<at::Tensor>& compute_like) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "bottleneck_adapter (cuda): x must be a contiguous 2-D tensor");
   TORCH_CHECK(!add_input || residual.has_value(), "bottleneck_adapter (cuda): add_input needs a residual");
-  return AdapterFunction::apply(x, w_down, b_down, w_up, b_up, scaling, residual, scaling_value, activation, add_input);
+  TORCH_CHECK(!use_ln || (!residual.has_value() && !add_input),
+              "bottleneck_adapter (cuda): with a LayerNorm the base is x (no residual, no add_input)");
+  return AdapterFunction::apply(x, w_down, b_down, w_up, b_up, scaling, residual, scaling_value, activation, add_input,
+                                use_ln, ln_weight, ln_bias, ln_eps, compute_like);
 }
 
 void register_bottleneck_adapter_autograd(pybind11::module_& m) {
@@ -174,5 +203,7 @@ void register_bottleneck_adapter_autograd(pybind11::module_& m) {
         "bottleneck adapter as one C++ autograd node of ATen ops (see csrc/bottleneck_adapter_autograd.cpp)",
         pybind11::arg("x"), pybind11::arg("w_down"), pybind11::arg("b_down"), pybind11::arg("w_up"),
         pybind11::arg("b_up"), pybind11::arg("scaling"), pybind11::arg("scaling_value"), pybind11::arg("residual"),
-        pybind11::arg("activation"), pybind11::arg("add_input"));
+        pybind11::arg("activation"), pybind11::arg("add_input"), pybind11::arg("use_ln") = false,
+        pybind11::arg("ln_weight") = pybind11::none(), pybind11::arg("ln_bias") = pybind11::none(),
+        pybind11::arg("ln_eps") = 0.0, pybind11::arg("compute_like") = pybind11::none());
 }

@@ -80,9 +80,9 @@ KEY_COMPILED = ["floor", "houlsby/auto", "pfeiffer/auto", "fusion3/auto", "prefi
 # Methods with fused kernels: on a GPU their "<method>/triton" row times the kernels' path whatever auto
 # chooses (auto follows the committed timing tables, which may predate a kernel's latest version).
 KERNEL_ROWS = ["houlsby", "pfeiffer", "fusion3", "mask", "prefix20"]
-# ... and "<method>/cuda" rows where the cuda backend takes every call of the method's step: Houlsby's
-# adapters (beyond 64 tokens, the adapter's C++ autograd node; Pfeiffer's sites apply a LayerNorm it does not)
-CUDA_ROWS = ["houlsby"]
+# ... and "<method>/cuda" rows where the cuda backend takes every call of the method's step: the adapters
+# (beyond 64 tokens, the adapter's C++ autograd node)
+CUDA_ROWS = ["houlsby", "pfeiffer"]
 
 
 def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False,

@@ -57,6 +57,48 @@ def test_float64_output_and_every_gradient_match_the_reference(ext, act, sc, res
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_form_in_float64(ext, affine):
+    """Pfeiffer's placement: the adapter reads LayerNorm(x) (frozen weight and bias), the base is x."""
+    g = torch.Generator().manual_seed(5)
+    n, d, r = 70, 24, 6
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x, wd, bd, wu, bu, s = mk(n, d), mk(r, d), mk(r), mk(d, r), mk(d), mk(d)
+    lw, lb = (torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)) \
+        if affine else (None, None)
+    y = ext.bottleneck_adapter_composite(x, wd, bd, wu, bu, s, 1.0, None, op.CUDA_ACT_CODES["relu"], False,
+                                         use_ln=True, ln_weight=lw, ln_bias=lb, ln_eps=1e-5)
+    y_ref = op.reference(x, wd, bd, wu, bu, "relu", s, layer_norm=(lw, lb, 1e-5))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    leaves = (x, wd, bd, wu, bu, s)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(y_ref, leaves, gy)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_norm_form_float32_stream_half_products(ext, monkeypatch):
+    """Under autocast: x is the float32 residual stream, LN(x) reaches the products in float16 (the carrier's
+    dtype), the sum stays float32; through run_cuda with the op's layer_norm argument."""
+    monkeypatch.setattr(op, "_extension", lambda: ext)
+    g = torch.Generator().manual_seed(6)
+    n, d, r = 80, 32, 8
+    x = torch.randn(n, d, generator=g).requires_grad_()
+    wd, bd = (torch.randn(r, d, generator=g) * 0.2).requires_grad_(), torch.randn(r, generator=g).requires_grad_()
+    wu, bu = (torch.randn(d, r, generator=g) * 0.2).requires_grad_(), torch.randn(d, generator=g).requires_grad_()
+    ln = (torch.randn(d, generator=g), torch.randn(d, generator=g), 1e-12)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = op.run_cuda(x, wd, bd, wu, bu, activation="gelu", layer_norm=ln)
+        y_ref = op.reference(x, wd, bd, wu, bu, "gelu", layer_norm=ln)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
+    leaves = (x, wd, bd, wu, bu)
+    gy = torch.randn(y.shape, generator=g)
+    got, want = torch.autograd.grad(y, leaves, gy), torch.autograd.grad(y_ref, leaves, gy)
+    assert [t.dtype for t in got] == [torch.float32] * 5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
+
+
 def test_mixed_precision_half_x_float32_parameters_and_residual(ext):
     """The autocast form: float16 x, float32 master weights (used in float16, gradients in float32) and a
     float32 residual stream (the sum taken in float32)."""
@@ -115,8 +157,9 @@ def test_cuda_reasons_beyond_the_few_token_kernels(monkeypatch):
     info = dict(device=torch.device("cuda"), dtype=torch.bfloat16, n=4096, d=768, r=512, layer_norm=False,
                 float32_residual=True)
     assert op.cuda_reasons(info) == []  # any r, a float32 residual: the autograd node takes them
-    assert any("LayerNorm" in w for w in op.cuda_reasons(dict(info, layer_norm=True)))
-    assert any("r=512" in w for w in op.cuda_reasons(dict(info, n=64)))  # the few-token kernels' limit
+    assert op.cuda_reasons(dict(info, layer_norm=True)) == []  # and the LayerNorm
+    assert any("r=512" in w for w in op.cuda_reasons(dict(info, n=64)))  # the few-token kernels' limits
+    assert any("LayerNorm" in w for w in op.cuda_reasons(dict(info, n=64, layer_norm=True)))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert any("torch.compile" in w for w in op.cuda_reasons(info))
 
@@ -147,6 +190,34 @@ def test_gpu_cuda_backend_beyond_64_tokens_matches_float64(dtype):
     eager = run("eager", leaves)
     d64 = [t.detach().double().requires_grad_() for t in leaves]
     truth = run("eager", d64)
+    for a, e, t in zip(got, eager, truth):
+        err, err_eager = (a.double() - t).abs().max().item(), (e.double() - t).abs().max().item()
+        assert err <= 2 * err_eager + 1e-5 * t.abs().max().item(), (err, err_eager)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_layer_norm_form_under_autocast_matches_float64():
+    """Pfeiffer's site on a GPU: the float32 stream x, LN(x) in bf16 for the products (autocast), float32 sum."""
+    import pet_fast
+
+    g = torch.Generator().manual_seed(7)
+    n, d, r = 300, 768, 48
+    x = torch.randn(n, d, generator=g).cuda().requires_grad_()
+    wd = (torch.randn(r, d, generator=g) * d ** -0.5).cuda().requires_grad_()
+    wu = (torch.randn(d, r, generator=g) * r ** -0.5).cuda().requires_grad_()
+    bd, bu = torch.randn(r, generator=g).cuda().requires_grad_(), torch.randn(d, generator=g).cuda().requires_grad_()
+    lw, lb = torch.randn(d, generator=g).cuda(), torch.randn(d, generator=g).cuda()
+    leaves = (x, wd, bd, wu, bu)
+    gy = torch.randn(n, d, generator=g).cuda()
+
+    def run(backend, ts, autocast=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = pet_fast.bottleneck_adapter(ts[0], *ts[1:], activation="relu", layer_norm=(lw.to(ts[0].dtype),
+                                            lb.to(ts[0].dtype), 1e-12), backend=backend)
+        return (y, *torch.autograd.grad(y, ts, gy.to(y.dtype)))
+
+    got, eager = run("cuda", leaves), run("eager", leaves)
+    truth = run("eager", [t.detach().double().requires_grad_() for t in leaves], autocast=False)
     for a, e, t in zip(got, eager, truth):
         err, err_eager = (a.double() - t).abs().max().item(), (e.double() - t).abs().max().item()
         assert err <= 2 * err_eager + 1e-5 * t.abs().max().item(), (err, err_eager)

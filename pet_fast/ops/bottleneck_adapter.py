@@ -38,7 +38,8 @@ calls take the same formulas through an autograd.Function, see ops/_autograd.py)
             csrc/bottleneck_adapter.cu: forward (two launches) and backward (three), r <= 256, one dtype
             for x and the residual. Beyond, csrc/bottleneck_adapter_autograd.cpp: the adapter as one C++
             autograd node of ATen ops (cuBLAS products; the forward one call from Python, the backward run
-            by the engine in C++), for steps bound by the host; eager calls only (not under torch.compile).
+            by the engine in C++), every form of the call (the LayerNorm too), for steps bound by the host;
+            eager calls only (not under torch.compile).
 ``auto`` orders them by the measured timings of pet_fast/ops/_timings.py and takes the first that
 accepts the call; CPU tensors always go to eager. The committed table (H100, bf16) puts triton first
 for forward-only calls and eager first with gradients, where the Triton backward measured slower.
@@ -411,14 +412,17 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     """The cuda backend: same call as :func:`reference`. Up to CUDA_MAX_N tokens, the few-token kernels:
     float32 parameters of half-precision x are cast first (the kernels take one dtype); with ``add_input``
     the base x + residual is added before the kernels (one more launch: the kernels take one base). Beyond,
-    the C++ autograd node of csrc/bottleneck_adapter_autograd.cpp, which takes every form of the call but
-    the LayerNorm."""
+    the C++ autograd node of csrc/bottleneck_adapter_autograd.cpp, which takes every form of the call."""
     d = x.shape[-1]
     if x.numel() > CUDA_MAX_N * d:
         s_t, s_v = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
+        ln = {}
+        if layer_norm is not None:  # the products' dtype travels as an empty tensor of it
+            ln = dict(use_ln=True, ln_weight=layer_norm[0], ln_bias=layer_norm[1], ln_eps=float(layer_norm[2]),
+                      compute_like=_dtype_carrier(x.device, compute_dtype(x)))
         y = _extension().bottleneck_adapter_composite(
             x.reshape(-1, d).contiguous(), w_down, b_down, w_up, b_up, s_t, s_v,
-            None if residual is None else residual.reshape(-1, d), CUDA_ACT_CODES[activation], bool(add_input))
+            None if residual is None else residual.reshape(-1, d), CUDA_ACT_CODES[activation], bool(add_input), **ln)
         return y.reshape(x.shape)
     if add_input:
         residual = residual + x
@@ -428,10 +432,19 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     return y.reshape(x.shape)
 
 
+_CARRIERS: dict = {}
+
+
+def _dtype_carrier(device, dtype) -> torch.Tensor:
+    """An empty tensor of ``dtype`` on ``device``, kept per (device, dtype): it tells C++ a dtype."""
+    t = _CARRIERS.get((device, dtype))
+    if t is None:
+        t = _CARRIERS[(device, dtype)] = torch.empty((0,), device=device, dtype=dtype)
+    return t
+
+
 def cuda_reasons(info) -> list:
     why = dispatch.cuda_reasons(info)
-    if info.get("layer_norm"):
-        why.append("a LayerNorm before the adapter (the cuda backend reads x as it is)")
     if info["n"] > CUDA_MAX_N:  # the C++ autograd node
         if torch.compiler.is_compiling():
             why.append(f"{info['n']} tokens > {CUDA_MAX_N} under torch.compile: beyond the few-token kernels the cuda "
@@ -441,6 +454,8 @@ def cuda_reasons(info) -> list:
         why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
     if info.get("float32_residual"):
         why.append("a float32 residual with half-precision x (the few-token kernels take one dtype)")
+    if info.get("layer_norm"):
+        why.append("a LayerNorm before the adapter (the few-token kernels read x as it is)")
     return why
 
 
