@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
+    from torch.utils.cpp_extension import is_ninja_available, load
+
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
-    from torch.utils.cpp_extension import load
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed (pip install ninja): torch builds C++ extensions with it")
 
     build = tmp_path_factory.mktemp("adapter_autograd_build")
     return load(name="pet_fast_adapter_autograd_cpu", build_directory=str(build), verbose=False,
