@@ -64,14 +64,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
 struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
   // Inputs: x, w_down, b_down, w_up, b_up, scaling (a tensor, or none: then scaling_value), residual, then
   // scaling_value, activation, add_input, and the LayerNorm's: use_ln, its weight and bias (frozen: no
-  // gradient), eps, and a tensor of the products' dtype (none: x's). Absent optionals are not autograd inputs.
+  // gradient), eps, and the products' dtype (none: x's). Absent optionals are not autograd inputs.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_down,
                             const c10::optional<at::Tensor>& b_down_opt, const at::Tensor& w_up,
                             const c10::optional<at::Tensor>& b_up_opt, const c10::optional<at::Tensor>& scaling_opt,
                             const c10::optional<at::Tensor>& residual_opt, double scaling_value, int64_t act,
                             bool add_input, bool use_ln, const c10::optional<at::Tensor>& ln_weight_opt,
                             const c10::optional<at::Tensor>& ln_bias_opt, double ln_eps,
-                            const c10::optional<at::Tensor>& compute_like) {
+                            c10::optional<at::ScalarType> compute) {
     const at::Tensor b_down = undefined_if_none(b_down_opt), b_up = undefined_if_none(b_up_opt),
                      scaling = undefined_if_none(scaling_opt), residual = undefined_if_none(residual_opt),
                      ln_weight = undefined_if_none(ln_weight_opt), ln_bias = undefined_if_none(ln_bias_opt);
@@ -83,7 +83,7 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
     // the op's dtypes are explicit (the module resolved autocast): no autocast inside
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     // the products' dtype: x's, or with the LayerNorm the one given (autocast's, for the float32 stream)
-    const auto dt = (use_ln && compute_like.has_value()) ? compute_like->scalar_type() : x.scalar_type();
+    const auto dt = (use_ln && compute.has_value()) ? *compute : x.scalar_type();
     at::Tensor z = x, mean, rstd;  // z: what the adapter reads, x or LayerNorm(x) in the products' dtype
     if (use_ln) {
       const auto ln = at::native_layer_norm(x, {x.size(1)}, ln_weight, ln_bias, ln_eps);
@@ -189,13 +189,13 @@ at::Tensor bottleneck_adapter_composite(const at::Tensor& x, const at::Tensor& w
                                         int64_t activation, bool add_input, bool use_ln,
                                         const c10::optional<at::Tensor>& ln_weight,
                                         const c10::optional<at::Tensor>& ln_bias, double ln_eps,
-                                        const c10::optional<at::Tensor>& compute_like) {
+                                        c10::optional<at::ScalarType> compute) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "bottleneck_adapter (cuda): x must be a contiguous 2-D tensor");
   TORCH_CHECK(!add_input || residual.has_value(), "bottleneck_adapter (cuda): add_input needs a residual");
   TORCH_CHECK(!use_ln || (!residual.has_value() && !add_input),
               "bottleneck_adapter (cuda): with a LayerNorm the base is x (no residual, no add_input)");
   return AdapterFunction::apply(x, w_down, b_down, w_up, b_up, scaling, residual, scaling_value, activation, add_input,
-                                use_ln, ln_weight, ln_bias, ln_eps, compute_like);
+                                use_ln, ln_weight, ln_bias, ln_eps, compute);
 }
 
 void register_bottleneck_adapter_autograd(pybind11::module_& m) {
@@ -205,5 +205,5 @@ void register_bottleneck_adapter_autograd(pybind11::module_& m) {
         pybind11::arg("b_up"), pybind11::arg("scaling"), pybind11::arg("scaling_value"), pybind11::arg("residual"),
         pybind11::arg("activation"), pybind11::arg("add_input"), pybind11::arg("use_ln") = false,
         pybind11::arg("ln_weight") = pybind11::none(), pybind11::arg("ln_bias") = pybind11::none(),
-        pybind11::arg("ln_eps") = 0.0, pybind11::arg("compute_like") = pybind11::none());
+        pybind11::arg("ln_eps") = 0.0, pybind11::arg("compute") = pybind11::none());
 }

@@ -417,9 +417,9 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     if x.numel() > CUDA_MAX_N * d:
         s_t, s_v = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
         ln = {}
-        if layer_norm is not None:  # the products' dtype travels as an empty tensor of it
+        if layer_norm is not None:
             ln = dict(use_ln=True, ln_weight=layer_norm[0], ln_bias=layer_norm[1], ln_eps=float(layer_norm[2]),
-                      compute_like=_dtype_carrier(x.device, compute_dtype(x)))
+                      compute=compute_dtype(x))
         y = _extension().bottleneck_adapter_composite(
             x.reshape(-1, d).contiguous(), w_down, b_down, w_up, b_up, s_t, s_v,
             None if residual is None else residual.reshape(-1, d), CUDA_ACT_CODES[activation], bool(add_input), **ln)
@@ -430,17 +430,6 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = CUDA(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y.reshape(x.shape)
-
-
-_CARRIERS: dict = {}
-
-
-def _dtype_carrier(device, dtype) -> torch.Tensor:
-    """An empty tensor of ``dtype`` on ``device``, kept per (device, dtype): it tells C++ a dtype."""
-    t = _CARRIERS.get((device, dtype))
-    if t is None:
-        t = _CARRIERS[(device, dtype)] = torch.empty((0,), device=device, dtype=dtype)
-    return t
 
 
 def cuda_reasons(info) -> list:
