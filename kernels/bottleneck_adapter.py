@@ -41,9 +41,7 @@ fp32 inputs use ``input_precision="ieee"`` (no tf32).
 """
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 import os
 
 import torch
@@ -515,49 +513,15 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
     return y
 
 
-def sum_splits(part, outs, ends=None) -> None:
+def sum_splits(part, outs) -> None:
     """Adds the rows of ``part`` (splits, total), fp32 partial sums, in split order and writes consecutive
-    regions of the sum into ``outs`` (at most 5 tensors whose sizes add up to ``total``), each in its dtype.
-    ``ends``: the regions' first four ends (their offsets after each of the first four), when known."""
+    regions of the sum into ``outs`` (at most 5 tensors whose sizes add up to ``total``), each in its dtype."""
     splits, total = part.shape
     o = list(outs) + [part] * (5 - len(outs))  # absent regions: empty, never stored to
-    if ends is None:
-        ends = _ends([t.numel() for t in outs], total)
+    ends = list(itertools.accumulate(t.numel() for t in outs))
+    e = ends[:-1] + [total] * (5 - len(ends))
     block = 1024
-    _sum_splits_kernel[(cdiv(total, block),)](part, *o, total, splits, *ends, BLOCK=block, num_warps=4)
-
-
-def _ends(sizes, total) -> tuple:
-    ends = list(itertools.accumulate(sizes))
-    return tuple(ends[:-1] + [total] * (5 - len(ends)))[:4]
-
-
-@functools.lru_cache(maxsize=4096)
-def _regions(r: int, d: int, need_weights: bool, has_bu: bool, has_bd: bool, need_ds: bool) -> tuple:
-    """The reduction's output regions for one split, in order: (names, shapes, offsets by name, total, ends
-    for sum_splits). Cached: the same few adapters' shapes come back every step."""
-    shapes = {}
-    if need_weights:
-        shapes.update(wd=(r, d), wu=(d, r))
-        if has_bu:
-            shapes["bu"] = (d,)
-        if has_bd:
-            shapes["bd"] = (r,)
-    if need_ds:
-        shapes["ds"] = (d,)
-    sizes = [math.prod(s) for s in shapes.values()]
-    total = sum(sizes)
-    offsets = dict(zip(shapes, itertools.accumulate([0] + sizes[:-1])))
-    return tuple(shapes), tuple(shapes.values()), offsets, total, _ends(sizes, total)
-
-
-@functools.lru_cache(maxsize=4096)
-def _reduction_grid(n: int, d: int, bn: int, bd: int, device: torch.device) -> tuple:
-    """(d blocks, token splits, rows per split) of _bwd_cols_kernel's grid; cached per shape and device."""
-    d_blocks = cdiv(d, bd)
-    splits = _splits(n, d_blocks, bn, device)
-    rows_per_split = cdiv(cdiv(n, splits), bn) * bn
-    return d_blocks, cdiv(n, rows_per_split), rows_per_split
+    _sum_splits_kernel[(cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
 
 
 def _splits(n: int, d_blocks: int, bn: int, device) -> int:
@@ -640,19 +604,31 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             ACT=ACT_CODES[activation], RP=rp, UPCAST=upcast)
     # One split's partial sums, region by region (only what is needed), and the tensor each lands in:
     # separate allocations, since gradients returned by a custom op must not alias one another.
-    names, shapes, offsets, total, ends = _regions(r, d, bool(need_weights), b_up is not None, b_down is not None,
-                                                   need_ds)
-    dt, dev = w_down.dtype, x.device
-    ds_dtype = (scaling.dtype if scaling.dim() == 1 else torch.float32) if need_ds else dt
-    outs = {k: torch.empty(shape, device=dev, dtype=ds_dtype if k == "ds" else dt) for k, shape in zip(names, shapes)}
+    dt = w_down.dtype
+    new = lambda *shape, dtype=dt: torch.empty(shape, device=x.device, dtype=dtype)
+    outs = {}
+    if need_weights:
+        outs.update(wd=new(r, d), wu=new(d, r))
+        if b_up is not None:
+            outs["bu"] = new(d)
+        if b_down is not None:
+            outs["bd"] = new(r)
+    if need_ds:
+        outs["ds"] = new(d, dtype=scaling.dtype if scaling.dim() == 1 else torch.float32)
+    sizes = [t.numel() for t in outs.values()]
+    total = sum(sizes)
+    offsets = dict(zip(outs, itertools.accumulate([0] + sizes[:-1])))
     if total > 0 and n == 0:
         for t in outs.values():
             t.zero_()  # no tokens: zero gradients
     elif total > 0 and rp >= MATMUL_REDUCTION_MIN_RP:
         _reduce_with_matmuls(outs, xin, dy, hbuf[:, :r], dabuf[:, :r], w_up, b_up, scaling, scaling_value, upcast)
     elif total > 0:
-        d_blocks, splits, rows_per_split = _reduction_grid(n, d, bn, bd, dev)
-        part = torch.empty((splits, total), device=dev, dtype=torch.float32)
+        d_blocks = cdiv(d, bd)
+        splits = _splits(n, d_blocks, bn, x.device)
+        rows_per_split = cdiv(cdiv(n, splits), bn) * bn
+        splits = cdiv(n, rows_per_split)
+        part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
         _bwd_cols_kernel[(d_blocks, splits)](
             xin, dy, hbuf, dabuf, w_up, b_up if b_up is not None else x, scaling if scaling is not None else x, part,
             n, d, r, float(scaling_value), rows_per_split, total,
@@ -660,7 +636,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
             NEED_W=need_weights, HAS_BU=b_up is not None, NEED_BD=need_weights and b_down is not None,
             NEED_DS=need_ds, S_MODE=_scale_mode(scaling), BLOCK_N=bn, BLOCK_D=bd, RP=rp, UPCAST=upcast,
             num_warps=warps, num_stages=2 if rp >= 128 else 3)
-        sum_splits(part, list(outs.values()), ends)
+        sum_splits(part, list(outs.values()))
     d_scaling = None
     if need_ds:
         d_scaling = outs["ds"] if scaling.dim() == 1 else outs["ds"].sum().to(scaling.dtype)
