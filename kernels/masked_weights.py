@@ -53,8 +53,9 @@ _TABLES_MAX = 64
 
 
 def _tables(weights, scores, device):
-    """(w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total) for the list, cached by
-    addresses and sizes (parameters keep both from step to step)."""
+    """(w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total, aligned) for the list,
+    cached by addresses and sizes (parameters keep both from step to step). ``aligned``: every address
+    16-byte aligned and every size a multiple of 16 (the kernel's ALIGNED)."""
     key = (device, tuple((w.data_ptr(), s.data_ptr(), w.numel()) for w, s in zip(weights, scores)))
     hit = _TABLES.get(key)
     if hit is not None:
@@ -72,7 +73,9 @@ def _tables(weights, scores, device):
     as_dev = lambda values, dtype: torch.tensor(values, dtype=dtype).to(device)
     hit = (as_dev([w.data_ptr() for w in weights], torch.int64), as_dev([s.data_ptr() for s in scores], torch.int64),
            as_dev(tile_tensor, torch.int32), as_dev(tile_start, torch.int64), as_dev(sizes, torch.int64),
-           as_dev(offsets, torch.int64), offsets, total)
+           as_dev(offsets, torch.int64), offsets, total,
+           all(w.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0 and w.numel() % 16 == 0
+               for w, s in zip(weights, scores)))
     if len(_TABLES) >= _TABLES_MAX:
         _TABLES.clear()
     _TABLES[key] = hit
@@ -84,12 +87,10 @@ def grouped_masked_weights(weights, scores, threshold: float, dtype: torch.dtype
     share one dtype, the scores another; all are contiguous and on one device. The outputs are views of one
     buffer (they do not alias each other)."""
     device = weights[0].device
-    w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total = _tables(weights, scores, device)
+    w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total, aligned = _tables(weights, scores, device)
     flat = torch.empty(total, dtype=dtype, device=device)
     tiles = tile_tensor.numel()
     if tiles:
-        aligned = all(w.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0 and w.numel() % 16 == 0
-                      for w, s in zip(weights, scores))
         _grouped_kernel[(tiles,)](w_ptrs, s_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets,
                                   threshold_for(scores[0].dtype, threshold), weights[0], scores[0], BLOCK=BLOCK,
                                   ALIGNED=aligned)

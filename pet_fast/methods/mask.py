@@ -134,15 +134,15 @@ class MaskScores(nn.Module):
         forward made for every linear at once (_ForwardMasks), when there is one."""
         hp = host._parameters  # not nn.Module's attribute lookup: this runs in every linear of every step
         conv = type(host).__name__ == "Conv1D"
-        weight = hp["weight"].t() if conv else hp["weight"]
-        weight, bias = _params_for(x.dtype, weight, hp.get("bias"))
         forward = self.__dict__.get("_forward")
         if forward is not None and name is not None and not conv:
             w_eff = forward.weight(name, self, host, x)
             if w_eff is not None:  # under autocast F.linear casts x and the bias; else they have w_eff's dtype
+                bias = hp.get("bias")
                 if bias is not None and bias.dtype != w_eff.dtype and not torch.is_autocast_enabled(x.device.type):
                     bias = bias.to(w_eff.dtype)
                 return F.linear(x, w_eff, bias)
+        weight, bias = _params_for(x.dtype, hp["weight"].t() if conv else hp["weight"], hp.get("bias"))
         return masked_linear(x, weight, self._parameters["scores"], bias, threshold=self.threshold)
 
     def extra_repr(self) -> str:

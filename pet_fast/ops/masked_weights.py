@@ -160,8 +160,8 @@ def masked_weights(weights: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
         if sig is not None:
             sig += (dtype,)
     if torch.compiler.is_compiling():  # traced as plain PyTorch, which torch.compile fuses
-        (threshold, dtype), _ = resolve()
-        impl = dispatch.select(OP, describe(weights, scores, dtype), "eager")
+        (threshold, dtype), info = resolve()
+        impl = dispatch.select(OP, info, "eager")
     else:
         (threshold, dtype), impl = dispatch.plan(OP, sig, backend, resolve)
     n = len(weights)
