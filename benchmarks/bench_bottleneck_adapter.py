@@ -36,15 +36,6 @@ QUICK_FUSION = [(32, 16, 4, 2)]
 REPS: dict = {}  # bench_us arguments; fewer repetitions for --quick
 
 
-def copy_rate_bytes_per_us(device, quick: bool) -> float:
-    """Device copy rate: read + write bytes of a large copy per microsecond."""
-    numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on a GPU
-    src = torch.randn(numel, device=device, dtype=torch.float32).to(torch.bfloat16)
-    dst = torch.empty_like(src)
-    us = common.bench_us(lambda: dst.copy_(src), **REPS)
-    return 2 * src.numel() * src.element_size() / us
-
-
 def adapter_inputs(n, d, r, dtype, device, grad):
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
@@ -144,7 +135,7 @@ def main():
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if gpu else torch.float32
     backends = ("eager", "triton", "cuda") if gpu else ("eager",)
-    rate = copy_rate_bytes_per_us(device, args.quick or not gpu)
+    rate = common.copy_rate_bytes_per_us(device, args.quick or not gpu, **REPS)
     e = torch.finfo(dtype).bits // 8
     rows = []
     cases = [("bottleneck_adapter", s) for s in (QUICK_ADAPTER if args.quick else ADAPTER_SHAPES)]

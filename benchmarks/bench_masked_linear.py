@@ -37,6 +37,7 @@ import pet_fast  # noqa: E402
 from pet_fast import dispatch  # noqa: E402
 
 ml = importlib.import_module("pet_fast.ops.masked_linear")
+mw = importlib.import_module("pet_fast.ops.masked_weights")
 mp = importlib.import_module("pet_fast.ops.mask_packing")
 
 TRAIN_SHAPES = [(16384, 768, 3072), (4096, 4096, 4096), (16384, 3072, 768)]
@@ -46,8 +47,8 @@ QUICK_SERVE = [(1, 64, 128), (16, 64, 128)]
 TASKS = 4
 
 
-def _available(info, backend):
-    impl = dispatch._REGISTRY[ml.OP].impls.get(backend)
+def _available(info, backend, op=ml.OP):
+    impl = dispatch._REGISTRY[op].impls.get(backend)
     if impl is None:
         return [f"no {backend} implementation"]
     if backend != "eager" and info["device"].type != "cuda":
@@ -210,7 +211,7 @@ def bench_masked_weights(shapes, device, dtype, rep, rate):
     grads = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
     runs = {"eager": dict(backend="eager"), "triton": dict(backend="triton")}
     for name, kw in runs.items():
-        why = _available_weights(ws, ss, dtype, kw["backend"])
+        why = "; ".join(_available(mw.describe(ws, ss, dtype), kw["backend"], mw.OP))
         if why:
             rows.append({**base, "backend": name, "skipped": why})
             continue
@@ -224,24 +225,6 @@ def bench_masked_weights(shapes, device, dtype, rep, rate):
         t = _time(lambda: [k.masked_weight(w, s.detach(), 0.0, dtype) for w, s in zip(ws, ss)], rep)
         rows.append({**base, "backend": "triton, one launch per weight", "fwd_us": t, "fwd_vs_floor": vs(t, floor_fwd)})
     return rows
-
-
-def _available_weights(ws, ss, dtype, backend):
-    from pet_fast.ops import masked_weights as mw
-
-    info = mw.describe(ws, ss, dtype)
-    if backend != "eager" and info["device"].type != "cuda":
-        return "kernels are benchmarked on CUDA only"
-    return "; ".join(dispatch._REGISTRY[mw.OP].impls[backend].reasons(info))
-
-
-def _copy_rate(device) -> float:
-    """Bytes per microsecond of a large device copy (read + write), for the byte floors."""
-    if device != "cuda":
-        return None  # no floor on the CPU (its rows are a smoke run)
-    a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / common.bench_us(lambda: b.copy_(a), rep=20)
 
 
 def dispatch_table(rows):
@@ -278,7 +261,7 @@ def main(argv=None):
     rows += bench_serving(SERVE_SHAPES if not args.quick else QUICK_SERVE, device, dtype, backends, rep)
     common.checkpoint(rows)
     rows += bench_masked_weights(QUICK_LINEARS if args.quick else BERT_BASE_LINEARS, device, dtype, rep,
-                                 _copy_rate(device))
+                                 common.copy_rate_bytes_per_us(device, False) if gpu else None)  # no floor on the CPU
     common.print_table(rows, ["case", "n", "in", "out", "backend", "fwd_us", "fwd_vs_limit", "fwd_bwd_us",
                               "fwd_bwd_vs_limit", "fwd_vs_eager", "fwd_vs_floor", "skipped"])
     common.write(args.json, rows, op="masked_linear",

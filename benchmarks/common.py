@@ -57,6 +57,15 @@ def bench_us(fn, warmup: int = 5, rep: int = 50) -> float:
     return times[len(times) // 2] * 1e6
 
 
+def copy_rate_bytes_per_us(device, quick: bool, **reps) -> float:
+    """Device copy rate for the byte floors: read + write bytes of a large copy per microsecond."""
+    numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on a GPU
+    src = torch.randn(numel, device=device, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src), **reps)
+    return 2 * src.numel() * src.element_size() / us
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", help="write the results here")
