@@ -54,7 +54,7 @@ def _extension():
                 name="pet_fast._C",
                 sources=sources,
                 include_dirs=[os.path.join(here, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+                extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DPET_FAST_CUDA"], "nvcc": nvcc_flags},
             )
             return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
     if mode == "force":

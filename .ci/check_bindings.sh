@@ -52,8 +52,8 @@ torch_inc=$(python -c "import os, torch; print(os.path.join(os.path.dirname(torc
 py_inc=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 n=0
 for f in csrc/*.cpp; do
-  # -std=c++17 as setup.py and pet_fast/_ext.py build them
-  g++ -std=c++17 -Wno-c++20-extensions -fsyntax-only -DTORCH_EXTENSION_NAME=_C -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" \
+  # -std=c++17 and -DPET_FAST_CUDA (the CUDA-only code paths) as setup.py and pet_fast/_ext.py build them
+  g++ -std=c++17 -Wno-c++20-extensions -fsyntax-only -DTORCH_EXTENSION_NAME=_C -DPET_FAST_CUDA -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" \
     -I"$cuda_inc" -I"$stub" -I"$py_inc" -Icsrc "$f"
   n=$((n + 1))
 done

@@ -33,6 +33,12 @@ from pet_fast.ops import adapter_fusion as fusion_op  # noqa: E402
 from pet_fast.ops import bottleneck_adapter as adapter_op  # noqa: E402
 from pet_fast.ops import masked_linear as masked_op  # noqa: E402
 from pet_fast.ops import prefix_attention as prefix_op  # noqa: E402
+from pet_fast.kernels import _replay as replay  # noqa: E402
+
+
+# Rows with this suffix run with the Triton launches from Python (kernels/_replay.py off): the others
+# replay recorded launches from C++ where the extension is built.
+PYTHON_LAUNCHES = " (python launches)"
 
 
 def host_us(fn, calls: int, device) -> float:
@@ -75,6 +81,8 @@ def cases(device, dtype):
     for b in ("eager", "triton", "cuda"):
         adapter[f"op/{b}"] = (lambda b=b: pet_fast.bottleneck_adapter(x, wd, bd, wu, bu, activation="silu",
                                                                       residual=res, backend=b))
+    adapter["op/triton" + PYTHON_LAUNCHES] = adapter["op/triton"]
+    adapter["module houlsby" + PYTHON_LAUNCHES] = adapter["module houlsby"]
     own = [x] + list(module.parameters())
     yield "bottleneck_adapter", adapter, {"": [x, wd, bd, wu, bu], "module": own, "module houlsby": own,
                                           "module pfeiffer": own}
@@ -138,6 +146,13 @@ def main():
                         out = fn()
                         torch.autograd.grad(out, wrt, torch.ones_like(out))
                     ctx = torch.enable_grad
+                if name.endswith(PYTHON_LAUNCHES):
+                    def call(inner=call):
+                        prev = replay.set_enabled(False)
+                        try:
+                            inner()
+                        finally:
+                            replay.set_enabled(prev)
                 try:
                     with ctx():
                         us = host_us(call, calls, device)

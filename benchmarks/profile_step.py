@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from pet_fast import bench  # noqa: E402
 
-DEFAULT_ROWS = ["floor", "full", "houlsby/eager", "houlsby/triton", "houlsby/cuda", "pfeiffer/triton", "pfeiffer/cuda", "mask/eager", "mask/triton",
+DEFAULT_ROWS = ["floor", "full", "houlsby/eager", "houlsby/triton", "houlsby/triton-py", "houlsby/cuda", "pfeiffer/triton", "pfeiffer/cuda", "mask/eager", "mask/triton",
                 "prefix20/eager", "prefix20/triton", "fusion3/triton"]
 
 

@@ -8,4 +8,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_masked_linear(m);
   register_bottleneck_adapter(m);
   register_bottleneck_adapter_autograd(m);
+  register_triton_replay(m);
 }

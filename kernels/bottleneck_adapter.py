@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _replay
 from ._host import cdiv, next_power_of_2, sm_count
 
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
@@ -487,8 +488,26 @@ def _ln_args(x, ln, compute):
         LN=True, HAS_LNW=w is not None, HAS_LNB=b is not None)
 
 
+_FORWARD_PROGRAMS: dict = {}
+_BACKWARD_PROGRAMS: dict = {}
+
+
 def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
             ln=None, compute=None):
+    """See :func:`_forward`; calls with a key seen before replay its launch from C++ (kernels/_replay.py)."""
+    if x.device.type != "cuda":
+        return _forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input, ln,
+                        compute)
+    lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
+    key = _replay.key_of(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input,
+                         None if ln is None else (lnw, lnb, float(ln[2])), compute)
+    return _replay.call(_FORWARD_PROGRAMS, key, [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb],
+                        _forward, x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation,
+                        add_input, ln, compute, single=True)
+
+
+def _forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
+             ln=None, compute=None):
     """x (N, d) contiguous; returns y (N, d) in the residual's dtype (x's without one: a float32
     residual of half-precision x gives a float32 sum). ``scaling`` is a tensor (() or (d,)) or None
     (then ``scaling_value`` is used). ``add_input``: the base is residual + x (a residual is given).
@@ -496,14 +515,16 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
     products' dtype (default x's), e.g. autocast's for float32 x."""
     n, d = x.shape
     r = w_down.shape[0]
-    y = torch.empty_like(x if residual is None else residual)
+    like = x if residual is None else residual
+    y = _replay.empty(like.shape, like.dtype, like.device)
     if n == 0:
         return y
     rp = padded_r(r)
     cd, lnw, lnb, eps, ln_flags = _ln_args(x, ln, compute)
     upcast = interpreting() or cd.dtype == torch.float32
     dummy = x
-    _fwd_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+    _replay.launch(
+        _fwd_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
         x, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, residual if residual is not None else dummy, y, cd, lnw, lnb,
         n, d, r, float(scaling_value), eps, n_bucket(n),
@@ -521,7 +542,7 @@ def sum_splits(part, outs) -> None:
     ends = list(itertools.accumulate(t.numel() for t in outs))
     e = ends[:-1] + [total] * (5 - len(ends))
     block = 1024
-    _sum_splits_kernel[(cdiv(total, block),)](part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
+    _replay.launch(_sum_splits_kernel, (cdiv(total, block),), part, *o, total, splits, *e[:4], BLOCK=block, num_warps=4)
 
 
 def _splits(n: int, d_blocks: int, bn: int, device) -> int:
@@ -567,6 +588,20 @@ def _reduce_with_matmuls(outs, x, dy, h, da, w_up, b_up, scaling, scaling_value,
 
 def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds,
              need_weights=True, ln=None, compute=None):
+    """See :func:`_backward`; calls with a key seen before replay its launches from C++ (kernels/_replay.py)."""
+    if x.device.type != "cuda":
+        return _backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation,
+                         need_ds, need_weights, ln, compute)
+    lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
+    key = _replay.key_of(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation,
+                         bool(need_ds), bool(need_weights), None if ln is None else (lnw, lnb, float(ln[2])), compute)
+    return _replay.call(_BACKWARD_PROGRAMS, key, [dy, x, w_down, b_down, w_up, b_up, scaling, lnw, lnb],
+                        _backward, dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual,
+                        activation, need_ds, need_weights, ln, compute, single=False)
+
+
+def _backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds,
+              need_weights=True, ln=None, compute=None):
     """Gradients of :func:`forward`: (dx, dWd, dbd, dWu, dbu, d_scaling).
 
     d_scaling has the scaling tensor's shape and is computed only when ``need_ds``; the weight and bias
@@ -586,18 +621,20 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     cd, lnw, lnb, eps, ln_flags = _ln_args(x, ln, compute)
     upcast = interpreting() or cd.dtype == torch.float32
     need_ds = bool(need_ds and scaling is not None)
-    dx = torch.empty_like(x)
+    dx = _replay.empty(x.shape, x.dtype, x.device)
     xin = x  # what the adapter read: x, or LN(x) written by the rows kernel
     if n == 0:
         hbuf = dabuf = None
     else:
         # h and da in the products' dtype (the reduction feeds them to the tensor cores in that dtype
         # anyway), in one allocation
-        hbuf, dabuf = torch.empty((2, n, rp), device=x.device, dtype=cd.dtype)
+        hd = _replay.empty((2, n, rp), cd.dtype, x.device)
+        hbuf, dabuf = hd[0], hd[1]
         if ln is not None:
-            xin = torch.empty((n, d), device=x.device, dtype=cd.dtype)
+            xin = _replay.empty((n, d), cd.dtype, x.device)
         dummy = x
-        _bwd_rows_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+        _replay.launch(
+            _bwd_rows_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
             x, w_down, b_down if b_down is not None else dummy, w_up, scaling if scaling is not None else dummy,
             dy, dx, hbuf, dabuf, cd, lnw, lnb, xin, n, d, r, float(scaling_value), eps, n_bucket(n),
             HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual, **ln_flags,
@@ -605,7 +642,7 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     # One split's partial sums, region by region (only what is needed), and the tensor each lands in:
     # separate allocations, since gradients returned by a custom op must not alias one another.
     dt = w_down.dtype
-    new = lambda *shape, dtype=dt: torch.empty(shape, device=x.device, dtype=dtype)
+    new = lambda *shape, dtype=dt: _replay.empty(shape, dtype, x.device)
     outs = {}
     if need_weights:
         outs.update(wd=new(r, d), wu=new(d, r))
@@ -619,17 +656,20 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
     total = sum(sizes)
     offsets = dict(zip(outs, itertools.accumulate([0] + sizes[:-1])))
     if total > 0 and n == 0:
+        _replay.unrecordable("no tokens: the gradients are zero-filled")
         for t in outs.values():
             t.zero_()  # no tokens: zero gradients
     elif total > 0 and rp >= MATMUL_REDUCTION_MIN_RP:
+        _replay.unrecordable("the weight gradients come from torch products")
         _reduce_with_matmuls(outs, xin, dy, hbuf[:, :r], dabuf[:, :r], w_up, b_up, scaling, scaling_value, upcast)
     elif total > 0:
         d_blocks = cdiv(d, bd)
         splits = _splits(n, d_blocks, bn, x.device)
         rows_per_split = cdiv(cdiv(n, splits), bn) * bn
         splits = cdiv(n, rows_per_split)
-        part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
-        _bwd_cols_kernel[(d_blocks, splits)](
+        part = _replay.empty((splits, total), torch.float32, x.device)
+        _replay.launch(
+            _bwd_cols_kernel, (d_blocks, splits),
             xin, dy, hbuf, dabuf, w_up, b_up if b_up is not None else x, scaling if scaling is not None else x, part,
             n, d, r, float(scaling_value), rows_per_split, total,
             offsets.get("wu", 0), offsets.get("bu", 0), offsets.get("bd", 0), offsets.get("ds", 0),
@@ -639,6 +679,8 @@ def backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_resi
         sum_splits(part, list(outs.values()))
     d_scaling = None
     if need_ds:
+        if scaling.dim() != 1:
+            _replay.unrecordable("a scalar scaling's gradient is a torch sum")
         d_scaling = outs["ds"] if scaling.dim() == 1 else outs["ds"].sum().to(scaling.dtype)
     if not need_weights:
         return dx, None, None, None, None, d_scaling

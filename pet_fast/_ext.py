@@ -83,7 +83,7 @@ def _build_just_in_time():
             name="pet_fast_C",
             sources=[str(s) for s in sources],
             extra_include_paths=[str(src)],
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3", "-std=c++17", "-DPET_FAST_CUDA"],
             extra_cuda_cflags=flags,
             build_directory=str(build_dir),
             verbose=os.environ.get("PET_FAST_VERBOSE_BUILD") == "1",

@@ -83,6 +83,9 @@ KERNEL_ROWS = ["houlsby", "pfeiffer", "fusion3", "mask", "prefix20"]
 # ... and "<method>/cuda" rows where the cuda backend takes every call of the method's step: the adapters
 # (beyond 64 tokens, the adapter's C++ autograd node)
 CUDA_ROWS = ["houlsby", "pfeiffer"]
+# ... and "<method>/triton-py": the triton path with every Triton launch from Python, where the triton
+# rows replay recorded launches from C++ (pet_fast/kernels/_replay.py): what the replay saves per step
+PY_LAUNCH_ROWS = ["houlsby", "pfeiffer"]
 
 
 def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False,
@@ -100,11 +103,13 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
                 backends += ("triton",)
             if kernel_rows and meth in CUDA_ROWS:
                 backends += ("cuda",)
+            if kernel_rows and meth in PY_LAUNCH_ROWS:
+                backends += ("triton-py",)
             for be in backends:
                 rows.append(Row(m, f"{meth}/{be}", meth, be))
         rows += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
         comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows
-                if r.kind != "base-forward" and r.backend not in ("triton", "cuda")]
+                if r.kind != "base-forward" and r.backend not in ("triton", "cuda", "triton-py")]
         comp.sort(key=lambda r: KEY_COMPILED.index(r.row[:-len("+compile")]) if r.row[:-len("+compile")] in KEY_COMPILED
                   else len(KEY_COMPILED))
         first = [r for r in comp if r.row[:-len("+compile")] in KEY_COMPILED]
@@ -277,6 +282,13 @@ def make_step(row: Row, spec, device, *, build=None, update: bool = True):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def backend():
+        if row.backend == "triton-py":  # the triton backend, its launches from Python (no replay)
+            from pet_fast.kernels import _replay
+
+            stack = contextlib.ExitStack()
+            stack.enter_context(pet_fast.use_backend("triton"))
+            stack.enter_context(_replay.disabled())
+            return stack
         return pet_fast.use_backend(row.backend) if row.backend else contextlib.nullcontext()
 
     def step():

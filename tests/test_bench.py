@@ -126,7 +126,8 @@ def test_plan_has_kernel_rows_on_a_gpu_only():
     gpu = {r.row for r in bench.plan(["bert-32x128"], compile_rows=True, kernel_rows=True)}
     assert not any(r.endswith("/triton") for r in cpu)
     # eager only: no compiled copies
-    assert gpu - cpu == {f"{m}/triton" for m in bench.KERNEL_ROWS} | {f"{m}/cuda" for m in bench.CUDA_ROWS}
+    assert gpu - cpu == ({f"{m}/triton" for m in bench.KERNEL_ROWS} | {f"{m}/cuda" for m in bench.CUDA_ROWS}
+                         | {f"{m}/triton-py" for m in bench.PY_LAUNCH_ROWS})
 
 
 def test_plan_orders_rows_for_a_time_budget():

@@ -1,0 +1,377 @@
+"""Recording a launcher's Triton launches once and replaying them from C++ (csrc/triton_replay.cpp).
+
+A launcher (e.g. ``bottleneck_adapter.backward``) turns its arguments into buffers and kernel launches by
+host logic that depends only on their shapes, dtypes, devices and flags (the *key*); only the tensors'
+addresses differ between calls with the same key. On a GPU each Triton launch from Python costs the JIT's
+argument binding, its cache lookup and the launcher's Python, several launches per adapter site and
+step, while the step is bound by the host. So :func:`call` runs the launcher in Python the first time a
+key is seen, with a recording active: :func:`empty` notes each allocation and :func:`launch` each
+launch (the compiled kernel, its final grid, every parameter as an input, allocation or constant). The
+recording becomes a ``TritonProgram`` of the extension, which later calls with that key run in one C++
+call: allocate, launch with ``cuLaunchKernel``, return the outputs. Launchers call :func:`empty` and
+:func:`launch` instead of ``torch.empty`` and ``kernel[grid](...)``; without a recording these are
+exactly those calls.
+
+What cannot be recorded makes the key run in Python from then on: a branch that computes with torch
+ops (the launcher calls :func:`unrecordable`), a tensor parameter that is neither an input, an
+allocation, a view of one, nor an empty carrier, inputs that overlap in memory, a parameter type other
+than pointers, integers and floats, a launch needing clusters or scratch memory. Replay also declines a
+call (Python runs it, the same kernels) when an input's address is not 16-byte aligned where the
+recorded one was, since Triton may have compiled the kernel for aligned addresses.
+
+``PET_FAST_TRITON_REPLAY=0`` turns replay off (every launch from Python).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+KINDS = {"ptr": 0, "ptr_aligned": 1, "i32": 2, "i64": 3, "u32": 4, "u64": 5, "fp32": 6, "fp64": 7, "null": 8}
+ENV_VAR = "PET_FAST_TRITON_REPLAY"
+_ENABLED = os.environ.get(ENV_VAR, "1") != "0"
+_local = threading.local()
+_REFUSED = object()  # a key whose calls run in Python
+
+
+class Unrecordable(Exception):
+    """Why a recording cannot become a program."""
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty``; noted as an allocation of the active recording."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    rec = getattr(_local, "rec", None)
+    if rec is not None:
+        rec.allocs.append(t)
+    return t
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``; noted as a launch of the active recording."""
+    rec = getattr(_local, "rec", None)
+    if rec is None:
+        return kernel[grid](*args, **kwargs)
+    if callable(grid):  # the autotuner calls it per benchmarked config; the last call is the launch
+        seen = []
+
+        def grid_fn(meta):
+            seen.append(tuple(grid(meta)))
+            return seen[-1]
+
+        compiled = kernel[grid_fn](*args, **kwargs)
+        final = seen[-1] if seen else None
+    else:
+        compiled = kernel[grid](*args, **kwargs)
+        final = tuple(grid)
+    rec.add(kernel, final, compiled, args, kwargs)
+    return compiled
+
+
+def unrecordable(why: str) -> None:
+    """Called by a launcher on a branch that computes with torch ops: the active recording is dropped."""
+    rec = getattr(_local, "rec", None)
+    if rec is not None:
+        rec.refusal = rec.refusal or why
+
+
+@functools.cache
+def _as_jit(fn):
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(fn)
+
+
+def _jit_function(kernel):
+    """The JITFunction under autotuner / heuristics wrappers (under the interpreter, one made from the
+    kernel's Python function: it describes the same parameters)."""
+    fn = kernel
+    while not hasattr(fn, "params") and hasattr(fn, "fn"):
+        if type(fn).__name__ == "InterpretedFunction":
+            return _as_jit(fn.fn)
+        fn = fn.fn
+    return fn
+
+
+def binder_types(jit, values: dict) -> dict:
+    """Each parameter's type as Triton's binder gives it (``'constexpr'`` for constexprs and for
+    integers equal to 1, which Triton specialises away): used when no compiled kernel is at hand (the
+    interpreter), and checked against the compiled kernel's own signature on a GPU."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    out = {}
+    for p in jit.params:
+        name = p.name
+        if p.is_constexpr:
+            out[name] = "constexpr"
+            continue
+        v = values[name]
+        if isinstance(v, bool):
+            out[name] = "u1"
+        else:
+            out[name] = native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                               not p.do_not_specialize_on_alignment)[0]
+    return out
+
+
+_ENTRY_PARAM = re.compile(r"\.param\b")
+
+
+def ptx_param_count(ptx: str) -> int:
+    """How many parameters the PTX entry point takes (Triton appends scratch pointers to the kernel's own)."""
+    start = ptx.index(".entry")
+    head = ptx[start:ptx.index(")", start)]
+    return len(_ENTRY_PARAM.findall(head))
+
+
+class Recording:
+    def __init__(self, inputs):
+        self.inputs = list(inputs)
+        self.allocs: list = []
+        self.launches: list = []
+        self.constants: list = []
+        self.symbolic: list = []  # per launch: (kernel, grid, arguments with tensors as slots), for tests
+        self.refusal: Optional[str] = None
+
+    def add(self, kernel, grid, compiled, args, kwargs) -> None:
+        try:
+            self.launches.append(self._launch(kernel, grid, compiled, args, kwargs))
+        except Unrecordable as exc:
+            self.refusal = self.refusal or str(exc)
+
+    def _slot(self, t: torch.Tensor) -> tuple:
+        for i, inp in enumerate(self.inputs):
+            if inp is t:
+                return i, 0
+        p = t.data_ptr()
+        n_in = len(self.inputs)
+        for i, s in enumerate(self.inputs + self.allocs):
+            if s is None:
+                continue
+            base = s.data_ptr()
+            if s.numel() and base <= p < base + s.numel() * s.element_size():
+                return (i if i < n_in else i - n_in + 1_000_000), p - base  # allocations: renumber()
+        if t.numel() == 0:  # a carrier: its address only tells a kernel a dtype
+            self.constants.append(t)
+            return 2_000_000 + len(self.constants) - 1, 0
+        raise Unrecordable("a kernel reads a tensor that is not an input of the launcher")
+
+    def _launch(self, kernel, grid, compiled, args, kwargs) -> tuple:
+        jit = _jit_function(kernel)
+        names = [p.name for p in jit.params]
+        values = dict(zip(names, args))
+        values.update({k: v for k, v in kwargs.items() if k in names})
+        missing = [p.name for p in jit.params if not p.is_constexpr and p.name not in values]
+        if missing:
+            raise Unrecordable(f"parameters {missing} take their defaults")
+        types = binder_types(jit, values)
+        if compiled is not None:  # a GPU: the compiled kernel's own signature and launch facts
+            sig = dict(compiled.src.signature)
+            if any(types[n] != sig.get(n) for n in names if sig.get(n) == "constexpr" or types[n] == "constexpr"):
+                raise Unrecordable("the binder's constexprs differ from the compiled kernel's")
+            types = {n: sig.get(n) for n in names}
+            md = compiled.metadata
+            if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or \
+                    getattr(md, "launch_pdl", False):
+                raise Unrecordable("the kernel launches clusters, a cooperative grid or with PDL")
+            if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+                raise Unrecordable("the kernel needs scratch memory")
+            if compiled.function is None:
+                raise Unrecordable("the compiled kernel is not loaded")
+            function, threads, shared = int(compiled.function), 32 * md.num_warps, md.shared
+        else:  # the interpreter (tests): the binder's types, no function
+            function, threads, shared = 0, 0, 0
+        params, named = [], {}
+        for n in names:
+            ty = types[n]
+            if ty == "constexpr":
+                if n in values:
+                    named[n] = values[n]
+                continue
+            v = named[n] = values[n]
+            if isinstance(ty, str) and ty.startswith("*"):
+                if not isinstance(v, torch.Tensor):
+                    raise Unrecordable(f"pointer parameter {n} is not a tensor")
+                slot, offset = self._slot(v)
+                named[n] = ("slot", slot, offset)
+                kind = KINDS["ptr_aligned"] if v.data_ptr() % 16 == 0 else KINDS["ptr"]
+                params.append((kind, slot, offset, 0.0))
+            elif ty in ("i32", "i64", "u32", "u64") and isinstance(v, int) and not isinstance(v, bool):
+                params.append((KINDS[ty], -1, int(v), 0.0))
+            elif ty in ("fp32", "fp64") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                params.append((KINDS[ty], -1, 0, float(v)))
+            else:
+                raise Unrecordable(f"parameter {n} of type {ty!r} cannot be replayed")
+        if compiled is not None:
+            extra = ptx_param_count(compiled.asm["ptx"]) - len(params)
+            if extra < 0:
+                raise Unrecordable("the PTX entry takes fewer parameters than the kernel")
+            params += [(KINDS["null"], -1, 0, 0.0)] * extra  # scratch pointers: none needed (checked above)
+        if grid is None:
+            raise Unrecordable("the grid was never evaluated")
+        g = list(grid) + [1] * (3 - len(grid))
+        consts = {k: v for k, v in kwargs.items() if k not in named}
+        kept = [n for n in names if types[n] != "constexpr"]  # the parameters the launch passes, in order
+        self.symbolic.append((kernel, tuple(g), named, consts, kept))
+        return function, g, threads, shared, params, compiled
+
+    def renumber(self, slot: int) -> int:
+        """A program's slot for a recorded one: inputs, then constants, then allocations."""
+        n_in, n_const = len(self.inputs), len(self.constants)
+        if slot >= 2_000_000:
+            return n_in + slot - 2_000_000
+        if slot >= 1_000_000:
+            return n_in + n_const + slot - 1_000_000
+        return slot
+
+    def execute(self, inputs, outputs, single: bool):
+        """Runs the recorded launches from Python on new ``inputs`` (the program's semantics, for tests
+        under the interpreter): fresh allocations, each kernel called with its recorded scalars, grid and
+        constexprs, and its tensors rebuilt from slots and byte offsets. Returns what the program would."""
+        slots = list(inputs) + list(self.constants) + [torch.empty(a.shape, dtype=a.dtype, device=a.device)
+                                                       for a in self.allocs]
+        for kernel, grid, named, consts, _ in self.symbolic:
+            args = {}
+            for n, v in named.items():
+                if isinstance(v, tuple) and len(v) == 3 and v[0] == "slot":
+                    base = slots[self.renumber(v[1])]
+                    args[n] = base.reshape(-1)[v[2] // base.element_size():]
+                else:
+                    args[n] = v
+            kernel[grid](**args, **consts)
+        n_in, n_const = len(self.inputs), len(self.constants)
+        outs = [outputs] if single else list(outputs)
+        got = [None if t is None else slots[n_in + n_const + next(i for i, a in enumerate(self.allocs) if a is t)]
+               for t in outs]
+        return got[0] if single else tuple(got)
+
+    def program(self, ext, outputs, single: bool):
+        """(the extension's TritonProgram, the compiled kernels it launches) or raises Unrecordable."""
+        if self.refusal:
+            raise Unrecordable(self.refusal)
+        present = [t for t in self.inputs if t is not None and t.numel()]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, t in enumerate(present))
+        for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+            if s1 < e0 and present[i0] is not present[i1]:
+                raise Unrecordable("two inputs overlap in memory")
+        n_in, n_const = len(self.inputs), len(self.constants)
+        renumber = self.renumber
+
+
+        launches, kernels = [], []
+        for function, g, threads, shared, params, compiled in self.launches:
+            ps = [(k, renumber(s) if k in (KINDS["ptr"], KINDS["ptr_aligned"]) else s, v, f) for k, s, v, f in params]
+            launches.append((function, g, threads, shared, ps))
+            kernels.append(compiled)
+        outs = [outputs] if single else list(outputs)
+        out_slots = []
+        for t in outs:
+            if t is None:
+                out_slots.append(-1)
+                continue
+            idx = next((i for i, a in enumerate(self.allocs) if a is t), None)
+            if idx is None:
+                raise Unrecordable("an output is not one of the launcher's allocations")
+            out_slots.append(n_in + n_const + idx)
+        allocs = [(list(a.shape), a.dtype) for a in self.allocs]
+        return ext.TritonProgram(n_in, self.constants, allocs, launches, out_slots), kernels
+
+
+class Entry:
+    __slots__ = ("program", "kernels", "single")
+
+    def __init__(self, program, kernels, single):
+        self.program, self.kernels, self.single = program, kernels, single  # kernels: keep them loaded
+
+    def run(self, inputs):
+        out = self.program.run(inputs)
+        if out is None:
+            return None
+        return out[0] if self.single else tuple(out)
+
+
+_ext_module: list = []
+
+
+def _extension():
+    """The CUDA extension when it can replay (loaded once), else None."""
+    if not _ext_module:
+        try:
+            import pet_fast._ext as ext_loader
+
+            m = ext_loader.load()
+        except Exception:  # the replay is an optimisation: a broken extension leaves the Python path
+            m = None
+        _ext_module.append(m if getattr(m, "triton_replay_can_launch", False) else None)
+    return _ext_module[0]
+
+
+def record(inputs, fn: Callable, *args, single: bool, ext=None, **kwargs):
+    """Runs ``fn`` with a recording of ``inputs``; returns (its result, Entry or the reason it is none)."""
+    _local.rec = rec = Recording(inputs)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        _local.rec = None
+    try:
+        program, kernels = rec.program(ext, result, single)
+    except Unrecordable as exc:
+        return result, str(exc)
+    return result, Entry(program, kernels, single)
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turns replay on or off for this process (benchmarks compare the two); returns the previous state."""
+    global _ENABLED
+    prev, _ENABLED = _ENABLED, bool(flag)
+    return prev
+
+
+@contextlib.contextmanager
+def disabled():
+    """Every launch from Python inside the block (the benchmarks' ``triton-py`` rows)."""
+    prev = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
+def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool, **kwargs):
+    """``fn(*args, **kwargs)``, replayed when ``key`` was recorded (see the module docstring).
+    ``inputs``: every tensor the launcher's kernels read, in a fixed order (None where absent)."""
+    if not _ENABLED:
+        return fn(*args, **kwargs)
+    entry = cache.get(key)
+    if entry is None:
+        ext = _extension()
+        if ext is None or getattr(_local, "rec", None) is not None:
+            return fn(*args, **kwargs)
+        result, entry = record(inputs, fn, *args, single=single, ext=ext, **kwargs)
+        cache[key] = entry if isinstance(entry, Entry) else _REFUSED
+        return result
+    if entry is not _REFUSED:
+        out = entry.run(inputs)
+        if out is not None:
+            return out
+    return fn(*args, **kwargs)
+
+
+def key_of(*args) -> Optional[tuple]:
+    """A launcher call's key: per tensor its shape, dtype and device index, per tuple its items' keys,
+    other values themselves."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.shape, a.dtype, a.get_device()))
+        elif isinstance(a, tuple):
+            out.append(key_of(*a))
+        else:
+            out.append(a)
+    return tuple(out)

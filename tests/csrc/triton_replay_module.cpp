@@ -1,0 +1,5 @@
+// A CPU-only module holding the Triton replay programs (csrc/triton_replay.cpp) without their CUDA
+// launcher, so that tests/test_triton_replay.py checks the recorded programs' dry runs on the CPU.
+#include "bindings.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { register_triton_replay(m); }

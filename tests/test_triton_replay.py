@@ -1,0 +1,239 @@
+"""Recorded Triton launches replayed from C++ (kernels/_replay.py, csrc/triton_replay.cpp).
+
+On the CPU, under the Triton interpreter: the adapter launchers are recorded on one set of inputs; the
+recording, run on *other* inputs with the same key (fresh allocations, each kernel called with the
+recorded scalars, grid and constexprs, its tensors rebuilt from slots and offsets), must give exactly
+what the launcher gives on those inputs; and the C++ program's dry run (a CPU-only build of
+csrc/triton_replay.cpp) must pass each kernel the same scalars and the new inputs' addresses. What the
+CPU cannot check is the launch itself (cuLaunchKernel on the compiled kernels): the GPU tests at the
+end compare replayed calls with launches from Python on a GPU."""
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HAS_GPU
+
+R = importlib.import_module("pet_fast.kernels._replay")
+K = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ext(tmp_path_factory):
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed (pip install ninja): torch builds C++ extensions with it")
+    build = tmp_path_factory.mktemp("triton_replay_build")
+    return load(name="pet_fast_triton_replay_cpu", build_directory=str(build), verbose=False,
+                sources=[str(ROOT / "csrc" / "triton_replay.cpp"), str(ROOT / "tests" / "csrc" / "triton_replay_module.cpp")],
+                extra_include_paths=[str(ROOT / "csrc")])
+
+
+def _adapter(n, d, r, dtype, seed, bias=True, scaling="channel", residual=True):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    t = dict(x=rnd(n, d), w_down=rnd(r, d) * d ** -0.5, b_down=rnd(r) if bias else None, w_up=rnd(d, r) * r ** -0.5,
+             b_up=rnd(d) if bias else None, scaling=rnd(d) if scaling == "channel" else None,
+             residual=rnd(n, d) if residual else None, dy=rnd(n, d))
+    return t
+
+
+def _fwd_args(t, act="gelu", add_input=True, scaling_value=1.0):
+    return (t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scaling"], scaling_value, t["residual"], act,
+            add_input and t["residual"] is not None, None, None)
+
+
+def _bwd_args(t, act="gelu", need_ds=True):
+    return (t["dy"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scaling"], 1.0,
+            t["residual"] is not None, act, need_ds and t["scaling"] is not None, True, None, None)
+
+
+def _fwd_inputs(t):
+    return [t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scaling"], t["residual"], None, None]
+
+
+def _bwd_inputs(t):
+    return [t["dy"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scaling"], None, None]
+
+
+def _same(a, b):
+    if isinstance(a, tuple):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _same(u, v)
+    elif a is None:
+        assert b is None
+    else:
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+CASES = [(37, 24, 5, torch.float32, True, "channel", True), (70, 33, 16, torch.float16, False, None, False),
+         (5, 64, 7, torch.float32, True, None, True)]
+
+
+@pytest.mark.parametrize("n,d,r,dtype,bias,scaling,residual", CASES)
+def test_recorded_launches_on_new_inputs_give_the_launchers_results(n, d, r, dtype, bias, scaling, residual):
+    first, second = (_adapter(n, d, r, dtype, s, bias, scaling, residual) for s in (0, 1))
+    for fn, args, inputs, single in [(K._forward, _fwd_args, _fwd_inputs, True),
+                                     (K._backward, _bwd_args, _bwd_inputs, False)]:
+        R._local.rec = rec = R.Recording(inputs(first))
+        try:
+            out1 = fn(*args(first))
+        finally:
+            R._local.rec = None
+        assert rec.refusal is None and rec.launches
+        replayed = rec.execute(inputs(second), out1, single)
+        _same(replayed, fn(*args(second)))
+        assert R.key_of(*args(first)) == R.key_of(*args(second))
+
+
+@pytest.mark.parametrize("n,d,r,dtype,bias,scaling,residual", CASES)
+def test_the_cpp_program_passes_the_new_inputs_and_the_recorded_scalars(ext, n, d, r, dtype, bias, scaling, residual):
+    first, second = (_adapter(n, d, r, dtype, s, bias, scaling, residual) for s in (0, 1))
+    for fn, args, inputs, single in [(K._forward, _fwd_args, _fwd_inputs, True),
+                                     (K._backward, _bwd_args, _bwd_inputs, False)]:
+        out1, entry = R.record(inputs(first), fn, *args(first), single=single, ext=ext)
+        assert isinstance(entry, R.Entry), entry
+        R._local.rec = rec = R.Recording(inputs(second))  # the launches' arguments on the new inputs
+        try:
+            out2 = fn(*args(second))
+        finally:
+            R._local.rec = None
+        outs, params = entry.program.params(inputs(second))
+        assert entry.program.n_launches == len(rec.symbolic) == len(params)
+        for (kernel, grid, named, consts, kept), values in zip(rec.symbolic, params):
+            recorded = [named[k] for k in kept]
+            assert len(recorded) == len(values)  # (no trailing scratch pointers under the interpreter)
+            for want, got in zip(recorded, values):
+                if isinstance(want, tuple):  # a tensor: an input's address plus the offset, or a fresh buffer
+                    slot = rec.renumber(want[1])
+                    if slot < len(rec.inputs):
+                        assert got == rec.inputs[slot].data_ptr() + want[2]
+                    else:
+                        assert isinstance(got, int) and got != 0 or slot < len(rec.inputs) + len(rec.constants)
+                else:
+                    assert got == pytest.approx(want, rel=1e-7) if isinstance(want, float) else got == want
+        # the outputs: fresh tensors of the launcher's shapes and dtypes (their values need the kernels)
+        want = [out2] if single else list(out2)
+        assert len(outs) == len(want)
+        for o, w in zip(outs, want):
+            assert (o is None) == (w is None)
+            if o is not None:
+                assert o.shape == w.shape and o.dtype == w.dtype and o.data_ptr() != w.data_ptr()
+
+
+def test_a_scalar_scaling_gradient_is_not_recorded(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0, scaling=None)
+    t["scaling"] = torch.tensor(0.5)
+    _, why = R.record(_bwd_inputs(t), K._backward, *_bwd_args(t), single=False, ext=ext)
+    assert isinstance(why, str) and "scalar scaling" in why
+
+
+def test_a_kernel_reading_a_foreign_tensor_is_not_recorded(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    inputs = _fwd_inputs(t)
+    inputs[1] = None  # w_down not declared as an input: the kernel reads a tensor the program cannot find
+    _, why = R.record(inputs, K._forward, *_fwd_args(t), single=True, ext=ext)
+    assert isinstance(why, str) and "not an input" in why
+
+
+def test_overlapping_inputs_are_not_recorded(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    t["residual"] = t["x"][1:]  # overlaps x: a replay on separate tensors would read the wrong one
+    t["x"] = t["x"][:-1]
+    _, why = R.record(_fwd_inputs(t), K._forward, *_fwd_args(t), single=True, ext=ext)
+    assert isinstance(why, str) and "overlap" in why
+
+
+def test_replay_refuses_an_unaligned_input_where_the_recording_was_aligned(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    _, entry = R.record(_fwd_inputs(t), K._forward, *_fwd_args(t), single=True, ext=ext)
+    inputs = _fwd_inputs(t)
+    inputs[0] = torch.empty(9 * 16 + 1)[1:].view(9, 16).copy_(t["x"])  # 4 bytes past an aligned address
+    assert entry.program.params(inputs) is None
+    assert entry.program.params(_fwd_inputs(t)) is not None
+
+
+def test_the_program_checks_its_inputs(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    _, entry = R.record(_fwd_inputs(t), K._forward, *_fwd_args(t), single=True, ext=ext)
+    with pytest.raises(RuntimeError, match="expected 9 inputs"):
+        entry.program.params(_fwd_inputs(t)[:-1])
+    inputs = _fwd_inputs(t)
+    inputs[1] = None
+    with pytest.raises(RuntimeError, match="absent but a kernel reads it"):
+        entry.program.params(inputs)
+    if not ext.triton_replay_can_launch:
+        with pytest.raises(RuntimeError, match="no CUDA launcher"):
+            entry.program.run(_fwd_inputs(t))
+
+
+def test_ptx_param_count_reads_the_entry_point():
+    ptx = (".version 8.7\n.target sm_90a\n.visible .entry k(\n\t.param .u64 .ptr .global .align 1 k_param_0,\n"
+           "\t.param .u32 k_param_1,\n\t.param .f32 k_param_2,\n\t.param .u64 .ptr .global .align 1 k_param_3\n)\n"
+           ".reqntid 128\n{\n}")
+    assert R.ptx_param_count(ptx) == 4
+
+
+def test_compiled_kernels_take_two_scratch_pointers_after_their_parameters():
+    """What the replay appends as null pointers: a kernel compiled for sm_90 here (no GPU needed; in a
+    process without the interpreter) takes its non-constexpr parameters, then Triton's global and
+    profile scratch pointers."""
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pet_fast.kernels import _replay as R, bottleneck_adapter as K
+jit = K._sum_splits_kernel
+names = jit.arg_names
+sig = {n: "constexpr" if n == "BLOCK" else ("*fp32" if n in ("PART", "O0", "O1", "O2", "O3", "O4") else "i32")
+       for n in names}
+src = ASTSource(fn=jit, signature=sig, constexprs={(names.index("BLOCK"),): 1024}, attrs={})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+print(R.ptx_param_count(compiled.asm["ptx"]), sum(t != "constexpr" for t in sig.values()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    in_ptx, kept = map(int, out.stdout.split())
+    assert in_ptx == kept + 2
+
+
+def test_launchers_run_unchanged_without_a_recording():
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    assert getattr(R._local, "rec", None) is None
+    a = K.forward(*_fwd_args(t))
+    b = K._forward(*_fwd_args(t))
+    _same(a, b)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_replayed_calls_match_launches_from_python(dtype):
+    if R._extension() is None:
+        pytest.skip("the CUDA extension is not available")
+    K._FORWARD_PROGRAMS.clear()
+    K._BACKWARD_PROGRAMS.clear()
+    for n, d, r in [(4096, 768, 64), (1000, 1024, 16), (37, 200, 5)]:
+        tensors = [_adapter(n, d, r, dtype, s) for s in range(3)]
+        for t in tensors:
+            for k, v in t.items():
+                if v is not None:
+                    t[k] = v.cuda()
+        for i, t in enumerate(tensors):  # the first call records, the next ones replay
+            _same(K.forward(*_fwd_args(t)), K._forward(*_fwd_args(t)))
+            _same(K.backward(*_bwd_args(t)), K._backward(*_bwd_args(t)))
+        entry = K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(tensors[0]))]
+        assert isinstance(entry, R.Entry), "the forward was not recorded"
+        assert isinstance(K._BACKWARD_PROGRAMS[R.key_of(*_bwd_args(tensors[0]))], R.Entry)
+    torch.cuda.synchronize()
