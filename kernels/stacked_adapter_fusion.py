@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _replay
 from ._host import cdiv, next_power_of_2, sm_count
 
 from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
@@ -345,20 +346,34 @@ def _scale_mode(scaling):
     return 2 if scaling.dim() == 1 else 1
 
 
+_FORWARD_PROGRAMS: dict = {}
+_BACKWARD_PROGRAMS: dict = {}
+
+
 def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
+    """See :func:`_forward`; calls with a key seen before replay its launch from C++ (kernels/_replay.py)."""
+    if x.device.type != "cuda":
+        return _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature)
+    key = _replay.key_of(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature)
+    return _replay.call(_FORWARD_PROGRAMS, key, [x, qk, w_down, b_down, w_up, b_up, scaling], _forward, x, qk, w_down,
+                        b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, single=False)
+
+
+def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
     """x, qk (N, d) contiguous; stacked weights (k, r, d), (k, r), (k, d, r), (k, d); scaling a tensor
     (() or (k,)) or None. Returns (ctx (N, d), a (N, k, RP) fp32, p (N, k) fp32)."""
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
     kp = max(2, next_power_of_2(k))
-    ctx = torch.empty_like(x)
-    abuf = torch.empty((n, k, rp), device=x.device, dtype=torch.float32)
-    pbuf = torch.empty((n, k), device=x.device, dtype=torch.float32)
+    ctx = _replay.empty(x.shape, x.dtype, x.device)
+    abuf = _replay.empty((n, k, rp), torch.float32, x.device)
+    pbuf = _replay.empty((n, k), torch.float32, x.device)
     if n == 0:
         return ctx, abuf, pbuf
     dummy = x
-    _fwd_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+    _replay.launch(
+        _fwd_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
         x, qk, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, ctx, abuf, pbuf, n, d, r, k, float(scaling_value),
         float(inv_temperature), n_bucket(n), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
@@ -387,6 +402,19 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
 
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
              abuf, pbuf, need_ds, need_weights=True):
+    """See :func:`_backward`; calls with a key seen before replay its launches from C++ (kernels/_replay.py)."""
+    if x.device.type != "cuda":
+        return _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                         inv_temperature, abuf, pbuf, need_ds, need_weights)
+    key = _replay.key_of(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
+                         abuf, pbuf, bool(need_ds), bool(need_weights))
+    return _replay.call(_BACKWARD_PROGRAMS, key, [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf],
+                        _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                        inv_temperature, abuf, pbuf, need_ds, need_weights, single=False)
+
+
+def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
+              abuf, pbuf, need_ds, need_weights=True):
     """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
     (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
 
@@ -405,18 +433,19 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     need_ds = bool(need_ds and scaling is not None)
     reduce = n > 0 and (need_weights or need_ds)
     low = x.dtype != torch.float32
-    dx = torch.empty_like(x)
-    dqk = torch.empty_like(qk)
+    dx = _replay.empty(x.shape, x.dtype, x.device)
+    dqk = _replay.empty(qk.shape, qk.dtype, qk.device)
     dummy = x
     s_mode = _scale_mode(scaling)
     s_arg = scaling if scaling is not None else dummy
     bu_arg = b_up if b_up is not None else dummy
     if n > 0:
-        dabuf = torch.empty_like(abuf)
-        da = torch.empty(abuf.shape, device=x.device, dtype=x.dtype) if low else dabuf
-        hbuf = torch.empty(abuf.shape, device=x.device, dtype=x.dtype) if (low and reduce) else abuf
-        dscbuf = torch.empty_like(pbuf)
-        _bwd_rows_kernel[(cdiv(n, bn),)](
+        dabuf = _replay.empty(abuf.shape, abuf.dtype, x.device)
+        da = _replay.empty(abuf.shape, x.dtype, x.device) if low else dabuf
+        hbuf = _replay.empty(abuf.shape, x.dtype, x.device) if (low and reduce) else abuf
+        dscbuf = _replay.empty(pbuf.shape, pbuf.dtype, x.device)
+        _replay.launch(
+            _bwd_rows_kernel, (cdiv(n, bn),),
             x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, dx, dqk, n, d, r, k,
             float(scaling_value), float(inv_temperature), HAS_BU=b_up is not None, S_MODE=s_mode,
             ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp,
@@ -436,8 +465,9 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         total += size
     if reduce:
         d_blocks, splits, rows_per_split = split_plan(n, d, k, bn, bd, x.device)
-        part = torch.empty((splits, total), device=x.device, dtype=torch.float32)
-        _bwd_cols_kernel[(d_blocks, splits, k)](
+        part = _replay.empty((splits, total), torch.float32, x.device)
+        _replay.launch(
+            _bwd_cols_kernel, (d_blocks, splits, k),
             x, qk, dctx, w_up, bu_arg, s_arg, hbuf, da, pbuf, dscbuf, part,
             n, d, r, k, float(scaling_value), rows_per_split, total, offs["wu"], offs["bu"], offs["bd"], offs["ds"],
             d_blocks, HAS_BU=b_up is not None, S_MODE=s_mode, NEED_W=need_weights, NEED_DS=need_ds,
@@ -446,15 +476,18 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     dt = w_down.dtype
     shapes = {"wd": (k, r, d), "wu": (k, d, r), "bu": (k, d), "bd": (k, r), "ds": (k, d_blocks)}
     # separate tensors, each in its dtype: custom-op outputs must not alias one another
-    outs = {name: torch.empty(shapes[name], device=x.device, dtype=torch.float32 if name == "ds" else dt)
+    outs = {name: _replay.empty(shapes[name], torch.float32 if name == "ds" else dt, x.device)
             for name, size in sizes.items() if size}
     if reduce and total:
         sum_splits(part, list(outs.values()))  # the splits in a fixed order, each region into its tensor
     else:  # no tokens: every gradient is zero
+        if outs:
+            _replay.unrecordable("no tokens: the gradients are zero-filled")
         for t in outs.values():
             t.zero_()
     d_scaling = None
     if need_ds:
+        _replay.unrecordable("the scaling's gradient is a torch sum")
         ds = outs["ds"].sum(dim=1)
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     if not need_weights:

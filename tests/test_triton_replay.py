@@ -132,6 +132,49 @@ def test_the_cpp_program_passes_the_new_inputs_and_the_recorded_scalars(ext, n, 
                 assert o.shape == w.shape and o.dtype == w.dtype and o.data_ptr() != w.data_ptr()
 
 
+F = importlib.import_module("pet_fast.kernels.stacked_adapter_fusion")
+
+
+def _fusion(n, d, r, k, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return dict(x=rnd(n, d), qk=rnd(n, d), w_down=rnd(k, r, d) * d ** -0.5, b_down=rnd(k, r) if bias else None,
+                w_up=rnd(k, d, r) * r ** -0.5, b_up=rnd(k, d) if bias else None, dctx=rnd(n, d))
+
+
+@pytest.mark.parametrize("n,d,r,k,dtype,bias", [(37, 24, 5, 3, torch.float32, True), (20, 40, 8, 2, torch.float16, False)])
+def test_recorded_fusion_launches_on_new_inputs_give_the_launchers_results(ext, n, d, r, k, dtype, bias):
+    first, second = (_fusion(n, d, r, k, dtype, s, bias) for s in (0, 1))
+    fwd = lambda t: (t["x"], t["qk"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, 1.0, "relu", 0.5)  # noqa: E731
+    fwd_in = lambda t: [t["x"], t["qk"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None]  # noqa: E731
+    saved = {}
+    for name, t in (("first", first), ("second", second)):
+        saved[name] = F._forward(*fwd(t))
+    R._local.rec = rec = R.Recording(fwd_in(first))
+    try:
+        out1 = F._forward(*fwd(first))
+    finally:
+        R._local.rec = None
+    assert rec.refusal is None
+    _same(rec.execute(fwd_in(second), out1, False), saved["second"])
+    _, entry = R.record(fwd_in(first), F._forward, *fwd(first), single=False, ext=ext)
+    assert isinstance(entry, R.Entry), entry
+
+    bwd = lambda t, a, p: (t["dctx"], *fwd(t)[:6], None, 1.0, "relu", 0.5, a, p, False, True)  # noqa: E731
+    bwd_in = lambda t, a, p: [t["dctx"], t["x"], t["qk"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, a, p]  # noqa: E731
+    a1, p1 = saved["first"][1:]
+    a2, p2 = saved["second"][1:]
+    R._local.rec = rec = R.Recording(bwd_in(first, a1, p1))
+    try:
+        out1 = F._backward(*bwd(first, a1, p1))
+    finally:
+        R._local.rec = None
+    assert rec.refusal is None
+    _same(rec.execute(bwd_in(second, a2, p2), out1, False), F._backward(*bwd(second, a2, p2)))
+    _, entry = R.record(bwd_in(first, a1, p1), F._backward, *bwd(first, a1, p1), single=False, ext=ext)
+    assert isinstance(entry, R.Entry), entry
+
+
 def test_a_scalar_scaling_gradient_is_not_recorded(ext):
     t = _adapter(9, 16, 4, torch.float32, 0, scaling=None)
     t["scaling"] = torch.tensor(0.5)
@@ -236,4 +279,24 @@ def test_gpu_replayed_calls_match_launches_from_python(dtype):
         entry = K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(tensors[0]))]
         assert isinstance(entry, R.Entry), "the forward was not recorded"
         assert isinstance(K._BACKWARD_PROGRAMS[R.key_of(*_bwd_args(tensors[0]))], R.Entry)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_replayed_fusion_calls_match_launches_from_python(dtype):
+    if R._extension() is None:
+        pytest.skip("the CUDA extension is not available")
+    F._FORWARD_PROGRAMS.clear()
+    F._BACKWARD_PROGRAMS.clear()
+    for n, d, r, k in [(4096, 768, 64, 3), (300, 200, 7, 2)]:
+        for seed in range(3):  # the first call records, the next ones replay
+            t = {name: (v.cuda() if v is not None else None) for name, v in _fusion(n, d, r, k, dtype, seed).items()}
+            args = (t["x"], t["qk"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, 1.0, "relu", 0.5)
+            out = F.forward(*args)
+            _same(out, F._forward(*args))
+            bargs = (t["dctx"], *args, out[1], out[2], False, True)
+            _same(F.backward(*bargs), F._backward(*bargs))
+        assert isinstance(F._FORWARD_PROGRAMS[R.key_of(*args)], R.Entry), "the forward was not recorded"
+        assert isinstance(F._BACKWARD_PROGRAMS[R.key_of(*bargs)], R.Entry), "the backward was not recorded"
     torch.cuda.synchronize()
