@@ -14,9 +14,11 @@
 // program's allocations. A pointer parameter recorded at a 16-byte aligned address may have been compiled
 // with that assumption: replay refuses (returns None, the caller runs Python) if its address is not.
 //
-// `params` is a dry run of the same code (allocations, parameter values, no launch): it lets the CPU
-// tests check the recorded programs against the Python launchers. Launching needs the CUDA build
-// (PET_FAST_CUDA, set by setup.py and the just-in-time build): cuLaunchKernel from the driver library.
+// `params` is a dry run of the same code (allocations, parameter values, no launch), and `set_launcher`
+// lets the CPU tests run the launches through a Python callable (the recorded kernels under the Triton
+// interpreter): they check the recorded programs against the Python launchers. Launching on a GPU needs
+// the CUDA build (PET_FAST_CUDA, set by setup.py and the just-in-time build): cuLaunchKernel from the
+// driver library.
 #include <cstring>
 #include <vector>
 
@@ -130,10 +132,16 @@ class Program {
 
   // The outputs, or None when an input's address breaks an alignment the kernels may assume.
   c10::optional<std::vector<c10::optional<at::Tensor>>> run(const std::vector<c10::optional<at::Tensor>>& inputs) {
-#ifdef PET_FAST_CUDA
     std::vector<at::Tensor> slots;
     int64_t dev = -1;
     if (!prepare(inputs, slots, dev)) return c10::nullopt;
+    if (!launcher_.is_none()) {  // the tests' launcher: launch i on these slots (CPU, Triton interpreter)
+      std::vector<c10::optional<at::Tensor>> view;
+      for (const auto& t : slots) view.push_back(t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt);
+      for (size_t i = 0; i < launches_.size(); ++i) launcher_(i, view);
+      return collect(slots);
+    }
+#ifdef PET_FAST_CUDA
     const c10::cuda::CUDAGuard guard(slots[dev].device());
     const CUstream stream = c10::cuda::getCurrentCUDAStream().stream();
     const Driver& drv = driver();
@@ -151,10 +159,12 @@ class Program {
     }
     return collect(slots);
 #else
-    (void)inputs;
-    TORCH_CHECK(false, "triton replay: this build has no CUDA launcher (dry runs only)");
+    TORCH_CHECK(false, "triton replay: this build has no CUDA launcher (dry runs, or a launcher set by the tests)");
 #endif
   }
+
+  // Tests only: a Python callable launcher(i, slots) that runs launch i instead of cuLaunchKernel.
+  void set_launcher(pybind11::object launcher) { launcher_ = std::move(launcher); }
 
   // Dry run: (outputs, per launch the parameter values as 64-bit integers or floats), or None as run().
   c10::optional<std::pair<std::vector<c10::optional<at::Tensor>>, std::vector<std::vector<pybind11::object>>>> params(
@@ -249,6 +259,7 @@ class Program {
   std::vector<Alloc> allocs_;
   std::vector<Launch> launches_;
   std::vector<int64_t> outputs_;
+  pybind11::object launcher_ = pybind11::none();
 };
 
 }  // namespace
@@ -263,6 +274,7 @@ void register_triton_replay(pybind11::module_& m) {
            pybind11::arg("outputs"))
       .def("run", &Program::run, pybind11::arg("inputs"))
       .def("params", &Program::params, pybind11::arg("inputs"))
+      .def("set_launcher", &Program::set_launcher, pybind11::arg("launcher"))
       .def_property_readonly("n_launches", &Program::n_launches);
   m.attr("triton_replay_can_launch") =
 #ifdef PET_FAST_CUDA

@@ -236,20 +236,25 @@ class Recording:
         constexprs, and its tensors rebuilt from slots and byte offsets. Returns what the program would."""
         slots = list(inputs) + list(self.constants) + [torch.empty(a.shape, dtype=a.dtype, device=a.device)
                                                        for a in self.allocs]
-        for kernel, grid, named, consts, _ in self.symbolic:
-            args = {}
-            for n, v in named.items():
-                if isinstance(v, tuple) and len(v) == 3 and v[0] == "slot":
-                    base = slots[self.renumber(v[1])]
-                    args[n] = base.reshape(-1)[v[2] // base.element_size():]
-                else:
-                    args[n] = v
-            kernel[grid](**args, **consts)
+        for i in range(len(self.symbolic)):
+            self.launch_from_slots(i, slots)
         n_in, n_const = len(self.inputs), len(self.constants)
         outs = [outputs] if single else list(outputs)
         got = [None if t is None else slots[n_in + n_const + next(i for i, a in enumerate(self.allocs) if a is t)]
                for t in outs]
         return got[0] if single else tuple(got)
+
+    def launch_from_slots(self, i: int, slots) -> None:
+        """Launch ``i`` from Python on a program's slots (the tests' launcher under the interpreter)."""
+        kernel, grid, named, consts, _ = self.symbolic[i]
+        args = {}
+        for n, v in named.items():
+            if isinstance(v, tuple) and len(v) == 3 and v[0] == "slot":
+                base = slots[self.renumber(v[1])]
+                args[n] = base.reshape(-1)[v[2] // base.element_size():]
+            else:
+                args[n] = v
+        kernel[grid](**args, **consts)
 
     def program(self, ext, outputs, single: bool):
         """(the extension's TritonProgram, the compiled kernels it launches) or raises Unrecordable."""
@@ -297,6 +302,40 @@ class Entry:
 
 
 _ext_module: list = []
+_interpreter_ext: list = []  # tests: a CPU build whose programs launch through the interpreter
+
+
+@contextlib.contextmanager
+def through_interpreter(ext):
+    """Tests on the CPU: inside the block, launchers record and replay CPU calls too, with ``ext`` (a
+    build of csrc/triton_replay.cpp) and each program's launches run from Python under the Triton
+    interpreter (``TritonProgram.set_launcher``); the caches are emptied before and after."""
+    _interpreter_ext.append(ext)
+    _clear_caches()
+    try:
+        yield
+    finally:
+        _interpreter_ext.pop()
+        _clear_caches()
+
+
+_CACHES: list = []
+
+
+def register_cache(cache: dict) -> dict:
+    """A launcher's program cache (emptied by :func:`through_interpreter`)."""
+    _CACHES.append(cache)
+    return cache
+
+
+def _clear_caches() -> None:
+    for c in _CACHES:
+        c.clear()
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether a launcher called on ``x`` records and replays: on a GPU, or in the tests' interpreter mode."""
+    return x.device.type == "cuda" or bool(_interpreter_ext)
 
 
 def _extension():
@@ -323,6 +362,8 @@ def record(inputs, fn: Callable, *args, single: bool, ext=None, **kwargs):
         program, kernels = rec.program(ext, result, single)
     except Unrecordable as exc:
         return result, str(exc)
+    if _interpreter_ext and ext is _interpreter_ext[-1]:
+        program.set_launcher(rec.launch_from_slots)
     return result, Entry(program, kernels, single)
 
 
@@ -350,7 +391,7 @@ def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool,
         return fn(*args, **kwargs)
     entry = cache.get(key)
     if entry is None:
-        ext = _extension()
+        ext = _interpreter_ext[-1] if _interpreter_ext else _extension()
         if ext is None or getattr(_local, "rec", None) is not None:
             return fn(*args, **kwargs)
         result, entry = record(inputs, fn, *args, single=single, ext=ext, **kwargs)

@@ -346,13 +346,13 @@ def _scale_mode(scaling):
     return 2 if scaling.dim() == 1 else 1
 
 
-_FORWARD_PROGRAMS: dict = {}
-_BACKWARD_PROGRAMS: dict = {}
+_FORWARD_PROGRAMS: dict = _replay.register_cache({})
+_BACKWARD_PROGRAMS: dict = _replay.register_cache({})
 
 
 def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
     """See :func:`_forward`; calls with a key seen before replay its launch from C++ (kernels/_replay.py)."""
-    if x.device.type != "cuda":
+    if not _replay.active(x):
         return _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature)
     key = _replay.key_of(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature)
     return _replay.call(_FORWARD_PROGRAMS, key, [x, qk, w_down, b_down, w_up, b_up, scaling], _forward, x, qk, w_down,
@@ -403,7 +403,7 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
              abuf, pbuf, need_ds, need_weights=True):
     """See :func:`_backward`; calls with a key seen before replay its launches from C++ (kernels/_replay.py)."""
-    if x.device.type != "cuda":
+    if not _replay.active(x):
         return _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
                          inv_temperature, abuf, pbuf, need_ds, need_weights)
     key = _replay.key_of(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,

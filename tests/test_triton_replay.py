@@ -300,3 +300,54 @@ def test_gpu_replayed_fusion_calls_match_launches_from_python(dtype):
         assert isinstance(F._FORWARD_PROGRAMS[R.key_of(*args)], R.Entry), "the forward was not recorded"
         assert isinstance(F._BACKWARD_PROGRAMS[R.key_of(*bargs)], R.Entry), "the backward was not recorded"
     torch.cuda.synchronize()
+
+
+# --- whole ops through replayed programs on the CPU ----------------------------------------------
+# Inside _replay.through_interpreter the launchers record CPU calls too and replay them with the C++
+# program (allocations, slots, outputs), its launches run from Python under the interpreter: every
+# second call below goes through TritonProgram.run.
+
+REPLAYED = [((3, 7), 45, 5, torch.float32, "gelu", dict(scaling="channel", residual=True, add_input=True)),
+            ((37,), 70, 17, torch.float32, "silu", dict(scaling="number")),
+            ((21,), 77, 9, torch.float16, "relu", dict(scaling="channel", residual=True)),
+            ((12,), 40, 6, torch.float32, "relu", dict(scaling="channel", layer_norm="affine"))]
+
+
+@pytest.mark.parametrize("n_shape,d,r,dtype,act,kw", REPLAYED)
+def test_adapter_op_through_replayed_programs_matches_the_reference(ext, n_shape, d, r, dtype, act, kw):
+    tk = importlib.import_module("test_kernels_bottleneck_adapter")
+    with R.through_interpreter(ext):
+        for _ in range(2):  # records, then replays
+            tk.check_against_reference(n_shape, d, r, dtype, act, **kw)
+        fwd = [e for e in K._FORWARD_PROGRAMS.values() if isinstance(e, R.Entry)]
+        bwd = [e for e in K._BACKWARD_PROGRAMS.values() if isinstance(e, R.Entry)]
+        assert fwd and bwd, (K._FORWARD_PROGRAMS, K._BACKWARD_PROGRAMS)
+    assert not K._FORWARD_PROGRAMS and not K._BACKWARD_PROGRAMS  # emptied on the way out
+
+
+def test_replayed_adapter_calls_give_the_python_launches_bits(ext):
+    t = [_adapter(50, 48, 12, torch.float16, s) for s in range(3)]
+    want = [(K._forward(*_fwd_args(u)), K._backward(*_bwd_args(u))) for u in t]
+    with R.through_interpreter(ext):
+        for u, (y, g) in zip(t, want):
+            _same(K.forward(*_fwd_args(u)), y)
+            _same(K.backward(*_bwd_args(u)), g)
+        entry = K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(t[0]))]
+        assert isinstance(entry, R.Entry)
+        calls = []
+        entry.program.set_launcher(lambda i, slots: calls.append(i))
+        K.forward(*_fwd_args(t[1]))
+        assert calls == [0]  # the cached program ran: one launch
+
+
+def test_an_unaligned_input_runs_the_python_launch(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    with R.through_interpreter(ext):
+        K.forward(*_fwd_args(t))  # records
+        u = dict(t)
+        u["x"] = torch.empty(9 * 16 + 1)[1:].view(9, 16).copy_(t["x"])
+        entry = K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(t))]
+        calls = []
+        entry.program.set_launcher(lambda i, slots: calls.append(i))
+        _same(K.forward(*_fwd_args(u)), K._forward(*_fwd_args(u)))
+        assert calls == []  # declined by the program: the launcher ran from Python
