@@ -22,6 +22,10 @@
 #include <cstring>
 #include <vector>
 
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
 #include "bindings.h"
 
 #ifdef PET_FAST_CUDA
@@ -136,6 +140,7 @@ class Program {
     int64_t dev = -1;
     if (!prepare(inputs, slots, dev)) return c10::nullopt;
     if (!launcher_.is_none()) {  // the tests' launcher: launch i on these slots (CPU, Triton interpreter)
+      pybind11::gil_scoped_acquire gil;  // (also called from the autograd engine's threads)
       std::vector<c10::optional<at::Tensor>> view;
       for (const auto& t : slots) view.push_back(t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt);
       for (size_t i = 0; i < launches_.size(); ++i) launcher_(i, view);
@@ -262,10 +267,87 @@ class Program {
   pybind11::object launcher_ = pybind11::none();
 };
 
+// An op whose forward and backward launchers both have programs, as one autograd node without Python:
+// the forward program runs here, and the node's backward runs the backward program inside the engine.
+// bwd_map: for each backward-program input, -1 for the output's gradient, -2 for none, k for forward
+// input k (saved). grad_map: for each forward input, -1 for no gradient, -2 for the output's gradient
+// itself (e.g. a residual's), k for the backward program's output k.
+struct ReplayBackward : public torch::autograd::Node {
+  std::string op_name;
+  std::shared_ptr<Program> backward;
+  std::vector<torch::autograd::SavedVariable> saved;
+  std::vector<int64_t> bwd_map, grad_map;
+
+  std::string name() const override { return op_name; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const size_t n = grad_map.size();
+    torch::autograd::variable_list out(n);
+    if (!grads[0].defined()) return out;  // the output was not used: no gradients
+    const at::Tensor dy = grads[0].contiguous();
+    std::vector<at::Tensor> fwd_inputs;
+    for (const auto& v : saved) fwd_inputs.push_back(v.unpack());
+    std::vector<c10::optional<at::Tensor>> inputs;
+    for (auto j : bwd_map) {
+      if (j == -1) inputs.emplace_back(dy);
+      else if (j < 0 || !fwd_inputs[j].defined()) inputs.emplace_back(c10::nullopt);
+      else inputs.emplace_back(fwd_inputs[j]);
+    }
+    auto result = backward->run(inputs);
+    if (!result) {  // an address the recorded kernels may not take (e.g. dy a view): fresh copies do
+      for (auto& t : inputs)
+        if (t.has_value()) t = t->clone(at::MemoryFormat::Contiguous);
+      result = backward->run(inputs);
+      TORCH_CHECK(result.has_value(), op_name, ": the backward program declined fresh copies of its inputs");
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t k = grad_map[i];
+      if (k == -2) {
+        out[i] = grads[0];
+      } else if (k >= 0 && (*result)[k].has_value()) {
+        out[i] = *(*result)[k];
+      }
+    }
+    return out;
+  }
+
+  void release_variables() override {
+    for (auto& v : saved) v.reset_data();
+  }
+};
+
+// The forward program's first output, with a ReplayBackward node when a gradient is needed; None when
+// the forward program declines the inputs (the caller then runs its Python path).
+c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forward, const std::shared_ptr<Program>& backward,
+                                          std::vector<int64_t> bwd_map, std::vector<int64_t> grad_map,
+                                          const std::vector<c10::optional<at::Tensor>>& inputs, std::string name) {
+  TORCH_CHECK(grad_map.size() == inputs.size(), "triton replay: grad_map needs one entry per input");
+  auto result = forward->run(inputs);
+  if (!result) return c10::nullopt;
+  TORCH_CHECK(!result->empty() && (*result)[0].has_value(), "triton replay: the forward program has no output");
+  at::Tensor y = *(*result)[0];
+  std::vector<at::Tensor> ins;
+  for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
+  if (!torch::autograd::compute_requires_grad(at::TensorList(ins))) return y;
+  auto node = c10::make_intrusive<ReplayBackward>();
+  node->op_name = std::move(name);
+  node->backward = backward;
+  node->bwd_map = std::move(bwd_map);
+  node->grad_map = std::move(grad_map);
+  node->set_next_edges(torch::autograd::collect_next_edges(at::TensorList(ins)));
+  for (const auto& t : ins) node->saved.emplace_back(t, /*is_output=*/false);
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
 }  // namespace
 
 void register_triton_replay(pybind11::module_& m) {
-  pybind11::class_<Program>(m, "TritonProgram", "recorded Triton launches replayed from C++ (csrc/triton_replay.cpp)")
+  m.def("replay_autograd", &replay_autograd,
+        "an op's forward and backward programs as one C++ autograd node (csrc/triton_replay.cpp)",
+        pybind11::arg("forward"), pybind11::arg("backward"), pybind11::arg("bwd_map"), pybind11::arg("grad_map"),
+        pybind11::arg("inputs"), pybind11::arg("name"));
+  pybind11::class_<Program, std::shared_ptr<Program>>(m, "TritonProgram", "recorded Triton launches replayed from C++ (csrc/triton_replay.cpp)")
       .def(pybind11::init<int64_t, std::vector<at::Tensor>, std::vector<std::pair<std::vector<int64_t>, at::ScalarType>>,
                           std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t,
                                                  std::vector<std::tuple<int64_t, int64_t, int64_t, double>>>>,

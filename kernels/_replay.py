@@ -289,10 +289,11 @@ class Recording:
 
 
 class Entry:
-    __slots__ = ("program", "kernels", "single")
+    __slots__ = ("program", "kernels", "single", "ext")
 
-    def __init__(self, program, kernels, single):
+    def __init__(self, program, kernels, single, ext):
         self.program, self.kernels, self.single = program, kernels, single  # kernels: keep them loaded
+        self.ext = ext
 
     def run(self, inputs):
         out = self.program.run(inputs)
@@ -364,7 +365,7 @@ def record(inputs, fn: Callable, *args, single: bool, ext=None, **kwargs):
         return result, str(exc)
     if _interpreter_ext and ext is _interpreter_ext[-1]:
         program.set_launcher(rec.launch_from_slots)
-    return result, Entry(program, kernels, single)
+    return result, Entry(program, kernels, single, ext)
 
 
 def set_enabled(flag: bool) -> bool:
@@ -402,6 +403,16 @@ def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool,
         if out is not None:
             return out
     return fn(*args, **kwargs)
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inputs: list, name: str):
+    """The forward program's output with one C++ autograd node running the backward program (see
+    ``replay_autograd`` in csrc/triton_replay.cpp for the maps), or None when the forward declines."""
+    return forward.ext.replay_autograd(forward.program, backward.program, bwd_map, grad_map, inputs, name)
 
 
 def key_of(*args) -> Optional[tuple]:

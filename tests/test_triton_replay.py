@@ -351,3 +351,67 @@ def test_an_unaligned_input_runs_the_python_launch(ext):
         entry.program.set_launcher(lambda i, slots: calls.append(i))
         _same(K.forward(*_fwd_args(u)), K._forward(*_fwd_args(u)))
         assert calls == []  # declined by the program: the launcher ran from Python
+
+
+@pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(residual=True), dict(layer_norm="affine"),
+                                dict(scaling="scalar")])
+def test_the_cpp_autograd_node_takes_later_calls_and_matches_the_function(ext, kw):
+    """Once a call through the autograd.Function recorded both launchers, later calls with the same key run
+    as one C++ node (forward program here, backward program in the engine): the same output and
+    gradients, bit for bit, as the Function's."""
+    tk = importlib.import_module("test_kernels_bottleneck_adapter")
+    ops = [tk.make_case((2, 13), 40, 6, torch.float16, seed=s, **kw)[1] for s in range(3)]
+    dy = torch.randn(2, 13, 40, generator=torch.Generator().manual_seed(3)).half()
+    want = []
+    for ts in ops:
+        ts2 = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in ts.items()}
+        out = tk.call(ts2, "gelu", "triton")
+        assert "ReplayBackward" not in type(out.grad_fn).__name__
+        want.append((out, tk.grads(ts2, out, dy)))
+    with R.through_interpreter(ext):
+        names = []
+        for ts, (y, g) in zip(ops, want):
+            out = tk.call(ts, "gelu", "triton")
+            node = out.grad_fn
+            while node.name() in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):
+                node = node.next_functions[0][0]  # the op's output is reshaped to x's shape
+            names.append(node.name())
+            _same(out, y)
+            got = tk.grads(ts, out, dy)
+            assert set(got) == set(g)
+            for k in g:
+                _same(got[k], g[k])
+    # the first call records through the Function; scalar scalings keep it (their gradient is a torch sum)
+    if kw.get("scaling") == "scalar":
+        assert "BottleneckAdapterBackward" not in names
+    else:
+        assert names[0] != "BottleneckAdapterBackward" and names[1:] == ["BottleneckAdapterBackward"] * 2, names
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(layer_norm="affine")])
+def test_gpu_cpp_autograd_node_matches_the_function(dtype, kw):
+    if R._extension() is None:
+        pytest.skip("the CUDA extension is not available")
+    tk = importlib.import_module("test_kernels_bottleneck_adapter")
+    K._FORWARD_PROGRAMS.clear()
+    K._BACKWARD_PROGRAMS.clear()
+    ops = [tk.make_case((32, 128), 768, 64, dtype, "cuda", seed=s, **kw)[1] for s in range(3)]
+    dy = torch.randn(32, 128, 768, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    names = []
+    for ts in ops:
+        ts2 = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in ts.items()}
+        with R.disabled():
+            y = tk.call(ts2, "silu", "triton")
+            g = tk.grads(ts2, y, dy)
+        out = tk.call(ts, "silu", "triton")
+        node = out.grad_fn
+        while node.name() in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):
+            node = node.next_functions[0][0]
+        names.append(node.name())
+        _same(out, y)
+        got = tk.grads(ts, out, dy)
+        for k in g:
+            _same(got[k], g[k])
+    assert names[1:] == ["BottleneckAdapterBackward"] * 2, names

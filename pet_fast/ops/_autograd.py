@@ -20,7 +20,7 @@ import torch
 ENV_VAR = "PET_FAST_CUSTOM_OPS"
 
 
-def _always_custom_op() -> bool:
+def always_custom_op() -> bool:
     return os.environ.get(ENV_VAR, "0") == "1"
 
 
@@ -61,7 +61,7 @@ class Op:
         self.forward = forward  # for an op with an autograd formula: its forward alone, for calls without grad
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or _always_custom_op():
+        if torch.compiler.is_compiling() or always_custom_op():
             return self.custom_op(*args)
         if self.forward is not None and not torch.is_grad_enabled():
             return self.forward(*args)  # nothing to record: no autograd.Function (~5 us of host time)

@@ -283,7 +283,14 @@ def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, re
     else:
         c = lambda t: None if t is None else t.contiguous()
         ln = (True, c(layer_norm[0]), c(layer_norm[1]), float(layer_norm[2]), compute_dtype(x))
-    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input), *ln)
+    act = activations.canonical(activation)
+    if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
+        # replayed launches in one C++ autograd node, once an earlier call recorded both launchers
+        y = _triton_kernels().forward_with_grad(x2, wd, bd, wu, bu, s_t, s_v, res, act, bool(add_input),
+                                                (ln[1], ln[2], ln[3]) if ln else None, ln[4] if ln else None)
+        if y is not None:
+            return y.reshape(x.shape)
+    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, act, bool(add_input), *ln)
     return y.reshape(x.shape)
 
 
