@@ -58,8 +58,11 @@ class _Stub:
         return launch
 
 
+_ORIGINALS: list = []  # (module, name, kernel) replaced by stub_kernels
+
+
 def stub_kernels() -> int:
-    """Replace every Triton kernel in pet_fast.kernels by a stub; returns how many."""
+    """Replace every Triton kernel in pet_fast.kernels by a stub (until :func:`unstub_kernels`); returns how many."""
     import pet_fast.kernels as package
 
     n = 0
@@ -67,9 +70,16 @@ def stub_kernels() -> int:
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, value in list(vars(module).items()):
             if type(value).__name__ in ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics"):
+                _ORIGINALS.append((module, name, value))
                 setattr(module, name, _Stub())
                 n += 1
     return n
+
+
+def unstub_kernels() -> None:
+    while _ORIGINALS:
+        module, name, value = _ORIGINALS.pop()
+        setattr(module, name, value)
 
 
 def build_model(spec, device):
@@ -85,8 +95,52 @@ def make_step(row: bench.Row):
     return bench.make_step(row, SPEC, torch.device("cpu"), build=build_model, update=False)[0]
 
 
-def time_row(row: bench.Row, steps: int) -> dict:
-    step = make_step(row)
+def replay_module():
+    """A CPU build of the Triton replay (csrc/triton_replay.cpp), as tests/test_triton_replay.py builds it."""
+    from torch.utils.cpp_extension import load
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pet_fast_replay_cpu_build")
+    os.makedirs(build, exist_ok=True)
+    return load(name="pet_fast_triton_replay_cpu", build_directory=build, extra_include_paths=[os.path.join(root, "csrc")],
+                sources=[os.path.join(root, "csrc", "triton_replay.cpp"),
+                         os.path.join(root, "tests", "csrc", "triton_replay_module.cpp")], extra_cflags=["-O3"])
+
+
+def time_row(row: bench.Row, steps: int, replay=None) -> dict:
+    stub_kernels()  # the model's set-up and first calls, as before (the replay rows record with real kernels)
+    try:
+        step = make_step(row)
+    finally:
+        unstub_kernels()
+    if replay is not None and row.backend == "triton":
+        # the GPU's replay path: a first step records the launchers (real kernels, interpreted), then every
+        # recorded program launches through a counting no-op, the others through the stubs
+        from pet_fast.kernels import _replay
+
+        with _replay.through_interpreter(replay):
+            step()
+            for cache in _replay._CACHES:
+                for entry in cache.values():
+                    if isinstance(entry, _replay.Entry):
+                        entry.program.set_launcher(_count_replayed)
+            stub_kernels()
+            try:
+                return _time_steps(row, step, steps)
+            finally:
+                unstub_kernels()
+    stub_kernels()
+    try:
+        return _time_steps(row, step, steps)
+    finally:
+        unstub_kernels()
+
+
+def _count_replayed(i, slots):
+    _Stub.launches += 1
+
+
+def _time_steps(row, step, steps: int) -> dict:
     for _ in range(3):
         step()
     _Stub.launches = 0
@@ -105,17 +159,20 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="timed steps per row (the median is reported)")
     p.add_argument("--repeats", type=int, default=2,
                    help="passes over all rows; each row reports its fastest pass (other work only adds time)")
+    p.add_argument("--replay", action="store_true",
+                   help="the triton rows as a GPU runs them with the launches replayed from C++ "
+                        "(kernels/_replay.py): needs a C++ compiler and ninja")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # garbage from stubbed kernels must not hit slow denormal arithmetic
-    print(f"stubbed {stub_kernels()} Triton kernels", flush=True)
+    replay = replay_module() if args.replay else None
     extra = [r for r in args.rows if r not in ROWS and not any(c in r for c in "*?[")]  # e.g. side/eager
     names = [r for r in ROWS + extra if any(fnmatch.fnmatch(r, pat) for pat in args.rows)]
     rows = {}
     for _ in range(args.repeats):
         for name in names:
             kind, _, backend = name.partition("/")
-            rec = time_row(bench.Row("bert-deep-narrow", name, kind, backend or None), args.steps)
+            rec = time_row(bench.Row("bert-deep-narrow", name, kind, backend or None), args.steps, replay)
             if name not in rows or rec["ms"] < rows[name]["ms"]:
                 rows[name] = rec
             print(f"{name}: {rec['ms']} ms, {rec['stubbed_launches']} stubbed launches", flush=True)

@@ -335,7 +335,14 @@ c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forwar
   node->bwd_map = std::move(bwd_map);
   node->grad_map = std::move(grad_map);
   node->set_next_edges(torch::autograd::collect_next_edges(at::TensorList(ins)));
-  for (const auto& t : ins) node->saved.emplace_back(t, /*is_output=*/false);
+  // only what the backward program reads (a residual, say, is not kept alive until the backward)
+  std::vector<bool> read(ins.size(), false);
+  for (auto j : node->bwd_map)
+    if (j >= 0) {
+      TORCH_CHECK(j < static_cast<int64_t>(ins.size()), "triton replay: bwd_map entry ", j, " out of range");
+      read[j] = true;
+    }
+  for (size_t i = 0; i < ins.size(); ++i) node->saved.emplace_back(read[i] ? ins[i] : at::Tensor(), /*is_output=*/false);
   torch::autograd::set_history(y, node);
   return y;
 }

@@ -415,3 +415,29 @@ def test_gpu_cpp_autograd_node_matches_the_function(dtype, kw):
         for k in g:
             _same(got[k], g[k])
     assert names[1:] == ["BottleneckAdapterBackward"] * 2, names
+
+
+def test_the_cpp_autograd_node_keeps_only_what_its_backward_reads(ext):
+    """The residual (and the output's own storage) are not saved: the node holds x and the adapter's
+    parameters, as the autograd.Function does."""
+    import gc
+    import weakref
+
+    t = _adapter(20, 32, 4, torch.float32, 0)
+    ps = {k: (v.requires_grad_() if k in ("x", "w_down", "b_down", "w_up", "b_up") else v) for k, v in t.items()}
+    call = lambda res: K.forward_with_grad(ps["x"], ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None, 1.0,  # noqa: E731
+                                           res, "gelu", True)
+    with R.through_interpreter(ext):
+        res0 = torch.randn(20, 32)
+        y = K.forward(ps["x"], ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None, 1.0, res0, "gelu", True)
+        K.backward(torch.ones(20, 32), ps["x"].detach(), ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None, 1.0,
+                   False, "gelu", False, True)
+        res = torch.randn(20, 32)
+        alive = weakref.ref(res)
+        y = call(res)
+        assert y is not None and y.grad_fn.name() == "BottleneckAdapterBackward"
+        del res
+        gc.collect()
+        assert alive() is None
+        g = torch.autograd.grad(y, [ps["x"], ps["w_down"]], torch.ones(20, 32))
+        assert all(t is not None for t in g)
