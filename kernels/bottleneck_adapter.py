@@ -509,6 +509,7 @@ def forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, act
 # The backward launcher's inputs (dy, x, w_down, b_down, w_up, b_up, scaling, LN weight, LN bias) from the
 # forward's (x, w_down, b_down, w_up, b_up, scaling, residual, LN weight, LN bias); -1: the output's gradient
 _BWD_FROM_FWD = [-1, 0, 1, 2, 3, 4, 5, 7, 8]
+_PAIRS: dict = _replay.register_cache({})  # (forward key, need_ds, need_weights) -> (forward, backward, grad map)
 
 
 def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
@@ -521,24 +522,28 @@ def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, res
         return None
     lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
     ln_key = None if ln is None else (lnw, lnb, float(ln[2]))
-    fwd = _FORWARD_PROGRAMS.get(_replay.key_of(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual,
-                                               activation, add_input, ln_key, compute))
-    if not isinstance(fwd, _replay.Entry):
-        return None
     # the backward's arguments as the autograd formula will pass them (pet_fast/ops/bottleneck_adapter.py)
     need_ds = scaling is not None and scaling.requires_grad
     need_w = any(t is not None and t.requires_grad for t in (w_down, b_down, w_up, b_up))
-    has_residual = not (residual is None or add_input)
-    like = x if residual is None else residual
-    key = ((like.shape, like.dtype, like.get_device()),) + _replay.key_of(
-        x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
-        compute)
-    bwd = _BACKWARD_PROGRAMS.get(key)
-    if not isinstance(bwd, _replay.Entry):
-        return None
-    # gradients of x, w_down, b_down, w_up, b_up, scaling, residual (dy itself), LN weight and bias (none)
-    grad_map = [0, 1, 2, 3, 4, 5 if need_ds else -1, -2 if residual is not None else -1, -1, -1]
-    return _replay.autograd(fwd, bwd, _BWD_FROM_FWD, grad_map,
+    fkey = _replay.key_of(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input,
+                          ln_key, compute)
+    pair = _PAIRS.get((fkey, need_ds, need_w))
+    if pair is None:
+        fwd = _FORWARD_PROGRAMS.get(fkey)
+        if not isinstance(fwd, _replay.Entry):
+            return None
+        has_residual = not (residual is None or add_input)
+        like = x if residual is None else residual
+        bkey = ((like.shape, like.dtype, like.get_device()),) + _replay.key_of(
+            x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
+            compute)
+        bwd = _BACKWARD_PROGRAMS.get(bkey)
+        if not isinstance(bwd, _replay.Entry):
+            return None
+        # gradients of x, w_down, b_down, w_up, b_up, scaling, residual (dy itself), LN weight and bias (none)
+        grad_map = [0, 1, 2, 3, 4, 5 if need_ds else -1, -2 if residual is not None else -1, -1, -1]
+        pair = _PAIRS[(fkey, need_ds, need_w)] = (fwd, bwd, grad_map)
+    return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2],
                             [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb], "BottleneckAdapterBackward")
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HAS_GPU
 
 R = importlib.import_module("pet_fast.kernels._replay")
 K = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
@@ -260,7 +259,7 @@ def test_launchers_run_unchanged_without_a_recording():
     _same(a, b)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_replayed_calls_match_launches_from_python(dtype):
     if R._extension() is None:
@@ -282,7 +281,7 @@ def test_gpu_replayed_calls_match_launches_from_python(dtype):
     torch.cuda.synchronize()
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_replayed_fusion_calls_match_launches_from_python(dtype):
     if R._extension() is None:
@@ -388,7 +387,7 @@ def test_the_cpp_autograd_node_takes_later_calls_and_matches_the_function(ext, k
         assert names[0] != "BottleneckAdapterBackward" and names[1:] == ["BottleneckAdapterBackward"] * 2, names
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(layer_norm="affine")])
 def test_gpu_cpp_autograd_node_matches_the_function(dtype, kw):
