@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 import time
@@ -88,6 +89,11 @@ def cmd_info(args) -> int:
     if not torch.cuda.is_available():
         why = "not loaded: no CUDA device is visible"
     print(f"pet_fast._C   {'available' if built else 'absent'}: {why}")
+    replay_off = os.environ.get("PET_FAST_TRITON_REPLAY", "1") == "0"
+    replay = ("off (PET_FAST_TRITON_REPLAY=0)" if replay_off else
+              "on: Triton launches recorded once per key, replayed from C++" if built and torch.cuda.is_available()
+              else "off: needs pet_fast._C on a GPU (launches from Python)")
+    print(f"replay        {replay}")
     choice, source = dispatch.requested()
     print(f"backend       {choice} (from {source})")
     print("\nmeasured timings behind auto:")
