@@ -340,10 +340,49 @@ def bottleneck_adapter(
         sig = None if ln_sig is None else sig + ln_sig + (compute_dtype(x),)
     (activation, number), impl = dispatch.plan(OP, sig, backend, resolve)
     scaling = scaling if number is None else number
+    if impl.backend == "triton" and sig is not None and torch.is_grad_enabled() and not (
+            torch.compiler.is_compiling() or _autograd.always_custom_op()):
+        return _triton_remembering_nodes(sig, x, w_down, b_down, w_up, b_up, activation, scaling, residual,
+                                         add_input, layer_norm)
     kw = dict(add_input=True) if add_input else {}
     if layer_norm is not None:
         kw["layer_norm"] = layer_norm
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual, **kw)
+
+
+# Per call signature (with its dispatch state, as the plans): the triton backend's C++ autograd node for
+# such calls once their launchers are recorded (kernels.NodeCall), or False when they cannot be. A
+# training step's adapter calls then go from the op's arguments to the node without the launchers' keys.
+_NODES: dict = {}
+_NODES_REGISTERED: list = []
+
+
+def _triton_remembering_nodes(sig, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input,
+                              layer_norm):
+    kernels = _triton_kernels()
+    replay = kernels._replay
+    if not (replay.enabled() and replay.active(x)):
+        return run_triton(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm)
+    if not _NODES_REGISTERED:
+        replay.register_cache(_NODES)  # emptied with the launchers' programs
+        _NODES_REGISTERED.append(True)
+    key = (sig, dispatch.triton_interpreting())
+    node = _NODES.get(key)
+    if node:
+        y = node(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm)
+        if y is not None:
+            return y
+    y = run_triton(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm)
+    if node is None:
+        x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
+        ln = None if layer_norm is None else (layer_norm[0], layer_norm[1], float(layer_norm[2]))
+        node = kernels.node_call(x2, wd, bd, wu, bu, s_t, s_v, res, activation, bool(add_input), ln,
+                                           None if layer_norm is None else compute_dtype(x))
+        if node is not None:
+            if len(_NODES) >= dispatch.PLANS_MAX:
+                _NODES.clear()
+            _NODES[key] = node
+    return y
 
 
 # The cuda backend (csrc/bottleneck_adapter.cu): forward and backward for few tokens (serving and
