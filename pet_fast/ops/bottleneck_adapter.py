@@ -342,8 +342,8 @@ def bottleneck_adapter(
     scaling = scaling if number is None else number
     if impl.backend == "triton" and sig is not None and torch.is_grad_enabled() and not (
             torch.compiler.is_compiling() or _autograd.always_custom_op()):
-        return _triton_remembering_nodes(sig, x, w_down, b_down, w_up, b_up, activation, scaling, residual,
-                                         add_input, layer_norm)
+        return _triton_remembering_nodes(impl.run, sig, x, w_down, b_down, w_up, b_up, activation, scaling,
+                                         residual, add_input, layer_norm)
     kw = dict(add_input=True) if add_input else {}
     if layer_norm is not None:
         kw["layer_norm"] = layer_norm
@@ -357,12 +357,14 @@ _NODES: dict = {}
 _NODES_REGISTERED: list = []
 
 
-def _triton_remembering_nodes(sig, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input,
+def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input,
                               layer_norm):
+    """``run`` (the registered triton backend) for this call, or the signature's C++ node once recorded."""
     kernels = _triton_kernels()
     replay = kernels._replay
     if not (replay.enabled() and replay.active(x)):
-        return run_triton(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm)
+        return run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
+                   add_input=add_input, layer_norm=layer_norm)
     if not _NODES_REGISTERED:
         replay.register_cache(_NODES)  # emptied with the launchers' programs
         _NODES_REGISTERED.append(True)
@@ -372,12 +374,13 @@ def _triton_remembering_nodes(sig, x, w_down, b_down, w_up, b_up, activation, sc
         y = node(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm)
         if y is not None:
             return y
-    y = run_triton(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm)
+    y = run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
+            add_input=add_input, layer_norm=layer_norm)
     if node is None:
         x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
         ln = None if layer_norm is None else (layer_norm[0], layer_norm[1], float(layer_norm[2]))
         node = kernels.node_call(x2, wd, bd, wu, bu, s_t, s_v, res, activation, bool(add_input), ln,
-                                           None if layer_norm is None else compute_dtype(x))
+                                 None if layer_norm is None else compute_dtype(x))
         if node is not None:
             if len(_NODES) >= dispatch.PLANS_MAX:
                 _NODES.clear()
