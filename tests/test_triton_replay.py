@@ -440,3 +440,23 @@ def test_the_cpp_autograd_node_keeps_only_what_its_backward_reads(ext):
         assert alive() is None
         g = torch.autograd.grad(y, [ps["x"], ps["w_down"]], torch.ones(20, 32))
         assert all(t is not None for t in g)
+
+
+def test_the_op_remembers_the_node_per_call_signature(ext, monkeypatch):
+    """After the calls that record both launchers, the op goes from its arguments to the C++ node (no
+    launcher keys computed, no autograd.Function), and a signature it has not seen takes the Function."""
+    tk = importlib.import_module("test_kernels_bottleneck_adapter")
+    ops = importlib.import_module("pet_fast.ops.bottleneck_adapter")
+    with R.through_interpreter(ext):
+        for s in range(2):
+            ts = tk.make_case((3, 11), 32, 4, torch.float32, seed=s, residual=True, add_input=True)[1]
+            tk.call(ts, "relu", "triton").sum().backward()
+        assert any(v for v in ops._NODES.values())
+        monkeypatch.setattr(K, "forward_with_grad", lambda *a, **k: pytest.fail("the remembered node was not used"))
+        monkeypatch.setattr(K, "node_call", lambda *a, **k: pytest.fail("the remembered node was not used"))
+        ts = tk.make_case((3, 11), 32, 4, torch.float32, seed=5, residual=True, add_input=True)[1]
+        out = tk.call(ts, "relu", "triton")
+        assert out.grad_fn.next_functions[0][0].name() == "BottleneckAdapterBackward"
+        out.sum().backward()
+        assert ts["w_down"].grad is not None and ts["x"].grad is not None
+    assert not ops._NODES  # emptied with the programs
