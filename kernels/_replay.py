@@ -37,6 +37,7 @@ ENV_VAR = "PET_FAST_TRITON_REPLAY"
 _ENABLED = os.environ.get(ENV_VAR, "1") != "0"
 _local = threading.local()
 _REFUSED = object()  # a key whose calls run in Python
+MAX_PROGRAMS = 1024  # keys kept per launcher
 
 
 class Unrecordable(Exception):
@@ -396,6 +397,8 @@ def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool,
         if ext is None or getattr(_local, "rec", None) is not None:
             return fn(*args, **kwargs)
         result, entry = record(inputs, fn, *args, single=single, ext=ext, **kwargs)
+        if len(cache) >= MAX_PROGRAMS:  # e.g. a new token count every step: start again rather than grow
+            cache.clear()
         cache[key] = entry if isinstance(entry, Entry) else _REFUSED
         return result
     if entry is not _REFUSED:

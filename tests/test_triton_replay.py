@@ -460,3 +460,12 @@ def test_the_op_remembers_the_node_per_call_signature(ext, monkeypatch):
         out.sum().backward()
         assert ts["w_down"].grad is not None and ts["x"].grad is not None
     assert not ops._NODES  # emptied with the programs
+
+
+def test_a_launchers_programs_are_capped(ext, monkeypatch):
+    monkeypatch.setattr(R, "MAX_PROGRAMS", 3)
+    with R.through_interpreter(ext):
+        for n in range(1, 8):  # a new token count each call: a new key
+            t = _adapter(n, 16, 4, torch.float32, n)
+            K.forward(*_fwd_args(t))
+            assert 1 <= len(K._FORWARD_PROGRAMS) <= 3
