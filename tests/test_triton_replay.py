@@ -251,6 +251,64 @@ print(R.ptx_param_count(compiled.asm["ptx"]), sum(t != "constexpr" for t in sig.
     assert in_ptx == kept + 2
 
 
+_PTX_CHECK = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+from pet_fast.kernels import _replay as R, bottleneck_adapter as K
+
+captured = []
+R.launch = lambda kernel, grid, *a, **k: captured.append((kernel, a, k))  # what the launchers pass, not run
+g = torch.Generator().manual_seed(0)
+n, d, r = 37, 48, 1  # r = 1: an integer argument Triton specialises into a constexpr
+mk = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=g).to(dt)
+x, wd, bd, wu, bu, res, dy = mk(n, d), mk(r, d), mk(r), mk(d, r), mk(d), mk(n, d, dt=torch.float32), mk(n, d)
+K._forward(x, wd, bd, wu, bu, None, 0.5, res, "gelu", True, None, None)
+K._backward(dy, x, wd, bd, wu, bu, None, 0.5, False, "gelu", False, True, None, None)
+for kernel, args, kwargs in captured:
+    jit = R._jit_function(kernel)
+    cfg = kernel.configs[0] if hasattr(kernel, "configs") else None
+    kw = dict(kwargs)
+    if cfg is not None:
+        kw.update(cfg.kwargs)
+    names = [p.name for p in jit.params]
+    values = dict(zip(names, args)); values.update({k: v for k, v in kw.items() if k in names})
+    types = R.binder_types(jit, values)
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(jit.params):
+        if types[p.name] == "constexpr":
+            sig[p.name] = "constexpr"; consts[(i,)] = values[p.name]
+        else:
+            sig[p.name] = types[p.name]
+            key = native_specialize_impl(BaseBackend, values[p.name], p.is_const, True, True)[1]
+            if key == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    warps = kw.get("num_warps", cfg.num_warps if cfg is not None else 4)
+    compiled = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    kept = sum(t != "constexpr" for t in sig.values())
+    print(jit.__name__ if hasattr(jit, "__name__") else jit.fn.__name__, R.ptx_param_count(compiled.asm["ptx"]), kept,
+          "R" if types.get("R") == "constexpr" else "")
+"""
+
+
+def test_the_adapter_kernels_compiled_for_sm90_take_the_recorded_parameters_and_two_scratch_pointers():
+    """The launches the adapter's launchers make (captured, not run), compiled for sm_90 with the binder's
+    specialisation (r = 1 turns an integer argument into a constexpr): each PTX entry takes exactly the
+    parameters a recording keeps, in order, plus the two scratch pointers the replay passes as null."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln.split() for ln in out.stdout.splitlines() if ln.strip()]
+    assert [ln[0] for ln in lines] == ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel", "_sum_splits_kernel"]
+    for name, in_ptx, kept, *flag in lines:
+        assert int(in_ptx) == int(kept) + 2, name
+    assert all(ln[3:] == ["R"] for ln in lines[:3])  # r = 1 was specialised away, and not recorded
+
+
 def test_launchers_run_unchanged_without_a_recording():
     t = _adapter(9, 16, 4, torch.float32, 0)
     assert getattr(R._local, "rec", None) is None
