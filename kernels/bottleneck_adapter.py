@@ -512,14 +512,10 @@ _BWD_FROM_FWD = [-1, 0, 1, 2, 3, 4, 5, 7, 8]
 _PAIRS: dict = _replay.register_cache({})  # (forward key, need_ds, need_weights) -> (forward, backward, grad map)
 
 
-def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
-                      ln=None, compute=None):
-    """:func:`forward`'s output with its gradients from one C++ autograd node, once both the forward and the
-    backward launcher have a program for these arguments (recorded by earlier calls through the op's
-    autograd.Function: the same launchers, kernels and gradients as its backward). None otherwise: the
-    caller then takes the autograd.Function."""
-    if not (_replay.enabled() and _replay.active(x)):
-        return None
+def _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input, ln,
+                  compute):
+    """(forward program, backward program, grad map) for these launcher arguments when both launchers are
+    recorded; None while one is missing; False when one cannot be recorded."""
     lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
     ln_key = None if ln is None else (lnw, lnb, float(ln[2]))
     # the backward's arguments as the autograd formula will pass them (pet_fast/ops/bottleneck_adapter.py)
@@ -528,21 +524,37 @@ def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, res
     fkey = _replay.key_of(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input,
                           ln_key, compute)
     pair = _PAIRS.get((fkey, need_ds, need_w))
-    if pair is None:
-        fwd = _FORWARD_PROGRAMS.get(fkey)
-        if not isinstance(fwd, _replay.Entry):
-            return None
-        has_residual = not (residual is None or add_input)
-        like = x if residual is None else residual
-        bkey = ((like.shape, like.dtype, like.get_device()),) + _replay.key_of(
-            x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
-            compute)
-        bwd = _BACKWARD_PROGRAMS.get(bkey)
-        if not isinstance(bwd, _replay.Entry):
-            return None
-        # gradients of x, w_down, b_down, w_up, b_up, scaling, residual (dy itself), LN weight and bias (none)
-        grad_map = [0, 1, 2, 3, 4, 5 if need_ds else -1, -2 if residual is not None else -1, -1, -1]
-        pair = _PAIRS[(fkey, need_ds, need_w)] = (fwd, bwd, grad_map)
+    if pair is not None:
+        return pair
+    has_residual = not (residual is None or add_input)
+    like = x if residual is None else residual
+    bkey = ((like.shape, like.dtype, like.get_device()),) + _replay.key_of(
+        x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
+        compute)
+    fwd, bwd = _FORWARD_PROGRAMS.get(fkey), _BACKWARD_PROGRAMS.get(bkey)
+    if fwd is None or bwd is None:
+        return None
+    if not (isinstance(fwd, _replay.Entry) and isinstance(bwd, _replay.Entry)):
+        return False
+    # gradients of x, w_down, b_down, w_up, b_up, scaling, residual (dy itself), LN weight and bias (none)
+    grad_map = [0, 1, 2, 3, 4, 5 if need_ds else -1, -2 if residual is not None else -1, -1, -1]
+    pair = _PAIRS[(fkey, need_ds, need_w)] = (fwd, bwd, grad_map)
+    return pair
+
+
+def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
+                      ln=None, compute=None):
+    """:func:`forward`'s output with its gradients from one C++ autograd node, once both the forward and the
+    backward launcher have a program for these arguments (recorded by earlier calls through the op's
+    autograd.Function: the same launchers, kernels and gradients as its backward). None otherwise: the
+    caller then takes the autograd.Function."""
+    if not (_replay.enabled() and _replay.active(x)):
+        return None
+    pair = _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input, ln,
+                         compute)
+    if not pair:
+        return None
+    lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
     return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2],
                             [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb], "BottleneckAdapterBackward")
 
@@ -572,25 +584,9 @@ def node_call(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, a
               compute=None):
     """The NodeCall for calls like this one (the launcher's arguments) once both programs are recorded;
     None while one is missing, False when one cannot be recorded."""
-    lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
-    ln_key = None if ln is None else (lnw, lnb, float(ln[2]))
-    need_ds = scaling is not None and scaling.requires_grad
-    need_w = any(t is not None and t.requires_grad for t in (w_down, b_down, w_up, b_up))
-    fkey = _replay.key_of(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input,
-                          ln_key, compute)
-    pair = _PAIRS.get((fkey, need_ds, need_w))
-    if pair is not None:
-        return NodeCall(pair)
-    fwd = _FORWARD_PROGRAMS.get(fkey)
-    has_residual = not (residual is None or add_input)
-    like = x if residual is None else residual
-    bkey = ((like.shape, like.dtype, like.get_device()),) + _replay.key_of(
-        x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
-        compute)
-    bwd = _BACKWARD_PROGRAMS.get(bkey)
-    if fwd is None or bwd is None:
-        return None
-    return False  # recorded as not replayable
+    pair = _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input, ln,
+                         compute)
+    return NodeCall(pair) if pair else pair
 
 
 def _forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,

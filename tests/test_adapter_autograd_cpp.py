@@ -4,11 +4,11 @@
 every gradient in float64 over every form of the call, the mixed-precision form (half x, float32
 parameters and residual), a frozen adapter; and the cuda backend's routing and reasons."""
 import itertools
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from _cpu_ext import load_cpu_module
 
 from pet_fast import dispatch
 from pet_fast.ops import bottleneck_adapter as op
@@ -18,18 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
-    from torch.utils.cpp_extension import is_ninja_available, load
-
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler")
-    if not is_ninja_available():
-        pytest.skip("ninja is not installed (pip install ninja): torch builds C++ extensions with it")
-
-    build = tmp_path_factory.mktemp("adapter_autograd_build")
-    return load(name="pet_fast_adapter_autograd_cpu", build_directory=str(build), verbose=False,
-                sources=[str(ROOT / "csrc" / "bottleneck_adapter_autograd.cpp"),
-                         str(ROOT / "tests" / "csrc" / "adapter_autograd_module.cpp")],
-                extra_include_paths=[str(ROOT / "csrc")])
+    return load_cpu_module(tmp_path_factory, "pet_fast_adapter_autograd_cpu", ["bottleneck_adapter_autograd.cpp"],
+                           "adapter_autograd_module.cpp")
 
 
 def _call(ext, x, wd, bd, wu, bu, act, scaling, residual, add_input):

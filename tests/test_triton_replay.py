@@ -9,13 +9,13 @@ CPU cannot check is the launch itself (cuLaunchKernel on the compiled kernels): 
 end compare replayed calls with launches from Python on a GPU."""
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _cpu_ext import load_cpu_module
 
 
 R = importlib.import_module("pet_fast.kernels._replay")
@@ -25,16 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
-    from torch.utils.cpp_extension import is_ninja_available, load
-
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler")
-    if not is_ninja_available():
-        pytest.skip("ninja is not installed (pip install ninja): torch builds C++ extensions with it")
-    build = tmp_path_factory.mktemp("triton_replay_build")
-    return load(name="pet_fast_triton_replay_cpu", build_directory=str(build), verbose=False,
-                sources=[str(ROOT / "csrc" / "triton_replay.cpp"), str(ROOT / "tests" / "csrc" / "triton_replay_module.cpp")],
-                extra_include_paths=[str(ROOT / "csrc")])
+    return load_cpu_module(tmp_path_factory, "pet_fast_triton_replay_cpu", ["triton_replay.cpp"],
+                           "triton_replay_module.cpp")
 
 
 def _adapter(n, d, r, dtype, seed, bias=True, scaling="channel", residual=True):

@@ -1,0 +1,22 @@
+"""Building a CPU-only module of csrc/ files for a test (the full extension pet_fast._C builds only where
+CUDA is): the C++ that does not need a GPU is checked on the CPU through it."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cpu_module(tmp_path_factory, name: str, csrc_files, module_file: str):
+    """Builds ``csrc/<csrc_files>`` with ``tests/csrc/<module_file>`` as module ``name`` (skips the test
+    without a C++ compiler or ninja)."""
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed (pip install ninja): torch builds C++ extensions with it")
+    build = tmp_path_factory.mktemp(f"{name}_build")
+    return load(name=name, build_directory=str(build), verbose=False, extra_include_paths=[str(ROOT / "csrc")],
+                sources=[str(ROOT / "csrc" / f) for f in csrc_files] + [str(ROOT / "tests" / "csrc" / module_file)])
