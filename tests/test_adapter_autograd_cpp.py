@@ -4,7 +4,6 @@
 every gradient in float64 over every form of the call, the mixed-precision form (half x, float32
 parameters and residual), a frozen adapter; and the cuda backend's routing and reasons."""
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from _cpu_ext import load_cpu_module
 from pet_fast import dispatch
 from pet_fast.ops import bottleneck_adapter as op
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
