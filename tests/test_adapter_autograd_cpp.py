@@ -13,7 +13,6 @@ from pet_fast import dispatch
 from pet_fast.ops import bottleneck_adapter as op
 
 
-
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
     return load_cpu_module(tmp_path_factory, "pet_fast_adapter_autograd_cpu", ["bottleneck_adapter_autograd.cpp"],
