@@ -402,10 +402,22 @@ def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool,
         cache[key] = entry if isinstance(entry, Entry) else _REFUSED
         return result
     if entry is not _REFUSED:
-        out = entry.run(inputs)
+        try:
+            out = entry.run(inputs)
+        except RuntimeError as exc:  # e.g. the driver refused a launch: this key launches from Python from now on
+            _warn_replay_failed(exc)
+            cache[key] = _REFUSED
+            out = None
         if out is not None:
             return out
     return fn(*args, **kwargs)
+
+
+def _warn_replay_failed(exc: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"pet_fast: replaying recorded Triton launches failed ({exc}); launching from Python instead "
+                  f"(set {ENV_VAR}=0 to turn the replay off)", RuntimeWarning, stacklevel=3)
 
 
 def enabled() -> bool:
@@ -415,7 +427,12 @@ def enabled() -> bool:
 def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inputs: list, name: str):
     """The forward program's output with one C++ autograd node running the backward program (see
     ``replay_autograd`` in csrc/triton_replay.cpp for the maps), or None when the forward declines."""
-    return forward.ext.replay_autograd(forward.program, backward.program, bwd_map, grad_map, inputs, name)
+    try:
+        return forward.ext.replay_autograd(forward.program, backward.program, bwd_map, grad_map, inputs, name)
+    except RuntimeError as exc:  # as in call(): the node's calls go back to the autograd.Function
+        _warn_replay_failed(exc)
+        set_enabled(False)
+        return None
 
 
 def key_of(*args) -> Optional[tuple]:

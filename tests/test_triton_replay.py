@@ -519,3 +519,41 @@ def test_a_launchers_programs_are_capped(ext, monkeypatch):
             t = _adapter(n, 16, 4, torch.float32, n)
             K.forward(*_fwd_args(t))
             assert 1 <= len(K._FORWARD_PROGRAMS) <= 3
+
+
+def _failing_launch(i, slots):
+    raise RuntimeError("triton replay: cuLaunchKernel failed with CUresult 400")
+
+
+def test_a_failing_replay_warns_and_falls_back_to_python_launches(ext):
+    t = _adapter(9, 16, 4, torch.float32, 0)
+    with R.through_interpreter(ext):
+        K.forward(*_fwd_args(t))  # records
+        key = R.key_of(*_fwd_args(t))
+        K._FORWARD_PROGRAMS[key].program.set_launcher(_failing_launch)
+        with pytest.warns(RuntimeWarning, match="launching from Python instead"):
+            y = K.forward(*_fwd_args(t))
+        _same(y, K._forward(*_fwd_args(t)))
+        assert K._FORWARD_PROGRAMS[key] is R._REFUSED  # this key launches from Python from now on
+
+
+def test_a_failing_node_warns_turns_replay_off_and_the_function_takes_over(ext):
+    tk = importlib.import_module("test_kernels_bottleneck_adapter")
+    try:
+        with R.through_interpreter(ext):
+            for s in range(2):
+                ts = tk.make_case((3, 11), 32, 4, torch.float32, seed=s, residual=True, add_input=True)[1]
+                tk.call(ts, "relu", "triton").sum().backward()
+            for cache in R._CACHES:
+                for e in cache.values():
+                    if isinstance(e, R.Entry):
+                        e.program.set_launcher(_failing_launch)
+            ts = tk.make_case((3, 11), 32, 4, torch.float32, seed=7, residual=True, add_input=True)[1]
+            with pytest.warns(RuntimeWarning, match="launching from Python instead"):
+                out = tk.call(ts, "relu", "triton")
+            assert not R.enabled()
+            assert out.grad_fn.next_functions[0][0].name() != "BottleneckAdapterBackward"
+            ref = tk.make_case((3, 11), 32, 4, torch.float32, seed=7, residual=True, add_input=True)[1]
+            _same(out, tk.call(ref, "relu", "triton"))
+    finally:
+        R.set_enabled(True)
