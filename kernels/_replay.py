@@ -436,12 +436,12 @@ def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inp
 
 
 def key_of(*args) -> Optional[tuple]:
-    """A launcher call's key: per tensor its shape, dtype and device index, per tuple its items' keys,
-    other values themselves."""
+    """A launcher call's key: per tensor its shape, dtype, device index and contiguity, per tuple its
+    items' keys, other values themselves."""
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append((a.shape, a.dtype, a.get_device()))
+        if isinstance(a, torch.Tensor):  # (a launcher may copy a non-contiguous input: not the same program)
+            out.append((a.shape, a.dtype, a.get_device(), a.is_contiguous()))
         elif isinstance(a, tuple):
             out.append(key_of(*a))
         else:

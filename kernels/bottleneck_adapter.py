@@ -528,7 +528,7 @@ def _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residua
         return pair
     has_residual = not (residual is None or add_input)
     like = x if residual is None else residual
-    bkey = ((like.shape, like.dtype, like.get_device()),) + _replay.key_of(
+    bkey = ((like.shape, like.dtype, like.get_device(), True),) + _replay.key_of(
         x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
         compute)
     fwd, bwd = _FORWARD_PROGRAMS.get(fkey), _BACKWARD_PROGRAMS.get(bkey)

@@ -557,3 +557,59 @@ def test_a_failing_node_warns_turns_replay_off_and_the_function_takes_over(ext):
             _same(out, tk.call(ref, "relu", "triton"))
     finally:
         R.set_enabled(True)
+
+
+PA = importlib.import_module("pet_fast.kernels.prefix_attention")
+
+
+def _prefix_case(seed, B=2, Hq=4, Hkv=2, L=5, S=9, P=3, D=16, shared=True, padded=True, dtype=torch.float32,
+                 device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v = rnd(B, Hq, L, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+    pk, pv = (rnd(Hkv, P, D), rnd(Hkv, P, D)) if shared else (rnd(B, Hkv, P, D), rnd(B, Hkv, P, D))
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, S, dtype=torch.bool, device=device)
+        kpm[0, :2] = False  # left padding in the first sequence
+    return q, k, v, pk, pv, kpm
+
+
+@pytest.mark.parametrize("shared,padded,causal", [(True, True, False), (False, False, True), (True, False, True)])
+def test_prefix_forward_through_replayed_programs_gives_the_launchers_bits(ext, shared, padded, causal):
+    cases = [_prefix_case(s, shared=shared, padded=padded) for s in range(3)]
+    want = [PA._forward(*c, causal=causal) for c in cases]
+    with R.through_interpreter(ext):
+        for c, w in zip(cases, want):
+            _same(PA.forward(*c, causal=causal), w)
+        entry = PA._FORWARD_PROGRAMS[R.key_of(*cases[0], bool(causal), None, None, None)]
+        assert isinstance(entry, R.Entry), entry
+        calls = []
+        entry.program.set_launcher(lambda i, slots: calls.append(i))
+        PA.forward(*cases[1], causal=causal)
+        assert calls == [0]
+
+
+def test_a_non_contiguous_query_is_its_own_key_and_runs_in_python(ext):
+    q, k, v, pk, pv, kpm = _prefix_case(0)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, other strides
+    assert not qt.is_contiguous()
+    with R.through_interpreter(ext):
+        PA.forward(q, k, v, pk, pv, kpm)  # records the contiguous key
+        _same(PA.forward(qt, k, v, pk, pv, kpm), PA._forward(qt, k, v, pk, pv, kpm))
+        assert R.key_of(qt, k, v, pk, pv, kpm) != R.key_of(q, k, v, pk, pv, kpm)
+        assert PA._FORWARD_PROGRAMS[R.key_of(qt, k, v, pk, pv, kpm, False, None, None, None)] is R._REFUSED
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_replayed_prefix_forward_matches_launches_from_python(dtype):
+    if R._extension() is None:
+        pytest.skip("the CUDA extension is not available")
+    PA._FORWARD_PROGRAMS.clear()
+    for shape in [dict(B=32, Hq=32, Hkv=8, L=1, S=512, P=20, D=128), dict(B=4, Hq=12, Hkv=12, L=128, S=128, P=20, D=64)]:
+        for seed in range(3):
+            c = _prefix_case(seed, dtype=dtype, device="cuda", **shape)
+            _same(PA.forward(*c), PA._forward(*c))
+        assert isinstance(PA._FORWARD_PROGRAMS[R.key_of(*c, False, None, None, None)], R.Entry)
+    torch.cuda.synchronize()
