@@ -613,3 +613,44 @@ def test_gpu_replayed_prefix_forward_matches_launches_from_python(dtype):
             _same(PA.forward(*c), PA._forward(*c))
         assert isinstance(PA._FORWARD_PROGRAMS[R.key_of(*c, False, None, None, None)], R.Entry)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_training_steps_through_replay_give_the_python_launches_gradients(ext, placement):
+    """A tiny BERT with adapters under fp16 autocast, three training steps on the triton backend: through
+    recorded and replayed programs (the first step records, the later ones run the C++ nodes) every loss
+    and every gradient equals, bit for bit, those of the same steps with every launch from Python."""
+    import pet_fast
+    from tiny_models import batch, build, logits
+
+    def run(replay: bool):
+        torch.manual_seed(0)
+        model = build("bert")
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert"), "t")
+        model.train()
+        out, names = [], set()
+        for step in range(3):
+            ids, mask = batch(seed=step)
+            with pet_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.float16):
+                loss = logits(model, ids, mask).float().pow(2).mean()
+            todo, seen = [loss.grad_fn], set()
+            while todo:  # the autograd nodes of the step, by name (a C++ node's Python type is generic)
+                f = todo.pop()
+                if f is not None and f not in seen:
+                    seen.add(f)
+                    names.add(f.name())
+                    todo += [n for n, _ in f.next_functions]
+            loss.backward()
+            out.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+            model.zero_grad(set_to_none=True)
+        return out, names
+
+    want, names_py = run(False)
+    with R.through_interpreter(ext):
+        got, names = run(True)
+    assert "BottleneckAdapterBackward" in names and "BottleneckAdapterBackward" not in names_py
+    for (lw, gw), (lg, gg) in zip(want, got):
+        _same(lg, lw)
+        assert set(gg) == set(gw)
+        for k in gw:
+            _same(gg[k], gw[k])
