@@ -110,6 +110,7 @@ def cases(device, dtype):
     for b in ("eager", "triton"):
         fusion[f"op/{b}"] = (lambda b=b: pet_fast.stacked_adapter_fusion(x, x, res, wd3, None, wu3, None, w_query=wq,
                                                                          w_key=wk, w_value=wv, backend=b))
+    fusion["op/triton" + PYTHON_LAUNCHES] = fusion["op/triton"]
     yield "stacked_adapter_fusion", fusion, {"": [x, wd3, wu3, wq, wk, wv]}
 
     B, H, L, D, P = 2, 4, 16, 32, 4
@@ -118,6 +119,7 @@ def cases(device, dtype):
     prefix = {"torch": lambda: prefix_op.sdpa(q, kk, v, pk, pv)}
     for b in ("eager", "triton"):
         prefix[f"op/{b}"] = (lambda b=b: pet_fast.prefix_attention(q, kk, v, pk, pv, backend=b))
+    prefix["op/triton" + PYTHON_LAUNCHES] = prefix["op/triton"]
     yield "prefix_attention", prefix, {"": [q, kk, v, pk, pv]}
 
 

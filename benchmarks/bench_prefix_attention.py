@@ -172,6 +172,14 @@ def training_rows(quick, device, dtype, flex=True):
     return rows
 
 
+def _python_launches(fn):
+    """``fn()`` with the Triton launches from Python (the triton rows replay them from C++: kernels/_replay.py)."""
+    from pet_fast.kernels import _replay
+
+    with _replay.disabled():
+        return fn()
+
+
 def decode_rows(quick, device, dtype):
     if quick:
         shapes = [("decode tiny B4 H4/2 D32 P4 cache 64", 4, 4, 2, 1, 64, 32, 4)]
@@ -191,6 +199,8 @@ def decode_rows(quick, device, dtype):
                 q, k, v, pk, pv, key_padding_mask=kpm, causal=True, backend="cuda")
             cands["pet_fast triton + padding"] = lambda: pet_fast.prefix_attention(
                 q, k, v, pk, pv, key_padding_mask=kpm, causal=True, backend="triton")
+            cands["pet_fast triton + padding, python launches"] = lambda: _python_launches(
+                lambda: pet_fast.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True, backend="triton"))
         results = {}
         for impl, fn in cands.items():
             try:
