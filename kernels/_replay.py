@@ -1,8 +1,8 @@
 """Recording a launcher's Triton launches once and replaying them from C++ (csrc/triton_replay.cpp).
 
 A launcher (e.g. ``bottleneck_adapter.backward``) turns its arguments into buffers and kernel launches by
-host logic that depends only on their shapes, dtypes, devices and flags (the *key*); only the tensors'
-addresses differ between calls with the same key. On a GPU each Triton launch from Python costs the JIT's
+host logic that depends only on their shapes, dtypes, devices, contiguity and flags (the *key*); only the
+tensors' addresses differ between calls with the same key. On a GPU each Triton launch from Python costs the JIT's
 argument binding, its cache lookup and the launcher's Python, several launches per adapter site and
 step, while the step is bound by the host. So :func:`call` runs the launcher in Python the first time a
 key is seen, with a recording active: :func:`empty` notes each allocation and :func:`launch` each
@@ -137,7 +137,9 @@ class Recording:
         self.allocs: list = []
         self.launches: list = []
         self.constants: list = []
-        self.symbolic: list = []  # per launch: (kernel, grid, arguments with tensors as slots), for tests
+        # per launch: (kernel, grid, arguments with tensors as slots, constexprs, the parameters passed), for
+        # execute() and launch_from_slots() (tests)
+        self.symbolic: list = []
         self.refusal: Optional[str] = None
 
     def add(self, kernel, grid, compiled, args, kwargs) -> None:
