@@ -309,13 +309,17 @@ def test_launchers_run_unchanged_without_a_recording():
     _same(a, b)
 
 
+def _fresh_gpu_programs():
+    """A GPU test's start: the extension loaded (else skip), every recorded program forgotten."""
+    if R._extension() is None:
+        pytest.skip("the CUDA extension is not available")
+    R._clear_caches()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_replayed_calls_match_launches_from_python(dtype):
-    if R._extension() is None:
-        pytest.skip("the CUDA extension is not available")
-    K._FORWARD_PROGRAMS.clear()
-    K._BACKWARD_PROGRAMS.clear()
+    _fresh_gpu_programs()
     for n, d, r in [(4096, 768, 64), (1000, 1024, 16), (37, 200, 5)]:
         tensors = [_adapter(n, d, r, dtype, s) for s in range(3)]
         for t in tensors:
@@ -334,10 +338,7 @@ def test_gpu_replayed_calls_match_launches_from_python(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_replayed_fusion_calls_match_launches_from_python(dtype):
-    if R._extension() is None:
-        pytest.skip("the CUDA extension is not available")
-    F._FORWARD_PROGRAMS.clear()
-    F._BACKWARD_PROGRAMS.clear()
+    _fresh_gpu_programs()
     for n, d, r, k in [(4096, 768, 64, 3), (300, 200, 7, 2)]:
         for seed in range(3):  # the first call records, the next ones replay
             t = {name: (v.cuda() if v is not None else None) for name, v in _fusion(n, d, r, k, dtype, seed).items()}
@@ -441,11 +442,8 @@ def test_the_cpp_autograd_node_takes_later_calls_and_matches_the_function(ext, k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(layer_norm="affine")])
 def test_gpu_cpp_autograd_node_matches_the_function(dtype, kw):
-    if R._extension() is None:
-        pytest.skip("the CUDA extension is not available")
+    _fresh_gpu_programs()
     tk = importlib.import_module("test_kernels_bottleneck_adapter")
-    K._FORWARD_PROGRAMS.clear()
-    K._BACKWARD_PROGRAMS.clear()
     ops = [tk.make_case((32, 128), 768, 64, dtype, "cuda", seed=s, **kw)[1] for s in range(3)]
     dy = torch.randn(32, 128, 768, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
     names = []
@@ -604,9 +602,7 @@ def test_a_non_contiguous_query_is_its_own_key_and_runs_in_python(ext):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_replayed_prefix_forward_matches_launches_from_python(dtype):
-    if R._extension() is None:
-        pytest.skip("the CUDA extension is not available")
-    PA._FORWARD_PROGRAMS.clear()
+    _fresh_gpu_programs()
     for shape in [dict(B=32, Hq=32, Hkv=8, L=1, S=512, P=20, D=128), dict(B=4, Hq=12, Hkv=12, L=128, S=128, P=20, D=64)]:
         for seed in range(3):
             c = _prefix_case(seed, dtype=dtype, device="cuda", **shape)
