@@ -147,6 +147,8 @@ class Recording:
             self.launches.append(self._launch(kernel, grid, compiled, args, kwargs))
         except Unrecordable as exc:
             self.refusal = self.refusal or str(exc)
+        except Exception as exc:  # e.g. another Triton version's internals: the launch ran, just not recorded
+            self.refusal = self.refusal or f"recording failed: {type(exc).__name__}: {exc}"
 
     def _slot(self, t: torch.Tensor) -> tuple:
         for i, inp in enumerate(self.inputs):
@@ -366,6 +368,8 @@ def record(inputs, fn: Callable, *args, single: bool, ext=None, **kwargs):
         program, kernels = rec.program(ext, result, single)
     except Unrecordable as exc:
         return result, str(exc)
+    except Exception as exc:  # the call itself succeeded: its key just runs in Python
+        return result, f"building the program failed: {type(exc).__name__}: {exc}"
     if _interpreter_ext and ext is _interpreter_ext[-1]:
         program.set_launcher(rec.launch_from_slots)
     return result, Entry(program, kernels, single, ext)

@@ -650,3 +650,18 @@ def test_training_steps_through_replay_give_the_python_launches_gradients(ext, p
         assert set(gg) == set(gw)
         for k in gw:
             _same(gg[k], gw[k])
+
+
+def test_a_recording_that_fails_unexpectedly_leaves_the_call_in_python(ext, monkeypatch):
+    """Triton internals the recorder reads may differ in another version: the launch has run, its result
+    stands, and the key runs in Python."""
+    t = _adapter(9, 16, 4, torch.float32, 0)
+
+    def broken(jit, values):
+        raise AttributeError("KernelParam has no attribute 'is_const'")
+
+    monkeypatch.setattr(R, "binder_types", broken)
+    with R.through_interpreter(ext):
+        y = K.forward(*_fwd_args(t))
+        _same(y, K._forward(*_fwd_args(t)))
+        assert K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(t))] is R._REFUSED
