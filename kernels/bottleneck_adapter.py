@@ -545,9 +545,9 @@ def _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residua
 def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
                       ln=None, compute=None):
     """:func:`forward`'s output with its gradients from one C++ autograd node, once both the forward and the
-    backward launcher have a program for these arguments (recorded by earlier calls through the op's
-    autograd.Function: the same launchers, kernels and gradients as its backward). None otherwise: the
-    caller then takes the autograd.Function."""
+    backward launcher have a program for these (the launchers') arguments, recorded by earlier calls
+    through the op's autograd.Function. None otherwise. (The op itself reaches the node through
+    :class:`NodeCall`, remembered per call signature.)"""
     if not (_replay.enabled() and _replay.active(x)):
         return None
     pair = _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input, ln,
@@ -555,28 +555,30 @@ def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, res
     if not pair:
         return None
     lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
-    return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2],
-                            [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb], "BottleneckAdapterBackward")
+    return _run_node(pair, [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb])
+
+
+def _run_node(pair, inputs):
+    """The forward program's output with the C++ node of ``pair``; None when the forward declines."""
+    return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2], inputs, "BottleneckAdapterBackward")
 
 
 class NodeCall:
     """A recorded program pair bound to one kind of op call (the op remembers it per call signature): runs
     a call as the C++ autograd node straight from the op's arguments, without recomputing keys."""
 
-    __slots__ = ("forward", "backward", "grad_map")
+    __slots__ = ("pair",)
 
     def __init__(self, pair):
-        self.forward, self.backward, self.grad_map = pair
+        self.pair = pair
 
     def __call__(self, x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm):
         d = x.shape[-1]
         c = lambda t: None if t is None else t.contiguous()  # noqa: E731 (kernels read contiguous memory)
         lnw, lnb = (c(layer_norm[0]), c(layer_norm[1])) if layer_norm is not None else (None, None)
-        y = _replay.autograd(self.forward, self.backward, _BWD_FROM_FWD, self.grad_map,
-                             [x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
-                              scaling.contiguous() if isinstance(scaling, torch.Tensor) else None,
-                              None if residual is None else residual.reshape(-1, d).contiguous(), lnw, lnb],
-                             "BottleneckAdapterBackward")
+        y = _run_node(self.pair, [x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
+                                  scaling.contiguous() if isinstance(scaling, torch.Tensor) else None,
+                                  None if residual is None else residual.reshape(-1, d).contiguous(), lnw, lnb])
         return None if y is None else y.reshape(x.shape)
 
 

@@ -283,14 +283,7 @@ def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, re
     else:
         c = lambda t: None if t is None else t.contiguous()
         ln = (True, c(layer_norm[0]), c(layer_norm[1]), float(layer_norm[2]), compute_dtype(x))
-    act = activations.canonical(activation)
-    if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
-        # replayed launches in one C++ autograd node, once an earlier call recorded both launchers
-        y = _triton_kernels().forward_with_grad(x2, wd, bd, wu, bu, s_t, s_v, res, act, bool(add_input),
-                                                (ln[1], ln[2], ln[3]) if ln else None, ln[4] if ln else None)
-        if y is not None:
-            return y.reshape(x.shape)
-    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, act, bool(add_input), *ln)
+    y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input), *ln)
     return y.reshape(x.shape)
 
 
@@ -350,7 +343,7 @@ def bottleneck_adapter(
     return impl.run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual, **kw)
 
 
-# Per call signature (with its dispatch state, as the plans): the triton backend's C++ autograd node for
+# Per call signature: the triton backend's C++ autograd node for
 # such calls once their launchers are recorded (kernels.NodeCall), or False when they cannot be. A
 # training step's adapter calls then go from the op's arguments to the node without the launchers' keys.
 _NODES: dict = {}
@@ -368,15 +361,8 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
     if not _NODES_REGISTERED:
         replay.register_cache(_NODES)  # emptied with the launchers' programs
         _NODES_REGISTERED.append(True)
-    key = (sig, dispatch.triton_interpreting())
-    node = _NODES.get(key)
-    if node:
-        y = node(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm)
-        if y is not None:
-            return y
-    y = run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
-            add_input=add_input, layer_norm=layer_norm)
-    if node is None:
+    node = _NODES.get(sig)
+    if node is None:  # not yet known: both launchers recorded (by earlier calls through the Function)?
         x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
         ln = None if layer_norm is None else (layer_norm[0], layer_norm[1], float(layer_norm[2]))
         node = kernels.node_call(x2, wd, bd, wu, bu, s_t, s_v, res, activation, bool(add_input), ln,
@@ -384,8 +370,13 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
         if node is not None:
             if len(_NODES) >= dispatch.PLANS_MAX:
                 _NODES.clear()
-            _NODES[key] = node
-    return y
+            _NODES[sig] = node
+    if node:
+        y = node(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm)
+        if y is not None:
+            return y
+    return run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
+               add_input=add_input, layer_norm=layer_norm)
 
 
 # The cuda backend (csrc/bottleneck_adapter.cu): forward and backward for few tokens (serving and
