@@ -20,6 +20,7 @@ session measures the real steps with bench_step.py and profile_step.py.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 import os
@@ -58,28 +59,26 @@ class _Stub:
         return launch
 
 
-_ORIGINALS: list = []  # (module, name, kernel) replaced by stub_kernels
+_ORIGINALS: list = []  # (module, name, kernel) replaced by kernels_stubbed
 
 
-def stub_kernels() -> int:
-    """Replace every Triton kernel in pet_fast.kernels by a stub (until :func:`unstub_kernels`); returns how many."""
+@contextlib.contextmanager
+def kernels_stubbed():
+    """Every Triton kernel in pet_fast.kernels replaced by a stub inside the block."""
     import pet_fast.kernels as package
 
-    n = 0
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, value in list(vars(module).items()):
             if type(value).__name__ in ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics"):
                 _ORIGINALS.append((module, name, value))
                 setattr(module, name, _Stub())
-                n += 1
-    return n
-
-
-def unstub_kernels() -> None:
-    while _ORIGINALS:
-        module, name, value = _ORIGINALS.pop()
-        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        while _ORIGINALS:
+            module, name, value = _ORIGINALS.pop()
+            setattr(module, name, value)
 
 
 def build_model(spec, device):
@@ -108,11 +107,7 @@ def replay_module():
 
 
 def time_row(row: bench.Row, steps: int, replay=None) -> dict:
-    stub_kernels()  # the model's set-up and first calls, as before (the replay rows record with real kernels)
-    try:
-        step = make_step(row)
-    finally:
-        unstub_kernels()
+    step = make_step(row)  # (builds the model; no kernel runs before the timed steps' warm-up)
     if replay is not None and row.backend == "triton":
         # the GPU's replay path: a first step records the launchers (real kernels, interpreted), then every
         # recorded program launches through a counting no-op, the others through the stubs
@@ -124,16 +119,10 @@ def time_row(row: bench.Row, steps: int, replay=None) -> dict:
                 for entry in cache.values():
                     if isinstance(entry, _replay.Entry):
                         entry.program.set_launcher(_count_replayed)
-            stub_kernels()
-            try:
+            with kernels_stubbed():
                 return _time_steps(row, step, steps)
-            finally:
-                unstub_kernels()
-    stub_kernels()
-    try:
+    with kernels_stubbed():
         return _time_steps(row, step, steps)
-    finally:
-        unstub_kernels()
 
 
 def _count_replayed(i, slots):
