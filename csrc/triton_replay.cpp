@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include <ATen/TensorSubclassLikeUtils.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -139,7 +141,7 @@ class Program {
     std::vector<at::Tensor> slots;
     int64_t dev = -1;
     if (!prepare(inputs, slots, dev)) return c10::nullopt;
-    if (!launcher_.is_none()) {  // the tests' launcher: launch i on these slots (CPU, Triton interpreter)
+    if (launcher_) {  // the tests' launcher: launch i on these slots (CPU, Triton interpreter)
       pybind11::gil_scoped_acquire gil;  // (also called from the autograd engine's threads)
       std::vector<c10::optional<at::Tensor>> view;
       for (const auto& t : slots) view.push_back(t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt);
@@ -169,7 +171,21 @@ class Program {
   }
 
   // Tests only: a Python callable launcher(i, slots) that runs launch i instead of cuLaunchKernel.
-  void set_launcher(pybind11::object launcher) { launcher_ = std::move(launcher); }
+  void set_launcher(pybind11::object launcher) {
+    launcher_ = launcher.is_none() ? pybind11::object() : std::move(launcher);
+  }
+
+  // A program can die on a thread without the GIL (with the last autograd node holding it, inside the
+  // engine): the tests' launcher is released under the GIL, or left alone once Python is gone.
+  ~Program() {
+    if (!launcher_) return;
+    if (Py_IsInitialized()) {
+      pybind11::gil_scoped_acquire gil;
+      launcher_ = pybind11::object();
+    } else {
+      launcher_.release();
+    }
+  }
 
   // Dry run: (outputs, per launch the parameter values as 64-bit integers or floats), or None as run().
   c10::optional<std::pair<std::vector<c10::optional<at::Tensor>>, std::vector<std::vector<pybind11::object>>>> params(
@@ -264,19 +280,22 @@ class Program {
   std::vector<Alloc> allocs_;
   std::vector<Launch> launches_;
   std::vector<int64_t> outputs_;
-  pybind11::object launcher_ = pybind11::none();
+  pybind11::object launcher_;  // null unless the tests set one (no Python reference otherwise)
 };
 
 // An op whose forward and backward launchers both have programs, as one autograd node without Python:
 // the forward program runs here, and the node's backward runs the backward program inside the engine.
 // bwd_map: for each backward-program input, -1 for the output's gradient, -2 for none, k for forward
 // input k (saved). grad_map: for each forward input, -1 for no gradient, -2 for the output's gradient
-// itself (e.g. a residual's), k for the backward program's output k.
+// itself (e.g. a residual's), k for the backward program's output k. The programs see flat memory: a
+// gradient is handed to the engine in its forward input's shape (e.g. (B, L, d) where the program
+// computed (B * L, d)).
 struct ReplayBackward : public torch::autograd::Node {
   std::string op_name;
   std::shared_ptr<Program> backward;
   std::vector<torch::autograd::SavedVariable> saved;
   std::vector<int64_t> bwd_map, grad_map;
+  std::vector<std::vector<int64_t>> input_sizes;  // per forward input with a gradient (else empty)
 
   std::string name() const override { return op_name; }
 
@@ -302,11 +321,14 @@ struct ReplayBackward : public torch::autograd::Node {
     }
     for (size_t i = 0; i < n; ++i) {
       const int64_t k = grad_map[i];
+      at::Tensor g;
       if (k == -2) {
-        out[i] = grads[0];
+        g = grads[0];
       } else if (k >= 0 && (*result)[k].has_value()) {
-        out[i] = *(*result)[k];
+        g = *(*result)[k];
       }
+      if (g.defined() && !g.sizes().equals(input_sizes[i])) g = g.view(input_sizes[i]);
+      out[i] = std::move(g);
     }
     return out;
   }
@@ -316,16 +338,25 @@ struct ReplayBackward : public torch::autograd::Node {
   }
 };
 
-// The forward program's first output, with a ReplayBackward node when a gradient is needed; None when
-// the forward program declines the inputs (the caller then runs its Python path).
+// The forward program's first output in the shape of input `out_like` (-1: as the program allocated it),
+// with a ReplayBackward node when a gradient is needed; None when the forward program declines the inputs
+// (the caller then runs its Python path).
 c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forward, const std::shared_ptr<Program>& backward,
                                           std::vector<int64_t> bwd_map, std::vector<int64_t> grad_map,
-                                          const std::vector<c10::optional<at::Tensor>>& inputs, std::string name) {
+                                          const std::vector<c10::optional<at::Tensor>>& inputs, std::string name,
+                                          int64_t out_like) {
   TORCH_CHECK(grad_map.size() == inputs.size(), "triton replay: grad_map needs one entry per input");
+  TORCH_CHECK(out_like >= -1 && out_like < static_cast<int64_t>(inputs.size()) &&
+                  (out_like < 0 || inputs[out_like].has_value()),
+              "triton replay: out_like names no input");
   auto result = forward->run(inputs);
   if (!result) return c10::nullopt;
   TORCH_CHECK(!result->empty() && (*result)[0].has_value(), "triton replay: the forward program has no output");
   at::Tensor y = *(*result)[0];
+  if (out_like >= 0 && !y.sizes().equals(inputs[out_like]->sizes())) {
+    // a fresh tensor, not a view of the program's output: the node below becomes its history
+    y = at::_unsafe_view(y, inputs[out_like]->sizes());
+  }
   std::vector<at::Tensor> ins;
   for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
   if (!torch::autograd::compute_requires_grad(at::TensorList(ins))) return y;
@@ -342,10 +373,91 @@ c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forwar
       TORCH_CHECK(j < static_cast<int64_t>(ins.size()), "triton replay: bwd_map entry ", j, " out of range");
       read[j] = true;
     }
-  for (size_t i = 0; i < ins.size(); ++i) node->saved.emplace_back(read[i] ? ins[i] : at::Tensor(), /*is_output=*/false);
+  for (size_t i = 0; i < ins.size(); ++i) {
+    node->saved.emplace_back(read[i] ? ins[i] : at::Tensor(), /*is_output=*/false);
+    node->input_sizes.push_back(ins[i].defined() && node->grad_map[i] != -1 ? ins[i].sizes().vec() : std::vector<int64_t>());
+  }
   torch::autograd::set_history(y, node);
   return y;
 }
+
+// replay_autograd behind a guard: the facts a caller's Python checked when it chose this node (each input's
+// presence, shape, dtype, device and requires_grad; grad mode on; deterministic mode and autocast's state as
+// they were), checked here per call instead. A caller that repeats one kind of call (an adapter module in
+// every step) then reaches the node with one C++ call; any difference returns None and the caller runs its
+// Python path. Inputs must be contiguous plain tensors (no subclass, no Python dispatch).
+class GuardedReplay {
+ public:
+  GuardedReplay(std::shared_ptr<Program> forward, std::shared_ptr<Program> backward, std::vector<int64_t> bwd_map,
+                std::vector<int64_t> grad_map, const std::vector<c10::optional<at::Tensor>>& inputs, std::string name,
+                int64_t out_like)
+      : forward_(std::move(forward)), backward_(std::move(backward)), bwd_map_(std::move(bwd_map)),
+        grad_map_(std::move(grad_map)), name_(std::move(name)), out_like_(out_like) {
+    TORCH_CHECK(grad_map_.size() == inputs.size(), "triton replay: grad_map needs one entry per input");
+    for (const auto& t : inputs) {
+      Spec s;
+      s.defined = t.has_value() && t->defined();
+      if (s.defined) {
+        TORCH_CHECK(plain(*t), "triton replay: a guarded call takes contiguous plain tensors");
+        s.dtype = t->scalar_type();
+        s.device = t->device();
+        s.requires_grad = t->requires_grad();
+        s.sizes = t->sizes().vec();
+        if (device_type_ == c10::DeviceType::CPU && s.device.type() != c10::DeviceType::CPU) device_type_ = s.device.type();
+      }
+      specs_.push_back(std::move(s));
+    }
+    deterministic_ = at::globalContext().deterministicAlgorithms();
+    autocast_ = at::autocast::is_autocast_enabled(device_type_);
+    autocast_dtype_ = at::autocast::get_autocast_dtype(device_type_);
+  }
+
+  // The output with its node, or None when a fact differs from the recorded ones (or the forward declines).
+  c10::optional<at::Tensor> call(const std::vector<c10::optional<at::Tensor>>& inputs) const {
+    if (!matches(inputs)) return c10::nullopt;
+    return replay_autograd(forward_, backward_, bwd_map_, grad_map_, inputs, name_, out_like_);
+  }
+
+  bool matches(const std::vector<c10::optional<at::Tensor>>& inputs) const {
+    if (inputs.size() != specs_.size() || !at::GradMode::is_enabled()) return false;
+    if (at::globalContext().deterministicAlgorithms() != deterministic_) return false;
+    if (at::autocast::is_autocast_enabled(device_type_) != autocast_) return false;
+    if (autocast_ && at::autocast::get_autocast_dtype(device_type_) != autocast_dtype_) return false;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const Spec& s = specs_[i];
+      const bool defined = inputs[i].has_value() && inputs[i]->defined();
+      if (defined != s.defined) return false;
+      if (!defined) continue;
+      const at::Tensor& t = *inputs[i];
+      if (t.scalar_type() != s.dtype || t.device() != s.device || t.requires_grad() != s.requires_grad ||
+          !t.sizes().equals(s.sizes) || !plain(t))
+        return false;
+    }
+    return true;
+  }
+
+ private:
+  struct Spec {
+    bool defined = false;
+    at::ScalarType dtype = at::kFloat;
+    c10::Device device = c10::Device(c10::DeviceType::CPU);
+    bool requires_grad = false;
+    std::vector<int64_t> sizes;
+  };
+
+  static bool plain(const at::Tensor& t) {
+    return t.is_contiguous() && !at::isTensorSubclassLike(t) && t.layout() == at::kStrided;
+  }
+
+  std::shared_ptr<Program> forward_, backward_;
+  std::vector<int64_t> bwd_map_, grad_map_;
+  std::string name_;
+  int64_t out_like_;
+  std::vector<Spec> specs_;
+  c10::DeviceType device_type_ = c10::DeviceType::CPU;
+  bool deterministic_ = false, autocast_ = false;
+  at::ScalarType autocast_dtype_ = at::kFloat;
+};
 
 }  // namespace
 
@@ -353,7 +465,15 @@ void register_triton_replay(pybind11::module_& m) {
   m.def("replay_autograd", &replay_autograd,
         "an op's forward and backward programs as one C++ autograd node (csrc/triton_replay.cpp)",
         pybind11::arg("forward"), pybind11::arg("backward"), pybind11::arg("bwd_map"), pybind11::arg("grad_map"),
-        pybind11::arg("inputs"), pybind11::arg("name"));
+        pybind11::arg("inputs"), pybind11::arg("name"), pybind11::arg("out_like") = -1);
+  pybind11::class_<GuardedReplay, std::shared_ptr<GuardedReplay>>(
+      m, "GuardedReplay", "replay_autograd behind a check of the facts its caller chose it by (csrc/triton_replay.cpp)")
+      .def(pybind11::init<std::shared_ptr<Program>, std::shared_ptr<Program>, std::vector<int64_t>, std::vector<int64_t>,
+                          const std::vector<c10::optional<at::Tensor>>&, std::string, int64_t>(),
+           pybind11::arg("forward"), pybind11::arg("backward"), pybind11::arg("bwd_map"), pybind11::arg("grad_map"),
+           pybind11::arg("inputs"), pybind11::arg("name"), pybind11::arg("out_like") = -1)
+      .def("__call__", &GuardedReplay::call, pybind11::arg("inputs"))
+      .def("matches", &GuardedReplay::matches, pybind11::arg("inputs"));
   pybind11::class_<Program, std::shared_ptr<Program>>(m, "TritonProgram", "recorded Triton launches replayed from C++ (csrc/triton_replay.cpp)")
       .def(pybind11::init<int64_t, std::vector<at::Tensor>, std::vector<std::pair<std::vector<int64_t>, at::ScalarType>>,
                           std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t,

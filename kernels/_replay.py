@@ -334,9 +334,13 @@ def register_cache(cache: dict) -> dict:
     return cache
 
 
+_GENERATION = [0]
+
+
 def _clear_caches() -> None:
     for c in _CACHES:
         c.clear()
+    _GENERATION[0] += 1
 
 
 def active(x: torch.Tensor) -> bool:
@@ -379,6 +383,7 @@ def set_enabled(flag: bool) -> bool:
     """Turns replay on or off for this process (benchmarks compare the two); returns the previous state."""
     global _ENABLED
     prev, _ENABLED = _ENABLED, bool(flag)
+    _GENERATION[0] += 1
     return prev
 
 
@@ -430,15 +435,36 @@ def enabled() -> bool:
     return _ENABLED
 
 
-def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inputs: list, name: str):
-    """The forward program's output with one C++ autograd node running the backward program (see
-    ``replay_autograd`` in csrc/triton_replay.cpp for the maps), or None when the forward declines."""
+def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inputs: list, name: str,
+             out_like: int = -1):
+    """The forward program's output (in the shape of input ``out_like``, -1: as allocated) with one C++
+    autograd node running the backward program (see ``replay_autograd`` in csrc/triton_replay.cpp for the
+    maps), or None when the forward declines."""
     try:
-        return forward.ext.replay_autograd(forward.program, backward.program, bwd_map, grad_map, inputs, name)
+        return forward.ext.replay_autograd(forward.program, backward.program, bwd_map, grad_map, inputs, name, out_like)
     except RuntimeError as exc:  # as in call(): the node's calls go back to the autograd.Function
         _warn_replay_failed(exc)
         set_enabled(False)
         return None
+
+
+def guarded(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inputs: list, name: str,
+            out_like: int = -1):
+    """:func:`autograd` for later calls like this one, as a C++ ``GuardedReplay``: called with a list of
+    inputs, it checks in C++ what a caller's Python would have checked (each input's presence, shape,
+    dtype, device, requires_grad and contiguity; grad mode; deterministic mode and autocast as they are
+    now) and returns the output with its node, or None when anything differs. None when these inputs
+    cannot be guarded (not contiguous plain tensors)."""
+    try:
+        return forward.ext.GuardedReplay(forward.program, backward.program, bwd_map, grad_map, inputs, name, out_like)
+    except RuntimeError:
+        return None
+
+
+def generation() -> int:
+    """Changes whenever the recorded programs are dropped or replay is turned off or on: what a caller
+    keeps from them (a GuardedReplay) is valid only while it is the same."""
+    return _GENERATION[0]
 
 
 def key_of(*args) -> Optional[tuple]:

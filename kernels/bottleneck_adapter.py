@@ -558,28 +558,37 @@ def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, res
     return _run_node(pair, [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb])
 
 
-def _run_node(pair, inputs):
+def _run_node(pair, inputs, out_like=-1):
     """The forward program's output with the C++ node of ``pair``; None when the forward declines."""
-    return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2], inputs, "BottleneckAdapterBackward")
+    return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2], inputs, "BottleneckAdapterBackward", out_like)
 
 
 class NodeCall:
     """A recorded program pair bound to one kind of op call (the op remembers it per call signature): runs
-    a call as the C++ autograd node straight from the op's arguments, without recomputing keys."""
+    a call as the C++ autograd node straight from the op's arguments, without recomputing keys. The
+    programs read flat memory: x and the residual go in as they are shaped, (..., d), and the output and
+    their gradients come back in x's shape, with no view ops (and no view nodes in the backward)."""
 
     __slots__ = ("pair",)
 
     def __init__(self, pair):
         self.pair = pair
 
-    def __call__(self, x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm):
-        d = x.shape[-1]
-        c = lambda t: None if t is None else t.contiguous()  # noqa: E731 (kernels read contiguous memory)
+    @staticmethod
+    def inputs(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm) -> list:
+        """The node's inputs for the op's arguments (contiguous: the kernels read contiguous memory)."""
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
         lnw, lnb = (c(layer_norm[0]), c(layer_norm[1])) if layer_norm is not None else (None, None)
-        y = _run_node(self.pair, [x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
-                                  scaling.contiguous() if isinstance(scaling, torch.Tensor) else None,
-                                  None if residual is None else residual.reshape(-1, d).contiguous(), lnw, lnb])
-        return None if y is None else y.reshape(x.shape)
+        return [c(x), c(w_down), c(b_down), c(w_up), c(b_up), scaling.contiguous() if isinstance(scaling, torch.Tensor)
+                else None, c(residual), lnw, lnb]
+
+    def __call__(self, x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm):
+        return _run_node(self.pair, self.inputs(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm), 0)
+
+    def guarded(self, inputs):
+        """This node behind a C++ check of ``inputs``' facts (:func:`_replay.guarded`), or None."""
+        return _replay.guarded(self.pair[0], self.pair[1], _BWD_FROM_FWD, self.pair[2], inputs,
+                               "BottleneckAdapterBackward", 0)
 
 
 def node_call(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False, ln=None,

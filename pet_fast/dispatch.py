@@ -181,9 +181,18 @@ _PLANS: dict = {}
 PLANS_MAX = 4096  # distinct (op, signature, state) entries kept; beyond, the memo starts again
 
 
+_PLANS_GENERATION = [0]
+
+
 def clear_plans() -> None:
     """Forget every remembered call plan (done whenever a backend, a preference or a timings table changes)."""
     _PLANS.clear()
+    _PLANS_GENERATION[0] += 1
+
+
+def plans_generation() -> int:
+    """Changes with every :func:`clear_plans`: what a caller keeps from a plan is valid while it is the same."""
+    return _PLANS_GENERATION[0]
 
 
 def plan(op: str, signature, backend: Optional[str], resolve: Callable[[], tuple]) -> tuple:

@@ -58,3 +58,13 @@ def _fresh_call_plans():
 
     dispatch.clear_plans()
     yield
+
+
+@pytest.fixture(scope="session")
+def replay_ext(tmp_path_factory):
+    """A CPU-only build of csrc/triton_replay.cpp (kernels/_replay.py's programs, launched by the tests
+    through the Triton interpreter), built once per session."""
+    from _cpu_ext import load_cpu_module
+
+    return load_cpu_module(tmp_path_factory, "pet_fast_triton_replay_cpu", ["triton_replay.cpp"],
+                           "triton_replay_module.cpp")

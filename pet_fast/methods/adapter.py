@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops import _checks, activations
 from ..ops._autocast import compute_dtype
-from ..ops.bottleneck_adapter import bottleneck_adapter
+from ..ops.bottleneck_adapter import bottleneck_adapter, replayed_call
 
 INITS = ("bert", "identity")
 _HALF = (torch.float16, torch.bfloat16)
@@ -103,12 +103,19 @@ class BottleneckAdapter(nn.Module):
                 layer_norm: Optional[tuple] = None, backend: Optional[str] = None) -> torch.Tensor:
         """``base + A(x)``: base = x, or ``residual``, or ``x + residual`` with ``add_input``; with
         ``layer_norm=(weight, bias, eps)``, ``x + A(LayerNorm(x))`` (see the op)."""
-        _checks.tensor("x", x, floating=False)
         # parameters read from _parameters directly: this runs in every adapter of every step, and each
         # nn.Module attribute lookup of a parameter costs about a microsecond of host time
         p = self._parameters
         w_down, b_down, w_up, b_up = p["w_down"], p["b_down"], p["w_up"], p["b_up"]
         scaling = p["scaling"] if "scaling" in p else self.scaling
+        compiling = torch.compiler.is_compiling()
+        replayed = None if compiling else self.__dict__.get("_replayed")  # the op's C++ node (see below)
+        if replayed is not None and backend is None:
+            y = replayed(x, w_down, b_down, w_up, b_up, self.activation, scaling, residual, add_input, layer_norm)
+            if y is not None:
+                return y
+        _checks.tensor("x", x, floating=False)
+        args = (x, residual, add_input, w_down, b_down, w_up, b_up, scaling)  # as they came
         if layer_norm is None:  # (with one, the op rounds LN(x) to autocast's dtype itself: x stays as it is)
             if add_input is True:
                 if residual is None:
@@ -124,8 +131,17 @@ class BottleneckAdapter(nn.Module):
                 w_down, b_down, w_up, b_up = cast(w_down), cast(b_down), cast(w_up), cast(b_up)
             if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
                 scaling = scaling.to(w_down.dtype)
-        return bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
-                                  residual=residual, add_input=add_input, layer_norm=layer_norm, backend=backend)
+        y = bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
+                               residual=residual, add_input=add_input, layer_norm=layer_norm, backend=backend)
+        if not compiling and backend is None and all(
+                a is b for a, b in zip(args, (x, residual, add_input, w_down, b_down, w_up, b_up, scaling))):
+            # the op got this call's arguments as they came: once its call ran as the C++ node, the next
+            # calls with the same facts reach that node in one C++ call (ops/bottleneck_adapter.py)
+            replayed = replayed_call(y, x, w_down, b_down, w_up, b_up, self.activation, scaling, residual,
+                                     add_input, layer_norm)
+            if replayed is not None:
+                self.__dict__["_replayed"] = replayed
+        return y
 
     def extra_repr(self) -> str:
         s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"

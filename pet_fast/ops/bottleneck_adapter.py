@@ -47,6 +47,7 @@ for forward-only calls and eager first with gradients, where the Triton backward
 from __future__ import annotations
 
 import functools
+import threading
 from typing import List, Optional, Union
 
 import torch
@@ -374,9 +375,95 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
     if node:
         y = node(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm)
         if y is not None:
+            _LAST.node = (y, node)
             return y
     return run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
                add_input=add_input, layer_norm=layer_norm)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Replayed calls: a caller that repeats one kind of call (an adapter module, once per step) skips the op's
+# Python once its call has run as the C++ node.
+#
+# The op's Python per call (signature, plan, node lookup, argument preparation) cost about 20 us of host
+# time on the CPU, per adapter site and step. A ReplayedCall keeps the node behind a C++ guard
+# (kernels/_replay.py guarded) that checks what the signature and plan read of the tensors, grad,
+# deterministic and autocast modes; it checks the rest here (the scalars, the dispatch route, the replay's
+# generation). Any difference returns None and the caller runs the op.
+
+_LAST = threading.local()  # (output, NodeCall) of this thread's last call that ran as a node
+_REPLAY: list = []  # kernels/_replay.py, once imported (it imports triton)
+
+
+def _route() -> tuple:
+    """What besides the arguments and torch's modes picks a call's path: the requested backend (argument
+    None: a use_backend() block or the environment), the Triton interpreter, the custom-op mode, the plans'
+    and the replay's generations."""
+    replay = _REPLAY[0] if _REPLAY else _REPLAY.append(_triton_kernels()._replay) or _REPLAY[0]
+    return (dispatch.requested(None)[0], dispatch.triton_interpreting(), _autograd.always_custom_op(),
+            dispatch.plans_generation(), replay.generation(), replay.enabled())
+
+
+class ReplayedCall:
+    """A caller's adapter call replayed by one C++ call while its facts stay those of the call it was made
+    from (:func:`replayed_call`). ``module(...)`` returns the output with its autograd node, or None: then
+    the caller calls the op. Not copied with its holder (deepcopy and pickling give None)."""
+
+    __slots__ = ("guard", "route", "activation", "scaling", "add_input", "eps")
+
+    def __call__(self, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm):
+        if activation != self.activation or add_input != self.add_input or _route() != self.route:
+            return None
+        if isinstance(scaling, torch.Tensor):
+            s_t = scaling  # (the guard checks it is there, and as it was)
+        elif self.scaling is None or scaling != self.scaling:
+            return None
+        else:
+            s_t = None
+        if layer_norm is None:
+            if self.eps is not None:
+                return None
+            lnw = lnb = None
+        else:
+            lnw, lnb, eps = layer_norm
+            if eps != self.eps:
+                return None
+        try:
+            return self.guard([x, w_down, b_down, w_up, b_up, s_t, residual, lnw, lnb])
+        except RuntimeError as exc:  # a failing launch: as a failing node (kernels/_replay.py autograd)
+            replay = _triton_kernels()._replay
+            replay._warn_replay_failed(exc)
+            replay.set_enabled(False)
+            return None
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_no_call, ())
+
+
+def _no_call():
+    return None
+
+
+def replayed_call(y, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm):
+    """A :class:`ReplayedCall` for calls like the op call that just returned ``y`` with these arguments, when
+    that call ran as the C++ node; None otherwise. The caller must pass the op's arguments unchanged to
+    both."""
+    last = getattr(_LAST, "node", None)
+    _LAST.node = None
+    if last is None or last[0] is not y:
+        return None
+    node = last[1]
+    guard = node.guarded(node.inputs(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm))
+    if guard is None:
+        return None
+    call = ReplayedCall()
+    call.guard, call.route, call.activation, call.add_input = guard, _route(), activation, add_input
+    call.scaling = None if isinstance(scaling, torch.Tensor) else scaling
+    call.eps = None if layer_norm is None else layer_norm[2]
+    return call
 
 
 # The cuda backend (csrc/bottleneck_adapter.cu): forward and backward for few tokens (serving and

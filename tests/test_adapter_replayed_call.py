@@ -1,0 +1,290 @@
+"""An adapter module's repeated call as one C++ call (ops/bottleneck_adapter.py ReplayedCall).
+
+Once a module's call has run as the triton backend's C++ autograd node (kernels/_replay.py), the module
+keeps that node behind a C++ guard (csrc/triton_replay.cpp GuardedReplay) and later calls with the same
+facts skip the op's Python. On the CPU, under the Triton interpreter with a CPU build of the replay
+(`replay_ext`): the replayed calls must give the Python launches' outputs and gradients bit for bit, and
+every fact the op's Python would have read differently must send the call back to the op."""
+import copy
+import importlib
+import pickle
+
+import pytest
+import torch
+
+import pet_fast
+from pet_fast import dispatch
+
+R = importlib.import_module("pet_fast.kernels._replay")
+OPS = importlib.import_module("pet_fast.ops.bottleneck_adapter")
+METHODS = importlib.import_module("pet_fast.methods.adapter")
+
+D, RANK, SHAPE = 40, 6, (2, 7)
+
+
+def _module(**kw):
+    torch.manual_seed(0)
+    m = METHODS.BottleneckAdapter(D, RANK, activation="gelu", init="bert", **kw)
+    with torch.no_grad():  # non-zero biases, so that their gradients and the output's bias terms show
+        for b in (m.b_down, m.b_up):
+            b.normal_()
+    return m
+
+
+def _inputs(seed, shape=SHAPE, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(*shape, D, generator=g).to(dtype).requires_grad_() for k in ("h", "x")}
+
+
+def _houlsby(m, t, **kw):
+    """The Houlsby site's call: h + x + A(h)."""
+    return m(t["h"], residual=t["x"], add_input=True, **kw)
+
+
+def _step(m, t, call=_houlsby):
+    """Output and every gradient (inputs' and parameters'), fresh each time."""
+    m.zero_grad(set_to_none=True)
+    for v in t.values():
+        v.grad = None
+    y = call(m, t)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.device, y.dtype)
+    y.backward(dy)
+    grads = {k: v.grad for k, v in t.items()}
+    grads.update({k: p.grad for k, p in m.named_parameters()})
+    return y.detach(), grads, y.grad_fn
+
+
+def _same(a, b):
+    ya, ga, _ = a
+    yb, gb, _ = b
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    assert set(ga) == set(gb)
+    for k in ga:
+        if ga[k] is None or gb[k] is None:  # (an input the call does not read)
+            assert ga[k] is None and gb[k] is None, k
+            continue
+        assert ga[k].shape == gb[k].shape, k
+        torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=0, msg=k)
+
+
+def _warm(m, call=_houlsby):
+    """Two steps: the first records the launchers, the second runs as the node and makes the ReplayedCall."""
+    for s in range(2):
+        _step(m, _inputs(100 + s), call)
+    assert isinstance(m.__dict__.get("_replayed"), OPS.ReplayedCall)
+
+
+class _OpCalls:
+    """The module's op, counting its calls (the ReplayedCall does not call it)."""
+
+    def __init__(self, monkeypatch, fail=False):
+        self.n, self.fail, self.op = 0, fail, METHODS.bottleneck_adapter
+        monkeypatch.setattr(METHODS, "bottleneck_adapter", self)
+
+    def __call__(self, *a, **k):
+        if self.fail:
+            pytest.fail("the module called the op: its replayed call was not used")
+        self.n += 1
+        return self.op(*a, **k)
+
+
+def test_a_modules_repeated_calls_skip_the_op_and_give_the_python_launches_bits(replay_ext, monkeypatch):
+    m = _module(scaling="channel")
+    inputs = [_inputs(s) for s in range(3)]
+    with pet_fast.use_backend("triton"):
+        want = [_step(m, t) for t in inputs]  # every launch from Python (replay is off for CPU tensors)
+        assert want[0][2].name() != "BottleneckAdapterBackward"
+        with R.through_interpreter(replay_ext):
+            _warm(m)
+            _OpCalls(monkeypatch, fail=True)
+            got = [_step(m, t) for t in inputs]
+    for w, g in zip(want, got):
+        _same(g, w)
+        # the node's output and the inputs' gradients in the inputs' (2, 7, d) shape, no view nodes
+        assert g[2].name() == "BottleneckAdapterBackward"
+        assert {f.name() for f, _ in g[2].next_functions if f is not None} == {"torch::autograd::AccumulateGrad"}
+
+
+def _pfeiffer(eps=1e-5, affine=True):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(D, generator=g) if affine else None
+    b = torch.randn(D, generator=g) if affine else None
+
+    def call(m, t):
+        return m(t["h"], layer_norm=(w, b, eps))
+    return call
+
+
+def test_the_pfeiffer_form_replays_too(replay_ext, monkeypatch):
+    m = _module()
+    t = _inputs(3)
+    with pet_fast.use_backend("triton"):
+        want = _step(m, t, _pfeiffer())
+        with R.through_interpreter(replay_ext):
+            _warm(m, _pfeiffer())
+            calls = _OpCalls(monkeypatch)
+            _same(_step(m, t, _pfeiffer()), want)
+            assert calls.n == 0
+            _step(m, t, _pfeiffer(eps=1e-6))  # another eps: the op
+            assert calls.n == 1
+            _step(m, t, _pfeiffer(affine=False))  # no LayerNorm weight: the op
+            assert calls.n == 2
+
+
+def _noncontiguous(t):
+    return {k: v.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for k, v in t.items()}
+
+
+# Each case changes one fact the op's Python reads: the call must go to the op (and be right).
+CHANGES = {
+    "another shape": lambda m, t: (m, _inputs(5, shape=(3, 5))),
+    "another dtype": lambda m, t: (m, _inputs(5, dtype=torch.float16)),
+    "a frozen weight": lambda m, t: ((m.w_up.requires_grad_(False), m)[1], t),
+    "a non-contiguous input": lambda m, t: (m, _noncontiguous(t)),
+    "another scaling": lambda m, t: (setattr(m, "scaling", 0.5) or m, t),
+    "another activation": lambda m, t: (setattr(m, "activation", "relu") or m, t),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_changed_fact_sends_the_call_to_the_op(replay_ext, monkeypatch, change):
+    m = _module()
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(m)
+        m2, t = CHANGES[change](m, _inputs(5))
+        calls = _OpCalls(monkeypatch)
+        got = _step(m2, t)
+        assert calls.n == 1
+    ref = _step(m2, {k: v.detach().double().requires_grad_() for k, v in t.items()},
+                lambda mm, tt: pet_fast.bottleneck_adapter(
+                    tt["h"], *(p.double() if p is not None else None for p in (mm.w_down, mm.b_down, mm.w_up, mm.b_up)),
+                    activation=mm.activation, scaling=mm.scaling, residual=tt["x"], add_input=True, backend="eager"))
+    tol = 2e-2 if t["h"].dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=tol, atol=tol)
+    for k in ("h", "x"):
+        torch.testing.assert_close(got[1][k].double(), ref[1][k], rtol=tol, atol=tol)
+
+
+def _no_grad(m, t):
+    with torch.no_grad():
+        y = _houlsby(m, t)
+    assert y.grad_fn is None
+    return y
+
+
+def _autocast(m, t):
+    with torch.autocast("cpu", dtype=torch.float16):
+        return _houlsby(m, t)
+
+
+def _deterministic(m, t):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _houlsby(m, t)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _eager_block(m, t):
+    with pet_fast.use_backend("eager"):
+        y = _houlsby(m, t)
+    assert y.grad_fn.name() != "BottleneckAdapterBackward"
+    return y
+
+
+def _replay_off(m, t):
+    with R.disabled():
+        return _houlsby(m, t)
+
+
+def _plans_cleared(m, t):
+    dispatch.clear_plans()
+    return _houlsby(m, t)
+
+
+MODES = {"no grad": _no_grad, "autocast": _autocast, "deterministic mode": _deterministic,
+         "a use_backend block": _eager_block, "a backend argument": lambda m, t: _houlsby(m, t, backend="triton"),
+         "add_input off": lambda m, t: m(t["h"], residual=t["x"]), "replay turned off": _replay_off,
+         "the plans cleared": _plans_cleared}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_changed_mode_sends_the_call_to_the_op(replay_ext, monkeypatch, mode):
+    m = _module()
+    t = _inputs(6)
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(m)
+        calls = _OpCalls(monkeypatch)
+        got = MODES[mode](m, t)
+        assert calls.n == 1
+        with pet_fast.use_backend("eager"):
+            want = MODES[mode](m, t) if mode not in ("a use_backend block", "a backend argument") else _houlsby(m, t)
+        tol = 2e-2 if mode == "autocast" else 1e-5
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        calls.n = 0
+        _houlsby(m, t)  # back to the warmed facts: the replayed call again, or once, the op
+        _houlsby(m, t)
+        # stale after replay's or the plans' generation changed; replaced by the node's call in deterministic
+        # mode (the module keeps its last call's facts)
+        assert calls.n == (1 if mode in ("replay turned off", "the plans cleared", "deterministic mode") else 0)
+
+
+def test_copies_of_a_module_do_not_carry_its_replayed_call(replay_ext):
+    m = _module()
+    t = _inputs(7)
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(m)
+        want = _houlsby(m, t)
+        for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+            assert c.__dict__.get("_replayed") is None
+            torch.testing.assert_close(_houlsby(c, t), want, rtol=0, atol=0)
+    assert m.__dict__.get("_replayed") is not None  # (the original keeps it; its generation is stale now)
+
+
+def test_a_failing_replayed_call_warns_and_the_op_takes_over(replay_ext, monkeypatch):
+    m = _module()
+    t = _inputs(8)
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(m)
+        want = _step(m, t)
+        for cache in R._CACHES:
+            for entry in cache.values():
+                if isinstance(entry, R.Entry):
+                    entry.program.set_launcher(_failing_launch)
+        try:
+            with pytest.warns(RuntimeWarning, match="launching from Python instead"):
+                got = _step(m, t)
+            assert not R.enabled()
+        finally:
+            R.set_enabled(True)
+    _same(got, want)
+
+
+def _failing_launch(i, slots):
+    raise RuntimeError("triton replay: cuLaunchKernel failed with CUresult 400")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_replayed_module_calls_match_python_launches(dtype):
+    """On a GPU with the extension: a module's steps through its replayed call (cuLaunchKernel from C++, the
+    guard, the node) give the Python launches' outputs and gradients bit for bit."""
+    if not R.enabled() or R._extension() is None:
+        pytest.skip("the extension cannot replay Triton launches here")
+    m = _module().to("cuda", dtype)
+
+    def inputs(seed, shape=(3, 37)):
+        return {k: v.detach().to("cuda", dtype).requires_grad_() for k, v in _inputs(seed, shape).items()}
+
+    t = [inputs(s) for s in range(3)]
+    with pet_fast.use_backend("triton"):
+        with R.disabled():
+            want = [_step(m, u) for u in t]
+        for s in range(2):
+            _step(m, inputs(100 + s))
+        assert isinstance(m.__dict__.get("_replayed"), OPS.ReplayedCall)
+        got = [_step(m, u) for u in t]
+    for w, g in zip(want, got):
+        assert g[2].name() == "BottleneckAdapterBackward"
+        _same(g, w)
