@@ -67,8 +67,10 @@ def kernels_stubbed():
     """Every Triton kernel in pet_fast.kernels replaced by a stub inside the block."""
     import pet_fast.kernels as package
 
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+    # every module imported before any is stubbed: one importing another's helper must get the real one
+    modules = [importlib.import_module(f"{package.__name__}.{info.name}")
+               for info in pkgutil.iter_modules(package.__path__)]
+    for module in modules:
         for name, value in list(vars(module).items()):
             if type(value).__name__ in ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics"):
                 _ORIGINALS.append((module, name, value))
