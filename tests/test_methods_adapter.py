@@ -140,7 +140,7 @@ def test_two_tasks_switch_and_remove():
     pet_fast.set_active(model, "a")
     torch.testing.assert_close(logits(model, ids, mask), out_a)
     assert all(not p.requires_grad for k, p in model.named_parameters() if ".b." in k)
-    with pytest.raises(RuntimeError, match="active on the same module"):
+    with pytest.raises(RuntimeError, match=r"tasks \['a', 'b'\] are all active on the same module"):
         pet_fast.set_active(model, ["a", "b"])
         logits(model, ids, mask)
     pet_fast.remove(model, "a")

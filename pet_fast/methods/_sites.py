@@ -41,16 +41,22 @@ class Override:
         return type(self.host).forward(self.host, *args, **kwargs)
 
     def active(self) -> Optional[Tuple[str, nn.Module]]:
-        holder = getattr(self.host, TASK_ATTR, None)
+        # dicts read directly, not nn.Module's attribute and ModuleDict lookups: this runs at every site
+        # (every linear under mask-tuning) of every forward
+        holder = self.host._modules.get(TASK_ATTR)
         if holder is None:
             return None
-        found = [n for n in self.registry.active if n in holder]
-        if not found:
-            return None
-        if len(found) > 1:
-            raise RuntimeError(f"tasks {found} are all active on the same module ({type(self.host).__name__}); "
-                               "activate one at a time (combine adapters with FusionConfig)")
-        return found[0], holder[found[0]]
+        modules = holder._modules
+        found = None
+        for n in self.registry.active:
+            m = modules.get(n)
+            if m is not None:
+                if found is not None:
+                    names = [n for n in self.registry.active if n in modules]
+                    raise RuntimeError(f"tasks {names} are all active on the same module ({type(self.host).__name__}); "
+                                       "activate one at a time (combine adapters with FusionConfig)")
+                found = (n, m)
+        return found
 
     def __call__(self, *args, **kwargs):
         return KINDS[self.kind](self, *args, **kwargs)
@@ -151,10 +157,10 @@ def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs)
     if act is None or args or kwargs:
         return self.original(hidden_states, input_tensor, *args, **kwargs)
     _, module = act
-    host = self.host
-    h = host.dropout(host.dense(hidden_states))
+    mods = self.host._modules  # (not nn.Module's attribute lookup, three times per site and step)
+    h = mods["dropout"](mods["dense"](hidden_states))
     x = input_tensor
-    LN = host.LayerNorm
+    LN = mods["LayerNorm"]
     placement = module.placement
     if _is_fusion(module):
         if placement == "houlsby":
