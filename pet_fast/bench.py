@@ -1,7 +1,8 @@
 """``pet-fast bench``: whole training steps per method, the op benchmarks, JSON, a chart, comparisons.
 
-The step benchmark times one optimizer step (forward, backward, AdamW) of a classifier with each
-method attached, beside the baselines measured in the same run:
+The step benchmark times one optimizer step (forward, backward, AdamW: fused by default, as Hugging Face's
+Trainer runs it with torch >= 2.8; ``--optimizer foreach`` for torch.optim's default) of a classifier with
+each method attached, beside the baselines measured in the same run:
 
 * ``full``: full fine-tuning (every weight trains);
 * ``floor``: the floor of any method here. Every base weight is frozen, only the classifier head
@@ -262,11 +263,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_step(row: Row, spec, device, *, build=None, update: bool = True):
+# AdamW's implementations: "fused" (one kernel per step; Hugging Face Trainer's default optimizer with
+# torch >= 2.8, adamw_torch_fused) or "foreach" (torch.optim's default on CUDA: a dozen multi-tensor launches
+# and Python loops over the parameters). The host time of the latter grows with the number of parameter
+# tensors, which PET methods have many of (4 per adapter, one scores tensor per masked linear).
+OPTIMIZERS = ("fused", "foreach")
+
+
+def make_optimizer(params, optimizer: str = "fused"):
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    return torch.optim.AdamW(params, lr=1e-5, **{optimizer: True})
+
+
+def make_step(row: Row, spec, device, *, build=None, update: bool = True, optimizer: str = "fused"):
     """(step, trainable parameters, batch shape (B, T)): one training step of the row (forward under autocast on a GPU,
     backward, AdamW), on a fresh model and batch; shared by the step benchmark, profile_step.py and
     profile_host_step.py. ``build(spec, device)``: the model (default :func:`build_model`); ``update=False``:
-    no optimizer step (gradients are still zeroed)."""
+    no optimizer step (gradients are still zeroed); ``optimizer``: AdamW's implementation (OPTIMIZERS)."""
     import pet_fast
 
     torch.manual_seed(0)
@@ -278,7 +292,7 @@ def make_step(row: Row, spec, device, *, build=None, update: bool = True):
     embed = model.get_input_embeddings()
     fwd = torch.compile(model, mode=row.compile_mode) if row.compiled else model
     cudagraphs = row.compile_mode == "reduce-overhead"
-    opt = torch.optim.AdamW(params, lr=1e-5) if row.kind != "base-forward" else None
+    opt = make_optimizer(params, optimizer) if row.kind != "base-forward" else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def backend():
@@ -312,8 +326,8 @@ def make_step(row: Row, spec, device, *, build=None, update: bool = True):
     return step, params, ids.shape
 
 
-def run_row(row: Row, spec, device, *, warmup: int, steps: int) -> dict:
-    step, params, (B, T) = make_step(row, spec, device)
+def run_row(row: Row, spec, device, *, warmup: int, steps: int, optimizer: str = "fused") -> dict:
+    step, params, (B, T) = make_step(row, spec, device, optimizer=optimizer)
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -400,8 +414,10 @@ def print_table(rows: List[dict], columns=COLUMNS, file=None) -> None:
 
 
 def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, warmup=None, steps=None,
-                   budget_s=None, threads=None, log=print, on_row=None) -> dict:
+                   budget_s=None, threads=None, log=print, on_row=None, optimizer: str = "fused") -> dict:
     """Run the step benchmark; return ``{"label", "settings", "rows"}``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     table = dict(QUICK_MODELS if quick else MODELS)
@@ -439,7 +455,7 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
             rec["note"] = f"skipped: time budget of {budget_s:g} s spent"
         else:
             try:
-                rec.update(run_row(row, table[row.model], device, warmup=warmup, steps=steps))
+                rec.update(run_row(row, table[row.model], device, warmup=warmup, steps=steps, optimizer=optimizer))
                 if row.kind.startswith(("adapters-", "peft-")):
                     rec["note"] = "external library"
             except Exception as exc:  # report the row and go on: one failure must not lose the run
@@ -455,7 +471,7 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
     add_ratios(out)
     return {"label": label, "settings": {"quick": quick, "warmup": warmup, "steps": steps, "compile": compile_rows,
                                          "device": str(device), "cpu_threads": None if gpu else (threads or old_threads), "autocast": "bf16" if gpu else None,
-                                         "optimizer": "AdamW(lr=1e-5)", "dropout": 0.0,
+                                         "optimizer": f"AdamW(lr=1e-5, {optimizer}=True)", "dropout": 0.0,
                                          "floor": "base frozen, head trains, inputs_embeds require grad",
                                          "auto_rows": gpu or "omitted on the CPU: auto takes eager for CPU tensors"},
             "rows": out}
@@ -623,6 +639,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int)
     p.add_argument("--steps", type=int, help="timed steps per row")
     p.add_argument("--threads", type=int, help="CPU threads for the step benchmark (default: torch's; 1 with --quick on the CPU)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="fused",
+                   help="AdamW's implementation in the step benchmark: fused (default; Hugging Face Trainer's "
+                        "default with torch >= 2.8) or foreach (torch.optim's default on CUDA)")
     p.add_argument("--budget-s", type=float, help="stop starting step rows after this many seconds (the rest are "
                                                   "reported as skipped)")
 
@@ -649,7 +668,8 @@ def main(args) -> int:
     if run_step:
         doc["step"] = step_benchmark(quick=args.quick, models=args.models, rows=args.rows,
                                      compile_rows=args.compile_rows, warmup=args.warmup, steps=args.steps,
-                                     budget_s=args.budget_s, threads=args.threads, log=lambda s: print(s, flush=True),
+                                     budget_s=args.budget_s, threads=args.threads, optimizer=args.optimizer,
+                                     log=lambda s: print(s, flush=True),
                                      on_row=lambda rows: _write_json(path, {**doc, "step": {"partial": True, "rows": rows}}))
         print()
         print(doc["step"]["label"])

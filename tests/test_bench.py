@@ -34,6 +34,7 @@ def test_quick_run_writes_every_row(quick_run):
     step = doc["step"]
     assert step["label"].startswith("CPU eager")
     assert step["settings"]["quick"] is True and step["settings"]["compile"] is False
+    assert step["settings"]["optimizer"] == "AdamW(lr=1e-5, fused=True)"
     rows = step["rows"]
     want = {(m, r.row) for m in bench.QUICK_MODELS for r in bench.plan([m], compile_rows=False, auto_rows=False)}
     assert {(r["model"], r["row"]) for r in rows} == want
@@ -214,7 +215,7 @@ def test_every_benchmark_script_imports():
 def test_a_cudagraph_row_says_when_inductor_skipped_cuda_graphs(monkeypatch):
     calls = iter([3, 5])
     monkeypatch.setattr(bench, "_cudagraph_skips", lambda: next(calls))
-    monkeypatch.setattr(bench, "make_step", lambda row, spec, device: (lambda: None, [torch.zeros(2)], (1, 4)))
+    monkeypatch.setattr(bench, "make_step", lambda row, spec, device, **kw: (lambda: None, [torch.zeros(2)], (1, 4)))
     row = bench.Row("m", "houlsby/auto+cudagraphs", "houlsby", "auto", True, compile_mode="reduce-overhead")
     rec = bench.run_row(row, None, torch.device("cpu"), warmup=1, steps=2)
     assert rec["note"] == "CUDA graphs skipped for 2 graph(s) (inductor's cudagraph_skips)"
@@ -231,3 +232,22 @@ def test_cudagraph_skips_reads_inductors_counter():
         assert bench._cudagraph_skips() == before + 1
     finally:
         counters["inductor"]["cudagraph_skips"] -= 1
+
+
+@pytest.mark.parametrize("kind", bench.OPTIMIZERS)
+def test_the_steps_optimizer_is_adamw_in_the_implementation_asked(kind):
+    p = [torch.nn.Parameter(torch.ones(3))]
+    opt = bench.make_optimizer(p, kind)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults[kind] is True
+    other = next(k for k in bench.OPTIMIZERS if k != kind)
+    assert not opt.defaults[other]
+    p[0].grad = torch.ones(3)
+    opt.step()  # the fused implementation runs on the CPU too
+    assert (p[0] < 1).all()
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        bench.make_optimizer([torch.nn.Parameter(torch.ones(1))], "sgd")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        bench.step_benchmark(quick=True, optimizer="sgd")
