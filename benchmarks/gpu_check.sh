@@ -66,7 +66,7 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
   # One tile per kernel (PET_FAST_AUTOTUNE=0) so that the many test shapes do not each run the autotuner.
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) * 3 / 4 ))"
   # Kernels never yet run on hardware first, so that a run cut at its limit still checks them.
-  first="tests/test_triton_replay.py tests/test_adapter_replayed_call.py tests/test_masked_weights.py tests/test_adapter_autograd_cpp.py tests/test_kernels_masked_linear.py tests/test_prefix_attention_merge.py tests/test_kernels_adapter_fusion.py tests/test_kernels_bottleneck_adapter.py tests/test_methods_fusion.py tests/test_methods_adapter.py tests/test_properties.py"
+  first="tests/test_triton_replay.py tests/test_adapter_replayed_call.py tests/test_stacked_fusion_replay.py tests/test_masked_weights.py tests/test_adapter_autograd_cpp.py tests/test_kernels_masked_linear.py tests/test_prefix_attention_merge.py tests/test_kernels_adapter_fusion.py tests/test_kernels_bottleneck_adapter.py tests/test_methods_fusion.py tests/test_methods_adapter.py tests/test_properties.py"
   files="$first $(ls tests/test_*.py | grep -v -x -F -f <(tr ' ' '\n' <<< "$first"))"
   # shellcheck disable=SC2086
   TRITON_INTERPRET=0 PET_FAST_AUTOTUNE=0 PET_FAST_PROPERTY_COUNTS="$work/property_counts.txt" \

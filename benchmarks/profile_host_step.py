@@ -104,8 +104,8 @@ def replay_module():
     build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pet_fast_replay_cpu_build")
     os.makedirs(build, exist_ok=True)
     return load(name="pet_fast_triton_replay_cpu", build_directory=build, extra_include_paths=[os.path.join(root, "csrc")],
-                sources=[os.path.join(root, "csrc", "triton_replay.cpp"),
-                         os.path.join(root, "tests", "csrc", "triton_replay_module.cpp")], extra_cflags=["-O3"])
+                sources=[os.path.join(root, "csrc", f) for f in ("triton_replay.cpp", "stacked_fusion_replay.cpp")]
+                + [os.path.join(root, "tests", "csrc", "triton_replay_module.cpp")], extra_cflags=["-O3"])
 
 
 def time_row(row: bench.Row, steps: int, replay=None) -> dict:

@@ -9,4 +9,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_bottleneck_adapter(m);
   register_bottleneck_adapter_autograd(m);
   register_triton_replay(m);
+  register_stacked_fusion_replay(m);
 }

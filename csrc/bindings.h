@@ -9,3 +9,4 @@ void register_masked_linear(pybind11::module_& m);
 void register_bottleneck_adapter(pybind11::module_& m);
 void register_bottleneck_adapter_autograd(pybind11::module_& m);
 void register_triton_replay(pybind11::module_& m);
+void register_stacked_fusion_replay(pybind11::module_& m);

@@ -66,5 +66,5 @@ def replay_ext(tmp_path_factory):
     through the Triton interpreter), built once per session."""
     from _cpu_ext import load_cpu_module
 
-    return load_cpu_module(tmp_path_factory, "pet_fast_triton_replay_cpu", ["triton_replay.cpp"],
+    return load_cpu_module(tmp_path_factory, "pet_fast_triton_replay_cpu", ["triton_replay.cpp", "stacked_fusion_replay.cpp"],
                            "triton_replay_module.cpp")

@@ -480,9 +480,14 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     else:
         s_t, s_v = None, float(scaling)
     res = residual.reshape(-1, d) if (residual_before and w_value is not None) else None
-    out = CORE(x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up),
-               c(b_up), s_t, s_v, activations.canonical(activation), 1.0 / float(temperature), res, w_value,
-               b_value)[0]
+    args = (x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
+            s_t, s_v, activations.canonical(activation), 1.0 / float(temperature), res, w_value, b_value)
+    out = None
+    if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
+        # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp)
+        out = _stacked_kernels().core_with_grad(*args)
+    if out is None:
+        out = CORE(*args)[0]
     out = out.reshape(query.shape)
     if res is None:  # residual_before without the value projection, or the residual added after
         out = out + residual

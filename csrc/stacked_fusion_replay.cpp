@@ -1,0 +1,148 @@
+// The stacked AdapterFusion core (pet_fast/ops/adapter_fusion.py, triton backend) as one C++ autograd node
+// once both of its launchers have recorded programs (kernels/_replay.py).
+//
+// Why: an AdapterFusion layer's core ran as a Python autograd.Function whose forward and backward cost
+// about 100 us of host time per layer on the CPU (saving eleven tensors, the backward's matmuls and
+// casts, the launchers' keys), and a BERT-base step is bound by the host. Here the forward program runs
+// the per-token kernel (ctx, a, p) and ATen adds the value projection; the node's backward forms
+// dctx = dout @ Wv in float32, the projection's own gradients, and runs the backward program: the same
+// operations, in the same order and dtypes, as _core_forward / _core_grad, without Python.
+//
+// Inputs (Python order): x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value; absent ones
+// undefined. The forward program takes (x, qk, w_down, b_down, w_up, b_up, scaling) and returns (ctx, a, p);
+// the backward program takes (dctx, x, qk, w_down, b_down, w_up, b_up, scaling, a, p) and returns
+// (dx, dqk, dWd, dbd, dWu, dbu, d_scaling).
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include "triton_replay.h"
+
+namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
+
+enum FusionInput : size_t { kX = 0, kQk, kWd, kBd, kWu, kBu, kScaling, kResidual, kWv, kBv, kFusionInputs };
+
+// a @ b with a float32 result for fp16/bf16 operands, as adapter_fusion.py's _matmul_f32.
+static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) return a.matmul(b.to(a.scalar_type()));
+  if (a.is_cuda() && b.scalar_type() == a.scalar_type()) {
+    try {
+      return at::mm(a, b, at::kFloat);
+    } catch (const c10::Error&) {  // (as the Python: the float32 operands below)
+    }
+  }
+  return a.to(at::kFloat).matmul(b.to(at::kFloat));
+}
+
+struct StackedFusionBackward : public torch::autograd::Node {
+  std::shared_ptr<Program> backward;
+  std::vector<torch::autograd::SavedVariable> saved;  // the inputs the backward reads (kFusionInputs slots)
+  at::Tensor a, p, pre;                               // the forward's own tensors (no history)
+  bool need_ds = false, need_weights = false, has_residual = false, has_bv = false;
+  bool residual_grad = false, wv_grad = false, bv_grad = false;
+
+  std::string name() const override { return "StackedFusionCoreBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(kFusionInputs);
+    if (!grads[0].defined()) return out;
+    std::vector<at::Tensor> in;
+    for (const auto& v : saved) in.push_back(v.unpack());
+    at::Tensor dout = grads[0], dctx;
+    const at::Tensor& wv = in[kWv];
+    if (wv.defined()) {
+      dout = dout.to(pre.scalar_type());
+      dctx = matmul_f32(dout, wv);
+      if (has_residual && residual_grad) out[kResidual] = dctx.to(dout.scalar_type());
+      if (wv_grad) out[kWv] = dout.t().matmul(pre).to(wv.scalar_type());
+      if (has_bv && bv_grad) out[kBv] = dout.sum(0).to(wv.scalar_type());
+    } else {
+      dctx = dout;
+    }
+    std::vector<c10::optional<at::Tensor>> bin;
+    bin.emplace_back(dctx.contiguous());
+    for (size_t i : {kX, kQk, kWd, kBd, kWu, kBu, kScaling})
+      bin.emplace_back(in[i].defined() ? c10::optional<at::Tensor>(in[i]) : c10::nullopt);
+    bin.emplace_back(a);
+    bin.emplace_back(p);
+    auto result = backward->run(bin);
+    if (!result) {  // an address the recorded kernels may not take: fresh copies do
+      for (auto& t : bin)
+        if (t.has_value()) t = t->clone(at::MemoryFormat::Contiguous);
+      result = backward->run(bin);
+      TORCH_CHECK(result.has_value(), name(), ": the backward program declined fresh copies of its inputs");
+    }
+    auto get = [&](size_t k) { return (*result)[k].has_value() ? *(*result)[k] : at::Tensor(); };
+    out[kX] = get(0);
+    out[kQk] = get(1);
+    if (need_weights) {
+      out[kWd] = get(2);
+      if (in[kBd].defined()) out[kBd] = get(3);
+      out[kWu] = get(4);
+      if (in[kBu].defined()) out[kBu] = get(5);
+    }
+    if (need_ds) out[kScaling] = get(6);
+    return out;
+  }
+
+  void release_variables() override {
+    for (auto& v : saved) v.reset_data();
+    a.reset();
+    p.reset();
+    pre.reset();
+  }
+};
+
+// The core's output (the fused context, or its value projection), with a StackedFusionBackward node when a
+// gradient is needed; None when the forward program declines the inputs (the caller runs the Function).
+static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<Program>& forward,
+                                                  const std::shared_ptr<Program>& backward,
+                                                  const std::vector<c10::optional<at::Tensor>>& inputs, bool need_ds,
+                                                  bool need_weights) {
+  TORCH_CHECK(inputs.size() == kFusionInputs, "stacked fusion replay: expected ", static_cast<int64_t>(kFusionInputs),
+              " inputs, got ", inputs.size());
+  std::vector<at::Tensor> ins;
+  for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
+  std::vector<c10::optional<at::Tensor>> fin(inputs.begin(), inputs.begin() + kResidual);
+  auto result = forward->run(fin);
+  if (!result) return c10::nullopt;
+  TORCH_CHECK(result->size() == 3 && (*result)[0] && (*result)[1] && (*result)[2],
+              "stacked fusion replay: the forward program returns (ctx, a, p)");
+  at::Tensor ctx = *(*result)[0], out, pre;
+  {
+    const at::NoGradGuard no_grad;  // the node below is the only history
+    if (ins[kWv].defined()) {
+      pre = ins[kResidual].defined() ? ctx + ins[kResidual] : ctx;
+      out = at::linear(pre, ins[kWv], ins[kBv].defined() ? c10::optional<at::Tensor>(ins[kBv]) : c10::nullopt);
+    } else {
+      out = ctx;
+    }
+  }
+  if (!torch::autograd::compute_requires_grad(at::TensorList(ins))) return out;
+  auto node = c10::make_intrusive<StackedFusionBackward>();
+  node->backward = backward;
+  node->a = *(*result)[1];
+  node->p = *(*result)[2];
+  node->pre = pre;
+  node->need_ds = need_ds;
+  node->need_weights = need_weights;
+  node->has_residual = ins[kResidual].defined();
+  node->has_bv = ins[kBv].defined();
+  node->residual_grad = ins[kResidual].defined() && ins[kResidual].requires_grad();
+  node->wv_grad = ins[kWv].defined() && ins[kWv].requires_grad();
+  node->bv_grad = ins[kBv].defined() && ins[kBv].requires_grad();
+  node->set_next_edges(torch::autograd::collect_next_edges(at::TensorList(ins)));
+  for (size_t i = 0; i < kFusionInputs; ++i)  // the residual and b_value are never read
+    node->saved.emplace_back(i == kResidual || i == kBv ? at::Tensor() : ins[i], /*is_output=*/false);
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
+}  // namespace pet_fast_replay
+
+void register_stacked_fusion_replay(pybind11::module_& m) {
+  m.def("stacked_fusion_autograd", &pet_fast_replay::stacked_fusion_autograd,
+        "the stacked AdapterFusion core's recorded programs as one C++ autograd node (csrc/stacked_fusion_replay.cpp)",
+        pybind11::arg("forward"), pybind11::arg("backward"), pybind11::arg("inputs"), pybind11::arg("need_ds"),
+        pybind11::arg("need_weights"));
+}
