@@ -79,6 +79,16 @@ def _build_just_in_time():
     arch = f"{major}{minor}" + ("a" if major >= 9 else "")
     flags = ["-O3", "--use_fast_math", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     with FileLock(str(build_dir / "build.lock")):
+        # torch's own lock file in the build folder outlives a build that was killed (Ctrl-C, a time limit),
+        # and torch then waits for it forever. Holding our lock (an OS lock, released when its process
+        # dies), no other build of ours is running: such a file is stale.
+        stale = build_dir / "lock"
+        if stale.exists():
+            import warnings
+
+            warnings.warn(f"pet_fast: removing a stale build lock left by an interrupted build ({stale})",
+                          RuntimeWarning, stacklevel=2)
+            stale.unlink(missing_ok=True)
         return cpp_load(
             name="pet_fast_C",
             sources=[str(s) for s in sources],

@@ -288,3 +288,21 @@ def test_gpu_replayed_module_calls_match_python_launches(dtype):
     for w, g in zip(want, got):
         assert g[2].name() == "BottleneckAdapterBackward"
         _same(g, w)
+
+
+def test_a_functional_call_through_the_node_does_not_keep_its_output_alive(replay_ext):
+    import gc
+    import weakref
+
+    m = _module()
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(m)
+        t = _inputs(9)
+        p = m._parameters
+        y = pet_fast.bottleneck_adapter(t["h"], p["w_down"], p["b_down"], p["w_up"], p["b_up"], activation="gelu",
+                                        residual=t["x"], add_input=True)
+        assert y.grad_fn.name() == "BottleneckAdapterBackward"  # the op's remembered node, called directly
+        ref = weakref.ref(y)
+        del y
+        gc.collect()
+        assert ref() is None

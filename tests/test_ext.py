@@ -1,3 +1,6 @@
+import os
+
+import pytest
 import torch
 
 from pet_fast import _ext
@@ -37,3 +40,29 @@ def test_import_does_not_load_the_extension():
             "any(m.startswith('pet_fast.kernels') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]  # neither the CUDA extension nor the Triton kernels load at import
+
+
+def test_a_stale_torch_build_lock_is_removed_before_building(monkeypatch, tmp_path):
+    """A just-in-time build killed half-way leaves torch's lock file in the build folder, and torch's next
+    build waits for it forever: holding our own (OS) lock, the build removes it first, and says so."""
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("PET_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    seen = {}
+
+    def fake_load(name, sources, build_directory, **kw):
+        seen["lock"] = os.path.exists(os.path.join(build_directory, "lock"))
+        seen["flags"] = kw["extra_cuda_cflags"]
+        return "module"
+
+    monkeypatch.setattr(cpp, "load", fake_load)
+    src = _ext.source_dir()
+    sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{_ext._sources_digest(sources)}"
+    (tmp_path / tag).mkdir(parents=True)
+    (tmp_path / tag / "lock").write_text("")
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert _ext._build_just_in_time() == "module"
+    assert seen["lock"] is False and "-gencode=arch=compute_90a,code=sm_90a" in seen["flags"]

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from typing import List, Optional, Union
 
 import torch
@@ -375,7 +376,7 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
     if node:
         y = node(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm)
         if y is not None:
-            _LAST.node = (y, node)
+            _LAST.node = (weakref.ref(y), node)  # (weak: a functional caller's output is not kept alive)
             return y
     return run(x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
                add_input=add_input, layer_norm=layer_norm)
@@ -391,7 +392,7 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
 # deterministic and autocast modes; it checks the rest here (the scalars, the dispatch route, the replay's
 # generation). Any difference returns None and the caller runs the op.
 
-_LAST = threading.local()  # (output, NodeCall) of this thread's last call that ran as a node
+_LAST = threading.local()  # (weakref to the output, NodeCall) of this thread's last call that ran as a node
 _REPLAY: list = []  # kernels/_replay.py, once imported (it imports triton)
 
 
@@ -453,7 +454,7 @@ def replayed_call(y, x, w_down, b_down, w_up, b_up, activation, scaling, residua
     both."""
     last = getattr(_LAST, "node", None)
     _LAST.node = None
-    if last is None or last[0] is not y:
+    if last is None or last[0]() is not y:
         return None
     node = last[1]
     guard = node.guarded(node.inputs(x, w_down, b_down, w_up, b_up, scaling, residual, layer_norm))
