@@ -360,25 +360,27 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
 
 
 def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-                   w_value, b_value):
+                   w_value, b_value, q=None, w_key=None):
     """The fusion core's output (ops/adapter_fusion.py _core_forward's first) with its gradients from one C++
     autograd node (csrc/stacked_fusion_replay.cpp), once earlier calls through the op's autograd.Function
-    have recorded both launchers for these arguments; None otherwise (the caller runs the Function)."""
+    have recorded both launchers for these arguments; None otherwise (the caller runs the Function). With
+    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): the node forms qk = q @ w_key in float32 itself."""
     if not (_replay.enabled() and _replay.active(x)):
         return None
-    fwd = _FORWARD_PROGRAMS.get(_replay.key_of(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                               inv_temperature))
+    n, d = x.shape
+    dev = x.get_device()
+    qk_key = _replay.key_of(qk) if qk is not None else ((torch.Size((n, d)), torch.float32, dev, True),)
+    args_key = _replay.key_of(x) + qk_key + _replay.key_of(w_down, b_down, w_up, b_up, scaling, scaling_value,
+                                                           activation, inv_temperature)
+    fwd = _FORWARD_PROGRAMS.get(args_key)
     if not isinstance(fwd, _replay.Entry):
         return None
     # the backward launcher's key as the Function's backward (_core_grad) calls it
     need_ds = scaling is not None and scaling.requires_grad
     need_w = any(t is not None and t.requires_grad for t in (w_down, b_down, w_up, b_up))
-    n, d = x.shape
     k, r = w_down.shape[0], w_down.shape[1]
-    dev = x.get_device()
     dctx_dtype = x.dtype if w_value is None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    bkey = ((torch.Size((n, d)), dctx_dtype, dev, True),) + _replay.key_of(
-        x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature) + (
+    bkey = ((torch.Size((n, d)), dctx_dtype, dev, True),) + args_key + (
         (torch.Size((n, k, padded_r(r))), torch.float32, dev, True), (torch.Size((n, k)), torch.float32, dev, True),
         need_ds, need_w)
     bwd = _BACKWARD_PROGRAMS.get(bkey)
@@ -386,7 +388,8 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         return None
     try:
         return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
-                                                                          residual, w_value, b_value], need_ds, need_w)
+                                                                          residual, w_value, b_value, q, w_key],
+                                               need_ds, need_w)
     except RuntimeError as exc:  # as kernels/_replay.py autograd: the Function takes these calls from now on
         _replay._warn_replay_failed(exc)
         _replay.set_enabled(False)

@@ -201,3 +201,23 @@ def test_training_steps_through_the_node_give_the_python_launches_gradients(repl
                 assert gw[k] is None and gg[k] is None, k
             else:
                 torch.testing.assert_close(gg[k], gw[k], rtol=0, atol=0, msg=k)
+
+
+def test_for_half_precision_the_node_keeps_q_not_the_float32_qk(replay_ext):
+    """fp16: the node forms qk = q @ w_key in float32 itself and saves q (N x d fp16) for its backward, not
+    the float32 qk (twice the bytes), which it forms again there: no (N, d) float32 tensor is saved."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with R.through_interpreter(replay_ext):
+        _run(dict(), torch.float16, dict(frozen=("scaling",)), [0, 1])
+        lo = TK.make_case((3, 5), 24, 5, 3, torch.float16, seed=3)[1]
+        lo["scaling"].requires_grad_(False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = TK.call(lo, "triton")
+        assert NODE in _node_names(y) and "FusionQkF32Backward" not in str(_node_names(y))
+    assert ((15, 24), torch.float16) in saved  # q (and x)
+    assert ((15, 24), torch.float32) not in saved

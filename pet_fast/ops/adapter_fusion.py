@@ -468,10 +468,11 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end."""
     d = query.shape[-1]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
+    low = w_key is not None and q.dtype in (torch.float16, torch.bfloat16)
     if w_key is None:
         qk = q  # b_key cancels in the softmax
-    elif q.dtype in (torch.float16, torch.bfloat16):
-        qk = QK_F32(q.reshape(-1, d), w_key)  # fp32 (see above)
+    elif low:
+        qk = None  # fp32 (see above): fusion_qk_f32, or the C++ node below
     else:
         qk = torch.matmul(q, w_key)
     c = lambda t: t.contiguous() if t is not None else None
@@ -480,14 +481,22 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     else:
         s_t, s_v = None, float(scaling)
     res = residual.reshape(-1, d) if (residual_before and w_value is not None) else None
-    args = (x.reshape(-1, d).contiguous(), qk.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up),
-            s_t, s_v, activations.canonical(activation), 1.0 / float(temperature), res, w_value, b_value)
+    rest = (c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, activations.canonical(activation), 1.0 / float(temperature),
+            res, w_value, b_value)
+    x2 = x.reshape(-1, d).contiguous()
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
-        # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp)
-        out = _stacked_kernels().core_with_grad(*args)
+        # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
+        # for fp16/bf16 it forms qk itself and keeps q for the backward, not the float32 qk
+        kernels = _stacked_kernels()
+        if low:
+            out = kernels.core_with_grad(x2, None, *rest, q=q.reshape(-1, d), w_key=w_key)
+        else:
+            out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest)
     if out is None:
-        out = CORE(*args)[0]
+        if low:
+            qk = QK_F32(q.reshape(-1, d), w_key)
+        out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest)[0]
     out = out.reshape(query.shape)
     if res is None:  # residual_before without the value projection, or the residual added after
         out = out + residual
