@@ -53,7 +53,7 @@ _TABLES_MAX = 64
 
 
 def _tables(weights, scores, device):
-    """(w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total, aligned) for the list,
+    """(w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, splits, total, aligned) for the list,
     cached by addresses and sizes (parameters keep both from step to step). ``aligned``: every address
     16-byte aligned and every size a multiple of 16 (the kernel's ALIGNED)."""
     key = (device, tuple((w.data_ptr(), s.data_ptr(), w.numel()) for w, s in zip(weights, scores)))
@@ -71,9 +71,12 @@ def _tables(weights, scores, device):
         tile_tensor += [i] * tiles
         tile_start += [j * BLOCK for j in range(tiles)]
     as_dev = lambda values, dtype: torch.tensor(values, dtype=dtype).to(device)
+    # the output buffer cut into [weight 0, its padding, weight 1, ...]: one split_with_sizes call per step
+    # instead of a slice per weight
+    splits = [v for n in sizes for v in (n, cdiv(n, ALIGN) * ALIGN - n)]
     hit = (as_dev([w.data_ptr() for w in weights], torch.int64), as_dev([s.data_ptr() for s in scores], torch.int64),
            as_dev(tile_tensor, torch.int32), as_dev(tile_start, torch.int64), as_dev(sizes, torch.int64),
-           as_dev(offsets, torch.int64), offsets, total,
+           as_dev(offsets, torch.int64), splits, total,
            all(w.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0 and w.numel() % 16 == 0
                for w, s in zip(weights, scores)))
     if len(_TABLES) >= _TABLES_MAX:
@@ -87,11 +90,11 @@ def grouped_masked_weights(weights, scores, threshold: float, dtype: torch.dtype
     share one dtype, the scores another; all are contiguous and on one device. The outputs are views of one
     buffer (they do not alias each other)."""
     device = weights[0].device
-    w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, offsets, total, aligned = _tables(weights, scores, device)
+    w_ptrs, s_ptrs, tile_tensor, tile_start, sizes, out_offsets, splits, total, aligned = _tables(weights, scores, device)
     flat = torch.empty(total, dtype=dtype, device=device)
     tiles = tile_tensor.numel()
     if tiles:
         _grouped_kernel[(tiles,)](w_ptrs, s_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets,
                                   threshold_for(scores[0].dtype, threshold), weights[0], scores[0], BLOCK=BLOCK,
                                   ALIGNED=aligned)
-    return [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)]
+    return [piece.view(w.shape) for piece, w in zip(flat.split_with_sizes(splits)[::2], weights)]
