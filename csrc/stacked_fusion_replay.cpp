@@ -115,6 +115,7 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
                                                   bool need_weights) {
   TORCH_CHECK(inputs.size() == kFusionInputs, "stacked fusion replay: expected ", static_cast<int64_t>(kFusionInputs),
               " inputs, got ", inputs.size());
+  if (has_forward_grad(inputs)) return c10::nullopt;
   std::vector<at::Tensor> ins;
   for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
   std::vector<c10::optional<at::Tensor>> fin(inputs.begin(), inputs.begin() + kResidual);

@@ -92,6 +92,7 @@ c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forwar
                                           const std::vector<c10::optional<at::Tensor>>& inputs, std::string name,
                                           int64_t out_like) {
   TORCH_CHECK(grad_map.size() == inputs.size(), "triton replay: grad_map needs one entry per input");
+  if (has_forward_grad(inputs)) return c10::nullopt;
   TORCH_CHECK(out_like >= -1 && out_like < static_cast<int64_t>(inputs.size()) &&
                   (out_like < 0 || inputs[out_like].has_value()),
               "triton replay: out_like names no input");

@@ -268,4 +268,12 @@ class Program {
   pybind11::object launcher_;  // null unless the tests set one (no Python reference otherwise)
 };
 
+// Forward-mode AD: the C++ nodes carry no tangents, so calls with a dual tensor take the Python path
+// (whose autograd.Function says it has no forward-mode formula) rather than drop the tangent.
+inline bool has_forward_grad(const std::vector<c10::optional<at::Tensor>>& inputs) {
+  for (const auto& t : inputs)
+    if (t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  return false;
+}
+
 }  // namespace pet_fast_replay

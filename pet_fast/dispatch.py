@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("eager", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
@@ -130,12 +131,27 @@ def explain(op: str, info: Mapping) -> list[tuple[str, list]]:
     out = []
     for name in _preference(entry, info):
         impl = entry.impls.get(name)
-        out.append((name, impl.reasons(info) if impl else [f"{op} has no {name} implementation"]))
+        out.append((name, (impl.reasons(info) if impl else [f"{op} has no {name} implementation"])
+                    + _mode_reasons(name)))
     for name in BACKENDS:
         if name not in [n for n, _ in out]:
             impl = entry.impls.get(name)
-            out.append((name, impl.reasons(info) if impl else [f"{op} has no {name} implementation"]))
+            out.append((name, (impl.reasons(info) if impl else [f"{op} has no {name} implementation"])
+                        + _mode_reasons(name)))
     return out
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on (inside ``torch.autograd.forward_ad.dual_level()``)."""
+    return _forward_ad._current_level >= 0
+
+
+def _mode_reasons(name: str) -> list:
+    """Reasons every fused backend shares, from the autograd mode rather than the inputs."""
+    if name != "eager" and forward_ad_active():
+        return ["forward-mode AD is on (torch.autograd.forward_ad.dual_level): the fused kernels have no "
+                "forward-mode formula"]
+    return []
 
 
 def select(op: str, info: Mapping, backend: Optional[str] = None) -> Impl:
@@ -146,7 +162,7 @@ def select(op: str, info: Mapping, backend: Optional[str] = None) -> Impl:
     choice, source = requested(backend)
     if choice != "auto":
         impl = entry.impls.get(choice)
-        why = impl.reasons(info) if impl else [f"{op} has no {choice} implementation"]
+        why = (impl.reasons(info) if impl else [f"{op} has no {choice} implementation"]) + _mode_reasons(choice)
         if why:
             raise BackendUnavailableError(
                 f"{op}: backend {choice!r} (chosen by {source}) cannot run these inputs: " + "; ".join(why)
@@ -158,7 +174,7 @@ def select(op: str, info: Mapping, backend: Optional[str] = None) -> Impl:
         # takes that path.
         if name != "eager" and info["device"].type != "cuda":
             continue
-        if impl is not None and not impl.reasons(info):
+        if impl is not None and not impl.reasons(info) and not _mode_reasons(name):
             return impl
     raise BackendUnavailableError(f"{op}: no backend can run these inputs: {explain(op, info)}")
 
@@ -204,7 +220,7 @@ def plan(op: str, signature, backend: Optional[str], resolve: Callable[[], tuple
         checked, info = resolve()
         return checked, select(op, info, backend)
     key = (op, requested(backend)[0], signature, torch.is_grad_enabled(),
-           torch.are_deterministic_algorithms_enabled(), triton_interpreting())
+           torch.are_deterministic_algorithms_enabled(), triton_interpreting(), forward_ad_active())
     hit = _PLANS.get(key)
     if hit is None:
         checked, info = resolve()

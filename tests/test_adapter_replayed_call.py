@@ -306,3 +306,29 @@ def test_a_functional_call_through_the_node_does_not_keep_its_output_alive(repla
         del y
         gc.collect()
         assert ref() is None
+
+
+def test_a_dual_tensor_is_not_replayed(replay_ext):
+    """Forward-mode AD: the C++ node carries no tangent, so a call with a dual tensor is not replayed; the
+    op's dispatch then refuses the triton backend by name (and auto would take eager, which has the tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from pet_fast.dispatch import BackendUnavailableError
+
+    m = _module()
+    t = _inputs(10)
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(m)
+        with pytest.raises(BackendUnavailableError, match="forward-mode AD is on"):
+            with fwAD.dual_level():
+                _houlsby(m, {"h": fwAD.make_dual(t["h"].detach(), torch.ones_like(t["h"])), "x": t["x"]})
+        _houlsby(m, t)  # and the replayed call afterwards
+    with fwAD.dual_level():  # auto: eager, with the tangent
+        y = _houlsby(m, {"h": fwAD.make_dual(t["h"].detach(), torch.ones_like(t["h"])), "x": t["x"].detach()})
+        tangent = fwAD.unpack_dual(y).tangent
+    eps = 1e-3
+    h = t["h"].detach().double()
+    f = lambda z: pet_fast.bottleneck_adapter(  # noqa: E731
+        z, *(p.detach().double() for p in (m.w_down, m.b_down, m.w_up, m.b_up)), activation="gelu",
+        residual=t["x"].detach().double(), add_input=True, backend="eager")
+    torch.testing.assert_close(tangent.double(), (f(h + eps) - f(h - eps)) / (2 * eps), rtol=1e-4, atol=1e-5)

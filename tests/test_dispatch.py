@@ -116,3 +116,26 @@ def test_every_op_has_eager_and_sample_calls():
     assert {label.split(" ")[0] for label in samples} == set(dispatch.ops()) - {"fake_op"}
     for label, info in samples.items():
         assert dispatch.select(label.split(" ")[0], info).backend == "eager"
+
+
+def test_forward_mode_ad_keeps_the_fused_backends_out(fake_op):
+    """The fused kernels have no forward-mode formula: inside a dual level auto takes eager, an explicit
+    kernel backend is refused by name, and remembered plans made outside do not leak in."""
+    import torch.autograd.forward_ad as fwAD
+
+    why, _ = fake_op
+    why.clear()
+    assert dispatch.select("fake_op", _info("cuda")).backend == "cuda"
+    sig = ("fake-signature",)
+    assert dispatch.plan("fake_op", sig, "triton", lambda: (None, _info("cuda")))[1].backend == "triton"
+    with fwAD.dual_level():
+        assert dispatch.forward_ad_active()
+        assert dispatch.select("fake_op", _info("cuda")).backend == "eager"
+        with pytest.raises(dispatch.BackendUnavailableError, match="forward-mode AD is on"):
+            dispatch.select("fake_op", _info("cuda"), "triton")
+        with pytest.raises(dispatch.BackendUnavailableError, match="forward-mode AD is on"):
+            dispatch.plan("fake_op", sig, "triton", lambda: (None, _info("cuda")))
+        assert dict(dispatch.explain("fake_op", _info("cuda")))["cuda"] == [
+            "forward-mode AD is on (torch.autograd.forward_ad.dual_level): the fused kernels have no forward-mode formula"]
+    assert not dispatch.forward_ad_active()
+    assert dispatch.plan("fake_op", sig, "triton", lambda: (None, _info("cuda")))[1].backend == "triton"
