@@ -68,3 +68,28 @@ def replay_ext(tmp_path_factory):
 
     return load_cpu_module(tmp_path_factory, "pet_fast_triton_replay_cpu", ["triton_replay.cpp", "stacked_fusion_replay.cpp"],
                            "triton_replay_module.cpp")
+
+
+def assert_same_bits(got: dict, want: dict) -> None:
+    """Two dicts of tensors (None where a gradient is absent) equal key by key, bit for bit."""
+    assert got.keys() == want.keys()
+    for k in want:
+        if want[k] is None or got[k] is None:
+            assert want[k] is None and got[k] is None, k
+        else:
+            assert got[k].shape == want[k].shape, k
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def fail_replayed_launches() -> None:
+    """Every recorded Triton program (kernels/_replay.py) launches through a launcher that raises as a
+    refused cuLaunchKernel does."""
+    from pet_fast.kernels import _replay
+
+    def failing(i, slots):
+        raise RuntimeError("triton replay: cuLaunchKernel failed with CUresult 400")
+
+    for cache in _replay._CACHES:
+        for entry in cache.values():
+            if isinstance(entry, _replay.Entry):
+                entry.program.set_launcher(failing)

@@ -11,6 +11,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import assert_same_bits, fail_replayed_launches
 
 import pet_fast
 from pet_fast import dispatch
@@ -58,13 +59,7 @@ def _same(a, b):
     ya, ga, _ = a
     yb, gb, _ = b
     torch.testing.assert_close(ya, yb, rtol=0, atol=0)
-    assert set(ga) == set(gb)
-    for k in ga:
-        if ga[k] is None or gb[k] is None:  # (an input the call does not read)
-            assert ga[k] is None and gb[k] is None, k
-            continue
-        assert ga[k].shape == gb[k].shape, k
-        torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=0, msg=k)
+    assert_same_bits(ga, gb)
 
 
 def _warm(m, call=_houlsby):
@@ -248,10 +243,7 @@ def test_a_failing_replayed_call_warns_and_the_op_takes_over(replay_ext, monkeyp
     with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
         _warm(m)
         want = _step(m, t)
-        for cache in R._CACHES:
-            for entry in cache.values():
-                if isinstance(entry, R.Entry):
-                    entry.program.set_launcher(_failing_launch)
+        fail_replayed_launches()
         try:
             with pytest.warns(RuntimeWarning, match="launching from Python instead"):
                 got = _step(m, t)
@@ -259,10 +251,6 @@ def test_a_failing_replayed_call_warns_and_the_op_takes_over(replay_ext, monkeyp
         finally:
             R.set_enabled(True)
     _same(got, want)
-
-
-def _failing_launch(i, slots):
-    raise RuntimeError("triton replay: cuLaunchKernel failed with CUresult 400")
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import assert_same_bits, fail_replayed_launches
 
 
 R = importlib.import_module("pet_fast.kernels._replay")
@@ -67,12 +68,7 @@ def test_the_cpp_node_gives_the_functions_bits(replay_ext, case, kw, node, dtype
     assert [NODE in g[2] for g in got] == [False] + [node] * 3
     for (yw, gw, _), (yg, gg, _) in zip(want, got):
         torch.testing.assert_close(yg, yw, rtol=0, atol=0)
-        assert gg.keys() == gw.keys()
-        for a in gw:
-            if gw[a] is None or gg[a] is None:
-                assert gw[a] is None and gg[a] is None, a
-            else:
-                torch.testing.assert_close(gg[a], gw[a], rtol=0, atol=0, msg=a)
+        assert_same_bits(gg, gw)
 
 
 def test_the_node_keeps_only_what_its_backward_reads(replay_ext):
@@ -113,10 +109,7 @@ def test_a_failing_node_warns_and_the_function_takes_over(replay_ext):
         want = _run(dict(), torch.float32, dict(frozen=("scaling",)), [0, 1, 5])[2]
     with R.through_interpreter(replay_ext):
         _run(dict(), torch.float32, dict(frozen=("scaling",)), [0, 1])
-        for cache in R._CACHES:
-            for entry in cache.values():
-                if isinstance(entry, R.Entry):
-                    entry.program.set_launcher(_failing_launch)
+        fail_replayed_launches()
         try:
             with pytest.warns(RuntimeWarning, match="launching from Python instead"):
                 got = _run(dict(), torch.float32, dict(frozen=("scaling",)), [5])[0]
@@ -124,10 +117,6 @@ def test_a_failing_node_warns_and_the_function_takes_over(replay_ext):
         finally:
             R.set_enabled(True)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-
-
-def _failing_launch(i, slots):
-    raise RuntimeError("triton replay: cuLaunchKernel failed with CUresult 400")
 
 
 @pytest.mark.gpu
@@ -194,13 +183,8 @@ def test_training_steps_through_the_node_give_the_python_launches_gradients(repl
     assert NODE in names and NODE not in names_py
     for (lw, gw), (lg, gg) in zip(want, got):
         torch.testing.assert_close(lg, lw, rtol=0, atol=0)
-        assert set(gg) == set(gw) and gw
         assert any(k.endswith("value.weight") and g is not None for k, g in gw.items())  # the fusion's weights train
-        for k in gw:
-            if gw[k] is None or gg[k] is None:
-                assert gw[k] is None and gg[k] is None, k
-            else:
-                torch.testing.assert_close(gg[k], gw[k], rtol=0, atol=0, msg=k)
+        assert_same_bits(gg, gw)
 
 
 def test_for_half_precision_the_node_keeps_q_not_the_float32_qk(replay_ext):
