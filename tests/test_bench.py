@@ -193,6 +193,22 @@ def test_profile_host_step_stubs_the_kernels_and_counts_their_launches(tmp_path)
     assert all(r["ms"] > 0 for r in rows.values())
 
 
+def test_profile_host_step_puts_back_every_kernel_even_those_imported_inside_the_block():
+    """A kernel module that imports another's helper must get the real one: in a fresh process (nothing
+    imported yet), after the stubbing block no module of pet_fast.kernels holds a stub."""
+    code = ("import os, sys, importlib, pkgutil; os.environ['TRITON_INTERPRET'] = '1'; "
+            f"sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); import profile_host_step as P\n"
+            "with P.kernels_stubbed(): pass\n"
+            "import pet_fast.kernels as k\n"
+            "mods = [importlib.import_module('pet_fast.kernels.' + i.name) for i in pkgutil.iter_modules(k.__path__)]\n"
+            "print(sum(isinstance(v, P._Stub) for m in mods for v in vars(m).values()), len(mods))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    stubs, modules = map(int, out.stdout.split()[-2:])
+    assert modules >= 8 and stubs == 0
+
+
 def test_step_benchmark_reports_each_row_as_it_goes():
     seen = []
     doc = bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["floor", "full"], warmup=1, steps=1,
