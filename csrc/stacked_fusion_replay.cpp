@@ -71,14 +71,8 @@ struct StackedFusionBackward : public torch::autograd::Node {
       bin.emplace_back(in[i].defined() ? c10::optional<at::Tensor>(in[i]) : c10::nullopt);
     bin.emplace_back(a);
     bin.emplace_back(p);
-    auto result = backward->run(bin);
-    if (!result) {  // an address the recorded kernels may not take: fresh copies do
-      for (auto& t : bin)
-        if (t.has_value()) t = t->clone(at::MemoryFormat::Contiguous);
-      result = backward->run(bin);
-      TORCH_CHECK(result.has_value(), name(), ": the backward program declined fresh copies of its inputs");
-    }
-    auto get = [&](size_t k) { return (*result)[k].has_value() ? *(*result)[k] : at::Tensor(); };
+    const auto result = backward->run_or_copy(std::move(bin), name());
+    auto get = [&](size_t k) { return result[k].has_value() ? *result[k] : at::Tensor(); };
     out[kX] = get(0);
     if (with_q) {  // as fusion_qk_f32's backward (_qk_grad)
       const at::Tensor& q = in[kQ];

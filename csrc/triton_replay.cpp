@@ -58,20 +58,14 @@ struct ReplayBackward : public torch::autograd::Node {
       else if (j < 0 || !fwd_inputs[j].defined()) inputs.emplace_back(c10::nullopt);
       else inputs.emplace_back(fwd_inputs[j]);
     }
-    auto result = backward->run(inputs);
-    if (!result) {  // an address the recorded kernels may not take (e.g. dy a view): fresh copies do
-      for (auto& t : inputs)
-        if (t.has_value()) t = t->clone(at::MemoryFormat::Contiguous);
-      result = backward->run(inputs);
-      TORCH_CHECK(result.has_value(), op_name, ": the backward program declined fresh copies of its inputs");
-    }
+    const auto result = backward->run_or_copy(std::move(inputs), op_name);
     for (size_t i = 0; i < n; ++i) {
       const int64_t k = grad_map[i];
       at::Tensor g;
       if (k == -2) {
         g = grads[0];
-      } else if (k >= 0 && (*result)[k].has_value()) {
-        g = *(*result)[k];
+      } else if (k >= 0 && result[k].has_value()) {
+        g = *result[k];
       }
       if (g.defined() && !g.sizes().equals(input_sizes[i])) g = g.view(input_sizes[i]);
       out[i] = std::move(g);

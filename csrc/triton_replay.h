@@ -197,6 +197,18 @@ class Program {
     return std::make_pair(collect(slots), std::move(out));
   }
 
+  // run() for a node's backward, which must not decline: inputs whose addresses the recorded kernels may
+  // not take (e.g. a gradient that is a view) run as fresh contiguous copies.
+  std::vector<c10::optional<at::Tensor>> run_or_copy(std::vector<c10::optional<at::Tensor>> inputs, const std::string& who) {
+    auto result = run(inputs);
+    if (result) return *result;
+    for (auto& t : inputs)
+      if (t.has_value()) t = t->clone(at::MemoryFormat::Contiguous);
+    result = run(inputs);
+    TORCH_CHECK(result.has_value(), who, ": the backward program declined fresh copies of its inputs");
+    return *result;
+  }
+
   int64_t n_launches() const { return static_cast<int64_t>(launches_.size()); }
 
  private:

@@ -435,6 +435,13 @@ def enabled() -> bool:
     return _ENABLED
 
 
+def give_up(exc: Exception) -> None:
+    """A replayed C++ node failed (e.g. the driver refused a launch): warns and turns replay off, so that its
+    calls go back to the autograd.Functions and Python launches."""
+    _warn_replay_failed(exc)
+    set_enabled(False)
+
+
 def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inputs: list, name: str,
              out_like: int = -1):
     """The forward program's output (in the shape of input ``out_like``, -1: as allocated) with one C++
@@ -442,9 +449,8 @@ def autograd(forward: Entry, backward: Entry, bwd_map: list, grad_map: list, inp
     maps), or None when the forward declines."""
     try:
         return forward.ext.replay_autograd(forward.program, backward.program, bwd_map, grad_map, inputs, name, out_like)
-    except RuntimeError as exc:  # as in call(): the node's calls go back to the autograd.Function
-        _warn_replay_failed(exc)
-        set_enabled(False)
+    except RuntimeError as exc:
+        give_up(exc)
         return None
 
 
@@ -465,6 +471,12 @@ def generation() -> int:
     """Changes whenever the recorded programs are dropped or replay is turned off or on: what a caller
     keeps from them (a GuardedReplay) is valid only while it is the same."""
     return _GENERATION[0]
+
+
+def tensor_key(shape, dtype: torch.dtype, device: int) -> tuple:
+    """:func:`key_of`'s entry for a contiguous tensor of this shape, dtype and device index (-1: the CPU), for
+    callers that know a launcher's future argument before it exists (a backward's gradient, say)."""
+    return (torch.Size(shape), dtype, device, True)
 
 
 def key_of(*args) -> Optional[tuple]:

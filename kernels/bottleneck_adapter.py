@@ -528,7 +528,7 @@ def _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residua
         return pair
     has_residual = not (residual is None or add_input)
     like = x if residual is None else residual
-    bkey = ((like.shape, like.dtype, like.get_device(), True),) + _replay.key_of(
+    bkey = (_replay.tensor_key(like.shape, like.dtype, like.get_device()),) + _replay.key_of(
         x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_residual, activation, need_ds, need_w, ln_key,
         compute)
     fwd, bwd = _FORWARD_PROGRAMS.get(fkey), _BACKWARD_PROGRAMS.get(bkey)
@@ -540,22 +540,6 @@ def _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residua
     grad_map = [0, 1, 2, 3, 4, 5 if need_ds else -1, -2 if residual is not None else -1, -1, -1]
     pair = _PAIRS[(fkey, need_ds, need_w)] = (fwd, bwd, grad_map)
     return pair
-
-
-def forward_with_grad(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input=False,
-                      ln=None, compute=None):
-    """:func:`forward`'s output with its gradients from one C++ autograd node, once both the forward and the
-    backward launcher have a program for these (the launchers') arguments, recorded by earlier calls
-    through the op's autograd.Function. None otherwise. (The op itself reaches the node through
-    :class:`NodeCall`, remembered per call signature.)"""
-    if not (_replay.enabled() and _replay.active(x)):
-        return None
-    pair = _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, activation, add_input, ln,
-                         compute)
-    if not pair:
-        return None
-    lnw, lnb = (ln[0], ln[1]) if ln is not None else (None, None)
-    return _run_node(pair, [x, w_down, b_down, w_up, b_up, scaling, residual, lnw, lnb])
 
 
 def _run_node(pair, inputs, out_like=-1):

@@ -369,7 +369,7 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         return None
     n, d = x.shape
     dev = x.get_device()
-    qk_key = _replay.key_of(qk) if qk is not None else ((torch.Size((n, d)), torch.float32, dev, True),)
+    qk_key = _replay.key_of(qk) if qk is not None else (_replay.tensor_key((n, d), torch.float32, dev),)
     args_key = _replay.key_of(x) + qk_key + _replay.key_of(w_down, b_down, w_up, b_up, scaling, scaling_value,
                                                            activation, inv_temperature)
     fwd = _FORWARD_PROGRAMS.get(args_key)
@@ -380,8 +380,8 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     need_w = any(t is not None and t.requires_grad for t in (w_down, b_down, w_up, b_up))
     k, r = w_down.shape[0], w_down.shape[1]
     dctx_dtype = x.dtype if w_value is None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    bkey = ((torch.Size((n, d)), dctx_dtype, dev, True),) + args_key + (
-        (torch.Size((n, k, padded_r(r))), torch.float32, dev, True), (torch.Size((n, k)), torch.float32, dev, True),
+    bkey = (_replay.tensor_key((n, d), dctx_dtype, dev),) + args_key + (
+        _replay.tensor_key((n, k, padded_r(r)), torch.float32, dev), _replay.tensor_key((n, k), torch.float32, dev),
         need_ds, need_w)
     bwd = _BACKWARD_PROGRAMS.get(bkey)
     if not isinstance(bwd, _replay.Entry):
@@ -390,9 +390,8 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
                                                                           residual, w_value, b_value, q, w_key],
                                                need_ds, need_w)
-    except RuntimeError as exc:  # as kernels/_replay.py autograd: the Function takes these calls from now on
-        _replay._warn_replay_failed(exc)
-        _replay.set_enabled(False)
+    except RuntimeError as exc:  # the Function takes these calls from now on
+        _replay.give_up(exc)
         return None
 
 

@@ -470,8 +470,9 @@ def test_the_cpp_autograd_node_keeps_only_what_its_backward_reads(ext):
 
     t = _adapter(20, 32, 4, torch.float32, 0)
     ps = {k: (v.requires_grad_() if k in ("x", "w_down", "b_down", "w_up", "b_up") else v) for k, v in t.items()}
-    call = lambda res: K.forward_with_grad(ps["x"], ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None, 1.0,  # noqa: E731
-                                           res, "gelu", True)
+    args = lambda res: (ps["x"], ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None, 1.0, res, "gelu", True)  # noqa: E731
+    call = lambda res: K.node_call(*args(res))(ps["x"], ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None,  # noqa: E731
+                                               res, None)
     with R.through_interpreter(ext):
         res0 = torch.randn(20, 32)
         y = K.forward(ps["x"], ps["w_down"], ps["b_down"], ps["w_up"], ps["b_up"], None, 1.0, res0, "gelu", True)
@@ -498,7 +499,6 @@ def test_the_op_remembers_the_node_per_call_signature(ext, monkeypatch):
             ts = tk.make_case((3, 11), 32, 4, torch.float32, seed=s, residual=True, add_input=True)[1]
             tk.call(ts, "relu", "triton").sum().backward()
         assert any(v for v in ops._NODES.values())
-        monkeypatch.setattr(K, "forward_with_grad", lambda *a, **k: pytest.fail("the remembered node was not used"))
         monkeypatch.setattr(K, "node_call", lambda *a, **k: pytest.fail("the remembered node was not used"))
         ts = tk.make_case((3, 11), 32, 4, torch.float32, seed=5, residual=True, add_input=True)[1]
         out = tk.call(ts, "relu", "triton")

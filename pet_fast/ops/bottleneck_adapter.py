@@ -177,6 +177,7 @@ dispatch.register(OP, "eager", reference)
 
 
 @functools.cache  # an import statement per call costs microseconds: the launchers run per adapter per step
+@functools.cache  # imported once: no import statement per call
 def _triton_kernels():
     from ..kernels import bottleneck_adapter as kernels  # imports triton: only when a kernel runs
 
@@ -393,14 +394,13 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
 # generation). Any difference returns None and the caller runs the op.
 
 _LAST = threading.local()  # (weakref to the output, NodeCall) of this thread's last call that ran as a node
-_REPLAY: list = []  # kernels/_replay.py, once imported (it imports triton)
 
 
 def _route() -> tuple:
     """What besides the arguments and torch's modes picks a call's path: the requested backend (argument
     None: a use_backend() block or the environment), the Triton interpreter, the custom-op mode, the plans'
     and the replay's generations."""
-    replay = _REPLAY[0] if _REPLAY else _REPLAY.append(_triton_kernels()._replay) or _REPLAY[0]
+    replay = _triton_kernels()._replay
     return (dispatch.requested(None)[0], dispatch.triton_interpreting(), _autograd.always_custom_op(),
             dispatch.plans_generation(), replay.generation(), replay.enabled())
 
@@ -432,9 +432,7 @@ class ReplayedCall:
         try:
             return self.guard([x, w_down, b_down, w_up, b_up, s_t, residual, lnw, lnb])
         except RuntimeError as exc:  # a failing launch: as a failing node (kernels/_replay.py autograd)
-            replay = _triton_kernels()._replay
-            replay._warn_replay_failed(exc)
-            replay.set_enabled(False)
+            _triton_kernels()._replay.give_up(exc)
             return None
 
     def __deepcopy__(self, memo):
