@@ -48,7 +48,9 @@ typedef int cusolverStatus_t;
 #define CUSOLVER_STATUS_SUCCESS 0
 #define CUSOLVER_STATUS_INVALID_VALUE 3
 H
-torch_inc=$(python -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+# TORCH_INCLUDE: another torch release's include/ folder (e.g. the GPU machine's, unpacked from its wheel)
+torch_inc=${TORCH_INCLUDE:-$(python -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")}
+torch_label=${TORCH_INCLUDE:+headers in $TORCH_INCLUDE}
 py_inc=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 n=0
 for f in csrc/*.cpp; do
@@ -57,4 +59,4 @@ for f in csrc/*.cpp; do
     -I"$cuda_inc" -I"$stub" -I"$py_inc" -Icsrc "$f"
   n=$((n + 1))
 done
-echo "check_bindings: $n binding file(s) type-check against torch $(python -c 'import torch; print(torch.__version__)')"
+echo "check_bindings: $n binding file(s) type-check against torch ${torch_label:-$(python -c 'import torch; print(torch.__version__)')}"

@@ -135,7 +135,7 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
     }
   }
   if (!torch::autograd::compute_requires_grad(at::TensorList(ins))) return out;
-  auto node = c10::make_intrusive<StackedFusionBackward>();
+  auto node = make_node<StackedFusionBackward>();
   node->backward = backward;
   node->a = *(*result)[1];
   node->p = *(*result)[2];

@@ -101,7 +101,7 @@ c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forwar
   std::vector<at::Tensor> ins;
   for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
   if (!torch::autograd::compute_requires_grad(at::TensorList(ins))) return y;
-  auto node = c10::make_intrusive<ReplayBackward>();
+  auto node = make_node<ReplayBackward>();
   node->op_name = std::move(name);
   node->backward = backward;
   node->bwd_map = std::move(bwd_map);

@@ -2,6 +2,8 @@
 // shared by the autograd nodes built on it (triton_replay.cpp, stacked_fusion_replay.cpp).
 #pragma once
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "bindings.h"
@@ -22,6 +24,19 @@
 #endif
 
 namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
+
+// A new autograd node of type T, held the way the torch it is built against holds nodes: older
+// releases (2.11, say) in std::shared_ptr, newer ones (2.13) in c10::intrusive_ptr; Edge::function
+// tells which. The GPU machines may carry an older torch than the one CI checks with.
+template <class T>
+auto make_node() {
+  using Held = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<Held, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
 
 
 // Parameter kinds (pet_fast/kernels/_replay.py KINDS)
