@@ -38,6 +38,8 @@ _ENABLED = os.environ.get(ENV_VAR, "1") != "0"
 _local = threading.local()
 _REFUSED = object()  # a key whose calls run in Python
 MAX_PROGRAMS = 1024  # keys kept per launcher
+SCRATCH_POINTERS = 2  # Triton appends global and profile scratch pointers to every kernel's parameters
+MAX_PLAIN_SHARED = 228 * 1024  # bytes of shared memory a launch takes without an extra launch attribute
 
 
 class Unrecordable(Exception):
@@ -185,11 +187,15 @@ class Recording:
             if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or \
                     getattr(md, "launch_pdl", False):
                 raise Unrecordable("the kernel launches clusters, a cooperative grid or with PDL")
+            if md.shared > MAX_PLAIN_SHARED:  # newer Tritons launch those with an extra attribute
+                raise Unrecordable(f"the kernel takes {md.shared} bytes of shared memory")
             if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
                 raise Unrecordable("the kernel needs scratch memory")
             if compiled.function is None:
                 raise Unrecordable("the compiled kernel is not loaded")
             function, threads, shared = int(compiled.function), 32 * md.num_warps, md.shared
+        elif not _interpreter_ext:  # e.g. a jit_cache_hook that vetoed the compilation
+            raise Unrecordable("the launch returned no compiled kernel")
         else:  # the interpreter (tests): the binder's types, no function
             function, threads, shared = 0, 0, 0
         params, named = [], {}
@@ -214,10 +220,13 @@ class Recording:
             else:
                 raise Unrecordable(f"parameter {n} of type {ty!r} cannot be replayed")
         if compiled is not None:
-            extra = ptx_param_count(compiled.asm["ptx"]) - len(params)
-            if extra < 0:
-                raise Unrecordable("the PTX entry takes fewer parameters than the kernel")
-            params += [(KINDS["null"], -1, 0, 0.0)] * extra  # scratch pointers: none needed (checked above)
+            # Triton (3.6 to 3.9) passes exactly two trailing pointers, global and profile scratch; none is
+            # needed here (checked above). Anything else in the entry (instrumentation, say) is refused.
+            ptx = compiled.asm.get("ptx")  # absent when Triton keeps binaries only: the count alone then
+            if ptx is not None and ptx_param_count(ptx) != len(params) + SCRATCH_POINTERS:
+                raise Unrecordable(f"the PTX entry takes {ptx_param_count(ptx)} parameters, not the kernel's "
+                                   f"{len(params)} plus {SCRATCH_POINTERS} scratch pointers")
+            params += [(KINDS["null"], -1, 0, 0.0)] * SCRATCH_POINTERS
         if grid is None:
             raise Unrecordable("the grid was never evaluated")
         g = list(grid) + [1] * (3 - len(grid))

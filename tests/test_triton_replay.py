@@ -217,6 +217,65 @@ def test_ptx_param_count_reads_the_entry_point():
     assert R.ptx_param_count(ptx) == 4
 
 
+def _fake_compiled(ptx_params, **metadata):
+    """What a GPU launch hands the recording: the compiled kernel's signature, launch metadata, function
+    handle and PTX (``ptx_params`` entry parameters; None: Triton kept the binary only)."""
+    from types import SimpleNamespace
+
+    md = dict(num_warps=4, shared=0, num_ctas=1, launch_cooperative_grid=False, launch_pdl=False,
+              global_scratch_size=0, profile_scratch_size=0)
+    md.update(metadata)
+    ptx = ".visible .entry k(" + ",".join(f"\n .param .u64 p{i}" for i in range(ptx_params or 0)) + "\n)"
+    return SimpleNamespace(src=SimpleNamespace(signature={"PART": "*fp32", "O0": "*fp32", "n": "i32", "BLOCK": "constexpr"}),
+                           metadata=SimpleNamespace(**md), function=1234,
+                           asm={} if ptx_params is None else {"ptx": ptx})
+
+
+def _copy_kernel_launch(compiled):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(PART, O0, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(O0 + offs, tl.load(PART + offs, mask=offs < n), mask=offs < n)
+
+    x, y = torch.zeros(8), torch.zeros(8)
+    rec = R.Recording([x, y])
+    return rec._launch(copy_kernel, (1,), compiled, (x, y, 5), {"BLOCK": 8})
+
+
+@pytest.mark.parametrize("ptx_params", [5, None])
+def test_a_gpu_launch_is_recorded_with_two_null_scratch_pointers(ptx_params):
+    """The GPU branch of the recording with a compiled kernel's facts: its 3 parameters, then Triton's two
+    scratch pointers as null, 32 threads per warp; with no PTX in the cache (binaries only) the count
+    alone."""
+    function, grid, threads, shared, params, _ = _copy_kernel_launch(_fake_compiled(ptx_params))
+    assert (function, grid, threads, shared) == (1234, [1, 1, 1], 128, 0)
+    assert [p[0] for p in params] == [R.KINDS["ptr_aligned"]] * 2 + [R.KINDS["i32"]] + [R.KINDS["null"]] * 2
+
+
+@pytest.mark.parametrize("ptx_params, metadata, why", [
+    (6, {}, "PTX entry takes 6 parameters"),  # e.g. instrumentation arguments: nulls would fault
+    (4, {}, "PTX entry takes 4 parameters"),
+    (5, {"num_ctas": 2}, "clusters"),
+    (5, {"launch_pdl": True}, "PDL"),
+    (5, {"global_scratch_size": 64}, "scratch memory"),
+    (5, {"shared": 229 * 1024}, "bytes of shared memory"),
+])
+def test_a_gpu_launch_the_replay_cannot_make_is_refused(ptx_params, metadata, why):
+    with pytest.raises(R.Unrecordable, match=why):
+        _copy_kernel_launch(_fake_compiled(ptx_params, **metadata))
+
+
+def test_a_gpu_launch_without_a_compiled_kernel_is_refused():
+    """Outside the tests' interpreter mode, a launch that returned no compiled kernel (a cache hook that
+    vetoed the compilation, say) is not recorded as an interpreter launch (function 0)."""
+    assert not R._interpreter_ext
+    with pytest.raises(R.Unrecordable, match="no compiled kernel"):
+        _copy_kernel_launch(None)
+
+
 def test_compiled_kernels_take_two_scratch_pointers_after_their_parameters():
     """What the replay appends as null pointers: a kernel compiled for sm_90 here (no GPU needed; in a
     process without the interpreter) takes its non-constexpr parameters, then Triton's global and
