@@ -27,6 +27,9 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # Compile for the card in this machine only (sm_90a on an H100/H200).
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] >= 9 else ''))" 2>/dev/null || echo 9.0a)}
 status=0
+if [ -f "$PET_FAST_CACHE/replay_failed" ]; then  # an earlier run on this machine found the replay failing
+  export PET_FAST_TRITON_REPLAY=0
+fi
 left() { echo $(( deadline - SECONDS )); }
 step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the time left), log to WORK_DIR/NAME.log
   local name=$1 limit=$2; shift 2
@@ -47,6 +50,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the time
   python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   python -c "import peft; print('peft', peft.__version__)" 2>/dev/null || echo "peft: not installed"
   git rev-parse --short HEAD 2>/dev/null || true
+  echo "PET_FAST_TRITON_REPLAY=${PET_FAST_TRITON_REPLAY:-1}"
 } > "$work/summary.txt" 2>&1
 cat "$work/summary.txt"
 # Build in place (the GPU machine has torch with CUDA, nvcc and ninja; no network). The editable
@@ -65,9 +69,26 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
   # GPU tests (marked gpu): every kernel on real hardware vs float64 references, determinism, edge inputs.
   # One tile per kernel (PET_FAST_AUTOTUNE=0) so that the many test shapes do not each run the autotuner.
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) * 3 / 4 ))"
+  # The launch replay (recorded Triton launches made from C++, kernels/_replay.py) goes first and alone:
+  # if any of its GPU tests fails or crashes, every later step (tests, benchmarks, and later calls on this
+  # machine through the marker file) runs with PET_FAST_TRITON_REPLAY=0, every launch from Python.
+  replay_files="tests/test_triton_replay.py tests/test_adapter_replayed_call.py tests/test_stacked_fusion_replay.py"
+  if [ "${PET_FAST_TRITON_REPLAY:-1}" != 0 ]; then
+    # shellcheck disable=SC2086
+    TRITON_INTERPRET=0 PET_FAST_AUTOTUNE=0 step replay_tests ${REPLAY_TESTS_LIMIT_S:-120} python -m pytest -v -m gpu $xdist \
+      -p no:cacheprovider -rfE --junitxml="$work/replay_tests.xml" $replay_files
+    replay_rc=$?
+    grep -E "^(FAILED|ERROR)|passed|failed|crashed" "$work/replay_tests.log" | tail -15 | tee -a "$work/summary.txt"
+    if [ $replay_rc -ne 0 ]; then
+      export PET_FAST_TRITON_REPLAY=0
+      mkdir -p "$PET_FAST_CACHE" && touch "$PET_FAST_CACHE/replay_failed"
+      echo "replay: OFF for the rest of this run and later runs on this machine (its GPU tests: rc=$replay_rc)" | tee -a "$work/summary.txt"
+    fi
+  fi
   # Kernels never yet run on hardware first, so that a run cut at its limit still checks them.
-  first="tests/test_triton_replay.py tests/test_adapter_replayed_call.py tests/test_stacked_fusion_replay.py tests/test_masked_weights.py tests/test_adapter_autograd_cpp.py tests/test_kernels_masked_linear.py tests/test_prefix_attention_merge.py tests/test_kernels_adapter_fusion.py tests/test_kernels_bottleneck_adapter.py tests/test_methods_fusion.py tests/test_methods_adapter.py tests/test_properties.py"
+  first="$replay_files tests/test_masked_weights.py tests/test_adapter_autograd_cpp.py tests/test_kernels_masked_linear.py tests/test_prefix_attention_merge.py tests/test_kernels_adapter_fusion.py tests/test_kernels_bottleneck_adapter.py tests/test_methods_fusion.py tests/test_methods_adapter.py tests/test_properties.py"
   files="$first $(ls tests/test_*.py | grep -v -x -F -f <(tr ' ' '\n' <<< "$first"))"
+  files=$(tr ' ' '\n' <<< "$files" | grep -v -x -F -f <(tr ' ' '\n' <<< "$replay_files") | tr '\n' ' ')  # run above
   # shellcheck disable=SC2086
   TRITON_INTERPRET=0 PET_FAST_AUTOTUNE=0 PET_FAST_PROPERTY_COUNTS="$work/property_counts.txt" \
     step gpu_tests ${TESTS_LIMIT_S:-170} python -m pytest -v -m gpu $xdist --maxfail=40 -p no:cacheprovider -rfE \

@@ -1,0 +1,78 @@
+"""benchmarks/gpu_check.sh, the one script a GPU session runs, driven on the CPU with stand-ins for
+python, nvidia-smi and pkill: what it runs, in which order and with which environment. Here: the gate
+that turns the launch replay off for everything after its GPU tests when they fail."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPLAY_FILES = ["tests/test_triton_replay.py", "tests/test_adapter_replayed_call.py", "tests/test_stacked_fusion_replay.py"]
+
+# Stands for python: logs "<PET_FAST_TRITON_REPLAY>|<arguments>" and succeeds, except the pytest run of the
+# replay's tests, which exits with $FAKE_REPLAY_RC.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "${PET_FAST_TRITON_REPLAY:-unset}|$*" >> "$FAKE_LOG"
+case "$*" in
+  *"-m pytest"*test_triton_replay.py*) exit "${FAKE_REPLAY_RC:-0}" ;;
+esac
+exit 0
+"""
+
+
+def _run(tmp_path, replay_rc, marker=False):
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and timeout")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("python", FAKE_PYTHON), ("nvidia-smi", "#!/bin/sh\nexit 0\n"), ("pkill", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    cache = tmp_path / "cache"
+    if marker:
+        cache.mkdir()
+        (cache / "replay_failed").touch()
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PET_FAST_TRITON_REPLAY", "STEP_FIRST")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), FAKE_REPLAY_RC=str(replay_rc),
+               PET_FAST_CACHE=str(cache), TESTS_LIMIT_S="60", DEADLINE_S="400", BENCHES="host_overhead")
+    work = tmp_path / "work"
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "kernels", str(work)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    calls = [line.split("|", 1) for line in log.read_text().splitlines()]
+    pytest_calls = [(replay, args) for replay, args in calls if "-m pytest" in args]
+    later = [(replay, args) for replay, args in calls if "bench_host_overhead.py" in args]  # after the tests
+    return out, pytest_calls, later, (work / "summary.txt").read_text(), cache / "replay_failed"
+
+
+def test_failing_replay_tests_turn_the_replay_off_for_the_rest_of_the_run(tmp_path):
+    out, pytest_calls, later, summary, marker = _run(tmp_path, replay_rc=1)
+    assert out.returncode == 1  # a failed step fails the script
+    assert len(pytest_calls) == 2
+    (replay_env, replay_args), (main_env, main_args) = pytest_calls
+    assert replay_env == "unset" and all(f in replay_args for f in REPLAY_FILES)
+    # the main run: replay off, every other test file, not the replay's again
+    assert main_env == "0"
+    assert "tests/test_masked_weights.py" in main_args and "tests/test_properties.py" in main_args
+    assert not any(f in main_args for f in REPLAY_FILES)
+    assert [env for env, _ in later] == ["0"]  # the benchmark after the tests
+    assert "replay: OFF" in summary and marker.exists()
+
+
+def test_passing_replay_tests_leave_it_on(tmp_path):
+    out, pytest_calls, later, summary, marker = _run(tmp_path, replay_rc=0)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert [env for env, _ in pytest_calls] == ["unset", "unset"]
+    assert not any(f in pytest_calls[1][1] for f in REPLAY_FILES)
+    assert [env for env, _ in later] == ["unset"]
+    assert "replay: OFF" not in summary and not marker.exists()
+
+
+def test_a_failure_found_by_an_earlier_run_on_the_machine_keeps_it_off(tmp_path):
+    out, pytest_calls, later, summary, marker = _run(tmp_path, replay_rc=0, marker=True)
+    assert len(pytest_calls) == 1 and pytest_calls[0][0] == "0"  # no replay gate: straight to the main run
+    assert not any(f in pytest_calls[0][1] for f in REPLAY_FILES)
+    assert [env for env, _ in later] == ["0"]
+    assert "PET_FAST_TRITON_REPLAY=0" in summary
