@@ -90,6 +90,14 @@ def _as_jit(fn):
     return JITFunction(fn)
 
 
+def _interpreted(kernel) -> bool:
+    """Whether ``kernel`` (under autotuner / heuristics wrappers) runs in Triton's interpreter."""
+    fn = kernel
+    while type(fn).__name__ != "InterpretedFunction" and hasattr(fn, "fn"):
+        fn = fn.fn
+    return type(fn).__name__ == "InterpretedFunction"
+
+
 def _jit_function(kernel):
     """The JITFunction under autotuner / heuristics wrappers (under the interpreter, one made from the
     kernel's Python function: it describes the same parameters)."""
@@ -194,7 +202,7 @@ class Recording:
             if compiled.function is None:
                 raise Unrecordable("the compiled kernel is not loaded")
             function, threads, shared = int(compiled.function), 32 * md.num_warps, md.shared
-        elif not _interpreter_ext:  # e.g. a jit_cache_hook that vetoed the compilation
+        elif not _interpreted(kernel):  # e.g. a jit_cache_hook that vetoed the compilation
             raise Unrecordable("the launch returned no compiled kernel")
         else:  # the interpreter (tests): the binder's types, no function
             function, threads, shared = 0, 0, 0

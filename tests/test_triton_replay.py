@@ -268,10 +268,11 @@ def test_a_gpu_launch_the_replay_cannot_make_is_refused(ptx_params, metadata, wh
         _copy_kernel_launch(_fake_compiled(ptx_params, **metadata))
 
 
-def test_a_gpu_launch_without_a_compiled_kernel_is_refused():
-    """Outside the tests' interpreter mode, a launch that returned no compiled kernel (a cache hook that
+def test_a_gpu_launch_without_a_compiled_kernel_is_refused(monkeypatch):
+    """A compiled (not interpreted) kernel's launch that returned no compiled kernel (a cache hook that
     vetoed the compilation, say) is not recorded as an interpreter launch (function 0)."""
-    assert not R._interpreter_ext
+    _copy_kernel_launch(None)  # interpreted: recorded
+    monkeypatch.setattr(R, "_interpreted", lambda kernel: False)
     with pytest.raises(R.Unrecordable, match="no compiled kernel"):
         _copy_kernel_launch(None)
 
