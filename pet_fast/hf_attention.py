@@ -73,9 +73,21 @@ def set_layer_prefix(module: nn.Module, lp: LayerPrefix) -> None:
 # masks
 
 
+# transformers' modules, imported once by register(), outside any compiled region: torch.compile in
+# torch 2.11 cannot trace an import through transformers' lazy top-level module ("Bad import result").
+_TRANSFORMERS: dict = {}
+
+
+def _masking_utils():
+    mu = _TRANSFORMERS.get("masking_utils")
+    if mu is None:
+        from transformers import masking_utils as mu
+    return mu
+
+
 def _mask_kind(mask_function) -> Optional[str]:
     """'causal', 'bidirectional' or 'sliding' for transformers' plain mask functions, else None."""
-    from transformers import masking_utils as mu
+    mu = _masking_utils()
 
     if mask_function is mu.causal_mask_function:
         return "causal"
@@ -116,7 +128,7 @@ def prefix_mask(*args, **kwargs):
     """Mask function registered under :data:`NAME` (see the module docstring). Takes the arguments
     transformers passes to ``sdpa_mask`` (``q_length``/``q_offset`` in 5.x, ``cache_position`` in
     older releases) and hands them unchanged to ``sdpa_mask`` when it must build a dense mask."""
-    from transformers import masking_utils as mu
+    mu = _masking_utils()
 
     a = _call_args(mu.sdpa_mask, args, kwargs)
     mask_function = a.get("mask_function") or mu.causal_mask_function
@@ -183,14 +195,15 @@ def _is_causal(module, kwargs) -> bool:
 
 
 def _original_function(module: nn.Module, name: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if name == "eager":
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is None:
             raise ValueError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
         return fn
-    return ALL_ATTENTION_FUNCTIONS[name]
+    functions = _TRANSFORMERS.get("attention_functions")
+    if functions is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as functions
+    return functions[name]
 
 
 def _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -290,6 +303,9 @@ def register() -> None:
 
     global _SLIDING_CODE, _AND_CODE
     from transformers import masking_utils as mu
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _TRANSFORMERS.update(masking_utils=mu, attention_functions=ALL_ATTENTION_FUNCTIONS)
 
     _SLIDING_CODE = mu.sliding_window_overlay(1).__code__
     _AND_CODE = mu.and_masks(mu.causal_mask_function).__code__

@@ -9,6 +9,15 @@ import torch
 import pet_fast
 from tiny_models import batch, build
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every model here runs through transformers' same wrapper functions: without a reset, the compiled
+    variants pile up on those code objects until dynamo's recompile limit (8 in torch 2.11) refuses one."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 CASES = [("bert", m) for m in ("houlsby", "pfeiffer", "parallel", "fusion", "side", "mask", "prefix")]
 CASES += [("llama", m) for m in ("houlsby", "parallel", "fusion", "side", "mask", "prefix")]
 

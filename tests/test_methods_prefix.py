@@ -7,6 +7,7 @@ AdapterHub's concatenation behaves). The prefix tables for it are built from the
 AdapterHub document, not from our per-layer slicing.
 """
 import copy
+import inspect
 import json
 import os
 
@@ -89,6 +90,11 @@ def peft_cache(table, L, Hkv, D, B, config):
     return cache
 
 
+# The models' cache keyword: ``cache`` in recent transformers, ``past_key_values`` before (5.17, the GPU
+# machines' release), so that these tests also run there.
+CACHE = "cache" if "cache" in inspect.signature(tf.BertModel.forward).parameters else "past_key_values"
+
+
 def reference(base, family, table, ids, mask, position_ids=None, shift=True):
     """The base model with the prefix as P cached tokens (PEFT's way). Returns logits (LMs) or the
     (last hidden state, classifier logits) pair (encoders)."""
@@ -105,9 +111,9 @@ def reference(base, family, table, ids, mask, position_ids=None, shift=True):
             position_ids = (mask.cumsum(-1) + P) * mask + 1
         elif family == "roberta" and not shift:
             position_ids = (mask.cumsum(-1)) * mask + 1
-        out = base.base_model(input_ids=ids, attention_mask=full_mask, cache=cache, position_ids=position_ids)
+        out = base.base_model(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, **{CACHE: cache})
         return out.last_hidden_state, base.classifier(out.last_hidden_state if family == "roberta" else out.pooler_output)
-    return base(input_ids=ids, attention_mask=full_mask, cache=cache, position_ids=position_ids).logits
+    return base(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, **{CACHE: cache}).logits
 
 
 def run(model, family, ids, mask, position_ids=None):
@@ -348,8 +354,8 @@ def test_fallback_with_cache_and_several_queries():
         outs = []
         for m in (model, base):
             cache = DynamicCache(config=m.config)
-            m(input_ids=ids[:, :3], cache=cache)
-            outs.append(m(input_ids=ids[:, 3:], cache=cache).logits)
+            m(input_ids=ids[:, :3], **{CACHE: cache})
+            outs.append(m(input_ids=ids[:, 3:], **{CACHE: cache}).logits)
     close(outs[0], outs[1], 1e-6)
 
 

@@ -60,13 +60,17 @@ def _per_layer(rows2, rows4, row):
 def test_llama_prefix_step_ops():
     """Llama with left padding: fewer ops than PEFT's cache path, both in all and per layer; per layer
     at most the two cats of the prefix onto the keys and values and their backward (slices) over the
-    floor, no mask conversion (SDPA gets the additive mask built once per forward: no where) and no
+    floor (and views), no mask conversion (SDPA gets the additive mask built once per forward: no where) and no
     casts of the prefix or of the keys/values per layer."""
     rows2, rows4 = _rows(2, LLAMA), _rows(4, LLAMA)
     assert rows4["pet_fast"]["aten_ops"] < rows4["peft-style"]["aten_ops"]
     ours, peft = _per_layer(rows2, rows4, "pet_fast"), _per_layer(rows2, rows4, "peft-style")
     assert sum(ours.values()) < sum(peft.values()), (ours, peft)
-    assert sum(ours.values()) <= 4, ours
+    # what a layer adds over the floor (ops it saves, e.g. the floor's mask where, count negative): the two cats,
+    # the slices of their backward, and views (metadata only; torch 2.11 records two where 2.13 has none)
+    added = {k: v for k, v in ours.items() if v > 0}
+    assert set(added) <= {"cat", "slice", "view"}, ours
+    assert added.get("cat", 0) <= 2 and added.get("slice", 0) <= 2 * added.get("cat", 0) and added.get("view", 0) <= 2, ours
     per_layer_where = rows4["pet_fast"]["counts"].get("where", 0) - rows2["pet_fast"]["counts"].get("where", 0)
     assert per_layer_where == 0 and ours.get("_to_copy", 0) <= 0, ours
     assert ours.get("repeat_interleave", 0) <= 0 and ours.get("index_select", 0) <= 0, ours

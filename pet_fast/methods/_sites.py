@@ -25,7 +25,6 @@ from torch import nn
 from ..tasks import TASK_ATTR
 
 _OVERRIDE = "forward"
-_CAPTURED = "_pet_fast_captured"
 
 
 class Override:
@@ -36,6 +35,10 @@ class Override:
         self.kind = kind
         self.registry = registry
         self.peer = peer
+        # a "sublayer" site's input of the norm in front of it, set by that norm's "capture" site (parallel
+        # adapters read it) and taken once. An attribute of this plain object, not of the module:
+        # torch.compile (torch 2.11) cannot trace a module's __dict__.pop.
+        self.captured = None
 
     def original(self, *args, **kwargs):
         return type(self.host).forward(self.host, *args, **kwargs)
@@ -95,7 +98,6 @@ def uninstall_if_unused(host: nn.Module) -> None:
         if current.kind == "capture" and current.peer is not None and len(getattr(current.peer, TASK_ATTR, ())) > 0:
             return  # the sublayer still has parallel adapters that read this input
         del host.__dict__[_OVERRIDE]
-    host.__dict__.pop(_CAPTURED, None)
 
 
 def site_kind(host: nn.Module) -> Optional[str]:
@@ -186,12 +188,12 @@ def _sublayer(self: Override, *args, **kwargs):
     out = self.original(*args, **kwargs)
     act = self.active()
     if act is None:
-        self.host.__dict__.pop(_CAPTURED, None)
+        self.captured = None
         return out
     _, module = act
     h = _first(out)
     if module.placement == "parallel":
-        x = self.host.__dict__.pop(_CAPTURED, None)
+        x, self.captured = self.captured, None
         if x is None:
             raise RuntimeError("parallel adapter: the input of the norm in front of this sublayer was not seen")
         new = _fuse(self, module, x, x, h) if _is_fusion(module) else _adapter(module, x, h)
@@ -212,8 +214,9 @@ def _block(self: Override, *args, **kwargs):
 
 
 def _capture(self: Override, x, *args, **kwargs):
-    if self.peer is not None and self.peer.__dict__.get(_OVERRIDE) is not None:
-        self.peer.__dict__[_CAPTURED] = x
+    peer = None if self.peer is None else self.peer.__dict__.get(_OVERRIDE)
+    if isinstance(peer, Override):
+        peer.captured = x
     return self.original(x, *args, **kwargs)
 
 
