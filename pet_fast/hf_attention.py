@@ -270,10 +270,10 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     lp = layer_prefix(module)
     if lp is None:
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    target = query.dtype
-    if key.dtype != target or value.dtype != target:
-        # under autocast, projections and RoPE may leave q, k, v in different dtypes (SDPA would cast)
-        target = compute_dtype(query)
+    # Under autocast, autocast's dtype: SDPA would run in it anyway, and projections and RoPE may leave q,
+    # k, v in float32 (transformers 5.17's RoPE does), which would send the prefix, its concatenation and
+    # the kernels to float32 and the mask to a per-layer conversion. Else q's dtype.
+    target = compute_dtype(query)
     prefix = lp.prefix(target, query.shape[0])
     if prefix is None:
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)

@@ -533,6 +533,34 @@ def test_autocast_bf16_runs_close_to_fp32():
     assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
 
 
+def test_autocast_runs_the_op_in_autocasts_dtype_when_rope_leaves_float32(monkeypatch):
+    """Some transformers releases (5.17) return float32 queries and keys from RoPE under bf16 autocast:
+    the op still gets bf16 q, k, v and prefix (as SDPA would cast them), not a float32 call with a
+    float32 prefix and a mask converted in every layer."""
+    import pet_fast.ops.prefix_attention as op_mod
+    from transformers.models.llama import modeling_llama
+
+    real_rope = modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb",
+                        lambda *a, **k: tuple(t.float() for t in real_rope(*a, **k)))
+    dtypes, real_op = [], op_mod.attend
+
+    def spy(q, k, v, pk, pv, *args):
+        dtypes.append({t.dtype for t in (q, k, v, pk, pv)})
+        return real_op(q, k, v, pk, pv, *args)
+
+    monkeypatch.setattr(op_mod, "attend", spy)
+    model, _ = injected("llama", "sdpa")
+    ids, mask, _ = batch([6, 4], "left")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert dtypes[0] == {torch.float32} and dtypes[-1] == {torch.bfloat16}
+    real = mask.bool()
+    assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
+
+
 def test_pet_fast_load_recognises_prefix_checkpoints(tmp_path):
     """The importers are wired into pet_fast.load: PEFT and AdapterHub prefix folders load by their files."""
     import pet_fast
