@@ -268,7 +268,7 @@ def capture(only, dtypes, unpruned):
 # ---------------------------------------------------------------------------------------------------
 # Compile
 
-def _resource_usage(cubin):
+def resource_usage(cubin):
     """{"REG": registers per thread, "STACK": local-memory stack bytes (spills)} from cuobjdump, if shipped."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -305,7 +305,7 @@ def compile_spec(spec):
         for k in ("n_regs", "n_spills"):
             if getattr(meta, k, None) is not None:
                 res[k] = getattr(meta, k)
-        res.update(_resource_usage(compiled.asm.get("cubin")))
+        res.update(resource_usage(compiled.asm.get("cubin")))
         res["status"] = "ok" if meta.shared <= LIMIT else "smem"
     except Exception as e:  # noqa: BLE001 - every compiler error is a finding
         lines = [ln for ln in str(e).splitlines() if ln.strip()]

@@ -23,9 +23,7 @@ Exits 1 when a specialisation fails to compile or needs more shared memory than 
 """
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -36,6 +34,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks import compile_check  # noqa: E402
+
 import pet_fast.kernels.masked_linear as ML  # noqa: E402
 import pet_fast.kernels.masked_weights as MW  # noqa: E402
 import pet_fast.kernels.prefix_attention as PA  # noqa: E402
@@ -43,7 +43,6 @@ import pet_fast.kernels.prefix_attention_merge as PAM  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 LIMIT = 232448  # H100 shared memory per block (227 KiB)
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {
     "ml_forward": ML._forward_kernel.fn, "ml_grad_input": ML._grad_input_kernel.fn,
     "ml_grad_weight": ML._grad_weight_kernel.fn, "ml_pack": ML._pack_kernel.fn, "mw_grouped": MW._grouped_kernel,
@@ -53,15 +52,8 @@ KERNELS = {
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers per thread and local-memory stack (spills) of a cubin, from the cuobjdump Triton ships."""
-    if not os.path.exists(CUOBJDUMP):
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    fields = [w.split(":") for line in out.splitlines() if "REG:" in line for w in line.split()]
-    return {k: int(v) for k, v in (f for f in fields if len(f) == 2) if k in ("REG", "STACK")}
+    """Registers per thread (REG) and local-memory stack (STACK, spills) of a cubin (compile_check.py's reader)."""
+    return {k.upper(): v for k, v in compile_check.resource_usage(cubin).items()}
 
 
 def signature(fn, types, consts, div):

@@ -438,7 +438,7 @@ def row_configs():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
     if not autotuning():  # fits the shared memory up to RP=256 without spilling registers (sm_90, bf16)
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=2)]
-    # Mostly 8 warps: with 4, most of these tiles spill to local memory (benchmarks/compile_check_adapter.py).
+    # Mostly 8 warps: with 4, most of these tiles spill to local memory (benchmarks/compile_check.py).
     # Few configurations: each costs a compile per autotuning key, which dominates a short GPU session.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
             for bn, bd, w, st in [(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
@@ -452,6 +452,17 @@ def prune_row_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
 
 
+def prune_bwd_row_configs(configs, named_args, **kwargs):
+    """:func:`prune_row_configs`, and for float32 inputs (UPCAST) the tiles whose shared memory fits sm_90's
+    227 KiB: benchmarks/compile_check.py measured BLOCK_N x BLOCK_D x RP = 2^19 at 295-305 KB, 2^18 at 148 KB
+    (the autotuner would compile the others, then skip them as out of resources)."""
+    kept = prune_row_configs(configs, named_args, **kwargs)
+    if kwargs.get("UPCAST", named_args.get("UPCAST")):
+        rp = kwargs.get("RP", named_args.get("RP", 16))
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] * rp <= 1 << 18] or kept
+    return kept
+
+
 def n_bucket(n: int) -> int:
     """Autotuning key for the token count: its power of two, capped (one tuning per size class)."""
     return min(next_power_of_2(max(n, 1)), 1 << 14)
@@ -460,7 +471,7 @@ def n_bucket(n: int) -> int:
 _fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
                              prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
 _bwd_rows_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
-                                  prune_configs_by={"early_config_prune": prune_row_configs})(_bwd_rows_kernel)
+                                  prune_configs_by={"early_config_prune": prune_bwd_row_configs})(_bwd_rows_kernel)
 
 
 def _scale_mode(scaling):

@@ -49,14 +49,32 @@ def _configs(gpu, transpose=False):
                            "GROUP": 8}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
 
 
-def _prune(reduction):
+SHARED_BYTES = 232448  # shared memory per block on sm_90 (H100, H200)
+
+
+def _tf32_tiles_fit(c, reduction: str, from_bits: bool) -> bool:
+    """Whether a forward or dx GEMM config's pipelined float32 tiles fit the shared memory: the rows'
+    (BLOCK_M x reduction) and the weight's (other block x reduction), and the scores' the weight is
+    masked by (not from packed bits). The tiles were sized for 2-byte inputs; benchmarks/compile_check.py
+    found 9 of 12 over the limit with TF32 from scores, in both kernels."""
+    red = c.kwargs[reduction]
+    other = c.kwargs["BLOCK_N" if reduction == "BLOCK_K" else "BLOCK_K"]
+    return c.num_stages * red * (c.kwargs["BLOCK_M"] + other * (1 if from_bits else 2)) * 4 <= SHARED_BYTES
+
+
+def _prune(reduction, check_shared: bool = False):
     """IEEE fp32 dots run on the FMA units with their operand tiles in registers: on sm_90 the
     tensor-core tiles spill 0.5-17 KB per thread there (benchmarks/compile_check_kernels.py), while
     reductions of 16 do not spill. Keep the tiles that suit the dot: reduction block <= 16 for IEEE
-    fp32, >= 32 otherwise."""
+    fp32, >= 32 otherwise; with ``check_shared``, TF32 only the tiles whose float32 stages fit (the
+    autotuner would compile the others, then skip them as out of resources)."""
     def prune(configs, named_args, **kwargs):
-        fma = bool(kwargs.get("FP32_DOT")) and kwargs.get("PRECISION") == "ieee"
-        return [c for c in configs if (c.kwargs[reduction] <= 16) == fma] or configs
+        fp32 = bool(kwargs.get("FP32_DOT"))
+        fma = fp32 and kwargs.get("PRECISION") == "ieee"
+        kept = [c for c in configs if (c.kwargs[reduction] <= 16) == fma] or configs
+        if check_shared and fp32 and not fma:
+            kept = [c for c in kept if _tf32_tiles_fit(c, reduction, bool(kwargs.get("FROM_BITS")))] or kept
+        return kept
     return prune
 
 
@@ -142,7 +160,7 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_K")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_K", check_shared=True)})
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_words, threshold,
                     FROM_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -172,7 +190,7 @@ def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_word
 
 
 @triton.autotune(configs=_configs(_GEMM_CONFIGS, transpose=True), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_N", check_shared=True)})
 @triton.jit
 def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words, threshold,
                        FROM_BITS: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,

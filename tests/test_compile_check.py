@@ -33,3 +33,47 @@ def test_compile_check_compiles_the_masked_weights_launches_for_sm90(tmp_path):
         assert r["sig"]["W_PTRS"].startswith("*")  # the table of addresses passed as a tensor
     assert {r["sig"]["OUT"] for r in results} == {"*bf16", "*fp32"}
     assert report["launcher_failures"] == [] and report["not_launched"] == []
+
+
+def _tile(c, *names):
+    return tuple(c.kwargs[n] for n in names) + (c.num_warps, c.num_stages)
+
+
+def test_tf32_masked_gemm_configs_keep_the_tiles_whose_stages_fit_sm90():
+    """compile_check found 9 of the 12 tensor-core configs over sm_90's shared memory with TF32 from scores
+    (the float32 x, weight and scores tiles), 1 from packed bits; the pruner keeps the others only, and all
+    of them for 2-byte inputs."""
+    import triton
+
+    ml = pytest.importorskip("pet_fast.kernels.masked_linear")
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    configs = [triton.Config(dict(zip(names, t[:3]), GROUP=8), num_warps=t[3], num_stages=t[4]) for t in ml._GEMM_CONFIGS]
+    prune = ml._prune("BLOCK_K", check_shared=True)
+    scores = prune(configs, {}, FP32_DOT=True, PRECISION="tf32", FROM_BITS=False)
+    assert {_tile(c, *names) for c in scores} == {(64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (128, 128, 32, 4, 4)}
+    bits = prune(configs, {}, FP32_DOT=True, PRECISION="tf32", FROM_BITS=True)
+    assert {_tile(c, *names) for c in configs} - {_tile(c, *names) for c in bits} == {(256, 128, 64, 8, 3)}
+    assert prune(configs, {}, FP32_DOT=False, PRECISION="tf32", FROM_BITS=False) == configs
+    # the dx kernel: the same tiles in its transposed names (BLOCK_N the reduction) give the same choice
+    dx = [triton.Config({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"],
+                         "GROUP": 8}, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+    kept = ml._prune("BLOCK_N", check_shared=True)(dx, {}, FP32_DOT=True, PRECISION="tf32", FROM_BITS=False)
+    assert {_tile(c, "BLOCK_M", "BLOCK_K", "BLOCK_N") for c in kept} == {_tile(c, *names) for c in scores}
+
+
+def test_float32_adapter_row_backward_keeps_the_tiles_that_fit_sm90():
+    """compile_check measured the row backward's float32 tiles with BLOCK_N x BLOCK_D x RP = 2^19 at 295-305 KB
+    of shared memory: pruned for float32 inputs, kept for 2-byte ones (and by the forward)."""
+    import triton
+
+    ka = pytest.importorskip("pet_fast.kernels.bottleneck_adapter")
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+               for bn, bd, w, st in [(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 32, 8, 2)]]
+    tiles = lambda cs: {_tile(c, "BLOCK_N", "BLOCK_D") for c in cs}  # noqa: E731
+    assert (64, 128, 8, 3) not in tiles(ka.prune_bwd_row_configs(configs, {}, RP=64, UPCAST=True))
+    assert tiles(ka.prune_bwd_row_configs(configs, {}, RP=64, UPCAST=True)) == {
+        (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (16, 32, 8, 2)}
+    assert tiles(ka.prune_bwd_row_configs(configs, {}, RP=256, UPCAST=True)) == {(16, 32, 8, 2)}
+    assert tiles(ka.prune_bwd_row_configs(configs, {}, RP=64, UPCAST=False)) == tiles(
+        ka.prune_row_configs(configs, {}, RP=64, UPCAST=False))
+    assert (64, 128, 8, 3) in tiles(ka.prune_row_configs(configs, {}, RP=64, UPCAST=True))
