@@ -521,16 +521,22 @@ def test_packed_sequences_take_the_dense_mask_path(monkeypatch):
     close(packed[0, 3:], sep_b[0])
 
 
-def test_autocast_bf16_runs_close_to_fp32():
+def _fp32_and_bf16_autocast_logits(side):
+    """An injected Llama's logits in float32 and under bf16 autocast (real tokens only), padded on ``side``."""
     model, _ = injected("llama", "sdpa")
-    ids, mask, _ = batch([6, 4], "right")
+    ids, mask, _ = batch([6, 4], side)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
+    return want[real], got[real].float()
+
+
+def test_autocast_bf16_runs_close_to_fp32():
+    want, got = _fp32_and_bf16_autocast_logits("right")
     assert torch.isfinite(got).all()
-    assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
 
 
 def test_autocast_runs_the_op_in_autocasts_dtype_when_rope_leaves_float32(monkeypatch):
@@ -550,15 +556,9 @@ def test_autocast_runs_the_op_in_autocasts_dtype_when_rope_leaves_float32(monkey
         return real_op(q, k, v, pk, pv, *args)
 
     monkeypatch.setattr(op_mod, "attend", spy)
-    model, _ = injected("llama", "sdpa")
-    ids, mask, _ = batch([6, 4], "left")
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = model(input_ids=ids, attention_mask=mask).logits
+    want, got = _fp32_and_bf16_autocast_logits("left")
     assert dtypes[0] == {torch.float32} and dtypes[-1] == {torch.bfloat16}
-    real = mask.bool()
-    assert (got[real].float() - want[real]).abs().max() < 0.1 * want[real].abs().max()
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
 
 
 def test_pet_fast_load_recognises_prefix_checkpoints(tmp_path):
