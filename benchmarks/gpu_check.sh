@@ -49,6 +49,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the time
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
   python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   python -c "import peft; print('peft', peft.__version__)" 2>/dev/null || echo "peft: not installed"
+  # Triton's compile cache is keyed by its own build (libtriton among others): the same hash as a wheel
+  # elsewhere means kernels compiled there for sm_90 (benchmarks/compile_check.py --cache-dir) would be hits here
+  python -c "import hashlib, os, triton; p = os.path.join(os.path.dirname(triton.__file__), '_C', 'libtriton.so'); print('libtriton sha256', hashlib.sha256(open(p, 'rb').read()).hexdigest())" 2>/dev/null || true
   git rev-parse --short HEAD 2>/dev/null || true
   echo "PET_FAST_TRITON_REPLAY=${PET_FAST_TRITON_REPLAY:-1}"
 } > "$work/summary.txt" 2>&1
