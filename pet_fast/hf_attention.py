@@ -280,7 +280,8 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if query.dtype != target or key.dtype != target or value.dtype != target:
         query, key, value = query.to(target), key.to(target), value.to(target)
     pk, pv = prefix
-    pk, pv = pk.to(target), pv.to(target)
+    if pk.dtype != target or pv.dtype != target:  # the source gives them in target already, as a rule
+        pk, pv = pk.to(target), pv.to(target)
     causal = _is_causal(module, kwargs)
     use_dropout = dropout > 0.0 and (lp.keep_dropout if lp is not None else True)
     if use_dropout or (attention_mask is not None and attention_mask.dim() != 2):
