@@ -66,6 +66,12 @@ else
     PET_FAST_BUILD_CUDA=0 step install 60 python -m pip install --no-build-isolation --no-deps -e .
   tail -5 "$work/build.log"
 fi
+# Kernels compiled elsewhere for sm_90 (benchmarks/triton_cache_pack.py; carry the archive to the machine):
+# Triton finds them only where its own build gives the same keys (summary.txt: libtriton sha256)
+warm=${TRITON_WARM_CACHE:-triton_warm_cache.tar.gz}
+if [ -f "$warm" ]; then
+  python benchmarks/triton_cache_pack.py unpack "$warm" "$TRITON_CACHE_DIR" 2>&1 | tail -1 | tee -a "$work/summary.txt"
+fi
 step info 60 python -m pet_fast info
 cat "$work/info.log"
 if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then

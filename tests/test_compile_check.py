@@ -77,3 +77,40 @@ def test_float32_adapter_row_backward_keeps_the_tiles_that_fit_sm90():
     assert tiles(ka.prune_bwd_row_configs(configs, {}, RP=64, UPCAST=False)) == tiles(
         ka.prune_row_configs(configs, {}, RP=64, UPCAST=False))
     assert (64, 128, 8, 3) in tiles(ka.prune_row_configs(configs, {}, RP=64, UPCAST=True))
+
+
+def test_a_packed_cache_unpacked_elsewhere_is_hit_by_the_same_compiles(tmp_path):
+    """benchmarks/triton_cache_pack.py: the masked_weights compiles made into one cache, packed (metadata,
+    cubin, PTX only) and unpacked under another directory, are found there by the same compiles (no new
+    entry), with their group files pointing at the unpacked files."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton without its NVIDIA backend's ptxas")
+    sys.path.insert(0, ROOT)
+    from benchmarks import triton_cache_pack
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PET_FAST_AUTOTUNE")}
+
+    def compile_into(cache):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--only",
+                              "masked_weights", "--dtypes", "bf16", "--modes", "autotune", "--cache-dir", str(cache)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return sorted(os.listdir(cache))
+
+    made = compile_into(tmp_path / "a")
+    assert made
+    archive = tmp_path / "warm.tar.gz"
+    assert triton_cache_pack.pack(str(tmp_path / "a"), str(archive)) == len(made)
+    b = tmp_path / "b"
+    assert triton_cache_pack.unpack(str(archive), str(b)) == len(made)
+    for entry in made:
+        files = os.listdir(b / entry)
+        assert not any(f.endswith((".llir", ".ttir", ".ttgir", ".source")) for f in files)
+        for grp in (f for f in files if f.startswith("__grp__")):
+            paths = json.loads((b / entry / grp).read_text())["child_paths"].values()
+            assert paths and all(os.path.exists(p) and p.startswith(str(b)) for p in paths)
+    assert compile_into(b) == made
+    for entry in made:  # every compile found its entry: a miss would have written the IRs again
+        assert not any(f.endswith((".llir", ".ttir", ".ttgir")) for f in os.listdir(b / entry)), entry
+    assert triton_cache_pack.unpack(str(archive), str(b)) == 0  # existing entries are kept

@@ -22,7 +22,7 @@ exit 0
 """
 
 
-def _run(tmp_path, replay_rc, marker=False):
+def _run(tmp_path, replay_rc, marker=False, warm=None):
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("needs bash and timeout")
     bin_dir = tmp_path / "bin"
@@ -37,18 +37,20 @@ def _run(tmp_path, replay_rc, marker=False):
     log = tmp_path / "calls.log"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PET_FAST_TRITON_REPLAY", "STEP_FIRST")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), FAKE_REPLAY_RC=str(replay_rc),
-               PET_FAST_CACHE=str(cache), TESTS_LIMIT_S="60", DEADLINE_S="400", BENCHES="host_overhead")
+               PET_FAST_CACHE=str(cache), TESTS_LIMIT_S="60", DEADLINE_S="400", BENCHES="host_overhead",
+               TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_WARM_CACHE=str(warm or tmp_path / "absent.tar.gz"))
     work = tmp_path / "work"
     out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "kernels", str(work)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     calls = [line.split("|", 1) for line in log.read_text().splitlines()]
     pytest_calls = [(replay, args) for replay, args in calls if "-m pytest" in args]
     later = [(replay, args) for replay, args in calls if "bench_host_overhead.py" in args]  # after the tests
-    return out, pytest_calls, later, (work / "summary.txt").read_text(), cache / "replay_failed"
+    unpacked = [args for _, args in calls if "triton_cache_pack.py unpack" in args]
+    return out, pytest_calls, later, (work / "summary.txt").read_text(), cache / "replay_failed", unpacked
 
 
 def test_failing_replay_tests_turn_the_replay_off_for_the_rest_of_the_run(tmp_path):
-    out, pytest_calls, later, summary, marker = _run(tmp_path, replay_rc=1)
+    out, pytest_calls, later, summary, marker, unpacked = _run(tmp_path, replay_rc=1)
     assert out.returncode == 1  # a failed step fails the script
     assert len(pytest_calls) == 2
     (replay_env, replay_args), (main_env, main_args) = pytest_calls
@@ -62,7 +64,7 @@ def test_failing_replay_tests_turn_the_replay_off_for_the_rest_of_the_run(tmp_pa
 
 
 def test_passing_replay_tests_leave_it_on(tmp_path):
-    out, pytest_calls, later, summary, marker = _run(tmp_path, replay_rc=0)
+    out, pytest_calls, later, summary, marker, unpacked = _run(tmp_path, replay_rc=0)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert [env for env, _ in pytest_calls] == ["unset", "unset"]
     assert not any(f in pytest_calls[1][1] for f in REPLAY_FILES)
@@ -71,8 +73,18 @@ def test_passing_replay_tests_leave_it_on(tmp_path):
 
 
 def test_a_failure_found_by_an_earlier_run_on_the_machine_keeps_it_off(tmp_path):
-    out, pytest_calls, later, summary, marker = _run(tmp_path, replay_rc=0, marker=True)
+    out, pytest_calls, later, summary, marker, unpacked = _run(tmp_path, replay_rc=0, marker=True)
     assert len(pytest_calls) == 1 and pytest_calls[0][0] == "0"  # no replay gate: straight to the main run
     assert not any(f in pytest_calls[0][1] for f in REPLAY_FILES)
     assert [env for env, _ in later] == ["0"]
     assert "PET_FAST_TRITON_REPLAY=0" in summary
+
+
+def test_a_carried_triton_cache_is_unpacked_before_anything_compiles(tmp_path):
+    warm = tmp_path / "warm.tar.gz"
+    warm.write_bytes(b"")
+    *_, unpacked = _run(tmp_path, replay_rc=0, warm=warm)
+    assert unpacked == [f"benchmarks/triton_cache_pack.py unpack {warm} {tmp_path / 'triton'}"]
+    (tmp_path / "none").mkdir()
+    *_, unpacked = _run(tmp_path / "none", replay_rc=0)  # no archive: nothing unpacked
+    assert unpacked == []
