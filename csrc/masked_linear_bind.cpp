@@ -35,6 +35,8 @@ at::Tensor masked_linear_packed(const at::Tensor& x_in, const at::Tensor& weight
     n_tasks = packed_in.size(0);
     TORCH_CHECK(task_ids_in->is_cuda() && task_ids_in->dim() == 1 && task_ids_in->size(0) == n,
                 "masked_linear_packed: task_ids must be a CUDA tensor of shape (", n, ",)");
+    TORCH_CHECK(task_ids_in->scalar_type() == at::kInt || task_ids_in->scalar_type() == at::kLong,
+                "masked_linear_packed: task_ids must be int32 or int64, got ", task_ids_in->scalar_type());
   } else {
     TORCH_CHECK(packed_in.dim() == 2 && packed_in.size(0) == o && packed_in.size(1) == words,
                 "masked_linear_packed: packed must have shape (", o, ", ", words, ")");
@@ -45,12 +47,27 @@ at::Tensor masked_linear_packed(const at::Tensor& x_in, const at::Tensor& weight
     TORCH_CHECK(bias.is_cuda() && bias.scalar_type() == dtype && bias.dim() == 1 && bias.size(0) == o,
                 "masked_linear_packed: bias must be a CUDA tensor of x's dtype and shape (", o, ",)");
   }
+  // one device: a kernel reading another GPU's memory (no peer access) would fault the context
+  for (const at::Tensor* t : {&weight_in, &packed_in}) {
+    TORCH_CHECK(t->device() == x_in.device(), "masked_linear_packed: weight and packed must be on x's device (",
+                x_in.device(), "), got ", t->device());
+  }
+  TORCH_CHECK(!bias.defined() || bias.device() == x_in.device(), "masked_linear_packed: bias must be on x's device (",
+              x_in.device(), "), got ", bias.device());
+  TORCH_CHECK(!multi || task_ids_in->device() == x_in.device(), "masked_linear_packed: task_ids must be on x's device (",
+              x_in.device(), "), got ", task_ids_in->device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor task_ids;
-  if (multi) task_ids = task_ids_in->to(at::kInt).contiguous();
+  // int64 ids outside [0, T) map to -1 (an all-zero mask, as masked_linear.h promises) before narrowing:
+  // 2^32 + 1 must not wrap to task 1
+  if (multi) {
+    const at::Tensor& ids = *task_ids_in;
+    task_ids = (ids.scalar_type() == at::kLong ? at::where((ids >= 0) & (ids < n_tasks), ids, -1) : ids)
+                   .to(at::kInt).contiguous();
+  }
   at::Tensor y = at::empty({n, o}, x.options());
   if (n == 0 || o == 0) return y;
   const auto code = dtype == at::kHalf ? pet_fast::MaskedLinearDtype::kHalf : pet_fast::MaskedLinearDtype::kBFloat16;

@@ -736,6 +736,27 @@ def test_gpu_cuda_multitask(dtype, n):
     assert_close(out, ref, eager, dtype, "y")
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_binding_task_ids_outside_the_stack_mask_everything():
+    """The raw binding (pet_fast._C.masked_linear_packed): int64 ids outside [0, T), 2^32 + 1 included (it
+    must not wrap to task 1), give the all-zero mask (the bias alone); float ids are refused."""
+    if not _has_cuda_kernel():
+        pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
+    ext = pet_fast._ext.load()
+    T, o, i = 3, 40, 96
+    x = torch.randn(4, i, device="cuda").half()
+    w = torch.randn(o, i, device="cuda").half()
+    packed = mp.pack_mask(torch.randn(T, o, i, device="cuda"))
+    b = torch.randn(o, device="cuda").half()
+    ids = torch.tensor([1, 2 ** 32 + 1, -1, T], device="cuda", dtype=torch.int64)
+    out = ext.masked_linear_packed(x, w, packed, b, ids)
+    row0 = ml.masked_linear_multitask(x[:1], w, packed, ids[:1].int(), b, backend="eager")
+    torch.testing.assert_close(out[:1], row0, rtol=2e-2, atol=2e-2)  # task 1 (precision: test_gpu_cuda_multitask)
+    assert torch.equal(out[1:], b.expand(3, -1))
+    with pytest.raises(RuntimeError, match="task_ids must be int32 or int64"):
+        ext.masked_linear_packed(x, w, packed, b, ids.float())
+
+
 # ---------------------------------------------------------------------------------------------------
 # The CUDA serving kernel's per-lane code, compiled for the host and run for every lane of every warp
 # (tests/csrc/masked_linear_host_check.cpp): its indexing of the weight, of the packed-mask bytes
