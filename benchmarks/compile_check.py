@@ -153,7 +153,8 @@ def _cases(module_name, dtypes, tuned):
         import pet_fast.kernels.masked_linear as M
         for dt in dts:
             tf32s = (False, True) if dt == torch.float32 else (False,)
-            for m, n, kk in [(256, 768, 768)] + odd([(37, 50, 70)]):
+            # M = 1 (serving one token) is its own specialisation: Triton turns integers equal to 1 into constants
+            for m, n, kk in [(256, 768, 768), (1, 768, 768)] + odd([(37, 50, 70)]):
                 for tf32 in tf32s:
                     def run(m=m, n=n, kk=kk, dt=dt, tf32=tf32):
                         before = torch.backends.cuda.matmul.allow_tf32
@@ -185,15 +186,18 @@ def _cases(module_name, dtypes, tuned):
         import pet_fast.kernels.prefix_attention as P
         for dt in dts:
             for D in (64, 128):
+                # L = 1: decoding one token (forward only), its own specialisation
                 for B, Hq, Hkv, L, S, Pn, causal, padded in [(2, 4, 4, 128, 128, 16, False, True),
-                                                             (2, 8, 2, 64, 64, 20, True, False)] + odd(
+                                                             (2, 8, 2, 64, 64, 20, True, False),
+                                                             (2, 8, 2, 1, 512, 20, True, False)] + odd(
                                                              [(1, 4, 1, 37, 37, 5, True, True)]):
                     def run(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, Pn=Pn, causal=causal, padded=padded, D=D, dt=dt):
                         q, k, v = mk(B, Hq, L, D, dt=dt), mk(B, Hkv, S, D, dt=dt), mk(B, Hkv, S, D, dt=dt)
                         pk, pv = mk(Hkv, Pn, D, dt=dt), mk(Hkv, Pn, D, dt=dt)
                         kpm = torch.ones(B, Pn + S, dtype=torch.bool) if padded else None
                         out, lse = P._forward(q, k, v, pk, pv, kpm, causal)
-                        P.backward(mk(B, Hq, L, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal)
+                        if L > 1:
+                            P.backward(mk(B, Hq, L, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal)
                     cases.append((f"B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} P={Pn} D={D} {short[dt]}"
                                   f"{' causal' if causal else ''}{' padded' if padded else ''}", run))
     elif module_name == "prefix_attention_merge":
