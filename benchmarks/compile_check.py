@@ -82,7 +82,7 @@ def _specs_of(module, name, kernel, args, kwargs, case, mode, unpruned):
         values = dict(zip(names, args))
         values.update({k: v for k, v in kw.items() if k in names})
         types = R.binder_types(jit, values)
-        sig, consts, div = {}, {}, []
+        sig, consts, div, attrv = {}, {}, [], {}
         for p in jit.params:
             v = values[p.name]
             if types[p.name] == "constexpr":
@@ -90,15 +90,17 @@ def _specs_of(module, name, kernel, args, kwargs, case, mode, unpruned):
                 consts[p.name] = v.item() if isinstance(v, torch.Tensor) else v
             else:
                 sig[p.name] = types[p.name]
-                if native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
-                                          not p.do_not_specialize_on_alignment)[1] == "D":
+                # the binder's attribute ("D": divisible by 16), as the JIT passes it on (_pack_args)
+                attrv[p.name] = native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                                       not p.do_not_specialize_on_alignment)[1]
+                if attrv[p.name] == "D":
                     div.append(p.name)
         warps = kw.get("num_warps", cfg.num_warps if cfg is not None else 4)
         stages = kw.get("num_stages", cfg.num_stages if cfg is not None else 3)
         ctas = kw.get("num_ctas", getattr(cfg, "num_ctas", 1) if cfg is not None else 1)
         tile = {k: v for k, v in sorted(cfg.kwargs.items())} if cfg is not None else {}
         out.append(dict(module=module, kernel=name, fn=jit.fn.__name__ if hasattr(jit, "fn") else jit.__name__,
-                        sig=sig, consts=consts, div=div, num_warps=warps, num_stages=stages, num_ctas=ctas,
+                        sig=sig, consts=consts, div=div, attrv=attrv, num_warps=warps, num_stages=stages, num_ctas=ctas,
                         tile=tile, autotuned=cfg is not None, case=case, mode=mode))
     return out
 
@@ -286,24 +288,39 @@ def resource_usage(cubin):
     return {k.lower(): int(v) for k, v in (f for f in fields if len(f) == 2) if k in ("REG", "STACK")}
 
 
+def _jit_options() -> dict:
+    """The options a JIT launch adds from Triton's knobs (JITFunction.run): part of the compile's cache key,
+    so that what is compiled here is found by the launches on a GPU (a warm cache, triton_cache_pack.py)."""
+    from triton import knobs
+
+    out = dict(debug=bool(knobs.runtime.debug), instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton 3.9
+        out["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return out
+
+
 def compile_spec(spec):
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
     from pet_fast.kernels import _replay as R
 
     module = importlib.import_module(f"pet_fast.kernels.{spec['module']}")
     jit = R._jit_function(getattr(module, spec["kernel"]))
-    names = [p.name for p in jit.params]
-    consts = {(names.index(k),): v for k, v in spec["consts"].items()}
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in spec["div"]}
-    options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+    options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"], **_jit_options())
     if spec["num_ctas"] != 1:
         options["num_ctas"] = spec["num_ctas"]
+    # signature, constexprs and attributes as the JIT itself packs them from the binder's specialisation
+    # (their layout, part of the cache key, changes between Triton versions)
+    specialization = [("constexpr", spec["consts"][p.name]) if spec["sig"][p.name] == "constexpr"
+                      else (spec["sig"][p.name], spec["attrv"].get(p.name)) for p in jit.params]
+    bound = {p.name: spec["consts"].get(p.name) for p in jit.params}
+    target = GPUTarget("cuda", 90, 32)
+    _, signature, consts, attrs = jit._pack_args(make_backend(target), dict(options), bound, specialization, None)
     t0 = time.time()
     try:
-        compiled = triton.compile(ASTSource(fn=jit, signature=spec["sig"], constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=consts, attrs=attrs),
+                                  target=target, options=options)
         meta = compiled.metadata
         res = dict(shared=meta.shared)
         for k in ("n_regs", "n_spills"):

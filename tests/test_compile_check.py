@@ -114,3 +114,54 @@ def test_a_packed_cache_unpacked_elsewhere_is_hit_by_the_same_compiles(tmp_path)
     for entry in made:  # every compile found its entry: a miss would have written the IRs again
         assert not any(f.endswith((".llir", ".ttir", ".ttgir")) for f in os.listdir(b / entry)), entry
     assert triton_cache_pack.unpack(str(archive), str(b)) == 0  # existing entries are kept
+
+
+_JIT_WARMUP = """
+import os, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class SM90:  # a driver that reports an H100 without one: enough for the JIT to specialise and compile
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+
+driver.set_active(SM90())
+import pet_fast.kernels.masked_weights as W
+
+real = W._grouped_kernel
+W._grouped_kernel = type("Warm", (), {"__getitem__": lambda self, grid: lambda *a, **k: real.warmup(*a, grid=grid, **k)})()
+ws = [torch.randn(768, 768).to(torch.bfloat16), torch.randn(3072, 768).to(torch.bfloat16)]
+W.grouped_masked_weights(ws, [torch.randn(768, 768), torch.randn(3072, 768)], 0.0, torch.bfloat16)
+"""
+
+
+def test_the_jit_finds_what_compile_check_compiled(tmp_path):
+    """The launcher's own JIT path (JITFunction.warmup, with a driver that reports sm_90) looks up the key
+    compile_check.py compiled under: with its cache it compiles nothing, with an empty one it does. What a
+    warm cache carried to a GPU machine relies on (besides the machine's Triton build being the same)."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton without its NVIDIA backend's ptxas")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PET_FAST_AUTOTUNE")}
+    warm, empty = tmp_path / "warm", tmp_path / "empty"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--only", "masked_weights",
+                          "--dtypes", "bf16", "--modes", "autotune", "--cache-dir", str(warm)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    def compiled_by_warmup(cache):
+        """The entries the warm-up call compiled (a compile writes the LLVM IR beside the cubin)."""
+        cache.mkdir(exist_ok=True)
+        before = set(cache.rglob("*.llir"))
+        run = subprocess.run([sys.executable, "-c", _JIT_WARMUP], capture_output=True, text=True,
+                             env=dict(env, TRITON_CACHE_DIR=str(cache)), cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return set(cache.rglob("*.llir")) - before
+
+    assert compiled_by_warmup(warm) == set()  # found: nothing compiled
+    assert len(compiled_by_warmup(empty)) == 1  # the same call compiles where the cache is empty
