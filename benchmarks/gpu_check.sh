@@ -78,6 +78,9 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
   # GPU tests (marked gpu): every kernel on real hardware vs float64 references, determinism, edge inputs.
   # One tile per kernel (PET_FAST_AUTOTUNE=0) so that the many test shapes do not each run the autotuner.
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) * 3 / 4 ))"
+  # Each failure's text goes to failures.log as it happens (tests/conftest.py): a suite cut at its limit
+  # never prints pytest's summary.
+  export PET_FAST_FAILURE_LOG="$work/failures.log"
   # The launch replay (recorded Triton launches made from C++, kernels/_replay.py) goes first and alone:
   # if any of its GPU tests fails or crashes, every later step (tests, benchmarks, and later calls on this
   # machine through the marker file) runs with PET_FAST_TRITON_REPLAY=0, every launch from Python.
@@ -94,8 +97,9 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
       echo "replay: OFF for the rest of this run and later runs on this machine (its GPU tests: rc=$replay_rc)" | tee -a "$work/summary.txt"
     fi
   fi
-  # Kernels never yet run on hardware first, so that a run cut at its limit still checks them.
-  first="tests/test_masked_weights.py tests/test_adapter_autograd_cpp.py tests/test_kernels_masked_linear.py tests/test_prefix_attention_merge.py tests/test_kernels_adapter_fusion.py tests/test_kernels_bottleneck_adapter.py tests/test_methods_fusion.py tests/test_methods_adapter.py tests/test_properties.py"
+  # What the last run (results/h100-2026-11-27c) failed or did not reach before its limit goes first, so that
+  # a run cut at its limit still checks it.
+  first="tests/test_kernels_adapter_fusion.py tests/test_prefix_attention_sdpa.py tests/test_kernels_prefix_attention.py tests/test_properties.py tests/test_compile_models.py tests/test_edge_inputs.py tests/test_determinism.py"
   # every other test file after them; the replay's ran above
   files="$first $(ls tests/test_*.py | grep -v -x -F -f <(tr ' ' '\n' <<< "$first $replay_files"))"
   # shellcheck disable=SC2086
@@ -103,6 +107,12 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
     step gpu_tests ${TESTS_LIMIT_S:-170} python -m pytest -v -m gpu $xdist --maxfail=40 -p no:cacheprovider -rfE \
     --junitxml="$work/gpu_tests.xml" $files
   grep -E "^(FAILED|ERROR)|passed|failed" "$work/gpu_tests.log" | tail -40 | tee -a "$work/summary.txt"
+  if [ -s "$PET_FAST_FAILURE_LOG" ]; then
+    echo "failures.log: $(grep -c '^=== ' "$PET_FAST_FAILURE_LOG") failure(s), last lines of each:" | tee -a "$work/summary.txt"
+    awk '/^=== /{if (h) print h; print; h=""; next} /^E /{h=$0} END{if (h) print h}' "$PET_FAST_FAILURE_LOG" |
+      cut -c1-300 | tail -40 | tee -a "$work/summary.txt"
+  fi
+  unset PET_FAST_FAILURE_LOG
   # A suite cut at its limit can leave xdist workers running kernels and holding CPUs: the benchmarks
   # after it would then time a shared GPU and host (seen once: eager rows twice as slow as the run before).
   pkill -9 -f "pytest" 2>/dev/null

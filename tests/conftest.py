@@ -23,6 +23,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+FAILURE_LOG_ENV = "PET_FAST_FAILURE_LOG"
+
+
+def pytest_runtest_logreport(report):
+    """With $PET_FAST_FAILURE_LOG set, append each failure's full text to that file as it happens. A GPU
+    run cut at its time limit (benchmarks/gpu_check.sh) never reaches pytest's summary; the file keeps what
+    failed and why. Under xdist this runs in the controller, which gets every worker's reports."""
+    path = os.environ.get(FAILURE_LOG_ENV)
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):  # the worker's copy: skipped
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(autouse=True)
 def _clean_backend_env(monkeypatch):
     monkeypatch.delenv("PET_FAST_BACKEND", raising=False)

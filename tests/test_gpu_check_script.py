@@ -17,12 +17,17 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 echo "${PET_FAST_TRITON_REPLAY:-unset}|$*" >> "$FAKE_LOG"
 case "$*" in
   *"-m pytest"*test_triton_replay.py*) exit "${FAKE_REPLAY_RC:-0}" ;;
+  *"-m pytest"*)  # the main GPU suite; with $FAKE_MAIN_FAIL, one failure written where tests/conftest.py would
+    if [ -n "${FAKE_MAIN_FAIL:-}" ]; then
+      printf '=== tests/test_x.py::test_gpu_y (call)\nE   AssertionError: err 1e-3\n\n' >> "$PET_FAST_FAILURE_LOG"
+      exit 1
+    fi ;;
 esac
 exit 0
 """
 
 
-def _run(tmp_path, replay_rc, marker=False, warm=None):
+def _run(tmp_path, replay_rc, marker=False, warm=None, main_fail=False):
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("needs bash and timeout")
     bin_dir = tmp_path / "bin"
@@ -38,7 +43,8 @@ def _run(tmp_path, replay_rc, marker=False, warm=None):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PET_FAST_TRITON_REPLAY", "STEP_FIRST")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), FAKE_REPLAY_RC=str(replay_rc),
                PET_FAST_CACHE=str(cache), TESTS_LIMIT_S="60", DEADLINE_S="400", BENCHES="host_overhead",
-               TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_WARM_CACHE=str(warm or tmp_path / "absent.tar.gz"))
+               TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_WARM_CACHE=str(warm or tmp_path / "absent.tar.gz"),
+               FAKE_MAIN_FAIL="1" if main_fail else "")
     work = tmp_path / "work"
     out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "kernels", str(work)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
@@ -70,6 +76,14 @@ def test_passing_replay_tests_leave_it_on(tmp_path):
     assert not any(f in pytest_calls[1][1] for f in REPLAY_FILES)
     assert [env for env, _ in later] == ["unset"]
     assert "replay: OFF" not in summary and not marker.exists()
+
+
+def test_failures_of_the_main_suite_reach_the_summary(tmp_path):
+    out, pytest_calls, later, summary, marker, unpacked = _run(tmp_path, replay_rc=0, main_fail=True)
+    assert out.returncode == 1
+    assert "failures.log: 1 failure(s)" in summary
+    assert "tests/test_x.py::test_gpu_y (call)" in summary and "E   AssertionError: err 1e-3" in summary
+    assert (tmp_path / "work" / "failures.log").exists()
 
 
 def test_a_failure_found_by_an_earlier_run_on_the_machine_keeps_it_off(tmp_path):

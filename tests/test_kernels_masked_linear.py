@@ -561,10 +561,14 @@ def test_shipped_timings_table_loads():
     path = pathlib.Path(ml.__file__).with_name("masked_linear_timings.json")
     rows = ml.load_timings(str(path))
     try:
-        assert rows and all(r["packed"] for r in rows)  # serving rows of the H100 run so far
+        # serving rows (packed masks) and training rows (scores) of the H100 run, each in token order
+        assert {bool(r["packed"]) for r in rows} == {True, False}
         with torch.no_grad():
             info = ml.describe(torch.randn(16, 8), torch.randn(6, 8), None, None, mp.pack_mask(torch.randn(6, 8)))
-        assert ml.preference(info) == [r for r in rows if r["n_max"] >= 16][0]["order"]
+        assert ml.preference(info) == [r for r in rows if r["packed"] and r["n_max"] >= 16][0]["order"]
+        scores = ml.describe(torch.randn(16, 8), torch.randn(6, 8), torch.randn(6, 8), None, None)
+        assert not scores["packed"]
+        assert ml.preference(scores) == [r for r in rows if not r["packed"] and r["n_max"] >= 16][0]["order"]
     finally:
         ml.load_timings()
 

@@ -405,7 +405,7 @@ dispatch.register(OP, "cuda", _cuda_run, _cuda_serving_reasons)
 
 # Auto's order of backends per call. A table of measured timings, when one exists, decides; it is a JSON
 # file named by $PET_FAST_MASKED_LINEAR_TIMINGS, else pet_fast/ops/masked_linear_timings.json (shipped:
-# the serving rows of an H100 run, benchmarks/results/h100-2026-11-27b/call4; `python
+# the serving and training rows of an H100 run, benchmarks/results/h100-2026-11-27c/call1; `python
 # benchmarks/bench_masked_linear.py --dispatch-table PATH` writes one from a GPU run, with rows for
 # training calls too, ordered by their forward + backward):
 #     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]},

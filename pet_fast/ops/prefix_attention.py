@@ -45,8 +45,9 @@ kind of call: "fwd" when no gradient is needed, "fwd+bwd" when one is, "fwd+bwd,
 and nothing is masked (the triton backend's flash-merge path; the "fwd+bwd" order when the table has no
 such entry), "decode" for at most 8 queries without a gradient), else takes triton, then eager, and the
 decode kernel last (see :func:`preference`).
-The shipped table (H100, bf16, benchmarks/results/h100-2026-11-27b/call2) puts triton first for the
-forward and for decode, and eager (SDPA) first for forward+backward, where it measured faster.
+The shipped table (H100, bf16, benchmarks/results/h100-2026-11-27c/call2) puts triton first for the
+forward and for decode, and eager (SDPA) first for forward+backward, with or without padding, where its
+summed time over the benchmark's shapes was lower.
 """
 from __future__ import annotations
 
