@@ -25,6 +25,12 @@ autocast, fp32 weights, ``torch.cuda.synchronize()`` around every timed step, pe
 ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state and activations). On the CPU:
 fp32, no compile by default (CPU results are the eager path; ``auto`` takes eager for CPU tensors),
 and peak memory is not reported (n/a). Tokens/s counts every position of the batch, padding included.
+
+On a GPU each eager row's timed steps alternate, in 5 rounds, with its model's floor (kept alive after
+its own row), and ``vs_floor`` is the median of the per-round ratios (``vs_floor_rounds`` lists them;
+``vs_full`` divides two such ratios): the host of a shared GPU machine was seen to change speed by a
+third between two runs a minute apart, which ratios of separately timed rows would carry. ``--paired 0``
+times each row alone, as on the CPU.
 """
 from __future__ import annotations
 
@@ -97,7 +103,8 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
     compiled row."""
     eager, key, rest = [], [], []
     for i, m in enumerate(models):
-        rows = [Row(m, "full", "full"), Row(m, "floor", "floor"), Row(m, "base-forward", "base-forward")]
+        # the floor first: the eager rows after it are timed in rounds against it (step_benchmark's `paired`)
+        rows = [Row(m, "floor", "floor"), Row(m, "full", "full"), Row(m, "base-forward", "base-forward")]
         for meth in METHODS:
             backends = ("eager", "auto") if auto_rows else ("eager",)
             if kernel_rows and meth in KERNEL_ROWS:
@@ -326,9 +333,23 @@ def make_step(row: Row, spec, device, *, build=None, update: bool = True, optimi
     return step, params, ids.shape
 
 
-def run_row(row: Row, spec, device, *, warmup: int, steps: int, optimizer: str = "fused") -> dict:
-    step, params, (B, T) = make_step(row, spec, device, optimizer=optimizer)
+def _timed(step, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run_row(row: Row, spec, device, *, warmup: int, steps: int, optimizer: str = "fused", reference=None,
+            rounds: int = 5, keep: bool = False) -> dict:
+    """Time one row. ``reference`` (a step function, the model's floor): the row's timed steps alternate
+    with the reference's in ``rounds`` rounds, and ``vs_floor_paired`` is the median over rounds of the
+    row's median over the reference's (a host whose speed drifts moves both sides of each round alike).
+    ``keep``: the result also holds the step itself under "_step" (the caller pops it)."""
     gpu = device.type == "cuda"
+    base_mb = torch.cuda.memory_allocated(device) / 2**20 if gpu else 0.0  # a kept reference's memory
+    step, params, (B, T) = make_step(row, spec, device, optimizer=optimizer)
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     skips_before = _cudagraph_skips()
@@ -338,19 +359,30 @@ def run_row(row: Row, spec, device, *, warmup: int, steps: int, optimizer: str =
     _sync(device)
     warm_s = time.perf_counter() - t_compile
     skipped = _cudagraph_skips() - skips_before
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    # peak after the warm-up steps (each a whole step, the optimizer's state included), before any
+    # reference step runs in between
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 - base_mb if gpu else None
+    times, ratios = [], []
+    if reference is None:
+        times = [_timed(step, device) for _ in range(steps)]
+    else:
+        per = max(1, -(-steps // rounds))
+        for _ in range(rounds):
+            mine = [_timed(step, device) for _ in range(per)]
+            ref = [_timed(reference, device) for _ in range(per)]
+            times += mine
+            ratios.append(statistics.median(mine) / statistics.median(ref))
     ms = statistics.median(times) * 1e3
     result = {"ms": round(ms, 3), "tokens_per_s": round(B * T / (ms / 1e3), 1), "warmup_s": round(warm_s, 2),
-              "steps": steps, "trainable_params": sum(p.numel() for p in params)}
-    result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if gpu else None
+              "steps": len(times), "trainable_params": sum(p.numel() for p in params)}
+    result["peak_mem_mb"] = round(peak_mb, 1) if gpu else None
+    if ratios:
+        result["vs_floor_paired"] = round(statistics.median(ratios), 3)
+        result["vs_floor_rounds"] = [round(r, 3) for r in ratios]
     if row.compile_mode == "reduce-overhead" and skipped:  # inductor ran those graphs without CUDA graphs
         result["note"] = f"CUDA graphs skipped for {skipped} graph(s) (inductor's cudagraph_skips)"
+    if keep:
+        result["_step"] = step
     del step, params  # the step holds the model and optimizer
     return result
 
@@ -388,12 +420,17 @@ def add_ratios(rows: List[dict]) -> None:
         floor = (find(r["model"], "floor" + suffix) if suffix else None) or find(r["model"], "floor")
         full = (find(r["model"], "full" + suffix) if suffix else None) or find(r["model"], "full")
         if floor:
-            r["vs_floor"] = round(r["ms"] / floor["ms"], 3)
+            # rows timed in rounds against the floor (run_row's reference) report that paired ratio
+            r["vs_floor"] = r.get("vs_floor_paired") or round(r["ms"] / floor["ms"], 3)
             r["floor_row"] = floor["row"]
             if r.get("peak_mem_mb") and floor.get("peak_mem_mb"):
                 r["mem_vs_floor"] = round(r["peak_mem_mb"] / floor["peak_mem_mb"], 3)
         if full:
-            r["vs_full"] = round(r["ms"] / full["ms"], 3)
+            mine = 1.0 if r is floor else r.get("vs_floor_paired")
+            if mine and full.get("vs_floor_paired"):  # both timed against the same floor
+                r["vs_full"] = round(mine / full["vs_floor_paired"], 3)
+            else:
+                r["vs_full"] = round(r["ms"] / full["ms"], 3)
 
 
 COLUMNS = ["model", "row", "ms", "tokens_per_s", "peak_mem_mb", "vs_floor", "mem_vs_floor", "vs_full", "note"]
@@ -414,8 +451,12 @@ def print_table(rows: List[dict], columns=COLUMNS, file=None) -> None:
 
 
 def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, warmup=None, steps=None,
-                   budget_s=None, threads=None, log=print, on_row=None, optimizer: str = "fused") -> dict:
-    """Run the step benchmark; return ``{"label", "settings", "rows"}``."""
+                   budget_s=None, threads=None, log=print, on_row=None, optimizer: str = "fused",
+                   paired: Optional[int] = None) -> dict:
+    """Run the step benchmark; return ``{"label", "settings", "rows"}``. ``paired``: the number of rounds in
+    which each eager row's timed steps alternate with its model's eager floor, kept alive after its own row
+    (default 5 on a GPU, whose host speed was seen to drift by a third between runs a minute apart; 0 on
+    the CPU, and 0 turns it off): the ratio to the floor is then taken round by round."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     gpu = torch.cuda.is_available()
@@ -435,6 +476,9 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
     todo = plan(names, compile_rows=compile_rows, auto_rows=gpu or bool(rows), kernel_rows=gpu, cudagraph_rows=gpu)
     if rows:
         todo = [r for r in todo if any(_matches(r, pat) for pat in rows)]
+    paired = (5 if gpu else 0) if paired is None else paired
+    if paired < 0:
+        raise ValueError(f"paired must be >= 0 rounds, got {paired}")
     warmup = warmup if warmup is not None else (2 if quick else 3)
     steps = steps if steps is not None else (5 if quick else 10)
     old_threads = torch.get_num_threads()
@@ -446,6 +490,7 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
                                                                               else "CPU (fp32), eager and torch.compile rows")
     log(f"step benchmark: {label}; {len(todo)} rows; {warmup} warm-up + {steps} timed steps each")
     out, t_start = [], time.perf_counter()
+    floors = {}  # model -> its eager floor's step, the reference of the eager rows after it (paired > 0)
     for i, row in enumerate(todo):
         rec = {"model": row.model, "row": row.row, "kind": row.kind, "backend": row.backend, "compiled": row.compiled,
                "compile_mode": row.compile_mode}
@@ -454,8 +499,15 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
         if budget_s is not None and time.perf_counter() - t_start > budget_s:
             rec["note"] = f"skipped: time budget of {budget_s:g} s spent"
         else:
+            is_floor = row.kind == "floor" and not row.compiled
+            for m in [m for m in floors if m != row.model]:  # a model's rows are done: free its floor
+                del floors[m]
+            reference = floors.get(row.model) if paired and not row.compiled else None
             try:
-                rec.update(run_row(row, table[row.model], device, warmup=warmup, steps=steps, optimizer=optimizer))
+                rec.update(run_row(row, table[row.model], device, warmup=warmup, steps=steps, optimizer=optimizer,
+                                   reference=reference, rounds=max(paired, 1), keep=bool(paired) and is_floor))
+                if "_step" in rec:
+                    floors[row.model] = rec.pop("_step")
                 if row.kind.startswith(("adapters-", "peft-")):
                     rec["note"] = "external library"
             except Exception as exc:  # report the row and go on: one failure must not lose the run
@@ -466,10 +518,13 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
         if on_row is not None:  # e.g. keep a partial JSON, so that a run killed at a time limit keeps its rows
             on_row(out)
         log(f"[{i + 1}/{len(todo)}] {row.model} {row.row}: "
-            + (f"{rec['ms']:.2f} ms/step" if rec.get("ms") else rec.get("note", "")))
+            + (f"{rec['ms']:.2f} ms/step" if rec.get("ms") else rec.get("note", ""))
+            + (f", {rec['vs_floor_paired']:.3f}x the floor in rounds {rec['vs_floor_rounds']}" if rec.get("vs_floor_paired") else ""))
+    floors.clear()
     torch.set_num_threads(old_threads)
     add_ratios(out)
     return {"label": label, "settings": {"quick": quick, "warmup": warmup, "steps": steps, "compile": compile_rows,
+                                         "paired_rounds": paired,
                                          "device": str(device), "cpu_threads": None if gpu else (threads or old_threads), "autocast": "bf16" if gpu else None,
                                          "optimizer": f"AdamW(lr=1e-5, {optimizer}=True)", "dropout": 0.0,
                                          "floor": "base frozen, head trains, inputs_embeds require grad",
@@ -642,6 +697,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="fused",
                    help="AdamW's implementation in the step benchmark: fused (default; Hugging Face Trainer's "
                         "default with torch >= 2.8) or foreach (torch.optim's default on CUDA)")
+    p.add_argument("--paired", type=int, metavar="ROUNDS",
+                   help="time each eager row in this many rounds alternating with its model's floor, and report "
+                        "the ratio round by round (default 5 on a GPU, 0 = off on the CPU)")
     p.add_argument("--budget-s", type=float, help="stop starting step rows after this many seconds (the rest are "
                                                   "reported as skipped)")
 
@@ -669,6 +727,7 @@ def main(args) -> int:
         doc["step"] = step_benchmark(quick=args.quick, models=args.models, rows=args.rows,
                                      compile_rows=args.compile_rows, warmup=args.warmup, steps=args.steps,
                                      budget_s=args.budget_s, threads=args.threads, optimizer=args.optimizer,
+                                     paired=args.paired,
                                      log=lambda s: print(s, flush=True),
                                      on_row=lambda rows: _write_json(path, {**doc, "step": {"partial": True, "rows": rows}}))
         print()

@@ -216,6 +216,50 @@ def test_step_benchmark_reports_each_row_as_it_goes():
     assert seen == [1, 2] and len(doc["rows"]) == 2
 
 
+def test_paired_rows_alternate_with_the_reference_round_by_round(monkeypatch):
+    """A row timed against a reference runs its steps and the reference's in alternation, and reports the
+    median of the per-round ratios: a host that slows down mid-run moves both sides of a round alike."""
+    order, clock = [], [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def timed(name, seconds):
+        def step():
+            order.append(name)
+            clock[0] += seconds[0]
+        return step
+
+    row_cost, ref_cost = [2.0], [1.0]
+    row_step = timed("row", row_cost)
+    monkeypatch.setattr(bench, "make_step", lambda row, spec, device, **kw: (row_step, [torch.zeros(3)], (1, 4)))
+    ref = timed("ref", ref_cost)
+
+    def slow_down():  # from the second round on, everything takes 5x as long
+        row_cost[0], ref_cost[0] = 10.0, 5.0
+    monkeypatch.setattr(bench, "_sync", lambda device: slow_down() if order.count("ref") >= 2 else None)
+    rec = bench.run_row(bench.Row("m", "houlsby/eager", "houlsby", "eager"), None, torch.device("cpu"),
+                        warmup=1, steps=6, reference=ref, rounds=3)
+    assert order == ["row"] + ["row", "row", "ref", "ref"] * 3  # warm-up, then 3 rounds of 2 + 2
+    assert rec["vs_floor_rounds"] == [2.0, 2.0, 2.0] and rec["vs_floor_paired"] == 2.0
+    assert rec["steps"] == 6 and "_step" not in rec
+
+
+def test_paired_step_benchmark_reports_ratios_against_the_floor_kept_alive():
+    doc = bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["full", "floor", "houlsby/eager"],
+                               warmup=1, steps=2, paired=2)
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert [r["row"] for r in doc["rows"]] == ["floor", "full", "houlsby/eager"]  # the floor first
+    assert doc["settings"]["paired_rounds"] == 2
+    assert "vs_floor_paired" not in rows["floor"] and rows["floor"]["vs_floor"] == 1.0
+    for name in ("full", "houlsby/eager"):
+        r = rows[name]
+        assert len(r["vs_floor_rounds"]) == 2 and r["vs_floor"] == r["vs_floor_paired"] > 0
+    expected = round(rows["houlsby/eager"]["vs_floor_paired"] / rows["full"]["vs_floor_paired"], 3)
+    assert rows["houlsby/eager"]["vs_full"] == expected
+    assert rows["floor"]["vs_full"] == round(1 / rows["full"]["vs_floor_paired"], 3)
+    with pytest.raises(ValueError, match="paired"):
+        bench.step_benchmark(quick=True, models=["bert-tiny-4x32"], rows=["floor"], paired=-1)
+
+
 def test_every_benchmark_script_imports():
     """The GPU-only scripts (checks, profiles) run nowhere in CI: at least each must import and parse its
     command line without a GPU, so a GPU session does not lose a call to a typo."""
