@@ -8,7 +8,8 @@
 # DEADLINE_S (default 3000) bounds the whole script: every step's own limit is cut to the time left,
 # and the step benchmark gets what the earlier steps left over.
 # BENCHES="masked_linear prefix_attention bottleneck_adapter profile_step" picks and orders the op benchmarks
-# (not in the default list: host_overhead, host time per op call; profile_step, where whole training steps spend their time; masked_serving
+# (not in the default list: host_overhead, host time per op call; profile_step, where whole training steps spend their time;
+# profile_adapter, the adapter's kernels at ADAPTER_PROFILES="N,d,r:site ..." (default the BERT-base step's); none; masked_serving
 # and prefix_merge, one-minute checks of the CUDA serving kernel and of prefix attention's flash-merge path).
 # STEP_FIRST=1 runs the step benchmark before the op benchmarks, with STEP_ARGS (e.g. "--models
 # bert-32x128 --rows floor full houlsby/auto --no-compile") and a budget of STEP_BUDGET_S seconds.
@@ -137,6 +138,13 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
       # GPU time per kernel and host time per call of one adapter forward+backward, per backend
       step profile_adapter 60 python benchmarks/profile_adapter.py --json "$work/profile_adapter.json"
       tail -40 "$work/profile_adapter.log" ;;
+    profile_adapter)  # the adapter's kernels alone at the BERT-base step's shape: GPU time, the autotuner's choices
+      for spec in ${ADAPTER_PROFILES:-4096,768,64:houlsby 4096,768,64:plain}; do
+        step "profile_adapter_${spec//[,:]/_}" 60 python benchmarks/profile_adapter.py --shape "${spec%%:*}" \
+          --site "${spec##*:}" --json "$work/profile_adapter_${spec//[,:]/_}.json"
+        tail -25 "$work/profile_adapter_${spec//[,:]/_}.log"
+      done ;;
+    none) ;;
     masked_linear)
       step bench_masked_linear 150 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json" --dispatch-table "$work/masked_linear_timings.json"
       tail -45 "$work/bench_masked_linear.log" ;;

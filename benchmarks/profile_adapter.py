@@ -3,6 +3,7 @@
 launches are slow.
 
     python benchmarks/profile_adapter.py --json out.json           # GPU, bf16, (N, d, r) = (16384, 768, 64)
+    python benchmarks/profile_adapter.py --shape 4096,768,64 --site houlsby   # BERT-base 32x128's Houlsby site
     python benchmarks/profile_adapter.py --quick                   # CPU smoke run (eager, tiny)
 
 Rows: one per (backend, kernel name) with the summed GPU microseconds per call, and one per backend
@@ -10,6 +11,7 @@ with the host microseconds of a whole call (launch-bound when close to or above 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,15 +22,55 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_bottleneck_adapter import adapter_inputs, run_adapter  # noqa: E402
+import pet_fast  # noqa: E402
 from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
 
 
-def profile(backend, t, calls):
+def site_inputs(site, n, d, r, dtype, device):
+    """The adapter's tensors as a training step hands them over. "plain": every tensor in ``dtype``, no
+    residual. "houlsby": a BERT-style Houlsby site under autocast: x in ``dtype`` (the dense layer's output),
+    a float32 residual stream, float32 weights, ``add_input`` (the op returns x + residual + adapter(x))."""
+    t = adapter_inputs(n, d, r, dtype if site == "plain" else torch.float32, device, True)
+    if site == "houlsby":
+        t["x"] = t["x"].detach().to(dtype).requires_grad_()
+        g = torch.Generator(device="cpu").manual_seed(1)
+        t["residual"] = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    return t
+
+
+def run_site(t, backend, site, dtype):
+    if site == "plain":
+        return run_adapter(t, backend)
+    ctx = torch.autocast(t["x"].device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with ctx:
+        return pet_fast.bottleneck_adapter(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], activation="gelu",
+                                           scaling=0.5, residual=t["residual"], add_input=True, backend=backend)
+
+
+def autotune_choices() -> list:
+    """The configurations Triton's autotuner chose for the adapter's tuned kernels, per key, with the
+    timings it measured for the last key it tuned (where this Triton keeps them)."""
+    try:
+        from pet_fast.kernels import bottleneck_adapter as kernels
+    except ImportError:
+        return []
+    out = []
+    for name in ("_fwd_tuned", "_bwd_rows_tuned"):
+        tuner = getattr(kernels, name, None)
+        for key, config in (getattr(tuner, "cache", None) or {}).items():
+            out.append({"kernel": name, "key": str(key), "chosen": str(config)})
+        timings = getattr(tuner, "configs_timings", None) or {}
+        for config, ms in timings.items():
+            out.append({"kernel": name, "key": "(last tuned)", "config": str(config), "ms": str(ms)})
+    return out
+
+
+def profile(backend, t, calls, site="plain", dtype=torch.bfloat16):
     leaves = [v for v in t.values() if v.requires_grad]
-    dy = torch.randn_like(run_adapter(t, backend))
+    dy = torch.randn_like(run_site(t, backend, site, dtype))
 
     def call():
-        torch.autograd.grad(run_adapter(t, backend), leaves, dy)
+        torch.autograd.grad(run_site(t, backend, site, dtype), leaves, dy)
 
     for _ in range(3):  # compile, autotune, warm the allocator
         call()
@@ -67,6 +109,9 @@ def profile(backend, t, calls):
 def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--shape", default="16384,768,64", help="N,d,r")
+    p.add_argument("--site", choices=("plain", "houlsby"), default="plain",
+                   help="plain: every tensor in bf16, no residual; houlsby: as a BERT Houlsby site trains under "
+                        "autocast (float32 weights and residual stream, add_input)")
     args = p.parse_args()
     gpu = torch.cuda.is_available() and not args.quick
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
@@ -74,15 +119,18 @@ def main():
     calls = 20 if gpu else 3
     rows = []
     for backend in ("eager", "triton", "cuda") if gpu else ("eager",):
-        t = adapter_inputs(n, d, r, dtype, device, True)
+        t = site_inputs(args.site, n, d, r, dtype, device)
         try:
-            rows += profile(backend, t, calls)
+            rows += profile(backend, t, calls, args.site, dtype)
         except BackendUnavailableError as exc:
             rows.append({"backend": backend, "kernel": "(skipped)", "note": str(exc)[:160]})
         common.write(args.json, rows, partial=True, shape=[n, d, r])
     common.print_table(rows, ["backend", "kernel", "us_per_call", "launches_per_call", "host_us_per_call",
                               "wall_us_per_call", "gpu_us_per_call", "note"])
-    common.write(args.json, rows, shape=[n, d, r], dtype=str(dtype))
+    tuned = autotune_choices() if gpu else []
+    for c in tuned:
+        print("autotune", c)
+    common.write(args.json, rows, shape=[n, d, r], dtype=str(dtype), site=args.site, autotune=tuned)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ exit 0
 """
 
 
-def _run(tmp_path, replay_rc, marker=False, warm=None, main_fail=False):
+def _run(tmp_path, replay_rc, marker=False, warm=None, main_fail=False, benches="host_overhead"):
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("needs bash and timeout")
     bin_dir = tmp_path / "bin"
@@ -42,7 +42,7 @@ def _run(tmp_path, replay_rc, marker=False, warm=None, main_fail=False):
     log = tmp_path / "calls.log"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PET_FAST_TRITON_REPLAY", "STEP_FIRST")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), FAKE_REPLAY_RC=str(replay_rc),
-               PET_FAST_CACHE=str(cache), TESTS_LIMIT_S="60", DEADLINE_S="400", BENCHES="host_overhead",
+               PET_FAST_CACHE=str(cache), TESTS_LIMIT_S="60", DEADLINE_S="400", BENCHES=benches,
                TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_WARM_CACHE=str(warm or tmp_path / "absent.tar.gz"),
                FAKE_MAIN_FAIL="1" if main_fail else "")
     work = tmp_path / "work"
@@ -52,6 +52,7 @@ def _run(tmp_path, replay_rc, marker=False, warm=None, main_fail=False):
     pytest_calls = [(replay, args) for replay, args in calls if "-m pytest" in args]
     later = [(replay, args) for replay, args in calls if "bench_host_overhead.py" in args]  # after the tests
     unpacked = [args for _, args in calls if "triton_cache_pack.py unpack" in args]
+    _run.calls = [args for _, args in calls]
     return out, pytest_calls, later, (work / "summary.txt").read_text(), cache / "replay_failed", unpacked
 
 
@@ -102,3 +103,12 @@ def test_a_carried_triton_cache_is_unpacked_before_anything_compiles(tmp_path):
     (tmp_path / "none").mkdir()
     *_, unpacked = _run(tmp_path / "none", replay_rc=0)  # no archive: nothing unpacked
     assert unpacked == []
+
+
+def test_profile_adapter_runs_each_shape_and_site_and_none_runs_nothing(tmp_path):
+    out, *_ = _run(tmp_path, replay_rc=0, benches="none profile_adapter")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    profiles = [a for a in _run.calls if "profile_adapter.py" in a]
+    assert len(profiles) == 2
+    assert "--shape 4096,768,64 --site houlsby" in profiles[0] and "--site plain" in profiles[1]
+    assert "unknown benchmark" not in (tmp_path / "work" / "summary.txt").read_text()
