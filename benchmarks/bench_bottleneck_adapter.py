@@ -94,18 +94,21 @@ def _graph_us(run, t, backend):
 
 
 def time_backend(run, t, backend, mode):
-    """Median microseconds, or None (with the reason) when the backend cannot take the call."""
+    """(median microseconds of a call, its kernels' own GPU microseconds, None), or (None, None, the reason)
+    when the backend cannot take the call. The kernel time (GPU only, not for graph replays) leaves out the
+    gaps a slow host leaves between the kernels, which the first number includes."""
     leaves = [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     try:
         if mode == GRAPH_MODE:
             try:
-                return _graph_us(run, t, backend), None
+                return _graph_us(run, t, backend), None, None
             except RuntimeError as exc:  # a call that cannot be captured is reported, not fatal
-                return None, f"capture failed: {exc}"[:160]
+                return None, None, f"capture failed: {exc}"[:160]
         if mode == "fwd":
             with torch.no_grad():
                 run(t, backend)
-                return common.bench_us(lambda: run(t, backend), **REPS), None
+                return (common.bench_us(lambda: run(t, backend), **REPS),
+                        common.kernel_us(lambda: run(t, backend)), None)
         out = run(t, backend)
         dy = torch.randn_like(out)
 
@@ -113,9 +116,9 @@ def time_backend(run, t, backend, mode):
             torch.autograd.grad(run(t, backend), leaves, dy, allow_unused=True)
 
         step()
-        return common.bench_us(step, **REPS), None
+        return common.bench_us(step, **REPS), common.kernel_us(step), None
     except BackendUnavailableError as exc:
-        return None, str(exc).split(": ", 2)[-1][:160]
+        return None, None, str(exc).split(": ", 2)[-1][:160]
 
 
 def main():
@@ -164,9 +167,9 @@ def main():
             w_bytes = weights * e * (2 if mode == "fwd+bwd" else 1)
             floor_bytes = tensors_nd["fwd+bwd" if mode == "fwd+bwd" else "fwd"] * n * d * e + w_bytes
             floor_us = floor_bytes / rate
-            times, why = {}, {}
+            times, kernels, why = {}, {}, {}
             for b in backends:
-                times[b], reason = time_backend(run, t, b, mode)
+                times[b], kernels[b], reason = time_backend(run, t, b, mode)
                 if reason:
                     why[b] = reason
             base = times.get("eager")
@@ -177,12 +180,16 @@ def main():
                     "n": n, "d": d, "r": r, "k": k, "us": None if us is None else round(us, 2),
                     "vs_eager": None if (us is None or not base) else round(base / us, 3),
                     "vs_floor": None if us is None else round(us / floor_us, 3),
-                    "floor_us": round(floor_us, 2), "skipped": why.get(b)})
+                    "floor_us": round(floor_us, 2), "skipped": why.get(b),
+                    "gpu_us": None if kernels[b] is None else round(kernels[b], 2),
+                    "gpu_vs_floor": None if kernels[b] is None else round(kernels[b] / floor_us, 3)})
             del t
             common.write(args.json, rows, partial=True)  # a run stopped at a time limit keeps its rows
-    common.print_table(rows, ["op", "mode", "backend", "n", "d", "r", "k", "us", "vs_eager", "vs_floor", "floor_us"])
+    common.print_table(rows, ["op", "mode", "backend", "n", "d", "r", "k", "us", "vs_eager", "vs_floor", "floor_us",
+                              "gpu_us", "gpu_vs_floor"])
     common.write(args.json, rows, copy_rate_GBps=round(rate * 1e-3, 1), tuned=tuned_configs() if gpu else {},
-                 note="vs_eager = eager time / this time (>1: faster); vs_floor = this time / byte-floor time")
+                 note="vs_eager = eager time / this time (>1: faster); vs_floor = this time / byte-floor time; "
+                      "gpu_us: the kernels' own GPU time per call (torch.profiler), gpu_vs_floor = that / byte floor")
     table_path = args.table or (os.path.join(os.path.dirname(os.path.abspath(args.json)), "dispatch_table.json")
                                 if args.json else None)
     if gpu and table_path:

@@ -57,6 +57,24 @@ def bench_us(fn, warmup: int = 5, rep: int = 50) -> float:
     return times[len(times) // 2] * 1e6
 
 
+def kernel_us(fn, calls: int = 10):
+    """GPU time of ``fn()``'s kernels per call in microseconds (torch.profiler: every device event, none
+    counted twice), or None without a GPU. Unlike :func:`bench_us`, which times the call on the GPU's clock
+    and so includes the gaps a slow host leaves between kernels, this is the kernels' own time."""
+    if not torch.cuda.is_available():
+        return None
+    fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.self_device_time_total for e in prof.key_averages()
+                if e.device_type != torch.autograd.DeviceType.CPU)
+    return total / calls
+
+
 def copy_rate_bytes_per_us(device, quick: bool, **reps) -> float:
     """Device copy rate for the byte floors: read + write bytes of a large copy per microsecond."""
     numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on a GPU

@@ -92,8 +92,11 @@ def profile(backend, t, calls, site="plain", dtype=torch.bfloat16):
     rows = []
     for ev in prof.key_averages():
         dev_us = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
-        if torch.cuda.is_available() and ev.self_device_time_total <= 0:
-            continue  # CPU-side op: its kernels are counted in their own rows
+        if torch.cuda.is_available() and (ev.device_type == torch.autograd.DeviceType.CPU
+                                          or ev.self_device_time_total <= 0):
+            # a CPU-side op (aten::mm, an autograd node): its own device time is that of the kernels it
+            # launched, which have their own rows (counting both doubled the GPU total before 2026-11-27c)
+            continue
         if not torch.cuda.is_available() and ev.self_cpu_time_total <= 0:
             continue
         self_us = ev.self_device_time_total if torch.cuda.is_available() else ev.self_cpu_time_total

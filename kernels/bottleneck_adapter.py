@@ -438,17 +438,21 @@ def row_configs():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 64}, num_warps=4)]
     if not autotuning():  # fits the shared memory up to RP=256 without spilling registers (sm_90, bf16)
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=2)]
-    # Mostly 8 warps: with 4, most of these tiles spill to local memory (benchmarks/compile_check.py).
-    # Few configurations: each costs a compile per autotuning key, which dominates a short GPU session.
+    # Mostly 8 warps (with 4, most tiles spill: benchmarks/compile_check.py); few, each costs a compile per key.
+    # 128 rows: each program re-reads both weights; on an H100 the forward chose the largest tile at every N.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-            for bn, bd, w, st in [(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-                                  (16, 32, 8, 2)]]  # the last fits the shared memory at RP=256
+            for bn, bd, w, st in [(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3),
+                                  (16, 32, 8, 2)]]  # (16, 32) fits the shared memory at RP=256
 
 
 def prune_row_configs(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 accumulators (BLOCK_N x RP) would not fit in registers."""
+    """Drop tiles whose fp32 accumulators (BLOCK_N x RP) would not fit in registers, and for float32
+    products (UPCAST) the 128-row tiles, whose sm_90 builds spill (benchmarks/compile_check.py: 56-640 bytes
+    of stack in the adapter's and the stacked fusion's forward at RP=64; none in bf16/fp16)."""
     rp = kwargs.get("RP", named_args.get("RP", 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] * rp <= 8192 and c.kwargs["BLOCK_D"] * rp <= 16384]
+    upcast = kwargs.get("UPCAST", named_args.get("UPCAST"))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * rp <= 8192 and c.kwargs["BLOCK_D"] * rp <= 16384
+            and not (upcast and c.kwargs["BLOCK_N"] > 64)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
 
 

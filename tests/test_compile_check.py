@@ -79,6 +79,26 @@ def test_float32_adapter_row_backward_keeps_the_tiles_that_fit_sm90():
     assert (64, 128, 8, 3) in tiles(ka.prune_row_configs(configs, {}, RP=64, UPCAST=True))
 
 
+def test_128_row_adapter_tiles_are_tried_for_2_byte_products_only():
+    """The forward and row-backward autotuners try 128-token tiles (each program re-reads both weights: fewer
+    programs, fewer reads); compile_check measured their float32 builds spilling at RP=64, so float32
+    products (UPCAST) never try them, and no dtype does where BLOCK_N x RP passes the registers."""
+    ka = pytest.importorskip("pet_fast.kernels.bottleneck_adapter")
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(ka, "_AUTOTUNE", True)
+    monkey.setattr(ka, "interpreting", lambda: False)
+    try:
+        configs = ka.row_configs()
+    finally:
+        monkey.undo()
+    tiles = lambda cs: {_tile(c, "BLOCK_N", "BLOCK_D") for c in cs}  # noqa: E731
+    assert (128, 64, 8, 3) in tiles(configs)
+    for prune in (ka.prune_row_configs, ka.prune_bwd_row_configs):
+        assert (128, 64, 8, 3) in tiles(prune(configs, {}, RP=64, UPCAST=False))
+        assert not any(c.kwargs["BLOCK_N"] > 64 for c in prune(configs, {}, RP=64, UPCAST=True))
+        assert not any(c.kwargs["BLOCK_N"] > 64 for c in prune(configs, {}, RP=128, UPCAST=False))
+
+
 def test_a_packed_cache_unpacked_elsewhere_is_hit_by_the_same_compiles(tmp_path):
     """benchmarks/triton_cache_pack.py: the masked_weights compiles made into one cache, packed (metadata,
     cubin, PTX only) and unpacked under another directory, are found there by the same compiles (no new
