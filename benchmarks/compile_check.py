@@ -182,7 +182,9 @@ def _cases(module_name, dtypes, tuned):
                 def run(shapes=shapes, dt=dt):
                     W._TABLES.clear()
                     ws = [mk(*s, dt=dt) for s in shapes]
-                    W.grouped_masked_weights(ws, [mk(*s) for s in shapes], 0.0, dt)
+                    ss = [mk(*s) for s in shapes]
+                    W.grouped_masked_weights(ws, ss, 0.0, dt)
+                    W.grouped_scores_grads([mk(*s, dt=dt) for s in shapes], ws, ss)  # the backward's kernel
                 cases.append((f"{shapes} {short[dt]}", run))
     elif module_name == "prefix_attention":
         import pet_fast.kernels.prefix_attention as P

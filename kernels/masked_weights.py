@@ -4,6 +4,9 @@ Mask-tuning masks every linear of a model (72 in BERT-base). One launch per weig
 times per step; this kernel writes all the masked weights in one launch, into one flat output buffer (each
 weight at an offset padded to 16 elements), from a table of the weights' and scores' addresses.
 
+The backward's scores gradients (``G_i * W_i``, G_i the gradient of output i) take one launch too
+(``grouped_scores_grads``, same tiles and layout).
+
 Grid: one program per tile of ``BLOCK`` elements of one weight, over all the weights' tiles; tables, made
 once per list of (address, size) and kept on the device: the tile's weight index, the tile's first element,
 each weight's size, its output offset, and the weights' and scores' addresses (int64, cast to pointers of
@@ -46,6 +49,30 @@ def _grouped_kernel(W_PTRS, S_PTRS, OUT, TILE_TENSOR, TILE_START, SIZES, OUT_OFF
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out + offs, tl.where(s > threshold, w, 0.0).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _grouped_grads_kernel(G_PTRS, W_PTRS, OUT, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, G_CARRIER, W_CARRIER,
+                          BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """The backward's d_scores[i] = G_i * W_i, the product in fp32, stored in OUT's dtype (the scores'), for
+    the whole list: the forward's tiles and output layout, G's addresses in place of the scores'."""
+    pid = tl.program_id(0)
+    t = tl.load(TILE_TENSOR + pid)
+    start = tl.multiple_of(tl.load(TILE_START + pid), BLOCK)
+    size = tl.load(SIZES + t)
+    g_ptr = tl.load(G_PTRS + t).to(G_CARRIER.dtype)
+    w_ptr = tl.load(W_PTRS + t).to(W_CARRIER.dtype)
+    o = tl.multiple_of(tl.load(OUT_OFFSETS + t), 16)  # ALIGN
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        size = tl.multiple_of(size, 16)
+    out = OUT + o
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < size
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + offs, (g * w).to(OUT.dtype.element_ty), mask=ok)
 
 
 _TABLES: dict = {}  # (device, ((weight address, scores address, numel), ...)) -> device tables
@@ -97,4 +124,22 @@ def grouped_masked_weights(weights, scores, threshold: float, dtype: torch.dtype
         _grouped_kernel[(tiles,)](w_ptrs, s_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets,
                                   threshold_for(scores[0].dtype, threshold), weights[0], scores[0], BLOCK=BLOCK,
                                   ALIGNED=aligned)
+    return [piece.view(w.shape) for piece, w in zip(flat.split_with_sizes(splits)[::2], weights)]
+
+
+def grouped_scores_grads(grads, weights, scores) -> list:
+    """``[(g.float() * w.float()).to(s.dtype) for g, w, s in zip(grads, weights, scores)]`` in one launch:
+    the straight-through gradients of the scores. The gradients share one dtype and are contiguous, with
+    the weights' shapes; the weights and scores are those of :func:`grouped_masked_weights` (its tables are
+    reused; only the gradients' addresses, new every step, go to the device per call). The outputs are views
+    of one buffer in the scores' dtype."""
+    device = weights[0].device
+    w_ptrs, _, tile_tensor, tile_start, sizes, out_offsets, splits, total, aligned = _tables(weights, scores, device)
+    flat = torch.empty(total, dtype=scores[0].dtype, device=device)
+    tiles = tile_tensor.numel()
+    if tiles:
+        g_ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64).to(device, non_blocking=True)
+        aligned = aligned and all(g.data_ptr() % 16 == 0 for g in grads)
+        _grouped_grads_kernel[(tiles,)](g_ptrs, w_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets, grads[0],
+                                        weights[0], BLOCK=BLOCK, ALIGNED=aligned)
     return [piece.view(w.shape) for piece, w in zip(flat.split_with_sizes(splits)[::2], weights)]

@@ -23,15 +23,17 @@ def test_compile_check_compiles_the_masked_weights_launches_for_sm90(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out_json.read_text())
     results = report["results"]
-    # aligned and odd weight lists in two dtypes: the ALIGNED=True and False specialisations of each
-    assert {(r["kernel"], r["consts"]["ALIGNED"]) for r in results} == {("_grouped_kernel", True),
-                                                                        ("_grouped_kernel", False)}
-    assert len(results) == 4
+    # aligned and odd weight lists in two dtypes: the ALIGNED=True and False specialisations of the forward's
+    # kernel and of the backward's (the scores' gradients)
+    assert {(r["kernel"], r["consts"]["ALIGNED"]) for r in results} == {
+        (k, a) for k in ("_grouped_kernel", "_grouped_grads_kernel") for a in (True, False)}
+    assert len(results) == 8
     for r in results:
         assert r["status"] == "ok", r
         assert 0 <= r["shared"] <= report["limit"]
         assert r["sig"]["W_PTRS"].startswith("*")  # the table of addresses passed as a tensor
-    assert {r["sig"]["OUT"] for r in results} == {"*bf16", "*fp32"}
+    assert {r["sig"]["OUT"] for r in results if r["kernel"] == "_grouped_kernel"} == {"*bf16", "*fp32"}
+    assert {r["sig"]["OUT"] for r in results if r["kernel"] == "_grouped_grads_kernel"} == {"*fp32"}  # the scores
     assert report["launcher_failures"] == [] and report["not_launched"] == []
 
 

@@ -89,6 +89,79 @@ def test_triton_takes_one_launch_for_the_list(monkeypatch):
         torch.testing.assert_close(o, e, rtol=0, atol=0)
 
 
+def _spy_launches(monkeypatch, name):
+    from pet_fast.kernels import masked_weights as kernels
+
+    launches = []
+    real = getattr(kernels, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launches.append(k["ALIGNED"])
+                return real[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(kernels, name, Spy())
+    return launches
+
+
+@pytest.mark.parametrize("dtype,out_dtype,scores_dtype", [
+    (torch.float32, torch.bfloat16, torch.float32), (torch.float32, torch.float16, torch.float16),
+    (torch.float16, torch.float16, torch.float32), (torch.float16, torch.float32, torch.float16)])
+def test_triton_backward_takes_one_launch_for_the_scores_gradients(monkeypatch, dtype, out_dtype, scores_dtype):
+    """Every output with a gradient (as in a model's step): d_scores[i] = G_i * W_i for the whole list in one
+    launch, bit for bit the eager backend's (one float32 product, rounded once to the scores' dtype). No
+    bfloat16 scores here: the interpreter rounds float32 to bfloat16 wrongly (test_gpu_triton_matches_eager)."""
+    launches = _spy_launches(monkeypatch, "_grouped_grads_kernel")
+    ws, ss = _lists(dtype, scores_dtype, 0.1, "half")
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(w.shape, generator=g).to(out_dtype) for w in ws]
+    got = {}
+    for backend in ("triton", "eager"):
+        leaves = [s.clone().requires_grad_() for s in ss]
+        outs = pet_fast.masked_weights(ws, leaves, threshold=0.1, dtype=out_dtype, backend=backend)
+        torch.autograd.backward(list(outs), grads)
+        got[backend] = [s.grad for s in leaves]
+    assert launches == [False]  # the triton backward only; odd sizes: no vector hints
+    for a, b, w, gr in zip(got["triton"], got["eager"], ws, grads):
+        assert a.dtype == scores_dtype and a.shape == w.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, (gr.float() * w.float()).to(scores_dtype), rtol=0, atol=0)
+
+
+def test_triton_backward_falls_back_per_weight_where_the_kernel_does_not_apply(monkeypatch):
+    """A missing gradient (an unused output) or a strided one: the per-weight formulas, with the same values
+    (autograd casts every gradient to its output's dtype, and the outputs share one); aligned lists take the
+    kernel's vector hints."""
+    launches = _spy_launches(monkeypatch, "_grouped_grads_kernel")
+    ws, ss = _lists(keep="half")
+
+    def scores_grads(make_grads, used=None):
+        leaves = [s.clone().requires_grad_() for s in ss]
+        outs = pet_fast.masked_weights(ws, leaves, threshold=0.0, backend="triton")
+        used = range(len(outs)) if used is None else used
+        grads = make_grads(outs)
+        torch.autograd.backward([outs[i] for i in used], [grads[i] for i in used])
+        for i in used:
+            torch.testing.assert_close(leaves[i].grad, grads[i].float() * ws[i], rtol=0, atol=0)
+        return leaves
+
+    leaves = scores_grads(lambda outs: [torch.randn(o.shape) for o in outs], used=[0, 1, 3, 4])
+    assert leaves[2].grad is None
+    scores_grads(lambda outs: [torch.randn(o.shape[::-1]).t() if i == 0 else torch.randn(o.shape) for i, o in enumerate(outs)])
+    assert launches == []
+    g = torch.Generator().manual_seed(0)
+    aligned_w = [torch.randn(s, generator=g) for s in [(64, 32), (16, 48)]]
+    aligned_s = [torch.randn(w.shape, generator=g).requires_grad_() for w in aligned_w]
+    outs = pet_fast.masked_weights(aligned_w, aligned_s, threshold=0.0, backend="triton")
+    grads = [torch.randn(o.shape, generator=g) for o in outs]
+    torch.autograd.backward(list(outs), grads)
+    assert launches == [True]
+    for s, w, gr in zip(aligned_s, aligned_w, grads):
+        torch.testing.assert_close(s.grad, gr * w, rtol=0, atol=0)
+
+
 def test_triton_refuses_mixed_dtypes_and_strided_inputs_and_auto_falls_back():
     ws, ss = _lists()
     mixed = [ws[0].half()] + ws[1:]
@@ -233,9 +306,11 @@ def test_backend_for_reports_masked_linears_choice():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gpu_triton_matches_eager(out_dtype):
-    ws, ss = _lists(keep="half")
+def test_gpu_triton_matches_eager(out_dtype, scores_dtype):
+    """Forward and the scores' gradients (one launch each: every output has a gradient), bit for bit."""
+    ws, ss = _lists(keep="half", scores_dtype=scores_dtype)
     ws = [w.cuda() for w in ws]
     ss = [s.cuda().requires_grad_() for s in ss]
     outs = pet_fast.masked_weights(ws, ss, threshold=0.0, dtype=out_dtype, backend="triton")
@@ -244,7 +319,7 @@ def test_gpu_triton_matches_eager(out_dtype):
     grads = [torch.randn_like(o) for o in outs]
     torch.autograd.backward(list(outs), grads)
     for w, s, g in zip(ws, ss, grads):
-        torch.testing.assert_close(s.grad, g.double().mul(w.double()).float(), rtol=0, atol=0)
+        torch.testing.assert_close(s.grad, (g.float() * w.float()).to(scores_dtype), rtol=0, atol=0)
 
 
 def test_aligned_lists_take_the_vector_hints_and_give_the_same_values(monkeypatch):

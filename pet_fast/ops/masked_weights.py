@@ -24,8 +24,9 @@ Backends (chosen per call by pet_fast.dispatch; a plain autograd.Function, not a
             and fuses it).
     triton  kernels/masked_weights.py: one launch for the whole list, into one buffer (the outputs are
             views of it), when the weights share one dtype and the scores another (fp32/fp16/bf16) and all
-            are contiguous. Backward: one torch._foreach_mul for the scores' gradients when the weights and
-            scores are float32 (per weight otherwise), and d_weight per weight.
+            are contiguous. Backward: the scores' gradients in one launch when every output has a
+            contiguous gradient of one dtype (else one torch._foreach_mul when the weights and scores are
+            float32, per weight otherwise), and d_weight per weight.
 """
 from __future__ import annotations
 
@@ -82,6 +83,21 @@ def run_triton(weights, scores, threshold, dtype) -> list:
     return _kernels().grouped_masked_weights(weights, scores, threshold, dtype)
 
 
+def _grouped_scores_grads(grads, weights, scores, wanted) -> Optional[list]:
+    """The scores' gradients from one Triton launch (kernels/masked_weights.py), or None where that kernel
+    does not take the call: every output must have a gradient and need one, in one floating dtype,
+    contiguous (F.linear's weight gradients are). The forward ran the triton backend, so the weights share
+    one dtype and the scores another, all contiguous."""
+    if not all(wanted) or any(g is None for g in grads):
+        return None
+    if grads[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # the kernel's table of G's addresses is copied to the device per call: not in a CUDA graph
+    dtype = grads[0].dtype
+    if dtype not in _KERNEL_DTYPES or any(g.dtype != dtype or not g.is_contiguous() for g in grads):
+        return None
+    return _kernels().grouped_scores_grads(grads, weights, scores)
+
+
 def _scores_grads(grads, weights, scores, wanted) -> list:
     """d_scores[i] = G_i * weights[i] in float32, in the scores' dtype (None where not wanted or no G)."""
     idx = [i for i in range(len(weights)) if wanted[i] and grads[i] is not None]
@@ -105,6 +121,7 @@ class _MaskedWeights(torch.autograd.Function):
     def forward(ctx, run, threshold, dtype, n, *tensors):
         weights, scores = tensors[:n], tensors[n:]
         ctx.n, ctx.threshold = n, threshold
+        ctx.grouped = run is run_triton  # the backward's scores gradients then take one launch too
         ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)  # an output no linear used gets no gradient, not a zero tensor
         return tuple(run(weights, scores, threshold, dtype))
@@ -115,7 +132,9 @@ class _MaskedWeights(torch.autograd.Function):
         saved = ctx.saved_tensors
         weights, scores = saved[:n], saved[n:]
         need = ctx.needs_input_grad[4:]
-        d_scores = _scores_grads(grads, weights, scores, need[n:])
+        d_scores = _grouped_scores_grads(grads, weights, scores, need[n:]) if ctx.grouped else None
+        if d_scores is None:
+            d_scores = _scores_grads(grads, weights, scores, need[n:])
         d_weights = [torch.where(s > ctx.threshold, g, 0.0).to(w.dtype) if (need[i] and g is not None) else None
                      for i, (w, s, g) in enumerate(zip(weights, scores, grads))]
         return (None, None, None, None, *d_weights, *d_scores)
