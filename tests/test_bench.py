@@ -180,7 +180,8 @@ def test_profile_step_quick(tmp_path):
 
 def test_profile_host_step_stubs_the_kernels_and_counts_their_launches(tmp_path):
     """benchmarks/profile_host_step.py times steps with every Triton launch stubbed: a triton row counts its
-    stubbed launches (one grouped masked-weights launch per mask-tuning step), eager rows launch none."""
+    stubbed launches (per mask-tuning step: the grouped masked weights forward, the grouped scores' gradients
+    backward), eager rows launch none."""
     path = tmp_path / "host_step.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_host_step.py"), "--rows", "floor",
                     "mask/triton", "houlsby/triton", "--steps", "1", "--repeats", "1", "--json", str(path)],
@@ -188,7 +189,7 @@ def test_profile_host_step_stubs_the_kernels_and_counts_their_launches(tmp_path)
     rows = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"floor", "houlsby/triton", "mask/triton"}
     assert rows["floor"]["stubbed_launches"] == 0 and rows["floor"]["vs_floor"] == 1.0
-    assert rows["mask/triton"]["stubbed_launches"] == 1.0
+    assert rows["mask/triton"]["stubbed_launches"] == 2.0
     assert rows["houlsby/triton"]["stubbed_launches"] == 96.0  # 24 adapters: 1 forward + 3 backward launches
     assert all(r["ms"] > 0 for r in rows.values())
 
