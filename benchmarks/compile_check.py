@@ -329,6 +329,9 @@ def compile_spec(spec):
             if getattr(meta, k, None) is not None:
                 res[k] = getattr(meta, k)
         res.update(resource_usage(compiled.asm.get("cubin")))
+        ptx = compiled.asm.get("ptx") or ""
+        # 128-bit global accesses (ld/st.global.v4.b32 and the like): whether the vector hints took effect
+        res["v4_loads"], res["v4_stores"] = ptx.count("ld.global.v4"), ptx.count("st.global.v4")
         res["status"] = "ok" if meta.shared <= LIMIT else "smem"
     except Exception as e:  # noqa: BLE001 - every compiler error is a finding
         lines = [ln for ln in str(e).splitlines() if ln.strip()]

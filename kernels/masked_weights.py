@@ -29,26 +29,35 @@ ALIGN = 16  # output offsets are multiples of this many elements (the kernel ass
 
 
 @triton.jit
-def _grouped_kernel(W_PTRS, S_PTRS, OUT, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, threshold, W_CARRIER,
-                    S_CARRIER, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _tile_operands(A_PTRS, B_PTRS, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, A_CARRIER, B_CARRIER,
+                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's tile: the two operands' elements in fp32 (tensor t of each list, read from the int64
+    address tables and cast to pointers of the carriers' dtypes), the output offsets and the mask."""
     pid = tl.program_id(0)
     t = tl.load(TILE_TENSOR + pid)
     start = tl.multiple_of(tl.load(TILE_START + pid), BLOCK)  # tiles start at multiples of BLOCK
     size = tl.load(SIZES + t)
-    w_ptr = tl.load(W_PTRS + t).to(W_CARRIER.dtype)  # int64 address -> pointer to the weights' dtype
-    s_ptr = tl.load(S_PTRS + t).to(S_CARRIER.dtype)
+    a_ptr = tl.load(A_PTRS + t).to(A_CARRIER.dtype)  # int64 address -> pointer to the list's dtype
+    b_ptr = tl.load(B_PTRS + t).to(B_CARRIER.dtype)
     o = tl.multiple_of(tl.load(OUT_OFFSETS + t), 16)  # ALIGN
     if ALIGNED:  # every address 16-byte aligned and every size a multiple of 16 (checked by the launcher):
         # the compiler may then use vector loads and stores, which it cannot prove for loaded addresses
-        w_ptr = tl.multiple_of(w_ptr, 16)
-        s_ptr = tl.multiple_of(s_ptr, 16)
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
         size = tl.multiple_of(size, 16)
-    out = OUT + o
     offs = start + tl.arange(0, BLOCK)
     ok = offs < size
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out + offs, tl.where(s > threshold, w, 0.0).to(OUT.dtype.element_ty), mask=ok)
+    a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    return a, b, o + offs, ok
+
+
+@triton.jit
+def _grouped_kernel(W_PTRS, S_PTRS, OUT, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, threshold, W_CARRIER,
+                    S_CARRIER, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    w, s, where, ok = _tile_operands(W_PTRS, S_PTRS, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, W_CARRIER,
+                                     S_CARRIER, BLOCK, ALIGNED)
+    tl.store(OUT + where, tl.where(s > threshold, w, 0.0).to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -56,23 +65,9 @@ def _grouped_grads_kernel(G_PTRS, W_PTRS, OUT, TILE_TENSOR, TILE_START, SIZES, O
                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """The backward's d_scores[i] = G_i * W_i, the product in fp32, stored in OUT's dtype (the scores'), for
     the whole list: the forward's tiles and output layout, G's addresses in place of the scores'."""
-    pid = tl.program_id(0)
-    t = tl.load(TILE_TENSOR + pid)
-    start = tl.multiple_of(tl.load(TILE_START + pid), BLOCK)
-    size = tl.load(SIZES + t)
-    g_ptr = tl.load(G_PTRS + t).to(G_CARRIER.dtype)
-    w_ptr = tl.load(W_PTRS + t).to(W_CARRIER.dtype)
-    o = tl.multiple_of(tl.load(OUT_OFFSETS + t), 16)  # ALIGN
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        w_ptr = tl.multiple_of(w_ptr, 16)
-        size = tl.multiple_of(size, 16)
-    out = OUT + o
-    offs = start + tl.arange(0, BLOCK)
-    ok = offs < size
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out + offs, (g * w).to(OUT.dtype.element_ty), mask=ok)
+    g, w, where, ok = _tile_operands(G_PTRS, W_PTRS, TILE_TENSOR, TILE_START, SIZES, OUT_OFFSETS, G_CARRIER,
+                                     W_CARRIER, BLOCK, ALIGNED)
+    tl.store(OUT + where, (g * w).to(OUT.dtype.element_ty), mask=ok)
 
 
 _TABLES: dict = {}  # (device, ((weight address, scores address, numel), ...)) -> device tables

@@ -32,6 +32,8 @@ def test_compile_check_compiles_the_masked_weights_launches_for_sm90(tmp_path):
         assert r["status"] == "ok", r
         assert 0 <= r["shared"] <= report["limit"]
         assert r["sig"]["W_PTRS"].startswith("*")  # the table of addresses passed as a tensor
+        # the vector hints of aligned lists take effect (128-bit loads), and only there
+        assert (r["v4_loads"] > 0) == r["consts"]["ALIGNED"], r
     assert {r["sig"]["OUT"] for r in results if r["kernel"] == "_grouped_kernel"} == {"*bf16", "*fp32"}
     assert {r["sig"]["OUT"] for r in results if r["kernel"] == "_grouped_grads_kernel"} == {"*fp32"}  # the scores
     assert report["launcher_failures"] == [] and report["not_launched"] == []

@@ -325,19 +325,7 @@ def test_gpu_triton_matches_eager(out_dtype, scores_dtype):
 def test_aligned_lists_take_the_vector_hints_and_give_the_same_values(monkeypatch):
     """Sizes that are multiples of 16 at 16-byte aligned addresses: the launcher sets ALIGNED (vector loads
     on a GPU); the values are the same."""
-    from pet_fast.kernels import masked_weights as kernels
-
-    seen = []
-    real = kernels._grouped_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                seen.append(k["ALIGNED"])
-                return real[grid](*a, **k)
-            return launch
-
-    monkeypatch.setattr(kernels, "_grouped_kernel", Spy())
+    seen = _spy_launches(monkeypatch, "_grouped_kernel")
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(s, generator=g) for s in [(64, 32), (16, 48), (48, 16)]]
     ss = [torch.randn(w.shape, generator=g) for w in ws]
