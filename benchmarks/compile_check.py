@@ -178,14 +178,16 @@ def _cases(module_name, dtypes, tuned):
     elif module_name == "masked_weights":
         import pet_fast.kernels.masked_weights as W
         for dt in dts:
-            for shapes in [[(768, 768), (3072, 768)]] + odd([[(37, 50), (5, 7)]]):
-                def run(shapes=shapes, dt=dt):
-                    W._TABLES.clear()
-                    ws = [mk(*s, dt=dt) for s in shapes]
-                    ss = [mk(*s) for s in shapes]
-                    W.grouped_masked_weights(ws, ss, 0.0, dt)
-                    W.grouped_scores_grads([mk(*s, dt=dt) for s in shapes], ws, ss)  # the backward's kernel
-                cases.append((f"{shapes} {short[dt]}", run))
+            # weights in the products' dtype, and float32 master weights under autocast (mask-tuning's step)
+            for wdt in dict.fromkeys((dt, torch.float32)):
+                for shapes in [[(768, 768), (3072, 768)]] + odd([[(37, 50), (5, 7)]]):
+                    def run(shapes=shapes, dt=dt, wdt=wdt):
+                        W._TABLES.clear()
+                        ws = [mk(*s, dt=wdt) for s in shapes]
+                        ss = [mk(*s) for s in shapes]
+                        W.grouped_masked_weights(ws, ss, 0.0, dt)
+                        W.grouped_scores_grads([mk(*s, dt=dt) for s in shapes], ws, ss)  # the backward's kernel
+                    cases.append((f"{shapes} {short[dt]} weights {short[wdt]}", run))
     elif module_name == "prefix_attention":
         import pet_fast.kernels.prefix_attention as P
         for dt in dts:

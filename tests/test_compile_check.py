@@ -23,11 +23,12 @@ def test_compile_check_compiles_the_masked_weights_launches_for_sm90(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out_json.read_text())
     results = report["results"]
-    # aligned and odd weight lists in two dtypes: the ALIGNED=True and False specialisations of the forward's
-    # kernel and of the backward's (the scores' gradients)
+    # aligned and odd weight lists in two dtypes, with weights in that dtype or float32: the ALIGNED=True and
+    # False specialisations of the forward's kernel and of the backward's (the scores' gradients)
     assert {(r["kernel"], r["consts"]["ALIGNED"]) for r in results} == {
         (k, a) for k in ("_grouped_kernel", "_grouped_grads_kernel") for a in (True, False)}
-    assert len(results) == 8
+    assert len(results) == 12  # (bf16, bf16 weights), (bf16, fp32 weights), fp32: x 2 alignments x 2 kernels
+    assert {r["sig"]["W_CARRIER"] for r in results} == {"*bf16", "*fp32"}
     for r in results:
         assert r["status"] == "ok", r
         assert 0 <= r["shared"] <= report["limit"]
