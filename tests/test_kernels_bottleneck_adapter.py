@@ -251,6 +251,38 @@ def test_float32_residual_with_half_x(monkeypatch, matmul_reduction, master, add
     check_mixed_dtypes(hi, lo, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(layer_norm="affine")])
+def test_the_autotuners_128_token_tile(monkeypatch, dtype, kw):
+    """The GPU autotuners' 128-token tile (kernels/bottleneck_adapter.py row_configs), forced here on the
+    forward and the rows backward (the interpreter otherwise runs one small tile): 300 tokens (two full
+    tiles and a partial one), d=200 (not a multiple of BLOCK_D), at the Houlsby and Pfeiffer sites' forms."""
+    import triton
+
+    ka = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    tile = [triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3)]
+    for tuner in (ka._fwd_tuned, ka._bwd_rows_tuned):
+        monkeypatch.setattr(tuner, "configs", tile)
+        monkeypatch.setattr(tuner, "cache", {})
+    seen = []
+
+    class Seen:  # the tuner's kernel, recording the tile each launch gets
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def run(self, *a, **k):
+            seen.append((self.name, k.get("BLOCK_N")))
+            return self.fn.run(*a, **k)
+
+        def __getattr__(self, attr):
+            return getattr(self.fn, attr)
+
+    for name, tuner in (("fwd", ka._fwd_tuned), ("bwd_rows", ka._bwd_rows_tuned)):
+        monkeypatch.setattr(tuner, "fn", Seen(name, tuner.fn))
+    check_against_reference((300,), 200, 20, dtype, "gelu", **kw)
+    assert {"fwd", "bwd_rows"} <= {n for n, _ in seen} and {b for _, b in seen} == {128}
+
+
 def test_empty_token_dimension():
     hi, lo = make_case((0,), 16, 4, torch.float32)
     out = call(lo, "relu", "triton")
