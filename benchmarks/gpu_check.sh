@@ -139,7 +139,7 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
       step profile_adapter 60 python benchmarks/profile_adapter.py --json "$work/profile_adapter.json"
       tail -40 "$work/profile_adapter.log" ;;
     profile_adapter)  # the adapter's kernels alone at the BERT-base step's shape: GPU time, the autotuner's choices
-      for spec in ${ADAPTER_PROFILES:-4096,768,64:houlsby 4096,768,64:plain}; do
+      for spec in ${ADAPTER_PROFILES:-4096,768,64:houlsby 4096,768,64:pfeiffer 4096,768,64:plain}; do
         step "profile_adapter_${spec//[,:]/_}" 60 python benchmarks/profile_adapter.py --shape "${spec%%:*}" \
           --site "${spec##*:}" --json "$work/profile_adapter_${spec//[,:]/_}.json"
         tail -25 "$work/profile_adapter_${spec//[,:]/_}.log"

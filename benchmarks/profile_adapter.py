@@ -29,12 +29,17 @@ from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
 def site_inputs(site, n, d, r, dtype, device):
     """The adapter's tensors as a training step hands them over. "plain": every tensor in ``dtype``, no
     residual. "houlsby": a BERT-style Houlsby site under autocast: x in ``dtype`` (the dense layer's output),
-    a float32 residual stream, float32 weights, ``add_input`` (the op returns x + residual + adapter(x))."""
+    a float32 residual stream, float32 weights, ``add_input`` (the op returns x + residual + adapter(x)).
+    "pfeiffer": a BERT-style Pfeiffer site under autocast: x the float32 residual stream, read through the
+    block's frozen LayerNorm inside the op (``layer_norm``), float32 weights (x + adapter(LN(x)))."""
     t = adapter_inputs(n, d, r, dtype if site == "plain" else torch.float32, device, True)
+    g = torch.Generator(device="cpu").manual_seed(1)
     if site == "houlsby":
         t["x"] = t["x"].detach().to(dtype).requires_grad_()
-        g = torch.Generator(device="cpu").manual_seed(1)
         t["residual"] = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    elif site == "pfeiffer":
+        t["ln_weight"] = (1 + 0.1 * torch.randn(d, generator=g)).to(device)  # frozen: no gradient
+        t["ln_bias"] = (0.1 * torch.randn(d, generator=g)).to(device)
     return t
 
 
@@ -42,9 +47,13 @@ def run_site(t, backend, site, dtype):
     if site == "plain":
         return run_adapter(t, backend)
     ctx = torch.autocast(t["x"].device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    if site == "houlsby":
+        kw = dict(residual=t["residual"], add_input=True)
+    else:
+        kw = dict(layer_norm=(t["ln_weight"], t["ln_bias"], 1e-12))
     with ctx:
         return pet_fast.bottleneck_adapter(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], activation="gelu",
-                                           scaling=0.5, residual=t["residual"], add_input=True, backend=backend)
+                                           scaling=0.5, backend=backend, **kw)
 
 
 def autotune_choices() -> list:
@@ -112,9 +121,10 @@ def profile(backend, t, calls, site="plain", dtype=torch.bfloat16):
 def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--shape", default="16384,768,64", help="N,d,r")
-    p.add_argument("--site", choices=("plain", "houlsby"), default="plain",
-                   help="plain: every tensor in bf16, no residual; houlsby: as a BERT Houlsby site trains under "
-                        "autocast (float32 weights and residual stream, add_input)")
+    p.add_argument("--site", choices=("plain", "houlsby", "pfeiffer"), default="plain",
+                   help="plain: every tensor in bf16, no residual; houlsby / pfeiffer: as a BERT Houlsby or Pfeiffer "
+                        "site trains under autocast (float32 weights and residual stream; add_input / the frozen "
+                        "LayerNorm inside the op)")
     args = p.parse_args()
     gpu = torch.cuda.is_available() and not args.quick
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)

@@ -109,6 +109,7 @@ def test_profile_adapter_runs_each_shape_and_site_and_none_runs_nothing(tmp_path
     out, *_ = _run(tmp_path, replay_rc=0, benches="none profile_adapter")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     profiles = [a for a in _run.calls if "profile_adapter.py" in a]
-    assert len(profiles) == 2
-    assert "--shape 4096,768,64 --site houlsby" in profiles[0] and "--site plain" in profiles[1]
+    assert len(profiles) == 3
+    assert "--shape 4096,768,64 --site houlsby" in profiles[0] and "--site pfeiffer" in profiles[1]
+    assert "--site plain" in profiles[2]
     assert "unknown benchmark" not in (tmp_path / "work" / "summary.txt").read_text()
