@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_bottleneck_adapter import adapter_inputs, run_adapter  # noqa: E402
+from benchmarks.bench_bottleneck_adapter import adapter_inputs, run_adapter, tuned_configs  # noqa: E402
 import pet_fast  # noqa: E402
 from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
 
@@ -54,24 +54,6 @@ def run_site(t, backend, site, dtype):
     with ctx:
         return pet_fast.bottleneck_adapter(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], activation="gelu",
                                            scaling=0.5, backend=backend, **kw)
-
-
-def autotune_choices() -> list:
-    """The configurations Triton's autotuner chose for the adapter's tuned kernels, per key, with the
-    timings it measured for the last key it tuned (where this Triton keeps them)."""
-    try:
-        from pet_fast.kernels import bottleneck_adapter as kernels
-    except ImportError:
-        return []
-    out = []
-    for name in ("_fwd_tuned", "_bwd_rows_tuned"):
-        tuner = getattr(kernels, name, None)
-        for key, config in (getattr(tuner, "cache", None) or {}).items():
-            out.append({"kernel": name, "key": str(key), "chosen": str(config)})
-        timings = getattr(tuner, "configs_timings", None) or {}
-        for config, ms in timings.items():
-            out.append({"kernel": name, "key": "(last tuned)", "config": str(config), "ms": str(ms)})
-    return out
 
 
 def profile(backend, t, calls, site="plain", dtype=torch.bfloat16):
@@ -140,10 +122,11 @@ def main():
         common.write(args.json, rows, partial=True, shape=[n, d, r])
     common.print_table(rows, ["backend", "kernel", "us_per_call", "launches_per_call", "host_us_per_call",
                               "wall_us_per_call", "gpu_us_per_call", "note"])
-    tuned = autotune_choices() if gpu else []
-    for c in tuned:
-        print("autotune", c)
-    common.write(args.json, rows, shape=[n, d, r], dtype=str(dtype), site=args.site, autotune=tuned)
+    tuned = tuned_configs() if gpu else {}  # the tiles the autotuners chose, per kernel and key
+    for kernel, chosen in tuned.items():
+        for key, config in chosen.items():
+            print("autotune", kernel, key, config)
+    common.write(args.json, rows, shape=[n, d, r], dtype=str(dtype), site=args.site, tuned=tuned)
 
 
 if __name__ == "__main__":
