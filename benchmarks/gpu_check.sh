@@ -82,6 +82,7 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
   # Each failure's text goes to failures.log as it happens (tests/conftest.py): a suite cut at its limit
   # never prints pytest's summary.
   export PET_FAST_FAILURE_LOG="$work/failures.log"
+  rm -f "$PET_FAST_FAILURE_LOG"  # a rerun into the same folder reports its own failures only
   # The launch replay (recorded Triton launches made from C++, kernels/_replay.py) goes first and alone:
   # if any of its GPU tests fails or crashes, every later step (tests, benchmarks, and later calls on this
   # machine through the marker file) runs with PET_FAST_TRITON_REPLAY=0, every launch from Python.
