@@ -200,7 +200,7 @@ def _cases(module_name, dtypes, tuned):
                     def run(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, Pn=Pn, causal=causal, padded=padded, D=D, dt=dt):
                         q, k, v = mk(B, Hq, L, D, dt=dt), mk(B, Hkv, S, D, dt=dt), mk(B, Hkv, S, D, dt=dt)
                         pk, pv = mk(Hkv, Pn, D, dt=dt), mk(Hkv, Pn, D, dt=dt)
-                        kpm = torch.ones(B, Pn + S, dtype=torch.bool) if padded else None
+                        kpm = torch.ones(B, S, dtype=torch.bool) if padded else None
                         out, lse = P._forward(q, k, v, pk, pv, kpm, causal)
                         if L > 1:
                             P.backward(mk(B, Hq, L, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal)

@@ -46,7 +46,7 @@ LIMIT = 232448  # H100 shared memory per block (227 KiB)
 KERNELS = {
     "ml_forward": ML._forward_kernel.fn, "ml_grad_input": ML._grad_input_kernel.fn,
     "ml_grad_weight": ML._grad_weight_kernel.fn, "ml_pack": ML._pack_kernel.fn, "mw_grouped": MW._grouped_kernel,
-    "pa_fwd": PA._fwd_kernel, "pa_bwd_dkdv": PA._bwd_dkdv_kernel, "pa_bwd_dq": PA._bwd_dq_kernel,
+    "pa_fwd": PA._fwd_kernel, "pa_bwd_dkdv": PA._bwd_dkdv_kernel, "pa_bwd_dq": PA._bwd_dq_kernel, "pa_delta": PA._delta_kernel,
     "pam_fwd": PAM._merge_fwd_kernel, "pam_bwd": PAM._merge_bwd_kernel, "pam_sum": PAM._sum_parts_kernel,
 }
 
@@ -176,53 +176,76 @@ HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 TORCH_DT = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def prefix_attention_jobs(dtypes, quick):
+def _pa_tiles(D: int, dt: str, backward: bool) -> dict:
+    """kernel name -> the tiles its launcher may take at this head dim and dtype: the fixed tile of
+    _config (float32, PET_FAST_AUTOTUNE=0) and, for fp16/bf16, every tile its autotuner tries (each is
+    compiled on the GPU; the forward's 16-row decoding tiles included)."""
     import torch
 
+    dtype = getattr(torch, TORCH_DT[dt])
+    cls = PA._tile_class(PA._block_d(D))
+    names = ("pa_bwd_dkdv", "pa_bwd_dq") if backward else ("pa_fwd",)
+    extra = (PA._DKDV_TILES, PA._DQ_TILES) if backward else (PA._FWD_TILES,)
+    out = {}
+    for name, tiles in zip(names, extra):
+        fixed = [PA._config(D, backward=backward, dtype=dtype)]
+        out[name] = fixed if dt == "fp32" else PA._class_tiles(tiles, backward)[cls]
+    return out
+
+
+def prefix_attention_jobs(dtypes, quick):
     jobs = []
     for dt in dtypes:
         t = "*" + dt
-        # D is a runtime argument (a multiple of 16 for these): head dims with the same BLOCK_D and tiles
-        # share one compiled kernel
+        # D is a runtime argument (a multiple of 16 for these): head dims with the same BLOCK_D, EVEN_D and
+        # tiles share one compiled kernel
         groups = {}
         for D in HEAD_DIMS if not quick else (64, 256):
-            key = (PA._block_d(D),) + tuple(PA._config(D, backward=bw, dtype=getattr(torch, TORCH_DT[dt]))
-                                            for bw in (False, True))
+            tiles = {**_pa_tiles(D, dt, False), **_pa_tiles(D, dt, True)}
+            key = (PA._block_d(D), PA._block_d(D) == D, tuple((k, tuple(v)) for k, v in sorted(tiles.items())))
             groups.setdefault(key, []).append(D)
-        for (bd, *cfgs), dims in groups.items():
+        for (bd, even, tiles), dims in groups.items():
             D = "/".join(map(str, dims))
-            for backward in (False, True):
-                bm, bn, warps, stages = cfgs[backward]
-                blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=False, IEEE=dt == "fp32")
-                # (causal, padding mask, GQA, variant): GQA keeps G a runtime i32 (G=1 is specialised
-                # to the constant 1 by the GPU launcher); "odd": L/S/P without divisibility; "i64": the
-                # batch and head strides past 2**31
-                combos = [(False, False, True, "aligned"), (False, True, True, "aligned"), (True, False, True, "aligned"),
-                          (True, True, True, "aligned"), (True, True, False, "aligned"), (False, True, True, "odd"),
-                          (True, True, True, "i64")]
-                if quick:
-                    combos = [combos[3], combos[5]]
-                for causal, kpm, gqa, variant in combos:
-                    consts = dict(HAS_KPM=kpm, CAUSAL=causal, **blocks)
-                    if not gqa:
-                        consts["G"] = 1
-                    div = {"D", "spk_b", "spk_h", "sk_b", "sk_h", "sdp_b", "sdp_h", "Hq"}
-                    if variant == "aligned":
-                        div |= {"L", "S", "P", "NB_P"}
-                    strides = ("spk_b", "spk_h", "sk_b", "sk_h", "sdp_b", "sdp_h")
-                    i64 = {k: "i64" for k in strides} if variant == "i64" else {}
-                    tag = f"D={D} causal={int(causal)} kpm={int(kpm)} G={'n' if gqa else 1} BM={bm} BN={bn}"
-                    common = dict(dtype=dt, tag=tag, warps=warps, stages=stages, div=div, variant=variant, consts=consts)
-                    if not backward:
-                        jobs.append(dict(kernel="pa_fwd", **common, types=dict(
-                            Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, LSE="*fp32", qk_scale2="fp32", **i64)))
-                    else:
-                        jobs.append(dict(kernel="pa_bwd_dkdv", **common, types=dict(
-                            Q=t, K=t, V=t, PK=t, PV=t, DO=t, LSE="*fp32", DELTA="*fp32", KPM="*i8", DK=t, DV=t,
-                            DPK="*fp32", DPV="*fp32", qk_scale2="fp32", scale="fp32", **i64)))
-                        jobs.append(dict(kernel="pa_bwd_dq", **common, types=dict(
-                            Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", DO=t, LSE="*fp32", DELTA="*fp32", DQ=t,
-                            qk_scale2="fp32", scale="fp32", **i64)))
+            for kernel, kernel_tiles in tiles:
+                for bm, bn, warps, stages in (kernel_tiles[:1] if quick else kernel_tiles):
+                    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=even, UPCAST=False, IEEE=dt == "fp32")
+                    if kernel != "pa_bwd_dkdv":
+                        blocks["SCAN"] = 1024
+                    # (causal, padding mask, GQA, variant): GQA keeps G a runtime i32 (G=1 is specialised
+                    # to the constant 1 by the GPU launcher); "odd": L/S/P without divisibility; "i64": the
+                    # batch and head strides past 2**31. Beyond the first tile, the aligned padded causal
+                    # GQA case only (the tiles differ in shape, not in code paths).
+                    combos = [(False, False, True, "aligned"), (False, True, True, "aligned"),
+                              (True, False, True, "aligned"), (True, True, True, "aligned"),
+                              (True, True, False, "aligned"), (False, True, True, "odd"), (True, True, True, "i64")]
+                    if quick or (bm, bn, warps, stages) != kernel_tiles[0]:
+                        combos = [combos[3], combos[5]] if quick else [combos[3]]
+                    for causal, kpm, gqa, variant in combos:
+                        consts = dict(HAS_KPM=kpm, CAUSAL=causal, **blocks)
+                        if not gqa:
+                            consts["G"] = 1
+                        div = {"D", "spk_b", "spk_h", "sk_b", "sk_h", "sdp_b", "sdp_h", "Hq", "tune_l", "tune_s"}
+                        if variant == "aligned":
+                            div |= {"L", "S", "P"}
+                        strides = ("spk_b", "spk_h", "sk_b", "sk_h", "sdp_b", "sdp_h")
+                        i64 = {k: "i64" for k in strides} if variant == "i64" else {}
+                        tag = f"D={D} causal={int(causal)} kpm={int(kpm)} G={'n' if gqa else 1} BM={bm} BN={bn}"
+                        common = dict(dtype=dt, tag=tag, warps=warps, stages=stages, div=div, variant=variant,
+                                      consts=consts)
+                        if kernel == "pa_fwd":
+                            jobs.append(dict(kernel=kernel, **common, types=dict(
+                                Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, LSE="*fp32", qk_scale2="fp32", **i64)))
+                        elif kernel == "pa_bwd_dkdv":
+                            jobs.append(dict(kernel=kernel, **common, types=dict(
+                                Q=t, K=t, V=t, PK=t, PV=t, DO=t, LSE="*fp32", DELTA="*fp32", KPM="*i8", DK=t, DV=t,
+                                DPK="*fp32", DPV="*fp32", qk_scale2="fp32", scale="fp32", **i64)))
+                        else:
+                            jobs.append(dict(kernel=kernel, **common, types=dict(
+                                Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", DO=t, LSE="*fp32", DELTA="*fp32", DQ=t,
+                                qk_scale2="fp32", scale="fp32", **i64)))
+        jobs.append(dict(kernel="pa_delta", dtype=dt, tag="BLOCK_R=64", warps=4, stages=1, div={"D"},
+                         variant="aligned", consts=dict(BLOCK_R=64, BLOCK_D=64),
+                         types=dict(O=t, DO=t, DELTA="*fp32")))
     return jobs
 
 

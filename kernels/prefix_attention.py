@@ -2,16 +2,29 @@
 
 Forward: one program per (query block, query head, batch). It runs an online softmax (fp32, base 2)
 first over the P prefix keys/values, read from their own tensors (batch stride 0 when the prefix is
-shared by the batch), then over the sequence keys, with the key padding read per key from an int8
-vector and the bottom-right causal bound used to stop the key loop early. Query head ``h`` reads
-key/value head ``h // group``. It returns the output and the natural log-sum-exp per row (fp32,
-``+inf`` for a row that sees no key, whose output is zeros).
+shared by the batch), then over the sequence keys. Query head ``h`` reads key/value head ``h // group``.
+It returns the output and the natural log-sum-exp per row (fp32, ``+inf`` for a row that sees no key,
+whose output is zeros).
 
-Backward (flash-attention-2 scheme): ``delta = rowsum(dO * O)`` in fp32, one kernel for the key and
-value gradients per (key block, kv head, batch) that loops over the query heads of the group and the
-query blocks (no atomics: each program owns its key rows); its first programs take the prefix key
-blocks (fp32 partials per batch, summed with torch when the prefix is shared), the others the sequence
-key blocks, in one launch. One more kernel computes ``dq`` per query block. Accumulation is fp32 everywhere.
+Padding and causality decide which key blocks a program visits, not how it loads them. A scan of the
+sequence's int8 padding row gives the range [lo, hi) of keys that are not padding; the bottom-right
+causal bound cuts it for the program's rows. Keys outside are never read (left or right padding, an
+unused cache tail: whatever they hold). Inside, the blocks that every row of the program sees run
+without any mask, and the rest (the causal diagonal, the partial last block, masked keys between
+unmasked ones) with the masks applied to the scores; the key and value loads never depend on loaded
+data, so they pipeline. Masked keys between unmasked ones are read and weighted by zero: they must be
+finite, as under SDPA with a boolean mask.
+
+Backward (flash-attention-2 scheme): ``delta = rowsum(dO * O)`` in fp32 from one small kernel, one kernel
+for the key and value gradients per (key block, kv head, batch) that loops over the query heads of the
+group and the query blocks (no atomics: each program owns its key rows; unmasked where the queries see
+every key of the block); its first programs take the prefix key blocks (fp32 partials per batch, summed
+with torch when the prefix is shared), the others the sequence key blocks, in one launch. One more kernel
+computes ``dq`` per query block over the same key ranges as the forward. Accumulation is fp32 everywhere.
+
+Tiles: fp16/bf16 calls on a GPU are autotuned over a few tiles per head-dim class, keyed by the head dim,
+the size classes of L and S, padding and causality; the interpreter, float32 and PET_FAST_AUTOTUNE=0 use
+the fixed tiles of :func:`_config`.
 
 Contiguity is the wrappers' job (they make inputs contiguous); the head dimension is padded to a power
 of two with masks, so any D <= 256 runs. No autograd here: see ``pet_fast/ops/prefix_attention.py``.
@@ -26,6 +39,7 @@ import triton.language as tl
 
 from . import _replay
 from ._host import cdiv, next_power_of_2
+from .bottleneck_adapter import autotuning
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -78,14 +92,16 @@ def _load_kv(K, V, off, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One key block of the online softmax (base 2): the scores of q against kt where ``ok``, folded into
-    the running row max ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's
-    dtype for the product, as flash attention does). Rows with no key yet stay (-inf, 0, 0)."""
-    s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-    s = tl.where(ok, s, float("-inf"))
+def _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """Folds one block of base-2 scores ``s`` (-inf where masked) and its values into the running row max
+    ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's dtype for the product,
+    as flash attention does). Rows with no key yet stay (-inf, 0, 0); unmasked blocks (MASKED false) have
+    a finite score in every row, so they skip that guard."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -97,14 +113,96 @@ def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST: tl.
 
 
 @triton.jit
+def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax: the scores of q against kt where ``ok``, folded in."""
+    s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+    s = tl.where(ok, s, float("-inf"))
+    return _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST, IEEE, True)
+
+
+@triton.jit
+def _load_rows(K, V, off, d_ok, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of keys and values that are all in bounds: no row mask, and no mask at all when the head
+    dim fills BLOCK_D, so the loads vectorise and pipeline."""
+    if EVEN_D:
+        kt = tl.load(K + off)
+        vt = tl.load(V + off)
+    else:
+        kt = tl.load(K + off, mask=d_ok[None, :], other=0.0)
+        vt = tl.load(V + off, mask=d_ok[None, :], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    return kt, vt
+
+
+@triton.jit
+def _key_range(KPM, b, S, HAS_KPM: tl.constexpr, SCAN: tl.constexpr):
+    """``(lo, hi, holes)`` of batch b's sequence keys: every key outside [lo, hi) is masked (left or right
+    padding, a cache's unused tail), so the key loops skip it and never read its key or value; ``holes``
+    is true when masked keys also lie inside [lo, hi) (those are read, and weighted by zero). (0, 0) when
+    no key is unmasked. One pass over the sequence's mask row, SCAN bytes at a time."""
+    zero = b * 0
+    if HAS_KPM:
+        lo = zero + S
+        hi = zero
+        count = zero
+        row = KPM + b.to(tl.int64) * S
+        for s0 in range(0, S, SCAN):
+            offs = s0 + tl.arange(0, SCAN)
+            ok = tl.load(row + offs, mask=offs < S, other=0) != 0
+            lo = tl.minimum(lo, tl.min(tl.where(ok, offs, S), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, offs + 1, 0), 0))
+            count += tl.sum(ok.to(tl.int32), 0)
+        lo = tl.minimum(lo, hi)
+        holes = count < hi - lo
+    else:
+        lo = zero
+        hi = zero + S
+        holes = zero != 0
+    return lo, hi, holes
+
+
+@triton.jit
+def _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    """The sequence keys a tile of BLOCK_M queries visits (forward and dq): ``[lo, mid)`` in whole blocks
+    that every row of the tile sees (no mask), then ``[mid, end)`` with the padding and bottom-right
+    causal masks. Keys past ``end`` (padding, or after the tile's last row under causal) are skipped."""
+    lo, hi, holes = _key_range(KPM, b, S, HAS_KPM, SCAN)
+    end = hi
+    full = hi
+    if CAUSAL:  # row i sees key j when j <= i + S - L
+        end = tl.minimum(end, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+        full = tl.minimum(end, tl.maximum(pid_m * BLOCK_M + 1 + S - L, 0))
+    full = tl.where(holes, lo, full)
+    mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+    return lo, mid, end
+
+
+@triton.jit
+def _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
+    """(keys in bounds (BLOCK_N,), (BLOCK_M, BLOCK_N) mask) of a masked block of sequence keys."""
+    n_ok = offs_n < end
+    ok = n_ok
+    if HAS_KPM:
+        ok = ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
+    ok = ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+    return n_ok, ok
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, KPM, O, LSE,
     qk_scale2,  # scale * log2(e)
     Hq, G, L, S, P, D,
     spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows are D apart
+    tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    SCAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -128,20 +226,17 @@ def _fwd_kernel(
                           UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, UPCAST, IEEE)
 
-    # Sequence keys: padding and bottom-right causal masks; blocks past the causal bound are skipped.
-    end = S
-    if CAUSAL:
-        end = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
-    for start in range(0, end, BLOCK_N):
+    # Sequence keys: whole blocks every row sees, without masks; then the masked rest.
+    lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
+    for start in range(lo, mid, BLOCK_N):
+        kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, d_ok, EVEN_D, UPCAST)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+        m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST, IEEE, False)
+    for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
-        n_ok = offs_n < S
-        if HAS_KPM:
-            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
+        n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
         kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        ok = n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (S - L))
         m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST, IEEE)
 
     empty = l_i == 0.0
@@ -154,6 +249,63 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _delta_kernel(O, DO, DELTA, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``delta = rowsum(dO * O)`` in fp32 over R rows of D: one read of each, no fp32 copies."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (offs_d < D)[None, :]
+    off = rows[:, None] * D + offs_d[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < R)
+
+
+@triton.jit
+def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One block of queries folded into a key block's dk, dv (``ok`` (BLOCK_N, BLOCK_M) when MASKED)."""
+    s = _dot(kt, tl.trans(q), IEEE) * qk_scale2  # (BLOCK_N, BLOCK_M)
+    p = tl.exp2(s - lse2[None, :])
+    if MASKED:
+        p = tl.where(ok, p, 0.0)
+    pc = p.to(DO.dtype.element_ty)
+    if UPCAST:
+        pc = pc.to(tl.float32)
+    dv += _dot(pc, do, IEEE)
+    dp = _dot(vt, tl.trans(do), IEEE)
+    ds = p * (dp - delta[None, :])
+    dsc = ds.to(Q.dtype.element_ty)
+    if UPCAST:
+        dsc = dsc.to(tl.float32)
+    dk += _dot(dsc, q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _load_query_rows(Q, DO, LSE, DELTA, qd_off, r_off, qd_mask, m_ok,
+                     MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """q, dO, log2-sum-exp and delta of a block of query rows (all in bounds unless MASKED)."""
+    if MASKED:
+        q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
+        do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
+        lse2 = tl.load(LSE + r_off, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + r_off, mask=m_ok, other=0.0)
+    else:
+        if EVEN_D:
+            q = tl.load(Q + qd_off)
+            do = tl.load(DO + qd_off)
+        else:
+            q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
+            do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
+        lse2 = tl.load(LSE + r_off) * 1.4426950408889634
+        delta = tl.load(DELTA + r_off)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _dkdv_block(
     Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     qk_scale2, scale,
@@ -162,23 +314,26 @@ def _dkdv_block(
     sdk_b, sdk_h,  # strides of the gradient buffers
     pid_n, hk, b,
     IS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """dk, dv of one block of BLOCK_N keys (prefix or sequence), over every query that sees them."""
+    """dk, dv of one block of BLOCK_N keys (prefix or sequence), over every query that sees them. The
+    query blocks that see every key of the block run without masks; a block with no unmasked key
+    writes zeros without visiting a query."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < D
-    n_ok = offs_n < N
+    in_bounds = offs_n < N
+    n_ok = in_bounds
     if not IS_PREFIX:
         if HAS_KPM:
-            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S_SEQ + offs_n, mask=n_ok, other=0) != 0)
+            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S_SEQ + offs_n, mask=in_bounds, other=0) != 0)
 
     k_base = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     rows64 = offs_n.to(tl.int64)[:, None] * D  # N * D may pass 2**31 (see _fwd_kernel)
     kv_off = k_base + rows64 + offs_d[None, :]
-    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+    kv_mask = in_bounds[:, None] & d_ok[None, :]
     kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     if UPCAST:
@@ -188,48 +343,50 @@ def _dkdv_block(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    # Queries that can see this key block: all of them for prefix keys; for causal sequence keys,
-    # query i sees key j when i >= j - (S - L).
-    m_begin = 0
+    # Query blocks, from the first that sees a key of the block (causal: query i sees key j when
+    # i >= j - (S - L)) to L: [m_mid, m_full) unmasked (every row sees every key of the block), and masked
+    # the blocks before it (the causal diagonal; all of them when some key of the block is masked) and the
+    # partial last block. Nothing when no key of the block is unmasked.
+    n_valid = tl.sum(n_ok.to(tl.int32), 0)
+    m_begin = pid_n * 0
+    m_seen = m_begin  # the first query row that sees every key of the block
     if not IS_PREFIX:
         if CAUSAL:
-            m_begin = tl.maximum(pid_n * BLOCK_N - (S_SEQ - L), 0)
-            m_begin = (m_begin // BLOCK_M) * BLOCK_M
+            m_begin = tl.maximum(pid_n * BLOCK_N - (S_SEQ - L), 0) // BLOCK_M * BLOCK_M
+            m_seen = tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (S_SEQ - L), m_begin)
+    m_mid = m_begin + tl.cdiv(m_seen - m_begin, BLOCK_M) * BLOCK_M
+    m_mid = tl.minimum(tl.where(n_valid == BLOCK_N, m_mid, L), L)
+    m_full = m_mid + tl.maximum(L - m_mid, 0) // BLOCK_M * BLOCK_M
+    n_head = tl.cdiv(m_mid - m_begin, BLOCK_M)
+    n_masked = tl.where(n_valid > 0, n_head + (m_full < L).to(tl.int32), 0)
+    m_full = tl.where(n_valid > 0, m_full, m_mid)
+
     qd_tile = offs_m0[:, None] * D + offs_d[None, :]
     for g in range(0, G):
         h = hk * G + g
         q_base = (b.to(tl.int64) * Hq + h) * L * D
         r_base = (b.to(tl.int64) * Hq + h) * L
-        for start in range(m_begin, L, BLOCK_M):
+        for i in range(0, n_masked):  # one loop over both masked runs keeps the registers of one loop body
+            start = tl.where(i < n_head, m_begin + i * BLOCK_M, m_full)
             offs_m = start + offs_m0
             m_ok = offs_m < L
-            qd_off = q_base + tl.cast(start, tl.int64) * D + qd_tile
-            qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
-            do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(LSE + r_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + r_base + offs_m, mask=m_ok, other=0.0)
-            s = _dot(kt, tl.trans(q), IEEE) * qk_scale2  # (BLOCK_N, BLOCK_M)
+            q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * D + qd_tile,
+                                                  r_base + offs_m, m_ok[:, None] & d_ok[None, :], m_ok, True, EVEN_D,
+                                                  UPCAST)
             ok = n_ok[:, None] & m_ok[None, :]
             if not IS_PREFIX:
                 if CAUSAL:
                     ok = ok & (offs_n[:, None] <= offs_m[None, :] + (S_SEQ - L))
-            p = tl.where(ok, tl.exp2(s - lse2[None, :]), 0.0)
-            pc = p.to(DO.dtype.element_ty)
-            if UPCAST:
-                pc = pc.to(tl.float32)
-            dv += _dot(pc, do, IEEE)
-            dp = _dot(vt, tl.trans(do), IEEE)
-            ds = p * (dp - delta[None, :])
-            dsc = ds.to(Q.dtype.element_ty)
-            if UPCAST:
-                dsc = dsc.to(tl.float32)
-            dk += _dot(dsc, q, IEEE)
+            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, UPCAST, IEEE, True)
+        for start in range(m_mid, m_full, BLOCK_M):
+            offs_m = start + offs_m0
+            q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * D + qd_tile,
+                                                  r_base + offs_m, d_ok[None, :], offs_m < L, False, EVEN_D, UPCAST)
+            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, n_ok, dk, dv, qk_scale2, DO, Q, UPCAST, IEEE, False)
 
-    dk = dk * scale
+    # masked keys get zeros (a padded key's non-finite value would leave NaN through 0 * inf)
+    dk = tl.where(n_ok[:, None], dk * scale, 0.0)
+    dv = tl.where(n_ok[:, None], dv, 0.0)
     g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + rows64 + offs_d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -241,22 +398,39 @@ def _bwd_dkdv_kernel(
     qk_scale2, scale,
     Hq, G, L, S, P, D,
     sk_b, sk_h, spk_b, spk_h, sdp_b, sdp_h,
-    NB_P,  # the first NB_P programs take the prefix key blocks (the longest: every query sees them)
+    tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    if pid < NB_P:
+    nb_p = tl.cdiv(P, BLOCK_N)  # the first programs take the prefix key blocks (the longest: every query sees them)
+    if pid < nb_p:
         _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, Hq, G, L, P, S, D,
                     spk_b, spk_h, sdp_b, sdp_h, pid, hk, b,
-                    True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IEEE)
+                    True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE)
     else:
         _dkdv_block(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, qk_scale2, scale, Hq, G, L, S, S, D,
-                    sk_b, sk_h, sk_b, sk_h, pid - NB_P, hk, b,
-                    False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IEEE)
+                    sk_b, sk_h, sk_b, sk_h, pid - nb_p, hk, b,
+                    False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE)
+
+
+@triton.jit
+def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One block of keys folded into a query block's dq (``ok`` (BLOCK_M, BLOCK_N) when MASKED)."""
+    s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(ok, p, 0.0)
+    dp = _dot(do, tl.trans(vt), IEEE)
+    ds = p * (dp - delta[:, None])
+    dsc = ds.to(K.dtype.element_ty)
+    if UPCAST:
+        dsc = dsc.to(tl.float32)
+    return dq + _dot(dsc, kt, IEEE)
 
 
 @triton.jit
@@ -265,75 +439,41 @@ def _bwd_dq_kernel(
     qk_scale2, scale,
     Hq, G, L, S, P, D,
     spk_b, spk_h,
+    tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    SCAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     offs_m, offs_d, offs_n0, m_ok, d_ok, q_base, kv_base, p_base, qd_off, kv_tile = _query_tile(
         h, b, Hq, G, L, S, D, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D)
-    r_base = (b.to(tl.int64) * Hq + h) * L
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
-    do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = tl.load(LSE + r_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + r_base + offs_m, mask=m_ok, other=0.0)
+    q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, qd_off, (b.to(tl.int64) * Hq + h) * L + offs_m,
+                                          m_ok[:, None] & d_ok[None, :], m_ok, True, EVEN_D, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     for start in range(0, P, BLOCK_N):
-        offs_n = start + offs_n0
-        n_ok = offs_n < P
-        kv_off = p_base + tl.cast(start, tl.int64) * D + kv_tile
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        kt = tl.load(PK + kv_off, mask=kv_mask, other=0.0)
-        vt = tl.load(PV + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-        ok = n_ok[None, :] & m_ok[:, None]
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(vt), IEEE)
-        ds = p * (dp - delta[:, None])
-        dsc = ds.to(PK.dtype.element_ty)
-        if UPCAST:
-            dsc = dsc.to(tl.float32)
-        dq += _dot(dsc, kt, IEEE)
+        n_ok = (start + offs_n0) < P
+        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+                          UPCAST)
+        dq = _dq_step(q, do, kt, vt, n_ok[None, :] & m_ok[:, None], lse2, delta, dq, qk_scale2, PK, UPCAST, IEEE,
+                      True)
 
-    end = S
-    if CAUSAL:
-        end = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
-    for start in range(0, end, BLOCK_N):
+    # rows past L have lse = +inf (p = 0): the unmasked blocks need no row mask
+    lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
+    for start in range(lo, mid, BLOCK_N):
+        kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, d_ok, EVEN_D, UPCAST)
+        dq = _dq_step(q, do, kt, vt, m_ok, lse2, delta, dq, qk_scale2, K, UPCAST, IEEE, False)
+    for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
-        n_ok = offs_n < S
-        if HAS_KPM:
-            n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S + offs_n, mask=n_ok, other=0) != 0)
-        kv_off = kv_base + tl.cast(start, tl.int64) * D + kv_tile
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-        ok = n_ok[None, :] & m_ok[:, None]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (S - L))
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(vt), IEEE)
-        ds = p * (dp - delta[:, None])
-        dsc = ds.to(K.dtype.element_ty)
-        if UPCAST:
-            dsc = dsc.to(tl.float32)
-        dq += _dot(dsc, kt, IEEE)
+        n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
+        kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+                          UPCAST)
+        dq = _dq_step(q, do, kt, vt, ok & m_ok[:, None], lse2, delta, dq, qk_scale2, K, UPCAST, IEEE, True)
 
     dq = dq * scale
-    tl.store(DQ + qd_off, dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    tl.store(DQ + qd_off, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,13 +484,14 @@ def _block_d(D: int) -> int:
 
 
 def _config(D: int, backward: bool, dtype=torch.float16):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small blocks under the interpreter keep tests fast
-    while still crossing block boundaries. On sm_90 (benchmarks/compile_check_kernels.py, cuobjdump):
-    these tiles fit the shared memory and do not spill registers; with 4 warps the 128-row forward,
-    the head-dim-256 tiles and the backward at head dims 80-256 spill 8-112 bytes per thread. fp32
-    dots in IEEE precision run on the FMA units with whole operand tiles in registers: the tensor-core
-    tiles spill 8-17 KB per thread there, hence the small fp32 tiles. Timings that would tune these
-    are owed."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning (the interpreter, float32, and
+    PET_FAST_AUTOTUNE=0), and the first tile the autotuner tries. Small blocks under the interpreter keep
+    tests fast while still crossing block boundaries. On sm_90 (benchmarks/compile_check_kernels.py,
+    cuobjdump): these tiles and those of the autotuner's lists below fit the shared memory and do not spill
+    registers (the 16-row head-dim-256 forward: 8 bytes); with 4 warps the 128-row forward (88 bytes), and
+    the backward at head dim 64 with 64x64 tiles (64 bytes), spill.
+    fp32 dots in IEEE precision run on the FMA units with whole operand tiles in registers: the
+    tensor-core tiles spill 8-17 KB per thread there, hence the small fp32 tiles."""
     if _interpreting():
         return 16, 16, 1, 1
     bd = _block_d(D)
@@ -358,8 +499,87 @@ def _config(D: int, backward: bool, dtype=torch.float16):
         bm, bn, warps = (32, 16, 4) if bd <= 64 else (16, 16, 4) if bd <= 128 else (16, 16, 8)
         return bm, bn, warps, 1
     if backward:
-        return (64, 64, 4, 2) if bd <= 64 else (64, 32, 8, 2) if bd <= 128 else (32, 32, 8, 1)
+        return (64, 64, 8, 2) if bd <= 64 else (64, 32, 8, 2) if bd <= 128 else (32, 32, 8, 1)
     return (128, 64, 8, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 8, 2)
+
+
+# Tiles the autotuner tries for fp16/bf16 on a GPU, per BLOCK_D class (<= 64, 128, 256), after the default
+# of _config: (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward's 16-row tiles are for decoding (a few
+# query rows; the pruner keeps them only there). The dk/dv kernel holds a BLOCK_N key tile and steps over
+# queries, the dq kernel the other way round: flash-attention-2's long key tiles and short query steps.
+_FWD_TILES = {
+    64: [(64, 64, 4, 4), (64, 128, 8, 3), (16, 64, 4, 3), (16, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (16, 64, 4, 3)],
+    256: [(32, 32, 4, 2), (16, 32, 4, 2)],
+}
+_DKDV_TILES = {
+    64: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    128: [(32, 64, 8, 2), (32, 64, 8, 3)],
+    256: [(16, 32, 4, 1)],
+}
+_DQ_TILES = {
+    64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(32, 32, 4, 1)],
+}
+
+
+def _tile_class(bd: int) -> int:
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
+def _class_tiles(extra: dict, backward: bool) -> dict:
+    """BLOCK_D class -> its tiles: _config's default first, then the extra ones."""
+    return {cls: list(dict.fromkeys([_config(cls, backward)] + tiles)) for cls, tiles in extra.items()}
+
+
+def _tile_configs(tiles: dict) -> list:
+    unique = dict.fromkeys(t for ts in tiles.values() for t in ts)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in unique]
+
+
+def _prune(tiles: dict, few_rows_tiles: bool):
+    def prune(configs, named_args, **kwargs):
+        """Keep the tiles of the call's BLOCK_D class; in the forward, 16-row tiles only for up to 16 query
+        rows, and only those there (decoding), 128-row tiles only from 128 rows on."""
+        mine = set(tiles[_tile_class(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)))])
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in mine]
+        if few_rows_tiles:
+            rows = named_args["L"]
+            if rows <= 16:
+                kept = [c for c in kept if c.kwargs["BLOCK_M"] == 16] or kept
+            else:
+                kept = [c for c in kept if c.kwargs["BLOCK_M"] > 16 and (c.kwargs["BLOCK_M"] < 128 or rows >= 128)] \
+                    or kept
+        return kept
+    return prune
+
+
+def _autotuned(kernel, extra: dict, backward: bool, few_rows_tiles: bool = False):
+    tiles = _class_tiles(extra, backward)
+    return triton.autotune(_tile_configs(tiles), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune(tiles, few_rows_tiles)})(kernel)
+
+
+_TUNE_KEY = ["D", "tune_l", "tune_s", "HAS_KPM", "CAUSAL", "BLOCK_D"]
+_fwd_tuned = _autotuned(_fwd_kernel, _FWD_TILES, False, few_rows_tiles=True)
+_dkdv_tuned = _autotuned(_bwd_dkdv_kernel, _DKDV_TILES, True)
+_dq_tuned = _autotuned(_bwd_dq_kernel, _DQ_TILES, True)
+
+
+def _size_class(n: int) -> int:
+    """Autotuning key of a length: its power of two (one tuning per size class)."""
+    return next_power_of_2(max(n, 1))
+
+
+def _tuned(dtype: torch.dtype, block_m) -> bool:
+    """Autotune fp16/bf16 calls on a GPU unless a tile is forced (or PET_FAST_AUTOTUNE=0)."""
+    return autotuning() and dtype != torch.float32 and block_m is None
+
+
+def _scan_block(S: int) -> int:
+    """Bytes of the key padding mask read per step by the key-range scan."""
+    return min(max(16, next_power_of_2(S)), 1024)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -385,6 +605,19 @@ def _kpm_args(key_padding_mask: torch.Tensor | None, device):
 
 def supported_head_dim(D: int) -> bool:
     return 1 <= D <= MAX_HEAD_DIM
+
+
+def _launch_args(q, D: int, S: int, backward: bool, block_m, block_n):
+    """(kernel choice, grid tile getter, keyword arguments) shared by the forward and the backward: the
+    autotuner picks the tile of fp16/bf16 GPU calls, _config (or the forced block_m/block_n) the others."""
+    common = dict(BLOCK_D=_block_d(D), EVEN_D=_block_d(D) == D, UPCAST=_interpreting(),
+                  IEEE=q.dtype == torch.float32 and not _interpreting())
+    if _tuned(q.dtype, block_m):
+        return True, (lambda meta: (meta["BLOCK_M"], meta["BLOCK_N"])), common
+    bm, bn, warps, stages = _config(D, backward=backward, dtype=q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    common.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return False, (lambda meta: (bm, bn)), common
 
 
 _FORWARD_PROGRAMS: dict = _replay.register_cache({})
@@ -417,59 +650,53 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-    bm, bn, warps, stages = _config(D, backward=False, dtype=q.dtype)
-    bm, bn = block_m or bm, block_n or bn
-    grid = (cdiv(L, bm), Hq, B)
+    tuned, tile, kw = _launch_args(q, D, S, False, block_m, block_n)
     _replay.launch(
-        _fwd_kernel, grid,
+        _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, tile(meta)[0]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
-        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h,
-        HAS_KPM=has_kpm, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D),
-        UPCAST=_interpreting(), IEEE=q.dtype == torch.float32 and not _interpreting(),
-        num_warps=warps, num_stages=stages,
-    )
+        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, _size_class(L), _size_class(S),
+        HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_scan_block(S), **kw)
     return out, lse
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal=False, scale=None,
              block_m=None, block_n=None):
     """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``; the prefix gradients have the prefix's shape
-    (summed over the batch when it is shared) and are None without a prefix."""
+    (summed over the batch when it is shared) and are None without a prefix. ``delta = rowsum(dO * O)``
+    comes from one small kernel; every gradient is written whole by the kernels (no zero fill), except
+    when there is nothing to attend (zeros)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
     has_prefix = prefix_k is not None
     P = prefix_k.shape[-2] if has_prefix else 0
-    dpk_part = torch.zeros(B, Hkv, P, D, dtype=torch.float32, device=q.device)
-    dpv_part = torch.zeros_like(dpk_part)
-    if B * Hq * L > 0 and B * Hkv * (S + P) > 0:
-        delta = (grad_out.float() * out.float()).sum(-1)
+    run = B * Hq * L > 0 and B * Hkv * (S + P) > 0
+    new = torch.empty_like if run else torch.zeros_like
+    dq, dk, dv = new(q), new(k), new(v)
+    dpk_part = (torch.empty if run else torch.zeros)(B, Hkv, P, D, dtype=torch.float32, device=q.device)
+    dpv_part = new(dpk_part)
+    if run:
+        rows = B * Hq * L
+        delta = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+        _delta_kernel[(cdiv(rows, 64),)](out, grad_out, delta, rows, D, BLOCK_R=64, BLOCK_D=_block_d(D))
         pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
         pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
         kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-        bm, bn, warps, stages = _config(D, backward=True, dtype=q.dtype)
-        bm, bn = block_m or bm, block_n or bn
-        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
-                      IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps, num_stages=stages)
+        tuned, tile, kw = _launch_args(q, D, S, True, block_m, block_n)
+        sizes = (_size_class(L), _size_class(S))
+        flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), **kw)
         qk_scale2 = scale * LOG2E
-        nb_p = cdiv(P, bn)
-        _bwd_dkdv_kernel[(nb_p + cdiv(S, bn), Hkv, B)](
+        (_dkdv_tuned if tuned else _bwd_dkdv_kernel)[lambda meta: (
+                cdiv(P, tile(meta)[1]) + cdiv(S, tile(meta)[1]), Hkv, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
             _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
-            Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, nb_p,
-            HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
-        )
-        _bwd_dq_kernel[(cdiv(L, bm), Hq, B)](
+            Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, *sizes, **flags)
+        (_dq_tuned if tuned else _bwd_dq_kernel)[lambda meta: (cdiv(L, tile(meta)[0]), Hq, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
-            Hq, G, L, S, P, D, spk_b, spk_h,
-            HAS_KPM=has_kpm, CAUSAL=bool(causal), **common,
-        )
+            Hq, G, L, S, P, D, spk_b, spk_h, *sizes, SCAN=_scan_block(S), **flags)
     if not has_prefix:
         return dq, dk, dv, None, None
     if prefix_k.dim() == 3:

@@ -130,6 +130,81 @@ def test_fully_masked_rows_are_zero_and_pass_no_gradient():
     assert out[:, :, 4:].abs().sum() > 0 and torch.isfinite(dq).all()
 
 
+def _check_fp32(tensors, kpm, causal, gy, **tile):
+    """The kernels' output and gradients (forced tile, if given) against the float64 reference."""
+    out, lse = kernels.forward(*tensors, kpm, causal, None, **tile)
+    grads = kernels.backward(gy, *tensors, kpm, out, lse, causal, None, **tile)
+    ref = reference64(tensors, kpm, causal, gy)
+    for name, a, b in zip(NAMES, [out] + list(grads), [ref[0]] + ref[1]):
+        if b is not None:
+            assert rel_err(a, b) < 2e-6, (name, tile, rel_err(a, b))
+    return out, grads
+
+
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32)])
+def test_tiles_other_than_square_split_the_masked_and_unmasked_blocks_right(block_m, block_n):
+    """The key loops visit whole unmasked blocks, then masked ones, from bounds that depend on both tile
+    sides (the causal diagonal of a 32-row tile spans two 16-key blocks; a 32-key block spans two 16-row
+    query steps): tiles that are not square, against the float64 reference, every gradient."""
+    for B, Hq, Hkv, L, S, D, P, pad, causal in [(2, 2, 1, 45, 50, 16, 3, "left", True),
+                                                (2, 2, 2, 70, 37, 16, 5, "right", False),
+                                                (1, 2, 2, 33, 33, 16, 0, None, True)]:
+        tensors = make(B, Hq, Hkv, L, S, D, P, "shared" if P else None)
+        _check_fp32(tensors, padding_mask(B, S, pad), causal, torch.randn(B, Hq, L, D),
+                    block_m=block_m, block_n=block_n)
+
+
+def test_padding_with_holes_and_garbage_in_padded_keys():
+    """A mask with masked keys between unmasked ones (not left or right padding) is exact; keys outside the
+    first..last unmasked key are never read, so NaN there changes nothing, and every masked key's gradient
+    is zero."""
+    B, Hq, Hkv, L, S, D, P = 2, 2, 1, 21, 40, 16, 3
+    tensors = make(B, Hq, Hkv, L, S, D, P)
+    gy = torch.randn(B, Hq, L, D)
+    holes = torch.rand(B, S, generator=torch.Generator().manual_seed(5)) > 0.4
+    for causal in (False, True):
+        _check_fp32(tensors, holes, causal, gy)
+    kpm = padding_mask(B, S, "left") & padding_mask(B, S, "right").flip(0)  # padding on both sides of batch 1
+    out, grads = _check_fp32(tensors, kpm, True, gy)
+    q, k, v, pk, pv = tensors
+    pad = ~kpm[:, None, :, None].expand_as(k)
+    k2, v2 = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("nan"))
+    out2, lse2 = kernels.forward(q, k2, v2, pk, pv, kpm, True, None)  # the reference would be NaN
+    grads2 = kernels.backward(gy, q, k2, v2, pk, pv, kpm, out2, lse2, True, None)
+    assert torch.equal(out2, out)
+    for a, b in zip(grads2, grads):
+        assert torch.equal(a, b)
+    assert torch.equal(grads2[1][pad], torch.zeros_like(grads2[1][pad]))
+
+
+def test_autotuner_tries_the_tiles_of_the_head_dim_class():
+    """On a GPU, fp16/bf16 calls are autotuned: each kernel's pruner keeps its head-dim class's tiles (the
+    fixed tile of _config first), and the forward keeps 16-row tiles for decoding only, and 128-row ones
+    from 128 query rows on. Float32 and forced tiles are not autotuned."""
+    for tuned, tables, backward in [(kernels._fwd_tuned, kernels._FWD_TILES, False),
+                                    (kernels._dkdv_tuned, kernels._DKDV_TILES, True),
+                                    (kernels._dq_tuned, kernels._DQ_TILES, True)]:
+        prune = tuned.early_config_prune
+        for D in (16, 64, 80, 128, 256):
+            cls = kernels._tile_class(kernels._block_d(D))
+            want = kernels._class_tiles(tables, backward)[cls]
+            assert want[0] == kernels._config(D, backward) and len(set(want)) == len(want)
+            for L in (1, 16, 100, 512):
+                kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                        for c in prune(tuned.configs, {"L": L}, BLOCK_D=kernels._block_d(D))]
+                assert kept and set(kept) <= set(want), (D, L)
+                rows = {t[0] for t in kept}
+                if backward:
+                    assert set(kept) == set(want)
+                elif L <= 16:
+                    assert rows == {16} or 16 not in {t[0] for t in want}, (D, L, kept)
+                else:
+                    assert 16 not in rows and (L >= 128 or 128 not in rows), (D, L, kept)
+    half = torch.float16
+    assert not kernels._tuned(torch.float32, None) and not kernels._tuned(half, 32)
+    assert kernels._tuned(half, None) == kernels.autotuning()  # False under the interpreter
+
+
 def test_log_sum_exp_and_non_contiguous_inputs():
     B, Hq, Hkv, L, S, D, P = 2, 4, 2, 6, 9, 16, 3
     q, k, v, pk, pv = make(B, Hq, Hkv, L, S, D, P)
@@ -245,6 +320,31 @@ def test_gpu_triton_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, pr
         err = (a.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
         assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_every_autotuned_tile_follows_the_precision_rule(dtype, D):
+    """The autotuner may take any tile of its list for a head dim: each (forced through block_m/block_n,
+    as PET_FAST_AUTOTUNE=0 runs here) against the float64 reference, forward and backward, causal with
+    padding on odd sizes."""
+    B, Hq, Hkv, L, S, P = 2, 4, 2, 131, 150, 20
+    tensors = make(B, Hq, Hkv, L, S, D, P, "shared", dtype=dtype, device="cuda")
+    kpm = padding_mask(B, S, "left", "cuda")
+    gy = torch.randn(B, Hq, L, D, device="cuda")
+    ref = reference64(tensors, kpm, True, gy)
+    eager = run("reference", tensors, kpm, True, gy)
+    cls = kernels._tile_class(kernels._block_d(D))
+    tiles = {(bm, bn) for table in (kernels._FWD_TILES, kernels._DKDV_TILES, kernels._DQ_TILES)
+             for bm, bn, _, _ in table[cls]}
+    for bm, bn in sorted(tiles):
+        out, lse = kernels.forward(*tensors, kpm, True, None, block_m=bm, block_n=bn)
+        grads = kernels.backward(gy.to(dtype), *tensors, kpm, out, lse, True, None, block_m=bm, block_n=bn)
+        for name, a, e, r in zip(NAMES, [out] + list(grads), [eager[0]] + eager[1], [ref[0]] + ref[1]):
+            err = (a.double() - r).abs().max().item()
+            eager_err = (e.double() - r).abs().max().item()
+            assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), ((bm, bn), name, err, eager_err)
 
 
 @pytest.mark.gpu
