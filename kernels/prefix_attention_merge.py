@@ -1,8 +1,11 @@
 """Attention over ``[prefix; keys]`` as torch's flash attention over the sequence plus a Triton merge.
 
-The sequence part (the L x S scores) goes to PyTorch's own flash kernels
-(``aten::_scaled_dot_product_flash_attention`` and its backward on CUDA, the ``_for_cpu`` variants on
-the CPU); only the small L x P prefix part is computed here, in two Triton kernels:
+The sequence part (the L x S scores) goes to PyTorch's own kernels: on CUDA cuDNN's attention
+(``aten::_scaled_dot_product_cudnn_attention`` and its backward, which torch's SDPA itself prefers on an
+H100) where a one-time probe finds that it runs and that the merged path through it matches a float32
+reference (:func:`sequence_backend`), else flash attention (``aten::_scaled_dot_product_flash_attention``);
+the ``_for_cpu`` flash variants on the CPU. Only the small L x P prefix part is computed here, in two
+Triton kernels:
 
 Forward, ``_merge_fwd_kernel``, one program per (query tile, head, batch): it computes the tile's
 prefix scores from the prefix keys/values read from their own tensors (batch stride 0 when shared by
@@ -19,7 +22,7 @@ prefix terms are added with the joint normaliser directly. Only roundings differ
 over the concatenation (``o_s`` is rounded to q's dtype once by the flash kernel).
 
 What the forward saves (ops/prefix_attention.py): q, k, v, the prefix, and the MERGED output and
-log-sum-exp (nothing of ``o_s`` / ``lse_s``). The flash backward called with the merged ``o`` and
+log-sum-exp (nothing of ``o_s`` / ``lse_s``). The flash (or cuDNN) backward called with the merged ``o`` and
 ``lse`` computes ``P = exp(s - lse)`` (the joint softmax's probabilities on the sequence keys) and
 ``D = rowsum(dO * o)`` (the joint softmax's term), so its ``dq_s``, ``dk``, ``dv`` are exactly those
 of the joint attention restricted to the sequence keys. The prefix remainder is
@@ -32,16 +35,18 @@ query tiles, and over the batch when the prefix is shared.
 Scope (checked by the caller, pet_fast/ops/prefix_attention.py): no key padding mask, as many
 key/value heads as query heads, non-causal or causal with L == S (flash's causal mask is top-left
 aligned, equal to the op's bottom-right one only there), L, S >= 1, D % 8 == 0 and D <= 256; fp16/bf16
-on CUDA (sm80+), and on the CPU under ``TRITON_INTERPRET=1`` for the tests. The CUDA side (the flash
-op calls, in particular the backward's arguments ``cum_seq_* = None``, ``max_q = L``, ``max_k = S`` and
-empty philox tensors, which flash reads only with dropout) has not run on a GPU yet. The flash
+on CUDA (sm80+), and on the CPU under ``TRITON_INTERPRET=1`` for the tests. The flash path ran on an
+H100 (the GPU tests of the third GPU session); the cuDNN one has not run on a GPU yet. The flash
 backward on CUDA accumulates ``dq`` with atomics, so its ``dq``/``dk``/``dv`` follow torch's own
-determinism setting; the prefix gradients are reduced here in a fixed order. q, k, v and dO are
+determinism setting, and with deterministic algorithms on cuDNN is not used (as torch's SDPA does);
+the prefix gradients are reduced here in a fixed order. q, k, v and dO are
 read through their strides when their rows are contiguous (no copy of the (B, L, H, D) layout of
 projections); the output, dq, dk and dv are returned contiguous (dk/dv copied when flash gives
 them in another layout).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -225,21 +230,90 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flash_forward(q, k, v, causal: bool, scale: float):
+    """(o_s, lse_s (B, H, L), natural log) of the sequence part from torch's own kernels: cuDNN's attention
+    where :func:`sequence_backend` chose it, else flash attention (the ``_for_cpu`` variant on the CPU)."""
     if q.device.type == "cuda":
+        if sequence_backend(q, causal) == "cudnn":
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                     scale=scale)
+            return res[0], res[1].squeeze(-1)
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return res[0], res[1]
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
 def _flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq_s, dk, dv) of the sequence part, given the MERGED output and log-sum-exp: either backend
+    recomputes P = exp(s - lse) and D = rowsum(dO * out) from what it is given."""
     if q.device.type == "cuda":
-        # dense (not varlen) call: no cumulative lengths; no dropout, so the philox state is never read
-        unused = torch.empty((), dtype=torch.long)
+        unused = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: the philox state is not read
+        if sequence_backend(q, causal) == "cudnn":
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad_out, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None, q.shape[2], k.shape[2],
+                0.0, causal, scale=scale)
+        # dense (not varlen) call: no cumulative lengths
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, unused, unused,
             scale=scale)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+# (device index, dtype, head dim, causal) -> "cudnn" or "flash", decided by one probe each
+_SEQUENCE_BACKEND: dict = {}
+
+
+def sequence_backend(q: torch.Tensor, causal: bool) -> str:
+    """Which of torch's kernels computes the sequence part on CUDA: cuDNN's attention (on an H100 torch's
+    own SDPA prefers it to flash attention, being faster there) when PET_FAST_PREFIX_CUDNN is not 0 and a
+    probe on this device, dtype, head dim and causality has shown that torch's private cuDNN ops run and
+    that the whole merged path through them, forward and backward, matches a float32 reference; else
+    flash attention. The probe runs once per key (not while a CUDA graph is being captured: flash then,
+    and the probe waits for a later call). cuDNN errors at a shape the probe did not see propagate."""
+    if os.environ.get("PET_FAST_PREFIX_CUDNN", "1") == "0" or torch.are_deterministic_algorithms_enabled():
+        return "flash"  # torch's SDPA also leaves cuDNN's attention out when determinism is asked for
+    key = (q.device.index, q.dtype, q.shape[-1], bool(causal))
+    choice = _SEQUENCE_BACKEND.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return "flash"
+        _SEQUENCE_BACKEND[key] = "flash"  # while probing (the probe's own calls)
+        choice = _SEQUENCE_BACKEND[key] = "cudnn" if _cudnn_matches(q.device, *key[1:]) else "flash"
+    return choice
+
+
+def _cudnn_matches(device, dtype, D: int, causal: bool) -> bool:
+    """The merged path with cuDNN for the sequence against float32 attention over the concatenation, on a
+    small problem in the layout projections give (B, L, H, D memory), L = S not a multiple of 128."""
+    B, H, L, P = 2, 3, 136, 20
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32)  # noqa: E731
+    q, k, v = (r(B, L, H, D).to(dtype).transpose(1, 2) for _ in range(3))
+    pk, pv, dout = r(H, P, D).to(dtype), r(H, P, D).to(dtype), r(B, H, L, D).to(dtype)
+    scale = D ** -0.5
+    key = (device.index, dtype, D, bool(causal))
+    try:
+        _SEQUENCE_BACKEND[key] = "cudnn"
+        out, lse = forward(q, k, v, pk, pv, causal, scale)
+        got = (out,) + tuple(backward(dout, q, k, v, pk, pv, out, lse, causal, scale))
+    except RuntimeError:
+        return False
+    finally:
+        _SEQUENCE_BACKEND[key] = "flash"
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v, pk, pv)]
+    fq, fk, fv, fpk, fpv = leaves
+    kk = torch.cat([fpk.expand(B, -1, -1, -1), fk], 2)
+    vv = torch.cat([fpv.expand(B, -1, -1, -1), fv], 2)
+    s = fq @ kk.transpose(-1, -2) * scale
+    if causal:  # L == S: query i sees the prefix and keys j <= i
+        seen = torch.ones(L, P + L, dtype=torch.bool, device=device).tril(P)
+        s = s.masked_fill(~seen, float("-inf"))
+    ref_out = s.softmax(-1) @ vv
+    ref = (ref_out,) + torch.autograd.grad(ref_out, leaves, dout.float())
+    ok = torch.allclose(lse.float(), s.logsumexp(-1), rtol=0, atol=3e-2)
+    for a, b in zip(got, ref):
+        ok = ok and bool(((a.float() - b).abs().max() <= 3e-2 * b.abs().max().clamp_min(1.0)).item())
+    return ok
 
 
 def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):

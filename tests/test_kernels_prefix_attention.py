@@ -323,6 +323,26 @@ def test_gpu_triton_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, pr
 
 
 @pytest.mark.gpu
+def test_gpu_autotuned_launches_follow_the_precision_rule(monkeypatch):
+    """The autotuned launchers (grids from the chosen tile, the backward's tile-dependent prefix block
+    count) as benchmarks and models run them, though the GPU tests otherwise run with PET_FAST_AUTOTUNE=0."""
+    monkeypatch.setattr(kernels, "autotuning", lambda: True)
+    B, Hq, Hkv, L, S, D, P = 2, 4, 2, 48, 77, 64, 20
+    tensors = make(B, Hq, Hkv, L, S, D, P, "per_batch", dtype=torch.bfloat16, device="cuda")
+    kpm = padding_mask(B, S, "right", "cuda")
+    gy = torch.randn(B, Hq, L, D, device="cuda")
+    assert kernels._tuned(torch.bfloat16, None)
+    out, lse = kernels.forward(*tensors, kpm, True, None)
+    got = [out] + list(kernels.backward(gy.to(torch.bfloat16), *tensors, kpm, out, lse, True, None))
+    ref = reference64(tensors, kpm, True, gy)
+    eager = run("reference", tensors, kpm, True, gy)
+    for name, a, e, r in zip(NAMES, got, [eager[0]] + eager[1], [ref[0]] + ref[1]):
+        err = (a.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_every_autotuned_tile_follows_the_precision_rule(dtype, D):

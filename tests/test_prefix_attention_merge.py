@@ -214,11 +214,34 @@ GPU_CASES = [
 ]
 
 
+def test_cudnn_probe_accepts_a_right_sequence_part_and_refuses_a_wrong_one(monkeypatch):
+    """The probe that lets cuDNN's attention take the sequence part on CUDA runs the whole merged path
+    against float32 attention over the concatenation. Here (CPU: flash's CPU kernel and the interpreted
+    merge) it must accept the right sequence part, causal or not, and refuse one whose log-sum-exp is in
+    base 2 or whose backward is off."""
+    cpu = torch.device("cpu")
+    for causal in (False, True):
+        assert merge._cudnn_matches(cpu, torch.float32, 16, causal)
+    right_fwd, right_bwd = merge._flash_forward, merge._flash_backward
+    monkeypatch.setattr(merge, "_flash_forward", lambda *a: (right_fwd(*a)[0], right_fwd(*a)[1] * 1.4426950408889634))
+    assert not merge._cudnn_matches(cpu, torch.float32, 16, False)
+    monkeypatch.setattr(merge, "_flash_forward", right_fwd)
+    monkeypatch.setattr(merge, "_flash_backward", lambda *a: tuple(g * 1.1 for g in right_bwd(*a)))
+    assert not merge._cudnn_matches(cpu, torch.float32, 16, False)
+    monkeypatch.setattr(merge, "_flash_backward", right_bwd)
+    monkeypatch.setenv("PET_FAST_PREFIX_CUDNN", "0")
+    assert merge.sequence_backend(torch.empty(1, 1, 4, 16), False) == "flash"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,L,S,D,P,prefix,causal", GPU_CASES)
-def test_gpu_merged_path_follows_the_precision_rule(dtype, B, H, L, S, D, P, prefix, causal):
-    """The triton backend on a gradient call it covers: torch's flash kernels plus the Triton merge."""
+@pytest.mark.parametrize("sequence", ["probed", "flash"])
+def test_gpu_merged_path_follows_the_precision_rule(dtype, B, H, L, S, D, P, prefix, causal, sequence, monkeypatch):
+    """The triton backend on a gradient call it covers: torch's cuDNN attention (where the probe took it)
+    or flash attention for the sequence, plus the Triton merge."""
+    if sequence == "flash":
+        monkeypatch.setenv("PET_FAST_PREFIX_CUDNN", "0")
     tensors = make(B, H, L, S, D, P, prefix, dtype=dtype, device="cuda")
     assert op.merged_reasons(tensors[0], tensors[1], tensors[3], None, causal) == []
     gy = torch.randn(B, H, L, D, device="cuda")

@@ -29,14 +29,14 @@ Backends
     triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
             / ``_bwd`` (torch.compile sees one node each, no graph break; eager calls take the same
             functions through an autograd.Function, ops/_autograd.py): flash-attention forward and
-            backward that read the prefix from its own tensor and the padding per key; fp32/fp16/bf16,
+            backward that read the prefix from its own tensor and skip padded keys; fp32/fp16/bf16,
             head_dim <= 256; forward and backward. Calls that need a gradient, without padding or
             GQA, non-causal or causal with L == S, head_dim % 8 == 0, fp16/bf16 on CUDA, take the
             merged path instead (``pet_fast::prefix_attention_merged_fwd`` / ``_bwd``,
-            kernels/prefix_attention_merge.py): torch's flash attention forward and backward over the
-            sequence and a Triton kernel for the prefix, merged through their log-sum-exps (exact:
-            the flash backward called with the merged output and log-sum-exp gives the joint
-            softmax's sequence gradients). Its CUDA side has not yet run on a GPU.
+            kernels/prefix_attention_merge.py): torch's cuDNN attention (where a one-time probe
+            shows it matches) or flash attention, forward and backward, over the sequence and a Triton
+            kernel for the prefix, merged through their log-sum-exps (exact: the backward called with
+            the merged output and log-sum-exp gives the joint softmax's sequence gradients).
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
             head_dim <= 256, forward only (refuses calls that need a gradient).
@@ -424,7 +424,7 @@ def _canonical_prefix(prefix_k, prefix_v):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Merged path: torch's flash attention over the sequence, a Triton kernel for the prefix, merged through
+# Merged path: torch's cuDNN or flash attention over the sequence, a Triton kernel for the prefix, merged through
 # the log-sum-exps (pet_fast/kernels/prefix_attention_merge.py), forward and backward. The triton backend
 # takes it for calls that need a gradient and that it covers (:func:`merged_reasons`).
 
@@ -538,7 +538,7 @@ def own_kernels(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, ca
 
 def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
     """The triton backend (same signature as :func:`reference`). Calls that need a gradient and that
-    :func:`merged_reasons` accepts take the merged path (torch's flash attention over the sequence plus
+    :func:`merged_reasons` accepts take the merged path (torch's cuDNN or flash attention over the sequence plus
     the Triton prefix merge, ``pet_fast::prefix_attention_merged_fwd``); every other call, and every
     forward-only call, takes the flash-style Triton kernels (``pet_fast::prefix_attention_fwd``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
