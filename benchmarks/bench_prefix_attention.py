@@ -75,6 +75,30 @@ def limit_sdpa(q, k, v, causal):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _flash_only(fn, *args, **kwargs):
+    """``fn`` with torch's flash attention as its only SDPA backend, and pet_fast's merged path told to
+    use flash for the sequence part (PET_FAST_PREFIX_CUDNN=0): what the cuDNN rows are compared with."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = os.environ.get("PET_FAST_PREFIX_CUDNN")
+    os.environ["PET_FAST_PREFIX_CUDNN"] = "0"
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return fn(*args, **kwargs)
+    finally:
+        if before is None:
+            del os.environ["PET_FAST_PREFIX_CUDNN"]
+        else:
+            os.environ["PET_FAST_PREFIX_CUDNN"] = before
+
+
+def sequence_backends() -> dict:
+    """What the merged path's probe chose per (device, dtype, head dim, causal): the JSON's record of it."""
+    from pet_fast.kernels import prefix_attention_merge as merge
+
+    return {str(k): v for k, v in merge._SEQUENCE_BACKEND.items()}
+
+
 def flex_fn(B, Hq, Hkv, L, S, P, kpm, causal, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -148,8 +172,13 @@ def training_rows(quick, device, dtype, flex=True):
                 cands["pet_fast triton own kernels, no padding"] = lambda q, k, v, pk, pv, m, c: attention_ops.own_kernels(
                     q, k, v, pk, pv, causal=c)
                 if not attention_ops.merged_reasons(q, k, pk, None, causal):
-                    cands["pet_fast triton flash-merge, no padding"] = lambda q, k, v, pk, pv, m, c: attention_ops.merged(
+                    # the sequence part through cuDNN's attention where the probe took it, then forced to flash
+                    cands["pet_fast triton merged, no padding"] = lambda q, k, v, pk, pv, m, c: attention_ops.merged(
                         q, k, v, pk, pv, causal=c)
+                    cands["pet_fast triton flash-merge, no padding"] = lambda q, k, v, pk, pv, m, c: _flash_only(
+                        attention_ops.merged, q, k, v, pk, pv, causal=c)
+                    cands["sdpa flash only, no prefix, no padding"] = lambda q, k, v, pk, pv, m, c: _flash_only(
+                        limit_sdpa, q, k, v, c)
                 try:
                     if not flex:
                         raise RuntimeError("skipped (--no-flex)")
@@ -221,7 +250,8 @@ def decode_rows(quick, device, dtype):
 BACKEND_IMPLS = {"pet_fast eager (sdpa) + padding": "eager", "pet_fast triton + padding": "triton",
                  "pet_fast cuda decode + padding": "cuda"}
 # Without padding the eager backend runs concatenation + SDPA without a mask, the triton backend (for a
-# gradient) its flash-merge path where the call allows it: their rows give the "fwd+bwd, no padding" order.
+# gradient) its merged path (cuDNN or flash for the sequence) where the call allows it: their rows give
+# the "fwd+bwd, no padding" order.
 NO_PADDING_IMPLS = {"cat + sdpa, no padding": "eager", "pet_fast triton, no padding": "triton"}
 
 
@@ -266,7 +296,10 @@ def main(argv=None):
     keep_partial(args.json)
     rows = training_rows(args.quick, device, dtype, flex=not args.no_flex) + decode_rows(args.quick, device, dtype)
     print_table(rows, ["shape", "mode", "impl", "us", "x_limit", "speedup_vs_cat_mask", "error"])
-    write(args.json, rows, op="prefix_attention", dtype=str(dtype), quick=bool(args.quick))
+    backends = sequence_backends()
+    print("merged path's sequence part (probe):", backends or "not used")
+    write(args.json, rows, op="prefix_attention", dtype=str(dtype), quick=bool(args.quick),
+          merged_sequence_backend=backends)
     if args.dispatch_table and on_gpu:
         import json
 
