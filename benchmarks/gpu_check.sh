@@ -150,7 +150,7 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
       step bench_masked_linear 150 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json" --dispatch-table "$work/masked_linear_timings.json"
       tail -45 "$work/bench_masked_linear.log" ;;
     prefix_attention)
-      step bench_prefix_attention 110 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json" --dispatch-table "$work/prefix_attention_timings.json"
+      step bench_prefix_attention 160 python benchmarks/bench_prefix_attention.py --no-flex --json "$work/bench_prefix_attention.json" --dispatch-table "$work/prefix_attention_timings.json"
       tail -45 "$work/bench_prefix_attention.log" ;;
     masked_serving)  # the CUDA serving kernel alone: correctness against eager, kernel and op times
       step check_masked_linear_serving 90 python benchmarks/check_masked_linear_serving.py --json "$work/check_masked_linear_serving.json"

@@ -325,7 +325,10 @@ def test_gpu_triton_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, pr
 @pytest.mark.gpu
 def test_gpu_autotuned_launches_follow_the_precision_rule(monkeypatch):
     """The autotuned launchers (grids from the chosen tile, the backward's tile-dependent prefix block
-    count) as benchmarks and models run them, though the GPU tests otherwise run with PET_FAST_AUTOTUNE=0."""
+    count) as benchmarks and models run them, though the GPU tests otherwise run with PET_FAST_AUTOTUNE=0:
+    the autotuner runs every tile of its list for this call (10 compiles), keeps the fastest, and the result
+    follows the precision rule. (The tiles' loop bounds are checked under the interpreter with forced
+    tiles; benchmarks/compile_check_kernels.py compiles every tile for sm_90.)"""
     monkeypatch.setattr(kernels, "autotuning", lambda: True)
     B, Hq, Hkv, L, S, D, P = 2, 4, 2, 48, 77, 64, 20
     tensors = make(B, Hq, Hkv, L, S, D, P, "per_batch", dtype=torch.bfloat16, device="cuda")
@@ -340,31 +343,6 @@ def test_gpu_autotuned_launches_follow_the_precision_rule(monkeypatch):
         err = (a.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
         assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 128])
-def test_gpu_every_autotuned_tile_follows_the_precision_rule(dtype, D):
-    """The autotuner may take any tile of its list for a head dim: each (forced through block_m/block_n,
-    as PET_FAST_AUTOTUNE=0 runs here) against the float64 reference, forward and backward, causal with
-    padding on odd sizes."""
-    B, Hq, Hkv, L, S, P = 2, 4, 2, 131, 150, 20
-    tensors = make(B, Hq, Hkv, L, S, D, P, "shared", dtype=dtype, device="cuda")
-    kpm = padding_mask(B, S, "left", "cuda")
-    gy = torch.randn(B, Hq, L, D, device="cuda")
-    ref = reference64(tensors, kpm, True, gy)
-    eager = run("reference", tensors, kpm, True, gy)
-    cls = kernels._tile_class(kernels._block_d(D))
-    tiles = {(bm, bn) for table in (kernels._FWD_TILES, kernels._DKDV_TILES, kernels._DQ_TILES)
-             for bm, bn, _, _ in table[cls]}
-    for bm, bn in sorted(tiles):
-        out, lse = kernels.forward(*tensors, kpm, True, None, block_m=bm, block_n=bn)
-        grads = kernels.backward(gy.to(dtype), *tensors, kpm, out, lse, True, None, block_m=bm, block_n=bn)
-        for name, a, e, r in zip(NAMES, [out] + list(grads), [eager[0]] + eager[1], [ref[0]] + ref[1]):
-            err = (a.double() - r).abs().max().item()
-            eager_err = (e.double() - r).abs().max().item()
-            assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), ((bm, bn), name, err, eager_err)
 
 
 @pytest.mark.gpu
