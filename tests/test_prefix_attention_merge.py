@@ -221,7 +221,8 @@ def test_cudnn_probe_accepts_a_right_sequence_part_and_refuses_a_wrong_one(monke
     base 2 or whose backward is off."""
     cpu = torch.device("cpu")
     for causal in (False, True):
-        assert merge._cudnn_matches(cpu, torch.float32, 16, causal)
+        with torch.no_grad():  # as inside the op's forward and backward
+            assert merge._cudnn_matches(cpu, torch.float32, 16, causal)
     right_fwd, right_bwd = merge._flash_forward, merge._flash_backward
     monkeypatch.setattr(merge, "_flash_forward", lambda *a: (right_fwd(*a)[0], right_fwd(*a)[1] * 1.4426950408889634))
     assert not merge._cudnn_matches(cpu, torch.float32, 16, False)
