@@ -47,6 +47,7 @@ them in another layout).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -234,9 +235,12 @@ def _flash_forward(q, k, v, causal: bool, scale: float):
     where :func:`sequence_backend` chose it, else flash attention (the ``_for_cpu`` variant on the CPU)."""
     if q.device.type == "cuda":
         if sequence_backend(q, causal) == "cudnn":
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
-                                                                     scale=scale)
-            return res[0], res[1].squeeze(-1)
+            try:
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                         scale=scale)
+                return res[0], res[1].squeeze(-1)
+            except RuntimeError as exc:
+                _cudnn_refused(q, causal, exc)
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return res[0], res[1]
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -248,9 +252,12 @@ def _flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
     if q.device.type == "cuda":
         unused = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: the philox state is not read
         if sequence_backend(q, causal) == "cudnn":
-            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                grad_out, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None, q.shape[2], k.shape[2],
-                0.0, causal, scale=scale)
+            try:
+                return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                    grad_out, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None, q.shape[2],
+                    k.shape[2], 0.0, causal, scale=scale)
+            except RuntimeError as exc:
+                _cudnn_refused(q, causal, exc)
         # dense (not varlen) call: no cumulative lengths
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, unused, unused,
@@ -269,7 +276,7 @@ def sequence_backend(q: torch.Tensor, causal: bool) -> str:
     probe on this device, dtype, head dim and causality has shown that torch's private cuDNN ops run and
     that the whole merged path through them, forward and backward, matches a float32 reference; else
     flash attention. The probe runs once per key (not while a CUDA graph is being captured: flash then,
-    and the probe waits for a later call). cuDNN errors at a shape the probe did not see propagate."""
+    and the probe waits for a later call). A later shape that cuDNN refuses moves the key to flash."""
     if os.environ.get("PET_FAST_PREFIX_CUDNN", "1") == "0" or torch.are_deterministic_algorithms_enabled():
         return "flash"  # torch's SDPA also leaves cuDNN's attention out when determinism is asked for
     key = (q.device.index, q.dtype, q.shape[-1], bool(causal))
@@ -280,6 +287,14 @@ def sequence_backend(q: torch.Tensor, causal: bool) -> str:
         _SEQUENCE_BACKEND[key] = "flash"  # while probing (the probe's own calls)
         choice = _SEQUENCE_BACKEND[key] = "cudnn" if _cudnn_matches(q.device, *key[1:]) else "flash"
     return choice
+
+
+def _cudnn_refused(q: torch.Tensor, causal: bool, exc: Exception) -> None:
+    """A shape the probe did not see that cuDNN refuses (an error raised on the host, before any launch):
+    this key's calls take flash from now on, with one warning."""
+    _SEQUENCE_BACKEND[(q.device.index, q.dtype, q.shape[-1], bool(causal))] = "flash"
+    warnings.warn(f"pet_fast prefix attention: cuDNN's attention refused a call ({exc}); torch's flash "
+                  "attention takes the sequence part from now on", RuntimeWarning, stacklevel=3)
 
 
 def _cudnn_matches(device, dtype, D: int, causal: bool) -> bool:

@@ -232,6 +232,11 @@ def test_cudnn_probe_accepts_a_right_sequence_part_and_refuses_a_wrong_one(monke
     monkeypatch.setattr(merge, "_flash_backward", right_bwd)
     monkeypatch.setenv("PET_FAST_PREFIX_CUDNN", "0")
     assert merge.sequence_backend(torch.empty(1, 1, 4, 16), False) == "flash"
+    # a shape cuDNN refuses later moves its key to flash, with a warning
+    monkeypatch.setattr(merge, "_SEQUENCE_BACKEND", {})
+    with pytest.warns(RuntimeWarning, match="flash attention takes the sequence part"):
+        merge._cudnn_refused(torch.empty(1, 1, 4, 16), True, RuntimeError("no plan"))
+    assert merge._SEQUENCE_BACKEND == {(None, torch.float32, 16, True): "flash"}
 
 
 @pytest.mark.gpu
