@@ -75,6 +75,44 @@ def kernel_us(fn, calls: int = 10):
     return total / calls
 
 
+def profile_rows(call, calls: int, label: dict) -> list:
+    """Where the time of ``call()`` goes: one summary row (host microseconds per call without a sync, wall
+    microseconds with one, the kernels' GPU microseconds) and one row per kernel with its own GPU time per
+    call (torch.profiler; CPU-side ops such as aten::mm or autograd nodes are left out: their device time is
+    their kernels', which have their own rows). On the CPU the per-op rows hold CPU time. ``label``'s keys
+    start every row. Three warm-up calls first (compiles, autotuning, the allocator)."""
+    for _ in range(3):
+        call()
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host_us = (time.perf_counter() - t0) / calls * 1e6  # without a sync per call: launch rate when GPU-bound
+    sync()
+    wall_us = (time.perf_counter() - t0) / calls * 1e6
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            call()
+        sync()
+    rows = []
+    for ev in prof.key_averages():
+        if gpu and (ev.device_type == torch.autograd.DeviceType.CPU or ev.self_device_time_total <= 0):
+            continue
+        if not gpu and ev.self_cpu_time_total <= 0:
+            continue
+        self_us = ev.self_device_time_total if gpu else ev.self_cpu_time_total
+        dev_us = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
+        rows.append({**label, "kernel": ev.key[:90], "us_per_call": round(self_us / calls, 2),
+                     "launches_per_call": round(ev.count / calls, 2), "total_us_incl_children": round(dev_us / calls, 2)})
+    rows.sort(key=lambda r: -r["us_per_call"])
+    summary = {**label, "kernel": "(whole call)", "host_us_per_call": round(host_us, 2),
+               "wall_us_per_call": round(wall_us, 2), "gpu_us_per_call": round(sum(r["us_per_call"] for r in rows), 2)}
+    return [summary] + rows
+
+
 def copy_rate_bytes_per_us(device, quick: bool, **reps) -> float:
     """Device copy rate for the byte floors: read + write bytes of a large copy per microsecond."""
     numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on a GPU

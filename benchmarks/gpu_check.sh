@@ -9,8 +9,9 @@
 # and the step benchmark gets what the earlier steps left over.
 # BENCHES="masked_linear prefix_attention bottleneck_adapter profile_step" picks and orders the op benchmarks
 # (not in the default list: host_overhead, host time per op call; profile_step, where whole training steps spend their time;
-# profile_adapter, the adapter's kernels at ADAPTER_PROFILES="N,d,r:site ..." (default the BERT-base step's); none; masked_serving
-# and prefix_merge, one-minute checks of the CUDA serving kernel and of prefix attention's flash-merge path).
+# profile_adapter, the adapter's kernels at ADAPTER_PROFILES="N,d,r:site ..." (default the BERT-base step's); profile_prefix,
+# prefix attention's kernels per path at PREFIX_PROFILES="B,Hq,Hkv,L,D,P[:causal] ..."; none; masked_serving
+# and prefix_merge, one-minute checks of the CUDA serving kernel and of prefix attention's merged path).
 # STEP_FIRST=1 runs the step benchmark before the op benchmarks, with STEP_ARGS (e.g. "--models
 # bert-32x128 --rows floor full houlsby/auto --no-compile") and a budget of STEP_BUDGET_S seconds.
 # Results: WORK_DIR (default benchmarks/results/latest) holds the logs and JSON; when $OUT is set
@@ -145,6 +146,12 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
           --site "${spec##*:}" --json "$work/profile_adapter_${spec//[,:]/_}.json"
         tail -25 "$work/profile_adapter_${spec//[,:]/_}.log"
       done ;;
+    profile_prefix)  # prefix attention's kernels per path at the bench's shapes: GPU time, the autotuners' tiles
+      for spec in ${PREFIX_PROFILES:-32,12,12,512,64,20 4,32,32,2048,128,64:causal}; do
+        step "profile_prefix_${spec//[,:]/_}" 60 python benchmarks/profile_prefix_attention.py --shape "${spec%%:*}" \
+          $([[ $spec == *:causal ]] && echo --causal) --json "$work/profile_prefix_${spec//[,:]/_}.json"
+        tail -40 "$work/profile_prefix_${spec//[,:]/_}.log"
+      done ;;
     none) ;;
     masked_linear)
       step bench_masked_linear 150 python benchmarks/bench_masked_linear.py --json "$work/bench_masked_linear.json" --dispatch-table "$work/masked_linear_timings.json"
@@ -155,7 +162,7 @@ bench_op() {  # bench_op NAME: one op benchmark (and the adapter's per-kernel pr
     masked_serving)  # the CUDA serving kernel alone: correctness against eager, kernel and op times
       step check_masked_linear_serving 90 python benchmarks/check_masked_linear_serving.py --json "$work/check_masked_linear_serving.json"
       tail -20 "$work/check_masked_linear_serving.log" ;;
-    prefix_merge)  # the flash-merge training path of prefix attention alone: errors and times
+    prefix_merge)  # the merged training path of prefix attention alone (cuDNN or flash + Triton merge): errors and times
       step check_prefix_merge 90 python benchmarks/check_prefix_merge.py --json "$work/check_prefix_merge.json"
       tail -20 "$work/check_prefix_merge.log" ;;
     host_overhead)  # host time per op call, per backend, beside the eager functions (tiny shapes)

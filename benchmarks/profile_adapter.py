@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 
 import torch
 
@@ -63,41 +62,7 @@ def profile(backend, t, calls, site="plain", dtype=torch.bfloat16):
     def call():
         torch.autograd.grad(run_site(t, backend, site, dtype), leaves, dy)
 
-    for _ in range(3):  # compile, autotune, warm the allocator
-        call()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        call()
-    host_us = (time.perf_counter() - t0) / calls * 1e6  # without a sync per call: launch rate when GPU-bound
-    sync()
-    wall_us = (time.perf_counter() - t0) / calls * 1e6
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(calls):
-            call()
-        sync()
-    rows = []
-    for ev in prof.key_averages():
-        dev_us = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
-        if torch.cuda.is_available() and (ev.device_type == torch.autograd.DeviceType.CPU
-                                          or ev.self_device_time_total <= 0):
-            # a CPU-side op (aten::mm, an autograd node): its own device time is that of the kernels it
-            # launched, which have their own rows (counting both doubled the GPU total before 2026-11-27c)
-            continue
-        if not torch.cuda.is_available() and ev.self_cpu_time_total <= 0:
-            continue
-        self_us = ev.self_device_time_total if torch.cuda.is_available() else ev.self_cpu_time_total
-        rows.append({"backend": backend, "kernel": ev.key[:90], "us_per_call": round(self_us / calls, 2),
-                     "launches_per_call": round(ev.count / calls, 2), "total_us_incl_children": round(dev_us / calls, 2)})
-    rows.sort(key=lambda r: -r["us_per_call"])
-    summary = {"backend": backend, "kernel": "(whole call)", "host_us_per_call": round(host_us, 2),
-               "wall_us_per_call": round(wall_us, 2),
-               "gpu_us_per_call": round(sum(r["us_per_call"] for r in rows), 2)}
-    return [summary] + rows
+    return common.profile_rows(call, calls, {"backend": backend})
 
 
 def main():
