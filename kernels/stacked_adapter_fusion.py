@@ -69,7 +69,7 @@ def _scale(S, s_value, j, S_MODE: tl.constexpr):
 def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, inv_t, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, CHAIN: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 before the product: N may pass 2**31
     rmask = rows < N
@@ -82,12 +82,29 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
         wd_j = WD + j * R * D
         wu_j = WU + j * D * R
         a = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            c = d0 + cols
-            cm = c < D
-            xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
-            wt = tl.load(wd_j + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
-            a += mm(xt, tl.trans(wt), UPCAST)
+        if UPCAST:
+            # fp32: the GPU compiles `acc += dot` as one chain of fused multiply-adds over all of d; at
+            # d = 4096 that chain's rounding (rms 1.2e-6 in a, against 2.4e-7 for blocked sums) reached
+            # the scores and d_scaling (a sum with heavy cancellation) past the fp32 bound in emulation
+            # (sequential fp32 FMAs, d=4096 r=256 k=2: d_scaling 8.0e-5 against 5e-5). Chains of
+            # CHAIN products, each added to the total with a plain add, bring it to 8e-6.
+            tl.static_assert(CHAIN % BLOCK_D == 0)
+            for d00 in range(0, D, CHAIN):
+                part = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+                for d1 in range(0, CHAIN, BLOCK_D):
+                    c = d00 + d1 + cols
+                    cm = c < D
+                    xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+                    wt = tl.load(wd_j + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+                    part += mm(xt, tl.trans(wt), UPCAST)
+                a += part
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                c = d0 + cols
+                cm = c < D
+                xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+                wt = tl.load(wd_j + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+                a += mm(xt, tl.trans(wt), UPCAST)
         if HAS_BD:
             a += tl.load(BD + j * R + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
         tl.store(ABUF + (rows[:, None] * K + j) * RP + rr[None, :], a, mask=rmask[:, None])
@@ -346,6 +363,7 @@ def _scale_mode(scaling):
     return 2 if scaling.dim() == 1 else 1
 
 
+FP32_CHAIN = 256  # float32 products per fused multiply-add chain in the forward's x @ Wd_j.T (see _fwd_kernel)
 _FORWARD_PROGRAMS: dict = _replay.register_cache({})
 _BACKWARD_PROGRAMS: dict = _replay.register_cache({})
 
@@ -414,7 +432,7 @@ def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activati
         scaling if scaling is not None else dummy, ctx, abuf, pbuf, n, d, r, k, float(scaling_value),
         float(inv_temperature), n_bucket(n), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
         S_MODE=_scale_mode(scaling), ACT=ACT_CODES[activation], RP=rp, KP=kp,
-        UPCAST=interpreting() or x.dtype == torch.float32)
+        UPCAST=interpreting() or x.dtype == torch.float32, CHAIN=FP32_CHAIN)
     return ctx, abuf, pbuf
 
 

@@ -73,16 +73,22 @@ def check(n_shape, d, r, k, dtype, device="cpu", case=None, **kw):
 def check_fp32(res, eager_res, ref):
     """fp32 rule (DESIGN.md 5: well under 1e-4), error relative to the largest reference value: under
     2e-5 up to d = 256, growing as sqrt(d) beyond (fp32 dot products over d terms round as sqrt(d) eps:
-    the scores and their backward sum over d), or under twice eager PyTorch's fp32 error on the same
-    device; never 5e-5 or more. At N=300, d=1024, k=8 (the fp32 GPU case that failed the former flat
-    2e-5) eager fp32 itself errs 1.9e-5 on the CPU and the kernels 1.9e-5 under the interpreter."""
+    the scores and their backward sum over d) but never 5e-5 or more, or under twice eager PyTorch's fp32
+    error on the same device (the rule of the low-precision dtypes), which a badly conditioned case needs.
+    At N=300, d=1024, k=8 eager fp32 errs 1.9e-5 on the CPU and the kernels 1.9e-5 under the interpreter.
+    At N=77, d=4096, r=256, k=2 (which failed the former cap of 5e-5 on an H100, its text lost) the
+    softmax is saturated and d_scaling is a sum with heavy cancellation (terms adding to 886 and 2310 in
+    absolute value for a result near 49): with every matmul emulated as one sequential chain of fp32
+    fused multiply-adds, as GPUs run them, eager itself errs 1.2e-4 on d_scaling and 4-5e-5 on the
+    query, x and key-projection gradients, and the kernels' forward (before its sums were cut into
+    chains of 256 products) 8.0e-5."""
     d = ref.shape[-1]
     tol = 2e-5 * max(1.0, d / 256) ** 0.5
     for name, (a, b) in res.items():
         scale = max(b.abs().max().item(), ref.abs().max().item() * 1e-6)
         err = (a.cpu().double() - b).abs().max().item() / scale
         err_eager = (eager_res[name].cpu().double() - b).abs().max().item() / scale
-        assert err < min(max(tol, 2 * err_eager), 5e-5), (name, err, err_eager)
+        assert err < max(min(tol, 5e-5), 2 * err_eager), (name, err, err_eager)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
