@@ -280,6 +280,9 @@ def stacked_adapter_fusion(
 # never forms qk. So for low precision qk is a matmul with an fp32 result (fusion_qk_f32: tensor
 # cores where torch can write fp32 from fp16/bf16 operands); the kernels read it as fp32 and return
 # dqk in fp32, which its backward rounds once to the input dtype for the two matmuls, as before.
+# The core op takes Q and Wk and forms that fp32 qk itself (the same function, so the same bits), and
+# again in its backward: it keeps Q (N x d in the input dtype, which Wk's gradient needs anyway) and not
+# the fp32 qk (N x d x 4 bytes per layer of a training step), as the C++ node does.
 
 
 #
