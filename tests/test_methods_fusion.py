@@ -274,3 +274,24 @@ def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw):
     for a, b in zip(torch.autograd.grad(got.sum(), leaves + params), torch.autograd.grad(want.sum(), leaves + params)):
         torch.testing.assert_close(a, b)
     assert sum(1 for s in saved.values() if s[-2:] == (3, 16)) == 1, saved  # the adapter outputs, once
+
+
+def test_dropout_path_under_autocast_keeps_the_adapter_outputs_once():
+    """Under autocast the adapters' outputs come in float32; both products that read them would cast them to
+    autocast's dtype and keep a copy each for the backward. They are cast once (the same bits)."""
+    ads, fus = _frozen_fusion()
+    fus.dropout = 0.1
+    fus.train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.dtype)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fus.fuse(x, x, x, ads)
+    kd = [v for v in saved.values() if len(v[0]) >= 3 and v[0][-2:] == (3, 16)]  # per token, k x d
+    assert len(kd) == 1 and kd[0][1] == torch.bfloat16, saved
+    out.float().sum().backward()
+    assert fus.key.weight.grad is not None and x.grad is not None

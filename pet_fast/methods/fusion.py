@@ -130,6 +130,11 @@ class AdapterFusion(nn.Module):
             raise ValueError("adapters must hold at least one BottleneckAdapter")
         if self.training and self.dropout > 0:
             values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in adapters], dim=-2)
+            dt = compute_dtype(values)
+            if dt != values.dtype:
+                # under autocast the adapters return float32 (x + 0 in the float32 stream): cast once here, or each
+                # of the two products that read the values casts them and keeps its own copy for the backward
+                values = values.to(dt)
             return self.forward(query, values, residual, backend=backend)
         dt = compute_dtype(x)
         if dt != x.dtype:
