@@ -215,7 +215,7 @@ def measure(row: str, *, backend: str, layers: int, hidden: int, heads: int, int
                 saved_bytes=sum(s["bytes"] for s in act_saved),
                 param_saved_bytes=sum(s["bytes"] for s in saved if s["param"]),
                 alive_bytes=sum(n for n, _ in alive.values()),
-                held_outside_saved=collections.Counter({op: 0 for _, op in hidden_alive.values()}) + _sum_ops(hidden_alive),
+                held_outside_saved=_sum_ops(hidden_alive),
                 weights_bytes=weights, trainable_bytes=trainable, nodes=nodes)
 
 
@@ -426,8 +426,10 @@ def main(argv=None) -> int:
     if args.json:
         for r in raw:
             r["held_outside_saved"] = dict(r["held_outside_saved"])
-        doc = dict(settings=dict(vars(args), layers=layers, seq=seqs, dtype=str(dtype)), summary=summary,
-                   summaries={str(k): v for k, v in summaries.items()}, runs=raw)
+        from benchmarks.common import environment
+
+        doc = dict(env=environment(), settings=dict(vars(args), layers=layers, seq=seqs, dtype=str(dtype)),
+                   summary=summary, summaries={str(k): v for k, v in summaries.items()}, runs=raw)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
     return 0
