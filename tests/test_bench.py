@@ -312,3 +312,41 @@ def test_an_unknown_optimizer_is_refused_by_name():
         bench.make_optimizer([torch.nn.Parameter(torch.ones(1))], "sgd")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         bench.step_benchmark(quick=True, optimizer="sgd")
+
+
+def test_a_rows_peak_memory_is_its_steady_steps_not_the_first_steps_one_off_buffers(monkeypatch):
+    """The first warm-up steps hold one-off memory beside the step's own (Triton's autotuner benchmarks with a
+    256 MiB buffer while the activations are alive; the first calls run through Python autograd.Functions):
+    the row's peak is that of its last warm-up step, and the first steps' peak is reported apart."""
+    MiB = 2**20
+
+    class Memory:  # a fake allocator: 100 MiB kept by another row, 50 MiB per step, 256 MiB in the first
+        now, top, steps = 100 * MiB, 100 * MiB, 0
+
+        @classmethod
+        def allocated(cls, device):
+            return cls.now
+
+        @classmethod
+        def peak(cls, device):
+            return cls.top
+
+        @classmethod
+        def reset_peak(cls, device):
+            cls.top = cls.now
+
+    def step():
+        Memory.steps += 1
+        Memory.top = max(Memory.top, Memory.now + (50 + (256 if Memory.steps == 1 else 0)) * MiB)
+
+    monkeypatch.setattr(bench, "MEMORY", Memory)
+    monkeypatch.setattr(bench, "_sync", lambda device: None)
+    monkeypatch.setattr(bench, "make_step", lambda row, spec, device, **kw: (step, [torch.zeros(3)], (1, 4)))
+    rec = bench.run_row(bench.Row("m", "houlsby/triton", "houlsby", "triton"), None, torch.device("cuda"),
+                        warmup=3, steps=2)
+    assert rec["peak_mem_mb"] == 50.0
+    assert rec["peak_mem_warmup_mb"] == 306.0
+    Memory.steps = 0  # a single warm-up step: nothing to tell apart
+    rec = bench.run_row(bench.Row("m", "houlsby/triton", "houlsby", "triton"), None, torch.device("cuda"),
+                        warmup=1, steps=2)
+    assert rec["peak_mem_mb"] == 306.0 and "peak_mem_warmup_mb" not in rec

@@ -590,3 +590,41 @@ def test_op_compiles_under_autocast_with_float32_inputs():
     g_out = torch.autograd.grad(out.sum(), [x, w])
     g_ref = torch.autograd.grad(ref.sum(), [x, w])
     assert all(torch.equal(a, b) for a, b in zip(g_out, g_ref))
+
+
+def _saved_storages(fn):
+    """fn()'s output and {storage pointer: (bytes, dtype, shape)} of every tensor autograd saved for its backward."""
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        saved[s.data_ptr()] = (s.nbytes(), t.dtype, tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_fp16_core_keeps_q_not_the_float32_qk():
+    """With a key projection in fp16/bf16 the scores read qk = Q @ Wk in float32. The op forms it and keeps Q
+    (N x d in the input dtype) for its backward, where it forms qk again, as the C++ node does: a float32 qk
+    kept for the backward cost N x d x 4 bytes per layer (one more BERT-base hidden state in float32 per
+    AdapterFusion layer). Outputs and gradients are unchanged (the precision tests above cover them)."""
+    n, d = 11, 24
+    _, lo = make_case((n,), d, 5, 3, torch.float16)
+    out, saved = _saved_storages(lambda: call(lo, "triton", activation="gelu"))
+    assert not [v for v in saved.values() if v[1] == torch.float32 and v[2] == (n, d)], saved
+    # what the fusion keeps per token in all: x and Q, the value projection's input, the queries' projection's
+    # input (x, here the same size), a (k x 16 float32 with r=5 padded) and p: no more than this
+    per_token = sum(b for b, dt, shape in saved.values() if shape and shape[0] == n) / n
+    assert per_token <= 4 * d * 2 + 3 * 16 * 4 + 3 * 4
+    g = torch.autograd.grad(out.float().sum(), [lo["query"], lo["w_key"], lo["w_query"]])
+    assert all(t is not None and bool(torch.isfinite(t).all()) for t in g)
+
+
+def test_core_opcheck_with_q_and_w_key():
+    h = lambda *s: torch.randn(*s, dtype=torch.float16, requires_grad=True)
+    torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
+                          (h(5, 16), None, h(2, 3, 16), h(2, 3), h(2, 16, 3), h(2, 16), h(2), 1.0, "gelu", 0.5,
+                           h(5, 16), h(16, 16), h(16), h(5, 16), h(16, 16)))

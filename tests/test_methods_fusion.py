@@ -226,3 +226,72 @@ def test_dropout_path_with_half_inputs_and_float32_module():
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     out.float().sum().backward()
     assert fus.query.weight.grad is not None and fus.query.weight.grad.dtype == torch.float32
+
+
+def _dropout_fusion_by_definition(fus, query, values, residual, t):
+    """AdapterHub's BertFusion with dropout on the scores, as written: k keys and k projected values."""
+    lin = F.linear
+    if fus.residual_before:
+        values = values + residual.unsqueeze(-2)
+    q = fus.query(query) if fus.query is not None else query
+    keys = fus.key(values) if fus.key is not None else values
+    vals = lin(values, fus.value.weight) if fus.value is not None and fus.value_before_softmax else values
+    scores = F.dropout(torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1), fus.dropout, True)
+    out = torch.matmul(torch.softmax(scores / t, dim=-1).unsqueeze(-2), vals).squeeze(-2)
+    if fus.value is not None and not fus.value_before_softmax:
+        out = lin(out, fus.value.weight)
+    return out if fus.residual_before else out + residual
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(value=False), dict(residual_before=True, value_before_softmax=False),
+                                dict(query=False, key=False, value=False)])
+def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw):
+    """With dropout on the scores the fusion runs eagerly. It forms Q @ Wk and the weighted sum of the adapter
+    outputs instead of the k keys and k projected values per token (same values, same dropout mask): the
+    backward keeps the (..., k, d) adapter outputs once, not three times."""
+    torch.manual_seed(0)
+    fus = pet_fast.AdapterFusion(16, dropout=0.3, dtype=torch.float64, **kw).train()
+    with torch.no_grad():
+        for lin in (fus.query, fus.key, fus.value):
+            if lin is not None:
+                lin.weight.normal_(0, 0.3)
+                if lin.bias is not None:
+                    lin.bias.normal_()
+    leaves = [torch.randn(2, 5, *s, dtype=torch.float64, requires_grad=True) for s in ((16,), (3, 16), (16,))]
+    saved = {}  # storage -> shape of the tensors autograd keeps for the backward
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = fus(*leaves)
+    torch.manual_seed(1)
+    want = _dropout_fusion_by_definition(fus, *leaves, 1.0)
+    torch.testing.assert_close(got, want)
+    params = [p for p in fus.parameters()]
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves + params), torch.autograd.grad(want.sum(), leaves + params)):
+        torch.testing.assert_close(a, b)
+    assert sum(1 for s in saved.values() if s[-2:] == (3, 16)) == 1, saved  # the adapter outputs, once
+
+
+def test_dropout_path_under_autocast_keeps_the_adapter_outputs_once():
+    """Under autocast the adapters' outputs come in float32; both products that read them would cast them to
+    autocast's dtype and keep a copy each for the backward. They are cast once (the same bits)."""
+    ads, fus = _frozen_fusion()
+    fus.dropout = 0.1
+    fus.train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.dtype)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fus.fuse(x, x, x, ads)
+    kd = [v for v in saved.values() if len(v[0]) >= 3 and v[0][-2:] == (3, 16)]  # per token, k x d
+    assert len(kd) == 1 and kd[0][1] == torch.bfloat16, saved
+    out.float().sum().backward()
+    assert fus.key.weight.grad is not None and x.grad is not None

@@ -69,18 +69,25 @@ class AdapterFusion(nn.Module):
         return t
 
     def _eager_with_dropout(self, query, values, residual, t, proj):
-        # Same as fusion_ops.reference, with dropout on the scores as AdapterHub applies it.
+        # fusion_ops.reference's values, with dropout on the scores as AdapterHub applies it, computed as the
+        # fused backends compute it: <Q, v_j @ Wk.T + bk> = <Q @ Wk, v_j> + <Q, bk>, and since the probabilities
+        # sum to one, sum_j p_j (v_j @ Wv.T) = (sum_j p_j v_j) @ Wv.T. The k keys and k projected values per
+        # token (two (..., k, d) tensors, each kept for the backward) are never formed: the backward keeps the
+        # adapter outputs once, Q @ Wk and the weighted sum (d per token each).
         # The projections in query's dtype (float32 master weights of half-precision inputs: cast, as the op takes them).
         lin = F.linear
         if proj["residual_before"]:
             values = values + residual.unsqueeze(-2)
         q = lin(query, proj["w_query"], proj["b_query"]) if self.query is not None else query
-        keys = lin(values, proj["w_key"], proj["b_key"]) if self.key is not None else values
-        vals = lin(values, proj["w_value"]) if self.value is not None and self.value_before_softmax else values
-        scores = torch.nn.functional.dropout(torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1), self.dropout, True)
-        probs = torch.softmax(scores.float() / t, dim=-1).to(query.dtype)
-        out = torch.matmul(probs.unsqueeze(-2), vals).squeeze(-2)
-        if self.value is not None and not self.value_before_softmax:
+        qk = torch.matmul(q, proj["w_key"]) if self.key is not None else q
+        scores = torch.matmul(values, qk.unsqueeze(-1)).squeeze(-1)
+        if self.key is not None and proj["b_key"] is not None:
+            scores = scores + (q * proj["b_key"]).sum(-1, keepdim=True)  # the same for every adapter (as AdapterHub)
+        scores = torch.nn.functional.dropout(scores, self.dropout, True)
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # (as fusion_ops.reference)
+        probs = torch.softmax(scores.to(acc) / t, dim=-1).to(query.dtype)
+        out = torch.matmul(probs.unsqueeze(-2), values).squeeze(-2)
+        if self.value is not None:  # before or after the softmax: the same map (see above)
             out = lin(out, proj["w_value"])
         return out if proj["residual_before"] else out + residual
 
@@ -123,6 +130,11 @@ class AdapterFusion(nn.Module):
             raise ValueError("adapters must hold at least one BottleneckAdapter")
         if self.training and self.dropout > 0:
             values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in adapters], dim=-2)
+            dt = compute_dtype(values)
+            if dt != values.dtype:
+                # under autocast the adapters return float32 (x + 0 in the float32 stream): cast once here, or each
+                # of the two products that read the values casts them and keeps its own copy for the backward
+                values = values.to(dt)
             return self.forward(query, values, residual, backend=backend)
         dt = compute_dtype(x)
         if dt != x.dtype:

@@ -280,6 +280,9 @@ def stacked_adapter_fusion(
 # never forms qk. So for low precision qk is a matmul with an fp32 result (fusion_qk_f32: tensor
 # cores where torch can write fp32 from fp16/bf16 operands); the kernels read it as fp32 and return
 # dqk in fp32, which its backward rounds once to the input dtype for the two matmuls, as before.
+# The core op takes Q and Wk and forms that fp32 qk itself (the same function, so the same bits), and
+# again in its backward: it keeps Q (N x d in the input dtype, which Wk's gradient needs anyway) and not
+# the fp32 qk (N x d x 4 bytes per layer of a training step), as the C++ node does.
 
 
 #
@@ -376,11 +379,17 @@ def _project(ctx, residual, w_value, b_value):
         return F.linear(pre, w_value, b_value), pre
 
 
-def _core_forward(x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+def _core_forward(x: torch.Tensor, qk: Optional[torch.Tensor], w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                   scaling_value: float, activation: str, inv_temperature: float, residual: Optional[torch.Tensor],
-                  w_value: Optional[torch.Tensor], b_value: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input."""
+                  w_value: Optional[torch.Tensor], b_value: Optional[torch.Tensor], q: Optional[torch.Tensor] = None,
+                  w_key: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input. With
+    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): qk = q @ w_key in float32 is formed here (as
+    fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for its backward and not the
+    float32 qk (N x d x 4 bytes per layer), as the C++ node does (csrc/stacked_fusion_replay.cpp)."""
+    if qk is None:
+        qk = _qk_f32(q, w_key)
     ctx, a, p = _stacked_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
                                           inv_temperature)
     if w_value is None:
@@ -394,7 +403,7 @@ def _rp(r: int) -> int:
 
 
 def _core_fake(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-               w_value, b_value):
+               w_value, b_value, q=None, w_key=None):
     n = x.shape[0]
     k, r = w_down.shape[0], w_down.shape[1]
     return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
@@ -421,9 +430,14 @@ def _core_backward_fake(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scalin
 
 def _core_setup(ctx, inputs, output):
     x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual, w_value, \
-        b_value = inputs
+        b_value, q, w_key = tuple(inputs) + (None,) * (15 - len(inputs))
     _, a, p, pre = output
-    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre)
+    # with q and w_key (qk None), q is kept and qk formed again in the backward (see _core_forward)
+    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key)
+    # gradients to return: one per argument passed (the autograd.Function's), where the custom op's dispatcher
+    # drops trailing arguments equal to their defaults (q, w_key: None) before its Function sees them
+    ctx.n_inputs = len(inputs)
+    ctx.n_passed = 13 if (q is None and w_key is None) else 15
     ctx.mark_non_differentiable(a, p, pre)
     ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
     ctx.has_residual, ctx.has_b_value = residual is not None, b_value is not None
@@ -432,7 +446,10 @@ def _core_setup(ctx, inputs, output):
 
 def _core_grad(ctx, grads):
     dout = grads[0]
-    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre = ctx.saved_tensors
+    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key = ctx.saved_tensors
+    with_q = q is not None
+    if with_q:
+        qk = _qk_f32(q, w_key)  # the forward's qk, formed again (same op, same bits)
     dres = dwv = dbv = None
     if w_value is None:
         dctx = dout
@@ -454,8 +471,16 @@ def _core_grad(ctx, grads):
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
         ctx.inv_temperature, a, p, need_ds, need_weights)
     w = need_weights
-    return (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
-            dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv)
+    dq = dwk = None
+    if with_q:  # as fusion_qk_f32's backward (_qk_grad)
+        g = dqk.to(q.dtype)
+        dq = g @ w_key.t().to(g.dtype) if ctx.needs_input_grad[13] else None
+        dwk = (q.t() @ g).to(w_key.dtype) if ctx.needs_input_grad[14] else None
+        dqk = None
+    grads = (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
+             dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv,
+             dq, dwk)
+    return grads[:ctx.n_inputs if getattr(ctx, "pet_fast_eager", False) else ctx.n_passed]
 
 
 CORE_BACKWARD = _autograd.custom_op("stacked_fusion_core_triton_backward", _core_backward, fake=_core_backward_fake)
@@ -494,9 +519,10 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
         else:
             out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest)
     if out is None:
-        if low:
-            qk = QK_F32(q.reshape(-1, d), w_key)
-        out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest)[0]
+        if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
+            out = CORE(x2, None, *rest, q.reshape(-1, d), w_key)[0]
+        else:
+            out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest)[0]
     out = out.reshape(query.shape)
     if res is None:  # residual_before without the value projection, or the residual added after
         out = out + residual
