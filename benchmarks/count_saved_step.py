@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import sys
-import weakref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
