@@ -92,7 +92,10 @@ class PrefixEncoder(nn.Module):
             x = self.dropout(x)
         if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
-        kv = x.view(P, 2 * L, H, D).permute(1, 2, 0, 3)  # (2L, H, P, D): (layer, key/value) major
+        # (2L, H, P, D): (layer, key/value) major, made contiguous here once per forward, so each layer's
+        # prefix reaches the kernels contiguous (they would copy a strided one in every layer's forward and
+        # backward: four copies per layer and step, against one here and one in the backward)
+        kv = x.view(P, 2 * L, H, D).permute(1, 2, 0, 3).contiguous()
         if batch_size is not None:
             kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
         t = kv.unbind(0)
