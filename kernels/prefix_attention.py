@@ -46,8 +46,11 @@ LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does at import
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 @triton.jit
