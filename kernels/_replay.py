@@ -273,7 +273,11 @@ class Recording:
         for n, v in named.items():
             if isinstance(v, tuple) and len(v) == 3 and v[0] == "slot":
                 base = slots[self.renumber(v[1])]
-                args[n] = base.reshape(-1)[v[2] // base.element_size():]
+                # the memory from the slot's address plus the byte offset to its storage's end, as a GPU
+                # kernel sees a pointer (a reshape would copy a strided input into another layout)
+                start = base.storage_offset() + v[2] // base.element_size()
+                span = base.untyped_storage().nbytes() // base.element_size() - start
+                args[n] = base.as_strided((span,), (1,), start)
             else:
                 args[n] = v
         kernel[grid](**args, **consts)

@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _replay
 from ._host import cdiv, next_power_of_2
 
 from .prefix_attention import LOG2E, _interpreting  # shared with the op's own kernels
@@ -333,23 +334,47 @@ def _cudnn_matches(device, dtype, D: int, causal: bool) -> bool:
     return ok
 
 
+_MERGE_FORWARD_PROGRAMS: dict = _replay.register_cache({})
+_MERGE_BACKWARD_PROGRAMS: dict = _replay.register_cache({})
+
+
+def _strides(*tensors) -> tuple:
+    """Part of a replay key: the merge kernels take these tensors' strides as arguments, and a key's
+    contiguity flag alone does not tell two non-contiguous layouts apart."""
+    return tuple(t.stride() for t in tensors)
+
+
 def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
     """Returns ``(out, lse)``: ``out`` contiguous like ``q``; ``lse`` (B, H, L) fp32 natural log. A
-    prefix that is None (or has P = 0) leaves the flash result as it is."""
+    prefix that is None (or has P = 0) leaves the flash result as it is. The merge's launch is recorded
+    once per key and replayed from C++ afterwards (kernels/_replay.py): a training step calls it in every
+    layer, and the step is bound by the host."""
     B, H, L, D = q.shape
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     o_s, lse_s = _flash_forward(q, k, v, bool(causal), float(scale))
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return o_s.contiguous(), lse_s.contiguous()
-    pk, P, spk_b, spk_h = _prefix(prefix_k, B, H, D)
-    pv, _, _, _ = _prefix(prefix_v, B, H, D)
+    pk, pv = prefix_k.contiguous(), prefix_v.contiguous()
     if o_s.stride(-1) != 1:
         o_s = o_s.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    scale = float(scale)
+    if not _replay.active(q):
+        return _merge_forward(q, pk, pv, o_s, lse_s, scale)
+    key = _replay.key_of(q, pk, pv, o_s, lse_s, scale) + _strides(q, o_s, lse_s)
+    return _replay.call(_MERGE_FORWARD_PROGRAMS, key, [q, pk, pv, o_s, lse_s], _merge_forward, q, pk, pv, o_s,
+                        lse_s, scale, single=False)
+
+
+def _merge_forward(q, pk, pv, o_s, lse_s, scale: float):
+    """The merge of the flash result ``(o_s, lse_s)`` with the prefix (contiguous ``pk``/``pv``)."""
+    B, H, L, D = q.shape
+    _, P, spk_b, spk_h = _prefix(pk, B, H, D)
+    out = _replay.empty(q.shape, q.dtype, q.device)
+    lse = _replay.empty((B, H, L), torch.float32, q.device)
     bm, bn, warps = _config(D, P, backward=False)
-    _merge_fwd_kernel[(cdiv(L, bm), H, B)](
-        q, pk, pv, o_s, lse_s, out, lse, float(scale) * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
+    _replay.launch(
+        _merge_fwd_kernel, (cdiv(L, bm), H, B),
+        q, pk, pv, o_s, lse_s, out, lse, scale * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
         o_s.stride(0), o_s.stride(1), o_s.stride(2), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
         spk_b, spk_h,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
@@ -360,8 +385,8 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scale: float):
     """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``, all contiguous; the prefix gradients have the
-    prefix's shape (summed over the batch when it is shared, (H, P, D)) and are None without a prefix."""
-    B, H, L, D = q.shape
+    prefix's shape (summed over the batch when it is shared, (H, P, D)) and are None without a prefix.
+    The prefix part's two launches are recorded once per key and replayed from C++ afterwards."""
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     out, lse = out.contiguous(), lse.contiguous()
     dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
@@ -369,32 +394,47 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     if prefix_k is None or prefix_k.shape[-2] == 0:
         empty = None if prefix_k is None else (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))
         return (dq_s.contiguous(), dk, dv) + ((None, None) if empty is None else empty)
-    pk, P, spk_b, spk_h = _prefix(prefix_k, B, H, D)
-    pv, _, _, _ = _prefix(prefix_v, B, H, D)
+    pk, pv = prefix_k.contiguous(), prefix_v.contiguous()
     if dq_s.stride(-1) != 1:
         dq_s = dq_s.contiguous()
+    scale = float(scale)
+    args = (grad_out, q, pk, pv, out, lse, dq_s, scale)
+    if not _replay.active(q):
+        dq, dpk, dpv = _merge_backward(*args)
+    else:
+        key = _replay.key_of(*args) + _strides(grad_out, q, dq_s)
+        dq, dpk, dpv = _replay.call(_MERGE_BACKWARD_PROGRAMS, key, [grad_out, q, pk, pv, out, lse, dq_s],
+                                    _merge_backward, *args, single=False)
+    return dq, dk, dv, dpk, dpv
+
+
+def _merge_backward(grad_out, q, pk, pv, out, lse, dq_s, scale: float):
+    """(dq, d_prefix_k, d_prefix_v) from the flash backward's ``dq_s`` and the prefix (contiguous)."""
+    B, H, L, D = q.shape
+    _, P, spk_b, spk_h = _prefix(pk, B, H, D)
     bm, bn, warps = _config(D, P, backward=True)
     n_m = cdiv(L, bm)
     half = H * P * D  # one batch's prefix gradient
-    shared = prefix_k.dim() == 3
+    shared = pk.dim() == 3
     if shared:  # rows (tile, batch), each [dpk | dpv] of one batch: summed over tiles and the batch
-        part = torch.empty(n_m, B, 2, half, dtype=torch.float32, device=q.device)
+        part = _replay.empty((n_m, B, 2, half), torch.float32, q.device)
         s_m, s_b, s_w = B * 2 * half, 2 * half, half
     else:  # rows (tile), each [dpk of every batch | dpv of every batch]: summed over tiles
-        part = torch.empty(n_m, 2, B, half, dtype=torch.float32, device=q.device)
+        part = _replay.empty((n_m, 2, B, half), torch.float32, q.device)
         s_m, s_b, s_w = 2 * B * half, half, B * half
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _merge_bwd_kernel[(n_m, H, B)](
-        q, pk, pv, grad_out, out, lse, dq_s, dq, part, float(scale) * LOG2E, float(scale), H, L, P, D,
+    dq = _replay.empty(q.shape, q.dtype, q.device)
+    _replay.launch(
+        _merge_bwd_kernel, (n_m, H, B),
+        q, pk, pv, grad_out, out, lse, dq_s, dq, part, scale * LOG2E, scale, H, L, P, D,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), spk_b, spk_h, s_m, s_b, s_w,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
         IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
     )
-    dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
-    dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
+    dpk = _replay.empty(pk.shape, pk.dtype, q.device)
+    dpv = _replay.empty(pv.shape, pv.dtype, q.device)
     rows = part.view(-1, dpk.numel() * 2)
     block, split_block = (128, 4) if _interpreting() else (128, 32)
-    _sum_parts_kernel[(cdiv(rows.shape[1], block),)](rows, dpk, dpv, dpk.numel(), rows.shape[0],
-                                                             BLOCK=block, SPLIT_BLOCK=split_block, num_warps=4)
-    return dq, dk, dv, dpk, dpv
+    _replay.launch(_sum_parts_kernel, (cdiv(rows.shape[1], block),), rows, dpk, dpv, dpk.numel(), rows.shape[0],
+                   BLOCK=block, SPLIT_BLOCK=split_block, num_warps=4)
+    return dq, dpk, dpv

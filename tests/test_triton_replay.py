@@ -659,6 +659,73 @@ def test_a_non_contiguous_query_is_its_own_key_and_runs_in_python(ext):
         assert PA._FORWARD_PROGRAMS[R.key_of(qt, k, v, pk, pv, kpm, False, None, None, None)] is R._REFUSED
 
 
+PAM = importlib.import_module("pet_fast.kernels.prefix_attention_merge")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_merged_prefix_path_through_replayed_programs_gives_the_launchers_bits(ext, shared):
+    """The merged path's Triton halves (the forward's merge, the backward's prefix part and sum of partials)
+    recorded on the first call of a key and replayed after: the same bits as launches from Python, for the
+    (B, L, H, D) layout projections give (strided q) too; a layout with other strides is its own key."""
+    def case(seed, layout):
+        q, k, v, pk, pv, _ = _prefix_case(seed, Hkv=4, L=9, S=9, shared=shared, padded=False)
+        if layout:
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        return q, k, v, pk, pv
+
+    for layout in (False, True):
+        cases = [case(s, layout) for s in range(3)]
+        want = []
+        for q, k, v, pk, pv in cases:
+            out, lse = PAM.forward(q, k, v, pk, pv, True, 0.25)
+            want.append(((out, lse), PAM.backward(out * 0.5, q, k, v, pk, pv, out, lse, True, 0.25)))
+        with R.through_interpreter(ext):
+            for (q, k, v, pk, pv), (fwd, bwd) in zip(cases, want):
+                out, lse = PAM.forward(q, k, v, pk, pv, True, 0.25)
+                _same((out, lse), fwd)
+                _same(PAM.backward(fwd[0] * 0.5, q, k, v, pk, pv, fwd[0], fwd[1], True, 0.25), bwd)
+            assert any(isinstance(e, R.Entry) for e in PAM._MERGE_FORWARD_PROGRAMS.values())
+            assert any(isinstance(e, R.Entry) for e in PAM._MERGE_BACKWARD_PROGRAMS.values())
+            calls = []
+            for e in list(PAM._MERGE_FORWARD_PROGRAMS.values()) + list(PAM._MERGE_BACKWARD_PROGRAMS.values()):
+                if isinstance(e, R.Entry):
+                    e.program.set_launcher(lambda i, slots: calls.append(i))
+            q, k, v, pk, pv = cases[0]
+            PAM.forward(q, k, v, pk, pv, True, 0.25)
+            assert calls, "a recorded key launches through its program"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_replayed_merged_prefix_path_matches_launches_from_python(dtype):
+    """The merged path's recorded merge and prefix-gradient launches, replayed through cuLaunchKernel, give
+    the bits of launches from Python (the sequence part, torch's own kernels, runs the same either way;
+    its backward's dq may use atomics, so the comparison takes the prefix part's inputs from one run)."""
+    _fresh_gpu_programs()
+    for layout in (False, True):
+        for seed in range(3):
+            q, k, v, pk, pv, _ = _prefix_case(seed, dtype=dtype, device="cuda", B=4, Hq=12, Hkv=12, L=128, S=128,
+                                              P=20, D=64, padded=False)
+            if layout:  # the (B, L, H, D) memory of projections
+                q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+            with R.disabled():
+                o_s, lse_s = PAM._flash_forward(q, k, v, True, 0.125)
+                want = PAM._merge_forward(q, pk, pv, o_s, lse_s, 0.125)
+                dq_s = torch.randn_like(q)
+                want_b = PAM._merge_backward(want[0] * 0.5, q, pk, pv, want[0], want[1], dq_s, 0.125)
+            key = R.key_of(q, pk, pv, o_s, lse_s, 0.125) + PAM._strides(q, o_s, lse_s)
+            got = R.call(PAM._MERGE_FORWARD_PROGRAMS, key, [q, pk, pv, o_s, lse_s], PAM._merge_forward, q, pk, pv,
+                         o_s, lse_s, 0.125, single=False)
+            _same(got, want)
+            args = (want[0] * 0.5, q, pk, pv, want[0], want[1], dq_s, 0.125)
+            key = R.key_of(*args) + PAM._strides(args[0], q, dq_s)
+            _same(R.call(PAM._MERGE_BACKWARD_PROGRAMS, key, [args[0], q, pk, pv, want[0], want[1], dq_s],
+                         PAM._merge_backward, *args, single=False), want_b)
+        assert any(isinstance(e, R.Entry) for e in PAM._MERGE_FORWARD_PROGRAMS.values())
+        assert any(isinstance(e, R.Entry) for e in PAM._MERGE_BACKWARD_PROGRAMS.values())
+    torch.cuda.synchronize()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_replayed_prefix_forward_matches_launches_from_python(dtype):
