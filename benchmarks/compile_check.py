@@ -41,6 +41,9 @@ LIMIT = 232448  # H100 shared memory per block, opt-in maximum (227 KiB)
 MODULES = ["bottleneck_adapter", "adapter_fusion", "stacked_adapter_fusion", "masked_linear", "masked_weights",
            "prefix_attention", "prefix_attention_merge"]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# (D, Hq, Hkv, L, S, P, causal) of bench_prefix_attention.py's rows and of the BERT-base prefix-tuning step
+BENCH_PREFIX = [(64, 12, 12, 512, 512, 20, False), (128, 32, 32, 2048, 2048, 64, True), (128, 16, 4, 1024, 1024, 30, True),
+                (128, 32, 8, 1, 512, 20, True), (128, 32, 8, 1, 4096, 20, True), (64, 12, 12, 128, 128, 20, False)]
 KERNEL_TYPES = ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics")
 
 
@@ -191,21 +194,25 @@ def _cases(module_name, dtypes, tuned):
     elif module_name == "prefix_attention":
         import pet_fast.kernels.prefix_attention as P
         for dt in dts:
-            for D in (64, 128):
-                # L = 1: decoding one token (forward only), its own specialisation
-                for B, Hq, Hkv, L, S, Pn, causal, padded in [(2, 4, 4, 128, 128, 16, False, True),
-                                                             (2, 8, 2, 64, 64, 20, True, False),
-                                                             (2, 8, 2, 1, 512, 20, True, False)] + odd(
-                                                             [(1, 4, 1, 37, 37, 5, True, True)]):
-                    def run(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, Pn=Pn, causal=causal, padded=padded, D=D, dt=dt):
-                        q, k, v = mk(B, Hq, L, D, dt=dt), mk(B, Hkv, S, D, dt=dt), mk(B, Hkv, S, D, dt=dt)
-                        pk, pv = mk(Hkv, Pn, D, dt=dt), mk(Hkv, Pn, D, dt=dt)
-                        kpm = torch.ones(B, S, dtype=torch.bool) if padded else None
-                        out, lse = P._forward(q, k, v, pk, pv, kpm, causal)
-                        if L > 1:
-                            P.backward(mk(B, Hq, L, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal)
-                    cases.append((f"B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} P={Pn} D={D} {short[dt]}"
-                                  f"{' causal' if causal else ''}{' padded' if padded else ''}", run))
+            # L = 1: decoding one token (forward only), its own specialisation; then the shapes of
+            # bench_prefix_attention.py and of the BERT step (B = 1: the batch size is no kernel argument),
+            # whose specialisations (head counts, P = 20 or 30 not multiples of 16, G = 1) a warm cache needs
+            shapes = [(D, 2, 4, 4, 128, 128, 16, False, True) for D in (64, 128)] + \
+                [(D, 2, 8, 2, 64, 64, 20, True, False) for D in (64, 128)] + \
+                [(D, 2, 8, 2, 1, 512, 20, True, False) for D in (64, 128)] + \
+                odd([(D, 1, 4, 1, 37, 37, 5, True, True) for D in (64, 128)]) + \
+                [(D, 1, Hq, Hkv, L, S, Pn, causal, padded) for D, Hq, Hkv, L, S, Pn, causal in BENCH_PREFIX
+                 for padded in (True, False)]
+            for D, B, Hq, Hkv, L, S, Pn, causal, padded in shapes:
+                def run(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, Pn=Pn, causal=causal, padded=padded, D=D, dt=dt):
+                    q, k, v = mk(B, Hq, L, D, dt=dt), mk(B, Hkv, S, D, dt=dt), mk(B, Hkv, S, D, dt=dt)
+                    pk, pv = mk(Hkv, Pn, D, dt=dt), mk(Hkv, Pn, D, dt=dt)
+                    kpm = torch.ones(B, S, dtype=torch.bool) if padded else None
+                    out, lse = P._forward(q, k, v, pk, pv, kpm, causal)
+                    if L > 1:
+                        P.backward(mk(B, Hq, L, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal)
+                cases.append((f"B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} P={Pn} D={D} {short[dt]}"
+                              f"{' causal' if causal else ''}{' padded' if padded else ''}", run))
     elif module_name == "prefix_attention_merge":
         import pet_fast.kernels.prefix_attention_merge as PM
         # flash attention is not what is checked: shaped stand-ins for its results
