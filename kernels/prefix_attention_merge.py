@@ -1,8 +1,8 @@
-"""Attention over ``[prefix; keys]`` as torch's flash attention over the sequence plus a Triton merge.
+"""Attention over ``[prefix; keys]`` as torch's attention (cuDNN or flash) over the sequence plus a Triton merge.
 
 The sequence part (the L x S scores) goes to PyTorch's own kernels: on CUDA cuDNN's attention
-(``aten::_scaled_dot_product_cudnn_attention`` and its backward, which torch's SDPA itself prefers on an
-H100) where a one-time probe finds that it runs and that the merged path through it matches a float32
+(``aten::_scaled_dot_product_cudnn_attention`` and its backward, which recent torch's SDPA prefers on an
+H100 with a recent cuDNN) where a one-time probe finds that it runs and the merged path through it matches a float32
 reference (:func:`sequence_backend`), else flash attention (``aten::_scaled_dot_product_flash_attention``);
 the ``_for_cpu`` flash variants on the CPU. Only the small L x P prefix part is computed here, in two
 Triton kernels:
@@ -272,8 +272,8 @@ _SEQUENCE_BACKEND: dict = {}
 
 
 def sequence_backend(q: torch.Tensor, causal: bool) -> str:
-    """Which of torch's kernels computes the sequence part on CUDA: cuDNN's attention (on an H100 torch's
-    own SDPA prefers it to flash attention, being faster there) when PET_FAST_PREFIX_CUDNN is not 0 and a
+    """Which of torch's kernels computes the sequence part on CUDA: cuDNN's attention (recent torch's SDPA
+    prefers it to flash attention on an H100 with a recent cuDNN) when PET_FAST_PREFIX_CUDNN is not 0 and a
     probe on this device, dtype, head dim and causality has shown that torch's private cuDNN ops run and
     that the whole merged path through them, forward and backward, matches a float32 reference; else
     flash attention. The probe runs once per key (not while a CUDA graph is being captured: flash then,
