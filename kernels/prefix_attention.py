@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import _replay
 from ._host import cdiv, next_power_of_2
-from .bottleneck_adapter import autotuning
+from .bottleneck_adapter import autotuning, n_bucket
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -570,21 +570,15 @@ _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, _DKDV_TILES, True)
 _dq_tuned = _autotuned(_bwd_dq_kernel, _DQ_TILES, True)
 
 
-def _size_class(n: int) -> int:
-    """Autotuning key of a length: its power of two (one tuning per size class)."""
-    return next_power_of_2(max(n, 1))
-
-
 def _tuned(dtype: torch.dtype, block_m) -> bool:
     """Autotune fp16/bf16 calls on a GPU unless a tile is forced (or PET_FAST_AUTOTUNE=0)."""
     return autotuning() and dtype != torch.float32 and block_m is None
 
 
-def _scan_block(S: int) -> int:
-    """Bytes of the key padding mask read per step by the key-range scan: one constant on a GPU (not a
-    function of S: it is a compile-time constant, and each value would be one more compile per tile);
-    small under the interpreter, so that the tests' short rows take several steps."""
-    return 32 if _interpreting() else 1024
+# Bytes of the key padding mask the key-range scan reads per step: one constant on a GPU (a compile-time
+# constant: each value would be one more compile per tile); small under the interpreter, so that the tests'
+# short rows take several steps.
+_SCAN = 32 if _INTERPRET else 1024
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -612,17 +606,17 @@ def supported_head_dim(D: int) -> bool:
     return 1 <= D <= MAX_HEAD_DIM
 
 
-def _launch_args(q, D: int, S: int, backward: bool, block_m, block_n):
-    """(kernel choice, grid tile getter, keyword arguments) shared by the forward and the backward: the
-    autotuner picks the tile of fp16/bf16 GPU calls, _config (or the forced block_m/block_n) the others."""
+def _launch_args(q, D: int, backward: bool, block_m, block_n):
+    """(autotuned?, keyword arguments) shared by the forward and the backward: the autotuner picks the tile
+    of fp16/bf16 GPU calls, _config (or the forced block_m/block_n) the others. The grids read the tile from
+    the launch's meta-parameters either way."""
     common = dict(BLOCK_D=_block_d(D), EVEN_D=_block_d(D) == D, UPCAST=_interpreting(),
                   IEEE=q.dtype == torch.float32 and not _interpreting())
     if _tuned(q.dtype, block_m):
-        return True, (lambda meta: (meta["BLOCK_M"], meta["BLOCK_N"])), common
+        return True, common
     bm, bn, warps, stages = _config(D, backward=backward, dtype=q.dtype)
-    bm, bn = block_m or bm, block_n or bn
-    common.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return False, (lambda meta: (bm, bn)), common
+    common.update(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn, num_warps=warps, num_stages=stages)
+    return False, common
 
 
 _FORWARD_PROGRAMS: dict = _replay.register_cache({})
@@ -655,12 +649,12 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-    tuned, tile, kw = _launch_args(q, D, S, False, block_m, block_n)
+    tuned, kw = _launch_args(q, D, False, block_m, block_n)
     _replay.launch(
-        _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, tile(meta)[0]), Hq, B),
+        _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
-        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, _size_class(L), _size_class(S),
-        HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_scan_block(S), **kw)
+        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, n_bucket(L), n_bucket(S),
+        HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, **kw)
     return out, lse
 
 
@@ -690,18 +684,18 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, 
         pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
         pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
         kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-        tuned, tile, kw = _launch_args(q, D, S, True, block_m, block_n)
-        sizes = (_size_class(L), _size_class(S))
+        tuned, kw = _launch_args(q, D, True, block_m, block_n)
+        sizes = (n_bucket(L), n_bucket(S))
         flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), **kw)
         qk_scale2 = scale * LOG2E
         (_dkdv_tuned if tuned else _bwd_dkdv_kernel)[lambda meta: (
-                cdiv(P, tile(meta)[1]) + cdiv(S, tile(meta)[1]), Hkv, B)](
+                cdiv(P, meta["BLOCK_N"]) + cdiv(S, meta["BLOCK_N"]), Hkv, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
             _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
             Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, *sizes, **flags)
-        (_dq_tuned if tuned else _bwd_dq_kernel)[lambda meta: (cdiv(L, tile(meta)[0]), Hq, B)](
+        (_dq_tuned if tuned else _bwd_dq_kernel)[lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B)](
             q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
-            Hq, G, L, S, P, D, spk_b, spk_h, *sizes, SCAN=_scan_block(S), **flags)
+            Hq, G, L, S, P, D, spk_b, spk_h, *sizes, SCAN=_SCAN, **flags)
     if not has_prefix:
         return dq, dk, dv, None, None
     if prefix_k.dim() == 3:

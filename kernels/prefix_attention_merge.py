@@ -218,11 +218,10 @@ def _config(D: int, P: int, backward: bool):
     return (128, bn, 8) if bd <= 64 else (64, bn, 8) if bd <= 128 else (32, min(bn, 32), 8)
 
 
-def _prefix(prefix: torch.Tensor, B: int, H: int, D: int):
-    """(contiguous tensor, P, batch stride, head stride) of a (H, P, D) or (B, H, P, D) prefix."""
-    prefix = prefix.contiguous()
+def _prefix(prefix: torch.Tensor, H: int, D: int):
+    """(P, batch stride, head stride) of a contiguous (H, P, D) or (B, H, P, D) prefix."""
     P = prefix.shape[-2]
-    return prefix, P, (0 if prefix.dim() == 3 else H * P * D), P * D
+    return P, (0 if prefix.dim() == 3 else H * P * D), P * D
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -368,7 +367,7 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
 def _merge_forward(q, pk, pv, o_s, lse_s, scale: float):
     """The merge of the flash result ``(o_s, lse_s)`` with the prefix (contiguous ``pk``/``pv``)."""
     B, H, L, D = q.shape
-    _, P, spk_b, spk_h = _prefix(pk, B, H, D)
+    P, spk_b, spk_h = _prefix(pk, H, D)
     out = _replay.empty(q.shape, q.dtype, q.device)
     lse = _replay.empty((B, H, L), torch.float32, q.device)
     bm, bn, warps = _config(D, P, backward=False)
@@ -411,7 +410,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
 def _merge_backward(grad_out, q, pk, pv, out, lse, dq_s, scale: float):
     """(dq, d_prefix_k, d_prefix_v) from the flash backward's ``dq_s`` and the prefix (contiguous)."""
     B, H, L, D = q.shape
-    _, P, spk_b, spk_h = _prefix(pk, B, H, D)
+    P, spk_b, spk_h = _prefix(pk, H, D)
     bm, bn, warps = _config(D, P, backward=True)
     n_m = cdiv(L, bm)
     half = H * P * D  # one batch's prefix gradient
