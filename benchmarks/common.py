@@ -70,16 +70,20 @@ def kernel_us(fn, calls: int = 10):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total = sum(e.self_device_time_total for e in prof.key_averages()
-                if e.device_type != torch.autograd.DeviceType.CPU)
-    return total / calls
+    return sum(e.self_device_time_total for e in _kernel_events(prof)) / calls
+
+
+def _kernel_events(prof) -> list:
+    """The profiler's device events (kernels, copies) with time of their own; CPU-side ops such as aten::mm
+    or autograd nodes are left out: their device time is their kernels', which have their own events."""
+    return [e for e in prof.key_averages()
+            if e.device_type != torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
 
 
 def profile_rows(call, calls: int, label: dict) -> list:
     """Where the time of ``call()`` goes: one summary row (host microseconds per call without a sync, wall
     microseconds with one, the kernels' GPU microseconds) and one row per kernel with its own GPU time per
-    call (torch.profiler; CPU-side ops such as aten::mm or autograd nodes are left out: their device time is
-    their kernels', which have their own rows). On the CPU the per-op rows hold CPU time. ``label``'s keys
+    call (torch.profiler, :func:`_kernel_events`). On the CPU the per-op rows hold CPU time. ``label``'s keys
     start every row. Three warm-up calls first (compiles, autotuning, the allocator)."""
     for _ in range(3):
         call()
@@ -98,11 +102,8 @@ def profile_rows(call, calls: int, label: dict) -> list:
             call()
         sync()
     rows = []
-    for ev in prof.key_averages():
-        if gpu and (ev.device_type == torch.autograd.DeviceType.CPU or ev.self_device_time_total <= 0):
-            continue
-        if not gpu and ev.self_cpu_time_total <= 0:
-            continue
+    events = _kernel_events(prof) if gpu else [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    for ev in events:
         self_us = ev.self_device_time_total if gpu else ev.self_cpu_time_total
         dev_us = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
         rows.append({**label, "kernel": ev.key[:90], "us_per_call": round(self_us / calls, 2),
