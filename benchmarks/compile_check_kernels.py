@@ -193,6 +193,11 @@ def _pa_tiles(D: int, dt: str, backward: bool) -> dict:
     return out
 
 
+# the launchers' stride arguments (batch, head, row of q, k/v, the output, dO, the gradients; the prefix's)
+PA_STRIDES = tuple(f"s{t}_{d}" for t in ("q", "k", "o", "do", "dq", "dk") for d in "bhl") + (
+    "spk_b", "spk_h", "sdp_b", "sdp_h")
+
+
 def prefix_attention_jobs(dtypes, quick):
     jobs = []
     for dt in dtypes:
@@ -224,10 +229,10 @@ def prefix_attention_jobs(dtypes, quick):
                         consts = dict(HAS_KPM=kpm, CAUSAL=causal, **blocks)
                         if not gqa:
                             consts["G"] = 1
-                        div = {"D", "spk_b", "spk_h", "sk_b", "sk_h", "sdp_b", "sdp_h", "Hq", "tune_l", "tune_s"}
+                        strides = PA_STRIDES
+                        div = {"D", "Hq", "tune_l", "tune_s", *strides}
                         if variant == "aligned":
                             div |= {"L", "S", "P"}
-                        strides = ("spk_b", "spk_h", "sk_b", "sk_h", "sdp_b", "sdp_h")
                         i64 = {k: "i64" for k in strides} if variant == "i64" else {}
                         tag = f"D={D} causal={int(causal)} kpm={int(kpm)} G={'n' if gqa else 1} BM={bm} BN={bn}"
                         common = dict(dtype=dt, tag=tag, warps=warps, stages=stages, div=div, variant=variant,
@@ -243,7 +248,8 @@ def prefix_attention_jobs(dtypes, quick):
                             jobs.append(dict(kernel=kernel, **common, types=dict(
                                 Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", DO=t, LSE="*fp32", DELTA="*fp32", DQ=t,
                                 qk_scale2="fp32", scale="fp32", **i64)))
-        jobs.append(dict(kernel="pa_delta", dtype=dt, tag="BLOCK_R=64", warps=4, stages=1, div={"D"},
+        jobs.append(dict(kernel="pa_delta", dtype=dt, tag="BLOCK_R=64", warps=4, stages=1,
+                         div={"D", "H", "L"} | set(PA_STRIDES),
                          variant="aligned", consts=dict(BLOCK_R=64, BLOCK_D=64),
                          types=dict(O=t, DO=t, DELTA="*fp32")))
     return jobs
@@ -266,14 +272,15 @@ def prefix_merge_jobs(dtypes, quick):
                         common = dict(dtype=dt, tag=f"D={D} P={P} BM={bm} BN={bn}", warps=warps, stages=1,
                                       div=div, variant=variant, consts=consts)
                         if not backward:
-                            strides = ("sq_b", "sq_h", "sq_l", "sos_b", "sos_h", "sos_l", "sls_b", "sls_h", "sls_l",
-                                       "spk_b", "spk_h")
+                            strides = ("sq_b", "sq_h", "sq_l", "sos_b", "sos_h", "sos_l", "so_b", "so_h", "so_l",
+                                       "sls_b", "sls_h", "sls_l", "spk_b", "spk_h")
                             jobs.append(dict(kernel="pam_fwd", **common, types=dict(
                                 Q=t, PK=t, PV=t, OS=t, LSES="*fp32", O=t, LSE="*fp32", qk_scale2="fp32",
                                 **({k: "i64" for k in strides} if i64 else {}))))
                         else:
-                            strides = ("sq_b", "sq_h", "sq_l", "sdo_b", "sdo_h", "sdo_l", "sdq_b", "sdq_h", "sdq_l",
-                                       "spk_b", "spk_h", "spart_m", "spart_b", "spart_w")
+                            strides = ("sq_b", "sq_h", "sq_l", "sdo_b", "sdo_h", "sdo_l", "so_b", "so_h", "so_l",
+                                       "sdq_b", "sdq_h", "sdq_l", "sg_b", "sg_h", "sg_l", "spk_b", "spk_h", "spart_m",
+                                       "spart_b", "spart_w")
                             jobs.append(dict(kernel="pam_bwd", **common, types=dict(
                                 Q=t, PK=t, PV=t, DO=t, O=t, LSE="*fp32", DQS=t, DQ=t, PART="*fp32",
                                 qk_scale2="fp32", scale="fp32", **({k: "i64" for k in strides} if i64 else {}))))

@@ -17,9 +17,14 @@ meaningful; the rows time forward + backward + zero_grad, without AdamW's step (
 kernels fall back to per-tensor loops, which a GPU does not do); and a GPU adds, per stubbed launch, the
 Triton launcher's own host time (reported as ``stubbed_launches`` per step). CPU numbers only: a GPU
 session measures the real steps with bench_step.py and profile_step.py.
+
+Beside the times, which drift with the machine's load, each row gives exact counts of one step: the aten
+ops that reach a kernel (``aten_ops``; on a GPU each non-view op is a launch or an allocation), and among
+them the copies (clone, copy_) and the zero fills (zeros, fill_, select/slice backward).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fnmatch
 import importlib
@@ -32,6 +37,7 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit reads it: the kernels take CPU tensors
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -131,6 +137,19 @@ def _count_replayed(i, slots):
     _Stub.launches += 1
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that reach a backend kernel (after autograd; views and allocations included):
+    on a GPU each non-view op is a launch or an allocation, each one host time. Exact, unlike the times."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _time_steps(row, step, steps: int) -> dict:
     for _ in range(3):
         step()
@@ -140,8 +159,14 @@ def _time_steps(row, step, steps: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"row": row.row, "ms": round(statistics.median(times) * 1e3, 3),
-            "stubbed_launches": round(_Stub.launches / steps, 1)}
+    launches = _Stub.launches / steps
+    counter = _CountOps()
+    with counter:
+        step()
+    ops = counter.ops
+    return {"row": row.row, "ms": round(statistics.median(times) * 1e3, 3), "stubbed_launches": round(launches, 1),
+            "aten_ops": sum(ops.values()), "copies": ops["clone"] + ops["copy_"],
+            "fills": sum(ops[k] for k in ("zeros", "zero_", "fill_", "zeros_like", "select_backward", "slice_backward"))}
 
 
 def main():
@@ -176,7 +201,7 @@ def main():
         rec["vs_full"] = round(rec["ms"] / full, 3) if full else None
         out.append(rec)
     print()
-    common.print_table(out, ["row", "ms", "vs_floor", "vs_full", "stubbed_launches"])
+    common.print_table(out, ["row", "ms", "vs_floor", "vs_full", "stubbed_launches", "aten_ops", "copies", "fills"])
     common.write(args.json, out, model=dict(DIMS, batch=SPEC[1], seq=SPEC[2]), threads=1,
                  what="host time per step, Triton launches stubbed, no optimizer update (CPU)")
 

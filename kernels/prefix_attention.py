@@ -26,8 +26,12 @@ Tiles: fp16/bf16 calls on a GPU are autotuned over a few tiles per head-dim clas
 the size classes of L and S, padding and causality; the interpreter, float32 and PET_FAST_AUTOTUNE=0 use
 the fixed tiles of :func:`_config`.
 
-Contiguity is the wrappers' job (they make inputs contiguous); the head dimension is padded to a power
-of two with masks, so any D <= 256 runs. No autograd here: see ``pet_fast/ops/prefix_attention.py``.
+Layouts: q, k, v, dO and O are read through their batch, head and row strides (the last dim contiguous;
+k and v share theirs), so the (B, L, H, D) memory of an attention layer's projections is read in place;
+the output and dq, dk, dv are written in (B, L, H, D) memory (returned as (B, H, L, D) views), which the
+layer transposes back, and its projections take the gradients, with no copy. The prefix is contiguous.
+The head dimension is padded to a power of two with masks, so any D <= 256 runs. No autograd here: see
+``pet_fast/ops/prefix_attention.py``.
 """
 from __future__ import annotations
 
@@ -62,25 +66,26 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(h, b, Hq, G, L, S, D, spk_b, spk_h,
+def _query_tile(h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Index set-up of a program that owns BLOCK_M query rows of head h in batch b (forward and dq):
-    row/column/key-tile ranges, their masks, the head's base offsets of q, k/v and the prefix, the query
-    tile's offsets and the offsets inside one key tile.
+    row/column/key-tile ranges, their masks, the head's base offsets of k/v and the prefix, the query
+    tile's offsets and the offsets inside one key tile of the sequence (rows sk_l apart) and of the prefix
+    (rows D apart).
 
-    One head alone may hold 2**31 elements (L * D or S * D): rows are int64 before they meet D; key blocks
-    start at an int64 scalar (added by the caller) and only the offsets inside a tile (< BLOCK_N * BLOCK_D)
-    stay int32."""
+    A tensor may hold 2**31 elements: bases and rows are int64 before they meet a stride; key blocks
+    start at an int64 scalar (added by the caller) and only the offsets inside a tile stay int32."""
     hk = h // G
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q_base = (b.to(tl.int64) * Hq + h) * L * D
-    kv_base = (b.to(tl.int64) * (Hq // G) + hk) * S * D
+    q_base = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    kv_base = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     p_base = b.to(tl.int64) * spk_b + hk.to(tl.int64) * spk_h
-    q_off = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-    kv_tile = offs_n0[:, None] * D + offs_d[None, :]
-    return offs_m, offs_d, offs_n0, offs_m < L, offs_d < D, q_base, kv_base, p_base, q_off, kv_tile
+    q_off = q_base + offs_m.to(tl.int64)[:, None] * sq_l + offs_d[None, :]
+    kv_tile = offs_n0[:, None] * sk_l + offs_d[None, :]
+    p_tile = offs_n0[:, None] * D + offs_d[None, :]
+    return offs_m, offs_d, offs_n0, offs_m < L, offs_d < D, kv_base, p_base, q_off, kv_tile, p_tile
 
 
 @triton.jit
@@ -202,6 +207,9 @@ def _fwd_kernel(
     qk_scale2,  # scale * log2(e)
     Hq, G, L, S, P, D,
     spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows are D apart
+    sq_b, sq_h, sq_l,  # strides of q (batch, head, row; the last dim is contiguous in every tensor)
+    sk_b, sk_h, sk_l,  # strides of k and v (the same)
+    so_b, so_h, so_l,  # strides of the output
     tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -210,8 +218,8 @@ def _fwd_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    offs_m, offs_d, offs_n0, m_ok, d_ok, q_base, kv_base, p_base, q_off, kv_tile = _query_tile(
-        h, b, Hq, G, L, S, D, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D)
+    offs_m, offs_d, offs_n0, m_ok, d_ok, kv_base, p_base, q_off, kv_tile, p_tile = _query_tile(
+        h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, BLOCK_M, BLOCK_N, BLOCK_D)
 
     q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -225,20 +233,20 @@ def _fwd_kernel(
     for start in range(0, P, BLOCK_N):
         offs_n = start + offs_n0
         n_ok = offs_n < P
-        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + p_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, UPCAST, IEEE)
 
     # Sequence keys: whole blocks every row sees, without masks; then the masked rest.
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
-        kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, d_ok, EVEN_D, UPCAST)
+        kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
         m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST, IEEE, False)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
-        kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+        kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST, IEEE)
 
@@ -246,21 +254,26 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + q_off, out.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    o_off = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m.to(tl.int64)[:, None] * so_l + offs_d[None, :]
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + (b.to(tl.int64) * Hq + h) * L + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``delta = rowsum(dO * O)`` in fp32 over R rows of D: one read of each, no fp32 copies."""
+def _delta_kernel(O, DO, DELTA, R, H, L, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_l,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``delta = rowsum(dO * O)`` in fp32 over the R = B * H * L rows of D (row r is (b, h, l) in that order;
+    O and dO read through their strides): one read of each, no fp32 copies."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (offs_d < D)[None, :]
-    off = rows[:, None] * D + offs_d[None, :]
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < R)
+    l_ = rows % L
+    bh = rows // L
+    h = bh % H
+    b = bh // H
+    o = tl.load(O + (b * so_b + h * so_h + l_ * so_l)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + (b * sdo_b + h * sdo_h + l_ * sdo_l)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < R)
 
 
 @triton.jit
@@ -287,7 +300,7 @@ def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q,
 @triton.jit
 def _load_query_rows(Q, DO, LSE, DELTA, qd_off, r_off, qd_mask, m_ok,
                      MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-    """q, dO, log2-sum-exp and delta of a block of query rows (all in bounds unless MASKED)."""
+    """q, dO (laid out alike), log2-sum-exp and delta of a block of query rows (all in bounds unless MASKED)."""
     if MASKED:
         q = tl.load(Q + qd_off, mask=qd_mask, other=0.0)
         do = tl.load(DO + qd_off, mask=qd_mask, other=0.0)
@@ -313,8 +326,9 @@ def _dkdv_block(
     Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     qk_scale2, scale,
     Hq, G, L, N, S_SEQ, D,
-    sk_b, sk_h,  # key/value strides of these keys (batch stride 0 for a shared prefix)
-    sdk_b, sdk_h,  # strides of the gradient buffers
+    sk_b, sk_h, sk_l,  # key/value strides of these keys (batch stride 0 for a shared prefix)
+    sdk_b, sdk_h, sdk_l,  # strides of the gradient buffers
+    sq_b, sq_h, sq_l,  # strides of q and dO (the same)
     pid_n, hk, b,
     IS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -334,8 +348,8 @@ def _dkdv_block(
             n_ok = n_ok & (tl.load(KPM + b.to(tl.int64) * S_SEQ + offs_n, mask=in_bounds, other=0) != 0)
 
     k_base = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
-    rows64 = offs_n.to(tl.int64)[:, None] * D  # N * D may pass 2**31 (see _fwd_kernel)
-    kv_off = k_base + rows64 + offs_d[None, :]
+    rows64 = offs_n.to(tl.int64)[:, None]  # N * stride may pass 2**31
+    kv_off = k_base + rows64 * sk_l + offs_d[None, :]
     kv_mask = in_bounds[:, None] & d_ok[None, :]
     kt = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     vt = tl.load(V + kv_off, mask=kv_mask, other=0.0)
@@ -364,16 +378,16 @@ def _dkdv_block(
     n_masked = tl.where(n_valid > 0, n_head + (m_full < L).to(tl.int32), 0)
     m_full = tl.where(n_valid > 0, m_full, m_mid)
 
-    qd_tile = offs_m0[:, None] * D + offs_d[None, :]
+    qd_tile = offs_m0[:, None] * sq_l + offs_d[None, :]
     for g in range(0, G):
         h = hk * G + g
-        q_base = (b.to(tl.int64) * Hq + h) * L * D
+        q_base = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
         r_base = (b.to(tl.int64) * Hq + h) * L
         for i in range(0, n_masked):  # one loop over both masked runs keeps the registers of one loop body
             start = tl.where(i < n_head, m_begin + i * BLOCK_M, m_full)
             offs_m = start + offs_m0
             m_ok = offs_m < L
-            q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * D + qd_tile,
+            q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * sq_l + qd_tile,
                                                   r_base + offs_m, m_ok[:, None] & d_ok[None, :], m_ok, True, EVEN_D,
                                                   UPCAST)
             ok = n_ok[:, None] & m_ok[None, :]
@@ -383,14 +397,14 @@ def _dkdv_block(
             dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, UPCAST, IEEE, True)
         for start in range(m_mid, m_full, BLOCK_M):
             offs_m = start + offs_m0
-            q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * D + qd_tile,
+            q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * sq_l + qd_tile,
                                                   r_base + offs_m, d_ok[None, :], offs_m < L, False, EVEN_D, UPCAST)
             dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, n_ok, dk, dv, qk_scale2, DO, Q, UPCAST, IEEE, False)
 
     # masked keys get zeros (a padded key's non-finite value would leave NaN through 0 * inf)
     dk = tl.where(n_ok[:, None], dk * scale, 0.0)
     dv = tl.where(n_ok[:, None], dv, 0.0)
-    g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + rows64 + offs_d[None, :]
+    g_off = b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + rows64 * sdk_l + offs_d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -400,7 +414,10 @@ def _bwd_dkdv_kernel(
     Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DK, DV, DPK, DPV,
     qk_scale2, scale,
     Hq, G, L, S, P, D,
-    sk_b, sk_h, spk_b, spk_h, sdp_b, sdp_h,
+    sk_b, sk_h, sk_l,  # strides of k and v (the same)
+    sdk_b, sdk_h, sdk_l,  # strides of dk and dv (the same)
+    sq_b, sq_h, sq_l,  # strides of q and dO (the same)
+    spk_b, spk_h, sdp_b, sdp_h,  # the prefix's and its fp32 partials' (rows D apart)
     tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -412,11 +429,11 @@ def _bwd_dkdv_kernel(
     nb_p = tl.cdiv(P, BLOCK_N)  # the first programs take the prefix key blocks (the longest: every query sees them)
     if pid < nb_p:
         _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, Hq, G, L, P, S, D,
-                    spk_b, spk_h, sdp_b, sdp_h, pid, hk, b,
+                    spk_b, spk_h, D, sdp_b, sdp_h, D, sq_b, sq_h, sq_l, pid, hk, b,
                     True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE)
     else:
         _dkdv_block(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, qk_scale2, scale, Hq, G, L, S, S, D,
-                    sk_b, sk_h, sk_b, sk_h, pid - nb_p, hk, b,
+                    sk_b, sk_h, sk_l, sdk_b, sdk_h, sdk_l, sq_b, sq_h, sq_l, pid - nb_p, hk, b,
                     False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE)
 
 
@@ -442,6 +459,8 @@ def _bwd_dq_kernel(
     qk_scale2, scale,
     Hq, G, L, S, P, D,
     spk_b, spk_h,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,  # strides of q and dO (the same), and of k and v (the same)
+    sdq_b, sdq_h, sdq_l,  # strides of dq
     tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -450,15 +469,15 @@ def _bwd_dq_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    offs_m, offs_d, offs_n0, m_ok, d_ok, q_base, kv_base, p_base, qd_off, kv_tile = _query_tile(
-        h, b, Hq, G, L, S, D, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D)
-    q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, qd_off, (b.to(tl.int64) * Hq + h) * L + offs_m,
+    offs_m, offs_d, offs_n0, m_ok, d_ok, kv_base, p_base, q_off, kv_tile, p_tile = _query_tile(
+        h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, BLOCK_M, BLOCK_N, BLOCK_D)
+    q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_off, (b.to(tl.int64) * Hq + h) * L + offs_m,
                                           m_ok[:, None] & d_ok[None, :], m_ok, True, EVEN_D, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     for start in range(0, P, BLOCK_N):
         n_ok = (start + offs_n0) < P
-        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+        kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + p_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
         dq = _dq_step(q, do, kt, vt, n_ok[None, :] & m_ok[:, None], lse2, delta, dq, qk_scale2, PK, UPCAST, IEEE,
                       True)
@@ -466,17 +485,38 @@ def _bwd_dq_kernel(
     # rows past L have lse = +inf (p = 0): the unmasked blocks need no row mask
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
-        kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, d_ok, EVEN_D, UPCAST)
+        kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
         dq = _dq_step(q, do, kt, vt, m_ok, lse2, delta, dq, qk_scale2, K, UPCAST, IEEE, False)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
-        kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
+        kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
         dq = _dq_step(q, do, kt, vt, ok & m_ok[:, None], lse2, delta, dq, qk_scale2, K, UPCAST, IEEE, True)
 
     dq = dq * scale
-    tl.store(DQ + qd_off, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + offs_m.to(tl.int64)[:, None] * sdq_l + offs_d[None, :]
+    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Adds the rows of the (splits, 2 * half) fp32 buffer in a fixed order (the same bits every run:
+    SPLIT_BLOCK running sums per column, one tile of rows at a time, then one tree sum over them) and
+    writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype. A tile of rows per
+    step keeps many loads in flight however many splits there are."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    total = 2 * half  # products with the int64 row index below stay int64
+    m = i < total
+    r0 = tl.arange(0, SPLIT_BLOCK)
+    acc = tl.zeros((SPLIT_BLOCK, BLOCK), dtype=tl.float32)
+    for start in range(0, splits, SPLIT_BLOCK):
+        r = start + r0
+        acc += tl.load(PART + r.to(tl.int64)[:, None] * total + i[None, :], mask=(r < splits)[:, None] & m[None, :],
+                       other=0.0)
+    acc_sum = tl.sum(acc, 0)
+    tl.store(OK + i, acc_sum.to(OK.dtype.element_ty), mask=m & (i < half))
+    tl.store(OV + (i - half), acc_sum.to(OV.dtype.element_ty), mask=m & (i >= half))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -602,6 +642,35 @@ def _kpm_args(key_padding_mask: torch.Tensor | None, device):
     return _nonempty(key_padding_mask.contiguous().view(torch.int8)), True
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (the kernels read any batch, head and row strides: the
+    (B, L, H, D) memory of projections seen as (B, H, L, D) is read in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _keys(k: torch.Tensor, v: torch.Tensor):
+    """k and v with one set of strides between them (the kernels read both at one offset): in place when
+    they already share them (two projections' outputs), else contiguous copies."""
+    k, v = _rows(k), _rows(v)
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return k, v
+
+
+def blhd_empty(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised (B, H, L, D) tensor in (B, L, H, D) memory: the layout of the outputs (and of the
+    gradients of q, k and v), in which an attention layer's ``out.transpose(1, 2)`` and its projections'
+    gradients need no copy. Allocated through the replay's recorder (the allocation is what a program
+    returns: callers transpose it)."""
+    B, H, L, D = shape
+    return _replay.empty((B, L, H, D), dtype, device)
+
+
+def _bhl(t: torch.Tensor) -> tuple:
+    """(batch, head, row) strides of a (B, H, L, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def supported_head_dim(D: int) -> bool:
     return 1 <= D <= MAX_HEAD_DIM
 
@@ -624,24 +693,36 @@ _FORWARD_PROGRAMS: dict = _replay.register_cache({})
 
 def forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
             block_m=None, block_n=None):
-    """See :func:`_forward`; calls with a key seen before replay its launch from C++ (kernels/_replay.py):
-    decoding a few tokens is bound by the host."""
+    """Returns ``(out, lse)``: ``out`` (B, Hq, L, D) in (B, L, Hq, D) memory (:func:`blhd_empty`); ``lse``
+    (B, Hq, L) fp32, natural log, ``+inf`` on rows that see no key. q, k and v are read in place when their
+    last dim is contiguous (k and v with the same strides). Calls with a key seen before replay the launch
+    from C++ (kernels/_replay.py): decoding a few tokens is bound by the host."""
+    q = _rows(q)
+    k, v = _keys(k, v)
     if not _replay.active(q):
-        return _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n)
-    key = _replay.key_of(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, block_m, block_n)
-    return _replay.call(_FORWARD_PROGRAMS, key, [q, k, v, prefix_k, prefix_v, key_padding_mask], _forward, q, k, v,
-                        prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n, single=False)
+        out, lse = _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n)
+    else:
+        key = forward_key(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n)
+        out, lse = _replay.call(_FORWARD_PROGRAMS, key, [q, k, v, prefix_k, prefix_v, key_padding_mask], _forward, q,
+                                k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n,
+                                single=False)
+    return out.transpose(1, 2), lse
+
+
+def forward_key(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m=None, block_n=None) -> tuple:
+    """The replay key of a forward call (after :func:`forward` has laid out q, k, v): the kernels take
+    q's and k's strides as arguments."""
+    return _replay.key_of(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, block_m, block_n) + (
+        q.stride(), k.stride())
 
 
 def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
              block_m=None, block_n=None):
-    """Returns ``(out, lse)``: ``out`` like ``q``; ``lse`` (B, Hq, L) fp32, natural log, ``+inf`` on
-    rows that see no key."""
+    """:func:`forward` with q, k and v as it makes them; returns the output as allocated, (B, L, Hq, D)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = _replay.empty(q.shape, q.dtype, q.device)
+    out = blhd_empty(q.shape, q.dtype, q.device)
     lse = _replay.empty((B, Hq, L), torch.float32, q.device)
     if out.numel() == 0:
         _replay.unrecordable("no output: the log-sum-exp is filled by torch")
@@ -653,53 +734,95 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     _replay.launch(
         _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
-        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, n_bucket(L), n_bucket(S),
-        HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, **kw)
+        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *_bhl(out.transpose(1, 2)),
+        n_bucket(L), n_bucket(S), HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, **kw)
     return out, lse
+
+
+_BACKWARD_PROGRAMS: dict = _replay.register_cache({})
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal=False, scale=None,
              block_m=None, block_n=None):
-    """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``; the prefix gradients have the prefix's shape
-    (summed over the batch when it is shared) and are None without a prefix. ``delta = rowsum(dO * O)``
-    comes from one small kernel; every gradient is written whole by the kernels (no zero fill), except
-    when there is nothing to attend (zeros)."""
+    """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``: dq, dk and dv in (B, L, H, D) memory
+    (:func:`blhd_empty`), the prefix gradients in the prefix's shape (summed over the batch when it is
+    shared), None without a prefix. q, k, v, dO and O are read in place when their last dim is contiguous
+    (and dO laid out as q, as an attention layer's are: else both are copied).
+    Four launches: ``delta = rowsum(dO * O)``, dk/dv (and the prefix's fp32 partials), dq, and the
+    partials' sum into the prefix's dtype in a fixed order; every gradient is written whole by the kernels
+    (no zero fill), except when there is nothing to attend (zeros, from torch). Calls with a key seen
+    before replay the launches from C++ (kernels/_replay.py)."""
+    q, grad_out, out, lse = _rows(q), _rows(grad_out), _rows(out), lse.contiguous()
+    if grad_out.stride() != q.stride():  # the kernels read both at one offset
+        q, grad_out = q.contiguous(), grad_out.contiguous()
+    k, v = _keys(k, v)
+    args = (grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m, block_n)
+    if not _replay.active(q):
+        grads = _backward(*args)
+    else:
+        key = backward_key(*args)
+        grads = _replay.call(_BACKWARD_PROGRAMS, key, [grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
+                                                       lse], _backward, *args, single=False)
+    dq, dk, dv, dpk, dpv = grads
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
+
+
+def backward_key(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m=None,
+                 block_n=None) -> tuple:
+    """The replay key of a backward call (after :func:`backward` has laid out its inputs), strides included."""
+    return _replay.key_of(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, bool(causal), scale,
+                          block_m, block_n) + tuple(t.stride() for t in (grad_out, q, k, out))
+
+
+def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m, block_n):
+    """:func:`backward` with its inputs as it makes them; dq, dk, dv returned as allocated, (B, L, H, D)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     has_prefix = prefix_k is not None
     P = prefix_k.shape[-2] if has_prefix else 0
-    run = B * Hq * L > 0 and B * Hkv * (S + P) > 0
-    new = torch.empty_like if run else torch.zeros_like
-    dq, dk, dv = new(q), new(k), new(v)
-    dpk_part = (torch.empty if run else torch.zeros)(B, Hkv, P, D, dtype=torch.float32, device=q.device)
-    dpv_part = new(dpk_part)
-    if run:
-        rows = B * Hq * L
-        delta = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-        _delta_kernel[(cdiv(rows, 64),)](out, grad_out, delta, rows, D, BLOCK_R=64, BLOCK_D=_block_d(D))
-        pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
-        pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
-        kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
-        tuned, kw = _launch_args(q, D, True, block_m, block_n)
-        sizes = (n_bucket(L), n_bucket(S))
-        flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), **kw)
-        qk_scale2 = scale * LOG2E
-        (_dkdv_tuned if tuned else _bwd_dkdv_kernel)[lambda meta: (
-                cdiv(P, meta["BLOCK_N"]) + cdiv(S, meta["BLOCK_N"]), Hkv, B)](
-            q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
-            _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
-            Hq, G, L, S, P, D, Hkv * S * D, S * D, spk_b, spk_h, Hkv * P * D, P * D, *sizes, **flags)
-        (_dq_tuned if tuned else _bwd_dq_kernel)[lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B)](
-            q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
-            Hq, G, L, S, P, D, spk_b, spk_h, *sizes, SCAN=_SCAN, **flags)
-    if not has_prefix:
-        return dq, dk, dv, None, None
-    if prefix_k.dim() == 3:
-        dpk, dpv = dpk_part.sum(0), dpv_part.sum(0)
-    else:
-        dpk, dpv = dpk_part, dpv_part
-    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    dq = blhd_empty(q.shape, q.dtype, q.device)
+    dk, dv = (blhd_empty(t.shape, t.dtype, t.device) for t in (k, v))
+    shared = has_prefix and prefix_k.dim() == 3
+    dpk = _replay.empty(prefix_k.shape, prefix_k.dtype, q.device) if has_prefix else None
+    dpv = _replay.empty(prefix_v.shape, prefix_v.dtype, q.device) if has_prefix else None
+    if B * Hq * L == 0 or B * Hkv * (S + P) == 0:  # nothing to attend: zero gradients
+        _replay.unrecordable("no attention: the gradients are zero-filled by torch")
+        return tuple(None if t is None else t.zero_() for t in (dq, dk, dv, dpk, dpv))
+    half = Hkv * P * D  # one batch's prefix gradient
+    # the prefix's fp32 partials: per batch one row [d_prefix_k | d_prefix_v] when the prefix is shared (rows
+    # summed over the batch), else one row [every batch's d_prefix_k | every batch's d_prefix_v] (cast only)
+    part = _replay.empty((B, 2, half) if shared else (2, B, half), torch.float32, q.device)
+    dpk_part, dpv_part = (part[:, 0], part[:, 1]) if shared else (part[0], part[1])
+    sdp_b = 2 * half if shared else half
+    delta = _replay.empty((B, Hq, L), torch.float32, q.device)
+    rows = B * Hq * L
+    _replay.launch(_delta_kernel, (cdiv(rows, 64),), out, grad_out, delta, rows, Hq, L, D, *_bhl(out),
+                   *_bhl(grad_out), BLOCK_R=64, BLOCK_D=_block_d(D))
+    pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
+    pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
+    kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
+    tuned, kw = _launch_args(q, D, True, block_m, block_n)
+    sizes = (n_bucket(L), n_bucket(S))
+    flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), **kw)
+    qk_scale2 = scale * LOG2E
+    dq_t, dk_t = dq.transpose(1, 2), dk.transpose(1, 2)
+    _replay.launch(
+        _dkdv_tuned if tuned else _bwd_dkdv_kernel,
+        lambda meta: (cdiv(P, meta["BLOCK_N"]) + cdiv(S, meta["BLOCK_N"]), Hkv, B),
+        q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
+        _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
+        Hq, G, L, S, P, D, *_bhl(k), *_bhl(dk_t), *_bhl(q), spk_b, spk_h, sdp_b, P * D,
+        *sizes, **flags)
+    _replay.launch(
+        _dq_tuned if tuned else _bwd_dq_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
+        q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
+        Hq, G, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *_bhl(dq_t), *sizes, SCAN=_SCAN,
+        **flags)
+    if has_prefix and P > 0:
+        splits, width = (B, 2 * half) if shared else (1, 2 * B * half)
+        block, split_block = (128, 4) if _interpreting() else (128, 32)
+        _replay.launch(_sum_parts_kernel, (cdiv(width, block),), part, dpk, dpv, width // 2, splits, BLOCK=block,
+                       SPLIT_BLOCK=split_block, num_warps=4)
+    return dq, dk, dv, dpk, dpv

@@ -41,8 +41,10 @@ backward on CUDA accumulates ``dq`` with atomics, so its ``dq``/``dk``/``dv`` fo
 determinism setting, and with deterministic algorithms on cuDNN is not used (as torch's SDPA does);
 the prefix gradients are reduced here in a fixed order. q, k, v and dO are
 read through their strides when their rows are contiguous (no copy of the (B, L, H, D) layout of
-projections); the output, dq, dk and dv are returned contiguous (dk/dv copied when flash gives
-them in another layout).
+projections); the output, dq, dk and dv are returned as (B, H, L, D) views of (B, L, H, D) memory, the
+layout torch's kernels give for such inputs and the one attention layers transpose back: the layer's
+``out.transpose(1, 2)`` and the projections' gradients then need no copy (dk/dv are copied only when
+torch's kernels give another layout).
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from . import _replay
 from ._host import cdiv, next_power_of_2
 
 from .prefix_attention import LOG2E, _interpreting  # shared with the op's own kernels
-from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step
+from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step, _sum_parts_kernel
 
 
 @triton.jit
@@ -88,8 +90,9 @@ def _merge_fwd_kernel(
     Q, PK, PV, OS, LSES, O, LSE,
     qk_scale2,  # scale * log2(e)
     H, L, P, D,
-    sq_b, sq_h, sq_l,  # strides of q (its last dim is contiguous; the output is contiguous)
+    sq_b, sq_h, sq_l,  # strides of q (its last dim is contiguous)
     sos_b, sos_h, sos_l,  # strides of o_s (its last dim is contiguous)
+    so_b, so_h, so_l,  # strides of the output (its last dim is contiguous)
     sls_b, sls_h, sls_l,  # strides of lse_s
     spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows D apart
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -99,7 +102,7 @@ def _merge_fwd_kernel(
     b = tl.program_id(2)
     offs_d, offs_n0, m_ok, d_ok, rows, b64, h64, md_mask, q, p_base, kv_tile = _merge_tile(
         Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
-    o_off = (b64 * H + h64) * L * D + rows[:, None] * D + offs_d[None, :]
+    o_off = b64 * so_b + h64 * so_h + rows[:, None] * so_l + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -130,8 +133,10 @@ def _merge_bwd_kernel(
     qk_scale2, scale,
     H, L, P, D,
     sq_b, sq_h, sq_l,  # strides of q
-    sdo_b, sdo_h, sdo_l,  # strides of dO (o and dq are contiguous)
-    sdq_b, sdq_h, sdq_l,  # strides of the flash backward's dq (its last dim is contiguous)
+    sdo_b, sdo_h, sdo_l,  # strides of dO
+    so_b, so_h, so_l,  # strides of o
+    sdq_b, sdq_h, sdq_l,  # strides of the flash backward's dq
+    sg_b, sg_h, sg_l,  # strides of the dq written here (every last dim is contiguous)
     spk_b, spk_h,
     spart_m, spart_b, spart_w,  # part buffer strides: query tile, batch, which (0: d_prefix_k, 1: d_prefix_v)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -143,11 +148,11 @@ def _merge_bwd_kernel(
     offs_d, offs_n0, m_ok, d_ok, rows, b64, h64, md_mask, q, p_base, kv_tile = _merge_tile(
         Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     bh = b64 * H + h64
-    qd_off = bh * L * D + rows[:, None] * D + offs_d[None, :]  # o and dq are contiguous
     do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + rows[:, None] * sdo_l + offs_d[None, :], mask=md_mask, other=0.0)
     if UPCAST:
         do = do.to(tl.float32)
-    o = tl.load(O + qd_off, mask=md_mask, other=0.0).to(tl.float32)
+    o = tl.load(O + b64 * so_b + h64 * so_h + rows[:, None] * so_l + offs_d[None, :], mask=md_mask,
+                other=0.0).to(tl.float32)
     delta = tl.sum(do.to(tl.float32) * o, 1)
     lse2 = tl.load(LSE + bh * L + rows, mask=m_ok, other=0.0) * 1.4426950408889634
     part_base = pid_m.to(tl.int64) * spart_m + b64 * spart_b + h64 * P * D
@@ -173,27 +178,8 @@ def _merge_bwd_kernel(
         tl.store(PART + spart_w + g_off, dpv, mask=kv_mask)
     dq_s = tl.load(DQS + b64 * sdq_b + h64 * sdq_h + rows[:, None] * sdq_l + offs_d[None, :],
                    mask=md_mask, other=0.0).to(tl.float32)
-    tl.store(DQ + qd_off, (dq_s + dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
-
-
-@triton.jit
-def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """Adds the rows of the (splits, 2 * half) fp32 buffer in a fixed order (the same bits every run:
-    SPLIT_BLOCK running sums per column, one tile of rows at a time, then one tree sum over them) and
-    writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype. A tile of rows per
-    step keeps many loads in flight however many splits there are."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = 2 * half  # products with the int64 row index below stay int64
-    m = i < total
-    r0 = tl.arange(0, SPLIT_BLOCK)
-    acc = tl.zeros((SPLIT_BLOCK, BLOCK), dtype=tl.float32)
-    for start in range(0, splits, SPLIT_BLOCK):
-        r = start + r0
-        acc += tl.load(PART + r.to(tl.int64)[:, None] * total + i[None, :], mask=(r < splits)[:, None] & m[None, :],
-                       other=0.0)
-    acc_sum = tl.sum(acc, 0)
-    tl.store(OK + i, acc_sum.to(OK.dtype.element_ty), mask=m & (i < half))
-    tl.store(OV + (i - half), acc_sum.to(OV.dtype.element_ty), mask=m & (i >= half))
+    tl.store(DQ + b64 * sg_b + h64 * sg_h + rows[:, None] * sg_l + offs_d[None, :],
+             (dq_s + dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,6 +208,22 @@ def _prefix(prefix: torch.Tensor, H: int, D: int):
     """(P, batch stride, head stride) of a contiguous (H, P, D) or (B, H, P, D) prefix."""
     P = prefix.shape[-2]
     return P, (0 if prefix.dim() == 3 else H * P * D), P * D
+
+
+def blhd_strides(B: int, H: int, L: int, D: int) -> tuple:
+    """The strides of a (B, H, L, D) view of (B, L, H, D) memory: the layout in which torch's flash and
+    cuDNN kernels return their outputs for projections' q, k, v, and in which attention layers want the
+    output back (``out.transpose(1, 2)`` is then contiguous, and the gradients reach the projections
+    without a copy)."""
+    return (L * H * D, D, H * D, 1)
+
+
+def in_blhd(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, L, D) itself when its memory is (B, L, H, D) (:func:`blhd_strides`), else a copy so laid out."""
+    B, H, L, D = t.shape
+    if t.stride() == blhd_strides(B, H, L, D):
+        return t
+    return torch.empty((B, L, H, D), dtype=t.dtype, device=t.device).transpose(1, 2).copy_(t)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -304,7 +306,7 @@ def _cudnn_matches(device, dtype, D: int, causal: bool) -> bool:
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32)  # noqa: E731
     q, k, v = (r(B, L, H, D).to(dtype).transpose(1, 2) for _ in range(3))
-    pk, pv, dout = r(H, P, D).to(dtype), r(H, P, D).to(dtype), r(B, H, L, D).to(dtype)
+    pk, pv, dout = r(H, P, D).to(dtype), r(H, P, D).to(dtype), r(B, L, H, D).to(dtype).transpose(1, 2)
     scale = D ** -0.5
     key = (device.index, dtype, D, bool(causal))
     try:
@@ -344,38 +346,42 @@ def _strides(*tensors) -> tuple:
 
 
 def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
-    """Returns ``(out, lse)``: ``out`` contiguous like ``q``; ``lse`` (B, H, L) fp32 natural log. A
-    prefix that is None (or has P = 0) leaves the flash result as it is. The merge's launch is recorded
+    """Returns ``(out, lse)``: ``out`` (B, H, L, D) in (B, L, H, D) memory (:func:`blhd_strides`); ``lse``
+    (B, H, L) fp32 natural log. A prefix that is None (or has P = 0) leaves the flash result as it is
+    (laid out so). The merge's launch is recorded
     once per key and replayed from C++ afterwards (kernels/_replay.py): a training step calls it in every
     layer, and the step is bound by the host."""
     B, H, L, D = q.shape
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     o_s, lse_s = _flash_forward(q, k, v, bool(causal), float(scale))
     if prefix_k is None or prefix_k.shape[-2] == 0:
-        return o_s.contiguous(), lse_s.contiguous()
+        return in_blhd(o_s), lse_s.contiguous()
     pk, pv = prefix_k.contiguous(), prefix_v.contiguous()
     if o_s.stride(-1) != 1:
         o_s = o_s.contiguous()
     scale = float(scale)
     if not _replay.active(q):
-        return _merge_forward(q, pk, pv, o_s, lse_s, scale)
-    key = _replay.key_of(q, pk, pv, o_s, lse_s, scale) + _strides(q, o_s, lse_s)
-    return _replay.call(_MERGE_FORWARD_PROGRAMS, key, [q, pk, pv, o_s, lse_s], _merge_forward, q, pk, pv, o_s,
-                        lse_s, scale, single=False)
+        out, lse = _merge_forward(q, pk, pv, o_s, lse_s, scale)
+    else:
+        key = _replay.key_of(q, pk, pv, o_s, lse_s, scale) + _strides(q, o_s, lse_s)
+        out, lse = _replay.call(_MERGE_FORWARD_PROGRAMS, key, [q, pk, pv, o_s, lse_s], _merge_forward, q, pk, pv, o_s,
+                                lse_s, scale, single=False)
+    return out.transpose(1, 2), lse
 
 
 def _merge_forward(q, pk, pv, o_s, lse_s, scale: float):
-    """The merge of the flash result ``(o_s, lse_s)`` with the prefix (contiguous ``pk``/``pv``)."""
+    """The merge of the flash result ``(o_s, lse_s)`` with the prefix (contiguous ``pk``/``pv``); the output
+    is returned as allocated, (B, L, H, D)."""
     B, H, L, D = q.shape
     P, spk_b, spk_h = _prefix(pk, H, D)
-    out = _replay.empty(q.shape, q.dtype, q.device)
+    out = _replay.empty((B, L, H, D), q.dtype, q.device)
     lse = _replay.empty((B, H, L), torch.float32, q.device)
     bm, bn, warps = _config(D, P, backward=False)
     _replay.launch(
         _merge_fwd_kernel, (cdiv(L, bm), H, B),
         q, pk, pv, o_s, lse_s, out, lse, scale * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
-        o_s.stride(0), o_s.stride(1), o_s.stride(2), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
-        spk_b, spk_h,
+        o_s.stride(0), o_s.stride(1), o_s.stride(2), *blhd_strides(B, H, L, D)[:3],
+        lse_s.stride(0), lse_s.stride(1), lse_s.stride(2), spk_b, spk_h,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
         IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
     )
@@ -383,16 +389,18 @@ def _merge_forward(q, pk, pv, o_s, lse_s, scale: float):
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scale: float):
-    """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``, all contiguous; the prefix gradients have the
-    prefix's shape (summed over the batch when it is shared, (H, P, D)) and are None without a prefix.
-    The prefix part's two launches are recorded once per key and replayed from C++ afterwards."""
-    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
-    out, lse = out.contiguous(), lse.contiguous()
+    """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``: dq, dk and dv in (B, L, H, D) memory
+    (:func:`blhd_strides`, as torch's kernels give them for projections' inputs: no copy then), the prefix
+    gradients contiguous in the prefix's shape (summed over the batch when it is shared, (H, P, D)) or None
+    without a prefix. The prefix part's two launches are recorded once per key and replayed from C++
+    afterwards."""
+    q, k, v, grad_out, out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out, out))
+    lse = lse.contiguous()
     dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
-    dk, dv = dk.contiguous(), dv.contiguous()
+    dk, dv = in_blhd(dk), in_blhd(dv)
     if prefix_k is None or prefix_k.shape[-2] == 0:
         empty = None if prefix_k is None else (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))
-        return (dq_s.contiguous(), dk, dv) + ((None, None) if empty is None else empty)
+        return (in_blhd(dq_s), dk, dv) + ((None, None) if empty is None else empty)
     pk, pv = prefix_k.contiguous(), prefix_v.contiguous()
     if dq_s.stride(-1) != 1:
         dq_s = dq_s.contiguous()
@@ -401,14 +409,15 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     if not _replay.active(q):
         dq, dpk, dpv = _merge_backward(*args)
     else:
-        key = _replay.key_of(*args) + _strides(grad_out, q, dq_s)
+        key = _replay.key_of(*args) + _strides(grad_out, q, dq_s, out)
         dq, dpk, dpv = _replay.call(_MERGE_BACKWARD_PROGRAMS, key, [grad_out, q, pk, pv, out, lse, dq_s],
                                     _merge_backward, *args, single=False)
-    return dq, dk, dv, dpk, dpv
+    return dq.transpose(1, 2), dk, dv, dpk, dpv
 
 
 def _merge_backward(grad_out, q, pk, pv, out, lse, dq_s, scale: float):
-    """(dq, d_prefix_k, d_prefix_v) from the flash backward's ``dq_s`` and the prefix (contiguous)."""
+    """(dq as allocated, (B, L, H, D); d_prefix_k, d_prefix_v) from the flash backward's ``dq_s`` and the
+    prefix (contiguous)."""
     B, H, L, D = q.shape
     P, spk_b, spk_h = _prefix(pk, H, D)
     bm, bn, warps = _config(D, P, backward=True)
@@ -421,12 +430,13 @@ def _merge_backward(grad_out, q, pk, pv, out, lse, dq_s, scale: float):
     else:  # rows (tile), each [dpk of every batch | dpv of every batch]: summed over tiles
         part = _replay.empty((n_m, 2, B, half), torch.float32, q.device)
         s_m, s_b, s_w = 2 * B * half, half, B * half
-    dq = _replay.empty(q.shape, q.dtype, q.device)
+    dq = _replay.empty((B, L, H, D), q.dtype, q.device)
     _replay.launch(
         _merge_bwd_kernel, (n_m, H, B),
         q, pk, pv, grad_out, out, lse, dq_s, dq, part, scale * LOG2E, scale, H, L, P, D,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), spk_b, spk_h, s_m, s_b, s_w,
+        out.stride(0), out.stride(1), out.stride(2), dq_s.stride(0), dq_s.stride(1), dq_s.stride(2),
+        *blhd_strides(B, H, L, D)[:3], spk_b, spk_h, s_m, s_b, s_w,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
         IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
     )

@@ -59,6 +59,12 @@ class LayerPrefix:
     def prefix(self, dtype, batch_size: Optional[int] = None):
         return self.source(dtype, batch_size)
 
+    def batch_views(self, dtype, batch_size: int):
+        """``(prefix_k, prefix_v)`` as (B, Hkv, P, D) views broadcast over the batch when the source keeps
+        them at hand for this forward (``source.batch_views``), else None."""
+        fn = getattr(self.source, "batch_views", None)
+        return None if fn is None else fn(dtype, batch_size)
+
 
 def layer_prefix(module: nn.Module) -> Optional[LayerPrefix]:
     return module.__dict__.get(ATTR)
@@ -265,7 +271,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     ``query`` (B, Hq, L, D), ``key``/``value`` (B, Hkv, S, D) as transformers passes them (after
     RoPE and after the cache update); returns ``(output (B, L, Hq, D), None)``.
     """
-    from .ops.prefix_attention import attend
+    from .ops.prefix_attention import attend_impl
 
     lp = layer_prefix(module)
     if lp is None:
@@ -274,7 +280,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     # k, v in float32 (transformers 5.17's RoPE does), which would send the prefix, its concatenation and
     # the kernels to float32 and the mask to a per-layer conversion. Else q's dtype.
     target = compute_dtype(query)
-    prefix = lp.prefix(target, query.shape[0])
+    prefix = lp.prefix(target)  # per layer (Hkv, P, D), shared by the batch
     if prefix is None:
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if query.dtype != target or key.dtype != target or value.dtype != target:
@@ -284,14 +290,34 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         pk, pv = pk.to(target), pv.to(target)
     causal = _is_causal(module, kwargs)
     use_dropout = dropout > 0.0 and (lp.keep_dropout if lp is not None else True)
+    B = query.shape[0]
     if use_dropout or (attention_mask is not None and attention_mask.dim() != 2):
+        pk, pv = _batch_views(lp, target, B, pk, pv)
         out = _dense(query, key, value, pk, pv, attention_mask, causal, scaling, dropout if use_dropout else 0.0)
     else:
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
         # the arguments are right by construction (module docstring): the op's checks are skipped
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        out = attend(query, key, value, pk, pv, kpm, causal, scale)
+        impl = attend_impl(query, key, value, pk, pv, kpm, causal)
+        if impl.backend == "eager":
+            pk, pv = _batch_views(lp, target, B, pk, pv)
+        out = impl.run(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scale)
+    # the kernels' output is (B, L, H, D) memory (transposed back with no copy), the eager path's is not
     return out.transpose(1, 2).contiguous(), None
+
+
+def _batch_views(lp: LayerPrefix, dtype, batch_size: int, pk, pv):
+    """For the paths that concatenate the prefix to every sequence's keys (eager SDPA, the dense path): the
+    prefix as (B, Hkv, P, D) views broadcast over the batch, views of the same tensor as the shared one, so
+    that its gradient is summed over the batch once for all layers rather than in every layer. The
+    kernels read the shared prefix itself (a batch view would cost them a select and its zero-filled
+    gradient per layer)."""
+    if batch_size <= 1 or pk.dim() != 3:
+        return pk, pv
+    views = lp.batch_views(dtype, batch_size)
+    if views is None or views[0].dtype != pk.dtype:
+        return pk, pv
+    return views
 
 
 def register() -> None:

@@ -224,6 +224,47 @@ def test_log_sum_exp_and_non_contiguous_inputs():
     assert torch.isinf(lse[1]).all() and (lse[1] > 0).all() and torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values in another memory layout: "blhd" (the (B, L, H, D) memory of projections), "padded"
+    (rows of a wider buffer, as a slice of fused projections gives), "plain" (contiguous)."""
+    if how == "blhd":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if how == "padded":
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype)
+        wide[..., :t.shape[-1]] = t
+        return wide[..., :t.shape[-1]]
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("layouts", [("blhd", "blhd", "blhd", "blhd"), ("padded", "blhd", "plain", "padded"),
+                                     ("plain", "plain", "plain", "blhd"), ("padded", "padded", "padded", "padded")])
+def test_strided_inputs_are_read_in_place_and_outputs_come_in_projection_layout(layouts, monkeypatch):
+    """q, k, v and dO in any layout with a contiguous last dim (k and v, or q and dO, with different strides
+    included), GQA, padding and causal: the output and every gradient as the float64 reference's, and out,
+    dq, dk, dv in (B, L, H, D) memory, the layout an attention layer transposes back with no copy. No input
+    is copied when k and v share their strides and q and dO theirs (as in an attention layer)."""
+    B, Hq, Hkv, L, S, D, P = 2, 4, 2, 17, 19, 16, 3
+    lq, lk, lv, lg = layouts
+    q, k, v, pk, pv = make(B, Hq, Hkv, L, S, D, P)
+    q, k, v = _strided(q, lq), _strided(k, lk), _strided(v, lv)
+    kpm = padding_mask(B, S, "left")
+    gy = _strided(torch.randn(B, Hq, L, D, generator=torch.Generator().manual_seed(3)), lg)
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **kw: copies.append(t.shape) or real_contiguous(t, *a, **kw))
+    out, lse = kernels.forward(q, k, v, pk, pv, kpm, True, None)
+    grads = kernels.backward(gy, q, k, v, pk, pv, kpm, out, lse, True, None)
+    monkeypatch.setattr(torch.Tensor, "contiguous", real_contiguous)
+    seq_copies = [s for s in copies if s[-2] in (L, S)]  # (the prefix and the padding mask are small)
+    assert (seq_copies == []) == (k.stride() == v.stride() and q.stride() == gy.stride()), seq_copies
+    for t in (out,) + tuple(grads[:3]):
+        assert t.transpose(1, 2).is_contiguous()
+    ref_out, ref_grads = reference64((q, k, v, pk, pv), kpm, True, gy)
+    for name, a, b in zip(NAMES, (out,) + tuple(grads), [ref_out] + ref_grads):
+        assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
+
+
 def test_dispatch_reasons_and_auto_choice():
     q, k, v, pk, pv = make(1, 2, 2, 3, 4, 8, 2)
     info = op.describe(q, k, pk, None, False, v, pv)

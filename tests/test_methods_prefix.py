@@ -10,6 +10,7 @@ import copy
 import inspect
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -274,6 +275,26 @@ def test_inactive_prefix_falls_back_to_original_attention(family, impl):
         assert (on[real] - plain[real]).abs().max() > 1e-3
 
 
+def spy_on_the_op(monkeypatch, record):
+    """Calls ``record(q, k, v, pk, pv, key_padding_mask, causal, scale)`` on every call that the attention
+    function makes of pet_fast.prefix_attention (through ``attend_impl``, the op's dispatch without the
+    argument checks), before the call runs."""
+    import pet_fast.ops.prefix_attention as op_mod
+
+    real_impl = op_mod.attend_impl
+
+    def spy_impl(*args, **kwargs):
+        impl = real_impl(*args, **kwargs)
+
+        def run(q, k, v, pk, pv, key_padding_mask, causal, scale):
+            record(q, k, v, pk, pv, key_padding_mask, causal, scale)
+            return impl.run(q, k, v, pk, pv, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+
+        return types.SimpleNamespace(backend=impl.backend, run=run)
+
+    monkeypatch.setattr(op_mod, "attend_impl", spy_impl)
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "mistral", "qwen2"])
 def test_fused_op_runs_without_dense_mask(family, monkeypatch):
     """Padding + causal reach pet_fast.prefix_attention as a (B, S) key padding mask and a flag,
@@ -282,14 +303,12 @@ def test_fused_op_runs_without_dense_mask(family, monkeypatch):
 
     model, _ = injected(family, "sdpa")
     calls = []
-    real_op = op_mod.attend  # prefix_attention without the argument checks (hf_attention calls it)
 
-    def spy(q, k, v, pk, pv, key_padding_mask, causal, scale, backend=None):
+    def record(q, k, v, pk, pv, key_padding_mask, causal, scale):
         calls.append((q.shape, k.shape, pk, key_padding_mask, causal))
         op_mod.check_inputs(q, k, v, pk, pv, key_padding_mask, causal, scale)  # the contract holds
-        return real_op(q, k, v, pk, pv, key_padding_mask, causal, scale, backend)
 
-    monkeypatch.setattr(op_mod, "attend", spy)
+    spy_on_the_op(monkeypatch, record)
     monkeypatch.setattr(hf_attention, "_dense", None)  # any use of the dense path would fail
     ids, mask, _ = batch([6, 4], "left")
     L, Hkv, D, _ = model_dims(model)
@@ -304,7 +323,8 @@ def test_fused_op_runs_without_dense_mask(family, monkeypatch):
     for i, (qs, ks, pk, kpm, causal) in enumerate(calls):
         step = i // L
         assert causal == (family in CAUSAL)
-        # the prefix of one forward comes broadcast over the batch (stride 0): never copied per sequence
+        # the eager backend (the CPU's) gets the prefix of one forward broadcast over the batch (stride 0):
+        # never copied per sequence
         assert pk.shape == (2, Hkv, 3, D) and pk.stride(0) == 0
         S = ids.shape[1] + step
         assert ks[1:3] == (Hkv, S) and qs[2] == (ids.shape[1] if step == 0 else 1)
@@ -543,19 +563,13 @@ def test_autocast_runs_the_op_in_autocasts_dtype_when_rope_leaves_float32(monkey
     """Some transformers releases (5.17) return float32 queries and keys from RoPE under bf16 autocast:
     the op still gets bf16 q, k, v and prefix (as SDPA would cast them), not a float32 call with a
     float32 prefix and a mask converted in every layer."""
-    import pet_fast.ops.prefix_attention as op_mod
     from transformers.models.llama import modeling_llama
 
     real_rope = modeling_llama.apply_rotary_pos_emb
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb",
                         lambda *a, **k: tuple(t.float() for t in real_rope(*a, **k)))
-    dtypes, real_op = [], op_mod.attend
-
-    def spy(q, k, v, pk, pv, *args):
-        dtypes.append({t.dtype for t in (q, k, v, pk, pv)})
-        return real_op(q, k, v, pk, pv, *args)
-
-    monkeypatch.setattr(op_mod, "attend", spy)
+    dtypes = []
+    spy_on_the_op(monkeypatch, lambda q, k, v, pk, pv, *args: dtypes.append({t.dtype for t in (q, k, v, pk, pv)}))
     want, got = _fp32_and_bf16_autocast_logits("left")
     assert dtypes[0] == {torch.float32} and dtypes[-1] == {torch.bfloat16}
     assert (got - want).abs().max() < 0.1 * want.abs().max()
@@ -589,7 +603,7 @@ def test_pet_fast_load_recognises_prefix_checkpoints(tmp_path):
 def _count_prefix_calls(monkeypatch):
     from pet_fast.methods import prefix as prefix_mod
 
-    counts = {"all_layers": 0, "layer": 0}
+    counts = {"stacked": 0, "layer": 0}
     for name in counts:
         real = getattr(prefix_mod.PrefixEncoder, name)
 
@@ -620,14 +634,14 @@ def test_one_prefix_computation_per_forward_same_numbers(family, projection, mon
     ids, mask, _ = batch([6, 4], "left")
     counts = _count_prefix_calls(monkeypatch)
     out, grads = _grads_and_output(model, family, ids, mask)
-    assert counts == {"all_layers": 1, "layer": 0}
+    assert counts == {"stacked": 1, "layer": 0}
     state = model.__dict__["_pet_fast_prefix_forward"]
     assert not state.open and not state.cache  # closed after the forward: nothing is kept
     # as if gradient checkpointing were on: each layer computes its own prefix
     monkeypatch.setattr(state, "checkpoint_modules", [types.SimpleNamespace(gradient_checkpointing=True)])
     out2, grads2 = _grads_and_output(model, family, ids, mask)
     L = model_dims(model)[0]
-    assert counts == {"all_layers": 1, "layer": L}
+    assert counts == {"stacked": 1, "layer": L}
     close(out, out2, 1e-6)
     assert grads.keys() == grads2.keys() and grads
     for n in grads:
@@ -669,20 +683,44 @@ def test_prefix_cache_closed_after_a_failing_forward():
     assert not state.open and not state.cache
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernels_read_the_shared_prefix_and_eager_its_batch_views(padded, monkeypatch):
+    """In a forward of the model the Triton backend gets each layer's prefix shared by the batch, (Hkv, P, D)
+    (a batch view would cost it a select and a zero-filled gradient per layer), the eager backend (B, Hkv,
+    P, D) views with batch stride 0 (its gradient then summed over the batch once); the same outputs and
+    gradients either way."""
+    import pet_fast
+
+    model, _ = injected("bert", "sdpa")
+    model.train()
+    ids, mask, _ = batch([6, 4] if padded else [6, 6], "right")
+    seen = {}
+    results = {}
+    for backend in ("eager", "triton"):
+        shapes = seen[backend] = []
+        with monkeypatch.context() as m, pet_fast.use_backend(backend):
+            spy_on_the_op(m, lambda q, k, v, pk, pv, *a, _to=shapes: _to.append((pk.shape, pk.stride(), pv.stride())))
+            results[backend] = _grads_and_output(model, "bert", ids, mask)
+    L, Hkv, D, _ = model_dims(model)
+    assert len(seen["eager"]) == len(seen["triton"]) == L
+    for shape, k_stride, v_stride in seen["triton"]:
+        assert shape == (Hkv, 3, D)
+    for shape, k_stride, v_stride in seen["eager"]:
+        assert shape == (2, Hkv, 3, D) and k_stride[0] == 0 and v_stride[0] == 0
+    (out_e, grads_e), (out_t, grads_t) = results["eager"], results["triton"]
+    close(out_e, out_t, 1e-5)
+    assert grads_e.keys() == grads_t.keys() and grads_e
+    for n in grads_e:
+        close(grads_e[n], grads_t[n], 1e-4)
+
+
 def test_no_padding_mask_when_nothing_is_padded(monkeypatch):
     """An all-ones attention mask reaches the op as no mask (SDPA keeps its fast kernel), with the
     numbers of the padded path."""
-    import pet_fast.ops.prefix_attention as op_mod
 
     model, _ = injected("bert", "sdpa")
     seen = []
-    real_op = op_mod.attend
-
-    def spy(q, k, v, pk, pv, key_padding_mask, *a, **kw):
-        seen.append(key_padding_mask)
-        return real_op(q, k, v, pk, pv, key_padding_mask, *a, **kw)
-
-    monkeypatch.setattr(op_mod, "attend", spy)
+    spy_on_the_op(monkeypatch, lambda q, k, v, pk, pv, key_padding_mask, *a: seen.append(key_padding_mask))
     ids, mask, _ = batch([5, 5], "right")
     assert bool(mask.all())
     with torch.no_grad():

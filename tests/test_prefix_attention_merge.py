@@ -113,7 +113,24 @@ def test_log_sum_exp_is_the_joint_one(causal):
         s[..., P:] = s[..., P:].masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
     assert lse.shape == (B, H, L) and lse.dtype == torch.float32
     assert rel_err(lse, torch.logsumexp(s, dim=-1)) < 2e-6
-    assert out.is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()  # (B, L, H, D) memory: what the attention layer wants back
+
+
+@pytest.mark.parametrize("P", [0, 3])
+def test_outputs_and_gradients_come_in_projection_layout(P):
+    """out, dq, dk and dv are (B, H, L, D) views of (B, L, H, D) memory, whatever q, k, v and dO's layout,
+    so that an attention layer's ``out.transpose(1, 2)`` and its projections' gradients need no copy."""
+    B, H, L, S, D = 2, 3, 9, 7, 8
+    q, k, v, pk, pv = make(B, H, L, S, D, max(P, 1), "shared")
+    if P == 0:
+        pk, pv = pk[:, :0], pv[:, :0]
+    for tensors in ([q, k, v], [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]):
+        out, lse = op.MERGED_FORWARD(*tensors, pk, pv, False, 0.3)
+        assert out.transpose(1, 2).is_contiguous()
+        for gy in (torch.randn_like(out), torch.randn(B, L, H, D).transpose(1, 2)):
+            dq, dk, dv, _, _ = op.MERGED_BACKWARD(gy, *tensors, pk, pv, out, lse, False, 0.3)
+            for g in (dq, dk, dv):
+                assert g.transpose(1, 2).is_contiguous() and g.stride(-1) == 1
 
 
 def test_same_bits_twice():

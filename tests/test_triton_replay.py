@@ -633,14 +633,24 @@ def _prefix_case(seed, B=2, Hq=4, Hkv=2, L=5, S=9, P=3, D=16, shared=True, padde
     return q, k, v, pk, pv, kpm
 
 
+def _pa_forward_from_python(*args, **kwargs):
+    """PA.forward's result with every launch from Python (its output transposed as forward returns it)."""
+    out, lse = PA._forward(*args, **kwargs)
+    return out.transpose(1, 2), lse
+
+
+def _blhd(t):
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @pytest.mark.parametrize("shared,padded,causal", [(True, True, False), (False, False, True), (True, False, True)])
 def test_prefix_forward_through_replayed_programs_gives_the_launchers_bits(ext, shared, padded, causal):
     cases = [_prefix_case(s, shared=shared, padded=padded) for s in range(3)]
-    want = [PA._forward(*c, causal=causal) for c in cases]
+    want = [_pa_forward_from_python(*c, causal=causal) for c in cases]
     with R.through_interpreter(ext):
         for c, w in zip(cases, want):
             _same(PA.forward(*c, causal=causal), w)
-        entry = PA._FORWARD_PROGRAMS[R.key_of(*cases[0], bool(causal), None, None, None)]
+        entry = PA._FORWARD_PROGRAMS[PA.forward_key(*cases[0], causal, None)]
         assert isinstance(entry, R.Entry), entry
         calls = []
         entry.program.set_launcher(lambda i, slots: calls.append(i))
@@ -648,15 +658,52 @@ def test_prefix_forward_through_replayed_programs_gives_the_launchers_bits(ext, 
         assert calls == [0]
 
 
-def test_a_non_contiguous_query_is_its_own_key_and_runs_in_python(ext):
+@pytest.mark.parametrize("prefix,padded,causal,layout", [("shared", True, True, True), ("per_batch", False, True, False),
+                                                         (None, True, False, False)])
+def test_prefix_backward_through_replayed_programs_gives_the_launchers_bits(ext, prefix, padded, causal, layout):
+    """The backward's four launches (delta, dk/dv with the prefix's partials, dq, the partials' sum; three
+    without a prefix) recorded on a key's first call and replayed after: the launchers' bits, for
+    contiguous inputs and for the (B, L, H, D) memory of projections."""
+    def case(seed):
+        q, k, v, pk, pv, kpm = _prefix_case(seed, shared=prefix == "shared", padded=padded)
+        if prefix is None:
+            pk = pv = None
+        if layout:
+            q, k, v = _blhd(q), _blhd(k), _blhd(v)
+        out, lse = PA.forward(q, k, v, pk, pv, kpm, causal)
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).transpose(1, 2).contiguous()
+        return gy.transpose(1, 2), q, k, v, pk, pv, kpm, out, lse, causal, None, None, None
+
+    cases = [case(s) for s in range(2)]
+    want = [PA.backward(*c[:10]) for c in cases]  # outside the block: every launch from Python
+    with R.through_interpreter(ext):
+        for c, w in zip(cases, want):
+            _same(PA.backward(*c[:10]), w)
+        gy, q = cases[0][:2]
+        if gy.stride() != q.stride():  # as backward lays them out
+            cases[0] = (gy.contiguous(), q.contiguous()) + cases[0][2:]
+        entry = PA._BACKWARD_PROGRAMS[PA.backward_key(*cases[0])]
+        assert isinstance(entry, R.Entry), entry
+        calls = []
+        entry.program.set_launcher(lambda i, slots: calls.append(i))
+        PA.backward(*cases[1][:10])
+        assert calls == ([0, 1, 2] if prefix is None else [0, 1, 2, 3])
+
+
+def test_a_query_in_another_layout_is_its_own_key(ext):
+    """A query in the (B, L, H, D) memory of projections is read in place under its own key (the kernels take
+    its strides); one whose rows are not contiguous is copied first, and then takes the contiguous key."""
     q, k, v, pk, pv, kpm = _prefix_case(0)
-    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, other strides
-    assert not qt.is_contiguous()
+    qb = _blhd(q)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, rows not contiguous
     with R.through_interpreter(ext):
         PA.forward(q, k, v, pk, pv, kpm)  # records the contiguous key
-        _same(PA.forward(qt, k, v, pk, pv, kpm), PA._forward(qt, k, v, pk, pv, kpm))
-        assert R.key_of(qt, k, v, pk, pv, kpm) != R.key_of(q, k, v, pk, pv, kpm)
-        assert PA._FORWARD_PROGRAMS[R.key_of(qt, k, v, pk, pv, kpm, False, None, None, None)] is R._REFUSED
+        _same(PA.forward(qb, k, v, pk, pv, kpm), _pa_forward_from_python(qb, k, v, pk, pv, kpm))
+        assert PA.forward_key(qb, k, v, pk, pv, kpm, False, None) != PA.forward_key(q, k, v, pk, pv, kpm, False, None)
+        assert isinstance(PA._FORWARD_PROGRAMS[PA.forward_key(qb, k, v, pk, pv, kpm, False, None)], R.Entry)
+        before = len(PA._FORWARD_PROGRAMS)
+        _same(PA.forward(qt, k, v, pk, pv, kpm), _pa_forward_from_python(q, k, v, pk, pv, kpm))
+        assert len(PA._FORWARD_PROGRAMS) == before
 
 
 PAM = importlib.import_module("pet_fast.kernels.prefix_attention_merge")
@@ -733,8 +780,28 @@ def test_gpu_replayed_prefix_forward_matches_launches_from_python(dtype):
     for shape in [dict(B=32, Hq=32, Hkv=8, L=1, S=512, P=20, D=128), dict(B=4, Hq=12, Hkv=12, L=128, S=128, P=20, D=64)]:
         for seed in range(3):
             c = _prefix_case(seed, dtype=dtype, device="cuda", **shape)
-            _same(PA.forward(*c), PA._forward(*c))
-        assert isinstance(PA._FORWARD_PROGRAMS[R.key_of(*c, False, None, None, None)], R.Entry)
+            _same(PA.forward(*c), _pa_forward_from_python(*c))
+        assert isinstance(PA._FORWARD_PROGRAMS[PA.forward_key(*c, False, None)], R.Entry)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_replayed_prefix_backward_matches_launches_from_python(dtype):
+    """The backward's four launches, replayed through cuLaunchKernel, give the bits of launches from Python
+    (no atomics: every program owns its outputs), padded GQA in the (B, L, H, D) layout of projections."""
+    _fresh_gpu_programs()
+    for seed in range(3):
+        q, k, v, pk, pv, kpm = _prefix_case(seed, dtype=dtype, device="cuda", B=4, Hq=12, Hkv=4, L=128, S=128, P=20,
+                                            D=64)
+        q, k, v = _blhd(q), _blhd(k), _blhd(v)
+        out, lse = PA.forward(q, k, v, pk, pv, kpm, True)
+        gy = torch.randn_like(out)
+        args = (gy, q, k, v, pk, pv, kpm, out, lse, True, None, None, None)
+        with R.disabled():
+            want = PA.backward(*args[:10])
+        _same(PA.backward(*args[:10]), want)
+    assert isinstance(PA._BACKWARD_PROGRAMS[PA.backward_key(*args)], R.Entry)
     torch.cuda.synchronize()
 
 

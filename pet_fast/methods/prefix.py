@@ -80,26 +80,34 @@ class PrefixEncoder(nn.Module):
         pk, pv = x.view(P, 2, H, D).permute(1, 2, 0, 3).unbind(0)
         return pk, pv
 
-    def all_layers(self, dtype: Optional[torch.dtype] = None, batch_size: Optional[int] = None) -> list:
-        """Every layer's ``(prefix_k, prefix_v)`` from one computation: one MLP call (or none), one
-        dropout, one cast, one unbind, so the backward has one node for all layers. Each is
-        (num_kv_heads, P, head_dim), or with ``batch_size`` a (B, num_kv_heads, P, head_dim) view
-        broadcast over the batch (stride 0), whose gradient is summed over the batch once for all
-        layers. The same values as :meth:`layer` for every index."""
+    def stacked(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Every layer's keys and values as one contiguous (2 * num_layers, num_kv_heads, P, head_dim) tensor,
+        (layer, key/value) major, from one computation: one MLP call (or none), one dropout, one cast.
+        Contiguous once per forward, so each layer's prefix reaches the kernels contiguous (they would copy
+        a strided one in every layer's forward and backward: four copies per layer and step, against one
+        here and one in the backward)."""
         P, L, H, D = self.prefix_length, self.num_layers, self.num_kv_heads, self.head_dim
         x = self.flat()
         if self.dropout.p > 0:
             x = self.dropout(x)
         if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
-        # (2L, H, P, D): (layer, key/value) major, made contiguous here once per forward, so each layer's
-        # prefix reaches the kernels contiguous (they would copy a strided one in every layer's forward and
-        # backward: four copies per layer and step, against one here and one in the backward)
-        kv = x.view(P, 2 * L, H, D).permute(1, 2, 0, 3).contiguous()
-        if batch_size is not None:
-            kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        return x.view(P, 2 * L, H, D).permute(1, 2, 0, 3).contiguous()
+
+    @staticmethod
+    def layer_views(stacked: torch.Tensor, batch_size: Optional[int] = None) -> list:
+        """Per layer ``(prefix_k, prefix_v)`` views of :meth:`stacked`'s tensor, from one unbind (one
+        backward node for all layers): each (num_kv_heads, P, head_dim), or with ``batch_size`` a
+        (B, num_kv_heads, P, head_dim) view broadcast over the batch (stride 0), whose gradient is summed
+        over the batch once for all layers."""
+        kv = stacked if batch_size is None else stacked.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
         t = kv.unbind(0)
-        return [(t[2 * i], t[2 * i + 1]) for i in range(L)]
+        return [(t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)]
+
+    def all_layers(self, dtype: Optional[torch.dtype] = None, batch_size: Optional[int] = None) -> list:
+        """Every layer's ``(prefix_k, prefix_v)`` (:meth:`layer_views` of :meth:`stacked`): the same values as
+        :meth:`layer` for every index."""
+        return self.layer_views(self.stacked(dtype), batch_size)
 
     def forward(self, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
         """A list with one ``(prefix_k, prefix_v)`` per layer."""
@@ -179,8 +187,10 @@ class _ForwardPrefixes(PerForward):
     """Every attention layer's prefix, computed once per forward of the model rather than once per layer.
 
     While a forward of the base model is open (see _per_forward.py), the first layer to ask computes all layers' prefixes
-    of every active prefix task (:meth:`PrefixEncoder.all_layers`: one MLP call, one cast and one
-    unbind for the whole model, broadcast over the batch) and the other layers take theirs from it.
+    of every active prefix task as one tensor (:meth:`PrefixEncoder.stacked`: one MLP call, one cast; the
+    tasks side by side along P) and the other layers take theirs from it: views from one unbind, either
+    shared by the batch (what the kernels read) or broadcast over it (what the eager path concatenates;
+    its gradient is then summed over the batch once for all layers), both of the same tensor.
     Outside a forward of the base model (a layer called on its own), while torch.compile traces (it
     fuses either way) and while transformers' gradient checkpointing is on (a recomputed layer
     recomputes its own prefix, nothing is kept between layers), each layer computes its own slice
@@ -191,20 +201,32 @@ class _ForwardPrefixes(PerForward):
         super().__init__(checkpoint_modules)
         self.holder, self.reg = holder, reg
 
+    def batch_views(self, index: int, dtype, batch_size: int):
+        """Layer ``index``'s prefix as batch views of this forward's tensor, when one is open and has computed
+        it (:meth:`layer` was called), else None: never a second computation."""
+        local = None if torch.compiler.is_compiling() else self._local
+        if local is None or not getattr(local, "open", False):
+            return None
+        encoders = _active_prefix_encoders(self.holder, self.reg)
+        if not encoders:
+            return None
+        key = (dtype, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
+        return self.layer(index, dtype, batch_size) if key in local.cache else None
+
     def layer(self, index: int, dtype, batch_size: Optional[int] = None):
         encoders = _active_prefix_encoders(self.holder, self.reg)
         if not encoders:
             return None
         local = None if torch.compiler.is_compiling() else self._local  # compiled: per layer (it fuses)
         if local is not None and getattr(local, "open", False):
-            key = (dtype, batch_size, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
-            layers = local.cache.get(key)
-            if layers is None:
-                per_task = [e.all_layers(dtype, batch_size) for e in encoders]
-                layers = per_task[0] if len(per_task) == 1 else [
-                    (torch.cat([t[i][0] for t in per_task], dim=-2), torch.cat([t[i][1] for t in per_task], dim=-2))
-                    for i in range(len(per_task[0]))]
-                local.cache[key] = layers
+            key = (dtype, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
+            views = local.cache.get(key)
+            if views is None:  # every layer of every task: one tensor (tasks side by side along P)
+                kvs = [e.stacked(dtype) for e in encoders]
+                views = local.cache[key] = {"stacked": kvs[0] if len(kvs) == 1 else torch.cat(kvs, dim=-2)}
+            layers = views.get(batch_size)
+            if layers is None:  # shared (H, P, D) views, or batch views: both of the one tensor
+                layers = views[batch_size] = PrefixEncoder.layer_views(views["stacked"], batch_size)
             return layers[index]
         parts = [e.layer(index, dtype) for e in encoders]
         if len(parts) == 1:
@@ -235,6 +257,9 @@ class _Source:
 
     def __call__(self, dtype, batch_size=None):
         return self.state.layer(self.index, dtype, batch_size)
+
+    def batch_views(self, dtype, batch_size: int):
+        return self.state.batch_views(self.index, dtype, batch_size)
 
 
 def _make_source(state: _ForwardPrefixes, index: int) -> _Source:

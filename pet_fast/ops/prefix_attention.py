@@ -15,7 +15,10 @@ Contract
                    the keys j <= i + (S - L)
     scale          defaults to D ** -0.5
 A query row that sees no key at all returns zeros (never NaN) and passes no gradient.
-All floating tensors share q's dtype and device; the output has q's shape.
+All floating tensors share q's dtype and device; the output has q's shape. The triton backend reads q,
+k, v in any layout whose last dim is contiguous (the (B, L, H, D) memory of projections in place) and
+returns the output, and q, k, v's gradients, as (B, H, L, D) views of (B, L, H, D) memory, which an
+attention layer transposes back with no copy.
 
 Backends
     eager   :func:`sdpa`: the prefix concatenated onto the keys/values and one call of
@@ -360,12 +363,20 @@ def _empty_prefix(prefix):
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
                    prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out like q, lse (B, Hq, L) float32 (natural log, +inf on rows that see no key)."""
+    """(out, lse): out (B, Hq, L, D) in (B, L, Hq, D) memory, lse (B, Hq, L) float32 (natural log, +inf on
+    rows that see no key)."""
     return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
+def _blhd_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of ``t``'s (B, H, L, D) shape in (B, L, H, D) memory: the layout of the kernels'
+    outputs and of q, k and v's gradients (an attention layer transposes them back with no copy)."""
+    B, H, L, D = t.shape
+    return t.new_empty(B, L, H, D).transpose(1, 2)
+
+
 def _fused_forward_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _blhd_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -386,8 +397,15 @@ def _fused_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
         dpk, dpv = torch.empty_like(prefix_k, memory_format=cf), torch.empty_like(prefix_v, memory_format=cf)
-    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
-            torch.empty_like(v, memory_format=cf), dpk, dpv)
+    return _blhd_like(q), _blhd_like(k), _blhd_like(v), dpk, dpv
+
+
+def _lse_without_gradient(ctx, lse: torch.Tensor) -> None:
+    """The log-sum-exp output is the backward's input, never differentiated: marked so, and gradients are
+    not materialised, so autograd does not fill a zero gradient for it in every layer's backward (a launch
+    each on a GPU); the backward then gets None for an output that took no part in the loss."""
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -395,9 +413,12 @@ def _fused_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
     ctx.causal, ctx.scale = causal, scale
+    _lse_without_gradient(ctx, lse)
 
 
 def _fused_autograd_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:  # the output took no part in what is differentiated
+        return (None,) * 8
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = FUSED_BACKWARD.within(ctx)(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
                                                       lse, ctx.causal, ctx.scale)
@@ -477,7 +498,7 @@ def _merged_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k:
 
 
 def _merged_forward_fake(q, k, v, prefix_k, prefix_v, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _blhd_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _merged_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -500,9 +521,12 @@ def _merged_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
     ctx.causal, ctx.scale = causal, scale
+    _lse_without_gradient(ctx, lse)
 
 
 def _merged_autograd_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:  # the output took no part in what is differentiated
+        return (None,) * 7
     q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = MERGED_BACKWARD.within(ctx)(grad_out, q, k, v, prefix_k, prefix_v, out, lse,
                                                        ctx.causal, ctx.scale)
@@ -580,13 +604,20 @@ def prefix_attention(
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
 
+def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, backend=None) -> dispatch.Impl:
+    """The backend :func:`attend` takes for these arguments (its ``.backend`` names it, ``.run`` runs it
+    with :func:`reference`'s signature)."""
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+    _, impl = dispatch.plan(OP, sig, backend, lambda: (None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v)))
+    return impl
+
+
 def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float, backend=None):
     """:func:`prefix_attention` without :func:`check_inputs`, for callers whose arguments satisfy the
     contract by construction (pet_fast.hf_attention: q, k, v from the model's projections, the prefix
     from its encoder, the padding mask from its mask function), where the checks would run in every
     layer of every step. ``scale`` must be a float. Same dispatch."""
-    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
-    _, impl = dispatch.plan(OP, sig, backend, lambda: (None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v)))
+    impl = attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, backend)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
 
