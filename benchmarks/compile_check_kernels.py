@@ -272,15 +272,14 @@ def prefix_merge_jobs(dtypes, quick):
                         common = dict(dtype=dt, tag=f"D={D} P={P} BM={bm} BN={bn}", warps=warps, stages=1,
                                       div=div, variant=variant, consts=consts)
                         if not backward:
-                            strides = ("sq_b", "sq_h", "sq_l", "sos_b", "sos_h", "sos_l", "so_b", "so_h", "so_l",
-                                       "sls_b", "sls_h", "sls_l", "spk_b", "spk_h")
+                            strides = ("sq_b", "sq_h", "sq_l", "sos_b", "sos_h", "sos_l", "sls_b", "sls_h", "sls_l",
+                                       "spk_b", "spk_h")
                             jobs.append(dict(kernel="pam_fwd", **common, types=dict(
                                 Q=t, PK=t, PV=t, OS=t, LSES="*fp32", O=t, LSE="*fp32", qk_scale2="fp32",
                                 **({k: "i64" for k in strides} if i64 else {}))))
                         else:
-                            strides = ("sq_b", "sq_h", "sq_l", "sdo_b", "sdo_h", "sdo_l", "so_b", "so_h", "so_l",
-                                       "sdq_b", "sdq_h", "sdq_l", "sg_b", "sg_h", "sg_l", "spk_b", "spk_h", "spart_m",
-                                       "spart_b", "spart_w")
+                            strides = ("sq_b", "sq_h", "sq_l", "sdo_b", "sdo_h", "sdo_l", "sdq_b", "sdq_h", "sdq_l",
+                                       "spk_b", "spk_h", "spart_m", "spart_b", "spart_w")
                             jobs.append(dict(kernel="pam_bwd", **common, types=dict(
                                 Q=t, PK=t, PV=t, DO=t, O=t, LSE="*fp32", DQS=t, DQ=t, PART="*fp32",
                                 qk_scale2="fp32", scale="fp32", **({k: "i64" for k in strides} if i64 else {}))))

@@ -86,13 +86,19 @@ def _merge_tile(Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h,
 
 
 @triton.jit
+def _blhd_offsets(b64, h64, rows, offs_d, H, L, D):
+    """Offsets of rows ``rows`` (int64) of head h in batch b in (B, L, H, D) memory: the merged path's output
+    and dq (computed from the sizes, not passed strides: fewer live registers in the backward)."""
+    return (b64 * L + rows[:, None]) * (H * D) + h64 * D + offs_d[None, :]
+
+
+@triton.jit
 def _merge_fwd_kernel(
     Q, PK, PV, OS, LSES, O, LSE,
     qk_scale2,  # scale * log2(e)
     H, L, P, D,
     sq_b, sq_h, sq_l,  # strides of q (its last dim is contiguous)
-    sos_b, sos_h, sos_l,  # strides of o_s (its last dim is contiguous)
-    so_b, so_h, so_l,  # strides of the output (its last dim is contiguous)
+    sos_b, sos_h, sos_l,  # strides of o_s (its last dim is contiguous; the output is (B, L, H, D) memory)
     sls_b, sls_h, sls_l,  # strides of lse_s
     spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows D apart
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -102,8 +108,6 @@ def _merge_fwd_kernel(
     b = tl.program_id(2)
     offs_d, offs_n0, m_ok, d_ok, rows, b64, h64, md_mask, q, p_base, kv_tile = _merge_tile(
         Q, b, h, L, D, sq_b, sq_h, sq_l, spk_b, spk_h, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
-    o_off = b64 * so_b + h64 * so_h + rows[:, None] * so_l + offs_d[None, :]
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -123,7 +127,7 @@ def _merge_fwd_kernel(
     o_s = tl.load(OS + b64 * sos_b + h64 * sos_h + rows[:, None] * sos_l + offs_d[None, :],
                   mask=md_mask, other=0.0).to(tl.float32)
     out = w_s[:, None] * o_s + w_p[:, None] * acc
-    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=md_mask)
+    tl.store(O + _blhd_offsets(b64, h64, rows, offs_d, H, L, D), out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b64 * H + h64) * L + rows, lse2 * 0.6931471805599453, mask=m_ok)
 
 
@@ -134,9 +138,8 @@ def _merge_bwd_kernel(
     H, L, P, D,
     sq_b, sq_h, sq_l,  # strides of q
     sdo_b, sdo_h, sdo_l,  # strides of dO
-    so_b, so_h, so_l,  # strides of o
-    sdq_b, sdq_h, sdq_l,  # strides of the flash backward's dq
-    sg_b, sg_h, sg_l,  # strides of the dq written here (every last dim is contiguous)
+    sdq_b, sdq_h, sdq_l,  # strides of the flash backward's dq (every last dim is contiguous; o and the dq
+    # written here are (B, L, H, D) memory: _blhd_offsets)
     spk_b, spk_h,
     spart_m, spart_b, spart_w,  # part buffer strides: query tile, batch, which (0: d_prefix_k, 1: d_prefix_v)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -151,8 +154,7 @@ def _merge_bwd_kernel(
     do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + rows[:, None] * sdo_l + offs_d[None, :], mask=md_mask, other=0.0)
     if UPCAST:
         do = do.to(tl.float32)
-    o = tl.load(O + b64 * so_b + h64 * so_h + rows[:, None] * so_l + offs_d[None, :], mask=md_mask,
-                other=0.0).to(tl.float32)
+    o = tl.load(O + _blhd_offsets(b64, h64, rows, offs_d, H, L, D), mask=md_mask, other=0.0).to(tl.float32)
     delta = tl.sum(do.to(tl.float32) * o, 1)
     lse2 = tl.load(LSE + bh * L + rows, mask=m_ok, other=0.0) * 1.4426950408889634
     part_base = pid_m.to(tl.int64) * spart_m + b64 * spart_b + h64 * P * D
@@ -178,8 +180,8 @@ def _merge_bwd_kernel(
         tl.store(PART + spart_w + g_off, dpv, mask=kv_mask)
     dq_s = tl.load(DQS + b64 * sdq_b + h64 * sdq_h + rows[:, None] * sdq_l + offs_d[None, :],
                    mask=md_mask, other=0.0).to(tl.float32)
-    tl.store(DQ + b64 * sg_b + h64 * sg_h + rows[:, None] * sg_l + offs_d[None, :],
-             (dq_s + dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+    tl.store(DQ + _blhd_offsets(b64, h64, rows, offs_d, H, L, D), (dq_s + dq * scale).to(DQ.dtype.element_ty),
+             mask=md_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,8 +382,7 @@ def _merge_forward(q, pk, pv, o_s, lse_s, scale: float):
     _replay.launch(
         _merge_fwd_kernel, (cdiv(L, bm), H, B),
         q, pk, pv, o_s, lse_s, out, lse, scale * LOG2E, H, L, P, D, q.stride(0), q.stride(1), q.stride(2),
-        o_s.stride(0), o_s.stride(1), o_s.stride(2), *blhd_strides(B, H, L, D)[:3],
-        lse_s.stride(0), lse_s.stride(1), lse_s.stride(2), spk_b, spk_h,
+        o_s.stride(0), o_s.stride(1), o_s.stride(2), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2), spk_b, spk_h,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
         IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
     )
@@ -394,8 +395,8 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     gradients contiguous in the prefix's shape (summed over the batch when it is shared, (H, P, D)) or None
     without a prefix. The prefix part's two launches are recorded once per key and replayed from C++
     afterwards."""
-    q, k, v, grad_out, out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out, out))
-    lse = lse.contiguous()
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    out, lse = in_blhd(out), lse.contiguous()  # as the forward makes it; the kernel writes dq at its offsets
     dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
     dk, dv = in_blhd(dk), in_blhd(dv)
     if prefix_k is None or prefix_k.shape[-2] == 0:
@@ -409,7 +410,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     if not _replay.active(q):
         dq, dpk, dpv = _merge_backward(*args)
     else:
-        key = _replay.key_of(*args) + _strides(grad_out, q, dq_s, out)
+        key = _replay.key_of(*args) + _strides(grad_out, q, dq_s)
         dq, dpk, dpv = _replay.call(_MERGE_BACKWARD_PROGRAMS, key, [grad_out, q, pk, pv, out, lse, dq_s],
                                     _merge_backward, *args, single=False)
     return dq.transpose(1, 2), dk, dv, dpk, dpv
@@ -435,8 +436,7 @@ def _merge_backward(grad_out, q, pk, pv, out, lse, dq_s, scale: float):
         _merge_bwd_kernel, (n_m, H, B),
         q, pk, pv, grad_out, out, lse, dq_s, dq, part, scale * LOG2E, scale, H, L, P, D,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), dq_s.stride(0), dq_s.stride(1), dq_s.stride(2),
-        *blhd_strides(B, H, L, D)[:3], spk_b, spk_h, s_m, s_b, s_w,
+        dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), spk_b, spk_h, s_m, s_b, s_w,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), UPCAST=_interpreting(),
         IEEE=q.dtype == torch.float32 and not _interpreting(), num_warps=warps,
     )

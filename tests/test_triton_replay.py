@@ -758,15 +758,16 @@ def test_gpu_replayed_merged_prefix_path_matches_launches_from_python(dtype):
             with R.disabled():
                 o_s, lse_s = PAM._flash_forward(q, k, v, True, 0.125)
                 want = PAM._merge_forward(q, pk, pv, o_s, lse_s, 0.125)
+                out = want[0].transpose(1, 2)  # allocated (B, L, H, D); the path's output is this view
                 dq_s = torch.randn_like(q)
-                want_b = PAM._merge_backward(want[0] * 0.5, q, pk, pv, want[0], want[1], dq_s, 0.125)
+                want_b = PAM._merge_backward(out * 0.5, q, pk, pv, out, want[1], dq_s, 0.125)
             key = R.key_of(q, pk, pv, o_s, lse_s, 0.125) + PAM._strides(q, o_s, lse_s)
             got = R.call(PAM._MERGE_FORWARD_PROGRAMS, key, [q, pk, pv, o_s, lse_s], PAM._merge_forward, q, pk, pv,
                          o_s, lse_s, 0.125, single=False)
             _same(got, want)
-            args = (want[0] * 0.5, q, pk, pv, want[0], want[1], dq_s, 0.125)
+            args = (out * 0.5, q, pk, pv, out, want[1], dq_s, 0.125)
             key = R.key_of(*args) + PAM._strides(args[0], q, dq_s)
-            _same(R.call(PAM._MERGE_BACKWARD_PROGRAMS, key, [args[0], q, pk, pv, want[0], want[1], dq_s],
+            _same(R.call(PAM._MERGE_BACKWARD_PROGRAMS, key, [args[0], q, pk, pv, out, want[1], dq_s],
                          PAM._merge_backward, *args, single=False), want_b)
         assert any(isinstance(e, R.Entry) for e in PAM._MERGE_FORWARD_PROGRAMS.values())
         assert any(isinstance(e, R.Entry) for e in PAM._MERGE_BACKWARD_PROGRAMS.values())
