@@ -531,7 +531,8 @@ def _config(D: int, backward: bool, dtype=torch.float16):
     PET_FAST_AUTOTUNE=0), and the first tile the autotuner tries. Small blocks under the interpreter keep
     tests fast while still crossing block boundaries. On sm_90 (benchmarks/compile_check_kernels.py,
     cuobjdump): these tiles and those of the autotuner's lists below fit the shared memory and do not spill
-    registers (the 16-row head-dim-256 forward: 8 bytes, the 32x128 head-dim-128 dk/dv: 16); with 4 warps the 128-row forward (88 bytes), and
+    registers (the 32x128 head-dim-128 dk/dv: 24 bytes; with strides past 2**31, the 64x64 4-warp head-dim-128
+    forward: 24); with 4 warps the 128-row forward (88 bytes), and
     the backward at head dim 64 with 64x64 tiles (64 bytes), spill.
     fp32 dots in IEEE precision run on the FMA units with whole operand tiles in registers: the
     tensor-core tiles spill 8-17 KB per thread there, hence the small fp32 tiles."""
@@ -557,7 +558,7 @@ _FWD_TILES = {
 }
 _DKDV_TILES = {
     64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
-    128: [(32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2)],  # the last spills 16 bytes: a 128-key tile
+    128: [(32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2)],  # the last spills 24 bytes: a 128-key tile
     256: [(16, 32, 4, 1)],
 }
 _DQ_TILES = {
