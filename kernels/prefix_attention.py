@@ -643,6 +643,12 @@ def _kpm_args(key_padding_mask: torch.Tensor | None, device):
     return _nonempty(key_padding_mask.contiguous().view(torch.int8)), True
 
 
+# Layouts, shared with the merged path (prefix_attention_merge.py). Inputs are read through their strides;
+# outputs and q, k, v's gradients are (B, H, L, D) views of (B, L, H, D) memory: the layout in which torch's
+# flash and cuDNN kernels return theirs for projections' q, k, v, and in which an attention layer wants the
+# output back (``out.transpose(1, 2)`` is then contiguous, and the gradients reach the projections without
+# a copy).
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim is contiguous (the kernels read any batch, head and row strides: the
     (B, L, H, D) memory of projections seen as (B, H, L, D) is read in place), else a contiguous copy."""
@@ -658,11 +664,22 @@ def _keys(k: torch.Tensor, v: torch.Tensor):
     return k, v
 
 
+def blhd_strides(B: int, H: int, L: int, D: int) -> tuple:
+    """The strides of a (B, H, L, D) view of (B, L, H, D) memory."""
+    return (L * H * D, D, H * D, 1)
+
+
+def in_blhd(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, L, D) itself when its memory is (B, L, H, D) (:func:`blhd_strides`), else a copy so laid out."""
+    B, H, L, D = t.shape
+    if t.stride() == blhd_strides(B, H, L, D):
+        return t
+    return torch.empty((B, L, H, D), dtype=t.dtype, device=t.device).transpose(1, 2).copy_(t)
+
+
 def blhd_empty(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised (B, H, L, D) tensor in (B, L, H, D) memory: the layout of the outputs (and of the
-    gradients of q, k and v), in which an attention layer's ``out.transpose(1, 2)`` and its projections'
-    gradients need no copy. Allocated through the replay's recorder (the allocation is what a program
-    returns: callers transpose it)."""
+    """The (B, L, H, D) memory of an output or gradient of (B, H, L, D) ``shape``, allocated through the
+    replay's recorder and returned as allocated (what a program returns: callers transpose it)."""
     B, H, L, D = shape
     return _replay.empty((B, L, H, D), dtype, device)
 
@@ -735,7 +752,7 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     _replay.launch(
         _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
-        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *_bhl(out.transpose(1, 2)),
+        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *blhd_strides(B, Hq, L, D)[:3],
         n_bucket(L), n_bucket(S), HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, **kw)
     return out, lse
 
@@ -808,18 +825,17 @@ def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
     sizes = (n_bucket(L), n_bucket(S))
     flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), **kw)
     qk_scale2 = scale * LOG2E
-    dq_t, dk_t = dq.transpose(1, 2), dk.transpose(1, 2)
     _replay.launch(
         _dkdv_tuned if tuned else _bwd_dkdv_kernel,
         lambda meta: (cdiv(P, meta["BLOCK_N"]) + cdiv(S, meta["BLOCK_N"]), Hkv, B),
         q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
         _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
-        Hq, G, L, S, P, D, *_bhl(k), *_bhl(dk_t), *_bhl(q), spk_b, spk_h, sdp_b, P * D,
+        Hq, G, L, S, P, D, *_bhl(k), *blhd_strides(B, Hkv, S, D)[:3], *_bhl(q), spk_b, spk_h, sdp_b, P * D,
         *sizes, **flags)
     _replay.launch(
         _dq_tuned if tuned else _bwd_dq_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
-        Hq, G, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *_bhl(dq_t), *sizes, SCAN=_SCAN,
+        Hq, G, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *blhd_strides(B, Hq, L, D)[:3], *sizes, SCAN=_SCAN,
         **flags)
     if has_prefix and P > 0:
         splits, width = (B, 2 * half) if shared else (1, 2 * B * half)

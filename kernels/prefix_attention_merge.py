@@ -60,6 +60,7 @@ from ._host import cdiv, next_power_of_2
 
 from .prefix_attention import LOG2E, _interpreting  # shared with the op's own kernels
 from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step, _sum_parts_kernel
+from .prefix_attention import _rows, in_blhd  # the layouts both paths share
 
 
 @triton.jit
@@ -212,28 +213,6 @@ def _prefix(prefix: torch.Tensor, H: int, D: int):
     return P, (0 if prefix.dim() == 3 else H * P * D), P * D
 
 
-def blhd_strides(B: int, H: int, L: int, D: int) -> tuple:
-    """The strides of a (B, H, L, D) view of (B, L, H, D) memory: the layout in which torch's flash and
-    cuDNN kernels return their outputs for projections' q, k, v, and in which attention layers want the
-    output back (``out.transpose(1, 2)`` is then contiguous, and the gradients reach the projections
-    without a copy)."""
-    return (L * H * D, D, H * D, 1)
-
-
-def in_blhd(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (B, H, L, D) itself when its memory is (B, L, H, D) (:func:`blhd_strides`), else a copy so laid out."""
-    B, H, L, D = t.shape
-    if t.stride() == blhd_strides(B, H, L, D):
-        return t
-    return torch.empty((B, L, H, D), dtype=t.dtype, device=t.device).transpose(1, 2).copy_(t)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its rows are contiguous (the (B, L, H, D) memory of projections, seen as
-    (B, H, L, D), is read in place by flash and the kernels), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _flash_forward(q, k, v, causal: bool, scale: float):
     """(o_s, lse_s (B, H, L), natural log) of the sequence part from torch's own kernels: cuDNN's attention
     where :func:`sequence_backend` chose it, else flash attention (the ``_for_cpu`` variant on the CPU)."""
@@ -348,13 +327,12 @@ def _strides(*tensors) -> tuple:
 
 
 def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
-    """Returns ``(out, lse)``: ``out`` (B, H, L, D) in (B, L, H, D) memory (:func:`blhd_strides`); ``lse``
-    (B, H, L) fp32 natural log. A prefix that is None (or has P = 0) leaves the flash result as it is
-    (laid out so). The merge's launch is recorded
-    once per key and replayed from C++ afterwards (kernels/_replay.py): a training step calls it in every
-    layer, and the step is bound by the host."""
+    """Returns ``(out, lse)``: ``out`` (B, H, L, D) in (B, L, H, D) memory; ``lse`` (B, H, L) fp32 natural
+    log. A prefix that is None (or has P = 0) leaves the flash result as it is (laid out so). The merge's
+    launch is recorded once per key and replayed from C++ afterwards (kernels/_replay.py): a training step
+    calls it in every layer, and the step is bound by the host."""
     B, H, L, D = q.shape
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = _rows(q), _rows(k), _rows(v)
     o_s, lse_s = _flash_forward(q, k, v, bool(causal), float(scale))
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return in_blhd(o_s), lse_s.contiguous()
@@ -391,11 +369,11 @@ def _merge_forward(q, pk, pv, o_s, lse_s, scale: float):
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scale: float):
     """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``: dq, dk and dv in (B, L, H, D) memory
-    (:func:`blhd_strides`, as torch's kernels give them for projections' inputs: no copy then), the prefix
+    (as torch's kernels give them for projections' inputs: no copy then), the prefix
     gradients contiguous in the prefix's shape (summed over the batch when it is shared, (H, P, D)) or None
     without a prefix. The prefix part's two launches are recorded once per key and replayed from C++
     afterwards."""
-    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    q, k, v, grad_out = (_rows(t) for t in (q, k, v, grad_out))
     out, lse = in_blhd(out), lse.contiguous()  # as the forward makes it; the kernel writes dq at its offsets
     dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
     dk, dv = in_blhd(dk), in_blhd(dv)

@@ -204,34 +204,45 @@ class _ForwardPrefixes(PerForward):
     def batch_views(self, index: int, dtype, batch_size: int):
         """Layer ``index``'s prefix as batch views of this forward's tensor, when one is open and has computed
         it (:meth:`layer` was called), else None: never a second computation."""
-        local = None if torch.compiler.is_compiling() else self._local
-        if local is None or not getattr(local, "open", False):
-            return None
-        encoders = _active_prefix_encoders(self.holder, self.reg)
-        if not encoders:
-            return None
-        key = (dtype, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
-        return self.layer(index, dtype, batch_size) if key in local.cache else None
+        local = self._open()
+        encoders = _active_prefix_encoders(self.holder, self.reg) if local is not None else None
+        layers = self._layers(local, encoders, dtype, batch_size, compute=False) if encoders else None
+        return None if layers is None else layers[index]
 
     def layer(self, index: int, dtype, batch_size: Optional[int] = None):
         encoders = _active_prefix_encoders(self.holder, self.reg)
         if not encoders:
             return None
-        local = None if torch.compiler.is_compiling() else self._local  # compiled: per layer (it fuses)
-        if local is not None and getattr(local, "open", False):
-            key = (dtype, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
-            views = local.cache.get(key)
-            if views is None:  # every layer of every task: one tensor (tasks side by side along P)
-                kvs = [e.stacked(dtype) for e in encoders]
-                views = local.cache[key] = {"stacked": kvs[0] if len(kvs) == 1 else torch.cat(kvs, dim=-2)}
-            layers = views.get(batch_size)
-            if layers is None:  # shared (H, P, D) views, or batch views: both of the one tensor
-                layers = views[batch_size] = PrefixEncoder.layer_views(views["stacked"], batch_size)
-            return layers[index]
+        local = self._open()
+        if local is not None:
+            return self._layers(local, encoders, dtype, batch_size, compute=True)[index]
         parts = [e.layer(index, dtype) for e in encoders]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    def _open(self):
+        """This thread's state of the open forward, or None (none open; compiled code takes the per-layer path,
+        which it fuses)."""
+        local = None if torch.compiler.is_compiling() else self._local
+        return local if local is not None and getattr(local, "open", False) else None
+
+    @staticmethod
+    def _layers(local, encoders, dtype, batch_size, compute: bool):
+        """Every layer's prefix of this forward: shared (H, P, D) views (``batch_size`` None) or batch views,
+        both of one tensor that holds every layer of every task (the tasks side by side along P), computed on
+        the first call (None instead when ``compute`` is false)."""
+        key = (dtype, torch.is_grad_enabled(), tuple(id(e) for e in encoders))
+        views = local.cache.get(key)
+        if views is None:
+            if not compute:
+                return None
+            kvs = [e.stacked(dtype) for e in encoders]
+            views = local.cache[key] = {"stacked": kvs[0] if len(kvs) == 1 else torch.cat(kvs, dim=-2)}
+        layers = views.get(batch_size)
+        if layers is None:
+            layers = views[batch_size] = PrefixEncoder.layer_views(views["stacked"], batch_size)
+        return layers
 
 
 def _forward_prefixes(model: nn.Module, holder: nn.ModuleDict, reg) -> _ForwardPrefixes:
