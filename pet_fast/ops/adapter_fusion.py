@@ -360,12 +360,17 @@ def _qk_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool):
+    """(dq, dWk) of qk = q @ w_key formed in float32: dqk rounded once to q's dtype for both products."""
+    g = dqk.to(q.dtype)
+    dq = g @ w_key.t().to(g.dtype) if need_q else None
+    dw = (q.t() @ g).to(w_key.dtype) if need_w else None
+    return dq, dw
+
+
 def _qk_grad(ctx, dqk):
     q, w_key = ctx.saved_tensors
-    g = dqk.to(q.dtype)
-    dq = g @ w_key.t().to(g.dtype) if ctx.needs_input_grad[0] else None
-    dw = (q.t() @ g).to(w_key.dtype) if ctx.needs_input_grad[1] else None
-    return dq, dw
+    return _qk_grads(q, w_key, dqk, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
 QK_F32 = _autograd.custom_op("fusion_qk_f32", _qk_f32, fake=_qk_fake, autograd=(_qk_grad, _qk_setup))
@@ -472,10 +477,8 @@ def _core_grad(ctx, grads):
         ctx.inv_temperature, a, p, need_ds, need_weights)
     w = need_weights
     dq = dwk = None
-    if with_q:  # as fusion_qk_f32's backward (_qk_grad)
-        g = dqk.to(q.dtype)
-        dq = g @ w_key.t().to(g.dtype) if ctx.needs_input_grad[13] else None
-        dwk = (q.t() @ g).to(w_key.dtype) if ctx.needs_input_grad[14] else None
+    if with_q:  # as fusion_qk_f32's backward
+        dq, dwk = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[13], ctx.needs_input_grad[14])
         dqk = None
     grads = (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
              dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv,
