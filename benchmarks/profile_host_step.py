@@ -20,7 +20,8 @@ session measures the real steps with bench_step.py and profile_step.py.
 
 Beside the times, which drift with the machine's load, each row gives exact counts of one step: the aten
 ops that reach a kernel (``aten_ops``; on a GPU each non-view op is a launch or an allocation), and among
-them the copies (clone, copy_) and the zero fills (zeros, fill_, select/slice backward).
+them the copies (clone, copy_), the dtype casts (_to_copy; with ``--autocast``, autocast's own among them) and
+the zero fills (zeros, fill_, select/slice backward).
 """
 from __future__ import annotations
 
@@ -97,9 +98,10 @@ def build_model(spec, device):
     return tf.BertForSequenceClassification(cfg).to(device).train()
 
 
-def make_step(row: bench.Row):
+def make_step(row: bench.Row, autocast_dtype=None):
     """One training step of ``row`` (the step benchmark's) without the optimizer's update (see the module docstring)."""
-    return bench.make_step(row, SPEC, torch.device("cpu"), build=build_model, update=False)[0]
+    return bench.make_step(row, SPEC, torch.device("cpu"), build=build_model, update=False,
+                           autocast_dtype=autocast_dtype)[0]
 
 
 def replay_module():
@@ -114,8 +116,8 @@ def replay_module():
                 + [os.path.join(root, "tests", "csrc", "triton_replay_module.cpp")], extra_cflags=["-O3"])
 
 
-def time_row(row: bench.Row, steps: int, replay=None) -> dict:
-    step = make_step(row)  # (builds the model; no kernel runs before the timed steps' warm-up)
+def time_row(row: bench.Row, steps: int, replay=None, autocast_dtype=None) -> dict:
+    step = make_step(row, autocast_dtype)  # (builds the model; no kernel runs before the timed steps' warm-up)
     if replay is not None and row.backend == "triton":
         # the GPU's replay path: a first step records the launchers (real kernels, interpreted), then every
         # recorded program launches through a counting no-op, the others through the stubs
@@ -165,7 +167,7 @@ def _time_steps(row, step, steps: int) -> dict:
         step()
     ops = counter.ops
     return {"row": row.row, "ms": round(statistics.median(times) * 1e3, 3), "stubbed_launches": round(launches, 1),
-            "aten_ops": sum(ops.values()), "copies": ops["clone"] + ops["copy_"],
+            "aten_ops": sum(ops.values()), "copies": ops["clone"] + ops["copy_"], "casts": ops["_to_copy"],
             "fills": sum(ops[k] for k in ("zeros", "zero_", "fill_", "zeros_like", "select_backward", "slice_backward"))}
 
 
@@ -178,6 +180,10 @@ def main():
     p.add_argument("--replay", action="store_true",
                    help="the triton rows as a GPU runs them with the launches replayed from C++ "
                         "(kernels/_replay.py): needs a C++ compiler and ninja")
+    p.add_argument("--autocast", action="store_true",
+                   help="the forward under bf16 autocast with float32 weights, as the GPU's step runs it: the casts "
+                        "autocast and the methods make are counted (the CPU's autocast op lists are close to CUDA's, "
+                        "not identical)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # garbage from stubbed kernels must not hit slow denormal arithmetic
@@ -188,7 +194,8 @@ def main():
     for _ in range(args.repeats):
         for name in names:
             kind, _, backend = name.partition("/")
-            rec = time_row(bench.Row("bert-deep-narrow", name, kind, backend or None), args.steps, replay)
+            rec = time_row(bench.Row("bert-deep-narrow", name, kind, backend or None), args.steps, replay,
+                           torch.bfloat16 if args.autocast else None)
             if name not in rows or rec["ms"] < rows[name]["ms"]:
                 rows[name] = rec
             print(f"{name}: {rec['ms']} ms, {rec['stubbed_launches']} stubbed launches", flush=True)
@@ -201,8 +208,9 @@ def main():
         rec["vs_full"] = round(rec["ms"] / full, 3) if full else None
         out.append(rec)
     print()
-    common.print_table(out, ["row", "ms", "vs_floor", "vs_full", "stubbed_launches", "aten_ops", "copies", "fills"])
+    common.print_table(out, ["row", "ms", "vs_floor", "vs_full", "stubbed_launches", "aten_ops", "copies", "casts", "fills"])
     common.write(args.json, out, model=dict(DIMS, batch=SPEC[1], seq=SPEC[2]), threads=1,
+                 autocast="bf16" if args.autocast else None,
                  what="host time per step, Triton launches stubbed, no optimizer update (CPU)")
 
 

@@ -285,11 +285,14 @@ def make_optimizer(params, optimizer: str = "fused"):
     return torch.optim.AdamW(params, lr=1e-5, **{optimizer: True})
 
 
-def make_step(row: Row, spec, device, *, build=None, update: bool = True, optimizer: str = "fused"):
+def make_step(row: Row, spec, device, *, build=None, update: bool = True, optimizer: str = "fused",
+              autocast_dtype: Optional[torch.dtype] = None):
     """(step, trainable parameters, batch shape (B, T)): one training step of the row (forward under autocast on a GPU,
     backward, AdamW), on a fresh model and batch; shared by the step benchmark, profile_step.py and
     profile_host_step.py. ``build(spec, device)``: the model (default :func:`build_model`); ``update=False``:
-    no optimizer step (gradients are still zeroed); ``optimizer``: AdamW's implementation (OPTIMIZERS)."""
+    no optimizer step (gradients are still zeroed); ``optimizer``: AdamW's implementation (OPTIMIZERS);
+    ``autocast_dtype``: the forward under autocast in that dtype on any device (default: bf16 on a GPU, none on
+    the CPU)."""
     import pet_fast
 
     torch.manual_seed(0)
@@ -302,7 +305,9 @@ def make_step(row: Row, spec, device, *, build=None, update: bool = True, optimi
     fwd = torch.compile(model, mode=row.compile_mode) if row.compiled else model
     cudagraphs = row.compile_mode == "reduce-overhead"
     opt = make_optimizer(params, optimizer) if row.kind != "base-forward" else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if autocast_dtype is None and device.type == "cuda":
+        autocast_dtype = torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     def backend():
         if row.backend == "triton-py":  # the triton backend, its launches from Python (no replay)

@@ -181,12 +181,14 @@ def test_profile_step_quick(tmp_path):
 def test_profile_host_step_stubs_the_kernels_and_counts_their_launches(tmp_path):
     """benchmarks/profile_host_step.py times steps with every Triton launch stubbed: a triton row counts its
     stubbed launches (per mask-tuning step: the grouped masked weights forward, the grouped scores' gradients
-    backward), eager rows launch none."""
+    backward), eager rows launch none. Under bf16 autocast (--autocast) as the GPU's step, with its casts counted."""
     path = tmp_path / "host_step.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_host_step.py"), "--rows", "floor",
-                    "mask/triton", "houlsby/triton", "--steps", "1", "--repeats", "1", "--json", str(path)],
+                    "mask/triton", "houlsby/triton", "--steps", "1", "--repeats", "1", "--autocast", "--json", str(path)],
                    check=True, capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    rows = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
+    doc = json.loads(path.read_text())
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert doc["autocast"] == "bf16" and rows["floor"]["casts"] > 0  # (autocast casts the frozen weights)
     assert set(rows) == {"floor", "houlsby/triton", "mask/triton"}
     assert rows["floor"]["stubbed_launches"] == 0 and rows["floor"]["vs_floor"] == 1.0
     assert rows["mask/triton"]["stubbed_launches"] == 2.0
