@@ -14,11 +14,11 @@ def A(ad, z):
     return ad.scaling * (act(z @ ad.w_down.T + ad.b_down) @ ad.w_up.T + ad.b_up)
 
 
-def _fused_model(placement, kind="dynamic", k=3):
+def _fused_model(placement, kind="dynamic", k=3, **fusion):
     model = build("bert")
     for i in range(k):
         pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert", bottleneck=4 + i), f"a{i}")
-    pet_fast.inject(model, pet_fast.FusionConfig(adapters=[f"a{i}" for i in range(k)], kind=kind), "f")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=[f"a{i}" for i in range(k)], kind=kind, **fusion), "f")
     for mod in model.modules():
         if isinstance(mod, pet_fast.AdapterFusion):
             with torch.no_grad():
@@ -28,22 +28,30 @@ def _fused_model(placement, kind="dynamic", k=3):
     return model
 
 
-@pytest.mark.parametrize("placement,kind", [("pfeiffer", "dynamic"), ("pfeiffer", "static"), ("houlsby", "dynamic")])
-def test_bert_fusion_closed_form(placement, kind):
-    model = _fused_model(placement, kind)
+@pytest.mark.parametrize("placement,kind,fusion", [
+    ("pfeiffer", "dynamic", {}), ("pfeiffer", "static", {}), ("houlsby", "dynamic", {}), ("parallel", "dynamic", {}),
+    ("pfeiffer", "dynamic", {"residual_before": True}), ("houlsby", "static", {"residual_before": True}),
+    ("pfeiffer", "dynamic", {"query_before_ln": True}), ("parallel", "dynamic", {"residual_before": True})])
+def test_bert_fusion_closed_form(placement, kind, fusion):
+    """AdapterHub's BertFusion at a BERT output site: LN(h + x + fusion) (residual_before: the sublayer output
+    h joins every adapter output before the fusion, and LN(x + fusion))."""
+    model = _fused_model(placement, kind, **fusion)
     host = model.bert.encoder.layer[1].output
     fus = host.pet_fast_tasks["f"]
     ads = [host.pet_fast_tasks[f"a{i}"] for i in range(3)]
     hs, x = torch.randn(2, 4, 37), torch.randn(2, 4, 32)
     LN = host.LayerNorm
     h = host.dense(hs)
-    q_in = LN(h + x) if placement == "pfeiffer" else h
-    u = torch.stack([A(a, q_in) for a in ads], dim=-2)  # (B, T, k, H)
+    a_in = {"pfeiffer": LN(h + x), "houlsby": h, "parallel": x}[placement]
+    q_in = h if fusion.get("query_before_ln") else a_in
+    u = torch.stack([A(a, a_in) for a in ads], dim=-2)  # (B, T, k, H)
+    if fusion.get("residual_before"):
+        u = u + h.unsqueeze(-2)
     q = fus.query(q_in)
     kk = fus.key(u)
     v = fus.value(u) if kind == "dynamic" else u
     p = torch.softmax((kk * q.unsqueeze(-2)).sum(-1), dim=-1)
-    want = LN(h + x + (p.unsqueeze(-1) * v).sum(-2))
+    want = LN((x if fusion.get("residual_before") else h + x) + (p.unsqueeze(-1) * v).sum(-2))
     torch.testing.assert_close(host(hs, x), want, rtol=1e-5, atol=2e-5)
 
 
@@ -66,7 +74,8 @@ def test_fusion_trains_only_the_fusion_layers_and_uses_the_stacked_op(monkeypatc
     loss = out.pow(2).sum() + pet_fast.fusion_regularization_loss(model)
     loss.backward()
     with_grad = {k for k, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {k for k, p in model.named_parameters() if p.requires_grad}
+    # (the key's bias cancels in the softmax: the op does not take it, and its gradient stays None)
+    assert with_grad == {k for k, p in model.named_parameters() if p.requires_grad and not k.endswith(".f.key.bias")}
     assert with_grad and all(f"{TASK_ATTR}.f." in k for k in with_grad)
     assert any(".value." in k for k in with_grad)
 
@@ -181,8 +190,10 @@ def test_fused_op_in_a_model_under_autocast(placement):
         with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
             loss = logits(model, ids, mask).float().pow(2).mean()
         loss.backward()
-        # the key bias cancels in the softmax: the fused op leaves its gradient None (eager's is ~0)
-        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad and not k.endswith("key.bias")}
+        # the key bias cancels in the softmax: without dropout no backend gets it, and its gradient stays None
+        key_biases = [p for k, p in model.named_parameters() if k.endswith(".f.key.bias")]
+        assert key_biases and all(p.requires_grad and p.grad is None for p in key_biases)
+        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad and not k.endswith(".f.key.bias")}
         assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
         results.append((loss.detach(), grads))
     (loss_e, g_e), (loss_t, g_t) = results
@@ -295,3 +306,50 @@ def test_dropout_path_under_autocast_keeps_the_adapter_outputs_once():
     assert len(kd) == 1 and kd[0][1] == torch.bfloat16, saved
     out.float().sum().backward()
     assert fus.key.weight.grad is not None and x.grad is not None
+
+
+def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch):
+    """Under autocast the fusion layers' float32 projections are cast to autocast's dtype for all layers at once
+    per forward (one cast forward, one back), not per layer and tensor: the same loss and gradients, bit for
+    bit, as the casts per layer. A frozen projection still gets no gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pet_fast.methods.fusion import _ForwardProjections
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    ids, mask = batch()
+    runs = []
+    for per_layer in (False, True):
+        if per_layer:
+            monkeypatch.setattr(_ForwardProjections, "projections", lambda self, module, dtype: None)
+        model = _fused_model("pfeiffer")
+        model.train()
+        fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
+        for mod in fusions:
+            mod.dropout = 0.0
+        fusions[1].value.weight.requires_grad_(False)
+        Casts.n = 0
+        with Casts():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = logits(model, ids, mask).float().pow(2).mean()
+            loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        runs.append((Casts.n, loss.detach(), grads))
+        assert fusions[1].value.weight.grad is None and fusions[0].value.weight.grad is not None
+        assert all(g.dtype == torch.float32 and g.shape == p.shape for g, p in
+                   ((p.grad, p) for p in model.parameters() if p.grad is not None))
+    (casts, loss, grads), (casts_per_layer, loss_per_layer, grads_per_layer) = runs
+    assert len(fusions) == 2
+    # per layer: the query's weight and bias, the key's and the value's weight, cast forward and (but the
+    # frozen value weight) back; batched: one cast each way
+    assert casts_per_layer - casts == (4 + 4) + (4 + 3) - 2
+    assert torch.equal(loss, loss_per_layer)
+    assert grads.keys() == grads_per_layer.keys()
+    for k in grads:
+        assert torch.equal(grads[k], grads_per_layer[k]), k

@@ -72,3 +72,23 @@ class PerForward:
 def checkpoint_modules(model: nn.Module) -> list:
     """The modules of ``model`` that carry transformers' ``gradient_checkpointing`` switch."""
     return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def installed(model: nn.Module, attr: str, cls) -> PerForward:
+    """The model's ``cls`` state kept as ``model.<attr>`` (a plain attribute: not a submodule, not in the
+    state dict), made and installed around the base model's forward on first use."""
+    state = model.__dict__.get(attr)
+    if state is None:
+        base = getattr(model, "base_model", model)
+        state = cls(checkpoint_modules(base))
+        state.install(base)
+        model.__dict__[attr] = state
+    return state
+
+
+def attached(host: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is still task ``name``'s module at ``host`` (removed tasks are detached)."""
+    from ..tasks import TASK_ATTR
+
+    holder = host._modules.get(TASK_ATTR)
+    return holder is not None and holder._modules.get(name) is module

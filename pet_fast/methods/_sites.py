@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from ..tasks import TASK_ATTR
@@ -147,7 +148,9 @@ def _children(self: Override, fusion) -> list:
 def _fuse(self, fusion, inp, query, residual):
     adapters = _children(self, fusion)
     dt = inp.dtype
-    return fusion.fuse(inp, query.to(dt), residual.to(dt), adapters)
+    if not (residual.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16) and not fusion.residual_before):
+        residual = residual.to(dt)  # (a float32 residual added after the fusion stays float32: the op adds it so)
+    return fusion.fuse(inp, query.to(dt), residual, adapters)
 
 
 def _is_fusion(module) -> bool:
@@ -165,14 +168,26 @@ def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs)
     LN = mods["LayerNorm"]
     placement = module.placement
     if _is_fusion(module):
+        if module.residual_before:  # h joins every adapter output before the fusion: the op's residual is h
+            if placement == "houlsby":
+                out = _fuse(self, module, h, h, h)
+            elif placement == "pfeiffer":
+                y = LN(h + x)
+                out = _fuse(self, module, y, h if module.query_before_ln else y, h)
+            else:  # parallel: the adapters read the sublayer input
+                out = _fuse(self, module, x, x, h)
+            return LN(out + x.to(out.dtype))
+        # LN(fusion + h + x): the op adds s = h + x (float32 under autocast, as the add promotes it), so that
+        # neither h is cast nor x added after the op (four launches per layer and step, forward and backward)
+        s = h + x
         if placement == "houlsby":
-            out = _fuse(self, module, h, h, h)
+            out = _fuse(self, module, h, h, s)
         elif placement == "pfeiffer":
-            y = LN(h + x)
-            out = _fuse(self, module, y, h if module.query_before_ln else y, h)
+            y = LN(s)
+            out = _fuse(self, module, y, h if module.query_before_ln else y, s)
         else:  # parallel: the adapters read the sublayer input
-            out = _fuse(self, module, x, x, h)
-        return LN(out + x.to(out.dtype))
+            out = _fuse(self, module, x, x, s)
+        return LN(out)
     if placement == "houlsby":  # LN(h + x + A(h)): the op adds h + x itself (no add launch, forward or backward)
         out = _adapter(module, h, x, add_input=True)
     elif placement == "pfeiffer":  # LN(s + A(LN(s))), s = h + x: the op applies the inner (frozen) LN itself

@@ -10,6 +10,7 @@ from torch import nn
 from ..ops import _checks
 from ..ops._autocast import compute_dtype
 from ..ops import adapter_fusion as fusion_ops
+from ._per_forward import PerForward, attached, installed
 from .adapter import BottleneckAdapter
 
 
@@ -53,14 +54,17 @@ class AdapterFusion(nn.Module):
         self.residual_before = residual_before
         self.value_before_softmax = value_before_softmax
 
-    def _projections(self, dtype) -> dict:
-        q, k, v = self.query, self.key, self.value
-        return dict(
-            w_query=None if q is None else q.weight.to(dtype), b_query=None if q is None else _maybe_cast(q.bias, dtype),
-            w_key=None if k is None else k.weight.to(dtype), b_key=None if k is None else _maybe_cast(k.bias, dtype),
-            w_value=None if v is None else v.weight.to(dtype), b_value=None,
-            residual_before=self.residual_before, value_before_softmax=self.value_before_softmax,
-        )
+    def _projections(self, dtype, key_bias: bool = False) -> dict:
+        """The op's projection arguments in ``dtype``. The key's bias adds one number per token to every
+        adapter's score, which the softmax cancels: it is passed (``key_bias``) only where dropout on the
+        scores keeps it from cancelling, so that every backend leaves its gradient None."""
+        forward = self.__dict__.get("_forward")  # (a plain attribute set by FusionConfig.attach)
+        cast = forward.projections(self, dtype) if forward is not None else None
+        if cast is None:
+            cast = {name: _maybe_cast(t, dtype) for name, t in _projection_tensors(self).items()}
+        b_key = _maybe_cast(self.key.bias, dtype) if key_bias and self.key is not None else None
+        return dict(cast, b_key=b_key, b_value=None, residual_before=self.residual_before,
+                    value_before_softmax=self.value_before_softmax)
 
     def _temperature(self) -> float:
         t = self.T
@@ -96,8 +100,9 @@ class AdapterFusion(nn.Module):
         """Fuse given adapter outputs ``values (..., k, d)``."""
         _checks.tensor("query", query, floating=False)
         t = self._temperature()
-        proj = self._projections(query.dtype)
-        if self.training and self.dropout > 0:
+        dropout = self.training and self.dropout > 0
+        proj = self._projections(query.dtype, key_bias=dropout)
+        if dropout:
             return self._eager_with_dropout(query, values, residual, t, proj)
         return fusion_ops.adapter_fusion(query, values, residual, temperature=t, backend=backend, **proj)
 
@@ -153,6 +158,76 @@ class AdapterFusion(nn.Module):
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
             temperature=t, backend=backend, **self._projections(query.dtype))
+
+
+def _projection_tensors(fusion: AdapterFusion) -> dict:
+    """The op's projection arguments as the module holds them, but the key's bias (see _projections); None where
+    a projection or bias is absent."""
+    q, k, v = fusion.query, fusion.key, fusion.value
+    return dict(w_query=None if q is None else q.weight, b_query=None if q is None else q.bias,
+                w_key=None if k is None else k.weight, w_value=None if v is None else v.weight)
+
+
+class _ForwardProjections(PerForward):
+    """The query, key and value projections of every fusion layer of a task, cast to the forward's compute
+    dtype by one cast per forward of the model, at the first layer that asks.
+
+    Under autocast the projections' float32 weights are cast to autocast's dtype in every layer: five casts
+    per layer forward, and five more in the backward, where each gradient is cast back to float32 (120
+    launches per step in BERT-base). Here the weights of all layers are concatenated and cast once (two
+    launches), and their gradients come back through one cast and one concatenation; each weight's gradient
+    is then a view of that float32 buffer. The values are those of the per-layer casts, bit for bit.
+
+    Open during a forward of the model (_per_forward.py). Layers outside the batch cast per call: one called
+    on its own, under torch.compile (which fuses the casts), layers whose projections have another device
+    or dtype than the asking layer's, and every call where no cast is needed (the weights already in the
+    compute dtype)."""
+
+    def __init__(self, checkpoint_modules):
+        super().__init__(checkpoint_modules)
+        self.sites: dict = {}  # task name -> [(host, AdapterFusion)], in attach order
+
+    def projections(self, module: AdapterFusion, dtype: torch.dtype) -> Optional[dict]:
+        """``module``'s projections cast to ``dtype`` for this forward, or None (then the layer casts them)."""
+        if torch.compiler.is_compiling():
+            return None
+        local = self._local
+        if not getattr(local, "open", False):
+            return None
+        name = module.__dict__.get("_task")
+        key = (name, dtype)
+        batch = local.cache.get(key)
+        if batch is None:
+            batch = local.cache[key] = self._batch(name, dtype, module)
+        return batch.get(id(module))
+
+    def _batch(self, name, dtype, module) -> dict:
+        self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, f) for h, f in pairs if attached(h, n, f)])}
+        own = [t for t in _projection_tensors(module).values() if t is not None]
+        if not own or all(t.dtype == dtype for t in own):
+            return {}
+        device, kind = own[0].device, own[0].dtype
+        layers = []
+        for _, f in self.sites.get(name, ()):
+            tensors = _projection_tensors(f)
+            present = [t for t in tensors.values() if t is not None]
+            if present and all(t.device == device and t.dtype == kind for t in present):
+                layers.append((f, tensors))
+        if not any(f is module for f, _ in layers):
+            return {}
+        # rows of width d: the (d, d) weights as they are, the (d,) biases as (1, d) (fewer views than flattening)
+        rows = [t if t.dim() == 2 else t.unsqueeze(0) for _, tensors in layers for t in tensors.values() if t is not None]
+        pieces = iter(torch.cat(rows).to(dtype).split([t.shape[0] for t in rows]))
+        out = {}
+        for f, tensors in layers:
+            cast = out[id(f)] = {}
+            for n, t in tensors.items():
+                cast[n] = None if t is None else next(pieces) if t.dim() == 2 else next(pieces).squeeze(0)
+        return out
+
+
+def _forward_projections(model: nn.Module) -> _ForwardProjections:
+    return installed(model, "_pet_fast_fusion_forward", _ForwardProjections)
 
 
 def stack_adapters(adapters: Sequence[BottleneckAdapter], dtype):
@@ -223,7 +298,9 @@ class FusionConfig(MethodConfig):
     training with a dropout above 0 (BERT's default 0.1), the scores need dropout, so the adapters
     and the fusion run eagerly: pass ``dropout_prob=0.0`` to train on the fused op.
     With parallel adapters, the fusion adds its output once to ``h + x`` (AdapterHub adds ``x``
-    a second time there).
+    a second time there). The key projection's bias adds the same number to every adapter's score, which the
+    softmax cancels: it is kept (and saved) as AdapterHub has it, but gets no gradient (None) unless dropout
+    applies to the scores, where it does not cancel.
     """
 
     method = "fusion"
@@ -290,6 +367,8 @@ class FusionConfig(MethodConfig):
         dropout = self.dropout_prob
         if dropout is None:
             dropout = float(getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0)
+        forward = _forward_projections(model)
+        forward.sites[name] = []
         for h in hosts:
             child = h.pet_fast_tasks[self.adapters[0]]
             ref = child.w_down
@@ -300,7 +379,9 @@ class FusionConfig(MethodConfig):
             fusion.adapter_names = tuple(self.adapters)
             fusion.placement = first.placement
             fusion.query_before_ln = self.query_before_ln
+            fusion.__dict__["_forward"], fusion.__dict__["_task"] = forward, name  # plain attributes, not state
             task_holder(h)[name] = fusion
+            forward.sites[name].append((h, fusion))
 
 
 def fusion_regularization_loss(model: _nn.Module, name: Optional[str] = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from ..ops import _checks
 from ..ops._autocast import compute_dtype
 from ..ops.masked_linear import backend_for, masked_linear
 from ..ops.masked_weights import masked_weights
-from ._per_forward import PerForward, checkpoint_modules
+from ._per_forward import PerForward, attached, installed
 
 
 def _params_for(dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -108,7 +108,7 @@ class MaskedLinear(nn.Module):
 import dataclasses  # noqa: E402
 from typing import List  # noqa: E402
 
-from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder  # noqa: E402
+from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 
 class MaskScores(nn.Module):
@@ -183,9 +183,9 @@ class _ForwardMasks(PerForward):
 
     def _batch(self, name, dtype, module, host, x) -> dict:
         # forget the linears of removed tasks (remove() detaches them from their hosts)
-        self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, m) for h, m in pairs if _holds(h, n, m)])}
-        attached = self.sites.get(name, ())
-        pairs = [(h, m) for h, m in attached if m.threshold == module.threshold and _batchable(h, m, dtype)]
+        self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, m) for h, m in pairs if attached(h, n, m)])}
+        sites = self.sites.get(name, ())
+        pairs = [(h, m) for h, m in sites if m.threshold == module.threshold and _batchable(h, m, dtype)]
         if not any(m is module for _, m in pairs):
             return {}
         weight, bias = _params_for(x.dtype, host._parameters["weight"], host._parameters.get("bias"))
@@ -193,11 +193,6 @@ class _ForwardMasks(PerForward):
         outs = masked_weights([h._parameters["weight"] for h, _ in pairs], [m._parameters["scores"] for _, m in pairs],
                               threshold=module.threshold, dtype=dtype, backend="eager" if chosen == "eager" else None)
         return {id(m): w for (_, m), w in zip(pairs, outs)}
-
-
-def _holds(host: nn.Module, name: str, module: nn.Module) -> bool:
-    holder = host._modules.get(TASK_ATTR)
-    return holder is not None and holder._modules.get(name) is module
 
 
 def _batchable(host: nn.Module, module: "MaskScores", dtype: torch.dtype) -> bool:
@@ -210,13 +205,7 @@ def _batchable(host: nn.Module, module: "MaskScores", dtype: torch.dtype) -> boo
 
 def _forward_masks(model: nn.Module) -> _ForwardMasks:
     """The model's :class:`_ForwardMasks`, made (and its hooks installed) on the first mask task."""
-    state = model.__dict__.get("_pet_fast_mask_forward")
-    if state is None:
-        base = getattr(model, "base_model", model)
-        state = _ForwardMasks(checkpoint_modules(base))
-        state.install(base)
-        model.__dict__["_pet_fast_mask_forward"] = state
-    return state
+    return installed(model, "_pet_fast_mask_forward", _ForwardMasks)
 
 
 @register_method
