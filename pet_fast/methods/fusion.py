@@ -172,15 +172,16 @@ class _ForwardProjections(PerForward):
     """The query, key and value projections of every fusion layer of a task, cast to the forward's compute
     dtype by one cast per forward of the model, at the first layer that asks.
 
-    Under autocast the projections' float32 weights are cast to autocast's dtype in every layer: five casts
-    per layer forward, and five more in the backward, where each gradient is cast back to float32 (120
-    launches per step in BERT-base). Here the weights of all layers are concatenated and cast once (two
-    launches), and their gradients come back through one cast and one concatenation; each weight's gradient
-    is then a view of that float32 buffer. The values are those of the per-layer casts, bit for bit.
+    Under autocast the projections' float32 weights were cast to autocast's dtype in every layer: the query's
+    weight and bias and the key's and value's weights forward, and each gradient cast back to float32 in the
+    backward (96 launches per step in BERT-base). Here the weights of all layers are concatenated and cast
+    once (two launches), and their gradients come back through one cast and one concatenation; each
+    weight's gradient is then a view of that float32 buffer. The values are those of the per-layer casts,
+    bit for bit.
 
     Open during a forward of the model (_per_forward.py). Layers outside the batch cast per call: one called
-    on its own, under torch.compile (which fuses the casts), layers whose projections have another device
-    or dtype than the asking layer's, and every call where no cast is needed (the weights already in the
+    on its own, under torch.compile (which fuses the casts), layers whose projections have another device,
+    dtype or width than the asking layer's, and every call where no cast is needed (the weights already in the
     compute dtype)."""
 
     def __init__(self, checkpoint_modules):
@@ -206,12 +207,12 @@ class _ForwardProjections(PerForward):
         own = [t for t in _projection_tensors(module).values() if t is not None]
         if not own or all(t.dtype == dtype for t in own):
             return {}
-        device, kind = own[0].device, own[0].dtype
+        device, kind, width = own[0].device, own[0].dtype, own[0].shape[-1]
         layers = []
         for _, f in self.sites.get(name, ()):
             tensors = _projection_tensors(f)
             present = [t for t in tensors.values() if t is not None]
-            if present and all(t.device == device and t.dtype == kind for t in present):
+            if present and all(t.device == device and t.dtype == kind and t.shape[-1] == width for t in present):
                 layers.append((f, tensors))
         if not any(f is module for f, _ in layers):
             return {}
