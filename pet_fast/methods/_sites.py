@@ -145,11 +145,14 @@ def _children(self: Override, fusion) -> list:
     return [holder[c] for c in fusion.adapter_names]
 
 
-def _fuse(self, fusion, inp, query, residual):
+def _fuse(self, fusion, inp, query, residual, *, float32_residual: bool = False):
+    """The fusion at this site, on ``inp`` (and ``query``) in inp's dtype. The residual is cast to that dtype
+    too, but with ``float32_residual``: a float32 residual that the op adds after the fusion stays float32
+    (the op adds it so, and returns float32)."""
     adapters = _children(self, fusion)
     dt = inp.dtype
-    if not (residual.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16) and not fusion.residual_before):
-        residual = residual.to(dt)  # (a float32 residual added after the fusion stays float32: the op adds it so)
+    if not (float32_residual and residual.dtype == torch.float32 and not fusion.residual_before):
+        residual = residual.to(dt)
     return fusion.fuse(inp, query.to(dt), residual, adapters)
 
 
@@ -181,12 +184,12 @@ def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs)
         # neither h is cast nor x added after the op (four launches per layer and step, forward and backward)
         s = h + x
         if placement == "houlsby":
-            out = _fuse(self, module, h, h, s)
+            out = _fuse(self, module, h, h, s, float32_residual=True)
         elif placement == "pfeiffer":
             y = LN(s)
-            out = _fuse(self, module, y, h if module.query_before_ln else y, s)
+            out = _fuse(self, module, y, h if module.query_before_ln else y, s, float32_residual=True)
         else:  # parallel: the adapters read the sublayer input
-            out = _fuse(self, module, x, x, s)
+            out = _fuse(self, module, x, x, s, float32_residual=True)
         return LN(out)
     if placement == "houlsby":  # LN(h + x + A(h)): the op adds h + x itself (no add launch, forward or backward)
         out = _adapter(module, h, x, add_input=True)
