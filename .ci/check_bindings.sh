@@ -2,9 +2,11 @@
 # Syntax- and type-check the torch-side bindings (csrc/*.cpp) with g++ against the installed torch's
 # headers. The CPU build of torch ships the c10/ATen CUDA headers but not the CUDA libraries' headers
 # they include, so a few declarations (handle and status types only) are stubbed here; nothing is
-# linked or run. Catches a binding that would not compile on the GPU machine before a GPU session.
+# linked or run. Catches a binding that would not compile on the GPU machine before a GPU session. One
+# file per CPU at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source .ci/parallel.sh
 if ! command -v g++ >/dev/null 2>&1 || ! python -c "import torch" 2>/dev/null; then
   echo "check_bindings: g++ or torch missing, skipping"
   exit 0
@@ -55,8 +57,9 @@ py_inc=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 n=0
 for f in csrc/*.cpp; do
   # -std=c++17 and -DPET_FAST_CUDA (the CUDA-only code paths) as setup.py and pet_fast/_ext.py build them
-  g++ -std=c++17 -Wno-c++20-extensions -fsyntax-only -DTORCH_EXTENSION_NAME=_C -DPET_FAST_CUDA -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" \
+  run g++ -std=c++17 -Wno-c++20-extensions -fsyntax-only -DTORCH_EXTENSION_NAME=_C -DPET_FAST_CUDA -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" \
     -I"$cuda_inc" -I"$stub" -I"$py_inc" -Icsrc "$f"
   n=$((n + 1))
 done
+finish
 echo "check_bindings: $n binding file(s) type-check against torch ${torch_label:-$(python -c 'import torch; print(torch.__version__)')}"

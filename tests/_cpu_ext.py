@@ -1,5 +1,6 @@
 """Building a CPU-only module of csrc/ files for a test (the full extension pet_fast._C builds only where
 CUDA is): the C++ that does not need a GPU is checked on the CPU through it."""
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,10 @@ def load_cpu_module(tmp_path_factory, name: str, csrc_files, module_file: str):
         pytest.skip("no C++ compiler")
     if not is_ninja_available():
         pytest.skip("ninja is not installed (pip install ninja): torch builds C++ extensions with it")
-    build = tmp_path_factory.mktemp(f"{name}_build")
+    # Under pytest-xdist every worker has its own base temp directory; their parent is the run's: the workers
+    # share one build there (torch's build lock makes the others wait for the first, then they load it).
+    base = tmp_path_factory.getbasetemp()
+    build = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"{name}_build"
+    build.mkdir(exist_ok=True)
     return load(name=name, build_directory=str(build), verbose=False, extra_include_paths=[str(ROOT / "csrc")],
                 sources=[str(ROOT / "csrc" / f) for f in csrc_files] + [str(ROOT / "tests" / "csrc" / module_file)])

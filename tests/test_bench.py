@@ -269,10 +269,28 @@ def test_every_benchmark_script_imports():
     scripts = sorted(p for p in os.listdir(os.path.join(ROOT, "benchmarks"))
                      if p.endswith(".py") and p not in ("__init__.py", "common.py"))  # common: a module, no CLI
     assert {"check_masked_linear_serving.py", "check_prefix_merge.py", "profile_step.py"} <= set(scripts)
-    for name in scripts:
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--help"], capture_output=True,
-                             text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-        assert out.returncode == 0 and "usage" in out.stdout.lower(), (name, out.stderr[-800:])
+    # one process runs every script as __main__ with --help (torch imported once, not once per script)
+    driver = (
+        "import contextlib, io, json, os, runpy, sys, traceback\n"
+        "res = {}\n"
+        "for path in sys.argv[1:]:\n"
+        "    sys.argv, out, code = [path, '--help'], io.StringIO(), None\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(out):\n"
+        "            runpy.run_path(path, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        code = e.code\n"
+        "    except BaseException:\n"
+        "        code = traceback.format_exc()[-800:]\n"
+        "    res[os.path.basename(path)] = [code, 'usage' in out.getvalue().lower()]\n"
+        "print(json.dumps(res))\n")
+    out = subprocess.run([sys.executable, "-c", driver] + [os.path.join(ROOT, "benchmarks", n) for n in scripts],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(results) == scripts
+    for name, (code, usage) in results.items():
+        assert code in (0, None) and usage, (name, code)
 
 
 def test_a_cudagraph_row_says_when_inductor_skipped_cuda_graphs(monkeypatch):
