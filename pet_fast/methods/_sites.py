@@ -171,26 +171,21 @@ def _bert_sublayer(self: Override, hidden_states, input_tensor, *args, **kwargs)
     LN = mods["LayerNorm"]
     placement = module.placement
     if _is_fusion(module):
-        if module.residual_before:  # h joins every adapter output before the fusion: the op's residual is h
-            if placement == "houlsby":
-                out = _fuse(self, module, h, h, h)
-            elif placement == "pfeiffer":
-                y = LN(h + x)
-                out = _fuse(self, module, y, h if module.query_before_ln else y, h)
-            else:  # parallel: the adapters read the sublayer input
-                out = _fuse(self, module, x, x, h)
-            return LN(out + x.to(out.dtype))
-        # LN(fusion + h + x): the op adds s = h + x (float32 under autocast, as the add promotes it), so that
-        # neither h is cast nor x added after the op (four launches per layer and step, forward and backward)
-        s = h + x
+        # LN(fusion + h + x): the op adds the residual s = h + x itself (float32 under autocast, as the add
+        # promotes it), so that neither h is cast nor x added after the op (four launches per layer and step).
+        # With residual_before, h joins every adapter output before the fusion (the op's residual is h), and x
+        # is added after it.
+        before = module.residual_before
+        s = h + x if (placement == "pfeiffer" or not before) else None
+        res = h if before else s
         if placement == "houlsby":
-            out = _fuse(self, module, h, h, s, float32_residual=True)
+            out = _fuse(self, module, h, h, res, float32_residual=True)
         elif placement == "pfeiffer":
             y = LN(s)
-            out = _fuse(self, module, y, h if module.query_before_ln else y, s, float32_residual=True)
+            out = _fuse(self, module, y, h if module.query_before_ln else y, res, float32_residual=True)
         else:  # parallel: the adapters read the sublayer input
-            out = _fuse(self, module, x, x, s, float32_residual=True)
-        return LN(out)
+            out = _fuse(self, module, x, x, res, float32_residual=True)
+        return LN(out + x.to(out.dtype)) if before else LN(out)
     if placement == "houlsby":  # LN(h + x + A(h)): the op adds h + x itself (no add launch, forward or backward)
         out = _adapter(module, h, x, add_input=True)
     elif placement == "pfeiffer":  # LN(s + A(LN(s))), s = h + x: the op applies the inner (frozen) LN itself

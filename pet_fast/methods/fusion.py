@@ -190,16 +190,12 @@ class _ForwardProjections(PerForward):
 
     def projections(self, module: AdapterFusion, dtype: torch.dtype) -> Optional[dict]:
         """``module``'s projections cast to ``dtype`` for this forward, or None (then the layer casts them)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.open:
             return None
-        local = self._local
-        if not getattr(local, "open", False):
-            return None
-        name = module.__dict__.get("_task")
-        key = (name, dtype)
-        batch = local.cache.get(key)
+        name, cache = module.__dict__.get("_task"), self.cache
+        batch = cache.get((name, dtype))
         if batch is None:
-            batch = local.cache[key] = self._batch(name, dtype, module)
+            batch = cache[(name, dtype)] = self._batch(name, dtype, module)
         return batch.get(id(module))
 
     def _batch(self, name, dtype, module) -> dict:
