@@ -5,7 +5,9 @@ down-projection ``a = x @ Wd.T`` over blocks of d into an fp32 ``(BLOCK_N, RP)``
 a power of two >= 16; padded rows of Wd load as zeros), adds ``bd``, applies the activation, and with
 the r-wide hidden still in registers loops over d again: up-projection, ``bu``, scaling (a Python
 number, a scalar tensor or one value per channel) and the residual (``x`` or a separate tensor). The
-hidden never reaches global memory.
+hidden never reaches global memory. Where the token tiles are too few to fill the GPU, the autotuner may
+split the second loop's columns over ``SPLIT_D`` programs per tile (each recomputes the hidden; the rows
+backward splits dx's columns the same way).
 
 With a LayerNorm (``LN``: the op's ``layer_norm``, Pfeiffer's placement), each program first takes its
 rows' mean and variance (two passes over x in fp32) and the down-projection reads ``LN(x)``, rounded to
@@ -158,15 +160,31 @@ def _normalized(xt, mean, rstd, LNW, LNB, c, cm, HAS_LNW: tl.constexpr, HAS_LNB:
 
 
 @triton.jit
+def _column_range(part, D, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[lo, hi): part ``part`` of SPLIT_D ranges of whole BLOCK_D blocks covering [0, D) (the last ones may
+    be empty)."""
+    if SPLIT_D == 1:
+        return 0, D
+    else:
+        per = tl.cdiv(tl.cdiv(D, SPLIT_D), BLOCK_D) * BLOCK_D
+        lo = part * per
+        return lo, tl.minimum(lo + per, D)
+
+
+@triton.jit
 def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, CD, LNW, LNB, N, D, R, s_value, eps, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, HAS_RES: tl.constexpr,
                 ADD_X: tl.constexpr, LN: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
                 ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                RP: tl.constexpr, UPCAST: tl.constexpr):
+                RP: tl.constexpr, UPCAST: tl.constexpr, SPLIT_D: tl.constexpr):
     # CD only carries the products' dtype (x's, or autocast's for a LayerNorm read from float32 x).
     # The tile's first row moves the base pointers (int64: N * D may pass 2**31); offsets inside the
     # tile stay int32, which keeps the pointer tiles at half the registers.
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    # SPLIT_D programs share a token tile (adjacent ids: they read its x through the L2 together); each
+    # computes the whole hidden and writes its own range of the output's columns.
+    pid = tl.program_id(0)
+    row0 = (pid // SPLIT_D).to(tl.int64) * BLOCK_N
+    c_lo, c_hi = _column_range(pid % SPLIT_D, D, SPLIT_D, BLOCK_D)
     X += row0 * D
     Y += row0 * D
     if HAS_RES:
@@ -198,9 +216,9 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, CD, LNW, LNB, N, D, R, s_value, ep
         s = s_value
     elif S_MODE == 1:
         s = tl.load(S).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(c_lo, c_hi, BLOCK_D):
         c = d0 + cols
-        cm = c < D
+        cm = c < c_hi
         wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
         up = mm(hq, tl.trans(wu.to(CD.dtype.element_ty)), UPCAST)
         if HAS_BU:
@@ -224,8 +242,16 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, CD, LNW, LNB, N, D, R, s_value, ep
 def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, N, D, R, s_value, eps, n_bucket,
                      HAS_BD: tl.constexpr, S_MODE: tl.constexpr, ADD_DY: tl.constexpr, LN: tl.constexpr,
                      HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, ACT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N  # int64 base, int32 offsets in the tile (as in the forward)
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr,
+                     SPLIT_D: tl.constexpr):
+    # int64 base, int32 offsets in the tile, and SPLIT_D programs per token tile, as in the forward: each
+    # recomputes the tile's hidden and its gradient and writes its own range of dx's columns; the first
+    # writes h, da (and LN(x)).
+    pid = tl.program_id(0)
+    row0 = (pid // SPLIT_D).to(tl.int64) * BLOCK_N
+    part = pid % SPLIT_D
+    c_lo, c_hi = _column_range(part, D, SPLIT_D, BLOCK_D)
+    first = part == 0
     X += row0 * D
     DY += row0 * D
     DX += row0 * D
@@ -253,7 +279,8 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
         xt = tl.load(X + offs, mask=m2, other=0.0)
         if LN:
             xt = _normalized(xt, mean, rstd, LNW, LNB, c, cm, HAS_LNW, HAS_LNB).to(CD.dtype.element_ty)
-            tl.store(YBUF + offs, xt, mask=m2)
+            if first:
+                tl.store(YBUF + offs, xt, mask=m2)
         wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
         a += mm(xt, tl.trans(wd.to(xt.dtype)), UPCAST)
         g = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
@@ -271,8 +298,9 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
     h, gp = act_fwd_bwd(a, ACT)
     da = dh * gp
     hoffs = rows[:, None] * RP + rr[None, :]
-    tl.store(HBUF + hoffs, h.to(HBUF.dtype.element_ty), mask=rmask[:, None])
-    tl.store(DABUF + hoffs, da.to(DABUF.dtype.element_ty), mask=rmask[:, None])
+    if first:
+        tl.store(HBUF + hoffs, h.to(HBUF.dtype.element_ty), mask=rmask[:, None])
+        tl.store(DABUF + hoffs, da.to(DABUF.dtype.element_ty), mask=rmask[:, None])
     if UPCAST:
         daq = da
     else:
@@ -290,9 +318,9 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
             sgx += tl.sum(g * xhat, axis=1)
         sg = sg / D
         sgx = sgx / D
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(c_lo, c_hi, BLOCK_D):
         c = d0 + cols
-        cm = c < D
+        cm = c < c_hi
         m2 = rmask[:, None] & cm[None, :]
         offs = rows[:, None] * D + c[None, :]
         if LN:
@@ -472,10 +500,51 @@ def n_bucket(n: int) -> int:
     return min(next_power_of_2(max(n, 1)), 1 << 14)
 
 
-_fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
-                             prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
-_bwd_rows_tuned = triton.autotune(row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
-                                  prune_configs_by={"early_config_prune": prune_bwd_row_configs})(_bwd_rows_kernel)
+# Column splits (SPLIT_D programs per token tile) tried by the adapter's autotuners where the token tiles
+# alone leave SMs idle: the BERT-base step's 4096 tokens make 64 tiles of 64 on an H100's 132 SMs, and each
+# program's loops over d are a chain of dependent loads (H100: 29.6 us per forward at N=4096, d=768, about
+# five times its bytes). A split shortens each program's second loop and multiplies the programs; every
+# program of a tile recomputes the hidden (x and Wd read again, mostly from the L2).
+SPLITS = ((64, 64, 8, 3, 2), (64, 64, 8, 3, 4), (128, 64, 8, 3, 4))
+
+
+def adapter_row_configs():
+    """:func:`row_configs` with SPLIT_D=1, and on a GPU the column splits of SPLITS."""
+    configs = [triton.Config({**c.kwargs, "SPLIT_D": 1}, num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in row_configs()]
+    if autotuning():
+        configs += [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "SPLIT_D": sp}, num_warps=w, num_stages=st)
+                    for bn, bd, w, st, sp in SPLITS]
+    return configs
+
+
+def _prune_splits(configs, named_args, kwargs):
+    """Drop the column splits where the token tiles alone give two programs per SM, or where a part would
+    get fewer than two column blocks."""
+    n, d, x = named_args.get("N"), named_args.get("D"), named_args.get("X")
+    sms = sm_count(x.device) if isinstance(x, torch.Tensor) and x.is_cuda else 132
+    kept = [c for c in configs if c.kwargs.get("SPLIT_D", 1) == 1 or (
+        n is not None and d is not None and cdiv(n, c.kwargs["BLOCK_N"]) < 2 * sms
+        and d >= 2 * c.kwargs["SPLIT_D"] * c.kwargs["BLOCK_D"])]
+    return kept or configs
+
+
+def prune_adapter_configs(configs, named_args, **kwargs):
+    return prune_row_configs(_prune_splits(configs, named_args, kwargs), named_args, **kwargs)
+
+
+def prune_adapter_bwd_configs(configs, named_args, **kwargs):
+    return prune_bwd_row_configs(_prune_splits(configs, named_args, kwargs), named_args, **kwargs)
+
+
+def _split_grid(n):
+    return lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_D"],)
+
+
+_fwd_tuned = triton.autotune(adapter_row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+                             prune_configs_by={"early_config_prune": prune_adapter_configs})(_fwd_kernel)
+_bwd_rows_tuned = triton.autotune(adapter_row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+                                  prune_configs_by={"early_config_prune": prune_adapter_bwd_configs})(_bwd_rows_kernel)
 
 
 def _scale_mode(scaling):
@@ -617,7 +686,7 @@ def _forward(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual, ac
     upcast = interpreting() or cd.dtype == torch.float32
     dummy = x
     _replay.launch(
-        _fwd_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
+        _fwd_tuned, _split_grid(n),
         x, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         scaling if scaling is not None else dummy, residual if residual is not None else dummy, y, cd, lnw, lnb,
         n, d, r, float(scaling_value), eps, n_bucket(n),
@@ -727,7 +796,7 @@ def _backward(dy, x, w_down, b_down, w_up, b_up, scaling, scaling_value, has_res
             xin = _replay.empty((n, d), cd.dtype, x.device)
         dummy = x
         _replay.launch(
-            _bwd_rows_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
+            _bwd_rows_tuned, _split_grid(n),
             x, w_down, b_down if b_down is not None else dummy, w_up, scaling if scaling is not None else dummy,
             dy, dx, hbuf, dabuf, cd, lnw, lnb, xin, n, d, r, float(scaling_value), eps, n_bucket(n),
             HAS_BD=b_down is not None, S_MODE=_scale_mode(scaling), ADD_DY=not has_residual, **ln_flags,

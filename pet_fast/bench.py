@@ -188,8 +188,9 @@ def make_batch(spec, vocab: int, device, seed: int = 0):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def prepare(row: Row, model):
-    """Attach the row's method; return (model to call, extra call keywords, trainable parameters)."""
+def prepare(row: Row, model, seq_len: Optional[int] = None):
+    """Attach the row's method; return (model to call, extra call keywords, trainable parameters).
+    ``seq_len``: the batch's length (prefix rows shift positions only where the position table has room)."""
     import pet_fast
 
     kind, kw = row.kind, {}
@@ -216,8 +217,12 @@ def prepare(row: Row, model):
         # Like for like with the peft-prefix20 row: a flat prefix (PEFT's default prefix_projection=False),
         # positions shifted by P as PEFT's cache does, the classifier trained (PEFT's modules_to_save for
         # SEQ_CLS): the same trainable parameters (370178 at BERT-base, P=20). The BERT batch has no
-        # padding: neither path passes SDPA a mask.
-        pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=int(kind[len("prefix"):])), "task")
+        # padding: neither path passes SDPA a mask. Where T + P passes BERT's 512 absolute positions (16 x 512),
+        # positions are not shifted (AdapterHub's way; PEFT's prefix fails there).
+        P = int(kind[len("prefix"):])
+        limit = getattr(model.config, "max_position_embeddings", None) if pet_fast.models.family(model) == "bert" else None
+        shift = limit is None or seq_len is None or seq_len + P <= limit
+        pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=P, shift_positions=shift), "task")
     elif kind.startswith("adapters-"):
         model = _adapterhub(model, kind[len("adapters-"):])
     elif kind.startswith("peft-"):
@@ -298,7 +303,7 @@ def make_step(row: Row, spec, device, *, build=None, update: bool = True, optimi
     torch.manual_seed(0)
     model = (build or build_model)(spec, device)
     ids, mask, labels = make_batch(spec, model.config.vocab_size, device)
-    model, kw, params = prepare(row, model)
+    model, kw, params = prepare(row, model, ids.shape[1])
     if row.kind == "side-cache":
         kw["example_ids"] = torch.arange(ids.shape[0])
     embed = model.get_input_embeddings()
@@ -463,6 +468,11 @@ def add_ratios(rows: List[dict]) -> None:
             r["floor_row"] = floor["row"]
             if r.get("peak_mem_mb") and floor.get("peak_mem_mb"):
                 r["mem_vs_floor"] = round(r["peak_mem_mb"] / floor["peak_mem_mb"], 3)
+        if full and r.get("peak_mem_mb") and full.get("peak_mem_mb"):  # mask-tuning's memory target
+            r["mem_vs_full"] = round(r["peak_mem_mb"] / full["peak_mem_mb"], 3)
+        base = find(r["model"], "base-forward")
+        if base and r["row"].split("/")[0] in ("side", "side-cache"):  # side-tuning's target: the base's forward
+            r["vs_base_forward"] = round(r["ms"] / base["ms"], 3)
         if full:
             mine = 1.0 if r is floor else r.get("vs_floor_paired")
             if mine and full.get("vs_floor_paired"):  # both timed against the same floor
@@ -471,7 +481,8 @@ def add_ratios(rows: List[dict]) -> None:
                 r["vs_full"] = round(r["ms"] / full["ms"], 3)
 
 
-COLUMNS = ["model", "row", "ms", "tokens_per_s", "peak_mem_mb", "vs_floor", "mem_vs_floor", "vs_full", "note"]
+COLUMNS = ["model", "row", "ms", "tokens_per_s", "peak_mem_mb", "vs_floor", "mem_vs_floor", "vs_full", "mem_vs_full",
+           "vs_base_forward", "note"]
 
 
 def _fmt(v):
@@ -593,9 +604,17 @@ def environment() -> dict:
         return env()
     import platform
 
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "git": None,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} threads)"}
+    from importlib import metadata
+
+    env = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "git": None,
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} threads)"}
+    for name, dist in (("pet_fast", "pet-fast"), ("triton", "triton"), ("transformers", "transformers")):
+        try:
+            env[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[name] = None
+    return env
 
 
 def op_benchmarks(out_dir: str, *, quick: bool, log=print, timeout_s: int = 1200) -> dict:

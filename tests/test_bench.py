@@ -97,6 +97,23 @@ def test_ratios_use_the_compiled_floor_for_compiled_rows():
     assert rows[3]["vs_full"] == 0.6 and "vs_floor" not in rows[5]
 
 
+def test_memory_against_full_and_side_tuning_against_the_base_forward():
+    """The targets' other yardsticks: peak memory against full fine-tuning's (mask-tuning) and the step against
+    a forward of the frozen base (side-tuning, with and without the cache)."""
+    rows = [{"model": "m", "row": "floor", "compiled": False, "ms": 10.0, "peak_mem_mb": 100.0},
+            {"model": "m", "row": "full", "compiled": False, "ms": 20.0, "peak_mem_mb": 400.0},
+            {"model": "m", "row": "base-forward", "compiled": False, "ms": 4.0},
+            {"model": "m", "row": "mask/auto", "compiled": False, "ms": 21.0, "peak_mem_mb": 420.0},
+            {"model": "m", "row": "side/auto", "compiled": False, "ms": 5.0, "peak_mem_mb": 90.0},
+            {"model": "m", "row": "side-cache/auto", "compiled": False, "ms": 2.0},
+            {"model": "n", "row": "side/auto", "compiled": False, "ms": 5.0}]
+    bench.add_ratios(rows)
+    assert rows[3]["mem_vs_full"] == 1.05 and rows[4]["mem_vs_full"] == 0.225 and "mem_vs_full" not in rows[5]
+    assert rows[4]["vs_base_forward"] == 1.25 and rows[5]["vs_base_forward"] == 0.5
+    assert "vs_base_forward" not in rows[3] and "vs_base_forward" not in rows[6]  # not side; no base row in n
+    assert {"mem_vs_full", "vs_base_forward"} <= set(bench.COLUMNS)
+
+
 def test_cudagraph_rows_use_the_cudagraph_floor():
     rows = [{"model": "m", "row": "floor", "compiled": False, "ms": 10.0},
             {"model": "m", "row": "floor+compile", "compiled": True, "ms": 5.0},

@@ -260,9 +260,17 @@ def test_the_autotuners_128_token_tile(monkeypatch, dtype, kw):
     import triton
 
     ka = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
-    tile = [triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3)]
+    tile = [triton.Config({"BLOCK_N": 128, "BLOCK_D": 64, "SPLIT_D": 1}, num_warps=8, num_stages=3)]
+    seen = _force_configs(monkeypatch, ka, tile)
+    check_against_reference((300,), 200, 20, dtype, "gelu", **kw)
+    assert {"fwd", "bwd_rows"} <= {n for n, _ in seen} and {k["BLOCK_N"] for _, k in seen} == {128}
+
+
+def _force_configs(monkeypatch, ka, configs) -> list:
+    """The adapter's forward and rows-backward autotuners given ``configs`` only; returns the list that
+    records (kernel, launch keywords) per launch."""
     for tuner in (ka._fwd_tuned, ka._bwd_rows_tuned):
-        monkeypatch.setattr(tuner, "configs", tile)
+        monkeypatch.setattr(tuner, "configs", configs)
         monkeypatch.setattr(tuner, "cache", {})
     seen = []
 
@@ -271,7 +279,7 @@ def test_the_autotuners_128_token_tile(monkeypatch, dtype, kw):
             self.name, self.fn = name, fn
 
         def run(self, *a, **k):
-            seen.append((self.name, k.get("BLOCK_N")))
+            seen.append((self.name, k))
             return self.fn.run(*a, **k)
 
         def __getattr__(self, attr):
@@ -279,8 +287,48 @@ def test_the_autotuners_128_token_tile(monkeypatch, dtype, kw):
 
     for name, tuner in (("fwd", ka._fwd_tuned), ("bwd_rows", ka._bwd_rows_tuned)):
         monkeypatch.setattr(tuner, "fn", Seen(name, tuner.fn))
-    check_against_reference((300,), 200, 20, dtype, "gelu", **kw)
-    assert {"fwd", "bwd_rows"} <= {n for n, _ in seen} and {b for _, b in seen} == {128}
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(layer_norm="affine"), dict()])
+@pytest.mark.parametrize("d, block_d, split", [(200, 32, 3), (200, 64, 4), (100, 64, 4)])
+def test_column_splits(monkeypatch, dtype, kw, d, block_d, split):
+    """The GPU autotuners' column splits (kernels/bottleneck_adapter.py SPLITS: SPLIT_D programs per token
+    tile, each writing a range of the output's and dx's columns), forced here: ranges of whole blocks with a
+    partial last one (d=200), and empty trailing ranges (d=100 over four parts of 64 columns); 37 tokens
+    (two tiles of 16 and a partial one)."""
+    import triton
+
+    ka = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    tile = [triton.Config({"BLOCK_N": 16, "BLOCK_D": block_d, "SPLIT_D": split}, num_warps=4)]
+    seen = _force_configs(monkeypatch, ka, tile)
+    check_against_reference((37,), d, 12, dtype, "gelu", **kw)
+    assert {"fwd", "bwd_rows"} <= {n for n, _ in seen} and {k["SPLIT_D"] for _, k in seen} == {split}
+
+
+def test_column_splits_are_tried_only_where_token_tiles_leave_sms_idle():
+    """SPLITS are pruned where the token tiles alone give two programs per SM (an H100's 132 here) and where
+    a part would get fewer than two column blocks; the other configurations are kept as they were."""
+    ka = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(ka, "_AUTOTUNE", True)
+    monkey.setattr(ka, "interpreting", lambda: False)
+    try:
+        configs = ka.adapter_row_configs()
+    finally:
+        monkey.undo()
+    assert {c.kwargs["SPLIT_D"] for c in configs} == {1, 2, 4}
+    splits = lambda kept: sorted((c.kwargs["BLOCK_N"], c.kwargs["SPLIT_D"]) for c in kept if c.kwargs["SPLIT_D"] > 1)  # noqa: E731
+    for prune in (ka.prune_adapter_configs, ka.prune_adapter_bwd_configs):
+        at = lambda n, d: prune(configs, {"N": n, "D": d, "X": None}, RP=64, UPCAST=False)  # noqa: E731
+        assert splits(at(4096, 768)) == [(64, 2), (64, 4), (128, 4)]  # the BERT-base step: 64 tiles of 64
+        assert splits(at(16384, 768)) == [(64, 2), (64, 4), (128, 4)]  # 256 tiles of 64
+        assert splits(at(32768, 768)) == [(128, 4)]  # 256 tiles of 128, 512 of 64
+        assert splits(at(65536, 4096)) == []
+        assert splits(at(4096, 384)) == [(64, 2)]  # four parts of 384 columns: 96 each, under two blocks
+        unsplit = [c for c in at(4096, 768) if c.kwargs["SPLIT_D"] == 1]
+        assert unsplit == [c for c in prune(configs, {"N": 65536, "D": 4096, "X": None}, RP=64, UPCAST=False)]
 
 
 def test_empty_token_dimension():
@@ -425,6 +473,26 @@ def test_gpu_add_input(dtype, backend):
     n_shape = (4, 128) if backend == "triton" else (16,)
     check_against_reference(n_shape, 768, 64, dtype, "silu", backend=backend, device="cuda", residual=True,
                             add_input=True, scaling="channel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(residual=True, add_input=True), dict(layer_norm="affine")])
+@pytest.mark.parametrize("bn, split", [(64, 2), (64, 4), (128, 4)])
+def test_gpu_column_splits(monkeypatch, dtype, kw, bn, split):
+    """The autotuners' column splits (SPLITS) compiled for the GPU, forced on the forward and the rows
+    backward (the GPU tests otherwise run PET_FAST_AUTOTUNE=0's single tile): 4000 tokens of d=768."""
+    import triton
+
+    ka = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    if dtype == torch.float32 and bn > 64:
+        pytest.skip("float32 products never try 128-token tiles (prune_row_configs)")
+    tile = [triton.Config({"BLOCK_N": bn, "BLOCK_D": 64, "SPLIT_D": split}, num_warps=8, num_stages=3)]
+    seen = _force_configs(monkeypatch, ka, tile)
+    replay = importlib.import_module("pet_fast.kernels._replay")
+    with replay.disabled():  # launched from Python: a program recorded for another tile is not replayed
+        check_against_reference((4000,), 768, 64, dtype, "gelu", device="cuda", scaling="channel", **kw)
+    assert {k["SPLIT_D"] for _, k in seen} == {split}
 
 
 @pytest.mark.gpu

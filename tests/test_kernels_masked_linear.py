@@ -546,7 +546,14 @@ def test_dispatch_reasons_and_default_order(monkeypatch, tmp_path):
         table.write_text('{"rows": [{"packed": false, "n_max": 4096, "order": ["eager", "triton"]}]}')
         ml.load_timings(str(table))
         assert ml.preference(train) == ["eager", "triton"]
-        assert ml.preference(dict(train, n=4097)) == ["triton", "cuda", "eager"]
+        assert ml.preference(dict(train, n=4097)) == ["eager", "triton"]  # above every row: the largest row's
+        table.write_text('{"rows": [{"packed": false, "n_max": 64, "order": ["triton", "eager"]}, '
+                         '{"packed": false, "n_max": 4096, "order": ["eager", "triton"]}, '
+                         '{"packed": true, "n_max": 99999, "order": ["cuda", "eager"]}]}')
+        ml.load_timings(str(table))
+        assert ml.preference(dict(train, n=64)) == ["triton", "eager"]
+        assert ml.preference(dict(train, n=65)) == ["eager", "triton"]
+        assert ml.preference(dict(train, n=1 << 20)) == ["eager", "triton"]
         table.write_text('{"rows": [{"packed": true, "order": ["gpu"]}]}')
         with pytest.raises(ValueError, match="timings table"):
             ml.load_timings(str(table))

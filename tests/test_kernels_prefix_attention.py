@@ -273,6 +273,9 @@ def test_dispatch_reasons_and_auto_choice():
     assert pet_fast.prefix_attention(q, k, v, pk, pv).shape == q.shape  # auto on CPU: eager
     assert dispatch.select(op.OP, info).backend == "eager"
     assert any("head_dim" in r for r in op.triton_reasons(dict(info, head_dim=512)))
+    # the grid's second and third dimensions hold the heads and the batch: past CUDA's 65535, eager runs
+    assert op.triton_reasons(dict(info, batch=65535, q_heads=65535)) == []
+    assert [r.split()[0] for r in op.triton_reasons(dict(info, batch=65536, q_heads=70000))] == ["batch", "q_heads"]
     cuda_why = op.cuda_decode_reasons(info)
     assert cuda_why and any("cpu" in r for r in cuda_why)
     gpu_info = dict(info, device=torch.device("cuda", 0), dtype=torch.float16, q_len=16, requires_grad=True)

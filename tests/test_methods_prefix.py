@@ -399,6 +399,29 @@ def test_config_and_model_errors():
         inject(torch.nn.Linear(3, 3), PrefixConfig())
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
+def test_shifted_positions_past_the_position_table_are_refused(family):
+    """shift_positions moves the tokens' positions by P: past a table of absolute position embeddings (64
+    here; RoBERTa's starts after its padding index) the call is refused with the way out, instead of failing
+    inside the embedding lookup (a device-side assert on a GPU). Rotary models (Llama) have no table."""
+    limit = {"bert": 64, "roberta": 62, "gpt2": 64, "llama": None}[family]
+    P = 5
+    model = make(family)
+    inject(model, PrefixConfig(prefix_length=P), "p")
+    ids = torch.randint(3, V, (2, (limit or 64) - P))
+    model(input_ids=ids)  # fits exactly
+    long = torch.randint(3, V, (2, (limit or 64) - P + 1))
+    if limit is None:
+        model(input_ids=long)
+        return
+    with pytest.raises(ValueError, match=f"need {limit + 1} positions, but the model has {limit}; use "
+                                         r"PrefixConfig\(shift_positions=False\)"):
+        model(input_ids=long)
+    unshifted = make(family)
+    inject(unshifted, PrefixConfig(prefix_length=P, shift_positions=False), "p")
+    unshifted(input_ids=long)
+
+
 @pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("mistral", "eager"), ("bert", "sdpa")])
 def test_torch_compile_fullgraph(family, impl):
     """No graph break in a whole injected model (dynamo with the eager backend: tracing is what

@@ -186,6 +186,8 @@ def test_merged_reasons():
     for part in ("key padding mask", "grouped-query", "causal with q_len 5 != kv_len 6", "head_dim 12"):
         assert part in why
     assert op.merged_reasons(torch.empty(1, 2, 6, 16), torch.empty(1, 2, 6, 16), None, None, True) == []
+    big = torch.empty(65536, 2, 6, 16, device="meta")
+    assert any(r.startswith("batch 65536 > 65535") for r in op.merged_reasons(big, big, None, None, True))
     assert op.merged_reasons(torch.empty(1, 2, 6, 16, dtype=torch.bfloat16), torch.empty(1, 2, 6, 16), None, None,
                              False)
 

@@ -292,12 +292,16 @@ def _shift_hook(holder, reg, kind):
         if kind == "embeddings":
             # BERT/RoBERTa embeddings take the cache length and derive the positions from it (RoBERTa:
             # from the padding of input_ids), exactly as PEFT's prefix of length P in the cache does.
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            ref = ids if ids is not None else kwargs.get("inputs_embeds")
             for key in ("cache_length", "past_key_values_length"):
                 if key in kwargs:
                     kwargs[key] = kwargs[key] + shift
+                    _check_positions(module, ref, kwargs[key], shift)
                     return args, kwargs
             key = "cache_length" if "cache_length" in models.signature(type(module).forward).parameters else "past_key_values_length"
             kwargs[key] = shift
+            _check_positions(module, ref, shift, shift)
             return args, kwargs
         # causal LMs: the default positions arange(T) + past, shifted
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -308,10 +312,29 @@ def _shift_hook(holder, reg, kind):
         T = ref.shape[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        _check_positions(module, ref, past + shift, shift)
         kwargs["position_ids"] = (torch.arange(T, device=ref.device) + (past + shift)).unsqueeze(0)
         return args, kwargs
 
     return hook
+
+
+def _check_positions(module, ref, start: int, shift: int) -> None:
+    """A clear error where the shifted positions of ``ref``'s tokens, ``start`` + (0 .. T-1), pass the
+    module's table of absolute position embeddings (BERT's, RoBERTa's after its padding index, GPT-2's); an
+    embedding lookup there fails inside the kernel (on a GPU, a device-side assert). Models without such a
+    table (rotary positions) have no limit."""
+    table = getattr(module, "position_embeddings", None) or getattr(module, "wpe", None)
+    if ref is None or ref.dim() < 2 or not isinstance(table, nn.Embedding):
+        return
+    pad = getattr(module, "padding_idx", None)  # RoBERTa's positions start after its padding index
+    limit = table.num_embeddings - (pad + 1 if isinstance(pad, int) else 0)
+    if int(start) + ref.shape[1] > limit:
+        raise ValueError(
+            f"prefix tuning with shift_positions=True moves the tokens' positions by the prefix length {shift} "
+            f"(as PEFT does): {ref.shape[1]} tokens from position {int(start)} need {int(start) + ref.shape[1]} "
+            f"positions, but the model has {limit}; use PrefixConfig(shift_positions=False) (AdapterHub's "
+            f"behaviour) or sequences of at most {limit - int(start)} tokens")
 
 
 def _install_position_hook(model: nn.Module, holder, reg) -> None:

@@ -410,8 +410,8 @@ dispatch.register(OP, "cuda", _cuda_run, _cuda_serving_reasons)
 # training calls too, ordered by their forward + backward):
 #     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]},
 #               {"packed": false, "n_max": 4096, "order": ["triton", "eager"]}, ...]}
-# The first row with the call's `packed` and `n <= n_max` gives the order. Without a table (or when no
-# row matches): packed masks with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
+# The first row with the call's `packed` and `n <= n_max` gives the order; a call above every such row takes
+# the largest one's (measured nearest). Without a table (or without a row of the call's kind): packed masks with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
 # the CUDA-core kernel reads the weight once), everything else to triton first (for scores: the training
 # path of one masking pass, cuBLAS, one gradient pass).
 TIMINGS_ENV = "PET_FAST_MASKED_LINEAR_TIMINGS"
@@ -435,9 +435,12 @@ def load_timings(path=None) -> Optional[list]:
 
 def preference(info) -> list:
     """Auto's order of backends for a call described by ``info`` (see the comment above)."""
-    for row in _TIMINGS.get("rows") or ():
-        if bool(row["packed"]) == bool(info["packed"]) and info["n"] <= row["n_max"]:
+    rows = [r for r in _TIMINGS.get("rows") or () if bool(r["packed"]) == bool(info["packed"])]
+    for row in rows:
+        if info["n"] <= row["n_max"]:
             return list(row["order"])
+    if rows:
+        return list(max(rows, key=lambda r: r["n_max"])["order"])
     if info["packed"] and info["n"] <= DEFAULT_CUDA_FIRST_MAX_TOKENS:
         return ["cuda", "triton", "eager"]
     return ["triton", "cuda", "eager"]

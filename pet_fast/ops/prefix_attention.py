@@ -471,6 +471,7 @@ def merged_reasons(q, k, prefix_k, key_padding_mask, causal) -> list:
         why.append(f"head_dim {D} is not a multiple of 8 in 8..{MAX_HEAD_DIM}")
     if prefix_k is not None and prefix_k.dim() == 4 and prefix_k.shape[0] != B:
         why.append("a prefix batch that is not q's")
+    why += _grid_reasons(B, Hq)
     if q.device.type == "cuda":
         if q.dtype not in _MERGED_CUDA_DTYPES:
             why.append(f"dtype {q.dtype} on CUDA (torch's flash kernel takes fp16/bf16)")
@@ -572,11 +573,20 @@ def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=F
     return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
 
 
+# The Triton kernels' grids put the heads and the batch on CUDA's second and third grid dimensions.
+MAX_GRID_YZ = 65535
+
+
+def _grid_reasons(batch: int, q_heads: int) -> list:
+    return [f"{name} {n} > {MAX_GRID_YZ} (the kernels' grid holds it in a dimension of at most {MAX_GRID_YZ})"
+            for name, n in (("batch", batch), ("q_heads", q_heads)) if n > MAX_GRID_YZ]
+
+
 def triton_reasons(info) -> list:
     why = dispatch.triton_reasons(info)
     if not 1 <= info["head_dim"] <= MAX_HEAD_DIM:
         why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM} (the kernels hold a padded row of D)")
-    return why
+    return why + _grid_reasons(info["batch"], info["q_heads"])
 
 
 dispatch.register(OP, "triton", fused, triton_reasons)
