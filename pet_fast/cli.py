@@ -30,8 +30,13 @@ def sample_calls(device, dtype):
         return d
 
     x = t(32, 128, 768)
+    adapter = bottleneck_adapter.describe(x, t(64, 768), "relu", 1.0, None)
+    prefix = prefix_attention.describe(t(32, 12, 128, 64), t(32, 12, 128, 64), t(12, 20, 64), None, False)
     return {
-        bottleneck_adapter.OP: on_device(bottleneck_adapter.describe(x, t(64, 768), "relu", 1.0, None)),
+        bottleneck_adapter.OP: on_device(adapter),
+        bottleneck_adapter.OP + " (training: gradients needed)": on_device(dict(adapter, requires_grad=True)),
+        bottleneck_adapter.OP + " (16 tokens, serving)": on_device(
+            bottleneck_adapter.describe(t(16, 768), t(64, 768), "relu", 1.0, None)),
         adapter_fusion.OP: on_device(adapter_fusion.describe(x, 3)),
         adapter_fusion.OP_STACKED: on_device(adapter_fusion.describe(x, 3, r=64, activation="relu")),
         masked_linear.OP: on_device(masked_linear.describe(x, t(3072, 768), t(3072, 768).float(), t(3072))),
@@ -43,7 +48,10 @@ def sample_calls(device, dtype):
         masked_weights.OP + " (BERT-base's 72 linears)": on_device(masked_weights.describe(
             [t(768, 768).float()] * 48 + [t(3072, 768).float(), t(768, 3072).float()] * 12,
             [t(768, 768).float()] * 48 + [t(3072, 768).float(), t(768, 3072).float()] * 12, dtype)),
-        prefix_attention.OP: on_device(prefix_attention.describe(t(32, 12, 128, 64), t(32, 12, 128, 64), t(12, 20, 64), None, False)),
+        prefix_attention.OP: on_device(prefix),
+        prefix_attention.OP + " (training: gradients needed)": on_device(dict(prefix, requires_grad=True)),
+        prefix_attention.OP + " (decode: 1 new token over a 512-token cache)": on_device(prefix_attention.describe(
+            t(32, 32, 1, 128), t(32, 8, 512, 128), t(8, 20, 128), None, True)),
     }
 
 
