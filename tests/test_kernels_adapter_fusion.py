@@ -110,6 +110,14 @@ def test_single_adapter_and_wide_bottleneck_fp32():
     check((5,), 40, 100, 1, torch.float32, activation="silu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r", [1, 256])
+def test_d_1024_narrowest_and_widest_bottleneck(dtype, r):
+    """d = 1024 (several column blocks in every loop over d) with r = 1 and r = 256 (the padded widths'
+    two ends: 16 and 256), odd N."""
+    check((5,), 1024, r, 2, dtype, activation="gelu")
+
+
 def test_eight_adapters_fp32():
     check((9,), 24, 4, 8, torch.float32, activation="relu")
 
@@ -163,7 +171,8 @@ def test_custom_ops_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_shape,d,r,k", [((4, 128), 768, 64, 3), ((300,), 1024, 16, 8), ((77,), 4096, 256, 2)])
+@pytest.mark.parametrize("n_shape,d,r,k", [((4, 128), 768, 64, 3), ((300,), 1024, 16, 8), ((77,), 4096, 256, 2),
+                                           ((1,), 768, 64, 3), ((65536,), 768, 64, 3), ((64,), 8192, 64, 2)])
 def test_gpu(dtype, n_shape, d, r, k):
     check(n_shape, d, r, k, dtype, "cuda", activation="gelu")
 
@@ -223,6 +232,11 @@ def test_given_values_fp16():
     check_given((19,), 40, 5, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_given_values_d_1024(dtype):
+    check_given((3,), 1024, 3, dtype)
+
+
 def test_given_values_compile_fullgraph():
     torch._dynamo.reset()
     hi, lo = make_given((2, 3), 16, 3, torch.float32)
@@ -241,7 +255,7 @@ def test_given_values_compile_fullgraph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_shape,d,k", [((4, 128), 768, 3), ((1001,), 1000, 8)])
+@pytest.mark.parametrize("n_shape,d,k", [((4, 128), 768, 3), ((1001,), 1000, 8), ((1,), 768, 3), ((64,), 8192, 2)])
 def test_gpu_given_values(dtype, n_shape, d, k):
     check_given(n_shape, d, k, dtype, "cuda")
 
