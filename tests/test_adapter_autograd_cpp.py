@@ -148,10 +148,15 @@ def test_cuda_reasons_beyond_the_few_token_kernels(monkeypatch):
                 float32_residual=True)
     assert op.cuda_reasons(info) == []  # any r, a float32 residual: the autograd node takes them
     assert op.cuda_reasons(dict(info, layer_norm=True)) == []  # and the LayerNorm
-    assert any("r=512" in w for w in op.cuda_reasons(dict(info, n=64)))  # the few-token kernels' limits
-    assert any("LayerNorm" in w for w in op.cuda_reasons(dict(info, n=64, layer_norm=True)))
+    # few tokens in a form the few-token kernels do not take (r > 256, a float32 residual, a LayerNorm): the node
+    assert op.cuda_reasons(dict(info, n=64)) == []
+    assert op.cuda_reasons(dict(info, n=1, r=64, float32_residual=False, layer_norm=True)) == []
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert any("torch.compile" in w for w in op.cuda_reasons(info))
+    # compiled code takes the custom op of the few-token kernels, within their limits only
+    assert any("r=512" in w and "torch.compile" in w for w in op.cuda_reasons(dict(info, n=64)))
+    assert any("LayerNorm" in w for w in op.cuda_reasons(dict(info, n=64, r=64, float32_residual=False, layer_norm=True)))
+    assert op.cuda_reasons(dict(info, n=64, r=64, float32_residual=False)) == []
 
 
 @pytest.mark.gpu
@@ -180,6 +185,44 @@ def test_gpu_cuda_backend_beyond_64_tokens_matches_float64(dtype):
     eager = run("eager", leaves)
     d64 = [t.detach().double().requires_grad_() for t in leaves]
     truth = run("eager", d64)
+    for a, e, t in zip(got, eager, truth):
+        err, err_eager = (a.double() - t).abs().max().item(), (e.double() - t).abs().max().item()
+        assert err <= 2 * err_eager + 1e-5 * t.abs().max().item(), (err, err_eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,r,form", [(1, 64, "layer_norm"), (16, 300, "plain"), (64, 32, "float32_residual")])
+def test_gpu_cuda_backend_few_tokens_beyond_the_kernels_forms(n, r, form):
+    """Few tokens in the forms the few-token kernels do not take run as the C++ node: bf16 x, every output
+    and gradient within twice eager's error against float64."""
+    import pet_fast
+
+    g = torch.Generator().manual_seed(5)
+    d = 768
+    x = torch.randn(n, d, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    wd = (torch.randn(r, d, generator=g) * d ** -0.5).to("cuda", torch.bfloat16).requires_grad_()
+    wu = (torch.randn(d, r, generator=g) * r ** -0.5).to("cuda", torch.bfloat16).requires_grad_()
+    bd = torch.randn(r, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    bu = torch.randn(d, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    leaves = [x, wd, bd, wu, bu]
+    kw = {}
+    if form == "layer_norm":
+        kw["layer_norm"] = (torch.randn(d, generator=g).to("cuda", torch.bfloat16), None, 1e-5)
+    if form == "float32_residual":
+        leaves.append(torch.randn(n, d, generator=g).cuda().requires_grad_())
+    gy = torch.randn(n, d, generator=g).cuda()
+
+    def run(backend, ts):
+        extra = dict(kw, residual=ts[5]) if len(ts) > 5 else dict(kw)
+        if "layer_norm" in extra:
+            extra["layer_norm"] = (extra["layer_norm"][0].to(ts[0].dtype), None, 1e-5)
+        y = pet_fast.bottleneck_adapter(ts[0], *ts[1:5], activation="gelu", backend=backend, **extra)
+        return (y, *torch.autograd.grad(y, ts, gy.to(y.dtype)))
+
+    assert op.cuda_reasons(op.describe(x, wd, "gelu", 1.0, leaves[5] if len(leaves) > 5 else None,
+                                       kw.get("layer_norm"))) == []
+    got, eager = run("cuda", leaves), run("eager", leaves)
+    truth = run("eager", [t.detach().double().requires_grad_() for t in leaves])
     for a, e, t in zip(got, eager, truth):
         err, err_eager = (a.double() - t).abs().max().item(), (e.double() - t).abs().max().item()
         assert err <= 2 * err_eager + 1e-5 * t.abs().max().item(), (err, err_eager)

@@ -538,9 +538,11 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     """The cuda backend: same call as :func:`reference`. Up to CUDA_MAX_N tokens, the few-token kernels:
     float32 parameters of half-precision x are cast first (the kernels take one dtype); with ``add_input``
     the base x + residual is added before the kernels (one more launch: the kernels take one base). Beyond,
-    the C++ autograd node of csrc/bottleneck_adapter_autograd.cpp, which takes every form of the call."""
+    and for the forms the few-token kernels do not take (:func:`_few_token_limits`), the C++ autograd node of
+    csrc/bottleneck_adapter_autograd.cpp, which takes every form of the call."""
     d = x.shape[-1]
-    if x.numel() > CUDA_MAX_N * d:
+    if x.numel() > CUDA_MAX_N * d or _few_token_limits(w_down.shape[0], residual is not None and residual.dtype != x.dtype,
+                                                        layer_norm is not None):
         s_t, s_v = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
         ln = {}
         if layer_norm is not None:
@@ -558,19 +560,26 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     return y.reshape(x.shape)
 
 
+def _few_token_limits(r: int, float32_residual: bool, layer_norm: bool) -> list:
+    """What the few-token kernels do not take (the C++ autograd node takes these calls instead)."""
+    why = []
+    if r > CUDA_MAX_R:
+        why.append(f"bottleneck size r={r} > {CUDA_MAX_R}")
+    if float32_residual:
+        why.append("a float32 residual with half-precision x (the few-token kernels take one dtype)")
+    if layer_norm:
+        why.append("a LayerNorm before the adapter (the few-token kernels read x as it is)")
+    return why
+
+
 def cuda_reasons(info) -> list:
     why = dispatch.cuda_reasons(info)
-    if info["n"] > CUDA_MAX_N:  # the C++ autograd node
+    limits = _few_token_limits(info["r"], bool(info.get("float32_residual")), bool(info.get("layer_norm")))
+    if info["n"] > CUDA_MAX_N or limits:  # the C++ autograd node
         if torch.compiler.is_compiling():
-            why.append(f"{info['n']} tokens > {CUDA_MAX_N} under torch.compile: beyond the few-token kernels the cuda "
-                       "backend is a C++ autograd node for eager calls (compiled code takes the custom ops)")
-        return why
-    if info["r"] > CUDA_MAX_R:  # the few-token kernels
-        why.append(f"bottleneck size r={info['r']} > {CUDA_MAX_R}")
-    if info.get("float32_residual"):
-        why.append("a float32 residual with half-precision x (the few-token kernels take one dtype)")
-    if info.get("layer_norm"):
-        why.append("a LayerNorm before the adapter (the few-token kernels read x as it is)")
+            what = f"{info['n']} tokens > {CUDA_MAX_N}" if info["n"] > CUDA_MAX_N else "; ".join(limits)
+            why.append(f"{what} under torch.compile: beyond the few-token kernels the cuda backend is a C++ "
+                       "autograd node for eager calls (compiled code takes the custom ops)")
     return why
 
 
