@@ -11,7 +11,7 @@ in the same run with a large tensor copy.
 
 On a GPU (without --quick) it also writes ``dispatch_table.json`` next to the JSON (or at ``--table``):
 the measured order of backends that ``pet_fast/ops/_timings.py`` reads once it is committed as
-``benchmarks/results/dispatch_table.json``.
+``pet_fast/ops/dispatch_table.json`` (shipped in the package).
 """
 from __future__ import annotations
 

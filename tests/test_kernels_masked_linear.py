@@ -211,8 +211,9 @@ def test_triton_frozen_scores_and_zero_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernels_mask_from_scores_and_bits_agree(dtype):
-    # The op packs the mask first and runs the GEMMs from bits; the kernels also mask straight from the
-    # scores. Both modes, called directly, against the float64 reference.
+    # The kernels mask the weight tiles in registers, from packed bits (the serving op's GEMM) or straight
+    # from the scores (not dispatched in training: see pet_fast/ops/masked_linear.py). Both modes, called
+    # directly, against the float64 reference.
     from pet_fast.kernels import masked_linear as kern
 
     x = torch.randn(19, 45).to(dtype)

@@ -36,13 +36,15 @@ calls take the same formulas through an autograd.Function, see ops/_autograd.py)
             half-precision x directly (no cast launches) and writes their gradients in float32.
     cuda    when pet_fast._C is built, fp32/fp16/bf16, compute capability >= 8.0. For N <= 64 tokens,
             csrc/bottleneck_adapter.cu: forward (two launches) and backward (three), r <= 256, one dtype
-            for x and the residual. Beyond, csrc/bottleneck_adapter_autograd.cpp: the adapter as one C++
-            autograd node of ATen ops (cuBLAS products; the forward one call from Python, the backward run
-            by the engine in C++), every form of the call (the LayerNorm too), for steps bound by the host;
-            eager calls only (not under torch.compile).
+            for x and the residual, no LayerNorm. Beyond (more tokens, or those forms),
+            csrc/bottleneck_adapter_autograd.cpp: the adapter as one C++ autograd node of ATen ops (cuBLAS
+            products; the forward one call from Python, the backward run by the engine in C++), every form
+            of the call (the LayerNorm too), for steps bound by the host; eager calls only (not under
+            torch.compile).
 ``auto`` orders them by the measured timings of pet_fast/ops/_timings.py and takes the first that
-accepts the call; CPU tensors always go to eager. The committed table (H100, bf16) puts triton first
-for forward-only calls and eager first with gradients, where the Triton backward measured slower.
+accepts the call; CPU tensors always go to eager. The committed table (pet_fast/ops/dispatch_table.json,
+H100, bf16, the third GPU session) puts the Triton kernels first at most shapes, forward and with
+gradients, and cuda first for few-token forwards and at (8192, 4096, 256) with gradients.
 """
 from __future__ import annotations
 
