@@ -214,11 +214,14 @@ def decode_rows(quick, device, dtype):
         shapes = [("decode tiny B4 H4/2 D32 P4 cache 64", 4, 4, 2, 1, 64, 32, 4)]
     else:
         shapes = [(f"decode B32 H32/8 D128 P20 cache {S}", 32, 32, 8, 1, S, 128, 20) for S in (512, 4096)]
+        # several new tokens per sequence (speculative decoding, chunked prefill's tail): causal, bottom-right
+        shapes.append(("decode B32 H32/8 D128 P20 cache 4096, 4 new tokens", 32, 32, 8, 4, 4096, 128, 20))
     rows = []
     for name, B, Hq, Hkv, L, S, D, P in shapes:
         q, k, v, pk, pv, kpm = make_inputs(B, Hq, Hkv, L, S, D, P, dtype, device, False)
         cands = {
             "sdpa, no prefix, no padding (limit)": lambda: limit_sdpa(q, k, v, False),
+            "cat + sdpa, no padding": lambda: cat_sdpa(q, k, v, pk, pv, kpm, True, False),
             "cat + sdpa + padding mask": lambda: cat_sdpa(q, k, v, pk, pv, kpm, True, True),
             "pet_fast eager (sdpa) + padding": lambda: pet_fast.prefix_attention(
                 q, k, v, pk, pv, key_padding_mask=kpm, causal=True, backend="eager"),
