@@ -149,14 +149,33 @@ def prefix_mask(*args, **kwargs):
     if q_offset is None and cache_position is None:
         q_offset = 0
     kind = _mask_kind(mask_function)
-    plain_ints = all(isinstance(x, int) for x in (q_offset, kv_offset, kv_length, q_length))
+    # A static cache's decoding steps give q_offset as a 0-d tensor (no host sync); its value is then not read.
+    offset_tensor = isinstance(q_offset, torch.Tensor) and q_offset.dim() == 0 and not q_offset.is_floating_point()
+    plain_ints = all(isinstance(x, int) for x in (kv_offset, kv_length, q_length)) and (
+        isinstance(q_offset, int) or offset_tensor)
     fast = kind is not None and not a.get("use_vmap", False) and plain_ints and kv_offset == 0
+    one_query = False
     if fast and kind != "bidirectional":
         # bottom-right causal alignment needs the queries to be the last q_length keys
-        fast = q_offset + q_length == kv_length
+        aligned = not offset_tensor and q_offset + q_length == kv_length
         if kind == "sliding":
             local_size = a.get("local_size")
-            fast = fast and isinstance(local_size, int) and kv_length <= local_size
+            fast = aligned and isinstance(local_size, int) and kv_length <= local_size
+        else:
+            # One new token over a static cache (unfilled slots after it): bottom-right alignment lets the
+            # query see every key, so the keys it may see (0..q_offset) become part of the padding mask.
+            one_query = not aligned and q_length == 1
+            fast = aligned or one_query
+    elif offset_tensor:
+        fast = False  # (bidirectional masks with a tensor offset: transformers' own mask)
+    if fast and one_query:
+        seen = torch.arange(kv_length, device=a.get("device") or getattr(attention_mask, "device", None)) <= q_offset
+        if attention_mask is None:
+            return seen[None].expand(a.get("batch_size") or 1, kv_length)
+        mask = attention_mask.to(torch.bool)
+        if mask.shape[-1] < kv_length:
+            mask = F.pad(mask, (0, kv_length - mask.shape[-1]))
+        return mask[:, :kv_length] & seen[None]
     if fast:
         if attention_mask is None:
             return None

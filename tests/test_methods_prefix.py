@@ -235,6 +235,39 @@ def test_generate_with_static_cache_equals_dynamic_cache():
         assert torch.equal(model.generate(**kw), model.generate(cache_implementation="static", **kw))
 
 
+def test_static_cache_decoding_steps_take_the_fused_op(monkeypatch):
+    """Each new token over a static cache (unfilled slots after it) reaches the op with a (B, S) key mask
+    of the slots it may see (the sequence's unpadded keys up to its own position), not a dense mask; only
+    the prefill, whose queries are not the cache's last keys, takes the dense path."""
+    import pet_fast.ops.prefix_attention as op_mod
+
+    model, _ = injected("llama", "sdpa", P=4)
+    ids, mask, _ = batch([5, 3], "left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        expected = model.generate(**kw)
+    calls, dense = [], []
+
+    def record(q, k, v, pk, pv, key_padding_mask, causal, scale):
+        calls.append((q.shape[2], k.shape[2], key_padding_mask))
+        op_mod.check_inputs(q, k, v, pk, pv, key_padding_mask, causal, scale)
+
+    spy_on_the_op(monkeypatch, record)
+    real_dense = hf_attention._dense
+    monkeypatch.setattr(hf_attention, "_dense", lambda *a, **k: dense.append(1) or real_dense(*a, **k))
+    with torch.no_grad():
+        got = model.generate(cache_implementation="static", **kw)
+    assert torch.equal(got, expected)
+    L = model_dims(model)[0]
+    T = ids.shape[1]
+    assert len(dense) == L  # the prefill
+    assert len(calls) == L * 3  # the three decoding steps
+    for i, (q_len, S, kpm) in enumerate(calls):
+        pos = T + i // L  # the new token's slot
+        assert q_len == 1 and S > pos and kpm.shape == (2, S)
+        assert torch.equal(kpm[:, :T], mask.bool()) and kpm[:, T:pos + 1].all() and not kpm[:, pos + 1:].any()
+
+
 @pytest.mark.parametrize("family,reentrant", [("bert", False), ("llama", False), ("llama", True)])
 def test_gradient_checkpointing_same_gradients(family, reentrant):
     model, _ = injected(family, "sdpa", projection_dim=8)
