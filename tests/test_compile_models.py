@@ -88,7 +88,7 @@ def test_side_cache_breaks_only_around_the_lookup():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["houlsby", "fusion", "prefix", "mask"])
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "fusion", "prefix", "mask", "side"])
 def test_reduce_overhead_cuda_graphs(method):
     """mode="reduce-overhead" (CUDA graphs) on fixed shapes: training steps give the eager losses."""
     ids, mask = (t.cuda() for t in batch())
@@ -109,6 +109,24 @@ def test_reduce_overhead_cuda_graphs(method):
             run.append(loss.item())
         losses.append(run)
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,method", [("bert", "fusion"), ("bert", "mask"), ("bert", "prefix"), ("llama", "prefix")])
+def test_fullgraph_with_the_triton_backend(kind, method):
+    """The fused ops' custom ops traced whole (the kernels run under the interpreter here): AdapterFusion's
+    stacked op, the masked linears' training op and the grouped masking, prefix attention (BERT: padding on
+    the right; Llama: causal, grouped-query, padding on the left), forward and backward, no graph break,
+    the uncompiled model's outputs and gradients."""
+    model = _prepared(kind, method)
+    ids, mask = batch(pad_left=kind == "llama")
+    labels = torch.tensor([0, 1, 0])
+    with pet_fast.use_backend("triton"):
+        ref_logits, ref_grads = _run(model, model, ids, mask, labels)
+        logits, grads = _run(model, torch.compile(model, fullgraph=True, backend="aot_eager"), ids, mask, labels)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any("pet_fast_tasks" in k for k in grads)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
