@@ -10,7 +10,8 @@ from .dispatch import BackendUnavailableError, use_backend
 from .tasks import inject, remove, set_active, task_parameters, trainable_parameters
 from .io import load, register_importer, save
 from .methods import (AdapterConfig, AdapterFusion, BottleneckAdapter, FusionConfig, MaskConfig, MaskedLinear,
-                      PrefixConfig, PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge)
+                      PrefixConfig, PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge,
+                      pack_for_serving)
 from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
 from .ops.bottleneck_adapter import bottleneck_adapter
 from .ops.mask_packing import pack_mask, unpack_mask
@@ -47,6 +48,7 @@ __all__ = [
     "load",
     "register_importer",
     "merge",
+    "pack_for_serving",
     "example_ids",
     "fusion_regularization_loss",
     "AdapterConfig",

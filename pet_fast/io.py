@@ -143,6 +143,14 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
             tensors[base + ".mask_bits"] = pack_mask(v > cfg.threshold)
             if not include_scores:
                 continue
+        if isinstance(cfg, MaskConfig) and k.endswith(".packed"):  # packed for serving (pack_for_serving)
+            base = k2[: -len(".packed")]
+            from .ops.mask_packing import unpack_mask as unpack_words
+
+            shape = list(model.get_submodule(k[: -len(".packed")]).shape)
+            mask_shapes[base + ".mask_bits"] = shape
+            tensors[base + ".mask_bits"] = pack_mask(unpack_words(v, shape))
+            continue
         tensors[k2] = v.detach().cpu().contiguous()
     meta = {
         "format": FORMAT,
@@ -152,7 +160,7 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
         "model": _model_facts(model),
         "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in tensors.items()},
         "mask_shapes": mask_shapes,
-        "includes_scores": bool(include_scores and isinstance(cfg, MaskConfig)),
+        "includes_scores": bool(include_scores and isinstance(cfg, MaskConfig) and any(k.endswith(".scores") for k in tensors)),
     }
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,56 @@ def test_mask_uses_the_masked_weight():
     x = torch.randn(2, 37)
     want = x @ (host.weight * (s.scores > 0)).T + host.bias
     torch.testing.assert_close(host(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_pack_for_serving_keeps_the_outputs_in_a_bit_per_weight(kind, tmp_path):
+    """Two mask tasks packed for serving: each keeps its mask as int32 words (1 bit per weight) and no
+    scores, gives the outputs of its scores (BERT's Linear and GPT-2's transposed Conv1D), runs without
+    gradients, is saved as its mask (loaded back as scores that give the same outputs), and can be
+    merged."""
+    model = build(kind)
+    ids, mask = batch()
+    for n, seed in (("a", 0), ("b", 1)):
+        pet_fast.inject(model, pet_fast.MaskConfig(), n)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for host_name, host in model.named_modules():
+                holder = getattr(host, TASK_ATTR, None)
+                if holder is not None and n in holder and isinstance(holder[n], MaskScores):
+                    holder[n].scores.copy_(torch.randn(holder[n].scores.shape, generator=g))
+    model.eval()
+    want = {}
+    for n in ("a", "b"):
+        pet_fast.set_active(model, n)
+        with torch.no_grad():
+            want[n] = logits(model, ids, mask)
+    assert not torch.equal(want["a"], want["b"])
+    pet_fast.pack_for_serving(model)
+    packed = [m for m in model.modules() if isinstance(m, MaskScores)]
+    assert packed and all(m.scores is None and m.packed.dtype == torch.int32 for m in packed)
+    for m in packed:
+        out_f, in_f = m.shape
+        assert m.packed.shape == (out_f, (in_f + 31) // 32)
+    assert not any(k.endswith(".scores") for k in model.state_dict())
+    for n in ("a", "b"):
+        pet_fast.set_active(model, n)
+        with torch.no_grad():
+            torch.testing.assert_close(logits(model, ids, mask), want[n], rtol=1e-5, atol=1e-5)
+            if kind == "bert":  # the packed-bit GEMM (Triton, under the interpreter here)
+                with pet_fast.use_backend("triton"):
+                    torch.testing.assert_close(logits(model, ids, mask), want[n], rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for n_, p in model.named_parameters() if TASK_ATTR in n_ and ".scores" in n_)
+    pet_fast.set_active(model, "a")
+    path = pet_fast.save(model, tmp_path / "a", "a")
+    fresh = build(kind)
+    pet_fast.load(fresh, path)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(fresh, ids, mask), want["a"], rtol=1e-5, atol=1e-5)
+    pet_fast.set_active(model, "b")
+    pet_fast.merge(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids, mask), want["b"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no mask task"):
+        pet_fast.pack_for_serving(build(kind))

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..ops import _checks
 from ..ops._autocast import compute_dtype
+from ..ops.mask_packing import pack_mask, unpack_mask
 from ..ops.masked_linear import backend_for, masked_linear
 from ..ops.masked_weights import masked_weights
 from ._per_forward import PerForward, attached, installed
@@ -119,10 +120,24 @@ class MaskScores(nn.Module):
     def __init__(self, out_features: int, in_features: int, *, threshold: float, init_score: float, device=None):
         super().__init__()
         self.threshold = float(threshold)
+        self.shape = (out_features, in_features)
         self.scores = nn.Parameter(torch.full((out_features, in_features), float(init_score), dtype=torch.float32, device=device))
+        self.register_buffer("packed", None)  # the serving form (pack_for_serving): int32 words, 1 bit per weight
 
     def mask(self) -> torch.Tensor:
+        if self._parameters.get("scores") is None:
+            return unpack_mask(self._buffers["packed"], self.shape)
         return self.scores.detach() > self.threshold
+
+    def pack(self) -> None:
+        """Keep the mask as packed bits (``pet_fast.pack_mask``'s layout: (out, ceil(in / 32)) int32 words)
+        in place of the float32 scores: 1 bit per weight instead of 32, inference only (nothing trains)."""
+        if self._parameters.get("scores") is None:
+            return
+        packed = pack_mask(self.scores.detach(), self.threshold)
+        del self._parameters["scores"]
+        self.register_parameter("scores", None)
+        self.register_buffer("packed", packed)
 
     @staticmethod
     def weight_of(host: nn.Module) -> torch.Tensor:
@@ -134,6 +149,10 @@ class MaskScores(nn.Module):
         forward made for every linear at once (_ForwardMasks), when there is one."""
         hp = host._parameters  # not nn.Module's attribute lookup: this runs in every linear of every step
         conv = type(host).__name__ == "Conv1D"
+        scores = self._parameters["scores"]
+        if scores is None:  # packed for serving: the packed-bit GEMM (the cuda kernel for few tokens)
+            weight, bias = _params_for(x.dtype, hp["weight"].t() if conv else hp["weight"], hp.get("bias"))
+            return masked_linear(x, weight, None, bias, packed_mask=self._buffers["packed"])
         forward = self.__dict__.get("_forward")
         if forward is not None and name is not None and not conv:
             w_eff = forward.weight(name, self, host, x)
@@ -143,10 +162,11 @@ class MaskScores(nn.Module):
                     bias = bias.to(w_eff.dtype)
                 return F.linear(x, w_eff, bias)
         weight, bias = _params_for(x.dtype, hp["weight"].t() if conv else hp["weight"], hp.get("bias"))
-        return masked_linear(x, weight, self._parameters["scores"], bias, threshold=self.threshold)
+        return masked_linear(x, weight, scores, bias, threshold=self.threshold)
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.scores.shape)}, threshold={self.threshold}"
+        form = ", packed" if self._parameters.get("scores") is None else ""
+        return f"shape={self.shape}, threshold={self.threshold}{form}"
 
 
 class _ForwardMasks(PerForward):
@@ -169,7 +189,7 @@ class _ForwardMasks(PerForward):
 
     def weight(self, name: str, module: "MaskScores", host: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``module``'s masked weight for this forward, or None (then the linear runs masked_linear)."""
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or module._parameters["scores"] is None:
             return None
         local = self._local
         if not getattr(local, "open", False):
@@ -199,7 +219,7 @@ def _batchable(host: nn.Module, module: "MaskScores", dtype: torch.dtype) -> boo
     if type(host).__name__ == "Conv1D":
         return False
     w, s = host._parameters.get("weight"), module._parameters["scores"]
-    return (w is not None and w.dim() == 2 and w.is_contiguous() and s.is_contiguous() and w.device == s.device
+    return (w is not None and s is not None and w.dim() == 2 and w.is_contiguous() and s.is_contiguous() and w.device == s.device
             and (w.dtype == dtype or (w.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16))))
 
 
@@ -276,6 +296,31 @@ class MaskConfig(MethodConfig):
             scores.__dict__["_forward"] = forward  # a plain attribute: not a submodule, not in the state dict
             task_holder(host)[name] = scores
             forward.sites[name].append((host, scores))
+
+
+def pack_for_serving(model: nn.Module, name: Optional[str] = None) -> nn.Module:
+    """Keep mask task ``name`` (default: every mask task) as packed bits instead of float32 scores: 1 bit
+    per weight per task (for BERT-base's 72 linears, 10.6 MB in place of 340 MB), every task sharing the
+    frozen weights. Its linears then run ``masked_linear`` from the bits (on a GPU the serving kernels:
+    CUDA for few tokens, Triton beyond); inference only, as the scores are gone (``pet_fast.save`` still
+    writes the task, as its mask). In place; returns ``model``."""
+    from ..tasks import TASK_ATTR, registry
+    from . import _sites
+
+    reg = registry(model)
+    names = [n for n, c in (reg.configs.items() if reg is not None else ()) if isinstance(c, MaskConfig)]
+    if name is not None:
+        if name not in names:
+            raise ValueError(f"task {name!r} is not a mask task of this model; mask tasks: {names}")
+        names = [name]
+    if not names:
+        raise ValueError("the model has no mask task to pack")
+    for n in names:
+        for _, host in _sites.hosts_with_task(model, n):
+            sub = getattr(host, TASK_ATTR)[n]
+            if isinstance(sub, MaskScores):
+                sub.pack()
+    return model
 
 
 def _merged_module(host: nn.Module, scores: MaskScores) -> nn.Module:
