@@ -11,7 +11,7 @@ from .tasks import inject, remove, set_active, task_parameters, trainable_parame
 from .io import load, register_importer, save
 from .methods import (AdapterConfig, AdapterFusion, BottleneckAdapter, FusionConfig, MaskConfig, MaskedLinear,
                       PrefixConfig, PrefixEncoder, SideConfig, SideTuning, example_ids, fusion_regularization_loss, merge,
-                      pack_for_serving)
+                      mixed_mask_tasks, pack_for_serving)
 from .ops.adapter_fusion import adapter_fusion, stacked_adapter_fusion
 from .ops.bottleneck_adapter import bottleneck_adapter
 from .ops.mask_packing import pack_mask, unpack_mask
@@ -49,6 +49,7 @@ __all__ = [
     "register_importer",
     "merge",
     "pack_for_serving",
+    "mixed_mask_tasks",
     "example_ids",
     "fusion_regularization_loss",
     "AdapterConfig",

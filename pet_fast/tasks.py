@@ -70,6 +70,7 @@ class TaskRegistry:
         self.configs: Dict[str, MethodConfig] = {}
         self.active: Tuple[str, ...] = ()
         self.base_frozen = False
+        self.mixed = None  # mask tasks serving one batch together (methods/mask.py mixed_mask_tasks)
 
 
 def registry(model: nn.Module) -> Optional[TaskRegistry]:

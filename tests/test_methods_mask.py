@@ -112,3 +112,62 @@ def test_pack_for_serving_keeps_the_outputs_in_a_bit_per_weight(kind, tmp_path):
         torch.testing.assert_close(logits(model, ids, mask), want["b"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no mask task"):
         pet_fast.pack_for_serving(build(kind))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_mixed_mask_tasks_serve_one_batch(kind):
+    """Rows of one batch in three packed tasks: each row gives the output its own task gives it alone (its
+    masks in every linear, its own head); one multitask call per masked linear; bad uses refused."""
+    import pet_fast.methods.mask as mask_mod
+
+    model = build(kind)
+    ids, mask = batch()
+    names = ("a", "b", "c")
+    for n, seed in zip(names, range(3)):
+        pet_fast.inject(model, pet_fast.MaskConfig(), n)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                holder = getattr(m, TASK_ATTR, None)
+                if holder is not None and n in holder:
+                    for p in holder[n].parameters():
+                        p.copy_(torch.randn(p.shape, generator=g))  # the scores and the task's own head
+    model.eval()
+    with pytest.raises(ValueError, match="pack_for_serving"):
+        with pet_fast.mixed_mask_tasks(model, names, [0, 1, 2]):
+            pass
+    pet_fast.pack_for_serving(model)
+    alone = {}
+    for n in names:
+        pet_fast.set_active(model, n)
+        with torch.no_grad():
+            alone[n] = logits(model, ids, mask)
+    rows = torch.tensor([2, 0, 1])
+    calls = []
+    real = mask_mod._MixedTasks.linear
+
+    def counted(self, host, x):
+        out = real(self, host, x)
+        calls.append(out is not None)
+        return out
+
+    mask_mod._MixedTasks.linear = counted
+    try:
+        pet_fast.set_active(model, None)
+        with torch.no_grad(), pet_fast.mixed_mask_tasks(model, names, rows):
+            got = logits(model, ids, mask)
+    finally:
+        mask_mod._MixedTasks.linear = real
+    n_lin = sum(1 for m in model.modules() if isinstance(m, MaskScores)) // 3
+    assert calls.count(True) == n_lin
+    for i, t in enumerate(rows.tolist()):
+        torch.testing.assert_close(got[i], alone[names[t]][i], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        pet_fast.set_active(model, "a")
+        torch.testing.assert_close(logits(model, ids, mask), alone["a"])  # the block left nothing behind
+    with pytest.raises(ValueError, match=r"task_of_row must lie in \[0, 3\)"):
+        with pet_fast.mixed_mask_tasks(model, names, [0, 3, 1]):
+            pass
+    with pytest.raises(ValueError, match="not a mask task"):
+        with pet_fast.mixed_mask_tasks(model, ["a", "zzz"], [0, 1, 0]):
+            pass

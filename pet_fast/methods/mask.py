@@ -1,7 +1,8 @@
 """Mask-tuning (Zhao et al. 2020): a frozen linear whose weight is gated by a learned binary mask."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +322,96 @@ def pack_for_serving(model: nn.Module, name: Optional[str] = None) -> nn.Module:
             if isinstance(sub, MaskScores):
                 sub.pack()
     return model
+
+
+class _MixedTasks:
+    """The state of :func:`mixed_mask_tasks` (on the model's task registry while the block runs)."""
+
+    def __init__(self, tasks, ids, stacks, heads):
+        self.tasks, self.ids, self.stacks, self.heads = tasks, ids, stacks, heads
+        self._ids_on = {}
+
+    def _ids(self, device, x_shape):
+        ids = self._ids_on.get(device)
+        if ids is None:
+            ids = self._ids_on[device] = self.ids.to(device)
+        if len(x_shape) < 2 or x_shape[0] != ids.shape[0]:
+            raise ValueError(f"mixed_mask_tasks: a masked linear got input of shape {tuple(x_shape)}, whose first "
+                             f"dimension is not the batch's {ids.shape[0]} rows (task_of_row gives one task per row)")
+        return ids.view(-1, *([1] * (len(x_shape) - 2))).expand(x_shape[:-1])
+
+    def linear(self, host: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The masked linear of ``host`` on ``x``, each row with its task's mask; None: not a site of the tasks."""
+        stack = self.stacks.get(id(host))
+        if stack is None:
+            return None
+        from ..ops.masked_linear import masked_linear_multitask
+
+        hp = host._parameters
+        weight, bias = MaskScores.weight_of(host), hp.get("bias")
+        weight = weight.to(x.dtype).contiguous()
+        bias = None if bias is None else bias.to(x.dtype)
+        return masked_linear_multitask(x, weight, stack, self._ids(x.device, x.shape), bias, validate_ids=False)
+
+    def head(self, host: nn.Module, args, kwargs):
+        """Each task's head on the whole batch, each row taking its task's output; None: no task head here."""
+        modules = self.heads.get(id(host))
+        if modules is None:
+            return None
+        outs = [m(*args, **kwargs) if m is not None else type(host).forward(host, *args, **kwargs) for m in modules]
+        ids = self._ids_on.get(outs[0].device)
+        if ids is None:
+            ids = self._ids_on[outs[0].device] = self.ids.to(outs[0].device)
+        stacked = torch.stack(outs)  # (T, B, ...)
+        return stacked[ids, torch.arange(ids.shape[0], device=ids.device)]
+
+
+@contextlib.contextmanager
+def mixed_mask_tasks(model: nn.Module, tasks: Sequence[str], task_of_row):
+    """Serve one batch whose rows belong to different mask tasks: inside the block, row ``i`` of every
+    forward of ``model`` runs task ``tasks[task_of_row[i]]``. The tasks must be packed for serving
+    (:func:`pack_for_serving`); every masked linear then makes one call of
+    :func:`pet_fast.masked_linear_multitask` for the whole batch (its weight read once for all tasks), and a
+    task's own head (a classifier trained with the task) runs once per task, each row taking its task's
+    output. The tasks must mask the same linears. ``task_of_row``: one int per row (a list or an integer
+    tensor), checked here once (the per-call checks, which would read the ids on the host, are skipped)."""
+    from ..tasks import TASK_ATTR, registry
+    from . import _sites
+
+    reg = registry(model)
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if reg is None or not tasks:
+        raise ValueError("mixed_mask_tasks needs a model with mask tasks and a non-empty list of them")
+    for n in tasks:
+        if not isinstance(reg.configs.get(n), MaskConfig):
+            raise ValueError(f"task {n!r} is not a mask task of this model")
+    ids = torch.as_tensor(task_of_row)
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8):
+        raise ValueError(f"task_of_row must be one integer per row (1-D), got {ids.dtype} of shape {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(tasks)):
+        raise ValueError(f"task_of_row must lie in [0, {len(tasks)}) (an index into tasks), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    hosts = {n: _sites.hosts_with_task(model, n) for n in tasks}
+    linears = {n: {id(h): h for _, h in hosts[n] if _sites.site_kind(h) == "linear"} for n in tasks}
+    if any(linears[n].keys() != linears[tasks[0]].keys() for n in tasks):
+        raise ValueError(f"tasks {tasks} do not mask the same linears")
+    stacks, heads = {}, {}
+    for key, host in linears[tasks[0]].items():
+        subs = [getattr(host, TASK_ATTR)._modules[n] for n in tasks]
+        if any(m._parameters["scores"] is not None for m in subs):
+            raise ValueError("mixed_mask_tasks serves packed masks: call pet_fast.pack_for_serving(model) first")
+        stacks[key] = torch.stack([m._buffers["packed"] for m in subs])
+    for n in tasks:
+        for _, host in hosts[n]:
+            if _sites.site_kind(host) == "head" and id(host) not in heads:
+                heads[id(host)] = [getattr(host, TASK_ATTR)._modules.get(m) for m in tasks]
+    previous = getattr(reg, "mixed", None)
+    reg.mixed = _MixedTasks(tasks, ids, stacks, heads)
+    try:
+        yield
+    finally:
+        reg.mixed = previous
 
 
 def _merged_module(host: nn.Module, scores: MaskScores) -> nn.Module:
