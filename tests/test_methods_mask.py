@@ -171,3 +171,38 @@ def test_mixed_mask_tasks_serve_one_batch(kind):
     with pytest.raises(ValueError, match="not a mask task"):
         with pet_fast.mixed_mask_tasks(model, ["a", "zzz"], [0, 1, 0]):
             pass
+
+
+@pytest.mark.gpu
+def test_gpu_packed_and_mixed_tasks_bf16():
+    """On a GPU in bf16: packed tasks through the serving kernels, alone and mixed in one batch, against each
+    task's scores through eager masked linears (float32 logits of a tiny BERT, bf16 rounding)."""
+    model = build("bert")
+    ids, mask = batch()
+    for n, seed in (("a", 0), ("b", 1)):
+        pet_fast.inject(model, pet_fast.MaskConfig(), n)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                holder = getattr(m, TASK_ATTR, None)
+                if holder is not None and n in holder:
+                    for p in holder[n].parameters():
+                        p.copy_(torch.randn(p.shape, generator=g))
+    model = model.cuda().to(torch.bfloat16).eval()
+    ids, mask = ids.cuda(), mask.cuda()
+    want = {}
+    for n in ("a", "b"):
+        pet_fast.set_active(model, n)
+        with torch.no_grad(), pet_fast.use_backend("eager"):
+            want[n] = logits(model, ids, mask).float()
+    pet_fast.pack_for_serving(model)
+    for n in ("a", "b"):
+        pet_fast.set_active(model, n)
+        with torch.no_grad():
+            torch.testing.assert_close(logits(model, ids, mask).float(), want[n], rtol=3e-2, atol=3e-2)
+    pet_fast.set_active(model, None)
+    rows = torch.tensor([1, 0, 1])
+    with torch.no_grad(), pet_fast.mixed_mask_tasks(model, ["a", "b"], rows):
+        got = logits(model, ids, mask).float()
+    for i, t in enumerate(rows.tolist()):
+        torch.testing.assert_close(got[i], want["ab"[t]][i], rtol=3e-2, atol=3e-2)
