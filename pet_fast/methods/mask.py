@@ -405,7 +405,9 @@ def mixed_mask_tasks(model: nn.Module, tasks: Sequence[str], task_of_row):
     for n in tasks:
         for _, host in hosts[n]:
             if _sites.site_kind(host) == "head" and id(host) not in heads:
-                heads[id(host)] = [getattr(host, TASK_ATTR)._modules.get(m) for m in tasks]
+                own = [getattr(host, TASK_ATTR)._modules.get(m) for m in tasks]
+                if any(m is not None for m in own):
+                    heads[id(host)] = own
     previous = getattr(reg, "mixed", None)
     reg.mixed = _MixedTasks(tasks, ids, stacks, heads)
     try:
