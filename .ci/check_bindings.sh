@@ -54,11 +54,18 @@ H
 torch_inc=${TORCH_INCLUDE:-$(python -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")}
 torch_label=${TORCH_INCLUDE:+headers in $TORCH_INCLUDE}
 py_inc=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+# Every binding includes torch/extension.h (bindings.h): parsed once into a precompiled header that each
+# file's check then loads (about 35 s per file without it, 10 s with it, on this project's CPU machine). A
+# header g++ finds unusable is parsed as usual (the check stays the same, only slower).
+echo '#include <torch/extension.h>' > "$stub/pet_fast_pch.h"
+g++ -std=c++17 -Wno-c++20-extensions -DTORCH_EXTENSION_NAME=_C -DPET_FAST_CUDA -I"$torch_inc" \
+  -I"$torch_inc/torch/csrc/api/include" -I"$cuda_inc" -I"$stub" -I"$py_inc" -Icsrc -x c++-header "$stub/pet_fast_pch.h" \
+  -o "$stub/pet_fast_pch.h.gch" || rm -f "$stub/pet_fast_pch.h.gch"
 n=0
 for f in csrc/*.cpp; do
   # -std=c++17 and -DPET_FAST_CUDA (the CUDA-only code paths) as setup.py and pet_fast/_ext.py build them
   run g++ -std=c++17 -Wno-c++20-extensions -fsyntax-only -DTORCH_EXTENSION_NAME=_C -DPET_FAST_CUDA -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" \
-    -I"$cuda_inc" -I"$stub" -I"$py_inc" -Icsrc "$f"
+    -I"$cuda_inc" -I"$stub" -I"$py_inc" -Icsrc -include "$stub/pet_fast_pch.h" "$f"
   n=$((n + 1))
 done
 finish
