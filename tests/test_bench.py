@@ -387,3 +387,22 @@ def test_a_rows_peak_memory_is_its_steady_steps_not_the_first_steps_one_off_buff
     rec = bench.run_row(bench.Row("m", "houlsby/triton", "houlsby", "triton"), None, torch.device("cuda"),
                         warmup=1, steps=2)
     assert rec["peak_mem_mb"] == 306.0 and "peak_mem_warmup_mb" not in rec
+
+
+def test_chart_draws_one_panel_per_model(tmp_path):
+    """pet-fast bench's PNG (matplotlib, in the test extras): a file that is a PNG, one panel per model with
+    timed rows; nothing drawn without timed rows."""
+    pytest.importorskip("matplotlib")
+    rows = [dict(model=m, row=r, compiled=r.endswith("+compile"), vs_floor=v)
+            for m in ("bert-32x128", "llama1b-4x1024")
+            for r, v in (("floor", 1.0), ("houlsby/auto", 1.08), ("floor+compile", 1.0), ("houlsby/auto+compile", 1.12))]
+    logged = []
+    path = bench.chart({"step": {"rows": rows, "label": "test"}}, str(tmp_path / "c.png"), log=logged.append)
+    assert path == str(tmp_path / "c.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(path).shape[:2]
+    assert h > w / 2  # two panels stacked (12 x 8 inches)
+    assert bench.chart({"step": {"rows": [dict(model="m", row="x", compiled=False, note="error")]}},
+                       str(tmp_path / "none.png"), log=logged.append) is None
+    assert "no timed step rows" in logged[-1] and not (tmp_path / "none.png").exists()
