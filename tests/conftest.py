@@ -107,3 +107,14 @@ def fail_replayed_launches() -> None:
         for entry in cache.values():
             if isinstance(entry, _replay.Entry):
                 entry.program.set_launcher(failing)
+
+
+def configs_as_on_a_gpu(kernels_module, make_configs):
+    """``make_configs()`` as a GPU with autotuning builds them (kernels_module's interpreter flag off)."""
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(kernels_module, "_AUTOTUNE", True)
+    monkey.setattr(kernels_module, "interpreting", lambda: False)
+    try:
+        return make_configs()
+    finally:
+        monkey.undo()

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import configs_as_on_a_gpu
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -89,13 +91,7 @@ def test_128_row_adapter_tiles_are_tried_for_2_byte_products_only():
     programs, fewer reads); compile_check measured their float32 builds spilling at RP=64, so float32
     products (UPCAST) never try them, and no dtype does where BLOCK_N x RP passes the registers."""
     ka = pytest.importorskip("pet_fast.kernels.bottleneck_adapter")
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(ka, "_AUTOTUNE", True)
-    monkey.setattr(ka, "interpreting", lambda: False)
-    try:
-        configs = ka.row_configs()
-    finally:
-        monkey.undo()
+    configs = configs_as_on_a_gpu(ka, ka.row_configs)
     tiles = lambda cs: {_tile(c, "BLOCK_N", "BLOCK_D") for c in cs}  # noqa: E731
     assert (128, 64, 8, 3) in tiles(configs)
     for prune in (ka.prune_row_configs, ka.prune_bwd_row_configs):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pet_fast
-from conftest import HAS_GPU, graph_node_names, rel_err
+from conftest import HAS_GPU, configs_as_on_a_gpu, graph_node_names, rel_err
 from pet_fast import dispatch
 import importlib
 
@@ -316,13 +316,7 @@ def test_column_splits_are_tried_only_where_token_tiles_leave_sms_idle():
     """SPLITS are pruned where the token tiles alone give two programs per SM (an H100's 132 here) and where
     a part would get fewer than two column blocks; the other configurations are kept as they were."""
     ka = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(ka, "_AUTOTUNE", True)
-    monkey.setattr(ka, "interpreting", lambda: False)
-    try:
-        configs = ka.adapter_row_configs()
-    finally:
-        monkey.undo()
+    configs = configs_as_on_a_gpu(ka, ka.adapter_row_configs)
     assert {c.kwargs["SPLIT_D"] for c in configs} == {1, 2, 4}
     splits = lambda kept: sorted((c.kwargs["BLOCK_N"], c.kwargs["SPLIT_D"]) for c in kept if c.kwargs["SPLIT_D"] > 1)  # noqa: E731
     for prune in (ka.prune_adapter_configs, ka.prune_adapter_bwd_configs):

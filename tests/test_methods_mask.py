@@ -114,6 +114,19 @@ def test_pack_for_serving_keeps_the_outputs_in_a_bit_per_weight(kind, tmp_path):
         pet_fast.pack_for_serving(build(kind))
 
 
+def _random_mask_tasks(model, names):
+    """Attach mask tasks ``names``, each with random scores and its own random head."""
+    for seed, n in enumerate(names):
+        pet_fast.inject(model, pet_fast.MaskConfig(), n)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                holder = getattr(m, TASK_ATTR, None)
+                if holder is not None and n in holder:
+                    for p in holder[n].parameters():
+                        p.copy_(torch.randn(p.shape, generator=g))
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_mixed_mask_tasks_serve_one_batch(kind):
     """Rows of one batch in three packed tasks: each row gives the output its own task gives it alone (its
@@ -123,15 +136,7 @@ def test_mixed_mask_tasks_serve_one_batch(kind):
     model = build(kind)
     ids, mask = batch()
     names = ("a", "b", "c")
-    for n, seed in zip(names, range(3)):
-        pet_fast.inject(model, pet_fast.MaskConfig(), n)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in model.modules():
-                holder = getattr(m, TASK_ATTR, None)
-                if holder is not None and n in holder:
-                    for p in holder[n].parameters():
-                        p.copy_(torch.randn(p.shape, generator=g))  # the scores and the task's own head
+    _random_mask_tasks(model, names)
     model.eval()
     with pytest.raises(ValueError, match="pack_for_serving"):
         with pet_fast.mixed_mask_tasks(model, names, [0, 1, 2]):
@@ -179,15 +184,7 @@ def test_gpu_packed_and_mixed_tasks_bf16():
     task's scores through eager masked linears (float32 logits of a tiny BERT, bf16 rounding)."""
     model = build("bert")
     ids, mask = batch()
-    for n, seed in (("a", 0), ("b", 1)):
-        pet_fast.inject(model, pet_fast.MaskConfig(), n)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in model.modules():
-                holder = getattr(m, TASK_ATTR, None)
-                if holder is not None and n in holder:
-                    for p in holder[n].parameters():
-                        p.copy_(torch.randn(p.shape, generator=g))
+    _random_mask_tasks(model, ("a", "b"))
     model = model.cuda().to(torch.bfloat16).eval()
     ids, mask = ids.cuda(), mask.cuda()
     want = {}
