@@ -55,6 +55,38 @@ def test_bert_fusion_closed_form(placement, kind, fusion):
     torch.testing.assert_close(host(hs, x), want, rtol=1e-5, atol=2e-5)
 
 
+def test_adapters_the_stacked_op_does_not_take_are_fused_from_their_outputs(monkeypatch):
+    """Adapters with per-channel scaling, different activations or mixed fixed and learned scalings: run one by
+    one and fused from their outputs (the given-values op), matching the closed form, output and training."""
+    model = build("bert")
+    cfgs = [dict(scaling="channel", activation="relu"), dict(scaling=0.5, activation="silu"), dict(scaling="learned")]
+    for i, kw in enumerate(cfgs):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4 + i, **kw), f"a{i}")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1", "a2"]), "f")
+    stacked = []
+    monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion", lambda *a, **k: stacked.append(1))
+    host = model.bert.encoder.layer[1].output
+    fus = host.pet_fast_tasks["f"]
+    ads = [host.pet_fast_tasks[f"a{i}"] for i in range(3)]
+    with torch.no_grad():
+        ads[0].scaling.copy_(torch.rand(32) + 0.5)
+        for lin in (fus.query, fus.key, fus.value):
+            lin.weight.normal_(0, 0.1)
+    model.eval()
+    hs, x = torch.randn(2, 4, 37), torch.randn(2, 4, 32)
+    h = host.dense(hs)
+    a_in = host.LayerNorm(h + x)
+    u = torch.stack([A(ad, a_in) if ad.activation in ("relu", "silu") else
+                     ad.scaling * (F.gelu(a_in @ ad.w_down.T + ad.b_down) @ ad.w_up.T + ad.b_up) for ad in ads], dim=-2)
+    p = torch.softmax((fus.key(u) * fus.query(a_in).unsqueeze(-2)).sum(-1), dim=-1)
+    want = host.LayerNorm(h + x + (p.unsqueeze(-1) * fus.value(u)).sum(-2))
+    torch.testing.assert_close(host(hs, x), want, rtol=1e-5, atol=2e-5)
+    model.train()
+    ids, mask = batch()
+    logits(model, ids, mask).pow(2).sum().backward()
+    assert fus.query.weight.grad is not None and not stacked
+
+
 def test_fusion_trains_only_the_fusion_layers_and_uses_the_stacked_op(monkeypatch):
     calls = []
     real = fusion_ops.stacked_adapter_fusion

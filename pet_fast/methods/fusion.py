@@ -130,10 +130,15 @@ class AdapterFusion(nn.Module):
     def fuse(self, x: torch.Tensor, query: torch.Tensor, residual: torch.Tensor,
              adapters: Sequence[BottleneckAdapter], *, backend: Optional[str] = None) -> torch.Tensor:
         """Run ``adapters`` on ``x`` and fuse their outputs in one op (the k outputs are not stored
-        by fused backends). All adapters must share an activation and a fixed scaling kind."""
+        by fused backends). Adapters that differ in activation or scaling kind, or scale per channel, are run
+        one by one and their outputs fused (the given-values op)."""
         if len(adapters) == 0:
             raise ValueError("adapters must hold at least one BottleneckAdapter")
-        if self.training and self.dropout > 0:
+        if len({a.d_model for a in adapters}) != 1:
+            raise ValueError(f"adapters to be fused must share d_model, got {[a.d_model for a in adapters]}")
+        if (self.training and self.dropout > 0) or not _stackable(adapters):
+            # the k outputs formed, then fused: dropout on the scores, or adapters the stacked op does not take
+            # (per-channel scaling, different activations)
             values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in adapters], dim=-2)
             dt = compute_dtype(values)
             if dt != values.dtype:
@@ -158,6 +163,13 @@ class AdapterFusion(nn.Module):
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
             temperature=t, backend=backend, **self._projections(query.dtype))
+
+
+def _stackable(adapters: Sequence[BottleneckAdapter]) -> bool:
+    """Whether :func:`stack_adapters` takes these adapters: one activation, one width, scalar scalings."""
+    fixed = [isinstance(a.scaling, float) for a in adapters]
+    return (len({a.activation for a in adapters}) == 1 and (all(fixed) or not any(fixed))
+            and all(isinstance(a.scaling, float) or a.scaling.dim() == 0 for a in adapters))
 
 
 def _projection_tensors(fusion: AdapterFusion) -> dict:
@@ -286,12 +298,14 @@ FUSION_KINDS = {
 class FusionConfig(MethodConfig):
     """AdapterFusion over adapter tasks ``adapters`` (names of AdapterConfig tasks already attached,
     e.g. loaded with ``pet_fast.load(model, path, name)``). The fusion task trains only its fusion
-    layers (and the head); the adapters stay frozen. All adapters must share placement, locations
-    and activation. ``kind`` picks AdapterHub's ``"dynamic"`` (default) or ``"static"`` field values;
+    layers (and the head); the adapters stay frozen. All adapters must share placement and locations.
+    ``kind`` picks AdapterHub's ``"dynamic"`` (default) or ``"static"`` field values;
     ``None`` fields take them. ``dropout_prob=None`` takes the model's attention dropout (as
     AdapterHub does). With ``regularization``, add ``fusion_regularization_loss(model)`` to the loss
     to pull the value projections toward the identity (AdapterHub applies it one step late).
-    At the sites, the k adapters and the fusion run as one ``stacked_adapter_fusion`` op; in
+    At the sites, the k adapters and the fusion run as one ``stacked_adapter_fusion`` op when they share
+    an activation and a scalar scaling kind (fixed or learned); otherwise (per-channel scaling, different
+    activations) each adapter runs on its own and their outputs are fused (``adapter_fusion``). In
     training with a dropout above 0 (BERT's default 0.1), the scores need dropout, so the adapters
     and the fusion run eagerly: pass ``dropout_prob=0.0`` to train on the fused op.
     With parallel adapters, the fusion adds its output once to ``h + x`` (AdapterHub adds ``x``
@@ -345,12 +359,10 @@ class FusionConfig(MethodConfig):
             configs.append(cfg)
         first = configs[0]
         for a, cfg in zip(self.adapters[1:], configs[1:]):
-            for field in ("placement", "mh_adapter", "output_adapter", "target_modules", "leave_out", "activation"):
+            for field in ("placement", "mh_adapter", "output_adapter", "target_modules", "leave_out"):
                 if getattr(cfg, field) != getattr(first, field):
                     raise ValueError(f"adapters to fuse must share {field}: {self.adapters[0]!r} has {getattr(first, field)!r}, "
                                      f"{a!r} has {getattr(cfg, field)!r}")
-        if any(cfg.scaling == "channel" for cfg in configs):
-            raise ValueError("adapters with per-channel scaling cannot be fused (the stacked op takes one scale per adapter)")
         hosts = [h for _, h in _sites.hosts_with_task(model, self.adapters[0])
                  if isinstance(h.pet_fast_tasks[self.adapters[0]], BottleneckAdapter)]
         for h in hosts:
