@@ -385,3 +385,17 @@ def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch):
     assert grads.keys() == grads_per_layer.keys()
     for k in grads:
         assert torch.equal(grads[k], grads_per_layer[k]), k
+
+
+def test_fuse_takes_adapters_the_stacked_op_does_not():
+    """AdapterFusion.fuse on adapters with different activations and a per-channel scaling: the given-values
+    op on their outputs, the same numbers as fusing those outputs directly."""
+    fus = pet_fast.AdapterFusion(8).eval()
+    ads = [pet_fast.BottleneckAdapter(8, 2, activation="tanh"), pet_fast.BottleneckAdapter(8, 3, scaling="channel")]
+    with torch.no_grad():
+        ads[1].scaling.copy_(torch.rand(8) + 0.5)
+        for a in ads:
+            a.w_up.normal_()
+    x, q, r = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in ads], dim=-2)
+    torch.testing.assert_close(fus.fuse(x, q, r, ads), fus(q, values, r))

@@ -135,7 +135,7 @@ class AdapterFusion(nn.Module):
         if len(adapters) == 0:
             raise ValueError("adapters must hold at least one BottleneckAdapter")
         if len({a.d_model for a in adapters}) != 1:
-            raise ValueError(f"adapters to be fused must share d_model, got {[a.d_model for a in adapters]}")
+            raise ValueError(f"adapters must share d_model to be fused, got {[a.d_model for a in adapters]}")
         if (self.training and self.dropout > 0) or not _stackable(adapters):
             # the k outputs formed, then fused: dropout on the scores, or adapters the stacked op does not take
             # (per-channel scaling, different activations)
