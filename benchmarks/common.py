@@ -18,28 +18,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def package_versions() -> dict:
-    """Versions of pet_fast and of the packages its numbers depend on (None: not installed), and the
-    GPU driver's."""
-    from importlib import metadata
-
-    out = {}
-    for name, dist in (("pet_fast", "pet-fast"), ("triton", "triton"), ("transformers", "transformers"),
-                       ("peft", "peft"), ("adapters", "adapters")):
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["driver"] = None
-    if torch.cuda.is_available():
-        try:
-            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip() or None
-        except Exception:
-            pass
-    return out
-
-
 def environment() -> dict:
     env = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -48,6 +26,8 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} threads)",
     }
+    from pet_fast.bench import package_versions
+
     env.update(package_versions())
     try:
         env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

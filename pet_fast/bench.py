@@ -594,6 +594,28 @@ def _repo_root() -> Optional[str]:
     return root if os.path.isfile(os.path.join(root, "benchmarks", "common.py")) else None
 
 
+def package_versions() -> dict:
+    """Versions of pet_fast and of the packages its numbers depend on (None: not installed), and the
+    GPU driver's."""
+    from importlib import metadata
+
+    out = {}
+    for name, dist in (("pet_fast", "pet-fast"), ("triton", "triton"), ("transformers", "transformers"),
+                       ("peft", "peft"), ("adapters", "adapters")):
+        try:
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["driver"] = None
+    if torch.cuda.is_available():
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip() or None
+        except Exception:
+            pass
+    return out
+
+
 def environment() -> dict:
     root = _repo_root()
     if root is not None:
@@ -604,16 +626,10 @@ def environment() -> dict:
         return env()
     import platform
 
-    from importlib import metadata
-
     env = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "git": None,
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} threads)"}
-    for name, dist in (("pet_fast", "pet-fast"), ("triton", "triton"), ("transformers", "transformers")):
-        try:
-            env[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            env[name] = None
+    env.update(package_versions())
     return env
 
 

@@ -127,6 +127,7 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
     from safetensors.torch import save_file
 
     from .methods.mask import MaskConfig
+    from .ops.mask_packing import unpack_mask as unpack_words  # (pack_for_serving's int32 words)
 
     name = _task_name(model, name)
     cfg = registry(model).configs[name]
@@ -145,8 +146,6 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
                 continue
         if isinstance(cfg, MaskConfig) and k.endswith(".packed"):  # packed for serving (pack_for_serving)
             base = k2[: -len(".packed")]
-            from .ops.mask_packing import unpack_mask as unpack_words
-
             shape = list(model.get_submodule(k[: -len(".packed")]).shape)
             mask_shapes[base + ".mask_bits"] = shape
             tensors[base + ".mask_bits"] = pack_mask(unpack_words(v, shape))

@@ -190,7 +190,7 @@ class _ForwardMasks(PerForward):
 
     def weight(self, name: str, module: "MaskScores", host: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``module``'s masked weight for this forward, or None (then the linear runs masked_linear)."""
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or module._parameters["scores"] is None:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # (packed modules never ask: apply_to)
             return None
         local = self._local
         if not getattr(local, "open", False):
@@ -331,10 +331,14 @@ class _MixedTasks:
         self.tasks, self.ids, self.stacks, self.heads = tasks, ids, stacks, heads
         self._ids_on = {}
 
-    def _ids(self, device, x_shape):
+    def _ids_at(self, device) -> torch.Tensor:
         ids = self._ids_on.get(device)
         if ids is None:
             ids = self._ids_on[device] = self.ids.to(device)
+        return ids
+
+    def _ids(self, device, x_shape):
+        ids = self._ids_at(device)
         if len(x_shape) < 2 or x_shape[0] != ids.shape[0]:
             raise ValueError(f"mixed_mask_tasks: a masked linear got input of shape {tuple(x_shape)}, whose first "
                              f"dimension is not the batch's {ids.shape[0]} rows (task_of_row gives one task per row)")
@@ -359,9 +363,7 @@ class _MixedTasks:
         if modules is None:
             return None
         outs = [m(*args, **kwargs) if m is not None else type(host).forward(host, *args, **kwargs) for m in modules]
-        ids = self._ids_on.get(outs[0].device)
-        if ids is None:
-            ids = self._ids_on[outs[0].device] = self.ids.to(outs[0].device)
+        ids = self._ids_at(outs[0].device)
         stacked = torch.stack(outs)  # (T, B, ...)
         return stacked[ids, torch.arange(ids.shape[0], device=ids.device)]
 

@@ -543,8 +543,8 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     and for the forms the few-token kernels do not take (:func:`_few_token_limits`), the C++ autograd node of
     csrc/bottleneck_adapter_autograd.cpp, which takes every form of the call."""
     d = x.shape[-1]
-    if x.numel() > CUDA_MAX_N * d or _few_token_limits(w_down.shape[0], residual is not None and residual.dtype != x.dtype,
-                                                        layer_norm is not None):
+    if (x.numel() > CUDA_MAX_N * d or w_down.shape[0] > CUDA_MAX_R or layer_norm is not None
+            or (residual is not None and residual.dtype != x.dtype)):
         s_t, s_v = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
         ln = {}
         if layer_norm is not None:

@@ -411,7 +411,8 @@ dispatch.register(OP, "cuda", _cuda_run, _cuda_serving_reasons)
 #     {"rows": [{"packed": true, "n_max": 16, "order": ["cuda", "triton", "eager"]},
 #               {"packed": false, "n_max": 4096, "order": ["triton", "eager"]}, ...]}
 # The first row with the call's `packed` and `n <= n_max` gives the order; a call above every such row takes
-# the largest one's (measured nearest). Without a table (or without a row of the call's kind): packed masks with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
+# the largest one's (measured nearest). Without a table (or without a row of the call's kind): packed masks
+# with N <= 16 tokens go to cuda first (memory-bound GEMV-like serving, where
 # the CUDA-core kernel reads the weight once), everything else to triton first (for scores: the training
 # path of one masking pass, cuBLAS, one gradient pass).
 TIMINGS_ENV = "PET_FAST_MASKED_LINEAR_TIMINGS"
