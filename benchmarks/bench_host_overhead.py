@@ -7,6 +7,13 @@ Houlsby adapters, 72 times for mask-tuning. This benchmark measures it per call 
 
     python benchmarks/bench_host_overhead.py --json out.json      # GPU: every backend that runs there
     python benchmarks/bench_host_overhead.py --quick              # CPU: eager, the path CPU users take
+    python benchmarks/bench_host_overhead.py --quick --stub-kernels   # CPU: the kernel paths' Python, serving
+
+``--stub-kernels`` (CPU only) times the triton and cuda rows without gradients (serving) with every kernel
+replaced by a stub: the Triton kernels as in profile_host_step.py (run under ``TRITON_INTERPRET=1``, so
+that they take CPU tensors), and the extension's serving entry points by functions that allocate their
+output and launch nothing. What those rows measure is pet_fast's Python on the way to the kernels, the
+part a GPU's host adds to a few-token call besides the launches themselves.
 
 Rows: ``op``, ``mode`` (fwd: no gradient; fwd+bwd: forward, then torch.autograd.grad), ``impl`` (``torch``:
 the op's eager PyTorch function called directly, without checks or dispatch, the baseline;
@@ -14,20 +21,29 @@ the op's eager PyTorch function called directly, without checks or dispatch, the
 ``module``: pet_fast's nn.Module under auto; ``module houlsby`` / ``module pfeiffer``: its calls at those
 sites of a post-LN block, with ``add_input`` / ``layer_norm``), ``host_us`` (per call: calls issued back to back without a
 synchronisation, then one; on a GPU the device keeps up at these sizes, so this is the host's rate) and
-``vs_torch``.
+``vs_torch``. ``masked_linear (packed)`` serves from a packed mask, without gradients, beside ``F.linear``
+on the unmasked weight (the serving target's yardstick).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 
-import torch
+STUB = "--stub-kernels" in sys.argv
+if STUB:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit reads it: the (stubbed) kernels take CPU tensors
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (profile_host_step, for --stub-kernels)
 
 import pet_fast  # noqa: E402
 from benchmarks import common  # noqa: E402
+from pet_fast import _ext, dispatch  # noqa: E402
 from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
 from pet_fast.ops import adapter_fusion as fusion_op  # noqa: E402
 from pet_fast.ops import bottleneck_adapter as adapter_op  # noqa: E402
@@ -102,6 +118,13 @@ def cases(device, dtype):
         masked[f"op/{b}"] = (lambda b=b: pet_fast.masked_linear(x, w, scores, bias, backend=b))
     yield "masked_linear", masked, {"": [x, scores], "module": [x, layer.scores]}
 
+    # serving a packed mask: one token, no gradient (its fwd+bwd rows are skipped)
+    x1, packed = new(1, d), pet_fast.pack_mask(scores.detach(), 0.0)
+    serving = {"torch": lambda: F.linear(x1, w, bias)}
+    for b in ("eager", "triton", "cuda"):
+        serving[f"op/{b}"] = (lambda b=b: pet_fast.masked_linear(x1, w, None, bias, packed_mask=packed, backend=b))
+    yield SERVING_ONLY, serving, {"": [x1]}
+
     k = 3
     wd3, wu3 = new(k, r, d, grad=True), new(k, d, r, grad=True)
     wq, wk, wv = new(d, d, grad=True), new(d, d, grad=True), new(d, d, grad=True)
@@ -123,51 +146,99 @@ def cases(device, dtype):
     yield "prefix_attention", prefix, {"": [q, kk, v, pk, pv]}
 
 
+SERVING_ONLY = "masked_linear (packed)"
+
+
+class _StubExtension:
+    """Stands for pet_fast._C under --stub-kernels: the serving entry points allocate their output and launch
+    nothing."""
+
+    @staticmethod
+    def bottleneck_adapter_forward_small(x, *args):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def masked_linear_packed(x, weight, packed, bias, task_ids):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@contextlib.contextmanager
+def kernels_stubbed():
+    """Every Triton kernel and the extension's serving entry points stubbed, CPU tensors taken by the cuda
+    backend (see the module docstring)."""
+    from profile_host_step import kernels_stubbed as triton_stubbed  # (it sets TRITON_INTERPRET too)
+
+    state, reasons = dict(_ext._state), dispatch.cuda_reasons
+    _ext._state.update(loaded=True, module=_StubExtension, reason="stubbed (bench_host_overhead --stub-kernels)")
+    dispatch.cuda_reasons = lambda info, *args, **kwargs: []
+    dispatch.clear_plans()
+    try:
+        with triton_stubbed():
+            yield
+    finally:
+        _ext._state.update(state)
+        dispatch.cuda_reasons = reasons
+        dispatch.clear_plans()
+
+
 def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=None, help="calls per timing (default 300: the third H100 run, at 2000, spent its 60 s limit "
                         "before reaching the fusion and prefix rows)")
+    p.add_argument("--ops", nargs="+", default=None, help="only these ops' rows (names as printed)")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="CPU: time the triton and cuda rows without gradients, every kernel stubbed (see above)")
     args = p.parse_args()
-    gpu = torch.cuda.is_available() and not args.quick
+    gpu = torch.cuda.is_available() and not args.quick and not args.stub_kernels
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     calls = args.calls or 300
     rows = []
-    for op, impls, leaves in cases(device, dtype):
-        for mode in ("fwd", "fwd+bwd"):
-            base = None
-            for name, fn in impls.items():
-                if name.startswith("op/") and name != "op/eager" and not gpu:
-                    continue  # kernels run on the CPU only in the interpreter: not a host-time measurement
-                if mode == "fwd":
-                    call = lambda fn=fn: fn()
-                    ctx = torch.no_grad
-                else:
-                    wrt = [t for t in leaves.get(name, leaves[""]) if t.requires_grad]
+    with kernels_stubbed() if args.stub_kernels else contextlib.nullcontext():
+        for op, impls, leaves in cases(device, dtype):
+            if args.ops and op not in args.ops:
+                continue
+            measure(op, impls, leaves, gpu, args.stub_kernels, calls, device, rows)
+    common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls,
+                 stubbed_kernels=bool(args.stub_kernels))
 
-                    def call(fn=fn, wrt=wrt):
-                        out = fn()
-                        torch.autograd.grad(out, wrt, torch.ones_like(out))
-                    ctx = torch.enable_grad
-                if name.endswith(PYTHON_LAUNCHES):
-                    def call(inner=call):
-                        prev = replay.set_enabled(False)
-                        try:
-                            inner()
-                        finally:
-                            replay.set_enabled(prev)
-                try:
-                    with ctx():
-                        us = host_us(call, calls, device)
-                except (BackendUnavailableError, RuntimeError) as exc:
-                    rows.append({"op": op, "mode": mode, "impl": name, "error": f"{type(exc).__name__}: {exc}"[:160]})
-                    continue
-                base = us if name == "torch" else base
-                rows.append({"op": op, "mode": mode, "impl": name, "host_us": round(us, 1),
-                             "vs_torch": round(us / base, 2) if base else None})
-                print(f"{op:24s} {mode:8s} {name:16s} {us:8.1f} us" + (f"  {us / base:5.2f}x torch" if base else ""),
-                      flush=True)
-    common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls)
+
+def measure(op, impls, leaves, gpu, stubbed, calls, device, rows):
+    """Times one op's rows (both modes) into ``rows``."""
+    for mode in ("fwd",) if op == SERVING_ONLY else ("fwd", "fwd+bwd"):
+        base = None
+        for name, fn in impls.items():
+            kernel = name.startswith("op/") and name != "op/eager"
+            if kernel and not gpu and not (stubbed and mode == "fwd" and not name.endswith(PYTHON_LAUNCHES)):
+                continue  # kernels run on the CPU only in the interpreter: not a host-time measurement
+            if mode == "fwd":
+                call = lambda fn=fn: fn()
+                ctx = torch.no_grad
+            else:
+                wrt = [t for t in leaves.get(name.removesuffix(PYTHON_LAUNCHES), leaves[""]) if t.requires_grad]
+
+                def call(fn=fn, wrt=wrt):
+                    out = fn()
+                    torch.autograd.grad(out, wrt, torch.ones_like(out))
+                ctx = torch.enable_grad
+            if name.endswith(PYTHON_LAUNCHES):
+                def call(inner=call):
+                    prev = replay.set_enabled(False)
+                    try:
+                        inner()
+                    finally:
+                        replay.set_enabled(prev)
+            try:
+                with ctx():
+                    us = host_us(call, calls, device)
+            except (BackendUnavailableError, RuntimeError) as exc:
+                rows.append({"op": op, "mode": mode, "impl": name, "error": f"{type(exc).__name__}: {exc}"[:160]})
+                continue
+            base = us if name == "torch" else base
+            rows.append({"op": op, "mode": mode, "impl": name, "host_us": round(us, 1),
+                         "vs_torch": round(us / base, 2) if base else None})
+            print(f"{op:24s} {mode:8s} {name:16s} {us:8.1f} us" + (f"  {us / base:5.2f}x torch" if base else ""),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+
+from . import _env
 
 BACKENDS = ("eager", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
@@ -112,7 +113,7 @@ def requested(backend: Optional[str] = None) -> tuple[str, str]:
     stack = _context()
     if stack:
         return stack[-1], "use_backend()"
-    env = os.environ.get(ENV_VAR)
+    env = _env.get(ENV_VAR)
     if env:
         return validate_backend(env, argname=f"environment variable {ENV_VAR}"), ENV_VAR
     return "auto", "default"
@@ -238,7 +239,7 @@ _LOW_PRECISION_AND_FP32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Looked up once: find_spec is not traceable by torch.compile, and select() runs inside compiled code.

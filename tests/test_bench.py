@@ -213,6 +213,28 @@ def test_profile_host_step_stubs_the_kernels_and_counts_their_launches(tmp_path)
     assert all(r["ms"] > 0 for r in rows.values())
 
 
+def test_host_overhead_with_stubbed_kernels_times_the_serving_paths(tmp_path):
+    """bench_host_overhead.py --stub-kernels on the CPU: the triton and cuda rows without gradients run
+    through the ops' real Python to stubbed kernels (the extension's serving entry points included), beside
+    F.linear for the packed mask; nothing else of the kernel backends runs."""
+    path = tmp_path / "host.json"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_host_overhead.py"), "--quick",
+                          "--stub-kernels", "--calls", "3", "--ops", "bottleneck_adapter", "masked_linear (packed)",
+                          "--json", str(path)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(path.read_text())
+    rows = {(r["op"], r["mode"], r["impl"]): r for r in doc["rows"]}
+    assert doc["stubbed_kernels"] is True
+    for key in [("bottleneck_adapter", "fwd", "op/cuda"), ("bottleneck_adapter", "fwd", "op/triton"),
+                ("masked_linear (packed)", "fwd", "torch"), ("masked_linear (packed)", "fwd", "op/cuda"),
+                ("masked_linear (packed)", "fwd", "op/triton"), ("bottleneck_adapter", "fwd+bwd", "op/eager")]:
+        assert rows[key]["host_us"] > 0, key
+    assert not [k for k in rows if k[1] == "fwd+bwd" and k[2] in ("op/cuda", "op/triton")]
+    assert not [k for k in rows if k[0] == "masked_linear (packed)" and k[1] == "fwd+bwd"]
+    assert not [r for r in doc["rows"] if "error" in r]
+
+
 def test_profile_host_step_puts_back_every_kernel_even_those_imported_inside_the_block():
     """A kernel module that imports another's helper must get the real one: in a fresh process (nothing
     imported yet), after the stubbing block no module of pet_fast.kernels holds a stub."""

@@ -1,6 +1,7 @@
 """dispatch.plan: a call whose signature was seen before skips the checks and the backend walk, and takes
 exactly what a fresh call would take under every dispatch state; bad input still raises."""
 import gc
+import os
 import weakref
 
 import pytest
@@ -217,3 +218,41 @@ def test_compiled_code_takes_the_plain_path():
     finally:
         ba.check_inputs = saved
     assert calls  # traced through the checks (dynamo guards on what they read), not through the memo
+
+
+@pytest.mark.parametrize("name", [dispatch.ENV_VAR, "PET_FAST_CUSTOM_OPS", "TRITON_INTERPRET", "PET_FAST_TEST_ÄNDERUNG"])
+def test_the_cheap_environment_reads_see_every_change(monkeypatch, name):
+    from pet_fast import _env
+
+    monkeypatch.delenv(name, raising=False)
+    assert _env.get(name) is None and _env.get(name, "0") == "0"
+    for value in ("1", "eager", "", "wert-ü"):
+        monkeypatch.setenv(name, value)
+        assert _env.get(name, "0") == os.environ.get(name, "0") == value
+    monkeypatch.delenv(name)
+    assert _env.get(name, "x") == "x"
+
+
+def test_a_backend_set_in_the_environment_after_a_call_is_taken(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    args = adapter_args()
+    assert dispatch.requested(None) == ("auto", "default")
+    pet_fast.bottleneck_adapter(*args)
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    assert dispatch.requested(None) == ("cuda", dispatch.ENV_VAR)
+    with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
+        pet_fast.bottleneck_adapter(*args)
+
+
+def test_compute_dtype_follows_autocast_on_and_off():
+    from pet_fast.ops._autocast import compute_dtype
+
+    x = torch.randn(2, 3)
+    assert compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x) == torch.bfloat16
+        assert compute_dtype(x.double()) == torch.float64
+        assert compute_dtype(torch.ones(2, dtype=torch.int64)) == torch.int64
+        with torch.autocast("cpu", enabled=False):
+            assert compute_dtype(x) == torch.float32
+    assert compute_dtype(x.half()) == torch.float16

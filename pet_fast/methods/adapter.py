@@ -133,10 +133,11 @@ class BottleneckAdapter(nn.Module):
                 scaling = scaling.to(w_down.dtype)
         y = bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
                                residual=residual, add_input=add_input, layer_norm=layer_norm, backend=backend)
-        if not compiling and backend is None and all(
+        if not compiling and backend is None and torch.is_grad_enabled() and all(
                 a is b for a, b in zip(args, (x, residual, add_input, w_down, b_down, w_up, b_up, scaling))):
             # the op got this call's arguments as they came: once its call ran as the C++ node, the next
-            # calls with the same facts reach that node in one C++ call (ops/bottleneck_adapter.py)
+            # calls with the same facts reach that node in one C++ call (ops/bottleneck_adapter.py; a call
+            # without gradients never runs as the node, so serving calls skip this)
             replayed = replayed_call(y, x, w_down, b_down, w_up, b_up, self.activation, scaling, residual,
                                      add_input, layer_norm)
             if replayed is not None:

@@ -12,16 +12,17 @@ only code being compiled calls the custom op: both paths run the same launchers 
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
+
+from .. import _env
 
 ENV_VAR = "PET_FAST_CUSTOM_OPS"
 
 
 def always_custom_op() -> bool:
-    return os.environ.get(ENV_VAR, "0") == "1"
+    return _env.get(ENV_VAR, "0") == "1"
 
 
 def function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:

@@ -138,6 +138,10 @@ HALF = (torch.float16, torch.bfloat16)
 def _params_in(dtype, w_down, b_down, w_up, b_up, scaling):
     """The parameters in ``dtype`` (float32 master weights of half-precision x, for the paths that take
     one dtype); the call's own tensors when they already are."""
+    if (w_down.dtype == dtype and w_up.dtype == dtype and (b_down is None or b_down.dtype == dtype)
+            and (b_up is None or b_up.dtype == dtype)
+            and not (isinstance(scaling, torch.Tensor) and scaling.dtype != dtype)):
+        return w_down, b_down, w_up, b_up, scaling  # (the common case, checked without a call per tensor)
     cast = lambda t: t.to(dtype) if (isinstance(t, torch.Tensor) and t.dtype != dtype) else t
     return cast(w_down), cast(b_down), cast(w_up), cast(b_up), cast(scaling)
 
@@ -275,8 +279,15 @@ def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
         s_t, s_v = scaling.contiguous(), 1.0
     else:
         s_t, s_v = None, float(scaling)
-    res = residual.reshape(-1, d).contiguous() if residual is not None else None
-    return x.reshape(-1, d).contiguous(), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, res
+    return _rows(x, d), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, _rows(residual, d)
+
+
+def _rows(t: Optional[torch.Tensor], d: int) -> Optional[torch.Tensor]:
+    """``t`` as contiguous (N, d) rows; a 2-D tensor without a reshape (a view op costs microseconds of host
+    time, and a few-token serving call is bound by the host)."""
+    if t is None:
+        return None
+    return (t if t.dim() == 2 else t.reshape(-1, d)).contiguous()
 
 
 def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None, add_input=False,
@@ -289,7 +300,7 @@ def run_triton(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, re
         c = lambda t: None if t is None else t.contiguous()
         ln = (True, c(layer_norm[0]), c(layer_norm[1]), float(layer_norm[2]), compute_dtype(x))
     y = TRITON(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation), bool(add_input), *ln)
-    return y.reshape(x.shape)
+    return y if x.dim() == 2 else y.reshape(x.shape)
 
 
 TRITON_MAX_R = 256
@@ -551,15 +562,15 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
             ln = dict(use_ln=True, ln_weight=layer_norm[0], ln_bias=layer_norm[1], ln_eps=float(layer_norm[2]),
                       compute=compute_dtype(x))
         y = _extension().bottleneck_adapter_composite(
-            x.reshape(-1, d).contiguous(), w_down, b_down, w_up, b_up, s_t, s_v,
+            _rows(x, d), w_down, b_down, w_up, b_up, s_t, s_v,
             None if residual is None else residual.reshape(-1, d), CUDA_ACT_CODES[activation], bool(add_input), **ln)
-        return y.reshape(x.shape)
+        return y if x.dim() == 2 else y.reshape(x.shape)
     if add_input:
         residual = residual + x
     w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = CUDA(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
-    return y.reshape(x.shape)
+    return y if x.dim() == 2 else y.reshape(x.shape)
 
 
 def _few_token_limits(r: int, float32_residual: bool, layer_norm: bool) -> list:

@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
+from .. import _ext, dispatch
 from . import _autograd, _checks, _timings, mask_packing
 from ._autocast import compute_dtype  # the GEMMs' dtype of a call
 
@@ -308,8 +308,6 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: O
     """Inference from packed bits: x (M, K); packed (N, W) or, with task_ids (M,), a stack (T, N, W).
     ``kernel`` is "cuda" (pet_fast._C), "triton" (single mask only) or "eager"."""
     if kernel == "cuda":
-        from .. import _ext
-
         ext = _ext.load()
         if ext is None:
             raise RuntimeError(f"pet_fast._C is not available: {_ext.reason()}")
@@ -329,6 +327,8 @@ PACKED = _autograd.custom_op("masked_linear_packed", _packed, fake=_packed_fake)
 
 
 def _as_2d(x):
+    if x.dim() == 2:
+        return x  # (a reshape is a view op: microseconds of host time in a call bound by the host)
     n = 1
     for d in x.shape[:-1]:
         n *= d
@@ -346,7 +346,7 @@ def _triton_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     if packed_mask is None:
         return TRAIN(x, weight, scores, bias, threshold, compute_dtype(x))[0]
     x2, w, b = _serving_args(x, weight, bias)
-    return PACKED(x2, w, packed_mask, b, None, "triton").reshape(*x.shape[:-1], weight.shape[0])
+    return _unflatten(PACKED(x2, w, packed_mask, b, None, "triton"), x)
 
 
 def _no_grad_reason(info) -> list:
@@ -386,8 +386,6 @@ def _cuda_serving_reasons(info, max_tokens=CUDA_MAX_TOKENS) -> list:
         return why  # do not load (or build) the extension for a call it could not take anyway
     why += dispatch.cuda_reasons(info, dtypes=_CUDA_DTYPES)
     if not why:
-        from .. import _ext
-
         if not hasattr(_ext.load(), "masked_linear_packed"):
             why.append("pet_fast._C was built without masked_linear_packed (rebuild it)")
     return why
@@ -396,7 +394,12 @@ def _cuda_serving_reasons(info, max_tokens=CUDA_MAX_TOKENS) -> list:
 def _cuda_run(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     x2, w, b = _serving_args(x, weight, bias)
     y = PACKED(x2, w, packed_mask, b, None, "cuda")
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _unflatten(y, x)
+
+
+def _unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (M, N) output of a call on x flattened to rows, in x's leading shape."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 dispatch.register(OP, "triton", _triton_run, _triton_reasons)
@@ -507,8 +510,8 @@ def describe_multitask(x, weight, packed_masks, task_ids, bias) -> dict:
 
 
 def _cuda_multitask_run(x, weight, packed_masks, task_ids, bias=None):
-    y = PACKED(_as_2d(x), weight, packed_masks, bias, task_ids.reshape(-1), "cuda")
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    ids = task_ids if task_ids.dim() == 1 else task_ids.reshape(-1)
+    return _unflatten(PACKED(_as_2d(x), weight, packed_masks, bias, ids, "cuda"), x)
 
 
 dispatch.register(OP_MULTITASK, "eager", reference_multitask)
