@@ -2,11 +2,12 @@
 //
 // Two launches instead of eager PyTorch's five or six:
 //   down_kernel: one block per (bottleneck row j, tile of up to 8 tokens). The block's threads stride
-//     over d, each keeping one fp32 partial dot product per token of the tile, then reduce across the
-//     block; thread 0 writes act(a + bd[j]) to the fp32 workspace (n x r floats).
-//   up_kernel: one warp per output channel c. The lanes hold row c of wu (r <= 256: at most 8 values
-//     each) in registers and, for every token, reduce <h[n, :], wu[c, :]> across the warp; lane 0
-//     writes base + s * (dot + bu[c]).
+//     over d (16 bytes of the weight row and of each token's x at a time where the rows are 16-byte
+//     aligned), each keeping one fp32 partial dot product per token of the tile, then reduce across the
+//     block; the first threads write act(a + bd[j]) to the fp32 workspace (n x r floats).
+//   up_kernel: one thread per output channel c and tile of up to 16 tokens, the tile's hidden rows in
+//     shared memory (read as broadcasts); each thread reads row c of wu once and writes
+//     base + s * (h @ wu[c] + bu[c]) for its tokens, consecutive threads writing consecutive channels.
 //
 // Backward for the same few tokens, three launches, no atomics (every output element has one owner):
 //   bwd_hidden_kernel: one block per bottleneck row j, looping over the tokens in tiles of 8:
@@ -27,8 +28,8 @@ namespace {
 
 constexpr int kTokensPerBlock = 8;
 constexpr int kDownThreads = 256;
-constexpr int kUpWarps = 8;
-constexpr int kMaxRPerLane = kSmallMaxR / 32;
+constexpr int kUpThreads = 64;  // channels per up-projection block
+constexpr int kUpTokens = 16;   // tokens per up-projection block (its hidden tile: 16 x r floats, <= 16 KiB)
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -75,7 +76,25 @@ __device__ __forceinline__ float scale_at(const T* scale, int scale_mode, float 
   return scale_mode == 0 ? scale_value : to_f(scale[scale_mode == 2 ? c : 0]);
 }
 
+// 16 bytes of T (8 halves or 4 floats) loaded at once and widened to fp32. The vector forms need every row
+// they read to start 16-byte aligned (the launcher checks the pointers and the row lengths).
 template <typename T>
+struct Vec {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(T));
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kN; ++i) out[i] = to_f(e[i]);
+}
+
+// The down projection: one block per (bottleneck row j, tile of up to 8 tokens). With VEC, each thread
+// takes 16 bytes of the weight row and of every token's x per step, so one step has 1 + 8 loads in flight
+// (the scalar form, for rows that are not 16-byte aligned, loads 2 or 4 bytes each).
+template <typename T, bool VEC>
 __global__ void down_kernel(const T* __restrict__ x, const T* __restrict__ wd, const T* __restrict__ bd,
                             float* __restrict__ hidden, int64_t n, int64_t d, int64_t r, int act) {
   const int64_t j = blockIdx.x;
@@ -85,11 +104,28 @@ __global__ void down_kernel(const T* __restrict__ x, const T* __restrict__ wd, c
 #pragma unroll
   for (int t = 0; t < kTokensPerBlock; ++t) acc[t] = 0.f;
   const T* wrow = wd + j * d;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    const float w = to_f(wrow[c]);
+  if constexpr (VEC) {
+    constexpr int VN = Vec<T>::kN;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VN; c < d; c += static_cast<int64_t>(blockDim.x) * VN) {
+      float w[VN];
+      load_vec(wrow + c, w);
 #pragma unroll
-    for (int t = 0; t < kTokensPerBlock; ++t)
-      if (t < tokens) acc[t] += w * to_f(x[(n0 + t) * d + c]);
+      for (int t = 0; t < kTokensPerBlock; ++t) {
+        if (t < tokens) {
+          float xv[VN];
+          load_vec(x + (n0 + t) * d + c, xv);
+#pragma unroll
+          for (int i = 0; i < VN; ++i) acc[t] += w[i] * xv[i];
+        }
+      }
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const float w = to_f(wrow[c]);
+#pragma unroll
+      for (int t = 0; t < kTokensPerBlock; ++t)
+        if (t < tokens) acc[t] += w * to_f(x[(n0 + t) * d + c]);
+    }
   }
   // Reduce each token's partial sums: within warps by shuffles, then across warps in shared memory.
   __shared__ float partial[kDownThreads / 32][kTokensPerBlock];
@@ -110,52 +146,90 @@ __global__ void down_kernel(const T* __restrict__ x, const T* __restrict__ wd, c
   }
 }
 
-template <typename T>
-__global__ void up_kernel(const float* __restrict__ hidden, const T* __restrict__ wu, const T* __restrict__ bu,
-                          const T* __restrict__ scale, int scale_mode, float scale_value,
-                          const T* __restrict__ base, T* __restrict__ y, int64_t n, int64_t d, int64_t r) {
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kUpWarps + (threadIdx.x >> 5);
-  if (c >= d) return;  // whole warps leave together
-  float w[kMaxRPerLane];
+// The up projection: one block per (tile of kUpThreads channels, tile of up to kUpTokens tokens), one
+// channel per thread. The tile's hidden rows (fp32, at most kUpTokens x r) are staged in shared memory,
+// where every thread of a warp reads the same word (a broadcast); each thread reads its channel's row of
+// wu once (16 bytes at a time with VEC) and keeps one sum per token, so the output and the base are read
+// and written by consecutive threads (coalesced).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kUpThreads)
+up_kernel(const float* __restrict__ hidden, const T* __restrict__ wu, const T* __restrict__ bu,
+          const T* __restrict__ scale, int scale_mode, float scale_value, const T* __restrict__ base,
+          T* __restrict__ y, int64_t n, int64_t d, int64_t r) {
+  __shared__ float sh[kUpTokens * kSmallMaxR];
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kUpTokens;
+  const int tokens = static_cast<int>(n - t0 < kUpTokens ? n - t0 : kUpTokens);
+  const int rr = static_cast<int>(r);
+  for (int i = threadIdx.x; i < kUpTokens * rr; i += blockDim.x) {
+    const int t = i / rr;
+    sh[i] = t < tokens ? hidden[(t0 + t) * r + (i - t * rr)] : 0.f;
+  }
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= d) return;  // (no barrier below)
+  float acc[kUpTokens];
 #pragma unroll
-  for (int i = 0; i < kMaxRPerLane; ++i) {
-    const int64_t k = lane + 32 * i;
-    w[i] = k < r ? to_f(wu[c * r + k]) : 0.f;
+  for (int t = 0; t < kUpTokens; ++t) acc[t] = 0.f;
+  const T* wrow = wu + c * r;
+  if constexpr (VEC) {
+    constexpr int VN = Vec<T>::kN;
+    for (int k0 = 0; k0 < rr; k0 += VN) {
+      float w[VN];
+      load_vec(wrow + k0, w);
+#pragma unroll
+      for (int t = 0; t < kUpTokens; ++t) {
+#pragma unroll
+        for (int i = 0; i < VN; ++i) acc[t] += sh[t * rr + k0 + i] * w[i];
+      }
+    }
+  } else {
+    for (int k = 0; k < rr; ++k) {
+      const float w = to_f(wrow[k]);
+#pragma unroll
+      for (int t = 0; t < kUpTokens; ++t) acc[t] += sh[t * rr + k] * w;
+    }
   }
   const float bias = bu != nullptr ? to_f(bu[c]) : 0.f;
-  const float s = scale_mode == 0 ? scale_value : to_f(scale[scale_mode == 2 ? c : 0]);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* h = hidden + t * r;
-    float v = 0.f;
+  const float s = scale_at(scale, scale_mode, scale_value, c);
 #pragma unroll
-    for (int i = 0; i < kMaxRPerLane; ++i) {
-      const int64_t k = lane + 32 * i;
-      if (k < r) v += w[i] * h[k];
+  for (int t = 0; t < kUpTokens; ++t) {
+    if (t < tokens) {
+      const int64_t o = (t0 + t) * d + c;
+      y[o] = from_f<T>(to_f(base[o]) + s * (acc[t] + bias));
     }
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) y[t * d + c] = from_f<T>(to_f(base[t * d + c]) + s * (v + bias));
   }
 }
+
+__host__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T>
 int launch(const void* x, const void* wd, const void* bd, const void* wu, const void* bu, const void* scale,
            int scale_mode, float scale_value, const void* residual, void* y, float* workspace, int64_t n,
            int64_t d, int64_t r, int act, cudaStream_t stream) {
+  constexpr int VN = Vec<T>::kN;
   const T* xt = static_cast<const T*>(x);
   dim3 down_grid(static_cast<unsigned>(r), static_cast<unsigned>((n + kTokensPerBlock - 1) / kTokensPerBlock));
-  down_kernel<T><<<down_grid, kDownThreads, 0, stream>>>(xt, static_cast<const T*>(wd), static_cast<const T*>(bd),
-                                                         workspace, n, d, r, act);
+  if (d % VN == 0 && aligned16(x) && aligned16(wd))
+    down_kernel<T, true><<<down_grid, kDownThreads, 0, stream>>>(xt, static_cast<const T*>(wd),
+                                                                 static_cast<const T*>(bd), workspace, n, d, r, act);
+  else
+    down_kernel<T, false><<<down_grid, kDownThreads, 0, stream>>>(xt, static_cast<const T*>(wd),
+                                                                  static_cast<const T*>(bd), workspace, n, d, r, act);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  const unsigned up_blocks = static_cast<unsigned>((d + kUpWarps - 1) / kUpWarps);
+  dim3 up_grid(static_cast<unsigned>((d + kUpThreads - 1) / kUpThreads),
+               static_cast<unsigned>((n + kUpTokens - 1) / kUpTokens));
   const T* base = residual != nullptr ? static_cast<const T*>(residual) : xt;
-  up_kernel<T><<<up_blocks, kUpWarps * 32, 0, stream>>>(workspace, static_cast<const T*>(wu), static_cast<const T*>(bu),
-                                                        static_cast<const T*>(scale), scale_mode, scale_value, base,
-                                                        static_cast<T*>(y), n, d, r);
+  if (r % VN == 0 && aligned16(wu))
+    up_kernel<T, true><<<up_grid, kUpThreads, 0, stream>>>(workspace, static_cast<const T*>(wu), static_cast<const T*>(bu),
+                                                           static_cast<const T*>(scale), scale_mode, scale_value, base,
+                                                           static_cast<T*>(y), n, d, r);
+  else
+    up_kernel<T, false><<<up_grid, kUpThreads, 0, stream>>>(workspace, static_cast<const T*>(wu), static_cast<const T*>(bu),
+                                                            static_cast<const T*>(scale), scale_mode, scale_value, base,
+                                                            static_cast<T*>(y), n, d, r);
   return static_cast<int>(cudaGetLastError());
 }
-
 
 template <typename T>
 __global__ void bwd_hidden_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ wd,
