@@ -57,13 +57,16 @@ from pet_fast.kernels import _replay as replay  # noqa: E402
 PYTHON_LAUNCHES = " (python launches)"
 
 
+REPEATS = [3]  # timed runs per row, the fastest kept (--repeats)
+
+
 def host_us(fn, calls: int, device) -> float:
     for _ in range(5):
         fn()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     best = None
-    for _ in range(3):  # the best of three runs: the machine's other work only ever adds time
+    for _ in range(REPEATS[0]):  # the best run: the machine's other work only ever adds time
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -185,6 +188,8 @@ def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=None, help="calls per timing (default 300: the third H100 run, at 2000, spent its 60 s limit "
                         "before reaching the fusion and prefix rows)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported (a noisy "
+                   "shared machine needs more runs of fewer calls)")
     p.add_argument("--ops", nargs="+", default=None, help="only these ops' rows (names as printed)")
     p.add_argument("--stub-kernels", action="store_true",
                    help="CPU: time the triton and cuda rows without gradients, every kernel stubbed (see above)")
@@ -193,6 +198,7 @@ def main():
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     calls = args.calls or 300
+    REPEATS[0] = max(1, args.repeats)
     rows = []
     with kernels_stubbed() if args.stub_kernels else contextlib.nullcontext():
         for op, impls, leaves in cases(device, dtype):

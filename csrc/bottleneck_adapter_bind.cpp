@@ -27,13 +27,16 @@ const void* opt_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& x, con
   return t->data_ptr();
 }
 
-// x (n, d), w_down (r, d), w_up (d, r), all contiguous; returns y (n, d).
+// x (..., d) with at most kSmallMaxTokens rows, w_down (r, d), w_up (d, r), all contiguous; returns y shaped like x.
 at::Tensor forward_small(const at::Tensor& x, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,
                          const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
                          const c10::optional<at::Tensor>& scaling, double scaling_value,
                          const c10::optional<at::Tensor>& residual, int64_t activation) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "bottleneck_adapter (cuda): x must be a contiguous 2-D CUDA tensor");
-  const int64_t n = x.size(0), d = x.size(1), r = w_down.size(0);
+  // x: (..., d), read as rows of d (a serving call passes its (batch, tokens, d) input as it is: no view op)
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1 && x.is_contiguous(), "bottleneck_adapter (cuda): x must be a contiguous CUDA tensor");
+  const int64_t d = x.size(-1), r = w_down.size(0);
+  TORCH_CHECK(d >= 1, "bottleneck_adapter (cuda): x's last dimension must not be empty");
+  const int64_t n = x.numel() / d;
   TORCH_CHECK(w_down.dim() == 2 && w_down.size(1) == d && w_up.dim() == 2 && w_up.size(0) == d && w_up.size(1) == r,
               "bottleneck_adapter (cuda): w_down must be (r, d) and w_up (d, r)");
   TORCH_CHECK(n <= pet_fast::kSmallMaxTokens, "bottleneck_adapter (cuda): at most ", pet_fast::kSmallMaxTokens, " tokens, got ", n);

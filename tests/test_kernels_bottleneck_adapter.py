@@ -572,6 +572,36 @@ def test_gpu_cuda_forward_backward(dtype, n_shape, d, r, kw):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r,kw", [((1, 16), 768, 64, dict(scaling="number")),
+                                            ((4, 16), 4096, 64, dict(scaling="channel", residual=True)),
+                                            ((64,), 8192, 256, dict(scaling="scalar", residual=True, add_input=True)),
+                                            ((3, 5), 100, 3, dict(scaling="channel", bias=False)),
+                                            ((2, 9), 333, 17, dict(scaling="number", residual=True))])
+def test_gpu_cuda_serving_forward(dtype, n_shape, d, r, kw):
+    """The few-token kernels as serving calls them (no gradient, x (batch, tokens, d) handed over as it is):
+    the vector forms (rows 16-byte aligned) and the scalar ones (d=100 in half precision, d=333, r=3, r=17),
+    against float64 by the precision rule; the 3-D call equals the same rows passed flat."""
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    hi, lo = make_case(n_shape, d, r, dtype, "cuda", **kw)
+    with torch.no_grad():
+        ref = call(hi, "gelu", "eager")
+        out = call(lo, "gelu", "cuda")
+        eager = call(lo, "gelu", "eager")
+        flat = {k: (v.reshape(-1, d) if k in ("x", "residual") and v is not None else v) for k, v in lo.items()}
+        out_flat = call(flat, "gelu", "cuda")
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert torch.equal(out.reshape(-1, d), out_flat)
+    err = (out.cpu().double() - ref).abs().max().item()
+    err_eager = (eager.cpu().double() - ref).abs().max().item()
+    atol = (1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
+    assert err <= 2 * err_eager + atol, (err, err_eager, atol)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("act", ACTS)
 def test_gpu_cuda_activations(act):
     from pet_fast import _ext
@@ -634,6 +664,8 @@ class _FakeExtension:
     def bottleneck_adapter_forward_small(self, x, w_down, b_down, w_up, b_up, scaling, scaling_value, residual,
                                          activation):
         self.calls.append("forward")
+        self.shapes = (tuple(x.shape), None if residual is None else tuple(residual.shape))
+        assert x.is_contiguous() and (residual is None or residual.is_contiguous())  # as the binding checks
         d64 = lambda t: t.double() if t is not None else None
         s = d64(scaling) if scaling is not None else scaling_value
         y = op.reference(d64(x), d64(w_down), d64(b_down), d64(w_up), d64(b_up), self._act(activation), s,
@@ -684,6 +716,26 @@ def test_cuda_backend_python_side_with_a_fake_extension(monkeypatch, kw):
     for name in ref_g:
         assert got_g[name].dtype == torch.float32 and got_g[name].shape == ref_g[name].shape, name
         assert rel_err(got_g[name], ref_g[name]) < 2e-5, name
+
+
+@pytest.mark.parametrize("add_input", [False, True])
+def test_cuda_serving_calls_hand_the_kernels_x_as_it_is(monkeypatch, add_input):
+    """Without gradients the cuda backend passes a (batch, tokens, d) x (and residual) to the few-token
+    forward unreshaped (the binding reads rows of d: no view ops on the host); with gradients it flattens
+    them for the autograd formula, as before. Both equal the eager op."""
+    fake = _FakeExtension()
+    monkeypatch.setattr(op, "_extension", lambda: fake)
+    g = torch.Generator().manual_seed(3)
+    x, res = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g).transpose(0, 1).contiguous().transpose(0, 1)
+    wd, bd, wu, bu = torch.randn(4, 12, generator=g), torch.randn(4, generator=g), torch.randn(12, 4, generator=g), None
+    kw = dict(activation="silu", scaling=0.5, residual=res, add_input=add_input)
+    ref = op.reference(x, wd, bd, wu, bu, **kw)
+    with torch.no_grad():
+        out = op.run_cuda(x, wd, bd, wu, bu, **kw)
+    assert fake.calls == ["forward"] and fake.shapes == ((2, 5, 12), (2, 5, 12))
+    assert out.shape == x.shape and rel_err(out, ref) < 1e-6
+    out = op.run_cuda(x, wd.requires_grad_(), bd, wu, bu, **kw)
+    assert fake.shapes == ((10, 12), (10, 12)) and out.shape == x.shape and rel_err(out, ref) < 1e-6
 
 
 def test_cuda_backward_custom_op_outputs_never_alias(monkeypatch):

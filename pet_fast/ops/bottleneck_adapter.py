@@ -568,6 +568,13 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     if add_input:
         residual = residual + x
     w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _autograd.always_custom_op():
+        # serving: the kernels take x (..., d) as rows, so a (batch, tokens, d) call costs no view ops on the
+        # host (a few-token forward is bound by the host); what the custom op would run, without its wrapper
+        c = lambda t: None if t is None else t.contiguous()
+        s_t, s_v = (scaling.contiguous(), 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
+        return _cuda_forward(x.contiguous(), w_down.contiguous(), c(b_down), w_up.contiguous(), c(b_up), s_t, s_v,
+                             c(residual), activations.canonical(activation))
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = CUDA(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y if x.dim() == 2 else y.reshape(x.shape)
