@@ -32,8 +32,9 @@ For fp16/bf16 inputs ``qk`` and ``dctx`` come in fp32 (rounded to the input dtyp
 gradients precision: see pet_fast/ops/adapter_fusion.py); the kernels load them as fp32 and ``dqk`` is
 written in qk's dtype. The forward's score matmul takes the
 hidden h as two halves in the input dtype (h ~ hi + lo), so the scores keep fp32 precision on the tensor
-cores: the softmax and d_scaling are sensitive to them. The forward's tile shape is autotuned on a
-GPU (one configuration under the interpreter); the backward uses fixed tiles.
+cores: the softmax and d_scaling are sensitive to them. The forward's and the per-token-tile backward's tile
+shapes are autotuned on a GPU (one configuration under the interpreter and with PET_FAST_AUTOTUNE=0); the
+weight-gradient reduction uses fixed tiles.
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ import triton.language as tl
 from . import _replay
 from ._host import cdiv, next_power_of_2, sm_count
 
-from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, interpreting, mm, n_bucket, padded_r,
-                                 prune_row_configs, row_configs, sum_splits)
+from .bottleneck_adapter import (ACT_CODES, act_fwd, act_fwd_bwd, autotuning, interpreting, mm, n_bucket, padded_r,
+                                 prune_bwd_row_configs, prune_row_configs, row_configs, sum_splits)
 
 
 @triton.jit
@@ -159,7 +160,7 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
 
 @triton.jit
 def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCBUF, DX, DQK, N, D, R, K, s_value,
-                     inv_t, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_H: tl.constexpr,
+                     inv_t, n_bucket, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_H: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -336,6 +337,36 @@ _fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "K", "n_bucket", "UP
                              prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
 
 
+# The per-token-tile backward's tiles on a GPU with autotuning on: the fixed tile of _blocks first (the
+# choice before autotuning), then smaller and larger ones. At the BERT-base step's 4096 tokens the fixed
+# 32-row tile makes 128 programs on an H100's 132 SMs, one per SM, each a chain of small dependent
+# products (112 us per call at k=3 in the third GPU session's profile, several times its arithmetic):
+# 16-row tiles give two programs per SM. Each tile costs a compile per key, so few; pruned per RP as the
+# forward's (fp32 accumulators in registers) and kept where the sm_90 builds do not spill
+# (benchmarks/compile_check.py).
+BWD_ROW_TILES = [(32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 4, 3), (16, 32, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3)]
+
+
+def bwd_row_configs() -> list:
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st) for bn, bd, w, st in BWD_ROW_TILES]
+
+
+def prune_fusion_bwd_row_configs(configs, named_args, **kwargs):
+    """The adapter backward's pruning, and beyond RP=64 16-row tiles only (as _blocks): at RP=256 the 32-row
+    tile needs 240 KiB of shared memory and spills 4.4 KB (compile_check, sm_90, bf16); for float32 inputs
+    there, at most 128 columns in flight over the stages (64 x 3 needs 336 KiB)."""
+    kept = prune_bwd_row_configs(configs, named_args, **kwargs)
+    if kwargs.get("RP", named_args.get("RP", 16)) > 64:
+        upcast = kwargs.get("UPCAST", named_args.get("UPCAST"))
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 16
+                and not (upcast and c.kwargs["BLOCK_D"] * c.num_stages > 128)] or kept
+    return kept
+
+
+_bwd_rows_tuned = triton.autotune(bwd_row_configs(), key=["D", "RP", "K", "n_bucket", "UPCAST"],
+                                  prune_configs_by={"early_config_prune": prune_fusion_bwd_row_configs})(_bwd_rows_kernel)
+
+
 def _blocks(rp: int) -> tuple[int, int, int]:
     if interpreting():
         return 16, 32, 4
@@ -498,12 +529,15 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         da = _replay.empty(abuf.shape, x.dtype, x.device) if low else dabuf
         hbuf = _replay.empty(abuf.shape, x.dtype, x.device) if (low and reduce) else abuf
         dscbuf = _replay.empty(pbuf.shape, pbuf.dtype, x.device)
-        _replay.launch(
-            _bwd_rows_kernel, (cdiv(n, bn),),
-            x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, dx, dqk, n, d, r, k,
-            float(scaling_value), float(inv_temperature), HAS_BU=b_up is not None, S_MODE=s_mode,
-            ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf, BLOCK_N=bn, BLOCK_D=bd, RP=rp, KP=kp,
-            UPCAST=upcast, num_warps=warps, num_stages=stages)
+        args = (x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, dx, dqk, n, d, r, k,
+                float(scaling_value), float(inv_temperature), n_bucket(n))
+        flags = dict(HAS_BU=b_up is not None, S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf,
+                     RP=rp, KP=kp, UPCAST=upcast)
+        if autotuning():  # (the kernel only writes what it reads from its inputs: the tuner's reruns are safe)
+            _replay.launch(_bwd_rows_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),), *args, **flags)
+        else:
+            _replay.launch(_bwd_rows_kernel, (cdiv(n, bn),), *args, **flags, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+                           num_stages=stages)
         del dabuf
     need_bd = need_weights and b_down is not None
     need_bu = need_weights and b_up is not None

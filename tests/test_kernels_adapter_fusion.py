@@ -427,6 +427,45 @@ def test_backward_several_splits_fp16_tensor_core_path(monkeypatch):
     check((77,), 97, 16, 2, torch.float16, activation="silu")
 
 
+@pytest.mark.parametrize("tile", stacked_kernels.BWD_ROW_TILES, ids=lambda t: "x".join(map(str, t)))
+def test_backward_row_tiles_the_autotuner_may_pick(monkeypatch, tile):
+    """Every tile of the per-token-tile backward's autotuner gives the reference's gradients, with ragged
+    token and d tiles (37 tokens, d=45) and r padded (5 -> 16)."""
+    bn, bd, warps, _ = tile
+    monkeypatch.setattr(stacked_kernels, "_blocks", lambda rp: (bn, bd, warps))
+    check((37,), 45, 5, 3, torch.float32, activation="gelu")
+
+
+class _TunerStandIn:
+    """Stands for the backward's autotuner under the interpreter: runs the kernel with one of its tiles, as
+    the tuner would after choosing it, and keeps the arguments it was called with."""
+
+    def __init__(self, tile):
+        self.tile, self.calls = tile, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            bn, bd, _, _ = self.tile
+            self.calls.append((args, kwargs))
+            meta = dict(kwargs, BLOCK_N=bn, BLOCK_D=bd)
+            return stacked_kernels._bwd_rows_kernel[grid(meta)](*args, **meta)
+        return run
+
+
+def test_backward_autotuned_launch_passes_what_the_kernel_takes(monkeypatch):
+    """With autotuning on (a GPU), the rows backward launches the autotuned kernel with a grid from the chosen
+    tile and no tile arguments of its own, the token count's bucket among the runtime arguments (a tuning
+    key); run with a tile other than the fixed one, the gradients match the reference."""
+    tuner = _TunerStandIn(stacked_kernels.BWD_ROW_TILES[-1])
+    monkeypatch.setattr(stacked_kernels, "autotuning", lambda: True)
+    monkeypatch.setattr(stacked_kernels, "_bwd_rows_tuned", tuner)
+    check((37,), 45, 5, 3, torch.float32, activation="silu")
+    assert tuner.calls
+    args, kwargs = tuner.calls[0]
+    assert not {"BLOCK_N", "BLOCK_D", "num_warps", "num_stages"} & set(kwargs)
+    assert args[-1] == stacked_kernels.n_bucket(37) and kwargs["RP"] == 16
+
+
 def test_backward_frozen_adapters_trained_scaling():
     """Adapters frozen but the scaling trained: the reduction then forms only d_scaling (no weight sums)."""
     hi, lo = make_case((37,), 45, 5, 3, torch.float32)
