@@ -177,6 +177,18 @@ def test_gpu(dtype, n_shape, d, r, k):
     check(n_shape, d, r, k, dtype, "cuda", activation="gelu")
 
 
+@pytest.mark.gpu
+def test_gpu_autotuned_rows_backward(monkeypatch):
+    """The rows backward as benchmarks and models run it (autotuned; the GPU tests otherwise run
+    PET_FAST_AUTOTUNE=0's fixed tile): the autotuner compiles and times the tiles its pruning keeps, and the
+    gradients follow the precision rule. Launched from Python, so that a program recorded for another tile
+    is not replayed."""
+    monkeypatch.setattr(stacked_kernels, "autotuning", lambda: True)
+    replay = importlib.import_module("pet_fast.kernels._replay")
+    with replay.disabled():
+        check((2, 500), 768, 64, 3, torch.bfloat16, "cuda", activation="gelu")
+
+
 # --- adapter_fusion (adapter outputs given) ------------------------------------------------------
 
 def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, seed=0):
