@@ -126,6 +126,10 @@ def cases(device, dtype):
     serving = {"torch": lambda: F.linear(x1, w, bias)}
     for b in ("eager", "triton", "cuda"):
         serving[f"op/{b}"] = (lambda b=b: pet_fast.masked_linear(x1, w, None, bias, packed_mask=packed, backend=b))
+    # a batch mixing tasks (pet_fast.mixed_mask_tasks calls it so per linear), here one token of task 1 of 3
+    stack, ids = torch.stack([packed] * 3), torch.ones(1, dtype=torch.int64, device=device)
+    serving["op/cuda (3 tasks)"] = lambda: pet_fast.masked_linear_multitask(x1, w, stack, ids, bias, validate_ids=False,
+                                                                            backend="cuda")
     yield SERVING_ONLY, serving, {"": [x1]}
 
     k = 3

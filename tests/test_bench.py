@@ -228,7 +228,8 @@ def test_host_overhead_with_stubbed_kernels_times_the_serving_paths(tmp_path):
     assert doc["stubbed_kernels"] is True
     for key in [("bottleneck_adapter", "fwd", "op/cuda"), ("bottleneck_adapter", "fwd", "op/triton"),
                 ("masked_linear (packed)", "fwd", "torch"), ("masked_linear (packed)", "fwd", "op/cuda"),
-                ("masked_linear (packed)", "fwd", "op/triton"), ("bottleneck_adapter", "fwd+bwd", "op/eager")]:
+                ("masked_linear (packed)", "fwd", "op/triton"), ("masked_linear (packed)", "fwd", "op/cuda (3 tasks)"),
+                ("bottleneck_adapter", "fwd+bwd", "op/eager")]:
         assert rows[key]["host_us"] > 0, key
     assert not [k for k in rows if k[1] == "fwd+bwd" and k[2] in ("op/cuda", "op/triton")]
     assert not [k for k in rows if k[0] == "masked_linear (packed)" and k[1] == "fwd+bwd"]

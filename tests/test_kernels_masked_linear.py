@@ -397,6 +397,22 @@ def test_multitask_errors():
         ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1, 1]), backend="cuda")
 
 
+def test_multitask_ids_are_checked_on_every_call_after_a_good_one():
+    """The op remembers its checks per signature (dispatch.plan); the ids' values are not part of it, so a
+    call with the same shapes and out-of-range ids still raises, and validate_ids=False skips that check."""
+    w = torch.randn(4, 8)
+    packed = mp.pack_mask(torch.randn(2, 4, 8))
+    x = torch.randn(3, 8)
+    good = ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1, 1]))
+    assert torch.equal(good, ml.reference_multitask(x, w, packed, torch.tensor([0, 1, 1])))
+    for bad in (torch.tensor([0, 1, 2]), torch.tensor([-1, 0, 0])):
+        with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+            ml.masked_linear_multitask(x, w, packed, bad)
+    with pytest.raises(ValueError, match="task_ids must have shape"):
+        ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1]))
+    assert ml.masked_linear_multitask(x, w, packed, torch.tensor([0, 1, 1]), validate_ids=False).shape == (3, 4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # torch.library custom ops and torch.compile.
 

@@ -483,10 +483,16 @@ def check_multitask_inputs(x, weight, packed_masks, task_ids, bias, validate_ids
         _checks.shape("bias", bias, (out_f,))
     _checks.same_dtype("x", x, weight=weight, bias=bias)
     _checks.same_device("x", x, weight=weight, packed_masks=packed_masks, task_ids=task_ids, bias=bias)
-    if validate_ids and task_ids.numel():
+    if validate_ids:
+        check_task_ids(task_ids, packed_masks.shape[0])
+
+
+def check_task_ids(task_ids: torch.Tensor, tasks: int) -> None:
+    """The ids' values in [0, tasks): reads them on the host (a device synchronisation)."""
+    if task_ids.numel():
         lo, hi = int(task_ids.min()), int(task_ids.max())
-        if lo < 0 or hi >= packed_masks.shape[0]:
-            raise ValueError(f"task_ids must lie in [0, {packed_masks.shape[0]}) (the number of packed masks), "
+        if lo < 0 or hi >= tasks:
+            raise ValueError(f"task_ids must lie in [0, {tasks}) (the number of packed masks), "
                              f"got values in [{lo}, {hi}]")
 
 
@@ -529,6 +535,13 @@ def masked_linear_multitask(x: torch.Tensor, weight: torch.Tensor, packed_masks:
     weight and bias on the eager backend only. ``validate_ids=False`` skips the range check of the ids
     (which reads them on the host, a device synchronisation); out-of-range ids are then undefined.
     """
-    check_multitask_inputs(x, weight, packed_masks, task_ids, bias, validate_ids)
-    impl = dispatch.select(OP_MULTITASK, describe_multitask(x, weight, packed_masks, task_ids, bias), backend)
+    def resolve():
+        check_multitask_inputs(x, weight, packed_masks, task_ids, bias, validate_ids=False)
+        return None, describe_multitask(x, weight, packed_masks, task_ids, bias)
+
+    # the checks and the choice read only what the signature holds (a serving step calls this per linear,
+    # with the same facts every time); the ids' values, when asked for, are checked on every call
+    _, impl = dispatch.plan(OP_MULTITASK, _checks.signature(x, weight, packed_masks, task_ids, bias), backend, resolve)
+    if validate_ids:
+        check_task_ids(task_ids, packed_masks.shape[0])
     return impl.run(x, weight, packed_masks, task_ids, bias)
