@@ -15,15 +15,16 @@ from typing import Optional
 
 import torch
 
-_DATA = getattr(os.environ, "_data", None)
+_ENVIRON = os.environ
+_DATA = getattr(_ENVIRON, "_data", None)
 _FAST = os.name == "posix" and isinstance(_DATA, dict)
 _KEYS: dict = {}  # name -> its encoded form, as os.environ encodes it
 
 
 def get(name: str, default: Optional[str] = None) -> Optional[str]:
     """``os.environ.get(name, default)``."""
-    if not _FAST or torch.compiler.is_compiling():
-        return os.environ.get(name, default)
+    if not _FAST or os.environ is not _ENVIRON or torch.compiler.is_compiling():
+        return os.environ.get(name, default)  # (os.environ replaced, e.g. by a test: that mapping decides)
     key = _KEYS.get(name)
     if key is None:
         key = _KEYS[name] = os.fsencode(name)

@@ -233,6 +233,13 @@ def test_the_cheap_environment_reads_see_every_change(monkeypatch, name):
     assert _env.get(name, "x") == "x"
 
 
+def test_the_cheap_environment_reads_follow_a_replaced_os_environ(monkeypatch):
+    from pet_fast import _env
+
+    monkeypatch.setattr(os, "environ", {"PET_FAST_CUSTOM_OPS": "1"})
+    assert _env.get("PET_FAST_CUSTOM_OPS") == "1" and _env.get("TRITON_INTERPRET", "0") == "0"
+
+
 def test_a_backend_set_in_the_environment_after_a_call_is_taken(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     args = adapter_args()
