@@ -57,16 +57,13 @@ from pet_fast.kernels import _replay as replay  # noqa: E402
 PYTHON_LAUNCHES = " (python launches)"
 
 
-REPEATS = [3]  # timed runs per row, the fastest kept (--repeats)
-
-
-def host_us(fn, calls: int, device) -> float:
+def host_us(fn, calls: int, device, repeats: int = 3) -> float:
     for _ in range(5):
         fn()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     best = None
-    for _ in range(REPEATS[0]):  # the best run: the machine's other work only ever adds time
+    for _ in range(repeats):  # the best run: the machine's other work only ever adds time
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -202,18 +199,17 @@ def main():
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     calls = args.calls or 300
-    REPEATS[0] = max(1, args.repeats)
     rows = []
     with kernels_stubbed() if args.stub_kernels else contextlib.nullcontext():
         for op, impls, leaves in cases(device, dtype):
             if args.ops and op not in args.ops:
                 continue
-            measure(op, impls, leaves, gpu, args.stub_kernels, calls, device, rows)
+            measure(op, impls, leaves, gpu, args.stub_kernels, calls, max(1, args.repeats), device, rows)
     common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls,
                  stubbed_kernels=bool(args.stub_kernels))
 
 
-def measure(op, impls, leaves, gpu, stubbed, calls, device, rows):
+def measure(op, impls, leaves, gpu, stubbed, calls, repeats, device, rows):
     """Times one op's rows (both modes) into ``rows``."""
     for mode in ("fwd",) if op == SERVING_ONLY else ("fwd", "fwd+bwd"):
         base = None
@@ -240,7 +236,7 @@ def measure(op, impls, leaves, gpu, stubbed, calls, device, rows):
                         replay.set_enabled(prev)
             try:
                 with ctx():
-                    us = host_us(call, calls, device)
+                    us = host_us(call, calls, device, repeats)
             except (BackendUnavailableError, RuntimeError) as exc:
                 rows.append({"op": op, "mode": mode, "impl": name, "error": f"{type(exc).__name__}: {exc}"[:160]})
                 continue

@@ -271,14 +271,17 @@ TRITON = _autograd.custom_op("bottleneck_adapter_triton", _triton_forward, fake=
                              autograd=(_backward, _setup_context))
 
 
-def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual):
-    """(N, d)-contiguous tensors and (scaling tensor or None, scaling value) for the custom ops."""
+def _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual, rows: bool = True):
+    """(N, d)-contiguous tensors and (scaling tensor or None, scaling value) for the custom ops; with
+    ``rows=False`` x and the residual keep their leading shape (contiguous)."""
     d = x.shape[-1]
     c = lambda t: t.contiguous() if t is not None else None
     if isinstance(scaling, torch.Tensor):
         s_t, s_v = scaling.contiguous(), 1.0
     else:
         s_t, s_v = None, float(scaling)
+    if not rows:
+        return x.contiguous(), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, c(residual)
     return _rows(x, d), c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, _rows(residual, d)
 
 
@@ -571,10 +574,8 @@ def run_cuda(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, resi
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _autograd.always_custom_op():
         # serving: the kernels take x (..., d) as rows, so a (batch, tokens, d) call costs no view ops on the
         # host (a few-token forward is bound by the host); what the custom op would run, without its wrapper
-        c = lambda t: None if t is None else t.contiguous()
-        s_t, s_v = (scaling.contiguous(), 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
-        return _cuda_forward(x.contiguous(), w_down.contiguous(), c(b_down), w_up.contiguous(), c(b_up), s_t, s_v,
-                             c(residual), activations.canonical(activation))
+        return _cuda_forward(*_flat_args(x, w_down, b_down, w_up, b_up, scaling, residual, rows=False),
+                             activations.canonical(activation))
     x2, wd, bd, wu, bu, s_t, s_v, res = _flat_args(x, w_down, b_down, w_up, b_up, scaling, residual)
     y = CUDA(x2, wd, bd, wu, bu, s_t, s_v, res, activations.canonical(activation))
     return y if x.dim() == 2 else y.reshape(x.shape)
