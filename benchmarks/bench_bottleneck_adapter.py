@@ -2,7 +2,9 @@
 
 Forward (under no_grad) and forward+backward (gradients of the input and of every adapter weight), at
 the shapes of the issue, in bf16 on a GPU; for few tokens (N <= 64) also the forward replayed from a CUDA
-graph, which shows the device time without the host's (launch-bound at that size). Each row gives the median time, the ratio to eager PyTorch
+graph, which shows the device time without the host's (launch-bound at that size); at N <= 16 the cuda
+forward is timed twice, as dispatched (one launch on sm_90+) and as "cuda, two kernels" (that form switched
+off). Each row gives the median time, the ratio to eager PyTorch
 and the ratio to the byte floor: the bytes that must move divided by the device's copy rate, measured
 in the same run with a large tensor copy.
 
@@ -24,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pet_fast  # noqa: E402
+from pet_fast import _ext  # noqa: E402
 from benchmarks import common  # noqa: E402
 from pet_fast.dispatch import BackendUnavailableError  # noqa: E402
 
@@ -62,7 +65,17 @@ def run_given(t, backend):
     return pet_fast.adapter_fusion(t["query"], t["values"], t["residual"], backend=backend, **rest)
 
 
+CUDA_TWO_KERNELS = "cuda, two kernels"  # few tokens: the cuda forward with its one-launch (cluster) form off
+
+
 def run_adapter(t, backend):
+    if backend == CUDA_TWO_KERNELS:
+        ext = _ext.load()
+        was = ext.bottleneck_adapter_set_small_cluster(False)
+        try:
+            return run_adapter(t, "cuda")
+        finally:
+            ext.bottleneck_adapter_set_small_cluster(was)
     return pet_fast.bottleneck_adapter(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], activation="gelu",
                                        scaling=0.5, backend=backend)
 
@@ -168,12 +181,16 @@ def main():
             floor_bytes = tensors_nd["fwd+bwd" if mode == "fwd+bwd" else "fwd"] * n * d * e + w_bytes
             floor_us = floor_bytes / rate
             times, kernels, why = {}, {}, {}
-            for b in backends:
+            case_backends = backends
+            if (gpu and op == "bottleneck_adapter" and n <= 16 and mode != "fwd+bwd" and _ext.available()
+                    and hasattr(_ext.load(), "bottleneck_adapter_set_small_cluster")):
+                case_backends = backends + (CUDA_TWO_KERNELS,)
+            for b in case_backends:
                 times[b], kernels[b], reason = time_backend(run, t, b, mode)
                 if reason:
                     why[b] = reason
             base = times.get("eager")
-            for b in backends:
+            for b in case_backends:
                 us = times[b]
                 rows.append({
                     "op": op, "mode": mode, "backend": b, "dtype": str(dtype).replace("torch.", ""),
@@ -212,8 +229,8 @@ def write_table(rows, env, path) -> None:
     """The dispatch table (pet_fast/ops/_timings.py) of these measured rows: per case, each backend's time."""
     measured = {}
     for row in rows:
-        if row["mode"] not in ("fwd", "fwd+bwd"):  # dispatch decides eager calls; graph replays are reported only
-            continue
+        if row["mode"] not in ("fwd", "fwd+bwd") or row["backend"] not in ("eager", "triton", "cuda"):
+            continue  # dispatch decides eager calls; graph replays and forms within a backend are reported only
         key = (row["op"], row["mode"], row["dtype"], row["n"], row["d"], row["r"], row["k"])
         measured.setdefault(key, {})[row["backend"]] = row["us"]
     table = {"device": env["device"], "env": env,

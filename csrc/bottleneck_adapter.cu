@@ -1,6 +1,14 @@
 // Bottleneck adapter forward for few tokens (serving, n <= 64), fp32 / fp16 / bf16.
 //
-// Two launches instead of eager PyTorch's five or six:
+// One launch on sm_90 and later for up to 16 tokens (cluster_kernel), two elsewhere, where eager PyTorch
+// takes five or six:
+//   cluster_kernel: one thread-block cluster (up to 16 blocks, co-scheduled by the hardware) does the whole
+//     call. Block b owns a slice of the d columns: it computes its slice's share of x @ wd.T for every
+//     token and bottleneck row, the cluster sums the shares through distributed shared memory (every block
+//     the same sum, in the same order), and each block applies the bias and the activation to its own
+//     copy of the hidden and writes y for its slice of channels. The hidden never leaves shared memory and
+//     no second launch waits on the first; the needs: rows 16-byte aligned (d and r multiples of 16 bytes'
+//     worth of elements), n <= 16.
 //   down_kernel: one block per (bottleneck row j, tile of up to 8 tokens). The block's threads stride
 //     over d (16 bytes of the weight row and of each token's x at a time where the rows are 16-byte
 //     aligned), each keeping one fp32 partial dot product per token of the tile, then reduce across the
@@ -20,8 +28,13 @@
 // Torch-free: raw pointers, sizes and a stream in (the binding is csrc/bottleneck_adapter_bind.cpp).
 #include "bottleneck_adapter.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 namespace pet_fast {
 namespace {
@@ -200,7 +213,228 @@ up_kernel(const float* __restrict__ hidden, const T* __restrict__ wu, const T* _
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The one-launch form (sm_90+, n <= kClusterTokens, vector rows). A cluster's blocks are scheduled together
+// or not at all, so the barrier between the down and the up projection is cluster.sync(), not a second
+// launch, and no block can wait on one that never runs.
+constexpr int kClusterThreads = 256;
+constexpr int kClusterTokens = 16;
+constexpr int kClusterMaxBlocks = 16;  // the non-portable cluster size sm_90 allows (8 is portable)
+constexpr int64_t kClusterColumns = 128;  // columns per block to aim for (fewer blocks for small d)
+
+template <typename T>
+__global__ void __launch_bounds__(kClusterThreads)
+cluster_kernel(const T* __restrict__ x, const T* __restrict__ wd, const T* __restrict__ bd, const T* __restrict__ wu,
+               const T* __restrict__ bu, const T* __restrict__ scale, int scale_mode, float scale_value,
+               const T* __restrict__ base, T* __restrict__ y, int n, int64_t d, int r, int64_t slice, int act) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int VN = Vec<T>::kN;
+  // partial: one fp32 sum per (token, thread), reduced over the threads that split a dot product;
+  // mine: this block's share of the pre-activation hidden (n x r), read by the whole cluster;
+  // hidden: act(sum of the shares + bd), this block's copy, read as float4 broadcasts by the up projection.
+  __shared__ float partial[kClusterTokens * kClusterThreads];
+  __shared__ float mine[kClusterTokens * kSmallMaxR];
+  __shared__ __align__(16) float hidden[kClusterTokens * kSmallMaxR];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t c0 = static_cast<int64_t>(cluster.block_rank()) * slice;
+  const int cols = c0 < d ? static_cast<int>((d - c0 < slice ? d - c0 : slice)) : 0;  // a multiple of VN
+
+  // Down projection of the slice: thread (q, j) sums row j of wd against every token's x over the chunks
+  // q, q + q_parts, ... of VN columns. Threads of a warp share q when r >= 32, so x's loads are broadcasts.
+  int rp = 1;
+  while (rp < r) rp <<= 1;
+  const int q_parts = kClusterThreads / rp;
+  const int j = tid % rp, q = tid / rp;
+  float acc[kClusterTokens];
+#pragma unroll
+  for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
+  if (j < r) {
+    const T* wrow = wd + static_cast<int64_t>(j) * d + c0;
+    const T* xs = x + c0;
+    for (int k = q * VN; k < cols; k += q_parts * VN) {
+      float w[VN];
+      load_vec(wrow + k, w);
+#pragma unroll
+      for (int t = 0; t < kClusterTokens; ++t) {
+        if (t < n) {
+          float xv[VN];
+          load_vec(xs + static_cast<int64_t>(t) * d + k, xv);
+#pragma unroll
+          for (int i = 0; i < VN; ++i) acc[t] += w[i] * xv[i];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kClusterTokens; ++t) partial[t * kClusterThreads + tid] = acc[t];
+  __syncthreads();
+  for (int i = tid; i < n * r; i += kClusterThreads) {
+    const int t = i / r, jj = i - t * r;
+    float s = 0.f;
+    for (int p = 0; p < q_parts; ++p) s += partial[t * kClusterThreads + p * rp + jj];
+    mine[i] = s;
+  }
+  cluster.sync();  // every block's share is written
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  for (int i = tid; i < n * r; i += kClusterThreads) {
+    float a = bd != nullptr ? to_f(bd[i % r]) : 0.f;
+    for (int b = 0; b < blocks; ++b) a += cluster.map_shared_rank(mine, b)[i];  // same order in every block
+    hidden[i] = activate(a, act);
+  }
+  cluster.sync();  // the hidden is complete, and no block reads another's shared memory after this
+
+  // Up projection of the slice's channels: thread (q, c) sums the r-chunks q, q + q2_parts, ... of
+  // h[t] . wu[c0 + c]; with at least as many channels as threads each thread takes whole channels.
+  int cp = 1;
+  while (cp < cols && cp < kClusterThreads) cp <<= 1;
+  const int q2_parts = kClusterThreads / cp;
+  const int rchunks = r / VN;
+  auto dot_chunks = [&](int c, int k_first, int k_step, float* out) {
+    const T* wrow = wu + (c0 + c) * static_cast<int64_t>(r);
+    for (int k = k_first; k < rchunks; k += k_step) {
+      float w[VN];
+      load_vec(wrow + k * VN, w);
+#pragma unroll
+      for (int t = 0; t < kClusterTokens; ++t) {
+        if (t < n) {
+#pragma unroll
+          for (int i = 0; i < VN; i += 4) {
+            const float4 h = *reinterpret_cast<const float4*>(&hidden[t * r + k * VN + i]);
+            out[t] += h.x * w[i] + h.y * w[i + 1] + h.z * w[i + 2] + h.w * w[i + 3];
+          }
+        }
+      }
+    }
+  };
+  auto store = [&](int t, int c, float v) {
+    const int64_t o = static_cast<int64_t>(t) * d + c0 + c;
+    const float b = bu != nullptr ? to_f(bu[c0 + c]) : 0.f;
+    y[o] = from_f<T>(to_f(base[o]) + scale_at(scale, scale_mode, scale_value, c0 + c) * (v + b));
+  };
+  if (q2_parts == 1) {
+    for (int c = tid; c < cols; c += kClusterThreads) {
+#pragma unroll
+      for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
+      dot_chunks(c, 0, 1, acc);
+#pragma unroll
+      for (int t = 0; t < kClusterTokens; ++t)
+        if (t < n) store(t, c, acc[t]);
+    }
+  } else {
+    const int c = tid % cp, q2 = tid / cp;
+#pragma unroll
+    for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
+    if (c < cols) dot_chunks(c, q2, q2_parts, acc);
+#pragma unroll
+    for (int t = 0; t < kClusterTokens; ++t) partial[t * kClusterThreads + tid] = acc[t];
+    __syncthreads();
+    for (int i = tid; i < n * cols; i += kClusterThreads) {  // consecutive threads, consecutive channels
+      const int t = i / cols, cc = i - t * cols;
+      float s = 0.f;
+      for (int p = 0; p < q2_parts; ++p) s += partial[t * kClusterThreads + p * cp + cc];
+      store(t, cc, s);
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched: cluster_limit() refuses code built for an older architecture
+#endif
+}
+
 __host__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether the one-launch form may run (PET_FAST_ADAPTER_CLUSTER=0 or set_small_cluster(false) turn it off).
+std::atomic<int> g_cluster_switch{-1};  // -1: not read from the environment yet
+
+bool cluster_switch_on() {
+  int v = g_cluster_switch.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("PET_FAST_ADAPTER_CLUSTER");
+    v = (env != nullptr && std::strcmp(env, "0") == 0) ? 0 : 1;
+    int expected = -1;
+    g_cluster_switch.compare_exchange_strong(expected, v);
+    v = g_cluster_switch.load(std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+// The largest cluster (a power of two, <= kClusterMaxBlocks) the device co-schedules for cluster_kernel<T>;
+// 0 before sm_90 or when the query fails. Asked once per device and element type.
+constexpr int kMaxDevices = 64;
+
+template <typename T>
+int cluster_limit(int device) {
+  static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet, else the answer + 1
+  if (device < 0 || device >= kMaxDevices) return 0;
+  const int cached = cache[device].load(std::memory_order_relaxed);
+  if (cached > 0) return cached - 1;
+  int limit = 0, major = 0;
+  cudaFuncAttributes attrs = {};
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 0;
+  if (major >= 9 && cudaFuncGetAttributes(&attrs, cluster_kernel<T>) != cudaSuccess) attrs.ptxVersion = 0;
+  (void)cudaGetLastError();  // (either query's failure only means: the two-kernel form)
+  // ptxVersion: the architecture the kernel was compiled for (code JIT-compiled from older PTX has no body)
+  if (major >= 9 && attrs.ptxVersion >= 90) {
+    // beyond 8 blocks a cluster is "non-portable": allowed per kernel, then the device says what fits
+    if (cudaFuncSetAttribute(cluster_kernel<T>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      (void)cudaGetLastError();
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(kClusterMaxBlocks);
+    cfg.blockDim = dim3(kClusterThreads);
+    int size = 0;
+    if (cudaOccupancyMaxPotentialClusterSize(&size, cluster_kernel<T>, &cfg) == cudaSuccess) {
+      limit = 1;
+      while (limit * 2 <= size && limit * 2 <= kClusterMaxBlocks) limit *= 2;
+      if (size < 1) limit = 0;
+    } else {
+      (void)cudaGetLastError();
+    }
+  }
+  cache[device].store(limit + 1, std::memory_order_relaxed);
+  return limit;
+}
+
+// The cluster size for this call, or 0 where the two-kernel form runs instead.
+template <typename T>
+int cluster_blocks(const void* x, const void* wd, const void* wu, int64_t n, int64_t d, int64_t r) {
+  constexpr int VN = Vec<T>::kN;
+  if (n < 1 || n > kClusterTokens || d % VN != 0 || r % VN != 0 || !aligned16(x) || !aligned16(wd) ||
+      !aligned16(wu) || !cluster_switch_on())
+    return 0;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  const int limit = cluster_limit<T>(device);
+  int blocks = 1;
+  while (blocks < limit && static_cast<int64_t>(blocks) * kClusterColumns < d) blocks *= 2;
+  return limit > 0 ? blocks : 0;
+}
+
+template <typename T>
+int launch_cluster(int blocks, const void* x, const void* wd, const void* bd, const void* wu, const void* bu,
+                   const void* scale, int scale_mode, float scale_value, const void* base, void* y, int64_t n,
+                   int64_t d, int64_t r, int act, cudaStream_t stream) {
+  constexpr int VN = Vec<T>::kN;
+  const int64_t slice = ((d + blocks - 1) / blocks + VN - 1) / VN * VN;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(blocks);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return static_cast<int>(cudaLaunchKernelEx(
+      &cfg, cluster_kernel<T>, static_cast<const T*>(x), static_cast<const T*>(wd), static_cast<const T*>(bd),
+      static_cast<const T*>(wu), static_cast<const T*>(bu), static_cast<const T*>(scale), scale_mode, scale_value,
+      static_cast<const T*>(base), static_cast<T*>(y), static_cast<int>(n), d, static_cast<int>(r), slice, act));
+}
 
 template <typename T>
 int launch(const void* x, const void* wd, const void* bd, const void* wu, const void* bu, const void* scale,
@@ -208,6 +442,11 @@ int launch(const void* x, const void* wd, const void* bd, const void* wu, const 
            int64_t d, int64_t r, int act, cudaStream_t stream) {
   constexpr int VN = Vec<T>::kN;
   const T* xt = static_cast<const T*>(x);
+  const void* base_ptr = residual != nullptr ? residual : x;
+  if (const int blocks = cluster_blocks<T>(x, wd, wu, n, d, r))
+    return launch_cluster<T>(blocks, x, wd, bd, wu, bu, scale, scale_mode, scale_value, base_ptr, y, n, d, r, act,
+                             stream);
+  if (workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   dim3 down_grid(static_cast<unsigned>(r), static_cast<unsigned>((n + kTokensPerBlock - 1) / kTokensPerBlock));
   if (d % VN == 0 && aligned16(x) && aligned16(wd))
     down_kernel<T, true><<<down_grid, kDownThreads, 0, stream>>>(xt, static_cast<const T*>(wd),
@@ -412,6 +651,24 @@ int bottleneck_adapter_forward_small(int dtype, const void* x, const void* wd, c
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
+}
+
+int64_t bottleneck_adapter_forward_small_workspace(int dtype, const void* x, const void* wd, const void* wu,
+                                                   int64_t n, int64_t d, int64_t r) {
+  int blocks = 0;
+  switch (dtype) {
+    case kAdapterF32: blocks = cluster_blocks<float>(x, wd, wu, n, d, r); break;
+    case kAdapterF16: blocks = cluster_blocks<__half>(x, wd, wu, n, d, r); break;
+    case kAdapterBF16: blocks = cluster_blocks<__nv_bfloat16>(x, wd, wu, n, d, r); break;
+    default: break;
+  }
+  return blocks > 0 ? 0 : n * r;
+}
+
+bool bottleneck_adapter_set_small_cluster(bool on) {
+  const bool was = cluster_switch_on();
+  g_cluster_switch.store(on ? 1 : 0, std::memory_order_relaxed);
+  return was;
 }
 
 int bottleneck_adapter_backward_small(int dtype, const void* dy, const void* x, const void* wd, const void* bd,

@@ -2,6 +2,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <string>
 #include <vector>
 
 #include "bindings.h"
@@ -53,12 +54,17 @@ at::Tensor forward_small(const at::Tensor& x, const at::Tensor& w_down, const c1
   if (residual.has_value()) TORCH_CHECK(residual->sizes() == x.sizes(), "bottleneck_adapter (cuda): residual must be shaped like x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
-  at::Tensor hidden = at::empty({n, r}, x.options().dtype(at::kFloat));
+  if (n == 0) return y;
+  const int dtype = dtype_code(x);
+  // the hidden's workspace, where the two-kernel form runs (none for the one-launch form)
+  const int64_t floats = pet_fast::bottleneck_adapter_forward_small_workspace(dtype, x.data_ptr(), w_down.data_ptr(),
+                                                                              w_up.data_ptr(), n, d, r);
+  at::Tensor hidden = floats > 0 ? at::empty({floats}, x.options().dtype(at::kFloat)) : at::Tensor();
   const int err = pet_fast::bottleneck_adapter_forward_small(
-      dtype_code(x), x.data_ptr(), w_down.data_ptr(), opt_ptr(b_down, x, "b_down"), w_up.data_ptr(),
+      dtype, x.data_ptr(), w_down.data_ptr(), opt_ptr(b_down, x, "b_down"), w_up.data_ptr(),
       opt_ptr(b_up, x, "b_up"), opt_ptr(scaling, x, "scaling"), scale_mode, static_cast<float>(scaling_value),
-      opt_ptr(residual, x, "residual"), y.data_ptr(), hidden.data_ptr<float>(), n, d, r, static_cast<int>(activation),
-      c10::cuda::getCurrentCUDAStream().stream());
+      opt_ptr(residual, x, "residual"), y.data_ptr(), floats > 0 ? hidden.data_ptr<float>() : nullptr, n, d, r,
+      static_cast<int>(activation), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "bottleneck_adapter (cuda) launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return y;
 }
@@ -116,6 +122,22 @@ void register_bottleneck_adapter(pybind11::module_& m) {
         pybind11::arg("x"), pybind11::arg("w_down"), pybind11::arg("b_down"), pybind11::arg("w_up"),
         pybind11::arg("b_up"), pybind11::arg("scaling"), pybind11::arg("scaling_value"), pybind11::arg("residual"),
         pybind11::arg("activation"));
+  m.def("bottleneck_adapter_small_form",
+        [](const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up) -> std::string {
+          TORCH_CHECK(x.is_cuda() && x.dim() >= 1 && x.size(-1) >= 1, "bottleneck_adapter (cuda): x must be a CUDA tensor");
+          const c10::cuda::CUDAGuard guard(x.device());
+          const int64_t d = x.size(-1), n = x.numel() / d, r = w_down.size(0);
+          return pet_fast::bottleneck_adapter_forward_small_workspace(dtype_code(x), x.data_ptr(), w_down.data_ptr(),
+                                                                      w_up.data_ptr(), n, d, r) == 0 && n > 0
+                     ? "cluster"
+                     : "two kernels";
+        },
+        "Which form bottleneck_adapter_forward_small takes for these inputs on their device: 'cluster' (one "
+        "launch) or 'two kernels'",
+        pybind11::arg("x"), pybind11::arg("w_down"), pybind11::arg("w_up"));
+  m.def("bottleneck_adapter_set_small_cluster", &pet_fast::bottleneck_adapter_set_small_cluster,
+        "Allow (True) or forbid the one-launch few-token forward process-wide; returns the previous setting",
+        pybind11::arg("on"));
   m.def("bottleneck_adapter_backward_small", &backward_small,
         "Gradients of bottleneck_adapter_forward_small: [dx, dw_down, db_down, dw_up, db_up, d_scaling partials]",
         pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("w_down"), pybind11::arg("b_down"), pybind11::arg("w_up"),

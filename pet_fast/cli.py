@@ -102,6 +102,14 @@ def cmd_info(args) -> int:
               "on: Triton launches recorded once per key, replayed from C++" if built and torch.cuda.is_available()
               else "off: needs pet_fast._C on a GPU (launches from Python)")
     print(f"replay        {replay}")
+    if built and torch.cuda.is_available() and hasattr(_ext.load(), "bottleneck_adapter_small_form"):
+        # the form the few-token cuda adapter forward takes at (16 tokens, d=768, r=64, bf16) on GPU 0
+        shapes = ((16, 768), (64, 768), (768, 64))
+        x, w_down, w_up = (torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in shapes)
+        form = _ext.load().bottleneck_adapter_small_form(x, w_down, w_up)
+        why = ("one launch" if form == "cluster"
+               else "one launch needs sm_90+; PET_FAST_ADAPTER_CLUSTER=0 turns it off")
+        print(f"few tokens    adapter forward (cuda, 16 x 768, r=64): {form} ({why})")
     choice, source = dispatch.requested()
     print(f"backend       {choice} (from {source})")
     print("\nmeasured timings behind auto:")

@@ -602,6 +602,71 @@ def test_gpu_cuda_serving_forward(dtype, n_shape, d, r, kw):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r,kw", [((1,), 64, 8, dict(scaling="number")),
+                                            ((1, 16), 768, 64, dict(scaling="channel", residual=True)),
+                                            ((5,), 776, 24, dict(scaling="scalar", bias=False)),
+                                            ((2, 8), 4096, 64, dict(scaling="channel")),
+                                            ((3,), 8192, 256, dict(scaling="number", residual=True)),
+                                            ((16,), 40, 256, dict(scaling="channel")),
+                                            ((17,), 768, 64, dict(scaling="channel"))])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_gpu_cuda_one_launch_forward(dtype, n_shape, d, r, kw, act):
+    """The one-launch few-token forward (a thread-block cluster, sm_90+, at most 16 tokens) against float64
+    by the precision rule, taken where it applies (16 tokens and fewer, d and r whole 16-byte rows) and not
+    past it (17 tokens); with it switched off the two-kernel form gives the same numbers within the rule."""
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    ext = _ext.load()
+    hi, lo = make_case(n_shape, d, r, dtype, "cuda", **kw)
+    n = hi["x"].numel() // d
+    eligible = n <= 16 and (d * lo["x"].element_size()) % 16 == 0 and (r * lo["x"].element_size()) % 16 == 0
+    form = ext.bottleneck_adapter_small_form(lo["x"], lo["w_down"], lo["w_up"])
+    assert form == ("cluster" if eligible and torch.cuda.get_device_capability()[0] >= 9 else "two kernels")
+    with torch.no_grad():
+        ref = call(hi, act, "eager")
+        eager = call(lo, act, "eager")
+        out = call(lo, act, "cuda")
+        was = ext.bottleneck_adapter_set_small_cluster(False)
+        try:
+            assert ext.bottleneck_adapter_small_form(lo["x"], lo["w_down"], lo["w_up"]) == "two kernels"
+            out_two = call(lo, act, "cuda")
+        finally:
+            ext.bottleneck_adapter_set_small_cluster(was)
+    torch.cuda.synchronize()
+    assert out.shape == ref.shape and out.dtype == dtype
+    err_eager = (eager.cpu().double() - ref).abs().max().item()
+    atol = (1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
+    for got in (out, out_two):
+        err = (got.cpu().double() - ref).abs().max().item()
+        assert err <= 2 * err_eager + atol, (form, err, err_eager, atol)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_one_launch_forward_replays_in_a_cuda_graph():
+    """Serving captures the call in CUDA graphs: the cluster launch replays with new inputs."""
+    from pet_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(_ext.reason())
+    hi, lo = make_case((1, 16), 768, 64, torch.bfloat16, "cuda", scaling="channel")
+    lo = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
+    with torch.no_grad():
+        call(lo, "gelu", "cuda")  # warm-up outside the capture (extension load, device queries)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(lo, "gelu", "cuda")
+        lo["x"].copy_(torch.randn_like(lo["x"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = call(lo, "gelu", "eager")
+    err = (out.float() - expected.float()).abs().max().item()
+    assert err <= 8 * torch.finfo(torch.bfloat16).eps * expected.float().abs().max().item(), err
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("act", ACTS)
 def test_gpu_cuda_activations(act):
     from pet_fast import _ext
