@@ -18,6 +18,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def cpu_test_module(build_name: str):
+    """A CPU build (-O3, as the host timings need) of tests/csrc/cpu_module.cpp: the replay programs, the
+    nodes built on them and the adapter's C++ autograd node, as the tests build them, in
+    $TMPDIR/<build_name>."""
+    from torch.utils.cpp_extension import load
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build = os.path.join(os.environ.get("TMPDIR", "/tmp"), build_name)
+    os.makedirs(build, exist_ok=True)
+    return load(name="pet_fast_cpu_test_o3", build_directory=build, verbose=False, extra_cflags=["-O3"],
+                extra_include_paths=[os.path.join(root, "csrc")],
+                sources=[os.path.join(root, "tests", "csrc", "cpu_module.cpp")])
+
+
 def environment() -> dict:
     env = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

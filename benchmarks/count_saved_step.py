@@ -345,17 +345,9 @@ def detail(res: dict, file=None, top: int = 40) -> None:
 
 def build_replay_ext():
     """A CPU build of csrc/triton_replay.cpp + stacked_fusion_replay.cpp (as the tests' replay_ext)."""
-    import tempfile
+    from benchmarks.common import cpu_test_module
 
-    from torch.utils.cpp_extension import load
-
-    build = os.path.join(tempfile.gettempdir(), "pet_fast_count_saved_replay")
-    os.makedirs(build, exist_ok=True)
-    csrc = os.path.join(ROOT, "csrc")
-    return load(name="pet_fast_triton_replay_cpu_count", build_directory=build, verbose=False,
-                extra_include_paths=[csrc],
-                sources=[os.path.join(csrc, "triton_replay.cpp"), os.path.join(csrc, "stacked_fusion_replay.cpp"),
-                         os.path.join(ROOT, "tests", "csrc", "triton_replay_module.cpp")])
+    return cpu_test_module("pet_fast_count_saved_replay")
 
 
 def main(argv=None) -> int:

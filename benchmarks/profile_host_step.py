@@ -105,15 +105,8 @@ def make_step(row: bench.Row, autocast_dtype=None):
 
 
 def replay_module():
-    """A CPU build of the Triton replay (csrc/triton_replay.cpp), as tests/test_triton_replay.py builds it."""
-    from torch.utils.cpp_extension import load
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pet_fast_replay_cpu_build")
-    os.makedirs(build, exist_ok=True)
-    return load(name="pet_fast_triton_replay_cpu", build_directory=build, extra_include_paths=[os.path.join(root, "csrc")],
-                sources=[os.path.join(root, "csrc", f) for f in ("triton_replay.cpp", "stacked_fusion_replay.cpp")]
-                + [os.path.join(root, "tests", "csrc", "triton_replay_module.cpp")], extra_cflags=["-O3"])
+    """A CPU build of the Triton replay (csrc/triton_replay.cpp), as the tests build it (-O3 here)."""
+    return common.cpu_test_module("pet_fast_replay_cpu_build")
 
 
 def time_row(row: bench.Row, steps: int, replay=None, autocast_dtype=None) -> dict:

@@ -9,9 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_cpu_module(tmp_path_factory, name: str, csrc_files, module_file: str):
-    """Builds ``csrc/<csrc_files>`` with ``tests/csrc/<module_file>`` as module ``name`` (skips the test
-    without a C++ compiler or ninja)."""
+def load_cpu_module(tmp_path_factory):
+    """Builds tests/csrc/cpu_module.cpp (which includes the csrc/ files that need no GPU: one translation unit,
+    one compile) as the module ``pet_fast_cpu_test``, once per test run (skips the test without a C++ compiler
+    or ninja)."""
     from torch.utils.cpp_extension import is_ninja_available, load
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -21,7 +22,7 @@ def load_cpu_module(tmp_path_factory, name: str, csrc_files, module_file: str):
     # Under pytest-xdist every worker has its own base temp directory; their parent is the run's: the workers
     # share one build there (torch's build lock makes the others wait for the first, then they load it).
     base = tmp_path_factory.getbasetemp()
-    build = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"{name}_build"
+    build = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "pet_fast_cpu_test_build"
     build.mkdir(exist_ok=True)
-    return load(name=name, build_directory=str(build), verbose=False, extra_include_paths=[str(ROOT / "csrc")],
-                sources=[str(ROOT / "csrc" / f) for f in csrc_files] + [str(ROOT / "tests" / "csrc" / module_file)])
+    return load(name="pet_fast_cpu_test", build_directory=str(build), verbose=False,
+                extra_include_paths=[str(ROOT / "csrc")], sources=[str(ROOT / "tests" / "csrc" / "cpu_module.cpp")])

@@ -80,8 +80,7 @@ def replay_ext(tmp_path_factory):
     through the Triton interpreter), built once per session."""
     from _cpu_ext import load_cpu_module
 
-    return load_cpu_module(tmp_path_factory, "pet_fast_triton_replay_cpu", ["triton_replay.cpp", "stacked_fusion_replay.cpp"],
-                           "triton_replay_module.cpp")
+    return load_cpu_module(tmp_path_factory)
 
 
 def assert_same_bits(got: dict, want: dict) -> None:

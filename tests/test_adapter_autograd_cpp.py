@@ -1,6 +1,6 @@
 """The cuda backend's adapter beyond the few-token kernels: one C++ autograd node of ATen ops
 (csrc/bottleneck_adapter_autograd.cpp). Its code is device-agnostic ATen, so a CPU-only build of that file
-(with tests/csrc/adapter_autograd_module.cpp) checks it here against the op's eager reference: outputs and
+(in tests/csrc/cpu_module.cpp) checks it here against the op's eager reference: outputs and
 every gradient in float64 over every form of the call, the mixed-precision form (half x, float32
 parameters and residual), a frozen adapter; and the cuda backend's routing and reasons."""
 import itertools
@@ -15,8 +15,7 @@ from pet_fast.ops import bottleneck_adapter as op
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
-    return load_cpu_module(tmp_path_factory, "pet_fast_adapter_autograd_cpu", ["bottleneck_adapter_autograd.cpp"],
-                           "adapter_autograd_module.cpp")
+    return load_cpu_module(tmp_path_factory)
 
 
 def _call(ext, x, wd, bd, wu, bu, act, scaling, residual, add_input):
