@@ -2,6 +2,7 @@
 captured for sm_90 (no GPU, no interpreter): here on the smallest module."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -100,26 +101,37 @@ def test_128_row_adapter_tiles_are_tried_for_2_byte_products_only():
         assert not any(c.kwargs["BLOCK_N"] > 64 for c in prune(configs, {}, RP=128, UPCAST=False))
 
 
-def test_a_packed_cache_unpacked_elsewhere_is_hit_by_the_same_compiles(tmp_path):
-    """benchmarks/triton_cache_pack.py: the masked_weights compiles made into one cache, packed (metadata,
-    cubin, PTX only) and unpacked under another directory, are found there by the same compiles (no new
-    entry), with their group files pointing at the unpacked files."""
+def _compile_masked_weights_bf16(cache):
+    """compile_check.py's autotune compiles of masked_weights in bf16 into the Triton cache ``cache``."""
     triton = pytest.importorskip("triton")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("triton without its NVIDIA backend's ptxas")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PET_FAST_AUTOTUNE")}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--only",
+                          "masked_weights", "--dtypes", "bf16", "--modes", "autotune", "--cache-dir", str(cache)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return sorted(os.listdir(cache))
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory):
+    """One compile of masked_weights (bf16, autotune) for the tests below, which copy it before use."""
+    cache = tmp_path_factory.mktemp("warm_cache")
+    assert _compile_masked_weights_bf16(cache)
+    return cache
+
+
+def test_a_packed_cache_unpacked_elsewhere_is_hit_by_the_same_compiles(tmp_path, warm_cache):
+    """benchmarks/triton_cache_pack.py: the masked_weights compiles made into one cache, packed (metadata,
+    cubin, PTX only) and unpacked under another directory, are found there by the same compiles (no new
+    entry), with their group files pointing at the unpacked files."""
     sys.path.insert(0, ROOT)
     from benchmarks import triton_cache_pack
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PET_FAST_AUTOTUNE")}
-
-    def compile_into(cache):
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--only",
-                              "masked_weights", "--dtypes", "bf16", "--modes", "autotune", "--cache-dir", str(cache)],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return sorted(os.listdir(cache))
-
-    made = compile_into(tmp_path / "a")
+    compile_into = _compile_masked_weights_bf16
+    shutil.copytree(warm_cache, tmp_path / "a")
+    made = sorted(os.listdir(tmp_path / "a"))
     assert made
     archive = tmp_path / "warm.tar.gz"
     assert triton_cache_pack.pack(str(tmp_path / "a"), str(archive)) == len(made)
@@ -161,19 +173,13 @@ W.grouped_masked_weights(ws, [torch.randn(768, 768), torch.randn(3072, 768)], 0.
 """
 
 
-def test_the_jit_finds_what_compile_check_compiled(tmp_path):
+def test_the_jit_finds_what_compile_check_compiled(tmp_path, warm_cache):
     """The launcher's own JIT path (JITFunction.warmup, with a driver that reports sm_90) looks up the key
     compile_check.py compiled under: with its cache it compiles nothing, with an empty one it does. What a
     warm cache carried to a GPU machine relies on (besides the machine's Triton build being the same)."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("triton without its NVIDIA backend's ptxas")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PET_FAST_AUTOTUNE")}
     warm, empty = tmp_path / "warm", tmp_path / "empty"
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--only", "masked_weights",
-                          "--dtypes", "bf16", "--modes", "autotune", "--cache-dir", str(warm)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    shutil.copytree(warm_cache, warm)
 
     def compiled_by_warmup(cache):
         """The entries the warm-up call compiled (a compile writes the LLVM IR beside the cubin)."""

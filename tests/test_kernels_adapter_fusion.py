@@ -110,12 +110,13 @@ def test_single_adapter_and_wide_bottleneck_fp32():
     check((5,), 40, 100, 1, torch.float32, activation="silu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("r", [1, 256])
-def test_d_1024_narrowest_and_widest_bottleneck(dtype, r):
+@pytest.mark.parametrize("dtype,r,d", [(torch.float32, 1, 1024), (torch.float32, 256, 1024), (torch.float16, 1, 1024),
+                                       (torch.float16, 256, 264)])
+def test_d_1024_narrowest_and_widest_bottleneck(dtype, r, d):
     """d = 1024 (several column blocks in every loop over d) with r = 1 and r = 256 (the padded widths'
-    two ends: 16 and 256), odd N."""
-    check((5,), 1024, r, 2, dtype, activation="gelu")
+    two ends: 16 and 256), odd N. fp16 at r = 256 takes d = 264 (still several column blocks, one ragged):
+    the interpreter's fp16 products at d = 1024 and r = 256 took 40 s of CI."""
+    check((5,), d, r, 2, dtype, activation="gelu")
 
 
 def test_eight_adapters_fp32():
