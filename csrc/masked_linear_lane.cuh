@@ -10,9 +10,10 @@
 // its chunk of x (all its tokens) in shared memory once; each warp then streams its weight rows through
 // the chunk with 16-byte loads (8 weights of a row per lane, plus the mask byte that covers them), the
 // next step's loads issued before the current step's arithmetic, and masks the weights in registers.
-// - Single mask, compute capability 8.0+ (mma): a warp owns 16 rows and runs mma.m16n8k16 (fp32
-//   accumulate) on the masked tile against 8 or 16 staged tokens; see "the tensor-core kernel" below.
-// - Per-token masks (and single masks on older GPUs): fp32 FMAs; a warp owns rows_for(TOKENS) rows per
+// - Single mask, 2 tokens or more, compute capability 8.0+ (mma): a warp owns 16 rows and runs
+//   mma.m16n8k16 (fp32 accumulate) on the masked tile against 8 or 16 staged tokens; see "the tensor-core
+//   kernel" below.
+// - Per-token masks (and single masks on older GPUs or for one token): fp32 FMAs; a warp owns rows_for(TOKENS) rows per
 //   pass, keeps rows x TOKENS partial sums per lane, reads x from shared memory once per token and step
 //   for all its rows, and ends a pass with a reduce-scatter across its lanes (31 shuffles for 32 sums
 //   instead of 5 per sum).
@@ -196,6 +197,11 @@ PET_FAST_HDC int blocks_per_sm(int) { return 2; }
 // the staging allows) and run in several waves.
 inline Plan make_plan(int64_t n, int64_t K, int64_t O, int sms, bool mma, bool multi) {
   Plan p;
+  // One token takes the fp32 kernel: its 1-token form keeps 4 rows' loads in flight per lane where the mma
+  // kernel pads the token to 8 and has 16 rows per warp in one step (H100, bf16, one token: 27.1 against
+  // 29.8 us at 4096 x 4096, 50.0 against 58.8 at 4096 -> 11008; benchmarks/results/h100-2026-11-27c/call1/
+  // check_masked_linear_serving.json, the fp32 kernel's figures being its multitask_4 column).
+  if (n <= 1) mma = false;
   p.mma = mma ? 1 : 0;
   p.tokens = mma ? (n <= 8 ? 8 : kGroupTokens) : plan_tokens(n);
   p.groups = static_cast<int>((n + p.tokens - 1) / p.tokens);

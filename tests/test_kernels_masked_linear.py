@@ -858,7 +858,8 @@ def _host_run(exe, workdir, x, w, packed, ids, bias, vec, sms=132, mma=True):
 # kernel; per-token masks always take the fp32 kernel), asserted so that each case keeps covering what
 # its comment says
 _HOST_CASES = [
-    (1, 40, 9, 0, True, 132, True, {"mma": 1, "tokens": 8, "splits": 1}),   # one token, K % 32 != 0, 9 rows
+    (2, 40, 9, 0, True, 132, True, {"mma": 1, "tokens": 8, "splits": 1}),   # 6 empty tokens, K % 32 != 0, 9 rows
+    (1, 40, 9, 0, True, 132, True, {"mma": 0, "tokens": 1, "splits": 1}),   # one token: the fp32 kernel anyway
     (3, 1104, 13, 0, True, 132, True, {"mma": 1, "splits": 5, "kc": 256}),  # split K, last chunk past K
     (2, 2056, 33, 0, True, 2, True, {"mma": 1, "splits": 3, "kc": 768}),    # 12 loads per chunk, in flight
     (3, 37, 6, 0, False, 132, True, {"mma": 1}),                           # K % 8 != 0: element loads
@@ -898,7 +899,8 @@ def test_cuda_lane_code_on_host(host_check, tmp_path, dtype, n, k, o, tasks, vec
 
 
 @pytest.mark.parametrize("n,k,o,tasks,plan", [
-    (1, 4096, 4096, 0, {"mma": 1, "tokens": 8, "tiles": 32, "kc": 512, "splits": 8, "blocks": 256}),
+    (1, 4096, 4096, 0, {"mma": 0, "tokens": 1, "tiles": 128, "kc": 2048, "splits": 2, "blocks": 256}),
+    (2, 4096, 4096, 0, {"mma": 1, "tokens": 8, "tiles": 32, "kc": 512, "splits": 8, "blocks": 256}),
     (16, 4096, 4096, 0, {"mma": 1, "tokens": 16, "groups": 1, "tiles": 32, "kc": 512, "splits": 8, "blocks": 256}),
     (64, 4096, 11008, 0, {"mma": 1, "tokens": 16, "groups": 4, "tiles": 86, "kc": 1024, "splits": 4}),
     (1, 4096, 4096, 4, {"mma": 0, "tokens": 1, "tiles": 128, "kc": 2048, "splits": 2, "blocks": 256}),
