@@ -187,7 +187,7 @@ def kernels_stubbed():
 
 def main():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--calls", type=int, default=None, help="calls per timing (default 300: the third H100 run, at 2000, spent its 60 s limit "
+    p.add_argument("--calls", type=int, default=None, help="calls per timing (default 300, 30 with --quick: the third H100 run, at 2000, spent its 60 s limit "
                         "before reaching the fusion and prefix rows)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported (a noisy "
                    "shared machine needs more runs of fewer calls)")
@@ -198,7 +198,7 @@ def main():
     gpu = torch.cuda.is_available() and not args.quick and not args.stub_kernels
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
-    calls = args.calls or 300
+    calls = args.calls or (30 if args.quick else 300)  # --quick: a smoke run, not a measurement
     rows = []
     with kernels_stubbed() if args.stub_kernels else contextlib.nullcontext():
         for op, impls, leaves in cases(device, dtype):
