@@ -5,7 +5,9 @@ eager op and times at the serving shapes, in well under a minute once pet_fast._
 
 For each (N, in, out) of the issue's serving shapes, bf16: plain F.linear on the unmasked weight (the
 limit), the extension called directly (kernel time without the op's Python layer), the op with
-backend="cuda", and the multitask form over 4 tasks; ratios to the limit and the bytes-moved floor
+backend="cuda", and the multitask form over 4 tasks; for N <= 16 also the extension with each of its two
+single-mask kernels forced (tensor cores, `mma_us`; the fp32 kernel, `fp32_us`), which is what the
+launcher's choice between them (kMmaMinTokens in csrc/masked_linear_lane.cuh) rests on; ratios to the limit and the bytes-moved floor
 (weight + bits + x + y at the copy rate measured in the same run). Exits 1 when an output differs from
 the eager op by more than the precision rule of DESIGN.md §5 allows. Not among gpu_check.sh's default
 benchmarks (bench_masked_linear.py is; BENCHES=masked_serving runs this one): a quick rerun after a
@@ -29,7 +31,18 @@ from pet_fast import _ext  # noqa: E402
 ml = importlib.import_module("pet_fast.ops.masked_linear")
 mp = importlib.import_module("pet_fast.ops.mask_packing")
 
-SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 11008), (4, 4096, 4096), (1, 4096, 11008)]
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 11008), (4, 4096, 4096), (1, 4096, 11008), (2, 4096, 4096),
+          (8, 4096, 4096)]
+
+
+def forced(ext, min_tokens, fn):
+    """fn() with single masks of fewer than ``min_tokens`` tokens on the fp32 kernel (0: every call on tensor
+    cores, 65: none)."""
+    was = ext.masked_linear_set_mma_min_tokens(min_tokens)
+    try:
+        return fn()
+    finally:
+        ext.masked_linear_set_mma_min_tokens(was)
 TASKS = 4
 
 
@@ -73,6 +86,14 @@ def main(argv=None):
         mt_eager = ml.masked_linear_multitask(x, w, stack, ids.long(), b, backend="eager")
         mt_err = rel(mt, mt_eager)
         good = good and mt_err <= 2e-2
+        forms = {}
+        if n <= 16 and hasattr(ext, "masked_linear_set_mma_min_tokens"):
+            for name, min_tokens in (("mma", 0), ("fp32", 65)):
+                call = lambda: ext.masked_linear_packed(x, w, packed, b, None)
+                err_form = rel(forced(ext, min_tokens, call), ref)
+                good = good and err_form <= 2 * err_eager + 1e-3
+                forms[f"{name}_us"] = round(forced(ext, min_tokens, lambda: common.bench_us(call)), 2)
+                forms[f"{name}_rel_err"] = f"{err_form:.2e}"
         ok = ok and good
 
         limit = common.bench_us(lambda: F.linear(x, w, b))
@@ -83,7 +104,7 @@ def main(argv=None):
                "kernel_us": round(kern, 2), "op_cuda_us": round(op, 2), f"multitask_{TASKS}_us": round(multi, 2),
                "kernel_vs_plain": round(kern / limit, 3), "op_vs_plain": round(op / limit, 3),
                "kernel_vs_floor": round(kern / floor_us, 3), "rel_err": f"{err:.2e}",
-               "eager_rel_err": f"{err_eager:.2e}", "multitask_vs_eager": f"{mt_err:.2e}", "ok": good}
+               "eager_rel_err": f"{err_eager:.2e}", "multitask_vs_eager": f"{mt_err:.2e}", "ok": good, **forms}
         rows.append(row)
         print(row, flush=True)
     env = common.environment()

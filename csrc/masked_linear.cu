@@ -8,6 +8,8 @@
 #include "masked_linear.h"
 #include "masked_linear_lane.cuh"
 
+#include <atomic>
+
 namespace pet_fast {
 namespace {
 
@@ -255,8 +257,11 @@ bool device_has_mma() {
   return yes;
 }
 
+std::atomic<int> g_mma_min_tokens{kMmaMinTokens};
+
 Plan plan_for(int64_t n, int64_t K, int64_t O, bool per_token_masks) {
-  return make_plan(n, K, O, device_sms(), !per_token_masks && device_has_mma(), per_token_masks);
+  return make_plan(n, K, O, device_sms(), !per_token_masks && device_has_mma(), per_token_masks,
+                   g_mma_min_tokens.load(std::memory_order_relaxed));
 }
 
 bool valid_sizes(int64_t n, int64_t K, int64_t O) {
@@ -264,6 +269,10 @@ bool valid_sizes(int64_t n, int64_t K, int64_t O) {
 }
 
 }  // namespace
+
+int masked_linear_set_mma_min_tokens(int tokens) {
+  return g_mma_min_tokens.exchange(tokens < 0 ? kMmaMinTokens : tokens, std::memory_order_relaxed);
+}
 
 int64_t masked_linear_packed_workspace_bytes(int64_t n_tokens, int64_t in_features, int64_t out_features,
                                              bool per_token_masks) {

@@ -29,4 +29,9 @@ cudaError_t masked_linear_packed_launch(MaskedLinearDtype dtype, const void* x, 
                                         int64_t n_tasks, void* workspace, int64_t workspace_bytes,
                                         cudaStream_t stream);
 
+// Single masks with fewer tokens than this take the fp32 kernel, the others tensor cores where the device
+// has them (default 2: one token takes the fp32 kernel). A negative value restores the default. Returns the
+// previous value. Process-wide; for comparing the two kernels (benchmarks/check_masked_linear_serving.py).
+int masked_linear_set_mma_min_tokens(int tokens);
+
 }  // namespace pet_fast

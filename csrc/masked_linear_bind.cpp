@@ -93,4 +93,8 @@ void register_masked_linear(pybind11::module_& m) {
         "task masks and row i of x uses packed[task_ids[i]]",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("packed"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("task_ids") = pybind11::none());
+  m.def("masked_linear_set_mma_min_tokens", &pet_fast::masked_linear_set_mma_min_tokens,
+        "Single masks with fewer tokens take the fp32 kernel (default 2; negative restores it); returns the "
+        "previous value",
+        pybind11::arg("tokens"));
 }

@@ -195,13 +195,20 @@ PET_FAST_HDC int blocks_per_sm(int) { return 2; }
 // sms: multiprocessors of the device. Splits K so that the grid fills the GPU in one wave (no partial
 // second wave), in chunks small enough to stage in kStageBytes. Layers with more row tiles than the GPU holds at once keep K whole (as far as
 // the staging allows) and run in several waves.
-inline Plan make_plan(int64_t n, int64_t K, int64_t O, int sms, bool mma, bool multi) {
+// Fewest tokens a single mask runs on tensor cores with; fewer take the fp32 kernel. One token does: the fp32
+// kernel's 1-token form keeps 4 rows' loads in flight per lane where the mma kernel pads the token to 8
+// and has 16 rows per warp in one step (H100, bf16, one token: 27.1 against 29.8 us at 4096 x 4096, 50.0
+// against 58.8 at 4096 -> 11008; benchmarks/results/h100-2026-11-27c/call1/check_masked_linear_serving.json,
+// the fp32 kernel's figures being its multitask_4 column). 2 to 16 tokens are unmeasured both ways
+// (benchmarks/check_masked_linear_serving.py times both forms).
+constexpr int kMmaMinTokens = 2;
+
+// mma_min_tokens: single masks with fewer tokens take the fp32 kernel (kMmaMinTokens unless a caller
+// measures the forms against each other).
+inline Plan make_plan(int64_t n, int64_t K, int64_t O, int sms, bool mma, bool multi,
+                      int mma_min_tokens = kMmaMinTokens) {
   Plan p;
-  // One token takes the fp32 kernel: its 1-token form keeps 4 rows' loads in flight per lane where the mma
-  // kernel pads the token to 8 and has 16 rows per warp in one step (H100, bf16, one token: 27.1 against
-  // 29.8 us at 4096 x 4096, 50.0 against 58.8 at 4096 -> 11008; benchmarks/results/h100-2026-11-27c/call1/
-  // check_masked_linear_serving.json, the fp32 kernel's figures being its multitask_4 column).
-  if (n <= 1) mma = false;
+  if (n < mma_min_tokens) mma = false;
   p.mma = mma ? 1 : 0;
   p.tokens = mma ? (n <= 8 ? 8 : kGroupTokens) : plan_tokens(n);
   p.groups = static_cast<int>((n + p.tokens - 1) / p.tokens);

@@ -725,6 +725,34 @@ def test_gpu_cuda_packed(dtype, n, i, o):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_gpu_cuda_packed_either_kernel_for_few_tokens(dtype, n):
+    """The launcher's two single-mask kernels, each forced (tensor cores from 0 tokens, the fp32 kernel
+    below 65), give the precision rule's answer; the default takes the fp32 kernel for one token only."""
+    if not _has_cuda_kernel():
+        pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
+    ext = pet_fast._ext.load()
+    x = torch.randn(n, 1000, device="cuda").to(dtype)
+    w = torch.randn(77, 1000, device="cuda").to(dtype)
+    s = torch.randn(77, 1000, device="cuda")
+    b = torch.randn(77, device="cuda").to(dtype)
+    packed = mp.pack_mask(s)
+    ref = ref64(x, w, s > 0, b)
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    outs = {}
+    for min_tokens in (0, 65):
+        was = ext.masked_linear_set_mma_min_tokens(min_tokens)
+        try:
+            outs[min_tokens] = ext.masked_linear_packed(x, w, packed, b, None)
+        finally:
+            assert ext.masked_linear_set_mma_min_tokens(was) == min_tokens
+        assert_close(outs[min_tokens], ref, eager, dtype, f"y (mma from {min_tokens} tokens)")
+    default = ext.masked_linear_packed(x, w, packed, b, None)
+    assert torch.equal(default, outs[65 if n == 1 else 0])  # the same kernel gives the same bits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_cuda_packed_unaligned_and_deterministic(dtype):
     """x and weight 2 bytes off a 16-byte boundary (K % 8 == 0 but element loads), and two calls on the
     same inputs bitwise equal (the split-K partials are summed in a fixed order)."""
