@@ -104,6 +104,25 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
   for (int i = 0; i < Vec<T>::kN; ++i) out[i] = to_f(e[i]);
 }
 
+// acc[t] += wrow[k, k + VN) . x[t * ld + k, ... + VN) for t < tokens: one 16-byte chunk of a weight row
+// against the same chunk of every token's row (1 + tokens loads in flight).
+template <typename T, int TOK>
+__device__ __forceinline__ void chunk_dots(const T* __restrict__ wrow, const T* __restrict__ x, int64_t ld,
+                                           int tokens, int64_t k, float (&acc)[TOK]) {
+  constexpr int VN = Vec<T>::kN;
+  float w[VN];
+  load_vec(wrow + k, w);
+#pragma unroll
+  for (int t = 0; t < TOK; ++t) {
+    if (t < tokens) {
+      float xv[VN];
+      load_vec(x + t * ld + k, xv);
+#pragma unroll
+      for (int i = 0; i < VN; ++i) acc[t] += w[i] * xv[i];
+    }
+  }
+}
+
 // The down projection: one block per (bottleneck row j, tile of up to 8 tokens). With VEC, each thread
 // takes 16 bytes of the weight row and of every token's x per step, so one step has 1 + 8 loads in flight
 // (the scalar form, for rows that are not 16-byte aligned, loads 2 or 4 bytes each).
@@ -119,19 +138,8 @@ __global__ void down_kernel(const T* __restrict__ x, const T* __restrict__ wd, c
   const T* wrow = wd + j * d;
   if constexpr (VEC) {
     constexpr int VN = Vec<T>::kN;
-    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VN; c < d; c += static_cast<int64_t>(blockDim.x) * VN) {
-      float w[VN];
-      load_vec(wrow + c, w);
-#pragma unroll
-      for (int t = 0; t < kTokensPerBlock; ++t) {
-        if (t < tokens) {
-          float xv[VN];
-          load_vec(x + (n0 + t) * d + c, xv);
-#pragma unroll
-          for (int i = 0; i < VN; ++i) acc[t] += w[i] * xv[i];
-        }
-      }
-    }
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VN; c < d; c += static_cast<int64_t>(blockDim.x) * VN)
+      chunk_dots<T, kTokensPerBlock>(wrow, x + n0 * d, d, tokens, c, acc);
   } else {
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
       const float w = to_f(wrow[c]);
@@ -252,20 +260,7 @@ cluster_kernel(const T* __restrict__ x, const T* __restrict__ wd, const T* __res
   for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
   if (j < r) {
     const T* wrow = wd + static_cast<int64_t>(j) * d + c0;
-    const T* xs = x + c0;
-    for (int k = q * VN; k < cols; k += q_parts * VN) {
-      float w[VN];
-      load_vec(wrow + k, w);
-#pragma unroll
-      for (int t = 0; t < kClusterTokens; ++t) {
-        if (t < n) {
-          float xv[VN];
-          load_vec(xs + static_cast<int64_t>(t) * d + k, xv);
-#pragma unroll
-          for (int i = 0; i < VN; ++i) acc[t] += w[i] * xv[i];
-        }
-      }
-    }
+    for (int k = q * VN; k < cols; k += q_parts * VN) chunk_dots<T, kClusterTokens>(wrow, x + c0, d, n, k, acc);
   }
 #pragma unroll
   for (int t = 0; t < kClusterTokens; ++t) partial[t * kClusterThreads + tid] = acc[t];
