@@ -53,9 +53,9 @@ at::Tensor forward_small(const at::Tensor& x, const at::Tensor& w_down, const c1
   }
   if (residual.has_value()) TORCH_CHECK(residual->sizes() == x.sizes(), "bottleneck_adapter (cuda): residual must be shaped like x");
   const c10::cuda::CUDAGuard guard(x.device());
+  const int dtype = dtype_code(x);
   at::Tensor y = at::empty_like(x);
   if (n == 0) return y;
-  const int dtype = dtype_code(x);
   // the hidden's workspace, where the two-kernel form runs (none for the one-launch form)
   const int64_t floats = pet_fast::bottleneck_adapter_forward_small_workspace(dtype, x.data_ptr(), w_down.data_ptr(),
                                                                               w_up.data_ptr(), n, d, r);
