@@ -56,7 +56,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
+from .. import _ext, dispatch
 from . import _autograd, _checks, _timings, activations
 from ._autocast import compute_dtype
 
@@ -490,8 +490,6 @@ CUDA_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "i
 
 
 def _extension():
-    from .. import _ext
-
     ext = _ext.load()
     if ext is None:
         raise RuntimeError(f"bottleneck_adapter (cuda): the extension is not available: {_ext.reason()}")
