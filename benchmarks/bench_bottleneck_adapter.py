@@ -2,7 +2,7 @@
 
 Forward (under no_grad) and forward+backward (gradients of the input and of every adapter weight), at
 the shapes of the issue, in bf16 on a GPU; for few tokens (N <= 64) also the forward replayed from a CUDA
-graph, which shows the device time without the host's (launch-bound at that size); at N <= 16 the cuda
+graph, which shows the device time without the host's (launch-bound at that size); there the cuda
 forward is timed twice, as dispatched (one launch on sm_90+) and as "cuda, two kernels" (that form switched
 off). Each row gives the median time, the ratio to eager PyTorch
 and the ratio to the byte floor: the bytes that must move divided by the device's copy rate, measured
@@ -182,7 +182,7 @@ def main():
             floor_us = floor_bytes / rate
             times, kernels, why = {}, {}, {}
             case_backends = backends
-            if (gpu and op == "bottleneck_adapter" and n <= 16 and mode != "fwd+bwd" and _ext.available()
+            if (gpu and op == "bottleneck_adapter" and n <= GRAPH_MAX_N and mode != "fwd+bwd" and _ext.available()
                     and hasattr(_ext.load(), "bottleneck_adapter_set_small_cluster")):
                 case_backends = backends + (CUDA_TWO_KERNELS,)
             for b in case_backends:

@@ -1,14 +1,13 @@
 // Bottleneck adapter forward for few tokens (serving, n <= 64), fp32 / fp16 / bf16.
 //
-// One launch on sm_90 and later for up to 16 tokens (cluster_kernel), two elsewhere, where eager PyTorch
-// takes five or six:
+// One launch on sm_90 and later (cluster_kernel), two elsewhere, where eager PyTorch takes five or six:
 //   cluster_kernel: one thread-block cluster (up to 16 blocks, co-scheduled by the hardware) does the whole
 //     call. Block b owns a slice of the d columns: it computes its slice's share of x @ wd.T for every
 //     token and bottleneck row, the cluster sums the shares through distributed shared memory (every block
 //     the same sum, in the same order), and each block applies the bias and the activation to its own
-//     copy of the hidden and writes y for its slice of channels. The hidden never leaves shared memory and
-//     no second launch waits on the first; the needs: rows 16-byte aligned (d and r multiples of 16 bytes'
-//     worth of elements), n <= 16.
+//     copy of the hidden and writes y for its slice of channels, for each tile of up to 16 tokens in turn.
+//     The hidden never leaves shared memory and no second launch waits on the first; the needs: rows
+//     16-byte aligned (d and r multiples of 16 bytes' worth of elements).
 //   down_kernel: one block per (bottleneck row j, tile of up to 8 tokens). The block's threads stride
 //     over d (16 bytes of the weight row and of each token's x at a time where the rows are 16-byte
 //     aligned), each keeping one fp32 partial dot product per token of the tile, then reduce across the
@@ -222,9 +221,9 @@ up_kernel(const float* __restrict__ hidden, const T* __restrict__ wu, const T* _
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The one-launch form (sm_90+, n <= kClusterTokens, vector rows). A cluster's blocks are scheduled together
-// or not at all, so the barrier between the down and the up projection is cluster.sync(), not a second
-// launch, and no block can wait on one that never runs.
+// The one-launch form (sm_90+, vector rows; tiles of kClusterTokens tokens). A cluster's blocks are
+// scheduled together or not at all, so the barrier between the down and the up projection is
+// cluster.sync(), not a second launch, and no block can wait on one that never runs.
 constexpr int kClusterThreads = 256;
 constexpr int kClusterTokens = 16;
 constexpr int kClusterMaxBlocks = 16;  // the non-portable cluster size sm_90 allows (8 is portable)
@@ -234,7 +233,7 @@ template <typename T>
 __global__ void __launch_bounds__(kClusterThreads)
 cluster_kernel(const T* __restrict__ x, const T* __restrict__ wd, const T* __restrict__ bd, const T* __restrict__ wu,
                const T* __restrict__ bu, const T* __restrict__ scale, int scale_mode, float scale_value,
-               const T* __restrict__ base, T* __restrict__ y, int n, int64_t d, int r, int64_t slice, int act) {
+               const T* __restrict__ base, T* __restrict__ y, int n_total, int64_t d, int r, int64_t slice, int act) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int VN = Vec<T>::kN;
@@ -249,87 +248,93 @@ cluster_kernel(const T* __restrict__ x, const T* __restrict__ wd, const T* __res
   const int64_t c0 = static_cast<int64_t>(cluster.block_rank()) * slice;
   const int cols = c0 < d ? static_cast<int>((d - c0 < slice ? d - c0 : slice)) : 0;  // a multiple of VN
 
-  // Down projection of the slice: thread (q, j) sums row j of wd against every token's x over the chunks
-  // q, q + q_parts, ... of VN columns. Threads of a warp share q when r >= 32, so x's loads are broadcasts.
   int rp = 1;
   while (rp < r) rp <<= 1;
   const int q_parts = kClusterThreads / rp;
-  const int j = tid % rp, q = tid / rp;
-  float acc[kClusterTokens];
-#pragma unroll
-  for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
-  if (j < r) {
-    const T* wrow = wd + static_cast<int64_t>(j) * d + c0;
-    for (int k = q * VN; k < cols; k += q_parts * VN) chunk_dots<T, kClusterTokens>(wrow, x + c0, d, n, k, acc);
-  }
-#pragma unroll
-  for (int t = 0; t < kClusterTokens; ++t) partial[t * kClusterThreads + tid] = acc[t];
-  __syncthreads();
-  for (int i = tid; i < n * r; i += kClusterThreads) {
-    const int t = i / r, jj = i - t * r;
-    float s = 0.f;
-    for (int p = 0; p < q_parts; ++p) s += partial[t * kClusterThreads + p * rp + jj];
-    mine[i] = s;
-  }
-  cluster.sync();  // every block's share is written
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  for (int i = tid; i < n * r; i += kClusterThreads) {
-    float a = bd != nullptr ? to_f(bd[i % r]) : 0.f;
-    for (int b = 0; b < blocks; ++b) a += cluster.map_shared_rank(mine, b)[i];  // same order in every block
-    hidden[i] = activate(a, act);
-  }
-  cluster.sync();  // the hidden is complete, and no block reads another's shared memory after this
-
-  // Up projection of the slice's channels: thread (q, c) sums the r-chunks q, q + q2_parts, ... of
-  // h[t] . wu[c0 + c]; with at least as many channels as threads each thread takes whole channels.
   int cp = 1;
   while (cp < cols && cp < kClusterThreads) cp <<= 1;
   const int q2_parts = kClusterThreads / cp;
   const int rchunks = r / VN;
-  auto dot_chunks = [&](int c, int k_first, int k_step, float* out) {
-    const T* wrow = wu + (c0 + c) * static_cast<int64_t>(r);
-    for (int k = k_first; k < rchunks; k += k_step) {
-      float w[VN];
-      load_vec(wrow + k * VN, w);
-#pragma unroll
-      for (int t = 0; t < kClusterTokens; ++t) {
-        if (t < n) {
-#pragma unroll
-          for (int i = 0; i < VN; i += 4) {
-            const float4 h = *reinterpret_cast<const float4*>(&hidden[t * r + k * VN + i]);
-            out[t] += h.x * w[i] + h.y * w[i + 1] + h.z * w[i + 2] + h.w * w[i + 3];
-          }
-        }
-      }
-    }
-  };
-  auto store = [&](int t, int c, float v) {
-    const int64_t o = static_cast<int64_t>(t) * d + c0 + c;
-    const float b = bu != nullptr ? to_f(bu[c0 + c]) : 0.f;
-    y[o] = from_f<T>(to_f(base[o]) + scale_at(scale, scale_mode, scale_value, c0 + c) * (v + b));
-  };
-  if (q2_parts == 1) {
-    for (int c = tid; c < cols; c += kClusterThreads) {
-#pragma unroll
-      for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
-      dot_chunks(c, 0, 1, acc);
-#pragma unroll
-      for (int t = 0; t < kClusterTokens; ++t)
-        if (t < n) store(t, c, acc[t]);
-    }
-  } else {
-    const int c = tid % cp, q2 = tid / cp;
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  // Tiles of up to kClusterTokens tokens, one after another (the shared buffers hold one tile).
+  for (int t0 = 0; t0 < n_total; t0 += kClusterTokens) {
+    const int n = n_total - t0 < kClusterTokens ? n_total - t0 : kClusterTokens;  // the tile's tokens
+    const T* xt = x + static_cast<int64_t>(t0) * d;
+    if (t0 > 0) __syncthreads();  // the last tile's up projection has read `partial`
+    // Down projection of the slice: thread (q, j) sums row j of wd against every token's x over the chunks
+    // q, q + q_parts, ... of VN columns. Threads of a warp share q when r >= 32, so x's loads are broadcasts.
+    const int j = tid % rp, q = tid / rp;
+    float acc[kClusterTokens];
 #pragma unroll
     for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
-    if (c < cols) dot_chunks(c, q2, q2_parts, acc);
+    if (j < r) {
+      const T* wrow = wd + static_cast<int64_t>(j) * d + c0;
+      for (int k = q * VN; k < cols; k += q_parts * VN) chunk_dots<T, kClusterTokens>(wrow, xt + c0, d, n, k, acc);
+    }
 #pragma unroll
     for (int t = 0; t < kClusterTokens; ++t) partial[t * kClusterThreads + tid] = acc[t];
     __syncthreads();
-    for (int i = tid; i < n * cols; i += kClusterThreads) {  // consecutive threads, consecutive channels
-      const int t = i / cols, cc = i - t * cols;
+    for (int i = tid; i < n * r; i += kClusterThreads) {
+      const int t = i / r, jj = i - t * r;
       float s = 0.f;
-      for (int p = 0; p < q2_parts; ++p) s += partial[t * kClusterThreads + p * cp + cc];
-      store(t, cc, s);
+      for (int p = 0; p < q_parts; ++p) s += partial[t * kClusterThreads + p * rp + jj];
+      mine[i] = s;
+    }
+    cluster.sync();  // every block's share is written
+    for (int i = tid; i < n * r; i += kClusterThreads) {
+      float a = bd != nullptr ? to_f(bd[i % r]) : 0.f;
+      for (int b = 0; b < blocks; ++b) a += cluster.map_shared_rank(mine, b)[i];  // same order in every block
+      hidden[i] = activate(a, act);
+    }
+    cluster.sync();  // the hidden is complete, and no block reads another's shared memory after this
+
+    // Up projection of the slice's channels: thread (q, c) sums the r-chunks q, q + q2_parts, ... of
+    // h[t] . wu[c0 + c]; with at least as many channels as threads each thread takes whole channels.
+    auto dot_chunks = [&](int c, int k_first, int k_step, float* out) {
+      const T* wrow = wu + (c0 + c) * static_cast<int64_t>(r);
+      for (int k = k_first; k < rchunks; k += k_step) {
+        float w[VN];
+        load_vec(wrow + k * VN, w);
+#pragma unroll
+        for (int t = 0; t < kClusterTokens; ++t) {
+          if (t < n) {
+#pragma unroll
+            for (int i = 0; i < VN; i += 4) {
+              const float4 h = *reinterpret_cast<const float4*>(&hidden[t * r + k * VN + i]);
+              out[t] += h.x * w[i] + h.y * w[i + 1] + h.z * w[i + 2] + h.w * w[i + 3];
+            }
+          }
+        }
+      }
+    };
+    auto store = [&](int t, int c, float v) {
+      const int64_t o = static_cast<int64_t>(t0 + t) * d + c0 + c;
+      const float b = bu != nullptr ? to_f(bu[c0 + c]) : 0.f;
+      y[o] = from_f<T>(to_f(base[o]) + scale_at(scale, scale_mode, scale_value, c0 + c) * (v + b));
+    };
+    if (q2_parts == 1) {
+      for (int c = tid; c < cols; c += kClusterThreads) {
+#pragma unroll
+        for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
+        dot_chunks(c, 0, 1, acc);
+#pragma unroll
+        for (int t = 0; t < kClusterTokens; ++t)
+          if (t < n) store(t, c, acc[t]);
+      }
+    } else {
+      const int c = tid % cp, q2 = tid / cp;
+#pragma unroll
+      for (int t = 0; t < kClusterTokens; ++t) acc[t] = 0.f;
+      if (c < cols) dot_chunks(c, q2, q2_parts, acc);
+#pragma unroll
+      for (int t = 0; t < kClusterTokens; ++t) partial[t * kClusterThreads + tid] = acc[t];
+      __syncthreads();
+      for (int i = tid; i < n * cols; i += kClusterThreads) {  // consecutive threads, consecutive channels
+        const int t = i / cols, cc = i - t * cols;
+        float s = 0.f;
+        for (int p = 0; p < q2_parts; ++p) s += partial[t * kClusterThreads + p * cp + cc];
+        store(t, cc, s);
+      }
     }
   }
 #elif defined(__CUDA_ARCH__)
@@ -394,7 +399,7 @@ int cluster_limit(int device) {
 template <typename T>
 int cluster_blocks(const void* x, const void* wd, const void* wu, int64_t n, int64_t d, int64_t r) {
   constexpr int VN = Vec<T>::kN;
-  if (n < 1 || n > kClusterTokens || d % VN != 0 || r % VN != 0 || !aligned16(x) || !aligned16(wd) ||
+  if (n < 1 || n > kSmallMaxTokens || d % VN != 0 || r % VN != 0 || !aligned16(x) || !aligned16(wd) ||
       !aligned16(wu) || !cluster_switch_on())
     return 0;
   int device = 0;

@@ -27,7 +27,7 @@ int bottleneck_adapter_forward_small(int dtype, const void* x, const void* wd, c
                                      int64_t r, int act, cudaStream_t stream);
 
 // Floats of workspace bottleneck_adapter_forward_small needs for this call on the current device: 0 where
-// the one-launch form (sm_90+, n <= 16, 16-byte aligned rows) takes it, else n * r.
+// the one-launch form (sm_90+, 16-byte aligned rows) takes it, else n * r.
 int64_t bottleneck_adapter_forward_small_workspace(int dtype, const void* x, const void* wd, const void* wu,
                                                    int64_t n, int64_t d, int64_t r);
 
