@@ -225,7 +225,7 @@ up_kernel(const float* __restrict__ hidden, const T* __restrict__ wu, const T* _
 // scheduled together or not at all, so the barrier between the down and the up projection is
 // cluster.sync(), not a second launch, and no block can wait on one that never runs.
 constexpr int kClusterThreads = 256;
-constexpr int kClusterTokens = 16;
+[[maybe_unused]] constexpr int kClusterTokens = 16;  // (the kernel body, the only user, is sm_90+ code)
 constexpr int kClusterMaxBlocks = 16;  // the non-portable cluster size sm_90 allows (8 is portable)
 constexpr int64_t kClusterColumns = 128;  // columns per block to aim for (fewer blocks for small d)
 
