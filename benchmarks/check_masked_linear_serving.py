@@ -6,9 +6,9 @@ eager op and times at the serving shapes, in well under a minute once pet_fast._
 For each (N, in, out) of the issue's serving shapes, bf16: plain F.linear on the unmasked weight (the
 limit), the extension called directly (kernel time without the op's Python layer), the op with
 backend="cuda", and the multitask form over 4 tasks; for N <= 16 also the extension with each of its two
-single-mask kernels forced (tensor cores, `mma_us`; the fp32 kernel, `fp32_us`), which is what the
-launcher's choice between them (kMmaMinTokens in csrc/masked_linear_lane.cuh) rests on; ratios to the limit and the bytes-moved floor
-(weight + bits + x + y at the copy rate measured in the same run). Exits 1 when an output differs from
+single-mask kernels forced (tensor cores, `mma_us`; the fp32 kernel, `fp32_us`), on which the launcher's
+choice between them rests (kMmaMinTokens in csrc/masked_linear_lane.cuh); ratios to the limit and the
+bytes-moved floor (weight + bits + x + y at the copy rate measured in the same run). Exits 1 when an output differs from
 the eager op by more than the precision rule of DESIGN.md §5 allows. Not among gpu_check.sh's default
 benchmarks (bench_masked_linear.py is; BENCHES=masked_serving runs this one): a quick rerun after a
 kernel change.
@@ -33,6 +33,7 @@ mp = importlib.import_module("pet_fast.ops.mask_packing")
 
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 11008), (4, 4096, 4096), (1, 4096, 11008), (2, 4096, 4096),
           (8, 4096, 4096)]
+TASKS = 4
 
 
 def forced(ext, min_tokens, fn):
@@ -43,7 +44,6 @@ def forced(ext, min_tokens, fn):
         return fn()
     finally:
         ext.masked_linear_set_mma_min_tokens(was)
-TASKS = 4
 
 
 def rel(a, b):
