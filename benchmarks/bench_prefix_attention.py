@@ -165,6 +165,10 @@ def training_rows(quick, device, dtype, flex=True):
             if not quick:
                 cands["pet_fast triton + padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
                     q, k, v, pk, pv, key_padding_mask=m, causal=c, backend="triton")
+                if grad:  # attention dropout in training (BERT's default 0.1): the kernels' draws against SDPA's
+                    for backend in ("triton", "eager"):
+                        cands[DROPOUT_ROW[backend]] = lambda q, k, v, pk, pv, m, c, b=backend: pet_fast.prefix_attention(
+                            q, k, v, pk, pv, key_padding_mask=m, causal=c, dropout_p=DROPOUT_P, backend=b)
                 # fwd+bwd: the merged path (torch flash + Triton prefix merge) where it applies (no GQA,
                 # causal only with L == S); fwd: the flash-style Triton kernels
                 cands["pet_fast triton, no padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(
@@ -256,17 +260,22 @@ BACKEND_IMPLS = {"pet_fast eager (sdpa) + padding": "eager", "pet_fast triton + 
 # gradient) its merged path (cuDNN or flash for the sequence) where the call allows it: their rows give
 # the "fwd+bwd, no padding" order.
 NO_PADDING_IMPLS = {"cat + sdpa, no padding": "eager", "pet_fast triton, no padding": "triton"}
+DROPOUT_P = 0.1
+DROPOUT_ROW = {b: f"pet_fast {name} + padding + dropout {DROPOUT_P}"
+               for b, name in (("triton", "triton"), ("eager", "eager (sdpa)"))}
+DROPOUT_IMPLS = {row: b for b, row in DROPOUT_ROW.items()}  # the "fwd+bwd, dropout" order
 
 
 def dispatch_table(rows) -> dict:
-    """auto's order per kind of call (decode, fwd, fwd+bwd from the padded rows of each backend, and
-    fwd+bwd without padding from the unpadded ones): the
+    """auto's order per kind of call (decode, fwd, fwd+bwd from the padded rows of each backend,
+    fwd+bwd without padding from the unpadded ones, fwd+bwd with dropout from the dropout rows): the
     backend that is fastest on more shapes first, ties broken by total time; only shapes where every
     compared backend ran count."""
     orders = {}
     for mode, row_mode, impls in [("decode", "decode", BACKEND_IMPLS), ("fwd", "fwd", BACKEND_IMPLS),
                                   ("fwd+bwd", "fwd+bwd", BACKEND_IMPLS),
-                                  ("fwd+bwd, no padding", "fwd+bwd", NO_PADDING_IMPLS)]:
+                                  ("fwd+bwd, no padding", "fwd+bwd", NO_PADDING_IMPLS),
+                                  ("fwd+bwd, dropout", "fwd+bwd", DROPOUT_IMPLS)]:
         per_shape = {}
         for r in rows:
             if r.get("mode") == row_mode and r.get("impl") in impls and r.get("us") is not None:

@@ -219,14 +219,17 @@ def prefix_attention_jobs(dtypes, quick):
                     # (causal, padding mask, GQA, variant): GQA keeps G a runtime i32 (G=1 is specialised
                     # to the constant 1 by the GPU launcher); "odd": L/S/P without divisibility; "i64": the
                     # batch and head strides past 2**31. Beyond the first tile, the aligned padded causal
-                    # GQA case only (the tiles differ in shape, not in code paths).
-                    combos = [(False, False, True, "aligned"), (False, True, True, "aligned"),
-                              (True, False, True, "aligned"), (True, True, True, "aligned"),
-                              (True, True, False, "aligned"), (False, True, True, "odd"), (True, True, True, "i64")]
+                    # GQA case only (the tiles differ in shape, not in code paths), with and without attention
+                    # dropout (its Philox draws add registers to every tile).
+                    combos = [(False, False, True, "aligned", False), (False, True, True, "aligned", False),
+                              (True, False, True, "aligned", False), (True, True, True, "aligned", False),
+                              (True, True, False, "aligned", False), (False, True, True, "odd", False),
+                              (True, True, True, "i64", False), (True, True, True, "aligned", True),
+                              (False, True, True, "odd", True)]
                     if quick or (bm, bn, warps, stages) != kernel_tiles[0]:
-                        combos = [combos[3], combos[5]] if quick else [combos[3]]
-                    for causal, kpm, gqa, variant in combos:
-                        consts = dict(HAS_KPM=kpm, CAUSAL=causal, **blocks)
+                        combos = [combos[3], combos[5], combos[7]] if quick else [combos[3], combos[7]]
+                    for causal, kpm, gqa, variant, dropout in combos:
+                        consts = dict(HAS_KPM=kpm, CAUSAL=causal, DROPOUT=dropout, **blocks)
                         if not gqa:
                             consts["G"] = 1
                         strides = PA_STRIDES
@@ -234,20 +237,23 @@ def prefix_attention_jobs(dtypes, quick):
                         if variant == "aligned":
                             div |= {"L", "S", "P"}
                         i64 = {k: "i64" for k in strides} if variant == "i64" else {}
-                        tag = f"D={D} causal={int(causal)} kpm={int(kpm)} G={'n' if gqa else 1} BM={bm} BN={bn}"
+                        tag = (f"D={D} causal={int(causal)} kpm={int(kpm)} G={'n' if gqa else 1} BM={bm} BN={bn}"
+                               f"{' dropout' if dropout else ''}")
+                        drop = dict(SEED="*i64", p_drop="fp32", inv_keep="fp32")
                         common = dict(dtype=dt, tag=tag, warps=warps, stages=stages, div=div, variant=variant,
                                       consts=consts)
                         if kernel == "pa_fwd":
                             jobs.append(dict(kernel=kernel, **common, types=dict(
-                                Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, LSE="*fp32", qk_scale2="fp32", **i64)))
+                                Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, LSE="*fp32", qk_scale2="fp32", **drop,
+                                **i64)))
                         elif kernel == "pa_bwd_dkdv":
                             jobs.append(dict(kernel=kernel, **common, types=dict(
                                 Q=t, K=t, V=t, PK=t, PV=t, DO=t, LSE="*fp32", DELTA="*fp32", KPM="*i8", DK=t, DV=t,
-                                DPK="*fp32", DPV="*fp32", qk_scale2="fp32", scale="fp32", **i64)))
+                                DPK="*fp32", DPV="*fp32", qk_scale2="fp32", scale="fp32", **drop, **i64)))
                         else:
                             jobs.append(dict(kernel=kernel, **common, types=dict(
                                 Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", DO=t, LSE="*fp32", DELTA="*fp32", DQ=t,
-                                qk_scale2="fp32", scale="fp32", **i64)))
+                                qk_scale2="fp32", scale="fp32", **drop, **i64)))
         jobs.append(dict(kernel="pa_delta", dtype=dt, tag="BLOCK_R=64", warps=4, stages=1,
                          div={"D", "H", "L"} | set(PA_STRIDES),
                          variant="aligned", consts=dict(BLOCK_R=64, BLOCK_D=64),

@@ -100,11 +100,41 @@ def _load_kv(K, V, off, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+def _dropout_uniform(seed, stream, rows, cols):
+    """The uniform number in [0, 1) that decides whether the attention weight of query ``rows`` on key
+    column ``cols`` (0..P-1 the prefix, P.. the sequence) in ``stream`` (batch * Hq + query head) is
+    dropped: Philox-4x32-10 under the 64-bit seed, counters (column, row, stream, 0). ``rows`` and
+    ``cols`` broadcast to the tile, in either orientation: the forward and both backward kernels draw
+    the same number for the same weight, and nothing is stored between them."""
+    c0 = (cols + rows * 0).to(tl.uint32)
+    c1 = (rows + cols * 0).to(tl.uint32)
+    c2 = c0 * 0 + stream.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    return tl.uint_to_uniform_float(r)
+
+
+@triton.jit
+def _dropout_stream(SEED, b, h, Hq, DROPOUT: tl.constexpr):
+    """(seed, stream) of a program's dropout draws for query head h of batch b: the seed from SEED (int64)
+    and the stream b * Hq + h under DROPOUT, else zeros that no draw reads."""
+    if DROPOUT:
+        seed = tl.load(SEED)
+        stream = b * Hq + h
+    else:
+        seed = 0
+        stream = b * 0
+    return seed, stream
+
+
+@triton.jit
+def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, cols, p_drop,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
     """Folds one block of base-2 scores ``s`` (-inf where masked) and its values into the running row max
     ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's dtype for the product,
     as flash attention does). Rows with no key yet stay (-inf, 0, 0); unmasked blocks (MASKED false) have
-    a finite score in every row, so they skip that guard."""
+    a finite score in every row, so they skip that guard. Under DROPOUT the dropped weights (query
+    ``rows``, key ``cols``) leave the values' sum but not the normaliser ``l_i``: the caller scales the
+    output by 1 / (1 - p_drop)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -113,6 +143,8 @@ def _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST: tl.constexpr, IEEE: tl.conste
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_dropout_uniform(seed, stream, rows, cols) >= p_drop, p, 0.0)
     pc = p.to(V.dtype.element_ty)
     if UPCAST:
         pc = pc.to(tl.float32)
@@ -121,11 +153,12 @@ def _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST: tl.constexpr, IEEE: tl.conste
 
 
 @triton.jit
-def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, rows, cols, p_drop,
+                         UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr):
     """One key block of the online softmax: the scores of q against kt where ``ok``, folded in."""
     s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
     s = tl.where(ok, s, float("-inf"))
-    return _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST, IEEE, True)
+    return _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, cols, p_drop, UPCAST, IEEE, True, DROPOUT)
 
 
 @triton.jit
@@ -203,8 +236,9 @@ def _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM: tl.constexpr, CAUSAL: 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, KPM, O, LSE,
+    Q, K, V, PK, PV, KPM, O, LSE, SEED,
     qk_scale2,  # scale * log2(e)
+    p_drop, inv_keep,  # attention dropout's probability and 1 / (1 - p_drop) (DROPOUT; SEED holds its seed)
     Hq, G, L, S, P, D,
     spk_b, spk_h,  # prefix strides (batch stride 0 when shared); rows are D apart
     sq_b, sq_h, sq_l,  # strides of q (batch, head, row; the last dim is contiguous in every tensor)
@@ -213,13 +247,15 @@ def _fwd_kernel(
     tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SCAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SCAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     offs_m, offs_d, offs_n0, m_ok, d_ok, kv_base, p_base, q_off, kv_tile, p_tile = _query_tile(
         h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, BLOCK_M, BLOCK_N, BLOCK_D)
+    seed, stream = _dropout_stream(SEED, b, h, Hq, DROPOUT)
+    rows = offs_m[:, None]  # dropout's row of each query
 
     q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -235,24 +271,29 @@ def _fwd_kernel(
         n_ok = offs_n < P
         kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + p_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, UPCAST, IEEE)
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, seed, stream,
+                                             rows, offs_n[None, :], p_drop, UPCAST, IEEE, DROPOUT)
 
-    # Sequence keys: whole blocks every row sees, without masks; then the masked rest.
+    # Sequence keys (dropout's columns P + j): whole blocks every row sees, without masks; then the masked rest.
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
         kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-        m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, UPCAST, IEEE, False)
+        m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, (P + start + offs_n0)[None, :],
+                                      p_drop, UPCAST, IEEE, False, DROPOUT)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
         kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, UPCAST, IEEE)
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, rows,
+                                             (P + offs_n)[None, :], p_drop, UPCAST, IEEE, DROPOUT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * inv_keep
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_off = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m.to(tl.int64)[:, None] * so_l + offs_d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -277,18 +318,26 @@ def _delta_kernel(O, DO, DELTA, R, H, L, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_
 
 
 @triton.jit
-def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
-    """One block of queries folded into a key block's dk, dv (``ok`` (BLOCK_N, BLOCK_M) when MASKED)."""
+def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, offs_m, p_drop, inv_keep,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
+    """One block of queries folded into a key block's dk, dv (``ok`` (BLOCK_N, BLOCK_M) when MASKED).
+    Under DROPOUT, with Z the kept weights over 1 - p_drop: dv takes (P * Z)^T dO, and the scores' gradient
+    is P * (Z * dO V^T - delta), delta = rowsum(dO * O) of the dropped output (flash attention's)."""
     s = _dot(kt, tl.trans(q), IEEE) * qk_scale2  # (BLOCK_N, BLOCK_M)
     p = tl.exp2(s - lse2[None, :])
     if MASKED:
         p = tl.where(ok, p, 0.0)
-    pc = p.to(DO.dtype.element_ty)
+    if DROPOUT:
+        keep = _dropout_uniform(seed, stream, offs_m[None, :], cols[:, None]) >= p_drop
+        pc = tl.where(keep, p * inv_keep, 0.0).to(DO.dtype.element_ty)
+    else:
+        pc = p.to(DO.dtype.element_ty)
     if UPCAST:
         pc = pc.to(tl.float32)
     dv += _dot(pc, do, IEEE)
     dp = _dot(vt, tl.trans(do), IEEE)
+    if DROPOUT:
+        dp = tl.where(keep, dp * inv_keep, 0.0)
     ds = p * (dp - delta[None, :])
     dsc = ds.to(Q.dtype.element_ty)
     if UPCAST:
@@ -324,15 +373,15 @@ def _load_query_rows(Q, DO, LSE, DELTA, qd_off, r_off, qd_mask, m_ok,
 @triton.jit
 def _dkdv_block(
     Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
-    qk_scale2, scale,
-    Hq, G, L, N, S_SEQ, D,
+    qk_scale2, scale, seed, p_drop, inv_keep,
+    Hq, G, L, N, S_SEQ, D, col0,  # col0: dropout's column of key 0 (0 for the prefix, P for the sequence)
     sk_b, sk_h, sk_l,  # key/value strides of these keys (batch stride 0 for a shared prefix)
     sdk_b, sdk_h, sdk_l,  # strides of the gradient buffers
     sq_b, sq_h, sq_l,  # strides of q and dO (the same)
     pid_n, hk, b,
     IS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dk, dv of one block of BLOCK_N keys (prefix or sequence), over every query that sees them. The
     query blocks that see every key of the block run without masks; a block with no unmasked key
@@ -379,8 +428,10 @@ def _dkdv_block(
     m_full = tl.where(n_valid > 0, m_full, m_mid)
 
     qd_tile = offs_m0[:, None] * sq_l + offs_d[None, :]
+    cols = col0 + offs_n
     for g in range(0, G):
         h = hk * G + g
+        stream = b * Hq + h
         q_base = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
         r_base = (b.to(tl.int64) * Hq + h) * L
         for i in range(0, n_masked):  # one loop over both masked runs keeps the registers of one loop body
@@ -394,12 +445,14 @@ def _dkdv_block(
             if not IS_PREFIX:
                 if CAUSAL:
                     ok = ok & (offs_n[:, None] <= offs_m[None, :] + (S_SEQ - L))
-            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, UPCAST, IEEE, True)
+            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, offs_m,
+                                p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
         for start in range(m_mid, m_full, BLOCK_M):
             offs_m = start + offs_m0
             q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * sq_l + qd_tile,
                                                   r_base + offs_m, d_ok[None, :], offs_m < L, False, EVEN_D, UPCAST)
-            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, n_ok, dk, dv, qk_scale2, DO, Q, UPCAST, IEEE, False)
+            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, n_ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, offs_m,
+                                p_drop, inv_keep, UPCAST, IEEE, False, DROPOUT)
 
     # masked keys get zeros (a padded key's non-finite value would leave NaN through 0 * inf)
     dk = tl.where(n_ok[:, None], dk * scale, 0.0)
@@ -411,8 +464,8 @@ def _dkdv_block(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DK, DV, DPK, DPV,
-    qk_scale2, scale,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DK, DV, DPK, DPV, SEED,
+    qk_scale2, scale, p_drop, inv_keep,
     Hq, G, L, S, P, D,
     sk_b, sk_h, sk_l,  # strides of k and v (the same)
     sdk_b, sdk_h, sdk_l,  # strides of dk and dv (the same)
@@ -421,31 +474,35 @@ def _bwd_dkdv_kernel(
     tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
+    seed, _ = _dropout_stream(SEED, b, hk, Hq, DROPOUT)
     nb_p = tl.cdiv(P, BLOCK_N)  # the first programs take the prefix key blocks (the longest: every query sees them)
     if pid < nb_p:
-        _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, Hq, G, L, P, S, D,
-                    spk_b, spk_h, D, sdp_b, sdp_h, D, sq_b, sq_h, sq_l, pid, hk, b,
-                    True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE)
+        _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, seed, p_drop, inv_keep,
+                    Hq, G, L, P, S, D, 0, spk_b, spk_h, D, sdp_b, sdp_h, D, sq_b, sq_h, sq_l, pid, hk, b,
+                    True, False, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE, DROPOUT)
     else:
-        _dkdv_block(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, qk_scale2, scale, Hq, G, L, S, S, D,
-                    sk_b, sk_h, sk_l, sdk_b, sdk_h, sdk_l, sq_b, sq_h, sq_l, pid - nb_p, hk, b,
-                    False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE)
+        _dkdv_block(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, qk_scale2, scale, seed, p_drop, inv_keep,
+                    Hq, G, L, S, S, D, P, sk_b, sk_h, sk_l, sdk_b, sdk_h, sdk_l, sq_b, sq_h, sq_l, pid - nb_p, hk, b,
+                    False, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, IEEE, DROPOUT)
 
 
 @triton.jit
-def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-             MASKED: tl.constexpr):
-    """One block of keys folded into a query block's dq (``ok`` (BLOCK_M, BLOCK_N) when MASKED)."""
+def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, seed, stream, rows, cols, p_drop, inv_keep,
+             UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
+    """One block of keys folded into a query block's dq (``ok`` (BLOCK_M, BLOCK_N) when MASKED); dropout
+    as in :func:`_dkdv_step`."""
     s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(ok, p, 0.0)
     dp = _dot(do, tl.trans(vt), IEEE)
+    if DROPOUT:
+        dp = tl.where(_dropout_uniform(seed, stream, rows, cols) >= p_drop, dp * inv_keep, 0.0)
     ds = p * (dp - delta[:, None])
     dsc = ds.to(K.dtype.element_ty)
     if UPCAST:
@@ -455,8 +512,8 @@ def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, UPCAST: tl.conste
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, PK, PV, KPM, DO, LSE, DELTA, DQ,
-    qk_scale2, scale,
+    Q, K, V, PK, PV, KPM, DO, LSE, DELTA, DQ, SEED,
+    qk_scale2, scale, p_drop, inv_keep,
     Hq, G, L, S, P, D,
     spk_b, spk_h,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,  # strides of q and dO (the same), and of k and v (the same)
@@ -464,13 +521,15 @@ def _bwd_dq_kernel(
     tune_l, tune_s,  # the autotuner's size classes of L and S (unused in the body)
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SCAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SCAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     offs_m, offs_d, offs_n0, m_ok, d_ok, kv_base, p_base, q_off, kv_tile, p_tile = _query_tile(
         h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, BLOCK_M, BLOCK_N, BLOCK_D)
+    seed, stream = _dropout_stream(SEED, b, h, Hq, DROPOUT)
+    rows = offs_m[:, None]
     q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_off, (b.to(tl.int64) * Hq + h) * L + offs_m,
                                           m_ok[:, None] & d_ok[None, :], m_ok, True, EVEN_D, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -479,24 +538,41 @@ def _bwd_dq_kernel(
         n_ok = (start + offs_n0) < P
         kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + p_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        dq = _dq_step(q, do, kt, vt, n_ok[None, :] & m_ok[:, None], lse2, delta, dq, qk_scale2, PK, UPCAST, IEEE,
-                      True)
+        dq = _dq_step(q, do, kt, vt, n_ok[None, :] & m_ok[:, None], lse2, delta, dq, qk_scale2, PK, seed, stream, rows,
+                      (start + offs_n0)[None, :], p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
 
     # rows past L have lse = +inf (p = 0): the unmasked blocks need no row mask
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
         kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
-        dq = _dq_step(q, do, kt, vt, m_ok, lse2, delta, dq, qk_scale2, K, UPCAST, IEEE, False)
+        dq = _dq_step(q, do, kt, vt, m_ok, lse2, delta, dq, qk_scale2, K, seed, stream, rows,
+                      (P + start + offs_n0)[None, :], p_drop, inv_keep, UPCAST, IEEE, False, DROPOUT)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
         kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        dq = _dq_step(q, do, kt, vt, ok & m_ok[:, None], lse2, delta, dq, qk_scale2, K, UPCAST, IEEE, True)
+        dq = _dq_step(q, do, kt, vt, ok & m_ok[:, None], lse2, delta, dq, qk_scale2, K, seed, stream, rows,
+                      (P + offs_n)[None, :], p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
 
     dq = dq * scale
     dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + offs_m.to(tl.int64)[:, None] * sdq_l + offs_d[None, :]
     tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dropout_keep_kernel(SEED, KEEP, Hq, L, NCOLS, p_drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KEEP (B, Hq, L, NCOLS) int8: 1 where the kernels keep the weight of query row i on key column j
+    under SEED and p_drop, 0 where they drop it (the draws of :func:`_dropout_uniform`)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seed, stream = _dropout_stream(SEED, b, h, Hq, True)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = KEEP + ((b.to(tl.int64) * Hq + h) * L + offs_m.to(tl.int64)[:, None]) * NCOLS
+    for start in range(0, NCOLS, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        keep = _dropout_uniform(seed, stream, offs_m[:, None], cols[None, :]) >= p_drop
+        tl.store(base + cols[None, :], keep.to(tl.int8), mask=(offs_m < L)[:, None] & (cols < NCOLS)[None, :])
 
 
 @triton.jit
@@ -605,7 +681,7 @@ def _autotuned(kernel, extra: dict, backward: bool, few_rows_tiles: bool = False
                            prune_configs_by={"early_config_prune": _prune(tiles, few_rows_tiles)})(kernel)
 
 
-_TUNE_KEY = ["D", "tune_l", "tune_s", "HAS_KPM", "CAUSAL", "BLOCK_D"]
+_TUNE_KEY = ["D", "tune_l", "tune_s", "HAS_KPM", "CAUSAL", "BLOCK_D", "DROPOUT"]
 _fwd_tuned = _autotuned(_fwd_kernel, _FWD_TILES, False, few_rows_tiles=True)
 _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, _DKDV_TILES, True)
 _dq_tuned = _autotuned(_bwd_dq_kernel, _DQ_TILES, True)
@@ -641,6 +717,29 @@ def _kpm_args(key_padding_mask: torch.Tensor | None, device):
     if key_padding_mask is None:
         return _replay.empty((1,), torch.int8, device), False
     return _nonempty(key_padding_mask.contiguous().view(torch.int8)), True
+
+
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, device) -> tuple:
+    """(seed pointer, p_drop, 1 / (1 - p_drop), DROPOUT) of a launch: the seed tensor (int64, one element
+    read on the device, so that CUDA graphs and compiled code draw a new mask per step from torch's
+    generator) under dropout, else an unread placeholder."""
+    if dropout_p <= 0.0:
+        return _replay.empty((1,), torch.int64, device), 0.0, 1.0, False
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor (int64, one element, on the inputs' device)")
+    return seed, float(dropout_p), 1.0 / (1.0 - float(dropout_p)), True
+
+
+def dropout_keep(seed: torch.Tensor, shape: tuple, dropout_p: float) -> torch.Tensor:
+    """Bool (B, Hq, L, P + S) of ``shape``: which attention weights the kernels keep under ``seed`` and
+    ``dropout_p`` (key columns 0..P-1 the prefix, then the sequence). For tests and references: the
+    kernels themselves store no mask."""
+    B, Hq, L, ncols = shape
+    keep = torch.empty((B, Hq, L, ncols), dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        bm, bn = (16, 16) if _interpreting() else (64, 64)
+        _dropout_keep_kernel[(cdiv(L, bm), Hq, B)](seed, keep, Hq, L, ncols, float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+    return keep.bool()
 
 
 # Layouts, shared with the merged path (prefix_attention_merge.py). Inputs are read through their strides;
@@ -710,32 +809,36 @@ _FORWARD_PROGRAMS: dict = _replay.register_cache({})
 
 
 def forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
-            block_m=None, block_n=None):
+            block_m=None, block_n=None, dropout_p=0.0, seed=None):
     """Returns ``(out, lse)``: ``out`` (B, Hq, L, D) in (B, L, Hq, D) memory (:func:`blhd_empty`); ``lse``
     (B, Hq, L) fp32, natural log, ``+inf`` on rows that see no key. q, k and v are read in place when their
-    last dim is contiguous (k and v with the same strides). Calls with a key seen before replay the launch
-    from C++ (kernels/_replay.py): decoding a few tokens is bound by the host."""
+    last dim is contiguous (k and v with the same strides). With ``dropout_p`` > 0 each attention weight
+    is dropped with that probability (the kept ones scaled by 1 / (1 - dropout_p)), drawn from ``seed``
+    (int64, one element on q's device; :func:`dropout_keep` shows the draws); ``lse`` is the undropped softmax's. Calls
+    with a key seen before replay the launch from C++ (kernels/_replay.py): decoding a few tokens is bound
+    by the host."""
     q = _rows(q)
     k, v = _keys(k, v)
+    args = (q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n, dropout_p, seed)
     if not _replay.active(q):
-        out, lse = _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n)
+        out, lse = _forward(*args)
     else:
-        key = forward_key(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n)
-        out, lse = _replay.call(_FORWARD_PROGRAMS, key, [q, k, v, prefix_k, prefix_v, key_padding_mask], _forward, q,
-                                k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m, block_n,
-                                single=False)
+        key = forward_key(*args)
+        out, lse = _replay.call(_FORWARD_PROGRAMS, key, [q, k, v, prefix_k, prefix_v, key_padding_mask, seed],
+                                _forward, *args, single=False)
     return out.transpose(1, 2), lse
 
 
-def forward_key(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m=None, block_n=None) -> tuple:
+def forward_key(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, block_m=None, block_n=None,
+                dropout_p=0.0, seed=None) -> tuple:
     """The replay key of a forward call (after :func:`forward` has laid out q, k, v): the kernels take
     q's and k's strides as arguments."""
-    return _replay.key_of(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, block_m, block_n) + (
-        q.stride(), k.stride())
+    return _replay.key_of(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, block_m, block_n,
+                          float(dropout_p), seed) + (q.stride(), k.stride())
 
 
 def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
-             block_m=None, block_n=None):
+             block_m=None, block_n=None, dropout_p=0.0, seed=None):
     """:func:`forward` with q, k and v as it makes them; returns the output as allocated, (B, L, Hq, D)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -748,12 +851,13 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
+    seed, p_drop, inv_keep, dropout = _dropout_args(dropout_p, seed, q.device)
     tuned, kw = _launch_args(q, D, False, block_m, block_n)
     _replay.launch(
         _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
-        q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse,
-        scale * LOG2E, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *blhd_strides(B, Hq, L, D)[:3],
-        n_bucket(L), n_bucket(S), HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, **kw)
+        q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse, seed,
+        scale * LOG2E, p_drop, inv_keep, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *blhd_strides(B, Hq, L, D)[:3],
+        n_bucket(L), n_bucket(S), HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, DROPOUT=dropout, **kw)
     return out, lse
 
 
@@ -761,11 +865,12 @@ _BACKWARD_PROGRAMS: dict = _replay.register_cache({})
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal=False, scale=None,
-             block_m=None, block_n=None):
+             block_m=None, block_n=None, dropout_p=0.0, seed=None):
     """Returns ``(dq, dk, dv, d_prefix_k, d_prefix_v)``: dq, dk and dv in (B, L, H, D) memory
     (:func:`blhd_empty`), the prefix gradients in the prefix's shape (summed over the batch when it is
     shared), None without a prefix. q, k, v, dO and O are read in place when their last dim is contiguous
-    (and dO laid out as q, as an attention layer's are: else both are copied).
+    (and dO laid out as q, as an attention layer's are: else both are copied). ``dropout_p`` and ``seed``
+    must be the forward's: the kernels draw the same numbers again.
     Four launches: ``delta = rowsum(dO * O)``, dk/dv (and the prefix's fp32 partials), dq, and the
     partials' sum into the prefix's dtype in a fixed order; every gradient is written whole by the kernels
     (no zero fill), except when there is nothing to attend (zeros, from torch). Calls with a key seen
@@ -774,25 +879,27 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, 
     if grad_out.stride() != q.stride():  # the kernels read both at one offset
         q, grad_out = q.contiguous(), grad_out.contiguous()
     k, v = _keys(k, v)
-    args = (grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m, block_n)
+    args = (grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m, block_n,
+            dropout_p, seed)
     if not _replay.active(q):
         grads = _backward(*args)
     else:
         key = backward_key(*args)
         grads = _replay.call(_BACKWARD_PROGRAMS, key, [grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
-                                                       lse], _backward, *args, single=False)
+                                                       lse, seed], _backward, *args, single=False)
     dq, dk, dv, dpk, dpv = grads
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
 
 
 def backward_key(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m=None,
-                 block_n=None) -> tuple:
+                 block_n=None, dropout_p=0.0, seed=None) -> tuple:
     """The replay key of a backward call (after :func:`backward` has laid out its inputs), strides included."""
     return _replay.key_of(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, bool(causal), scale,
-                          block_m, block_n) + tuple(t.stride() for t in (grad_out, q, k, out))
+                          block_m, block_n, float(dropout_p), seed) + tuple(t.stride() for t in (grad_out, q, k, out))
 
 
-def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m, block_n):
+def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, block_m, block_n,
+              dropout_p=0.0, seed=None):
     """:func:`backward` with its inputs as it makes them; dq, dk, dv returned as allocated, (B, L, H, D)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -821,20 +928,21 @@ def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
     pk, P, spk_b, spk_h = _prefix_args(prefix_k, B, Hkv, D, q)
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
+    seed, p_drop, inv_keep, dropout = _dropout_args(dropout_p, seed, q.device)
     tuned, kw = _launch_args(q, D, True, block_m, block_n)
     sizes = (n_bucket(L), n_bucket(S))
-    flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), **kw)
+    flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), DROPOUT=dropout, **kw)
     qk_scale2 = scale * LOG2E
     _replay.launch(
         _dkdv_tuned if tuned else _bwd_dkdv_kernel,
         lambda meta: (cdiv(P, meta["BLOCK_N"]) + cdiv(S, meta["BLOCK_N"]), Hkv, B),
         q, _nonempty(k), _nonempty(v), pk, pv, grad_out, lse, delta, kpm, _nonempty(dk), _nonempty(dv),
-        _nonempty(dpk_part), _nonempty(dpv_part), qk_scale2, scale,
+        _nonempty(dpk_part), _nonempty(dpv_part), seed, qk_scale2, scale, p_drop, inv_keep,
         Hq, G, L, S, P, D, *_bhl(k), *blhd_strides(B, Hkv, S, D)[:3], *_bhl(q), spk_b, spk_h, sdp_b, P * D,
         *sizes, **flags)
     _replay.launch(
         _dq_tuned if tuned else _bwd_dq_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
-        q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, qk_scale2, scale,
+        q, _nonempty(k), _nonempty(v), pk, pv, kpm, grad_out, lse, delta, dq, seed, qk_scale2, scale, p_drop, inv_keep,
         Hq, G, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *blhd_strides(B, Hq, L, D)[:3], *sizes, SCAN=_SCAN,
         **flags)
     if has_prefix and P > 0:

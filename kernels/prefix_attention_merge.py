@@ -117,7 +117,8 @@ def _merge_fwd_kernel(
         # the op's own online-softmax step (P >= 1: every row sees the first prefix key, m_i is finite)
         kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, UPCAST, IEEE)
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, 0, 0, 0, 0, 0.0,
+                                             UPCAST, IEEE, False)
 
     lse_s2 = tl.load(LSES + b64 * sls_b + h64 * sls_h + rows * sls_l, mask=m_ok, other=0.0) * 1.4426950408889634
     lse_p2 = m_i + tl.log2(l_i)

@@ -17,9 +17,10 @@ the function of the same name in ``ALL_MASK_ATTENTION_FUNCTIONS``. This module r
   ``pet_fast.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=..., causal=...)``:
   causal is the module's ``is_causal`` (bottom-right aligned, so it also holds while decoding with a
   KV cache), grouped-query attention is passed through (the op reads ``Hkv`` heads), and the prefix
-  is never written into the cache (it is added at every call). With a dense 4-D mask, or with
-  attention dropout in training (the op has no dropout), it concatenates the prefix and runs
-  ``scaled_dot_product_attention`` with the mask extended by the always visible prefix columns.
+  is never written into the cache (it is added at every call). Attention dropout in training is the
+  op's ``dropout_p`` (over prefix and sequence weights alike, as on the concatenated keys). With a
+  dense 4-D mask it concatenates the prefix and runs ``scaled_dot_product_attention`` with the mask
+  extended by the always visible prefix columns.
 * a layer with no active prefix (no prefix task active, or a module the method did not touch) runs
   the model's **original** implementation (``eager`` or ``sdpa``, remembered when the method is
   attached), with the 2-D padding mask turned back into the mask that implementation expects.
@@ -49,7 +50,7 @@ class LayerPrefix:
     """What one attention module needs: a function ``source(dtype, batch_size)`` returning its prefix
     ``(prefix_k, prefix_v)`` in that dtype (each ``(Hkv, P, D)``, or ``(B, Hkv, P, D)`` views broadcast
     over the batch), or None when no prefix is active; the name of the model's original attention
-    implementation; whether attention dropout is kept (dense path in training)."""
+    implementation; whether attention dropout is kept in training."""
 
     def __init__(self, source: Callable, original: str = "sdpa", keep_dropout: bool = True):
         self.source = source
@@ -310,17 +311,19 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     causal = _is_causal(module, kwargs)
     use_dropout = dropout > 0.0 and (lp.keep_dropout if lp is not None else True)
     B = query.shape[0]
-    if use_dropout or (attention_mask is not None and attention_mask.dim() != 2):
+    p_drop = float(dropout) if use_dropout else 0.0
+    if attention_mask is not None and attention_mask.dim() != 2:
         pk, pv = _batch_views(lp, target, B, pk, pv)
-        out = _dense(query, key, value, pk, pv, attention_mask, causal, scaling, dropout if use_dropout else 0.0)
+        out = _dense(query, key, value, pk, pv, attention_mask, causal, scaling, p_drop)
     else:
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
         # the arguments are right by construction (module docstring): the op's checks are skipped
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        impl = attend_impl(query, key, value, pk, pv, kpm, causal)
+        impl = attend_impl(query, key, value, pk, pv, kpm, causal, dropout_p=p_drop)
         if impl.backend == "eager":
             pk, pv = _batch_views(lp, target, B, pk, pv)
-        out = impl.run(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scale)
+        kw = {"dropout_p": p_drop} if p_drop > 0 else {}
+        out = impl.run(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scale, **kw)
     # the kernels' output is (B, L, H, D) memory (transposed back with no copy), the eager path's is not
     return out.transpose(1, 2).contiguous(), None
 

@@ -445,11 +445,13 @@ def test_measured_timings_order_auto(tmp_path):
             dict(shape="t", mode="fwd+bwd", impl="cat + sdpa + padding mask", us=10.0),  # not a backend
             dict(shape="t", mode="fwd+bwd", impl="cat + sdpa, no padding", us=600.0),  # eager without padding
             dict(shape="t", mode="fwd+bwd", impl="pet_fast triton, no padding", us=450.0),
+            dict(shape="t", mode="fwd+bwd", impl="pet_fast triton + padding + dropout 0.1", us=950.0),
+            dict(shape="t", mode="fwd+bwd", impl="pet_fast eager (sdpa) + padding + dropout 0.1", us=1200.0),
             dict(shape="u", mode="fwd", impl="pet_fast triton + padding", error="failed")]
     table = dispatch_table(rows)
     # decode: one win each, cuda's total time is lower (310 against 315); fwd has a single backend measured: no order
     assert table == {"orders": {"decode": ["cuda", "triton", "eager"], "fwd+bwd": ["eager", "triton"],
-                                "fwd+bwd, no padding": ["triton", "eager"]}}
+                                "fwd+bwd, no padding": ["triton", "eager"], "fwd+bwd, dropout": ["triton", "eager"]}}
     path = tmp_path / "prefix_attention_timings.json"
     path.write_text(json.dumps(table))
     gpu = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, q_len=1, requires_grad=False)
@@ -458,6 +460,7 @@ def test_measured_timings_order_auto(tmp_path):
         assert op.preference(gpu) == ["cuda", "triton", "eager"]
         assert op.preference(dict(gpu, requires_grad=True, padding=True)) == ["eager", "triton", "cuda"]
         assert op.preference(dict(gpu, requires_grad=True, padding=False)) == ["triton", "eager", "cuda"]
+        assert op.preference(dict(gpu, requires_grad=True, padding=True, dropout=True)) == ["triton", "eager", "cuda"]
         assert op.preference(dict(gpu, q_len=64)) == ["triton", "cuda", "eager"]  # not measured: by design
         path.write_text(json.dumps({"orders": {"decode": ["fast"]}}))
         with pytest.raises(ValueError, match="prefix_attention timings"):
@@ -503,6 +506,12 @@ def test_auto_follows_every_order_of_a_table(tmp_path):
         info = op.describe(q, k, pk, mask, False, v, pv)
         assert [name for name, _ in dispatch.explain(op.OP, info)] == orders["fwd+bwd"]
         assert order(q, pk.requires_grad_()) == ["triton", "eager", "cuda"]
+        # calls with dropout that need a gradient: fwd+bwd's order, then their own where the table has one
+        drop = op.describe(q, k, pk, mask, False, v, pv, dropout_p=0.1)
+        assert [name for name, _ in dispatch.explain(op.OP, drop)] == orders["fwd+bwd"]
+        path.write_text(json.dumps({"orders": {**orders, "fwd+bwd, dropout": ["triton", "cuda", "eager"]}}))
+        op.load_timings(str(path))
+        assert [name for name, _ in dispatch.explain(op.OP, drop)] == ["triton", "cuda", "eager"]
         # a table with some modes only: the others keep the design order
         path.write_text(json.dumps({"orders": {"fwd+bwd": ["eager"]}}))
         op.load_timings(str(path))
@@ -572,13 +581,18 @@ def test_eager_path_matches_custom_op_path(monkeypatch, per_batch):
         assert torch.equal(a, b)
 
 
-def test_custom_ops_opcheck():
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_custom_ops_opcheck(dropout_p):
     q, k, v, pk, pv = make(1, 2, 1, 5, 7, 8, 2)
     mask = padding_mask(1, 7, "right")
+    seed = op.dropout_seed(q.device) if dropout_p else None
     torch.library.opcheck(torch.ops.pet_fast.prefix_attention_fwd.default,
-                          (q.requires_grad_(), k.requires_grad_(), v, pk.requires_grad_(), pv, mask, True, 0.3),
+                          (q.requires_grad_(), k.requires_grad_(), v, pk.requires_grad_(), pv, mask, True, 0.3,
+                           dropout_p, seed),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    out, lse = torch.ops.pet_fast.prefix_attention_fwd(q.detach(), k.detach(), v, pk.detach(), pv, mask, True, 0.3)
+    out, lse = torch.ops.pet_fast.prefix_attention_fwd(q.detach(), k.detach(), v, pk.detach(), pv, mask, True, 0.3,
+                                                       dropout_p, seed)
     torch.library.opcheck(torch.ops.pet_fast.prefix_attention_bwd.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v, pk.detach(), pv, mask, out, lse, True, 0.3),
+                          (torch.randn_like(out), q.detach(), k.detach(), v, pk.detach(), pv, mask, out, lse, True, 0.3,
+                           dropout_p, seed),
                           test_utils=("test_schema", "test_faketensor"))

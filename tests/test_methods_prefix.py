@@ -17,6 +17,7 @@ import torch
 import transformers as tf
 from transformers import DynamicCache
 
+import pet_fast
 from pet_fast import hf_attention
 from pet_fast.tasks import inject, registry, set_active, task_parameters, trainable_parameters
 from pet_fast.methods.prefix import (
@@ -366,9 +367,12 @@ def test_fused_op_runs_without_dense_mask(family, monkeypatch):
 
 
 def set_attention_dropout(model, p):
-    for m in model.modules():
+    """Llama-style layers read ``attention_dropout``; BERT's self-attention its ``dropout`` module's p."""
+    for name, m in model.named_modules():
         if hasattr(m, "attention_dropout"):
             m.attention_dropout = p
+        if name.endswith("attention.self") and isinstance(getattr(m, "dropout", None), torch.nn.Dropout):
+            m.dropout.p = p
 
 
 def test_dense_4d_mask_and_attention_dropout_paths():
@@ -382,19 +386,46 @@ def test_dense_4d_mask_and_attention_dropout_paths():
         dense = model(input_ids=ids, attention_mask=mask4).logits
     real = mask.bool()
     close(dense[real], ref[real])
-    # attention dropout in training: the concatenated path with dropout (random, finite), unless
-    # keep_attention_dropout=False, which drops it and runs the fused op (deterministic, = eval)
-    set_attention_dropout(model, 0.5)
-    model.train()
-    with torch.no_grad():
-        a, b = model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
-    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-3
+    # keep_attention_dropout=False drops attention dropout in training (deterministic, = eval)
     nodrop, _ = injected("llama", "sdpa", keep_attention_dropout=False)
     set_attention_dropout(nodrop, 0.5)
     with torch.no_grad():
         want = nodrop(input_ids=ids, attention_mask=mask).logits
         nodrop.train()
         close(nodrop(input_ids=ids, attention_mask=mask).logits[real], want[real])
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_attention_dropout_in_training_is_the_ops(monkeypatch, family, backend):
+    """Attention dropout in training goes to the op's dropout_p (never to the concatenated dense path):
+    random and finite in training, with gradients reaching the prefix; in eval mode no dropout."""
+    from pet_fast import hf_attention
+    from pet_fast.ops import prefix_attention as op
+
+    model, _ = injected(family, "sdpa")
+    set_attention_dropout(model, 0.5)
+    monkeypatch.setattr(hf_attention, "_dense", None)  # any use of the dense path would fail
+    seen = []
+    real = op.attend_impl
+    monkeypatch.setattr(op, "attend_impl", lambda *a, **kw: seen.append(kw.get("dropout_p")) or real(*a, **kw))
+    ids, mask, _ = batch([6, 4], "right")
+    with pet_fast.use_backend(backend):
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits
+        assert set(seen) == {0.0}
+        model.train()
+        a = model(input_ids=ids, attention_mask=mask).logits
+        with torch.no_grad():
+            b = model(input_ids=ids, attention_mask=mask).logits
+        assert set(seen[-2:]) == {0.5}
+        tol = 1e-2 * want.abs().max()  # BERT's classifier logits are small
+        assert torch.isfinite(a).all() and (a - b).abs().max() > tol and (a - want).abs().max() > tol
+        a.square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def test_fallback_with_cache_and_several_queries():

@@ -690,6 +690,27 @@ def test_prefix_backward_through_replayed_programs_gives_the_launchers_bits(ext,
         assert calls == ([0, 1, 2] if prefix is None else [0, 1, 2, 3])
 
 
+def test_prefix_dropout_through_replayed_programs_reads_each_calls_seed(ext):
+    """With attention dropout the seed tensor is an input of the recorded programs: each replayed forward
+    and backward draws from its own call's seed (the launchers' bits with that seed), not the recording's."""
+    c = _prefix_case(0)
+    seeds = [torch.tensor([s], dtype=torch.int64) for s in (11, 12, 13)]
+    gy = torch.randn(c[0].shape, generator=torch.Generator().manual_seed(5))
+
+    def run(seed):
+        out, lse = PA.forward(*c, True, None, dropout_p=0.3, seed=seed)
+        return (out, lse) + PA.backward(gy, *c, out, lse, True, None, dropout_p=0.3, seed=seed)
+
+    want = [run(s) for s in seeds]  # outside the block: every launch from Python
+    assert not torch.equal(want[0][0], want[1][0])
+    with R.through_interpreter(ext):
+        for s, w in zip(seeds, want):
+            _same(run(s), w)
+        key = PA.forward_key(*c, True, None, None, None, 0.3, seeds[0])
+        assert isinstance(PA._FORWARD_PROGRAMS[key], R.Entry)
+        assert key != PA.forward_key(*c, True, None)  # without dropout: another program
+
+
 def test_a_query_in_another_layout_is_its_own_key(ext):
     """A query in the (B, L, H, D) memory of projections is read in place under its own key (the kernels take
     its strides); one whose rows are not contiguous is copied first, and then takes the contiguous key."""

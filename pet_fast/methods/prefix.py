@@ -369,9 +369,9 @@ class PrefixConfig(MethodConfig):
       (AdapterHub's behaviour).
     * The prefix is never stored in the KV cache: the attention function adds it at every step, and
       the attention mask covers only real tokens (no ones(P) columns to add).
-    * ``keep_attention_dropout``: in training, layers with attention dropout run the concatenated
-      path with dropout (same semantics as the model); False drops attention dropout so the fused
-      kernel runs.
+    * ``keep_attention_dropout``: in training, layers with attention dropout pass it to the op
+      (``prefix_attention(dropout_p=...)``: the Triton kernels draw it themselves, the eager backend is
+      SDPA's); False trains without attention dropout.
     * One forward of the model computes every layer's prefix once (one MLP call, one cast, one
       backward node for all layers) and each layer reads its own. Gradient checkpointing: then each
       layer computes its prefix inside its own forward (for the MLP, only that layer's rows of the

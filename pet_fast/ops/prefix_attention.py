@@ -14,6 +14,12 @@ Contract
     causal         bottom-right aligned: query i (0-based among the L) sees every prefix position and
                    the keys j <= i + (S - L)
     scale          defaults to D ** -0.5
+    dropout_p      attention dropout in [0, 1): each weight of the softmax (prefix and sequence keys
+                   alike) is dropped with this probability and the kept ones are scaled by
+                   1 / (1 - dropout_p), as ``scaled_dot_product_attention(dropout_p=...)`` does; applied
+                   whenever it is > 0 (pass 0 outside training, as transformers' layers do). The draws come
+                   from torch's generator of q's device (``torch.manual_seed`` reproduces them); the
+                   backends draw differently, so only their distributions agree.
 A query row that sees no key at all returns zeros (never NaN) and passes no gradient.
 All floating tensors share q's dtype and device; the output has q's shape. The triton backend reads q,
 k, v in any layout whose last dim is contiguous (the (B, L, H, D) memory of projections in place) and
@@ -33,7 +39,9 @@ Backends
             / ``_bwd`` (torch.compile sees one node each, no graph break; eager calls take the same
             functions through an autograd.Function, ops/_autograd.py): flash-attention forward and
             backward that read the prefix from its own tensor and skip padded keys; fp32/fp16/bf16,
-            head_dim <= 256; forward and backward. Calls that need a gradient, without padding or
+            head_dim <= 256; forward and backward; dropout drawn in the kernels (Philox, one seed per call
+            from torch's generator, drawn again in the backward: no mask is stored). Calls that need a
+            gradient, without dropout, padding or
             GQA, non-causal or causal with L == S, head_dim % 8 == 0, fp16/bf16 on CUDA, take the
             merged path instead (``pet_fast::prefix_attention_merged_fwd`` / ``_bwd``,
             kernels/prefix_attention_merge.py): torch's cuDNN attention (where a one-time probe
@@ -42,12 +50,13 @@ Backends
             the merged output and log-sum-exp gives the joint softmax's sequence gradients).
     cuda    csrc/prefix_attention.cu behind ``pet_fast::prefix_attention_decode``: 1..8 new tokens per
             sequence over [prefix; cache], split over the keys and merged by log-sum-exp; fp16/bf16,
-            head_dim <= 256, forward only (refuses calls that need a gradient).
+            head_dim <= 256, forward only (refuses calls that need a gradient, and dropout).
 auto follows measured timings where a GPU run left a table (prefix_attention_timings.json, one order per
 kind of call: "fwd" when no gradient is needed, "fwd+bwd" when one is, "fwd+bwd, no padding" when one is
-and nothing is masked (the triton backend's flash-merge path; the "fwd+bwd" order when the table has no
-such entry), "decode" for at most 8 queries without a gradient), else takes triton, then eager, and the
-decode kernel last (see :func:`preference`).
+and nothing is masked (the triton backend's flash-merge path), "fwd+bwd, dropout" when one is with
+attention dropout (these two follow the "fwd+bwd" order when the table has no such entry), "decode" for
+at most 8 queries without a gradient), else takes triton, then eager, and the decode kernel last (see
+:func:`preference`).
 The shipped table (H100, bf16, benchmarks/results/h100-2026-11-27c/call2) puts triton first for the
 forward and for decode, and eager (SDPA) first for forward+backward, with or without padding, where its
 summed time over the benchmark's shapes was lower.
@@ -66,6 +75,13 @@ from . import _autograd, _checks, _timings
 from ._autocast import compute_dtype
 
 OP = "prefix_attention"
+
+
+def check_dropout(dropout_p) -> float:
+    p = _checks.real_number("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return p
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> float:
@@ -120,9 +136,13 @@ def allowed_keys(B, L, S, P, key_padding_mask, causal, device) -> torch.Tensor:
     return allowed
 
 
-def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
+              dropout_p=0.0, dropout_keep=None):
     """Eager PyTorch on the concatenated keys: scores in q's dtype, softmax in float32 (float64 for
-    float64 inputs). Differentiable through autograd."""
+    float64 inputs). Differentiable through autograd. With ``dropout_p`` > 0, ``dropout_keep`` (bool,
+    broadcastable to (B, Hq, L, P + S)) says which weights are kept: they are scaled by
+    1 / (1 - dropout_p), the others zeroed (the kernels' draws come from
+    ``pet_fast.kernels.prefix_attention.dropout_keep``)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -144,17 +164,21 @@ def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, caus
     # zeroed after the softmax.
     scores = scores.masked_fill(~allowed, torch.finfo(acc).min)
     probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+    if dropout_p > 0:
+        if dropout_keep is None:
+            raise ValueError("reference: dropout_p > 0 needs dropout_keep (which weights are kept)")
+        probs = probs * dropout_keep / (1.0 - dropout_p)
     return torch.matmul(probs.to(q.dtype), v)
 
 
-def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None) -> dict:
+def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None, dropout_p=0.0) -> dict:
     """What the dispatcher sees of a (validated) call."""
     grad = _checks.needs_grad(q, k, v, prefix_k, prefix_v)
     return _checks.info(
         q, batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
         head_dim=q.shape[3], prefix_len=0 if prefix_k is None else prefix_k.shape[-2],
         prefix_per_batch=prefix_k is not None and prefix_k.dim() == 4,
-        padding=key_padding_mask is not None, causal=causal, requires_grad=grad,
+        padding=key_padding_mask is not None, causal=causal, requires_grad=grad, dropout=dropout_p > 0,
     )
 
 
@@ -291,7 +315,7 @@ def _sdpa_masks_reused(B, L, S, P, key_padding_mask, causal, device, additive=No
     return masks
 
 
-def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0):
     """The eager backend (same signature and contract as :func:`reference`): the prefix concatenated
     onto the keys and values, then ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -303,7 +327,8 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
     ``enable_gqa`` for fp16/bf16 on CUDA (with a mask from torch 2.11 on; see :func:`_sdpa_gqa`), else
     repeats the key/value heads. Rows that see no
     key are zeros with no gradient, as the contract says (SDPA alone would give NaN there on some
-    devices). Plain torch ops only: autograd, every dtype, torch.compile(fullgraph=True)."""
+    devices). ``dropout_p`` is SDPA's own. Plain torch ops only: autograd, every dtype,
+    torch.compile(fullgraph=True)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -331,7 +356,8 @@ def sdpa(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=Fa
         else:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=use_is_causal, scale=scale, **extra)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_is_causal,
+                                         scale=scale, **extra)
     if rows is not None:
         out = torch.where(rows, out, out.new_zeros(()))
     return out
@@ -362,10 +388,11 @@ def _empty_prefix(prefix):
 
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
                    prefix_v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], causal: bool,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, dropout_p: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, Hq, L, D) in (B, L, Hq, D) memory, lse (B, Hq, L) float32 (natural log, +inf on
-    rows that see no key)."""
-    return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    rows that see no key). ``seed`` (int64, one element) when dropout_p > 0: the backward draws from it again."""
+    return _kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p=dropout_p,
+                              seed=seed)
 
 
 def _blhd_like(t: torch.Tensor) -> torch.Tensor:
@@ -375,23 +402,25 @@ def _blhd_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(B, L, H, D).transpose(1, 2)
 
 
-def _fused_forward_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def _fused_forward_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed):
     return _blhd_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor],
                     key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d_prefix_k, d_prefix_v); the prefix gradients are empty tensors without a prefix."""
     dq, dk, dv, dpk, dpv = _kernels().backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-                                               causal, scale)
+                                               causal, scale, dropout_p=dropout_p, seed=seed)
     if dpk is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpk, dpv
 
 
-def _fused_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+def _fused_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
+                         dropout_p=0.0, seed=None):
     cf = torch.contiguous_format
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
@@ -409,22 +438,22 @@ def _lse_without_gradient(ctx, lse: torch.Tensor) -> None:
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     _lse_without_gradient(ctx, lse)
 
 
 def _fused_autograd_backward(ctx, grad_out, grad_lse):
     if grad_out is None:  # the output took no part in what is differentiated
-        return (None,) * 8
-    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+        return (None,) * 10
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, seed = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = FUSED_BACKWARD.within(ctx)(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
-                                                      lse, ctx.causal, ctx.scale)
+                                                      lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
     if prefix_k is None:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None
 
 
 # Custom ops for compiled code (one opaque node per direction, no graph break); eager calls take the same
@@ -553,24 +582,39 @@ def merged(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=
     return MERGED_FORWARD(q, k, v, prefix_k, prefix_v, causal, scale)[0]
 
 
-def own_kernels(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
+def dropout_seed(device) -> torch.Tensor:
+    """The seed of one call's dropout draws (int64, one element on ``device``), from torch's generator of
+    that device and nothing else (``torch.manual_seed`` reproduces it): under torch.compile an op of the
+    graph, under CUDA graphs a kernel that each replay runs again."""
+    return torch.randint(2 ** 62, (1,), dtype=torch.int64, device=device)
+
+
+def _own(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p):
+    """``pet_fast::prefix_attention_fwd``'s output, with a new :func:`dropout_seed` under dropout."""
+    seed = dropout_seed(q.device) if dropout_p > 0 else None
+    return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, float(dropout_p), seed)[0]
+
+
+def own_kernels(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
+                dropout_p=0.0):
     """The flash-style Triton kernels of kernels/prefix_attention.py for every call, forward and backward
-    (``torch.ops.pet_fast.prefix_attention_fwd``); same signature as :func:`reference`."""
+    (``torch.ops.pet_fast.prefix_attention_fwd``); same signature as :func:`sdpa`."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+    return _own(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
 
 
-def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
-    """The triton backend (same signature as :func:`reference`). Calls that need a gradient and that
-    :func:`merged_reasons` accepts take the merged path (torch's cuDNN or flash attention over the sequence plus
-    the Triton prefix merge, ``pet_fast::prefix_attention_merged_fwd``); every other call, and every
-    forward-only call, takes the flash-style Triton kernels (``pet_fast::prefix_attention_fwd``)."""
+def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0):
+    """The triton backend (same signature as :func:`sdpa`). Calls that need a gradient, without dropout, and
+    that :func:`merged_reasons` accepts take the merged path (torch's cuDNN or flash attention over the
+    sequence plus the Triton prefix merge, ``pet_fast::prefix_attention_merged_fwd``); every other call, and
+    every forward-only call, takes the flash-style Triton kernels (``pet_fast::prefix_attention_fwd``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
-    if _checks.needs_grad(q, k, v, prefix_k, prefix_v) and not merged_reasons(q, k, prefix_k, key_padding_mask, causal):
+    if dropout_p == 0 and _checks.needs_grad(q, k, v, prefix_k, prefix_v) and not merged_reasons(
+            q, k, prefix_k, key_padding_mask, causal):
         return MERGED_FORWARD(q, k, v, prefix_k, prefix_v, causal, scale)[0]
-    return FUSED_FORWARD(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+    return _own(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
 
 
 # The Triton kernels' grids put the heads and the batch on CUDA's second and third grid dimensions.
@@ -602,33 +646,40 @@ def prefix_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
     def resolve():
         s = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-        return s, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v)
+        p = check_dropout(dropout_p)
+        return (s, p), describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, p)
 
-    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-    scale, impl = dispatch.plan(OP, sig, backend, resolve)
-    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
+    (scale, p), impl = dispatch.plan(OP, sig, backend, resolve)
+    kw = {"dropout_p": p} if p > 0 else {}
+    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, **kw)
 
 
-def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, backend=None) -> dispatch.Impl:
+def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, backend=None,
+                dropout_p: float = 0.0) -> dispatch.Impl:
     """The backend :func:`attend` takes for these arguments (its ``.backend`` names it, ``.run`` runs it
-    with :func:`reference`'s signature)."""
-    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
-    _, impl = dispatch.plan(OP, sig, backend, lambda: (None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v)))
+    with :func:`sdpa`'s signature)."""
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p > 0)
+    _, impl = dispatch.plan(OP, sig, backend, lambda: (
+        None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, dropout_p)))
     return impl
 
 
-def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float, backend=None):
+def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float, backend=None,
+           dropout_p: float = 0.0):
     """:func:`prefix_attention` without :func:`check_inputs`, for callers whose arguments satisfy the
     contract by construction (pet_fast.hf_attention: q, k, v from the model's projections, the prefix
     from its encoder, the padding mask from its mask function), where the checks would run in every
-    layer of every step. ``scale`` must be a float. Same dispatch."""
-    impl = attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, backend)
-    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+    layer of every step. ``scale`` and ``dropout_p`` must be floats. Same dispatch."""
+    impl = attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, backend, dropout_p)
+    kw = {"dropout_p": dropout_p} if dropout_p > 0 else {}
+    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -644,6 +695,8 @@ def decode_shape_reasons(info) -> list:
         why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM}")
     if info.get("requires_grad"):
         why.append("a gradient is required and the decode kernel is forward only")
+    if info.get("dropout"):
+        why.append("attention dropout (the decode kernel has none)")
     if info["kv_len"] + info["prefix_len"] > DECODE_MAX_KEYS:
         why.append(f"prefix plus cache length {info['kv_len'] + info['prefix_len']} is over {DECODE_MAX_KEYS} "
                    "(the decode kernel's key positions are int32)")
@@ -694,7 +747,8 @@ dispatch.register(OP, "cuda", decode, cuda_decode_reasons)
 
 TIMINGS_ENV = "PET_FAST_PREFIX_ATTENTION_TIMINGS"
 NO_PADDING = "fwd+bwd, no padding"
-MODES = ("decode", "fwd", "fwd+bwd", NO_PADDING)
+DROPOUT = "fwd+bwd, dropout"
+MODES = ("decode", "fwd", "fwd+bwd", NO_PADDING, DROPOUT)
 _TIMINGS: dict = {}
 
 
@@ -720,22 +774,26 @@ def timings_summary() -> str:
     if not orders:
         return f"no table ({where}): design order triton, cuda, eager (decode: triton, eager, cuda)"
     card = _TIMINGS.get("device") or "an unnamed card"
-    modes = "; ".join(f"{m}: {', '.join(preference_for_mode(m))}" for m in ("fwd", "fwd+bwd", NO_PADDING, "decode"))
+    modes = "; ".join(f"{m}: {', '.join(preference_for_mode(m))}" for m in ("fwd", "fwd+bwd", NO_PADDING, DROPOUT,
+                                                                          "decode"))
     return f"measured on {card} ({where}): {modes}"
 
 
 def _mode(info) -> str:
     if info.get("requires_grad"):
+        if info.get("dropout"):
+            return DROPOUT
         return "fwd+bwd" if info.get("padding") else NO_PADDING
     return "decode" if info["q_len"] <= DECODE_MAX_Q_LEN else "fwd"
 
 
 def preference_for_mode(mode: str) -> list:
     """auto's order for one kind of call: "fwd" (no gradient needed), "fwd+bwd" (a gradient is needed),
-    "fwd+bwd, no padding" (the same without a key-padding mask: its own measured order, else fwd+bwd's)
-    or "decode" (no gradient, at most DECODE_MAX_Q_LEN queries)."""
+    "fwd+bwd, no padding" (the same without a key-padding mask) and "fwd+bwd, dropout" (with attention
+    dropout; both: their own measured order, else fwd+bwd's), or "decode" (no gradient, at most
+    DECODE_MAX_Q_LEN queries)."""
     orders = _TIMINGS.get("orders") or {}
-    measured = orders.get(mode) or (orders.get("fwd+bwd") if mode == NO_PADDING else None)
+    measured = orders.get(mode) or (orders.get("fwd+bwd") if mode in (NO_PADDING, DROPOUT) else None)
     if measured:
         return list(measured) + [b for b in ("triton", "eager", "cuda") if b not in measured]
     if mode == "decode":
