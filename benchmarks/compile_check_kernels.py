@@ -177,9 +177,9 @@ TORCH_DT = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _pa_tiles(D: int, dt: str, backward: bool) -> dict:
-    """kernel name -> the tiles its launcher may take at this head dim and dtype: the fixed tile of
-    _config (float32, PET_FAST_AUTOTUNE=0) and, for fp16/bf16, every tile its autotuner tries (each is
-    compiled on the GPU; the forward's 16-row decoding tiles included)."""
+    """kernel name -> the tiles its launcher may take at this head dim and dtype: the fixed tiles of
+    _config (float32, PET_FAST_AUTOTUNE=0; with and without attention dropout) and, for fp16/bf16, every
+    tile its autotuner tries (each is compiled on the GPU; the forward's 16-row decoding tiles included)."""
     import torch
 
     dtype = getattr(torch, TORCH_DT[dt])
@@ -188,8 +188,9 @@ def _pa_tiles(D: int, dt: str, backward: bool) -> dict:
     extra = (PA._DKDV_TILES, PA._DQ_TILES) if backward else (PA._FWD_TILES,)
     out = {}
     for name, tiles in zip(names, extra):
-        fixed = [PA._config(D, backward=backward, dtype=dtype)]
-        out[name] = fixed if dt == "fp32" else PA._class_tiles(tiles, backward)[cls]
+        # the fixed tile, and the one calls with attention dropout take in its place
+        fixed = [PA._config(D, backward=backward, dtype=dtype, dropout=drop) for drop in (False, True)]
+        out[name] = list(dict.fromkeys(fixed if dt == "fp32" else PA._class_tiles(tiles, backward)[cls] + fixed[1:]))
     return out
 
 

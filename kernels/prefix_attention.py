@@ -100,16 +100,30 @@ def _load_kv(K, V, off, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dropout_uniform(seed, stream, rows, cols):
-    """The uniform number in [0, 1) that decides whether the attention weight of query ``rows`` on key
-    column ``cols`` (0..P-1 the prefix, P.. the sequence) in ``stream`` (batch * Hq + query head) is
-    dropped: Philox-4x32-10 under the 64-bit seed, counters (column, row, stream, 0). ``rows`` and
-    ``cols`` broadcast to the tile, in either orientation: the forward and both backward kernels draw
-    the same number for the same weight, and nothing is stored between them."""
-    c0 = (cols + rows * 0).to(tl.uint32)
-    c1 = (rows + cols * 0).to(tl.uint32)
+def _dropout_uniform(seed, stream, m_start, cols, BLOCK_M: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """(BLOCK_M, len(cols)) uniform numbers in [0, 1): entry (i, n) decides whether the attention weight
+    of query row ``m_start + i`` on key column ``cols[n]`` (0..P-1 the prefix, P.. the sequence) in
+    ``stream`` (batch * Hq + query head) is dropped. One Philox-4x32-10 call under the 64-bit seed, with
+    counters (column, row // 4, stream, 0), gives the numbers of 4 consecutive rows (``m_start`` is a
+    multiple of 4 in every kernel: query tiles start at multiples of their height). The forward and both
+    backward kernels draw the same number for the same weight, whatever their tiles; nothing is stored
+    between them. TRANSPOSED: the (len(cols), BLOCK_M) tile of the same numbers (the dk/dv kernel's
+    orientation), built as such rather than transposed after."""
+    groups = m_start // 4 + tl.arange(0, BLOCK_M // 4)
+    if TRANSPOSED:
+        c0 = (cols[:, None] + groups[None, :] * 0).to(tl.uint32)
+        c1 = (groups[None, :] + cols[:, None] * 0).to(tl.uint32)
+    else:
+        c0 = (cols[None, :] + groups[:, None] * 0).to(tl.uint32)
+        c1 = (groups[:, None] + cols[None, :] * 0).to(tl.uint32)
     c2 = c0 * 0 + stream.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+    # [..., i, j] holds r[2 j + i], the number of row 4 g + 2 j + i of group g
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    if TRANSPOSED:  # (cols, groups, i, j) -> (cols, groups, j, i)
+        r = tl.reshape(tl.permute(r, (0, 1, 3, 2)), (cols.shape[0], BLOCK_M))
+    else:  # (groups, cols, i, j) -> (groups, j, i, cols)
+        r = tl.reshape(tl.permute(r, (0, 3, 2, 1)), (BLOCK_M, cols.shape[0]))
     return tl.uint_to_uniform_float(r)
 
 
@@ -127,13 +141,13 @@ def _dropout_stream(SEED, b, h, Hq, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, cols, p_drop,
+def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, cols, p_drop,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
     """Folds one block of base-2 scores ``s`` (-inf where masked) and its values into the running row max
     ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's dtype for the product,
     as flash attention does). Rows with no key yet stay (-inf, 0, 0); unmasked blocks (MASKED false) have
     a finite score in every row, so they skip that guard. Under DROPOUT the dropped weights (query
-    ``rows``, key ``cols``) leave the values' sum but not the normaliser ``l_i``: the caller scales the
+    rows from ``m_start``, key columns ``cols``) leave the values' sum but not the normaliser ``l_i``: the caller scales the
     output by 1 / (1 - p_drop)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
@@ -144,7 +158,7 @@ def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, cols, p_drop,
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_dropout_uniform(seed, stream, rows, cols) >= p_drop, p, 0.0)
+        p = tl.where(_dropout_uniform(seed, stream, m_start, cols, s.shape[0]) >= p_drop, p, 0.0)
     pc = p.to(V.dtype.element_ty)
     if UPCAST:
         pc = pc.to(tl.float32)
@@ -153,12 +167,12 @@ def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, cols, p_drop,
 
 
 @triton.jit
-def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, rows, cols, p_drop,
+def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, m_start, cols, p_drop,
                          UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr):
     """One key block of the online softmax: the scores of q against kt where ``ok``, folded in."""
     s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
     s = tl.where(ok, s, float("-inf"))
-    return _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, cols, p_drop, UPCAST, IEEE, True, DROPOUT)
+    return _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, cols, p_drop, UPCAST, IEEE, True, DROPOUT)
 
 
 @triton.jit
@@ -255,7 +269,7 @@ def _fwd_kernel(
     offs_m, offs_d, offs_n0, m_ok, d_ok, kv_base, p_base, q_off, kv_tile, p_tile = _query_tile(
         h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, BLOCK_M, BLOCK_N, BLOCK_D)
     seed, stream = _dropout_stream(SEED, b, h, Hq, DROPOUT)
-    rows = offs_m[:, None]  # dropout's row of each query
+    m_start = pid_m * BLOCK_M  # dropout's first row
 
     q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -272,22 +286,22 @@ def _fwd_kernel(
         kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + p_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, kt, vt, n_ok[None, :], m_i, l_i, acc, qk_scale2, PV, seed, stream,
-                                             rows, offs_n[None, :], p_drop, UPCAST, IEEE, DROPOUT)
+                                             m_start, offs_n, p_drop, UPCAST, IEEE, DROPOUT)
 
     # Sequence keys (dropout's columns P + j): whole blocks every row sees, without masks; then the masked rest.
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
         kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-        m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, rows, (P + start + offs_n0)[None, :],
+        m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, P + start + offs_n0,
                                       p_drop, UPCAST, IEEE, False, DROPOUT)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
         kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, rows,
-                                             (P + offs_n)[None, :], p_drop, UPCAST, IEEE, DROPOUT)
+        m_i, l_i, acc = _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, m_start,
+                                             P + offs_n, p_drop, UPCAST, IEEE, DROPOUT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -318,7 +332,7 @@ def _delta_kernel(O, DO, DELTA, R, H, L, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_
 
 
 @triton.jit
-def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, offs_m, p_drop, inv_keep,
+def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, m_start, p_drop, inv_keep,
                UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
     """One block of queries folded into a key block's dk, dv (``ok`` (BLOCK_N, BLOCK_M) when MASKED).
     Under DROPOUT, with Z the kept weights over 1 - p_drop: dv takes (P * Z)^T dO, and the scores' gradient
@@ -328,7 +342,7 @@ def _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, s
     if MASKED:
         p = tl.where(ok, p, 0.0)
     if DROPOUT:
-        keep = _dropout_uniform(seed, stream, offs_m[None, :], cols[:, None]) >= p_drop
+        keep = _dropout_uniform(seed, stream, m_start, cols, q.shape[0], True) >= p_drop
         pc = tl.where(keep, p * inv_keep, 0.0).to(DO.dtype.element_ty)
     else:
         pc = p.to(DO.dtype.element_ty)
@@ -445,13 +459,13 @@ def _dkdv_block(
             if not IS_PREFIX:
                 if CAUSAL:
                     ok = ok & (offs_n[:, None] <= offs_m[None, :] + (S_SEQ - L))
-            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, offs_m,
+            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, start,
                                 p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
         for start in range(m_mid, m_full, BLOCK_M):
             offs_m = start + offs_m0
             q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + tl.cast(start, tl.int64) * sq_l + qd_tile,
                                                   r_base + offs_m, d_ok[None, :], offs_m < L, False, EVEN_D, UPCAST)
-            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, n_ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, offs_m,
+            dk, dv = _dkdv_step(kt, vt, q, do, lse2, delta, n_ok, dk, dv, qk_scale2, DO, Q, seed, stream, cols, start,
                                 p_drop, inv_keep, UPCAST, IEEE, False, DROPOUT)
 
     # masked keys get zeros (a padded key's non-finite value would leave NaN through 0 * inf)
@@ -492,7 +506,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, seed, stream, rows, cols, p_drop, inv_keep,
+def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, seed, stream, m_start, cols, p_drop, inv_keep,
              UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
     """One block of keys folded into a query block's dq (``ok`` (BLOCK_M, BLOCK_N) when MASKED); dropout
     as in :func:`_dkdv_step`."""
@@ -502,7 +516,7 @@ def _dq_step(q, do, kt, vt, ok, lse2, delta, dq, qk_scale2, K, seed, stream, row
         p = tl.where(ok, p, 0.0)
     dp = _dot(do, tl.trans(vt), IEEE)
     if DROPOUT:
-        dp = tl.where(_dropout_uniform(seed, stream, rows, cols) >= p_drop, dp * inv_keep, 0.0)
+        dp = tl.where(_dropout_uniform(seed, stream, m_start, cols, q.shape[0]) >= p_drop, dp * inv_keep, 0.0)
     ds = p * (dp - delta[:, None])
     dsc = ds.to(K.dtype.element_ty)
     if UPCAST:
@@ -529,7 +543,7 @@ def _bwd_dq_kernel(
     offs_m, offs_d, offs_n0, m_ok, d_ok, kv_base, p_base, q_off, kv_tile, p_tile = _query_tile(
         h, b, G, L, D, spk_b, spk_h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, BLOCK_M, BLOCK_N, BLOCK_D)
     seed, stream = _dropout_stream(SEED, b, h, Hq, DROPOUT)
-    rows = offs_m[:, None]
+    m_start = pid_m * BLOCK_M
     q, do, lse2, delta = _load_query_rows(Q, DO, LSE, DELTA, q_off, (b.to(tl.int64) * Hq + h) * L + offs_m,
                                           m_ok[:, None] & d_ok[None, :], m_ok, True, EVEN_D, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -538,22 +552,22 @@ def _bwd_dq_kernel(
         n_ok = (start + offs_n0) < P
         kt, vt = _load_kv(PK, PV, p_base + tl.cast(start, tl.int64) * D + p_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        dq = _dq_step(q, do, kt, vt, n_ok[None, :] & m_ok[:, None], lse2, delta, dq, qk_scale2, PK, seed, stream, rows,
-                      (start + offs_n0)[None, :], p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
+        dq = _dq_step(q, do, kt, vt, n_ok[None, :] & m_ok[:, None], lse2, delta, dq, qk_scale2, PK, seed, stream,
+                      m_start, start + offs_n0, p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
 
     # rows past L have lse = +inf (p = 0): the unmasked blocks need no row mask
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
         kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
-        dq = _dq_step(q, do, kt, vt, m_ok, lse2, delta, dq, qk_scale2, K, seed, stream, rows,
-                      (P + start + offs_n0)[None, :], p_drop, inv_keep, UPCAST, IEEE, False, DROPOUT)
+        dq = _dq_step(q, do, kt, vt, m_ok, lse2, delta, dq, qk_scale2, K, seed, stream, m_start,
+                      P + start + offs_n0, p_drop, inv_keep, UPCAST, IEEE, False, DROPOUT)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
         kt, vt = _load_kv(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, n_ok[:, None] & d_ok[None, :],
                           UPCAST)
-        dq = _dq_step(q, do, kt, vt, ok & m_ok[:, None], lse2, delta, dq, qk_scale2, K, seed, stream, rows,
-                      (P + offs_n)[None, :], p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
+        dq = _dq_step(q, do, kt, vt, ok & m_ok[:, None], lse2, delta, dq, qk_scale2, K, seed, stream, m_start,
+                      P + offs_n, p_drop, inv_keep, UPCAST, IEEE, True, DROPOUT)
 
     dq = dq * scale
     dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + offs_m.to(tl.int64)[:, None] * sdq_l + offs_d[None, :]
@@ -571,7 +585,7 @@ def _dropout_keep_kernel(SEED, KEEP, Hq, L, NCOLS, p_drop, BLOCK_M: tl.constexpr
     base = KEEP + ((b.to(tl.int64) * Hq + h) * L + offs_m.to(tl.int64)[:, None]) * NCOLS
     for start in range(0, NCOLS, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        keep = _dropout_uniform(seed, stream, offs_m[:, None], cols[None, :]) >= p_drop
+        keep = _dropout_uniform(seed, stream, tl.program_id(0) * BLOCK_M, cols, BLOCK_M) >= p_drop
         tl.store(base + cols[None, :], keep.to(tl.int8), mask=(offs_m < L)[:, None] & (cols < NCOLS)[None, :])
 
 
@@ -602,7 +616,7 @@ def _block_d(D: int) -> int:
     return max(16, next_power_of_2(D))
 
 
-def _config(D: int, backward: bool, dtype=torch.float16):
+def _config(D: int, backward: bool, dtype=torch.float16, dropout: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning (the interpreter, float32, and
     PET_FAST_AUTOTUNE=0), and the first tile the autotuner tries. Small blocks under the interpreter keep
     tests fast while still crossing block boundaries. On sm_90 (benchmarks/compile_check_kernels.py,
@@ -611,7 +625,11 @@ def _config(D: int, backward: bool, dtype=torch.float16):
     forward: 24); with 4 warps the 128-row forward (88 bytes), and
     the backward at head dim 64 with 64x64 tiles (64 bytes), spill.
     fp32 dots in IEEE precision run on the FMA units with whole operand tiles in registers: the
-    tensor-core tiles spill 8-17 KB per thread there, hence the small fp32 tiles."""
+    tensor-core tiles spill 8-17 KB per thread there, hence the small fp32 tiles.
+    Attention dropout's draws take registers: with it the head-dim-64 backward (dk/dv: 88-128 bytes) and
+    the head-dim-128 forward (24 bytes) would spill at these tiles, and take others that do not (every
+    head-dim class's dropout tiles compiled without spills; the head-dim-32 backward would spill 120 bytes
+    at the head-dim-64 one)."""
     if _interpreting():
         return 16, 16, 1, 1
     bd = _block_d(D)
@@ -619,7 +637,11 @@ def _config(D: int, backward: bool, dtype=torch.float16):
         bm, bn, warps = (32, 16, 4) if bd <= 64 else (16, 16, 4) if bd <= 128 else (16, 16, 8)
         return bm, bn, warps, 1
     if backward:
+        if dropout and bd == 64:
+            return 64, 32, 8, 2
         return (64, 64, 8, 2) if bd <= 64 else (64, 32, 8, 2) if bd <= 128 else (32, 32, 8, 1)
+    if dropout and 64 < bd <= 128:
+        return 128, 32, 8, 3
     return (128, 64, 8, 3) if bd <= 64 else (64, 64, 4, 3) if bd <= 128 else (64, 32, 8, 2)
 
 
@@ -792,7 +814,7 @@ def supported_head_dim(D: int) -> bool:
     return 1 <= D <= MAX_HEAD_DIM
 
 
-def _launch_args(q, D: int, backward: bool, block_m, block_n):
+def _launch_args(q, D: int, backward: bool, block_m, block_n, dropout: bool = False):
     """(autotuned?, keyword arguments) shared by the forward and the backward: the autotuner picks the tile
     of fp16/bf16 GPU calls, _config (or the forced block_m/block_n) the others. The grids read the tile from
     the launch's meta-parameters either way."""
@@ -800,7 +822,7 @@ def _launch_args(q, D: int, backward: bool, block_m, block_n):
                   IEEE=q.dtype == torch.float32 and not _interpreting())
     if _tuned(q.dtype, block_m):
         return True, common
-    bm, bn, warps, stages = _config(D, backward=backward, dtype=q.dtype)
+    bm, bn, warps, stages = _config(D, backward=backward, dtype=q.dtype, dropout=dropout)
     common.update(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn, num_warps=warps, num_stages=stages)
     return False, common
 
@@ -852,7 +874,7 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
     seed, p_drop, inv_keep, dropout = _dropout_args(dropout_p, seed, q.device)
-    tuned, kw = _launch_args(q, D, False, block_m, block_n)
+    tuned, kw = _launch_args(q, D, False, block_m, block_n, dropout)
     _replay.launch(
         _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse, seed,
@@ -929,7 +951,7 @@ def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
     pv, _, _, _ = _prefix_args(prefix_v, B, Hkv, D, q)
     kpm, has_kpm = _kpm_args(key_padding_mask, q.device)
     seed, p_drop, inv_keep, dropout = _dropout_args(dropout_p, seed, q.device)
-    tuned, kw = _launch_args(q, D, True, block_m, block_n)
+    tuned, kw = _launch_args(q, D, True, block_m, block_n, dropout)
     sizes = (n_bucket(L), n_bucket(S))
     flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), DROPOUT=dropout, **kw)
     qk_scale2 = scale * LOG2E
