@@ -759,8 +759,7 @@ def dropout_keep(seed: torch.Tensor, shape: tuple, dropout_p: float) -> torch.Te
     B, Hq, L, ncols = shape
     keep = torch.empty((B, Hq, L, ncols), dtype=torch.int8, device=seed.device)
     if keep.numel():
-        bm, bn = (16, 16) if _interpreting() else (64, 64)
-        _dropout_keep_kernel[(cdiv(L, bm), Hq, B)](seed, keep, Hq, L, ncols, float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+        _dropout_keep_kernel[(cdiv(L, 64), Hq, B)](seed, keep, Hq, L, ncols, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
     return keep.bool()
 
 

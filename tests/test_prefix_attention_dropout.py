@@ -110,7 +110,8 @@ def test_forced_tiles_draw_the_same_weights():
 
 def test_draws_are_bernoulli_and_independent():
     """Keep rate 1 - p within 5 sigma overall and per key column, per row and per stream (batch, head); two
-    seeds agree as often as independent draws do; p = 0.5 and p = 0.05 alike."""
+    seeds, and neighbouring rows, columns and heads, agree as often as independent draws do; p = 0.5 and
+    p = 0.05 alike."""
     shape = (4, 3, 40, 70)  # 33600 draws
     for p in (0.5, 0.05):
         keep = kernels.dropout_keep(op.dropout_seed("cpu"), shape, p).double()
@@ -121,22 +122,26 @@ def test_draws_are_bernoulli_and_independent():
             rates = keep.mean(dim=dims)
             per = n // rates.numel()
             assert (rates - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / per) ** 0.5 + 1e-12, (p, dims)
+        pair = lambda both, count: abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / count) ** 0.5
         other = kernels.dropout_keep(op.dropout_seed("cpu"), shape, p).double()
-        both = (keep * other).mean().item()
-        assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5, p
+        assert pair((keep * other).mean().item(), n), p
+        # neighbours: rows of one Philox call (4 consecutive rows), next columns, next heads
+        for a, b in ((keep[:, :, :-1], keep[:, :, 1:]), (keep[..., :-1], keep[..., 1:]),
+                     (keep[:, :-1], keep[:, 1:])):
+            assert pair((a * b).mean().item(), a.numel()), p
 
 
 def test_expectation_is_the_undropped_attention():
-    """Averaged over the kernels' draws (one per batch row, the same q, k, v in each), the reference with
+    """Averaged over the kernels' draws (one per query row, every row the same query), the reference with
     the dropout mask and its 1 / (1 - p) scaling is the attention without dropout."""
-    B = 1500
-    q, k, v, pk, pv = make(1, 1, 1, 4, 6, 8, 3, "shared", dtype=torch.float64)
-    q, k, v = (t.expand(B, -1, -1, -1) for t in (q, k, v))
+    n = 2048
+    q, k, v, pk, pv = make(1, 1, 1, 1, 6, 8, 3, "shared", dtype=torch.float64)
+    q = q.expand(-1, -1, n, -1)
     p = 0.3
-    keep = kernels.dropout_keep(op.dropout_seed("cpu"), (B, 1, 4, 9), p)
-    dropped = op.reference(q, k, v, pk, pv, dropout_p=p, dropout_keep=keep)
-    mean, spread = dropped.mean(0), dropped.std(0) / B ** 0.5
-    want = op.reference(q[:1], k[:1], v[:1], pk, pv)[0]
+    keep = kernels.dropout_keep(op.dropout_seed("cpu"), (1, 1, n, 9), p)
+    dropped = op.reference(q, k, v, pk, pv, dropout_p=p, dropout_keep=keep)[0, 0]
+    mean, spread = dropped.mean(0), dropped.std(0) / n ** 0.5
+    want = op.reference(q[:, :, :1], k, v, pk, pv)[0, 0, 0]
     assert ((mean - want).abs() <= 5 * spread + 1e-9).all()
 
 
