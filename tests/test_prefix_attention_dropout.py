@@ -226,6 +226,30 @@ def test_compiled_call_with_dropout_has_no_graph_break():
     assert torch.equal(got, eager)
 
 
+def test_activation_checkpointing_recomputes_the_same_draws():
+    """torch.utils.checkpoint restores torch's generator before it recomputes the forward, so the op's seed,
+    and with it every draw, is the same: the gradients equal those of the call without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    tensors = make(2, 2, 1, 9, 11, 8, 3, "shared")
+    kpm = padding_mask(2, 11, "right")
+    gy = torch.randn(2, 2, 9, 8)
+
+    def f(q, k, v, pk, pv):
+        return pet_fast.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True, dropout_p=0.4,
+                                         backend="triton")
+
+    results = []
+    for wrap in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        torch.manual_seed(21)
+        out = checkpoint(f, *leaves, use_reentrant=False) if wrap else f(*leaves)
+        torch.manual_seed(99)  # the generator moves on before the backward recomputes
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, gy)))
+    for name, a, b in zip(NAMES, *results):
+        assert torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU: real Triton (TRITON_INTERPRET=0 in benchmarks/gpu_check.sh).
 
