@@ -343,6 +343,21 @@ GPU_CASES = [
 ]
 
 
+def assert_gpu_precision_rule(got, ref, eager=None):
+    """The GPU tests' rule for [out, dq, dk, dv, d_prefix_k, d_prefix_v] (None where absent) against the
+    float64 ``ref``: float32 within 1e-4 relative; fp16/bf16 (``eager``: the definition run in that dtype)
+    within twice eager's error plus 2e-3 of the reference's scale."""
+    for name, a, r, e in zip(NAMES, got, ref, eager or [None] * len(NAMES)):
+        if r is None:
+            continue
+        if eager is None:
+            assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
+            continue
+        err = (a.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,L,S,D,P,prefix,pad,causal", GPU_CASES)
@@ -352,18 +367,8 @@ def test_gpu_triton_follows_the_precision_rule(dtype, B, Hq, Hkv, L, S, D, P, pr
     gy = torch.randn(B, Hq, L, D, device="cuda")
     got = run("triton", tensors, kpm, causal, gy)
     ref = reference64(tensors, kpm, causal, gy)
-    if dtype == torch.float32:
-        for name, a, r in zip(NAMES, [got[0]] + got[1], [ref[0]] + ref[1]):
-            if r is not None:
-                assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
-        return
-    eager = run("reference", tensors, kpm, causal, gy)
-    for name, a, e, r in zip(NAMES, [got[0]] + got[1], [eager[0]] + eager[1], [ref[0]] + ref[1]):
-        if r is None:
-            continue
-        err = (a.double() - r).abs().max().item()
-        eager_err = (e.double() - r).abs().max().item()
-        assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+    eager = None if dtype == torch.float32 else run("reference", tensors, kpm, causal, gy)
+    assert_gpu_precision_rule([got[0]] + got[1], [ref[0]] + ref[1], eager and [eager[0]] + eager[1])
 
 
 @pytest.mark.gpu
@@ -383,10 +388,7 @@ def test_gpu_autotuned_launches_follow_the_precision_rule(monkeypatch):
     got = [out] + list(kernels.backward(gy.to(torch.bfloat16), *tensors, kpm, out, lse, True, None))
     ref = reference64(tensors, kpm, True, gy)
     eager = run("reference", tensors, kpm, True, gy)
-    for name, a, e, r in zip(NAMES, got, [eager[0]] + eager[1], [ref[0]] + ref[1]):
-        err = (a.double() - r).abs().max().item()
-        eager_err = (e.double() - r).abs().max().item()
-        assert err <= 2 * eager_err + 2e-3 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+    assert_gpu_precision_rule(got, [ref[0]] + ref[1], [eager[0]] + eager[1])
 
 
 @pytest.mark.gpu
