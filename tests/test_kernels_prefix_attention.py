@@ -561,17 +561,19 @@ def test_shipped_table_is_the_h100_measurement():
         assert op.preference_for_mode("fwd+bwd")[0] == doc["orders"]["fwd+bwd"][0]
 
 
-@pytest.mark.parametrize("per_batch", [False, True])
-def test_eager_path_matches_custom_op_path(monkeypatch, per_batch):
+@pytest.mark.parametrize("per_batch,dropout_p", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_eager_path_matches_custom_op_path(monkeypatch, per_batch, dropout_p):
     """Eager calls go through an autograd.Function (ops/_autograd.py), compiled code through the custom
-    ops; PET_FAST_CUSTOM_OPS=1 sends eager calls through the custom ops: same outputs, same gradients."""
+    ops; PET_FAST_CUSTOM_OPS=1 sends eager calls through the custom ops: same outputs, same gradients (with
+    dropout, the same draws under the same torch seed)."""
     from pet_fast.ops import _autograd
 
     def run():
         q, k, v, pk, pv = make(2, 4, 2, 9, 11, 16, 3, prefix="per_batch" if per_batch else "shared")
         leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
         mask = padding_mask(2, 11, "left")
-        out = op.fused(q, k, v, pk, pv, key_padding_mask=mask, causal=True)
+        torch.manual_seed(4)
+        out = op.fused(q, k, v, pk, pv, key_padding_mask=mask, causal=True, dropout_p=dropout_p)
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         return [out.detach()] + [t.grad for t in leaves]
 
