@@ -15,6 +15,7 @@ bf16 on a GPU; ``--quick`` runs tiny fp32 shapes on the CPU with the eager paths
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -138,6 +139,11 @@ def timed(fn, inputs, grad):
     return bench_us(step, **REPS)
 
 
+def _with_dropout(q, k, v, pk, pv, m, c, backend):
+    return pet_fast.prefix_attention(q, k, v, pk, pv, key_padding_mask=m, causal=c, dropout_p=DROPOUT_P,
+                                     backend=backend)
+
+
 def training_rows(quick, device, dtype, flex=True):
     if quick:
         shapes = [("tiny B2 H2 L64 D32 P4", 2, 2, 2, 64, 64, 32, 4, False),
@@ -167,8 +173,7 @@ def training_rows(quick, device, dtype, flex=True):
                     q, k, v, pk, pv, key_padding_mask=m, causal=c, backend="triton")
                 if grad:  # attention dropout in training (BERT's default 0.1): the kernels' draws against SDPA's
                     for backend in ("triton", "eager"):
-                        cands[DROPOUT_ROW[backend]] = lambda q, k, v, pk, pv, m, c, b=backend: pet_fast.prefix_attention(
-                            q, k, v, pk, pv, key_padding_mask=m, causal=c, dropout_p=DROPOUT_P, backend=b)
+                        cands[DROPOUT_ROW[backend]] = functools.partial(_with_dropout, backend=backend)
                 # fwd+bwd: the merged path (torch flash + Triton prefix merge) where it applies (no GQA,
                 # causal only with L == S); fwd: the flash-style Triton kernels
                 cands["pet_fast triton, no padding"] = lambda q, k, v, pk, pv, m, c: pet_fast.prefix_attention(

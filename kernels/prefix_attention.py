@@ -22,6 +22,12 @@ every key of the block); its first programs take the prefix key blocks (fp32 par
 with torch when the prefix is shared), the others the sequence key blocks, in one launch. One more kernel
 computes ``dq`` per query block over the same key ranges as the forward. Accumulation is fp32 everywhere.
 
+Attention dropout (DROPOUT): each kernel draws, for every weight it visits, the same Philox number from a
+seed the caller passes in a device tensor (:func:`_dropout_uniform`), so nothing is stored between the
+forward and the backward: the forward drops weights from the values' sum (not from the normaliser, so the
+log-sum-exp is the undropped softmax's) and scales the output by 1 / (1 - p); the backward applies the same
+mask to P in dv and to dO V^T in the scores' gradient, with delta = rowsum(dO * O) of the dropped output.
+
 Tiles: fp16/bf16 calls on a GPU are autotuned over a few tiles per head-dim class, keyed by the head dim,
 the size classes of L and S, padding and causality; the interpreter, float32 and PET_FAST_AUTOTUNE=0 use
 the fixed tiles of :func:`_config`.
@@ -146,9 +152,9 @@ def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, cols, p_drop,
     """Folds one block of base-2 scores ``s`` (-inf where masked) and its values into the running row max
     ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's dtype for the product,
     as flash attention does). Rows with no key yet stay (-inf, 0, 0); unmasked blocks (MASKED false) have
-    a finite score in every row, so they skip that guard. Under DROPOUT the dropped weights (query
-    rows from ``m_start``, key columns ``cols``) leave the values' sum but not the normaliser ``l_i``: the caller scales the
-    output by 1 / (1 - p_drop)."""
+    a finite score in every row, so they skip that guard. Under DROPOUT the dropped weights (query rows
+    from ``m_start``, key columns ``cols``) leave the values' sum but not the normaliser ``l_i``: the
+    caller scales the output by 1 / (1 - p_drop)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -877,7 +883,8 @@ def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causa
     _replay.launch(
         _fwd_tuned if tuned else _fwd_kernel, lambda meta: (cdiv(L, meta["BLOCK_M"]), Hq, B),
         q, _nonempty(k), _nonempty(v), pk, pv, kpm, out, lse, seed,
-        scale * LOG2E, p_drop, inv_keep, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k), *blhd_strides(B, Hq, L, D)[:3],
+        scale * LOG2E, p_drop, inv_keep, Hq, Hq // Hkv, L, S, P, D, spk_b, spk_h, *_bhl(q), *_bhl(k),
+        *blhd_strides(B, Hq, L, D)[:3],
         n_bucket(L), n_bucket(S), HAS_KPM=has_kpm, CAUSAL=bool(causal), SCAN=_SCAN, DROPOUT=dropout, **kw)
     return out, lse
 
