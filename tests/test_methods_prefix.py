@@ -386,6 +386,12 @@ def test_dense_4d_mask_and_attention_dropout_paths():
         dense = model(input_ids=ids, attention_mask=mask4).logits
     real = mask.bool()
     close(dense[real], ref[real])
+    # a 4-D mask in training keeps the dense path's attention dropout: random and finite
+    set_attention_dropout(model, 0.5)
+    model.train()
+    with torch.no_grad():
+        a, b = (model(input_ids=ids, attention_mask=mask4).logits for _ in range(2))
+    assert torch.isfinite(a[real]).all() and (a[real] - b[real]).abs().max() > 1e-3
     # keep_attention_dropout=False drops attention dropout in training (deterministic, = eval)
     nodrop, _ = injected("llama", "sdpa", keep_attention_dropout=False)
     set_attention_dropout(nodrop, 0.5)
