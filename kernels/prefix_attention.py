@@ -134,16 +134,20 @@ def _dropout_uniform(seed, stream, m_start, cols, BLOCK_M: tl.constexpr, TRANSPO
 
 
 @triton.jit
-def _dropout_stream(SEED, b, h, Hq, DROPOUT: tl.constexpr):
-    """(seed, stream) of a program's dropout draws for query head h of batch b: the seed from SEED (int64)
-    and the stream b * Hq + h under DROPOUT, else zeros that no draw reads."""
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    """The seed of the dropout draws, from SEED (int64) under DROPOUT, else 0 that no draw reads."""
     if DROPOUT:
         seed = tl.load(SEED)
-        stream = b * Hq + h
     else:
         seed = 0
-        stream = b * 0
-    return seed, stream
+    return seed
+
+
+@triton.jit
+def _dropout_stream(SEED, b, h, Hq, DROPOUT: tl.constexpr):
+    """(seed, stream) of a program's dropout draws for query head h of batch b: :func:`_dropout_seed` and
+    the stream b * Hq + h."""
+    return _dropout_seed(SEED, DROPOUT), b * Hq + h
 
 
 @triton.jit
@@ -499,7 +503,7 @@ def _bwd_dkdv_kernel(
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    seed, _ = _dropout_stream(SEED, b, hk, Hq, DROPOUT)
+    seed = _dropout_seed(SEED, DROPOUT)  # the streams are per query head: _dkdv_block's loop
     nb_p = tl.cdiv(P, BLOCK_N)  # the first programs take the prefix key blocks (the longest: every query sees them)
     if pid < nb_p:
         _dkdv_block(Q, PK, PV, DO, LSE, DELTA, KPM, DPK, DPV, qk_scale2, scale, seed, p_drop, inv_keep,

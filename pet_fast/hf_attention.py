@@ -322,8 +322,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         impl = attend_impl(query, key, value, pk, pv, kpm, causal, dropout_p=p_drop)
         if impl.backend == "eager":
             pk, pv = _batch_views(lp, target, B, pk, pv)
-        kw = {"dropout_p": p_drop} if p_drop > 0 else {}
-        out = impl.run(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scale, **kw)
+        out = impl.run(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scale, dropout_p=p_drop)
     # the kernels' output is (B, L, H, D) memory (transposed back with no copy), the eager path's is not
     return out.transpose(1, 2).contiguous(), None
 

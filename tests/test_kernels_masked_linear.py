@@ -629,17 +629,22 @@ def test_gpu_triton_forward_backward(dtype, threshold, train_weight):
         assert_close(out, ref, eag, dtype, name, fp32_tol=5e-5)
 
 
+def packed_case(n, k, out_features, dtype, device="cuda"):
+    """(x, w, packed mask, bias, float64 reference, eager op) of a random serving call from packed bits."""
+    x = torch.randn(n, k, device=device).to(dtype)
+    w = torch.randn(out_features, k, device=device).to(dtype)
+    s = torch.randn(out_features, k, device=device)
+    b = torch.randn(out_features, device=device).to(dtype)
+    packed = mp.pack_mask(s)
+    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    return x, w, packed, b, ref64(x, w, s > 0, b), eager
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_gpu_triton_packed(dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
-    x = torch.randn(200, 1001, device="cuda").to(dtype)
-    w = torch.randn(300, 1001, device="cuda").to(dtype)
-    s = torch.randn(300, 1001, device="cuda")
-    b = torch.randn(300, device="cuda").to(dtype)
-    packed = mp.pack_mask(s)
-    ref = ref64(x, w, s > 0, b)
-    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    x, w, packed, b, ref, eager = packed_case(200, 1001, 300, dtype)
     out = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="triton")
     assert_close(out, ref, eager, dtype, "y", fp32_tol=5e-5)
 
@@ -732,13 +737,7 @@ def test_gpu_cuda_packed_either_kernel_for_few_tokens(dtype, n):
     if not _has_cuda_kernel():
         pytest.fail(f"the cuda backend is unavailable: {pet_fast._ext.reason()}")
     ext = pet_fast._ext.load()
-    x = torch.randn(n, 1000, device="cuda").to(dtype)
-    w = torch.randn(77, 1000, device="cuda").to(dtype)
-    s = torch.randn(77, 1000, device="cuda")
-    b = torch.randn(77, device="cuda").to(dtype)
-    packed = mp.pack_mask(s)
-    ref = ref64(x, w, s > 0, b)
-    eager = pet_fast.masked_linear(x, w, packed_mask=packed, bias=b, backend="eager")
+    x, w, packed, b, ref, eager = packed_case(n, 1000, 77, dtype)
     outs = {}
     for min_tokens in (0, 65):
         was = ext.masked_linear_set_mma_min_tokens(min_tokens)

@@ -320,9 +320,10 @@ def spy_on_the_op(monkeypatch, record):
     def spy_impl(*args, **kwargs):
         impl = real_impl(*args, **kwargs)
 
-        def run(q, k, v, pk, pv, key_padding_mask, causal, scale):
+        def run(q, k, v, pk, pv, key_padding_mask, causal, scale, dropout_p=0.0):
             record(q, k, v, pk, pv, key_padding_mask, causal, scale)
-            return impl.run(q, k, v, pk, pv, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+            return impl.run(q, k, v, pk, pv, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                            dropout_p=dropout_p)
 
         return types.SimpleNamespace(backend=impl.backend, run=run)
 

@@ -657,8 +657,8 @@ def prefix_attention(
 
     sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
     (scale, p), impl = dispatch.plan(OP, sig, backend, resolve)
-    kw = {"dropout_p": p} if p > 0 else {}
-    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, **kw)
+    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                    dropout_p=p)
 
 
 def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, backend=None,
@@ -678,8 +678,8 @@ def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: f
     from its encoder, the padding mask from its mask function), where the checks would run in every
     layer of every step. ``scale`` and ``dropout_p`` must be floats. Same dispatch."""
     impl = attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, backend, dropout_p)
-    kw = {"dropout_p": dropout_p} if dropout_p > 0 else {}
-    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, **kw)
+    return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                    dropout_p=dropout_p)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -735,8 +735,8 @@ def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
 DECODE = _autograd.custom_op("prefix_attention_decode", _decode, fake=_decode_fake)
 
 
-def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None):
-    """The CUDA decode path (same signature as :func:`reference`)."""
+def decode(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0):
+    """The CUDA decode path (same signature as :func:`sdpa`; :func:`decode_shape_reasons` refuses dropout)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v)
     return DECODE(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
