@@ -1,10 +1,10 @@
 // Memory-bound serving kernels for masked_linear from bit-packed masks (see masked_linear.h); the work
 // split and the per-lane code are in masked_linear_lane.cuh. Single mask (two tokens or more): tensor
 // cores (mma.m16n8k16, fp32 accumulate) on the weight tile masked in registers; per-token masks and one
-// token: fp32 FMAs, the mask chosen per token. Both read the weight and the bits once per group of 16 tokens (so once for N <= 16), 16
-// bytes at a time with the next step's loads in flight, and x from global memory once per block into
-// shared memory. With a split K, a second small kernel sums the fp32 partials of the chunks in a fixed
-// order and adds the bias.
+// token: fp32 FMAs, the mask chosen per token. Both read the weight and the bits once per group of 16
+// tokens (so once for N <= 16), 16 bytes at a time with the next step's loads in flight, and x from global
+// memory once per block into shared memory. With a split K, a second small kernel sums the fp32 partials
+// of the chunks in a fixed order and adds the bias.
 #include "masked_linear.h"
 #include "masked_linear_lane.cuh"
 
