@@ -151,21 +151,23 @@ def _dropout_stream(SEED, b, h, Hq, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, cols, p_drop,
+def _softmax_fold(s, vt, m_i, l_i, acc, qk_scale2, V, seed, stream, m_start, cols, p_drop,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
-    """Folds one block of base-2 scores ``s`` (-inf where masked) and its values into the running row max
-    ``m_i``, sum ``l_i`` and weighted values ``acc`` (probabilities rounded to V's dtype for the product,
-    as flash attention does). Rows with no key yet stay (-inf, 0, 0); unmasked blocks (MASKED false) have
-    a finite score in every row, so they skip that guard. Under DROPOUT the dropped weights (query rows
-    from ``m_start``, key columns ``cols``) leave the values' sum but not the normaliser ``l_i``: the
-    caller scales the output by 1 / (1 - p_drop)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    """Folds one block of raw scores ``s`` = q . k (-inf where masked) and its values into the running row
+    max ``m_i``, sum ``l_i`` and weighted values ``acc``, in base 2: the weights are exp2(s * qk_scale2 - m)
+    (probabilities rounded to V's dtype for the product, as flash attention does). The scale is applied to
+    the row max and inside the exponent's FMA, not to every score first: one multiplication per score fewer
+    (qk_scale2 > 0, so the max of the scaled scores is the scaled max, exactly). Rows with no key yet stay
+    (-inf, 0, 0); unmasked blocks (MASKED false) have a finite score in every row, so they skip that guard.
+    Under DROPOUT the dropped weights (query rows from ``m_start``, key columns ``cols``) leave the values'
+    sum but not the normaliser ``l_i``: the caller scales the output by 1 / (1 - p_drop)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale2)
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         p = tl.where(_dropout_uniform(seed, stream, m_start, cols, s.shape[0]) >= p_drop, p, 0.0)
@@ -180,9 +182,9 @@ def _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, cols, p_drop,
 def _online_softmax_step(q, kt, vt, ok, m_i, l_i, acc, qk_scale2, V, seed, stream, m_start, cols, p_drop,
                          UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr):
     """One key block of the online softmax: the scores of q against kt where ``ok``, folded in."""
-    s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-    s = tl.where(ok, s, float("-inf"))
-    return _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, cols, p_drop, UPCAST, IEEE, True, DROPOUT)
+    s = tl.where(ok, _dot(q, tl.trans(kt), IEEE), float("-inf"))
+    return _softmax_fold(s, vt, m_i, l_i, acc, qk_scale2, V, seed, stream, m_start, cols, p_drop, UPCAST, IEEE, True,
+                         DROPOUT)
 
 
 @triton.jit
@@ -302,9 +304,8 @@ def _fwd_kernel(
     lo, mid, end = _query_key_bounds(KPM, b, pid_m, L, S, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SCAN)
     for start in range(lo, mid, BLOCK_N):
         kt, vt = _load_rows(K, V, kv_base + tl.cast(start, tl.int64) * sk_l + kv_tile, d_ok, EVEN_D, UPCAST)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale2
-        m_i, l_i, acc = _softmax_fold(s, vt, m_i, l_i, acc, V, seed, stream, m_start, P + start + offs_n0,
-                                      p_drop, UPCAST, IEEE, False, DROPOUT)
+        m_i, l_i, acc = _softmax_fold(_dot(q, tl.trans(kt), IEEE), vt, m_i, l_i, acc, qk_scale2, V, seed, stream,
+                                      m_start, P + start + offs_n0, p_drop, UPCAST, IEEE, False, DROPOUT)
     for start in range(mid, end, BLOCK_N):
         offs_n = start + offs_n0
         n_ok, ok = _seq_mask(KPM, b, S, offs_m, offs_n, end, L, HAS_KPM, CAUSAL)
