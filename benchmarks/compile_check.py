@@ -104,7 +104,8 @@ def _specs_of(module, name, kernel, args, kwargs, case, mode, unpruned):
         tile = {k: v for k, v in sorted(cfg.kwargs.items())} if cfg is not None else {}
         out.append(dict(module=module, kernel=name, fn=jit.fn.__name__ if hasattr(jit, "fn") else jit.__name__,
                         sig=sig, consts=consts, div=div, attrv=attrv, num_warps=warps, num_stages=stages, num_ctas=ctas,
-                        tile=tile, autotuned=cfg is not None, case=case, mode=mode))
+                        tile=tile, autotuned=cfg is not None, case=case, mode=mode,
+                        fp_fusion=kw.get("enable_fp_fusion")))  # None: the launch left it to Triton's default
     return out
 
 
@@ -321,6 +322,8 @@ def compile_spec(spec):
     options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"], **_jit_options())
     if spec["num_ctas"] != 1:
         options["num_ctas"] = spec["num_ctas"]
+    if spec.get("fp_fusion") is not None:
+        options["enable_fp_fusion"] = spec["fp_fusion"]
     # signature, constexprs and attributes as the JIT itself packs them from the binder's specialisation
     # (their layout, part of the cache key, changes between Triton versions)
     specialization = [("constexpr", spec["consts"][p.name]) if spec["sig"][p.name] == "constexpr"
@@ -351,7 +354,8 @@ def compile_spec(spec):
 
 def _key(spec):
     return json.dumps([spec["module"], spec["kernel"], spec["sig"], spec["consts"], sorted(spec["div"]),
-                       spec["num_warps"], spec["num_stages"], spec["num_ctas"]], sort_keys=True, default=str)
+                       spec["num_warps"], spec["num_stages"], spec["num_ctas"], spec.get("fp_fusion")], sort_keys=True,
+                      default=str)
 
 
 def _flags(spec):

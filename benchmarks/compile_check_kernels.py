@@ -78,7 +78,8 @@ def compile_one(job):
     t0 = time.time()
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=job["warps"], num_stages=job["stages"]))
+        options = dict(num_warps=job["warps"], num_stages=job["stages"], enable_fp_fusion=True)  # as the launches
+        compiled = triton.compile(src, target=TARGET, options=options)
         res = dict(job, shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]))
     except Exception as e:  # noqa: BLE001 - every compiler error is a finding
         msg = " ".join(str(e).split())

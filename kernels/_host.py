@@ -7,6 +7,12 @@ import functools
 import torch
 
 
+# Every launch asks for floating-point contraction (a * b + c as one FMA): the kernels' arithmetic is
+# written for it. Triton 3.9 warns when a launch leaves it to the default, and its release notes announce
+# that default turning off in 3.10.
+FP_FUSION = {"enable_fp_fusion": True}
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for Python ints. ``triton.cdiv`` is a constexpr function in recent Triton: a few
     microseconds per call on the host, several calls per launch."""

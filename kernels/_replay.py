@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._host import FP_FUSION
+
 KINDS = {"ptr": 0, "ptr_aligned": 1, "i32": 2, "i64": 3, "u32": 4, "u64": 5, "fp32": 6, "fp64": 7, "null": 8}
 ENV_VAR = "PET_FAST_TRITON_REPLAY"
 _ENABLED = os.environ.get(ENV_VAR, "1") != "0"
@@ -56,7 +58,9 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``; noted as a launch of the active recording."""
+    """``kernel[grid](*args, **kwargs)`` (with FMA contraction, _host.FP_FUSION); noted as a launch of the
+    active recording."""
+    kwargs = {**FP_FUSION, **kwargs}
     rec = getattr(_local, "rec", None)
     if rec is None:
         return kernel[grid](*args, **kwargs)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import FP_FUSION, cdiv, next_power_of_2
 
 from .bottleneck_adapter import interpreting
 from .stacked_adapter_fusion import _col
@@ -100,7 +100,7 @@ def attention_forward(values, qk, inv_temperature):
     if n:
         bn, bd, w = _attn_blocks(d)
         _attn_fwd_kernel[(cdiv(n, bn),)](values, qk, ctx, p, n, d, k, float(inv_temperature), BLOCK_N=bn,
-                                                BLOCK_D=bd, KP=max(2, next_power_of_2(k)), num_warps=w)
+                                                BLOCK_D=bd, KP=max(2, next_power_of_2(k)), num_warps=w, **FP_FUSION)
     return ctx, p
 
 
@@ -113,5 +113,5 @@ def attention_backward(dctx, values, qk, p, inv_temperature):
         bn, bd, w = _attn_blocks(d)
         _attn_bwd_kernel[(cdiv(n, bn),)](values, qk, dctx, p, dv, dqk, n, d, k, float(inv_temperature),
                                                 BLOCK_N=bn, BLOCK_D=bd, KP=max(2, next_power_of_2(k)),
-                                                num_warps=w)
+                                                num_warps=w, **FP_FUSION)
     return dv, dqk

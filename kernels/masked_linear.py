@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import FP_FUSION, cdiv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # PET_FAST_AUTOTUNE=0 (GPU correctness runs): one small tile per kernel, one compile per kernel.
@@ -331,7 +331,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Tensor
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _forward_kernel[grid](x, weight, s_arg, s_arg, bias if bias is not None else y, y, M, N, K, n_words, thr,
                           FROM_BITS=from_bits, HAS_BIAS=bias is not None, UPCAST=upcast, FP32_DOT=fp32_dot,
-                          PRECISION=precision)
+                          PRECISION=precision, **FP_FUSION)
     return y
 
 
@@ -360,7 +360,7 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, scores: Optional[torch.Te
     upcast, fp32_dot, precision = _dot_flags(dy.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
     _grad_input_kernel[grid](dy, weight, s_arg, s_arg, dx, M, N, K, n_words, thr, FROM_BITS=from_bits,
-                             UPCAST=upcast, FP32_DOT=fp32_dot, PRECISION=precision)
+                             UPCAST=upcast, FP32_DOT=fp32_dot, PRECISION=precision, **FP_FUSION)
     return dx
 
 
@@ -397,7 +397,7 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scores:
     _grad_weight_kernel[grid](dy, x, weight, s_arg, s_arg, ds, dw if dw is not None else ds,
                               db if db is not None else ds, M, N, K, n_words, thr, FROM_BITS=from_bits,
                               WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, UPCAST=upcast, FP32_DOT=fp32_dot,
-                              PRECISION=precision)
+                              PRECISION=precision, **FP_FUSION)
     return ds, dw, db
 
 
@@ -435,7 +435,7 @@ def pack(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     if out.numel() == 0:
         return out
     grid = lambda meta: (cdiv(R * n_words, meta["BLOCK_P"]),)
-    _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold))
+    _pack_kernel[grid](scores, out, R, K, n_words, threshold_for(scores.dtype, threshold), **FP_FUSION)
     return out
 
 
@@ -484,7 +484,8 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float, 
     n = out.numel()
     if n:
         _masked_weight_kernel[(cdiv(n, _EW_BLOCK),)](weight, scores, out, n,
-                                                           threshold_for(scores.dtype, threshold), BLOCK=_EW_BLOCK)
+                                                           threshold_for(scores.dtype, threshold), BLOCK=_EW_BLOCK,
+                                                           **FP_FUSION)
     return out
 
 
@@ -501,5 +502,5 @@ def mask_grads(g: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, thre
     if n:
         _mask_grads_kernel[(cdiv(n, _EW_BLOCK),)](g, weight, scores, ds, dw if dw is not None else ds, n,
                                                         threshold_for(scores.dtype, threshold),
-                                                        WEIGHT_GRAD=weight_grad, BLOCK=_EW_BLOCK)
+                                                        WEIGHT_GRAD=weight_grad, BLOCK=_EW_BLOCK, **FP_FUSION)
     return ds, dw

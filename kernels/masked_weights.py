@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import FP_FUSION, cdiv
 from .masked_linear import threshold_for
 
 BLOCK = 1024
@@ -118,7 +118,7 @@ def grouped_masked_weights(weights, scores, threshold: float, dtype: torch.dtype
     if tiles:
         _grouped_kernel[(tiles,)](w_ptrs, s_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets,
                                   threshold_for(scores[0].dtype, threshold), weights[0], scores[0], BLOCK=BLOCK,
-                                  ALIGNED=aligned)
+                                  ALIGNED=aligned, **FP_FUSION)
     return [piece.view(w.shape) for piece, w in zip(flat.split_with_sizes(splits)[::2], weights)]
 
 
@@ -136,5 +136,5 @@ def grouped_scores_grads(grads, weights, scores) -> list:
         g_ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64).to(device, non_blocking=True)
         aligned = aligned and all(g.data_ptr() % 16 == 0 for g in grads)
         _grouped_grads_kernel[(tiles,)](g_ptrs, w_ptrs, flat, tile_tensor, tile_start, sizes, out_offsets, grads[0],
-                                        weights[0], BLOCK=BLOCK, ALIGNED=aligned)
+                                        weights[0], BLOCK=BLOCK, ALIGNED=aligned, **FP_FUSION)
     return [piece.view(w.shape) for piece, w in zip(flat.split_with_sizes(splits)[::2], weights)]

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import _replay
-from ._host import cdiv, next_power_of_2
+from ._host import FP_FUSION, cdiv, next_power_of_2
 from .bottleneck_adapter import autotuning, n_bucket
 
 LOG2E = 1.4426950408889634
@@ -770,7 +770,8 @@ def dropout_keep(seed: torch.Tensor, shape: tuple, dropout_p: float) -> torch.Te
     B, Hq, L, ncols = shape
     keep = torch.empty((B, Hq, L, ncols), dtype=torch.int8, device=seed.device)
     if keep.numel():
-        _dropout_keep_kernel[(cdiv(L, 64), Hq, B)](seed, keep, Hq, L, ncols, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
+        _dropout_keep_kernel[(cdiv(L, 64), Hq, B)](seed, keep, Hq, L, ncols, float(dropout_p), BLOCK_M=64, BLOCK_N=64,
+                                                   **FP_FUSION)
     return keep.bool()
 
 

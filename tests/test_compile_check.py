@@ -47,6 +47,24 @@ def _tile(c, *names):
     return tuple(c.kwargs[n] for n in names) + (c.num_warps, c.num_stages)
 
 
+def test_every_captured_launch_asks_for_fma_contraction():
+    """Each launcher of every kernel module, driven by compile_check.py's capture: every launch passes
+    enable_fp_fusion=True (kernels/_host.py FP_FUSION), which the kernels' arithmetic is written for and which
+    Triton announced it would stop defaulting to; and compile_check compiles what each launch asked for."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PET_FAST_AUTOTUNE")}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--_capture",
+                          "--dtypes", "bf16"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["failed"] == []
+    kernels = {(s["module"], s["kernel"]) for s in got["specs"]}
+    assert {m for m, _ in kernels} >= {"bottleneck_adapter", "adapter_fusion", "stacked_adapter_fusion",
+                                      "masked_linear", "masked_weights", "prefix_attention"}
+    left_to_default = sorted({f"{s['module']}.{s['kernel']}" for s in got["specs"] if s["fp_fusion"] is not True})
+    assert left_to_default == []
+
+
 def test_tf32_masked_gemm_configs_keep_the_tiles_whose_stages_fit_sm90():
     """compile_check found 9 of the 12 tensor-core configs over sm_90's shared memory with TF32 from scores
     (the float32 x, weight and scores tiles), 1 from packed bits; the pruner keeps the others only, and all
