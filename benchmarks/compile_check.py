@@ -214,6 +214,20 @@ def _cases(module_name, dtypes, tuned):
                         P.backward(mk(B, Hq, L, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal)
                 cases.append((f"B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} P={Pn} D={D} {short[dt]}"
                               f"{' causal' if causal else ''}{' padded' if padded else ''}", run))
+            # attention dropout (a training BERT layer's 0.1; its Philox draws are their own specialisations),
+            # and the keep-mask kernel the GPU tests read the draws with
+            for D, causal, padded in [(64, False, True), (64, False, False), (128, True, True)]:
+                def run(D=D, causal=causal, padded=padded, dt=dt):
+                    q, k, v = mk(1, 12, 128, D, dt=dt), mk(1, 12, 128, D, dt=dt), mk(1, 12, 128, D, dt=dt)
+                    pk, pv = mk(12, 20, D, dt=dt), mk(12, 20, D, dt=dt)
+                    kpm = torch.ones(1, 128, dtype=torch.bool) if padded else None
+                    seed = torch.zeros(1, dtype=torch.int64)
+                    out, lse = P._forward(q, k, v, pk, pv, kpm, causal, dropout_p=0.1, seed=seed)
+                    P.backward(mk(1, 12, 128, D, dt=dt), q, k, v, pk, pv, kpm, out, lse, causal, dropout_p=0.1,
+                               seed=seed)
+                    P.dropout_keep(seed, (1, 12, 128, 148), 0.1)
+                cases.append((f"B=1 Hq=12 L=S=128 P=20 D={D} {short[dt]}{' causal' if causal else ''}"
+                              f"{' padded' if padded else ''} dropout 0.1", run))
     elif module_name == "prefix_attention_merge":
         import pet_fast.kernels.prefix_attention_merge as PM
         # flash attention is not what is checked: shaped stand-ins for its results

@@ -870,12 +870,22 @@ def forward_key(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, bl
                           float(dropout_p), seed) + (q.stride(), k.stride())
 
 
+def positive_scale(scale, D: int) -> float:
+    """The softmax scale a launch takes (D ** -0.5 for None). The kernels apply it to the row max of the
+    unscaled scores, as flash attention does, which holds for a scale > 0 only: others raise ValueError
+    (the op sends them to its eager backend)."""
+    scale = D ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 for the Triton prefix-attention kernels, got {scale}")
+    return scale
+
+
 def _forward(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False, scale=None,
              block_m=None, block_n=None, dropout_p=0.0, seed=None):
     """:func:`forward` with q, k and v as it makes them; returns the output as allocated, (B, L, Hq, D)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = positive_scale(scale, D)
     out = blhd_empty(q.shape, q.dtype, q.device)
     lse = _replay.empty((B, Hq, L), torch.float32, q.device)
     if out.numel() == 0:
@@ -938,7 +948,7 @@ def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = positive_scale(scale, D)
     has_prefix = prefix_k is not None
     P = prefix_k.shape[-2] if has_prefix else 0
     dq = blhd_empty(q.shape, q.dtype, q.device)

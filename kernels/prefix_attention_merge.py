@@ -59,7 +59,7 @@ from . import _replay
 from ._host import cdiv, next_power_of_2
 
 from .prefix_attention import LOG2E, _interpreting  # shared with the op's own kernels
-from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step, _sum_parts_kernel
+from .prefix_attention import _dot as _mm, _load_kv, _online_softmax_step, _sum_parts_kernel, positive_scale
 from .prefix_attention import _rows, in_blhd  # the layouts both paths share
 
 
@@ -334,7 +334,7 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
     calls it in every layer, and the step is bound by the host."""
     B, H, L, D = q.shape
     q, k, v = _rows(q), _rows(k), _rows(v)
-    o_s, lse_s = _flash_forward(q, k, v, bool(causal), float(scale))
+    o_s, lse_s = _flash_forward(q, k, v, bool(causal), positive_scale(scale, q.shape[-1]))
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return in_blhd(o_s), lse_s.contiguous()
     pk, pv = prefix_k.contiguous(), prefix_v.contiguous()
@@ -376,7 +376,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, causal: bool, scal
     afterwards."""
     q, k, v, grad_out = (_rows(t) for t in (q, k, v, grad_out))
     out, lse = in_blhd(out), lse.contiguous()  # as the forward makes it; the kernel writes dq at its offsets
-    dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), float(scale))
+    dq_s, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, bool(causal), positive_scale(scale, q.shape[-1]))
     dk, dv = in_blhd(dk), in_blhd(dv)
     if prefix_k is None or prefix_k.shape[-2] == 0:
         empty = None if prefix_k is None else (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))

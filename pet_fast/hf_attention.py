@@ -319,7 +319,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
         # the arguments are right by construction (module docstring): the op's checks are skipped
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        impl = attend_impl(query, key, value, pk, pv, kpm, causal, dropout_p=p_drop)
+        impl = attend_impl(query, key, value, pk, pv, kpm, causal, dropout_p=p_drop, scale=scale)
         if impl.backend == "eager":
             pk, pv = _batch_views(lp, target, B, pk, pv)
         out = impl.run(query, key, value, pk, pv, key_padding_mask=kpm, causal=causal, scale=scale, dropout_p=p_drop)

@@ -265,6 +265,43 @@ def test_strided_inputs_are_read_in_place_and_outputs_come_in_projection_layout(
         assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.7])
+def test_a_given_scale_reaches_output_and_every_gradient(scale):
+    """The kernels take the row max of the unscaled scores and scale it (one multiplication per score
+    fewer): other scales than D ** -0.5, a flat and a sharp softmax, with masked keys."""
+    tensors = make(2, 4, 2, 17, 19, 16, 5)
+    kpm = padding_mask(2, 19, "left")
+    gy = torch.randn(2, 4, 17, 16)
+    got = run("triton", tensors, kpm, True, gy, scale)
+    ref = reference64(tensors, kpm, True, gy, scale)
+    for name, a, b in zip(NAMES, [got[0]] + got[1], [ref[0]] + ref[1]):
+        assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.4])
+def test_a_scale_that_is_not_positive_runs_on_the_eager_backend_only(scale):
+    """Taking the max before scaling holds for a scale > 0: the kernels refuse others with the reason, the
+    op's eager backend (SDPA) takes any real scale, padding and causal masks included."""
+    tensors = make(2, 4, 2, 9, 11, 8, 3)
+    q, k, v, pk, pv = tensors
+    kpm = padding_mask(2, 11, "right")
+    info = op.describe(q, k, pk, kpm, True, v, pv, scale=scale)
+    assert any(r.startswith("scale <= 0") for r in op.triton_reasons(info))
+    assert op.triton_reasons(op.describe(q, k, pk, kpm, True, v, pv, scale=0.3)) == []
+    with pytest.raises(dispatch.BackendUnavailableError, match="scale <= 0"):
+        pet_fast.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True, scale=scale, backend="triton")
+    with pytest.raises(dispatch.BackendUnavailableError, match="scale <= 0"):
+        op.attend_impl(q, k, v, pk, pv, kpm, True, backend="triton", scale=scale)
+    assert op.attend_impl(q, k, v, pk, pv, kpm, True, backend="triton", scale=0.3).backend == "triton"
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        kernels.forward(q, k, v, pk, pv, kpm, True, scale)
+    gy = torch.randn(2, 4, 9, 8)
+    got = run("eager", tensors, kpm, True, gy, scale)
+    ref = reference64(tensors, kpm, True, gy, scale)
+    for name, a, b in zip(NAMES, [got[0]] + got[1], [ref[0]] + ref[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
 def test_dispatch_reasons_and_auto_choice():
     q, k, v, pk, pv = make(1, 2, 2, 3, 4, 8, 2)
     info = op.describe(q, k, pk, None, False, v, pv)

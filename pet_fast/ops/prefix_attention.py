@@ -171,14 +171,15 @@ def reference(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, caus
     return torch.matmul(probs.to(q.dtype), v)
 
 
-def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None, dropout_p=0.0) -> dict:
-    """What the dispatcher sees of a (validated) call."""
+def describe(q, k, prefix_k, key_padding_mask, causal, v=None, prefix_v=None, dropout_p=0.0, scale=None) -> dict:
+    """What the dispatcher sees of a (validated) call (``scale`` None: the default, D ** -0.5)."""
     grad = _checks.needs_grad(q, k, v, prefix_k, prefix_v)
     return _checks.info(
         q, batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
         head_dim=q.shape[3], prefix_len=0 if prefix_k is None else prefix_k.shape[-2],
         prefix_per_batch=prefix_k is not None and prefix_k.dim() == 4,
         padding=key_padding_mask is not None, causal=causal, requires_grad=grad, dropout=dropout_p > 0,
+        positive_scale=scale is None or scale > 0,
     )
 
 
@@ -617,6 +618,10 @@ def fused(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=F
     return _own(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
 
 
+# Why the Triton kernels (and torch's flash attention in the merged path) need scale > 0.
+POSITIVE_SCALE = ("the kernels take the row max of the unscaled scores and apply the scale to it, as flash "
+                  "attention does, which holds for a scale > 0 only; the eager backend takes any scale")
+
 # The Triton kernels' grids put the heads and the batch on CUDA's second and third grid dimensions.
 MAX_GRID_YZ = 65535
 
@@ -630,6 +635,8 @@ def triton_reasons(info) -> list:
     why = dispatch.triton_reasons(info)
     if not 1 <= info["head_dim"] <= MAX_HEAD_DIM:
         why.append(f"head_dim {info['head_dim']} is outside 1..{MAX_HEAD_DIM} (the kernels hold a padded row of D)")
+    if not info.get("positive_scale", True):
+        why.append(f"scale <= 0 ({POSITIVE_SCALE})")
     return why + _grid_reasons(info["batch"], info["q_heads"])
 
 
@@ -653,7 +660,7 @@ def prefix_attention(
     def resolve():
         s = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
         p = check_dropout(dropout_p)
-        return (s, p), describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, p)
+        return (s, p), describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, p, s)
 
     sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
     (scale, p), impl = dispatch.plan(OP, sig, backend, resolve)
@@ -662,12 +669,13 @@ def prefix_attention(
 
 
 def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, backend=None,
-                dropout_p: float = 0.0) -> dispatch.Impl:
+                dropout_p: float = 0.0, scale: Optional[float] = None) -> dispatch.Impl:
     """The backend :func:`attend` takes for these arguments (its ``.backend`` names it, ``.run`` runs it
     with :func:`sdpa`'s signature)."""
-    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p > 0)
+    positive = scale is None or scale > 0
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p > 0, positive)
     _, impl = dispatch.plan(OP, sig, backend, lambda: (
-        None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, dropout_p)))
+        None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, dropout_p, None if positive else -1.0)))
     return impl
 
 
@@ -677,7 +685,7 @@ def attend(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: f
     contract by construction (pet_fast.hf_attention: q, k, v from the model's projections, the prefix
     from its encoder, the padding mask from its mask function), where the checks would run in every
     layer of every step. ``scale`` and ``dropout_p`` must be floats. Same dispatch."""
-    impl = attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, backend, dropout_p)
+    impl = attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, backend, dropout_p, scale)
     return impl.run(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                     dropout_p=dropout_p)
 
