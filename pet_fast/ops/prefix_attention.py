@@ -42,8 +42,9 @@ Backends
             head_dim <= 256, scale > 0 (the kernels scale the row max of the raw scores, as flash
             attention does; the eager backend takes any real scale); forward and backward; dropout drawn
             in the kernels (Philox, one seed per call from torch's generator, drawn again in the
-            backward: no mask is stored). Calls that need a gradient, without dropout, padding or GQA, non-causal or causal with L == S, head_dim % 8 == 0, fp16/bf16 on CUDA, take the
-            merged path instead (``pet_fast::prefix_attention_merged_fwd`` / ``_bwd``,
+            backward: no mask is stored). Calls that need a gradient, without dropout, padding or GQA,
+            non-causal or causal with L == S, head_dim % 8 == 0, fp16/bf16 on CUDA, take the merged path
+            instead (``pet_fast::prefix_attention_merged_fwd`` / ``_bwd``,
             kernels/prefix_attention_merge.py): torch's cuDNN attention (where a one-time probe
             shows it matches) or flash attention, forward and backward, over the sequence and a Triton
             kernel for the prefix, merged through their log-sum-exps (exact: the backward called with
