@@ -365,8 +365,10 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
     rrmask = rr < R
     acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)  # da.T @ x
     acc_m = tl.zeros((BLOCK_D, RP), dtype=tl.float32)  # dy.T @ h, unscaled
-    acc_dy = tl.zeros((BLOCK_D,), dtype=tl.float32)  # sum of dy
-    acc_bd = tl.zeros((RP,), dtype=tl.float32)
+    # sum(dy) and sum(da) per token slot, reduced over the slots once after the loop: a column sum inside
+    # the loop crossed threads and warps at every tile (shuffles, shared memory and barriers on sm_90)
+    acc_dy = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_bd = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     start = pid_s.to(tl.int64) * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     rows = tl.arange(0, BLOCK_N)
@@ -378,7 +380,7 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
         hoffs = rows[:, None] * RP + rr[None, :]
         dyt = tl.load(DY + n0 * D + offs, mask=m2, other=0.0)
         h = tl.load(HBUF + n0 * RP + hoffs, mask=rmask[:, None], other=0.0)
-        acc_dy += tl.sum(dyt.to(tl.float32), axis=0)
+        acc_dy += dyt.to(tl.float32)
         # dy is float32 when the residual (and so the output) is: the product takes it in h's dtype
         acc_m += mm(tl.trans(dyt.to(HBUF.dtype.element_ty)), h, UPCAST)
         if NEED_W:
@@ -386,7 +388,8 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
             da = tl.load(DABUF + n0 * RP + hoffs, mask=rmask[:, None], other=0.0)
             acc_wd += mm(tl.trans(da), xt, UPCAST)
             if NEED_BD:
-                acc_bd += tl.sum(da.to(tl.float32), axis=0)
+                acc_bd += da.to(tl.float32)
+    acc_dy = tl.sum(acc_dy, axis=0)
     # The scaling multiplies dy per channel: applied once here rather than to every loaded tile.
     if S_MODE == 0:
         s = tl.full((BLOCK_D,), 1.0, tl.float32) * s_value
@@ -402,7 +405,7 @@ def _bwd_cols_kernel(X, DY, HBUF, DABUF, WU, BU, S, PART, N, D, R, s_value, rows
             tl.store(part + OFF_BU + c, acc_dy * s, mask=cm)
         if NEED_BD:
             if pid_d == 0:
-                tl.store(part + OFF_BD + rr, acc_bd, mask=rrmask)
+                tl.store(part + OFF_BD + rr, tl.sum(acc_bd, axis=0), mask=rrmask)
     if NEED_DS:
         # d_scaling[c] = sum_n dy[n, c] * (h[n] . Wu[c] + bu[c]) = sum_k acc_m[c, k] Wu[c, k] + bu[c] sum_n dy[n, c]
         wu = tl.load(WU + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)

@@ -276,10 +276,12 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
     rr = tl.arange(0, RP)
     rrmask = rr < R
     acc_wu = tl.zeros((BLOCK_D, RP), dtype=tl.float32)
-    acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # the bias sums per token slot, reduced over the slots once after the loop (a column sum per tile
+    # crosses threads and warps)
+    acc_bu = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if NEED_W:
         acc_wd = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
-        acc_bd = tl.zeros((RP,), dtype=tl.float32)
+        acc_bd = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     start = pid_s.to(tl.int64) * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
@@ -305,13 +307,14 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
             if NEED_DS:
                 dvl = (dv - dvq.to(tl.float32)).to(X.dtype.element_ty)
                 acc_wu += mm(tl.trans(dvl), hq, UPCAST)
-        acc_bu += tl.sum(dv, axis=0)
+        acc_bu += dv
         if NEED_W:
             xt = tl.load(X + offs, mask=m2, other=0.0)
             da = tl.load(DA + aoffs, mask=rmask[:, None], other=0.0)
             acc_wd += mm(tl.trans(da.to(xt.dtype)), xt, UPCAST)
             if NEED_BD:
-                acc_bd += tl.sum(da.to(tl.float32), axis=0)
+                acc_bd += da.to(tl.float32)
+    acc_bu = tl.sum(acc_bu, axis=0)
     # Every element of this split's slice is written by exactly one program: (j, rows < R, columns < D) of
     # dWd, dWu and dbu by the program of its d block, dbd by the d block 0, ds entry (j, pid_d) by its own.
     out = PART + pid_s.to(tl.int64) * part_stride
@@ -324,7 +327,7 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
             tl.store(out + off_bu + j * D + c, acc_bu * s, mask=cm)
         if NEED_BD:
             if pid_d == 0:
-                tl.store(out + off_bd + j * R + rr, acc_bd, mask=rrmask)
+                tl.store(out + off_bd + j * R + rr, tl.sum(acc_bd, axis=0), mask=rrmask)
     if NEED_DS:
         wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
         ds = tl.sum(tl.sum(acc_wu * wu.to(tl.float32), axis=1), axis=0)
