@@ -333,14 +333,14 @@ def forward(q, k, v, prefix_k, prefix_v, causal: bool, scale: float):
     launch is recorded once per key and replayed from C++ afterwards (kernels/_replay.py): a training step
     calls it in every layer, and the step is bound by the host."""
     B, H, L, D = q.shape
+    scale = positive_scale(scale, D)
     q, k, v = _rows(q), _rows(k), _rows(v)
-    o_s, lse_s = _flash_forward(q, k, v, bool(causal), positive_scale(scale, q.shape[-1]))
+    o_s, lse_s = _flash_forward(q, k, v, bool(causal), scale)
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return in_blhd(o_s), lse_s.contiguous()
     pk, pv = prefix_k.contiguous(), prefix_v.contiguous()
     if o_s.stride(-1) != 1:
         o_s = o_s.contiguous()
-    scale = float(scale)
     if not _replay.active(q):
         out, lse = _merge_forward(q, pk, pv, o_s, lse_s, scale)
     else:

@@ -673,10 +673,10 @@ def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, bac
                 dropout_p: float = 0.0, scale: Optional[float] = None) -> dispatch.Impl:
     """The backend :func:`attend` takes for these arguments (its ``.backend`` names it, ``.run`` runs it
     with :func:`sdpa`'s signature)."""
-    positive = scale is None or scale > 0
-    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p > 0, positive)
+    sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p > 0,
+                            scale is None or scale > 0)
     _, impl = dispatch.plan(OP, sig, backend, lambda: (
-        None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, dropout_p, None if positive else -1.0)))
+        None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, dropout_p, scale)))
     return impl
 
 
