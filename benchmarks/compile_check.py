@@ -147,14 +147,19 @@ def _cases(module_name, dtypes, tuned):
     elif module_name == "stacked_adapter_fusion":
         import pet_fast.kernels.stacked_adapter_fusion as F
         for dt in dts:
-            for n, d, r, k in [(256, 768, 64, 3), (256, 768, 64, 8), (256, 768, 256, 3)] + odd([(37, 200, 5, 3)]):
-                def run(n=n, d=d, r=r, k=k, dt=dt):
-                    x, qk = mk(n, d, dt=dt), mk(n, d, dt=dt)
+            # qk and dctx in the input dtype (no key or value projection), and for fp16/bf16 also in fp32, as the
+            # op passes them with the key and value projections (AdapterFusion's default)
+            shapes = [(256, 768, 64, 3, dt), (256, 768, 64, 8, dt), (256, 768, 256, 3, dt)] + odd([(37, 200, 5, 3, dt)])
+            if dt != torch.float32:
+                shapes += [(256, 768, 64, 3, torch.float32), (256, 768, 64, 8, torch.float32)]
+            for n, d, r, k, qt in shapes:
+                def run(n=n, d=d, r=r, k=k, dt=dt, qt=qt):
+                    x, qk = mk(n, d, dt=dt), mk(n, d, dt=qt)
                     wd, bd, wu, bu = mk(k, r, d, dt=dt), mk(k, r, dt=dt), mk(k, d, r, dt=dt), mk(k, d, dt=dt)
                     s = mk(k, dt=dt)
                     ctx, abuf, pbuf = F._forward(x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5)
-                    F._backward(mk(n, d, dt=dt), x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, abuf, pbuf, True, True)
-                cases.append((f"n={n} d={d} r={r} k={k} {short[dt]}", run))
+                    F._backward(mk(n, d, dt=qt), x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, abuf, pbuf, True, True)
+                cases.append((f"n={n} d={d} r={r} k={k} {short[dt]}" + (" qk fp32" if qt != dt else ""), run))
     elif module_name == "masked_linear":
         import pet_fast.kernels.masked_linear as M
         for dt in dts:

@@ -12,13 +12,16 @@ projection and a residual added before the softmax both move outside the sum. Th
 
 Forward, one launch, one program per tile of tokens: for each adapter the pre-activation
 ``a_j = x @ Wd_j.T + bd_j`` (r-wide) and its score (looping over d, recomputing v_j blocks from the
-hidden held in registers); the softmax; then per block of d ``ctx = [p_j s_j act(a_j)]_j @ [Wu_j]_j``
-plus the biases. The k adapter outputs v_j (k x d per token) never reach global memory. The forward
-writes and saves ``a`` (N, k, RP) fp32 and ``p`` (N, k) fp32: r-wide and k-wide per adapter, where
-eager PyTorch keeps the (N, k, d) adapter outputs and their projections.
+hidden held in registers); the softmax; then ``hw_j = p_j s_j act(a_j)`` once per adapter, written r-wide
+in the input dtype to a scratch buffer of the program's own rows; then per block of d
+``ctx = [hw_j]_j @ [Wu_j]_j`` plus the biases (the activation is not evaluated again per block of d). The k
+adapter outputs v_j (k x d per token) never reach global memory. The forward writes and saves ``a``
+(N, k, RP) fp32 and ``p`` (N, k) fp32: r-wide and k-wide per adapter, where eager PyTorch keeps the
+(N, k, d) adapter outputs and their projections.
 
 Backward, two launches: a per-token-tile kernel (``dp_j = <dctx, v_j>`` from ``dctx @ Wu_j``; the
-softmax backward; ``da_j``; ``dqk = sum_j dscore_j v_j``; ``dx = sum_j da_j @ Wd_j``), writing the
+softmax backward; ``da_j`` and, once per adapter, ``s_j dscore_j act(a_j)`` to a scratch buffer;
+``dqk = sum_j dscore_j v_j`` and ``dx = sum_j da_j @ Wd_j`` per block of d), writing the
 r-wide ``da`` and k-wide ``dscore`` (and for fp16/bf16 ``da`` and the hidden ``h`` in the input dtype);
 then a grid over (adapter, block of d, split of tokens) whose programs sum ``dWd``, ``dbd``, ``dWu``,
 ``dbu`` and ``d_scaling`` over their tokens in fp32 and write them to their own slice of a partials
@@ -67,7 +70,7 @@ def _scale(S, s_value, j, S_MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, inv_t, n_bucket,
+def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_value, inv_t, n_bucket,
                 HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                 UPCAST: tl.constexpr, CHAIN: tl.constexpr):
@@ -141,25 +144,32 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, N, D, R, K, s_value, 
     e = tl.exp(scores - mx[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
     tl.store(PBUF + rows[:, None] * K + kk[None, :], p, mask=rmask[:, None] & (kk[None, :] < K))
+    # The context's products read hw_j = p_j s_j act(a_j), rounded to the input dtype, once per block of d:
+    # formed once per adapter here (the activation, gelu's erf among them, not again per block of d) and kept
+    # r-wide in HW, the program's own rows.
+    tl.debug_barrier()  # a was stored above by other threads of the program
+    for j in range(K):
+        aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
+        a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)
+        hw = act_fwd(a, ACT) * (_col(p, kk, j) * _scale(S, s_value, j, S_MODE))[:, None]
+        tl.store(HW + aoffs, hw.to(HW.dtype.element_ty), mask=rmask[:, None])
+    tl.debug_barrier()
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         cm = c < D
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for j in range(K):
-            w = _col(p, kk, j) * _scale(S, s_value, j, S_MODE)
-            a = tl.load(ABUF + (rows[:, None] * K + j) * RP + rr[None, :], mask=rmask[:, None], other=0.0)
-            hw = act_fwd(a, ACT) * w[:, None]
-            if not UPCAST:
-                hw = hw.to(CTX.dtype.element_ty)
+            hw = tl.load(HW + (rows[:, None] * K + j) * RP + rr[None, :], mask=rmask[:, None], other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
             acc += mm(hw, tl.trans(wu), UPCAST)
             if HAS_BU:
+                w = tl.load(PBUF + rows * K + j, mask=rmask, other=0.0) * _scale(S, s_value, j, S_MODE)
                 acc += w[:, None] * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         tl.store(CTX + rows[:, None] * D + c[None, :], acc.to(CTX.dtype.element_ty), mask=rmask[:, None] & cm[None, :])
 
 
 @triton.jit
-def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCBUF, DX, DQK, N, D, R, K, s_value,
+def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCBUF, HW, DX, DQK, N, D, R, K, s_value,
                      inv_t, n_bucket, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_H: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
@@ -200,7 +210,9 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCB
     tl.debug_barrier()  # the tiles stored above are read back below, maybe by other threads of the program
     # pass B: da_j = (s_j p_j dctx @ Wu_j + s_j dscore_j qk @ Wu_j) * act'(a_j), written to DA in its dtype
     # (the input dtype for fp16/bf16: the tensor-core dots that read it round it to that anyway); with
-    # WRITE_H also h_j in the input dtype, for the weight-gradient reduction (see ``backward``)
+    # WRITE_H also h_j in the input dtype, for the weight-gradient reduction (see ``backward``); and pass C's
+    # operand hw_j = s_j dscore_j act(a_j), rounded as pass C's dot rounds it, to HW (formed once per adapter,
+    # not again per block of d in pass C)
     for j in range(K):
         gq = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -216,11 +228,14 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCB
         aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
         a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)
         h, gp = act_fwd_bwd(a, ACT)
+        w = s * _col(dsc, kk, j)
         da = tl.load(DABUF + aoffs, mask=rmask[:, None], other=0.0)
-        da = (da + gq * (s * _col(dsc, kk, j))[:, None]) * gp
+        da = (da + gq * w[:, None]) * gp
         tl.store(DA + aoffs, da.to(DA.dtype.element_ty), mask=rmask[:, None])
         if WRITE_H:
             tl.store(HB + aoffs, h.to(HB.dtype.element_ty), mask=rmask[:, None])
+        # (act_fwd, not h: pass C's operand as the forward forms the activation)
+        tl.store(HW + aoffs, (act_fwd(a, ACT) * w[:, None]).to(HW.dtype.element_ty), mask=rmask[:, None])
     tl.debug_barrier()
     # pass C, per block of d: dqk = sum_j dscore_j v_j and dx = sum_j da_j @ Wd_j
     for d0 in range(0, D, BLOCK_D):
@@ -229,19 +244,17 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCB
         acc_q = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         acc_x = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for j in range(K):
-            w = _col(dsc, kk, j) * _scale(S, s_value, j, S_MODE)
             aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
-            a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)
-            hw = act_fwd(a, ACT) * w[:, None]
+            hw = tl.load(HW + aoffs, mask=rmask[:, None], other=0.0)
             da = tl.load(DA + aoffs, mask=rmask[:, None], other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
             wd = tl.load(WD + j * R * D + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
             if not UPCAST:
-                hw = hw.to(wu.dtype)
                 da = da.to(wd.dtype)
             acc_q += mm(hw, tl.trans(wu), UPCAST)
             acc_x += mm(da, wd, UPCAST)
             if HAS_BU:
+                w = tl.load(DSCBUF + rows * K + j, mask=rmask, other=0.0) * _scale(S, s_value, j, S_MODE)
                 acc_q += w[:, None] * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         offs = rows[:, None] * D + c[None, :]
         m2 = rmask[:, None] & cm[None, :]
@@ -459,14 +472,16 @@ def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activati
     pbuf = _replay.empty((n, k), torch.float32, x.device)
     if n == 0:
         return ctx, abuf, pbuf
+    upcast = interpreting() or x.dtype == torch.float32
+    # the context's r-wide operand per token and adapter (scratch: the kernel writes and reads it)
+    hw = _replay.empty((n, k, rp), torch.float32 if upcast else x.dtype, x.device)
     dummy = x
     _replay.launch(
         _fwd_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
         x, qk, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
-        scaling if scaling is not None else dummy, ctx, abuf, pbuf, n, d, r, k, float(scaling_value),
+        scaling if scaling is not None else dummy, ctx, abuf, pbuf, hw, n, d, r, k, float(scaling_value),
         float(inv_temperature), n_bucket(n), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
-        S_MODE=_scale_mode(scaling), ACT=ACT_CODES[activation], RP=rp, KP=kp,
-        UPCAST=interpreting() or x.dtype == torch.float32, CHAIN=FP32_CHAIN)
+        S_MODE=_scale_mode(scaling), ACT=ACT_CODES[activation], RP=rp, KP=kp, UPCAST=upcast, CHAIN=FP32_CHAIN)
     return ctx, abuf, pbuf
 
 
@@ -532,7 +547,8 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         da = _replay.empty(abuf.shape, x.dtype, x.device) if low else dabuf
         hbuf = _replay.empty(abuf.shape, x.dtype, x.device) if (low and reduce) else abuf
         dscbuf = _replay.empty(pbuf.shape, pbuf.dtype, x.device)
-        args = (x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, dx, dqk, n, d, r, k,
+        hw = _replay.empty(abuf.shape, torch.float32 if upcast else x.dtype, x.device)  # scratch: pass C's operand
+        args = (x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, hw, dx, dqk, n, d, r, k,
                 float(scaling_value), float(inv_temperature), n_bucket(n))
         flags = dict(HAS_BU=b_up is not None, S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf,
                      RP=rp, KP=kp, UPCAST=upcast)
@@ -541,7 +557,7 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         else:
             _replay.launch(_bwd_rows_kernel, (cdiv(n, bn),), *args, **flags, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
                            num_stages=stages)
-        del dabuf
+        del dabuf, hw
     need_bd = need_weights and b_down is not None
     need_bu = need_weights and b_up is not None
     bn, bd, warps, stages = _cols_blocks(rp)
