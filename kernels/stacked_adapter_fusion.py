@@ -19,8 +19,9 @@ adapter outputs v_j (k x d per token) never reach global memory. The forward wri
 (N, k, RP) fp32 and ``p`` (N, k) fp32: r-wide and k-wide per adapter, where eager PyTorch keeps the
 (N, k, d) adapter outputs and their projections.
 
-Backward, two launches: a per-token-tile kernel (``dp_j = <dctx, v_j>`` from ``dctx @ Wu_j``; the
-softmax backward; ``da_j`` and, once per adapter, ``s_j dscore_j act(a_j)`` to a scratch buffer;
+Backward, two launches: a per-token-tile kernel (``dp_j = <dctx, v_j>`` from ``dctx @ Wu_j``, and
+``qk @ Wu_j`` in the same pass over d, kept r-wide in a scratch buffer; the softmax backward; ``da_j``
+and, once per adapter, ``s_j dscore_j act(a_j)`` to a scratch buffer;
 ``dqk = sum_j dscore_j v_j`` and ``dx = sum_j da_j @ Wd_j`` per block of d), writing the
 r-wide ``da`` and k-wide ``dscore`` (and for fp16/bf16 ``da`` and the hidden ``h`` in the input dtype);
 then a grid over (adapter, block of d, split of tokens) whose programs sum ``dWd``, ``dbd``, ``dWu``,
@@ -169,7 +170,7 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_val
 
 
 @triton.jit
-def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCBUF, HW, DX, DQK, N, D, R, K, s_value,
+def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, HB, DSCBUF, HW, DX, DQK, N, D, R, K, s_value,
                      inv_t, n_bucket, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_H: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
@@ -182,20 +183,26 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCB
     kmask = kk < K
     cols = tl.arange(0, BLOCK_D)
     p = tl.load(PBUF + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-    # pass A: dp_j = <dctx, v_j> = s_j (<dctx @ Wu_j, h_j> + <dctx, bu_j>); da_j starts as s_j p_j (dctx @ Wu_j)
+    # pass A: dp_j = <dctx, v_j> = s_j (<dctx @ Wu_j, h_j> + <dctx, bu_j>); da_j starts as s_j p_j (dctx @ Wu_j);
+    # in the same pass over d, qk @ Wu_j for pass B (kept r-wide in fp32 in GQBUF)
     dp = tl.zeros((BLOCK_N, KP), dtype=tl.float32)
     for j in range(K):
         g = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+        gq = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         gb = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
             cm = c < D
-            dct = tl.load(DCTX + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+            m2 = rmask[:, None] & cm[None, :]
+            dct = tl.load(DCTX + rows[:, None] * D + c[None, :], mask=m2, other=0.0)
+            qt = tl.load(QK + rows[:, None] * D + c[None, :], mask=m2, other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
             if UPCAST:
                 g += mm(dct, wu, UPCAST)
-            else:
-                g += mm(dct.to(wu.dtype), wu, UPCAST)  # dctx may come in fp32: tensor-core operands
+                gq += mm(qt, wu, UPCAST)
+            else:  # dctx and qk may come in fp32: tensor-core operands
+                g += mm(dct.to(wu.dtype), wu, UPCAST)
+                gq += mm(qt.to(wu.dtype), wu, UPCAST)
             if HAS_BU:
                 gb += tl.sum(dct.to(tl.float32) * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
         s = _scale(S, s_value, j, S_MODE)
@@ -205,6 +212,7 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCB
         dpj = s * (tl.sum(g * h, axis=1) + gb)
         dp = tl.where(kk[None, :] == j, dpj[:, None], dp)
         tl.store(DABUF + aoffs, g * (s * _col(p, kk, j))[:, None], mask=rmask[:, None])
+        tl.store(GQBUF + aoffs, gq, mask=rmask[:, None])
     dsc = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * inv_t
     tl.store(DSCBUF + rows[:, None] * K + kk[None, :], dsc, mask=rmask[:, None] & kmask[None, :])
     tl.debug_barrier()  # the tiles stored above are read back below, maybe by other threads of the program
@@ -214,18 +222,9 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, DA, HB, DSCB
     # operand hw_j = s_j dscore_j act(a_j), rounded as pass C's dot rounds it, to HW (formed once per adapter,
     # not again per block of d in pass C)
     for j in range(K):
-        gq = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            c = d0 + cols
-            cm = c < D
-            qt = tl.load(QK + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
-            wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
-            if UPCAST:
-                gq += mm(qt, wu, UPCAST)
-            else:
-                gq += mm(qt.to(wu.dtype), wu, UPCAST)  # qk comes in fp32 for fp16/bf16: tensor-core operands
         s = _scale(S, s_value, j, S_MODE)
         aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
+        gq = tl.load(GQBUF + aoffs, mask=rmask[:, None], other=0.0)
         a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)
         h, gp = act_fwd_bwd(a, ACT)
         w = s * _col(dsc, kk, j)
@@ -544,11 +543,12 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
     bu_arg = b_up if b_up is not None else dummy
     if n > 0:
         dabuf = _replay.empty(abuf.shape, abuf.dtype, x.device)
+        gqbuf = _replay.empty(abuf.shape, torch.float32, x.device)  # scratch: qk @ Wu_j, pass A to pass B
         da = _replay.empty(abuf.shape, x.dtype, x.device) if low else dabuf
         hbuf = _replay.empty(abuf.shape, x.dtype, x.device) if (low and reduce) else abuf
         dscbuf = _replay.empty(pbuf.shape, pbuf.dtype, x.device)
         hw = _replay.empty(abuf.shape, torch.float32 if upcast else x.dtype, x.device)  # scratch: pass C's operand
-        args = (x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, da, hbuf, dscbuf, hw, dx, dqk, n, d, r, k,
+        args = (x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, gqbuf, da, hbuf, dscbuf, hw, dx, dqk, n, d, r, k,
                 float(scaling_value), float(inv_temperature), n_bucket(n))
         flags = dict(HAS_BU=b_up is not None, S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf,
                      RP=rp, KP=kp, UPCAST=upcast)
@@ -557,7 +557,7 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         else:
             _replay.launch(_bwd_rows_kernel, (cdiv(n, bn),), *args, **flags, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
                            num_stages=stages)
-        del dabuf, hw
+        del dabuf, gqbuf, hw
     need_bd = need_weights and b_down is not None
     need_bu = need_weights and b_up is not None
     bn, bd, warps, stages = _cols_blocks(rp)
