@@ -21,8 +21,9 @@ Backward, three launches:
    ``dh = (s * dy) @ Wu``; then ``h = act(a)``, ``da = dh * act'(a)``; writes ``h`` and ``da`` (r-wide,
    N x RP in x's dtype: the only intermediates that touch global memory) and
    ``dx = da @ Wd (+ dy when the residual is x)``. With a LayerNorm it also writes ``LN(x)`` (N x d, in the
-   products' dtype: the reduction's x) and takes ``da @ Wd`` back through the LayerNorm: two row sums,
-   then dx column block by column block.
+   products' dtype: the reduction's x) and takes ``da @ Wd`` back through the LayerNorm: its two row sums
+   from the first pass's ``LN(x) @ Wd.T`` and from ``Wd @ w`` and ``Wd @ b`` (no pass over x of their
+   own), then dx column block by column block.
 2. ``_bwd_cols_kernel``, a grid over (blocks of d) x (splits of the tokens): each program reduces its
    tokens into ``da.T @ x`` (dWd), ``M = dy.T @ h``, ``sum(dy)`` and ``sum(da)`` (dbd, programs of the
    first d block) in fp32, then applies the scaling once: ``dWu = s * M``, ``dbu = s * sum(dy)``, and
@@ -293,6 +294,8 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
             dh += mm(g, wu, UPCAST)
         else:
             dh += mm(g.to(CD.dtype.element_ty), wu.to(CD.dtype.element_ty), UPCAST)
+    if LN:
+        a_x = a  # LN(x) @ Wd.T, for the LayerNorm's backward below
     if HAS_BD:
         a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
     h, gp = act_fwd_bwd(a, ACT)
@@ -307,17 +310,28 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
         daq = da.to(CD.dtype.element_ty)
     if LN:
         # gy = da @ Wd is the gradient of y = LN(x); with g = gy * w and xhat = (x - mean) * rstd,
-        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)): two row sums first, then dx column by column
-        sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        sgx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dx then column by column. The two row sums need
+        # no pass over x: sum_c g = da . (Wd @ w), and since w * xhat = y - b,
+        # sum_c g xhat = da . (y @ Wd.T - Wd @ b), where y @ Wd.T is the first loop's product (before bd).
+        # Only the weights are read: Wd @ w and Wd @ b, r-wide, summed per column slot and reduced after.
+        vw = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
+        vb = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
-            g, xhat = _ln_grad_tile(X, WD, LNW, daq, mean, rstd, rows, rmask, rr, rrmask, c, D, CD,
-                                    HAS_LNW, UPCAST)
-            sg += tl.sum(g, axis=1)
-            sgx += tl.sum(g * xhat, axis=1)
-        sg = sg / D
-        sgx = sgx / D
+            cm = c < D
+            wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+            wd = wd.to(CD.dtype.element_ty).to(tl.float32)  # as the products read it
+            if HAS_LNW:
+                vw += wd * tl.load(LNW + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+            else:
+                vw += wd
+            if HAS_LNB:
+                vb += wd * tl.load(LNB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        daf = daq.to(tl.float32)
+        sg = tl.sum(daf * tl.sum(vw, axis=1)[None, :], axis=1) / D
+        if HAS_LNB:
+            a_x -= tl.sum(vb, axis=1)[None, :]
+        sgx = tl.sum(daf * a_x, axis=1) / D
     for d0 in range(c_lo, c_hi, BLOCK_D):
         c = d0 + cols
         cm = c < c_hi

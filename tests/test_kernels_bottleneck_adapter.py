@@ -824,3 +824,15 @@ def test_backward_fake_rules_return_no_aliases():
                                                                        False, False)]
         for out in outs:
             assert len({t.untyped_storage()._cdata for t in out}) == len(out)
+
+
+def test_layer_norm_backward_on_the_gpu_fp16_path(monkeypatch):
+    """The rows backward takes the LayerNorm's two row sums from the first loop's LN(x) @ Wd.T and from Wd @ w
+    and Wd @ b, without another pass over x. On the GPU's fp16 path (emulated: the kernels' ``interpreting``
+    patched to False, fp16 operands into tl.dot) LN(x) is rounded to fp16 in that product: x's gradient
+    must still meet the precision rule against eager autocast, at a width where the sums run over many
+    blocks of d."""
+    kernels = importlib.import_module("pet_fast.kernels.bottleneck_adapter")
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "autotuning", lambda: False)
+    check_layer_norm_under_autocast((19,), 200, 12, torch.float16)
