@@ -266,6 +266,21 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
     if LN:  # the adapter read y = LN(x): recomputed here, and written for the weight-gradient reduction
         YBUF += row0 * D
         mean, rstd = _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N, BLOCK_D)
+    if LN:
+        # Wd @ w and Wd @ b (r-wide, with Wd as the products read it), for the LayerNorm's backward below
+        wd_w = tl.zeros((RP,), dtype=tl.float32)
+        wd_b = tl.zeros((RP,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            cm = c < D
+            wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
+            wd = wd.to(CD.dtype.element_ty).to(tl.float32)
+            if HAS_LNW:
+                wd_w += tl.sum(wd * tl.load(LNW + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
+            else:
+                wd_w += tl.sum(wd, axis=1)
+            if HAS_LNB:
+                wd_b += tl.sum(wd * tl.load(LNB + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
     a = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     dh = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
     if S_MODE == 0:
@@ -295,7 +310,7 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
         else:
             dh += mm(g.to(CD.dtype.element_ty), wu.to(CD.dtype.element_ty), UPCAST)
     if LN:
-        a_x = a  # LN(x) @ Wd.T, for the LayerNorm's backward below
+        a_x = a - wd_b[None, :]  # (LN(x) - b) @ Wd.T = (w xhat) @ Wd.T, for the LayerNorm's backward below
     if HAS_BD:
         a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
     h, gp = act_fwd_bwd(a, ACT)
@@ -313,24 +328,8 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dx then column by column. The two row sums need
         # no pass over x: sum_c g = da . (Wd @ w), and since w * xhat = y - b,
         # sum_c g xhat = da . (y @ Wd.T - Wd @ b), where y @ Wd.T is the first loop's product (before bd).
-        # Only the weights are read: Wd @ w and Wd @ b, r-wide, summed per column slot and reduced after.
-        vw = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
-        vb = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            c = d0 + cols
-            cm = c < D
-            wd = tl.load(WD + rr[:, None] * D + c[None, :], mask=rrmask[:, None] & cm[None, :], other=0.0)
-            wd = wd.to(CD.dtype.element_ty).to(tl.float32)  # as the products read it
-            if HAS_LNW:
-                vw += wd * tl.load(LNW + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-            else:
-                vw += wd
-            if HAS_LNB:
-                vb += wd * tl.load(LNB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         daf = daq.to(tl.float32)
-        sg = tl.sum(daf * tl.sum(vw, axis=1)[None, :], axis=1) / D
-        if HAS_LNB:
-            a_x -= tl.sum(vb, axis=1)[None, :]
+        sg = tl.sum(daf * wd_w[None, :], axis=1) / D
         sgx = tl.sum(daf * a_x, axis=1) / D
     for d0 in range(c_lo, c_hi, BLOCK_D):
         c = d0 + cols
