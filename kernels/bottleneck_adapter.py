@@ -266,7 +266,6 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
     if LN:  # the adapter read y = LN(x): recomputed here, and written for the weight-gradient reduction
         YBUF += row0 * D
         mean, rstd = _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N, BLOCK_D)
-    if LN:
         # Wd @ w and Wd @ b (r-wide, with Wd as the products read it), for the LayerNorm's backward below
         wd_w = tl.zeros((RP,), dtype=tl.float32)
         wd_b = tl.zeros((RP,), dtype=tl.float32)
@@ -309,8 +308,11 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
             dh += mm(g, wu, UPCAST)
         else:
             dh += mm(g.to(CD.dtype.element_ty), wu.to(CD.dtype.element_ty), UPCAST)
-    if LN:
-        a_x = a - wd_b[None, :]  # (LN(x) - b) @ Wd.T = (w xhat) @ Wd.T, for the LayerNorm's backward below
+    if LN:  # (LN(x) - b) @ Wd.T = (w xhat) @ Wd.T, for the LayerNorm's backward below
+        if HAS_LNB:
+            a_x = a - wd_b[None, :]
+        else:
+            a_x = a
     if HAS_BD:
         a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
     h, gp = act_fwd_bwd(a, ACT)
