@@ -83,3 +83,26 @@ def test_side_cache_skips_the_base_after_the_first_epoch():
     other[1, 0] = (other[1, 0] + 1) % 50 + 3
     with pytest.raises(ValueError, match="example id 11"):
         model(input_ids=other, attention_mask=mask, example_ids=[10, 11, 12])
+
+
+def test_side_base_runs_in_eval_mode_and_training_flags_come_back():
+    # BERT's default dropout (0.1) is on in training mode: the base must run without it, and every module's
+    # flag must be as the caller left it afterwards (one base module in eval mode on purpose stays so).
+    model = build("bert", head="base")
+    ids, mask = batch()
+    expected = model(input_ids=ids, attention_mask=mask).last_hidden_state  # eval mode: no dropout
+    pet_fast.inject(model, pet_fast.SideConfig(width=8, heads=2, alpha=1.0), "s")  # output = the base's
+    model.train()
+    kept_eval = model.encoder.layer[1].output.dropout
+    kept_eval.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    hook = model.encoder.layer[0].attention.self.register_forward_pre_hook(
+        lambda m, args: seen.append([sub.training for sub in model.encoder.modules()]))
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)  # no dropout drew anything
+    hook.remove()
+    assert seen and not any(any(flags) for flags in seen)  # the whole encoder in eval mode while the base ran
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert not kept_eval.training and model.pet_fast_tasks["s"].network.training

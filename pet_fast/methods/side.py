@@ -208,19 +208,37 @@ class SideBranch(nn.Module):
         return f"alpha={a}, alpha_end={self.alpha_end}, schedule_steps={self.schedule_steps}, cache={self.use_cache}"
 
 
+def _base_modules(host: nn.Module) -> list:
+    """The frozen base's modules: every module under ``host`` (itself included, each once) but the task
+    holder's. A walk over ``_modules``, not ``host.modules()``, whose generators cost about a millisecond of
+    host time per step in BERT-base (242 modules)."""
+    holder = host._modules.get("pet_fast_tasks")
+    seen = set(map(id, holder.modules())) if holder is not None else set()
+    found, stack = [], [host]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        found.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return found
+
+
 @contextlib.contextmanager
 def _base_eval(host: nn.Module):
-    """Put the frozen base (everything under host except pet_fast task modules) in eval mode."""
-    holder = host._modules.get("pet_fast_tasks")
-    skip = set(map(id, holder.modules())) if holder is not None else set()
-    flags = [(m, m.training) for m in host.modules() if id(m) not in skip]
-    for m, _ in flags:
-        m.training = False
+    """Put the frozen base (everything under host except pet_fast task modules) in eval mode. Only the
+    modules in training mode are switched, and back, through ``object.__setattr__``: ``training`` is a
+    plain attribute, and nn.Module's own ``__setattr__`` (which looks for a parameter, buffer or module of
+    that name first) cost about 4 us per module, twice per module and step."""
+    switched = [m for m in _base_modules(host) if m.training]
+    for m in switched:
+        object.__setattr__(m, "training", False)
     try:
         yield
     finally:
-        for m, t in flags:
-            m.training = t
+        for m in switched:
+            object.__setattr__(m, "training", True)
 
 
 def _normalise_ids(ids) -> list:
