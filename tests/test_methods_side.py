@@ -106,3 +106,31 @@ def test_side_base_runs_in_eval_mode_and_training_flags_come_back():
     assert seen and not any(any(flags) for flags in seen)  # the whole encoder in eval mode while the base ran
     assert {name: m.training for name, m in model.named_modules()} == before
     assert not kept_eval.training and model.pet_fast_tasks["s"].network.training
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_side_network_attends_as_its_dense_mask_says(causal, padded):
+    # The network builds a mask only where padding needs one; its output is that of the blocks under the full
+    # (B, 1, T, T) mask: a query sees the unpadded keys (up to itself when causal), and at least itself.
+    from pet_fast.methods.side import SideNetwork
+
+    torch.manual_seed(0)
+    net = SideNetwork(12, width=8, heads=2, layers=2, causal=causal).double()
+    torch.nn.init.normal_(net.proj_out.weight)  # (zero at init: the output would be 0 whatever the mask)
+    B, T = 3, 7
+    emb = torch.randn(B, T, 12, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, -2:] = 0
+    mask[2, :3] = 0
+    dense = torch.ones(B, 1, T, T, dtype=torch.bool)
+    if padded:
+        dense &= mask.bool().view(B, 1, 1, T)
+    if causal:
+        dense &= torch.ones(T, T, dtype=torch.bool).tril()
+    dense |= torch.eye(T, dtype=torch.bool)
+    x = net.proj_in(emb) + net.pos[:T]
+    for block in net.blocks:
+        x = block(x, dense)
+    expected = net.proj_out(net.norm(x))
+    torch.testing.assert_close(net(emb, mask if padded else None), expected)

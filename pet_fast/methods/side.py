@@ -104,10 +104,10 @@ class _SideBlock(nn.Module):
         self.fc1 = nn.Linear(width, ffn)
         self.fc2 = nn.Linear(ffn, width)
 
-    def forward(self, x, allowed):
+    def forward(self, x, allowed=None, is_causal=False):
         B, T, W = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
         x = x + self.out(a.transpose(1, 2).reshape(B, T, W))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -136,14 +136,19 @@ class SideNetwork(nn.Module):
         if T > self.pos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the side network's {self.pos.shape[0]} positions")
         x = self.proj_in(emb.to(self.proj_in.weight.dtype)) + self.pos[:T]
-        allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=emb.device)
+        # The keys each query sees, broadcast to (B, 1, T, T) only where a mask is needed: without padding the
+        # blocks attend with no mask (causal: SDPA's own, top-left aligned as T == T), so SDPA may take its flash
+        # kernel and nothing is built per step.
+        allowed, is_causal = None, False
         if attention_mask is not None:
-            allowed = allowed & attention_mask.to(torch.bool).view(B, 1, 1, T)
-        if self.causal:
-            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=emb.device).tril()
-        allowed = allowed | torch.eye(T, dtype=torch.bool, device=emb.device)  # no row without a key
+            allowed = attention_mask.to(torch.bool).view(B, 1, 1, T)
+            if self.causal:
+                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=emb.device).tril()
+            allowed = allowed | torch.eye(T, dtype=torch.bool, device=emb.device)  # no row without a key
+        else:
+            is_causal = self.causal
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, allowed, is_causal)
         return self.proj_out(self.norm(x))
 
 
