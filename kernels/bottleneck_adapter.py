@@ -10,8 +10,9 @@ split the second loop's columns over ``SPLIT_D`` programs per tile (each recompu
 backward splits dx's columns the same way).
 
 With a LayerNorm (``LN``: the op's ``layer_norm``, Pfeiffer's placement), each program first takes its
-rows' mean and variance (two passes over x in fp32) and the down-projection reads ``LN(x)``, rounded to
-the products' dtype (``CD``'s: autocast's for the float32 residual stream); the base is x.
+rows' mean and variance (one pass over x in fp32, the blocks' statistics merged pairwise) and the
+down-projection reads ``LN(x)``, rounded to the products' dtype (``CD``'s: autocast's for the float32
+residual stream); the base is x.
 
 What the forward saves for the backward: nothing beyond its inputs (x, Wd, bd, Wu, bu, the scaling
 tensor, the LayerNorm's weight and bias). The backward recomputes the hidden (and the LayerNorm).
@@ -133,20 +134,26 @@ def mm(a, b, UPCAST: tl.constexpr):
 
 @triton.jit
 def _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Mean and 1/sqrt(var + eps) of each row of the tile (LayerNorm's statistics, two passes in fp32)."""
-    s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    """Mean and 1/sqrt(var + eps) of each row of the tile (LayerNorm's statistics), in one pass over x in
+    fp32: each block's mean and sum of squared deviations from it, merged into the running ones (Chan,
+    Golub and LeVeque's pairwise update), as stable as two passes when the mean is large against the
+    spread, where a sum of squares would cancel. One read of x fewer than two passes, in the forward and
+    in the rows backward."""
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
-        m2 = rmask[:, None] & (c < D)[None, :]
-        s1 += tl.sum(tl.load(X + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32), axis=1)
-    mean = s1 / D
-    s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        c = d0 + cols
-        m2 = rmask[:, None] & (c < D)[None, :]
-        xc = tl.load(X + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32) - mean[:, None]
-        s2 += tl.sum(tl.where(m2, xc * xc, 0.0), axis=1)
-    return mean, 1.0 / tl.sqrt(s2 / D + eps)
+        cm = c < D
+        xt = tl.load(X + rows[:, None] * D + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        n_a = d0 * 1.0  # columns merged so far
+        n_b = tl.minimum(D - d0, BLOCK_D) * 1.0  # columns of this block
+        block_mean = tl.sum(xt, axis=1) / n_b
+        dev = tl.where(cm[None, :], xt - block_mean[:, None], 0.0)
+        frac = n_b / (n_a + n_b)
+        delta = block_mean - mean
+        mean += delta * frac
+        m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_a * frac)
+    return mean, 1.0 / tl.sqrt(m2 / D + eps)
 
 
 @triton.jit

@@ -128,6 +128,27 @@ def test_layer_norm_before_the_adapter(dtype, n_shape, d, r, act, kw):
     check_against_reference(n_shape, d, r, dtype, act, **kw)
 
 
+def test_layer_norm_statistics_stay_exact_far_from_zero():
+    """Rows whose mean is large against their spread (x ~ 1000 + N(0, 1)): the kernels' one-pass statistics
+    must keep fp32 precision there, as two passes do, where a sum of squares would lose it to cancellation.
+    Every result within twice eager float32's error against the float64 reference."""
+    hi, lo = make_case((19,), 77, 5, torch.float32, layer_norm="affine")
+    for ts in (hi, lo):
+        ts["x"] = (ts["x"].detach() + 1000.0).requires_grad_()
+    ref = call(hi, "gelu", "eager")
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_g = {"out": ref} | grads(hi, ref, dy)
+    res = {}
+    for backend in ("triton", "eager"):
+        ts = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in lo.items()}
+        out = call(ts, "gelu", backend)
+        res[backend] = {"out": out} | grads(ts, out, dy.float())
+    for name, b in ref_g.items():
+        err = (res["triton"][name].double() - b).abs().max().item()
+        err_eager = (res["eager"][name].double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 4 * torch.finfo(torch.float32).eps * b.abs().max().item(), (name, err, err_eager)
+
+
 def check_mixed_dtypes(hi, lo, half, device="cpu", autocast=False):
     """Triton against eager PyTorch computing the same in mixed dtypes (a float32 stream with ``half``
     products, optionally under autocast): a float32 output, every gradient in its leaf's dtype, and the
