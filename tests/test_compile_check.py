@@ -105,6 +105,25 @@ def test_float32_adapter_row_backward_keeps_the_tiles_that_fit_sm90():
     assert (64, 128, 8, 3) in tiles(ka.prune_row_configs(configs, {}, RP=64, UPCAST=True))
 
 
+def test_float32_adapter_row_backward_from_rp64_tries_the_16x32_tile_only():
+    """compile_check under Triton 3.6 measured every float32 row-backward tile of the adapter but (16, 32)
+    spilling 344-4240 bytes at RP=64: from RP=64 the adapter's autotuner keeps that one (below, all of its
+    tiles and splits are kept); 2-byte products keep every tile, and the stacked fusion's own pruning is not
+    narrowed."""
+    ka = pytest.importorskip("pet_fast.kernels.bottleneck_adapter")
+    sf = pytest.importorskip("pet_fast.kernels.stacked_adapter_fusion")
+    configs = configs_as_on_a_gpu(ka, ka.adapter_row_configs)
+    tiles = lambda cs: {_tile(c, "BLOCK_N", "BLOCK_D", "SPLIT_D") for c in cs}  # noqa: E731
+    at = lambda rp, upcast: ka.prune_adapter_bwd_configs(  # noqa: E731
+        configs, {"N": 4096, "D": 768, "X": None}, RP=rp, UPCAST=upcast)
+    assert tiles(at(64, True)) == tiles(at(256, True)) == {(16, 32, 1, 8, 2)}
+    assert (64, 64, 1, 8, 3) in tiles(at(16, True))  # narrow bottlenecks: the measured spills were at RP=64
+    assert tiles(at(64, False)) == tiles(ka.prune_adapter_configs(configs, {"N": 4096, "D": 768, "X": None},
+                                                                   RP=64, UPCAST=False))
+    fusion = sf.bwd_row_configs()
+    assert len(sf.prune_fusion_bwd_row_configs(fusion, {}, RP=64, UPCAST=True)) > 1
+
+
 def test_128_row_adapter_tiles_are_tried_for_2_byte_products_only():
     """The forward and row-backward autotuners try 128-token tiles (each program re-reads both weights: fewer
     programs, fewer reads); compile_check measured their float32 builds spilling at RP=64, so float32
