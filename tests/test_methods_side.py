@@ -134,3 +134,25 @@ def test_side_network_attends_as_its_dense_mask_says(causal, padded):
         x = block(x, dense)
     expected = net.proj_out(net.norm(x))
     torch.testing.assert_close(net(emb, mask if padded else None), expected)
+
+
+@pytest.mark.parametrize("alpha", [0.3, "learned"])
+def test_side_blend_gradients_follow_the_formula_in_float64(alpha):
+    # blend = a * base + (1 - a) * side: the side output's gradient is (1 - a) * g; a learned alpha's logit
+    # gets sum(g * (base - side)) * a * (1 - a); the base (no graph) gets none.
+    from pet_fast.methods.side import SideBranch
+
+    torch.manual_seed(0)
+    branch = SideBranch(torch.nn.Identity(), alpha=alpha, alpha_init=0.3).double()
+    base = torch.randn(2, 5, 7, dtype=torch.float64)
+    side = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 7, dtype=torch.float64)
+    a = float(branch.alpha())  # 0.3 up to the float32 logit's rounding when learned
+    assert a == pytest.approx(0.3)
+    out = branch.blend(base, side)
+    torch.testing.assert_close(out, a * base + (1 - a) * side, rtol=1e-15, atol=1e-15)
+    out.backward(g)
+    torch.testing.assert_close(side.grad, (1 - a) * g, rtol=1e-15, atol=1e-15)
+    if alpha == "learned":
+        expected = (g * (base - side.detach())).sum() * a * (1 - a)
+        torch.testing.assert_close(branch.alpha_logit.grad, expected, rtol=1e-12, atol=1e-14)
