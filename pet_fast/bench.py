@@ -12,7 +12,8 @@ each method attached, beside the baselines measured in the same run:
 * ``base-forward``: a forward of the frozen base under ``torch.no_grad()`` (no step; the yardstick of
   side-tuning, whose base runs without a graph);
 * each method (Houlsby, Pfeiffer, AdapterFusion over 3 Pfeiffer adapters, side-tuning with and
-  without the base-output cache, mask-tuning, prefix-tuning P=20/32) with ``pet_fast.use_backend``
+  without the base-output cache, and on a GPU with the base replayed from CUDA graphs (``side-graphs``,
+  auto only), mask-tuning, prefix-tuning P=20/32) with ``pet_fast.use_backend``
   ``eager`` and ``auto``, eager and under ``torch.compile`` (default inductor backend; the
   ``auto`` rows only on a GPU, since ``auto`` takes eager for CPU tensors); on a GPU the key rows also
   under ``mode="reduce-overhead"`` (``+cudagraphs``: the step's forward and backward replayed as CUDA
@@ -61,7 +62,10 @@ QUICK_MODELS = {
     "bert-tiny-4x32": ("bert", 4, 32, False, "tiny"),
     "llama-tiny-4x32": ("llama", 4, 32, True, "tiny"),
 }
-METHODS = ["houlsby", "pfeiffer", "fusion3", "side", "side-cache", "mask", "prefix20", "prefix32"]
+METHODS = ["houlsby", "pfeiffer", "fusion3", "side", "side-cache", "side-graphs", "mask", "prefix20", "prefix32"]
+# Rows of the GPU only, with auto and not compiled: side-tuning with the base replayed from CUDA graphs
+# (SideConfig(base_graphs=True); the CPU and torch.compile run the eager base, as the "side" rows do)
+GPU_GRAPH_METHODS = ["side-graphs"]
 EXTERNAL = ["adapters-houlsby", "adapters-pfeiffer", "adapters-prefix20", "adapters-fusion3", "peft-prefix20"]
 
 
@@ -109,6 +113,10 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
         rows = [Row(m, "floor", "floor"), Row(m, "full", "full"), Row(m, "base-forward", "base-forward")]
         for meth in METHODS:
             backends = ("eager", "auto") if auto_rows else ("eager",)
+            if meth in GPU_GRAPH_METHODS:
+                if not auto_rows:
+                    continue
+                backends = ("auto",)
             if kernel_rows and meth in KERNEL_ROWS:
                 backends += ("triton",)
             if kernel_rows and meth in CUDA_ROWS:
@@ -119,7 +127,8 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
                 rows.append(Row(m, f"{meth}/{be}", meth, be))
         rows += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
         comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows
-                if r.kind != "base-forward" and r.backend not in ("triton", "cuda", "triton-py")]
+                if r.kind != "base-forward" and r.kind not in GPU_GRAPH_METHODS
+                and r.backend not in ("triton", "cuda", "triton-py")]
         comp.sort(key=lambda r: KEY_COMPILED.index(r.row[:-len("+compile")]) if r.row[:-len("+compile")] in KEY_COMPILED
                   else len(KEY_COMPILED))
         first = [r for r in comp if r.row[:-len("+compile")] in KEY_COMPILED]
@@ -209,8 +218,8 @@ def prepare(row: Row, model, seq_len: Optional[int] = None):
         for n in ("a", "b", "c"):
             pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer"), n)
         pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b", "c"], dropout_prob=0.0), "task")
-    elif kind in ("side", "side-cache"):
-        pet_fast.inject(model, pet_fast.SideConfig(cache=kind == "side-cache"), "task")
+    elif kind in ("side", "side-cache", "side-graphs"):
+        pet_fast.inject(model, pet_fast.SideConfig(cache=kind == "side-cache", base_graphs=kind == "side-graphs"), "task")
     elif kind == "mask":
         pet_fast.inject(model, pet_fast.MaskConfig(), "task")
     elif kind.startswith("prefix"):
@@ -471,7 +480,7 @@ def add_ratios(rows: List[dict]) -> None:
         if full and r.get("peak_mem_mb") and full.get("peak_mem_mb"):  # mask-tuning's memory target
             r["mem_vs_full"] = round(r["peak_mem_mb"] / full["peak_mem_mb"], 3)
         base = find(r["model"], "base-forward")
-        if base and r["row"].split("/")[0] in ("side", "side-cache"):  # side-tuning's target: the base's forward
+        if base and r["row"].split("/")[0] in ("side", "side-cache", "side-graphs"):  # side-tuning's target: the base's forward
             r["vs_base_forward"] = round(r["ms"] / base["ms"], 3)
         if full:
             mine = 1.0 if r is floor else r.get("vs_floor_paired")

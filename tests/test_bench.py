@@ -106,11 +106,13 @@ def test_memory_against_full_and_side_tuning_against_the_base_forward():
             {"model": "m", "row": "mask/auto", "compiled": False, "ms": 21.0, "peak_mem_mb": 420.0},
             {"model": "m", "row": "side/auto", "compiled": False, "ms": 5.0, "peak_mem_mb": 90.0},
             {"model": "m", "row": "side-cache/auto", "compiled": False, "ms": 2.0},
-            {"model": "n", "row": "side/auto", "compiled": False, "ms": 5.0}]
+            {"model": "n", "row": "side/auto", "compiled": False, "ms": 5.0},
+            {"model": "m", "row": "side-graphs/auto", "compiled": False, "ms": 3.0}]
     bench.add_ratios(rows)
     assert rows[3]["mem_vs_full"] == 1.05 and rows[4]["mem_vs_full"] == 0.225 and "mem_vs_full" not in rows[5]
     assert rows[4]["vs_base_forward"] == 1.25 and rows[5]["vs_base_forward"] == 0.5
     assert "vs_base_forward" not in rows[3] and "vs_base_forward" not in rows[6]  # not side; no base row in n
+    assert rows[7]["vs_base_forward"] == 0.75
     assert {"mem_vs_full", "vs_base_forward"} <= set(bench.COLUMNS)
 
 
@@ -161,7 +163,12 @@ def test_plan_orders_rows_for_a_time_budget():
     assert len(rows) == len({(r.model, r.row) for r in rows})
     names = {r.row for r in rows if r.model == "bert-32x128"}
     for m in bench.METHODS:
+        if m in bench.GPU_GRAPH_METHODS:  # auto only, never compiled (compiling runs the eager base)
+            assert f"{m}/auto" in names and not any(n.startswith(f"{m}/") and n != f"{m}/auto" for n in names)
+            continue
         assert {f"{m}/eager", f"{m}/auto", f"{m}/eager+compile", f"{m}/auto+compile"} <= names
+    cpu = {r.row for r in bench.plan(["bert-32x128"], compile_rows=True, auto_rows=False)}
+    assert not any(n.startswith("side-graphs") for n in cpu)
     assert {"floor", "floor+compile", "full", "full+compile", "base-forward"} <= names
     with pytest.raises(ValueError, match="--models"):
         bench.step_benchmark(quick=True, models=["nope"])

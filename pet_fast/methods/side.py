@@ -84,10 +84,12 @@ class SideTuning(nn.Module):
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import inspect  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
 from .. import models  # noqa: E402
+from ._base_graphs import BaseGraphs  # noqa: E402
 from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 _IDS_ATTR = "_pet_fast_example_ids"
@@ -156,10 +158,11 @@ class SideBranch(nn.Module):
     """One side-tuning task on a backbone: the side network, the blend weight and the optional
     cache of base outputs. ``alpha``: fixed, ``"learned"`` (sigmoid of a trained logit starting at
     ``alpha_init``), or scheduled linearly from ``alpha`` to ``alpha_end`` over ``schedule_steps``
-    training forwards (the step count is a buffer, saved with the task)."""
+    training forwards (the step count is a buffer, saved with the task). ``base_graphs``: how many input
+    signatures of the base's forward are replayed from CUDA graphs (0: none; see SideConfig)."""
 
     def __init__(self, network: nn.Module, *, alpha=0.5, alpha_init: float = 0.5, alpha_end: Optional[float] = None,
-                 schedule_steps: int = 0, cache: bool = False):
+                 schedule_steps: int = 0, cache: bool = False, base_graphs: int = 0):
         super().__init__()
         self.network = network
         self.alpha_logit = None
@@ -171,6 +174,7 @@ class SideBranch(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.use_cache = cache
         self.cache = {}
+        self.base_graphs = base_graphs
 
     def alpha(self):
         if self.alpha_logit is not None:
@@ -210,7 +214,8 @@ class SideBranch(nn.Module):
 
     def extra_repr(self) -> str:
         a = "learned" if self.alpha_logit is not None else self.alpha_value
-        return f"alpha={a}, alpha_end={self.alpha_end}, schedule_steps={self.schedule_steps}, cache={self.use_cache}"
+        return (f"alpha={a}, alpha_end={self.alpha_end}, schedule_steps={self.schedule_steps}, cache={self.use_cache}, "
+                f"base_graphs={self.base_graphs}")
 
 
 def _base_modules(host: nn.Module) -> list:
@@ -266,6 +271,51 @@ def _cache_store(branch, ids, input_ids, hidden) -> None:
     branch.store(_normalise_ids(ids), input_ids, hidden)
 
 
+# Arguments that ask the base for more than its last hidden state, or for state kept across calls (a KV
+# cache): such calls run eagerly, not from a CUDA graph.
+_NOT_GRAPHED = {"past_key_values": None, "cache": None, "use_cache": True, "output_attentions": True,
+                "output_hidden_states": True, "return_dict": False}
+
+
+def _graphable_call(host: nn.Module, arguments: dict) -> Optional[dict]:
+    """The base's call as keyword arguments for BaseGraphs, or None where it must run eagerly."""
+    params = models.signature(type(host).forward).parameters
+    call = {}
+    for name, value in arguments.items():
+        kind = params[name].kind if name in params else None
+        if name == "self":
+            continue
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        else:
+            call[name] = value
+    for name, refused in _NOT_GRAPHED.items():
+        value = call.get(name)
+        if value is not None and (refused is None or value == refused):
+            return None
+    return call if BaseGraphs.usable(call) else None
+
+
+def _graphs(branch, host: nn.Module) -> BaseGraphs:
+    graphs = branch.__dict__.get("_graphs")
+    if graphs is None:
+        def weights():  # where the base keeps its parameters and buffers
+            for m in _base_modules(host):
+                for d in (m._parameters, m._buffers):
+                    yield from ((d, n) for n, t in d.items() if t is not None)
+        graphs = branch.__dict__["_graphs"] = BaseGraphs(weights, max_graphs=branch.base_graphs)
+    return graphs
+
+
+def _base_hidden(site, host: nn.Module, call: dict) -> torch.Tensor:
+    with _base_eval(host):
+        out = site.original(**call)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
 def side_forward(site, *args, **kwargs):
     """The backbone's forward with a side-tuning task active (see SideConfig)."""
     host = site.host
@@ -285,6 +335,13 @@ def side_forward(site, *args, **kwargs):
     hidden = out = None
     if use_cache:
         hidden = _cache_lookup(branch, ids, input_ids)
+    if hidden is None and branch.base_graphs and not torch.compiler.is_compiling():
+        call = _graphable_call(host, arguments)
+        if call is not None:
+            with torch.no_grad():
+                hidden = _graphs(branch, host)(lambda **kw: _base_hidden(site, host, kw), call)
+            if use_cache:
+                _cache_store(branch, ids, input_ids, hidden)
     if hidden is None:
         with torch.no_grad(), _base_eval(host):
             out = site.original(*args, **kwargs)
@@ -341,6 +398,13 @@ class SideConfig(MethodConfig):
     ``with pet_fast.example_ids(model, ids):``. A cached example must come back with the same
     ``input_ids`` (same padding); otherwise it is recomputed (different length) or refused (same
     length, different tokens). The cache lives in memory on the base's device and is not saved.
+
+    ``base_graphs=True`` (or a number of input shapes, True meaning 8) replays the base's forward on a GPU
+    from CUDA graphs, one per input shape, captured at its first call: the base's launches leave the host's
+    time per step (a BERT-base forward at 32 x 128 took 11.0 ms on an H100, bound by the host). Same values
+    as the eager forward, under the conditions of ``pet_fast/methods/_base_graphs.py``: forward hooks on base
+    modules run at capture only, shapes past the number given run eagerly (pad batches to a few lengths),
+    calls that ask the base for a KV cache, attentions or hidden states run eagerly, and so does the CPU.
     """
 
     method = "side"
@@ -353,8 +417,15 @@ class SideConfig(MethodConfig):
     alpha_end: Optional[float] = None
     schedule_steps: int = 0
     cache: bool = False
+    base_graphs: Union[bool, int] = False
 
     def __post_init__(self):
+        if self.base_graphs is True:
+            self.base_graphs = 8
+        elif self.base_graphs is False:
+            self.base_graphs = 0
+        elif not isinstance(self.base_graphs, int) or self.base_graphs < 0:
+            raise ValueError(f"base_graphs must be a bool or a number of input shapes >= 0, got {self.base_graphs!r}")
         for key in ("width", "layers", "heads"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -391,6 +462,7 @@ class SideConfig(MethodConfig):
         network = SideNetwork(hidden, width=self.width, layers=self.layers, heads=self.heads, ffn=self.ffn,
                               max_positions=max_pos, causal=causal)
         branch = SideBranch(network, alpha=self.alpha, alpha_init=self.alpha_init, alpha_end=self.alpha_end,
-                            schedule_steps=self.schedule_steps, cache=self.cache).to(device=ref.device)
+                            schedule_steps=self.schedule_steps, cache=self.cache,
+                            base_graphs=self.base_graphs).to(device=ref.device)
         _sites.install(host, "side", registry)
         task_holder(host)[name] = branch
