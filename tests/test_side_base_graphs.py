@@ -155,6 +155,19 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(fake_graphs):
     assert g.captures == 1 and len(g.failed) == 1 and not g.graphs  # the first call's capture only
 
 
+def test_calls_under_inference_mode_have_graphs_of_their_own(fake_graphs):
+    # an evaluation under torch.inference_mode() between training steps: its buffers are inference tensors,
+    # which a training call could not refill
+    eager, graphed = _pair()
+    ids, mask = batch()
+    with torch.inference_mode():
+        graphed(input_ids=ids, attention_mask=mask)
+    out = graphed(input_ids=ids, attention_mask=mask).logits
+    out.sum().backward()
+    torch.testing.assert_close(out, eager(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+    assert _graphs(graphed).captures == 2
+
+
 def test_the_cpu_runs_the_eager_base_whatever_the_config():
     model = build("bert")
     pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, base_graphs=True), "s")

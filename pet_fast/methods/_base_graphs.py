@@ -9,7 +9,7 @@ inputs into the graph's buffers, replays (one launch), and clones the last hidde
 
 What a replay assumes, and how it is kept:
 - the same computation for the same signature: the key holds every tensor argument's shape, dtype and device
-  and every other argument's value, and the autocast state; the graphs are dropped when a weight of the base
+  and every other argument's value, the autocast state and inference mode; the graphs are dropped when a weight of the base
   moves or is replaced (their addresses are compared at every call). A weight updated in place, as by
   ``load_state_dict``, is seen by the replays, which read the weights' memory;
 - no decision on the inputs' values on the host: transformers materialises its attention masks while a
@@ -131,7 +131,8 @@ class BaseGraphs:
                     return None
                 parts.append((name, type(v), v))
         autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu"))
-        return tuple(parts), autocast
+        # buffers captured under inference mode are inference tensors, which later calls outside it cannot refill
+        return tuple(parts), autocast, torch.is_inference_mode_enabled()
 
     def __call__(self, forward: Callable[..., torch.Tensor], arguments: Dict[str, object]) -> torch.Tensor:
         """``forward(**arguments)``, replayed where it can be (see the module docstring)."""
