@@ -101,8 +101,8 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
     fi
   fi
   # What the last run (results/h100-2026-11-27c) failed or did not reach before its limit goes first, so that
-  # a run cut at its limit still checks it.
-  first="tests/test_kernels_adapter_fusion.py tests/test_prefix_attention_sdpa.py tests/test_kernels_prefix_attention.py tests/test_properties.py tests/test_compile_models.py tests/test_edge_inputs.py tests/test_determinism.py"
+  # a run cut at its limit still checks it; tests new since then (the side-tuning base's CUDA graphs) first of all.
+  first="tests/test_side_base_graphs.py tests/test_kernels_adapter_fusion.py tests/test_prefix_attention_sdpa.py tests/test_kernels_prefix_attention.py tests/test_properties.py tests/test_compile_models.py tests/test_edge_inputs.py tests/test_determinism.py"
   # every other test file after them; the replay's ran above
   files="$first $(ls tests/test_*.py | grep -v -x -F -f <(tr ' ' '\n' <<< "$first $replay_files"))"
   # shellcheck disable=SC2086
