@@ -210,3 +210,17 @@ def test_gpu_cuda_graph_replays_match_the_eager_base(autocast):
             torch.testing.assert_close(y, x, **tol)
     g = _graphs(graphed)
     assert (g.captures, g.replays) == (2, 4)
+
+
+def test_torch_compile_traces_the_eager_base_whole(fake_graphs):
+    # fullgraph=True: the graphs' host-side runner must stay out of the traced code (is_compiling)
+    torch._dynamo.reset()
+    try:
+        eager, graphed = _pair()
+        ids, mask = batch()
+        compiled = torch.compile(graphed, fullgraph=True, backend="aot_eager")
+        out = compiled(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(out, eager(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+        assert "_graphs" not in _branch(graphed).__dict__
+    finally:
+        torch._dynamo.reset()
