@@ -25,7 +25,6 @@ fixed lengths to keep them all replayed)."""
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -59,6 +58,10 @@ class CudaGraphs:
     def __init__(self):
         self.pool = None
 
+    def reset(self) -> None:
+        """A new memory pool for the next captures (the dropped graphs' pool is freed with them)."""
+        self.pool = None
+
     def capture(self, fn: Callable[[], torch.Tensor]):
         """Returns (replay, output): ``replay()`` runs the captured work again, refilling ``output``."""
         stream = torch.cuda.Stream()
@@ -88,7 +91,7 @@ class BaseGraphs:
         self.weights_at = None  # the weights' addresses when the graphs were captured
         self.max_graphs = max_graphs
         self.backend = backend or CudaGraphs()
-        self.graphs: Dict[tuple, tuple] = OrderedDict()  # key -> (replay, static inputs, static output)
+        self.graphs: Dict[tuple, tuple] = {}  # key -> (replay, static inputs, static output)
         self.failed: set = set()
         self.captures = self.replays = 0
         _count_registrations()
@@ -101,9 +104,9 @@ class BaseGraphs:
             self.slots, self.slots_at = list(self.weights()), _REGISTRATIONS[0]
         try:
             return tuple([d[n].data_ptr() for d, n in self.slots])
-        except (KeyError, AttributeError):  # a slot deleted or set to None
-            self.slots = list(self.weights())
-            return tuple([d[n].data_ptr() for d, n in self.slots])
+        except (KeyError, AttributeError):  # a slot deleted or set to None: list them again
+            self.slots_at = -1
+            return self.addresses()
 
     @staticmethod
     def usable(arguments: Dict[str, object]) -> bool:
@@ -178,4 +181,4 @@ class BaseGraphs:
         """Drop every graph (and, with the last reference, their memory)."""
         self.graphs.clear()
         self.failed.clear()
-        self.backend = type(self.backend)() if isinstance(self.backend, CudaGraphs) else self.backend
+        getattr(self.backend, "reset", lambda: None)()

@@ -335,17 +335,17 @@ def side_forward(site, *args, **kwargs):
     hidden = out = None
     if use_cache:
         hidden = _cache_lookup(branch, ids, input_ids)
-    if hidden is None and branch.base_graphs and not torch.compiler.is_compiling():
-        call = _graphable_call(host, arguments)
-        if call is not None:
+    if hidden is None:
+        call = None
+        if branch.base_graphs and not torch.compiler.is_compiling():
+            call = _graphable_call(host, arguments)
+        if call is not None:  # the base replayed (out stays None: the output is built below, as for a cache hit)
             with torch.no_grad():
                 hidden = _graphs(branch, host)(lambda **kw: _base_hidden(site, host, kw), call)
-            if use_cache:
-                _cache_store(branch, ids, input_ids, hidden)
-    if hidden is None:
-        with torch.no_grad(), _base_eval(host):
-            out = site.original(*args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        else:
+            with torch.no_grad(), _base_eval(host):
+                out = site.original(*args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         if use_cache:
             _cache_store(branch, ids, input_ids, hidden)
     with torch.no_grad():
