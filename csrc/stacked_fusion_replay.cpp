@@ -8,7 +8,7 @@
 // dctx = dout @ Wv in float32, the projection's own gradients, and runs the backward program: the same
 // operations, in the same order and dtypes, as _core_forward / _core_grad, without Python.
 //
-// Inputs (Python order): x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q, w_key;
+// Inputs (Python order): x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q, w_key, b_qk;
 // absent ones undefined. The forward program takes (x, qk, w_down, b_down, w_up, b_up, scaling) and returns
 // (ctx, a, p); the backward program takes (dctx, x, qk, w_down, b_down, w_up, b_up, scaling, a, p) and
 // returns (dx, dqk, dWd, dbd, dWu, dbu, d_scaling).
@@ -16,6 +16,8 @@
 // For fp16/bf16 the caller may pass q and w_key instead of qk: the node then forms qk = q @ w_key in float32
 // itself (adapter_fusion.py's fusion_qk_f32), keeps q rather than qk for the backward (half the bytes: the
 // float32 qk is N x d x 4 per layer) and forms it again there, then dq and dWk from dqk as _qk_grad does.
+// With b_qk (the folded query-key product's bias, adapter_fusion.py's b_query_key), qk = q @ w_key + b_qk,
+// the bias added to the float32 product, and its gradient is the column sum of the rounded dqk.
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -24,7 +26,7 @@
 
 namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
 
-enum FusionInput : size_t { kX = 0, kQk, kWd, kBd, kWu, kBu, kScaling, kResidual, kWv, kBv, kQ, kWk, kFusionInputs };
+enum FusionInput : size_t { kX = 0, kQk, kWd, kBd, kWu, kBu, kScaling, kResidual, kWv, kBv, kQ, kWk, kBqk, kFusionInputs };
 
 // a @ b with a float32 result for fp16/bf16 operands, as adapter_fusion.py's _matmul_f32.
 static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
@@ -38,12 +40,18 @@ static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.to(at::kFloat).matmul(b.to(at::kFloat));
 }
 
+// qk = q @ w_key (+ b_qk) in float32, as adapter_fusion.py's _qk_f32.
+static at::Tensor qk_f32(const at::Tensor& q, const at::Tensor& wk, const at::Tensor& bqk) {
+  at::Tensor qk = matmul_f32(q, wk);
+  return bqk.defined() ? qk.add_(bqk) : qk;
+}
+
 struct StackedFusionBackward : public torch::autograd::Node {
   std::shared_ptr<Program> backward;
   std::vector<torch::autograd::SavedVariable> saved;  // the inputs the backward reads (kFusionInputs slots)
   at::Tensor a, p, pre;                               // the forward's own tensors (no history)
   bool need_ds = false, need_weights = false, has_residual = false, has_bv = false;
-  bool residual_grad = false, wv_grad = false, bv_grad = false, q_grad = false, wk_grad = false;
+  bool residual_grad = false, wv_grad = false, bv_grad = false, q_grad = false, wk_grad = false, bqk_grad = false;
 
   std::string name() const override { return "StackedFusionCoreBackward"; }
 
@@ -64,7 +72,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
       dctx = dout;
     }
     const bool with_q = in[kQ].defined();
-    if (with_q) in[kQk] = matmul_f32(in[kQ], in[kWk]);  // the forward's qk, formed again (same op, same bits)
+    if (with_q) in[kQk] = qk_f32(in[kQ], in[kWk], in[kBqk]);  // the forward's qk, formed again (same ops, same bits)
     std::vector<c10::optional<at::Tensor>> bin;
     bin.emplace_back(dctx.contiguous());
     for (size_t i : {kX, kQk, kWd, kBd, kWu, kBu, kScaling})
@@ -80,6 +88,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
       const at::Tensor g = get(1).to(q.scalar_type());
       if (q_grad) out[kQ] = g.matmul(wk.t().to(g.scalar_type()));
       if (wk_grad) out[kWk] = q.t().matmul(g).to(wk.scalar_type());
+      if (bqk_grad) out[kBqk] = g.sum(0).to(in[kBqk].scalar_type());
     } else {
       out[kQk] = get(1);
     }
@@ -114,11 +123,11 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
   std::vector<c10::optional<at::Tensor>> fin(inputs.begin(), inputs.begin() + kResidual);
   const bool with_q = ins[kQ].defined();
-  TORCH_CHECK(with_q == ins[kWk].defined() && with_q != ins[kQk].defined(),
-              "stacked fusion replay: pass qk, or q and w_key");
+  TORCH_CHECK(with_q == ins[kWk].defined() && with_q != ins[kQk].defined() && (with_q || !ins[kBqk].defined()),
+              "stacked fusion replay: pass qk, or q and w_key (and b_qk)");
   if (with_q) {
     const at::NoGradGuard no_grad;
-    fin[kQk] = matmul_f32(ins[kQ], ins[kWk]);
+    fin[kQk] = qk_f32(ins[kQ], ins[kWk], ins[kBqk]);
   }
   auto result = forward->run(fin);
   if (!result) return c10::nullopt;
@@ -149,6 +158,7 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   node->bv_grad = ins[kBv].defined() && ins[kBv].requires_grad();
   node->q_grad = with_q && ins[kQ].requires_grad();
   node->wk_grad = with_q && ins[kWk].requires_grad();
+  node->bqk_grad = ins[kBqk].defined() && ins[kBqk].requires_grad();
   node->set_next_edges(torch::autograd::collect_next_edges(at::TensorList(ins)));
   for (size_t i = 0; i < kFusionInputs; ++i)  // the residual and b_value are never read
     node->saved.emplace_back(i == kResidual || i == kBv ? at::Tensor() : ins[i], /*is_output=*/false);

@@ -424,11 +424,12 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
 
 
 def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-                   w_value, b_value, q=None, w_key=None):
+                   w_value, b_value, q=None, w_key=None, b_qk=None):
     """The fusion core's output (ops/adapter_fusion.py _core_forward's first) with its gradients from one C++
     autograd node (csrc/stacked_fusion_replay.cpp), once earlier calls through the op's autograd.Function
     have recorded both launchers for these arguments; None otherwise (the caller runs the Function). With
-    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): the node forms qk = q @ w_key in float32 itself."""
+    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16), and optionally ``b_qk`` (d,): the node forms
+    qk = q @ w_key (+ b_qk) in float32 itself."""
     if not (_replay.enabled() and _replay.active(x)):
         return None
     n, d = x.shape
@@ -452,7 +453,7 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         return None
     try:
         return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
-                                                                          residual, w_value, b_value, q, w_key],
+                                                                          residual, w_value, b_value, q, w_key, b_qk],
                                                need_ds, need_w)
     except RuntimeError as exc:  # the Function takes these calls from now on
         _replay.give_up(exc)

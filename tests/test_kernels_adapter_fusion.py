@@ -14,7 +14,10 @@ fusion_ops = importlib.import_module("pet_fast.ops.adapter_fusion")
 INPUTS = ("x", "query", "residual", "w_down", "b_down", "w_up", "b_up")
 
 
-def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True, scaling="adapter", seed=0):
+def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True, scaling="adapter", seed=0,
+              folded=False):
+    """(float64 inputs, the same in ``dtype``), each requiring grad. ``folded``: the query and key projections
+    as one product (w_query_key, b_query_key) in place of w_query, b_query, w_key and b_key."""
     gen = torch.Generator().manual_seed(seed)
     g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     t = dict(x=g(*n_shape, d), query=g(*n_shape, d), residual=g(*n_shape, d), w_down=g(k, r, d) / d ** 0.5,
@@ -24,6 +27,10 @@ def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True,
                  w_value=g(d, d) / d ** 0.5)
         if value_bias:
             t["b_value"] = g(d) * 0.3
+        if folded:  # (the key bias cancels in the softmax: the fold drops it)
+            wq, bq, wk = t.pop("w_query"), t.pop("b_query"), t.pop("w_key")
+            del t["b_key"]
+            t.update(w_query_key=wq.T @ wk, b_query_key=bq @ wk)
     if scaling == "adapter":
         t["scaling"] = g(k)
     elif scaling == "scalar":
@@ -128,6 +135,51 @@ def test_fp16_precision_rule(kw):
     check((13,), 36, 6, 3, torch.float16, activation="gelu", **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_shape,d,r,k,kw", [((3, 7), 24, 5, 3, {}), ((37,), 40, 3, 2, dict(residual_before=True)),
+                                              ((1,), 9, 1, 1, dict(value_before_softmax=False, temperature=2.0))])
+def test_folded_query_key(dtype, n_shape, d, r, k, kw):
+    """w_query_key / b_query_key (the query and key projections folded into one product): the triton backend
+    against the float64 reference, output and every gradient, the folded product's own included."""
+    check(n_shape, d, r, k, dtype, case=dict(folded=True), **kw)
+
+
+def test_folded_query_key_is_the_projections_contract():
+    """The folded op with w_query_key = Wq^T Wk and b_query_key = bq Wk gives the unfolded op's output and
+    input gradients (float64, eager; the key bias cancels in the softmax)."""
+    hi, _ = make_case((4, 5), 12, 3, 3, torch.float64)
+    out = call(hi, "eager")
+    folded = dict(hi)
+    wq, bq, wk = folded.pop("w_query"), folded.pop("b_query"), folded.pop("w_key")
+    del folded["b_key"]
+    folded.update(w_query_key=wq.T @ wk, b_query_key=bq @ wk)
+    got = call(folded, "eager")
+    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    names = ["x", "query", "residual", "w_down", "w_up", "w_value"]
+    want = torch.autograd.grad(out, [hi[n] for n in names], dy)
+    have = torch.autograd.grad(got, [folded[n] for n in names], dy)
+    for n, a, b in zip(names, have, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(w_query=torch.zeros(8, 8)), "do not pass w_query with it"),
+    (dict(w_key=torch.zeros(8, 8), b_key=torch.zeros(8)), "do not pass w_key, b_key with it"),
+    (dict(w_query_key=None), "b_query_key was given without w_query_key"),
+    (dict(w_query_key=torch.zeros(8, 7)), r"w_query_key must have shape \(8, 8\)"),
+    (dict(b_query_key=torch.zeros(7)), "b_query_key must have shape"),
+    (dict(w_query_key=torch.zeros(8, 8, dtype=torch.float64)), "w_query_key"),
+])
+def test_folded_query_key_errors(extra, match):
+    x = torch.randn(3, 8)
+    w_down, w_up = torch.randn(2, 4, 8), torch.randn(2, 8, 4)
+    kw = dict(w_query_key=torch.zeros(8, 8), b_query_key=torch.zeros(8))
+    kw.update(extra)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pet_fast.stacked_adapter_fusion(x, x, x, w_down, None, w_up, None, **kw)
+
+
 def test_dispatch_reasons_and_auto():
     hi, lo = make_case((4,), 8, 300, 2, torch.float32)
     with pytest.raises(dispatch.BackendUnavailableError, match="r=300"):
@@ -168,6 +220,20 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.pet_fast.fusion_attention_triton.default, (r(5, 3, 16), r(5, 16), 0.5))
     h = lambda *s: torch.randn(*s, dtype=torch.float16, requires_grad=True)
     torch.library.opcheck(torch.ops.pet_fast.fusion_qk_f32.default, (h(5, 16), h(16, 16)))
+    torch.library.opcheck(torch.ops.pet_fast.fusion_qk_f32.default, (h(5, 16), h(16, 16), h(16)))
+    # fp16 with qk formed inside from q and w_key, and the folded product's bias
+    torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
+                          (h(5, 16), None, h(2, 3, 16), h(2, 3), h(2, 16, 3), h(2, 16), h(2), 1.0, "gelu", 0.5,
+                           None, h(16, 16), None, h(5, 16), h(16, 16), h(16)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r,k", [((4, 128), 768, 64, 3), ((77,), 4096, 256, 2)])
+def test_gpu_folded_query_key(dtype, n_shape, d, r, k):
+    """The folded query-key product on the GPU (its float32 qk with the bias added, in the node and the
+    Function), against the float64 reference."""
+    check(n_shape, d, r, k, dtype, "cuda", case=dict(folded=True), activation="gelu")
 
 
 @pytest.mark.gpu

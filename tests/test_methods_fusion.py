@@ -340,42 +340,78 @@ def test_dropout_path_under_autocast_keeps_the_adapter_outputs_once():
     assert fus.key.weight.grad is not None and x.grad is not None
 
 
-def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch):
-    """Under autocast the fusion layers' float32 projections are cast to autocast's dtype for all layers at once
-    per forward (one cast forward, one back), not per layer and tensor: the same loss and gradients, bit for
-    bit, as the casts per layer. A frozen projection still gets no gradient."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _CountOps:
+    """Counts aten ops by name inside the block."""
 
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.counts
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _autocast_step(model, ids, mask, backend="eager"):
+    """Loss and float32 gradients of one step under bf16 autocast, with the aten ops it ran."""
+    model.train()
+    fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
+    for mod in fusions:
+        mod.dropout = 0.0
+    counter = _CountOps()
+    with counter as ops:
+        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = logits(model, ids, mask).float().pow(2).mean()
+        loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert all(g.dtype == torch.float32 and g.shape == p.shape for g, p in
+               ((p.grad, p) for p in model.parameters() if p.grad is not None))
+    return loss.detach(), grads, ops
+
+
+def _fusion_model_with_query_bias(frozen_value: bool = True):
+    model = _fused_model("pfeiffer")
+    fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
+    with torch.no_grad():
+        for f in fusions:
+            f.query.bias.normal_(0, 0.5)  # (zero at init: the folded bias would be zero too)
+    if frozen_value:
+        fusions[1].value.weight.requires_grad_(False)
+    return model, fusions
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch, backend):
+    """Under autocast the fusion layers' float32 projections are cast to autocast's dtype for all layers at once
+    per forward (one cast forward, one back), not per layer and tensor: without the fold, the same loss and
+    gradients, bit for bit, as the casts per layer. A frozen projection still gets no gradient."""
     from pet_fast.methods.fusion import _ForwardProjections
 
-    class Casts(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Casts.n += func is torch.ops.aten._to_copy.default
-            return func(*args, **(kwargs or {}))
-
+    real = _ForwardProjections.projections
     ids, mask = batch()
     runs = []
     for per_layer in (False, True):
         if per_layer:
-            monkeypatch.setattr(_ForwardProjections, "projections", lambda self, module, dtype: None)
-        model = _fused_model("pfeiffer")
-        model.train()
-        fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
-        for mod in fusions:
-            mod.dropout = 0.0
-        fusions[1].value.weight.requires_grad_(False)
-        Casts.n = 0
-        with Casts():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = logits(model, ids, mask).float().pow(2).mean()
-            loss.backward()
-        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-        runs.append((Casts.n, loss.detach(), grads))
+            monkeypatch.setattr(_ForwardProjections, "projections", lambda self, module, dtype, fold=False: None)
+        else:
+            monkeypatch.setattr(_ForwardProjections, "projections",
+                                lambda self, module, dtype, fold=False: real(self, module, dtype, False))
+        model, fusions = _fusion_model_with_query_bias()
+        loss, grads, ops = _autocast_step(model, ids, mask, backend)
         assert fusions[1].value.weight.grad is None and fusions[0].value.weight.grad is not None
-        assert all(g.dtype == torch.float32 and g.shape == p.shape for g, p in
-                   ((p.grad, p) for p in model.parameters() if p.grad is not None))
+        runs.append((ops.get("_to_copy", 0), loss, grads))
     (casts, loss, grads), (casts_per_layer, loss_per_layer, grads_per_layer) = runs
     assert len(fusions) == 2
     # per layer: the query's weight and bias, the key's and the value's weight, cast forward and (but the
@@ -385,6 +421,42 @@ def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch):
     assert grads.keys() == grads_per_layer.keys()
     for k in grads:
         assert torch.equal(grads[k], grads_per_layer[k]), k
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backend):
+    """The stacked op's calls in a model's forward get the query and key projections folded for all layers
+    (w_query_key = Wq^T Wk, b_query_key = bq Wk, two batched products): one product per layer where the
+    query's projection and qk took two, forward and backward, and the same loss and gradients as the
+    unfolded projections up to bf16 rounding (each folded product rounded once, as q and Wk were). Every
+    projection that trains gets a gradient; the frozen one none."""
+    from pet_fast.methods.fusion import _ForwardProjections
+
+    real, real_op = _ForwardProjections.projections, fusion_ops.stacked_adapter_fusion
+    ids, mask = batch()
+    runs = []
+    for fold in (True, False):
+        monkeypatch.setattr(_ForwardProjections, "projections",
+                            lambda self, module, dtype, f=False: real(self, module, dtype, f and fold))
+        model, fusions = _fusion_model_with_query_bias()
+        seen = []
+        monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion",
+                            lambda *a, **kw: seen.append(kw.get("w_query_key") is not None) or real_op(*a, **kw))
+        loss, grads, ops = _autocast_step(model, ids, mask, backend)
+        assert seen == [fold] * len(fusions)
+        assert fusions[1].value.weight.grad is None
+        runs.append((loss, grads, ops))
+    (loss, grads, ops), (loss_ref, grads_ref, ops_ref) = runs
+    # the key bias cancels in the softmax (no gradient); the frozen value weight does not train
+    trained = {k for k, p in model.named_parameters() if p.requires_grad and not k.endswith(".f.key.bias")}
+    assert grads.keys() == grads_ref.keys() == trained and any(k.endswith(".f.query.bias") for k in trained)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=1e-3)
+    for k in grads_ref:
+        scale = grads_ref[k].abs().max().item()
+        assert (grads[k] - grads_ref[k]).abs().max().item() <= 0.05 * scale + 1e-6, k
+    gemms = lambda o: sum(o.get(n, 0) for n in ("mm", "addmm", "bmm", "matmul"))
+    # two layers: forward 2 -> 1 per layer and 2 batched; backward 4 -> 2 per layer and 4 batched
+    assert gemms(ops_ref) - gemms(ops) == len(fusions) * (1 + 2) - (2 + 4)
 
 
 def test_fuse_takes_adapters_the_stacked_op_does_not():

@@ -53,6 +53,8 @@ FORMS = [
     (dict(scaling="scalar"), dict(frozen=("scaling", "w_down", "b_down", "w_up", "b_up")), True),  # frozen adapters
     (dict(proj=False), dict(frozen=("scaling",)), True),  # no projections: ctx itself, the residual added after
     (dict(), dict(frozen=("scaling", "w_value")), True),
+    (dict(folded=True), dict(frozen=("scaling",)), True),  # the folded query-key product (its bias in the node)
+    (dict(folded=True), dict(frozen=("scaling", "b_query_key")), True),
     (dict(), dict(), False),  # the scaling trains
 ]
 
@@ -120,15 +122,16 @@ def test_a_failing_node_warns_and_the_function_takes_over(replay_ext):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gpu_cpp_fusion_node_matches_the_function(dtype):
+def test_gpu_cpp_fusion_node_matches_the_function(dtype, folded):
     if not R.enabled() or R._extension() is None:
         pytest.skip("the extension cannot replay Triton launches here")
 
     def run(seeds):
         out = []
         for s in seeds:
-            lo = TK.make_case((4, 37), 64, 16, 3, dtype, device="cuda", seed=s)[1]
+            lo = TK.make_case((4, 37), 64, 16, 3, dtype, device="cuda", seed=s, folded=folded)[1]
             lo["scaling"].requires_grad_(False)  # (a trained scaling keeps the Function)
             y = TK.call(lo, "triton")
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to("cuda", dtype)

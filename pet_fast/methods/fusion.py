@@ -54,12 +54,14 @@ class AdapterFusion(nn.Module):
         self.residual_before = residual_before
         self.value_before_softmax = value_before_softmax
 
-    def _projections(self, dtype, key_bias: bool = False) -> dict:
+    def _projections(self, dtype, key_bias: bool = False, fold: bool = False) -> dict:
         """The op's projection arguments in ``dtype``. The key's bias adds one number per token to every
         adapter's score, which the softmax cancels: it is passed (``key_bias``) only where dropout on the
-        scores keeps it from cancelling, so that every backend leaves its gradient None."""
+        scores keeps it from cancelling, so that every backend leaves its gradient None. With ``fold`` (the
+        stacked op's calls), a model's forward may hand the query and key projections folded into one
+        (``w_query_key``, ``b_query_key``: see _ForwardProjections)."""
         forward = self.__dict__.get("_forward")  # (a plain attribute set by FusionConfig.attach)
-        cast = forward.projections(self, dtype) if forward is not None else None
+        cast = forward.projections(self, dtype, fold) if forward is not None else None
         if cast is None:
             cast = {name: _maybe_cast(t, dtype) for name, t in _projection_tensors(self).items()}
         b_key = _maybe_cast(self.key.bias, dtype) if key_bias and self.key is not None else None
@@ -162,7 +164,7 @@ class AdapterFusion(nn.Module):
         t = self._temperature()
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
-            temperature=t, backend=backend, **self._projections(query.dtype))
+            temperature=t, backend=backend, **self._projections(query.dtype, fold=True))
 
 
 def _stackable(adapters: Sequence[BottleneckAdapter]) -> bool:
@@ -182,7 +184,8 @@ def _projection_tensors(fusion: AdapterFusion) -> dict:
 
 class _ForwardProjections(PerForward):
     """The query, key and value projections of every fusion layer of a task, cast to the forward's compute
-    dtype by one cast per forward of the model, at the first layer that asks.
+    dtype by one cast per forward of the model, at the first layer that asks, and for the stacked op's calls
+    the query and key projections folded into one product for all layers at once.
 
     Under autocast the projections' float32 weights were cast to autocast's dtype in every layer: the query's
     weight and bias and the key's and value's weights forward, and each gradient cast back to float32 in the
@@ -191,26 +194,37 @@ class _ForwardProjections(PerForward):
     weight's gradient is then a view of that float32 buffer. The values are those of the per-layer casts,
     bit for bit.
 
+    The fold: the scores need only qk = (y Wq^T + bq) Wk = y (Wq^T Wk) + bq Wk (the key's bias cancels in the
+    softmax). Two batched products per forward (Wq^T Wk and bq Wk for all layers, (d+1) d^2 multiply-adds per
+    layer) leave four N x d x d products per layer and step where there were seven (forward q and qk; backward
+    qk formed again, dq, dWk, dy, dWq), and the op keeps nothing of the query's projection for its backward
+    (its input y is the adapters' input, kept anyway; q was N x d per layer). The launches stay about as many
+    (BERT-base's step, counted on the CPU: 2 fewer of about 900, the bias added to qk's float32 product and the
+    batched products' own) and the aten ops drop by 133 (the query's linear: views, transposes, its autograd
+    nodes). The products are rounded once, in the compute dtype (as q and Wk were), so the scores differ from
+    the unfolded ones' by rounding only.
+
     Open during a forward of the model (_per_forward.py). Layers outside the batch cast per call: one called
     on its own, under torch.compile (which fuses the casts), layers whose projections have another device,
     dtype or width than the asking layer's, and every call where no cast is needed (the weights already in the
-    compute dtype)."""
+    compute dtype). The fold needs every batched layer to have the same projections, query and key among them."""
 
     def __init__(self, checkpoint_modules):
         super().__init__(checkpoint_modules)
         self.sites: dict = {}  # task name -> [(host, AdapterFusion)], in attach order
 
-    def projections(self, module: AdapterFusion, dtype: torch.dtype) -> Optional[dict]:
-        """``module``'s projections cast to ``dtype`` for this forward, or None (then the layer casts them)."""
+    def projections(self, module: AdapterFusion, dtype: torch.dtype, fold: bool = False) -> Optional[dict]:
+        """``module``'s projections cast to ``dtype`` for this forward (with ``fold``, folded where the batch
+        allows), or None (then the layer casts them)."""
         if torch.compiler.is_compiling() or not self.open:
             return None
         name, cache = module.__dict__.get("_task"), self.cache
-        batch = cache.get((name, dtype))
+        batch = cache.get((name, dtype, fold))
         if batch is None:
-            batch = cache[(name, dtype)] = self._batch(name, dtype, module)
+            batch = cache[(name, dtype, fold)] = self._batch(name, dtype, module, fold)
         return batch.get(id(module))
 
-    def _batch(self, name, dtype, module) -> dict:
+    def _batch(self, name, dtype, module, fold) -> dict:
         self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, f) for h, f in pairs if attached(h, n, f)])}
         own = [t for t in _projection_tensors(module).values() if t is not None]
         if not own or all(t.dtype == dtype for t in own):
@@ -226,13 +240,32 @@ class _ForwardProjections(PerForward):
             return {}
         # rows of width d: the (d, d) weights as they are, the (d,) biases as (1, d) (fewer views than flattening)
         rows = [t if t.dim() == 2 else t.unsqueeze(0) for _, tensors in layers for t in tensors.values() if t is not None]
-        pieces = iter(torch.cat(rows).to(dtype).split([t.shape[0] for t in rows]))
+        flat = torch.cat(rows).to(dtype)
+        layout = [tuple(n for n, t in tensors.items() if t is not None) for _, tensors in layers]
+        if fold and len(set(layout)) == 1 and {"w_query", "w_key"} <= set(layout[0]):
+            return self._folded(flat, layers, layout[0], width)
+        pieces = iter(flat.split([t.shape[0] for t in rows]))
         out = {}
         for f, tensors in layers:
             cast = out[id(f)] = {}
             for n, t in tensors.items():
                 cast[n] = None if t is None else next(pieces) if t.dim() == 2 else next(pieces).squeeze(0)
         return out
+
+    @staticmethod
+    def _folded(flat, layers, names, d) -> dict:
+        """Per layer {w_query_key, b_query_key, w_value} from the cast rows of layers that all hold ``names``:
+        the rows as (layers, rows per layer, d), split by projection (one concatenation back), and the folded
+        products for all layers in one batched product each. Per-layer tensors are unbound views (their
+        gradients come back stacked: one launch per kind)."""
+        heights = [1 if n.startswith("b_") else d for n in names]
+        parts = dict(zip(names, flat.view(len(layers), sum(heights), d).split(heights, dim=1)))
+        wk = parts["w_key"]
+        w_qk = torch.bmm(parts["w_query"].transpose(1, 2), wk).unbind(0)
+        b_qk = torch.bmm(parts["b_query"], wk).squeeze(1).unbind(0) if "b_query" in parts else None
+        w_v = parts["w_value"].unbind(0) if "w_value" in parts else None
+        return {id(f): {"w_query_key": w_qk[i], "b_query_key": None if b_qk is None else b_qk[i],
+                        "w_value": None if w_v is None else w_v[i]} for i, (f, _) in enumerate(layers)}
 
 
 def _forward_projections(model: nn.Module) -> _ForwardProjections:

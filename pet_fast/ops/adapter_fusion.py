@@ -25,6 +25,12 @@ Contract (stacked_adapter_fusion), in addition
     b_up (k, d) or None; scaling a number or a tensor of shape (k,); activation as for bottleneck_adapter.
     Adapters with different bottleneck sizes are stacked by padding with zero rows/columns (all
     supported activations map 0 to 0, so the padding changes nothing).
+    w_query_key (d, d) and b_query_key (d,) or None: the query and key projections folded into one product,
+    in place of w_query, b_query, w_key and b_key (none of which may be given with them): the scores are
+    <query @ w_query_key + b_query_key, v_j>, which equals <Q, K_j> up to the key bias's term (the same for
+    every adapter: it cancels in the softmax) for w_query_key = w_query.T @ w_key and b_query_key =
+    b_query @ w_key. A training step folds them once for all layers (methods/fusion.py): one d x d product
+    per token instead of two, forward and backward.
 All tensors share query's device and dtype, except that with fp16/bf16 tensors and residual_before=False the
 residual may be float32: it is then added to the fused output in float32, and the output is float32 (as
 eager PyTorch under autocast gives it, where a float32 residual stream meets half-precision products).
@@ -73,6 +79,20 @@ def _check_projection(name_w, w, name_b, b, d):
         _checks.shape(name_b, b, (d,))
 
 
+def check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_key):
+    """The folded query-key product's arguments (see the contract)."""
+    if w_query_key is None:
+        if b_query_key is not None:
+            raise ValueError("b_query_key was given without w_query_key")
+        return
+    given = [n for n, t in (("w_query", w_query), ("b_query", b_query), ("w_key", w_key), ("b_key", b_key)) if t is not None]
+    if given:
+        raise ValueError(f"w_query_key replaces the query and key projections: do not pass {', '.join(given)} with it")
+    _check_projection("w_query_key", w_query_key, "b_query_key", b_query_key, query.shape[-1])
+    _checks.same_device("query", query, w_query_key=w_query_key, b_query_key=b_query_key)
+    _checks.same_dtype("query", query, w_query_key=w_query_key, b_query_key=b_query_key)
+
+
 def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values",
                  residual_before=False):
     _checks.tensor("query", query, min_ndim=1)
@@ -101,12 +121,18 @@ def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_valu
 
 
 def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
-              b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
+              b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
+              b_query_key=None):
     """Eager PyTorch, differentiable through autograd."""
     if residual_before:
         values = values + residual.unsqueeze(-2)
-    q = F.linear(query, w_query, b_query) if w_query is not None else query
-    keys = F.linear(values, w_key, b_key) if w_key is not None else values
+    if w_query_key is not None:  # the folded product (contract): the keys are the values themselves
+        q = torch.matmul(query, w_query_key)
+        q = q + b_query_key if b_query_key is not None else q
+        keys = values
+    else:
+        q = F.linear(query, w_query, b_query) if w_query is not None else query
+        keys = F.linear(values, w_key, b_key) if w_key is not None else values
     project_first = w_value is not None and value_before_softmax
     vals = F.linear(values, w_value, b_value) if project_first else values
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -227,6 +253,8 @@ def stacked_adapter_fusion(
     temperature: float = 1.0,
     residual_before: bool = False,
     value_before_softmax: bool = True,
+    w_query_key: Optional[torch.Tensor] = None,
+    b_query_key: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
@@ -235,20 +263,21 @@ def stacked_adapter_fusion(
         act, s = check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling)
         t = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
                          residual_before=residual_before)
-        requires_grad = _checks.needs_grad(x, query, residual, w_down, w_up, w_query, w_key, w_value,
-                                           s if isinstance(s, torch.Tensor) else None)
+        check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_key)
+        requires_grad = _checks.needs_grad(x, query, residual, w_down, w_up, w_query, w_key, w_value, w_query_key,
+                                           b_query_key, s if isinstance(s, torch.Tensor) else None)
         info = describe(query, w_down.shape[0], r=w_down.shape[1], activation=act, requires_grad=requires_grad)
         # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
         return (act, None if isinstance(s, torch.Tensor) else s, t), info
 
     sig = _checks.signature(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query,
-                            w_key, b_key, w_value, b_value, temperature, bool(residual_before))
+                            w_key, b_key, w_value, b_value, temperature, bool(residual_before), w_query_key, b_query_key)
     (activation, number, temperature), impl = dispatch.plan(OP_STACKED, sig, backend, resolve)
     scaling = scaling if number is None else number
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),
-                    value_before_softmax=bool(value_before_softmax))
+                    value_before_softmax=bool(value_before_softmax), w_query_key=w_query_key, b_query_key=b_query_key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,30 +376,40 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _qk_f32(q: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
-    """q (N, d) @ w_key (d, d) in fp32 for fp16/bf16 operands (see the comment above)."""
-    return _matmul_f32(q, w_key)
+def _qk_f32(q: torch.Tensor, w_key: torch.Tensor, b_qk: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q (N, d) @ w_key (d, d) (+ b_qk) in fp32 for fp16/bf16 operands (see the comment above); the bias, the
+    folded query-key product's (the contract's b_query_key), added to the fp32 result."""
+    qk = _matmul_f32(q, w_key)
+    return qk if b_qk is None else qk.add_(b_qk)
 
 
-def _qk_fake(q, w_key):
+def _qk_fake(q, w_key, b_qk=None):
     return q.new_empty((q.shape[0], w_key.shape[1]), dtype=torch.float32)
 
 
 def _qk_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:2])
+    ctx.bias_dtype = inputs[2].dtype if len(inputs) > 2 and inputs[2] is not None else None
 
 
-def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool):
-    """(dq, dWk) of qk = q @ w_key formed in float32: dqk rounded once to q's dtype for both products."""
+def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool, bias_dtype=None):
+    """(dq, dWk, db) of qk = q @ w_key (+ b) formed in float32: dqk rounded once to q's dtype for both
+    products and the bias's gradient (a column sum, as a linear's bias gets it; None without ``bias_dtype``)."""
     g = dqk.to(q.dtype)
     dq = g @ w_key.t().to(g.dtype) if need_q else None
     dw = (q.t() @ g).to(w_key.dtype) if need_w else None
-    return dq, dw
+    db = g.sum(0).to(bias_dtype) if bias_dtype is not None else None
+    return dq, dw, db
 
 
 def _qk_grad(ctx, dqk):
     q, w_key = ctx.saved_tensors
-    return _qk_grads(q, w_key, dqk, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    # one gradient per argument the Function was given (the custom op's dispatcher drops a trailing b_qk=None)
+    n = len(ctx.needs_input_grad)
+    need_b = n > 2 and ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    dq, dw, db = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                           ctx.bias_dtype if need_b else None)
+    return (dq, dw, db)[:n]
 
 
 QK_F32 = _autograd.custom_op("fusion_qk_f32", _qk_f32, fake=_qk_fake, autograd=(_qk_grad, _qk_setup))
@@ -388,13 +427,15 @@ def _core_forward(x: torch.Tensor, qk: Optional[torch.Tensor], w_down: torch.Ten
                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                   scaling_value: float, activation: str, inv_temperature: float, residual: Optional[torch.Tensor],
                   w_value: Optional[torch.Tensor], b_value: Optional[torch.Tensor], q: Optional[torch.Tensor] = None,
-                  w_key: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                  w_key: Optional[torch.Tensor] = None, b_qk: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input. With
-    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): qk = q @ w_key in float32 is formed here (as
-    fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for its backward and not the
-    float32 qk (N x d x 4 bytes per layer), as the C++ node does (csrc/stacked_fusion_replay.cpp)."""
+    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16), and optionally ``b_qk`` (d,): qk = q @ w_key (+ b_qk)
+    in float32 is formed here (as fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for
+    its backward and not the float32 qk (N x d x 4 bytes per layer), as the C++ node does
+    (csrc/stacked_fusion_replay.cpp). For the folded query-key product (the contract's w_query_key), q is the
+    query itself, which is x at the usual sites: nothing more is kept."""
     if qk is None:
-        qk = _qk_f32(q, w_key)
+        qk = _qk_f32(q, w_key, b_qk)
     ctx, a, p = _stacked_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
                                           inv_temperature)
     if w_value is None:
@@ -408,7 +449,7 @@ def _rp(r: int) -> int:
 
 
 def _core_fake(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-               w_value, b_value, q=None, w_key=None):
+               w_value, b_value, q=None, w_key=None, b_qk=None):
     n = x.shape[0]
     k, r = w_down.shape[0], w_down.shape[1]
     return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
@@ -435,14 +476,14 @@ def _core_backward_fake(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scalin
 
 def _core_setup(ctx, inputs, output):
     x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual, w_value, \
-        b_value, q, w_key = tuple(inputs) + (None,) * (15 - len(inputs))
+        b_value, q, w_key, b_qk = tuple(inputs) + (None,) * (16 - len(inputs))
     _, a, p, pre = output
     # with q and w_key (qk None), q is kept and qk formed again in the backward (see _core_forward)
-    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key)
+    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk)
     # gradients to return: one per argument passed (the autograd.Function's), where the custom op's dispatcher
-    # drops trailing arguments equal to their defaults (q, w_key: None) before its Function sees them
+    # drops trailing arguments equal to their defaults (q, w_key, b_qk: None) before its Function sees them
     ctx.n_inputs = len(inputs)
-    ctx.n_passed = 13 if (q is None and w_key is None) else 15
+    ctx.n_passed = 16 if b_qk is not None else 13 if (q is None and w_key is None) else 15
     ctx.mark_non_differentiable(a, p, pre)
     ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
     ctx.has_residual, ctx.has_b_value = residual is not None, b_value is not None
@@ -451,10 +492,10 @@ def _core_setup(ctx, inputs, output):
 
 def _core_grad(ctx, grads):
     dout = grads[0]
-    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key = ctx.saved_tensors
+    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk = ctx.saved_tensors
     with_q = q is not None
     if with_q:
-        qk = _qk_f32(q, w_key)  # the forward's qk, formed again (same op, same bits)
+        qk = _qk_f32(q, w_key, b_qk)  # the forward's qk, formed again (same op, same bits)
     dres = dwv = dbv = None
     if w_value is None:
         dctx = dout
@@ -476,13 +517,15 @@ def _core_grad(ctx, grads):
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
         ctx.inv_temperature, a, p, need_ds, need_weights)
     w = need_weights
-    dq = dwk = None
+    dq = dwk = dbqk = None
     if with_q:  # as fusion_qk_f32's backward
-        dq, dwk = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[13], ctx.needs_input_grad[14])
+        need_b = b_qk is not None and ctx.needs_input_grad[15]
+        dq, dwk, dbqk = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[13], ctx.needs_input_grad[14],
+                                  b_qk.dtype if need_b else None)
         dqk = None
     grads = (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
              dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv,
-             dq, dwk)
+             dq, dwk, dbqk)
     return grads[:ctx.n_inputs if getattr(ctx, "pet_fast_eager", False) else ctx.n_passed]
 
 
@@ -492,15 +535,21 @@ CORE = _autograd.custom_op("stacked_fusion_core_triton", _core_forward, fake=_co
 
 
 def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
-                    w_value, b_value, temperature, residual_before):
+                    w_value, b_value, temperature, residual_before, w_query_key=None, b_query_key=None):
     """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end."""
     d = query.shape[-1]
-    q = F.linear(query, w_query, b_query) if w_query is not None else query
+    if w_query_key is not None:  # folded (contract): qk = query @ w_query_key + b_query_key, one product
+        q, w_key, b_qk = query, w_query_key, b_query_key
+    else:
+        q = F.linear(query, w_query, b_query) if w_query is not None else query
+        b_qk = None
     low = w_key is not None and q.dtype in (torch.float16, torch.bfloat16)
     if w_key is None:
         qk = q  # b_key cancels in the softmax
     elif low:
         qk = None  # fp32 (see above): fusion_qk_f32, or the C++ node below
+    elif b_qk is not None:
+        qk = torch.addmm(b_qk, q.reshape(-1, d), w_key)
     else:
         qk = torch.matmul(q, w_key)
     c = lambda t: t.contiguous() if t is not None else None
@@ -518,12 +567,13 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
         # for fp16/bf16 it forms qk itself and keeps q for the backward, not the float32 qk
         kernels = _stacked_kernels()
         if low:
-            out = kernels.core_with_grad(x2, None, *rest, q=q.reshape(-1, d), w_key=w_key)
+            out = kernels.core_with_grad(x2, None, *rest, q=q.reshape(-1, d), w_key=w_key, b_qk=b_qk)
         else:
             out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest)
     if out is None:
         if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
-            out = CORE(x2, None, *rest, q.reshape(-1, d), w_key)[0]
+            tail = (q.reshape(-1, d), w_key) if b_qk is None else (q.reshape(-1, d), w_key, b_qk)
+            out = CORE(x2, None, *rest, *tail)[0]
         else:
             out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest)[0]
     out = out.reshape(query.shape)
@@ -534,10 +584,11 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
 
 def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
                        w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
-                       temperature=1.0, residual_before=False, value_before_softmax=True):
+                       temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
+                       b_query_key=None):
     """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
     args = (x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key, w_value,
-            b_value, temperature, residual_before)
+            b_value, temperature, residual_before, w_query_key, b_query_key)
     dt = compute_dtype(query)
     if dt == query.dtype:
         with _no_autocast(query.device.type):  # autocast off, or on with inputs in its dtype: nothing to round
