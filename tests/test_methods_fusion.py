@@ -381,13 +381,13 @@ def _autocast_step(model, ids, mask, backend="eager"):
     return loss.detach(), grads, ops
 
 
-def _fusion_model_with_query_bias(frozen_value: bool = True):
-    model = _fused_model("pfeiffer")
+def _fusion_model_with_query_bias(frozen_value: bool = True, placement="pfeiffer", kind="dynamic", **fusion):
+    model = _fused_model(placement, kind, **fusion)
     fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
     with torch.no_grad():
         for f in fusions:
             f.query.bias.normal_(0, 0.5)  # (zero at init: the folded bias would be zero too)
-    if frozen_value:
+    if frozen_value and fusions[1].value is not None:
         fusions[1].value.weight.requires_grad_(False)
     return model, fusions
 
@@ -423,8 +423,13 @@ def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch, backe
         assert torch.equal(grads[k], grads_per_layer[k]), k
 
 
+FOLD_CONFIGS = [dict(), dict(placement="houlsby", residual_before=True), dict(query_before_ln=True),
+                dict(placement="parallel", kind="static")]
+
+
+@pytest.mark.parametrize("config", FOLD_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "pfeiffer")
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backend):
+def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backend, config):
     """The stacked op's calls in a model's forward get the query and key projections folded for all layers
     (w_query_key = Wq^T Wk, b_query_key = bq Wk, two batched products): one product per layer where the
     query's projection and qk took two, forward and backward, and the same loss and gradients as the
@@ -438,13 +443,13 @@ def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backe
     for fold in (True, False):
         monkeypatch.setattr(_ForwardProjections, "projections",
                             lambda self, module, dtype, f=False: real(self, module, dtype, f and fold))
-        model, fusions = _fusion_model_with_query_bias()
+        model, fusions = _fusion_model_with_query_bias(**config)
         seen = []
         monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion",
                             lambda *a, **kw: seen.append(kw.get("w_query_key") is not None) or real_op(*a, **kw))
         loss, grads, ops = _autocast_step(model, ids, mask, backend)
         assert seen == [fold] * len(fusions)
-        assert fusions[1].value.weight.grad is None
+        assert fusions[1].value is None or fusions[1].value.weight.grad is None
         runs.append((loss, grads, ops))
     (loss, grads, ops), (loss_ref, grads_ref, ops_ref) = runs
     # the key bias cancels in the softmax (no gradient); the frozen value weight does not train
