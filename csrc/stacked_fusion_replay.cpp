@@ -17,7 +17,9 @@
 // itself (adapter_fusion.py's fusion_qk_f32), keeps q rather than qk for the backward (half the bytes: the
 // float32 qk is N x d x 4 per layer) and forms it again there, then dq and dWk from dqk as _qk_grad does.
 // With b_qk (the folded query-key product's bias, adapter_fusion.py's b_query_key), qk = q @ w_key + b_qk,
-// the bias added to the float32 product, and its gradient is the column sum of the rounded dqk.
+// the bias added to the float32 product, and its gradient is the column sum of the rounded dqk. Where q is x
+// itself (the same tensor: the folded product at a site whose query is the adapters' input), x gets one
+// gradient, dx + dq formed by one addmm, where autograd would add the two after a separate product.
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -52,6 +54,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
   at::Tensor a, p, pre;                               // the forward's own tensors (no history)
   bool need_ds = false, need_weights = false, has_residual = false, has_bv = false;
   bool residual_grad = false, wv_grad = false, bv_grad = false, q_grad = false, wk_grad = false, bqk_grad = false;
+  bool q_is_x = false;  // q passed as x itself: dq added to dx by the product (one addmm), none returned for q
 
   std::string name() const override { return "StackedFusionCoreBackward"; }
 
@@ -86,7 +89,11 @@ struct StackedFusionBackward : public torch::autograd::Node {
       const at::Tensor& q = in[kQ];
       const at::Tensor& wk = in[kWk];
       const at::Tensor g = get(1).to(q.scalar_type());
-      if (q_grad) out[kQ] = g.matmul(wk.t().to(g.scalar_type()));
+      if (q_is_x && out[kX].defined()) {
+        if (q_grad) out[kX] = at::addmm(out[kX], g, wk.t().to(g.scalar_type()));
+      } else if (q_grad) {
+        out[kQ] = g.matmul(wk.t().to(g.scalar_type()));
+      }
       if (wk_grad) out[kWk] = q.t().matmul(g).to(wk.scalar_type());
       if (bqk_grad) out[kBqk] = g.sum(0).to(in[kBqk].scalar_type());
     } else {
@@ -157,6 +164,7 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   node->wv_grad = ins[kWv].defined() && ins[kWv].requires_grad();
   node->bv_grad = ins[kBv].defined() && ins[kBv].requires_grad();
   node->q_grad = with_q && ins[kQ].requires_grad();
+  node->q_is_x = with_q && ins[kQ].is_same(ins[kX]);
   node->wk_grad = with_q && ins[kWk].requires_grad();
   node->bqk_grad = ins[kBqk].defined() && ins[kBqk].requires_grad();
   node->set_next_edges(torch::autograd::collect_next_edges(at::TensorList(ins)));

@@ -15,9 +15,10 @@ INPUTS = ("x", "query", "residual", "w_down", "b_down", "w_up", "b_up")
 
 
 def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True, scaling="adapter", seed=0,
-              folded=False):
+              folded=False, query_is_x=False):
     """(float64 inputs, the same in ``dtype``), each requiring grad. ``folded``: the query and key projections
-    as one product (w_query_key, b_query_key) in place of w_query, b_query, w_key and b_key."""
+    as one product (w_query_key, b_query_key) in place of w_query, b_query, w_key and b_key. ``query_is_x``:
+    the query is the adapters' input itself (one tensor, as at Pfeiffer and Houlsby sites)."""
     gen = torch.Generator().manual_seed(seed)
     g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     t = dict(x=g(*n_shape, d), query=g(*n_shape, d), residual=g(*n_shape, d), w_down=g(k, r, d) / d ** 0.5,
@@ -37,6 +38,8 @@ def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True,
         t["scaling"] = g(()).abs() + 0.5
     hi = {a: b.clone().requires_grad_() for a, b in t.items()}
     lo = {a: b.to(device=device, dtype=dtype).requires_grad_() for a, b in t.items()}
+    if query_is_x:
+        hi["query"], lo["query"] = hi["x"], lo["x"]
     if scaling == "number":
         hi["scaling"] = lo["scaling"] = 1.5
     return hi, lo
@@ -138,10 +141,12 @@ def test_fp16_precision_rule(kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n_shape,d,r,k,kw", [((3, 7), 24, 5, 3, {}), ((37,), 40, 3, 2, dict(residual_before=True)),
                                               ((1,), 9, 1, 1, dict(value_before_softmax=False, temperature=2.0))])
-def test_folded_query_key(dtype, n_shape, d, r, k, kw):
+@pytest.mark.parametrize("query_is_x", [False, True])
+def test_folded_query_key(dtype, n_shape, d, r, k, kw, query_is_x):
     """w_query_key / b_query_key (the query and key projections folded into one product): the triton backend
-    against the float64 reference, output and every gradient, the folded product's own included."""
-    check(n_shape, d, r, k, dtype, case=dict(folded=True), **kw)
+    against the float64 reference, output and every gradient, the folded product's own included; with the
+    query the adapters' input itself, its one gradient sums both uses."""
+    check(n_shape, d, r, k, dtype, case=dict(folded=True, query_is_x=query_is_x), **kw)
 
 
 def test_folded_query_key_is_the_projections_contract():
@@ -269,6 +274,8 @@ def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, s
             t["b_value"] = g(d) * 0.3
     hi = {a: b.clone().requires_grad_() for a, b in t.items()}
     lo = {a: b.to(device=device, dtype=dtype).requires_grad_() for a, b in t.items()}
+    if query_is_x:
+        hi["query"], lo["query"] = hi["x"], lo["x"]
     return hi, lo
 
 

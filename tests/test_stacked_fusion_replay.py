@@ -55,6 +55,7 @@ FORMS = [
     (dict(), dict(frozen=("scaling", "w_value")), True),
     (dict(folded=True), dict(frozen=("scaling",)), True),  # the folded query-key product (its bias in the node)
     (dict(folded=True), dict(frozen=("scaling", "b_query_key")), True),
+    (dict(folded=True, query_is_x=True), dict(frozen=("scaling",)), True),  # x's two gradients in one addmm
     (dict(), dict(), False),  # the scaling trains
 ]
 
@@ -131,7 +132,7 @@ def test_gpu_cpp_fusion_node_matches_the_function(dtype, folded):
     def run(seeds):
         out = []
         for s in seeds:
-            lo = TK.make_case((4, 37), 64, 16, 3, dtype, device="cuda", seed=s, folded=folded)[1]
+            lo = TK.make_case((4, 37), 64, 16, 3, dtype, device="cuda", seed=s, folded=folded, query_is_x=folded)[1]
             lo["scaling"].requires_grad_(False)  # (a trained scaling keeps the Function)
             y = TK.call(lo, "triton")
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to("cuda", dtype)

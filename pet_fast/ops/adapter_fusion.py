@@ -392,11 +392,15 @@ def _qk_setup(ctx, inputs, output):
     ctx.bias_dtype = inputs[2].dtype if len(inputs) > 2 and inputs[2] is not None else None
 
 
-def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool, bias_dtype=None):
+def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool, bias_dtype=None, dq_onto=None):
     """(dq, dWk, db) of qk = q @ w_key (+ b) formed in float32: dqk rounded once to q's dtype for both
-    products and the bias's gradient (a column sum, as a linear's bias gets it; None without ``bias_dtype``)."""
+    products and the bias's gradient (a column sum, as a linear's bias gets it; None without ``bias_dtype``).
+    ``dq_onto``: a gradient of q from elsewhere, to which dq is added by the product itself (one addmm)."""
     g = dqk.to(q.dtype)
-    dq = g @ w_key.t().to(g.dtype) if need_q else None
+    if dq_onto is not None:
+        dq = torch.addmm(dq_onto, g, w_key.t().to(g.dtype)) if need_q else dq_onto
+    else:
+        dq = g @ w_key.t().to(g.dtype) if need_q else None
     dw = (q.t() @ g).to(w_key.dtype) if need_w else None
     db = g.sum(0).to(bias_dtype) if bias_dtype is not None else None
     return dq, dw, db
@@ -484,6 +488,9 @@ def _core_setup(ctx, inputs, output):
     # drops trailing arguments equal to their defaults (q, w_key, b_qk: None) before its Function sees them
     ctx.n_inputs = len(inputs)
     ctx.n_passed = 16 if b_qk is not None else 13 if (q is None and w_key is None) else 15
+    # q passed as x itself (the folded product at a site whose query is the adapters' input): one gradient,
+    # dx with dq added by the product (see _core_grad)
+    ctx.q_is_x = q is not None and q is x
     ctx.mark_non_differentiable(a, p, pre)
     ctx.scaling_value, ctx.activation, ctx.inv_temperature = scaling_value, activation, inv_temperature
     ctx.has_residual, ctx.has_b_value = residual is not None, b_value is not None
@@ -520,8 +527,11 @@ def _core_grad(ctx, grads):
     dq = dwk = dbqk = None
     if with_q:  # as fusion_qk_f32's backward
         need_b = b_qk is not None and ctx.needs_input_grad[15]
+        merge = ctx.q_is_x and dx is not None  # x's two gradients in one: no add of autograd's after two products
         dq, dwk, dbqk = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[13], ctx.needs_input_grad[14],
-                                  b_qk.dtype if need_b else None)
+                                  b_qk.dtype if need_b else None, dq_onto=dx if merge else None)
+        if merge:
+            dx, dq = dq, None
         dqk = None
     grads = (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
              dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv,
@@ -540,9 +550,10 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     d = query.shape[-1]
     if w_query_key is not None:  # folded (contract): qk = query @ w_query_key + b_query_key, one product
         q, w_key, b_qk = query, w_query_key, b_query_key
+        same = query is x  # (at the usual sites: then the core op gets x itself as q, and sums x's gradients)
     else:
         q = F.linear(query, w_query, b_query) if w_query is not None else query
-        b_qk = None
+        b_qk, same = None, False
     low = w_key is not None and q.dtype in (torch.float16, torch.bfloat16)
     if w_key is None:
         qk = q  # b_key cancels in the softmax
@@ -561,18 +572,19 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     rest = (c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, activations.canonical(activation), 1.0 / float(temperature),
             res, w_value, b_value)
     x2 = x.reshape(-1, d).contiguous()
+    q2 = x2 if same else q.reshape(-1, d) if low else None
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
         # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
         # for fp16/bf16 it forms qk itself and keeps q for the backward, not the float32 qk
         kernels = _stacked_kernels()
         if low:
-            out = kernels.core_with_grad(x2, None, *rest, q=q.reshape(-1, d), w_key=w_key, b_qk=b_qk)
+            out = kernels.core_with_grad(x2, None, *rest, q=q2, w_key=w_key, b_qk=b_qk)
         else:
             out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest)
     if out is None:
         if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
-            tail = (q.reshape(-1, d), w_key) if b_qk is None else (q.reshape(-1, d), w_key, b_qk)
+            tail = (q2, w_key) if b_qk is None else (q2, w_key, b_qk)
             out = CORE(x2, None, *rest, *tail)[0]
         else:
             out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest)[0]
