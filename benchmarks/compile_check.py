@@ -152,14 +152,18 @@ def _cases(module_name, dtypes, tuned):
             shapes = [(256, 768, 64, 3, dt), (256, 768, 64, 8, dt), (256, 768, 256, 3, dt)] + odd([(37, 200, 5, 3, dt)])
             if dt != torch.float32:
                 shapes += [(256, 768, 64, 3, torch.float32), (256, 768, 64, 8, torch.float32)]
-            for n, d, r, k, qt in shapes:
-                def run(n=n, d=d, r=r, k=k, dt=dt, qt=qt):
+            # and with qk's bias (the folded query-key product: AdapterFusion in a training step under autocast)
+            shapes = [(n, d, r, k, qt, False) for n, d, r, k, qt in shapes] + [(256, 768, 64, 3, shapes[-1][4], True)]
+            for n, d, r, k, qt, with_b in shapes:
+                def run(n=n, d=d, r=r, k=k, dt=dt, qt=qt, with_b=with_b):
                     x, qk = mk(n, d, dt=dt), mk(n, d, dt=qt)
                     wd, bd, wu, bu = mk(k, r, d, dt=dt), mk(k, r, dt=dt), mk(k, d, r, dt=dt), mk(k, d, dt=dt)
                     s = mk(k, dt=dt)
-                    ctx, abuf, pbuf = F._forward(x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5)
-                    F._backward(mk(n, d, dt=qt), x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, abuf, pbuf, True, True)
-                cases.append((f"n={n} d={d} r={r} k={k} {short[dt]}" + (" qk fp32" if qt != dt else ""), run))
+                    b = mk(d, dt=dt) if with_b else None
+                    ctx, abuf, pbuf = F._forward(x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, b)
+                    F._backward(mk(n, d, dt=qt), x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, abuf, pbuf, True, True, b)
+                cases.append((f"n={n} d={d} r={r} k={k} {short[dt]}" + (" qk fp32" if qt != dt else "")
+                              + (" qk bias" if with_b else ""), run))
     elif module_name == "masked_linear":
         import pet_fast.kernels.masked_linear as M
         for dt in dts:

@@ -9,15 +9,16 @@
 // operations, in the same order and dtypes, as _core_forward / _core_grad, without Python.
 //
 // Inputs (Python order): x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q, w_key, b_qk;
-// absent ones undefined. The forward program takes (x, qk, w_down, b_down, w_up, b_up, scaling) and returns
-// (ctx, a, p); the backward program takes (dctx, x, qk, w_down, b_down, w_up, b_up, scaling, a, p) and
+// absent ones undefined. The forward program takes (x, qk, w_down, b_down, w_up, b_up, scaling, b_qk) and returns
+// (ctx, a, p); the backward program takes (dctx, x, qk, w_down, b_down, w_up, b_up, scaling, a, p, b_qk) and
 // returns (dx, dqk, dWd, dbd, dWu, dbu, d_scaling).
 //
 // For fp16/bf16 the caller may pass q and w_key instead of qk: the node then forms qk = q @ w_key in float32
 // itself (adapter_fusion.py's fusion_qk_f32), keeps q rather than qk for the backward (half the bytes: the
 // float32 qk is N x d x 4 per layer) and forms it again there, then dq and dWk from dqk as _qk_grad does.
-// With b_qk (the folded query-key product's bias, adapter_fusion.py's b_query_key), qk = q @ w_key + b_qk,
-// the bias added to the float32 product, and its gradient is the column sum of the rounded dqk. Where q is x
+// b_qk (qk's bias: the folded query-key product's, adapter_fusion.py's b_query_key) goes to both programs,
+// whose kernels add it as they read qk; its gradient is the column sum of dqk (rounded to q's dtype where the
+// node forms qk). Where q is x
 // itself (the same tensor: the folded product at a site whose query is the adapters' input), x gets one
 // gradient, dx + dq formed by one addmm, where autograd would add the two after a separate product.
 #include <torch/csrc/autograd/function.h>
@@ -42,11 +43,6 @@ static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.to(at::kFloat).matmul(b.to(at::kFloat));
 }
 
-// qk = q @ w_key (+ b_qk) in float32, as adapter_fusion.py's _qk_f32.
-static at::Tensor qk_f32(const at::Tensor& q, const at::Tensor& wk, const at::Tensor& bqk) {
-  at::Tensor qk = matmul_f32(q, wk);
-  return bqk.defined() ? qk.add_(bqk) : qk;
-}
 
 struct StackedFusionBackward : public torch::autograd::Node {
   std::shared_ptr<Program> backward;
@@ -75,13 +71,14 @@ struct StackedFusionBackward : public torch::autograd::Node {
       dctx = dout;
     }
     const bool with_q = in[kQ].defined();
-    if (with_q) in[kQk] = qk_f32(in[kQ], in[kWk], in[kBqk]);  // the forward's qk, formed again (same ops, same bits)
+    if (with_q) in[kQk] = matmul_f32(in[kQ], in[kWk]);  // the forward's qk, formed again (same op, same bits)
     std::vector<c10::optional<at::Tensor>> bin;
     bin.emplace_back(dctx.contiguous());
     for (size_t i : {kX, kQk, kWd, kBd, kWu, kBu, kScaling})
       bin.emplace_back(in[i].defined() ? c10::optional<at::Tensor>(in[i]) : c10::nullopt);
     bin.emplace_back(a);
     bin.emplace_back(p);
+    bin.emplace_back(in[kBqk].defined() ? c10::optional<at::Tensor>(in[kBqk]) : c10::nullopt);
     const auto result = backward->run_or_copy(std::move(bin), name());
     auto get = [&](size_t k) { return result[k].has_value() ? *result[k] : at::Tensor(); };
     out[kX] = get(0);
@@ -98,6 +95,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
       if (bqk_grad) out[kBqk] = g.sum(0).to(in[kBqk].scalar_type());
     } else {
       out[kQk] = get(1);
+      if (bqk_grad) out[kBqk] = out[kQk].sum(0).to(in[kBqk].scalar_type());
     }
     if (need_weights) {
       out[kWd] = get(2);
@@ -130,12 +128,13 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   for (const auto& t : inputs) ins.push_back(t.has_value() ? *t : at::Tensor());
   std::vector<c10::optional<at::Tensor>> fin(inputs.begin(), inputs.begin() + kResidual);
   const bool with_q = ins[kQ].defined();
-  TORCH_CHECK(with_q == ins[kWk].defined() && with_q != ins[kQk].defined() && (with_q || !ins[kBqk].defined()),
-              "stacked fusion replay: pass qk, or q and w_key (and b_qk)");
+  TORCH_CHECK(with_q == ins[kWk].defined() && with_q != ins[kQk].defined(),
+              "stacked fusion replay: pass qk, or q and w_key");
   if (with_q) {
     const at::NoGradGuard no_grad;
-    fin[kQk] = qk_f32(ins[kQ], ins[kWk], ins[kBqk]);
+    fin[kQk] = matmul_f32(ins[kQ], ins[kWk]);
   }
+  fin.push_back(inputs[kBqk]);
   auto result = forward->run(fin);
   if (!result) return c10::nullopt;
   TORCH_CHECK(result->size() == 3 && (*result)[0] && (*result)[1] && (*result)[2],

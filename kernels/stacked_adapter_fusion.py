@@ -71,8 +71,8 @@ def _scale(S, s_value, j, S_MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_value, inv_t, n_bucket,
-                HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
+def _fwd_kernel(X, QK, QKB, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_value, inv_t, n_bucket,
+                HAS_QKB: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                 UPCAST: tl.constexpr, CHAIN: tl.constexpr):
     pid = tl.program_id(0)
@@ -137,6 +137,8 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_val
             if HAS_BU:
                 u += tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :]
             q = tl.load(QK + rows[:, None] * D + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_QKB:  # qk's bias (the folded query-key product's), added as qk is read
+                q += tl.load(QKB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
             sc += tl.sum(q * u, axis=1)
         sc = sc * _scale(S, s_value, j, S_MODE) * inv_t
         scores = tl.where(kk[None, :] == j, sc[:, None], scores)
@@ -170,8 +172,9 @@ def _fwd_kernel(X, QK, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_val
 
 
 @triton.jit
-def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, HB, DSCBUF, HW, DX, DQK, N, D, R, K, s_value,
-                     inv_t, n_bucket, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_H: tl.constexpr,
+def _bwd_rows_kernel(X, QK, QKB, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, HB, DSCBUF, HW, DX, DQK, N, D, R, K,
+                     s_value, inv_t, n_bucket, HAS_QKB: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr,
+                     ACT: tl.constexpr, WRITE_H: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -190,6 +193,7 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, H
         g = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         gq = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         gb = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        gqb = tl.zeros((RP,), dtype=tl.float32)  # qk's bias @ Wu_j: the same for every token
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
             cm = c < D
@@ -197,6 +201,9 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, H
             dct = tl.load(DCTX + rows[:, None] * D + c[None, :], mask=m2, other=0.0)
             qt = tl.load(QK + rows[:, None] * D + c[None, :], mask=m2, other=0.0)
             wu = tl.load(WU + j * D * R + c[:, None] * R + rr[None, :], mask=cm[:, None] & rrmask[None, :], other=0.0)
+            if HAS_QKB:
+                qb = tl.load(QKB + c, mask=cm, other=0.0).to(tl.float32)
+                gqb += tl.sum(qb[:, None] * wu.to(tl.float32), axis=0)
             if UPCAST:
                 g += mm(dct, wu, UPCAST)
                 gq += mm(qt, wu, UPCAST)
@@ -205,6 +212,8 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, H
                 gq += mm(qt.to(wu.dtype), wu, UPCAST)
             if HAS_BU:
                 gb += tl.sum(dct.to(tl.float32) * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
+        if HAS_QKB:
+            gq += gqb[None, :]
         s = _scale(S, s_value, j, S_MODE)
         aoffs = (rows[:, None] * K + j) * RP + rr[None, :]
         a = tl.load(ABUF + aoffs, mask=rmask[:, None], other=0.0)
@@ -262,9 +271,9 @@ def _bwd_rows_kernel(X, QK, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, H
 
 
 @triton.jit
-def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
+def _bwd_cols_kernel(X, QK, QKB, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
                      N, D, R, K, s_value, rows_per_split, part_stride, off_wu, off_bu, off_bd, off_ds, d_blocks,
-                     HAS_BU: tl.constexpr, S_MODE: tl.constexpr, NEED_W: tl.constexpr, NEED_DS: tl.constexpr,
+                     HAS_QKB: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, NEED_W: tl.constexpr, NEED_DS: tl.constexpr,
                      NEED_BD: tl.constexpr, H_IS_A: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
     """Program (block of d, split of tokens, adapter j): this split's sums over its tokens, written to its own
@@ -303,6 +312,8 @@ def _bwd_cols_kernel(X, QK, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
         offs = rows[:, None] * D + c[None, :]
         dct = tl.load(DCTX + offs, mask=m2, other=0.0).to(tl.float32)
         qt = tl.load(QK + offs, mask=m2, other=0.0).to(tl.float32)
+        if HAS_QKB:  # (rows past the split load p_j = dscore_j = 0: their dv stays 0)
+            qt += tl.load(QKB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         pj = tl.load(PBUF + rows * K + j, mask=rmask, other=0.0)
         dscj = tl.load(DSCBUF + rows * K + j, mask=rmask, other=0.0)
         dv = pj[:, None] * dct + dscj[:, None] * qt  # gradient of v_j, unscaled
@@ -414,13 +425,14 @@ _FORWARD_PROGRAMS: dict = _replay.register_cache({})
 _BACKWARD_PROGRAMS: dict = _replay.register_cache({})
 
 
-def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
+def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None):
     """See :func:`_forward`; calls with a key seen before replay its launch from C++ (kernels/_replay.py)."""
     if not _replay.active(x):
-        return _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature)
-    key = _replay.key_of(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature)
-    return _replay.call(_FORWARD_PROGRAMS, key, [x, qk, w_down, b_down, w_up, b_up, scaling], _forward, x, qk, w_down,
-                        b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, single=False)
+        return _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk)
+    key = _replay.key_of(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk)
+    return _replay.call(_FORWARD_PROGRAMS, key, [x, qk, w_down, b_down, w_up, b_up, scaling, b_qk], _forward, x, qk,
+                        w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk,
+                        single=False)
 
 
 def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
@@ -428,8 +440,8 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     """The fusion core's output (ops/adapter_fusion.py _core_forward's first) with its gradients from one C++
     autograd node (csrc/stacked_fusion_replay.cpp), once earlier calls through the op's autograd.Function
     have recorded both launchers for these arguments; None otherwise (the caller runs the Function). With
-    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16), and optionally ``b_qk`` (d,): the node forms
-    qk = q @ w_key (+ b_qk) in float32 itself."""
+    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): the node forms qk = q @ w_key in float32 itself.
+    ``b_qk`` (d,): qk's bias, which the kernels add as they read qk."""
     if not (_replay.enabled() and _replay.active(x)):
         return None
     n, d = x.shape
@@ -437,7 +449,8 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     qk_key = _replay.key_of(qk) if qk is not None else (_replay.tensor_key((n, d), torch.float32, dev),)
     args_key = _replay.key_of(x) + qk_key + _replay.key_of(w_down, b_down, w_up, b_up, scaling, scaling_value,
                                                            activation, inv_temperature)
-    fwd = _FORWARD_PROGRAMS.get(args_key)
+    bias_key = _replay.key_of(b_qk)
+    fwd = _FORWARD_PROGRAMS.get(args_key + bias_key)
     if not isinstance(fwd, _replay.Entry):
         return None
     # the backward launcher's key as the Function's backward (_core_grad) calls it
@@ -447,7 +460,7 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     dctx_dtype = x.dtype if w_value is None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
     bkey = (_replay.tensor_key((n, d), dctx_dtype, dev),) + args_key + (
         _replay.tensor_key((n, k, padded_r(r)), torch.float32, dev), _replay.tensor_key((n, k), torch.float32, dev),
-        need_ds, need_w)
+        need_ds, need_w) + bias_key
     bwd = _BACKWARD_PROGRAMS.get(bkey)
     if not isinstance(bwd, _replay.Entry):
         return None
@@ -460,9 +473,10 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
         return None
 
 
-def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature):
+def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None):
     """x, qk (N, d) contiguous; stacked weights (k, r, d), (k, r), (k, d, r), (k, d); scaling a tensor
-    (() or (k,)) or None. Returns (ctx (N, d), a (N, k, RP) fp32, p (N, k) fp32)."""
+    (() or (k,)) or None; b_qk (d,) or None, added to qk as the kernels read it. Returns (ctx (N, d),
+    a (N, k, RP) fp32, p (N, k) fp32)."""
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
@@ -478,9 +492,9 @@ def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activati
     dummy = x
     _replay.launch(
         _fwd_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
-        x, qk, w_down, b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
-        scaling if scaling is not None else dummy, ctx, abuf, pbuf, hw, n, d, r, k, float(scaling_value),
-        float(inv_temperature), n_bucket(n), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
+        x, qk, b_qk if b_qk is not None else dummy, w_down, b_down if b_down is not None else dummy, w_up,
+        b_up if b_up is not None else dummy, scaling if scaling is not None else dummy, ctx, abuf, pbuf, hw, n, d, r, k,
+        float(scaling_value), float(inv_temperature), n_bucket(n), HAS_QKB=b_qk is not None, HAS_BD=b_down is not None, HAS_BU=b_up is not None,
         S_MODE=_scale_mode(scaling), ACT=ACT_CODES[activation], RP=rp, KP=kp, UPCAST=upcast, CHAIN=FP32_CHAIN)
     return ctx, abuf, pbuf
 
@@ -504,20 +518,20 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
 
 
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-             abuf, pbuf, need_ds, need_weights=True):
+             abuf, pbuf, need_ds, need_weights=True, b_qk=None):
     """See :func:`_backward`; calls with a key seen before replay its launches from C++ (kernels/_replay.py)."""
     if not _replay.active(x):
         return _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                         inv_temperature, abuf, pbuf, need_ds, need_weights)
+                         inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk)
     key = _replay.key_of(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-                         abuf, pbuf, bool(need_ds), bool(need_weights))
-    return _replay.call(_BACKWARD_PROGRAMS, key, [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf],
+                         abuf, pbuf, bool(need_ds), bool(need_weights), b_qk)
+    return _replay.call(_BACKWARD_PROGRAMS, key, [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf, b_qk],
                         _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, abuf, pbuf, need_ds, need_weights, single=False)
+                        inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, single=False)
 
 
 def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-              abuf, pbuf, need_ds, need_weights=True):
+              abuf, pbuf, need_ds, need_weights=True, b_qk=None):
     """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
     (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
 
@@ -542,6 +556,7 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
     s_mode = _scale_mode(scaling)
     s_arg = scaling if scaling is not None else dummy
     bu_arg = b_up if b_up is not None else dummy
+    qkb_arg = b_qk if b_qk is not None else dummy
     if n > 0:
         dabuf = _replay.empty(abuf.shape, abuf.dtype, x.device)
         gqbuf = _replay.empty(abuf.shape, torch.float32, x.device)  # scratch: qk @ Wu_j, pass A to pass B
@@ -549,9 +564,9 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         hbuf = _replay.empty(abuf.shape, x.dtype, x.device) if (low and reduce) else abuf
         dscbuf = _replay.empty(pbuf.shape, pbuf.dtype, x.device)
         hw = _replay.empty(abuf.shape, torch.float32 if upcast else x.dtype, x.device)  # scratch: pass C's operand
-        args = (x, qk, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, gqbuf, da, hbuf, dscbuf, hw, dx, dqk, n, d, r, k,
-                float(scaling_value), float(inv_temperature), n_bucket(n))
-        flags = dict(HAS_BU=b_up is not None, S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf,
+        args = (x, qk, qkb_arg, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, gqbuf, da, hbuf, dscbuf, hw, dx, dqk,
+                n, d, r, k, float(scaling_value), float(inv_temperature), n_bucket(n))
+        flags = dict(HAS_QKB=b_qk is not None, HAS_BU=b_up is not None, S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf,
                      RP=rp, KP=kp, UPCAST=upcast)
         if autotuning():  # (the kernel only writes what it reads from its inputs: the tuner's reruns are safe)
             _replay.launch(_bwd_rows_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),), *args, **flags)
@@ -576,9 +591,9 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         part = _replay.empty((splits, total), torch.float32, x.device)
         _replay.launch(
             _bwd_cols_kernel, (d_blocks, splits, k),
-            x, qk, dctx, w_up, bu_arg, s_arg, hbuf, da, pbuf, dscbuf, part,
+            x, qk, qkb_arg, dctx, w_up, bu_arg, s_arg, hbuf, da, pbuf, dscbuf, part,
             n, d, r, k, float(scaling_value), rows_per_split, total, offs["wu"], offs["bu"], offs["bd"], offs["ds"],
-            d_blocks, HAS_BU=b_up is not None, S_MODE=s_mode, NEED_W=need_weights, NEED_DS=need_ds,
+            d_blocks, HAS_QKB=b_qk is not None, HAS_BU=b_up is not None, S_MODE=s_mode, NEED_W=need_weights, NEED_DS=need_ds,
             NEED_BD=need_bd, H_IS_A=hbuf is abuf, ACT=ACT_CODES[activation], BLOCK_N=bn, BLOCK_D=bd, RP=rp,
             UPCAST=upcast, num_warps=warps, num_stages=stages)
     dt = w_down.dtype

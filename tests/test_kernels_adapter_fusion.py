@@ -274,8 +274,6 @@ def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, s
             t["b_value"] = g(d) * 0.3
     hi = {a: b.clone().requires_grad_() for a, b in t.items()}
     lo = {a: b.to(device=device, dtype=dtype).requires_grad_() for a, b in t.items()}
-    if query_is_x:
-        hi["query"], lo["query"] = hi["x"], lo["x"]
     return hi, lo
 
 

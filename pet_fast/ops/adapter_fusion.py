@@ -433,15 +433,16 @@ def _core_forward(x: torch.Tensor, qk: Optional[torch.Tensor], w_down: torch.Ten
                   w_value: Optional[torch.Tensor], b_value: Optional[torch.Tensor], q: Optional[torch.Tensor] = None,
                   w_key: Optional[torch.Tensor] = None, b_qk: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input. With
-    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16), and optionally ``b_qk`` (d,): qk = q @ w_key (+ b_qk)
-    in float32 is formed here (as fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for
-    its backward and not the float32 qk (N x d x 4 bytes per layer), as the C++ node does
-    (csrc/stacked_fusion_replay.cpp). For the folded query-key product (the contract's w_query_key), q is the
-    query itself, which is x at the usual sites: nothing more is kept."""
+    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): qk = q @ w_key in float32 is formed here (as
+    fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for its backward and not the
+    float32 qk (N x d x 4 bytes per layer), as the C++ node does (csrc/stacked_fusion_replay.cpp). For the
+    folded query-key product (the contract's w_query_key), q is the query itself, which is x at the usual
+    sites: nothing more is kept. ``b_qk`` (d,): qk's bias (the contract's b_query_key), which the kernels add
+    as they read qk (no launch of its own)."""
     if qk is None:
-        qk = _qk_f32(q, w_key, b_qk)
+        qk = _qk_f32(q, w_key)
     ctx, a, p = _stacked_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                          inv_temperature)
+                                          inv_temperature, b_qk)
     if w_value is None:
         return [ctx, a, p, x.new_empty((0,))]
     out, pre = _project(ctx, residual, w_value, b_value)
@@ -464,14 +465,15 @@ def _core_fake(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activa
 def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down: torch.Tensor,
                    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                    scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
-                   a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool) -> List[torch.Tensor]:
+                   a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool,
+                   b_qk: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     out = _stacked_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                     inv_temperature, a, p, need_ds, need_weights)
+                                     inv_temperature, a, p, need_ds, need_weights, b_qk)
     return [t if t is not None else x.new_empty((0,)) for t in out]
 
 
 def _core_backward_fake(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, a, p, need_ds, need_weights):
+                        inv_temperature, a, p, need_ds, need_weights, b_qk=None):
     empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
     like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
     return [torch.empty_like(x), torch.empty_like(qk), like(w_down), like(b_down), like(w_up), like(b_up),
@@ -502,7 +504,7 @@ def _core_grad(ctx, grads):
     x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk = ctx.saved_tensors
     with_q = q is not None
     if with_q:
-        qk = _qk_f32(q, w_key, b_qk)  # the forward's qk, formed again (same op, same bits)
+        qk = _qk_f32(q, w_key)  # the forward's qk, formed again (same op, same bits)
     dres = dwv = dbv = None
     if w_value is None:
         dctx = dout
@@ -522,11 +524,13 @@ def _core_grad(ctx, grads):
     need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
     dx, dqk, dwd, dbd, dwu, dbu, ds = CORE_BACKWARD.within(ctx)(
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
-        ctx.inv_temperature, a, p, need_ds, need_weights)
+        ctx.inv_temperature, a, p, need_ds, need_weights, b_qk)
     w = need_weights
     dq = dwk = dbqk = None
+    need_b = b_qk is not None and ctx.needs_input_grad[15]
+    if need_b and not with_q:
+        dbqk = dqk.sum(0).to(b_qk.dtype)
     if with_q:  # as fusion_qk_f32's backward
-        need_b = b_qk is not None and ctx.needs_input_grad[15]
         merge = ctx.q_is_x and dx is not None  # x's two gradients in one: no add of autograd's after two products
         dq, dwk, dbqk = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[13], ctx.needs_input_grad[14],
                                   b_qk.dtype if need_b else None, dq_onto=dx if merge else None)
@@ -559,10 +563,8 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
         qk = q  # b_key cancels in the softmax
     elif low:
         qk = None  # fp32 (see above): fusion_qk_f32, or the C++ node below
-    elif b_qk is not None:
-        qk = torch.addmm(b_qk, q.reshape(-1, d), w_key)
     else:
-        qk = torch.matmul(q, w_key)
+        qk = torch.matmul(q, w_key)  # (b_qk, if any, is added by the kernels as they read qk)
     c = lambda t: t.contiguous() if t is not None else None
     if isinstance(scaling, torch.Tensor):
         s_t, s_v = scaling.contiguous(), 1.0
@@ -581,13 +583,13 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
         if low:
             out = kernels.core_with_grad(x2, None, *rest, q=q2, w_key=w_key, b_qk=b_qk)
         else:
-            out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest)
+            out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest, b_qk=b_qk)
     if out is None:
+        bias = () if b_qk is None else (b_qk,)
         if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
-            tail = (q2, w_key) if b_qk is None else (q2, w_key, b_qk)
-            out = CORE(x2, None, *rest, *tail)[0]
+            out = CORE(x2, None, *rest, q2, w_key, *bias)[0]
         else:
-            out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest)[0]
+            out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest, *((None, None) + bias if bias else ()))[0]
     out = out.reshape(query.shape)
     if res is None:  # residual_before without the value projection, or the residual added after
         out = out + residual
