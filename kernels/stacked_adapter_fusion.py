@@ -34,7 +34,7 @@ in either direction.
 
 For fp16/bf16 inputs ``qk`` and ``dctx`` come in fp32 (rounded to the input dtype they cost the
 gradients precision: see pet_fast/ops/adapter_fusion.py); the kernels load them as fp32 and ``dqk`` is
-written in qk's dtype. The forward's score matmul takes the
+written in qk's dtype (or, where the op rounds it before its products, in x's). The forward's score matmul takes the
 hidden h as two halves in the input dtype (h ~ hi + lo), so the scores keep fp32 precision on the tensor
 cores: the softmax and d_scaling are sensitive to them. The forward's and the per-token-tile backward's tile
 shapes are autotuned on a GPU (one configuration under the interpreter and with PET_FAST_AUTOTUNE=0); the
@@ -460,7 +460,7 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     dctx_dtype = x.dtype if w_value is None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
     bkey = (_replay.tensor_key((n, d), dctx_dtype, dev),) + args_key + (
         _replay.tensor_key((n, k, padded_r(r)), torch.float32, dev), _replay.tensor_key((n, k), torch.float32, dev),
-        need_ds, need_w) + bias_key
+        need_ds, need_w) + bias_key + (qk is None,)
     bwd = _BACKWARD_PROGRAMS.get(bkey)
     if not isinstance(bwd, _replay.Entry):
         return None
@@ -518,20 +518,20 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
 
 
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-             abuf, pbuf, need_ds, need_weights=True, b_qk=None):
+             abuf, pbuf, need_ds, need_weights=True, b_qk=None, dqk_like_x=False):
     """See :func:`_backward`; calls with a key seen before replay its launches from C++ (kernels/_replay.py)."""
     if not _replay.active(x):
         return _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                         inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk)
+                         inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x)
     key = _replay.key_of(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-                         abuf, pbuf, bool(need_ds), bool(need_weights), b_qk)
+                         abuf, pbuf, bool(need_ds), bool(need_weights), b_qk, bool(dqk_like_x))
     return _replay.call(_BACKWARD_PROGRAMS, key, [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf, b_qk],
                         _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, single=False)
+                        inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x, single=False)
 
 
 def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-              abuf, pbuf, need_ds, need_weights=True, b_qk=None):
+              abuf, pbuf, need_ds, need_weights=True, b_qk=None, dqk_like_x=False):
     """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
     (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
 
@@ -551,7 +551,8 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
     reduce = n > 0 and (need_weights or need_ds)
     low = x.dtype != torch.float32
     dx = _replay.empty(x.shape, x.dtype, x.device)
-    dqk = _replay.empty(qk.shape, qk.dtype, qk.device)
+    # (dqk_like_x: in x's dtype, the caller's rounding of it before its products, done by the kernel's store)
+    dqk = _replay.empty(qk.shape, x.dtype if dqk_like_x else qk.dtype, qk.device)
     dummy = x
     s_mode = _scale_mode(scaling)
     s_arg = scaling if scaling is not None else dummy

@@ -466,17 +466,20 @@ def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down
                    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                    scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
                    a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool,
-                   b_qk: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                   b_qk: Optional[torch.Tensor] = None, dqk_like_x: bool = False) -> List[torch.Tensor]:
+    """The kernels' backward; ``dqk_like_x``: dqk written in x's dtype (the op rounds it so for its products
+    anyway), not in qk's."""
     out = _stacked_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                     inv_temperature, a, p, need_ds, need_weights, b_qk)
+                                     inv_temperature, a, p, need_ds, need_weights, b_qk, dqk_like_x)
     return [t if t is not None else x.new_empty((0,)) for t in out]
 
 
 def _core_backward_fake(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, a, p, need_ds, need_weights, b_qk=None):
+                        inv_temperature, a, p, need_ds, need_weights, b_qk=None, dqk_like_x=False):
     empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
     like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
-    return [torch.empty_like(x), torch.empty_like(qk), like(w_down), like(b_down), like(w_up), like(b_up),
+    dqk = torch.empty_like(qk, dtype=x.dtype) if dqk_like_x else torch.empty_like(qk)
+    return [torch.empty_like(x), dqk, like(w_down), like(b_down), like(w_up), like(b_up),
             torch.empty_like(scaling) if (need_ds and scaling is not None) else empty()]
 
 
@@ -524,7 +527,7 @@ def _core_grad(ctx, grads):
     need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
     dx, dqk, dwd, dbd, dwu, dbu, ds = CORE_BACKWARD.within(ctx)(
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
-        ctx.inv_temperature, a, p, need_ds, need_weights, b_qk)
+        ctx.inv_temperature, a, p, need_ds, need_weights, b_qk, with_q)  # (with q, dqk is rounded to q's dtype)
     w = need_weights
     dq = dwk = dbqk = None
     need_b = b_qk is not None and ctx.needs_input_grad[15]
