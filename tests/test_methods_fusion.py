@@ -464,6 +464,41 @@ def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backe
     assert gemms(ops_ref) - gemms(ops) == len(fusions) * (1 + 2) - (2 + 4)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_folded_projections_in_inference_under_autocast(monkeypatch, backend):
+    """Inference (no_grad, eval) under autocast takes the fold too: the same last hidden state as the unfolded
+    projections up to bf16 rounding. Adapters and projections are scaled up so that the scores matter (at
+    their initial scale the fused output hardly depends on them: a 10% change of the query bias moved the
+    hidden state by 3e-5; here by 0.26)."""
+    from pet_fast.methods.fusion import _ForwardProjections
+
+    real, real_op = _ForwardProjections.projections, fusion_ops.stacked_adapter_fusion
+    ids, mask = batch()
+    outs = []
+    for fold in (True, False):
+        monkeypatch.setattr(_ForwardProjections, "projections",
+                            lambda self, module, dtype, f=False: real(self, module, dtype, f and fold))
+        seen = []
+        monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion",
+                            lambda *a, **kw: seen.append(kw.get("w_query_key") is not None) or real_op(*a, **kw))
+        model, fusions = _fusion_model_with_query_bias(frozen_value=False)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, pet_fast.BottleneckAdapter):
+                    mod.w_up.normal_(0, 0.5)
+                    mod.w_down.normal_(0, 0.5)
+            for f in fusions:
+                f.query.weight.normal_(0, 0.5)
+                f.key.weight.normal_(0, 0.5)
+        model.eval()
+        with torch.no_grad(), pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        outs.append(out.hidden_states[-1].float())
+        assert seen == [fold] * len(fusions)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0.05)
+
+
 def test_fuse_takes_adapters_the_stacked_op_does_not():
     """AdapterFusion.fuse on adapters with different activations and a per-channel scaling: the given-values
     op on their outputs, the same numbers as fusing those outputs directly."""
