@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import pet_fast
 import pet_fast.ops.adapter_fusion as fusion_ops
+from pet_fast.methods.fusion import _ForwardProjections
 from pet_fast.tasks import TASK_ATTR
 from tiny_models import batch, build, logits
 
@@ -397,9 +398,7 @@ def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch, backe
     """Under autocast the fusion layers' float32 projections are cast to autocast's dtype for all layers at once
     per forward (one cast forward, one back), not per layer and tensor: without the fold, the same loss and
     gradients, bit for bit, as the casts per layer. A frozen projection still gets no gradient."""
-    from pet_fast.methods.fusion import _ForwardProjections
-
-    real = _ForwardProjections.projections
+    real = _PROJECTIONS
     ids, mask = batch()
     runs = []
     for per_layer in (False, True):
@@ -423,6 +422,24 @@ def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch, backe
         assert torch.equal(grads[k], grads_per_layer[k]), k
 
 
+_PROJECTIONS, _STACKED_OP = _ForwardProjections.projections, fusion_ops.stacked_adapter_fusion
+
+
+def _fold_switch(monkeypatch, fold: bool) -> list:
+    """The batched projections with the fold on or off; returns the list to which each stacked op call appends
+    whether it got the folded product."""
+    monkeypatch.setattr(_ForwardProjections, "projections",
+                        lambda self, module, dtype, f=False: _PROJECTIONS(self, module, dtype, f and fold))
+    seen = []
+
+    def op(*a, **kw):
+        seen.append(kw.get("w_query_key") is not None)
+        return _STACKED_OP(*a, **kw)
+
+    monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion", op)
+    return seen
+
+
 FOLD_CONFIGS = [dict(), dict(placement="houlsby", residual_before=True), dict(query_before_ln=True),
                 dict(placement="parallel", kind="static")]
 
@@ -435,18 +452,11 @@ def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backe
     query's projection and qk took two, forward and backward, and the same loss and gradients as the
     unfolded projections up to bf16 rounding (each folded product rounded once, as q and Wk were). Every
     projection that trains gets a gradient; the frozen one none."""
-    from pet_fast.methods.fusion import _ForwardProjections
-
-    real, real_op = _ForwardProjections.projections, fusion_ops.stacked_adapter_fusion
     ids, mask = batch()
     runs = []
     for fold in (True, False):
-        monkeypatch.setattr(_ForwardProjections, "projections",
-                            lambda self, module, dtype, f=False: real(self, module, dtype, f and fold))
+        seen = _fold_switch(monkeypatch, fold)
         model, fusions = _fusion_model_with_query_bias(**config)
-        seen = []
-        monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion",
-                            lambda *a, **kw: seen.append(kw.get("w_query_key") is not None) or real_op(*a, **kw))
         loss, grads, ops = _autocast_step(model, ids, mask, backend)
         assert seen == [fold] * len(fusions)
         assert fusions[1].value is None or fusions[1].value.weight.grad is None
@@ -470,17 +480,10 @@ def test_folded_projections_in_inference_under_autocast(monkeypatch, backend):
     projections up to bf16 rounding. Adapters and projections are scaled up so that the scores matter (at
     their initial scale the fused output hardly depends on them: a 10% change of the query bias moved the
     hidden state by 3e-5; here by 0.26)."""
-    from pet_fast.methods.fusion import _ForwardProjections
-
-    real, real_op = _ForwardProjections.projections, fusion_ops.stacked_adapter_fusion
     ids, mask = batch()
     outs = []
     for fold in (True, False):
-        monkeypatch.setattr(_ForwardProjections, "projections",
-                            lambda self, module, dtype, f=False: real(self, module, dtype, f and fold))
-        seen = []
-        monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion",
-                            lambda *a, **kw: seen.append(kw.get("w_query_key") is not None) or real_op(*a, **kw))
+        seen = _fold_switch(monkeypatch, fold)
         model, fusions = _fusion_model_with_query_bias(frozen_value=False)
         torch.manual_seed(1)
         with torch.no_grad():
