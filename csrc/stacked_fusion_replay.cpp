@@ -18,9 +18,9 @@
 // float32 qk is N x d x 4 per layer) and forms it again there, then dq and dWk from dqk as _qk_grad does.
 // b_qk (qk's bias: the folded query-key product's, adapter_fusion.py's b_query_key) goes to both programs,
 // whose kernels add it as they read qk; its gradient is the column sum of dqk (rounded to q's dtype where the
-// node forms qk). Where q is x
-// itself (the same tensor: the folded product at a site whose query is the adapters' input), x gets one
-// gradient, dx + dq formed by one addmm, where autograd would add the two after a separate product.
+// node forms qk). Where q is x itself (the same tensor: the folded product at a site whose query is the
+// adapters' input), x gets one gradient, dx + dq formed by one addmm, where autograd would add the two after
+// a separate product.
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -42,7 +42,6 @@ static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
   }
   return a.to(at::kFloat).matmul(b.to(at::kFloat));
 }
-
 
 struct StackedFusionBackward : public torch::autograd::Node {
   std::shared_ptr<Program> backward;
