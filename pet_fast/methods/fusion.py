@@ -197,12 +197,12 @@ class _ForwardProjections(PerForward):
     The fold: the scores need only qk = (y Wq^T + bq) Wk = y (Wq^T Wk) + bq Wk (the key's bias cancels in the
     softmax). Two batched products per forward (Wq^T Wk and bq Wk for all layers, (d+1) d^2 multiply-adds per
     layer) leave four N x d x d products per layer and step where there were seven (forward q and qk; backward
-    qk formed again, dq, dWk, dy, dWq), the kernels add qk's bias as they read qk and write dqk rounded as the
-    products read it, x's two gradients are summed by the product that forms one of them, and the op keeps nothing of the query's projection for its backward
-    (its input y is the adapters' input, kept anyway; q was N x d per layer). In BERT-base's step, counted on
-    the CPU (benchmarks/results/cpu-fusion-fold-2026-11-29): 49 launches and 203 aten ops fewer, and the products
-    are rounded once, in the compute dtype (as q and Wk were), so the scores differ from the unfolded ones' by
-    rounding only.
+    qk formed again, dq, dWk, dy, dWq). The kernels add qk's bias as they read qk and write dqk rounded as the
+    products read it, x's two gradients are summed by the product that forms one of them, and the op keeps
+    nothing of the query's projection for its backward (its input y is the adapters' input, kept anyway; q was
+    N x d per layer). In BERT-base's step, counted on the CPU (benchmarks/results/cpu-fusion-fold-2026-11-29):
+    49 launches and 203 aten ops fewer. The products are rounded once, in the compute dtype (as q and Wk were),
+    so the scores differ from the unfolded ones' by rounding only.
 
     Open during a forward of the model (_per_forward.py). Layers outside the batch cast per call: one called
     on its own, under torch.compile (which fuses the casts), layers whose projections have another device,
