@@ -319,6 +319,12 @@ def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
     elif sc == "scalar":
         T["scaling"] = R(())
     T.update(_projections(R, p, d))
+    if p.get("fold") and "w_query" in T and "w_key" in T:  # the folded query-key product (the key bias cancels)
+        wq, bq, wk = T.pop("w_query"), T.pop("b_query", None), T.pop("w_key")
+        T.pop("b_key", None)
+        T["w_query_key"] = wq.T @ wk
+        if bq is not None:
+            T["b_query_key"] = bq @ wk
     leaves = {n: _leaf(v, dtype, device) for n, v in T.items()}
     lay = p.get("layouts", {})
     flags = dict(temperature=p["temperature"], residual_before=p["residual_before"],
@@ -327,17 +333,23 @@ def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
     def views(t):
         return {n: layout(v, lay.get(n, "contiguous")) for n, v in t.items()}
 
+    def projections(a):  # as the reference takes them: the folded product is a query projection w_query_key.T
+        if "w_query_key" not in a:
+            return [a.get(n) for n in _PROJ]
+        return [a["w_query_key"].T, a.get("b_query_key"), None, None, a.get("w_value"), a.get("b_value")]
+
     def scaling(a):
         return a["scaling"] if "scaling" in a else sc
 
     def call(a, backend):
         return pet_fast.stacked_adapter_fusion(a["x"], a["query"], a["residual"], a["w_down"], a.get("b_down"),
                                                a["w_up"], a.get("b_up"), activation=p["act"], scaling=scaling(a),
-                                               backend=backend, **flags, **{n: a.get(n) for n in _PROJ})
+                                               backend=backend, **flags,
+                                               **{n: a.get(n) for n in _PROJ + ("w_query_key", "b_query_key")})
 
     def ref(a):
         values = stacked_values64(a["x"], a["w_down"], a.get("b_down"), a["w_up"], a.get("b_up"), p["act"], scaling(a))
-        return fusion64(a["query"], values, a["residual"], *(a.get(n) for n in _PROJ), flags["temperature"],
+        return fusion64(a["query"], values, a["residual"], *projections(a), flags["temperature"],
                         flags["residual_before"], flags["value_before_softmax"])
 
     def describe(a):

@@ -132,7 +132,10 @@ def draw_stacked(data, c):
              scaling=data.draw(st.one_of(st.sampled_from(["per_adapter", "scalar"]),
                                          st.floats(-3, 3, allow_nan=False, width=32)), label="scaling"))
     draw_projections(data, p)
-    p["layouts"] = layouts(data, ["x", "query", "residual", "w_down", "w_up", "b_down", "w_query"])
+    if p["query"] and p["key"]:
+        p["fold"] = data.draw(st.booleans(), label="fold (w_query_key)")
+    p["layouts"] = layouts(data, ["x", "query", "residual", "w_down", "w_up", "b_down", "w_query", "w_query_key",
+                                  "b_query_key"])
     return p
 
 

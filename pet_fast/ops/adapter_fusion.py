@@ -556,7 +556,8 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end."""
     d = query.shape[-1]
     if w_query_key is not None:  # folded (contract): qk = query @ w_query_key + b_query_key, one product
-        q, w_key, b_qk = query, w_query_key, b_query_key
+        q, w_key = query, w_query_key
+        b_qk = b_query_key.contiguous() if b_query_key is not None else None  # (the kernels read it densely)
         same = query is x  # (at the usual sites: then the core op gets x itself as q, and sums x's gradients)
     else:
         q = F.linear(query, w_query, b_query) if w_query is not None else query
