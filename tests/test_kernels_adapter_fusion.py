@@ -149,6 +149,20 @@ def test_folded_query_key(dtype, n_shape, d, r, k, kw, query_is_x):
     check(n_shape, d, r, k, dtype, case=dict(folded=True, query_is_x=query_is_x), **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_folded_query_key_strided(dtype):
+    """A strided b_query_key (every other element of a buffer) and a transposed w_query_key: the same numbers
+    as contiguous ones (the kernels read the bias densely: the op makes it so)."""
+    hi, lo = make_case((5, 3), 20, 4, 3, dtype, folded=True)
+    out = call(lo, "triton")
+    bias = lo["b_query_key"].detach()
+    strided = torch.stack([bias, torch.full_like(bias, 1e3)], dim=-1)[..., 0]
+    wqk = lo["w_query_key"].detach().T.contiguous().T
+    assert not strided.is_contiguous() and not wqk.is_contiguous()
+    got = call(dict(lo, b_query_key=strided, w_query_key=wqk), "triton")
+    torch.testing.assert_close(got, out, rtol=0, atol=0)
+
+
 def test_folded_query_key_is_the_projections_contract():
     """The folded op with w_query_key = Wq^T Wk and b_query_key = bq Wk gives the unfolded op's output and
     input gradients (float64, eager; the key bias cancels in the softmax)."""
