@@ -365,15 +365,15 @@ class _CountOps:
         return self.mode.__exit__(*exc)
 
 
-def _autocast_step(model, ids, mask, backend="eager"):
-    """Loss and float32 gradients of one step under bf16 autocast, with the aten ops it ran."""
+def _autocast_step(model, ids, mask, backend="eager", autocast=True):
+    """Loss and float32 gradients of one step under bf16 autocast (or in float32), with the aten ops it ran."""
     model.train()
     fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
     for mod in fusions:
         mod.dropout = 0.0
     counter = _CountOps()
     with counter as ops:
-        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = logits(model, ids, mask).float().pow(2).mean()
         loss.backward()
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
@@ -472,6 +472,27 @@ def test_query_and_key_folded_once_per_forward_under_autocast(monkeypatch, backe
     gemms = lambda o: sum(o.get(n, 0) for n in ("mm", "addmm", "bmm", "matmul"))
     # two layers: forward 2 -> 1 per layer and 2 batched; backward 4 -> 2 per layer and 4 batched
     assert gemms(ops_ref) - gemms(ops) == len(fusions) * (1 + 2) - (2 + 4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_query_and_key_folded_in_float32_training(monkeypatch, backend):
+    """Without autocast (float32 weights and activations) the batch is made for the fold alone (no cast):
+    the stacked op gets the folded product, with the unfolded projections' loss and gradients to float32
+    rounding, and no cast more than they make."""
+    ids, mask = batch()
+    runs = []
+    for fold in (True, False):
+        seen = _fold_switch(monkeypatch, fold)
+        model, fusions = _fusion_model_with_query_bias()
+        loss, grads, ops = _autocast_step(model, ids, mask, backend, autocast=False)
+        assert seen == [fold] * len(fusions)
+        runs.append((loss, grads, ops))
+    (loss, grads, ops), (loss_ref, grads_ref, ops_ref) = runs
+    assert grads.keys() == grads_ref.keys() and ops.get("_to_copy", 0) == ops_ref.get("_to_copy", 0)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
+    for k in grads_ref:
+        scale = grads_ref[k].abs().max().item()
+        assert (grads[k] - grads_ref[k]).abs().max().item() <= 1e-4 * scale + 1e-9, k
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])

@@ -204,10 +204,14 @@ class _ForwardProjections(PerForward):
     49 launches and 203 aten ops fewer. The products are rounded once, in the compute dtype (as q and Wk were),
     so the scores differ from the unfolded ones' by rounding only.
 
+    Where no cast is needed (float32 training, or weights already in the compute dtype) the batch is made for
+    the fold alone (one concatenation instead of the cast; in float32 the three products it saves per layer are
+    the slow ones), and not at all for calls that cannot fold.
+
     Open during a forward of the model (_per_forward.py). Layers outside the batch cast per call: one called
-    on its own, under torch.compile (which fuses the casts), layers whose projections have another device,
-    dtype or width than the asking layer's, and every call where no cast is needed (the weights already in the
-    compute dtype). The fold needs every batched layer to have the same projections, query and key among them."""
+    on its own, under torch.compile (which fuses the casts), and layers whose projections have another device,
+    dtype or width than the asking layer's. The fold needs every batched layer to have the same projections,
+    query and key among them."""
 
     def __init__(self, checkpoint_modules):
         super().__init__(checkpoint_modules)
@@ -227,7 +231,8 @@ class _ForwardProjections(PerForward):
     def _batch(self, name, dtype, module, fold) -> dict:
         self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, f) for h, f in pairs if attached(h, n, f)])}
         own = [t for t in _projection_tensors(module).values() if t is not None]
-        if not own or all(t.dtype == dtype for t in own):
+        cast = any(t.dtype != dtype for t in own)
+        if not own or not (cast or fold):
             return {}
         device, kind, width = own[0].device, own[0].dtype, own[0].shape[-1]
         layers = []
@@ -238,11 +243,14 @@ class _ForwardProjections(PerForward):
                 layers.append((f, tensors))
         if not any(f is module for f, _ in layers):
             return {}
+        layout = [tuple(n for n, t in tensors.items() if t is not None) for _, tensors in layers]
+        fold = fold and len(set(layout)) == 1 and {"w_query", "w_key"} <= set(layout[0])
+        if not (cast or fold):  # (weights in the compute dtype and nothing to fold: the layers use their own)
+            return {}
         # rows of width d: the (d, d) weights as they are, the (d,) biases as (1, d) (fewer views than flattening)
         rows = [t if t.dim() == 2 else t.unsqueeze(0) for _, tensors in layers for t in tensors.values() if t is not None]
         flat = torch.cat(rows).to(dtype)
-        layout = [tuple(n for n, t in tensors.items() if t is not None) for _, tensors in layers]
-        if fold and len(set(layout)) == 1 and {"w_query", "w_key"} <= set(layout[0]):
+        if fold:
             return self._folded(flat, layers, layout[0], width)
         pieces = iter(flat.split([t.shape[0] for t in rows]))
         out = {}
