@@ -14,6 +14,13 @@ from ._per_forward import PerForward, attached, installed
 from .adapter import BottleneckAdapter
 
 
+# The folded query-key product (see _ForwardProjections) costs about d^3 multiply-adds per layer per forward
+# (3 d^3 with its backward) and saves about N d^2 (3 N d^2): it pays from N >= d tokens per call, in
+# training and in inference alike. Below that (serving, small evaluation batches) the layers take the
+# projections unfolded. Tools that measure a small batch for a large step's sake may lower it.
+FOLD_MIN_TOKENS_PER_WIDTH = 1.0
+
+
 def _maybe_cast(t, dtype):
     return None if t is None else t.to(dtype)
 
@@ -58,8 +65,8 @@ class AdapterFusion(nn.Module):
         """The op's projection arguments in ``dtype``. The key's bias adds one number per token to every
         adapter's score, which the softmax cancels: it is passed (``key_bias``) only where dropout on the
         scores keeps it from cancelling, so that every backend leaves its gradient None. With ``fold`` (the
-        stacked op's calls), a model's forward may hand the query and key projections folded into one
-        (``w_query_key``, ``b_query_key``: see _ForwardProjections)."""
+        stacked op's calls with at least FOLD_MIN_TOKENS_PER_WIDTH x d tokens), a model's forward may hand the
+        query and key projections folded into one (``w_query_key``, ``b_query_key``: see _ForwardProjections)."""
         forward = self.__dict__.get("_forward")  # (a plain attribute set by FusionConfig.attach)
         cast = forward.projections(self, dtype, fold) if forward is not None else None
         if cast is None:
@@ -164,7 +171,13 @@ class AdapterFusion(nn.Module):
         t = self._temperature()
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
-            temperature=t, backend=backend, **self._projections(query.dtype, fold=True))
+            temperature=t, backend=backend, **self._projections(query.dtype, fold=_worth_folding(x)))
+
+
+def _worth_folding(x: torch.Tensor) -> bool:
+    """Whether this call's token count pays for the folded query-key product (FOLD_MIN_TOKENS_PER_WIDTH)."""
+    d = x.shape[-1]
+    return x.numel() >= FOLD_MIN_TOKENS_PER_WIDTH * d * d
 
 
 def _stackable(adapters: Sequence[BottleneckAdapter]) -> bool:
@@ -202,7 +215,9 @@ class _ForwardProjections(PerForward):
     nothing of the query's projection for its backward (its input y is the adapters' input, kept anyway; q was
     N x d per layer). In BERT-base's step, counted on the CPU (benchmarks/results/cpu-fusion-fold-2026-11-29):
     49 launches and 203 aten ops fewer. The products are rounded once, in the compute dtype (as q and Wk were),
-    so the scores differ from the unfolded ones' by rounding only.
+    so the scores differ from the unfolded ones' by rounding only. The batched products cost about 3 d^3 per
+    layer and step against the 3 N d^2 they save: calls with fewer than N = d tokens (serving, small evaluation
+    batches) ask for the projections unfolded (FOLD_MIN_TOKENS_PER_WIDTH).
 
     Where no cast is needed (float32 training, or weights already in the compute dtype) the batch is made for
     the fold alone (one concatenation instead of the cast; in float32 the three products it saves per layer are
