@@ -162,12 +162,7 @@ def measure(row: str, *, backend: str, layers: int, hidden: int, heads: int, int
     from pet_fast import bench
 
     model = build_model(layers, hidden, heads, intermediate)
-    kind = row.split("-")[0]
-    model, _, params = bench.prepare(bench.Row("count", kind, kind, backend), model)
-    if row == "fusion3-dropout":  # FusionConfig's default dropout (the model's attention dropout, BERT's 0.1)
-        for m in model.modules():
-            if isinstance(m, pet_fast.AdapterFusion):
-                m.dropout = 0.1
+    model, _, params = bench.prepare(bench.Row("count", row, row, backend), model)
     spec = ("bert", batch, seq, False, "count")
     ids, mask, labels = bench.make_batch(spec, model.config.vocab_size, torch.device("cpu"))
     embed = model.get_input_embeddings()
@@ -358,8 +353,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="eager", choices=["eager", "triton"])
     p.add_argument("--rows", nargs="+", default=ROWS, help=f"rows of the step benchmark ({' '.join(ROWS)}), and "
-                   "fusion3-dropout: AdapterFusion with FusionConfig's default dropout on the scores (0.1 for BERT; "
-                   "it runs eagerly)")
+                   "fusion3-dropout: AdapterFusion with FusionConfig's default dropout on the scores (0.1 for BERT)")
     p.add_argument("--layers", type=int, default=None, help="BERT layers (default 12 eager, 2 triton)")
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)

@@ -8,10 +8,11 @@
 // dctx = dout @ Wv in float32, the projection's own gradients, and runs the backward program: the same
 // operations, in the same order and dtypes, as _core_forward / _core_grad, without Python.
 //
-// Inputs (Python order): x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q, w_key, b_qk;
-// absent ones undefined. The forward program takes (x, qk, w_down, b_down, w_up, b_up, scaling, b_qk) and returns
-// (ctx, a, p); the backward program takes (dctx, x, qk, w_down, b_down, w_up, b_up, scaling, a, p, b_qk) and
-// returns (dx, dqk, dWd, dbd, dWu, dbu, d_scaling).
+// Inputs (Python order): x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q, w_key, b_qk,
+// score_mask, t0; absent ones undefined. The forward program takes (x, qk, w_down, b_down, w_up, b_up, scaling, b_qk)
+// and, with a score mask, (score_mask, t0) after them, and returns (ctx, a, p); the backward program takes (dctx,
+// x, qk, w_down, b_down, w_up, b_up, scaling, a, p, b_qk) and, with a score mask, score_mask after them, and
+// returns (dx, dqk, dWd, dbd, dWu, dbu, d_scaling, dt0).
 //
 // For fp16/bf16 the caller may pass q and w_key instead of qk: the node then forms qk = q @ w_key in float32
 // itself (adapter_fusion.py's fusion_qk_f32), keeps q rather than qk for the backward (half the bytes: the
@@ -20,7 +21,8 @@
 // whose kernels add it as they read qk; its gradient is the column sum of dqk (rounded to q's dtype where the
 // node forms qk). Where q is x itself (the same tensor: the folded product at a site whose query is the
 // adapters' input), x gets one gradient, dx + dq formed by one addmm, where autograd would add the two after
-// a separate product.
+// a separate product. A score mask (dropout on the scores) is kept for the backward program, which also returns
+// the gradient of t0 (the score term the adapters share; formed by the caller, which differentiates it).
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -29,7 +31,7 @@
 
 namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
 
-enum FusionInput : size_t { kX = 0, kQk, kWd, kBd, kWu, kBu, kScaling, kResidual, kWv, kBv, kQ, kWk, kBqk, kFusionInputs };
+enum FusionInput : size_t { kX = 0, kQk, kWd, kBd, kWu, kBu, kScaling, kResidual, kWv, kBv, kQ, kWk, kBqk, kSm, kT0, kFusionInputs };
 
 // a @ b with a float32 result for fp16/bf16 operands, as adapter_fusion.py's _matmul_f32.
 static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
@@ -50,6 +52,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
   bool need_ds = false, need_weights = false, has_residual = false, has_bv = false;
   bool residual_grad = false, wv_grad = false, bv_grad = false, q_grad = false, wk_grad = false, bqk_grad = false;
   bool q_is_x = false;  // q passed as x itself: dq added to dx by the product (one addmm), none returned for q
+  bool t0_grad = false;
 
   std::string name() const override { return "StackedFusionCoreBackward"; }
 
@@ -78,6 +81,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
     bin.emplace_back(a);
     bin.emplace_back(p);
     bin.emplace_back(in[kBqk].defined() ? c10::optional<at::Tensor>(in[kBqk]) : c10::nullopt);
+    if (in[kSm].defined()) bin.emplace_back(in[kSm]);
     const auto result = backward->run_or_copy(std::move(bin), name());
     auto get = [&](size_t k) { return result[k].has_value() ? *result[k] : at::Tensor(); };
     out[kX] = get(0);
@@ -103,6 +107,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
       if (in[kBu].defined()) out[kBu] = get(5);
     }
     if (need_ds) out[kScaling] = get(6);
+    if (t0_grad) out[kT0] = get(7);
     return out;
   }
 
@@ -134,6 +139,10 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
     fin[kQk] = matmul_f32(ins[kQ], ins[kWk]);
   }
   fin.push_back(inputs[kBqk]);
+  if (ins[kSm].defined()) {
+    fin.push_back(inputs[kSm]);
+    fin.push_back(inputs[kT0]);
+  }
   auto result = forward->run(fin);
   if (!result) return c10::nullopt;
   TORCH_CHECK(result->size() == 3 && (*result)[0] && (*result)[1] && (*result)[2],
@@ -165,9 +174,10 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   node->q_is_x = with_q && ins[kQ].is_same(ins[kX]);
   node->wk_grad = with_q && ins[kWk].requires_grad();
   node->bqk_grad = ins[kBqk].defined() && ins[kBqk].requires_grad();
+  node->t0_grad = ins[kT0].defined() && ins[kT0].requires_grad();
   node->set_next_edges(torch::autograd::collect_next_edges(at::TensorList(ins)));
-  for (size_t i = 0; i < kFusionInputs; ++i)  // the residual and b_value are never read
-    node->saved.emplace_back(i == kResidual || i == kBv ? at::Tensor() : ins[i], /*is_output=*/false);
+  for (size_t i = 0; i < kFusionInputs; ++i)  // the residual, b_value and t0 are never read
+    node->saved.emplace_back(i == kResidual || i == kBv || i == kT0 ? at::Tensor() : ins[i], /*is_output=*/false);
   torch::autograd::set_history(out, node);
   return out;
 }

@@ -32,6 +32,14 @@ writing every gradient in its dtype in one launch: no atomics, so the backward i
 from the unscaled ``dWu`` sum and ``Wu`` (see ``_bwd_cols_kernel``). Nothing k x d per token is written
 in either direction.
 
+Score mask (dropout on the scores, the op's ``score_mask``): with a mask m (N, k) fp32 the scores are
+``m_j (<qk, v_j> + t0)``, t0 (N,) in the input dtype being the score term shared by the adapters that the softmax
+cancels without a mask (the key bias's, and a residual added before the fusion's; formed by the op,
+which passes None where there is none). The forward reads m and t0; the per-token-tile backward
+multiplies the score gradient by m before it is stored and used (``DSCBUF``: the weight-gradient
+reduction reads it unchanged) and writes t0's gradient, the sum over j of that product. Without a
+mask neither kernel reads or writes anything more (``HAS_SM``/``HAS_T0``).
+
 For fp16/bf16 inputs ``qk`` and ``dctx`` come in fp32 (rounded to the input dtype they cost the
 gradients precision: see pet_fast/ops/adapter_fusion.py); the kernels load them as fp32 and ``dqk`` is
 written in qk's dtype (or, where the op rounds it before its products, in x's). The forward's score matmul takes the
@@ -71,8 +79,9 @@ def _scale(S, s_value, j, S_MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, QK, QKB, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_value, inv_t, n_bucket,
-                HAS_QKB: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
+def _fwd_kernel(X, QK, QKB, SM, T0, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, s_value, inv_t, n_bucket,
+                HAS_QKB: tl.constexpr, HAS_SM: tl.constexpr, HAS_T0: tl.constexpr, HAS_BD: tl.constexpr,
+                HAS_BU: tl.constexpr, S_MODE: tl.constexpr, ACT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                 UPCAST: tl.constexpr, CHAIN: tl.constexpr):
     pid = tl.program_id(0)
@@ -83,6 +92,8 @@ def _fwd_kernel(X, QK, QKB, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, 
     kk = tl.arange(0, KP)
     cols = tl.arange(0, BLOCK_D)
     scores = tl.zeros((BLOCK_N, KP), dtype=tl.float32)
+    if HAS_T0:  # the score term shared by the adapters (see the module docstring: score mask)
+        t0 = tl.load(T0 + rows, mask=rmask, other=0.0).to(tl.float32)
     for j in range(K):
         wd_j = WD + j * R * D
         wu_j = WU + j * D * R
@@ -140,7 +151,12 @@ def _fwd_kernel(X, QK, QKB, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, 
             if HAS_QKB:  # qk's bias (the folded query-key product's), added as qk is read
                 q += tl.load(QKB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
             sc += tl.sum(q * u, axis=1)
-        sc = sc * _scale(S, s_value, j, S_MODE) * inv_t
+        sc = sc * _scale(S, s_value, j, S_MODE)
+        if HAS_SM:
+            if HAS_T0:
+                sc += t0
+            sc = sc * tl.load(SM + rows * K + j, mask=rmask, other=0.0)
+        sc = sc * inv_t
         scores = tl.where(kk[None, :] == j, sc[:, None], scores)
     scores = tl.where(kk[None, :] < K, scores, float("-inf"))
     mx = tl.max(scores, axis=1)
@@ -172,8 +188,9 @@ def _fwd_kernel(X, QK, QKB, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D, R, K, 
 
 
 @triton.jit
-def _bwd_rows_kernel(X, QK, QKB, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, HB, DSCBUF, HW, DX, DQK, N, D, R, K,
-                     s_value, inv_t, n_bucket, HAS_QKB: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr,
+def _bwd_rows_kernel(X, QK, QKB, SM, DT0, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, DA, HB, DSCBUF, HW, DX, DQK,
+                     N, D, R, K, s_value, inv_t, n_bucket, HAS_QKB: tl.constexpr, HAS_SM: tl.constexpr,
+                     HAS_T0: tl.constexpr, HAS_BU: tl.constexpr, S_MODE: tl.constexpr,
                      ACT: tl.constexpr, WRITE_H: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
                      UPCAST: tl.constexpr):
@@ -223,6 +240,20 @@ def _bwd_rows_kernel(X, QK, QKB, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF, GQBUF, 
         tl.store(DABUF + aoffs, g * (s * _col(p, kk, j))[:, None], mask=rmask[:, None])
         tl.store(GQBUF + aoffs, gq, mask=rmask[:, None])
     dsc = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * inv_t
+    if HAS_SM:  # the gradient of the unmasked score <qk, v_j> (+ t0): dscore_j m_j
+        m = tl.load(SM + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if HAS_T0:
+            # t0's, sum_j m_j dscore_j, as 1/2 sum_ij p_i p_j (m_j - m_i)(dp_j - dp_i) / T (equal, since the p_i
+            # sum to one): the plain sum cancels (to exactly 0 where no score is dropped) and kept the rounding
+            # of the terms; this form has none (0 is 0) and costs k^2 per token
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(K):
+                pi = _col(p, kk, i)
+                mi = _col(m, kk, i)
+                dpi = _col(dp, kk, i)
+                acc += pi * tl.sum(p * (m - mi[:, None]) * (dp - dpi[:, None]), axis=1)
+            tl.store(DT0 + rows, (0.5 * inv_t * acc).to(DT0.dtype.element_ty), mask=rmask)
+        dsc = dsc * m
     tl.store(DSCBUF + rows[:, None] * K + kk[None, :], dsc, mask=rmask[:, None] & kmask[None, :])
     tl.debug_barrier()  # the tiles stored above are read back below, maybe by other threads of the program
     # pass B: da_j = (s_j p_j dctx @ Wu_j + s_j dscore_j qk @ Wu_j) * act'(a_j), written to DA in its dtype
@@ -425,23 +456,30 @@ _FORWARD_PROGRAMS: dict = _replay.register_cache({})
 _BACKWARD_PROGRAMS: dict = _replay.register_cache({})
 
 
-def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None):
+def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None,
+            score_mask=None, t0=None):
     """See :func:`_forward`; calls with a key seen before replay its launch from C++ (kernels/_replay.py)."""
+    extra = (score_mask, t0)
     if not _replay.active(x):
-        return _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk)
+        return _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk,
+                        *extra)
     key = _replay.key_of(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk)
-    return _replay.call(_FORWARD_PROGRAMS, key, [x, qk, w_down, b_down, w_up, b_up, scaling, b_qk], _forward, x, qk,
-                        w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk,
-                        single=False)
+    inputs = [x, qk, w_down, b_down, w_up, b_up, scaling, b_qk]
+    if score_mask is not None:  # (keys and inputs of calls without it as before: the C++ node runs those programs)
+        key, inputs = key + _replay.key_of(*extra), inputs + list(extra)
+    return _replay.call(_FORWARD_PROGRAMS, key, inputs, _forward,
+                        x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk,
+                        *extra, single=False)
 
 
 def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-                   w_value, b_value, q=None, w_key=None, b_qk=None):
+                   w_value, b_value, q=None, w_key=None, b_qk=None, score_mask=None, t0=None):
     """The fusion core's output (ops/adapter_fusion.py _core_forward's first) with its gradients from one C++
     autograd node (csrc/stacked_fusion_replay.cpp), once earlier calls through the op's autograd.Function
     have recorded both launchers for these arguments; None otherwise (the caller runs the Function). With
     ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): the node forms qk = q @ w_key in float32 itself.
-    ``b_qk`` (d,): qk's bias, which the kernels add as they read qk."""
+    ``b_qk`` (d,): qk's bias, which the kernels add as they read qk; ``score_mask`` and ``t0``: as
+    :func:`_forward`'s (t0's gradient from the node's backward)."""
     if not (_replay.enabled() and _replay.active(x)):
         return None
     n, d = x.shape
@@ -450,7 +488,8 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     args_key = _replay.key_of(x) + qk_key + _replay.key_of(w_down, b_down, w_up, b_up, scaling, scaling_value,
                                                            activation, inv_temperature)
     bias_key = _replay.key_of(b_qk)
-    fwd = _FORWARD_PROGRAMS.get(args_key + bias_key)
+    mask_key = _replay.key_of(score_mask, t0) if score_mask is not None else ()  # (as forward() and backward() key)
+    fwd = _FORWARD_PROGRAMS.get(args_key + bias_key + mask_key)
     if not isinstance(fwd, _replay.Entry):
         return None
     # the backward launcher's key as the Function's backward (_core_grad) calls it
@@ -461,22 +500,27 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     bkey = (_replay.tensor_key((n, d), dctx_dtype, dev),) + args_key + (
         _replay.tensor_key((n, k, padded_r(r)), torch.float32, dev), _replay.tensor_key((n, k), torch.float32, dev),
         need_ds, need_w) + bias_key + (qk is None,)
+    if score_mask is not None:
+        bkey = bkey + _replay.key_of(score_mask, t0 is not None and t0.requires_grad)
     bwd = _BACKWARD_PROGRAMS.get(bkey)
     if not isinstance(bwd, _replay.Entry):
         return None
     try:
         return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
-                                                                          residual, w_value, b_value, q, w_key, b_qk],
+                                                                          residual, w_value, b_value, q, w_key, b_qk,
+                                                                          score_mask, t0],
                                                need_ds, need_w)
     except RuntimeError as exc:  # the Function takes these calls from now on
         _replay.give_up(exc)
         return None
 
 
-def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None):
+def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None,
+              score_mask=None, t0=None):
     """x, qk (N, d) contiguous; stacked weights (k, r, d), (k, r), (k, d, r), (k, d); scaling a tensor
-    (() or (k,)) or None; b_qk (d,) or None, added to qk as the kernels read it. Returns (ctx (N, d),
-    a (N, k, RP) fp32, p (N, k) fp32)."""
+    (() or (k,)) or None; b_qk (d,) or None, added to qk as the kernels read it; score_mask (N, k) fp32
+    contiguous or None, and with it t0 (N,) in x's dtype or None: score_j = m_j (<qk, v_j> + t0) (see the module
+    docstring). Returns (ctx (N, d), a (N, k, RP) fp32, p (N, k) fp32)."""
     n, d = x.shape
     k, r, _ = w_down.shape
     rp = padded_r(r)
@@ -492,9 +536,11 @@ def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activati
     dummy = x
     _replay.launch(
         _fwd_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),),
-        x, qk, b_qk if b_qk is not None else dummy, w_down, b_down if b_down is not None else dummy, w_up,
+        x, qk, b_qk if b_qk is not None else dummy, score_mask if score_mask is not None else dummy,
+        t0 if t0 is not None else dummy, w_down, b_down if b_down is not None else dummy, w_up,
         b_up if b_up is not None else dummy, scaling if scaling is not None else dummy, ctx, abuf, pbuf, hw, n, d, r, k,
-        float(scaling_value), float(inv_temperature), n_bucket(n), HAS_QKB=b_qk is not None, HAS_BD=b_down is not None, HAS_BU=b_up is not None,
+        float(scaling_value), float(inv_temperature), n_bucket(n), HAS_QKB=b_qk is not None,
+        HAS_SM=score_mask is not None, HAS_T0=t0 is not None, HAS_BD=b_down is not None, HAS_BU=b_up is not None,
         S_MODE=_scale_mode(scaling), ACT=ACT_CODES[activation], RP=rp, KP=kp, UPCAST=upcast, CHAIN=FP32_CHAIN)
     return ctx, abuf, pbuf
 
@@ -518,22 +564,26 @@ def split_plan(n: int, d: int, k: int, bn: int, bd: int, device) -> tuple[int, i
 
 
 def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-             abuf, pbuf, need_ds, need_weights=True, b_qk=None, dqk_like_x=False):
+             abuf, pbuf, need_ds, need_weights=True, b_qk=None, dqk_like_x=False, score_mask=None, need_dt0=False):
     """See :func:`_backward`; calls with a key seen before replay its launches from C++ (kernels/_replay.py)."""
+    rest = (score_mask, bool(need_dt0))
     if not _replay.active(x):
         return _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                         inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x)
+                         inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x, *rest)
     key = _replay.key_of(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
                          abuf, pbuf, bool(need_ds), bool(need_weights), b_qk, bool(dqk_like_x))
-    return _replay.call(_BACKWARD_PROGRAMS, key, [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf, b_qk],
-                        _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x, single=False)
+    inputs = [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf, b_qk]
+    if score_mask is not None:  # (keys and inputs of calls without it as before: the C++ node runs those programs)
+        key, inputs = key + _replay.key_of(*rest), inputs + [score_mask]
+    return _replay.call(_BACKWARD_PROGRAMS, key, inputs, _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
+                        inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x, *rest, single=False)
 
 
 def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-              abuf, pbuf, need_ds, need_weights=True, b_qk=None, dqk_like_x=False):
-    """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling); the weight gradients are None without ``need_weights``
-    (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None.
+              abuf, pbuf, need_ds, need_weights=True, b_qk=None, dqk_like_x=False, score_mask=None, need_dt0=False):
+    """(dx, dqk, dWd, dbd, dWu, dbu, d_scaling, dt0); the weight gradients are None without ``need_weights``
+    (frozen adapters: only d_scaling, if needed, is reduced) and the biases' when they are None; dt0 (N,)
+    in x's dtype, the gradient of the forward's t0, with ``need_dt0`` (and ``score_mask``), else None.
 
     The reduction writes fp32 partial sums, one slice per split of the tokens, and ``sum_splits``
     adds the splits in a fixed order into each gradient's own tensor: no atomics, the same bits on every run. For fp16/bf16 the
@@ -558,6 +608,8 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
     s_arg = scaling if scaling is not None else dummy
     bu_arg = b_up if b_up is not None else dummy
     qkb_arg = b_qk if b_qk is not None else dummy
+    need_dt0 = bool(need_dt0 and score_mask is not None)
+    dt0 = _replay.empty((n,), x.dtype, x.device) if need_dt0 else None
     if n > 0:
         dabuf = _replay.empty(abuf.shape, abuf.dtype, x.device)
         gqbuf = _replay.empty(abuf.shape, torch.float32, x.device)  # scratch: qk @ Wu_j, pass A to pass B
@@ -565,10 +617,11 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         hbuf = _replay.empty(abuf.shape, x.dtype, x.device) if (low and reduce) else abuf
         dscbuf = _replay.empty(pbuf.shape, pbuf.dtype, x.device)
         hw = _replay.empty(abuf.shape, torch.float32 if upcast else x.dtype, x.device)  # scratch: pass C's operand
-        args = (x, qk, qkb_arg, dctx, w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, gqbuf, da, hbuf, dscbuf, hw, dx, dqk,
+        args = (x, qk, qkb_arg, score_mask if score_mask is not None else dummy, dt0 if need_dt0 else dummy, dctx,
+                w_down, w_up, bu_arg, s_arg, abuf, pbuf, dabuf, gqbuf, da, hbuf, dscbuf, hw, dx, dqk,
                 n, d, r, k, float(scaling_value), float(inv_temperature), n_bucket(n))
-        flags = dict(HAS_QKB=b_qk is not None, HAS_BU=b_up is not None, S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf,
-                     RP=rp, KP=kp, UPCAST=upcast)
+        flags = dict(HAS_QKB=b_qk is not None, HAS_SM=score_mask is not None, HAS_T0=need_dt0, HAS_BU=b_up is not None,
+                     S_MODE=s_mode, ACT=ACT_CODES[activation], WRITE_H=hbuf is not abuf, RP=rp, KP=kp, UPCAST=upcast)
         if autotuning():  # (the kernel only writes what it reads from its inputs: the tuner's reruns are safe)
             _replay.launch(_bwd_rows_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),), *args, **flags)
         else:
@@ -615,5 +668,5 @@ def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, a
         ds = outs["ds"].sum(dim=1)
         d_scaling = (ds if scaling.dim() == 1 else ds.sum()).to(scaling.dtype)
     if not need_weights:
-        return dx, dqk, None, None, None, None, d_scaling
-    return (dx, dqk, outs["wd"], outs.get("bd"), outs["wu"], outs.get("bu"), d_scaling)
+        return dx, dqk, None, None, None, None, d_scaling, dt0
+    return (dx, dqk, outs["wd"], outs.get("bd"), outs["wu"], outs.get("bu"), d_scaling, dt0)

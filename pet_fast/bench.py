@@ -99,6 +99,9 @@ CUDA_ROWS = ["houlsby", "pfeiffer"]
 # ... and "<method>/triton-py": the triton path with every Triton launch from Python, where the triton
 # rows replay recorded launches from C++ (pet_fast/kernels/_replay.py): what the replay saves per step
 PY_LAUNCH_ROWS = ["houlsby", "pfeiffer"]
+# ... and methods timed with the kernels' rows only (auto): AdapterFusion with dropout 0.1 on its scores (BERT's
+# attention dropout, which FusionConfig takes by default; every other dropout of the step stays 0)
+KERNEL_ONLY_METHODS = ["fusion3-dropout"]
 
 
 def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kernel_rows: bool = False,
@@ -125,9 +128,11 @@ def plan(models: List[str], *, compile_rows: bool, auto_rows: bool = True, kerne
                 backends += ("triton-py",)
             for be in backends:
                 rows.append(Row(m, f"{meth}/{be}", meth, be))
+        if kernel_rows and auto_rows and i == 0:  # (the first model's: the targets' batch)
+            rows += [Row(m, f"{meth}/auto", meth, "auto") for meth in KERNEL_ONLY_METHODS]
         rows += [Row(m, ext, ext) for ext in EXTERNAL if _external_available(ext)]
         comp = [Row(m, f"{r.row}+compile", r.kind, r.backend, True) for r in rows
-                if r.kind != "base-forward" and r.kind not in GPU_GRAPH_METHODS
+                if r.kind != "base-forward" and r.kind not in GPU_GRAPH_METHODS + KERNEL_ONLY_METHODS
                 and r.backend not in ("triton", "cuda", "triton-py")]
         comp.sort(key=lambda r: KEY_COMPILED.index(r.row[:-len("+compile")]) if r.row[:-len("+compile")] in KEY_COMPILED
                   else len(KEY_COMPILED))
@@ -214,10 +219,11 @@ def prepare(row: Row, model, seq_len: Optional[int] = None):
                 p.requires_grad_(True)
     elif kind in ("houlsby", "pfeiffer"):
         pet_fast.inject(model, pet_fast.AdapterConfig(placement=kind), "task")
-    elif kind == "fusion3":
+    elif kind in ("fusion3", "fusion3-dropout"):
         for n in ("a", "b", "c"):
             pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer"), n)
-        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b", "c"], dropout_prob=0.0), "task")
+        drop = 0.1 if kind == "fusion3-dropout" else 0.0
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b", "c"], dropout_prob=drop), "task")
     elif kind in ("side", "side-cache", "side-graphs"):
         pet_fast.inject(model, pet_fast.SideConfig(cache=kind == "side-cache", base_graphs=kind == "side-graphs"), "task")
     elif kind == "mask":

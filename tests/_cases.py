@@ -329,6 +329,11 @@ def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
     lay = p.get("layouts", {})
     flags = dict(temperature=p["temperature"], residual_before=p["residual_before"],
                  value_before_softmax=p["value_before_softmax"])
+    mask = None
+    if p.get("score_mask"):  # dropout's multipliers (exact in every dtype) and others; not differentiated
+        pick = torch.randint(0, 3, lead + (k,), generator=g)
+        mask = torch.tensor([0.0, 1.25, 2.0], dtype=torch.float32)[pick].to(device)
+        flags["score_mask"] = mask
 
     def views(t):
         return {n: layout(v, lay.get(n, "contiguous")) for n, v in t.items()}
@@ -350,7 +355,7 @@ def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
     def ref(a):
         values = stacked_values64(a["x"], a["w_down"], a.get("b_down"), a["w_up"], a.get("b_up"), p["act"], scaling(a))
         return fusion64(a["query"], values, a["residual"], *projections(a), flags["temperature"],
-                        flags["residual_before"], flags["value_before_softmax"])
+                        flags["residual_before"], flags["value_before_softmax"], mask)
 
     def describe(a):
         return fusion_ops.describe(a["query"], k, r=r, activation=ALIASES.get(p["act"], p["act"]))

@@ -147,7 +147,11 @@ def test_plan_has_kernel_rows_on_a_gpu_only():
     assert not any(r.endswith("/triton") for r in cpu)
     # eager only: no compiled copies
     assert gpu - cpu == ({f"{m}/triton" for m in bench.KERNEL_ROWS} | {f"{m}/cuda" for m in bench.CUDA_ROWS}
-                         | {f"{m}/triton-py" for m in bench.PY_LAUNCH_ROWS})
+                         | {f"{m}/triton-py" for m in bench.PY_LAUNCH_ROWS}
+                         | {f"{m}/auto" for m in bench.KERNEL_ONLY_METHODS})
+    # (AdapterFusion with dropout on its scores: the first model's batch only)
+    two = bench.plan(["bert-32x128", "bert-16x512"], compile_rows=False, kernel_rows=True)
+    assert {r.model for r in two if r.kind in bench.KERNEL_ONLY_METHODS} == {"bert-32x128"}
 
 
 def test_plan_orders_rows_for_a_time_budget():

@@ -155,3 +155,33 @@ def test_fullgraph_under_autocast_with_the_triton_adapter(method):
     for k in ref_grads:
         assert grads[k].dtype == torch.float32
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fusion_with_dropout_on_the_scores_compiles_fullgraph(backend):
+    """AdapterFusion's dropout on the scores (the stacked op's score mask, drawn in the graph): no graph
+    break, and with the same seed the uncompiled model's outputs and gradients, the key bias's included."""
+    model = build("bert", num_labels=2)
+    for n in ("a", "b", "c"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4), n)
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b", "c"], dropout_prob=0.3), "t")
+    for m in model.modules():  # only the fusion's dropout draws
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 0])
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(3)
+        with pet_fast.dispatch.use_backend(backend):
+            out = fn(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        results.append((out.logits.detach(), grads))
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert any(k.endswith(".t.key.bias") for k in grads)  # every trained tensor got a gradient (dict comp above)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)

@@ -57,9 +57,21 @@ def grads(ts, out, dy):
     return {a: (gi if gi is not None else torch.zeros_like(ts[a])) for a, gi in zip(names, g)}
 
 
-def check(n_shape, d, r, k, dtype, device="cpu", case=None, **kw):
+def score_mask(n_shape, k, p=0.2, seed=5, device="cpu"):
+    """A dropout mask of the scores (0, or 1 / (1 - p): exact in float32 for p = 0.2), rows with every
+    score dropped included (a row of zeros: uniform probabilities)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = (torch.rand(*n_shape, k, generator=gen) >= p).float() / (1 - p)
+    m.view(-1, k)[::4] = 0.0
+    return m.to(device)
+
+
+def check(n_shape, d, r, k, dtype, device="cpu", case=None, mask=None, **kw):
+    """``mask``: a score mask (float32), passed as such to the fused and eager calls and in float64 to the
+    reference."""
     hi, lo = make_case(n_shape, d, r, k, dtype, device, **(case or {}))
-    ref = call(hi, "eager", **kw)
+    ref = call(hi, "eager", **kw, **({} if mask is None else dict(score_mask=mask.double().cpu())))
+    kw = kw if mask is None else dict(kw, score_mask=mask.to(device))
     dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     ref_g = grads(hi, ref, dy)
     out = call(lo, "triton", **kw)
@@ -199,6 +211,78 @@ def test_folded_query_key_errors(extra, match):
         pet_fast.stacked_adapter_fusion(x, x, x, w_down, None, w_up, None, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_shape,d,r,k,case,kw", [
+    ((3, 7), 33, 5, 3, dict(scaling="adapter"), dict(activation="gelu")),
+    ((13,), 24, 6, 3, dict(scaling="scalar", value_bias=False), dict(residual_before=True, value_before_softmax=False)),
+    ((11,), 20, 3, 2, dict(scaling="number", proj=False), dict(residual_before=True, temperature=1.7)),
+    ((9,), 17, 4, 1, dict(), dict(activation="silu")),
+    ((19,), 20, 3, 4, dict(folded=True), dict(residual_before=True)),
+    ((11,), 20, 3, 2, dict(folded=True, query_is_x=True), dict(activation="tanh")),
+])
+def test_score_mask(dtype, n_shape, d, r, k, case, kw):
+    """A score mask (dropout on the scores; rows with every score dropped among them): the triton backend
+    against the float64 reference, output and every gradient, the key bias's included (with a mask it no
+    longer cancels), and the shared score term of a residual added before the fusion."""
+    check(n_shape, d, r, k, dtype, case=case, mask=score_mask(n_shape, k), **kw)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_score_mask_of_ones_is_no_mask_and_gets_no_gradient(backend):
+    """A mask of ones changes nothing (the contract: it multiplies the scores), and the mask itself is not
+    differentiated, even when it requires grad."""
+    _, lo = make_case((4, 5), 12, 3, 3, torch.float32)
+    out = call(lo, backend)
+    ones = torch.ones(4, 5, 3, requires_grad=True)
+    got = call(lo, backend, score_mask=ones)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert ones.grad is None
+
+
+def test_score_mask_changes_the_output():
+    """Dropping every score gives uniform probabilities: the mean of the adapter outputs (no projections)."""
+    _, lo = make_case((6,), 10, 3, 2, torch.float64, proj=False, scaling="number")
+    got = call(lo, "eager", score_mask=torch.zeros(6, 2))
+    values = fusion_ops.stacked_adapter_outputs(lo["x"], lo["w_down"], lo["b_down"], lo["w_up"], lo["b_up"], "relu", 1.5)
+    torch.testing.assert_close(got, values.mean(-2) + lo["residual"])
+    _, lo32 = make_case((6,), 10, 3, 2, torch.float32, proj=False, scaling="number")
+    torch.testing.assert_close(call(lo32, "triton", score_mask=torch.zeros(6, 2)), got.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask,match", [
+    (torch.ones(3, 3), r"score_mask must have shape \(3, 2\)"),
+    (torch.ones(3, 2, dtype=torch.int64), "score_mask must be a floating-point tensor"),
+    ([[1.0, 1.0]] * 3, "score_mask must be a torch.Tensor"),
+    (torch.ones(3, 2, device="meta"), "score_mask must be on the device of query"),
+])
+def test_score_mask_errors(mask, match):
+    x = torch.randn(3, 8)
+    w_down, w_up = torch.randn(2, 4, 8), torch.randn(2, 8, 4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pet_fast.stacked_adapter_fusion(x, x, x, w_down, None, w_up, None, score_mask=mask)
+
+
+def test_score_mask_torch_compile_fullgraph():
+    """The masked op (its shared score term formed around the custom op) under torch.compile(fullgraph=True):
+    the eager reference's output and gradients, the key bias's included."""
+    torch._dynamo.reset()
+    _, lo = make_case((2, 3), 16, 4, 2, torch.float32)
+    leaves = {a: b for a, b in lo.items() if isinstance(b, torch.Tensor)}
+    mask = score_mask((2, 3), 2)
+
+    def f(backend, **t):
+        return call(t, backend, activation="tanh", residual_before=True, score_mask=mask).sin()
+
+    ref = f("eager", **leaves)
+    ref_g = torch.autograd.grad(ref.sum(), list(leaves.values()))
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")("triton", **leaves)
+    got_g = torch.autograd.grad(out.sum(), list(leaves.values()))
+    assert rel_err(out, ref) < 2e-5
+    for name, a, b in zip(leaves, got_g, ref_g):
+        assert rel_err(a, b) < 2e-5, name
+
+
 def test_dispatch_reasons_and_auto():
     hi, lo = make_case((4,), 8, 300, 2, torch.float32)
     with pytest.raises(dispatch.BackendUnavailableError, match="r=300"):
@@ -244,6 +328,14 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
                           (h(5, 16), None, h(2, 3, 16), h(2, 3), h(2, 16, 3), h(2, 16), h(2), 1.0, "gelu", 0.5,
                            None, h(16, 16), None, h(5, 16), h(16, 16), h(16)))
+    # a score mask and the shared score term t0 (float32), fp32 and fp16 (qk formed inside)
+    m = (torch.rand(5, 2) > 0.3).float() * 1.25
+    torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
+                          (r(5, 16), r(5, 16), r(2, 3, 16), r(2, 3), r(2, 16, 3), r(2, 16), r(2), 1.0, "gelu", 0.5,
+                           None, None, None, None, None, None, m, r(5)))
+    torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
+                          (h(5, 16), None, h(2, 3, 16), h(2, 3), h(2, 16, 3), h(2, 16), h(2), 1.0, "gelu", 0.5,
+                           None, h(16, 16), None, h(5, 16), h(16, 16), None, m, r(5)))
 
 
 @pytest.mark.gpu
@@ -253,6 +345,15 @@ def test_gpu_folded_query_key(dtype, n_shape, d, r, k):
     """The folded query-key product on the GPU (its float32 qk with the bias added, in the node and the
     Function), against the float64 reference."""
     check(n_shape, d, r, k, dtype, "cuda", case=dict(folded=True), activation="gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,d,r,k,kw", [((4, 128), 768, 64, 3, {}), ((77,), 4096, 256, 2, dict(residual_before=True))])
+def test_gpu_score_mask(dtype, n_shape, d, r, k, kw):
+    """A score mask (dropout on the scores) on the GPU, with the key bias's shared term, against the float64
+    reference."""
+    check(n_shape, d, r, k, dtype, "cuda", mask=score_mask(n_shape, k, p=0.5), activation="gelu", **kw)
 
 
 @pytest.mark.gpu
@@ -674,7 +775,8 @@ def test_core_op_under_autocast_keeps_its_dtypes():
 
 # --- the two entry points: autograd.Function (eager calls) and custom op (compiled code, opcheck) -------
 
-@pytest.mark.parametrize("op,dtype", [("stacked", torch.float32), ("stacked", torch.float16), ("given", torch.float32)])
+@pytest.mark.parametrize("op,dtype", [("stacked", torch.float32), ("stacked", torch.float16), ("given", torch.float32),
+                                      ("masked", torch.float32), ("masked", torch.float16)])
 def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
     """Eager calls take the ops' formulas through autograd.Functions; PET_FAST_CUSTOM_OPS=1 (read per call)
     sends them through the custom ops. Same kernels, same formulas: the same bits, output and gradients
@@ -682,9 +784,10 @@ def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
     results = {}
     for env in ("0", "1"):
         monkeypatch.setenv("PET_FAST_CUSTOM_OPS", env)
-        if op == "stacked":
+        if op in ("stacked", "masked"):  # (masked: a score mask and the key bias's shared term)
             _, lo = make_case((6,), 20, 3, 2, dtype, scaling="adapter")
-            out = call(lo, "triton", activation="gelu", temperature=1.5)
+            mask = dict(score_mask=score_mask((6,), 2)) if op == "masked" else {}
+            out = call(lo, "triton", activation="gelu", temperature=1.5, **mask)
         else:
             _, lo = make_given((6,), 20, 3, dtype)
             out = call_given(lo, "triton", temperature=1.5)

@@ -1,4 +1,6 @@
 """FusionConfig: AdapterHub's BertFusion over adapter tasks, checked against closed forms."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,27 +90,31 @@ def test_adapters_the_stacked_op_does_not_take_are_fused_from_their_outputs(monk
     assert fus.query.weight.grad is not None and not stacked
 
 
-def test_fusion_trains_only_the_fusion_layers_and_uses_the_stacked_op(monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fusion_trains_only_the_fusion_layers_and_uses_the_stacked_op(monkeypatch, dropout):
+    """The stacked op at every layer, with dropout on the scores (its score mask) or without."""
     calls = []
     real = fusion_ops.stacked_adapter_fusion
 
     def counting(*a, **kw):
-        calls.append(1)
+        calls.append(kw.get("score_mask"))
         return real(*a, **kw)
     monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion", counting)
     model = _fused_model("pfeiffer")
     model.train()
-    for mod in model.modules():  # dropout on the scores would take the eager path
+    for mod in model.modules():
         if isinstance(mod, pet_fast.AdapterFusion):
-            mod.dropout = 0.0
+            mod.dropout = dropout
     ids, mask = batch()
     out = logits(model, ids, mask)
     assert len(calls) == 2  # one per layer
+    assert all((m is not None) == (dropout > 0) for m in calls)
     loss = out.pow(2).sum() + pet_fast.fusion_regularization_loss(model)
     loss.backward()
     with_grad = {k for k, p in model.named_parameters() if p.grad is not None}
-    # (the key's bias cancels in the softmax: the op does not take it, and its gradient stays None)
-    assert with_grad == {k for k, p in model.named_parameters() if p.requires_grad and not k.endswith(".f.key.bias")}
+    # (without dropout the key's bias cancels in the softmax: the op does not take it, and its gradient stays None)
+    assert with_grad == {k for k, p in model.named_parameters()
+                         if p.requires_grad and (dropout > 0 or not k.endswith(".f.key.bias"))}
     assert with_grad and all(f"{TASK_ATTR}.f." in k for k in with_grad)
     assert any(".value." in k for k in with_grad)
 
@@ -322,8 +328,10 @@ def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw):
 
 def test_dropout_path_under_autocast_keeps_the_adapter_outputs_once():
     """Under autocast the adapters' outputs come in float32; both products that read them would cast them to
-    autocast's dtype and keep a copy each for the backward. They are cast once (the same bits)."""
+    autocast's dtype and keep a copy each for the backward. They are cast once (the same bits). (Adapters the
+    stacked op does not take: different activations, so that fuse forms their outputs and runs eagerly.)"""
     ads, fus = _frozen_fusion()
+    ads[0].activation = "tanh"
     fus.dropout = 0.1
     fus.train()
     x = torch.randn(2, 5, 16, requires_grad=True)
@@ -403,10 +411,10 @@ def test_projections_are_cast_once_per_forward_under_autocast(monkeypatch, backe
     runs = []
     for per_layer in (False, True):
         if per_layer:
-            monkeypatch.setattr(_ForwardProjections, "projections", lambda self, module, dtype, fold=False: None)
+            monkeypatch.setattr(_ForwardProjections, "projections", lambda self, module, dtype, fold=False, kb=False: None)
         else:
             monkeypatch.setattr(_ForwardProjections, "projections",
-                                lambda self, module, dtype, fold=False: real(self, module, dtype, False))
+                                lambda self, module, dtype, fold=False, kb=False: real(self, module, dtype, False, kb))
         model, fusions = _fusion_model_with_query_bias()
         loss, grads, ops = _autocast_step(model, ids, mask, backend)
         assert fusions[1].value.weight.grad is None and fusions[0].value.weight.grad is not None
@@ -429,7 +437,7 @@ def _fold_switch(monkeypatch, fold: bool) -> list:
     """The batched projections with the fold on or off; returns the list to which each stacked op call appends
     whether it got the folded product."""
     monkeypatch.setattr(_ForwardProjections, "projections",
-                        lambda self, module, dtype, f=False: _PROJECTIONS(self, module, dtype, f and fold))
+                        lambda self, module, dtype, f=False, kb=False: _PROJECTIONS(self, module, dtype, f and fold, kb))
     seen = []
 
     def op(*a, **kw):
@@ -562,3 +570,87 @@ def test_fuse_takes_adapters_the_stacked_op_does_not():
     x, q, r = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
     values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in ads], dim=-2)
     torch.testing.assert_close(fus.fuse(x, q, r, ads), fus(q, values, r))
+
+
+# --- dropout on the scores through the stacked op (its score mask) ---------------------------------------
+
+def _definition_with_mask(fus, x, query, residual, ads, mask, t):
+    """AdapterHub's BertFusion over the adapters' outputs, as written (k keys and k projected values), with the
+    dropout's mask given: scores * mask, then the temperature and the softmax."""
+    values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in ads], dim=-2)
+    if fus.residual_before:
+        values = values + residual.unsqueeze(-2)
+    q = fus.query(query) if fus.query is not None else query
+    keys = fus.key(values) if fus.key is not None else values
+    vals = F.linear(values, fus.value.weight) if fus.value is not None and fus.value_before_softmax else values
+    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1) * mask
+    out = torch.matmul(torch.softmax(scores / t, dim=-1).unsqueeze(-2), vals).squeeze(-2)
+    if fus.value is not None and not fus.value_before_softmax:
+        out = F.linear(out, fus.value.weight)
+    return out if fus.residual_before else out + residual
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(residual_before=True, value_before_softmax=False), dict(value=False)])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fuse_with_dropout_takes_the_stacked_op_and_equals_the_definition(monkeypatch, backend, kw):
+    """In training with dropout, fuse runs the stacked op with the dropout as its score mask (one op, the
+    adapters' outputs never formed, every backend): with the mask it drew, the output and every gradient (the
+    key bias's included: with dropout it counts) equal AdapterHub's definition, in float32 against float64."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    torch.manual_seed(0)
+    ads, _ = _frozen_fusion()
+    fus = pet_fast.AdapterFusion(16, dropout=0.4, **kw).train()
+    with torch.no_grad():
+        for lin in (fus.query, fus.key, fus.value):
+            if lin is not None:
+                lin.weight.normal_(0, 0.3)
+                if lin.bias is not None:
+                    lin.bias.normal_()
+    masks, stacked = [], []
+    real_mask, real_op = fusion_mod.dropout_mask, fusion_ops.stacked_adapter_fusion
+    monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: masks.append(real_mask(*a)) or masks[-1])
+    monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion", lambda *a, **k: stacked.append(1) or real_op(*a, **k))
+    x, q, res = (torch.randn(4, 5, 16, requires_grad=True) for _ in range(3))
+    got = fus.fuse(x, q, res, ads, backend=backend)
+    assert len(stacked) == 1 and len(masks) == 1 and masks[0].shape == (4, 5, 3)
+    fus64 = copy.deepcopy(fus).double()
+    ads64 = [copy.deepcopy(a).double() for a in ads]
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, q, res)]
+    want = _definition_with_mask(fus64, *leaves64, ads64, masks[0].double(), 1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    dy = torch.randn(got.shape)
+    params, params64 = list(fus.parameters()), list(fus64.parameters())
+    have = torch.autograd.grad(got, [x, q, res] + params, dy)
+    need = torch.autograd.grad(want, leaves64 + params64, dy.double())
+    for i, (a, b) in enumerate(zip(have, need)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=str(i))
+    if fus.key is not None:  # (with dropout the key bias counts: it gets a gradient)
+        assert have[3 + [n for n, _ in fus.named_parameters()].index("key.bias")].abs().max() > 0
+
+
+def test_fuse_with_dropout_draws_a_new_mask_per_call_and_none_in_eval():
+    """Each training call draws its own mask (outputs differ); in eval mode there is no dropout (the output
+    is the dropout-free one, folded or not)."""
+    ads, _ = _frozen_fusion()
+    fus = pet_fast.AdapterFusion(16, dropout=0.5).train()
+    x = torch.randn(6, 16)
+    a, b = fus.fuse(x, x, x, ads), fus.fuse(x, x, x, ads)
+    assert not torch.equal(a, b)
+    fus.eval()
+    plain = pet_fast.AdapterFusion(16).eval()
+    plain.load_state_dict(fus.state_dict())
+    torch.testing.assert_close(fus.fuse(x, x, x, ads), plain.fuse(x, x, x, ads), rtol=0, atol=0)
+
+
+def test_dropout_mask_values_and_rate():
+    """0 with probability p, else 1 / (1 - p): the mean stays 1."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    torch.manual_seed(0)
+    m = fusion_mod.dropout_mask((200, 500), 0.3, "cpu")
+    assert m.dtype == torch.float32 and m.shape == (200, 500)
+    kept = m[m != 0]
+    assert torch.equal(kept, torch.full_like(kept, 1 / 0.7))
+    zeros = (m == 0).float().mean().item()
+    assert abs(zeros - 0.3) < 0.01 and abs(m.mean().item() - 1.0) < 0.02  # (100k draws: 5 sigma ~ 0.007)

@@ -56,6 +56,11 @@ FORMS = [
     (dict(folded=True), dict(frozen=("scaling",)), True),  # the folded query-key product (its bias in the node)
     (dict(folded=True), dict(frozen=("scaling", "b_query_key")), True),
     (dict(folded=True, query_is_x=True), dict(frozen=("scaling",)), True),  # x's two gradients in one addmm
+    # a score mask (dropout on the scores): with the key bias's shared term t0 (its gradient from the backward
+    # program), with a residual added before the fusion's too, and folded without a t0
+    (dict(), dict(score_mask=TK.score_mask((3, 5), 3), frozen=("scaling",)), True),
+    (dict(), dict(score_mask=TK.score_mask((3, 5), 3), residual_before=True, frozen=("scaling", "b_key")), True),
+    (dict(folded=True, query_is_x=True), dict(score_mask=TK.score_mask((3, 5), 3), frozen=("scaling",)), True),
     (dict(), dict(), False),  # the scaling trains
 ]
 
@@ -123,18 +128,20 @@ def test_a_failing_node_warns_and_the_function_takes_over(replay_ext):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("folded,masked", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gpu_cpp_fusion_node_matches_the_function(dtype, folded):
+def test_gpu_cpp_fusion_node_matches_the_function(dtype, folded, masked):
+    """The node (folded, or with a score mask: dropout on the scores) against the Function's Python launches."""
     if not R.enabled() or R._extension() is None:
         pytest.skip("the extension cannot replay Triton launches here")
+    mask = dict(score_mask=TK.score_mask((4, 37), 3, device="cuda")) if masked else {}
 
     def run(seeds):
         out = []
         for s in seeds:
             lo = TK.make_case((4, 37), 64, 16, 3, dtype, device="cuda", seed=s, folded=folded, query_is_x=folded)[1]
             lo["scaling"].requires_grad_(False)  # (a trained scaling keeps the Function)
-            y = TK.call(lo, "triton")
+            y = TK.call(lo, "triton", **mask)
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to("cuda", dtype)
             names = [a for a, b in lo.items() if isinstance(b, torch.Tensor) and b.requires_grad]
             out.append((y.detach(), torch.autograd.grad(y, [lo[a] for a in names], dy, allow_unused=True),
@@ -153,10 +160,12 @@ def test_gpu_cpp_fusion_node_matches_the_function(dtype, folded):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_training_steps_through_the_node_give_the_python_launches_gradients(replay_ext):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_steps_through_the_node_give_the_python_launches_gradients(replay_ext, dropout):
     """A tiny BERT with AdapterFusion over three Pfeiffer adapters (frozen, as AdapterFusion trains), three
     steps under fp16 autocast on the triton backend: through the recorded programs and the C++ node (from
-    the second step) every loss and gradient equals, bit for bit, the same steps' with Python launches."""
+    the second step) every loss and gradient equals, bit for bit, the same steps' with Python launches. With
+    dropout on the scores (the same seed: the same masks), the key bias trains too."""
     import pet_fast
     from test_methods_fusion import _fused_model
     from tiny_models import batch, logits
@@ -165,9 +174,9 @@ def test_training_steps_through_the_node_give_the_python_launches_gradients(repl
         torch.manual_seed(0)
         model = _fused_model("pfeiffer")
         model.train()
-        for mod in model.modules():  # (with dropout on the scores, training runs the eager fusion)
+        for mod in model.modules():
             if isinstance(mod, pet_fast.AdapterFusion):
-                mod.dropout = 0.0
+                mod.dropout = dropout
         out, names = [], set()
         for step in range(3):
             ids, mask = batch(seed=step)
@@ -175,7 +184,8 @@ def test_training_steps_through_the_node_give_the_python_launches_gradients(repl
                 loss = logits(model, ids, mask).float().pow(2).mean()
             names |= _node_names(loss)
             loss.backward()
-            # (the key projection's bias cancels in the softmax: the fused path leaves it no gradient)
+            # (without dropout the key projection's bias cancels in the softmax: the fused path leaves it no
+            # gradient)
             out.append((loss.detach(), {k: None if p.grad is None else p.grad.clone()
                                         for k, p in model.named_parameters() if p.requires_grad}))
             model.zero_grad(set_to_none=True)
@@ -188,6 +198,7 @@ def test_training_steps_through_the_node_give_the_python_launches_gradients(repl
     for (lw, gw), (lg, gg) in zip(want, got):
         torch.testing.assert_close(lg, lw, rtol=0, atol=0)
         assert any(k.endswith("value.weight") and g is not None for k, g in gw.items())  # the fusion's weights train
+        assert any(k.endswith("key.bias") and g is not None for k, g in gw.items()) == (dropout > 0)
         assert_same_bits(gg, gw)
 
 

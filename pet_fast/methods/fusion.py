@@ -32,7 +32,9 @@ class AdapterFusion(nn.Module):
     and key with bias, value without); ``value_initialized`` starts the value projection near the
     identity (1 on the diagonal, 1e-6 elsewhere); ``temperature=True`` starts the softmax temperature
     at 50 and lowers it by 0.05 per training forward down to 1; ``dropout`` applies to the attention
-    scores in training (it then runs the eager path, since dropout is not part of the fused op).
+    scores in training, as AdapterHub applies it (before the temperature; the key bias then counts). In
+    :meth:`fuse` the stacked op takes it as its ``score_mask``, so the fused backends train with it; fusing
+    given adapter outputs (:meth:`forward`) with dropout runs eagerly.
     """
 
     def __init__(self, d_model: int, *, query: bool = True, key: bool = True, value: bool = True,
@@ -68,11 +70,10 @@ class AdapterFusion(nn.Module):
         stacked op's calls with at least FOLD_MIN_TOKENS_PER_WIDTH x d tokens), a model's forward may hand the
         query and key projections folded into one (``w_query_key``, ``b_query_key``: see _ForwardProjections)."""
         forward = self.__dict__.get("_forward")  # (a plain attribute set by FusionConfig.attach)
-        cast = forward.projections(self, dtype, fold) if forward is not None else None
+        cast = forward.projections(self, dtype, fold, key_bias) if forward is not None else None
         if cast is None:
-            cast = {name: _maybe_cast(t, dtype) for name, t in _projection_tensors(self).items()}
-        b_key = _maybe_cast(self.key.bias, dtype) if key_bias and self.key is not None else None
-        return dict(cast, b_key=b_key, b_value=None, residual_before=self.residual_before,
+            cast = {name: _maybe_cast(t, dtype) for name, t in _projection_tensors(self, key_bias).items()}
+        return dict(cast, b_key=cast.get("b_key"), b_value=None, residual_before=self.residual_before,
                     value_before_softmax=self.value_before_softmax)
 
     def _temperature(self) -> float:
@@ -145,9 +146,10 @@ class AdapterFusion(nn.Module):
             raise ValueError("adapters must hold at least one BottleneckAdapter")
         if len({a.d_model for a in adapters}) != 1:
             raise ValueError(f"adapters must share d_model to be fused, got {[a.d_model for a in adapters]}")
-        if (self.training and self.dropout > 0) or not _stackable(adapters):
-            # the k outputs formed, then fused: dropout on the scores, or adapters the stacked op does not take
-            # (per-channel scaling, different activations)
+        dropout = self.training and self.dropout > 0
+        if not _stackable(adapters):
+            # the k outputs formed, then fused: adapters the stacked op does not take (per-channel scaling,
+            # different activations)
             values = torch.stack([a(x, residual=torch.zeros_like(x)) for a in adapters], dim=-2)
             dt = compute_dtype(values)
             if dt != values.dtype:
@@ -169,9 +171,17 @@ class AdapterFusion(nn.Module):
             x = xc
         w_down, b_down, w_up, b_up, scaling, activation = self._stacked(adapters, x.dtype)
         t = self._temperature()
+        # dropout: the op's score mask (the key bias then counts, and the fold, which drops it, is not taken)
+        mask = dropout_mask(x.shape[:-1] + (len(adapters),), self.dropout, x.device) if dropout else None
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
-            temperature=t, backend=backend, **self._projections(query.dtype, fold=_worth_folding(x)))
+            temperature=t, score_mask=mask, backend=backend,
+            **self._projections(query.dtype, key_bias=dropout, fold=not dropout and _worth_folding(x)))
+
+
+def dropout_mask(shape, p: float, device) -> torch.Tensor:
+    """float32 ``shape``: 0 with probability ``p``, else 1 / (1 - p) (``F.dropout`` of ones, in two launches)."""
+    return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - p).mul_(1.0 / (1.0 - p))
 
 
 def _worth_folding(x: torch.Tensor) -> bool:
@@ -187,12 +197,15 @@ def _stackable(adapters: Sequence[BottleneckAdapter]) -> bool:
             and all(isinstance(a.scaling, float) or a.scaling.dim() == 0 for a in adapters))
 
 
-def _projection_tensors(fusion: AdapterFusion) -> dict:
-    """The op's projection arguments as the module holds them, but the key's bias (see _projections); None where
-    a projection or bias is absent."""
+def _projection_tensors(fusion: AdapterFusion, key_bias: bool = False) -> dict:
+    """The op's projection arguments as the module holds them, the key's bias only with ``key_bias`` (see
+    _projections); None where a projection or bias is absent."""
     q, k, v = fusion.query, fusion.key, fusion.value
-    return dict(w_query=None if q is None else q.weight, b_query=None if q is None else q.bias,
-                w_key=None if k is None else k.weight, w_value=None if v is None else v.weight)
+    out = dict(w_query=None if q is None else q.weight, b_query=None if q is None else q.bias,
+               w_key=None if k is None else k.weight, w_value=None if v is None else v.weight)
+    if key_bias:
+        out["b_key"] = None if k is None else k.bias
+    return out
 
 
 class _ForwardProjections(PerForward):
@@ -232,27 +245,30 @@ class _ForwardProjections(PerForward):
         super().__init__(checkpoint_modules)
         self.sites: dict = {}  # task name -> [(host, AdapterFusion)], in attach order
 
-    def projections(self, module: AdapterFusion, dtype: torch.dtype, fold: bool = False) -> Optional[dict]:
+    def projections(self, module: AdapterFusion, dtype: torch.dtype, fold: bool = False,
+                    key_bias: bool = False) -> Optional[dict]:
         """``module``'s projections cast to ``dtype`` for this forward (with ``fold``, folded where the batch
-        allows), or None (then the layer casts them)."""
+        allows; with ``key_bias``, the key's bias among them and never folded), or None (then the layer casts
+        them)."""
         if torch.compiler.is_compiling() or not self.open:
             return None
         name, cache = module.__dict__.get("_task"), self.cache
-        batch = cache.get((name, dtype, fold))
+        key = (name, dtype, fold and not key_bias, key_bias)
+        batch = cache.get(key)
         if batch is None:
-            batch = cache[(name, dtype, fold)] = self._batch(name, dtype, module, fold)
+            batch = cache[key] = self._batch(name, dtype, module, key[2], key_bias)
         return batch.get(id(module))
 
-    def _batch(self, name, dtype, module, fold) -> dict:
+    def _batch(self, name, dtype, module, fold, key_bias) -> dict:
         self.sites = {n: kept for n, pairs in self.sites.items() if (kept := [(h, f) for h, f in pairs if attached(h, n, f)])}
-        own = [t for t in _projection_tensors(module).values() if t is not None]
+        own = [t for t in _projection_tensors(module, key_bias).values() if t is not None]
         cast = any(t.dtype != dtype for t in own)
         if not own or not (cast or fold):
             return {}
         device, kind, width = own[0].device, own[0].dtype, own[0].shape[-1]
         layers = []
         for _, f in self.sites.get(name, ()):
-            tensors = _projection_tensors(f)
+            tensors = _projection_tensors(f, key_bias)
             present = [t for t in tensors.values() if t is not None]
             if present and all(t.device == device and t.dtype == kind and t.shape[-1] == width for t in present):
                 layers.append((f, tensors))
@@ -362,8 +378,8 @@ class FusionConfig(MethodConfig):
     At the sites, the k adapters and the fusion run as one ``stacked_adapter_fusion`` op when they share
     an activation and a scalar scaling kind (fixed or learned); otherwise (per-channel scaling, different
     activations) each adapter runs on its own and their outputs are fused (``adapter_fusion``). In
-    training with a dropout above 0 (BERT's default 0.1), the scores need dropout, so the adapters
-    and the fusion run eagerly: pass ``dropout_prob=0.0`` to train on the fused op.
+    training with a dropout above 0 (BERT's default 0.1), the stacked op takes the dropout as its score
+    mask (fused backends included); fusing given outputs with dropout runs eagerly.
     With parallel adapters, the fusion adds its output once to ``h + x`` (AdapterHub adds ``x``
     a second time there). The key projection's bias adds the same number to every adapter's score, which the
     softmax cancels: it is kept (and saved) as AdapterHub has it, but gets no gradient (None) unless dropout

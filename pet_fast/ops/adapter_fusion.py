@@ -31,6 +31,11 @@ Contract (stacked_adapter_fusion), in addition
     every adapter: it cancels in the softmax) for w_query_key = w_query.T @ w_key and b_query_key =
     b_query @ w_key. A training step folds them once for all layers (methods/fusion.py): one d x d product
     per token instead of two, forward and backward.
+    score_mask (..., k) or None: multiplies each score before the temperature, p = softmax_j(m_j <Q, K_j> / T).
+    Dropout on the scores (AdapterHub's, in training) is the mask of a dropout of ones: 0 or 1 / (1 - p_drop).
+    Any floating dtype (the kernels read it as float32); it is not differentiated. With a mask, the score
+    terms shared by the adapters (the key bias's <Q, b_key>, a residual added before the fusion's) no
+    longer cancel in the softmax: every backend computes them.
 All tensors share query's device and dtype, except that with fp16/bf16 tensors and residual_before=False the
 residual may be float32: it is then added to the fused output in float32, and the output is float32 (as
 eager PyTorch under autocast gives it, where a float32 residual stream meets half-precision products).
@@ -93,6 +98,16 @@ def check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_
     _checks.same_dtype("query", query, w_query_key=w_query_key, b_query_key=b_query_key)
 
 
+def check_score_mask(query, score_mask, k):
+    """The score mask's shape (query's leading dims, k), device and dtype (floating)."""
+    if score_mask is None:
+        return
+    _checks.tensor("score_mask", score_mask)
+    want = tuple(query.shape[:-1]) + (k,)
+    _checks.shape("score_mask", score_mask, want, f"query's leading dims and k = {k}")
+    _checks.same_device("query", query, score_mask=score_mask)
+
+
 def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values",
                  residual_before=False):
     _checks.tensor("query", query, min_ndim=1)
@@ -122,8 +137,9 @@ def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_valu
 
 def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
-              b_query_key=None):
-    """Eager PyTorch, differentiable through autograd."""
+              b_query_key=None, score_mask=None):
+    """Eager PyTorch, differentiable through autograd (but for ``score_mask``, which the contract does not
+    differentiate)."""
     if residual_before:
         values = values + residual.unsqueeze(-2)
     if w_query_key is not None:  # the folded product (contract): the keys are the values themselves
@@ -136,8 +152,10 @@ def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b
     project_first = w_value is not None and value_before_softmax
     vals = F.linear(values, w_value, b_value) if project_first else values
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1)  # (..., k)
-    probs = torch.softmax(scores.to(acc) / temperature, dim=-1).to(query.dtype)
+    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1).to(acc)  # (..., k)
+    if score_mask is not None:
+        scores = scores * score_mask.detach().to(acc)
+    probs = torch.softmax(scores / temperature, dim=-1).to(query.dtype)
     out = torch.matmul(probs.unsqueeze(-2), vals).squeeze(-2)
     if w_value is not None and not value_before_softmax:
         out = F.linear(out, w_value, b_value)
@@ -255,6 +273,7 @@ def stacked_adapter_fusion(
     value_before_softmax: bool = True,
     w_query_key: Optional[torch.Tensor] = None,
     b_query_key: Optional[torch.Tensor] = None,
+    score_mask: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
@@ -264,6 +283,7 @@ def stacked_adapter_fusion(
         t = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
                          residual_before=residual_before)
         check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_key)
+        check_score_mask(query, score_mask, w_down.shape[0])
         requires_grad = _checks.needs_grad(x, query, residual, w_down, w_up, w_query, w_key, w_value, w_query_key,
                                            b_query_key, s if isinstance(s, torch.Tensor) else None)
         info = describe(query, w_down.shape[0], r=w_down.shape[1], activation=act, requires_grad=requires_grad)
@@ -271,13 +291,15 @@ def stacked_adapter_fusion(
         return (act, None if isinstance(s, torch.Tensor) else s, t), info
 
     sig = _checks.signature(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query,
-                            w_key, b_key, w_value, b_value, temperature, bool(residual_before), w_query_key, b_query_key)
+                            w_key, b_key, w_value, b_value, temperature, bool(residual_before), w_query_key, b_query_key,
+                            score_mask)
     (activation, number, temperature), impl = dispatch.plan(OP_STACKED, sig, backend, resolve)
     scaling = scaling if number is None else number
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),
-                    value_before_softmax=bool(value_before_softmax), w_query_key=w_query_key, b_query_key=b_query_key)
+                    value_before_softmax=bool(value_before_softmax), w_query_key=w_query_key, b_query_key=b_query_key,
+                    score_mask=score_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,18 +453,20 @@ def _core_forward(x: torch.Tensor, qk: Optional[torch.Tensor], w_down: torch.Ten
                   w_up: torch.Tensor, b_up: Optional[torch.Tensor], scaling: Optional[torch.Tensor],
                   scaling_value: float, activation: str, inv_temperature: float, residual: Optional[torch.Tensor],
                   w_value: Optional[torch.Tensor], b_value: Optional[torch.Tensor], q: Optional[torch.Tensor] = None,
-                  w_key: Optional[torch.Tensor] = None, b_qk: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                  w_key: Optional[torch.Tensor] = None, b_qk: Optional[torch.Tensor] = None,
+                  score_mask: Optional[torch.Tensor] = None, t0: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input. With
     ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): qk = q @ w_key in float32 is formed here (as
     fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for its backward and not the
     float32 qk (N x d x 4 bytes per layer), as the C++ node does (csrc/stacked_fusion_replay.cpp). For the
     folded query-key product (the contract's w_query_key), q is the query itself, which is x at the usual
     sites: nothing more is kept. ``b_qk`` (d,): qk's bias (the contract's b_query_key), which the kernels add
-    as they read qk (no launch of its own)."""
+    as they read qk (no launch of its own). ``score_mask`` (N, k) float32 and ``t0`` (N,) in x's dtype: the
+    scores are m_j (<qk, v_j> + t0) (see _shared_score), t0 differentiated, the mask not."""
     if qk is None:
         qk = _qk_f32(q, w_key)
     ctx, a, p = _stacked_kernels().forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                          inv_temperature, b_qk)
+                                          inv_temperature, b_qk, score_mask, t0)
     if w_value is None:
         return [ctx, a, p, x.new_empty((0,))]
     out, pre = _project(ctx, residual, w_value, b_value)
@@ -454,7 +478,7 @@ def _rp(r: int) -> int:
 
 
 def _core_fake(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-               w_value, b_value, q=None, w_key=None, b_qk=None):
+               w_value, b_value, q=None, w_key=None, b_qk=None, score_mask=None, t0=None):
     n = x.shape[0]
     k, r = w_down.shape[0], w_down.shape[1]
     return [torch.empty_like(x), x.new_empty((n, k, _rp(r)), dtype=torch.float32),
@@ -466,33 +490,40 @@ def _core_backward(dctx: torch.Tensor, x: torch.Tensor, qk: torch.Tensor, w_down
                    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                    scaling: Optional[torch.Tensor], scaling_value: float, activation: str, inv_temperature: float,
                    a: torch.Tensor, p: torch.Tensor, need_ds: bool, need_weights: bool,
-                   b_qk: Optional[torch.Tensor] = None, dqk_like_x: bool = False) -> List[torch.Tensor]:
+                   b_qk: Optional[torch.Tensor] = None, dqk_like_x: bool = False,
+                   score_mask: Optional[torch.Tensor] = None, need_dt0: bool = False) -> List[torch.Tensor]:
     """The kernels' backward; ``dqk_like_x``: dqk written in x's dtype (the op rounds it so for its products
-    anyway), not in qk's."""
+    anyway), not in qk's; the last output is t0's gradient (with ``need_dt0``)."""
     out = _stacked_kernels().backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                                     inv_temperature, a, p, need_ds, need_weights, b_qk, dqk_like_x)
+                                     inv_temperature, a, p, need_ds, need_weights, b_qk, dqk_like_x, score_mask,
+                                     need_dt0)
     return [t if t is not None else x.new_empty((0,)) for t in out]
 
 
 def _core_backward_fake(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, a, p, need_ds, need_weights, b_qk=None, dqk_like_x=False):
+                        inv_temperature, a, p, need_ds, need_weights, b_qk=None, dqk_like_x=False, score_mask=None,
+                        need_dt0=False):
     empty = lambda: x.new_empty((0,))  # one per output: outputs never alias
     like = lambda t: torch.empty_like(t) if (t is not None and need_weights) else empty()
     dqk = torch.empty_like(qk, dtype=x.dtype) if dqk_like_x else torch.empty_like(qk)
     return [torch.empty_like(x), dqk, like(w_down), like(b_down), like(w_up), like(b_up),
-            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty()]
+            torch.empty_like(scaling) if (need_ds and scaling is not None) else empty(),
+            x.new_empty((x.shape[0],)) if (need_dt0 and score_mask is not None) else empty()]
 
 
 def _core_setup(ctx, inputs, output):
     x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual, w_value, \
-        b_value, q, w_key, b_qk = tuple(inputs) + (None,) * (16 - len(inputs))
+        b_value, q, w_key, b_qk, score_mask, t0 = tuple(inputs) + (None,) * (18 - len(inputs))
     _, a, p, pre = output
     # with q and w_key (qk None), q is kept and qk formed again in the backward (see _core_forward)
-    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk)
+    ctx.save_for_backward(x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk, score_mask)
     # gradients to return: one per argument passed (the autograd.Function's), where the custom op's dispatcher
-    # drops trailing arguments equal to their defaults (q, w_key, b_qk: None) before its Function sees them
+    # drops trailing arguments equal to their defaults (q, w_key, b_qk, score_mask, t0: None) before its
+    # Function sees them
     ctx.n_inputs = len(inputs)
-    ctx.n_passed = 16 if b_qk is not None else 13 if (q is None and w_key is None) else 15
+    optional = (q, w_key, b_qk, score_mask, t0)
+    ctx.n_passed = 13 + max((i + 1 for i, t in enumerate(optional) if t is not None), default=0)
+    ctx.has_t0 = t0 is not None
     # q passed as x itself (the folded product at a site whose query is the adapters' input): one gradient,
     # dx with dq added by the product (see _core_grad)
     ctx.q_is_x = q is not None and q is x
@@ -504,7 +535,7 @@ def _core_setup(ctx, inputs, output):
 
 def _core_grad(ctx, grads):
     dout = grads[0]
-    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk = ctx.saved_tensors
+    x, qk, w_down, b_down, w_up, b_up, scaling, a, p, w_value, pre, q, w_key, b_qk, score_mask = ctx.saved_tensors
     with_q = q is not None
     if with_q:
         qk = _qk_f32(q, w_key)  # the forward's qk, formed again (same op, same bits)
@@ -525,9 +556,11 @@ def _core_grad(ctx, grads):
             dbv = dout.sum(0).to(w_value.dtype)
     need_ds = scaling is not None and ctx.needs_input_grad[6]
     need_weights = any(ctx.needs_input_grad[2:6])  # False when the adapters are frozen: no weight reduction
-    dx, dqk, dwd, dbd, dwu, dbu, ds = CORE_BACKWARD.within(ctx)(
+    need_dt0 = ctx.has_t0 and ctx.needs_input_grad[17]
+    dx, dqk, dwd, dbd, dwu, dbu, ds, dt0 = CORE_BACKWARD.within(ctx)(
         dctx.contiguous(), x, qk, w_down, b_down, w_up, b_up, scaling, ctx.scaling_value, ctx.activation,
-        ctx.inv_temperature, a, p, need_ds, need_weights, b_qk, with_q)  # (with q, dqk is rounded to q's dtype)
+        ctx.inv_temperature, a, p, need_ds, need_weights, b_qk, with_q,  # (with q, dqk is rounded to q's dtype)
+        score_mask, need_dt0)
     w = need_weights
     dq = dwk = dbqk = None
     need_b = b_qk is not None and ctx.needs_input_grad[15]
@@ -542,7 +575,7 @@ def _core_grad(ctx, grads):
         dqk = None
     grads = (dx, dqk, dwd if w else None, dbd if (w and b_down is not None) else None, dwu if w else None,
              dbu if (w and b_up is not None) else None, ds if need_ds else None, None, None, None, dres, dwv, dbv,
-             dq, dwk, dbqk)
+             dq, dwk, dbqk, None, dt0 if need_dt0 else None)
     return grads[:ctx.n_inputs if getattr(ctx, "pet_fast_eager", False) else ctx.n_passed]
 
 
@@ -551,9 +584,33 @@ CORE = _autograd.custom_op("stacked_fusion_core_triton", _core_forward, fake=_co
                            autograd=(_core_grad, _core_setup), returns_list=True)
 
 
+def _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, residual_before):
+    """t0 (N,) in query's dtype, the score term every adapter shares, or None where there is none: <Q, K(res)>
+    with K(res) = res @ Wk.T + bk the key of the residual added before the fusion (residual_before), else of
+    zero (bk); folded, <query @ Wqk + bqk, res>. The softmax cancels it, unless a score mask scales the scores.
+    Differentiable (autograd takes its gradient to Q, the key projection and the residual). For fp16/bf16 it
+    is rounded as eager PyTorch rounds each score (a product's output in the input dtype); the kernels add it
+    to the rest of the score in float32."""
+    d = query.shape[-1]
+    if w_query_key is not None:
+        if not residual_before:
+            return None
+        qk = torch.matmul(query.float(), w_query_key.float())
+        qk = qk + b_query_key.float() if b_query_key is not None else qk
+        return (qk * residual.float()).sum(-1).reshape(-1).to(query.dtype)
+    if residual_before:
+        keys = F.linear(residual, w_key, b_key) if w_key is not None else residual
+        return (q.float() * keys.float()).sum(-1).reshape(-1).to(q.dtype)
+    if w_key is None or b_key is None:
+        return None
+    return torch.mv(q.reshape(-1, d), b_key)  # (autograd keeps q, which the core op keeps too, and b_key)
+
+
 def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
-                    w_value, b_value, temperature, residual_before, w_query_key=None, b_query_key=None):
-    """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end."""
+                    w_value, b_value, temperature, residual_before, w_query_key=None, b_query_key=None, b_key=None,
+                    score_mask=None):
+    """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end (and the
+    score mask, read as float32)."""
     d = query.shape[-1]
     if w_query_key is not None:  # folded (contract): qk = query @ w_query_key + b_query_key, one product
         q, w_key = query, w_query_key
@@ -579,21 +636,26 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
             res, w_value, b_value)
     x2 = x.reshape(-1, d).contiguous()
     q2 = x2 if same else q.reshape(-1, d) if low else None
+    masked = ()
+    if score_mask is not None:
+        t0 = _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, residual_before)
+        masked = (score_mask.reshape(-1, w_down.shape[0]).to(torch.float32).contiguous(), t0)
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
         # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
         # for fp16/bf16 it forms qk itself and keeps q for the backward, not the float32 qk
         kernels = _stacked_kernels()
+        mk = dict(score_mask=masked[0], t0=masked[1]) if masked else {}
         if low:
-            out = kernels.core_with_grad(x2, None, *rest, q=q2, w_key=w_key, b_qk=b_qk)
+            out = kernels.core_with_grad(x2, None, *rest, q=q2, w_key=w_key, b_qk=b_qk, **mk)
         else:
-            out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest, b_qk=b_qk)
+            out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest, b_qk=b_qk, **mk)
     if out is None:
-        bias = () if b_qk is None else (b_qk,)
+        bias = () if (b_qk is None and not masked) else (b_qk,)
         if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
-            out = CORE(x2, None, *rest, q2, w_key, *bias)[0]
+            out = CORE(x2, None, *rest, q2, w_key, *bias, *masked)[0]
         else:
-            out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest, *((None, None) + bias if bias else ()))[0]
+            out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest, *((None, None) + bias if bias else ()), *masked)[0]
     out = out.reshape(query.shape)
     if res is None:  # residual_before without the value projection, or the residual added after
         out = out + residual
@@ -603,17 +665,18 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
 def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
                        w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
                        temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
-                       b_query_key=None):
+                       b_query_key=None, score_mask=None):
     """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
+    # the key bias counts only where a score mask keeps it from cancelling in the softmax
     args = (x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key, w_value,
-            b_value, temperature, residual_before, w_query_key, b_query_key)
+            b_value, temperature, residual_before, w_query_key, b_query_key, b_key if score_mask is not None else None)
     dt = compute_dtype(query)
     if dt == query.dtype:
         with _no_autocast(query.device.type):  # autocast off, or on with inputs in its dtype: nothing to round
-            return _stacked_triton(*args)
+            return _stacked_triton(*args, score_mask)
     cast = _caster(dt)
     with torch.autocast(query.device.type, enabled=False):
-        return _stacked_triton(*(cast(a) if i != 2 or residual_before else a for i, a in enumerate(args)))
+        return _stacked_triton(*(cast(a) if i != 2 or residual_before else a for i, a in enumerate(args)), score_mask)
 
 
 TRITON_MAX_R = 256
