@@ -325,6 +325,8 @@ def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
         T["w_query_key"] = wq.T @ wk
         if bq is not None:
             T["b_query_key"] = bq @ wk
+    if p.get("score_shift"):
+        T["score_shift"] = R(lead)
     leaves = {n: _leaf(v, dtype, device) for n, v in T.items()}
     lay = p.get("layouts", {})
     flags = dict(temperature=p["temperature"], residual_before=p["residual_before"],
@@ -350,12 +352,12 @@ def build_stacked(p, dtype, device, seed=0, rand=None) -> Built:
         return pet_fast.stacked_adapter_fusion(a["x"], a["query"], a["residual"], a["w_down"], a.get("b_down"),
                                                a["w_up"], a.get("b_up"), activation=p["act"], scaling=scaling(a),
                                                backend=backend, **flags,
-                                               **{n: a.get(n) for n in _PROJ + ("w_query_key", "b_query_key")})
+                                               **{n: a.get(n) for n in _PROJ + ("w_query_key", "b_query_key", "score_shift")})
 
     def ref(a):
         values = stacked_values64(a["x"], a["w_down"], a.get("b_down"), a["w_up"], a.get("b_up"), p["act"], scaling(a))
         return fusion64(a["query"], values, a["residual"], *projections(a), flags["temperature"],
-                        flags["residual_before"], flags["value_before_softmax"], mask)
+                        flags["residual_before"], flags["value_before_softmax"], mask, a.get("score_shift"))
 
     def describe(a):
         return fusion_ops.describe(a["query"], k, r=r, activation=ALIASES.get(p["act"], p["act"]))

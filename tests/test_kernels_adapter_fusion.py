@@ -15,10 +15,11 @@ INPUTS = ("x", "query", "residual", "w_down", "b_down", "w_up", "b_up")
 
 
 def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True, scaling="adapter", seed=0,
-              folded=False, query_is_x=False):
+              folded=False, query_is_x=False, shift=False):
     """(float64 inputs, the same in ``dtype``), each requiring grad. ``folded``: the query and key projections
     as one product (w_query_key, b_query_key) in place of w_query, b_query, w_key and b_key. ``query_is_x``:
-    the query is the adapters' input itself (one tensor, as at Pfeiffer and Houlsby sites)."""
+    the query is the adapters' input itself (one tensor, as at Pfeiffer and Houlsby sites). ``shift``: a score
+    shift (..., ), the op's score_shift."""
     gen = torch.Generator().manual_seed(seed)
     g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     t = dict(x=g(*n_shape, d), query=g(*n_shape, d), residual=g(*n_shape, d), w_down=g(k, r, d) / d ** 0.5,
@@ -32,6 +33,8 @@ def make_case(n_shape, d, r, k, dtype, device="cpu", proj=True, value_bias=True,
             wq, bq, wk = t.pop("w_query"), t.pop("b_query"), t.pop("w_key")
             del t["b_key"]
             t.update(w_query_key=wq.T @ wk, b_query_key=bq @ wk)
+    if shift:
+        t["score_shift"] = g(*n_shape)
     if scaling == "adapter":
         t["scaling"] = g(k)
     elif scaling == "scalar":
@@ -219,6 +222,8 @@ def test_folded_query_key_errors(extra, match):
     ((9,), 17, 4, 1, dict(), dict(activation="silu")),
     ((19,), 20, 3, 4, dict(folded=True), dict(residual_before=True)),
     ((11,), 20, 3, 2, dict(folded=True, query_is_x=True), dict(activation="tanh")),
+    ((11,), 20, 3, 2, dict(folded=True, query_is_x=True, shift=True), dict()),
+    ((3, 5), 20, 3, 3, dict(shift=True), dict(residual_before=True)),
 ])
 def test_score_mask(dtype, n_shape, d, r, k, case, kw):
     """A score mask (dropout on the scores; rows with every score dropped among them): the triton backend
@@ -240,6 +245,26 @@ def test_score_mask_of_ones_is_no_mask_and_gets_no_gradient(backend):
     assert ones.grad is None
 
 
+def test_score_shift_is_the_folded_key_bias_term():
+    """The folded product with a score mask and score_shift = query @ (Wq^T b_key) + bq . b_key (the key bias's
+    term, which the fold drops) gives the unfolded op with b_key and the same mask: output and the input
+    gradients (float64, eager)."""
+    hi, _ = make_case((4, 5), 12, 3, 3, torch.float64)
+    mask = score_mask((4, 5), 3).double()
+    out = call(hi, "eager", score_mask=mask)
+    folded = dict(hi)
+    wq, bq, wk, bk = folded.pop("w_query"), folded.pop("b_query"), folded.pop("w_key"), folded.pop("b_key")
+    folded.update(w_query_key=wq.T @ wk, b_query_key=bq @ wk, score_shift=hi["query"] @ (wq.T @ bk) + bq @ bk)
+    got = call(folded, "eager", score_mask=mask)
+    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    names = ["x", "query", "residual", "w_down", "w_up", "w_value"]
+    want = torch.autograd.grad(out, [hi[n] for n in names], dy)
+    have = torch.autograd.grad(got, [folded[n] for n in names], dy)
+    for n, a, b in zip(names, have, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+
+
 def test_score_mask_changes_the_output():
     """Dropping every score gives uniform probabilities: the mean of the adapter outputs (no projections)."""
     _, lo = make_case((6,), 10, 3, 2, torch.float64, proj=False, scaling="number")
@@ -255,12 +280,15 @@ def test_score_mask_changes_the_output():
     (torch.ones(3, 2, dtype=torch.int64), "score_mask must be a floating-point tensor"),
     ([[1.0, 1.0]] * 3, "score_mask must be a torch.Tensor"),
     (torch.ones(3, 2, device="meta"), "score_mask must be on the device of query"),
+    (dict(score_shift=torch.ones(3, 1)), r"score_shift must have shape \(3,\)"),
+    (dict(score_shift=torch.ones(3, dtype=torch.float64)), "score_shift must have the dtype of query"),
 ])
 def test_score_mask_errors(mask, match):
     x = torch.randn(3, 8)
     w_down, w_up = torch.randn(2, 4, 8), torch.randn(2, 8, 4)
+    kw = mask if isinstance(mask, dict) else dict(score_mask=mask)
     with pytest.raises((ValueError, TypeError), match=match):
-        pet_fast.stacked_adapter_fusion(x, x, x, w_down, None, w_up, None, score_mask=mask)
+        pet_fast.stacked_adapter_fusion(x, x, x, w_down, None, w_up, None, **kw)
 
 
 def test_score_mask_torch_compile_fullgraph():
@@ -349,11 +377,13 @@ def test_gpu_folded_query_key(dtype, n_shape, d, r, k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_shape,d,r,k,kw", [((4, 128), 768, 64, 3, {}), ((77,), 4096, 256, 2, dict(residual_before=True))])
-def test_gpu_score_mask(dtype, n_shape, d, r, k, kw):
-    """A score mask (dropout on the scores) on the GPU, with the key bias's shared term, against the float64
-    reference."""
-    check(n_shape, d, r, k, dtype, "cuda", mask=score_mask(n_shape, k, p=0.5), activation="gelu", **kw)
+@pytest.mark.parametrize("n_shape,d,r,k,case,kw", [((4, 128), 768, 64, 3, {}, {}),
+                                                   ((4, 128), 768, 64, 3, dict(folded=True, query_is_x=True, shift=True), {}),
+                                                   ((77,), 4096, 256, 2, {}, dict(residual_before=True))])
+def test_gpu_score_mask(dtype, n_shape, d, r, k, case, kw):
+    """A score mask (dropout on the scores) on the GPU, with the key bias's shared term (or, folded, a score
+    shift), against the float64 reference."""
+    check(n_shape, d, r, k, dtype, "cuda", case=case, mask=score_mask(n_shape, k, p=0.5), activation="gelu", **kw)
 
 
 @pytest.mark.gpu

@@ -373,12 +373,14 @@ class _CountOps:
         return self.mode.__exit__(*exc)
 
 
-def _autocast_step(model, ids, mask, backend="eager", autocast=True):
-    """Loss and float32 gradients of one step under bf16 autocast (or in float32), with the aten ops it ran."""
+def _autocast_step(model, ids, mask, backend="eager", autocast=True, dropout=0.0):
+    """Loss and float32 gradients of one step under bf16 autocast (or in float32), with the aten ops it ran;
+    ``dropout`` on the fusion's scores (masks drawn from seed 0)."""
     model.train()
     fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
     for mod in fusions:
-        mod.dropout = 0.0
+        mod.dropout = dropout
+    torch.manual_seed(0)
     counter = _CountOps()
     with counter as ops:
         with pet_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -654,3 +656,35 @@ def test_dropout_mask_values_and_rate():
     assert torch.equal(kept, torch.full_like(kept, 1 / 0.7))
     zeros = (m == 0).float().mean().item()
     assert abs(zeros - 0.3) < 0.01 and abs(m.mean().item() - 1.0) < 0.02  # (100k draws: 5 sigma ~ 0.007)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_dropout_with_the_fold_gives_the_unfolded_dropout_step(monkeypatch, backend, autocast):
+    """With dropout on the scores the fold still applies: the key bias's term <Q, b_key>, which masked scores
+    no longer cancel, comes folded as the op's score shift (query @ (b_key Wq) + bq . b_key, batched for all
+    layers with the fold). With the same masks (same seed), the unfolded dropout step's loss and gradients,
+    the key bias's included (float32: to float32 rounding; bf16 autocast: to its rounding)."""
+    ids, mask = FOLD_BATCH
+    runs = []
+    for fold in (True, False):
+        seen = _fold_switch(monkeypatch, fold)
+        shifts = []
+        inner = fusion_ops.stacked_adapter_fusion
+        monkeypatch.setattr(fusion_ops, "stacked_adapter_fusion",
+                            lambda *a, **kw: shifts.append(kw.get("score_shift") is not None) or inner(*a, **kw))
+        model, fusions = _fusion_model_with_query_bias()
+        with torch.no_grad():
+            for f in fusions:
+                f.key.bias.normal_(0, 0.5)  # (zero at init: its term would be zero)
+        loss, grads, _ = _autocast_step(model, ids, mask, backend, autocast=autocast, dropout=0.3)
+        assert seen == [fold] * len(fusions) and shifts == [fold] * len(fusions)
+        runs.append((loss, grads))
+    (loss, grads), (loss_ref, grads_ref) = runs
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads_ref.keys() == trained and any(k.endswith(".f.key.bias") for k in trained)
+    rtol = 0.05 if autocast else 1e-4
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=1e-6)
+    for k in grads_ref:
+        scale = grads_ref[k].abs().max().item()
+        assert (grads[k] - grads_ref[k]).abs().max().item() <= rtol * scale + 1e-9, k

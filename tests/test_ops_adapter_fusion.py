@@ -6,8 +6,9 @@ from conftest import rel_err
 
 
 def fusion64(query, values, residual, wq=None, bq=None, wk=None, bk=None, wv=None, bv=None, T=1.0,
-             residual_before=False, value_before_softmax=True, mask=None):
-    """Independent float64 reference, one token at a time; ``mask`` (..., k) multiplies the scores."""
+             residual_before=False, value_before_softmax=True, mask=None, shift=None):
+    """Independent float64 reference, one token at a time; ``shift`` (...,) is added to a token's scores and
+    ``mask`` (..., k) multiplies them."""
     d = query.shape[-1]
     qf, vf, rf = query.double().reshape(-1, d), values.double().reshape(-1, values.shape[-2], d), residual.double().reshape(-1, d)
     lin = lambda w, b, t: t if w is None else t @ w.double().T + (0 if b is None else b.double())
@@ -17,7 +18,8 @@ def fusion64(query, values, residual, wq=None, bq=None, wk=None, bk=None, wv=Non
         qn = lin(wq, bq, qf[n])
         keys = lin(wk, bk, vals)
         vv = lin(wv, bv, vals) if (wv is not None and value_before_softmax) else vals
-        scores = keys @ qn if mask is None else (keys @ qn) * mask.double().reshape(-1, vf.shape[1])[n]
+        scores = keys @ qn if shift is None else keys @ qn + shift.double().reshape(-1)[n]
+        scores = scores if mask is None else scores * mask.double().reshape(-1, vf.shape[1])[n]
         p = torch.softmax(scores / T, dim=0)
         o = p @ vv
         if wv is not None and not value_before_softmax:

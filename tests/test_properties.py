@@ -135,6 +135,7 @@ def draw_stacked(data, c):
     if p["query"] and p["key"]:
         p["fold"] = data.draw(st.booleans(), label="fold (w_query_key)")
     p["score_mask"] = data.draw(st.booleans(), label="score_mask")
+    p["score_shift"] = data.draw(st.booleans(), label="score_shift")
     p["layouts"] = layouts(data, ["x", "query", "residual", "w_down", "w_up", "b_down", "w_query", "w_query_key",
                                   "b_query_key"])
     return p

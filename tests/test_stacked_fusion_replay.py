@@ -61,6 +61,8 @@ FORMS = [
     (dict(), dict(score_mask=TK.score_mask((3, 5), 3), frozen=("scaling",)), True),
     (dict(), dict(score_mask=TK.score_mask((3, 5), 3), residual_before=True, frozen=("scaling", "b_key")), True),
     (dict(folded=True, query_is_x=True), dict(score_mask=TK.score_mask((3, 5), 3), frozen=("scaling",)), True),
+    (dict(folded=True, query_is_x=True, shift=True), dict(score_mask=TK.score_mask((3, 5), 3), frozen=("scaling",)),
+     True),  # folded, the key bias's term given as the score shift (t0 itself)
     (dict(), dict(), False),  # the scaling trains
 ]
 

@@ -68,7 +68,9 @@ class AdapterFusion(nn.Module):
         adapter's score, which the softmax cancels: it is passed (``key_bias``) only where dropout on the
         scores keeps it from cancelling, so that every backend leaves its gradient None. With ``fold`` (the
         stacked op's calls with at least FOLD_MIN_TOKENS_PER_WIDTH x d tokens), a model's forward may hand the
-        query and key projections folded into one (``w_query_key``, ``b_query_key``: see _ForwardProjections)."""
+        query and key projections folded into one (``w_query_key``, ``b_query_key``: see _ForwardProjections),
+        and with ``key_bias`` too the key bias's term folded as ``score_shift_weight`` and ``score_shift_bias``
+        (not op arguments: the caller forms the op's score shift from them, see _score_shift)."""
         forward = self.__dict__.get("_forward")  # (a plain attribute set by FusionConfig.attach)
         cast = forward.projections(self, dtype, fold, key_bias) if forward is not None else None
         if cast is None:
@@ -171,12 +173,21 @@ class AdapterFusion(nn.Module):
             x = xc
         w_down, b_down, w_up, b_up, scaling, activation = self._stacked(adapters, x.dtype)
         t = self._temperature()
-        # dropout: the op's score mask (the key bias then counts, and the fold, which drops it, is not taken)
+        # dropout: the op's score mask (the key bias's term then counts: with the fold, as the op's score shift)
         mask = dropout_mask(x.shape[:-1] + (len(adapters),), self.dropout, x.device) if dropout else None
+        proj = self._projections(query.dtype, key_bias=dropout, fold=_worth_folding(x))
+        shift = _score_shift(query, proj.pop("score_shift_weight", None), proj.pop("score_shift_bias", None))
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
-            temperature=t, score_mask=mask, backend=backend,
-            **self._projections(query.dtype, key_bias=dropout, fold=not dropout and _worth_folding(x)))
+            temperature=t, score_mask=mask, score_shift=shift, backend=backend, **proj)
+
+
+def _score_shift(query: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """query @ weight + bias per token (the folded key bias's term, see _ForwardProjections._folded), or None."""
+    if weight is None:
+        return None
+    shift = torch.mv(query.reshape(-1, query.shape[-1]), weight).view(query.shape[:-1])
+    return shift if bias is None else shift + bias
 
 
 def dropout_mask(shape, p: float, device) -> torch.Tensor:
@@ -248,15 +259,15 @@ class _ForwardProjections(PerForward):
     def projections(self, module: AdapterFusion, dtype: torch.dtype, fold: bool = False,
                     key_bias: bool = False) -> Optional[dict]:
         """``module``'s projections cast to ``dtype`` for this forward (with ``fold``, folded where the batch
-        allows; with ``key_bias``, the key's bias among them and never folded), or None (then the layer casts
-        them)."""
+        allows; with ``key_bias``, the key's bias among them, or folded into the score shift's weight and bias),
+        or None (then the layer casts them)."""
         if torch.compiler.is_compiling() or not self.open:
             return None
         name, cache = module.__dict__.get("_task"), self.cache
-        key = (name, dtype, fold and not key_bias, key_bias)
+        key = (name, dtype, fold, key_bias)
         batch = cache.get(key)
         if batch is None:
-            batch = cache[key] = self._batch(name, dtype, module, key[2], key_bias)
+            batch = cache[key] = self._batch(name, dtype, module, fold, key_bias)
         return batch.get(id(module))
 
     def _batch(self, name, dtype, module, fold, key_bias) -> dict:
@@ -296,15 +307,24 @@ class _ForwardProjections(PerForward):
         """Per layer {w_query_key, b_query_key, w_value} from the cast rows of layers that all hold ``names``:
         the rows as (layers, rows per layer, d), split by projection (one concatenation back), and the folded
         products for all layers in one batched product each. Per-layer tensors are unbound views (their
-        gradients come back stacked: one launch per kind)."""
+        gradients come back stacked: one launch per kind). With the key's bias among ``names`` (dropout on the
+        scores, where its term <Q, b_key> no longer cancels), also the term folded as the op's score shift
+        query @ w + b: {score_shift_weight: b_key Wq, score_shift_bias: bq . b_key}."""
         heights = [1 if n.startswith("b_") else d for n in names]
         parts = dict(zip(names, flat.view(len(layers), sum(heights), d).split(heights, dim=1)))
         wk = parts["w_key"]
         w_qk = torch.bmm(parts["w_query"].transpose(1, 2), wk).unbind(0)
         b_qk = torch.bmm(parts["b_query"], wk).squeeze(1).unbind(0) if "b_query" in parts else None
         w_v = parts["w_value"].unbind(0) if "w_value" in parts else None
-        return {id(f): {"w_query_key": w_qk[i], "b_query_key": None if b_qk is None else b_qk[i],
-                        "w_value": None if w_v is None else w_v[i]} for i, (f, _) in enumerate(layers)}
+        out = {id(f): {"w_query_key": w_qk[i], "b_query_key": None if b_qk is None else b_qk[i],
+                       "w_value": None if w_v is None else w_v[i]} for i, (f, _) in enumerate(layers)}
+        if "b_key" in parts:
+            bk = parts["b_key"]
+            w_s = torch.bmm(bk, parts["w_query"]).squeeze(1).unbind(0)
+            b_s = torch.bmm(parts["b_query"], bk.transpose(1, 2)).view(-1).unbind(0) if "b_query" in parts else None
+            for i, (f, _) in enumerate(layers):
+                out[id(f)].update(score_shift_weight=w_s[i], score_shift_bias=None if b_s is None else b_s[i])
+        return out
 
 
 def _forward_projections(model: nn.Module) -> _ForwardProjections:

@@ -36,6 +36,9 @@ Contract (stacked_adapter_fusion), in addition
     Any floating dtype (the kernels read it as float32); it is not differentiated. With a mask, the score
     terms shared by the adapters (the key bias's <Q, b_key>, a residual added before the fusion's) no
     longer cancel in the softmax: every backend computes them.
+    score_shift (...,) or None: a number added to every adapter's score of its token, before the mask
+    (differentiated): with the folded product, which drops the key bias's term, a score mask needs that term
+    given here, <Q, b_key> = query @ (w_query.T @ b_key) + b_query @ b_key. Without a mask it cancels.
 All tensors share query's device and dtype, except that with fp16/bf16 tensors and residual_before=False the
 residual may be float32: it is then added to the fused output in float32, and the output is float32 (as
 eager PyTorch under autocast gives it, where a float32 residual stream meets half-precision products).
@@ -98,14 +101,19 @@ def check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_
     _checks.same_dtype("query", query, w_query_key=w_query_key, b_query_key=b_query_key)
 
 
-def check_score_mask(query, score_mask, k):
-    """The score mask's shape (query's leading dims, k), device and dtype (floating)."""
-    if score_mask is None:
-        return
-    _checks.tensor("score_mask", score_mask)
-    want = tuple(query.shape[:-1]) + (k,)
-    _checks.shape("score_mask", score_mask, want, f"query's leading dims and k = {k}")
-    _checks.same_device("query", query, score_mask=score_mask)
+def check_score_mask(query, score_mask, k, score_shift=None):
+    """The score mask's shape (query's leading dims, k), device and dtype (floating); the score shift's shape
+    (query's leading dims), device and dtype (query's)."""
+    if score_mask is not None:
+        _checks.tensor("score_mask", score_mask)
+        want = tuple(query.shape[:-1]) + (k,)
+        _checks.shape("score_mask", score_mask, want, f"query's leading dims and k = {k}")
+        _checks.same_device("query", query, score_mask=score_mask)
+    if score_shift is not None:
+        _checks.tensor("score_shift", score_shift)
+        _checks.shape("score_shift", score_shift, tuple(query.shape[:-1]), "query's leading dims")
+        _checks.same_device("query", query, score_shift=score_shift)
+        _checks.same_dtype("query", query, score_shift=score_shift)
 
 
 def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature, values_name="values",
@@ -137,7 +145,7 @@ def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_valu
 
 def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
-              b_query_key=None, score_mask=None):
+              b_query_key=None, score_mask=None, score_shift=None):
     """Eager PyTorch, differentiable through autograd (but for ``score_mask``, which the contract does not
     differentiate)."""
     if residual_before:
@@ -153,6 +161,8 @@ def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b
     vals = F.linear(values, w_value, b_value) if project_first else values
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1).to(acc)  # (..., k)
+    if score_shift is not None:
+        scores = scores + score_shift.to(acc).unsqueeze(-1)
     if score_mask is not None:
         scores = scores * score_mask.detach().to(acc)
     probs = torch.softmax(scores / temperature, dim=-1).to(query.dtype)
@@ -274,6 +284,7 @@ def stacked_adapter_fusion(
     w_query_key: Optional[torch.Tensor] = None,
     b_query_key: Optional[torch.Tensor] = None,
     score_mask: Optional[torch.Tensor] = None,
+    score_shift: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """k stacked adapters on ``x`` and AdapterFusion over their outputs, in one op."""
@@ -283,23 +294,23 @@ def stacked_adapter_fusion(
         t = check_fusion(query, None, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
                          residual_before=residual_before)
         check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_key)
-        check_score_mask(query, score_mask, w_down.shape[0])
+        check_score_mask(query, score_mask, w_down.shape[0], score_shift)
         requires_grad = _checks.needs_grad(x, query, residual, w_down, w_up, w_query, w_key, w_value, w_query_key,
-                                           b_query_key, s if isinstance(s, torch.Tensor) else None)
+                                           b_query_key, score_shift, s if isinstance(s, torch.Tensor) else None)
         info = describe(query, w_down.shape[0], r=w_down.shape[1], activation=act, requires_grad=requires_grad)
         # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
         return (act, None if isinstance(s, torch.Tensor) else s, t), info
 
     sig = _checks.signature(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query,
                             w_key, b_key, w_value, b_value, temperature, bool(residual_before), w_query_key, b_query_key,
-                            score_mask)
+                            score_mask, score_shift)
     (activation, number, temperature), impl = dispatch.plan(OP_STACKED, sig, backend, resolve)
     scaling = scaling if number is None else number
     return impl.run(x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
                     w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key, w_value=w_value, b_value=b_value,
                     temperature=temperature, residual_before=bool(residual_before),
                     value_before_softmax=bool(value_before_softmax), w_query_key=w_query_key, b_query_key=b_query_key,
-                    score_mask=score_mask)
+                    score_mask=score_mask, score_shift=score_shift)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,7 +619,7 @@ def _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, re
 
 def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
                     w_value, b_value, temperature, residual_before, w_query_key=None, b_query_key=None, b_key=None,
-                    score_mask=None):
+                    score_shift=None, score_mask=None):
     """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end (and the
     score mask, read as float32)."""
     d = query.shape[-1]
@@ -639,6 +650,9 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     masked = ()
     if score_mask is not None:
         t0 = _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, residual_before)
+        if score_shift is not None:
+            shift = score_shift.reshape(-1)
+            t0 = shift if t0 is None else t0 + shift
         masked = (score_mask.reshape(-1, w_down.shape[0]).to(torch.float32).contiguous(), t0)
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
@@ -665,11 +679,12 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
 def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,
                        w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
                        temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
-                       b_query_key=None, score_mask=None):
+                       b_query_key=None, score_mask=None, score_shift=None):
     """The triton backend of stacked_adapter_fusion: same call as :func:`stacked_reference`."""
     # the key bias counts only where a score mask keeps it from cancelling in the softmax
     args = (x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key, w_value,
-            b_value, temperature, residual_before, w_query_key, b_query_key, b_key if score_mask is not None else None)
+            b_value, temperature, residual_before, w_query_key, b_query_key, b_key if score_mask is not None else None,
+            score_shift if score_mask is not None else None)
     dt = compute_dtype(query)
     if dt == query.dtype:
         with _no_autocast(query.device.type):  # autocast off, or on with inputs in its dtype: nothing to round
