@@ -152,18 +152,24 @@ def _cases(module_name, dtypes, tuned):
             shapes = [(256, 768, 64, 3, dt), (256, 768, 64, 8, dt), (256, 768, 256, 3, dt)] + odd([(37, 200, 5, 3, dt)])
             if dt != torch.float32:
                 shapes += [(256, 768, 64, 3, torch.float32), (256, 768, 64, 8, torch.float32)]
-            # and with qk's bias (the folded query-key product: AdapterFusion in a training step under autocast)
-            shapes = [(n, d, r, k, qt, False) for n, d, r, k, qt in shapes] + [(256, 768, 64, 3, shapes[-1][4], True)]
-            for n, d, r, k, qt, with_b in shapes:
-                def run(n=n, d=d, r=r, k=k, dt=dt, qt=qt, with_b=with_b):
+            # and with qk's bias (the folded query-key product: AdapterFusion in a training step under autocast),
+            # and with a score mask and its shared term t0 (dropout on the scores), folded or not
+            qt_step = shapes[-1][4]
+            shapes = ([(n, d, r, k, qt, False, False) for n, d, r, k, qt in shapes]
+                      + [(256, 768, 64, 3, qt_step, True, False), (256, 768, 64, 3, qt_step, True, True),
+                         (256, 768, 64, 3, qt_step, False, True)])
+            for n, d, r, k, qt, with_b, masked in shapes:
+                def run(n=n, d=d, r=r, k=k, dt=dt, qt=qt, with_b=with_b, masked=masked):
                     x, qk = mk(n, d, dt=dt), mk(n, d, dt=qt)
                     wd, bd, wu, bu = mk(k, r, d, dt=dt), mk(k, r, dt=dt), mk(k, d, r, dt=dt), mk(k, d, dt=dt)
                     s = mk(k, dt=dt)
                     b = mk(d, dt=dt) if with_b else None
-                    ctx, abuf, pbuf = F._forward(x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, b)
-                    F._backward(mk(n, d, dt=qt), x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, abuf, pbuf, True, True, b)
+                    sm, t0 = (mk(n, k), mk(n, dt=dt)) if masked else (None, None)
+                    ctx, abuf, pbuf = F._forward(x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, b, sm, t0)
+                    F._backward(mk(n, d, dt=qt), x, qk, wd, bd, wu, bu, s, 1.0, "relu", 0.5, abuf, pbuf, True, True, b,
+                                False, sm, masked)
                 cases.append((f"n={n} d={d} r={r} k={k} {short[dt]}" + (" qk fp32" if qt != dt else "")
-                              + (" qk bias" if with_b else ""), run))
+                              + (" qk bias" if with_b else "") + (" score mask" if masked else ""), run))
     elif module_name == "masked_linear":
         import pet_fast.kernels.masked_linear as M
         for dt in dts:
