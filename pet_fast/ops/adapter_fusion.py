@@ -49,7 +49,8 @@ cast the inputs once and run with autocast off; see "Autocast" below).
 
 Backends: eager (``reference`` / ``stacked_reference``) and triton (kernels/stacked_adapter_fusion.py and kernels/adapter_fusion.py, fp32/fp16/
 bf16, k <= 64, and r <= 256 for the stacked op). The triton backends rewrite the projections exactly:
-score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels in the softmax) and,
+score_j = <Q @ Wk, v_j> (the key bias is the same for every adapter and cancels in the softmax; with a
+score mask, whose products keep it from cancelling, the stacked op adds that shared term t0 in its kernels) and,
 since the probabilities sum to one, the value projection and a residual added before the softmax move
 outside the weighted sum. The kernels compute sum_j softmax_j(<qk, v_j>/T) v_j (the stacked one from x
 and the adapter weights, never writing the k adapter outputs); the d x d projections run as matmuls
