@@ -265,6 +265,27 @@ def test_score_shift_is_the_folded_key_bias_term():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("form", ["strided", "half", "no tokens"])
+def test_score_mask_layouts_dtypes_and_no_tokens(form):
+    """A strided mask, a mask in another floating dtype (the kernels read it as float32) and a call without
+    tokens: the eager backend's output and gradients."""
+    n_shape = (0, 5) if form == "no tokens" else (4, 5)
+    _, lo = make_case(n_shape, 12, 3, 3, torch.float32)
+    mask = score_mask(n_shape, 3)
+    if form == "strided":
+        mask = torch.stack([mask, torch.full_like(mask, 7.0)], dim=-1)[..., 0]
+        assert not mask.is_contiguous()
+    elif form == "half":
+        mask = mask.half()
+    leaves = [b for b in lo.values() if isinstance(b, torch.Tensor)]
+    outs = [call(lo, backend, score_mask=mask) for backend in ("triton", "eager")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    dy = torch.randn(outs[0].shape)
+    got, want = (torch.autograd.grad(o, leaves, dy, allow_unused=True) for o in outs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-5)
+
+
 def test_score_mask_changes_the_output():
     """Dropping every score gives uniform probabilities: the mean of the adapter outputs (no projections)."""
     _, lo = make_case((6,), 10, 3, 2, torch.float64, proj=False, scaling="number")
