@@ -286,6 +286,30 @@ def test_score_mask_layouts_dtypes_and_no_tokens(form):
         torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case,kw", [(dict(), dict()), (dict(value_bias=False), dict(residual_before=True)),
+                                     (dict(), dict(value_before_softmax=False, temperature=2.5)),
+                                     (dict(proj=False), dict(residual_before=True)),
+                                     (dict(folded=True, shift=True), dict(residual_before=True))])
+def test_masked_eager_is_the_reference(case, kw):
+    """The eager backend's masked calls (masked_eager: no k keys or projected values formed) against the
+    contract's definition (reference), float64: output and every gradient."""
+    hi, _ = make_case((4, 5), 12, 3, 3, torch.float64, **case)
+    mask = score_mask((4, 5), 3).double()
+    fusion = {n: t for n, t in hi.items() if n not in INPUTS and n != "scaling"}
+    values = fusion_ops.stacked_adapter_outputs(hi["x"], hi["w_down"], hi["b_down"], hi["w_up"], hi["b_up"], "relu",
+                                                hi["scaling"])
+    want = fusion_ops.reference(hi["query"], values, hi["residual"], score_mask=mask, **kw, **fusion)
+    got = fusion_ops.masked_eager(hi["query"], values, hi["residual"], score_mask=mask, **kw, **fusion)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in hi.values() if isinstance(t, torch.Tensor)]
+    dy = torch.randn(got.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad(want, leaves, dy, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_score_mask_changes_the_output():
     """Dropping every score gives uniform probabilities: the mean of the adapter outputs (no projections)."""
     _, lo = make_case((6,), 10, 3, 2, torch.float64, proj=False, scaling="number")

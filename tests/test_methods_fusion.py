@@ -278,15 +278,16 @@ def test_dropout_path_with_half_inputs_and_float32_module():
     assert fus.query.weight.grad is not None and fus.query.weight.grad.dtype == torch.float32
 
 
-def _dropout_fusion_by_definition(fus, query, values, residual, t):
-    """AdapterHub's BertFusion with dropout on the scores, as written: k keys and k projected values."""
+def _dropout_fusion_by_definition(fus, query, values, residual, t, mask):
+    """AdapterHub's BertFusion with dropout on the scores (its ``mask``), as written: k keys and k projected
+    values."""
     lin = F.linear
     if fus.residual_before:
         values = values + residual.unsqueeze(-2)
     q = fus.query(query) if fus.query is not None else query
     keys = fus.key(values) if fus.key is not None else values
     vals = lin(values, fus.value.weight) if fus.value is not None and fus.value_before_softmax else values
-    scores = F.dropout(torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1), fus.dropout, True)
+    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1) * mask
     out = torch.matmul(torch.softmax(scores / t, dim=-1).unsqueeze(-2), vals).squeeze(-2)
     if fus.value is not None and not fus.value_before_softmax:
         out = lin(out, fus.value.weight)
@@ -295,10 +296,15 @@ def _dropout_fusion_by_definition(fus, query, values, residual, t):
 
 @pytest.mark.parametrize("kw", [dict(), dict(value=False), dict(residual_before=True, value_before_softmax=False),
                                 dict(query=False, key=False, value=False)])
-def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw):
-    """With dropout on the scores the fusion runs eagerly. It forms Q @ Wk and the weighted sum of the adapter
-    outputs instead of the k keys and k projected values per token (same values, same dropout mask): the
-    backward keeps the (..., k, d) adapter outputs once, not three times."""
+def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw, monkeypatch):
+    """Fusing given outputs with dropout on the scores runs eagerly (fusion_ops.masked_eager). It forms Q @ Wk
+    and the weighted sum of the adapter outputs instead of the k keys and k projected values per token (same
+    values, same dropout mask): the backward keeps the (..., k, d) adapter outputs once, not three times."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    masks = []
+    real_mask = fusion_mod.dropout_mask
+    monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: masks.append(real_mask(*a)) or masks[-1])
     torch.manual_seed(0)
     fus = pet_fast.AdapterFusion(16, dropout=0.3, dtype=torch.float64, **kw).train()
     with torch.no_grad():
@@ -314,11 +320,10 @@ def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw):
         saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
         return t
 
-    torch.manual_seed(1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         got = fus(*leaves)
-    torch.manual_seed(1)
-    want = _dropout_fusion_by_definition(fus, *leaves, 1.0)
+    assert len(masks) == 1 and masks[0].shape == (2, 5, 3) and (masks[0] == 0).any()
+    want = _dropout_fusion_by_definition(fus, *leaves, 1.0, masks[0].double())
     torch.testing.assert_close(got, want)
     params = [p for p in fus.parameters()]
     for a, b in zip(torch.autograd.grad(got.sum(), leaves + params), torch.autograd.grad(want.sum(), leaves + params)):

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _checks
@@ -84,29 +83,6 @@ class AdapterFusion(nn.Module):
             self.T = max(self.T - self.reduction, 1.0)
         return t
 
-    def _eager_with_dropout(self, query, values, residual, t, proj):
-        # fusion_ops.reference's values, with dropout on the scores as AdapterHub applies it, computed as the
-        # fused backends compute it: <Q, v_j @ Wk.T + bk> = <Q @ Wk, v_j> + <Q, bk>, and since the probabilities
-        # sum to one, sum_j p_j (v_j @ Wv.T) = (sum_j p_j v_j) @ Wv.T. The k keys and k projected values per
-        # token (two (..., k, d) tensors, each kept for the backward) are never formed: the backward keeps the
-        # adapter outputs once, Q @ Wk and the weighted sum (d per token each).
-        # The projections in query's dtype (float32 master weights of half-precision inputs: cast, as the op takes them).
-        lin = F.linear
-        if proj["residual_before"]:
-            values = values + residual.unsqueeze(-2)
-        q = lin(query, proj["w_query"], proj["b_query"]) if self.query is not None else query
-        qk = torch.matmul(q, proj["w_key"]) if self.key is not None else q
-        scores = torch.matmul(values, qk.unsqueeze(-1)).squeeze(-1)
-        if self.key is not None and proj["b_key"] is not None:
-            scores = scores + (q * proj["b_key"]).sum(-1, keepdim=True)  # the same for every adapter (as AdapterHub)
-        scores = torch.nn.functional.dropout(scores, self.dropout, True)
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # (as fusion_ops.reference)
-        probs = torch.softmax(scores.to(acc) / t, dim=-1).to(query.dtype)
-        out = torch.matmul(probs.unsqueeze(-2), values).squeeze(-2)
-        if self.value is not None:  # before or after the softmax: the same map (see above)
-            out = lin(out, proj["w_value"])
-        return out if proj["residual_before"] else out + residual
-
     def forward(self, query: torch.Tensor, values: torch.Tensor, residual: torch.Tensor, *,
                 backend: Optional[str] = None) -> torch.Tensor:
         """Fuse given adapter outputs ``values (..., k, d)``."""
@@ -114,8 +90,9 @@ class AdapterFusion(nn.Module):
         t = self._temperature()
         dropout = self.training and self.dropout > 0
         proj = self._projections(query.dtype, key_bias=dropout)
-        if dropout:
-            return self._eager_with_dropout(query, values, residual, t, proj)
+        if dropout:  # (eagerly, keeping the adapter outputs once: fusion_ops.masked_eager)
+            mask = dropout_mask(values.shape[:-1], self.dropout, values.device)
+            return fusion_ops.masked_eager(query, values, residual, temperature=t, score_mask=mask, **proj)
         return fusion_ops.adapter_fusion(query, values, residual, temperature=t, backend=backend, **proj)
 
     def _stacked(self, adapters: Sequence[BottleneckAdapter], dtype) -> tuple:

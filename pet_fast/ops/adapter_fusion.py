@@ -189,8 +189,44 @@ def stacked_adapter_outputs(x, w_down, b_down, w_up, b_up, activation="relu", sc
     return up * scaling
 
 
+def masked_eager(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
+                 b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
+                 b_query_key=None, score_mask=None, score_shift=None):
+    """:func:`reference`'s values for a call with a score mask, computed as the fused backends compute them:
+    <Q, v_j Wk^T + bk> = <Q Wk, v_j> + <Q, bk>, and since the probabilities sum to one, sum_j p_j (v_j Wv^T + bv)
+    = (sum_j p_j v_j) Wv^T + bv. The k keys and k projected values per token (two (..., k, d) tensors, each
+    kept for the backward) are never formed: autograd keeps the adapter outputs once, Q Wk and the weighted
+    sum (d per token each). The eager path of masked calls (dropout on the scores in training)."""
+    if residual_before:
+        values = values + residual.unsqueeze(-2)
+    if w_query_key is not None:
+        qk = torch.matmul(query, w_query_key)
+        qk = qk + b_query_key if b_query_key is not None else qk
+    else:
+        q = F.linear(query, w_query, b_query) if w_query is not None else query
+        qk = torch.matmul(q, w_key) if w_key is not None else q
+    scores = torch.matmul(values, qk.unsqueeze(-1)).squeeze(-1)
+    if w_query_key is None and w_key is not None and b_key is not None:
+        scores = scores + (q * b_key).sum(-1, keepdim=True)  # the same for every adapter (AdapterHub's key bias)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # (as reference)
+    scores = scores.to(acc)
+    if score_shift is not None:
+        scores = scores + score_shift.to(acc).unsqueeze(-1)
+    if score_mask is not None:
+        scores = scores * score_mask.detach().to(acc)
+    probs = torch.softmax(scores / temperature, dim=-1).to(query.dtype)
+    out = torch.matmul(probs.unsqueeze(-2), values).squeeze(-2)
+    if w_value is not None:  # before or after the softmax: the same map (see above)
+        out = F.linear(out, w_value, b_value)
+    return out if residual_before else out + residual
+
+
 def stacked_reference(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, **fusion):
+    """The eager backend: the adapter outputs, then :func:`reference` (with a score mask: :func:`masked_eager`,
+    which keeps a third of what reference keeps for the backward, for the same values)."""
     values = stacked_adapter_outputs(x, w_down, b_down, w_up, b_up, activation, scaling)
+    if fusion.get("score_mask") is not None:
+        return masked_eager(query, values, residual, **fusion)
     return reference(query, values, residual, **fusion)
 
 
