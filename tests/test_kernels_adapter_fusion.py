@@ -186,6 +186,17 @@ def test_folded_query_key_strided(dtype):
     torch.testing.assert_close(got, out, rtol=0, atol=0)
 
 
+def _assert_same_output_and_input_grads(got, got_inputs, want, want_inputs):
+    """float64: the same output, and the same gradients of x, query, residual and the adapter and value weights."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(want.shape, dtype=torch.float64)
+    names = ["x", "query", "residual", "w_down", "w_up", "w_value"]
+    need = torch.autograd.grad(want, [want_inputs[n] for n in names], dy)
+    have = torch.autograd.grad(got, [got_inputs[n] for n in names], dy)
+    for n, a, b in zip(names, have, need):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+
+
 def test_folded_query_key_is_the_projections_contract():
     """The folded op with w_query_key = Wq^T Wk and b_query_key = bq Wk gives the unfolded op's output and
     input gradients (float64, eager; the key bias cancels in the softmax)."""
@@ -196,13 +207,7 @@ def test_folded_query_key_is_the_projections_contract():
     del folded["b_key"]
     folded.update(w_query_key=wq.T @ wk, b_query_key=bq @ wk)
     got = call(folded, "eager")
-    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-12)
-    dy = torch.randn(out.shape, dtype=torch.float64)
-    names = ["x", "query", "residual", "w_down", "w_up", "w_value"]
-    want = torch.autograd.grad(out, [hi[n] for n in names], dy)
-    have = torch.autograd.grad(got, [folded[n] for n in names], dy)
-    for n, a, b in zip(names, have, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+    _assert_same_output_and_input_grads(got, folded, out, hi)
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -264,13 +269,7 @@ def test_score_shift_is_the_folded_key_bias_term():
     wq, bq, wk, bk = folded.pop("w_query"), folded.pop("b_query"), folded.pop("w_key"), folded.pop("b_key")
     folded.update(w_query_key=wq.T @ wk, b_query_key=bq @ wk, score_shift=hi["query"] @ (wq.T @ bk) + bq @ bk)
     got = call(folded, "eager", score_mask=mask)
-    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-12)
-    dy = torch.randn(out.shape, dtype=torch.float64)
-    names = ["x", "query", "residual", "w_down", "w_up", "w_value"]
-    want = torch.autograd.grad(out, [hi[n] for n in names], dy)
-    have = torch.autograd.grad(got, [folded[n] for n in names], dy)
-    for n, a, b in zip(names, have, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+    _assert_same_output_and_input_grads(got, folded, out, hi)
 
 
 @pytest.mark.parametrize("form", ["strided", "half", "no tokens"])

@@ -278,6 +278,16 @@ def test_dropout_path_with_half_inputs_and_float32_module():
     assert fus.query.weight.grad is not None and fus.query.weight.grad.dtype == torch.float32
 
 
+def _randomize_projections(fus):
+    """Projection weights of norm ~0.3 per entry and unit biases (zero at init: their terms would vanish)."""
+    with torch.no_grad():
+        for lin in (fus.query, fus.key, fus.value):
+            if lin is not None:
+                lin.weight.normal_(0, 0.3)
+                if lin.bias is not None:
+                    lin.bias.normal_()
+
+
 def _dropout_fusion_by_definition(fus, query, values, residual, t, mask):
     """AdapterHub's BertFusion with dropout on the scores (its ``mask``), as written: k keys and k projected
     values."""
@@ -307,12 +317,7 @@ def test_dropout_path_equals_the_definition_and_keeps_no_k_keys_or_values(kw, mo
     monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: masks.append(real_mask(*a)) or masks[-1])
     torch.manual_seed(0)
     fus = pet_fast.AdapterFusion(16, dropout=0.3, dtype=torch.float64, **kw).train()
-    with torch.no_grad():
-        for lin in (fus.query, fus.key, fus.value):
-            if lin is not None:
-                lin.weight.normal_(0, 0.3)
-                if lin.bias is not None:
-                    lin.bias.normal_()
+    _randomize_projections(fus)
     leaves = [torch.randn(2, 5, *s, dtype=torch.float64, requires_grad=True) for s in ((16,), (3, 16), (16,))]
     saved = {}  # storage -> shape of the tensors autograd keeps for the backward
 
@@ -608,12 +613,7 @@ def test_fuse_with_dropout_takes_the_stacked_op_and_equals_the_definition(monkey
     torch.manual_seed(0)
     ads, _ = _frozen_fusion()
     fus = pet_fast.AdapterFusion(16, dropout=0.4, **kw).train()
-    with torch.no_grad():
-        for lin in (fus.query, fus.key, fus.value):
-            if lin is not None:
-                lin.weight.normal_(0, 0.3)
-                if lin.bias is not None:
-                    lin.bias.normal_()
+    _randomize_projections(fus)
     masks, stacked = [], []
     real_mask, real_op = fusion_mod.dropout_mask, fusion_ops.stacked_adapter_fusion
     monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: masks.append(real_mask(*a)) or masks[-1])

@@ -144,6 +144,17 @@ def check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_valu
     return temperature
 
 
+def _probabilities(scores, dtype, temperature, score_shift=None, score_mask=None):
+    """softmax_j((scores + shift) * mask / T) in float32 (float64 for float64), returned in ``dtype``."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scores = scores.to(acc)
+    if score_shift is not None:
+        scores = scores + score_shift.to(acc).unsqueeze(-1)
+    if score_mask is not None:
+        scores = scores * score_mask.detach().to(acc)
+    return torch.softmax(scores / temperature, dim=-1).to(dtype)
+
+
 def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
               b_query_key=None, score_mask=None, score_shift=None):
@@ -160,13 +171,8 @@ def reference(query, values, residual, w_query=None, b_query=None, w_key=None, b
         keys = F.linear(values, w_key, b_key) if w_key is not None else values
     project_first = w_value is not None and value_before_softmax
     vals = F.linear(values, w_value, b_value) if project_first else values
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1).to(acc)  # (..., k)
-    if score_shift is not None:
-        scores = scores + score_shift.to(acc).unsqueeze(-1)
-    if score_mask is not None:
-        scores = scores * score_mask.detach().to(acc)
-    probs = torch.softmax(scores / temperature, dim=-1).to(query.dtype)
+    scores = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1)  # (..., k)
+    probs = _probabilities(scores, query.dtype, temperature, score_shift, score_mask)
     out = torch.matmul(probs.unsqueeze(-2), vals).squeeze(-2)
     if w_value is not None and not value_before_softmax:
         out = F.linear(out, w_value, b_value)
@@ -208,13 +214,7 @@ def masked_eager(query, values, residual, w_query=None, b_query=None, w_key=None
     scores = torch.matmul(values, qk.unsqueeze(-1)).squeeze(-1)
     if w_query_key is None and w_key is not None and b_key is not None:
         scores = scores + (q * b_key).sum(-1, keepdim=True)  # the same for every adapter (AdapterHub's key bias)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # (as reference)
-    scores = scores.to(acc)
-    if score_shift is not None:
-        scores = scores + score_shift.to(acc).unsqueeze(-1)
-    if score_mask is not None:
-        scores = scores * score_mask.detach().to(acc)
-    probs = torch.softmax(scores / temperature, dim=-1).to(query.dtype)
+    probs = _probabilities(scores, query.dtype, temperature, score_shift, score_mask)
     out = torch.matmul(probs.unsqueeze(-2), values).squeeze(-2)
     if w_value is not None:  # before or after the softmax: the same map (see above)
         out = F.linear(out, w_value, b_value)
