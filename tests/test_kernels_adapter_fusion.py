@@ -272,16 +272,20 @@ def test_score_shift_is_the_folded_key_bias_term():
     _assert_same_output_and_input_grads(got, folded, out, hi)
 
 
-@pytest.mark.parametrize("form", ["strided", "half", "no tokens"])
+@pytest.mark.parametrize("form", ["strided", "strided shift", "half", "no tokens"])
 def test_score_mask_layouts_dtypes_and_no_tokens(form):
-    """A strided mask, a mask in another floating dtype (the kernels read it as float32) and a call without
-    tokens: the eager backend's output and gradients."""
+    """A strided mask, a strided score shift, a mask in another floating dtype (the kernels read it as float32)
+    and a call without tokens: the eager backend's output and gradients."""
     n_shape = (0, 5) if form == "no tokens" else (4, 5)
-    _, lo = make_case(n_shape, 12, 3, 3, torch.float32)
+    _, lo = make_case(n_shape, 12, 3, 3, torch.float32, folded=form == "strided shift")
     mask = score_mask(n_shape, 3)
     if form == "strided":
         mask = torch.stack([mask, torch.full_like(mask, 7.0)], dim=-1)[..., 0]
         assert not mask.is_contiguous()
+    elif form == "strided shift":
+        base = torch.randn(n_shape[0], 2 * n_shape[1]).requires_grad_()
+        lo["score_shift"] = base[:, ::2]
+        assert not lo["score_shift"].is_contiguous()
     elif form == "half":
         mask = mask.half()
     leaves = [b for b in lo.values() if isinstance(b, torch.Tensor)]

@@ -88,6 +88,42 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fusion_dropout_under_gradient_checkpointing(backend, monkeypatch):
+    """AdapterFusion's dropout on the scores (its mask drawn in the forward) with the layers recomputed in the
+    backward (the masks drawn again: twice as many draws): checkpointing restores the RNG state, so the
+    recomputation draws the same masks and the gradients are those of the step without checkpointing (the
+    same seed)."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    draws = []
+    real = fusion_mod.dropout_mask
+    monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: draws.append(1) or real(*a))
+    grads, counts = [], []
+    for ckpt in (False, True):
+        draws.clear()
+        model = _prepare("bert", "fusion")
+        model.train()
+        _no_dropout(model)
+        for m in model.modules():
+            if isinstance(m, pet_fast.AdapterFusion):
+                m.dropout = 0.4
+        if ckpt:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            assert model.bert.gradient_checkpointing
+        ids, mask = batch()
+        torch.manual_seed(5)
+        with pet_fast.use_backend(backend):
+            _task_step(model, ids, mask, torch.tensor([0, 1, 0])).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        counts.append(len(draws))
+    assert counts[0] > 0 and counts[1] == 2 * counts[0]
+    assert grads[0].keys() == grads[1].keys() and any(k.endswith(".t.key.bias") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["adapter", "fusion", "side", "mask"])
 def test_autocast_bf16_on_cpu(method):
     model = _prepare("bert", method)

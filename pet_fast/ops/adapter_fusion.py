@@ -697,7 +697,9 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
         if score_shift is not None:
             shift = score_shift.reshape(-1)
             t0 = shift if t0 is None else t0 + shift
-        masked = (score_mask.reshape(-1, w_down.shape[0]).to(torch.float32).contiguous(), t0)
+        # (both read densely by the kernels: a strided mask or shift is copied)
+        masked = (score_mask.reshape(-1, w_down.shape[0]).to(torch.float32).contiguous(),
+                  t0.contiguous() if t0 is not None else None)
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
         # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
