@@ -37,7 +37,8 @@ Score mask (dropout on the scores, the op's ``score_mask``): with a mask m (N, k
 cancels without a mask (the key bias's, and a residual added before the fusion's; formed by the op,
 which passes None where there is none). The forward reads m and t0; the per-token-tile backward
 multiplies the score gradient by m before it is stored and used (``DSCBUF``: the weight-gradient
-reduction reads it unchanged) and writes t0's gradient, the sum over j of that product. Without a
+reduction reads it unchanged) and writes t0's gradient, the sum over j of that product (in a form without
+its cancellation: see ``_bwd_rows_kernel``). Without a
 mask neither kernel reads or writes anything more (``HAS_SM``/``HAS_T0``).
 
 For fp16/bf16 inputs ``qk`` and ``dctx`` come in fp32 (rounded to the input dtype they cost the
@@ -574,8 +575,9 @@ def backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     inputs = [dctx, x, qk, w_down, b_down, w_up, b_up, scaling, abuf, pbuf, b_qk]
     if score_mask is not None:  # (keys and inputs of calls without it as before: the C++ node runs those programs)
         key, inputs = key + _replay.key_of(*rest), inputs + [score_mask]
-    return _replay.call(_BACKWARD_PROGRAMS, key, inputs, _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation,
-                        inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x, *rest, single=False)
+    return _replay.call(_BACKWARD_PROGRAMS, key, inputs, _backward, dctx, x, qk, w_down, b_down, w_up, b_up, scaling,
+                        scaling_value, activation, inv_temperature, abuf, pbuf, need_ds, need_weights, b_qk, dqk_like_x,
+                        *rest, single=False)
 
 
 def _backward(dctx, x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,

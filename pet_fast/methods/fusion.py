@@ -218,7 +218,9 @@ class _ForwardProjections(PerForward):
     49 launches and 203 aten ops fewer. The products are rounded once, in the compute dtype (as q and Wk were),
     so the scores differ from the unfolded ones' by rounding only. The batched products cost about 3 d^3 per
     layer and step against the 3 N d^2 they save: calls with fewer than N = d tokens (serving, small evaluation
-    batches) ask for the projections unfolded (FOLD_MIN_TOKENS_PER_WIDTH).
+    batches) ask for the projections unfolded (FOLD_MIN_TOKENS_PER_WIDTH). With dropout on the scores the key's
+    bias is batched too, and its term <Q, bk> = y (bk Wq) + bq . bk, which the masked scores no longer cancel, is
+    folded by two more batched products, for the op's score shift.
 
     Where no cast is needed (float32 training, or weights already in the compute dtype) the batch is made for
     the fold alone (one concatenation instead of the cast; in float32 the three products it saves per layer are
