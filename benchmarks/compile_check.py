@@ -138,12 +138,15 @@ def _cases(module_name, dtypes, tuned):
     elif module_name == "adapter_fusion":
         import pet_fast.kernels.adapter_fusion as A
         for dt in dts:
-            for n, k, d in [(256, 3, 768), (256, 8, 4096)] + odd([(37, 3, 200)]):
-                def run(n=n, k=k, d=d, dt=dt):
+            # and with a score mask and its shared term t0 (dropout on the scores)
+            for n, k, d, masked in [(256, 3, 768, False), (256, 8, 4096, False), (256, 3, 768, True)] + odd(
+                    [(37, 3, 200, False)]):
+                def run(n=n, k=k, d=d, dt=dt, masked=masked):
                     v, qk = mk(n, k, d, dt=dt), mk(n, d, dt=dt)
-                    ctx, p = A.attention_forward(v, qk, 1.0)
-                    A.attention_backward(mk(n, d, dt=dt), v, qk, p, 1.0)
-                cases.append((f"n={n} k={k} d={d} {short[dt]}", run))
+                    sm, t0 = (mk(n, k), mk(n, dt=dt)) if masked else (None, None)
+                    ctx, p = A.attention_forward(v, qk, 1.0, sm, t0)
+                    A.attention_backward(mk(n, d, dt=dt), v, qk, p, 1.0, sm, masked)
+                cases.append((f"n={n} k={k} d={d} {short[dt]}" + (" score mask" if masked else ""), run))
     elif module_name == "stacked_adapter_fusion":
         import pet_fast.kernels.stacked_adapter_fusion as F
         for dt in dts:

@@ -69,6 +69,21 @@ def _col(t, kk, j):
 
 
 @triton.jit
+def _pairwise(p, m, dp, kk, K):
+    """sum_ij p_i p_j (m_j - m_i)(dp_j - dp_i) per row of (BLOCK_N, KP) tiles: twice t0's gradient (times T),
+    sum_j m_j dscore_j, which equals it since the p_i sum to one. The plain sum cancels (to exactly 0 where
+    no score is dropped) and kept the rounding of its terms; this form has none (0 is 0) and costs k^2 per
+    token."""
+    acc = tl.sum(p * 0.0, axis=1)
+    for i in range(K):
+        pi = _col(p, kk, i)
+        mi = _col(m, kk, i)
+        dpi = _col(dp, kk, i)
+        acc += pi * tl.sum(p * (m - mi[:, None]) * (dp - dpi[:, None]), axis=1)
+    return acc
+
+
+@triton.jit
 def _scale(S, s_value, j, S_MODE: tl.constexpr):
     if S_MODE == 0:
         s = s_value
@@ -243,16 +258,7 @@ def _bwd_rows_kernel(X, QK, QKB, SM, DT0, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF
     if HAS_SM:  # the gradient of the unmasked score <qk, v_j> (+ t0): dscore_j m_j
         m = tl.load(SM + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if HAS_T0:
-            # t0's, sum_j m_j dscore_j, as 1/2 sum_ij p_i p_j (m_j - m_i)(dp_j - dp_i) / T (equal, since the p_i
-            # sum to one): the plain sum cancels (to exactly 0 where no score is dropped) and kept the rounding
-            # of the terms; this form has none (0 is 0) and costs k^2 per token
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in range(K):
-                pi = _col(p, kk, i)
-                mi = _col(m, kk, i)
-                dpi = _col(dp, kk, i)
-                acc += pi * tl.sum(p * (m - mi[:, None]) * (dp - dpi[:, None]), axis=1)
-            tl.store(DT0 + rows, (0.5 * inv_t * acc).to(DT0.dtype.element_ty), mask=rmask)
+            tl.store(DT0 + rows, (0.5 * inv_t * _pairwise(p, m, dp, kk, K)).to(DT0.dtype.element_ty), mask=rmask)
         dsc = dsc * m
     tl.store(DSCBUF + rows[:, None] * K + kk[None, :], dsc, mask=rmask[:, None] & kmask[None, :])
     tl.debug_barrier()  # the tiles stored above are read back below, maybe by other threads of the program

@@ -405,6 +405,8 @@ def test_custom_ops_opcheck():
                           (r(5, 16), r(5, 16), r(2, 3, 16), r(2, 3), r(2, 16, 3), r(2, 16), r(2), 1.0, "gelu", 0.5,
                            r(5, 16), r(16, 16), r(16)))
     torch.library.opcheck(torch.ops.pet_fast.fusion_attention_triton.default, (r(5, 3, 16), r(5, 16), 0.5))
+    torch.library.opcheck(torch.ops.pet_fast.fusion_attention_triton.default,  # a score mask and t0
+                          (r(5, 3, 16), r(5, 16), 0.5, (torch.rand(5, 3) > 0.3).float() * 1.25, r(5)))
     h = lambda *s: torch.randn(*s, dtype=torch.float16, requires_grad=True)
     torch.library.opcheck(torch.ops.pet_fast.fusion_qk_f32.default, (h(5, 16), h(16, 16)))
     torch.library.opcheck(torch.ops.pet_fast.fusion_qk_f32.default, (h(5, 16), h(16, 16), h(16)))
@@ -464,10 +466,12 @@ def test_gpu_autotuned_rows_backward(monkeypatch):
 
 # --- adapter_fusion (adapter outputs given) ------------------------------------------------------
 
-def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, seed=0):
+def make_given(n_shape, d, k, dtype, device="cpu", proj=True, value_bias=True, seed=0, shift=False):
     gen = torch.Generator().manual_seed(seed)
     g = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     t = dict(query=g(*n_shape, d), values=g(*n_shape, k, d), residual=g(*n_shape, d))
+    if shift:
+        t["score_shift"] = g(*n_shape)
     if proj:
         t.update(w_query=g(d, d) / d ** 0.5, b_query=g(d) * 0.3, w_key=g(d, d) / d ** 0.5, b_key=g(d) * 0.3,
                  w_value=g(d, d) / d ** 0.5)
@@ -483,16 +487,24 @@ def call_given(ts, backend, **kw):
     return pet_fast.adapter_fusion(ts["query"], ts["values"], ts["residual"], backend=backend, **kw, **rest)
 
 
-def check_given(n_shape, d, k, dtype, device="cpu", case=None, **kw):
+def definition_given(ts, **kw):
+    """adapter_fusion's definition (fusion_ops.reference; the eager backend but for masked calls)."""
+    return fusion_ops.reference(ts["query"], ts["values"], ts["residual"], **kw,
+                                **{a: b for a, b in ts.items() if a not in ("query", "values", "residual")})
+
+
+def check_given(n_shape, d, k, dtype, device="cpu", case=None, mask=None, **kw):
+    """``mask``: a score mask, as :func:`check`'s."""
     hi, lo = make_given(n_shape, d, k, dtype, device, **(case or {}))
-    ref = call_given(hi, "eager", **kw)
+    ref = definition_given(hi, **kw, **({} if mask is None else dict(score_mask=mask.double().cpu())))
+    kw = kw if mask is None else dict(kw, score_mask=mask.to(device))
     dy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     ref_g = grads(hi, ref, dy)
     out = call_given(lo, "triton", **kw)
     got_g = grads(lo, out, dy.to(device=device, dtype=dtype))
     res = {"out": (out, ref)} | {a: (got_g[a], ref_g[a]) for a in ref_g}
     lo2 = {a: b.detach().clone().requires_grad_() for a, b in lo.items()}
-    eager = call_given(lo2, "eager", **kw)
+    eager = definition_given(lo2, **kw)
     eager_res = {"out": eager} | grads(lo2, eager, dy.to(device=device, dtype=dtype))
     if dtype == torch.float32:
         check_fp32(res, eager_res, ref)
@@ -515,6 +527,44 @@ def test_given_values_fp32(case, kw):
 
 def test_given_values_fp16():
     check_given((19,), 40, 5, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_shape,d,k,case,kw", [
+    ((3, 7), 37, 3, dict(), dict()),
+    ((19,), 24, 4, dict(value_bias=False), dict(residual_before=True, value_before_softmax=False, temperature=3.0)),
+    ((11,), 20, 2, dict(proj=False, shift=True), dict(residual_before=True)),
+    ((9,), 17, 1, dict(shift=True), dict()),
+])
+def test_given_values_score_mask(dtype, n_shape, d, k, case, kw):
+    """adapter_fusion with a score mask (and a score shift): the triton backend against the float64
+    definition, output and every gradient (the key bias's, the shift's), as the stacked op's."""
+    check_given(n_shape, d, k, dtype, case=case, mask=score_mask(n_shape, k), **kw)
+
+
+@pytest.mark.parametrize("case,kw", [(dict(), dict()), (dict(shift=True), dict(residual_before=True))])
+def test_given_values_masked_eager_is_the_definition(case, kw):
+    """The eager backend's masked calls (masked_eager) give the definition's values and gradients (float64)."""
+    hi, _ = make_given((4, 5), 12, 3, torch.float64, **case)
+    mask = score_mask((4, 5), 3).double()
+    want = definition_given(hi, score_mask=mask, **kw)
+    got = call_given(hi, "eager", score_mask=mask, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = list(hi.values())
+    dy = torch.randn(got.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad(want, leaves, dy, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_given_values_score_mask_errors():
+    q, v = torch.randn(3, 8), torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match=r"score_mask must have shape \(3, 2\)"):
+        pet_fast.adapter_fusion(q, v, q, score_mask=torch.ones(3, 3))
+    with pytest.raises(TypeError, match="score_shift must have the dtype of query"):
+        pet_fast.adapter_fusion(q, v, q, score_mask=torch.ones(3, 2), score_shift=torch.ones(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -862,7 +912,8 @@ def test_core_op_under_autocast_keeps_its_dtypes():
 # --- the two entry points: autograd.Function (eager calls) and custom op (compiled code, opcheck) -------
 
 @pytest.mark.parametrize("op,dtype", [("stacked", torch.float32), ("stacked", torch.float16), ("given", torch.float32),
-                                      ("masked", torch.float32), ("masked", torch.float16)])
+                                      ("masked", torch.float32), ("masked", torch.float16),
+                                      ("given masked", torch.float32)])
 def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
     """Eager calls take the ops' formulas through autograd.Functions; PET_FAST_CUSTOM_OPS=1 (read per call)
     sends them through the custom ops. Same kernels, same formulas: the same bits, output and gradients
@@ -876,7 +927,8 @@ def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
             out = call(lo, "triton", activation="gelu", temperature=1.5, **mask)
         else:
             _, lo = make_given((6,), 20, 3, dtype)
-            out = call_given(lo, "triton", temperature=1.5)
+            mask = dict(score_mask=score_mask((6,), 3)) if op == "given masked" else {}
+            out = call_given(lo, "triton", temperature=1.5, **mask)
         names = graph_node_names(out)
         function_nodes = {n for n in names if n.endswith("_functionBackward")}
         assert bool(function_nodes) == (env == "0"), names

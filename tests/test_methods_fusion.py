@@ -265,6 +265,48 @@ def test_fuse_under_autocast_keeps_the_stack_in_the_autocast_dtype(monkeypatch):
     torch.testing.assert_close(first, want)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("residual_before", [False, True])
+def test_adapters_the_stacked_op_does_not_take_under_autocast(dropout, residual_before):
+    """Adapters with different activations under bf16 autocast (float32 activations, as at a Pfeiffer site):
+    the given-outputs op gets query, outputs and (where it enters the products) the residual in the autocast
+    dtype, as the stacked op does (the op takes one dtype); float32 weights get float32 gradients."""
+    ads, _ = _frozen_fusion()
+    ads[0].activation = "tanh"
+    fus = pet_fast.AdapterFusion(16, dropout=dropout, residual_before=residual_before).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fus.fuse(x, x, x, ads)
+    assert out.dtype == (torch.bfloat16 if residual_before else torch.float32) and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and fus.query.weight.grad.dtype == torch.float32
+
+
+def test_given_outputs_with_dropout_on_the_triton_backend(monkeypatch):
+    """Fusing given adapter outputs with dropout in training takes the given-outputs op's triton backend with
+    the drawn mask: AdapterHub's definition with that mask, output and every gradient (float32 against
+    float64)."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    masks = []
+    real_mask = fusion_mod.dropout_mask
+    monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: masks.append(real_mask(*a)) or masks[-1])
+    torch.manual_seed(0)
+    fus = pet_fast.AdapterFusion(16, dropout=0.4).train()
+    _randomize_projections(fus)
+    leaves = [torch.randn(2, 5, *s, requires_grad=True) for s in ((16,), (3, 16), (16,))]
+    got = fus(*leaves, backend="triton")
+    fus64 = copy.deepcopy(fus).double()
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = _dropout_fusion_by_definition(fus64, *leaves64, 1.0, masks[0].double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    dy = torch.randn(got.shape)
+    have = torch.autograd.grad(got, leaves + list(fus.parameters()), dy)
+    need = torch.autograd.grad(want, leaves64 + list(fus64.parameters()), dy.double())
+    for a, b in zip(have, need):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
 def test_dropout_path_with_half_inputs_and_float32_module():
     """Training with dropout on the scores runs eagerly; half-precision inputs with a float32 fusion
     layer (no autocast) use the projections cast to the inputs' dtype, as the fused op does."""

@@ -32,8 +32,8 @@ class AdapterFusion(nn.Module):
     identity (1 on the diagonal, 1e-6 elsewhere); ``temperature=True`` starts the softmax temperature
     at 50 and lowers it by 0.05 per training forward down to 1; ``dropout`` applies to the attention
     scores in training, as AdapterHub applies it (before the temperature; the key bias then counts). In
-    :meth:`fuse` the stacked op takes it as its ``score_mask``, so the fused backends train with it; fusing
-    given adapter outputs (:meth:`forward`) with dropout runs eagerly.
+    :meth:`fuse` the stacked op takes it as its ``score_mask``, and in :meth:`forward` (given adapter outputs)
+    the given-outputs op, so the fused backends train with it.
     """
 
     def __init__(self, d_model: int, *, query: bool = True, key: bool = True, value: bool = True,
@@ -90,10 +90,10 @@ class AdapterFusion(nn.Module):
         t = self._temperature()
         dropout = self.training and self.dropout > 0
         proj = self._projections(query.dtype, key_bias=dropout)
-        if dropout:  # (eagerly, keeping the adapter outputs once: fusion_ops.masked_eager)
-            mask = dropout_mask(values.shape[:-1], self.dropout, values.device)
-            return fusion_ops.masked_eager(query, values, residual, temperature=t, score_mask=mask, **proj)
-        return fusion_ops.adapter_fusion(query, values, residual, temperature=t, backend=backend, **proj)
+        # dropout: the op's score mask (its eager backend keeps the adapter outputs once: fusion_ops.masked_eager)
+        mask = dropout_mask(values.shape[:-1], self.dropout, values.device) if dropout else None
+        return fusion_ops.adapter_fusion(query, values, residual, temperature=t, score_mask=mask, backend=backend,
+                                         **proj)
 
     def _stacked(self, adapters: Sequence[BottleneckAdapter], dtype) -> tuple:
         """:func:`stack_adapters`, kept between calls while the adapters are frozen (AdapterFusion's
@@ -135,6 +135,7 @@ class AdapterFusion(nn.Module):
                 # under autocast the adapters return float32 (x + 0 in the float32 stream): cast once here, or each
                 # of the two products that read the values casts them and keeps its own copy for the backward
                 values = values.to(dt)
+            query, residual = self._in_compute_dtype(query, residual, dt)
             return self.forward(query, values, residual, backend=backend)
         dt = compute_dtype(x)
         if dt != x.dtype:
@@ -144,9 +145,7 @@ class AdapterFusion(nn.Module):
             # call), and the residual left in float32 when it is added after the fusion (the op adds it in
             # float32, as eager does).
             xc = x.to(dt)
-            query = xc if query is x else query.to(dt)
-            if self.residual_before or residual.dtype != torch.float32:
-                residual = residual.to(dt)
+            query, residual = self._in_compute_dtype(xc if query is x else query, residual, dt)
             x = xc
         w_down, b_down, w_up, b_up, scaling, activation = self._stacked(adapters, x.dtype)
         t = self._temperature()
@@ -157,6 +156,17 @@ class AdapterFusion(nn.Module):
         return fusion_ops.stacked_adapter_fusion(
             x, query, residual, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
             temperature=t, score_mask=mask, score_shift=shift, backend=backend, **proj)
+
+
+    def _in_compute_dtype(self, query, residual, dt):
+        """query in the compute dtype ``dt`` (autocast's, where the fused ops take one dtype), and the residual
+        where it enters the products (added before the fusion) or is not float32 (the ops add a float32
+        residual after the fusion in float32, as eager autocast does)."""
+        if query.dtype != dt:
+            query = query.to(dt)
+        if residual.dtype != dt and (self.residual_before or residual.dtype != torch.float32):
+            residual = residual.to(dt)
+        return query, residual
 
 
 def _score_shift(query: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
@@ -378,7 +388,7 @@ class FusionConfig(MethodConfig):
     an activation and a scalar scaling kind (fixed or learned); otherwise (per-channel scaling, different
     activations) each adapter runs on its own and their outputs are fused (``adapter_fusion``). In
     training with a dropout above 0 (BERT's default 0.1), the stacked op takes the dropout as its score
-    mask (fused backends included); fusing given outputs with dropout runs eagerly.
+    mask (fused backends included), as the given-outputs op does for adapters the stacked op does not take.
     With parallel adapters, the fusion adds its output once to ``h + x`` (AdapterHub adds ``x``
     a second time there). The key projection's bias adds the same number to every adapter's score, which the
     softmax cancels: it is kept (and saved) as AdapterHub has it, but gets no gradient (None) unless dropout

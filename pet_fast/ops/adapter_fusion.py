@@ -242,7 +242,15 @@ def describe(query, k, **extra) -> dict:
     return _checks.info(query, d=query.shape[-1], k=k, n=query.numel() // max(query.shape[-1], 1), **extra)
 
 
-dispatch.register(OP, "eager", reference)
+def given_eager(query, values, residual, **fusion):
+    """The eager backend of adapter_fusion: :func:`reference`, but for calls with a score mask
+    :func:`masked_eager` (as the stacked op's eager backend, :func:`stacked_eager`)."""
+    if fusion.get("score_mask") is None:
+        return reference(query, values, residual, **fusion)
+    return masked_eager(query, values, residual, **fusion)
+
+
+dispatch.register(OP, "eager", given_eager)
 dispatch.register(OP_STACKED, "eager", stacked_eager)
 
 
@@ -260,21 +268,25 @@ def adapter_fusion(
     temperature: float = 1.0,
     residual_before: bool = False,
     value_before_softmax: bool = True,
+    score_mask: Optional[torch.Tensor] = None,
+    score_shift: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """AdapterFusion over given adapter outputs ``values (..., k, d)``; see the module docstring."""
     def resolve():
         t = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
                          residual_before=residual_before)
-        requires_grad = _checks.needs_grad(query, values, residual, w_query, w_key, w_value)
+        check_score_mask(query, score_mask, values.shape[-2], score_shift)
+        requires_grad = _checks.needs_grad(query, values, residual, w_query, w_key, w_value, score_shift)
         return t, describe(query, values.shape[-2], requires_grad=requires_grad)
 
     sig = _checks.signature(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
-                            bool(residual_before))
+                            bool(residual_before), score_mask, score_shift)
     temperature, impl = dispatch.plan(OP, sig, backend, resolve)
     return impl.run(query, values, residual, w_query=w_query, b_query=b_query, w_key=w_key, b_key=b_key,
                     w_value=w_value, b_value=b_value, temperature=temperature,
-                    residual_before=bool(residual_before), value_before_softmax=bool(value_before_softmax))
+                    residual_before=bool(residual_before), value_before_softmax=bool(value_before_softmax),
+                    score_mask=score_mask, score_shift=score_shift)
 
 
 def check_stacked(x, query, w_down, b_down, w_up, b_up, activation, scaling):
@@ -762,37 +774,48 @@ dispatch.set_preference(OP_STACKED, _timings.preference(OP_STACKED))
 # a kernel for ctx = sum_j softmax_j(<qk, v_j>/T) v_j that reads the values instead of recomputing them.
 
 
-def _attn_forward(values: torch.Tensor, qk: torch.Tensor, inv_temperature: float) -> List[torch.Tensor]:
-    ctx, p = _attention_kernels().attention_forward(values, qk, inv_temperature)
+def _attn_forward(values: torch.Tensor, qk: torch.Tensor, inv_temperature: float,
+                  score_mask: Optional[torch.Tensor] = None, t0: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """[ctx, p]; ``score_mask`` (N, k) float32 and ``t0`` (N,) in qk's dtype as the stacked core's."""
+    ctx, p = _attention_kernels().attention_forward(values, qk, inv_temperature, score_mask, t0)
     return [ctx, p]
 
 
-def _attn_fake(values, qk, inv_temperature):
+def _attn_fake(values, qk, inv_temperature, score_mask=None, t0=None):
     return [torch.empty_like(qk), qk.new_empty((qk.shape[0], values.shape[1]), dtype=torch.float32)]
 
 
 def _attn_backward(dctx: torch.Tensor, values: torch.Tensor, qk: torch.Tensor, p: torch.Tensor,
-                   inv_temperature: float) -> List[torch.Tensor]:
-    dv, dqk = _attention_kernels().attention_backward(dctx, values, qk, p, inv_temperature)
-    return [dv, dqk]
+                   inv_temperature: float, score_mask: Optional[torch.Tensor] = None,
+                   need_dt0: bool = False) -> List[torch.Tensor]:
+    dv, dqk, dt0 = _attention_kernels().attention_backward(dctx, values, qk, p, inv_temperature, score_mask, need_dt0)
+    return [dv, dqk, dt0 if dt0 is not None else qk.new_empty((0,))]
 
 
-def _attn_backward_fake(dctx, values, qk, p, inv_temperature):
-    return [torch.empty_like(values), torch.empty_like(qk)]
+def _attn_backward_fake(dctx, values, qk, p, inv_temperature, score_mask=None, need_dt0=False):
+    dt0 = qk.new_empty((qk.shape[0],)) if (need_dt0 and score_mask is not None) else qk.new_empty((0,))
+    return [torch.empty_like(values), torch.empty_like(qk), dt0]
 
 
 def _attn_setup(ctx, inputs, output):
-    values, qk, inv_temperature = inputs
-    ctx.save_for_backward(values, qk, output[1])
+    values, qk, inv_temperature, score_mask, t0 = tuple(inputs) + (None,) * (5 - len(inputs))
+    ctx.save_for_backward(values, qk, output[1], score_mask)
     ctx.mark_non_differentiable(output[1])
     ctx.inv_temperature = inv_temperature
+    ctx.has_t0 = t0 is not None
+    # one gradient per argument passed (the custom op's dispatcher drops trailing None arguments)
+    ctx.n_inputs = len(inputs)
+    ctx.n_passed = 5 if t0 is not None else 4 if score_mask is not None else 3
     ctx.set_materialize_grads(False)  # no zero-filled gradient for p
 
 
 def _attn_grad(ctx, grads):
-    values, qk, p = ctx.saved_tensors
-    dv, dqk = ATTENTION_BACKWARD.within(ctx)(grads[0].contiguous(), values, qk, p, ctx.inv_temperature)
-    return dv, dqk, None
+    values, qk, p, score_mask = ctx.saved_tensors
+    need_dt0 = ctx.has_t0 and ctx.needs_input_grad[4]
+    dv, dqk, dt0 = ATTENTION_BACKWARD.within(ctx)(grads[0].contiguous(), values, qk, p, ctx.inv_temperature,
+                                                  score_mask, need_dt0)
+    out = (dv, dqk, None, None, dt0 if need_dt0 else None)
+    return out[:ctx.n_inputs if getattr(ctx, "pet_fast_eager", False) else ctx.n_passed]
 
 
 ATTENTION_BACKWARD = _autograd.custom_op("fusion_attention_triton_backward", _attn_backward,
@@ -802,12 +825,19 @@ ATTENTION = _autograd.custom_op("fusion_attention_triton", _attn_forward, fake=_
 
 
 def _given_triton(query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature,
-                  residual_before):
+                  residual_before, b_key=None, score_shift=None, score_mask=None):
     d = query.shape[-1]
     k = values.shape[-2]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
-    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax
-    ctx = ATTENTION(values.reshape(-1, k, d).contiguous(), qk.reshape(-1, d).contiguous(), 1.0 / float(temperature))[0]
+    qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax (without a mask)
+    masked = ()
+    if score_mask is not None:  # (as _stacked_triton)
+        t0 = _shared_score(query, q, residual, w_key, b_key, None, None, residual_before)
+        if score_shift is not None:
+            t0 = score_shift.reshape(-1) if t0 is None else t0 + score_shift.reshape(-1)
+        masked = (score_mask.reshape(-1, k).to(torch.float32).contiguous(), t0.contiguous() if t0 is not None else None)
+    ctx = ATTENTION(values.reshape(-1, k, d).contiguous(), qk.reshape(-1, d).contiguous(), 1.0 / float(temperature),
+                    *masked)[0]
     out = ctx.reshape(query.shape)
     if residual_before:
         out = out + residual
@@ -819,16 +849,18 @@ def _given_triton(query, values, residual, w_query, b_query, w_key, w_value, b_v
 
 
 def run_triton(query, values, residual, w_query=None, b_query=None, w_key=None, b_key=None, w_value=None,
-               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True):
+               b_value=None, temperature=1.0, residual_before=False, value_before_softmax=True, score_mask=None,
+               score_shift=None):
     """The triton backend of adapter_fusion: same call as :func:`reference`."""
-    args = (query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature, residual_before)
+    args = (query, values, residual, w_query, b_query, w_key, w_value, b_value, temperature, residual_before,
+            b_key if score_mask is not None else None, score_shift if score_mask is not None else None)
     dt = compute_dtype(query)
     if dt == query.dtype:
         with _no_autocast(query.device.type):
-            return _given_triton(*args)
+            return _given_triton(*args, score_mask)
     cast = _caster(dt)
     with torch.autocast(query.device.type, enabled=False):
-        return _given_triton(*(cast(a) if i != 2 or residual_before else a for i, a in enumerate(args)))
+        return _given_triton(*(cast(a) if i != 2 or residual_before else a for i, a in enumerate(args)), score_mask)
 
 
 def fusion_triton_reasons(info) -> list:
