@@ -197,6 +197,17 @@ def _assert_same_output_and_input_grads(got, got_inputs, want, want_inputs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
 
 
+def _assert_same_values_and_grads(got, want, leaves):
+    """float64, two computations on the same leaves: the same output and gradients (None where one is None)."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(got.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad(want, leaves, dy, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_folded_query_key_is_the_projections_contract():
     """The folded op with w_query_key = Wq^T Wk and b_query_key = bq Wk gives the unfolded op's output and
     input gradients (float64, eager; the key bias cancels in the softmax)."""
@@ -311,14 +322,7 @@ def test_masked_eager_is_the_reference(case, kw):
                                                 hi["scaling"])
     want = fusion_ops.reference(hi["query"], values, hi["residual"], score_mask=mask, **kw, **fusion)
     got = fusion_ops.masked_eager(hi["query"], values, hi["residual"], score_mask=mask, **kw, **fusion)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    leaves = [t for t in hi.values() if isinstance(t, torch.Tensor)]
-    dy = torch.randn(got.shape, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(got, leaves, dy, allow_unused=True, retain_graph=True),
-                    torch.autograd.grad(want, leaves, dy, allow_unused=True)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_same_values_and_grads(got, want, [t for t in hi.values() if isinstance(t, torch.Tensor)])
 
 
 def test_score_mask_changes_the_output():
@@ -549,14 +553,7 @@ def test_given_values_masked_eager_is_the_definition(case, kw):
     mask = score_mask((4, 5), 3).double()
     want = definition_given(hi, score_mask=mask, **kw)
     got = call_given(hi, "eager", score_mask=mask, **kw)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    leaves = list(hi.values())
-    dy = torch.randn(got.shape, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(got, leaves, dy, allow_unused=True, retain_graph=True),
-                    torch.autograd.grad(want, leaves, dy, allow_unused=True)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_same_values_and_grads(got, want, list(hi.values()))
 
 
 def test_given_values_score_mask_errors():
@@ -593,6 +590,14 @@ def test_given_values_compile_fullgraph():
 @pytest.mark.parametrize("n_shape,d,k", [((4, 128), 768, 3), ((1001,), 1000, 8), ((1,), 768, 3), ((64,), 8192, 2)])
 def test_gpu_given_values(dtype, n_shape, d, k):
     check_given(n_shape, d, k, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_given_values_score_mask(dtype):
+    """The given-outputs op with a score mask on the GPU (the key bias's shared term), against the float64
+    definition."""
+    check_given((4, 128), 768, 3, dtype, "cuda", mask=score_mask((4, 128), 3, p=0.5), residual_before=True)
 
 
 def test_frozen_adapters_train_only_the_fusion_weights():

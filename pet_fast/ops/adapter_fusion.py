@@ -20,6 +20,14 @@ Contract (adapter_fusion)
     query     (..., d);  values (..., k, d), k >= 1;  residual (..., d)
     w_query, w_key, w_value  (d, d) or None;  b_query, b_key, b_value  (d,) or None (a bias needs its weight)
     temperature  > 0
+    score_mask (..., k) or None: multiplies each score before the temperature, p = softmax_j(m_j <Q, K_j> / T).
+    Dropout on the scores (AdapterHub's, in training) is the mask of a dropout of ones: 0 or 1 / (1 - p_drop).
+    Any floating dtype (the kernels read it as float32); it is not differentiated. With a mask, the score
+    terms shared by the adapters (the key bias's <Q, b_key>, a residual added before the fusion's) no
+    longer cancel in the softmax: every backend computes them.
+    score_shift (...,) or None: a number added to every adapter's score of its token, before the mask
+    (differentiated): with the stacked op's folded product, which drops the key bias's term, a score mask needs
+    that term given here, <Q, b_key> = query @ (w_query.T @ b_key) + b_query @ b_key. Without a mask it cancels.
 Contract (stacked_adapter_fusion), in addition
     x (..., d) the adapters' input; w_down (k, r, d); b_down (k, r) or None; w_up (k, d, r);
     b_up (k, d) or None; scaling a number or a tensor of shape (k,); activation as for bottleneck_adapter.
@@ -31,14 +39,6 @@ Contract (stacked_adapter_fusion), in addition
     every adapter: it cancels in the softmax) for w_query_key = w_query.T @ w_key and b_query_key =
     b_query @ w_key. A training step folds them once for all layers (methods/fusion.py): one d x d product
     per token instead of two, forward and backward.
-    score_mask (..., k) or None: multiplies each score before the temperature, p = softmax_j(m_j <Q, K_j> / T).
-    Dropout on the scores (AdapterHub's, in training) is the mask of a dropout of ones: 0 or 1 / (1 - p_drop).
-    Any floating dtype (the kernels read it as float32); it is not differentiated. With a mask, the score
-    terms shared by the adapters (the key bias's <Q, b_key>, a residual added before the fusion's) no
-    longer cancel in the softmax: every backend computes them.
-    score_shift (...,) or None: a number added to every adapter's score of its token, before the mask
-    (differentiated): with the folded product, which drops the key bias's term, a score mask needs that term
-    given here, <Q, b_key> = query @ (w_query.T @ b_key) + b_query @ b_key. Without a mask it cancels.
 All tensors share query's device and dtype, except that with fp16/bf16 tensors and residual_before=False the
 residual may be float32: it is then added to the fused output in float32, and the output is float32 (as
 eager PyTorch under autocast gives it, where a float32 residual stream meets half-precision products).
