@@ -228,13 +228,9 @@ def stacked_reference(x, query, residual, w_down, b_down, w_up, b_up, activation
 
 
 def stacked_eager(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, **fusion):
-    """The eager backend: :func:`stacked_reference`, but for calls with a score mask (dropout on the scores in
-    training) :func:`masked_eager`, which keeps a third of what the definition keeps for the backward. (Calls
-    without a mask keep the definition: it is the eager baseline of the precision rule and the benchmarks.)"""
-    if fusion.get("score_mask") is None:
-        return stacked_reference(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, **fusion)
+    """The eager backend: the adapter outputs, then :func:`given_eager`."""
     values = stacked_adapter_outputs(x, w_down, b_down, w_up, b_up, activation, scaling)
-    return masked_eager(query, values, residual, **fusion)
+    return given_eager(query, values, residual, **fusion)
 
 
 def describe(query, k, **extra) -> dict:
@@ -243,8 +239,10 @@ def describe(query, k, **extra) -> dict:
 
 
 def given_eager(query, values, residual, **fusion):
-    """The eager backend of adapter_fusion: :func:`reference`, but for calls with a score mask
-    :func:`masked_eager` (as the stacked op's eager backend, :func:`stacked_eager`)."""
+    """The eager backend of adapter_fusion: :func:`reference`, but for calls with a score mask (dropout on the
+    scores in training) :func:`masked_eager`, which keeps a third of what the definition keeps for the
+    backward. (Calls without a mask keep the definition: it is the eager baseline of the precision rule and
+    the benchmarks.)"""
     if fusion.get("score_mask") is None:
         return reference(query, values, residual, **fusion)
     return masked_eager(query, values, residual, **fusion)
@@ -662,15 +660,27 @@ def _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, re
     if w_query_key is not None:
         if not residual_before:
             return None
-        qk = torch.matmul(query.float(), w_query_key.float())
-        qk = qk + b_query_key.float() if b_query_key is not None else qk
-        return (qk * residual.float()).sum(-1).reshape(-1).to(query.dtype)
+        qk = torch.matmul(query, w_query_key)  # (in the input dtype, as the unfolded key of the residual below)
+        qk = qk + b_query_key if b_query_key is not None else qk
+        return (qk.float() * residual.float()).sum(-1).reshape(-1).to(query.dtype)
     if residual_before:
         keys = F.linear(residual, w_key, b_key) if w_key is not None else residual
         return (q.float() * keys.float()).sum(-1).reshape(-1).to(q.dtype)
     if w_key is None or b_key is None:
         return None
     return torch.mv(q.reshape(-1, d), b_key)  # (autograd keeps q, which the core op keeps too, and b_key)
+
+
+def _masked_args(k, score_mask, score_shift, query, q, residual, w_key, b_key, w_query_key=None, b_query_key=None,
+                 residual_before=False) -> tuple:
+    """The kernels' (score_mask (N, k) float32, t0 (N,) or None), both dense (a strided mask or shift is
+    copied), for a call with a score mask; () without one. t0: _shared_score's term plus the score shift."""
+    if score_mask is None:
+        return ()
+    t0 = _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, residual_before)
+    if score_shift is not None:
+        t0 = score_shift.reshape(-1) if t0 is None else t0 + score_shift.reshape(-1)
+    return (score_mask.reshape(-1, k).to(torch.float32).contiguous(), t0.contiguous() if t0 is not None else None)
 
 
 def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
@@ -703,15 +713,8 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
             res, w_value, b_value)
     x2 = x.reshape(-1, d).contiguous()
     q2 = x2 if same else q.reshape(-1, d) if low else None
-    masked = ()
-    if score_mask is not None:
-        t0 = _shared_score(query, q, residual, w_key, b_key, w_query_key, b_query_key, residual_before)
-        if score_shift is not None:
-            shift = score_shift.reshape(-1)
-            t0 = shift if t0 is None else t0 + shift
-        # (both read densely by the kernels: a strided mask or shift is copied)
-        masked = (score_mask.reshape(-1, w_down.shape[0]).to(torch.float32).contiguous(),
-                  t0.contiguous() if t0 is not None else None)
+    masked = _masked_args(w_down.shape[0], score_mask, score_shift, query, q, residual, w_key, b_key, w_query_key,
+                          b_query_key, residual_before)
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
         # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
@@ -830,12 +833,8 @@ def _given_triton(query, values, residual, w_query, b_query, w_key, w_value, b_v
     k = values.shape[-2]
     q = F.linear(query, w_query, b_query) if w_query is not None else query
     qk = torch.matmul(q, w_key) if w_key is not None else q  # b_key cancels in the softmax (without a mask)
-    masked = ()
-    if score_mask is not None:  # (as _stacked_triton)
-        t0 = _shared_score(query, q, residual, w_key, b_key, None, None, residual_before)
-        if score_shift is not None:
-            t0 = score_shift.reshape(-1) if t0 is None else t0 + score_shift.reshape(-1)
-        masked = (score_mask.reshape(-1, k).to(torch.float32).contiguous(), t0.contiguous() if t0 is not None else None)
+    masked = _masked_args(k, score_mask, score_shift, query, q, residual, w_key, b_key,
+                          residual_before=residual_before)
     ctx = ATTENTION(values.reshape(-1, k, d).contiguous(), qk.reshape(-1, d).contiguous(), 1.0 / float(temperature),
                     *masked)[0]
     out = ctx.reshape(query.shape)
