@@ -87,7 +87,7 @@ if [ "$part" != steps ] && [ "${TESTS_LIMIT_S:-170}" != 0 ]; then
   # The launch replay (recorded Triton launches made from C++, kernels/_replay.py) goes first and alone:
   # if any of its GPU tests fails or crashes, every later step (tests, benchmarks, and later calls on this
   # machine through the marker file) runs with PET_FAST_TRITON_REPLAY=0, every launch from Python.
-  replay_files="tests/test_triton_replay.py tests/test_adapter_replayed_call.py tests/test_stacked_fusion_replay.py"
+  replay_files="tests/test_triton_replay.py tests/test_adapter_replayed_call.py tests/test_stacked_fusion_replay.py tests/test_fusion_replayed_call.py"
   if [ "${PET_FAST_TRITON_REPLAY:-1}" != 0 ]; then
     # shellcheck disable=SC2086
     TRITON_INTERPRET=0 PET_FAST_AUTOTUNE=0 step replay_tests ${REPLAY_TESTS_LIMIT_S:-120} python -m pytest -v -m gpu $xdist \

@@ -182,6 +182,33 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   return out;
 }
 
+// stacked_fusion_autograd behind an InputGuard (triton_replay.h): an AdapterFusion module's repeated calls
+// (ops/adapter_fusion.py ReplayedStackedCall). The node runs with autocast off, as the op runs it.
+class GuardedStackedFusion {
+ public:
+  GuardedStackedFusion(std::shared_ptr<Program> forward, std::shared_ptr<Program> backward,
+                       const std::vector<c10::optional<at::Tensor>>& inputs, bool need_ds, bool need_weights)
+      : forward_(std::move(forward)), backward_(std::move(backward)), need_ds_(need_ds), need_weights_(need_weights),
+        guard_(inputs) {
+    TORCH_CHECK(inputs.size() == kFusionInputs, "stacked fusion replay: expected ", static_cast<int64_t>(kFusionInputs),
+                " inputs, got ", inputs.size());
+  }
+
+  // The core's output with its node, or None when a fact differs from the recorded ones (or the forward declines).
+  c10::optional<at::Tensor> call(const std::vector<c10::optional<at::Tensor>>& inputs) const {
+    if (!guard_.matches(inputs)) return c10::nullopt;
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return stacked_fusion_autograd(forward_, backward_, inputs, need_ds_, need_weights_);
+  }
+
+  bool matches(const std::vector<c10::optional<at::Tensor>>& inputs) const { return guard_.matches(inputs); }
+
+ private:
+  std::shared_ptr<Program> forward_, backward_;
+  bool need_ds_, need_weights_;
+  InputGuard guard_;
+};
+
 }  // namespace pet_fast_replay
 
 void register_stacked_fusion_replay(pybind11::module_& m) {
@@ -189,4 +216,13 @@ void register_stacked_fusion_replay(pybind11::module_& m) {
         "the stacked AdapterFusion core's recorded programs as one C++ autograd node (csrc/stacked_fusion_replay.cpp)",
         pybind11::arg("forward"), pybind11::arg("backward"), pybind11::arg("inputs"), pybind11::arg("need_ds"),
         pybind11::arg("need_weights"));
+  pybind11::class_<pet_fast_replay::GuardedStackedFusion, std::shared_ptr<pet_fast_replay::GuardedStackedFusion>>(
+      m, "GuardedStackedFusion",
+      "stacked_fusion_autograd behind a check of the facts its caller chose it by (csrc/stacked_fusion_replay.cpp)")
+      .def(pybind11::init<std::shared_ptr<pet_fast_replay::Program>, std::shared_ptr<pet_fast_replay::Program>,
+                          const std::vector<c10::optional<at::Tensor>>&, bool, bool>(),
+           pybind11::arg("forward"), pybind11::arg("backward"), pybind11::arg("inputs"), pybind11::arg("need_ds"),
+           pybind11::arg("need_weights"))
+      .def("__call__", &pet_fast_replay::GuardedStackedFusion::call, pybind11::arg("inputs"))
+      .def("matches", &pet_fast_replay::GuardedStackedFusion::matches, pybind11::arg("inputs"));
 }

@@ -19,8 +19,6 @@
 // interpreter): they check the recorded programs against the Python launchers. Launching on a GPU needs
 // the CUDA build (PET_FAST_CUDA, set by setup.py and the just-in-time build): cuLaunchKernel from the
 // driver library.
-#include <ATen/TensorSubclassLikeUtils.h>
-#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -122,82 +120,31 @@ c10::optional<at::Tensor> replay_autograd(const std::shared_ptr<Program>& forwar
   return y;
 }
 
-// replay_autograd behind a guard: the facts a caller's Python checked when it chose this node (each input's
-// presence, shape, dtype, device and requires_grad; grad mode on; deterministic mode and autocast's state as
-// they were), checked here per call instead. A caller that repeats one kind of call (an adapter module in
-// every step) then reaches the node with one C++ call; any difference returns None and the caller runs its
-// Python path. Inputs must be contiguous plain tensors (no subclass, no Python dispatch).
+// replay_autograd behind an InputGuard (triton_replay.h): the adapter module's repeated calls.
 class GuardedReplay {
  public:
   GuardedReplay(std::shared_ptr<Program> forward, std::shared_ptr<Program> backward, std::vector<int64_t> bwd_map,
                 std::vector<int64_t> grad_map, const std::vector<c10::optional<at::Tensor>>& inputs, std::string name,
                 int64_t out_like)
       : forward_(std::move(forward)), backward_(std::move(backward)), bwd_map_(std::move(bwd_map)),
-        grad_map_(std::move(grad_map)), name_(std::move(name)), out_like_(out_like) {
+        grad_map_(std::move(grad_map)), name_(std::move(name)), out_like_(out_like), guard_(inputs) {
     TORCH_CHECK(grad_map_.size() == inputs.size(), "triton replay: grad_map needs one entry per input");
-    for (const auto& t : inputs) {
-      Spec s;
-      s.defined = t.has_value() && t->defined();
-      if (s.defined) {
-        TORCH_CHECK(plain(*t), "triton replay: a guarded call takes contiguous plain tensors");
-        s.dtype = t->scalar_type();
-        s.device = t->device();
-        s.requires_grad = t->requires_grad();
-        s.sizes = t->sizes().vec();
-        if (device_type_ == c10::DeviceType::CPU && s.device.type() != c10::DeviceType::CPU) device_type_ = s.device.type();
-      }
-      specs_.push_back(std::move(s));
-    }
-    deterministic_ = at::globalContext().deterministicAlgorithms();
-    autocast_ = at::autocast::is_autocast_enabled(device_type_);
-    autocast_dtype_ = at::autocast::get_autocast_dtype(device_type_);
   }
 
   // The output with its node, or None when a fact differs from the recorded ones (or the forward declines).
   c10::optional<at::Tensor> call(const std::vector<c10::optional<at::Tensor>>& inputs) const {
-    if (!matches(inputs)) return c10::nullopt;
+    if (!guard_.matches(inputs)) return c10::nullopt;
     return replay_autograd(forward_, backward_, bwd_map_, grad_map_, inputs, name_, out_like_);
   }
 
-  bool matches(const std::vector<c10::optional<at::Tensor>>& inputs) const {
-    if (inputs.size() != specs_.size() || !at::GradMode::is_enabled()) return false;
-    if (at::globalContext().deterministicAlgorithms() != deterministic_) return false;
-    if (at::autocast::is_autocast_enabled(device_type_) != autocast_) return false;
-    if (autocast_ && at::autocast::get_autocast_dtype(device_type_) != autocast_dtype_) return false;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      const Spec& s = specs_[i];
-      const bool defined = inputs[i].has_value() && inputs[i]->defined();
-      if (defined != s.defined) return false;
-      if (!defined) continue;
-      const at::Tensor& t = *inputs[i];
-      if (t.scalar_type() != s.dtype || t.device() != s.device || t.requires_grad() != s.requires_grad ||
-          !t.sizes().equals(s.sizes) || !plain(t))
-        return false;
-    }
-    return true;
-  }
+  bool matches(const std::vector<c10::optional<at::Tensor>>& inputs) const { return guard_.matches(inputs); }
 
  private:
-  struct Spec {
-    bool defined = false;
-    at::ScalarType dtype = at::kFloat;
-    c10::Device device = c10::Device(c10::DeviceType::CPU);
-    bool requires_grad = false;
-    std::vector<int64_t> sizes;
-  };
-
-  static bool plain(const at::Tensor& t) {
-    return t.is_contiguous() && !at::isTensorSubclassLike(t) && t.layout() == at::kStrided;
-  }
-
   std::shared_ptr<Program> forward_, backward_;
   std::vector<int64_t> bwd_map_, grad_map_;
   std::string name_;
   int64_t out_like_;
-  std::vector<Spec> specs_;
-  c10::DeviceType device_type_ = c10::DeviceType::CPU;
-  bool deterministic_ = false, autocast_ = false;
-  at::ScalarType autocast_dtype_ = at::kFloat;
+  InputGuard guard_;
 };
 
 }  // namespace pet_fast_replay

@@ -6,6 +6,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <ATen/TensorSubclassLikeUtils.h>
+#include <ATen/autocast_mode.h>
+
 #include "bindings.h"
 
 #ifdef PET_FAST_CUDA
@@ -302,5 +305,68 @@ inline bool has_forward_grad(const std::vector<c10::optional<at::Tensor>>& input
     if (t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
   return false;
 }
+
+// What a caller's Python checked when it chose a C++ node for a call (each input's presence, shape, dtype,
+// device and requires_grad; grad mode on; deterministic mode and autocast's state as they were), kept so
+// that later calls are checked here instead: a caller that repeats one kind of call (a module, once per
+// step) then reaches the node in one C++ call. Inputs must be contiguous plain tensors (no subclass, no
+// Python dispatch); the constructor refuses others.
+class InputGuard {
+ public:
+  explicit InputGuard(const std::vector<c10::optional<at::Tensor>>& inputs) {
+    for (const auto& t : inputs) {
+      Spec s;
+      s.defined = t.has_value() && t->defined();
+      if (s.defined) {
+        TORCH_CHECK(plain(*t), "triton replay: a guarded call takes contiguous plain tensors");
+        s.dtype = t->scalar_type();
+        s.device = t->device();
+        s.requires_grad = t->requires_grad();
+        s.sizes = t->sizes().vec();
+        if (device_type_ == c10::DeviceType::CPU && s.device.type() != c10::DeviceType::CPU) device_type_ = s.device.type();
+      }
+      specs_.push_back(std::move(s));
+    }
+    deterministic_ = at::globalContext().deterministicAlgorithms();
+    autocast_ = at::autocast::is_autocast_enabled(device_type_);
+    autocast_dtype_ = at::autocast::get_autocast_dtype(device_type_);
+  }
+
+  bool matches(const std::vector<c10::optional<at::Tensor>>& inputs) const {
+    if (inputs.size() != specs_.size() || !at::GradMode::is_enabled()) return false;
+    if (at::globalContext().deterministicAlgorithms() != deterministic_) return false;
+    if (at::autocast::is_autocast_enabled(device_type_) != autocast_) return false;
+    if (autocast_ && at::autocast::get_autocast_dtype(device_type_) != autocast_dtype_) return false;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const Spec& s = specs_[i];
+      const bool defined = inputs[i].has_value() && inputs[i]->defined();
+      if (defined != s.defined) return false;
+      if (!defined) continue;
+      const at::Tensor& t = *inputs[i];
+      if (t.scalar_type() != s.dtype || t.device() != s.device || t.requires_grad() != s.requires_grad ||
+          !t.sizes().equals(s.sizes) || !plain(t))
+        return false;
+    }
+    return true;
+  }
+
+ private:
+  struct Spec {
+    bool defined = false;
+    at::ScalarType dtype = at::kFloat;
+    c10::Device device = c10::Device(c10::DeviceType::CPU);
+    bool requires_grad = false;
+    std::vector<int64_t> sizes;
+  };
+
+  static bool plain(const at::Tensor& t) {
+    return t.is_contiguous() && !at::isTensorSubclassLike(t) && t.layout() == at::kStrided;
+  }
+
+  std::vector<Spec> specs_;
+  c10::DeviceType device_type_ = c10::DeviceType::CPU;
+  bool deterministic_ = false, autocast_ = false;
+  at::ScalarType autocast_dtype_ = at::kFloat;
+};
 
 }  // namespace pet_fast_replay

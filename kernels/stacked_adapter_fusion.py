@@ -486,6 +486,43 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): the node forms qk = q @ w_key in float32 itself.
     ``b_qk`` (d,): qk's bias, which the kernels add as they read qk; ``score_mask`` and ``t0``: as
     :func:`_forward`'s (t0's gradient from the node's backward)."""
+    found = _node_programs(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
+                           w_value, b_qk, score_mask, t0)
+    if found is None:
+        return None
+    fwd, bwd, need_ds, need_w = found
+    try:
+        return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
+                                                                          residual, w_value, b_value, q, w_key, b_qk,
+                                                                          score_mask, t0],
+                                               need_ds, need_w)
+    except RuntimeError as exc:  # the Function takes these calls from now on
+        _replay.give_up(exc)
+        return None
+
+
+def core_guard(inputs: list, scaling_value, activation, inv_temperature):
+    """A C++ ``GuardedStackedFusion`` for later calls like one whose :func:`core_with_grad` ran as the node with
+    ``inputs`` (the node's input list: x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q,
+    w_key, b_qk, score_mask, t0): called with such a list, it checks each input's facts in C++ and runs the node,
+    or returns None. None here when the programs are gone or the inputs cannot be guarded (not contiguous)."""
+    x, qk, w_down, b_down, w_up, b_up, scaling, _, w_value, _, _, _, b_qk, score_mask, t0 = inputs
+    found = _node_programs(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
+                           w_value, b_qk, score_mask, t0)
+    if found is None:
+        return None
+    fwd, bwd, need_ds, need_w = found
+    try:
+        return fwd.ext.GuardedStackedFusion(fwd.program, bwd.program, inputs, need_ds, need_w)
+    except RuntimeError:
+        return None
+
+
+def _node_programs(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, w_value,
+                   b_qk, score_mask, t0):
+    """(forward entry, backward entry, need_ds, need_weights) of the node for these arguments, or None when
+    either launcher has no program for them yet (the backward's key as the Function's backward, _core_grad,
+    calls it)."""
     if not (_replay.enabled() and _replay.active(x)):
         return None
     n, d = x.shape
@@ -498,7 +535,6 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     fwd = _FORWARD_PROGRAMS.get(args_key + bias_key + mask_key)
     if not isinstance(fwd, _replay.Entry):
         return None
-    # the backward launcher's key as the Function's backward (_core_grad) calls it
     need_ds = scaling is not None and scaling.requires_grad
     need_w = any(t is not None and t.requires_grad for t in (w_down, b_down, w_up, b_up))
     k, r = w_down.shape[0], w_down.shape[1]
@@ -511,14 +547,7 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
     bwd = _BACKWARD_PROGRAMS.get(bkey)
     if not isinstance(bwd, _replay.Entry):
         return None
-    try:
-        return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
-                                                                          residual, w_value, b_value, q, w_key, b_qk,
-                                                                          score_mask, t0],
-                                               need_ds, need_w)
-    except RuntimeError as exc:  # the Function takes these calls from now on
-        _replay.give_up(exc)
-        return None
+    return fwd, bwd, need_ds, need_w
 
 
 def _forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, b_qk=None,

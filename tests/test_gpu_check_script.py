@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REPLAY_FILES = ["tests/test_triton_replay.py", "tests/test_adapter_replayed_call.py", "tests/test_stacked_fusion_replay.py"]
+REPLAY_FILES = ["tests/test_triton_replay.py", "tests/test_adapter_replayed_call.py", "tests/test_stacked_fusion_replay.py",
+                "tests/test_fusion_replayed_call.py"]
 
 # Stands for python: logs "<PET_FAST_TRITON_REPLAY>|<arguments>" and succeeds, except the pytest run of the
 # replay's tests, which exits with $FAKE_REPLAY_RC.

@@ -162,8 +162,8 @@ def _frozen_fusion(scales=(1.0, 0.5, 2.0)):
 
 
 def test_stacked_frozen_adapters_are_kept_until_they_change(monkeypatch):
-    """Frozen adapters are stacked once; an in-place update of one of them (version counter) or another
-    dtype rebuilds the stack, and the result always equals a fresh computation."""
+    """Frozen adapters are stacked once; an in-place update of one of them (version counter), another dtype
+    or another activation rebuilds the stack, and the result always equals a fresh computation."""
     import pet_fast.methods.fusion as fusion_mod
 
     ads, fus = _frozen_fusion()
@@ -185,6 +185,10 @@ def test_stacked_frozen_adapters_are_kept_until_they_change(monkeypatch):
     fus.fuse(x.half(), q.half(), res.half(), ads)  # another dtype: rebuilt
     assert len(calls) == 4
     assert "_stack_cache" not in fus.state_dict()
+    for a in ads:
+        a.activation = "gelu"  # another activation: rebuilt (the stack carries it)
+    torch.testing.assert_close(fus.fuse(x, q, res, ads), fresh.fuse(x, q, res, ads))
+    assert len(calls) == 6
 
 
 def test_stacked_trainable_adapters_are_stacked_every_call_and_get_gradients(monkeypatch):

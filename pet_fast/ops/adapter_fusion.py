@@ -63,13 +63,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import weakref
 from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import _autograd, _checks, _timings, activations
+from . import _autograd, _checks, _replayed, _timings, activations
 from ._autocast import compute_dtype
 
 OP = "adapter_fusion"
@@ -683,11 +685,12 @@ def _masked_args(k, score_mask, score_shift, query, q, residual, w_key, b_key, w
     return (score_mask.reshape(-1, k).to(torch.float32).contiguous(), t0.contiguous() if t0 is not None else None)
 
 
-def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
-                    w_value, b_value, temperature, residual_before, w_query_key=None, b_query_key=None, b_key=None,
-                    score_shift=None, score_mask=None):
-    """The fused path, all tensors in one dtype except maybe ``residual`` when it is added at the end (and the
-    score mask, read as float32)."""
+def _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
+               w_value, b_value, temperature, residual_before, w_query_key=None, b_query_key=None, b_key=None,
+               score_shift=None, score_mask=None) -> tuple:
+    """The fused path's core call from the op's arguments (all tensors in one dtype except maybe ``residual``
+    when it is added at the end, and the score mask, read as float32): (x2, qk, rest, q2, w_key, b_qk, masked,
+    low), the arguments of kernels.core_with_grad and of CORE (see _stacked_triton)."""
     d = query.shape[-1]
     if w_query_key is not None:  # folded (contract): qk = query @ w_query_key + b_query_key, one product
         q, w_key = query, w_query_key
@@ -703,6 +706,8 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
         qk = None  # fp32 (see above): fusion_qk_f32, or the C++ node below
     else:
         qk = torch.matmul(q, w_key)  # (b_qk, if any, is added by the kernels as they read qk)
+    if qk is not None:
+        qk = qk.reshape(-1, d).contiguous()
     c = lambda t: t.contiguous() if t is not None else None
     if isinstance(scaling, torch.Tensor):
         s_t, s_v = scaling.contiguous(), 1.0
@@ -712,29 +717,119 @@ def _stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation, 
     rest = (c(w_down), c(b_down), c(w_up), c(b_up), s_t, s_v, activations.canonical(activation), 1.0 / float(temperature),
             res, w_value, b_value)
     x2 = x.reshape(-1, d).contiguous()
-    q2 = x2 if same else q.reshape(-1, d) if low else None
+    q2 = (x2 if same else q.reshape(-1, d)) if low else None  # (the node, or CORE, forms qk = q2 @ w_key)
     masked = _masked_args(w_down.shape[0], score_mask, score_shift, query, q, residual, w_key, b_key, w_query_key,
                           b_query_key, residual_before)
+    return x2, qk, rest, q2, (w_key if low else None), b_qk, masked, low
+
+
+def _node_inputs(x2, qk, rest, q2, w_key, b_qk, masked) -> list:
+    """kernels.core_with_grad's arguments as the C++ node's input list (csrc/stacked_fusion_replay.cpp order)."""
+    w_down, b_down, w_up, b_up, s_t, _, _, _, res, w_value, b_value = rest
+    return [x2, qk, w_down, b_down, w_up, b_up, s_t, res, w_value, b_value, q2, w_key, b_qk,
+            *(masked if masked else (None, None))]
+
+
+def _finish(out, query, residual, res):
+    """The op's output from the core's (N, d) output: in query's shape, the residual added unless the core took it."""
+    out = out.reshape(query.shape)
+    return out + residual if res is None else out
+
+
+_LAST = threading.local()  # a weakref to the output of this thread's last stacked-op call that ran as the C++ node
+
+
+def _stacked_triton(*args):
+    """The fused path (the arguments as :func:`_core_args`')."""
+    query, residual = args[1], args[2]
+    x2, qk, rest, q2, w_key, b_qk, masked, low = _core_args(*args)
     out = None
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
         # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
         # for fp16/bf16 it forms qk itself and keeps q for the backward, not the float32 qk
-        kernels = _stacked_kernels()
         mk = dict(score_mask=masked[0], t0=masked[1]) if masked else {}
-        if low:
-            out = kernels.core_with_grad(x2, None, *rest, q=q2, w_key=w_key, b_qk=b_qk, **mk)
-        else:
-            out = kernels.core_with_grad(x2, qk.reshape(-1, d).contiguous(), *rest, b_qk=b_qk, **mk)
-    if out is None:
-        bias = () if (b_qk is None and not masked) else (b_qk,)
-        if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
-            out = CORE(x2, None, *rest, q2, w_key, *bias, *masked)[0]
-        else:
-            out = CORE(x2, qk.reshape(-1, d).contiguous(), *rest, *((None, None) + bias if bias else ()), *masked)[0]
-    out = out.reshape(query.shape)
-    if res is None:  # residual_before without the value projection, or the residual added after
-        out = out + residual
-    return out
+        out = _stacked_kernels().core_with_grad(x2, qk, *rest, q=q2, w_key=w_key, b_qk=b_qk, **mk)
+    if out is not None:
+        y = _finish(out, query, residual, rest[8])
+        _LAST.node = weakref.ref(y)  # (weak: a functional caller's output is not kept alive)
+        return y
+    bias = () if (b_qk is None and not masked) else (b_qk,)
+    if low:  # the op forms the float32 qk itself and keeps q, not qk, for its backward
+        out = CORE(x2, None, *rest, q2, w_key, *bias, *masked)[0]
+    else:
+        out = CORE(x2, qk, *rest, *((None, None) + bias if bias else ()), *masked)[0]
+    return _finish(out, query, residual, rest[8])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Replayed calls: an AdapterFusion module repeats one kind of call per step; once its call has run as the C++
+# node, later calls with the same facts skip the op's Python (checks, signature, plan, the launchers' keys:
+# about 50 us of host time per layer and step on the CPU) and reach the node through a C++ guard
+# (csrc/stacked_fusion_replay.cpp GuardedStackedFusion), which checks each input's facts, grad, deterministic
+# and autocast modes; the scalars and the dispatch route are checked here. Any difference returns None and
+# the caller runs the op. The core's arguments are formed by the same code as the op's (_core_args).
+
+
+class ReplayedStackedCall:
+    """A caller's stacked_adapter_fusion call replayed through one C++ call while its facts stay those of the
+    call it was made from (:func:`replayed_stacked_call`): same arguments as the op (no ``backend``); returns
+    the output with its autograd node, or None (then the caller calls the op). Not copied with its holder
+    (deepcopy and pickling give None)."""
+
+    __slots__ = ("guard", "route", "scalars", "scaling", "residual")
+
+    def __call__(self, x, query, residual, w_down, b_down, w_up, b_up, *, activation="relu", scaling=1.0,
+                 w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None, temperature=1.0,
+                 residual_before=False, value_before_softmax=True, w_query_key=None, b_query_key=None,
+                 score_mask=None, score_shift=None):
+        if ((activation, temperature, residual_before, value_before_softmax) != self.scalars
+                or (residual.dtype, residual.shape) != self.residual or _replayed.route() != self.route):
+            return None
+        if isinstance(scaling, torch.Tensor) != (self.scaling is None) or (self.scaling is not None and scaling != self.scaling):
+            return None
+        masked = score_mask is not None  # (b_key and the shift count only with a mask, as in run_stacked_triton)
+        core = _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query,
+                          w_key, w_value, b_value, temperature, residual_before, w_query_key, b_query_key,
+                          b_key if masked else None, score_shift if masked else None, score_mask)
+        try:
+            out = self.guard(_node_inputs(*core[:7]))
+        except RuntimeError as exc:  # a failing launch: as a failing node (kernels/_replay.py autograd)
+            _replayed.replay().give_up(exc)
+            return None
+        return None if out is None else _finish(out, query, residual, core[2][8])
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_replayed.no_call, ())
+
+
+def replayed_stacked_call(y, x, query, residual, w_down, b_down, w_up, b_up, *, activation="relu", scaling=1.0,
+                          w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
+                          temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
+                          b_query_key=None, score_mask=None, score_shift=None):
+    """A :class:`ReplayedStackedCall` for calls like the stacked_adapter_fusion call that just returned ``y``
+    with these arguments, when that call ran as the C++ node with them as they came (not cast for autocast);
+    None otherwise. The caller must pass the op's arguments unchanged to both."""
+    last = getattr(_LAST, "node", None)
+    _LAST.node = None
+    if last is None or last() is not y or compute_dtype(query) != query.dtype:
+        return None
+    masked = score_mask is not None
+    core = _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
+                      w_value, b_value, temperature, residual_before, w_query_key, b_query_key,
+                      b_key if masked else None, score_shift if masked else None, score_mask)
+    rest = core[2]
+    guard = _stacked_kernels().core_guard(_node_inputs(*core[:7]), rest[5], rest[6], rest[7])
+    if guard is None:
+        return None
+    call = ReplayedStackedCall()
+    call.guard, call.route = guard, _replayed.route()
+    call.scalars = (activation, temperature, residual_before, value_before_softmax)
+    call.scaling = None if isinstance(scaling, torch.Tensor) else scaling
+    call.residual = (residual.dtype, residual.shape)  # (the guard sees it only where the core adds it)
+    return call
 
 
 def run_stacked_triton(x, query, residual, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0,

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
-from . import _autograd, _checks, _timings, activations
+from . import _autograd, _checks, _replayed, _timings, activations
 from ._autocast import compute_dtype
 
 OP = "bottleneck_adapter"
@@ -412,15 +412,6 @@ def _triton_remembering_nodes(run, sig, x, w_down, b_down, w_up, b_up, activatio
 _LAST = threading.local()  # (weakref to the output, NodeCall) of this thread's last call that ran as a node
 
 
-def _route() -> tuple:
-    """What besides the arguments and torch's modes picks a call's path: the requested backend (argument
-    None: a use_backend() block or the environment), the Triton interpreter, the custom-op mode, the plans'
-    and the replay's generations."""
-    replay = _triton_kernels()._replay
-    return (dispatch.requested(None)[0], dispatch.triton_interpreting(), _autograd.always_custom_op(),
-            dispatch.plans_generation(), replay.generation(), replay.enabled())
-
-
 class ReplayedCall:
     """A caller's adapter call replayed by one C++ call while its facts stay those of the call it was made
     from (:func:`replayed_call`). ``module(...)`` returns the output with its autograd node, or None: then
@@ -429,7 +420,7 @@ class ReplayedCall:
     __slots__ = ("guard", "route", "activation", "scaling", "add_input", "eps")
 
     def __call__(self, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm):
-        if activation != self.activation or add_input != self.add_input or _route() != self.route:
+        if activation != self.activation or add_input != self.add_input or _replayed.route() != self.route:
             return None
         if isinstance(scaling, torch.Tensor):
             s_t = scaling  # (the guard checks it is there, and as it was)
@@ -455,11 +446,7 @@ class ReplayedCall:
         return None
 
     def __reduce__(self):
-        return (_no_call, ())
-
-
-def _no_call():
-    return None
+        return (_replayed.no_call, ())
 
 
 def replayed_call(y, x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input, layer_norm):
@@ -475,7 +462,7 @@ def replayed_call(y, x, w_down, b_down, w_up, b_up, activation, scaling, residua
     if guard is None:
         return None
     call = ReplayedCall()
-    call.guard, call.route, call.activation, call.add_input = guard, _route(), activation, add_input
+    call.guard, call.route, call.activation, call.add_input = guard, _replayed.route(), activation, add_input
     call.scaling = None if isinstance(scaling, torch.Tensor) else scaling
     call.eps = None if layer_norm is None else layer_norm[2]
     return call
