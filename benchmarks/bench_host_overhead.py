@@ -138,7 +138,13 @@ def cases(device, dtype):
         fusion[f"op/{b}"] = (lambda b=b: pet_fast.stacked_adapter_fusion(x, x, res, wd3, None, wu3, None, w_query=wq,
                                                                          w_key=wk, w_value=wv, backend=b))
     fusion["op/triton" + PYTHON_LAUNCHES] = fusion["op/triton"]
-    yield "stacked_adapter_fusion", fusion, {"": [x, wd3, wu3, wq, wk, wv]}
+    # the module as a model's fusion layer runs it: frozen adapters, BERT's dropout on the scores (FusionConfig's
+    # default), its repeated calls through the guarded node on a GPU (ops/adapter_fusion.py ReplayedStackedCall)
+    ads = [pet_fast.BottleneckAdapter(d, r, activation="relu").to(device=device, dtype=dtype).requires_grad_(False)
+           for _ in range(k)]
+    fus = pet_fast.AdapterFusion(d, dropout=0.1).to(device=device, dtype=dtype)
+    fusion["module"] = lambda: fus.fuse(x, x, res, ads)
+    yield "stacked_adapter_fusion", fusion, {"": [x, wd3, wu3, wq, wk, wv], "module": [x] + list(fus.parameters())}
 
     B, H, L, D, P = 2, 4, 16, 32, 4
     q, kk, v = new(B, H, L, D, grad=True), new(B, H, L, D, grad=True), new(B, H, L, D, grad=True)

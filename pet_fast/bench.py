@@ -256,7 +256,9 @@ def _head(model):
 
 
 def _adapterhub(model, what):  # pragma: no cover - needs AdapterHub's `adapters` (not installed in CI)
-    """AdapterHub rows (unverified here: the package is not installed where this was written)."""
+    """AdapterHub rows. Not run yet: adapters 1.3.0, the newest in this project's registry (2026-11-29), pins
+    transformers ~=4.57.6 and does not import beside transformers 5.24 and its huggingface_hub (no ``HfFolder``):
+    where it is installed (_external_available) such a row reports that error."""
     import adapters
     from adapters.composition import Fuse
 
@@ -277,8 +279,11 @@ def _adapterhub(model, what):  # pragma: no cover - needs AdapterHub's `adapters
 
 
 def _peft(model, what):  # pragma: no cover - needs peft (not installed in CI)
-    """PEFT rows (unverified here: peft is not installed where this was written). prefix20: PEFT's
-    defaults, a flat prefix table (P, layers*2*hidden) and the classifier trained, as the prefix20 rows."""
+    """PEFT rows. prefix20: PEFT's defaults, a flat prefix table (P, layers*2*hidden) and the classifier
+    trained, as the prefix20 rows. Tried on the CPU (2026-11-29) with peft 0.21.2 and transformers 5.24: PEFT's
+    prefix tuning refuses both models ("Model does not support past key values"), as it looks for a
+    ``past_key_values`` argument that transformers 5.x's forward names ``cache``; the row then reports that
+    error."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
     assert what == "prefix20"
