@@ -15,8 +15,8 @@
 // returns (dx, dqk, dWd, dbd, dWu, dbu, d_scaling, dt0).
 //
 // For fp16/bf16 the caller may pass q and w_key instead of qk: the node then forms qk = q @ w_key in float32
-// itself (adapter_fusion.py's fusion_qk_f32), keeps q rather than qk for the backward (half the bytes: the
-// float32 qk is N x d x 4 per layer) and forms it again there, then dq and dWk from dqk as _qk_grad does.
+// itself (adapter_fusion.py's _qk_f32), keeps q rather than qk for the backward (half the bytes: the
+// float32 qk is N x d x 4 per layer) and forms it again there, then dq and dWk from dqk as _qk_grads does.
 // b_qk (qk's bias: the folded query-key product's, adapter_fusion.py's b_query_key) goes to both programs,
 // whose kernels add it as they read qk; its gradient is the column sum of dqk (rounded to q's dtype where the
 // node forms qk). Where q is x itself (the same tensor: the folded product at a site whose query is the
@@ -85,7 +85,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
     const auto result = backward->run_or_copy(std::move(bin), name());
     auto get = [&](size_t k) { return result[k].has_value() ? *result[k] : at::Tensor(); };
     out[kX] = get(0);
-    if (with_q) {  // as fusion_qk_f32's backward (_qk_grad)
+    if (with_q) {  // as adapter_fusion.py's _qk_grads
       const at::Tensor& q = in[kQ];
       const at::Tensor& wk = in[kWk];
       const at::Tensor g = get(1).to(q.scalar_type());

@@ -412,8 +412,6 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.pet_fast.fusion_attention_triton.default,  # a score mask and t0
                           (r(5, 3, 16), r(5, 16), 0.5, (torch.rand(5, 3) > 0.3).float() * 1.25, r(5)))
     h = lambda *s: torch.randn(*s, dtype=torch.float16, requires_grad=True)
-    torch.library.opcheck(torch.ops.pet_fast.fusion_qk_f32.default, (h(5, 16), h(16, 16)))
-    torch.library.opcheck(torch.ops.pet_fast.fusion_qk_f32.default, (h(5, 16), h(16, 16), h(16)))
     # fp16 with qk formed inside from q and w_key, and the folded product's bias
     torch.library.opcheck(torch.ops.pet_fast.stacked_fusion_core_triton.default,
                           (h(5, 16), None, h(2, 3, 16), h(2, 3), h(2, 16, 3), h(2, 16), h(2), 1.0, "gelu", 0.5,
@@ -922,7 +920,7 @@ def test_core_op_under_autocast_keeps_its_dtypes():
 def test_eager_path_and_custom_op_path_agree(op, dtype, monkeypatch):
     """Eager calls take the ops' formulas through autograd.Functions; PET_FAST_CUSTOM_OPS=1 (read per call)
     sends them through the custom ops. Same kernels, same formulas: the same bits, output and gradients
-    (fp16 covers fusion_qk_f32)."""
+    (fp16 covers the float32 qk formed from q and w_key)."""
     results = {}
     for env in ("0", "1"):
         monkeypatch.setenv("PET_FAST_CUSTOM_OPS", env)

@@ -395,7 +395,7 @@ def stacked_adapter_fusion(
 # Precision of qk. Rounded to fp16/bf16, qk = Q @ Wk puts an error relative to |qk| |v_j| into every
 # score, which the softmax backward passes on to the gradients of query, Wq, Wk, x and Wd (random
 # fp16 cases: up to 1.2x the bound of the rule, against at most 0.7x with qk in fp32); eager PyTorch
-# never forms qk. So for low precision qk is a matmul with an fp32 result (fusion_qk_f32: tensor
+# never forms qk. So for low precision qk is a matmul with an fp32 result (_qk_f32: tensor
 # cores where torch can write fp32 from fp16/bf16 operands); the kernels read it as fp32 and return
 # dqk in fp32, which its backward rounds once to the input dtype for the two matmuls, as before.
 # The core op takes Q and Wk and forms that fp32 qk itself (the same function, so the same bits), and
@@ -465,20 +465,9 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _qk_f32(q: torch.Tensor, w_key: torch.Tensor, b_qk: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q (N, d) @ w_key (d, d) (+ b_qk) in fp32 for fp16/bf16 operands (see the comment above); the bias, the
-    folded query-key product's (the contract's b_query_key), added to the fp32 result."""
-    qk = _matmul_f32(q, w_key)
-    return qk if b_qk is None else qk.add_(b_qk)
-
-
-def _qk_fake(q, w_key, b_qk=None):
-    return q.new_empty((q.shape[0], w_key.shape[1]), dtype=torch.float32)
-
-
-def _qk_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:2])
-    ctx.bias_dtype = inputs[2].dtype if len(inputs) > 2 and inputs[2] is not None else None
+def _qk_f32(q: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
+    """q (N, d) @ w_key (d, d) in fp32 for fp16/bf16 operands (see the comment above)."""
+    return _matmul_f32(q, w_key)
 
 
 def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool, bias_dtype=None, dq_onto=None):
@@ -493,19 +482,6 @@ def _qk_grads(q, w_key, dqk, need_q: bool, need_w: bool, bias_dtype=None, dq_ont
     dw = (q.t() @ g).to(w_key.dtype) if need_w else None
     db = g.sum(0).to(bias_dtype) if bias_dtype is not None else None
     return dq, dw, db
-
-
-def _qk_grad(ctx, dqk):
-    q, w_key = ctx.saved_tensors
-    # one gradient per argument the Function was given (the custom op's dispatcher drops a trailing b_qk=None)
-    n = len(ctx.needs_input_grad)
-    need_b = n > 2 and ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-    dq, dw, db = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                           ctx.bias_dtype if need_b else None)
-    return (dq, dw, db)[:n]
-
-
-QK_F32 = _autograd.custom_op("fusion_qk_f32", _qk_f32, fake=_qk_fake, autograd=(_qk_grad, _qk_setup))
 
 
 def _project(ctx, residual, w_value, b_value):
@@ -524,7 +500,7 @@ def _core_forward(x: torch.Tensor, qk: Optional[torch.Tensor], w_down: torch.Ten
                   score_mask: Optional[torch.Tensor] = None, t0: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """[out, a, p, pre]: out = ctx, or with w_value the projection of ctx (+ residual); pre its input. With
     ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): qk = q @ w_key in float32 is formed here (as
-    fusion_qk_f32 forms it) and again in the backward, so that the op keeps q for its backward and not the
+    _qk_f32 forms it) and again in the backward, so that the op keeps q for its backward and not the
     float32 qk (N x d x 4 bytes per layer), as the C++ node does (csrc/stacked_fusion_replay.cpp). For the
     folded query-key product (the contract's w_query_key), q is the query itself, which is x at the usual
     sites: nothing more is kept. ``b_qk`` (d,): qk's bias (the contract's b_query_key), which the kernels add
@@ -633,7 +609,7 @@ def _core_grad(ctx, grads):
     need_b = b_qk is not None and ctx.needs_input_grad[15]
     if need_b and not with_q:
         dbqk = dqk.sum(0).to(b_qk.dtype)
-    if with_q:  # as fusion_qk_f32's backward
+    if with_q:  # qk = q @ w_key's gradients
         merge = ctx.q_is_x and dx is not None  # x's two gradients in one: no add of autograd's after two products
         dq, dwk, dbqk = _qk_grads(q, w_key, dqk, ctx.needs_input_grad[13], ctx.needs_input_grad[14],
                                   b_qk.dtype if need_b else None, dq_onto=dx if merge else None)
@@ -703,7 +679,7 @@ def _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scali
     if w_key is None:
         qk = q  # b_key cancels in the softmax
     elif low:
-        qk = None  # fp32 (see above): fusion_qk_f32, or the C++ node below
+        qk = None  # fp32 (see above): the core forms it (_qk_f32), or the C++ node below
     else:
         qk = torch.matmul(q, w_key)  # (b_qk, if any, is added by the kernels as they read qk)
     if qk is not None:
