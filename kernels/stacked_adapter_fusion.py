@@ -478,24 +478,21 @@ def forward(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activatio
                         *extra, single=False)
 
 
-def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, residual,
-                   w_value, b_value, q=None, w_key=None, b_qk=None, score_mask=None, t0=None):
+# The node's inputs (csrc/stacked_fusion_replay.cpp), absent ones None: x, qk, w_down, b_down, w_up, b_up, scaling,
+# residual, w_value, b_value, q, w_key, b_qk, score_mask, t0 (as :func:`_forward`'s and ops/adapter_fusion.py
+# _core_forward's). With qk None, q (N, d) and w_key (fp16/bf16): the node forms qk = q @ w_key in float32 itself.
+
+
+def core_with_grad(inputs: list, scaling_value, activation, inv_temperature):
     """The fusion core's output (ops/adapter_fusion.py _core_forward's first) with its gradients from one C++
     autograd node (csrc/stacked_fusion_replay.cpp), once earlier calls through the op's autograd.Function
-    have recorded both launchers for these arguments; None otherwise (the caller runs the Function). With
-    ``qk=None``, ``q`` (N, d) and ``w_key`` (fp16/bf16): the node forms qk = q @ w_key in float32 itself.
-    ``b_qk`` (d,): qk's bias, which the kernels add as they read qk; ``score_mask`` and ``t0``: as
-    :func:`_forward`'s (t0's gradient from the node's backward)."""
-    found = _node_programs(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-                           w_value, b_qk, score_mask, t0)
+    have recorded both launchers for these arguments; None otherwise (the caller runs the Function)."""
+    found = _node_programs(inputs, scaling_value, activation, inv_temperature)
     if found is None:
         return None
     fwd, bwd, need_ds, need_w = found
     try:
-        return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, [x, qk, w_down, b_down, w_up, b_up, scaling,
-                                                                          residual, w_value, b_value, q, w_key, b_qk,
-                                                                          score_mask, t0],
-                                               need_ds, need_w)
+        return fwd.ext.stacked_fusion_autograd(fwd.program, bwd.program, inputs, need_ds, need_w)
     except RuntimeError as exc:  # the Function takes these calls from now on
         _replay.give_up(exc)
         return None
@@ -503,26 +500,21 @@ def core_with_grad(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, ac
 
 def core_guard(inputs: list, scaling_value, activation, inv_temperature):
     """A C++ ``GuardedStackedFusion`` for later calls like one whose :func:`core_with_grad` ran as the node with
-    ``inputs`` (the node's input list: x, qk, w_down, b_down, w_up, b_up, scaling, residual, w_value, b_value, q,
-    w_key, b_qk, score_mask, t0): called with such a list, it checks each input's facts in C++ and runs the node,
-    or returns None. None here when the programs are gone or the inputs cannot be guarded (not contiguous)."""
-    x, qk, w_down, b_down, w_up, b_up, scaling, _, w_value, _, _, _, b_qk, score_mask, t0 = inputs
-    found = _node_programs(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature,
-                           w_value, b_qk, score_mask, t0)
-    if found is None:
-        return None
-    fwd, bwd, need_ds, need_w = found
+    ``inputs``: called with such a list, it checks each input's facts in C++ and runs the node, or returns
+    None. None here when the programs are gone or the inputs cannot be guarded (not contiguous)."""
+    found = _node_programs(inputs, scaling_value, activation, inv_temperature)
     try:
-        return fwd.ext.GuardedStackedFusion(fwd.program, bwd.program, inputs, need_ds, need_w)
+        return None if found is None else found[0].ext.GuardedStackedFusion(found[0].program, found[1].program,
+                                                                            inputs, found[2], found[3])
     except RuntimeError:
         return None
 
 
-def _node_programs(x, qk, w_down, b_down, w_up, b_up, scaling, scaling_value, activation, inv_temperature, w_value,
-                   b_qk, score_mask, t0):
-    """(forward entry, backward entry, need_ds, need_weights) of the node for these arguments, or None when
+def _node_programs(inputs: list, scaling_value, activation, inv_temperature):
+    """(forward entry, backward entry, need_ds, need_weights) of the node for these inputs, or None when
     either launcher has no program for them yet (the backward's key as the Function's backward, _core_grad,
     calls it)."""
+    x, qk, w_down, b_down, w_up, b_up, scaling, _, w_value, _, _, _, b_qk, score_mask, t0 = inputs
     if not (_replay.enabled() and _replay.active(x)):
         return None
     n, d = x.shape

@@ -666,7 +666,7 @@ def _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scali
                score_shift=None, score_mask=None) -> tuple:
     """The fused path's core call from the op's arguments (all tensors in one dtype except maybe ``residual``
     when it is added at the end, and the score mask, read as float32): (x2, qk, rest, q2, w_key, b_qk, masked,
-    low), the arguments of kernels.core_with_grad and of CORE (see _stacked_triton)."""
+    low): the node's inputs (_node_inputs) and CORE's arguments (see _stacked_triton)."""
     d = query.shape[-1]
     if w_query_key is not None:  # folded (contract): qk = query @ w_query_key + b_query_key, one product
         q, w_key = query, w_query_key
@@ -700,7 +700,7 @@ def _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scali
 
 
 def _node_inputs(x2, qk, rest, q2, w_key, b_qk, masked) -> list:
-    """kernels.core_with_grad's arguments as the C++ node's input list (csrc/stacked_fusion_replay.cpp order)."""
+    """The C++ node's input list (kernels/stacked_adapter_fusion.py core_with_grad) from _core_args' parts."""
     w_down, b_down, w_up, b_up, s_t, _, _, _, res, w_value, b_value = rest
     return [x2, qk, w_down, b_down, w_up, b_up, s_t, res, w_value, b_value, q2, w_key, b_qk,
             *(masked if masked else (None, None))]
@@ -723,8 +723,7 @@ def _stacked_triton(*args):
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or _autograd.always_custom_op()):
         # once both launchers are recorded: one C++ node in place of the Function (csrc/stacked_fusion_replay.cpp);
         # for fp16/bf16 it forms qk itself and keeps q for the backward, not the float32 qk
-        mk = dict(score_mask=masked[0], t0=masked[1]) if masked else {}
-        out = _stacked_kernels().core_with_grad(x2, qk, *rest, q=q2, w_key=w_key, b_qk=b_qk, **mk)
+        out = _stacked_kernels().core_with_grad(_node_inputs(x2, qk, rest, q2, w_key, b_qk, masked), *rest[5:8])
     if out is not None:
         y = _finish(out, query, residual, rest[8])
         _LAST.node = weakref.ref(y)  # (weak: a functional caller's output is not kept alive)
@@ -796,8 +795,7 @@ def replayed_stacked_call(y, x, query, residual, w_down, b_down, w_up, b_up, *, 
     core = _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
                       w_value, b_value, temperature, residual_before, w_query_key, b_query_key,
                       b_key if masked else None, score_shift if masked else None, score_mask)
-    rest = core[2]
-    guard = _stacked_kernels().core_guard(_node_inputs(*core[:7]), rest[5], rest[6], rest[7])
+    guard = _stacked_kernels().core_guard(_node_inputs(*core[:7]), *core[2][5:8])
     if guard is None:
         return None
     call = ReplayedStackedCall()
