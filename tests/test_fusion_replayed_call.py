@@ -104,6 +104,7 @@ FORMS = {
     "dropout, residual_before": (dict(dropout=0.3, residual_before=True), _call),
     "autocast fp16": (dict(), _half),
     "autocast fp16, dropout": (dict(dropout=0.3), _half),
+    "autocast fp16, dropout, residual_before": (dict(dropout=0.3, residual_before=True), _half),
 }
 
 
