@@ -319,11 +319,12 @@ class Recording:
 
 
 class Entry:
-    __slots__ = ("program", "kernels", "single", "ext")
+    __slots__ = ("program", "kernels", "single", "ext", "task")
 
     def __init__(self, program, kernels, single, ext):
         self.program, self.kernels, self.single = program, kernels, single  # kernels: keep them loaded
         self.ext = ext
+        self.task = _graph_task()  # the backward pass recording it, -1 outside one (see recorded_in_this_backward)
 
     def run(self, inputs):
         out = self.program.run(inputs)
@@ -351,6 +352,19 @@ def through_interpreter(ext):
 
 
 _CACHES: list = []
+
+
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def recorded_in_this_backward(*entries) -> bool:
+    """Whether one of ``entries`` was recorded in the backward pass running now. A C++ node built on a pair
+    of programs keeps other tensors for its backward than the autograd.Function its op otherwise runs; a
+    layer recomputed in the backward (gradient checkpointing) must take the path its forward took, and a
+    backward program recorded earlier in the same backward pass did not exist during that forward: the
+    node's callers run the Function then (torch.utils.checkpoint compares what the two passes keep)."""
+    task = _graph_task()
+    return task != -1 and any(e.task == task for e in entries)
 
 
 def register_cache(cache: dict) -> dict:

@@ -659,7 +659,10 @@ def _program_pair(x, w_down, b_down, w_up, b_up, scaling, scaling_value, residua
 
 
 def _run_node(pair, inputs, out_like=-1):
-    """The forward program's output with the C++ node of ``pair``; None when the forward declines."""
+    """The forward program's output with the C++ node of ``pair``; None when the forward declines, or when
+    the pair became complete in the backward pass running now (a recomputation: _replay.recorded_in_this_backward)."""
+    if _replay.recorded_in_this_backward(pair[0], pair[1]):
+        return None
     return _replay.autograd(pair[0], pair[1], _BWD_FROM_FWD, pair[2], inputs, "BottleneckAdapterBackward", out_like)
 
 

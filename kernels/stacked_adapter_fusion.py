@@ -513,7 +513,7 @@ def core_guard(inputs: list, scaling_value, activation, inv_temperature):
 def _node_programs(inputs: list, scaling_value, activation, inv_temperature):
     """(forward entry, backward entry, need_ds, need_weights) of the node for these inputs, or None when
     either launcher has no program for them yet (the backward's key as the Function's backward, _core_grad,
-    calls it)."""
+    calls it) or the pair became complete in the backward pass running now (_replay.recorded_in_this_backward)."""
     x, qk, w_down, b_down, w_up, b_up, scaling, _, w_value, _, _, _, b_qk, score_mask, t0 = inputs
     if not (_replay.enabled() and _replay.active(x)):
         return None
@@ -537,7 +537,7 @@ def _node_programs(inputs: list, scaling_value, activation, inv_temperature):
     if score_mask is not None:
         bkey = bkey + _replay.key_of(score_mask, t0 is not None and t0.requires_grad)
     bwd = _BACKWARD_PROGRAMS.get(bkey)
-    if not isinstance(bwd, _replay.Entry):
+    if not isinstance(bwd, _replay.Entry) or _replay.recorded_in_this_backward(fwd, bwd):
         return None
     return fwd, bwd, need_ds, need_w
 

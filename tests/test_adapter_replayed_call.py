@@ -320,3 +320,45 @@ def test_a_dual_tensor_is_not_replayed(replay_ext):
         z, *(p.detach().double() for p in (m.w_down, m.b_down, m.w_up, m.b_up)), activation="gelu",
         residual=t["x"].detach().double(), add_input=True, backend="eager")
     torch.testing.assert_close(tangent.double(), (f(h + eps) - f(h - eps)) / (2 * eps), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_gradient_checkpointing_with_the_replayed_node(replay_ext, placement, use_reentrant):
+    """Under gradient checkpointing each layer runs again in the backward. In the first step the backward
+    launchers record their programs during the backward, after the later layers' recomputation and before the
+    earlier ones': a recomputed layer must still take its forward's path (the Function, not the C++ node, which
+    keeps other tensors; torch.utils.checkpoint refuses a recomputation that saves different ones). Later steps
+    run the node, and every step's gradients are those of the same steps without checkpointing."""
+    from tiny_models import batch, build, logits
+
+    def run(ckpt: bool):
+        torch.manual_seed(0)
+        model = build("bert")
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement=placement, init="bert"), "a")
+        model.train()
+        if ckpt:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        out, names = [], set()
+        for step in range(3):
+            ids, mask = batch(B=4, seed=step)
+            with pet_fast.use_backend("triton"):  # (the recomputation in the backward takes the backend too)
+                loss = logits(model, ids, mask).float().pow(2).mean()
+                names |= {type(m.__dict__.get("_replayed")).__name__ for m in model.modules()
+                          if isinstance(m, METHODS.BottleneckAdapter)}
+                loss.backward()
+            out.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+            model.zero_grad(set_to_none=True)
+        return out, names
+
+    with R.through_interpreter(replay_ext):
+        want, _ = run(False)
+    with R.through_interpreter(replay_ext):  # (nothing recorded yet: the first step records in its backward)
+        got, names = run(True)
+    assert "ReplayedCall" in names  # (made by the second step's forward, or its recomputation where the forward runs
+    # without gradients: reentrant checkpointing)
+    for (lw, gw), (lg, gg) in zip(want, got):
+        torch.testing.assert_close(lg, lw, rtol=0, atol=0)
+        assert gw.keys() == gg.keys()
+        for k in gw:
+            torch.testing.assert_close(gg[k], gw[k], rtol=1e-5, atol=1e-7)

@@ -745,6 +745,10 @@ def _stacked_triton(*args):
 # the caller runs the op. The core's arguments are formed by the same code as the op's (_core_args).
 
 
+def _same(t):
+    return t
+
+
 class ReplayedStackedCall:
     """A caller's stacked_adapter_fusion call replayed through one C++ call while its facts stay those of the
     call it was made from (:func:`replayed_stacked_call`): same arguments as the op (no ``backend``); returns
@@ -792,9 +796,12 @@ def replayed_stacked_call(y, x, query, residual, w_down, b_down, w_up, b_up, *, 
     if last is None or last() is not y or compute_dtype(query) != query.dtype:
         return None
     masked = score_mask is not None
-    core = _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query, w_key,
-                      w_value, b_value, temperature, residual_before, w_query_key, b_query_key,
-                      b_key if masked else None, score_shift if masked else None, score_mask)
+    # the node's inputs formed again for their facts, their graph thrown away: what it saves for a backward is
+    # kept from gradient checkpointing's hooks, which count what a layer's forward and its recomputation save
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        core = _core_args(x, query, residual, w_down, b_down, w_up, b_up, activation, scaling, w_query, b_query,
+                          w_key, w_value, b_value, temperature, residual_before, w_query_key, b_query_key,
+                          b_key if masked else None, score_shift if masked else None, score_mask)
     guard = _stacked_kernels().core_guard(_node_inputs(*core[:7]), *core[2][5:8])
     if guard is None:
         return None
