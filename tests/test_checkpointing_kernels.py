@@ -1,0 +1,88 @@
+"""Gradient checkpointing on the kernels' paths (triton backend under the interpreter, launches replayed from a
+CPU build of the replay, `replay_ext`): every method trains for three steps with transformers' checkpointing
+(non-reentrant, its default, and reentrant) and gets the gradients of the same steps without it.
+
+A recomputed layer must take its forward's path: torch.utils.checkpoint refuses (CheckpointError) a
+recomputation that keeps other tensors, and the replay records programs during the first backward, between
+recomputations (kernels/_replay.py recorded_in_this_backward)."""
+import importlib
+
+import pytest
+import torch
+
+import pet_fast
+from tiny_models import batch, build, logits
+
+R = importlib.import_module("pet_fast.kernels._replay")
+
+CONFIGS = {
+    "houlsby": lambda: pet_fast.AdapterConfig(placement="houlsby", init="bert"),
+    "pfeiffer": lambda: pet_fast.AdapterConfig(placement="pfeiffer", init="bert"),
+    "parallel": lambda: pet_fast.AdapterConfig(placement="parallel", init="bert"),
+    "mask": lambda: pet_fast.MaskConfig(),
+    "prefix": lambda: pet_fast.PrefixConfig(prefix_length=3),
+}
+
+
+def _model(kind, method):
+    torch.manual_seed(0)
+    model = build(kind)
+    if method == "fusion":
+        for i in range(3):
+            pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", init="bert", bottleneck=4 + i), f"a{i}")
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1", "a2"]), "t")
+        for m in model.modules():
+            if isinstance(m, pet_fast.AdapterFusion):
+                m.dropout = 0.2  # (on the scores: the key bias's term counts)
+                with torch.no_grad():
+                    m.key.bias.normal_(0, 0.1)
+    else:
+        pet_fast.inject(model, CONFIGS[method](), "t")
+    for m in model.modules():  # the base's own dropout off: only the methods' dropout draws (restored by checkpointing)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.train()
+
+
+def _steps(kind, method, ckpt, replay_ext, autocast=False):
+    model = _model(kind, method)
+    if ckpt is not None:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": ckpt == "reentrant"})
+    out = []
+    with R.through_interpreter(replay_ext):  # (nothing recorded yet: the first step records in its backward)
+        for step in range(3):
+            ids, mask = batch(B=4, seed=step, pad_left=kind == "llama")
+            torch.manual_seed(step)
+            with pet_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+                loss = logits(model, ids, mask).float().pow(2).mean()
+                loss.backward()  # (inside the block: the recomputation takes the backend too)
+            out.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                                        if p.requires_grad and p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+    return out
+
+
+CASES = [("bert", m) for m in ("houlsby", "pfeiffer", "fusion", "mask", "prefix")] + [
+    ("llama", m) for m in ("parallel", "prefix")]
+
+
+@pytest.mark.parametrize("ckpt", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind,method", CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_checkpointed_steps_on_the_kernels_give_the_unchecked_gradients(replay_ext, kind, method, ckpt):
+    want = _steps(kind, method, None, replay_ext)
+    got = _steps(kind, method, ckpt, replay_ext)
+    for (lw, gw), (lg, gg) in zip(want, got):
+        torch.testing.assert_close(lg, lw, rtol=1e-6, atol=1e-7)
+        assert gw.keys() == gg.keys() and gw
+        for k in gw:
+            torch.testing.assert_close(gg[k], gw[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "fusion"])
+def test_checkpointed_steps_under_autocast(replay_ext, method):
+    want = _steps("bert", method, None, replay_ext, autocast=True)
+    got = _steps("bert", method, "non-reentrant", replay_ext, autocast=True)
+    for (lw, gw), (lg, gg) in zip(want, got):
+        torch.testing.assert_close(lg, lw, rtol=1e-3, atol=1e-5)
+        for k in gw:
+            torch.testing.assert_close(gg[k], gw[k], rtol=1e-2, atol=1e-4)
