@@ -48,7 +48,9 @@ static at::Tensor matmul_f32(const at::Tensor& a, const at::Tensor& b) {
 struct StackedFusionBackward : public torch::autograd::Node {
   std::shared_ptr<Program> backward;
   std::vector<torch::autograd::SavedVariable> saved;  // the inputs the backward reads (kFusionInputs slots)
-  at::Tensor a, p, pre;                               // the forward's own tensors (no history)
+  // the forward's own tensors (no history), saved as variables too: saved-tensor hooks see them (gradient
+  // checkpointing frees them until the recomputation, offloading moves them)
+  torch::autograd::SavedVariable a_saved, p_saved, pre_saved;
   bool need_ds = false, need_weights = false, has_residual = false, has_bv = false;
   bool residual_grad = false, wv_grad = false, bv_grad = false, q_grad = false, wk_grad = false, bqk_grad = false;
   bool q_is_x = false;  // q passed as x itself: dq added to dx by the product (one addmm), none returned for q
@@ -61,6 +63,7 @@ struct StackedFusionBackward : public torch::autograd::Node {
     if (!grads[0].defined()) return out;
     std::vector<at::Tensor> in;
     for (const auto& v : saved) in.push_back(v.unpack());
+    const at::Tensor a = a_saved.unpack(), p = p_saved.unpack(), pre = pre_saved.unpack();
     at::Tensor dout = grads[0], dctx;
     const at::Tensor& wv = in[kWv];
     if (wv.defined()) {
@@ -113,9 +116,9 @@ struct StackedFusionBackward : public torch::autograd::Node {
 
   void release_variables() override {
     for (auto& v : saved) v.reset_data();
-    a.reset();
-    p.reset();
-    pre.reset();
+    a_saved.reset_data();
+    p_saved.reset_data();
+    pre_saved.reset_data();
   }
 };
 
@@ -160,9 +163,9 @@ static c10::optional<at::Tensor> stacked_fusion_autograd(const std::shared_ptr<P
   if (!torch::autograd::compute_requires_grad(at::TensorList(ins))) return out;
   auto node = make_node<StackedFusionBackward>();
   node->backward = backward;
-  node->a = *(*result)[1];
-  node->p = *(*result)[2];
-  node->pre = pre;
+  node->a_saved = torch::autograd::SavedVariable(*(*result)[1], /*is_output=*/false);
+  node->p_saved = torch::autograd::SavedVariable(*(*result)[2], /*is_output=*/false);
+  node->pre_saved = torch::autograd::SavedVariable(pre, /*is_output=*/false);
   node->need_ds = need_ds;
   node->need_weights = need_weights;
   node->has_residual = ins[kResidual].defined();
