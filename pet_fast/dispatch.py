@@ -66,6 +66,32 @@ def _context() -> list:
     return stack
 
 
+# The stacks of the threads that have a use_backend() block open. Autograd runs a GPU's backward in a thread of
+# its own, where a layer recomputed under gradient checkpointing calls the ops again: with one choice open in
+# the process, that thread takes it, as the forward did (else its recomputation could take another backend
+# than the forward, which checkpointing refuses).
+_OPEN: dict = {}
+_OPEN_LOCK = threading.Lock()
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _foreign_thread() -> bool:
+    """Whether this thread was not started by Python (threading's stand-in object for it): an autograd worker
+    thread, not one of the program's own, whose blocks are its own."""
+    return isinstance(threading.current_thread(), threading._DummyThread)
+
+
+def _open_choice() -> Optional[str]:
+    """The use_backend() choice for a thread without a block of its own: the innermost choice of the threads
+    with one open when this is an autograd worker thread (not started by Python) running a backward pass and
+    they agree; None otherwise."""
+    if not _OPEN or torch.compiler.is_compiling() or _graph_task() == -1 or not _foreign_thread():
+        return None
+    with _OPEN_LOCK:
+        choices = {s[-1] for s in _OPEN.values() if s}
+    return choices.pop() if len(choices) == 1 else None
+
+
 def register(op: str, backend: str, run: Callable, reasons: Optional[Callable[[Mapping], list]] = None) -> Impl:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -100,10 +126,16 @@ def use_backend(name: str) -> Iterator[str]:
     key = validate_backend(name)
     stack = _context()
     stack.append(key)
+    if len(stack) == 1 and not torch.compiler.is_compiling():
+        with _OPEN_LOCK:
+            _OPEN[threading.get_ident()] = stack
     try:
         yield key
     finally:
         stack.pop()
+        if not stack and not torch.compiler.is_compiling():
+            with _OPEN_LOCK:
+                _OPEN.pop(threading.get_ident(), None)
 
 
 def requested(backend: Optional[str] = None) -> tuple[str, str]:
@@ -113,6 +145,10 @@ def requested(backend: Optional[str] = None) -> tuple[str, str]:
     stack = _context()
     if stack:
         return stack[-1], "use_backend()"
+    if _OPEN:
+        choice = _open_choice()
+        if choice is not None:
+            return choice, "use_backend() (open in the program's thread)"
     env = _env.get(ENV_VAR)
     if env:
         return validate_backend(env, argname=f"environment variable {ENV_VAR}"), ENV_VAR

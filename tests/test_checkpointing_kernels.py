@@ -91,15 +91,14 @@ def test_checkpointed_steps_under_autocast(replay_ext, method):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_gradient_checkpointing_with_the_replayed_node(monkeypatch, dtype):
-    """On a GPU (the backward, with the recomputation, in autograd's device thread): three steps of a tiny BERT
-    with Houlsby adapters under non-reentrant gradient checkpointing, the launches replayed from C++, run
-    (no CheckpointError) and give the gradients of the same steps without checkpointing."""
+def test_gpu_gradient_checkpointing_with_the_replayed_node(dtype):
+    """On a GPU (the backward, with the recomputation, in autograd's device thread, which takes the use_backend()
+    block open in the program's thread): three steps of a tiny BERT with Houlsby adapters under non-reentrant
+    gradient checkpointing, the launches replayed from C++, run (no CheckpointError) and give the gradients of
+    the same steps without checkpointing."""
     if not R.enabled() or R._extension() is None:  # (outside the replay's gated test run: see gpu_check.sh)
         pytest.skip("the extension cannot replay Triton launches here")
     from tiny_models import batch, build, logits
-
-    monkeypatch.setenv("PET_FAST_BACKEND", "triton")  # (a use_backend block would not reach the device thread)
 
     def run(ckpt: bool):
         R._clear_caches()  # (each run records in its first backward)
@@ -112,8 +111,8 @@ def test_gpu_gradient_checkpointing_with_the_replayed_node(monkeypatch, dtype):
         out = []
         for step in range(3):
             ids, mask = batch(B=16, seed=step)  # 144 tokens: the triton backend's tiles, not the few-token forms
-            loss = logits(model, ids.cuda(), mask.cuda()).float().pow(2).mean()
-            loss.backward()
+            with pet_fast.use_backend("triton"):
+                logits(model, ids.cuda(), mask.cuda()).float().pow(2).mean().backward()
             out.append({k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad})
             model.zero_grad(set_to_none=True)
         return out

@@ -78,6 +78,55 @@ def test_context_is_restored_after_an_error():
     assert dispatch.requested() == ("auto", "default")
 
 
+def _requested_in_a_backward_elsewhere(monkeypatch, foreign=True):
+    """dispatch.requested() as seen from inside a backward pass run by another thread (standing for autograd's
+    GPU worker thread, which Python did not start: ``foreign``)."""
+    import threading
+
+    monkeypatch.setattr(dispatch, "_foreign_thread", lambda: foreign)
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(dispatch.requested()) or g)
+    t = threading.Thread(target=lambda: y.sum().backward())
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_autograds_own_thread_takes_the_programs_open_block(monkeypatch):
+    """A layer recomputed in the backward (gradient checkpointing) calls the ops in autograd's worker thread on a
+    GPU: it takes the use_backend() block open in the program's thread, as the forward took it; not when it is
+    a thread of the program's own, not outside a backward, not when open blocks disagree."""
+    import threading
+
+    assert _requested_in_a_backward_elsewhere(monkeypatch) == ("auto", "default")
+    with pet_fast.use_backend("eager"):
+        assert _requested_in_a_backward_elsewhere(monkeypatch) == ("eager", "use_backend() (open in the program's thread)")
+        assert _requested_in_a_backward_elsewhere(monkeypatch, foreign=False) == ("auto", "default")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(dispatch.requested()))  # (outside a backward)
+        monkeypatch.setattr(dispatch, "_foreign_thread", lambda: True)
+        t.start()
+        t.join()
+        assert seen == [("auto", "default")]
+        started, release = threading.Event(), threading.Event()
+
+        def other_block():
+            with pet_fast.use_backend("triton"):
+                started.set()
+                release.wait()
+        other = threading.Thread(target=other_block)
+        other.start()
+        started.wait()
+        try:
+            assert _requested_in_a_backward_elsewhere(monkeypatch) == ("auto", "default")  # (two choices open)
+        finally:
+            release.set()
+            other.join()
+    assert dispatch._OPEN == {}
+
+
 def test_unknown_backend_names():
     x, wd, bd, wu, bu = _adapter_args()
     with pytest.raises(ValueError, match="backend must be one of"):
