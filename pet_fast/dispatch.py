@@ -88,7 +88,8 @@ def _open_choice() -> Optional[str]:
     if not _OPEN or torch.compiler.is_compiling() or _graph_task() == -1 or not _foreign_thread():
         return None
     with _OPEN_LOCK:
-        choices = {s[-1] for s in _OPEN.values() if s}
+        tops = [s[-1:] for s in _OPEN.values()]  # (a slice: an owner may pop its last choice meanwhile)
+    choices = {t[0] for t in tops if t}
     return choices.pop() if len(choices) == 1 else None
 
 
