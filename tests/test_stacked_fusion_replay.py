@@ -204,9 +204,8 @@ def test_training_steps_through_the_node_give_the_python_launches_gradients(repl
         assert_same_bits(gg, gw)
 
 
-def test_for_half_precision_the_node_keeps_q_not_the_float32_qk(replay_ext):
-    """fp16: the node forms qk = q @ w_key in float32 itself and saves q (N x d fp16) for its backward, not
-    the float32 qk (twice the bytes), which it forms again there: no (N, d) float32 tensor is saved."""
+def _saved_by_the_node(replay_ext, dtype) -> list:
+    """(shape, dtype) of every tensor a call that runs as the node saves (saved-tensor hooks)."""
     saved = []
 
     def pack(t):
@@ -214,12 +213,19 @@ def test_for_half_precision_the_node_keeps_q_not_the_float32_qk(replay_ext):
         return t
 
     with R.through_interpreter(replay_ext):
-        _run(dict(), torch.float16, dict(frozen=("scaling",)), [0, 1])
-        lo = TK.make_case((3, 5), 24, 5, 3, torch.float16, seed=3)[1]
+        _run(dict(), dtype, dict(frozen=("scaling",)), [0, 1])
+        lo = TK.make_case((3, 5), 24, 5, 3, dtype, seed=3)[1]
         lo["scaling"].requires_grad_(False)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = TK.call(lo, "triton")
         assert NODE in _node_names(y) and "FusionQkF32Backward" not in str(_node_names(y))
+    return saved
+
+
+def test_for_half_precision_the_node_keeps_q_not_the_float32_qk(replay_ext):
+    """fp16: the node forms qk = q @ w_key in float32 itself and saves q (N x d fp16) for its backward, not
+    the float32 qk (twice the bytes), which it forms again there: no (N, d) float32 tensor is saved."""
+    saved = _saved_by_the_node(replay_ext, torch.float16)
     assert ((15, 24), torch.float16) in saved  # q (and x)
     assert ((15, 24), torch.float32) not in saved
 
@@ -228,19 +234,7 @@ def test_the_nodes_own_tensors_go_through_saved_tensor_hooks(replay_ext):
     """What the node keeps of its forward (the down-projections a, the probabilities p, the value projection's
     input) is saved as autograd's saved variables, as the Function saves it: saved-tensor hooks (gradient
     checkpointing, offloading to the host) see all of it, and it is not kept alive behind them."""
-    saved = []
-
-    def pack(t):
-        saved.append((tuple(t.shape), t.dtype))
-        return t
-
-    with R.through_interpreter(replay_ext):
-        _run(dict(), torch.float32, dict(frozen=("scaling",)), [0, 1])
-        lo = TK.make_case((3, 5), 24, 5, 3, torch.float32, seed=3)[1]
-        lo["scaling"].requires_grad_(False)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = TK.call(lo, "triton")
-        assert NODE in _node_names(y)
+    saved = _saved_by_the_node(replay_ext, torch.float32)
     rp = importlib.import_module("pet_fast.kernels.stacked_adapter_fusion").padded_r(5)
     assert ((15, 3, rp), torch.float32) in saved and ((15, 3), torch.float32) in saved  # a and p
     assert saved.count(((15, 24), torch.float32)) >= 2  # x, and pre (ctx + residual, the value projection's input)
