@@ -70,11 +70,20 @@ def _same(a, b):
     assert_same_bits(a[1], b[1])
 
 
+def _replayed_calls(fus) -> list:
+    """The module's replayed calls (one per shape of x)."""
+    calls = fus.__dict__.get("_replayed")
+    assert calls is None or isinstance(calls, OPS.ReplayedStackedCalls)
+    out = [] if calls is None else list(calls.calls.values())
+    assert all(isinstance(c, OPS.ReplayedStackedCall) for c in out)
+    return out
+
+
 def _warm(fus, ads, call=_call):
     """Two calls: the first records the launchers, the second runs as the node and makes the replayed call."""
     for s in range(2):
         _step(fus, ads, _inputs(100 + s), call)
-    assert isinstance(fus.__dict__.get("_replayed"), OPS.ReplayedStackedCall)
+    assert _replayed_calls(fus)
 
 
 class _OpCalls:
@@ -219,6 +228,31 @@ def test_new_values_with_the_same_facts_stay_replayed(replay_ext, monkeypatch):
             torch.testing.assert_close(got[1][k], g, rtol=1e-4, atol=1e-5)
 
 
+def test_batches_of_alternating_shapes_each_keep_their_replayed_call(replay_ext, monkeypatch):
+    """A batch padded to its longest sequence changes shape from step to step: each shape seen again finds its
+    own replayed call (at most MAX_SHAPES kept, the oldest dropped first), with the Python launches' bits."""
+    ads, fus = _fusion(dropout=0.3)
+    shapes = [(3, 5), (2, 7), (4, 3)]
+    inputs = {sh: _inputs(20 + i, shape=sh) for i, sh in enumerate(shapes)}
+    with pet_fast.use_backend("triton"):
+        want = {sh: _step(fus, ads, t, seed=1) for sh, t in inputs.items()}
+        with R.through_interpreter(replay_ext):
+            for _ in range(2):  # records, then runs as the node and keeps a replayed call, per shape
+                for sh in shapes:
+                    _step(fus, ads, _inputs(40, shape=sh))
+            assert len(_replayed_calls(fus)) == 3
+            calls = _OpCalls(monkeypatch)
+            got = {sh: _step(fus, ads, t, seed=1) for sh, t in reversed(list(inputs.items()))}
+            assert calls.n == 0
+            monkeypatch.setattr(OPS.ReplayedStackedCalls, "MAX_SHAPES", 3)
+            _step(fus, ads, _inputs(41, shape=(5, 2)))  # the op, twice (records, then the node): a fourth shape
+            _step(fus, ads, _inputs(42, shape=(5, 2)))
+            kept = fus.__dict__["_replayed"].calls
+            assert list(kept) == [torch.Size([*sh, D]) for sh in [(2, 7), (4, 3), (5, 2)]]  # (3, 5)'s dropped
+    for sh in shapes:
+        _same(got[sh], want[sh])
+
+
 def _no_grad(fus, ads, t):
     with torch.no_grad():
         y = _call(fus, ads, t)
@@ -323,7 +357,7 @@ def test_folded_training_steps_of_a_model_replay_the_calls_bit_for_bit(replay_ex
         out = []
         for step in range(steps):
             if replay and step == 2:
-                assert all(isinstance(m.__dict__.get("_replayed"), OPS.ReplayedStackedCall) for m in fusions)
+                assert all(_replayed_calls(m) for m in fusions)
                 _OpCalls(monkeypatch, fail=True)
             ids, mask = FOLD_BATCH
             torch.manual_seed(step)
@@ -368,7 +402,7 @@ def test_gpu_replayed_fusion_calls_match_python_launches(dtype, dropout):
             want = [_step(fus, ads, u, seed=s) for s, u in enumerate(t)]
         for s in range(2):
             _step(fus, ads, inputs(100 + s))
-        assert isinstance(fus.__dict__.get("_replayed"), OPS.ReplayedStackedCall)
+        assert _replayed_calls(fus)
         got = [_step(fus, ads, u, seed=s) for s, u in enumerate(t)]
     for w, g in zip(want, got):
         _same(g, w)

@@ -156,7 +156,8 @@ class AdapterFusion(nn.Module):
         shift = _score_shift(query, proj.pop("score_shift_weight", None), proj.pop("score_shift_bias", None))
         kw = dict(activation=activation, scaling=scaling, temperature=t, score_mask=mask, score_shift=shift, **proj)
         compiling = torch.compiler.is_compiling()
-        replayed = None if (compiling or backend is not None) else self.__dict__.get("_replayed")
+        calls = None if (compiling or backend is not None) else self.__dict__.get("_replayed")
+        replayed = calls.get(x) if calls is not None else None
         if replayed is not None:  # this module's earlier call, as the op's C++ node behind a guard (see below)
             y = replayed(x, query, residual, w_down, b_down, w_up, b_up, **kw)
             if y is not None:
@@ -164,10 +165,13 @@ class AdapterFusion(nn.Module):
         y = fusion_ops.stacked_adapter_fusion(x, query, residual, w_down, b_down, w_up, b_up, backend=backend, **kw)
         if not compiling and backend is None and torch.is_grad_enabled():
             # once the op's call ran as its C++ node, the next calls with the same facts reach that node in one
-            # C++ call (ops/adapter_fusion.py ReplayedStackedCall; calls without gradients never run as the node)
+            # C++ call (ops/adapter_fusion.py ReplayedStackedCall, kept per shape of x; calls without gradients
+            # never run as the node)
             replayed = fusion_ops.replayed_stacked_call(y, x, query, residual, w_down, b_down, w_up, b_up, **kw)
             if replayed is not None:
-                self.__dict__["_replayed"] = replayed
+                if calls is None:
+                    calls = self.__dict__["_replayed"] = fusion_ops.ReplayedStackedCalls()
+                calls.add(x, replayed)
         return y
 
 

@@ -784,6 +784,32 @@ class ReplayedStackedCall:
         return (_replayed.no_call, ())
 
 
+class ReplayedStackedCalls:
+    """A module's replayed calls, one per shape of x (a batch padded to its longest sequence changes shape from
+    step to step: a shape seen again finds its own), at most MAX_SHAPES, the oldest dropped first. Not copied
+    with its holder (deepcopy and pickling give None)."""
+
+    __slots__ = ("calls",)
+    MAX_SHAPES = 8
+
+    def __init__(self):
+        self.calls: dict = {}
+
+    def get(self, x: torch.Tensor) -> Optional[ReplayedStackedCall]:
+        return self.calls.get(x.shape)
+
+    def add(self, x: torch.Tensor, call: ReplayedStackedCall) -> None:
+        if x.shape not in self.calls and len(self.calls) >= self.MAX_SHAPES:
+            del self.calls[next(iter(self.calls))]
+        self.calls[x.shape] = call
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_replayed.no_call, ())
+
+
 def replayed_stacked_call(y, x, query, residual, w_down, b_down, w_up, b_up, *, activation="relu", scaling=1.0,
                           w_query=None, b_query=None, w_key=None, b_key=None, w_value=None, b_value=None,
                           temperature=1.0, residual_before=False, value_before_softmax=True, w_query_key=None,
