@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..dispatch import graph_task as _graph_task
 from ._host import FP_FUSION
 
 KINDS = {"ptr": 0, "ptr_aligned": 1, "i32": 2, "i64": 3, "u32": 4, "u64": 5, "fp32": 6, "fp64": 7, "null": 8}
@@ -352,9 +353,6 @@ def through_interpreter(ext):
 
 
 _CACHES: list = []
-
-
-_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def recorded_in_this_backward(*entries) -> bool:

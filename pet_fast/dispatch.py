@@ -72,7 +72,8 @@ def _context() -> list:
 # than the forward, which checkpointing refuses).
 _OPEN: dict = {}
 _OPEN_LOCK = threading.Lock()
-_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+# The id of the autograd backward pass (graph task) running in this thread, -1 outside one.
+graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _foreign_thread() -> bool:
@@ -85,7 +86,7 @@ def _open_choice() -> Optional[str]:
     """The use_backend() choice for a thread without a block of its own: the innermost choice of the threads
     with one open when this is an autograd worker thread (not started by Python) running a backward pass and
     they agree; None otherwise."""
-    if not _OPEN or torch.compiler.is_compiling() or _graph_task() == -1 or not _foreign_thread():
+    if not _OPEN or torch.compiler.is_compiling() or graph_task() == -1 or not _foreign_thread():
         return None
     with _OPEN_LOCK:
         tops = [s[-1:] for s in _OPEN.values()]  # (a slice: an owner may pop its last choice meanwhile)

@@ -174,7 +174,6 @@ class AdapterFusion(nn.Module):
                 calls.add(x, replayed)
         return y
 
-
     def _in_compute_dtype(self, query, residual, dt):
         """query in the compute dtype ``dt`` (autocast's, where the fused ops take one dtype), and the residual
         where it enters the products (added before the fusion) or is not float32 (the ops add a float32
