@@ -10,7 +10,8 @@ A pet_fast checkpoint is a folder with two files:
   the row-major flattened mask, least significant bit first) and their scores only when asked.
 
 ``save`` writes into a temporary folder beside the target, fsyncs, then renames it into place, so
-a crash never leaves a half-written checkpoint under the target name. ``load`` validates the
+a crash never leaves a half-written checkpoint under the target name (a checkpoint it replaces is renamed
+aside first and put back if the save fails; after a crash between the two renames ``load`` names it). ``load`` validates the
 checkpoint against the model and, if anything does not match, restores the model as it was before
 raising. Folders that are not pet_fast checkpoints go to the importers (``register_importer``):
 AdapterHub bottleneck adapters and AdapterFusion are built in.
@@ -36,6 +37,7 @@ WEIGHTS_FILE = "pet_fast_task.safetensors"
 FORMAT = "pet_fast"
 FORMAT_VERSION = 1
 _PLACEHOLDER = "{task}"
+_OLD_MARK = ".old-"  # the previous checkpoint's name while a save replaces it
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +124,8 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
 
     Only the task's tensors and its config are written. Mask tasks store 1-bit masks; their scores
     too with ``include_scores=True`` (to resume training). An existing checkpoint at ``path`` is
-    replaced; any other existing content there is refused. Returns the folder's path.
+    replaced; any other content (a file, other files beside a checkpoint) is refused with ValueError
+    before anything is written (:func:`check_save_path`). Returns the folder's path.
     """
     from safetensors.torch import save_file
 
@@ -131,9 +134,7 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
 
     name = _task_name(model, name)
     cfg = registry(model).configs[name]
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
-        raise ValueError(f"path {str(path)!r} exists and is not a pet_fast checkpoint folder; refusing to overwrite it")
+    path = check_save_path(path)
     key = f"{TASK_ATTR}.{name}."
     tensors, mask_shapes = {}, {}
     for k, v in task_state(model, name).items():
@@ -164,6 +165,7 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    old = None
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         _fsync_file(tmp / WEIGHTS_FILE)
@@ -172,18 +174,40 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}{_OLD_MARK}", dir=parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not path.exists():  # the previous checkpoint goes back under its name
+            os.replace(old, path)
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None and path.exists():  # (kept where it could not go back: the user's only copy)
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def check_save_path(path) -> Path:
+    """``path`` as a Path where :func:`save` may write: absent, an empty folder, or a folder holding a pet_fast
+    checkpoint and nothing else (which the save replaces); ValueError otherwise (before anything is written)."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise ValueError(f"path {str(path)!r} exists and is not a folder; refusing to overwrite it")
+    entries = sorted(e.name for e in path.iterdir())
+    others = [e for e in entries if e not in (CONFIG_FILE, WEIGHTS_FILE)]
+    if entries and CONFIG_FILE not in entries:
+        raise ValueError(f"path {str(path)!r} exists and is not a pet_fast checkpoint folder; refusing to overwrite it")
+    if others:
+        raise ValueError(f"{str(path)!r} holds a pet_fast checkpoint and other files ({', '.join(others[:5])}"
+                         f"{', ...' if len(others) > 5 else ''}), which saving there would delete; save to another "
+                         f"folder or move them")
     return path
 
 
@@ -281,7 +305,10 @@ def load(model: nn.Module, path, name: Optional[str] = None) -> str:
 
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"checkpoint folder {str(path)!r} does not exist")
+        left = sorted(path.parent.glob(f".{path.name}{_OLD_MARK}*")) if not path.exists() else []
+        hint = (f"; a save there was interrupted between its two renames, and the checkpoint it was replacing is "
+                f"{str(left[-1])!r}" if left else "")
+        raise ValueError(f"checkpoint folder {str(path)!r} does not exist{hint}")
     if not is_checkpoint(path):
         for detect, load_fn in IMPORTERS:
             if detect(path):

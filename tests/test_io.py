@@ -198,6 +198,58 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         pet_fast.save(model, tmp_path / "junk")
 
 
+
+def test_a_save_failing_at_its_last_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
+    ids, mask = batch()
+    want = logits(model, ids, mask).detach()
+    pet_fast.save(model, tmp_path / "c")
+    _perturb(model, "t")
+    real, calls = os.replace, []
+
+    def second_fails(a, b):  # the old checkpoint moved aside, then the new one refused its place
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("rename refused")
+        return real(a, b)
+    monkeypatch.setattr(pio.os, "replace", second_fails)
+    with pytest.raises(OSError, match="rename refused"):
+        pet_fast.save(model, tmp_path / "c")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+    fresh = build("bert")
+    pet_fast.load(fresh, tmp_path / "c")
+    torch.testing.assert_close(logits(fresh, ids, mask), want, rtol=0, atol=0)
+
+
+def test_a_crash_between_the_renames_is_named_by_load(tmp_path):
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
+    pet_fast.save(model, tmp_path / "c")
+    os.replace(tmp_path / "c", tmp_path / ".c.old-x1y2")  # as a save that died after its first rename leaves it
+    with pytest.raises(ValueError, match=r"does not exist; a save there was interrupted.*\.c\.old-x1y2"):
+        pet_fast.load(build("bert"), tmp_path / "c")
+    with pytest.raises(ValueError, match="does not exist'?$"):
+        pet_fast.load(build("bert"), tmp_path / "other")
+
+
+def test_saving_over_a_checkpoint_with_other_files_beside_it_is_refused(tmp_path):
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
+    pet_fast.save(model, tmp_path / "c")
+    (tmp_path / "c" / "tokenizer.json").write_text("{}")
+    before = {f: (tmp_path / "c" / f).read_bytes() for f in os.listdir(tmp_path / "c")}
+    with pytest.raises(ValueError, match=r"other files \(tokenizer.json\), which saving there would delete"):
+        pet_fast.save(model, tmp_path / "c")
+    assert {f: (tmp_path / "c" / f).read_bytes() for f in os.listdir(tmp_path / "c")} == before
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match="is not a folder"):
+        pet_fast.save(model, tmp_path / "f")
+    (tmp_path / "empty").mkdir()
+    pet_fast.save(model, tmp_path / "empty")
+    assert pio.is_checkpoint(tmp_path / "empty")
+
 # ---------------------------------------------------------------------------------------------
 # AdapterHub imports, checked against AdapterHub's computations written out here
 
