@@ -368,6 +368,19 @@ def current_implementation(model: nn.Module) -> str:
     return name or "eager"
 
 
+def disable(model: nn.Module, modules, original: str) -> None:
+    """Undo :func:`enable` and the layer prefixes set on ``modules``: the model runs ``original`` again."""
+    for m in modules:
+        m.__dict__.pop(ATTR, None)
+    if current_implementation(model) != NAME:
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(original)
+    if current_implementation(model) != original:
+        model.config._attn_implementation = original
+
+
 def enable(model: nn.Module) -> str:
     """Switch ``model`` to :data:`NAME`; returns the implementation it had before (its fallback)."""
     register()

@@ -44,6 +44,10 @@ class MethodConfig:
     def attach(self, model: nn.Module, name: str, registry: "TaskRegistry") -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def detach(self, model: nn.Module, name: str, registry: "TaskRegistry") -> None:
+        """Undo what ``attach`` changed outside the task's modules, once task ``name`` has left ``registry``
+        (``remove``; ``load`` after a failed check). Nothing for most methods."""
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["method"] = self.method
@@ -153,8 +157,9 @@ def remove(model: nn.Module, name: str) -> None:
     for mod in list(model.modules()):  # norms that only captured inputs for removed parallel adapters
         if _sites.site_kind(mod) == "capture":
             _sites.uninstall_if_unused(mod)
-    del reg.configs[name]
+    config = reg.configs.pop(name)
     reg.active = tuple(n for n in reg.active if n != name)
+    config.detach(model, name, reg)
     set_active(model, reg.active)
 
 

@@ -839,6 +839,69 @@ def test_deep_copy_reads_its_own_prefix():
         assert (twin(input_ids=ids, attention_mask=mask).logits - before).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_deep_copy_shifts_positions_by_its_own_tasks(family):
+    """The position shift (shift_positions=True) reads the copy's tasks, not the original's."""
+    model, _ = injected(family, "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        want = run(twin, family, ids, mask)
+        set_active(model, None)  # the original only
+        close(run(twin, family, ids, mask), want, 0.0)
+        # a second task on the copy (its head left to p's): both shift the copy's positions, by 3 + 2
+        inject(twin, PrefixConfig(prefix_length=2, init_std=1.0, train_head=False), "q")
+        set_active(twin, ["p", "q"])
+        table = torch.cat([prefix_encoder(twin, n).flat() for n in ("p", "q")])
+        got, want = run(twin, family, ids, mask), reference(make(family), family, table, ids, mask)
+        if family in CAUSAL:
+            got, want = got[mask.bool()], want[mask.bool()]
+        close(got, want)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_injected_model_pickles(family, tmp_path):
+    import pickle
+
+    model, _ = injected(family, "sdpa")
+    ids, mask, _ = batch([6, 4], "right")
+    with torch.no_grad():
+        want = run(model, family, ids, mask)
+        close(run(pickle.loads(pickle.dumps(model)), family, ids, mask), want, 0.0)
+        torch.save(model, tmp_path / "m.pt")
+        close(run(torch.load(tmp_path / "m.pt", weights_only=False), family, ids, mask), want, 0.0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_removing_the_last_prefix_task_restores_the_model(family):
+    model, base = injected(family, "sdpa")
+    inject(model, PrefixConfig(prefix_length=2), "q")
+    ids, mask, _ = batch([6, 4], "right")
+    pet_fast.remove(model, "p")  # one prefix task left: still switched
+    assert hf_attention.current_implementation(model) == hf_attention.NAME
+    pet_fast.remove(model, "q")
+    assert hf_attention.current_implementation(model) == "sdpa"
+    assert "_pet_fast_prefix_position_hook" not in model.__dict__
+    assert not any(hf_attention.layer_prefix(m) is not None for m in model.modules())
+    assert not any(len(m._forward_pre_hooks) for m in model.modules())
+    with torch.no_grad():
+        close(run(model, family, ids, mask), run(base, family, ids, mask), 0.0)
+    inject(model, PrefixConfig(prefix_length=3, init_std=1.0), "again")  # and it can be injected again
+    with torch.no_grad():
+        table = prefix_encoder(model, "again").flat()
+        close(run(model, family, ids, mask), reference(base, family, table, ids, mask))
+
+
+def test_a_failed_prefix_load_leaves_the_attention_as_it_was(tmp_path):
+    model, _ = injected("gpt2", "sdpa")
+    pet_fast.save(model, tmp_path / "ck")
+    other = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_positions=64))
+    with pytest.raises(ValueError):
+        pet_fast.load(other, tmp_path / "ck")  # three layers against the checkpoint's two
+    assert hf_attention.current_implementation(other) == "sdpa"
+    assert not any(len(m._forward_pre_hooks) for m in other.modules())
+
+
 def test_threads_sharing_a_model_keep_their_forwards_apart():
     """The per-forward prefixes are per thread: concurrent training forwards on one model each build
     and free their own graph."""

@@ -65,8 +65,13 @@ class PerForward:
 
     def install(self, module: nn.Module) -> None:
         """Open and close this state around every forward of ``module``."""
-        module.register_forward_pre_hook(self.start, with_kwargs=True)
-        module.register_forward_hook(self.stop, with_kwargs=True, always_call=True)
+        self.handles = [module.register_forward_pre_hook(self.start, with_kwargs=True),
+                        module.register_forward_hook(self.stop, with_kwargs=True, always_call=True)]
+
+    def uninstall(self) -> None:
+        for handle in getattr(self, "handles", ()):
+            handle.remove()
+        self.handles = []
 
 
 def checkpoint_modules(model: nn.Module) -> list:
@@ -84,6 +89,13 @@ def installed(model: nn.Module, attr: str, cls) -> PerForward:
         state.install(base)
         model.__dict__[attr] = state
     return state
+
+
+def uninstalled(model: nn.Module, attr: str) -> None:
+    """Removes the state kept as ``model.<attr>`` and its hooks (the model's last task that used it is gone)."""
+    state = model.__dict__.pop(attr, None)
+    if state is not None:
+        state.uninstall()
 
 
 def attached(host: nn.Module, name: str, module: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import models
 from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder
-from ._per_forward import PerForward, checkpoint_modules
+from ._per_forward import PerForward, checkpoint_modules, uninstalled
 
 
 class PrefixEncoder(nn.Module):
@@ -277,11 +277,16 @@ def _make_source(state: _ForwardPrefixes, index: int) -> _Source:
     return _Source(state, index)
 
 
-def _shift_hook(holder, reg, kind):
-    """Forward pre-hook that gives real tokens the positions PEFT gives them: + P (see PrefixConfig)."""
+class _ShiftPositions:
+    """Forward pre-hook that gives real tokens the positions PEFT gives them: + P (see PrefixConfig). An object
+    rather than a closure: a copy of the model (deepcopy) gets its own, reading the copy's tasks, and the model
+    pickles."""
 
-    def hook(module, args, kwargs):
-        shift = _position_shift(holder, reg)
+    def __init__(self, holder, reg, kind: str):
+        self.holder, self.reg, self.kind = holder, reg, kind
+
+    def __call__(self, module, args, kwargs):
+        shift = _position_shift(self.holder, self.reg)
         if not shift:
             return None
         kwargs = dict(kwargs)
@@ -289,7 +294,7 @@ def _shift_hook(holder, reg, kind):
         if pos is not None:
             kwargs["position_ids"] = pos + shift
             return args, kwargs
-        if kind == "embeddings":
+        if self.kind == "embeddings":
             # BERT/RoBERTa embeddings take the cache length and derive the positions from it (RoBERTa:
             # from the padding of input_ids), exactly as PEFT's prefix of length P in the cache does.
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -315,8 +320,6 @@ def _shift_hook(holder, reg, kind):
         _check_positions(module, ref, past + shift, shift)
         kwargs["position_ids"] = (torch.arange(T, device=ref.device) + (past + shift)).unsqueeze(0)
         return args, kwargs
-
-    return hook
 
 
 def _check_positions(module, ref, start: int, shift: int) -> None:
@@ -348,7 +351,7 @@ def _install_position_hook(model: nn.Module, holder, reg) -> None:
         target, kind = base, "model"
         if "position_ids" not in inspect.signature(target.forward).parameters:
             raise ValueError(f"{type(target).__name__}.forward takes no position_ids; set shift_positions=False")
-    handle = target.register_forward_pre_hook(_shift_hook(holder, reg, kind), with_kwargs=True)
+    handle = target.register_forward_pre_hook(_ShiftPositions(holder, reg, kind), with_kwargs=True)
     model.__dict__["_pet_fast_prefix_position_hook"] = handle
 
 
@@ -432,6 +435,23 @@ class PrefixConfig(MethodConfig):
                 lp.keep_dropout = lp.keep_dropout and self.keep_attention_dropout
         if self.shift_positions:
             _install_position_hook(model, holder, registry)
+
+
+    def detach(self, model: nn.Module, name: str, registry) -> None:
+        """With the model's last prefix task gone: its attention implementation back, the layers' prefix
+        sources and the position hook removed (the model as it was before the first prefix task)."""
+        from .. import hf_attention
+
+        if any(isinstance(c, PrefixConfig) for c in registry.configs.values()):
+            return
+        handle = model.__dict__.pop("_pet_fast_prefix_position_hook", None)
+        if handle is not None:
+            handle.remove()
+        uninstalled(model, "_pet_fast_prefix_forward")
+        layers = _attention_modules(model)
+        lp = next((p for p in map(hf_attention.layer_prefix, layers) if p is not None), None)
+        if lp is not None:
+            hf_attention.disable(model, layers, lp.original)
 
 
 def prefix_encoder(model: nn.Module, name: str) -> PrefixEncoder:
