@@ -156,3 +156,46 @@ def test_side_blend_gradients_follow_the_formula_in_float64(alpha):
     if alpha == "learned":
         expected = (g * (base - side.detach())).sum() * a * (1 - a)
         torch.testing.assert_close(branch.alpha_logit.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_side_tuning_a_model_held_in_another_dtype(kind, dtype):
+    """A model loaded in bfloat16, float16 or float64 (from_pretrained(torch_dtype=...)): the side network trains
+    in float32 (float64 for float64), the head reads the model's dtype; the numbers are the float32 model's."""
+    ids, mask = batch()
+    want_model = build(kind)
+    pet_fast.inject(want_model, pet_fast.SideConfig(width=16, heads=2), "s")
+    model = build(kind).to(dtype)
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2), "s")
+    with torch.no_grad():  # the same side weights (its last projection starts at zero: give it values)
+        for (k, p), (_, q) in zip(want_model.named_parameters(), model.named_parameters()):
+            if f"{TASK_ATTR}.s." in k:
+                p.normal_(0, 0.2)
+                q.copy_(p)
+    net = {p.dtype for k, p in model.named_parameters() if ".network." in k}
+    assert net == {torch.float64 if dtype == torch.float64 else torch.float32}
+    model.train()
+    want_model.train()
+    torch.manual_seed(5)  # (the head's dropout draws the same mask in both)
+    out = model(input_ids=ids, attention_mask=mask).logits
+    assert out.dtype == dtype
+    torch.manual_seed(5)
+    want = want_model(input_ids=ids, attention_mask=mask).logits
+    tol = {torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), want.double(), rtol=tol, atol=tol)
+    out.float().pow(2).sum().backward()
+    grads = {k for k, p in model.named_parameters() if p.grad is not None}
+    assert grads == {k for k, p in model.named_parameters() if p.requires_grad} and any(".network." in k for k in grads)
+
+
+def test_side_tuning_refuses_encoder_decoder_models():
+    import transformers as tf
+
+    model = tf.T5ForSequenceClassification(tf.T5Config(vocab_size=61, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                       num_heads=4, decoder_start_token_id=0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="encoder-decoder models"):
+        pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2), "s")
+    assert model.state_dict().keys() == before.keys()
+    assert pet_fast.tasks.registry(model) is None

@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 
+def blend(base: torch.Tensor, side: torch.Tensor, alpha) -> torch.Tensor:
+    """``alpha * base + (1 - alpha) * side`` in one launch (lerp), in the side output's dtype (autocast's, under
+    autocast), and in the base's where that is narrower: a bfloat16 or float16 model's head reads the result
+    (its side network trains in float32)."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(side.dtype)
+    out = torch.lerp(side, base.to(side.dtype), alpha)
+    return out.to(base.dtype) if base.dtype.itemsize < out.dtype.itemsize else out
+
+
 class SideTuning(nn.Module):
     """``alpha * base(*args) + (1 - alpha) * side(*args)``.
 
@@ -66,10 +76,7 @@ class SideTuning(nn.Module):
             return self.base_output(self.base(*args, **kwargs))
 
     def blend(self, base_out: torch.Tensor, side_out: torch.Tensor) -> torch.Tensor:
-        a = self.alpha()
-        if isinstance(a, torch.Tensor):
-            a = a.to(side_out.dtype)
-        return torch.lerp(side_out, base_out.to(side_out.dtype), a)  # a * base + (1 - a) * side in one launch
+        return blend(base_out, side_out, self.alpha())
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         base_out = self.base_forward(*args, **kwargs)
@@ -185,10 +192,7 @@ class SideBranch(nn.Module):
         return self.alpha_value
 
     def blend(self, base: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        a = self.alpha()
-        if isinstance(a, torch.Tensor):
-            a = a.to(side.dtype)
-        return torch.lerp(side, base.to(side.dtype), a)  # a * base + (1 - a) * side: one launch, not three
+        return blend(base, side, self.alpha())
 
     def cached(self, ids, input_ids) -> Optional[torch.Tensor]:
         hits = [self.cache.get(key) for key in ids]
@@ -453,16 +457,23 @@ class SideConfig(MethodConfig):
         host = models.backbone(model)
         if not hasattr(host, "get_input_embeddings") or host.get_input_embeddings() is None:
             raise ValueError("side-tuning needs a transformers backbone with input embeddings")
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"side-tuning blends the backbone's last hidden states with a side network over its input "
+                             f"tokens; encoder-decoder models ({type(model).__name__}: the decoder's states are over "
+                             f"other tokens) are not supported")
         _sites.check_installable(host, "side")
         hidden = models.hidden_size(model)
         cfg = getattr(model, "config", None)
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
         causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False))
         ref = host.get_input_embeddings().weight
+        # trained in float32 (float64 in a float64 model), also in a bfloat16 or float16 model: blend() gives
+        # the head the base's dtype
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
         network = SideNetwork(hidden, width=self.width, layers=self.layers, heads=self.heads, ffn=self.ffn,
                               max_positions=max_pos, causal=causal)
         branch = SideBranch(network, alpha=self.alpha, alpha_init=self.alpha_init, alpha_end=self.alpha_end,
                             schedule_steps=self.schedule_steps, cache=self.cache,
-                            base_graphs=self.base_graphs).to(device=ref.device)
+                            base_graphs=self.base_graphs).to(device=ref.device, dtype=dtype)
         _sites.install(host, "side", registry)
         task_holder(host)[name] = branch
