@@ -163,6 +163,21 @@ def test_target_modules_generic_path():
     assert "u" not in model._pet_fast_registry.configs
 
 
+@pytest.mark.parametrize("kind,target", [("bert", "intermediate.dense"), ("bert", "output.dense"), ("gpt2", "mlp.c_fc")])
+def test_parallel_adapter_on_a_target_that_changes_width_is_refused_at_inject(kind, target):
+    """A parallel adapter reads the target's input and adds to its output: a linear map between two widths
+    (32 -> 37, 37 -> 32; GPT-2's Conv1D too) is refused before anything changes; one width works."""
+    model = build(kind)
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=r"maps (32 to 37|37 to 32) features"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="parallel", target_modules=[target]), "t")
+    assert set(model.state_dict()) == keys and pet_fast.tasks.registry(model) is None
+    same = "attention.self.value" if kind == "bert" else "attn.c_proj"
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="parallel", target_modules=[same], init="bert"), "ok")
+    ids, mask = batch()
+    logits(model, ids, mask).sum().backward()
+
+
 def test_pfeiffer_after_attention_refused_on_pre_ln_before_any_change():
     model = build("llama")
     keys = set(model.state_dict())

@@ -169,6 +169,17 @@ PLACEMENT_DEFAULTS = {
 INIT_ALIASES = {"mam_adapter": "identity"}
 
 
+def _in_out_widths(module: nn.Module):
+    """(input, output) features of a linear layer (nn.Linear, transformers' Conv1D), None for other modules."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    weight = getattr(module, "weight", None)
+    if isinstance(nf, int) and isinstance(weight, torch.Tensor) and weight.dim() == 2:  # Conv1D: weight (in, out)
+        return (nx if isinstance(nx, int) else weight.shape[0]), nf
+    return None
+
+
 @register_method
 @dataclasses.dataclass
 class AdapterConfig(MethodConfig):
@@ -285,6 +296,13 @@ class AdapterConfig(MethodConfig):
         sites = self.sites(model)
         for host, kind, _ in sites:
             _sites.check_installable(host, kind)
+            if kind == "generic" and self.placement == "parallel":
+                widths = _in_out_widths(host)
+                if widths is not None and widths[0] != widths[1]:
+                    where = next((n for n, m in model.named_modules() if m is host), type(host).__name__)
+                    raise ValueError(f"a parallel adapter reads the input of target {where!r} and adds to its output, "
+                                     f"which need one width: it maps {widths[0]} to {widths[1]} features (use "
+                                     f"placement='houlsby' there, or another target)")
         r = self.bottleneck_size(hidden)
         for host, kind, peer in sites:
             _sites.install(host, kind, registry, peer)
