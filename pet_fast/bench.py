@@ -773,6 +773,8 @@ def compare(path_a: str, path_b: str, file=None) -> List[dict]:
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import nonnegative_int, positive_float, positive_int
+
     p.add_argument("--step", action="store_true", help="only the step benchmark")
     p.add_argument("--ops", action="store_true", help="only the op benchmarks (benchmarks/ of a source checkout: "
                    "a wheel does not ship them)")
@@ -785,16 +787,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", dest="compile_rows", action="store_true", default=None,
                    help="torch.compile rows also on the CPU (default: on a GPU only)")
     p.add_argument("--no-compile", dest="compile_rows", action="store_false", help="no torch.compile rows")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--steps", type=int, help="timed steps per row")
-    p.add_argument("--threads", type=int, help="CPU threads for the step benchmark (default: torch's; 1 with --quick on the CPU)")
+    p.add_argument("--warmup", type=nonnegative_int)
+    p.add_argument("--steps", type=positive_int, help="timed steps per row")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for the step benchmark (default: torch's; 1 with --quick on the CPU)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="fused",
                    help="AdamW's implementation in the step benchmark: fused (default; Hugging Face Trainer's "
                         "default with torch >= 2.8) or foreach (torch.optim's default on CUDA)")
-    p.add_argument("--paired", type=int, metavar="ROUNDS",
+    p.add_argument("--paired", type=nonnegative_int, metavar="ROUNDS",
                    help="time each eager row in this many rounds alternating with its model's floor, and report "
                         "the ratio round by round (default 5 on a GPU, 0 = off on the CPU)")
-    p.add_argument("--budget-s", type=float, help="stop starting step rows after this many seconds (the rest are "
+    p.add_argument("--budget-s", type=positive_float, help="stop starting step rows after this many seconds (the rest are "
                                                   "reported as skipped)")
 
 

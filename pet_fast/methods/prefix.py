@@ -506,7 +506,10 @@ def peft_prefix_load(model: nn.Module, path, name: str) -> None:
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
         raise ValueError("PEFT prefix checkpoints of encoder-decoder models (num_transformer_submodules=2) are not supported")
     num_layers, kv_heads, head_dim, _ = model_dims(model)
-    P = int(cfg["num_virtual_tokens"])
+    if not isinstance(cfg.get("num_virtual_tokens"), int) or cfg["num_virtual_tokens"] < 1:
+        raise ValueError(f"{path}: adapter_config.json needs num_virtual_tokens (a positive int), "
+                         f"got {cfg.get('num_virtual_tokens')!r}")
+    P = cfg["num_virtual_tokens"]
     want = {"num_layers": num_layers, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads}
     for key, value in want.items():
         if cfg.get(key) is not None and int(cfg[key]) != value:
