@@ -171,7 +171,6 @@ CHANGES = {
     "another shape": lambda fus, ads, t: (fus, ads, _inputs(5, shape=(2, 7))),
     "another dtype": lambda fus, ads, t: (fus.half(), [a.half() for a in ads], _inputs(5, dtype=torch.float16)),
     "a frozen value projection": _frozen_value,
-    "another temperature": lambda fus, ads, t: (setattr(fus, "T", 2.0) or fus, ads, t),
     "another activation": _gelu,
     "dropout on": _dropout_on,
 }
@@ -379,6 +378,37 @@ def test_folded_training_steps_of_a_model_replay_the_calls_bit_for_bit(replay_ex
         torch.testing.assert_close(lg, lw, rtol=0, atol=0)
         assert any(k.endswith("key.bias") and g is not None for k, g in gw.items())
         assert_same_bits(gg, gw)
+
+
+def _recorded() -> int:
+    return sum(len(c) for c in R._CACHES)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_an_annealed_temperature_keeps_the_replayed_call_and_records_once(replay_ext, monkeypatch, dropout):
+    """temperature=True lowers the softmax temperature at every training call: folded into the key side of the
+    scores (methods/fusion.py _temperature_folded), it is no constant of the recorded launches, so the calls stay
+    replayed and nothing is recorded again; every step equals the eager backend's at that step's temperature."""
+    ads, fus = _fusion(dropout=dropout, temperature=True)
+    inputs = [_inputs(30 + s) for s in range(3)]
+    with pet_fast.use_backend("triton"), R.through_interpreter(replay_ext):
+        _warm(fus, ads)
+        recorded = _recorded()
+        _OpCalls(monkeypatch, fail=True)
+        temps, got = [], []
+        for s, t in enumerate(inputs):
+            temps.append(fus.T)
+            got.append(_step(fus, ads, t, seed=s))
+        assert _recorded() == recorded and temps[0] > temps[1] > temps[2] > 1.0
+    monkeypatch.undo()
+    with pet_fast.use_backend("eager"):
+        for s, (t, temp, g) in enumerate(zip(inputs, temps, got)):
+            fus.T = temp
+            w = _step(fus, ads, t, seed=s)
+            torch.testing.assert_close(g[0], w[0], rtol=1e-5, atol=1e-5)
+            for k, v in w[1].items():
+                if v is not None:
+                    torch.testing.assert_close(g[1][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.gpu

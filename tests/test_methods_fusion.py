@@ -682,6 +682,42 @@ def test_fuse_with_dropout_takes_the_stacked_op_and_equals_the_definition(monkey
         assert have[3 + [n for n, _ in fus.named_parameters()].index("key.bias")].abs().max() > 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fuse_at_a_temperature_equals_the_definition(monkeypatch, backend, dropout):
+    """A temperature other than 1 (temperature=True's annealing) divides the scores, as AdapterHub's BertFusion
+    does (after the dropout's mask): the op gets it folded into the key projection, and the output and every
+    gradient are the definition's, in float32 against float64."""
+    import pet_fast.methods.fusion as fusion_mod
+
+    torch.manual_seed(0)
+    ads, _ = _frozen_fusion()
+    fus = pet_fast.AdapterFusion(16, dropout=dropout, temperature=True).train()
+    _randomize_projections(fus)
+    masks = []
+    real_mask = fusion_mod.dropout_mask
+    monkeypatch.setattr(fusion_mod, "dropout_mask", lambda *a: masks.append(real_mask(*a)) or masks[-1])
+    x, q, res = (torch.randn(4, 5, 16, requires_grad=True) for _ in range(3))
+    t = fus.T
+    got = fus.fuse(x, q, res, ads, backend=backend)
+    assert fus.T < t == 50.0
+    mask = masks[0].double() if masks else torch.ones(4, 5, 3, dtype=torch.float64)
+    fus64 = copy.deepcopy(fus).double()
+    ads64 = [copy.deepcopy(a).double() for a in ads]
+    leaves64 = [v.detach().double().requires_grad_() for v in (x, q, res)]
+    want = _definition_with_mask(fus64, *leaves64, ads64, mask, t)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    dy = torch.randn(got.shape)
+    params = [p for p in fus.parameters() if p.requires_grad]
+    params64 = [p for p in fus64.parameters() if p.requires_grad]
+    have = torch.autograd.grad(got, [x, q, res] + params, dy, allow_unused=True)
+    need = torch.autograd.grad(want, leaves64 + params64, dy.double(), allow_unused=True)
+    for i, (a, b) in enumerate(zip(have, need)):
+        if b is None or (a is None and not dropout):  # (the key bias: its term cancels without a mask)
+            continue
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=str(i))
+
+
 def test_fuse_with_dropout_draws_a_new_mask_per_call_and_none_in_eval():
     """Each training call draws its own mask (outputs differ); in eval mode there is no dropout (the output
     is the dropout-free one, folded or not)."""
@@ -709,13 +745,15 @@ def test_dropout_mask_values_and_rate():
     assert abs(zeros - 0.3) < 0.01 and abs(m.mean().item() - 1.0) < 0.02  # (100k draws: 5 sigma ~ 0.007)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_dropout_with_the_fold_gives_the_unfolded_dropout_step(monkeypatch, backend, autocast):
+def test_dropout_with_the_fold_gives_the_unfolded_dropout_step(monkeypatch, backend, autocast, temperature):
     """With dropout on the scores the fold still applies: the key bias's term <Q, b_key>, which masked scores
     no longer cancel, comes folded as the op's score shift (query @ (b_key Wq) + bq . b_key, batched for all
     layers with the fold). With the same masks (same seed), the unfolded dropout step's loss and gradients,
-    the key bias's included (float32: to float32 rounding; bf16 autocast: to its rounding)."""
+    the key bias's included (float32: to float32 rounding; bf16 autocast: to its rounding). A temperature
+    (folded into the folded product and the shift, or into the key projection) likewise."""
     ids, mask = FOLD_BATCH
     runs = []
     for fold in (True, False):
@@ -728,6 +766,7 @@ def test_dropout_with_the_fold_gives_the_unfolded_dropout_step(monkeypatch, back
         with torch.no_grad():
             for f in fusions:
                 f.key.bias.normal_(0, 0.5)  # (zero at init: its term would be zero)
+                f.T = temperature
         loss, grads, _ = _autocast_step(model, ids, mask, backend, autocast=autocast, dropout=0.3)
         assert seen == [fold] * len(fusions) and shifts == [fold] * len(fusions)
         runs.append((loss, grads))

@@ -89,7 +89,7 @@ class AdapterFusion(nn.Module):
         _checks.tensor("query", query, floating=False)
         t = self._temperature()
         dropout = self.training and self.dropout > 0
-        proj = self._projections(query.dtype, key_bias=dropout)
+        proj, _, t = _temperature_folded(self._projections(query.dtype, key_bias=dropout), None, t)
         # dropout: the op's score mask (its eager backend keeps the adapter outputs once: fusion_ops.masked_eager)
         mask = dropout_mask(values.shape[:-1], self.dropout, values.device) if dropout else None
         return fusion_ops.adapter_fusion(query, values, residual, temperature=t, score_mask=mask, backend=backend,
@@ -154,6 +154,7 @@ class AdapterFusion(nn.Module):
         mask = dropout_mask(x.shape[:-1] + (len(adapters),), self.dropout, x.device) if dropout else None
         proj = self._projections(query.dtype, key_bias=dropout, fold=_worth_folding(x))
         shift = _score_shift(query, proj.pop("score_shift_weight", None), proj.pop("score_shift_bias", None))
+        proj, shift, t = _temperature_folded(proj, shift, t)
         kw = dict(activation=activation, scaling=scaling, temperature=t, score_mask=mask, score_shift=shift, **proj)
         compiling = torch.compiler.is_compiling()
         calls = None if (compiling or backend is not None) else self.__dict__.get("_replayed")
@@ -183,6 +184,20 @@ class AdapterFusion(nn.Module):
         if residual.dtype != dt and (self.residual_before or residual.dtype != torch.float32):
             residual = residual.to(dt)
         return query, residual
+
+
+def _temperature_folded(proj: dict, shift: Optional[torch.Tensor], t: float) -> tuple:
+    """(proj, shift, temperature): with a temperature other than 1, its inverse folded into the key side of the
+    scores (the folded query-key product and its bias, or the key projection and its bias; the score shift) and
+    temperature 1 for the op. A temperature annealed at every training forward (``temperature=True``) would
+    otherwise be a new constant of the fused kernels' recorded launches at every step, recorded anew each time
+    (kernels/_replay.py). The scores are the same up to rounding; without a key side the temperature stays."""
+    names = ("w_query_key", "b_query_key") if proj.get("w_query_key") is not None else ("w_key", "b_key")
+    if t == 1.0 or proj.get(names[0]) is None:
+        return proj, shift, t
+    inv = 1.0 / t
+    proj = dict(proj, **{n: proj[n] * inv for n in names if proj.get(n) is not None})
+    return proj, None if shift is None else shift * inv, 1.0
 
 
 def _score_shift(query: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
