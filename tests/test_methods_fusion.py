@@ -189,6 +189,14 @@ def test_stacked_frozen_adapters_are_kept_until_they_change(monkeypatch):
         a.activation = "gelu"  # another activation: rebuilt (the stack carries it)
     torch.testing.assert_close(fus.fuse(x, q, res, ads), fresh.fuse(x, q, res, ads))
     assert len(calls) == 6
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    params = [p for a in ads for p in a.parameters()]
+    vector_to_parameters(parameters_to_vector(params) * 3, params)  # new memory (p.data = ...): rebuilt
+    fresh = pet_fast.AdapterFusion(16)
+    fresh.load_state_dict(fus.state_dict())
+    torch.testing.assert_close(fus.fuse(x, q, res, ads), fresh.fuse(x, q, res, ads))
+    assert len(calls) == 8
 
 
 def test_stacked_trainable_adapters_are_stacked_every_call_and_get_gradients(monkeypatch):

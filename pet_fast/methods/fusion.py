@@ -98,16 +98,18 @@ class AdapterFusion(nn.Module):
     def _stacked(self, adapters: Sequence[BottleneckAdapter], dtype) -> tuple:
         """:func:`stack_adapters`, kept between calls while the adapters are frozen (AdapterFusion's
         usual second stage): stacking k adapters costs a few dozen small launches per call. The copy is
-        rebuilt when any adapter parameter changes in place (its version counter moves), when the
-        adapters, their scalings or activations, or the dtype change, and never kept when autograd needs
-        the stacking or under torch.compile (which folds it into the graph)."""
+        rebuilt when any adapter parameter changes in place (its version counter moves) or gets new memory
+        (``p.data = ...``, as ``vector_to_parameters`` does), when the adapters, their scalings or activations,
+        or the dtype change, and never kept when autograd needs the stacking or under torch.compile (which
+        folds it into the graph). Not seen: an in-place change through ``p.data`` (``p.data.mul_(2)``), which
+        by design moves no version counter; change frozen weights under ``torch.no_grad()`` instead."""
         # the adapters' own parameter dicts: Module.parameters() (a generator that walks submodules and
         # deduplicates) made half the host time of a cached call (three adapters: 13 -> 6 us on the CPU)
         params = [p for a in adapters for p in (a._parameters.values() if not a._modules else a.parameters())
                   if p is not None]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return stack_adapters(adapters, dtype)
-        key = (dtype, tuple(id(a) for a in adapters), tuple((id(p), p.device, p._version) for p in params),
+        key = (dtype, tuple(id(a) for a in adapters), tuple((id(p), p.data_ptr(), p.device, p._version) for p in params),
                tuple(a.scaling if isinstance(a.scaling, float) else id(a.scaling) for a in adapters),
                tuple(a.activation for a in adapters))
         cache = self.__dict__.get("_stack_cache")
