@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "bindings.h"
+#include "second_order.h"
 
 namespace {
 
@@ -116,6 +117,19 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    const bool create_graph = at::GradMode::is_enabled();
+    variable_list out;
+    {
+      // the products below read forward intermediates kept without history: not differentiable again
+      at::AutoGradMode grad_mode(false);
+      out = gradients(ctx, saved, grads);
+    }
+    std::vector<at::Tensor> depends(saved.begin(), saved.end());
+    depends.push_back(grads[0]);
+    return pet_fast_second_order::refuse_second_order(std::move(out), "bottleneck_adapter (cuda)", depends, create_graph);
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& saved, const variable_list& grads) {
     const at::Tensor &x = saved[0], &wd = saved[1], &wu = saved[2], &bu = saved[3], &s = saved[4], &a = saved[5],
                      &h = saved[6], &z = saved[7], &mean = saved[8], &rstd = saved[9], &ln_weight = saved[10],
                      &ln_bias = saved[11];

@@ -27,6 +27,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include "second_order.h"
 #include "triton_replay.h"
 
 namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
@@ -59,10 +60,21 @@ struct StackedFusionBackward : public torch::autograd::Node {
   std::string name() const override { return "StackedFusionCoreBackward"; }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    torch::autograd::variable_list out(kFusionInputs);
-    if (!grads[0].defined()) return out;
+    if (!grads[0].defined()) return torch::autograd::variable_list(kFusionInputs);
     std::vector<at::Tensor> in;
     for (const auto& v : saved) in.push_back(v.unpack());
+    const bool create_graph = at::GradMode::is_enabled();
+    torch::autograd::variable_list out;
+    {
+      at::AutoGradMode grad_mode(false);
+      out = gradients(grads, in);
+    }
+    in.push_back(grads[0]);
+    return pet_fast_second_order::refuse_second_order(std::move(out), "stacked_adapter_fusion", in, create_graph);
+  }
+
+  torch::autograd::variable_list gradients(const torch::autograd::variable_list& grads, std::vector<at::Tensor> in) {
+    torch::autograd::variable_list out(kFusionInputs);
     const at::Tensor a = a_saved.unpack(), p = p_saved.unpack(), pre = pre_saved.unpack();
     at::Tensor dout = grads[0], dctx;
     const at::Tensor& wv = in[kWv];

@@ -23,6 +23,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include "second_order.h"
 #include "triton_replay.h"
 
 namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
@@ -44,12 +45,24 @@ struct ReplayBackward : public torch::autograd::Node {
   std::string name() const override { return op_name; }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    const size_t n = grad_map.size();
-    torch::autograd::variable_list out(n);
-    if (!grads[0].defined()) return out;  // the output was not used: no gradients
-    const at::Tensor dy = grads[0].contiguous();
+    if (!grads[0].defined()) return torch::autograd::variable_list(grad_map.size());  // the output was not used
     std::vector<at::Tensor> fwd_inputs;
     for (const auto& v : saved) fwd_inputs.push_back(v.unpack());
+    const bool create_graph = at::GradMode::is_enabled();
+    torch::autograd::variable_list out;
+    {
+      at::AutoGradMode grad_mode(false);
+      out = gradients(grads, fwd_inputs);
+    }
+    fwd_inputs.push_back(grads[0]);
+    return pet_fast_second_order::refuse_second_order(std::move(out), op_name, fwd_inputs, create_graph);
+  }
+
+  torch::autograd::variable_list gradients(const torch::autograd::variable_list& grads,
+                                           const std::vector<at::Tensor>& fwd_inputs) {
+    const size_t n = grad_map.size();
+    torch::autograd::variable_list out(n);
+    const at::Tensor dy = grads[0].contiguous();
     std::vector<c10::optional<at::Tensor>> inputs;
     for (auto j : bwd_map) {
       if (j == -1) inputs.emplace_back(dy);

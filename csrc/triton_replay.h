@@ -9,6 +9,7 @@
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/autocast_mode.h>
 
+#include "autograd_node.h"
 #include "bindings.h"
 
 #ifdef PET_FAST_CUDA
@@ -28,18 +29,7 @@
 
 namespace pet_fast_replay PET_FAST_REPLAY_HIDDEN {
 
-// A new autograd node of type T, held the way the torch it is built against holds nodes: older
-// releases (2.11, say) in std::shared_ptr, newer ones (2.13) in c10::intrusive_ptr; Edge::function
-// tells which. The GPU machines may carry an older torch than the one CI checks with.
-template <class T>
-auto make_node() {
-  using Held = decltype(torch::autograd::Edge::function);
-  if constexpr (std::is_same_v<Held, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<T>();
-  } else {
-    return c10::make_intrusive<T>();
-  }
-}
+using pet_fast_autograd::make_node;
 
 
 // Parameter kinds (pet_fast/kernels/_replay.py KINDS)

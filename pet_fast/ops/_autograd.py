@@ -25,7 +25,7 @@ def always_custom_op() -> bool:
     return _env.get(ENV_VAR, "0") == "1"
 
 
-def function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+def function(name: str, forward: Callable, setup_context: Callable, backward: Callable, op_name: str = "") -> type:
     """An ``autograd.Function`` running ``forward(*inputs)``, ``setup_context(ctx, inputs, output)`` and
     ``backward(ctx, *grads)`` as registered with ``register_autograd`` of a custom op.
 
@@ -42,9 +42,49 @@ def function(name: str, forward: Callable, setup_context: Callable, backward: Ca
         return output
 
     def bwd(ctx, *grads):
-        return backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():  # create_graph=True: see refuse_second_order
+            out = backward(ctx, *grads)
+        return refuse_second_order(op_name or name, out, grads + tuple(ctx.saved_tensors))
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+def refuse_second_order(op: str, grads: tuple, depends_on) -> tuple:
+    """A backward's results ``grads`` (a tuple, None where there is no gradient) as computed, or, when one of
+    ``depends_on`` requires grad (the backward ran under create_graph=True), as outputs of a node whose own
+    backward raises: the fused kernels' gradients are no functions of the op's inputs to autograd, so a second
+    differentiation through them would treat them as constants, silently. The node's inputs are ``depends_on``,
+    so that differentiating toward any of them reaches it. Used as values the gradients are unchanged. The C++
+    autograd nodes do the same (csrc/second_order.h)."""
+    depends = [t for t in depends_on if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not depends:
+        return grads
+    at = [i for i, t in enumerate(grads) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    refused = _Refused.apply(SECOND_ORDER.format(op=op), len(at), *(grads[i] for i in at), *depends)
+    out = list(grads)
+    for i, t in zip(at, refused if isinstance(refused, tuple) else (refused,)):
+        out[i] = t
+    return tuple(out)
+
+
+SECOND_ORDER = ("pet_fast: the backward of {op} ran fused kernels, whose gradients cannot be differentiated again "
+                "(create_graph=True, e.g. a gradient penalty); run it under pet_fast.use_backend('eager') for "
+                "higher-order gradients")
+
+
+class _Refused(torch.autograd.Function):
+    """Its first ``n`` tensors as outputs (aliases); its backward raises ``message``."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
 
 
 class Op:
@@ -92,4 +132,5 @@ def custom_op(name: str, fn: Callable, *, fake: Callable, autograd: tuple | None
         fn_eager, backward_eager = (lambda *a: tuple(fn(*a))), (lambda ctx, *grads: backward(ctx, list(grads)))
     else:
         fn_eager, backward_eager = fn, backward
-    return Op(op, function(f"_{name}_function", fn_eager, setup_context, backward_eager).apply, fn_eager)
+    return Op(op, function(f"_{name}_function", fn_eager, setup_context, backward_eager, f"pet_fast::{name}").apply,
+              fn_eager)

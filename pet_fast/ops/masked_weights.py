@@ -132,7 +132,9 @@ class _MaskedWeights(torch.autograd.Function):
         saved = ctx.saved_tensors
         weights, scores = saved[:n], saved[n:]
         need = ctx.needs_input_grad[4:]
-        d_scores = _grouped_scores_grads(grads, weights, scores, need[n:]) if ctx.grouped else None
+        # (under create_graph=True the torch ops below, which autograd can differentiate again)
+        grouped = ctx.grouped and not torch.is_grad_enabled()
+        d_scores = _grouped_scores_grads(grads, weights, scores, need[n:]) if grouped else None
         if d_scores is None:
             d_scores = _scores_grads(grads, weights, scores, need[n:])
         d_weights = [torch.where(s > ctx.threshold, g, 0.0).to(w.dtype) if (need[i] and g is not None) else None
