@@ -164,3 +164,24 @@ def test_the_cuda_adapters_cpp_function_refuses_too(cpu_ext):
         torch.testing.assert_close(g.detach(), w, rtol=1e-10, atol=1e-10)
     with pytest.raises(RuntimeError, match=r"backward of bottleneck_adapter \(cuda\) .*" + REFUSED):
         torch.autograd.grad(sum(g.pow(2).sum() for g in first), (x, wd))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_gpu_fused_gradients_refuse_a_second_differentiation(op):
+    """On a GPU, where the calls after the first run as the replayed C++ nodes (the extension built): the
+    create_graph gradients' values are eager's, and differentiating them raises."""
+    fn, make = OPS[op]
+    args = tuple(t.detach().cuda().requires_grad_() for t in make(5))
+    with pet_fast.use_backend("eager"):
+        want = torch.autograd.grad(fn(*args).pow(2).sum(), args, allow_unused=True)
+    with pet_fast.use_backend("triton"):
+        for _ in range(2):  # (records the launchers where the replay is on)
+            torch.autograd.grad(fn(*args).sum(), args, allow_unused=True)
+        got, penalty = _penalty_grads(fn, args, "triton")
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g.detach(), w, rtol=1e-3, atol=1e-4)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        torch.autograd.grad(penalty, args, allow_unused=True)
