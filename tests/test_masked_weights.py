@@ -174,6 +174,23 @@ def test_triton_refuses_mixed_dtypes_and_strided_inputs_and_auto_falls_back():
     torch.testing.assert_close(out[0], torch.where(ss[0] > 0, mixed[0], 0.0), rtol=0, atol=0)
 
 
+def test_strided_inputs_after_a_contiguous_call_are_refused_too():
+    """The op remembers its plan per call signature: contiguity is part of it, so transposed tensors of the
+    contiguous call's shapes are refused by the triton backend (it reads them flat), not read wrongly."""
+    ws, ss = _lists()
+    pet_fast.masked_weights(ws, ss, backend="triton")
+    m = [min(w.shape) for w in ws]  # (square: a transpose keeps the shape)
+    square = [w[:k, :k].contiguous() for w, k in zip(ws, m)]
+    sq_s = [s[:k, :k].contiguous() for s, k in zip(ss, m)]
+    pet_fast.masked_weights(square, sq_s, backend="triton")
+    flipped_w, flipped_s = [w.t() for w in square], [s.t() for s in sq_s]
+    with pytest.raises(dispatch.BackendUnavailableError, match="not contiguous"):
+        pet_fast.masked_weights(flipped_w, flipped_s, backend="triton")
+    out = pet_fast.masked_weights(flipped_w, flipped_s)  # auto: eager here
+    for o, w, s in zip(out, flipped_w, flipped_s):
+        torch.testing.assert_close(o, torch.where(s > 0, w, 0.0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda w, s: pet_fast.masked_weights([], []), "weights must not be empty"),
     (lambda w, s: pet_fast.masked_weights(w, s[:-1]), "one tensor per weight"),

@@ -178,8 +178,8 @@ def masked_weights(weights: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
     sig = None
     if isinstance(weights, (list, tuple)) and isinstance(scores, (list, tuple)):
         sig = _checks.signature(*weights, *scores, threshold, len(weights))
-        if sig is not None:
-            sig += (dtype,)
+        if sig is not None:  # (contiguity too: the triton backend reads the tensors flat and refuses strided ones)
+            sig += (dtype, tuple(t.is_contiguous() for t in (*weights, *scores)))
     if torch.compiler.is_compiling():  # traced as plain PyTorch, which torch.compile fuses
         (threshold, dtype), info = resolve()
         impl = dispatch.select(OP, info, "eager")
