@@ -158,13 +158,15 @@ def _row_stats(X, rows, rmask, cols, D, eps, BLOCK_N: tl.constexpr, BLOCK_D: tl.
 
 @triton.jit
 def _normalized(xt, mean, rstd, LNW, LNB, c, cm, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
-    """LayerNorm of a loaded tile of x (columns c), in fp32."""
+    """LayerNorm of a loaded tile of x (columns c), in fp32, zero in the columns past D: there x loads as 0 and
+    (0 - mean) * rstd is unbounded (rstd = 1/sqrt(eps) on a constant row), which rounded to fp16 is inf, and
+    inf times the zero-padded weight is NaN in the products."""
     y = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None]
     if HAS_LNW:
         y = y * tl.load(LNW + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     if HAS_LNB:
         y = y + tl.load(LNB + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-    return y
+    return tl.where(cm[None, :], y, 0.0)
 
 
 @triton.jit

@@ -149,6 +149,28 @@ def test_layer_norm_statistics_stay_exact_far_from_zero():
         assert err <= 2 * err_eager + 4 * torch.finfo(torch.float32).eps * b.abs().max().item(), (name, err, err_eager)
 
 
+@pytest.mark.parametrize("d", [13, 40])
+def test_layer_norm_of_a_constant_fp16_row_past_the_last_column_block(d):
+    """A constant row (variance 0) with BERT's eps 1e-12 has rstd 1e6: in the columns past D of the last block
+    the kernels' LN of the zero-loaded x would be -mean * 1e6, inf in fp16, and inf times the zero-padded
+    weight NaN. The output and the weights' gradients are finite and the float64 reference's (x's gradient
+    on that row is rstd times a difference, past fp16's range in any computation)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, d, generator=g).half()
+    x[1] = 0.5
+    wd, wu = (torch.randn(3, d, generator=g) * 0.3).half(), (torch.randn(d, 3, generator=g) * 0.3).half()
+    dy = torch.randn(3, d, generator=g).half()
+    out = {}
+    for backend, dtype in (("triton", torch.float16), ("eager", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, wd, wu)]
+        y = pet_fast.bottleneck_adapter(leaves[0], leaves[1], None, leaves[2], None, layer_norm=(None, None, 1e-12),
+                                        backend=backend)
+        out[backend] = [y] + list(torch.autograd.grad(y, leaves[1:], dy.to(dtype)))
+    for got, want in zip(out["triton"], out["eager"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 def check_mixed_dtypes(hi, lo, half, device="cpu", autocast=False):
     """Triton against eager PyTorch computing the same in mixed dtypes (a float32 stream with ``half``
     products, optionally under autocast): a float32 output, every gradient in its leaf's dtype, and the
