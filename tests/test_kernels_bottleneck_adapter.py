@@ -214,6 +214,33 @@ def test_layer_norm_from_float32_under_autocast(monkeypatch, matmul_reduction):
     check_layer_norm_under_autocast((3, 7), 45, 5, torch.float16)
 
 
+@pytest.mark.parametrize("w_dtype,b_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                              (None, torch.float32), (torch.float32, None), (torch.float32, torch.float32)])
+def test_layer_norm_parameters_of_mixed_dtypes_on_every_backend(w_dtype, b_dtype):
+    """The contract lets the LayerNorm's weight and bias each be of x's dtype or float32 (or absent): every mix
+    runs on eager (a float32 LayerNorm where a parameter is float32) and triton, within the precision rule of
+    the float64 reference."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 24, generator=g)
+    wd, wu = torch.randn(4, 24, generator=g) * 0.3, torch.randn(24, 4, generator=g) * 0.3
+    lw, lb = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g) * 0.1
+    dy = torch.randn(5, 24, generator=g)
+
+    def run(backend, dtype, ln_dtypes):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, wd, wu)]
+        w, b = (None if dt is None else t.to(dt) for t, dt in zip((lw, lb), ln_dtypes))
+        y = pet_fast.bottleneck_adapter(leaves[0], leaves[1], None, leaves[2], None, layer_norm=(w, b, 1e-5),
+                                        backend=backend)
+        return [y] + list(torch.autograd.grad(y, leaves, dy.to(dtype)))
+
+    want = run("eager", torch.float64, [None if dt is None else torch.float64 for dt in (w_dtype, b_dtype)])
+    got = {be: run(be, torch.float16, (w_dtype, b_dtype)) for be in ("eager", "triton")}
+    for i, ref in enumerate(want):
+        err = {be: (got[be][i].double() - ref).abs().max().item() for be in got}
+        scale = torch.finfo(torch.float16).eps * ref.abs().max().item()
+        assert err["eager"] <= 16 * scale and err["triton"] <= 2 * err["eager"] + 4 * scale, (i, err)
+
+
 def test_layer_norm_arguments_are_checked():
     hi, lo = make_case((4,), 16, 3, torch.float32, layer_norm="affine")
     x, wd, wu = lo["x"], lo["w_down"], lo["w_up"]

@@ -151,7 +151,13 @@ def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, res
     """Eager PyTorch, differentiable through autograd; the definition every backend must match."""
     if layer_norm is not None:  # A(LN(x)) on the base x; LN's output rounded to the products' dtype
         w, b, eps = layer_norm
-        y = F.layer_norm(x, (x.shape[-1],), w, b, eps).to(compute_dtype(x))
+        if any(t is not None and t.dtype != x.dtype for t in (w, b)):
+            # float32 parameters of a half x (either or both, as the contract allows): the LayerNorm in float32,
+            # as the kernels compute it (PyTorch's own refuses some of these mixes)
+            w, b, z = (None if w is None else w.float()), (None if b is None else b.float()), x.float()
+        else:
+            z = x
+        y = F.layer_norm(z, (x.shape[-1],), w, b, eps).to(compute_dtype(x))
         return reference(y, w_down, b_down, w_up, b_up, activation, scaling, residual=x)
     if w_down.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
         w_down, b_down, w_up, b_up, scaling = _params_in(x.dtype, w_down, b_down, w_up, b_up, scaling)
