@@ -76,7 +76,11 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """The bool mask of ``shape`` held in ``packed`` (the inverse of :func:`pack_mask`)."""
     if isinstance(shape, int):
         shape = (shape,)
-    shape = tuple(int(s) for s in shape)
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+    shape = tuple(shape)
     if len(shape) < 1:
         raise ValueError("shape must have at least 1 dimension")
     if any(s < 0 for s in shape):

@@ -90,6 +90,8 @@ def check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -
     _checks.tensor("k", k, ndim=4)
     _checks.tensor("v", v, ndim=4)
     B, Hq, L, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have a head dimension D >= 1 (its last), got shape {tuple(q.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k must have shape (B, Hkv, S, D) = ({B}, Hkv, S, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     Hkv, S = k.shape[1], k.shape[2]
