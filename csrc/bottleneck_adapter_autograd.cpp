@@ -117,16 +117,9 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const bool create_graph = at::GradMode::is_enabled();
-    variable_list out;
-    {
-      // the products below read forward intermediates kept without history: not differentiable again
-      at::AutoGradMode grad_mode(false);
-      out = gradients(ctx, saved, grads);
-    }
-    std::vector<at::Tensor> depends(saved.begin(), saved.end());
-    depends.push_back(grads[0]);
-    return pet_fast_second_order::refuse_second_order(std::move(out), "bottleneck_adapter (cuda)", depends, create_graph);
+    // (the products below read forward intermediates kept without history: not differentiable again)
+    return pet_fast_second_order::first_order_only("bottleneck_adapter (cuda)", {saved.begin(), saved.end()}, grads[0],
+                                                   [&] { return gradients(ctx, saved, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& saved, const variable_list& grads) {

@@ -63,14 +63,8 @@ struct StackedFusionBackward : public torch::autograd::Node {
     if (!grads[0].defined()) return torch::autograd::variable_list(kFusionInputs);
     std::vector<at::Tensor> in;
     for (const auto& v : saved) in.push_back(v.unpack());
-    const bool create_graph = at::GradMode::is_enabled();
-    torch::autograd::variable_list out;
-    {
-      at::AutoGradMode grad_mode(false);
-      out = gradients(grads, in);
-    }
-    in.push_back(grads[0]);
-    return pet_fast_second_order::refuse_second_order(std::move(out), "stacked_adapter_fusion", in, create_graph);
+    return pet_fast_second_order::first_order_only("stacked_adapter_fusion", in, grads[0],
+                                                   [&] { return gradients(grads, in); });
   }
 
   torch::autograd::variable_list gradients(const torch::autograd::variable_list& grads, std::vector<at::Tensor> in) {

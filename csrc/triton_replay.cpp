@@ -48,14 +48,8 @@ struct ReplayBackward : public torch::autograd::Node {
     if (!grads[0].defined()) return torch::autograd::variable_list(grad_map.size());  // the output was not used
     std::vector<at::Tensor> fwd_inputs;
     for (const auto& v : saved) fwd_inputs.push_back(v.unpack());
-    const bool create_graph = at::GradMode::is_enabled();
-    torch::autograd::variable_list out;
-    {
-      at::AutoGradMode grad_mode(false);
-      out = gradients(grads, fwd_inputs);
-    }
-    fwd_inputs.push_back(grads[0]);
-    return pet_fast_second_order::refuse_second_order(std::move(out), op_name, fwd_inputs, create_graph);
+    return pet_fast_second_order::first_order_only(op_name, fwd_inputs, grads[0],
+                                                   [&] { return gradients(grads, fwd_inputs); });
   }
 
   torch::autograd::variable_list gradients(const torch::autograd::variable_list& grads,

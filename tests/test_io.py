@@ -32,6 +32,22 @@ def _assert_unchanged(model, snap):
     assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
 
 
+def _saved_adapter(path):
+    """A BERT with a Houlsby adapter task "t" saved at ``path``: (model, ids, mask, its logits then)."""
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
+    ids, mask = batch()
+    want = logits(model, ids, mask).detach()
+    pet_fast.save(model, path)
+    return model, ids, mask, want
+
+
+def _loads_as_saved(path, ids, mask, want):
+    fresh = build("bert")
+    pet_fast.load(fresh, path)
+    torch.testing.assert_close(logits(fresh, ids, mask), want, rtol=0, atol=0)
+
+
 CONFIGS = {
     "houlsby": lambda: pet_fast.AdapterConfig(placement="houlsby"),
     "parallel": lambda: pet_fast.AdapterConfig(placement="parallel", scaling="learned"),
@@ -170,11 +186,7 @@ def test_mismatches_are_refused_before_anything_changes(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    model = build("bert")
-    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
-    ids, mask = batch()
-    want = logits(model, ids, mask).detach()
-    pet_fast.save(model, tmp_path / "c")
+    model, ids, mask, want = _saved_adapter(tmp_path / "c")
     _perturb(model, "t")
 
     def crash(*a, **k):
@@ -184,9 +196,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         pet_fast.save(model, tmp_path / "c")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["c"]  # no temporary folder left, old checkpoint intact
-    fresh = build("bert")
-    pet_fast.load(fresh, tmp_path / "c")
-    torch.testing.assert_close(logits(fresh, ids, mask), want, rtol=0, atol=0)
+    _loads_as_saved(tmp_path / "c", ids, mask, want)
     with pytest.raises(OSError):
         monkeypatch.setattr(pio.json, "dump", crash)
         pet_fast.save(model, tmp_path / "new")
@@ -200,11 +210,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_a_save_failing_at_its_last_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
-    model = build("bert")
-    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
-    ids, mask = batch()
-    want = logits(model, ids, mask).detach()
-    pet_fast.save(model, tmp_path / "c")
+    model, ids, mask, want = _saved_adapter(tmp_path / "c")
     _perturb(model, "t")
     real, calls = os.replace, []
 
@@ -218,15 +224,11 @@ def test_a_save_failing_at_its_last_rename_puts_the_old_checkpoint_back(tmp_path
         pet_fast.save(model, tmp_path / "c")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["c"]
-    fresh = build("bert")
-    pet_fast.load(fresh, tmp_path / "c")
-    torch.testing.assert_close(logits(fresh, ids, mask), want, rtol=0, atol=0)
+    _loads_as_saved(tmp_path / "c", ids, mask, want)
 
 
 def test_a_crash_between_the_renames_is_named_by_load(tmp_path):
-    model = build("bert")
-    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
-    pet_fast.save(model, tmp_path / "c")
+    _saved_adapter(tmp_path / "c")
     os.replace(tmp_path / "c", tmp_path / ".c.old-x1y2")  # as a save that died after its first rename leaves it
     with pytest.raises(ValueError, match=r"does not exist; a save there was interrupted.*\.c\.old-x1y2"):
         pet_fast.load(build("bert"), tmp_path / "c")
@@ -235,9 +237,7 @@ def test_a_crash_between_the_renames_is_named_by_load(tmp_path):
 
 
 def test_saving_over_a_checkpoint_with_other_files_beside_it_is_refused(tmp_path):
-    model = build("bert")
-    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
-    pet_fast.save(model, tmp_path / "c")
+    model = _saved_adapter(tmp_path / "c")[0]
     (tmp_path / "c" / "tokenizer.json").write_text("{}")
     before = {f: (tmp_path / "c" / f).read_bytes() for f in os.listdir(tmp_path / "c")}
     with pytest.raises(ValueError, match=r"other files \(tokenizer.json\), which saving there would delete"):
