@@ -5,7 +5,7 @@ import sys, os, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 os.environ["TRITON_INTERPRET"] = "1"
 import benchmarks.profile_host_step as P
-import torch, pet_fast
+import torch
 torch.set_num_threads(1); torch.set_flush_denormal(True)
 replay = P.replay_module()
 from pet_fast.kernels import _replay
@@ -36,5 +36,4 @@ with _replay.through_interpreter(replay):
     with P.kernels_stubbed(), torch.no_grad():
         print(f"fwd: op {t(fop, *fargs):.2f} us, function {t(OB._triton_forward, *fargs):.2f} us")
         print(f"bwd: op {t(bop, *bargs):.2f} us, function {t(OB._triton_backward, *bargs):.2f} us")
-        kb = OB._triton_kernels()
         print(f"key_of {t(_replay.key_of, x, wd, bd, wu, bu, None, 1.0, x, 'gelu', True, None, None):.2f}")
