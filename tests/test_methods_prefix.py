@@ -487,6 +487,14 @@ def test_shifted_positions_past_the_position_table_are_refused(family):
     with pytest.raises(ValueError, match=f"need {limit + 1} positions, but the model has {limit}; use "
                                          r"PrefixConfig\(shift_positions=False\)"):
         model(input_ids=long)
+    # positions the caller passes (generate() passes them): checked too, against the whole table
+    fits = torch.arange(64 - P)[None].expand(2, -1)
+    model(input_ids=torch.randint(3, V, (2, 64 - P)), position_ids=fits)
+    with pytest.raises(ValueError, match="at the positions given need 65 positions, but the model has 64"):
+        model(input_ids=torch.randint(3, V, (2, 64 - P + 1)), position_ids=torch.arange(64 - P + 1)[None].expand(2, -1))
+    if family == "gpt2":
+        with pytest.raises(ValueError, match="shift_positions=False"):
+            model.generate(input_ids=ids[:, : 64 - P - 2], max_new_tokens=5, do_sample=False)
     unshifted = make(family)
     inject(unshifted, PrefixConfig(prefix_length=P, shift_positions=False), "p")
     unshifted(input_ids=long)

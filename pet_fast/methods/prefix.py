@@ -293,6 +293,9 @@ class _ShiftPositions:
         pos = kwargs.get("position_ids")
         if pos is not None:
             kwargs["position_ids"] = pos + shift
+            if pos.numel() and _position_table(module) is not None:  # (one read of the largest: a sync on a GPU,
+                # only for models with a table of absolute positions, only where the caller passes positions)
+                _check_positions(module, pos.shape[-1], int(pos.max()) + 1 + shift, shift, given=True)
             return args, kwargs
         if self.kind == "embeddings":
             # BERT/RoBERTa embeddings take the cache length and derive the positions from it (RoBERTa:
@@ -302,11 +305,11 @@ class _ShiftPositions:
             for key in ("cache_length", "past_key_values_length"):
                 if key in kwargs:
                     kwargs[key] = kwargs[key] + shift
-                    _check_positions(module, ref, kwargs[key], shift)
+                    _check_positions(module, _tokens(ref), kwargs[key] + _tokens(ref), shift)
                     return args, kwargs
             key = "cache_length" if "cache_length" in models.signature(type(module).forward).parameters else "past_key_values_length"
             kwargs[key] = shift
-            _check_positions(module, ref, shift, shift)
+            _check_positions(module, _tokens(ref), shift + _tokens(ref), shift)
             return args, kwargs
         # causal LMs: the default positions arange(T) + past, shifted
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -317,27 +320,38 @@ class _ShiftPositions:
         T = ref.shape[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        _check_positions(module, ref, past + shift, shift)
+        _check_positions(module, T, past + shift + T, shift)
         kwargs["position_ids"] = (torch.arange(T, device=ref.device) + (past + shift)).unsqueeze(0)
         return args, kwargs
 
 
-def _check_positions(module, ref, start: int, shift: int) -> None:
-    """A clear error where the shifted positions of ``ref``'s tokens, ``start`` + (0 .. T-1), pass the
-    module's table of absolute position embeddings (BERT's, RoBERTa's after its padding index, GPT-2's); an
-    embedding lookup there fails inside the kernel (on a GPU, a device-side assert). Models without such a
-    table (rotary positions) have no limit."""
+def _tokens(ref) -> int:
+    """The sequence length of input ids or embeddings (0 when there are none)."""
+    return ref.shape[1] if ref is not None and ref.dim() >= 2 else 0
+
+
+def _position_table(module):
+    """The module's table of absolute position embeddings (BERT's, RoBERTa's, GPT-2's), or None (rotary)."""
     table = getattr(module, "position_embeddings", None) or getattr(module, "wpe", None)
-    if ref is None or ref.dim() < 2 or not isinstance(table, nn.Embedding):
+    return table if isinstance(table, nn.Embedding) else None
+
+
+def _check_positions(module, tokens: int, end: int, shift: int, given: bool = False) -> None:
+    """A clear error where ``tokens`` tokens' shifted positions reach ``end`` (one past the largest) beyond the
+    module's table of absolute position embeddings; an embedding lookup there fails inside the kernel (on a GPU,
+    a device-side assert). Models without such a table (rotary positions) have no limit. ``given``: positions
+    the caller passed (RoBERTa's padding offset then does not apply)."""
+    table = _position_table(module)
+    if table is None or not tokens:
         return
-    pad = getattr(module, "padding_idx", None)  # RoBERTa's positions start after its padding index
-    limit = table.num_embeddings - (pad + 1 if isinstance(pad, int) else 0)
-    if int(start) + ref.shape[1] > limit:
+    pad = getattr(module, "padding_idx", None)  # RoBERTa's derived positions start after its padding index
+    limit = table.num_embeddings - (pad + 1 if isinstance(pad, int) and not given else 0)
+    if int(end) > limit:
         raise ValueError(
             f"prefix tuning with shift_positions=True moves the tokens' positions by the prefix length {shift} "
-            f"(as PEFT does): {ref.shape[1]} tokens from position {int(start)} need {int(start) + ref.shape[1]} "
-            f"positions, but the model has {limit}; use PrefixConfig(shift_positions=False) (AdapterHub's "
-            f"behaviour) or sequences of at most {limit - int(start)} tokens")
+            f"(as PEFT does): {tokens} tokens {'at the positions given' if given else 'from position ' + str(int(end) - tokens)}"
+            f" need {int(end)} positions, but the model has {limit}; use PrefixConfig(shift_positions=False) "
+            f"(AdapterHub's behaviour) or sequences of at most {limit - shift} positions")
 
 
 def _install_position_hook(model: nn.Module, holder, reg) -> None:
