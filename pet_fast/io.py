@@ -572,6 +572,9 @@ def import_adapterhub_fusion(model: nn.Module, path, name: Optional[str] = None)
             unknown = set(g) - {"query.weight", "query.bias", "key.weight", "key.bias", "value.weight"}
             if unknown:
                 raise ValueError(f"AdapterHub fusion has tensors pet_fast does not implement: {sorted(unknown)}")
+            steps = fusion._buffers.get("temperature_steps")  # (AdapterHub keeps no annealing state: it starts over)
+            if steps is not None:
+                values[next(k for k, v in task_state.items() if v.data_ptr() == steps.data_ptr())] = torch.zeros_like(steps)
         _copy_checked(task_state, values, f"AdapterHub fusion {str(path)!r}")
 
     return attach_and_fill(model, config, name, fill)

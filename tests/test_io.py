@@ -349,13 +349,15 @@ def test_import_adapterhub_legacy_gelu_and_refusals(tmp_path):
         pet_fast.load(model, tmp_path / "empty")
 
 
-def test_import_adapterhub_fusion(tmp_path):
+@pytest.mark.parametrize("temperature", [False, True])
+def test_import_adapterhub_fusion(tmp_path, temperature):
+    """(temperature=True: AdapterHub keeps no annealing state, so the import starts at 50, as AdapterHub does.)"""
     H = 32
     states = [_ah_adapter_files(tmp_path / n, n, "pfeiffer", H, 2, 4, seed=i) for i, n in enumerate(("a", "b"))]
     fdir = tmp_path / "fusion"
     fdir.mkdir()
     fcfg = {"key": True, "query": True, "value": True, "query_before_ln": False, "regularization": True,
-            "residual_before": False, "temperature": False, "value_before_softmax": True, "value_initialized": True,
+            "residual_before": False, "temperature": temperature, "value_before_softmax": True, "value_initialized": True,
             "dropout_prob": None}
     (fdir / "adapter_fusion_config.json").write_text(json.dumps({"adapter_names": ["a", "b"], "config": fcfg, "hidden_size": H,
                                                                  "model_type": "bert", "name": "a,b", "version": "adapters.1.2.0"}))
@@ -379,7 +381,7 @@ def test_import_adapterhub_fusion(tmp_path):
         Q = q @ fstate[p + "query.weight"].T + fstate[p + "query.bias"]
         K = u @ fstate[p + "key.weight"].T + fstate[p + "key.bias"]
         Vv = u @ fstate[p + "value.weight"].T
-        probs = torch.softmax((K * Q.unsqueeze(-2)).sum(-1), dim=-1)
+        probs = torch.softmax((K * Q.unsqueeze(-2)).sum(-1) / (50.0 if temperature else 1.0), dim=-1)
         return LN(h + (probs.unsqueeze(-1) * Vv).sum(-2) + x)
     ids, mask = batch()
     with torch.no_grad():

@@ -786,3 +786,74 @@ def test_dropout_with_the_fold_gives_the_unfolded_dropout_step(monkeypatch, back
     for k in grads_ref:
         scale = grads_ref[k].abs().max().item()
         assert (grads[k] - grads_ref[k]).abs().max().item() <= rtol * scale + 1e-9, k
+
+
+def _annealing_model(kind="bert"):
+    torch.manual_seed(0)
+    model = _fused_model("pfeiffer", temperature=True, dropout_prob=0.0)
+    return model
+
+
+def test_the_annealed_temperature_is_saved_and_loaded(tmp_path):
+    """temperature=True's progress is state: after some training forwards, save and load (and load_state_dict)
+    give a model at the same temperature, bit for bit, with the same logits."""
+    model = _annealing_model()
+    ids, mask = batch()
+    model.train()
+    for _ in range(7):
+        logits(model, ids, mask)
+    fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
+    assert all(f.T == pytest.approx(50.0 - 7 * 0.05) for f in fusions)
+    for n in ("a0", "a1", "a2", "f"):
+        pet_fast.save(model, tmp_path / n, n)
+    fresh = build("bert")
+    for n in ("a0", "a1", "a2", "f"):
+        pet_fast.load(fresh, tmp_path / n, n)
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(logits(fresh, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
+    assert [f.T for f in fresh.modules() if isinstance(f, pet_fast.AdapterFusion)] == [f.T for f in fusions]
+    other = _annealing_model()
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    torch.testing.assert_close(logits(other, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_recomputed_layer_keeps_its_forwards_temperature(reentrant):
+    """Under gradient checkpointing each layer's forward runs again in the backward: it takes the temperature
+    of its forward and lowers nothing, so a step's temperature and gradients are those without checkpointing."""
+    ids, mask = batch()
+    runs = []
+    for ckpt in (False, True):
+        model = _annealing_model()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        for _ in range(2):
+            logits(model, ids, mask).pow(2).sum().backward()
+        runs.append(({f.T for f in model.modules() if isinstance(f, pet_fast.AdapterFusion)},
+                     {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (t_plain, g_plain), (t_ckpt, g_ckpt) = runs
+    assert t_plain == t_ckpt and len(t_plain) == 1 and t_plain.pop() == pytest.approx(50.0 - 2 * 0.05)
+    assert g_plain.keys() == g_ckpt.keys() and g_plain
+    for k in g_plain:
+        torch.testing.assert_close(g_ckpt[k], g_plain[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_every_trainable_fusion_parameter_gets_a_gradient(kind):
+    """Without dropout on the scores (Llama has no attention dropout; BERT's is 0.1) the key projection's bias
+    cancels in the softmax and can get no gradient: it is frozen, so that every parameter that trains gets a
+    gradient at every step (DistributedDataParallel expects one for each)."""
+    model = build(kind)
+    for i in range(2):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", init="bert", bottleneck=4), f"a{i}")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1"]), "f")
+    ids, mask = batch(pad_left=kind == "llama")
+    model.train()
+    logits(model, ids, mask).sum().backward()
+    trainable = pet_fast.trainable_parameters(model)
+    assert trainable and all(p.grad is not None for p in trainable.values())
+    key_bias = [k for k in pet_fast.task_parameters(model, "f") if k.endswith(".key.bias")]
+    assert key_bias and all((k in trainable) == (kind == "bert") for k in key_bias)

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..dispatch import graph_task
 from ..ops import _checks
 from ..ops._autocast import compute_dtype
 from ..ops import adapter_fusion as fusion_ops
@@ -18,6 +19,9 @@ from .adapter import BottleneckAdapter
 # training and in inference alike. Below that (serving, small evaluation batches) the layers take the
 # projections unfolded. Tools that measure a small batch for a large step's sake may lower it.
 FOLD_MIN_TOKENS_PER_WIDTH = 1.0
+# temperature=True (AdapterHub's): the softmax temperature starts here and falls by 1/ANNEALING_STEPS of it per
+# training forward, down to 1
+TEMPERATURE_START, ANNEALING_STEPS = 50.0, 1000
 
 
 def _maybe_cast(t, dtype):
@@ -30,7 +34,9 @@ class AdapterFusion(nn.Module):
     Args mirror AdapterHub's fusion config: ``query``/``key``/``value`` add d x d projections (query
     and key with bias, value without); ``value_initialized`` starts the value projection near the
     identity (1 on the diagonal, 1e-6 elsewhere); ``temperature=True`` starts the softmax temperature
-    at 50 and lowers it by 0.05 per training forward down to 1; ``dropout`` applies to the attention
+    at 50 and lowers it by 0.05 per training forward down to 1 (its progress is the buffer
+    ``temperature_steps``, saved with the task; a layer recomputed in the backward under gradient
+    checkpointing takes its forward's temperature and lowers nothing); ``dropout`` applies to the attention
     scores in training, as AdapterHub applies it (before the temperature; the key bias then counts). In
     :meth:`fuse` the stacked op takes it as its ``score_mask``, and in :meth:`forward` (given adapter outputs)
     the given-outputs op, so the fused backends train with it.
@@ -57,8 +63,12 @@ class AdapterFusion(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
-        self.T = 50.0 if temperature else 1.0
-        self.reduction = self.T / 1000.0
+        self.T = TEMPERATURE_START if temperature else 1.0
+        self.reduction = self.T / ANNEALING_STEPS
+        self._last_t = self.T  # the temperature of the last training forward (what its recomputation takes)
+        if temperature:
+            self.register_buffer("temperature_steps", torch.zeros((), dtype=torch.long, device=device))
+            self._steps_seen = self.temperature_steps._version
         self.residual_before = residual_before
         self.value_before_softmax = value_before_softmax
 
@@ -78,9 +88,25 @@ class AdapterFusion(nn.Module):
                     value_before_softmax=self.value_before_softmax)
 
     def _temperature(self) -> float:
-        t = self.T
-        if self.training:
-            self.T = max(self.T - self.reduction, 1.0)
+        """This call's softmax temperature, lowered after each training forward down to 1. A copy into
+        ``temperature_steps`` (load, load_state_dict: its version moves) sets the temperature from it."""
+        steps = self._buffers.get("temperature_steps")
+        if steps is not None and steps._version != self._steps_seen:
+            t = TEMPERATURE_START
+            for _ in range(min(int(steps), 2 * ANNEALING_STEPS)):  # (one read; as the forwards lowered it, bit for bit)
+                t = max(t - self.reduction, 1.0)
+            self.T, self._last_t, self._steps_seen = t, t, steps._version
+        if not self.training:
+            return self.T
+        if graph_task() != -1:  # recomputed in the backward (gradient checkpointing): its forward's, lowering nothing
+            return self._last_t
+        t = self._last_t = self.T
+        lowered = max(t - self.reduction, 1.0)
+        if lowered != t:
+            self.T = lowered
+            if steps is not None:
+                steps.add_(1)
+                self._steps_seen = steps._version
         return t
 
     def forward(self, query: torch.Tensor, values: torch.Tensor, residual: torch.Tensor, *,
@@ -490,6 +516,7 @@ class FusionConfig(MethodConfig):
         dropout = self.dropout_prob
         if dropout is None:
             dropout = float(getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0)
+        self.__dict__["_score_dropout"] = dropout  # (not a field: frozen_parameter_keys reads it)
         forward = _forward_projections(model)
         forward.sites[name] = []
         for h in hosts:
@@ -505,6 +532,14 @@ class FusionConfig(MethodConfig):
             fusion.__dict__["_forward"], fusion.__dict__["_task"] = forward, name  # plain attributes, not state
             task_holder(h)[name] = fusion
             forward.sites[name].append((h, fusion))
+
+
+    def frozen_parameter_keys(self, key: str) -> bool:
+        """The task's parameters that stay frozen while it is active (tasks.set_active): the key projection's
+        bias where the fusion has no dropout on its scores. Its term is the same for every adapter, which the
+        softmax cancels: it can get no gradient, and a parameter that requires grad without ever getting one
+        stops DistributedDataParallel (it expects a gradient for each). With dropout it trains."""
+        return key.endswith(".key.bias") and not self.__dict__.get("_score_dropout", 0.0)
 
 
 def fusion_regularization_loss(model: _nn.Module, name: Optional[str] = None) -> torch.Tensor:
