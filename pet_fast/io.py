@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import models
-from .tasks import (TASK_ATTR, MethodConfig, check_task_name, inject, registry, remove)
+from .tasks import (TASK_ATTR, MethodConfig, check_task_name, inject, no_tasks_hint, registry, remove)
 
 CONFIG_FILE = "pet_fast_config.json"
 WEIGHTS_FILE = "pet_fast_task.safetensors"
@@ -71,7 +71,7 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
 def _task_name(model: nn.Module, name: Optional[str]) -> str:
     reg = registry(model)
     if reg is None or not reg.configs:
-        raise ValueError("model has no pet_fast tasks to save; call pet_fast.inject first")
+        raise ValueError(f"model has no pet_fast tasks to save; {no_tasks_hint(model)}")
     if name is None:
         if len(reg.active) != 1:
             raise ValueError(f"name is needed: {len(reg.active)} tasks are active ({list(reg.active)})")

@@ -81,6 +81,16 @@ def registry(model: nn.Module) -> Optional[TaskRegistry]:
     return model.__dict__.get(_REGISTRY_ATTR)
 
 
+def no_tasks_hint(model) -> str:
+    """For "model has no pet_fast tasks" errors: where a wrapper (DistributedDataParallel, DataParallel,
+    torch.compile's module) holds the injected model, how to reach it; else how to add a task."""
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and registry(inner) is not None:
+        attr = "module" if getattr(model, "module", None) is inner else "_orig_mod"
+        return f"{type(model).__name__} wraps the model that has them: pass model.{attr}"
+    return "call pet_fast.inject first"
+
+
 def _registry_or_create(model: nn.Module) -> TaskRegistry:
     reg = registry(model)
     if reg is None:
@@ -167,7 +177,7 @@ def set_active(model: nn.Module, name) -> None:
     """Make task ``name`` (a name, a sequence of names, or None for none) the one the model runs."""
     reg = registry(model)
     if reg is None:
-        raise ValueError("model has no pet_fast tasks; call pet_fast.inject first")
+        raise ValueError(f"model has no pet_fast tasks; {no_tasks_hint(model)}")
     if name is None or isinstance(name, str):
         names = () if name is None else (name,)
     elif isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name):

@@ -445,3 +445,18 @@ def test_import_adapterhub_adapter_llama_layout(tmp_path):
     model = build("llama", head="lm")
     pet_fast.load(model, path)
     torch.testing.assert_close(logits(model, ids, mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrapped_model_is_named_in_the_error(tmp_path):
+    """save, set_active and merge on a DataParallel/DistributedDataParallel wrapper (or torch.compile's module)
+    name the wrapper and the attribute that holds the model with the tasks."""
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
+    wrapped = torch.nn.DataParallel(model)
+    with pytest.raises(ValueError, match="DataParallel wraps the model that has them: pass model.module"):
+        pet_fast.save(wrapped, tmp_path / "c")
+    with pytest.raises(ValueError, match="pass model.module"):
+        pet_fast.set_active(wrapped, "t")
+    with pytest.raises(ValueError, match="call pet_fast.inject first"):
+        pet_fast.save(build("bert"), tmp_path / "c")
+    pet_fast.save(wrapped.module, tmp_path / "c")

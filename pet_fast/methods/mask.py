@@ -439,12 +439,12 @@ def merge(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     """Fold mask task ``name`` (default: the active one) into plain linears and its head into the
     model's head, then drop every mask task: the model runs with no pet_fast overhead. In place;
     returns ``model``. Other (non-mask) tasks stay attached."""
-    from ..tasks import TASK_ATTR, registry, remove
+    from ..tasks import TASK_ATTR, no_tasks_hint, registry, remove
     from . import _sites
 
     reg = registry(model)
     if reg is None:
-        raise ValueError("model has no pet_fast tasks")
+        raise ValueError(f"model has no pet_fast tasks; {no_tasks_hint(model)}")
     if name is None:
         masks = [n for n in reg.active if isinstance(reg.configs[n], MaskConfig)]
         if len(masks) != 1:
