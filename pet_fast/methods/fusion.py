@@ -91,14 +91,16 @@ class AdapterFusion(nn.Module):
         """This call's softmax temperature, lowered after each training forward down to 1. A copy into
         ``temperature_steps`` (load, load_state_dict: its version moves) sets the temperature from it."""
         steps = self._buffers.get("temperature_steps")
-        if steps is not None and steps._version != self._steps_seen:
+        compiling = torch.compiler.is_compiling()  # (compiled code: no version or backward-pass reads)
+        if steps is not None and not compiling and steps._version != self._steps_seen:
             t = TEMPERATURE_START
             for _ in range(min(int(steps), 2 * ANNEALING_STEPS)):  # (one read; as the forwards lowered it, bit for bit)
                 t = max(t - self.reduction, 1.0)
             self.T, self._last_t, self._steps_seen = t, t, steps._version
         if not self.training:
             return self.T
-        if graph_task() != -1:  # recomputed in the backward (gradient checkpointing): its forward's, lowering nothing
+        if not compiling and graph_task() != -1:  # recomputed in the backward (gradient checkpointing): its
+            # forward's, lowering nothing
             return self._last_t
         t = self._last_t = self.T
         lowered = max(t - self.reduction, 1.0)
@@ -106,7 +108,8 @@ class AdapterFusion(nn.Module):
             self.T = lowered
             if steps is not None:
                 steps.add_(1)
-                self._steps_seen = steps._version
+                if not compiling:
+                    self._steps_seen = steps._version
         return t
 
     def forward(self, query: torch.Tensor, values: torch.Tensor, residual: torch.Tensor, *,
