@@ -1,6 +1,10 @@
 """The measured-timings table that orders the adapter ops' backends."""
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from pet_fast.ops import _timings
@@ -67,3 +71,20 @@ def test_shipped_table_is_the_measured_one(monkeypatch):
     assert order({**info, "requires_grad": True})[0] == "triton"
     assert order(dict(info, n=16, d=4096))[0] == "cuda"
     assert order(dict(info, n=8192, d=4096, r=256, requires_grad=True))[0] == "cuda"
+
+
+@pytest.mark.parametrize("text", ["[]", '{"rows": 5}', '{"rows": [{"op": "x", "mode": "fwd", "us": [1]}, 3]}',
+                                  "not json"])
+def test_a_malformed_table_is_ignored_with_a_warning_naming_it(tmp_path, text):
+    """A table of the wrong shape (as $PET_FAST_DISPATCH_TABLE may name) orders nothing: the design order, never a
+    failure at import; a file that is no table says so, naming it."""
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    if text.startswith('{"rows": ['):
+        assert _timings.load_table(path) == []  # (rows that are not rows are skipped)
+    else:
+        with pytest.warns(RuntimeWarning, match="ignoring the timings table .*t.json"):
+            assert _timings.load_table(path) == []
+    env = dict(os.environ, PET_FAST_DISPATCH_TABLE=str(path))
+    out = subprocess.run([sys.executable, "-c", "import pet_fast"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -41,8 +41,12 @@ def load_table(path=None) -> list:
     path = Path(path or os.environ.get(ENV_VAR) or _default_path())
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except OSError:  # no table: the design order
         doc = None
+    except ValueError as exc:
+        doc = _ignored(path, f"it is not JSON ({exc})")
+    if doc is not None and not (isinstance(doc, dict) and isinstance(doc.get("rows", []), list)):
+        doc = _ignored(path, 'expected an object {"device": ..., "rows": [...]}')
     if default:
         SOURCE.update(path=str(path), device=None if doc is None else str(doc.get("device", "?")))
     if doc is None:
@@ -54,9 +58,17 @@ def load_table(path=None) -> list:
             order = tuple(sorted(us, key=us.get))
             logs = tuple(math.log(max(int(row.get(key, 1)), 1)) for key in ("n", "d", "r", "k"))
             rows.append((str(row["op"]), str(row["mode"]), str(row.get("dtype", "")), *logs, order))
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):  # (a malformed row orders nothing)
             continue
     return rows
+
+
+def _ignored(path: Path, why: str) -> None:
+    """A timings table that cannot be read orders nothing (the design order): said once, naming the file."""
+    import warnings
+
+    warnings.warn(f"pet_fast: ignoring the timings table {str(path)!r}: {why}", RuntimeWarning, stacklevel=3)
+    return None
 
 
 TABLE = load_table()
