@@ -262,3 +262,15 @@ def test_bad_input_is_refused_before_any_kernel(monkeypatch):
     for call, exc, text in CASES + [c for c in MODULE_CASES if "schedule" not in c[2]]:
         with pytest.raises(exc):
             call()
+
+
+def test_the_hf_hooks_plans_do_not_stand_in_for_the_ops_checks():
+    """attend_impl (the attention hook's path, which skips the checks) and prefix_attention remember their call
+    plans apart: a call of the op after the hook's with the same shapes still runs the op's checks."""
+    from pet_fast.ops import prefix_attention as pa
+
+    q = k = v = torch.randn(1, 2, 3, 4)
+    pk = pv = torch.randn(2, 2, 4)
+    pa.attend_impl(q, k, v, pk, pv, None, False)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        pet_fast.prefix_attention(q, k, v, pk, pv, scale=False, dropout_p=True)

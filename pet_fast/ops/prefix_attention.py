@@ -677,6 +677,8 @@ def attend_impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, bac
     with :func:`sdpa`'s signature)."""
     sig = _checks.signature(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p > 0,
                             scale is None or scale > 0)
+    if sig is not None:  # (its own plans: prefix_attention's keep what its checks returned, these keep none)
+        sig = ("attend",) + sig
     _, impl = dispatch.plan(OP, sig, backend, lambda: (
         None, describe(q, k, prefix_k, key_padding_mask, causal, v, prefix_v, dropout_p, scale)))
     return impl
