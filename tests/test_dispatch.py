@@ -188,3 +188,22 @@ def test_forward_mode_ad_keeps_the_fused_backends_out(fake_op):
             "forward-mode AD is on (torch.autograd.forward_ad.dual_level): the fused kernels have no forward-mode formula"]
     assert not dispatch.forward_ad_active()
     assert dispatch.plan("fake_op", sig, "triton", lambda: (None, _info("cuda")))[1].backend == "triton"
+
+
+def test_a_call_whose_only_trainable_tensor_is_a_bias_or_up_projection_counts_as_training():
+    """auto orders backends by measured rows of the forward or of forward + backward: every tensor that
+    requires grad makes the call a training call (the adapter's w_up and biases, the fusion ops' biases)."""
+    from pet_fast.ops import adapter_fusion as af
+    from pet_fast.ops import bottleneck_adapter as ba
+
+    seen = []
+    real = dispatch.select
+    x, wd, wu = torch.randn(3, 8), torch.randn(2, 8), torch.randn(8, 2).requires_grad_()
+    try:
+        dispatch.select = lambda op, info, backend=None: seen.append(info["requires_grad"]) or real(op, info, backend)
+        ba.bottleneck_adapter(x, wd, None, wu, None)
+        ba.bottleneck_adapter(x, wd, torch.zeros(2, requires_grad=True), wu.detach(), None)
+        af.adapter_fusion(x, torch.randn(3, 2, 8), x, w_query=torch.randn(8, 8), b_query=torch.zeros(8, requires_grad=True))
+    finally:
+        dispatch.select = real
+    assert seen == [True, True, True]

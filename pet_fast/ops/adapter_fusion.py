@@ -277,7 +277,8 @@ def adapter_fusion(
         t = check_fusion(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
                          residual_before=residual_before)
         check_score_mask(query, score_mask, values.shape[-2], score_shift)
-        requires_grad = _checks.needs_grad(query, values, residual, w_query, w_key, w_value, score_shift)
+        requires_grad = _checks.needs_grad(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value,
+                                           score_shift)
         return t, describe(query, values.shape[-2], requires_grad=requires_grad)
 
     sig = _checks.signature(query, values, residual, w_query, b_query, w_key, b_key, w_value, b_value, temperature,
@@ -351,8 +352,9 @@ def stacked_adapter_fusion(
                          residual_before=residual_before)
         check_query_key(query, w_query_key, b_query_key, w_query, b_query, w_key, b_key)
         check_score_mask(query, score_mask, w_down.shape[0], score_shift)
-        requires_grad = _checks.needs_grad(x, query, residual, w_down, w_up, w_query, w_key, w_value, w_query_key,
-                                           b_query_key, score_shift, s if isinstance(s, torch.Tensor) else None)
+        requires_grad = _checks.needs_grad(x, query, residual, w_down, b_down, w_up, b_up, w_query, b_query, w_key,
+                                           b_key, w_value, b_value, w_query_key, b_query_key, score_shift,
+                                           s if isinstance(s, torch.Tensor) else None)
         info = describe(query, w_down.shape[0], r=w_down.shape[1], activation=act, requires_grad=requires_grad)
         # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
         return (act, None if isinstance(s, torch.Tensor) else s, t), info

@@ -169,9 +169,10 @@ def reference(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, res
     return base + scaling * up
 
 
-def describe(x, w_down, activation, scaling, residual, layer_norm=None) -> dict:
-    """What the dispatcher sees of a (validated) call."""
-    params = [x, w_down, scaling if isinstance(scaling, torch.Tensor) else None, residual]
+def describe(x, w_down, activation, scaling, residual, layer_norm=None, others=()) -> dict:
+    """What the dispatcher sees of a (validated) call (``others``: the call's other tensors, whose
+    ``requires_grad`` counts too)."""
+    params = [x, w_down, scaling if isinstance(scaling, torch.Tensor) else None, residual, *others]
     return _checks.info(x, d=x.shape[-1], r=w_down.shape[0], n=x.numel() // max(x.shape[-1], 1), activation=activation,
                         per_channel_scaling=isinstance(scaling, torch.Tensor) and scaling.dim() == 1,
                         residual=residual is not None, layer_norm=layer_norm is not None,
@@ -350,7 +351,7 @@ def bottleneck_adapter(
         act, s = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
         ln = check_layer_norm(x, layer_norm, residual, add_input)
         # a plan keeps no tensor: a scaling tensor is this call's own, a number is the checked float
-        return (act, None if isinstance(s, torch.Tensor) else s), describe(x, w_down, act, s, residual, ln)
+        return (act, None if isinstance(s, torch.Tensor) else s), describe(x, w_down, act, s, residual, ln, (b_down, w_up, b_up))
 
     sig = _checks.signature(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
     if sig is not None and layer_norm is not None:  # its tensors, eps and autocast's dtype (the products')
