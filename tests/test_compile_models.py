@@ -185,3 +185,46 @@ def test_fusion_with_dropout_on_the_scores_compiles_fullgraph(backend):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_with_an_annealed_temperature_compiles_once():
+    """temperature=True lowers the softmax temperature at every training forward: compiled code reads it from the
+    buffer as a tensor, so ten fullgraph training steps need no recompilation (a Python float would be a graph
+    constant: one compile per step, past dynamo's limit), and each step's loss and gradients are the uncompiled
+    model's at the same temperature."""
+    def make():
+        torch.manual_seed(0)
+        model = build("bert", num_labels=2)
+        for n in ("a", "b"):
+            pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4), n)
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a", "b"], dropout_prob=0.0, temperature=True), "t")
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(m, pet_fast.AdapterFusion):  # (larger scores: the temperature shows)
+                with torch.no_grad():
+                    m.query.weight.normal_(0, 1.0)
+                    m.key.weight.normal_(0, 1.0)
+        return model.train()
+
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 0])
+    eager, model = make(), make()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    for step in range(10):
+        want = eager(input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for (k, p), q in zip(eager.named_parameters(), model.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
+        eager.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # (transformers' problem_type: one more)
+    fusions = [m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
+    assert all(int(m.temperature_steps) == 10 for m in fusions)
+    model.eval()  # eager again: the temperature read back from the buffer
+    assert all(m._temperature() == pytest.approx(50.0 - 10 * 0.05) for m in fusions)

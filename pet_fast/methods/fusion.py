@@ -92,6 +92,13 @@ class AdapterFusion(nn.Module):
         ``temperature_steps`` (load, load_state_dict: its version moves) sets the temperature from it."""
         steps = self._buffers.get("temperature_steps")
         compiling = torch.compiler.is_compiling()  # (compiled code: no version or backward-pass reads)
+        if compiling and steps is not None and self.key is not None:
+            # compiled code takes it from the buffer, a tensor (folded into the key side, _temperature_folded): a
+            # Python float would be a constant of the graph, compiled again at every step
+            t = (TEMPERATURE_START - self.reduction * steps).clamp(min=1.0)
+            if self.training:
+                steps.add_(1)
+            return t
         if steps is not None and not compiling and steps._version != self._steps_seen:
             t = TEMPERATURE_START
             for _ in range(min(int(steps), 2 * ANNEALING_STEPS)):  # (one read; as the forwards lowered it, bit for bit)
@@ -217,14 +224,14 @@ class AdapterFusion(nn.Module):
         return query, residual
 
 
-def _temperature_folded(proj: dict, shift: Optional[torch.Tensor], t: float) -> tuple:
+def _temperature_folded(proj: dict, shift: Optional[torch.Tensor], t) -> tuple:
     """(proj, shift, temperature): with a temperature other than 1, its inverse folded into the key side of the
     scores (the folded query-key product and its bias, or the key projection and its bias; the score shift) and
     temperature 1 for the op. A temperature annealed at every training forward (``temperature=True``) would
     otherwise be a new constant of the fused kernels' recorded launches at every step, recorded anew each time
     (kernels/_replay.py). The scores are the same up to rounding; without a key side the temperature stays."""
     names = ("w_query_key", "b_query_key") if proj.get("w_query_key") is not None else ("w_key", "b_key")
-    if t == 1.0 or proj.get(names[0]) is None:
+    if proj.get(names[0]) is None or (not isinstance(t, torch.Tensor) and t == 1.0):  # (a tensor: compiled code's)
         return proj, shift, t
     inv = 1.0 / t
     proj = dict(proj, **{n: proj[n] * inv for n in names if proj.get(n) is not None})
