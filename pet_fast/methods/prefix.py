@@ -293,8 +293,9 @@ class _ShiftPositions:
         pos = kwargs.get("position_ids")
         if pos is not None:
             kwargs["position_ids"] = pos + shift
-            if pos.numel() and _position_table(module) is not None:  # (one read of the largest: a sync on a GPU,
-                # only for models with a table of absolute positions, only where the caller passes positions)
+            if pos.numel() and _position_table(module) is not None and not torch.compiler.is_compiling():
+                # (one read of the largest: a sync on a GPU, only for models with a table of absolute positions,
+                # only where the caller passes positions; compiled code checks nothing here)
                 _check_positions(module, pos.shape[-1], int(pos.max()) + 1 + shift, shift, given=True)
             return args, kwargs
         if self.kind == "embeddings":
