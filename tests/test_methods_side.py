@@ -129,7 +129,9 @@ def test_side_network_attends_as_its_dense_mask_says(causal, padded):
     if causal:
         dense &= torch.ones(T, T, dtype=torch.bool).tril()
     dense |= torch.eye(T, dtype=torch.bool)
-    x = net.proj_in(emb) + net.pos[:T]
+    # positions: a decoder's rows count theirs from their first real token (left padding), else 0..T-1
+    pos = net.pos[(mask.cumsum(1) - 1).clamp(min=0)] if (causal and padded) else net.pos[:T]
+    x = net.proj_in(emb) + pos
     for block in net.blocks:
         x = block(x, dense)
     expected = net.proj_out(net.norm(x))
@@ -199,3 +201,61 @@ def test_side_tuning_refuses_encoder_decoder_models():
         pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2), "s")
     assert model.state_dict().keys() == before.keys()
     assert pet_fast.tasks.registry(model) is None
+
+
+def _side_only(kind, head="base"):
+    """A model whose side task alone makes the output (alpha 0), with a side network of non-zero weights."""
+    model = build(kind, head=head)
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, alpha=0.0), "s")
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if ".network." in k:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_side_network_on_a_left_padded_decoder_batch(kind):
+    """A decoder's batch is padded on the left: a row's real tokens take the side network's positions from 0 (from
+    the mask, or the position_ids given), as the base's do, so the padded row's outputs are the unpadded row's."""
+    model = _side_only(kind)
+    ids, mask = batch(pad_left=True)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        given = model(input_ids=ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+        solo = model(input_ids=ids[:1, 3:], attention_mask=mask[:1, 3:]).last_hidden_state
+    torch.testing.assert_close(full[0, 3:], solo[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(given, full, rtol=1e-6, atol=1e-7)
+
+
+def test_side_tuning_refuses_incremental_decoding_and_generates_without_a_cache():
+    """The side network runs over the whole sequence: a call continuing from a KV cache is refused (it would
+    see only the new token); generate(use_cache=False) gives the full forwards' greedy tokens."""
+    model = _side_only("llama", head="lm")
+    ids = torch.randint(3, 61, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="continuing from a KV cache.*use_cache=False"):
+            model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, use_cache=False)
+        want = ids
+        for _ in range(3):
+            want = torch.cat([want, model(input_ids=want).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, want)
+
+
+def test_example_ids_nest_and_must_name_one_example_per_row():
+    model = build("bert")
+    model.eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    branch = next(m for m in model.modules() if type(m).__name__ == "SideBranch")
+    ids, mask = batch()
+    with torch.no_grad(), pet_fast.example_ids(model, [40, 41, 42]):
+        with pet_fast.example_ids(model, [50, 51]):
+            model(input_ids=ids[:2], attention_mask=mask[:2])
+        model(input_ids=ids, attention_mask=mask)  # the outer block's ids again
+    assert {40, 41, 42, 50, 51} <= set(branch.cache)
+    for wrong in ([1, 2], [7, 8, 9, 10]):
+        with pytest.raises(ValueError, match="one example per row"):
+            model(input_ids=ids, attention_mask=mask, example_ids=wrong)

@@ -140,11 +140,17 @@ class SideNetwork(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, emb: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = emb.shape
         if T > self.pos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the side network's {self.pos.shape[0]} positions")
-        x = self.proj_in(emb.to(self.proj_in.weight.dtype)) + self.pos[:T]
+        if position_ids is None and self.causal and attention_mask is not None:
+            # a decoder's batch is padded on the left: each row's real tokens count their positions from 0 (as the
+            # base's, from the mask); right padding gives 0..T-1 as the table's first rows
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = self.pos[:T] if position_ids is None else self.pos[position_ids.clamp(0, self.pos.shape[0] - 1)]
+        x = self.proj_in(emb.to(self.proj_in.weight.dtype)) + pos
         # The keys each query sees, broadcast to (B, 1, T, T) only where a mask is needed: without padding the
         # blocks attend with no mask (causal: SDPA's own, top-left aligned as T == T), so SDPA may take its flash
         # kernel and nothing is built per step.
@@ -320,6 +326,20 @@ def _base_hidden(site, host: nn.Module, call: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+def _check_side_call(arguments: dict, ids, ref) -> None:
+    """Refuses what side-tuning cannot compute right: a call that continues from a KV cache (the side network
+    sees only the new tokens, without their context: generate with use_cache=False), and example ids that do not
+    name one example per row."""
+    cache = arguments.get("cache", arguments.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError("side-tuning runs its side network over the whole sequence: a call continuing from a KV cache "
+                         "(incremental decoding) would see only the new tokens; generate with use_cache=False")
+    if ids is not None and ref is not None and ref.dim() >= 2:
+        n = len(ids) if not isinstance(ids, torch.Tensor) else (ids.shape[0] if ids.dim() else 1)
+        if n != ref.shape[0]:
+            raise ValueError(f"example_ids must name one example per row: {n} ids for a batch of {ref.shape[0]}")
+
+
 def side_forward(site, *args, **kwargs):
     """The backbone's forward with a side-tuning task active (see SideConfig)."""
     host = site.host
@@ -335,6 +355,7 @@ def side_forward(site, *args, **kwargs):
     input_ids = arguments.get("input_ids")
     attention_mask = arguments.get("attention_mask")
     inputs_embeds = arguments.get("inputs_embeds")
+    _check_side_call(arguments, ids, input_ids if input_ids is not None else inputs_embeds)
     use_cache = branch.use_cache and ids is not None
     hidden = out = None
     if use_cache:
@@ -355,7 +376,7 @@ def side_forward(site, *args, **kwargs):
     with torch.no_grad():
         emb = inputs_embeds if inputs_embeds is not None else host.get_input_embeddings()(input_ids)
     mask2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-    side = branch.network(emb.detach(), mask2d)
+    side = branch.network(emb.detach(), mask2d, arguments.get("position_ids"))
     blended = branch.blend(hidden, side)
     if branch.training and torch.is_grad_enabled():
         branch.steps += 1
@@ -378,11 +399,15 @@ def example_ids(model: nn.Module, ids):
     """Give the ids of the examples of the next forwards (for the side-tuning cache), when the model
     call cannot take ``example_ids=`` itself."""
     host = models.backbone(model)
+    outer = host.__dict__.get(_IDS_ATTR)
     host.__dict__[_IDS_ATTR] = ids
     try:
         yield
-    finally:
-        host.__dict__.pop(_IDS_ATTR, None)
+    finally:  # (a nested block gives the outer one's ids back)
+        if outer is None:
+            host.__dict__.pop(_IDS_ATTR, None)
+        else:
+            host.__dict__[_IDS_ATTR] = outer
 
 
 @register_method
