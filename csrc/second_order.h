@@ -50,9 +50,10 @@ inline torch::autograd::variable_list refuse_second_order(torch::autograd::varia
 }
 
 // A backward's body: `compute()` with grad mode off, its results refused a second differentiation under
-// create_graph when they depend on `depends_on` (the saved inputs) or `grad` (the incoming gradient).
+// create_graph when they depend on `depends_on` (the saved inputs) or `grad` (the incoming gradient). Outside
+// create_graph (every training step) nothing is copied or checked.
 template <class Compute>
-torch::autograd::variable_list first_order_only(const std::string& op, std::vector<at::Tensor> depends_on,
+torch::autograd::variable_list first_order_only(const std::string& op, const std::vector<at::Tensor>& depends_on,
                                                 const at::Tensor& grad, Compute&& compute) {
   const bool create_graph = at::GradMode::is_enabled();
   torch::autograd::variable_list out;
@@ -60,8 +61,10 @@ torch::autograd::variable_list first_order_only(const std::string& op, std::vect
     at::AutoGradMode grad_mode(false);
     out = compute();
   }
-  depends_on.push_back(grad);
-  return refuse_second_order(std::move(out), op, depends_on, create_graph);
+  if (!create_graph) return out;
+  std::vector<at::Tensor> all(depends_on);
+  all.push_back(grad);
+  return refuse_second_order(std::move(out), op, all, create_graph);
 }
 
 }  // namespace pet_fast_second_order

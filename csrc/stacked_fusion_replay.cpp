@@ -67,7 +67,8 @@ struct StackedFusionBackward : public torch::autograd::Node {
                                                    [&] { return gradients(grads, in); });
   }
 
-  torch::autograd::variable_list gradients(const torch::autograd::variable_list& grads, std::vector<at::Tensor> in) {
+  // (`in`: the unpacked saved inputs; qk is formed into it where the node keeps q)
+  torch::autograd::variable_list gradients(const torch::autograd::variable_list& grads, std::vector<at::Tensor>& in) {
     torch::autograd::variable_list out(kFusionInputs);
     const at::Tensor a = a_saved.unpack(), p = p_saved.unpack(), pre = pre_saved.unpack();
     at::Tensor dout = grads[0], dctx;

@@ -148,7 +148,7 @@ class SideNetwork(nn.Module):
         if position_ids is None and self.causal and attention_mask is not None:
             # a decoder's batch is padded on the left: each row's real tokens count their positions from 0 (as the
             # base's, from the mask); right padding gives 0..T-1 as the table's first rows
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = attention_mask.long().cumsum(-1) - 1  # (-1 on left padding: clamped below)
         pos = self.pos[:T] if position_ids is None else self.pos[position_ids.clamp(0, self.pos.shape[0] - 1)]
         x = self.proj_in(emb.to(self.proj_in.weight.dtype)) + pos
         # The keys each query sees, broadcast to (B, 1, T, T) only where a mask is needed: without padding the

@@ -12,6 +12,7 @@ stack of T task masks for one (out, in) weight is a (T, out, ceil(in / 32)) tens
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -74,13 +75,13 @@ def check_packed(name: str, packed, lead: Sequence[int], in_features: int) -> No
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """The bool mask of ``shape`` held in ``packed`` (the inverse of :func:`pack_mask`)."""
-    if isinstance(shape, int):
-        shape = (shape,)
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
-    shape = tuple(shape)
+    try:  # (operator.index: ints, numpy's and torch's integer scalars; not floats, strings or bools)
+        dims = [shape] if not isinstance(shape, (tuple, list, torch.Size)) else list(shape)
+        if any(isinstance(s, bool) for s in dims):
+            raise TypeError
+        shape = tuple(operator.index(s) for s in dims)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
     if len(shape) < 1:
         raise ValueError("shape must have at least 1 dimension")
     if any(s < 0 for s in shape):
