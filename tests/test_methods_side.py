@@ -259,3 +259,69 @@ def test_example_ids_nest_and_must_name_one_example_per_row():
     for wrong in ([1, 2], [7, 8, 9, 10]):
         with pytest.raises(ValueError, match="one example per row"):
             model(input_ids=ids, attention_mask=mask, example_ids=wrong)
+
+
+def test_side_cache_recomputes_rows_given_another_mask_token_types_or_positions():
+    """The cache keys rows by example id and compares every input that changes the base's output: the same
+    tokens with another attention mask, token types or positions are recomputed (not served stale)."""
+    model = build("bert", head="base")
+    model.eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids, mask = batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+        other_mask = mask.clone()
+        other_mask[1, -2:] = 0
+        token_types = torch.zeros_like(ids)
+        token_types[:, 4:] = 1
+        positions = torch.arange(ids.shape[1]).flip(0)[None]
+        for kwargs in ({"attention_mask": other_mask}, {"attention_mask": mask, "token_type_ids": token_types},
+                       {"attention_mask": mask, "position_ids": positions}):
+            n = len(calls)
+            got = model(input_ids=ids, example_ids=[1, 2, 3], **kwargs).last_hidden_state
+            assert len(calls) == n + 1  # recomputed
+            want = model(input_ids=ids, **kwargs).last_hidden_state  # no ids: no cache
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            again = model(input_ids=ids, example_ids=[1, 2, 3], **kwargs).last_hidden_state
+            assert len(calls) == n + 2  # the recomputed rows replaced the cached ones: a hit now
+            torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_side_cache_compares_input_embeddings():
+    model = build("bert", head="base")
+    model.eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids, mask = batch()
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids)
+        first = model(inputs_embeds=emb, attention_mask=mask, example_ids=[7, 8, 9]).last_hidden_state
+        second = model(inputs_embeds=emb.clone(), attention_mask=mask, example_ids=[7, 8, 9]).last_hidden_state
+        assert len(calls) == 1
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        noisy = emb.clone()
+        noisy[2, 3, 0] += 1.0
+        with pytest.raises(ValueError, match="example id 9 .*different inputs_embeds"):
+            model(inputs_embeds=noisy, attention_mask=mask, example_ids=[7, 8, 9])
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_side_cache_hit_honours_return_dict_false(kind):
+    model = build(kind)
+    model.eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    ids, mask = batch()
+    base = model.base_model
+    with torch.no_grad():
+        miss = base(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3], return_dict=False)
+        hit = base(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3], return_dict=False)
+        as_dict = base(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+    assert isinstance(miss, tuple) and isinstance(hit, tuple)
+    torch.testing.assert_close(hit[0], miss[0], rtol=0, atol=0)
+    if kind == "bert":  # the pooler's output comes second, as from the backbone
+        assert len(hit) == 2
+        torch.testing.assert_close(hit[1], miss[1], rtol=0, atol=0)
+    torch.testing.assert_close(as_dict.last_hidden_state, miss[0], rtol=0, atol=0)

@@ -200,27 +200,42 @@ class SideBranch(nn.Module):
     def blend(self, base: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         return blend(base, side, self.alpha())
 
-    def cached(self, ids, input_ids) -> Optional[torch.Tensor]:
+    def cached(self, ids, inputs: "_CallInputs") -> Optional[torch.Tensor]:
+        """The base's hidden states of the rows named by ``ids``, or None where one of them is not cached or was
+        cached from other inputs (other padding, mask, token types, positions): the batch is then recomputed.
+        Raises where an id comes back with other tokens (or input embeddings) of the same length."""
         hits = [self.cache.get(key) for key in ids]
         if not hits or any(h is None for h in hits):
             return None
-        if input_ids is not None:
-            # the batch's ids reach the host in one copy (one synchronisation), not one per example
-            batch = input_ids.detach().cpu()
-            stored = [s for s, _ in hits]
-            if any(s is None or s.shape != batch.shape[1:] for s in stored):
-                return None  # padded differently in this batch: recompute
-            same = (torch.stack(stored) == batch).reshape(len(stored), -1).all(1)
+        if any(h[0] != inputs.layout or h[1].shape != inputs.rows.shape[1:] for h in hits):
+            return None  # another set of inputs, or padded differently: recompute
+        if inputs.rows.shape[1]:
+            stored = torch.stack([h[1] for h in hits])
+            differ = stored != inputs.rows
+            tokens = inputs.token_width
+            changed = differ[:, :tokens].any(1)
+            if bool(changed.any()):
+                key = ids[int(changed.nonzero()[0])]
+                raise ValueError(f"example id {key!r} was seen before with different input_ids; example ids must be "
+                                 f"unique per example")
+            if bool(differ.any()):
+                return None  # same tokens, another mask, token types or positions: recompute
+        if inputs.embeds is not None:
+            stored = [h[2] for h in hits]
+            if any(e is None or e.shape != inputs.embeds.shape[1:] or e.dtype != inputs.embeds.dtype for e in stored):
+                return None
+            same = (torch.stack(stored) == inputs.embeds).reshape(len(stored), -1).all(1).cpu()
             if not bool(same.all()):
                 key = ids[int((~same).nonzero()[0])]
-                raise ValueError(f"example id {key!r} was seen before with different input_ids; example ids must be unique per example")
-        return torch.stack([h for _, h in hits])
+                raise ValueError(f"example id {key!r} was seen before with different inputs_embeds; example ids must "
+                                 f"be unique per example")
+        return torch.stack([h[3] for h in hits])
 
-    def store(self, ids, input_ids, hidden: torch.Tensor) -> None:
-        batch = None if input_ids is None else input_ids.detach().cpu()  # one copy for the batch
+    def store(self, ids, inputs: "_CallInputs", hidden: torch.Tensor) -> None:
         hidden = hidden.detach()
         for i, key in enumerate(ids):
-            self.cache[key] = (None if batch is None else batch[i], hidden[i])
+            embeds = None if inputs.embeds is None else inputs.embeds[i]
+            self.cache[key] = (inputs.layout, inputs.rows[i], embeds, hidden[i])
 
     def extra_repr(self) -> str:
         a = "learned" if self.alpha_logit is not None else self.alpha_value
@@ -267,18 +282,42 @@ def _normalise_ids(ids) -> list:
     return [i if isinstance(i, (int, str)) else int(i) for i in ids]
 
 
+# The inputs that decide the base's output per row, as the cache compares them: the integer ones
+# (input_ids first, then the 2-d attention mask, token types and positions given) side by side in one
+# int64 tensor on the host (one copy, one synchronisation per batch), the input embeddings on their device.
+_ROW_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class _CallInputs:
+    __slots__ = ("layout", "rows", "token_width", "embeds")
+
+    def __init__(self, arguments: dict, batch: int):
+        parts, layout = [], []
+        for name in _ROW_INPUTS:
+            t = arguments.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] in (1, batch):
+                parts.append(t.detach().expand(batch, -1).long())
+                layout.append((name, t.shape[1]))
+        self.layout = tuple(layout)
+        self.token_width = layout[0][1] if layout and layout[0][0] == "input_ids" else 0
+        self.rows = torch.cat(parts, 1).cpu() if parts else torch.empty(batch, 0, dtype=torch.long)
+        embeds = arguments.get("inputs_embeds")
+        self.embeds = embeds.detach() if isinstance(embeds, torch.Tensor) else None
+
+
 # The cache is a host-side dictionary keyed by example ids, and whether a batch hits it depends on
 # the ids' values: under torch.compile these two calls run eagerly (one graph break each, around a
 # dictionary look-up; the base and the side network stay compiled). Without the cache, side-tuning
 # compiles with fullgraph=True.
 @torch.compiler.disable
-def _cache_lookup(branch, ids, input_ids):
-    return branch.cached(_normalise_ids(ids), input_ids)
+def _cache_lookup(branch, ids, arguments, batch):
+    inputs = _CallInputs(arguments, batch)
+    return branch.cached(_normalise_ids(ids), inputs), inputs
 
 
 @torch.compiler.disable
-def _cache_store(branch, ids, input_ids, hidden) -> None:
-    branch.store(_normalise_ids(ids), input_ids, hidden)
+def _cache_store(branch, ids, inputs, hidden) -> None:
+    branch.store(_normalise_ids(ids), inputs, hidden)
 
 
 # Arguments that ask the base for more than its last hidden state, or for state kept across calls (a KV
@@ -356,10 +395,11 @@ def side_forward(site, *args, **kwargs):
     attention_mask = arguments.get("attention_mask")
     inputs_embeds = arguments.get("inputs_embeds")
     _check_side_call(arguments, ids, input_ids if input_ids is not None else inputs_embeds)
-    use_cache = branch.use_cache and ids is not None
+    ref = input_ids if input_ids is not None else inputs_embeds
+    use_cache = branch.use_cache and ids is not None and isinstance(ref, torch.Tensor) and ref.dim() >= 2
     hidden = out = None
     if use_cache:
-        hidden = _cache_lookup(branch, ids, input_ids)
+        hidden, inputs = _cache_lookup(branch, ids, arguments, ref.shape[0])
     if hidden is None:
         call = None
         if branch.base_graphs and not torch.compiler.is_compiling():
@@ -372,7 +412,7 @@ def side_forward(site, *args, **kwargs):
                 out = site.original(*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         if use_cache:
-            _cache_store(branch, ids, input_ids, hidden)
+            _cache_store(branch, ids, inputs, hidden)
     with torch.no_grad():
         emb = inputs_embeds if inputs_embeds is not None else host.get_input_embeddings()(input_ids)
     mask2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
@@ -382,16 +422,29 @@ def side_forward(site, *args, **kwargs):
         branch.steps += 1
     pooler = getattr(host, "pooler", None)
     pooled = pooler(blended) if isinstance(pooler, nn.Module) else None
-    if out is None:
-        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=blended, pooler_output=pooled)
+    if out is None:  # served from the cache or replayed: built as the backbone builds its output
+        return _output(host, arguments, blended, pooled)
     if isinstance(out, tuple):
         return (blended,) + ((pooled,) + tuple(out[2:]) if pooled is not None else tuple(out[1:]))
     out.last_hidden_state = blended
     if pooled is not None:
         out.pooler_output = pooled
     return out
+
+
+def _output(host: nn.Module, arguments: dict, hidden: torch.Tensor, pooled: Optional[torch.Tensor]):
+    """The backbone's output for a call whose base did not run: its class (with a pooler's output or a cache
+    field, empty) or, with ``return_dict=False`` given or in the model's config, its tuple."""
+    from transformers import modeling_outputs as mo
+
+    if pooled is not None:
+        out = mo.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooled)
+    else:
+        out = mo.BaseModelOutputWithPast(last_hidden_state=hidden)
+    return_dict = arguments.get("return_dict", arguments.get("kwargs", {}).get("return_dict"))
+    if return_dict is None:
+        return_dict = getattr(getattr(host, "config", None), "return_dict", True)
+    return out if return_dict else out.to_tuple()
 
 
 @contextlib.contextmanager
@@ -425,8 +478,10 @@ class SideConfig(MethodConfig):
     the base: pass the ids as ``model(..., example_ids=ids)`` (a tensor or list of ints/strings, one per
     row; transformers models hand extra keywords to the backbone) or wrap the call in
     ``with pet_fast.example_ids(model, ids):``. A cached example must come back with the same
-    ``input_ids`` (same padding); otherwise it is recomputed (different length) or refused (same
-    length, different tokens). The cache lives in memory on the base's device and is not saved.
+    ``input_ids`` (or ``inputs_embeds``); other tokens of the same length are refused (ids must be unique
+    per example), while another length, attention mask, ``token_type_ids`` or ``position_ids`` recomputes
+    the batch and replaces its rows. The cache lives in memory on the base's device (with the input
+    embeddings, when the model is called with them) and is not saved.
 
     ``base_graphs=True`` (or a number of input shapes, True meaning 8) replays the base's forward on a GPU
     from CUDA graphs, one per input shape, captured at its first call: the base's launches leave the host's
