@@ -167,3 +167,16 @@ def test_side_tuning_learned_and_scheduled_alpha():
     assert sched.alpha() == 0.5
     with pytest.raises(ValueError, match="alpha"):
         SideTuning(nn.Linear(2, 2), nn.Linear(2, 2), alpha=1.5)
+
+
+def test_side_tuning_schedule_resumes_from_its_state_dict():
+    schedule = lambda step: max(0.0, 1.0 - 0.25 * step)  # noqa: E731
+    st = SideTuning(nn.Linear(2, 2), nn.Linear(2, 2), alpha=schedule).train()
+    for _ in range(2):
+        st(torch.randn(3, 2))
+    with torch.no_grad():
+        st(torch.randn(3, 2))  # an evaluation pass in training mode: not a training step
+    assert int(st.steps) == 2 and st.alpha() == 0.5
+    resumed = SideTuning(nn.Linear(2, 2), nn.Linear(2, 2), alpha=schedule)
+    resumed.load_state_dict(st.state_dict())
+    assert resumed.alpha() == 0.5

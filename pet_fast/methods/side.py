@@ -24,7 +24,8 @@ class SideTuning(nn.Module):
     The base is frozen and run in eval mode under ``torch.no_grad()``: no graph, no saved activations.
     ``alpha`` is a number in [0, 1] (fixed), ``"learned"`` (``sigmoid`` of a trained logit, starting at
     ``alpha_init``), or a callable ``schedule(step) -> float`` evaluated at the number of training
-    forwards so far (the side-tuning curriculum). ``base_output`` / ``side_output`` pick the tensor out
+    forwards with grad so far (the side-tuning curriculum; the count is the buffer ``steps``, saved in the
+    state dict, so a schedule resumes where it was). ``base_output`` / ``side_output`` pick the tensor out
     of a module's output (e.g. ``lambda out: out.logits``); by default the output itself.
     """
 
@@ -52,7 +53,8 @@ class SideTuning(nn.Module):
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
                 raise ValueError(f"alpha must be a number in [0, 1], 'learned' or a callable, got {alpha!r}")
             self.fixed_alpha = float(alpha)
-        self.steps = 0
+        # training forwards so far (with grad enabled), a buffer: saved in the state dict, so a schedule resumes
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.base_output = base_output or (lambda out: out)
         self.side_output = side_output or (lambda out: out)
 
@@ -65,9 +67,10 @@ class SideTuning(nn.Module):
         if self.alpha_logit is not None:
             return torch.sigmoid(self.alpha_logit)
         if self.schedule is not None:
-            value = float(self.schedule(self.steps))
+            step = int(self.steps)
+            value = float(self.schedule(step))
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"the alpha schedule returned {value} at step {self.steps}, outside [0, 1]")
+                raise ValueError(f"the alpha schedule returned {value} at step {step}, outside [0, 1]")
             return value
         return self.fixed_alpha
 
@@ -81,7 +84,7 @@ class SideTuning(nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         base_out = self.base_forward(*args, **kwargs)
         out = self.blend(base_out, self.side_output(self.side(*args, **kwargs)))
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             self.steps += 1
         return out
 
