@@ -55,7 +55,13 @@ class LayerPrefix:
     def __init__(self, source: Callable, original: str = "sdpa", keep_dropout: bool = True):
         self.source = source
         self.original = original
-        self.keep_dropout = keep_dropout
+        self._keep_dropout = keep_dropout
+
+    @property
+    def keep_dropout(self) -> bool:
+        """The source's answer (``source.keep_dropout()``: its active tasks' settings), else the one given."""
+        fn = getattr(self.source, "keep_dropout", None)
+        return self._keep_dropout if fn is None else fn()
 
     def prefix(self, dtype, batch_size: Optional[int] = None):
         return self.source(dtype, batch_size)

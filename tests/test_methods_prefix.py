@@ -940,3 +940,30 @@ def test_threads_sharing_a_model_keep_their_forwards_apart():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_keep_attention_dropout_is_a_setting_of_each_task():
+    """A second prefix task without attention dropout leaves the first one's training dropout alone, before
+    and after it is removed."""
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=61,
+                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(cfg).train()
+    ids = torch.randint(3, 61, (2, 7))
+
+    def draws_dropout():
+        torch.manual_seed(1)
+        a = model(input_ids=ids).logits
+        torch.manual_seed(2)
+        return not torch.equal(a, model(input_ids=ids).logits)
+
+    inject(model, pet_fast.PrefixConfig(prefix_length=3, train_head=False), "keeps")  # (no heads: both can be active)
+    assert draws_dropout()
+    inject(model, pet_fast.PrefixConfig(prefix_length=3, keep_attention_dropout=False, train_head=False), "drops")
+    assert not draws_dropout()
+    set_active(model, ["keeps", "drops"])  # together: one of them trains without it
+    assert not draws_dropout()
+    set_active(model, "keeps")
+    assert draws_dropout()
+    pet_fast.remove(model, "drops")
+    assert draws_dropout()

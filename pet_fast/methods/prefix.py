@@ -41,8 +41,10 @@ class PrefixEncoder(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_length = prefix_length
         self.projection_dim = projection_dim
-        # Set by PrefixConfig.attach: whether real tokens' positions move by P while this prefix is active.
+        # Set by PrefixConfig.attach: whether real tokens' positions move by P while this prefix is active, and
+        # whether layers keep their attention dropout in training while it is.
         self.shift_positions = False
+        self.keep_attention_dropout = True
         out_dim = num_layers * 2 * num_kv_heads * head_dim
         kw = dict(dtype=dtype, device=device)
         if projection_dim is None:
@@ -201,6 +203,11 @@ class _ForwardPrefixes(PerForward):
         super().__init__(checkpoint_modules)
         self.holder, self.reg = holder, reg
 
+    def keep_dropout(self) -> bool:
+        """Whether layers keep their attention dropout in training: unless an active prefix task was configured
+        without it (each task's own setting, read per call)."""
+        return all(e.keep_attention_dropout for e in _active_prefix_encoders(self.holder, self.reg))
+
     def batch_views(self, index: int, dtype, batch_size: int):
         """Layer ``index``'s prefix as batch views of this forward's tensor, when one is open and has computed
         it (:meth:`layer` was called), else None: never a second computation."""
@@ -271,6 +278,9 @@ class _Source:
 
     def batch_views(self, dtype, batch_size: int):
         return self.state.batch_views(self.index, dtype, batch_size)
+
+    def keep_dropout(self) -> bool:
+        return self.state.keep_dropout()
 
 
 def _make_source(state: _ForwardPrefixes, index: int) -> _Source:
@@ -389,7 +399,7 @@ class PrefixConfig(MethodConfig):
       the attention mask covers only real tokens (no ones(P) columns to add).
     * ``keep_attention_dropout``: in training, layers with attention dropout pass it to the op
       (``prefix_attention(dropout_p=...)``: the Triton kernels draw it themselves, the eager backend is
-      SDPA's); False trains without attention dropout.
+      SDPA's); False trains without attention dropout (while this task is active: a setting per task).
     * One forward of the model computes every layer's prefix once (one MLP call, one cast, one
       backward node for all layers) and each layer reads its own. Gradient checkpointing: then each
       layer computes its prefix inside its own forward (for the MLP, only that layer's rows of the
@@ -437,17 +447,15 @@ class PrefixConfig(MethodConfig):
                                 embed_dim=self.embed_dim, dropout=self.dropout, init_std=self.init_std,
                                 dtype=dtype, device=device)
         encoder.shift_positions = self.shift_positions
+        encoder.keep_attention_dropout = self.keep_attention_dropout
         holder = task_holder(model)
         holder[name] = encoder
         original = hf_attention.enable(model)
         state = _forward_prefixes(model, holder, registry)
         for i, m in enumerate(_attention_modules(model)):
             lp = hf_attention.layer_prefix(m)
-            if lp is None:
-                hf_attention.set_layer_prefix(m, hf_attention.LayerPrefix(
-                    _make_source(state, i), original, self.keep_attention_dropout))
-            else:  # a second prefix task: the source already reads every active prefix task
-                lp.keep_dropout = lp.keep_dropout and self.keep_attention_dropout
+            if lp is None:  # (a second prefix task: the source already reads every active prefix task)
+                hf_attention.set_layer_prefix(m, hf_attention.LayerPrefix(_make_source(state, i), original))
         if self.shift_positions:
             _install_position_hook(model, holder, registry)
 
