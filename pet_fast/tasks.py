@@ -99,9 +99,17 @@ def _registry_or_create(model: nn.Module) -> TaskRegistry:
     return reg
 
 
+# A task's modules are entries of nn.ModuleDicts: a name that is already an attribute of one ("train", "keys",
+# "training", "_modules", ...) cannot be an entry.
+_HOLDER_ATTRIBUTES = nn.ModuleDict()
+
+
 def check_task_name(name) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"name must be a string of letters, digits, '_' or '-' starting with a letter or '_', got {name!r}")
+    if hasattr(_HOLDER_ATTRIBUTES, name):
+        raise ValueError(f"task name {name!r} is reserved (an attribute of torch.nn.ModuleDict, which holds the tasks' "
+                         f"modules); pick another name")
     return name
 
 
@@ -131,6 +139,7 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     try:
         config.attach(model, name, reg)  # checks first, raises before changing anything
     except BaseException:
+        _undo_attach(model, name, config, reg)  # (should attach fail past its checks)
         if not existed:
             model.__dict__.pop(_REGISTRY_ATTR, None)
         raise
@@ -149,6 +158,19 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
         models.attach_task_head(model, name, reg)
     set_active(model, name)
     return model
+
+
+def _undo_attach(model: nn.Module, name: str, config: MethodConfig, reg: TaskRegistry) -> None:
+    """Takes off what a failed ``attach`` of task ``name`` left: its modules, the site overrides no task uses
+    any more, the method's state (``detach``)."""
+    from .methods import _sites
+
+    for _, host in _sites.hosts_with_task(model, name):
+        del getattr(host, TASK_ATTR)[name]
+    for mod in list(model.modules()):
+        if _sites.site_kind(mod) is not None:
+            _sites.uninstall_if_unused(mod)
+    config.detach(model, name, reg)
 
 
 def remove(model: nn.Module, name: str) -> None:
@@ -187,6 +209,8 @@ def set_active(model: nn.Module, name) -> None:
     for n in names:
         if n not in reg.configs:
             raise ValueError(f"unknown task {n!r}; the model has {sorted(reg.configs)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"name names a task more than once: {list(names)}")
     reg.active = names
     # Only the active tasks' parameters train; inactive ones are frozen. A config may keep some of
     # its parameters frozen (``frozen_parameters``: e.g. the adapters under a fusion).

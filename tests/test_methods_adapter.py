@@ -257,3 +257,33 @@ def test_training_step_under_autocast_triton_matches_eager(placement, monkeypatc
     for k in g_e:
         scale = g_e[k].abs().max().item()
         assert (g_t[k] - g_e[k]).abs().max().item() <= 0.05 * scale + 1e-4, k
+
+
+def test_an_attach_failing_past_its_checks_leaves_no_site_behind(monkeypatch):
+    """Should a method's attach fail after it has installed some sites (here: the third adapter cannot be
+    built), inject takes them off again: a later task runs at every site, as on a fresh model."""
+    from pet_fast.methods import _sites, adapter as adapter_module
+
+    real, built = adapter_module.BottleneckAdapter, []
+
+    def failing(*args, **kwargs):
+        if len(built) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        built.append(1)
+        return real(*args, **kwargs)
+
+    model, fresh = build("bert"), build("bert")
+    monkeypatch.setattr(adapter_module, "BottleneckAdapter", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby"), "broken")
+    monkeypatch.setattr(adapter_module, "BottleneckAdapter", real)
+    assert not any(_sites.site_kind(m) for m in model.modules())
+    assert not any(TASK_ATTR in n for n, _ in model.named_modules())
+    for m in (model, fresh):
+        pet_fast.inject(m, pet_fast.AdapterConfig(placement="houlsby"), "ok")
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in pet_fast.task_parameters(m, "ok").values():  # every adapter changes the output
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask = batch()
+    torch.testing.assert_close(logits(model, ids, mask), logits(fresh, ids, mask), rtol=0, atol=0)
