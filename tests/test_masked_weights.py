@@ -2,6 +2,8 @@
 once per forward: values and straight-through gradients against the per-weight formulas, bad input, and
 a masked model's step with the batch equal to the step with masked_linear per linear."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -307,13 +309,22 @@ def test_a_deep_copy_batches_its_own_scores(monkeypatch):
 
 def test_removed_tasks_are_forgotten_and_a_new_one_batches():
     model = _mask_model()
-    state = model.__dict__["_pet_fast_mask_forward"]
-    pet_fast.remove(model, "m")
     pet_fast.inject(model, pet_fast.MaskConfig(), "n")
+    state = model.__dict__["_pet_fast_mask_forward"]
+    removed = weakref.ref(next(m for m in model.modules() if isinstance(m, mask_method.MaskScores)))
+    pet_fast.remove(model, "m")
+    gc.collect()
+    assert "m" not in state.sites and removed() is None  # nothing keeps the removed task's scores alive
     ids, mask = batch()
     logits(model, ids, mask).sum().backward()
-    assert "n" in state.sites and len(state.sites["n"]) > 0
-    assert "m" not in state.sites  # a forward forgets the linears of removed tasks
+    assert len(state.sites["n"]) > 0
+    base = model.base_model
+    pet_fast.remove(model, "n")  # the model's last mask task: the per-forward state and its hooks go
+    assert "_pet_fast_mask_forward" not in model.__dict__
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    pet_fast.inject(model, pet_fast.MaskConfig(), "o")
+    logits(model, ids, mask).sum().backward()
+    assert len(model.__dict__["_pet_fast_mask_forward"].sites["o"]) > 0
 
 
 def test_backend_for_reports_masked_linears_choice():

@@ -857,3 +857,23 @@ def test_every_trainable_fusion_parameter_gets_a_gradient(kind):
     assert trainable and all(p.grad is not None for p in trainable.values())
     key_bias = [k for k in pet_fast.task_parameters(model, "f") if k.endswith(".key.bias")]
     assert key_bias and all((k in trainable) == (kind == "bert") for k in key_bias)
+
+
+def test_a_removed_fusion_is_freed_and_the_last_one_takes_its_hooks():
+    import gc
+    import weakref
+
+    model = _fused_model("pfeiffer")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1"]), "g")
+    state = model.__dict__["_pet_fast_fusion_forward"]
+    removed = weakref.ref(next(m for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)))
+    pet_fast.remove(model, "f")
+    gc.collect()
+    assert "f" not in state.sites and removed() is None  # nothing keeps the removed fusion alive
+    base = model.base_model
+    pet_fast.remove(model, "g")
+    assert "_pet_fast_fusion_forward" not in model.__dict__
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    ids, mask = batch()
+    pet_fast.set_active(model, "a0")
+    logits(model, ids, mask).sum().backward()  # the adapters run on

@@ -98,6 +98,16 @@ def uninstalled(model: nn.Module, attr: str) -> None:
         state.uninstall()
 
 
+def forgotten(model: nn.Module, attr: str, name: str, registry, config_type) -> None:
+    """Task ``name`` is gone: its entry leaves the ``sites`` of the state kept as ``model.<attr>``, and the state
+    and its hooks go with the model's last task of ``config_type``."""
+    state = model.__dict__.get(attr)
+    if state is not None:
+        state.sites.pop(name, None)
+    if not any(isinstance(c, config_type) for c in registry.configs.values()):
+        uninstalled(model, attr)
+
+
 def attached(host: nn.Module, name: str, module: nn.Module) -> bool:
     """Whether ``module`` is still task ``name``'s module at ``host`` (removed tasks are detached)."""
     from ..tasks import TASK_ATTR

@@ -10,7 +10,7 @@ from ..dispatch import graph_task
 from ..ops import _checks
 from ..ops._autocast import compute_dtype
 from ..ops import adapter_fusion as fusion_ops
-from ._per_forward import PerForward, attached, installed
+from ._per_forward import PerForward, attached, forgotten as _forgotten, installed
 from .adapter import BottleneckAdapter
 
 
@@ -542,6 +542,11 @@ class FusionConfig(MethodConfig):
             fusion.__dict__["_forward"], fusion.__dict__["_task"] = forward, name  # plain attributes, not state
             task_holder(h)[name] = fusion
             forward.sites[name].append((h, fusion))
+
+    def detach(self, model: nn.Module, name: str, registry) -> None:
+        """The task's fusions leave the per-forward projections (nothing keeps them alive); with the model's
+        last fusion task gone, their hooks go too."""
+        _forgotten(model, "_pet_fast_fusion_forward", name, registry, FusionConfig)
 
 
     def frozen_parameter_keys(self, key: str) -> bool:

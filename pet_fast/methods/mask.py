@@ -13,7 +13,7 @@ from ..ops._autocast import compute_dtype
 from ..ops.mask_packing import pack_mask, unpack_mask
 from ..ops.masked_linear import backend_for, masked_linear
 from ..ops.masked_weights import masked_weights
-from ._per_forward import PerForward, attached, installed
+from ._per_forward import PerForward, attached, forgotten as _forgotten, installed
 
 
 def _params_for(dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -297,6 +297,11 @@ class MaskConfig(MethodConfig):
             scores.__dict__["_forward"] = forward  # a plain attribute: not a submodule, not in the state dict
             task_holder(host)[name] = scores
             forward.sites[name].append((host, scores))
+
+    def detach(self, model: nn.Module, name: str, registry) -> None:
+        """The task's linears leave the per-forward batch (nothing keeps its scores alive); with the model's last
+        mask task gone, the batch's hooks go too."""
+        _forgotten(model, "_pet_fast_mask_forward", name, registry, MaskConfig)
 
 
 def pack_for_serving(model: nn.Module, name: Optional[str] = None) -> nn.Module:
