@@ -39,21 +39,9 @@ def family(model: nn.Module) -> str:
     return "generic"
 
 
-# Names of task heads in transformers models (kept trainable when a config says train_head=True).
-HEAD_NAMES = ("classifier", "score", "qa_outputs", "cls", "lm_head", "pooler")
-
-
-def head_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """Parameters of the task head: top-level children named like a head, except a language-model
-    head whose weight is tied to the input embeddings (training it would change the base)."""
-    params = []
-    for child_name, child in model.named_children():
-        if child_name not in HEAD_NAMES:
-            continue
-        if child_name in ("lm_head", "cls", "pooler"):
-            continue  # LM heads are tied or pretrained; the pooler is pretrained. Methods opt in explicitly.
-        params.extend(child.parameters())
-    return params
+# The task heads of transformers models that every task gets its own trainable copy of (attach_task_head).
+# Not LM heads (tied to the embeddings or pretrained) nor the pooler (pretrained).
+TASK_HEADS = ("classifier", "score", "qa_outputs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,14 +101,17 @@ def match_targets(model: nn.Module, target_modules, *, kinds: tuple = (nn.Module
     targets = list(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
-    found = []
+    # A task head is copied per task and trains whole (attach_task_head): its modules are no targets.
+    heads = tuple(n + "." for n, _ in model.named_children() if n in TASK_HEADS)
+    found, in_heads = [], []
     for name, mod in model.named_modules():
         if "pet_fast_tasks" in name.split("."):
             continue
         if any(name == t or name.endswith("." + t) for t in targets) and isinstance(mod, kinds):
-            found.append((name, mod))
+            (in_heads if (name + ".").startswith(heads) and heads else found).append((name, mod))
     if not found:
-        raise ValueError(f"target_modules {targets} match no module of the model")
+        also = f" outside the task head ({', '.join(n for n, _ in in_heads)} is in it)" if in_heads else ""
+        raise ValueError(f"target_modules {targets} match no module of the model{also}")
     return found
 
 
@@ -149,7 +140,7 @@ def attach_task_head(model: nn.Module, name: str, registry) -> List[nn.Parameter
 
     params = []
     for child_name, child in list(model.named_children()):
-        if child_name not in HEAD_NAMES or child_name in ("lm_head", "cls", "pooler"):
+        if child_name not in TASK_HEADS:
             continue
         holder = child._modules.get(TASK_ATTR)
         memo = {}

@@ -203,3 +203,30 @@ def test_gpu_packed_and_mixed_tasks_bf16():
         got = logits(model, ids, mask).float()
     for i, t in enumerate(rows.tolist()):
         torch.testing.assert_close(got[i], want["ab"[t]][i], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("config", [pet_fast.MaskConfig(target_modules=["dense"]),
+                                    pet_fast.AdapterConfig(placement="houlsby", target_modules=["dense"])],
+                         ids=["mask", "adapter"])
+def test_target_modules_leave_the_task_head_out(config, tmp_path):
+    """RoBERTa's classifier has a `dense` too: the task head is copied per task and trains whole, so a method's
+    target_modules skip it (a site inside it was copied into the next tasks' heads and never ran); two tasks
+    then keep apart and each saved task loads into a fresh model."""
+    import copy
+
+    model = build("roberta")
+    pet_fast.inject(model, copy.deepcopy(config), "k")
+    pet_fast.inject(model, copy.deepcopy(config), "j")
+    for name in ("k", "j"):
+        keys = pet_fast.task_parameters(model, name)
+        assert not any(k.startswith("classifier.dense.") and "pet_fast_tasks" in k[len("classifier.dense."):]
+                       for k in keys)
+        assert not any(f"{TASK_ATTR}.{other}." in k for k in keys for other in {"k", "j"} - {name})
+    pet_fast.set_active(model, "k")
+    ids, mask = batch()
+    want = logits(model, ids, mask)
+    fresh = build("roberta")
+    pet_fast.load(fresh, pet_fast.save(model, str(tmp_path / "k"), "k"))
+    torch.testing.assert_close(logits(fresh, ids, mask), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"outside the task head \(classifier.out_proj is in it\)"):
+        pet_fast.inject(build("roberta"), pet_fast.MaskConfig(target_modules=["out_proj"]), "m")

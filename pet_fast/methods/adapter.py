@@ -198,7 +198,9 @@ class AdapterConfig(MethodConfig):
     ``"bert"`` (N(0, 0.02)) or ``"identity"`` (alias ``"mam_adapter"``: up-projection zero, so a new
     adapter leaves the model's outputs unchanged). ``target_modules``: names of modules (e.g.
     ``["attention.output.dense"]``) after which an adapter runs on their output (houlsby/pfeiffer:
-    ``h + A(h)``; parallel: ``h + A(input)``), for any model. ``leave_out``: block indices to skip.
+    ``h + A(h)``; parallel: ``h + A(input)``), for any model (modules of the task head, e.g. ``classifier.dense``,
+    are left out: each task has its own copy of the head, which trains whole). ``leave_out``: block indices
+    to skip.
     """
 
     method = "adapter"
