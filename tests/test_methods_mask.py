@@ -176,6 +176,10 @@ def test_mixed_mask_tasks_serve_one_batch(kind):
     with pytest.raises(ValueError, match="not a mask task"):
         with pet_fast.mixed_mask_tasks(model, ["a", "zzz"], [0, 1, 0]):
             pass
+    pet_fast.inject(model, pet_fast.AdapterConfig(train_head=False), "adapter")  # active: would run on every row
+    with pytest.raises(ValueError, match=r"tasks \['adapter'\] are active and would run on every row"):
+        with pet_fast.mixed_mask_tasks(model, names, rows):
+            pass
 
 
 @pytest.mark.gpu

@@ -325,3 +325,19 @@ def test_side_cache_hit_honours_return_dict_false(kind):
         assert len(hit) == 2
         torch.testing.assert_close(hit[1], miss[1], rtol=0, atol=0)
     torch.testing.assert_close(as_dict.last_hidden_state, miss[0], rtol=0, atol=0)
+
+
+def test_side_cache_is_refused_while_other_tasks_change_the_base():
+    model = build("bert")
+    model.eval()
+    pet_fast.inject(model, pet_fast.AdapterConfig(train_head=False, init="bert"), "ad")
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "sd")
+    ids, mask = batch()
+    pet_fast.set_active(model, ["sd", "ad"])
+    with pytest.raises(ValueError, match=r"side task 'sd' caches the frozen base's outputs, but tasks \['ad'\]"):
+        model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2])
+    together = model(input_ids=ids, attention_mask=mask).logits  # without ids: no cache, both tasks run
+    pet_fast.set_active(model, "sd")
+    alone = model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2]).logits
+    assert not torch.allclose(together, alone)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2]).logits, alone)

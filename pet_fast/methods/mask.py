@@ -381,7 +381,8 @@ def mixed_mask_tasks(model: nn.Module, tasks: Sequence[str], task_of_row):
     :func:`pet_fast.masked_linear_multitask` for the whole batch (its weight read once for all tasks), and a
     task's own head (a classifier trained with the task) runs once per task, each row taking its task's
     output. The tasks must mask the same linears. ``task_of_row``: one int per row (a list or an integer
-    tensor), checked here once (the per-call checks, which would read the ids on the host, are skipped)."""
+    tensor), checked here once (the per-call checks, which would read the ids on the host, are skipped).
+    Active tasks of other methods are refused (they would run on every row)."""
     from ..tasks import TASK_ATTR, registry
     from . import _sites
 
@@ -392,6 +393,10 @@ def mixed_mask_tasks(model: nn.Module, tasks: Sequence[str], task_of_row):
     for n in tasks:
         if not isinstance(reg.configs.get(n), MaskConfig):
             raise ValueError(f"task {n!r} is not a mask task of this model")
+    others = [n for n in reg.active if not isinstance(reg.configs.get(n), MaskConfig)]
+    if others:
+        raise ValueError(f"tasks {others} are active and would run on every row of the mixed batch; activate none "
+                         f"(pet_fast.set_active(model, None)) or a mask task first")
     ids = torch.as_tensor(task_of_row)
     if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8):
         raise ValueError(f"task_of_row must be one integer per row (1-D), got {ids.dtype} of shape {tuple(ids.shape)}")

@@ -392,7 +392,7 @@ def side_forward(site, *args, **kwargs):
     act = site.active()
     if act is None:
         return site.original(*args, **kwargs)
-    _, branch = act
+    side_name, branch = act
     arguments = models.signature(type(host).forward).bind_partial(host, *args, **kwargs).arguments
     input_ids = arguments.get("input_ids")
     attention_mask = arguments.get("attention_mask")
@@ -402,6 +402,11 @@ def side_forward(site, *args, **kwargs):
     use_cache = branch.use_cache and ids is not None and isinstance(ref, torch.Tensor) and ref.dim() >= 2
     hidden = out = None
     if use_cache:
+        others = [n for n in site.registry.active if n != side_name]
+        if others:
+            raise ValueError(f"side task {side_name!r} caches the frozen base's outputs, but tasks {others} are active "
+                             f"too: the base's output is theirs as well (and changes as they train); activate "
+                             f"{side_name!r} alone, or give no example ids (or inject it with cache=False)")
         hidden, inputs = _cache_lookup(branch, ids, arguments, ref.shape[0])
     if hidden is None:
         call = None
@@ -484,7 +489,8 @@ class SideConfig(MethodConfig):
     ``input_ids`` (or ``inputs_embeds``); other tokens of the same length are refused (ids must be unique
     per example), while another length, attention mask, ``token_type_ids`` or ``position_ids`` recomputes
     the batch and replaces its rows. The cache lives in memory on the base's device (with the input
-    embeddings, when the model is called with them) and is not saved.
+    embeddings, when the model is called with them) and is not saved. It holds the frozen base's outputs:
+    a call with example ids while other tasks are active too (their modules change the base) is refused.
 
     ``base_graphs=True`` (or a number of input shapes, True meaning 8) replays the base's forward on a GPU
     from CUDA graphs, one per input shape, captured at its first call: the base's launches leave the host's
