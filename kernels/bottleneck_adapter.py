@@ -217,6 +217,9 @@ def _fwd_kernel(X, WD, BD, WU, BU, S, RES, Y, CD, LNW, LNB, N, D, R, s_value, ep
         acc += mm(xt, tl.trans(wt.to(xt.dtype)), UPCAST)  # float32 master weights: rounded to x's dtype
     if HAS_BD:
         acc += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
+    # the padded hidden columns (r..RP) hold x @ 0, which is NaN for an inf in x: zeroed, or the up-projection's
+    # zero columns would carry it to every output column of the token
+    acc = tl.where(rrmask[None, :], acc, 0.0)
     h = act_fwd(acc, ACT)
     if UPCAST:
         hq = h
@@ -324,8 +327,9 @@ def _bwd_rows_kernel(X, WD, BD, WU, S, DY, DX, HBUF, DABUF, CD, LNW, LNB, YBUF, 
             a_x = a
     if HAS_BD:
         a += tl.load(BD + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
+    a = tl.where(rrmask[None, :], a, 0.0)  # padded hidden columns (see the forward)
     h, gp = act_fwd_bwd(a, ACT)
-    da = dh * gp
+    da = tl.where(rrmask[None, :], dh * gp, 0.0)  # (dh too holds 0 * dy there: NaN for an inf gradient)
     hoffs = rows[:, None] * RP + rr[None, :]
     if first:
         tl.store(HBUF + hoffs, h.to(HBUF.dtype.element_ty), mask=rmask[:, None])

@@ -137,6 +137,9 @@ def _fwd_kernel(X, QK, QKB, SM, T0, WD, BD, WU, BU, S, CTX, ABUF, PBUF, HW, N, D
                 a += mm(xt, tl.trans(wt), UPCAST)
         if HAS_BD:
             a += tl.load(BD + j * R + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
+        # the padded hidden columns (r..RP) hold x @ 0, NaN for an inf in x: zeroed, or the up-projection's zero
+        # columns would carry it to the token's whole output (the backward reads a from here)
+        a = tl.where(rrmask[None, :], a, 0.0)
         tl.store(ABUF + (rows[:, None] * K + j) * RP + rr[None, :], a, mask=rmask[:, None])
         h = act_fwd(a, ACT)
         # The scores need h to fp32 precision: a score is a sum over d of |qk| |v_j| terms, and rounding h

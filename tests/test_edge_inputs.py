@@ -177,6 +177,28 @@ def test_nan_and_inf_rows_propagate_like_the_reference(op, backend, value):
     check_nonfinite_row(op, backend, value)
 
 
+def check_one_infinite_entry(op, backend, value, device="cpu"):
+    """One infinite entry of a token (not the whole token) through a bounded activation leaves the token's other
+    columns finite in the reference: the kernels must not turn it NaN through their padded hidden columns
+    (x @ 0 is NaN there when r is not the padded width)."""
+    p = dict(_cases.DEFAULTS[op], act="tanh", r=3)
+    b = _cases.build(op, p, device=device)
+    with torch.no_grad():
+        b.leaves["x"][1, 2, 0] = value
+    (eager, eager_grads), (out, grads) = (_cases.run(b, name) for name in (_cases.REFERENCE, backend))
+    assert torch.isfinite(eager[1, 2, 1:]).all()  # (the case does test that)
+    same_nonfinite_and_close(out.detach(), eager.detach())
+    # the input's gradient (the hidden's derivative is finite there): the same in every column
+    same_nonfinite_and_close(grads["x"], eager_grads["x"])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+@pytest.mark.parametrize("op,backend", [p for p in op_backends() if p.values[0] in ("bottleneck_adapter",
+                                                                                    "stacked_adapter_fusion")])
+def test_one_infinite_entry_stays_in_its_column(op, backend, value):
+    check_one_infinite_entry(op, backend, value)
+
+
 def check_hidden_nan_key(backend, device="cpu"):
     p = dict(_cases.DEFAULTS["prefix_attention"], pad=None, causal=True, L=5, S=7)
     # the last key is visible only to the last query (bottom-right causal): every other row stays finite
