@@ -63,3 +63,20 @@ def test_scores_in_other_dtype_than_weight():
     out = pet_fast.masked_linear(x, w, s)
     assert out.dtype == torch.float16
     assert rel_err(out, ref64(x, w, s, None, 0.0)) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_masked_out_nonfinite_weight_counts_zero_on_every_path(backend):
+    """Where the mask is 0 the masked weight is 0 whatever W holds (NaN, inf): from scores, from packed bits,
+    per task of a mixed batch, as the kernels read it."""
+    x, w, s = torch.ones(2, 4), torch.ones(3, 4), torch.ones(3, 4)
+    w[0, 0], s[0, 0] = float("nan"), -1.0
+    w[1, 2], s[1, 2] = float("inf"), -1.0
+    want = torch.tensor([[3.0, 3.0, 4.0]] * 2)
+    packed = pet_fast.pack_mask(s, 0.0)
+    torch.testing.assert_close(pet_fast.masked_linear(x, w, s, backend=backend), want)
+    with torch.no_grad():
+        torch.testing.assert_close(pet_fast.masked_linear(x, w, packed_mask=packed, backend=backend), want)
+    if backend == "eager":
+        torch.testing.assert_close(pet_fast.masked_linear_multitask(x, w, packed[None], torch.zeros(2, dtype=torch.long),
+                                                                    backend="eager"), want)

@@ -438,7 +438,7 @@ def _merged_module(host: nn.Module, scores: MaskScores) -> nn.Module:
         mask = scores.mask()
     new = new.to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        new.weight.copy_(w * mask.to(w.dtype))
+        new.weight.copy_(torch.where(mask.bool(), w, 0.0))  # zero where masked, whatever w holds there
         if host.bias is not None:
             new.bias.copy_(host.bias)
     new.requires_grad_(False)

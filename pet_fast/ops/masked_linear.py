@@ -114,7 +114,8 @@ def reference(x, weight, scores, bias=None, threshold=0.0, packed_mask=None):
     if weight.dtype != x.dtype:  # float32 master weights with half-precision x: used in x's dtype
         weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if packed_mask is not None:
-        w_eff = weight * mask_packing.unpack_mask(packed_mask, weight.shape).to(weight.dtype)
+        # zero where the mask is 0, whatever the weight holds there (inf or NaN too), as from scores
+        w_eff = torch.where(mask_packing.unpack_mask(packed_mask, weight.shape).bool(), weight, 0.0)
     else:
         w_eff = masked_weight(weight, scores, threshold)
     return F.linear(x, w_eff, bias)
@@ -503,7 +504,7 @@ def reference_multitask(x, weight, packed_masks, task_ids, bias=None):
     y = x2.new_zeros((x2.shape[0], weight.shape[0]))
     for task in ids.unique().tolist():
         rows = (ids == task).nonzero().squeeze(1)
-        w = weight * mask_packing.unpack_mask(packed_masks[task], weight.shape).to(weight.dtype)
+        w = torch.where(mask_packing.unpack_mask(packed_masks[task], weight.shape).bool(), weight, 0.0)
         y = y.index_copy(0, rows, F.linear(x2.index_select(0, rows), w, bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
