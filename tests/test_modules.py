@@ -29,6 +29,20 @@ def test_adapter_matches_op_and_scaling_gets_grad(scaling):
         assert a.scaling.grad is not None
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_adapter_without_biases(backend):
+    a = BottleneckAdapter(12, 3, activation="tanh", bias=False, scaling="channel")
+    assert a.b_down is None and a.b_up is None and set(dict(a.named_parameters())) == {"w_down", "w_up", "scaling"}
+    assert "scaling=channel, bias=False" in repr(a)
+    x = torch.randn(4, 12, requires_grad=True)
+    with pet_fast.use_backend(backend):
+        out = a(x)
+    expected = x + a.scaling.detach() * (torch.tanh(x @ a.w_down.T) @ a.w_up.T)
+    assert rel_err(out, expected) < 1e-6
+    out.sum().backward()
+    assert a.w_down.grad is not None and x.grad is not None
+
+
 def test_adapter_half_input_and_autocast():
     a = BottleneckAdapter(8, 2)
     x = torch.randn(3, 8).half()

@@ -63,8 +63,9 @@ class BottleneckAdapter(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.w_down = nn.Parameter(torch.empty(bottleneck, d_model, **kw))
         self.w_up = nn.Parameter(torch.empty(d_model, bottleneck, **kw))
-        self.b_down = nn.Parameter(torch.zeros(bottleneck, **kw)) if bias else None
-        self.b_up = nn.Parameter(torch.zeros(d_model, **kw)) if bias else None
+        # registered also when absent (None entries): forward reads the four from _parameters
+        self.register_parameter("b_down", nn.Parameter(torch.zeros(bottleneck, **kw)) if bias else None)
+        self.register_parameter("b_up", nn.Parameter(torch.zeros(d_model, **kw)) if bias else None)
         if isinstance(scaling, str):
             if scaling == "learned":
                 self.scaling = nn.Parameter(torch.ones((), **kw))
@@ -145,8 +146,9 @@ class BottleneckAdapter(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        s = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"
-        return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation}, scaling={s}"
+        s = self.scaling if isinstance(self.scaling, float) else "learned" if self.scaling.dim() == 0 else "channel"
+        bias = "" if self.b_down is not None else ", bias=False"
+        return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation}, scaling={s}{bias}"
 
 
 # --------------------------------------------------------------------------------------------
