@@ -287,3 +287,26 @@ def test_an_attach_failing_past_its_checks_leaves_no_site_behind(monkeypatch):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     ids, mask = batch()
     torch.testing.assert_close(logits(model, ids, mask), logits(fresh, ids, mask), rtol=0, atol=0)
+
+
+def test_target_modules_on_a_model_without_a_config():
+    """A plain nn.Module: the targets give the adapters' widths; the bottleneck must be given (the reduction factor
+    has no hidden size to divide)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+    x = torch.randn(5, 6)
+    with pytest.raises(ValueError, match=r"give AdapterConfig\(bottleneck=\.\.\.\)"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", target_modules=["0", "2"]), "a")
+    assert not any(p.requires_grad is False for p in model.parameters())  # refused before any change
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", target_modules=["0", "2"], bottleneck=3), "a")
+    first, second = model[0].pet_fast_tasks["a"], model[2].pet_fast_tasks["a"]
+    assert (first.d_model, first.bottleneck, second.d_model) == (10, 3, 4)
+    with torch.no_grad():
+        for p in pet_fast.task_parameters(model, "a").values():
+            p.normal_(0, 0.5)
+    # each target's output h becomes h + A(h) (the adapter module's own residual)
+    h = first(x @ model[0].weight.T + model[0].bias)
+    want = second(torch.relu(h) @ model[2].weight.T + model[2].bias)
+    torch.testing.assert_close(model(x), want)

@@ -182,6 +182,13 @@ def _in_out_widths(module: nn.Module):
     return None
 
 
+def _width(host: nn.Module, kind: str, hidden: Optional[int]) -> Optional[int]:
+    """The width of the output an adapter at ``host`` reads: a target's own (Linear, Conv1D), else the model's."""
+    if kind == "generic":
+        return getattr(host, "out_features", None) or getattr(host, "nf", None) or hidden
+    return hidden
+
+
 @register_method
 @dataclasses.dataclass
 class AdapterConfig(MethodConfig):
@@ -200,8 +207,9 @@ class AdapterConfig(MethodConfig):
     ``"bert"`` (N(0, 0.02)) or ``"identity"`` (alias ``"mam_adapter"``: up-projection zero, so a new
     adapter leaves the model's outputs unchanged). ``target_modules``: names of modules (e.g.
     ``["attention.output.dense"]``) after which an adapter runs on their output (houlsby/pfeiffer:
-    ``h + A(h)``; parallel: ``h + A(input)``), for any model (modules of the task head, e.g. ``classifier.dense``,
-    are left out: each task has its own copy of the head, which trains whole). ``leave_out``: block indices
+    ``h + A(h)``; parallel: ``h + A(input)``), for any model (without a transformers config, give ``bottleneck``;
+    modules of the task head, e.g. ``classifier.dense``, are left out: each task has its own copy of the head,
+    which trains whole). ``leave_out``: block indices
     to skip.
     """
 
@@ -296,10 +304,20 @@ class AdapterConfig(MethodConfig):
         from .. import models
         from . import _sites
 
-        hidden = models.hidden_size(model)
         sites = self.sites(model)
+        try:
+            hidden = models.hidden_size(model)
+        except ValueError:  # a model without a transformers config: the targets give the widths
+            if self.bottleneck is None:
+                raise ValueError("the model has no config telling its hidden size, from which the reduction factor "
+                                 "sets the bottleneck: give AdapterConfig(bottleneck=...)") from None
+            hidden = None
         for host, kind, _ in sites:
             _sites.check_installable(host, kind)
+            if kind != "capture" and _width(host, kind, hidden) is None:
+                where = next((n for n, m in model.named_modules() if m is host), type(host).__name__)
+                raise ValueError(f"cannot tell the output width of target {where!r} (no out_features, and the model "
+                                 f"has no config telling its hidden size)")
             if kind == "generic" and self.placement == "parallel":
                 widths = _in_out_widths(host)
                 if widths is not None and widths[0] != widths[1]:
@@ -314,10 +332,7 @@ class AdapterConfig(MethodConfig):
                 continue
             ref = next(host.parameters(), None)
             dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-            width = hidden
-            if kind == "generic":
-                width = getattr(host, "out_features", None) or getattr(host, "nf", None) or hidden
-            adapter = BottleneckAdapter(width, r, activation=self.activation, scaling=self.scaling, init=self.init,
+            adapter = BottleneckAdapter(_width(host, kind, hidden), r, activation=self.activation, scaling=self.scaling, init=self.init,
                                         dtype=dtype, device=None if ref is None else ref.device)
             adapter.placement = self.placement
             task_holder(host)[name] = adapter
