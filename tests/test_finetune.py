@@ -66,6 +66,15 @@ def test_finetune_fusion_trains_two_adapters_then_fuses(tmp_path):
     assert r["method"] == "fusion" and r["steps"] == 2
     assert 0 < r["trainable_fraction"] < 0.2  # three d x d projections per fusion layer
     assert (tmp_path / "fused").is_dir()
+    # the adapters it trained are saved beside it: the fusion loads onto a fresh model that has them
+    assert r["saved_adapters"] == [str(tmp_path / "fused-adapter0"), str(tmp_path / "fused-adapter1")]
+    from transformers import AutoModelForSequenceClassification
+
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(finetune.default_model_path()), num_labels=2,
+                                                               local_files_only=True)
+    for i, path in enumerate(r["saved_adapters"]):
+        pet_fast.load(fresh, path, name=f"adapter{i}")
+    assert pet_fast.load(fresh, str(tmp_path / "fused")) == "task"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -76,6 +85,7 @@ def test_finetune_fusion_trains_two_adapters_then_fuses(tmp_path):
     (["finetune", "--lr=-1e-3"], "--lr: expected a positive number"),
     (["demo", "--steps", "-1"], "--steps: expected a positive integer"),
     (["bench", "--steps", "0"], "--steps: expected a positive integer"),
+    (["bench", "--step", "--ops"], "argument --ops: not allowed with argument --step"),
 ])
 def test_cli_refuses_bad_numbers_before_running(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -109,3 +119,16 @@ def test_finetune_checks_its_arguments_before_loading():
                             (dict(epochs=0), "epochs must be a positive number"), (dict(lr=float("inf")), "lr")]:
         with pytest.raises(ValueError, match=message):
             finetune.finetune(model_path="/nonexistent-model", **kwargs)  # (the numbers are checked first)
+    with pytest.raises(ValueError, match="adapters .* are for method 'fusion', not 'mask'"):
+        finetune.finetune(method="mask", adapters=["somewhere"])
+    with pytest.raises(ValueError, match="adapter '/nonexistent-adapter' is not a folder"):
+        finetune.finetune(method="fusion", adapters=["/nonexistent-adapter"])
+
+
+def test_finetune_names_a_model_folder_without_a_tokenizer(tmp_path):
+    import transformers as tf
+
+    tf.BertForSequenceClassification(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=37, vocab_size=61)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        finetune.finetune(model_path=str(tmp_path), steps=1)
