@@ -227,4 +227,6 @@ def task_parameters(model: nn.Module, name: str) -> Dict[str, nn.Parameter]:
 
 
 def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every parameter of ``model`` that trains now (``requires_grad``: the active tasks' and their heads'), by
+    state-dict name; give an optimizer its ``.values()``. It changes with ``inject`` and ``set_active``."""
     return {k: p for k, p in model.named_parameters() if p.requires_grad}

@@ -107,8 +107,8 @@ class PrefixEncoder(nn.Module):
         return [(t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)]
 
     def all_layers(self, dtype: Optional[torch.dtype] = None, batch_size: Optional[int] = None) -> list:
-        """Every layer's ``(prefix_k, prefix_v)`` (:meth:`layer_views` of :meth:`stacked`): the same values as
-        :meth:`layer` for every index."""
+        """Every layer's ``(prefix_k, prefix_v)`` (:meth:`layer_views` of :meth:`stacked`): the values of
+        :meth:`layer` for every index (with an MLP, up to float rounding: one product for all layers)."""
         return self.layer_views(self.stacked(dtype), batch_size)
 
     def forward(self, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:

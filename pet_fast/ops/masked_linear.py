@@ -510,6 +510,7 @@ def reference_multitask(x, weight, packed_masks, task_ids, bias=None):
 
 
 def describe_multitask(x, weight, packed_masks, task_ids, bias) -> dict:
+    """What the dispatcher sees of a (validated) multitask call."""
     tensors = [t for t in (x, weight, bias) if t is not None]
     return _checks.info(x, packed=True, tasks=packed_masks.shape[0], n=x.numel() // max(x.shape[-1], 1),
                         in_features=weight.shape[1], out_features=weight.shape[0], bias=bias is not None,

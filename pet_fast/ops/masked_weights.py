@@ -143,6 +143,7 @@ class _MaskedWeights(torch.autograd.Function):
 
 
 def describe(weights, scores, dtype) -> dict:
+    """What the dispatcher sees of a (validated) call."""
     ref = weights[0]
     return _checks.info(ref, dtype=dtype, n=len(weights), weight_dtypes=frozenset(w.dtype for w in weights),
                         scores_dtypes=frozenset(s.dtype for s in scores),
