@@ -34,7 +34,9 @@ Backends
             dense mask materialised, softmax in float32) stays the definition every backend is
             tested against; it is not dispatched to. One difference: SDPA adds its mask to the
             scores, so a NaN or inf in a key that a query may not see (padding, causality) may still
-            reach that query's row, where the reference and the kernels keep it hidden.
+            reach that query's row, where the reference and the kernels keep it hidden. A NaN or inf
+            in such a value reaches the row in both (a probability of 0 times it); the kernels never
+            read it.
     triton  pet_fast/kernels/prefix_attention.py behind the custom ops ``pet_fast::prefix_attention_fwd``
             / ``_bwd`` (torch.compile sees one node each, no graph break; eager calls take the same
             functions through an autograd.Function, ops/_autograd.py): flash-attention forward and
