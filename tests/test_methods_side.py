@@ -302,10 +302,9 @@ def test_side_cache_compares_input_embeddings():
         second = model(inputs_embeds=emb.clone(), attention_mask=mask, example_ids=[7, 8, 9]).last_hidden_state
         assert len(calls) == 1
         torch.testing.assert_close(first, second, rtol=0, atol=0)
-        noisy = emb.clone()
-        noisy[2, 3, 0] += 1.0
+        emb[2, 3, 0] += 1.0  # in place: the cache holds its own copy of what it saw
         with pytest.raises(ValueError, match="example id 9 .*different inputs_embeds"):
-            model(inputs_embeds=noisy, attention_mask=mask, example_ids=[7, 8, 9])
+            model(inputs_embeds=emb, attention_mask=mask, example_ids=[7, 8, 9])
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

@@ -236,9 +236,9 @@ class SideBranch(nn.Module):
 
     def store(self, ids, inputs: "_CallInputs", hidden: torch.Tensor) -> None:
         hidden = hidden.detach()
+        embeds = None if inputs.embeds is None else inputs.embeds.clone()  # (the caller's tensor may be reused)
         for i, key in enumerate(ids):
-            embeds = None if inputs.embeds is None else inputs.embeds[i]
-            self.cache[key] = (inputs.layout, inputs.rows[i], embeds, hidden[i])
+            self.cache[key] = (inputs.layout, inputs.rows[i], None if embeds is None else embeds[i], hidden[i])
 
     def extra_repr(self) -> str:
         a = "learned" if self.alpha_logit is not None else self.alpha_value
