@@ -15,6 +15,7 @@ The rules every method follows, so that saving, loading and switching stay gener
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import ClassVar, Dict, Optional, Tuple, Type
@@ -139,7 +140,8 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     try:
         config.attach(model, name, reg)  # checks first, raises before changing anything
     except BaseException:
-        _undo_attach(model, name, config, reg)  # (should attach fail past its checks)
+        with contextlib.suppress(Exception):  # attach's own error is the one that explains, raised below
+            _undo_attach(model, name, config, reg)  # (should attach fail past its checks)
         if not existed:
             model.__dict__.pop(_REGISTRY_ATTR, None)
         raise
