@@ -120,3 +120,25 @@ def test_add_input_with_a_float32_input_under_autocast_keeps_it_in_float32():
         out = module(x, residual=h, add_input=True)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, h.float() + x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["plain", "residual", "add_input"])
+def test_the_op_called_under_autocast_computes_as_eager_autocast_on_every_backend(form):
+    """Float32 x under autocast: the products read x rounded to autocast's dtype and the base is added in float32,
+    on the kernels too (they see no autocast). Built so that the two readings differ by 0.5 exactly: x0 - x1 =
+    2**-10 in float32 is 0 in bfloat16, and the down-projection scales it by 512."""
+    d, r = 24, 5
+    x = torch.zeros(7, d)
+    x[:, 0], x[:, 1] = 1 + 2 ** -10, 1.0
+    w_down, w_up = torch.zeros(r, d), torch.zeros(d, r)
+    w_down[0, 0], w_down[0, 1], w_up[:, 0] = 512.0, -512.0, 1.0
+    res = torch.randn(7, d)
+    kw = {"plain": {}, "residual": dict(residual=res), "add_input": dict(residual=res, add_input=True)}[form]
+    base = x + res if form == "add_input" else res if form == "residual" else x
+    for backend in ("eager", "triton"):
+        out = pet_fast.bottleneck_adapter(x, w_down, None, w_up, None, backend=backend, **kw)
+        torch.testing.assert_close(out - base, torch.full_like(x, 0.5))  # float32: 512 * 2**-10
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pet_fast.bottleneck_adapter(x, w_down, None, w_up, None, backend=backend, **kw)
+        assert out.dtype == torch.float32, backend
+        torch.testing.assert_close(out, base, rtol=0, atol=0)  # the products saw bfloat16 x: 0

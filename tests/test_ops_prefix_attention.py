@@ -115,3 +115,16 @@ def test_float32_gradients_match_reference():
     ref = ref64(*leaves, kpm, True)
     for g, rg in zip(grads, torch.autograd.grad(ref, leaves, gy.double())):
         assert rel_err(g, rg) < 1e-5
+
+
+def test_the_op_called_under_autocast_computes_in_its_dtype_on_every_backend():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=g) for _ in range(3))
+    pk, pv = (torch.randn(4, 3, 16, generator=g) for _ in range(2))
+    want = pet_fast.prefix_attention(q, k, v, pk, pv, causal=True, backend="eager")
+    outs = {}
+    for backend in ("eager", "triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[backend] = pet_fast.prefix_attention(q, k, v, pk, pv, causal=True, backend=backend)
+        assert outs[backend].dtype == torch.bfloat16, backend
+        assert rel_err(outs[backend].float(), want) < 3e-2

@@ -9,27 +9,9 @@ import torch
 from torch import nn
 
 from ..ops import _checks, activations
-from ..ops._autocast import compute_dtype
-from ..ops.bottleneck_adapter import bottleneck_adapter, replayed_call
+from ..ops.bottleneck_adapter import as_autocast_would, bottleneck_adapter, replayed_call
 
 INITS = ("bert", "identity")
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def autocast_inputs(x: torch.Tensor, residual: Optional[torch.Tensor]):
-    """(x, residual) for the op under autocast: float32 activations go to the products in autocast's
-    dtype (as autocast would cast them for a linear layer), while the residual, x itself when none is
-    given, stays float32 and the op adds it in float32 (as eager autocast adds float32 + half). Outside
-    autocast, or for x already in a half dtype, the arguments are returned as they are; a residual whose
-    dtype the op does not take with x (e.g. half with float32 x) is cast to x's."""
-    if x.dtype == torch.float32:
-        dt = compute_dtype(x)
-        if dt in (torch.float16, torch.bfloat16):
-            return x.to(dt), (x if residual is None else residual.float())
-    if residual is not None and residual.dtype != x.dtype and not (
-            residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-        residual = residual.to(x.dtype)
-    return x, residual
 
 
 class BottleneckAdapter(nn.Module):
@@ -118,20 +100,12 @@ class BottleneckAdapter(nn.Module):
         _checks.tensor("x", x, floating=False)
         args = (x, residual, add_input, w_down, b_down, w_up, b_up, scaling)  # as they came
         if layer_norm is None:  # (with one, the op rounds LN(x) to autocast's dtype itself: x stays as it is)
-            if add_input is True:
-                if residual is None:
-                    raise ValueError("add_input=True adds x to the residual: a residual is required")
-                if x.dtype == torch.float32 and compute_dtype(x) in _HALF:
-                    # x reaches the products cast to autocast's dtype, but the base takes it in float32
-                    residual, add_input = residual + x, False
-            x, residual = autocast_inputs(x, residual)
-            dt = x.dtype
-            if w_down.dtype != dt and not (w_down.dtype == torch.float32 and dt in _HALF):
-                # the op takes x's dtype, or float32 master weights of half-precision x as they are
-                cast = lambda t: None if t is None else t.to(dt)
-                w_down, b_down, w_up, b_up = cast(w_down), cast(b_down), cast(w_up), cast(b_up)
-            if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
-                scaling = scaling.to(w_down.dtype)
+            if add_input is True and residual is None:
+                raise ValueError("add_input=True adds x to the residual: a residual is required")
+            # as autocast would compute them, and outside autocast a residual or parameters of another dtype than
+            # x's cast to it (which the op itself refuses)
+            x, residual, add_input, w_down, b_down, w_up, b_up, scaling = as_autocast_would(
+                x, residual, add_input, w_down, b_down, w_up, b_up, scaling)
         y = bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scaling=scaling,
                                residual=residual, add_input=add_input, layer_norm=layer_norm, backend=backend)
         if not compiling and backend is None and torch.is_grad_enabled() and all(

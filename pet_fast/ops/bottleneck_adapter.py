@@ -26,6 +26,8 @@ training). Float32 parameters enter the products rounded to x's dtype, as autoca
 their gradients come back in float32. The residual has x's dtype, or float32 when x is float16/bfloat16
 (the float32 residual stream of a model under autocast): the sum is then taken and returned in float32,
 as eager autocast would. The output has x's shape and the residual's dtype (x's without a residual).
+Under autocast, float32 x (without layer_norm) is taken as eager autocast would compute it
+(:func:`as_autocast_would`: the products in autocast's dtype, the base added in float32), on every backend.
 
 Backends (chosen per call by pet_fast.dispatch; each is a torch.library custom op with a fake-tensor
 rule and an autograd formula, so torch.compile(fullgraph=True) captures it without a graph break; eager
@@ -326,6 +328,34 @@ def triton_reasons(info) -> list:
 dispatch.register(OP, "triton", run_triton, triton_reasons)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def as_autocast_would(x, residual, add_input, w_down, b_down, w_up, b_up, scaling) -> tuple:
+    """A call's arguments (without ``layer_norm``) as eager autocast would compute them, in the forms the op
+    takes: float32 x goes to the products in autocast's dtype, while the base (x itself, or x + residual with
+    ``add_input``) stays float32 and the op adds it in float32 (as eager autocast adds float32 + half);
+    parameters of a dtype the op does not take with that x are cast to it (F.linear under autocast casts
+    them), a scaling tensor to the parameters'. Outside autocast x stays as it is, and so does everything
+    the op takes with it; a residual it does not take with x is cast to x's dtype. Returns
+    ``(x, residual, add_input, w_down, b_down, w_up, b_up, scaling)``."""
+    if x.dtype == torch.float32:
+        dt = compute_dtype(x)
+        if dt in _HALF:
+            if add_input and residual is not None:  # x reaches the products rounded, the base takes it in float32
+                residual, add_input = residual + x, False
+            x, residual = x.to(dt), (x if residual is None else residual.float())
+    if residual is not None and residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype in _HALF):
+        residual = residual.to(x.dtype)
+    dt = x.dtype
+    if w_down.dtype != dt and not (w_down.dtype == torch.float32 and dt in _HALF):
+        cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
+        w_down, b_down, w_up, b_up = cast(w_down), cast(b_down), cast(w_up), cast(b_up)
+    if isinstance(scaling, torch.Tensor) and scaling.dtype != w_down.dtype:
+        scaling = scaling.to(w_down.dtype)
+    return x, residual, add_input, w_down, b_down, w_up, b_up, scaling
+
+
 def bottleneck_adapter(
     x: torch.Tensor,
     w_down: torch.Tensor,
@@ -347,6 +377,12 @@ def bottleneck_adapter(
     See the module docstring for the contract. ``backend`` overrides the dispatcher's choice
     (``"eager"``, ``"triton"``, ``"cuda"`` or ``"auto"``).
     """
+    if (layer_norm is None and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and isinstance(w_down, torch.Tensor)
+            and compute_dtype(x) in _HALF):
+        # float32 x under autocast: every backend computes as eager autocast does (the kernels see no autocast)
+        x, residual, add_input, w_down, b_down, w_up, b_up, scaling = as_autocast_would(
+            x, residual, add_input, w_down, b_down, w_up, b_up, scaling)
+
     def resolve():
         act, s = check_inputs(x, w_down, b_down, w_up, b_up, activation, scaling, residual, add_input)
         ln = check_layer_norm(x, layer_norm, residual, add_input)

@@ -21,7 +21,9 @@ Contract
                    from torch's generator of q's device (``torch.manual_seed`` reproduces them); the
                    backends draw differently, so only their distributions agree.
 A query row that sees no key at all returns zeros (never NaN) and passes no gradient.
-All floating tensors share q's dtype and device; the output has q's shape. The triton backend reads q,
+All floating tensors share q's dtype and device; the output has q's shape. Under autocast (q not in its
+dtype, nor float64) every backend computes in autocast's dtype and returns it, as SDPA does there: the
+floating inputs are cast once (their gradients come back through the casts). The triton backend reads q,
 k, v in any layout whose last dim is contiguous (the (B, L, H, D) memory of projections in place) and
 returns the output, and q, k, v's gradients, as (B, H, L, D) views of (B, L, H, D) memory, which an
 attention layer transposes back with no copy.
@@ -662,6 +664,12 @@ def prefix_attention(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over ``[prefix_k; k]`` / ``[prefix_v; v]``; see the module docstring."""
+    if isinstance(q, torch.Tensor):
+        dt = compute_dtype(q)
+        if dt != q.dtype:  # under autocast every backend computes (and returns) as SDPA would there
+            q, k, v, prefix_k, prefix_v = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                           for t in (q, k, v, prefix_k, prefix_v))
+
     def resolve():
         s = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
         p = check_dropout(dropout_p)
