@@ -239,3 +239,21 @@ def test_target_modules_leave_the_task_head_out(config, tmp_path):
     torch.testing.assert_close(logits(fresh, ids, mask), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"outside the task head \(classifier.out_proj is in it\)"):
         pet_fast.inject(build("roberta"), pet_fast.MaskConfig(target_modules=["out_proj"]), "m")
+
+
+def test_scores_stay_float32_when_the_model_is_cast_to_half_precision():
+    """At threshold 4 the default init_score 4.01 is 4.0 in bfloat16: cast with the model, every mask would
+    drop every weight."""
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.MaskConfig(threshold=4.0), "m")
+    model.to(torch.bfloat16)
+    scores = [m for m in model.modules() if isinstance(m, MaskScores)]
+    assert all(s.scores.dtype == torch.float32 and bool(s.mask().all()) for s in scores)
+    assert model.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
+    fresh = build("bert").to(torch.bfloat16)
+    pet_fast.inject(fresh, pet_fast.MaskConfig(threshold=4.0), "m")  # injected after the cast: the same model
+    fresh.load_state_dict(model.state_dict())
+    ids, mask = batch()
+    torch.testing.assert_close(logits(model, ids, mask), logits(fresh, ids, mask), rtol=0, atol=0)
+    model.double()  # a wider float carries them
+    assert all(s.scores.dtype == torch.float64 for s in scores)

@@ -114,9 +114,9 @@ from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 
 class MaskScores(nn.Module):
-    """One task's real-valued scores for a frozen linear (``(out, in)``, float32); the mask is
-    ``scores > threshold``. For transformers' Conv1D (weight stored ``(in, out)``) the scores still
-    use the ``(out, in)`` layout of nn.Linear."""
+    """One task's real-valued scores for a frozen linear (``(out, in)``, float32, also after the model is cast to
+    a half dtype); the mask is ``scores > threshold``. For transformers' Conv1D (weight stored ``(in, out)``)
+    the scores still use the ``(out, in)`` layout of nn.Linear."""
 
     def __init__(self, out_features: int, in_features: int, *, threshold: float, init_score: float, device=None):
         super().__init__()
@@ -124,6 +124,22 @@ class MaskScores(nn.Module):
         self.shape = (out_features, in_features)
         self.scores = nn.Parameter(torch.full((out_features, in_features), float(init_score), dtype=torch.float32, device=device))
         self.register_buffer("packed", None)  # the serving form (pack_for_serving): int32 words, 1 bit per weight
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(...)``, ``.half()``, ``.cuda()`` reach the scores: they move with the model, but a cast to
+        float16/bfloat16 leaves them in float32 (rounded there, scores near the threshold would land on it and
+        flip the mask: the default init_score, threshold + 0.01, does at threshold 4 in bfloat16)."""
+        scores = self._parameters.get("scores")
+        if scores is not None and scores.dtype in (torch.float32, torch.float64):
+            target = fn(torch.zeros((), dtype=scores.dtype, device=scores.device))  # where fn sends a score
+            if target.dtype in (torch.float16, torch.bfloat16):
+                cast = fn
+
+                def fn(t):
+                    if t is scores or t is scores.grad:
+                        return t.to(device=target.device)
+                    return cast(t)
+        return super()._apply(fn, recurse)
 
     def mask(self) -> torch.Tensor:
         if self._parameters.get("scores") is None:
