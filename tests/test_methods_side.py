@@ -340,3 +340,21 @@ def test_side_cache_is_refused_while_other_tasks_change_the_base():
     alone = model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2]).logits
     assert not torch.allclose(together, alone)
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2]).logits, alone)
+
+
+def test_side_cache_recomputes_after_the_model_is_cast_or_autocast_switches():
+    model = build("bert")
+    model.eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    calls = []
+    model.bert.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids, mask = batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+        assert len(calls) == 2  # autocast changes the base's output: recomputed
+        model.double()
+        got = model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3]).logits  # (it crashed in the pooler)
+        assert len(calls) == 3 and got.dtype == torch.float64
+        torch.testing.assert_close(got, model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)

@@ -100,6 +100,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from .. import models  # noqa: E402
 from ._base_graphs import BaseGraphs  # noqa: E402
+from ..ops._autocast import AUTOCAST_DEVICES  # noqa: E402
 from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
 _IDS_ATTR = "_pet_fast_example_ids"
@@ -292,16 +293,22 @@ _ROW_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 class _CallInputs:
+    """A call's inputs as the cache compares them; ``layout`` also holds the base's state that its outputs depend
+    on besides the inputs: its weights' dtype and device (a model cast or moved after caching) and autocast's
+    dtype there, if on."""
+
     __slots__ = ("layout", "rows", "token_width", "embeds")
 
-    def __init__(self, arguments: dict, batch: int):
+    def __init__(self, arguments: dict, batch: int, weight: torch.Tensor):
         parts, layout = [], []
         for name in _ROW_INPUTS:
             t = arguments.get(name)
             if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] in (1, batch):
                 parts.append(t.detach().expand(batch, -1).long())
                 layout.append((name, t.shape[1]))
-        self.layout = tuple(layout)
+        dev = weight.device.type
+        autocast = torch.get_autocast_dtype(dev) if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) else None
+        self.layout = ((weight.dtype, weight.device, autocast),) + tuple(layout)
         self.token_width = layout[0][1] if layout and layout[0][0] == "input_ids" else 0
         self.rows = torch.cat(parts, 1).cpu() if parts else torch.empty(batch, 0, dtype=torch.long)
         embeds = arguments.get("inputs_embeds")
@@ -313,8 +320,8 @@ class _CallInputs:
 # dictionary look-up; the base and the side network stay compiled). Without the cache, side-tuning
 # compiles with fullgraph=True.
 @torch.compiler.disable
-def _cache_lookup(branch, ids, arguments, batch):
-    inputs = _CallInputs(arguments, batch)
+def _cache_lookup(branch, ids, arguments, batch, weight):
+    inputs = _CallInputs(arguments, batch, weight)
     return branch.cached(_normalise_ids(ids), inputs), inputs
 
 
@@ -407,7 +414,7 @@ def side_forward(site, *args, **kwargs):
             raise ValueError(f"side task {side_name!r} caches the frozen base's outputs, but tasks {others} are active "
                              f"too: the base's output is theirs as well (and changes as they train); activate "
                              f"{side_name!r} alone, or give no example ids (or inject it with cache=False)")
-        hidden, inputs = _cache_lookup(branch, ids, arguments, ref.shape[0])
+        hidden, inputs = _cache_lookup(branch, ids, arguments, ref.shape[0], host.get_input_embeddings().weight)
     if hidden is None:
         call = None
         if branch.base_graphs and not torch.compiler.is_compiling():
@@ -487,8 +494,8 @@ class SideConfig(MethodConfig):
     row; transformers models hand extra keywords to the backbone) or wrap the call in
     ``with pet_fast.example_ids(model, ids):``. A cached example must come back with the same
     ``input_ids`` (or ``inputs_embeds``); other tokens of the same length are refused (ids must be unique
-    per example), while another length, attention mask, ``token_type_ids`` or ``position_ids`` recomputes
-    the batch and replaces its rows. The cache lives in memory on the base's device (with the input
+    per example), while another length, attention mask, ``token_type_ids`` or ``position_ids`` (or the
+    model cast or moved since, or autocast switched) recomputes the batch and replaces its rows. The cache lives in memory on the base's device (with the input
     embeddings, when the model is called with them) and is not saved. It holds the frozen base's outputs:
     a call with example ids while other tasks are active too (their modules change the base) is refused.
 
