@@ -877,3 +877,19 @@ def test_a_removed_fusion_is_freed_and_the_last_one_takes_its_hooks():
     ids, mask = batch()
     pet_fast.set_active(model, "a0")
     logits(model, ids, mask).sum().backward()  # the adapters run on
+
+
+def test_fusion_on_a_float16_model_under_bfloat16_autocast():
+    """The per-forward cast of the fusion projections concatenates them with autocast off (CPU autocast to
+    bfloat16 cannot concatenate float16 tensors: the forward raised)."""
+    model = build("llama")
+    for i in range(2):
+        pet_fast.inject(model, pet_fast.AdapterConfig(init="bert"), f"a{i}")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1"]), "f")
+    model.half().train()
+    ids, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = logits(model, ids, mask)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pet_fast.trainable_parameters(model).values())

@@ -349,7 +349,8 @@ class _ForwardProjections(PerForward):
             return {}
         # rows of width d: the (d, d) weights as they are, the (d,) biases as (1, d) (fewer views than flattening)
         rows = [t if t.dim() == 2 else t.unsqueeze(0) for _, tensors in layers for t in tensors.values() if t is not None]
-        flat = torch.cat(rows).to(dtype)
+        with torch.autocast(device.type, enabled=False):  # (CPU autocast cannot concatenate float16 under bfloat16)
+            flat = torch.cat(rows).to(dtype)
         if fold:
             return self._folded(flat, layers, layout[0], width)
         pieces = iter(flat.split([t.shape[0] for t in rows]))
