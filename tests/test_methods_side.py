@@ -261,14 +261,20 @@ def test_example_ids_nest_and_must_name_one_example_per_row():
             model(input_ids=ids, attention_mask=mask, example_ids=wrong)
 
 
-def test_side_cache_recomputes_rows_given_another_mask_token_types_or_positions():
-    """The cache keys rows by example id and compares every input that changes the base's output: the same
-    tokens with another attention mask, token types or positions are recomputed (not served stale)."""
-    model = build("bert", head="base")
+def _cached_side_model(head: str):
+    """A BERT in eval mode with a side task that caches, and the list its base's encoder appends to per run."""
+    model = build("bert", head=head)
     model.eval()
     pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
     calls = []
-    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.base_model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    return model, calls
+
+
+def test_side_cache_recomputes_rows_given_another_mask_token_types_or_positions():
+    """The cache keys rows by example id and compares every input that changes the base's output: the same
+    tokens with another attention mask, token types or positions are recomputed (not served stale)."""
+    model, calls = _cached_side_model("base")
     ids, mask = batch()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
@@ -290,11 +296,7 @@ def test_side_cache_recomputes_rows_given_another_mask_token_types_or_positions(
 
 
 def test_side_cache_compares_input_embeddings():
-    model = build("bert", head="base")
-    model.eval()
-    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
-    calls = []
-    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model, calls = _cached_side_model("base")
     ids, mask = batch()
     with torch.no_grad():
         emb = model.get_input_embeddings()(ids)
@@ -343,11 +345,7 @@ def test_side_cache_is_refused_while_other_tasks_change_the_base():
 
 
 def test_side_cache_recomputes_after_the_model_is_cast_or_autocast_switches():
-    model = build("bert")
-    model.eval()
-    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
-    calls = []
-    model.bert.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model, calls = _cached_side_model("cls")
     ids, mask = batch()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
