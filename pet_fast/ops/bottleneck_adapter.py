@@ -35,7 +35,9 @@ calls take the same formulas through an autograd.Function, see ops/_autograd.py)
     eager   this file's ``reference``; every input, the CPU path.
     triton  kernels/bottleneck_adapter.py: one launch forward, three backward; fp32/fp16/bf16 on CUDA
             (or CPU under TRITON_INTERPRET=1), r <= 256, any N and d; reads float32 parameters of
-            half-precision x directly (no cast launches) and writes their gradients in float32.
+            half-precision x directly (no cast launches) and writes their gradients in float32. The
+            adapter term stays in float32 until it joins the base (rounded once): where eager's
+            float16 up-projection overflows to inf before the sum, the kernels give the finite sum.
     cuda    when pet_fast._C is built, fp32/fp16/bf16, compute capability >= 8.0. For N <= 64 tokens,
             csrc/bottleneck_adapter.cu: forward (two launches) and backward (three), r <= 256, one dtype
             for x and the residual, no LayerNorm. Beyond (more tokens, or those forms),
