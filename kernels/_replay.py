@@ -15,7 +15,9 @@ exactly those calls.
 What cannot be recorded makes the key run in Python from then on: a branch that computes with torch
 ops (the launcher calls :func:`unrecordable`), a tensor parameter that is neither an input, an
 allocation, a view of one, nor an empty carrier, inputs that overlap in memory, a parameter type other
-than pointers, integers and floats, a launch needing clusters or scratch memory. Replay also declines a
+than pointers, integers and floats, a launch needing clusters or scratch memory. A call that passes one
+tensor as two inputs runs in Python unrecorded (the key would not tell later calls apart): a later call
+of its key with separate tensors records it. Replay also declines a
 call (Python runs it, the same kernels) when an input's address is not 16-byte aligned where the
 recorded one was, since Triton may have compiled the kernel for aligned addresses.
 
@@ -291,10 +293,12 @@ class Recording:
         """(the extension's TritonProgram, the compiled kernels it launches) or raises Unrecordable."""
         if self.refusal:
             raise Unrecordable(self.refusal)
+        if _one_tensor_twice(self.inputs):
+            raise Unrecordable("one tensor is passed as two inputs")
         present = [t for t in self.inputs if t is not None and t.numel()]
         spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, t in enumerate(present))
         for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
-            if s1 < e0 and present[i0] is not present[i1]:
+            if s1 < e0:
                 raise Unrecordable("two inputs overlap in memory")
         n_in, n_const = len(self.inputs), len(self.constants)
         renumber = self.renumber
@@ -434,6 +438,14 @@ def disabled():
         set_enabled(prev)
 
 
+def _one_tensor_twice(inputs) -> bool:
+    """Whether one tensor object fills two input slots (``residual=x``, say). A recording made so would read that
+    slot for both in every later call of its key, whose inputs the key does not say are one: such calls are not
+    recorded (later calls with separate tensors are; their programs read each slot, which is right for any)."""
+    ids = [id(t) for t in inputs if t is not None and t.numel()]  # (an empty tensor is read for nothing)
+    return len(set(ids)) != len(ids)
+
+
 def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool, **kwargs):
     """``fn(*args, **kwargs)``, replayed when ``key`` was recorded (see the module docstring).
     ``inputs``: every tensor the launcher's kernels read, in a fixed order (None where absent)."""
@@ -442,8 +454,8 @@ def call(cache: dict, key: Any, inputs: list, fn: Callable, *args, single: bool,
     entry = cache.get(key)
     if entry is None:
         ext = _interpreter_ext[-1] if _interpreter_ext else _extension()
-        if ext is None or getattr(_local, "rec", None) is not None:
-            return fn(*args, **kwargs)
+        if ext is None or getattr(_local, "rec", None) is not None or _one_tensor_twice(inputs):
+            return fn(*args, **kwargs)  # (the key stays unrecorded, not refused)
         result, entry = record(inputs, fn, *args, single=single, ext=ext, **kwargs)
         if len(cache) >= MAX_PROGRAMS:  # e.g. a new token count every step: start again rather than grow
             cache.clear()

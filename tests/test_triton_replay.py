@@ -885,3 +885,35 @@ def test_a_recording_that_fails_unexpectedly_leaves_the_call_in_python(ext, monk
         y = K.forward(*_fwd_args(t))
         _same(y, K._forward(*_fwd_args(t)))
         assert K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(t))] is R._REFUSED
+
+
+def test_a_call_passing_one_tensor_twice_is_not_recorded_for_its_key(ext):
+    """residual=x: a program recorded so would read x for the residual in every later call of the key (whose
+    inputs the key does not say are one tensor). Such a call runs unrecorded; the next call with separate
+    tensors records the key, and its program serves both kinds."""
+    t, u = _adapter(9, 16, 4, torch.float32, 0), _adapter(9, 16, 4, torch.float32, 1)
+    t["residual"] = t["x"]
+    _, why = R.record(_fwd_inputs(t), K._forward, *_fwd_args(t), single=True, ext=ext)
+    assert isinstance(why, str) and "one tensor is passed as two inputs" in why
+    with R.through_interpreter(ext):
+        for case in (t, u, t):
+            _same(K.forward(*_fwd_args(case)), K._forward(*_fwd_args(case)))
+            if case is t and not K._FORWARD_PROGRAMS:
+                continue  # the first call: unrecorded, and not refused
+            assert isinstance(K._FORWARD_PROGRAMS[R.key_of(*_fwd_args(u))], R.Entry)
+
+
+def test_the_op_with_x_as_its_residual_then_separate_tensors(ext):
+    import pet_fast
+    from pet_fast.ops.bottleneck_adapter import reference
+
+    g = torch.Generator().manual_seed(0)
+    n, d, r = 5, 32, 8
+    w = (torch.randn(r, d, generator=g), torch.randn(r, generator=g), torch.randn(d, r, generator=g),
+         torch.randn(d, generator=g))
+    x1, x2, res2 = (torch.randn(n, d, generator=g) for _ in range(3))
+    with torch.no_grad(), pet_fast.use_backend("triton"), R.through_interpreter(ext):
+        y1 = pet_fast.bottleneck_adapter(x1, *w, residual=x1)
+        y2 = pet_fast.bottleneck_adapter(x2, *w, residual=res2)  # (it read x2 as its residual)
+    torch.testing.assert_close(y1, reference(x1, *w, residual=x1))
+    torch.testing.assert_close(y2, reference(x2, *w, residual=res2))
