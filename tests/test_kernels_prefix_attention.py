@@ -321,6 +321,11 @@ def test_dispatch_reasons_and_auto_choice():
     assert op.decode_shape_reasons(dict(gpu_info, q_len=8, requires_grad=False)) == []
     long_cache = dict(gpu_info, q_len=8, requires_grad=False, kv_len=op.DECODE_MAX_KEYS)  # plus the prefix
     assert any("int32" in r for r in op.decode_shape_reasons(long_cache))
+    # the decode kernel's grid holds the batch and (at most) the query heads in dimensions of at most 65535
+    ok = dict(gpu_info, q_len=8, requires_grad=False, batch=65535, q_heads=65535, kv_heads=65535)
+    assert op.decode_shape_reasons(ok) == []
+    assert [r.split()[0] for r in op.decode_shape_reasons(dict(ok, batch=65536, q_heads=65536 * 2))] == ["batch",
+                                                                                                       "q_heads"]
     # without a table (the design order) the decode kernel, which once measured slower than concatenation
     # + SDPA, is tried last; the shipped table's orders are tested below
     try:

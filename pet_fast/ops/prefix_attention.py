@@ -723,7 +723,8 @@ def decode_shape_reasons(info) -> list:
     if info["kv_len"] + info["prefix_len"] > DECODE_MAX_KEYS:
         why.append(f"prefix plus cache length {info['kv_len'] + info['prefix_len']} is over {DECODE_MAX_KEYS} "
                    "(the decode kernel's key positions are int32)")
-    return why
+    # its grid: (splits, blocks of up to 8 (query head, token) rows per key/value head, batch): at most q_heads blocks
+    return why + _grid_reasons(info["batch"], info["q_heads"])
 
 
 _DECODE_DTYPES = (torch.float16, torch.bfloat16)
