@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from . import models
-from .tasks import (TASK_ATTR, MethodConfig, check_task_name, inject, no_tasks_hint, registry, remove)
+from .tasks import (TASK_ATTR, MethodConfig, check_not_a_wrapper, check_task_name, inject, no_tasks_hint,
+                    registry, remove)
 
 CONFIG_FILE = "pet_fast_config.json"
 WEIGHTS_FILE = "pet_fast_task.safetensors"
@@ -303,6 +304,7 @@ def load(model: nn.Module, path, name: Optional[str] = None) -> str:
     the task's name."""
     from .methods.mask import MaskConfig
 
+    check_not_a_wrapper(model, "load")
     path = Path(path)
     if not path.is_dir():
         left = sorted(path.parent.glob(f".{path.name}{_OLD_MARK}*")) if not path.exists() else []

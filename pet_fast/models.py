@@ -142,6 +142,10 @@ def attach_task_head(model: nn.Module, name: str, registry) -> List[nn.Parameter
     for child_name, child in list(model.named_children()):
         if child_name not in TASK_HEADS:
             continue
+        try:
+            _sites.check_installable(child, "head")
+        except ValueError as exc:
+            raise ValueError(f"the task head {child_name!r}: {exc} (or inject with train_head=False)") from None
         holder = child._modules.get(TASK_ATTR)
         memo = {}
         if holder is not None:

@@ -82,6 +82,20 @@ def registry(model: nn.Module) -> Optional[TaskRegistry]:
     return model.__dict__.get(_REGISTRY_ATTR)
 
 
+# Modules that hold the model they run as an attribute, and the attribute: tasks belong on the model itself.
+_WRAPPERS = {"DataParallel": "module", "DistributedDataParallel": "module", "FullyShardedDataParallel": "module",
+             "OptimizedModule": "_orig_mod"}
+
+
+def check_not_a_wrapper(model: nn.Module, what: str) -> None:
+    """ValueError where ``model`` is a wrapper (DistributedDataParallel, DataParallel, FSDP, torch.compile's
+    module) of the model ``what`` must act on: its registry, head and state-dict names are the inner model's."""
+    attr = _WRAPPERS.get(type(model).__name__)
+    if attr is not None and isinstance(getattr(model, attr, None), nn.Module):
+        raise ValueError(f"{what} acts on the model itself, and {type(model).__name__} wraps it: pass model.{attr} "
+                         f"(wrap or compile after inject and set_active)")
+
+
 def no_tasks_hint(model) -> str:
     """For "model has no pet_fast tasks" errors: where a wrapper (DistributedDataParallel, DataParallel,
     torch.compile's module) holds the injected model, how to reach it; else how to add a task."""
@@ -133,15 +147,20 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be one of the pet_fast method configs ({sorted(METHODS)}), got {type(config).__name__}")
     check_task_name(name)
+    check_not_a_wrapper(model, "inject")
     existed = registry(model) is not None
     reg = _registry_or_create(model)
     if name in reg.configs:
         raise ValueError(f"model already has a task named {name!r}; pick another name")
     try:
         config.attach(model, name, reg)  # checks first, raises before changing anything
+        if config.train_head:
+            from . import models
+
+            models.attach_task_head(model, name, reg)
     except BaseException:
         with contextlib.suppress(Exception):  # attach's own error is the one that explains, raised below
-            _undo_attach(model, name, config, reg)  # (should attach fail past its checks)
+            _undo_attach(model, name, config, reg)  # (should attach or the head's copy fail past the checks)
         if not existed:
             model.__dict__.pop(_REGISTRY_ATTR, None)
         raise
@@ -154,10 +173,6 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
             p.requires_grad_(False)
         reg.base_frozen = True
     reg.configs[name] = config
-    if config.train_head:
-        from . import models
-
-        models.attach_task_head(model, name, reg)
     set_active(model, name)
     return model
 
@@ -180,8 +195,10 @@ def remove(model: nn.Module, name: str) -> None:
     from .methods import _sites
 
     reg = registry(model)
-    if reg is None or name not in reg.configs:
-        raise ValueError(f"unknown task {name!r}; the model has {sorted(reg.configs) if reg else []}")
+    if reg is None:
+        raise ValueError(f"model has no pet_fast tasks; {no_tasks_hint(model)}")
+    if name not in reg.configs:
+        raise ValueError(f"unknown task {name!r}; the model has {sorted(reg.configs)}")
     for other, cfg in reg.configs.items():
         if other != name and name in getattr(cfg, "adapters", ()):
             raise ValueError(f"task {other!r} (a fusion) uses adapter {name!r}; remove {other!r} first")

@@ -460,3 +460,36 @@ def test_a_wrapped_model_is_named_in_the_error(tmp_path):
     with pytest.raises(ValueError, match="call pet_fast.inject first"):
         pet_fast.save(build("bert"), tmp_path / "c")
     pet_fast.save(wrapped.module, tmp_path / "c")
+    with pytest.raises(ValueError, match="pass model.module"):
+        pet_fast.remove(wrapped, "t")
+    with pytest.raises(ValueError, match="pass model.module"):
+        pet_fast.pack_for_serving(wrapped)
+    with pytest.raises(ValueError, match="load acts on the model itself, and DataParallel wraps it: pass model.module"):
+        pet_fast.load(wrapped, tmp_path / "c")
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compiled"])
+def test_inject_refuses_a_wrapper(wrap):
+    """A wrapper's children are the model (no head to copy) and its state-dict names carry the wrapper's prefix:
+    inject refuses it, naming the attribute to pass, and changes nothing."""
+    model = build("bert")
+    wrapped = torch.nn.DataParallel(model) if wrap == "DataParallel" else torch.compile(model)
+    attr = "module" if wrap == "DataParallel" else "_orig_mod"
+    with pytest.raises(ValueError, match=rf"inject acts on the model itself, .* pass model.{attr}"):
+        pet_fast.inject(wrapped, pet_fast.AdapterConfig(), "t")
+    assert all(p.requires_grad for p in model.parameters()) and pet_fast.tasks.registry(wrapped) is None
+
+
+def test_a_head_that_cannot_be_copied_leaves_the_model_as_it_was():
+    """inject copies the task head after the method's modules: a head whose forward something else patched
+    (accelerate's hooks, say) is refused, naming the head, and what the method attached is taken off."""
+    from pet_fast.methods import _sites
+
+    model = build("bert")
+    model.classifier.forward = lambda *a, **k: None  # patched by someone else
+    with pytest.raises(ValueError, match="the task head 'classifier': .*already has a patched forward"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(), "t")
+    assert pet_fast.tasks.registry(model) is None and all(p.requires_grad for p in model.parameters())
+    assert not any(_sites.site_kind(m) for m in model.modules())
+    assert not any("pet_fast_tasks" in n for n, _ in model.named_modules())
+    pet_fast.inject(model, pet_fast.AdapterConfig(train_head=False), "t")  # (without a head copy it attaches)

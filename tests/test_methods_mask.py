@@ -115,7 +115,9 @@ def test_pack_for_serving_keeps_the_outputs_in_a_bit_per_weight(kind, tmp_path):
     pet_fast.merge(model, "b")
     with torch.no_grad():
         torch.testing.assert_close(logits(model, ids, mask), want["b"], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="no mask task"):
+    with pytest.raises(ValueError, match="no mask task to pack"):
+        pet_fast.pack_for_serving(model)  # merge dropped them all
+    with pytest.raises(ValueError, match="no pet_fast tasks; call pet_fast.inject first"):
         pet_fast.pack_for_serving(build(kind))
 
 

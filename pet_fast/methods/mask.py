@@ -326,11 +326,13 @@ def pack_for_serving(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     frozen weights. Its linears then run ``masked_linear`` from the bits (on a GPU the serving kernels:
     CUDA for few tokens, Triton beyond); inference only, as the scores are gone (``pet_fast.save`` still
     writes the task, as its mask). In place; returns ``model``."""
-    from ..tasks import TASK_ATTR, registry
+    from ..tasks import TASK_ATTR, no_tasks_hint, registry
     from . import _sites
 
     reg = registry(model)
-    names = [n for n, c in (reg.configs.items() if reg is not None else ()) if isinstance(c, MaskConfig)]
+    if reg is None:
+        raise ValueError(f"model has no pet_fast tasks; {no_tasks_hint(model)}")
+    names = [n for n, c in reg.configs.items() if isinstance(c, MaskConfig)]
     if name is not None:
         if name not in names:
             raise ValueError(f"task {name!r} is not a mask task of this model; mask tasks: {names}")
