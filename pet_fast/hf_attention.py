@@ -57,6 +57,12 @@ class LayerPrefix:
         self.original = original
         self._keep_dropout = keep_dropout
 
+    def __setstate__(self, state):
+        # unpickled in another process (torch.load of a whole prefix-tuned model): the model names NAME as its
+        # attention implementation, which transformers knows only once registered
+        self.__dict__.update(state)
+        register()
+
     @property
     def keep_dropout(self) -> bool:
         """The source's answer (``source.keep_dropout()``: its active tasks' settings), else the one given."""

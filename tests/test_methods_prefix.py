@@ -967,3 +967,26 @@ def test_keep_attention_dropout_is_a_setting_of_each_task():
     assert draws_dropout()
     pet_fast.remove(model, "drops")
     assert draws_dropout()
+
+
+def test_a_whole_prefix_tuned_model_saved_with_torch_save_runs_in_a_new_process(tmp_path):
+    """The model names pet_fast's attention implementation, which a new process's transformers knows only once
+    registered: unpickling the layers' prefix sources registers it."""
+    import subprocess
+    import sys
+
+    model = make("llama")
+    inject(model, pet_fast.PrefixConfig(prefix_length=3), "t")
+    ids, mask = torch.randint(3, V, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((ids, mask, want), tmp_path / "batch.pt")
+    code = ("import torch\n"
+            f"model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+            f"ids, mask, want = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
