@@ -310,3 +310,18 @@ def test_target_modules_on_a_model_without_a_config():
     h = first(x @ model[0].weight.T + model[0].bias)
     want = second(torch.relu(h) @ model[2].weight.T + model[2].bias)
     torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_parallel_adapters_run_when_a_hook_wraps_the_sublayer_after_inject(kind):
+    """accelerate's hooks (dispatch_model, cpu offload) wrap a module's forward, keeping the one they wrap as
+    _old_forward: the norm in front must still hand the sublayer its input."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = build(kind)
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="parallel", init="bert"), "t")
+    ids, mask = batch()
+    want = logits(model, ids, mask)
+    for block in models.layers(model):
+        add_hook_to_module(getattr(block, "mlp"), ModelHook())  # a hook that changes nothing
+    torch.testing.assert_close(logits(model, ids, mask), want, rtol=0, atol=0)

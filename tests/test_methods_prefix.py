@@ -990,3 +990,12 @@ def test_a_whole_prefix_tuned_model_saved_with_torch_save_runs_in_a_new_process(
             "    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_two_active_tasks_with_head_copies_are_told_about_train_head():
+    model = make("bert")
+    inject(model, pet_fast.PrefixConfig(prefix_length=2), "a")
+    inject(model, pet_fast.PrefixConfig(prefix_length=2), "b")
+    set_active(model, ["a", "b"])
+    with pytest.raises(RuntimeError, match=r"tasks \['a', 'b'\] each have their own copy of the task head.*train_head=False"):
+        model(input_ids=torch.randint(3, V, (2, 5)))

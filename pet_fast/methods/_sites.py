@@ -57,6 +57,9 @@ class Override:
             if m is not None:
                 if found is not None:
                     names = [n for n in self.registry.active if n in modules]
+                    if self.kind == "head":
+                        raise RuntimeError(f"tasks {names} each have their own copy of the task head; activate one "
+                                           f"at a time, or inject all but one with train_head=False")
                     raise RuntimeError(f"tasks {names} are all active on the same module ({type(self.host).__name__}); "
                                        "activate one at a time (combine adapters with FusionConfig)")
                 found = (n, m)
@@ -227,10 +230,19 @@ def _block(self: Override, *args, **kwargs):
 
 
 def _capture(self: Override, x, *args, **kwargs):
-    peer = None if self.peer is None else self.peer.__dict__.get(_OVERRIDE)
-    if isinstance(peer, Override):
+    peer = None if self.peer is None else _override_of(self.peer)
+    if peer is not None:
         peer.captured = x
     return self.original(x, *args, **kwargs)
+
+
+def _override_of(host: nn.Module) -> Optional[Override]:
+    """``host``'s Override, also where a forward wrapped after it hides it (accelerate's hooks keep the forward
+    they wrap as ``_old_forward``)."""
+    found = host.__dict__.get(_OVERRIDE)
+    if isinstance(found, Override):
+        return found
+    return next((v for v in host.__dict__.values() if isinstance(v, Override)), None)
 
 
 def _generic(self: Override, *args, **kwargs):
