@@ -259,3 +259,26 @@ def test_scores_stay_float32_when_the_model_is_cast_to_half_precision():
     torch.testing.assert_close(logits(model, ids, mask), logits(fresh, ids, mask), rtol=0, atol=0)
     model.double()  # a wider float carries them
     assert all(s.scores.dtype == torch.float64 for s in scores)
+
+
+def test_mixed_mask_tasks_under_torch_compile():
+    """Compiled code serves a mixed batch as eager code does; its per-linear look-ups run eagerly (traced, they
+    guarded each linear's frame on its module: one recompilation per linear, past dynamo's limit in BERT)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = build("bert")
+    _random_mask_tasks(model, ("a", "b"))
+    model.eval()
+    pet_fast.pack_for_serving(model)
+    pet_fast.set_active(model, None)
+    ids, mask = batch()
+    with torch.no_grad(), pet_fast.mixed_mask_tasks(model, ["a", "b"], [1, 0, 1]):
+        want = logits(model, ids, mask)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager")
+        for _ in range(2):
+            torch.testing.assert_close(logits(compiled, ids, mask), want, rtol=0, atol=0)
+    assert not any("recompile" in str(k).lower() and "limit" in str(k).lower() for k in counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 12  # (25 with the look-ups traced)

@@ -367,6 +367,9 @@ class _MixedTasks:
                              f"dimension is not the batch's {ids.shape[0]} rows (task_of_row gives one task per row)")
         return ids.view(-1, *([1] * (len(x_shape) - 2))).expand(x_shape[:-1])
 
+    # Under torch.compile both run eagerly (a graph break each, as the multitask op's id checks make anyway):
+    # traced, their look-ups by id(host) guarded each linear's frame on its module, one recompilation per linear.
+    @torch.compiler.disable
     def linear(self, host: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The masked linear of ``host`` on ``x``, each row with its task's mask; None: not a site of the tasks."""
         stack = self.stacks.get(id(host))
@@ -380,6 +383,7 @@ class _MixedTasks:
         bias = None if bias is None else bias.to(x.dtype)
         return masked_linear_multitask(x, weight, stack, self._ids(x.device, x.shape), bias, validate_ids=False)
 
+    @torch.compiler.disable
     def head(self, host: nn.Module, args, kwargs):
         """Each task's head on the whole batch, each row taking its task's output; None: no task head here."""
         modules = self.heads.get(id(host))
