@@ -239,3 +239,51 @@ def test_ddp_two_gloo_processes(tmp_path):
     for k in r0:
         torch.testing.assert_close(r0[k], r1[k])  # gradients were averaged across ranks
     assert any(not torch.equal(r0[k], start[k]) for k in r0)
+
+
+class _Checkpointed(torch.nn.Module):
+    """A layer run under torch.utils.checkpoint (non-reentrant), as FSDP's and accelerate's activation
+    checkpointing wrap layers, without transformers' gradient_checkpointing switch."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["mask", "prefix-mlp", "fusion"])
+def test_layers_checkpointed_by_torch_give_the_same_gradients(method):
+    """Methods that make tensors once per forward for all layers (masked weights, stacked prefixes, folded
+    fusion projections) take the per-layer path inside a checkpointed region: its recomputation, after the
+    forward, must save what the first run saved (it raised CheckpointError)."""
+    results = []
+    for wrap in (False, True):
+        model = build("bert")
+        if method == "fusion":
+            for i in range(2):
+                pet_fast.inject(model, pet_fast.AdapterConfig(train_head=False, init="bert"), f"a{i}")
+            config = pet_fast.FusionConfig(adapters=["a0", "a1"], dropout_prob=0.0)
+        else:
+            config = pet_fast.MaskConfig() if method == "mask" else pet_fast.PrefixConfig(prefix_length=4,
+                                                                                          projection_dim=8)
+        pet_fast.inject(model, config, "t")
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in pet_fast.task_parameters(model, "t").values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.train()
+        if wrap:
+            layers = model.bert.encoder.layer
+            for i in range(len(layers)):
+                layers[i] = _Checkpointed(layers[i])
+        ids, mask = batch(T=12)  # 36 tokens >= d: the fusion's folded projections apply
+        model(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
+        results.append({n.replace("inner.", ""): p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-9, msg=name)

@@ -4,7 +4,8 @@ A forward pre-hook on the model opens a forward, a forward hook (also called whe
 closes it; while one is open, :attr:`PerForward.cache` is a dict for that forward only (per thread:
 threads sharing a model keep apart). It is not open outside a forward of the model (a layer called on its
 own), while torch.compile traces (compiled code takes the per-layer path, which it fuses), and while
-transformers' gradient checkpointing is on (a recomputed layer must not find another forward's tensors).
+transformers' gradient checkpointing is on or a region of torch.utils.checkpoint runs (a recomputed layer must
+not find another forward's tensors).
 Parameter updates between forwards are always seen: nothing outlives the forward.
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ class PerForward:
 
     @property
     def open(self) -> bool:
-        return getattr(self._local, "open", False)
+        """Whether this thread is inside a forward of the model, outside a checkpointed region."""
+        return getattr(self._local, "open", False) and not in_checkpointed_region()
 
     @property
     def cache(self) -> dict:
@@ -72,6 +74,21 @@ class PerForward:
         for handle in getattr(self, "handles", ()):
             handle.remove()
         self.handles = []
+
+
+# torch.utils.checkpoint's non-reentrant regions (its own wrappers, FSDP's and accelerate's activation
+# checkpointing, a user's checkpoint() around layers) run under its saved-tensor hooks. A layer there must not
+# take tensors made for the whole forward: its recomputation, in the backward, runs after the forward closed
+# (the per-layer path) and must save what the first run saved. (Reentrant regions run without grad: nothing
+# is saved there.)
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def in_checkpointed_region() -> bool:
+    if _TOP_SAVED_TENSOR_HOOKS is None:
+        return False
+    hooks = _TOP_SAVED_TENSOR_HOOKS(False)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
 def checkpoint_modules(model: nn.Module) -> list:

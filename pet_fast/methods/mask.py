@@ -208,9 +208,9 @@ class _ForwardMasks(PerForward):
         """``module``'s masked weight for this forward, or None (then the linear runs masked_linear)."""
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # (packed modules never ask: apply_to)
             return None
-        local = self._local
-        if not getattr(local, "open", False):
+        if not self.open:
             return None
+        local = self._local
         dtype = compute_dtype(x)
         key = (name, dtype, module.threshold)
         batch = local.cache.get(key)

@@ -232,7 +232,7 @@ class _ForwardPrefixes(PerForward):
         """This thread's state of the open forward, or None (none open; compiled code takes the per-layer path,
         which it fuses)."""
         local = None if torch.compiler.is_compiling() else self._local
-        return local if local is not None and getattr(local, "open", False) else None
+        return local if local is not None and self.open else None
 
     @staticmethod
     def _layers(local, encoders, dtype, batch_size, compute: bool):
