@@ -893,3 +893,39 @@ def test_fusion_on_a_float16_model_under_bfloat16_autocast():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pet_fast.trainable_parameters(model).values())
+
+
+def test_an_inference_mode_evaluation_leaves_training_working():
+    """The fusion's stack of frozen adapters is not kept from an inference-mode call (inference tensors saved
+    for backward failed every later training step)."""
+    model = _fused_model("pfeiffer")
+    ids, mask = batch()
+    model.eval()
+    with torch.inference_mode():
+        want = logits(model, ids, mask)
+    model.train()
+    logits(model, ids, mask).sum().backward()
+    assert all(p.grad is not None for p in pet_fast.trainable_parameters(model).values())
+    model.eval()
+    torch.testing.assert_close(logits(model, ids, mask).detach(), want)
+
+
+def test_vmap_over_the_fused_adapters_weights():
+    """torch.func.vmap over sets of adapter weights (functional_call): parameters without storage are not
+    cached by address; each set gives what a loop over the sets gives."""
+    from torch.func import functional_call, vmap
+
+    model = _fused_model("pfeiffer")
+    model.eval()
+    ids, mask = batch()
+    names = [k for k, _ in model.named_parameters() if any(f"{TASK_ATTR}.a{i}." in k for i in range(3))]
+    base = {k: v.detach().clone() for k, v in model.named_parameters() if k in names}
+    sets = {k: torch.stack([v, 2 * v]) for k, v in base.items()}
+
+    def run(params):
+        return functional_call(model, params, (), dict(input_ids=ids, attention_mask=mask)).logits
+
+    with torch.no_grad():
+        got = vmap(run)(sets)
+        for i in range(2):
+            torch.testing.assert_close(got[i], run({k: v[i] for k, v in sets.items()}))

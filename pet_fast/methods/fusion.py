@@ -137,21 +137,27 @@ class AdapterFusion(nn.Module):
         rebuilt when any adapter parameter changes in place (its version counter moves) or gets new memory
         (``p.data = ...``, as ``vector_to_parameters`` does), when the adapters, their scalings or activations,
         or the dtype change, and never kept when autograd needs the stacking or under torch.compile (which
-        folds it into the graph). Not seen: an in-place change through ``p.data`` (``p.data.mul_(2)``), which
+        folds it into the graph), under inference mode or for parameters without storage (torch.func's
+        vmap). Not seen: an in-place change through ``p.data`` (``p.data.mul_(2)``), which
         by design moves no version counter; change frozen weights under ``torch.no_grad()`` instead."""
         # the adapters' own parameter dicts: Module.parameters() (a generator that walks submodules and
         # deduplicates) made half the host time of a cached call (three adapters: 13 -> 6 us on the CPU)
         params = [p for a in adapters for p in (a._parameters.values() if not a._modules else a.parameters())
                   if p is not None]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+                or torch.is_inference_mode_enabled()):  # (inference tensors kept would fail a later training step)
             return stack_adapters(adapters, dtype)
-        key = (dtype, tuple(id(a) for a in adapters), tuple((id(p), p.data_ptr(), p.device, p._version) for p in params),
-               tuple(a.scaling if isinstance(a.scaling, float) else id(a.scaling) for a in adapters),
-               tuple(a.activation for a in adapters))
+        try:
+            key = (dtype, tuple(id(a) for a in adapters), tuple((id(p), p.data_ptr(), p.device, p._version) for p in params),
+                   tuple(a.scaling if isinstance(a.scaling, float) else id(a.scaling) for a in adapters),
+                   tuple(a.activation for a in adapters))
+        except RuntimeError:  # parameters without storage (torch.func's batched tensors under vmap): not kept
+            return stack_adapters(adapters, dtype)
         cache = self.__dict__.get("_stack_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = (key, stack_adapters(adapters, dtype))
+                # the parameters themselves are kept too: while they live, no other tensor takes their ids
+                cache = (key, stack_adapters(adapters, dtype), params)
             self.__dict__["_stack_cache"] = cache  # a plain attribute: not in state_dict, not moved by .to()
         return cache[1]
 
