@@ -356,3 +356,18 @@ def test_side_cache_recomputes_after_the_model_is_cast_or_autocast_switches():
         got = model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3]).logits  # (it crashed in the pooler)
         assert len(calls) == 3 and got.dtype == torch.float64
         torch.testing.assert_close(got, model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_side_cache_leaves_calls_with_a_prepared_attention_mask_alone():
+    """A 4-d attention mask is not compared row by row: such calls run the base (an example first seen without a
+    mask got its cached unmasked states)."""
+    model, calls = _cached_side_model("base")
+    ids, _ = batch()
+    B, T = ids.shape
+    masked = torch.ones(B, 1, T, T, dtype=torch.bool)
+    masked[..., T // 2:] = False
+    with torch.no_grad():
+        model(input_ids=ids, example_ids=[0, 1, 2])
+        got = model(input_ids=ids, attention_mask=masked, example_ids=[0, 1, 2]).last_hidden_state
+        assert len(calls) == 2
+        torch.testing.assert_close(got, model(input_ids=ids, attention_mask=masked).last_hidden_state, rtol=0, atol=0)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -171,6 +171,14 @@ class SideNetwork(nn.Module):
         return self.proj_out(self.norm(x))
 
 
+class CachedRow(NamedTuple):
+    """One example in the side-tuning cache: what it was computed from (see _CallInputs) and the base's output."""
+    layout: tuple
+    rows: torch.Tensor
+    embeds: Optional[torch.Tensor]
+    hidden: torch.Tensor
+
+
 class SideBranch(nn.Module):
     """One side-tuning task on a backbone: the side network, the blend weight and the optional
     cache of base outputs. ``alpha``: fixed, ``"learned"`` (sigmoid of a trained logit starting at
@@ -211,10 +219,10 @@ class SideBranch(nn.Module):
         hits = [self.cache.get(key) for key in ids]
         if not hits or any(h is None for h in hits):
             return None
-        if any(h[0] != inputs.layout or h[1].shape != inputs.rows.shape[1:] for h in hits):
+        if any(h.layout != inputs.layout or h.rows.shape != inputs.rows.shape[1:] for h in hits):
             return None  # another set of inputs, or padded differently: recompute
         if inputs.rows.shape[1]:
-            stored = torch.stack([h[1] for h in hits])
+            stored = torch.stack([h.rows for h in hits])
             differ = stored != inputs.rows
             tokens = inputs.token_width
             changed = differ[:, :tokens].any(1)
@@ -225,7 +233,7 @@ class SideBranch(nn.Module):
             if bool(differ.any()):
                 return None  # same tokens, another mask, token types or positions: recompute
         if inputs.embeds is not None:
-            stored = [h[2] for h in hits]
+            stored = [h.embeds for h in hits]
             if any(e is None or e.shape != inputs.embeds.shape[1:] or e.dtype != inputs.embeds.dtype for e in stored):
                 return None
             same = (torch.stack(stored) == inputs.embeds).reshape(len(stored), -1).all(1).cpu()
@@ -233,13 +241,13 @@ class SideBranch(nn.Module):
                 key = ids[int((~same).nonzero()[0])]
                 raise ValueError(f"example id {key!r} was seen before with different inputs_embeds; example ids must "
                                  f"be unique per example")
-        return torch.stack([h[3] for h in hits])
+        return torch.stack([h.hidden for h in hits])
 
     def store(self, ids, inputs: "_CallInputs", hidden: torch.Tensor) -> None:
         hidden = hidden.detach()
         embeds = None if inputs.embeds is None else inputs.embeds.clone()  # (the caller's tensor may be reused)
         for i, key in enumerate(ids):
-            self.cache[key] = (inputs.layout, inputs.rows[i], None if embeds is None else embeds[i], hidden[i])
+            self.cache[key] = CachedRow(inputs.layout, inputs.rows[i], None if embeds is None else embeds[i], hidden[i])
 
     def extra_repr(self) -> str:
         a = "learned" if self.alpha_logit is not None else self.alpha_value
@@ -406,18 +414,22 @@ def side_forward(site, *args, **kwargs):
     inputs_embeds = arguments.get("inputs_embeds")
     _check_side_call(arguments, ids, input_ids if input_ids is not None else inputs_embeds)
     ref = input_ids if input_ids is not None else inputs_embeds
-    use_cache = branch.use_cache and ids is not None and isinstance(ref, torch.Tensor) and ref.dim() >= 2
+    # (a prepared 4-d attention mask is not compared row by row: such calls run the base, and are not kept)
+    use_cache = (branch.use_cache and ids is not None and isinstance(ref, torch.Tensor) and ref.dim() >= 2
+                 and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2))
+    alone = len(site.registry.active) == 1
     hidden = out = None
     if use_cache:
-        others = [n for n in site.registry.active if n != side_name]
-        if others:
+        if not alone:
+            others = [n for n in site.registry.active if n != side_name]
             raise ValueError(f"side task {side_name!r} caches the frozen base's outputs, but tasks {others} are active "
                              f"too: the base's output is theirs as well (and changes as they train); activate "
                              f"{side_name!r} alone, or give no example ids (or inject it with cache=False)")
         hidden, inputs = _cache_lookup(branch, ids, arguments, ref.shape[0], host.get_input_embeddings().weight)
     if hidden is None:
         call = None
-        if branch.base_graphs and not torch.compiler.is_compiling():
+        if branch.base_graphs and alone and not torch.compiler.is_compiling():
+            # (graphs hold the base alone: with other tasks active, their modules run in it, eagerly)
             call = _graphable_call(host, arguments)
         if call is not None:  # the base replayed (out stays None: the output is built below, as for a cache hit)
             with torch.no_grad():
