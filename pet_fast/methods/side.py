@@ -516,7 +516,8 @@ class SideConfig(MethodConfig):
     time per step (a BERT-base forward at 32 x 128 took 11.0 ms on an H100, bound by the host). Same values
     as the eager forward, under the conditions of ``pet_fast/methods/_base_graphs.py``: forward hooks on base
     modules run at capture only, shapes past the number given run eagerly (pad batches to a few lengths),
-    calls that ask the base for a KV cache, attentions or hidden states run eagerly, and so does the CPU.
+    calls that ask the base for a KV cache, attentions or hidden states run eagerly, and so does the CPU, and
+    so does the base while other tasks are active with the side task (their modules run in it).
     """
 
     method = "side"
