@@ -607,7 +607,8 @@ def _sum_parts_kernel(PART, OK, OV, half, splits, BLOCK: tl.constexpr, SPLIT_BLO
     writes elements [0, half) to OK and [half, 2 * half) to OV, each in its own dtype. A tile of rows per
     step keeps many loads in flight however many splits there are."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = 2 * half  # products with the int64 row index below stay int64
+    # in int64 (half comes as int32 below 2**31: 2 * half wrapped negative from 2**30, and nothing was stored)
+    total = tl.full((), 2, tl.int64) * half
     m = i < total
     r0 = tl.arange(0, SPLIT_BLOCK)
     acc = tl.zeros((SPLIT_BLOCK, BLOCK), dtype=tl.float32)

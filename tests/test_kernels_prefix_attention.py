@@ -642,3 +642,14 @@ def test_custom_ops_opcheck(dropout_p):
                           (torch.randn_like(out), q.detach(), k.detach(), v, pk.detach(), pv, mask, out, lse, True, 0.3,
                            dropout_p, seed),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_prefix_gradient_sum_indexes_past_2_to_the_31():
+    """The kernel that adds the prefix gradients' partial rows takes their half width as an int32 below 2**31:
+    2 * half wrapped negative from 2**30 (a per-batch prefix of B * Hkv * P * D >= 2**30 elements) and it
+    stored nothing, leaving the gradients' empty memory. One program over the first 128 columns of one row."""
+    half = 2 ** 30 + 5
+    part = torch.arange(128, dtype=torch.float32)
+    dpk, dpv = torch.full((128,), -1.0), torch.full((1,), -1.0)
+    kernels._sum_parts_kernel[(1,)](part, dpk, dpv, half, 1, BLOCK=128, SPLIT_BLOCK=4)
+    assert torch.equal(dpk, part) and dpv.item() == -1.0
