@@ -242,9 +242,17 @@ def _bwd_rows_kernel(X, QK, QKB, SM, DT0, DCTX, WD, WU, BU, S, ABUF, PBUF, DABUF
             if UPCAST:
                 g += mm(dct, wu, UPCAST)
                 gq += mm(qt, wu, UPCAST)
-            else:  # dctx and qk may come in fp32: tensor-core operands
-                g += mm(dct.to(wu.dtype), wu, UPCAST)
-                gq += mm(qt.to(wu.dtype), wu, UPCAST)
+            else:  # tensor-core operands in the weights' dtype; dctx and qk kept in fp32 by the op (its precision
+                # notes) are split into a high and a low half there, as pass C splits dv: rounded whole, they put an
+                # error of the input dtype's epsilon into dp_j, which the softmax backward's cancellation magnifies
+                dch = dct.to(wu.dtype)
+                g += mm(dch, wu, UPCAST)
+                if DCTX.dtype.element_ty == tl.float32:
+                    g += mm((dct - dch.to(tl.float32)).to(wu.dtype), wu, UPCAST)
+                qth = qt.to(wu.dtype)
+                gq += mm(qth, wu, UPCAST)
+                if QK.dtype.element_ty == tl.float32:
+                    gq += mm((qt - qth.to(tl.float32)).to(wu.dtype), wu, UPCAST)
             if HAS_BU:
                 gb += tl.sum(dct.to(tl.float32) * tl.load(BU + j * D + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
         if HAS_QKB:

@@ -1057,3 +1057,27 @@ def test_activation_evaluated_once_per_adapter_and_token_tile(monkeypatch):
     calls.clear()
     stacked_kernels.backward(torch.randn_like(ctx), *args, a, p, True, True)
     assert calls.count("_bwd_rows_kernel") == 3 * k
+
+
+def test_the_gpu_products_of_the_rows_backward_keep_the_fp32_context_gradient(monkeypatch):
+    """The rows backward's tensor-core branch (the GPU's; the interpreter's own branch computes in fp32), run
+    under the interpreter: dctx and qk, which the op keeps in fp32, enter its products as a high and a low
+    half. Rounded whole to fp16 they moved dx by 4.4e-4 of its size from the fp32 products' result here."""
+    sf = importlib.import_module("pet_fast.kernels.stacked_adapter_fusion")
+    monkeypatch.setenv("PET_FAST_AUTOTUNE", "0")
+    g = torch.Generator().manual_seed(0)
+    n, d, r, k = 64, 64, 16, 3
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).half()  # noqa: E731
+    x, q, res, gy = rnd(n, d), rnd(n, d), rnd(n, d), rnd(n, d)
+    wd, wu = rnd(k, r, d, scale=d ** -0.5), rnd(k, d, r, scale=r ** -0.5)
+    wk, wv = rnd(d, d, scale=d ** -0.5), rnd(d, d, scale=d ** -0.5)
+
+    def dx(gpu_branch):
+        monkeypatch.setattr(sf, "interpreting", lambda: not gpu_branch)
+        xs = x.clone().requires_grad_()
+        out = pet_fast.stacked_adapter_fusion(xs, q, res, wd, None, wu, None, w_key=wk, w_value=wv, activation="relu",
+                                              backend="triton")
+        return torch.autograd.grad(out, xs, gy)[0].double()
+
+    fp32_products, gpu_products = dx(False), dx(True)
+    assert (gpu_products - fp32_products).abs().max() <= 1e-4 * fp32_products.abs().max()
