@@ -29,6 +29,16 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # Compile for the card in this machine only (sm_90a on an H100/H200).
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] >= 9 else ''))" 2>/dev/null || echo 9.0a)}
 status=0
+# With the device tool's $OUT: the logs and JSON are packed there after every step and when the script ends,
+# also when it is stopped (SIGTERM at a time limit), so that a run cut short still brings back what it measured.
+pack() {
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_check.tar.gz" -C "$work" . 2>/dev/null
+    cp "$work/summary.txt" "$OUT/summary.txt" 2>/dev/null
+  fi
+}
+trap pack EXIT
+trap 'echo "stopped by a signal at $SECONDS s" >> "$work/summary.txt"; exit 143' TERM INT
 if [ -f "$PET_FAST_CACHE/replay_failed" ]; then  # an earlier run on this machine found the replay failing
   export PET_FAST_TRITON_REPLAY=0
 fi
@@ -41,10 +51,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the time
     echo "$name: skipped, $(left) s left" | tee -a "$work/summary.txt"; status=1; return 1
   fi
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$work/$name.log" 2>&1
+  # in the background and waited for: a signal to this script runs its trap at once, not after the step
+  timeout -k 10 "$limit" "$@" > "$work/$name.log" 2>&1 &  # (killed 10 s after its SIGTERM if it ignores it)
+  wait $!
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$work/summary.txt"
   [ $rc -eq 0 ] || status=1
+  pack
   return $rc
 }
 {
@@ -127,6 +140,9 @@ fi
 step_bench() {
   local budget=$(( $(left) - 60 ))
   [ -n "${STEP_BUDGET_S:-}" ] && [ "$STEP_BUDGET_S" -lt "$budget" ] && budget=$STEP_BUDGET_S
+  if [ "$budget" -lt 10 ]; then  # (the benchmark takes a positive budget)
+    echo "bench_step: skipped, $(left) s left" | tee -a "$work/summary.txt"; status=1; return
+  fi
   # shellcheck disable=SC2086
   step bench_step $(( budget + 45 )) python benchmarks/bench_step.py --json "$work/bench_step.json" --budget-s "$budget" ${STEP_ARGS:-}
   tail -40 "$work/bench_step.log"
@@ -183,8 +199,4 @@ fi
 # other models); rows not started within the budget are written as skipped, and the JSON is rewritten
 # after every row so that a run stopped at the limit keeps what it measured.
 [ "$part" != kernels ] && [ "${STEP_FIRST:-0}" != 1 ] && step_bench
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu_check.tar.gz" -C "$work" .
-  cp "$work/summary.txt" "$OUT/summary.txt"
-fi
-exit $status
+exit $status  # (the EXIT trap packs the results into $OUT)

@@ -492,10 +492,14 @@ def add_ratios(rows: List[dict]) -> None:
             r["mem_vs_full"] = round(r["peak_mem_mb"] / full["peak_mem_mb"], 3)
         base = find(r["model"], "base-forward")
         if base and r["row"].split("/")[0] in ("side", "side-cache", "side-graphs"):  # side-tuning's target: the base's forward
-            r["vs_base_forward"] = round(r["ms"] / base["ms"], 3)
+            if r.get("vs_floor_paired") and base.get("vs_floor_paired"):  # both timed in rounds against the floor
+                r["vs_base_forward"] = round(r["vs_floor_paired"] / base["vs_floor_paired"], 3)
+            else:
+                r["vs_base_forward"] = round(r["ms"] / base["ms"], 3)
         if full:
+            # rounds against the floor are the eager floor's: the paired form only between eager rows
             mine = 1.0 if r is floor else r.get("vs_floor_paired")
-            if mine and full.get("vs_floor_paired"):  # both timed against the same floor
+            if mine and full.get("vs_floor_paired") and not r["compiled"] and not full["compiled"]:
                 r["vs_full"] = round(mine / full["vs_floor_paired"], 3)
             else:
                 r["vs_full"] = round(r["ms"] / full["ms"], 3)
@@ -601,10 +605,23 @@ def step_benchmark(*, quick: bool, models=None, rows=None, compile_rows=None, wa
             "rows": out}
 
 
+def _partial_step(rows: List[dict]) -> dict:
+    """The step section of a run cut short (written after each row): the rows so far with their ratios."""
+    import copy
+
+    done = copy.deepcopy(rows)
+    add_ratios(done)
+    return {"partial": True, "rows": done}
+
+
 def _matches(row: Row, pattern: str) -> bool:
     import fnmatch
 
-    return fnmatch.fnmatch(row.row, pattern) or row.row.startswith(pattern) or row.kind == pattern
+    # a row name, its compiled variants ("houlsby/auto" takes "houlsby/auto+compile", not "houlsby/auto-x"), a
+    # glob, or a method ("houlsby": every row of it)
+    name = row.row
+    compiled_variant = name.startswith(pattern) and name[len(pattern):].startswith("+")
+    return name == pattern or compiled_variant or fnmatch.fnmatch(name, pattern) or row.kind == pattern
 
 
 # ---------------------------------------------------------------- op benchmarks, environment, chart
@@ -615,8 +632,8 @@ def _repo_root() -> Optional[str]:
 
 
 def package_versions() -> dict:
-    """Versions of pet_fast and of the packages its numbers depend on (None: not installed), and the
-    GPU driver's."""
+    """Versions of pet_fast and of the packages its numbers depend on (None: not installed), the GPU driver's,
+    and the PET_FAST_* switches set in the environment."""
     from importlib import metadata
 
     out = {}
@@ -626,6 +643,9 @@ def package_versions() -> dict:
             out[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[name] = None
+    # the switches that change what a row runs (PET_FAST_TRITON_REPLAY=0: gpu_check.sh sets it when a replay test
+    # fails, and the */triton rows then launch from Python); unset ones are left out
+    out["switches"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("PET_FAST_")}
     out["driver"] = None
     if torch.cuda.is_available():
         try:
@@ -826,7 +846,7 @@ def main(args) -> int:
                                      budget_s=args.budget_s, threads=args.threads, optimizer=args.optimizer,
                                      paired=args.paired,
                                      log=lambda s: print(s, flush=True),
-                                     on_row=lambda rows: _write_json(path, {**doc, "step": {"partial": True, "rows": rows}}))
+                                     on_row=lambda rows: _write_json(path, {**doc, "step": _partial_step(rows)}))
         print()
         print(doc["step"]["label"])
         print_table(doc["step"]["rows"])

@@ -440,3 +440,39 @@ def test_chart_draws_one_panel_per_model(tmp_path):
     assert bench.chart({"step": {"rows": [dict(model="m", row="x", compiled=False, note="error")]}},
                        str(tmp_path / "none.png"), log=logged.append) is None
     assert "no timed step rows" in logged[-1] and not (tmp_path / "none.png").exists()
+
+
+def test_paired_ratios_stay_within_what_was_timed_in_rounds():
+    """vs_base_forward divides the two rows' paired ratios when both were timed in rounds against the floor (their
+    separate medians keep the host drift the rounds remove); vs_full of a compiled row with no compiled full row
+    divides milliseconds (the rounds are the eager floor's)."""
+    rows = [{"model": "m", "row": "floor", "compiled": False, "ms": 35.0},
+            {"model": "m", "row": "floor+compile", "compiled": True, "ms": 20.0},
+            {"model": "m", "row": "full", "compiled": False, "ms": 45.0, "vs_floor_paired": 1.5},
+            {"model": "m", "row": "base-forward", "compiled": False, "ms": 10.0, "vs_floor_paired": 0.40},
+            {"model": "m", "row": "side/auto", "compiled": False, "ms": 16.0, "vs_floor_paired": 0.45}]
+    bench.add_ratios(rows)
+    assert rows[4]["vs_base_forward"] == 1.125  # (16 / 10 = 1.6 from the separate medians)
+    assert rows[1]["vs_full"] == round(20 / 45, 3)  # (not the eager floor's 1 / 1.5)
+    assert rows[0]["vs_full"] == round(1 / 1.5, 3)
+
+
+def test_a_row_name_selects_itself_and_its_compiled_variants_only():
+    rows = bench.plan(["bert-32x128"], compile_rows=True, kernel_rows=True, cudagraph_rows=True)
+    pick = lambda pat: {r.row for r in rows if bench._matches(r, pat)}  # noqa: E731
+    assert pick("houlsby/triton") == {"houlsby/triton"}  # not houlsby/triton-py
+    assert pick("houlsby/auto") >= {"houlsby/auto", "houlsby/auto+compile", "houlsby/auto+cudagraphs"}
+    assert all(n.startswith("houlsby/") for n in pick("houlsby")) and "houlsby/triton-py" in pick("houlsby")
+    assert pick("floor") >= {"floor", "floor+compile"} and "full" not in pick("floor")
+
+
+def test_a_partial_step_section_has_the_ratios_of_the_rows_so_far():
+    rows = [{"model": "m", "row": "floor", "compiled": False, "ms": 10.0},
+            {"model": "m", "row": "houlsby/auto", "compiled": False, "ms": 11.0, "vs_floor_paired": 1.08}]
+    part = bench._partial_step(rows)
+    assert part["partial"] and part["rows"][1]["vs_floor"] == 1.08 and "vs_floor" not in rows[1]
+
+
+def test_the_environment_records_the_switches_that_change_the_rows(monkeypatch):
+    monkeypatch.setenv("PET_FAST_TRITON_REPLAY", "0")
+    assert bench.package_versions()["switches"]["PET_FAST_TRITON_REPLAY"] == "0"

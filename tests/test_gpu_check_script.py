@@ -114,3 +114,37 @@ def test_profile_adapter_runs_each_shape_and_site_and_none_runs_nothing(tmp_path
     assert "--shape 4096,768,64 --site houlsby" in profiles[0] and "--site pfeiffer" in profiles[1]
     assert "--site plain" in profiles[2]
     assert "unknown benchmark" not in (tmp_path / "work" / "summary.txt").read_text()
+
+
+def test_a_run_stopped_by_a_signal_still_brings_back_what_it_has(tmp_path):
+    """The device tool returns what lies under $OUT: the script packs its results there after every step and,
+    on SIGTERM (a time limit), at once, not after the step it is waiting for."""
+    import signal
+    import time
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and timeout")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slow = "#!/usr/bin/env bash\ncase \"$*\" in *bench_host_overhead*) sleep 60 ;; esac\nexit 0\n"
+    for name, body in (("python", slow), ("nvidia-smi", "#!/bin/sh\nexit 0\n"), ("pkill", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PET_FAST_TRITON_REPLAY", "STEP_FIRST")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out_dir), PET_FAST_CACHE=str(tmp_path / "cache"),
+               TESTS_LIMIT_S="0", DEADLINE_S="400", BENCHES="host_overhead", TRITON_CACHE_DIR=str(tmp_path / "t"),
+               TRITON_WARM_CACHE=str(tmp_path / "absent.tar.gz"))
+    proc = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", "kernels", str(tmp_path / "work")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while "info: rc=0" not in ((out_dir / "summary.txt").read_text() if (out_dir / "summary.txt").exists() else ""):
+        assert time.time() < deadline, "no summary under $OUT after the info step"
+        time.sleep(0.2)
+    assert (out_dir / "gpu_check.tar.gz").exists()  # packed after the step
+    time.sleep(1)  # inside the slow benchmark now
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143 and time.time() - t0 < 20
+    assert "stopped by a signal" in (out_dir / "summary.txt").read_text()
