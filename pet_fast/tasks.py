@@ -22,6 +22,8 @@ from typing import ClassVar, Dict, Optional, Tuple, Type
 
 from torch import nn
 
+from ._threads import ThreadSlot
+
 TASK_ATTR = "pet_fast_tasks"
 _REGISTRY_ATTR = "_pet_fast_registry"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -75,7 +77,16 @@ class TaskRegistry:
         self.configs: Dict[str, MethodConfig] = {}
         self.active: Tuple[str, ...] = ()
         self.base_frozen = False
-        self.mixed = None  # mask tasks serving one batch together (methods/mask.py mixed_mask_tasks)
+        # mask tasks serving one batch together (methods/mask.py mixed_mask_tasks): per thread, as the block is
+        self._mixed = ThreadSlot()
+
+    @property
+    def mixed(self):
+        return self._mixed.get()
+
+    @mixed.setter
+    def mixed(self, value) -> None:
+        self._mixed.set(value)
 
 
 def registry(model: nn.Module) -> Optional[TaskRegistry]:

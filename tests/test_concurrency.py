@@ -196,3 +196,149 @@ def test_prefix_masks_built_under_inference_mode_stay_out_of_other_threads_graph
     out2 = pet_fast.prefix_attention(q, k, k, pk, pk, causal=True, backend="eager")
     out2.sum().backward()
     assert pk.grad is not None and torch.isfinite(pk.grad).all()
+
+
+# ----- one injected model served from several threads: state kept per thread ------------------------------
+def _two_threads(first, second, pause_module):
+    """Runs first() in thread A and second() in thread B so that B runs whole while A waits at
+    ``pause_module``'s forward (after A's earlier layers). Returns (A's result, B's result), exceptions
+    included."""
+    out, at_pause, b_done = {}, threading.Event(), threading.Event()
+
+    def pre(module, args):
+        if threading.current_thread().name == "A" and not at_pause.is_set():
+            at_pause.set()
+            b_done.wait(30)
+    hook = pause_module.register_forward_pre_hook(pre)
+
+    def run(name, fn, wait=None):
+        if wait is not None:
+            wait.wait(30)
+        try:
+            out[name] = fn()
+        except Exception as exc:  # noqa: BLE001 (reported by the test)
+            out[name] = exc
+        if name == "B":
+            b_done.set()
+    threads = [threading.Thread(target=run, name="A", args=("A", first)),
+               threading.Thread(target=run, name="B", args=("B", second, at_pause))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        hook.remove()
+    return out["A"], out["B"]
+
+
+def test_parallel_adapters_hand_each_thread_its_own_norm_input():
+    from tiny_models import batch, build
+
+    model = build("gpt2")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="parallel", init="bert"), "t")
+    (a_ids, a_mask), (b_ids, b_mask) = batch(seed=1), batch(seed=2)
+    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    with torch.no_grad():
+        want_a, want_b = run(a_ids, a_mask), run(b_ids, b_mask)
+        # A pauses between layer 0's norm (which hands its input to the MLP's parallel adapter) and the MLP
+        got_a, got_b = _two_threads(lambda: run(a_ids, a_mask), lambda: run(b_ids, b_mask),
+                                    model.transformer.h[0].mlp)
+    torch.testing.assert_close(got_a, want_a, rtol=0, atol=0)
+    torch.testing.assert_close(got_b, want_b, rtol=0, atol=0)
+
+
+def test_a_mixed_mask_block_belongs_to_its_thread():
+    from tiny_models import batch, build
+
+    model = build("bert")
+    for n in ("t1", "t2"):
+        pet_fast.inject(model, pet_fast.MaskConfig(), n)
+        g = torch.Generator().manual_seed(len(n) + int(n[1]))
+        with torch.no_grad():
+            for p in pet_fast.task_parameters(model, n).values():
+                p.copy_(torch.randn(p.shape, generator=g))
+    model.eval()
+    pet_fast.pack_for_serving(model)
+    pet_fast.set_active(model, "t1")
+    ids, mask = batch()
+    run = lambda: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    with torch.no_grad():
+        want_t1 = run()
+
+        def mixed():
+            with pet_fast.mixed_mask_tasks(model, ["t1", "t2"], [1, 1, 1]):
+                return run()
+        got_mixed, got_plain = _two_threads(mixed, run, model.bert.encoder.layer[1])
+        pet_fast.set_active(model, "t2")
+        want_t2 = run()
+    torch.testing.assert_close(got_plain, want_t1, rtol=0, atol=0)  # B ran outside any block: its active task
+    torch.testing.assert_close(got_mixed, want_t2, rtol=0, atol=0)
+    assert pet_fast.tasks.registry(model).mixed is None
+
+
+def test_a_side_task_in_training_keeps_each_threads_base_in_eval_mode():
+    """The base's training flags are the model's: a thread leaving the base first must not turn dropout back on
+    (BERT's hidden dropout, 0.1) inside another thread's base. A enters the base, B enters it, A leaves, then B
+    runs its remaining layers."""
+    from tiny_models import batch, build
+
+    model = build("bert", head="base")
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, alpha=1.0), "s")  # output = the base's
+    model.train()
+    (a_ids, a_mask), (b_ids, b_mask) = batch(seed=1), batch(seed=2)
+    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    with torch.no_grad():
+        want_b = run(b_ids, b_mask)  # deterministic: the base runs in eval mode
+    b_inside, a_done, out = threading.Event(), threading.Event(), {}
+
+    def pre(module, args):
+        name = threading.current_thread().name
+        if name == "A":
+            b_inside.wait(30)  # A, inside its base, waits until B is inside too
+        elif name == "B" and not b_inside.is_set():
+            b_inside.set()
+            a_done.wait(30)  # B waits inside its base until A has left
+    hook = model.encoder.layer[1].register_forward_pre_hook(pre)
+
+    def thread(name, ids, mask):
+        with torch.no_grad():
+            out[name] = run(ids, mask)
+        if name == "A":
+            a_done.set()
+    threads = [threading.Thread(target=thread, name=n, args=(n, i, m)) for n, i, m in (("A", a_ids, a_mask),
+                                                                                       ("B", b_ids, b_mask))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out["B"], want_b, rtol=0, atol=0)
+    assert all(m.training for m in model.modules())  # every flag back as the caller left it
+
+
+def test_example_ids_given_in_one_thread_are_not_another_threads():
+    """B's forward, outside any example_ids block, runs while A is inside one: it has no ids (it took A's, and its
+    batch was cached under them)."""
+    from tiny_models import batch, build
+
+    model = build("bert")
+    model.eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    branch = model.bert.pet_fast_tasks["s"]
+    (a_ids, a_mask), (b_ids, b_mask) = batch(seed=1), batch(seed=2)
+
+    def with_ids():
+        with pet_fast.example_ids(model, [10, 11, 12]):
+            return model(input_ids=a_ids, attention_mask=a_mask).logits
+
+    def without():
+        model(input_ids=b_ids, attention_mask=b_mask)
+        return set(branch.cache)  # A, paused in its base, has stored nothing yet
+    with torch.no_grad():
+        got_a, cached_when_b_ended = _two_threads(with_ids, without, model.bert.encoder)
+    assert not isinstance(got_a, Exception), got_a
+    assert cached_when_b_ended == set()
+    assert set(branch.cache) == {10, 11, 12}

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._threads import ThreadSlot
 from ..tasks import TASK_ATTR
 
 _OVERRIDE = "forward"
@@ -37,9 +38,10 @@ class Override:
         self.registry = registry
         self.peer = peer
         # a "sublayer" site's input of the norm in front of it, set by that norm's "capture" site (parallel
-        # adapters read it) and taken once. An attribute of this plain object, not of the module:
-        # torch.compile (torch 2.11) cannot trace a module's __dict__.pop.
-        self.captured = None
+        # adapters read it) and taken once; per thread (threads running the model at once each hand over their
+        # own). Kept on this plain object, not on the module: torch.compile (torch 2.11) cannot trace a module's
+        # __dict__.pop.
+        self.captured = ThreadSlot()
 
     def original(self, *args, **kwargs):
         return type(self.host).forward(self.host, *args, **kwargs)
@@ -204,12 +206,13 @@ def _sublayer(self: Override, *args, **kwargs):
     out = self.original(*args, **kwargs)
     act = self.active()
     if act is None:
-        self.captured = None
+        self.captured.set(None)
         return out
     _, module = act
     h = _first(out)
     if module.placement == "parallel":
-        x, self.captured = self.captured, None
+        x = self.captured.get()
+        self.captured.set(None)
         if x is None:
             raise RuntimeError("parallel adapter: the input of the norm in front of this sublayer was not seen")
         new = _fuse(self, module, x, x, h) if _is_fusion(module) else _adapter(module, x, h)
@@ -232,7 +235,7 @@ def _block(self: Override, *args, **kwargs):
 def _capture(self: Override, x, *args, **kwargs):
     peer = None if self.peer is None else _override_of(self.peer)
     if peer is not None:
-        peer.captured = x
+        peer.captured.set(x)
     return self.original(x, *args, **kwargs)
 
 

@@ -95,10 +95,12 @@ class SideTuning(nn.Module):
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import inspect  # noqa: E402
+import threading  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
 from .. import models  # noqa: E402
+from .._threads import ThreadSlot  # noqa: E402
 from ._base_graphs import BaseGraphs  # noqa: E402
 from ..ops._autocast import AUTOCAST_DEVICES  # noqa: E402
 from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
@@ -277,15 +279,53 @@ def _base_eval(host: nn.Module):
     """Put the frozen base (everything under host except pet_fast task modules) in eval mode. Only the
     modules in training mode are switched, and back, through ``object.__setattr__``: ``training`` is a
     plain attribute, and nn.Module's own ``__setattr__`` (which looks for a parameter, buffer or module of
-    that name first) cost about 4 us per module, twice per module and step."""
-    switched = [m for m in _base_modules(host) if m.training]
-    for m in switched:
-        object.__setattr__(m, "training", False)
+    that name first) cost about 4 us per module, twice per module and step. The flags are the model's, shared
+    by its threads: the first thread in switches them and the last one out switches them back (a thread leaving
+    earlier turned dropout on in the middle of another's base)."""
+    if torch.compiler.is_compiling():  # (traced code takes no lock; it runs as one call)
+        switched = [m for m in _base_modules(host) if m.training]
+        for m in switched:
+            object.__setattr__(m, "training", False)
+        try:
+            yield
+        finally:
+            for m in switched:
+                object.__setattr__(m, "training", True)
+        return
+    switch = host.__dict__.get(_EVAL_SWITCH)
+    if switch is None:
+        switch = host.__dict__.setdefault(_EVAL_SWITCH, _EvalSwitch())
+    with switch.lock:
+        if switch.inside == 0:
+            switch.switched = [m for m in _base_modules(host) if m.training]
+            for m in switch.switched:
+                object.__setattr__(m, "training", False)
+        switch.inside += 1
     try:
         yield
     finally:
-        for m in switched:
-            object.__setattr__(m, "training", True)
+        with switch.lock:
+            switch.inside -= 1
+            if switch.inside == 0:
+                for m in switch.switched:
+                    object.__setattr__(m, "training", True)
+                switch.switched = []
+
+
+_EVAL_SWITCH = "_pet_fast_base_eval"
+
+
+class _EvalSwitch:
+    """How many threads run the base in eval mode now, and the modules the first of them switched."""
+
+    def __init__(self):
+        self.lock, self.inside, self.switched = threading.Lock(), 0, []
+
+    def __deepcopy__(self, memo):
+        return _EvalSwitch()
+
+    def __reduce__(self):
+        return (_EvalSwitch, ())
 
 
 def _normalise_ids(ids) -> list:
@@ -401,7 +441,8 @@ def side_forward(site, *args, **kwargs):
     """The backbone's forward with a side-tuning task active (see SideConfig)."""
     host = site.host
     ids = kwargs.pop("example_ids", None)
-    ctx_ids = host.__dict__.get(_IDS_ATTR)
+    slot = host.__dict__.get(_IDS_ATTR)
+    ctx_ids = None if slot is None else slot.get()
     if ids is None:
         ids = ctx_ids
     act = site.active()
@@ -479,15 +520,15 @@ def example_ids(model: nn.Module, ids):
     """Give the ids of the examples of the next forwards (for the side-tuning cache), when the model
     call cannot take ``example_ids=`` itself."""
     host = models.backbone(model)
-    outer = host.__dict__.get(_IDS_ATTR)
-    host.__dict__[_IDS_ATTR] = ids
+    slot = host.__dict__.get(_IDS_ATTR)
+    if slot is None:  # (per thread: another thread's forwards keep their own ids)
+        slot = host.__dict__[_IDS_ATTR] = ThreadSlot()
+    outer = slot.get()
+    slot.set(ids)
     try:
         yield
     finally:  # (a nested block gives the outer one's ids back)
-        if outer is None:
-            host.__dict__.pop(_IDS_ATTR, None)
-        else:
-            host.__dict__[_IDS_ATTR] = outer
+        slot.set(outer)
 
 
 @register_method
