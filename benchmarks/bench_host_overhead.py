@@ -211,6 +211,9 @@ def main():
             if args.ops and op not in args.ops:
                 continue
             measure(op, impls, leaves, gpu, args.stub_kernels, calls, max(1, args.repeats), device, rows)
+            # after each op: a run stopped at its time limit keeps the ops it measured
+            common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls,
+                         stubbed_kernels=bool(args.stub_kernels), partial=True)
     common.write(args.json, rows, dtype=str(dtype).replace("torch.", ""), calls=calls,
                  stubbed_kernels=bool(args.stub_kernels))
 

@@ -72,7 +72,7 @@ def main(argv=None):
             cands = {
                 "sdpa, no prefix (limit)": lambda q, k, v, pk, pv, m, c: limit_sdpa(q, k, v, c),
                 "cat + sdpa": lambda q, k, v, pk, pv, m, c: cat_sdpa(q, k, v, pk, pv, m, c, False),
-                "flash-merge": lambda q, k, v, pk, pv, m, c: ops.merged(q, k, v, pk, pv, causal=c),
+                "merged (cudnn or flash, as probed)": lambda q, k, v, pk, pv, m, c: ops.merged(q, k, v, pk, pv, causal=c),
                 "own triton kernels": lambda q, k, v, pk, pv, m, c: ops.own_kernels(q, k, v, pk, pv, causal=c),
             }
             res = {impl: timed(fn, (q, k, v, pk, pv, None, causal), grad) for impl, fn in cands.items()}
