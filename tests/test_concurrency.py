@@ -199,6 +199,16 @@ def test_prefix_masks_built_under_inference_mode_stay_out_of_other_threads_graph
 
 
 # ----- one injected model served from several threads: state kept per thread ------------------------------
+def _start_and_join(threads, hook) -> None:
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        hook.remove()
+
+
 def _two_threads(first, second, pause_module):
     """Runs first() in thread A and second() in thread B so that B runs whole while A waits at
     ``pause_module``'s forward (after A's earlier layers). Returns (A's result, B's result), exceptions
@@ -222,13 +232,7 @@ def _two_threads(first, second, pause_module):
             b_done.set()
     threads = [threading.Thread(target=run, name="A", args=("A", first)),
                threading.Thread(target=run, name="B", args=("B", second, at_pause))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        hook.remove()
+    _start_and_join(threads, hook)
     return out["A"], out["B"]
 
 
@@ -308,13 +312,7 @@ def test_a_side_task_in_training_keeps_each_threads_base_in_eval_mode():
             a_done.set()
     threads = [threading.Thread(target=thread, name=n, args=(n, i, m)) for n, i, m in (("A", a_ids, a_mask),
                                                                                        ("B", b_ids, b_mask))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        hook.remove()
+    _start_and_join(threads, hook)
     torch.testing.assert_close(out["B"], want_b, rtol=0, atol=0)
     assert all(m.training for m in model.modules())  # every flag back as the caller left it
 
