@@ -548,9 +548,11 @@ class SideConfig(MethodConfig):
     ``with pet_fast.example_ids(model, ids):``. A cached example must come back with the same
     ``input_ids`` (or ``inputs_embeds``); other tokens of the same length are refused (ids must be unique
     per example), while another length, attention mask, ``token_type_ids`` or ``position_ids`` (or the
-    model cast or moved since, or autocast switched) recomputes the batch and replaces its rows. The cache lives in memory on the base's device (with the input
-    embeddings, when the model is called with them) and is not saved. It holds the frozen base's outputs:
-    a call with example ids while other tasks are active too (their modules change the base) is refused.
+    model cast or moved since, or autocast switched) recomputes the batch and replaces its rows; calls with
+    a prepared 4-d attention mask run the base and are not kept. The cache lives in memory on the base's
+    device (with the input embeddings, when the model is called with them) and is not saved. It holds the
+    frozen base's outputs: a call with example ids while other tasks are active too (their modules change
+    the base) is refused.
 
     ``base_graphs=True`` (or a number of input shapes, True meaning 8) replays the base's forward on a GPU
     from CUDA graphs, one per input shape, captured at its first call: the base's launches leave the host's
