@@ -77,9 +77,24 @@ graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _foreign_thread() -> bool:
-    """Whether this thread was not started by Python (threading's stand-in object for it): an autograd worker
-    thread, not one of the program's own, whose blocks are its own."""
-    return isinstance(threading.current_thread(), threading._DummyThread)
+    """Whether this thread is an autograd worker thread (one per device, started by the engine, not by Python),
+    not one of the program's own, whose blocks are its own. Python sees both a worker and a thread a C library
+    started (a server's worker) as its stand-in object; on Linux the OS thread name tells them apart (the engine
+    names its threads pt_autograd_<device>)."""
+    if not isinstance(threading.current_thread(), threading._DummyThread):
+        return False
+    known = getattr(_THIS_THREAD, "autograd_worker", None)  # (per thread state: an OS id may be reused)
+    if known is None:
+        try:
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+                known = f.read().strip().startswith("pt_autograd")
+        except OSError:  # (no /proc: every thread not started by Python counts)
+            known = True
+        _THIS_THREAD.autograd_worker = known
+    return known
+
+
+_THIS_THREAD = threading.local()
 
 
 def _open_choice() -> Optional[str]:

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -207,3 +209,39 @@ def test_a_call_whose_only_trainable_tensor_is_a_bias_or_up_projection_counts_as
     finally:
         dispatch.select = real
     assert seen == [True, True, True]
+
+
+def test_a_thread_started_by_c_code_keeps_its_own_backend_in_a_checkpointed_backward():
+    """Autograd's device threads take the block open in the program's threads for a recomputation; a thread a C
+    library started (a server's worker: threading's stand-in object too) is not one of them, whatever the OS
+    names it, and keeps its own choice ('auto': eager here), not another thread's block (a 'cuda' it cannot run)."""
+    import _thread
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(4, 8, requires_grad=True)
+    wd, wu = torch.randn(3, 8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+    inside, release, finished, result = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def holder():
+        with pet_fast.use_backend("cuda"):
+            inside.set()
+            release.wait(30)
+
+    def foreign():
+        try:
+            assert isinstance(threading.current_thread(), threading._DummyThread)
+            checkpoint(lambda t: pet_fast.bottleneck_adapter(t, wd, None, wu, None), x, use_reentrant=False).sum().backward()
+            result["ok"] = True
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            result["error"] = exc
+        finished.set()
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(10)
+    try:
+        _thread.start_new_thread(foreign, ())
+        assert finished.wait(60)
+    finally:
+        release.set()
+        t.join()
+    assert result.get("ok"), result
