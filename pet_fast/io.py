@@ -364,7 +364,7 @@ AH_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 AH_FUSION_CONFIG = "adapter_fusion_config.json"
 AH_FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
 # AdapterHub activation names -> pet_fast's.
-AH_ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+AH_ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu", "gelu_orig": "gelu", "gelu_new": "gelu_tanh",
                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "tanh": "tanh", "linear": "identity"}
 _LOC = r"(attention\.output|output|attention_adapters|output_adapters)"
 
@@ -488,6 +488,10 @@ def import_adapterhub_adapter(model: nn.Module, path, name: Optional[str] = None
         raise ValueError(f"AdapterHub activation {c.get('non_linearity')!r} is not supported (known: {sorted(AH_ACTIVATIONS)})")
     if meta.get("hidden_size") is not None and meta["hidden_size"] != models.hidden_size(model):
         raise ValueError(f"AdapterHub adapter is for hidden size {meta['hidden_size']}, the model has {models.hidden_size(model)}")
+    saved_type, model_type = meta.get("model_type"), models.model_type(model)
+    if isinstance(saved_type, str) and saved_type and model_type and saved_type != model_type:
+        raise ValueError(f"AdapterHub adapter was saved from model_type {saved_type!r}; this model is {model_type!r} "
+                         f"(its sites are another architecture's)")
     ah_name = meta.get("name") or path.name
     state = _read_weights(path, AH_WEIGHTS)
     groups = _ah_groups(state, r"adapters\." + re.escape(ah_name))
@@ -499,7 +503,13 @@ def import_adapterhub_adapter(model: nn.Module, path, name: Optional[str] = None
     locs = {loc for _, loc in groups}
     scaling = c.get("scaling", 1.0)
     n_layers = len(models.layers(model))
-    leave_out = sorted(set(range(n_layers)) - {i for i, _ in groups})
+    present = {i for i, _ in groups}
+    saved_leave_out = c.get("leave_out") or []
+    if max(present) >= n_layers or (isinstance(saved_leave_out, list)
+                                    and set(range(n_layers)) - set(saved_leave_out) - present):
+        raise ValueError(f"AdapterHub adapter has weights for layers {sorted(present)} (leave_out={saved_leave_out!r}); "
+                         f"this model has {n_layers} layers: it was saved from another model")
+    leave_out = sorted(set(range(n_layers)) - present)
     config = AdapterConfig(placement=placement, bottleneck=sizes.pop(), activation=AH_ACTIVATIONS[act],
                            scaling=scaling if isinstance(scaling, str) else float(scaling), init="bert",
                            mh_adapter="mh" in locs, output_adapter="output" in locs, leave_out=leave_out, train_head=False)
@@ -550,12 +560,20 @@ def import_adapterhub_fusion(model: nn.Module, path, name: Optional[str] = None)
     config = FusionConfig(adapters=[_safe_name(n) for n in names], train_head=False, **{k: c[k] for k in fields if k in c})
     fusion_name = meta.get("name") or ",".join(names)
     state = _read_weights(path, AH_FUSION_WEIGHTS)
+    # AdapterHub saves every fusion layer whose name starts with this one's ("a,b" takes "a,b,c"'s too)
+    own = f"adapter_fusion_layer.{fusion_name}."
+    state = {k: t for k, t in state.items() if own in k or "adapter_fusion_layer." not in k}
     groups = _ah_groups(state, r"adapter_fusion_layer\." + re.escape(fusion_name))
     placement = None
     reg = registry(model)
     first = reg.configs.get(config.adapters[0]) if reg else None
     if first is not None:
         placement = first.placement
+    if placement == "parallel":
+        raise ValueError("AdapterHub fuses parallel adapters with the sublayer's input added twice (the fusion's "
+                         "residual and the parallel adapter's own) and, with residual_before, to the keys and values; "
+                         "pet_fast's fusion of parallel adapters adds it once: not imported")
+    unused_dense = not (config.query or config.key or config.value)  # AdapterHub then keeps an unused Linear
     name = _safe_name(fusion_name) if name is None else name
 
     def fill(task_state):
@@ -572,6 +590,8 @@ def import_adapterhub_fusion(model: nn.Module, path, name: Optional[str] = None)
                     if src in g:
                         values[k] = g[src]
             unknown = set(g) - {"query.weight", "query.bias", "key.weight", "key.bias", "value.weight"}
+            if unused_dense:
+                unknown -= {"dense.weight", "dense.bias"}
             if unknown:
                 raise ValueError(f"AdapterHub fusion has tensors pet_fast does not implement: {sorted(unknown)}")
             steps = fusion._buffers.get("temperature_steps")  # (AdapterHub keeps no annealing state: it starts over)

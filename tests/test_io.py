@@ -426,6 +426,9 @@ def test_import_adapterhub_adapter_llama_layout(tmp_path):
     H, d = 32, 4
     path = tmp_path / "ll"
     _ah_adapter_files(path, "t", "pfeiffer", H, 0, d)  # config only
+    meta = json.loads((path / "adapter_config.json").read_text())
+    meta["model_type"] = "llama"
+    (path / "adapter_config.json").write_text(json.dumps(meta))
     g = torch.Generator().manual_seed(3)
     state = {}
     for i in range(2):
@@ -493,3 +496,61 @@ def test_a_head_that_cannot_be_copied_leaves_the_model_as_it_was():
     assert not any(_sites.site_kind(m) for m in model.modules())
     assert not any("pet_fast_tasks" in n for n, _ in model.named_modules())
     pet_fast.inject(model, pet_fast.AdapterConfig(train_head=False), "t")  # (without a head copy it attaches)
+
+
+def test_an_adapterhub_adapter_from_another_model_is_refused(tmp_path):
+    """Its facts are checked as pet_fast's own checkpoints' are: the model type (a BERT adapter's output sites are
+    not GPT-2's), and the layers its config places adapters in (one for a 1-layer model in a 2-layer one)."""
+    _ah_adapter_files(tmp_path / "bert", "a", "pfeiffer", 32, 2, 4)
+    with pytest.raises(ValueError, match="saved from model_type 'bert'; this model is 'gpt2'"):
+        pet_fast.load(build("gpt2"), tmp_path / "bert")
+    _ah_adapter_files(tmp_path / "short", "a", "pfeiffer", 32, 1, 4)
+    model = build("bert")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"weights for layers \[0\] \(leave_out=\[\]\); this model has 2 layers"):
+        pet_fast.load(model, tmp_path / "short")
+    _assert_unchanged(model, snap)
+
+
+def test_adapterhub_gelu_orig_is_the_exact_gelu(tmp_path):
+    _ah_adapter_files(tmp_path / "a", "a", "pfeiffer", 32, 2, 4, act="gelu_orig")
+    model = build("bert")
+    pet_fast.load(model, tmp_path / "a")
+    assert model._pet_fast_registry.configs["a"].activation == "gelu"
+
+
+def _ah_fusion_dir(path, names, cfg, state):
+    path.mkdir()
+    (path / "adapter_fusion_config.json").write_text(json.dumps({"adapter_names": names, "config": cfg, "hidden_size": 32,
+                                                                 "model_type": "bert", "name": ",".join(names)}))
+    torch.save(state, path / "pytorch_model_adapter_fusion.bin")
+
+
+def test_adapterhub_fusion_files_as_adapterhub_writes_them(tmp_path):
+    """A fusion's file also holds the layers of fusions whose names start with its own ("a,b" saves "a,b,c"'s):
+    they are left out. Without query, key and value AdapterHub keeps an unused dense layer: left out too.
+    Fusions of parallel adapters (which AdapterHub adds the sublayer input to twice) are refused."""
+    H = 32
+    for i, n in enumerate(("a", "b")):
+        _ah_adapter_files(tmp_path / n, n, "pfeiffer", H, 2, 4, seed=i)
+    base = {"key": False, "query": False, "value": False, "query_before_ln": False, "residual_before": False,
+            "temperature": False, "value_before_softmax": True, "value_initialized": False}
+    state = {}
+    for i in range(2):
+        state[f"bert.encoder.layer.{i}.output.adapter_fusion_layer.a,b.dense.weight"] = torch.randn(1, H)
+        state[f"bert.encoder.layer.{i}.output.adapter_fusion_layer.a,b.dense.bias"] = torch.randn(1)
+        state[f"bert.encoder.layer.{i}.output.adapter_fusion_layer.a,b,c.value.weight"] = torch.randn(H, H)
+    _ah_fusion_dir(tmp_path / "fusion", ["a", "b"], base, state)
+    model = build("bert")
+    for n in ("a", "b"):
+        pet_fast.load(model, tmp_path / n)
+    assert pet_fast.load(model, tmp_path / "fusion") == "a_b"
+    for i, n in enumerate(("p", "q")):
+        _ah_adapter_files(tmp_path / n, n, "parallel", H, 2, 4, seed=i)
+    _ah_fusion_dir(tmp_path / "pfusion", ["p", "q"], base, {k.replace("a,b.", "p,q."): t for k, t in state.items()
+                                                          if "a,b." in k})
+    model = build("bert")
+    for n in ("p", "q"):
+        pet_fast.load(model, tmp_path / n)
+    with pytest.raises(ValueError, match="fuses parallel adapters with the sublayer's input added twice"):
+        pet_fast.load(model, tmp_path / "pfusion")
