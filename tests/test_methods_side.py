@@ -371,3 +371,21 @@ def test_side_cache_leaves_calls_with_a_prepared_attention_mask_alone():
         got = model(input_ids=ids, attention_mask=masked, example_ids=[0, 1, 2]).last_hidden_state
         assert len(calls) == 2
         torch.testing.assert_close(got, model(input_ids=ids, attention_mask=masked).last_hidden_state, rtol=0, atol=0)
+
+
+def test_training_a_side_task_together_with_another_task_is_refused():
+    """The side task runs the base without gradients: a task active with it would get none (it silently did not
+    train). Together they still run without gradients; a prefix task injects after a side task (its check of
+    the backbone's position_ids read the side site's (*args, **kwargs))."""
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2), "s")
+    pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=2, train_head=False), "p")
+    pet_fast.set_active(model, ["s", "p"])
+    ids, mask = batch()
+    model.train()
+    with pytest.raises(ValueError, match=r"side task 's' runs the frozen base without gradients, so tasks \['p'\]"):
+        model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    model.eval()
+    model(input_ids=ids, attention_mask=mask)

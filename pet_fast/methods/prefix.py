@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -374,7 +373,7 @@ def _install_position_hook(model: nn.Module, holder, reg) -> None:
         target, kind = base.embeddings, "embeddings"
     else:
         target, kind = base, "model"
-        if "position_ids" not in inspect.signature(target.forward).parameters:
+        if "position_ids" not in models.signature(type(target).forward).parameters:
             raise ValueError(f"{type(target).__name__}.forward takes no position_ids; set shift_positions=False")
     handle = target.register_forward_pre_hook(_ShiftPositions(holder, reg, kind), with_kwargs=True)
     model.__dict__["_pet_fast_prefix_position_hook"] = handle
@@ -438,7 +437,7 @@ class PrefixConfig(MethodConfig):
                              f"not {current!r}")
         if self.shift_positions:
             base = getattr(model, "base_model", model)
-            if "position_ids" not in inspect.signature(base.forward).parameters:
+            if "position_ids" not in models.signature(type(base).forward).parameters:
                 raise ValueError(f"{type(base).__name__}.forward takes no position_ids; use shift_positions=False")
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32

@@ -459,6 +459,11 @@ def side_forward(site, *args, **kwargs):
     use_cache = (branch.use_cache and ids is not None and isinstance(ref, torch.Tensor) and ref.dim() >= 2
                  and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2))
     alone = len(site.registry.active) == 1
+    if not alone and host.training and torch.is_grad_enabled():
+        others = [n for n in site.registry.active if n != side_name]
+        raise ValueError(f"side task {side_name!r} runs the frozen base without gradients, so tasks {others} active "
+                         f"with it would not train (their parameters would get no gradient): train them apart "
+                         f"(set_active one task), or run the two together without gradients")
     hidden = out = None
     if use_cache:
         if not alone:
