@@ -250,9 +250,10 @@ def _forward_masks(model: nn.Module) -> _ForwardMasks:
 class MaskConfig(MethodConfig):
     """Mask-tuning: every ``nn.Linear`` (and GPT-2 ``Conv1D``) in the transformer blocks, or those
     named by ``target_modules`` (not in the task head, which each task copies and trains whole), computes
-    with ``W * 1[scores > threshold]``; only the scores (and the head) train, through the straight-through estimator. Scores start at ``init_score``
-    (default ``threshold + 0.01``), so the first mask keeps every weight. Several mask tasks share
-    the frozen weights; ``pet_fast.merge(model)`` folds the active one into plain linears."""
+    with ``W * 1[scores > threshold]``; only the scores (and the head) train, through the straight-through
+    estimator. Scores start at ``init_score`` (default ``threshold + 0.01``), so the first mask keeps every
+    weight. Several mask tasks share the frozen weights; ``pet_fast.merge(model)`` folds the active one into
+    plain linears."""
 
     method = "mask"
     threshold: float = 0.0
