@@ -183,8 +183,7 @@ class AdapterConfig(MethodConfig):
     ``["attention.output.dense"]``) after which an adapter runs on their output (houlsby/pfeiffer:
     ``h + A(h)``; parallel: ``h + A(input)``), for any model (without a transformers config, give ``bottleneck``;
     modules of the task head, e.g. ``classifier.dense``, are left out: each task has its own copy of the head,
-    which trains whole). ``leave_out``: block indices
-    to skip.
+    which trains whole). ``leave_out``: block indices to skip.
     """
 
     method = "adapter"
@@ -306,7 +305,7 @@ class AdapterConfig(MethodConfig):
                 continue
             ref = next(host.parameters(), None)
             dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-            adapter = BottleneckAdapter(_width(host, kind, hidden), r, activation=self.activation, scaling=self.scaling, init=self.init,
-                                        dtype=dtype, device=None if ref is None else ref.device)
+            adapter = BottleneckAdapter(_width(host, kind, hidden), r, activation=self.activation, scaling=self.scaling,
+                                        init=self.init, dtype=dtype, device=None if ref is None else ref.device)
             adapter.placement = self.placement
             task_holder(host)[name] = adapter

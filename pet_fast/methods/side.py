@@ -283,23 +283,18 @@ def _base_eval(host: nn.Module):
     by its threads: the first thread in switches them and the last one out switches them back (a thread leaving
     earlier turned dropout on in the middle of another's base)."""
     if torch.compiler.is_compiling():  # (traced code takes no lock; it runs as one call)
-        switched = [m for m in _base_modules(host) if m.training]
-        for m in switched:
-            object.__setattr__(m, "training", False)
+        switched = _switch_off(host)
         try:
             yield
         finally:
-            for m in switched:
-                object.__setattr__(m, "training", True)
+            _switch_on(switched)
         return
     switch = host.__dict__.get(_EVAL_SWITCH)
     if switch is None:
         switch = host.__dict__.setdefault(_EVAL_SWITCH, _EvalSwitch())
     with switch.lock:
         if switch.inside == 0:
-            switch.switched = [m for m in _base_modules(host) if m.training]
-            for m in switch.switched:
-                object.__setattr__(m, "training", False)
+            switch.switched = _switch_off(host)
         switch.inside += 1
     try:
         yield
@@ -307,9 +302,20 @@ def _base_eval(host: nn.Module):
         with switch.lock:
             switch.inside -= 1
             if switch.inside == 0:
-                for m in switch.switched:
-                    object.__setattr__(m, "training", True)
+                _switch_on(switch.switched)
                 switch.switched = []
+
+
+def _switch_off(host: nn.Module) -> list:
+    switched = [m for m in _base_modules(host) if m.training]
+    for m in switched:
+        object.__setattr__(m, "training", False)
+    return switched
+
+
+def _switch_on(switched: list) -> None:
+    for m in switched:
+        object.__setattr__(m, "training", True)
 
 
 _EVAL_SWITCH = "_pet_fast_base_eval"
