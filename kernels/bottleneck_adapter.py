@@ -37,7 +37,8 @@ reduction kernel's fp32 accumulators do not fit in registers.
 ``d_residual`` is ``dy`` itself.
 
 Tile shapes of the per-token-tile kernels are autotuned per (d, RP, power-of-two class of N, dtype
-class) on a GPU; the reduction kernel uses fixed tiles (its grid, and so its partials buffer, depends on them).
+class, variant: LayerNorm, residual, scaling mode, activation) on a GPU; the reduction kernel uses fixed
+tiles (its grid, and so its partials buffer, depends on them).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast to fp32 right after loading and the
 matrix products run in fp32; on a GPU fp16/bf16 operands go to tensor cores with fp32 accumulation and
@@ -579,9 +580,13 @@ def _split_grid(n):
     return lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_D"],)
 
 
-_fwd_tuned = triton.autotune(adapter_row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+# Autotuning keys: the sizes, and every variant switch of the kernel (a LayerNorm or a residual read
+# changes the best tile), so that variants do not share one tuned tile.
+_fwd_tuned = triton.autotune(adapter_row_configs(), key=["D", "RP", "n_bucket", "UPCAST", "HAS_BD", "HAS_BU", "S_MODE",
+                                                         "HAS_RES", "ADD_X", "LN", "HAS_LNW", "HAS_LNB", "ACT"],
                              prune_configs_by={"early_config_prune": prune_adapter_configs})(_fwd_kernel)
-_bwd_rows_tuned = triton.autotune(adapter_row_configs(), key=["D", "RP", "n_bucket", "UPCAST"],
+_bwd_rows_tuned = triton.autotune(adapter_row_configs(), key=["D", "RP", "n_bucket", "UPCAST", "HAS_BD", "S_MODE",
+                                                              "ADD_DY", "LN", "HAS_LNW", "HAS_LNB", "ACT"],
                                   prune_configs_by={"early_config_prune": prune_adapter_bwd_configs})(_bwd_rows_kernel)
 
 

@@ -159,7 +159,9 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
+# Autotuning keys: the sizes and every constexpr that is not a tile size (variants do not share a tuned tile).
+@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K", "FROM_BITS", "HAS_BIAS", "UPCAST", "FP32_DOT",
+                                                       "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_K", check_shared=True)})
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_words, threshold,
@@ -189,7 +191,8 @@ def _forward_kernel(x_ptr, w_ptr, s_ptr, bits_ptr, b_ptr, y_ptr, M, N, K, n_word
              mask=m_ok[:, None] & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, transpose=True), key=["M", "N", "K", "FROM_BITS", "PRECISION"],
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, transpose=True), key=["M", "N", "K", "FROM_BITS", "UPCAST", "FP32_DOT",
+                                                                       "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_N", check_shared=True)})
 @triton.jit
 def _grad_input_kernel(dy_ptr, w_ptr, s_ptr, bits_ptr, dx_ptr, M, N, K, n_words, threshold,
@@ -234,7 +237,8 @@ def _wgrad_configs():
             for bn, bk, bm, w, s in tiles]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS", "PRECISION"],
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "WEIGHT_GRAD", "BIAS_GRAD", "FROM_BITS", "UPCAST",
+                                               "FP32_DOT", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
 @triton.jit
 def _grad_weight_kernel(dy_ptr, x_ptr, w_ptr, s_ptr, bits_ptr, ds_ptr, dw_ptr, db_ptr, M, N, K, n_words, threshold,

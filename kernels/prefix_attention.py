@@ -711,11 +711,13 @@ def _prune(tiles: dict, few_rows_tiles: bool):
 
 def _autotuned(kernel, extra: dict, backward: bool, few_rows_tiles: bool = False):
     tiles = _class_tiles(extra, backward)
-    return triton.autotune(_tile_configs(tiles), key=_TUNE_KEY,
+    params = {p.name for p in _replay._jit_function(kernel).params}
+    return triton.autotune(_tile_configs(tiles), key=[k for k in _TUNE_KEY if k in params],
                            prune_configs_by={"early_config_prune": _prune(tiles, few_rows_tiles)})(kernel)
 
 
-_TUNE_KEY = ["D", "tune_l", "tune_s", "HAS_KPM", "CAUSAL", "BLOCK_D", "DROPOUT"]
+# Every constexpr that is not a tile size is in the key (EVEN_D, UPCAST, IEEE and SCAN follow from the others).
+_TUNE_KEY = ["D", "tune_l", "tune_s", "HAS_KPM", "CAUSAL", "BLOCK_D", "DROPOUT", "EVEN_D", "UPCAST", "IEEE", "SCAN"]
 _fwd_tuned = _autotuned(_fwd_kernel, _FWD_TILES, False, few_rows_tiles=True)
 _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, _DKDV_TILES, True)
 _dq_tuned = _autotuned(_bwd_dq_kernel, _DQ_TILES, True)

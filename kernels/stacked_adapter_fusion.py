@@ -407,7 +407,9 @@ def _bwd_cols_kernel(X, QK, QKB, DCTX, WU, BU, S, HB, DA, PBUF, DSCBUF, PART,
         tl.store(out + off_ds + j * d_blocks + pid_d, ds)
 
 
-_fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "K", "n_bucket", "UPCAST"],
+# Autotuning keys: the sizes and every variant switch of the kernel (variants do not share a tuned tile).
+_fwd_tuned = triton.autotune(row_configs(), key=["D", "RP", "K", "KP", "n_bucket", "UPCAST", "HAS_QKB", "HAS_SM",
+                                                 "HAS_T0", "HAS_BD", "HAS_BU", "S_MODE", "ACT", "CHAIN"],
                              prune_configs_by={"early_config_prune": prune_row_configs})(_fwd_kernel)
 
 
@@ -437,7 +439,8 @@ def prune_fusion_bwd_row_configs(configs, named_args, **kwargs):
     return kept
 
 
-_bwd_rows_tuned = triton.autotune(bwd_row_configs(), key=["D", "RP", "K", "n_bucket", "UPCAST"],
+_bwd_rows_tuned = triton.autotune(bwd_row_configs(), key=["D", "RP", "K", "KP", "n_bucket", "UPCAST", "HAS_QKB",
+                                                      "HAS_SM", "HAS_T0", "HAS_BU", "S_MODE", "ACT", "WRITE_H"],
                                   prune_configs_by={"early_config_prune": prune_fusion_bwd_row_configs})(_bwd_rows_kernel)
 
 

@@ -1,4 +1,7 @@
-"""The launchers' host-side integer helpers agree with Triton's own (which they replace on the hot path)."""
+"""The launchers' host-side helpers: integer helpers that agree with Triton's own (which they replace on the
+hot path), and the autotuners' keys."""
+import importlib
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -49,3 +52,22 @@ def test_device_capability_is_queried_once_per_device(monkeypatch):
         assert calls == [0]
     finally:
         dispatch._capability.cache_clear()
+
+
+@pytest.mark.parametrize("module, names", [("bottleneck_adapter", ("_fwd_tuned", "_bwd_rows_tuned")),
+                                           ("stacked_adapter_fusion", ("_fwd_tuned", "_bwd_rows_tuned")),
+                                           ("prefix_attention", ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned")),
+                                           ("masked_linear", ("_forward_kernel", "_grad_input_kernel",
+                                                              "_grad_weight_kernel"))])
+def test_autotuning_keys_cover_every_variant_switch(module, names):
+    """Triton's autotuner keys its cache by the listed arguments (and the tensors' dtypes) only: a variant
+    switch left out of the key (a LayerNorm, a residual read, the scaling mode) shares the tile tuned for
+    another variant. Every constexpr argument that is not a tile size of the configurations is in the key."""
+    km = importlib.import_module(f"pet_fast.kernels.{module}")
+    replay = importlib.import_module("pet_fast.kernels._replay")
+    for name in names:
+        tuned = getattr(km, name)
+        fn = replay._jit_function(tuned)
+        tiles = {k for c in tuned.configs for k in c.kwargs}
+        switches = {p.name for p in fn.params if p.is_constexpr} - tiles
+        assert switches and switches <= set(tuned.keys), (name, sorted(switches - set(tuned.keys)))
