@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from . import models
-from .tasks import (TASK_ATTR, MethodConfig, check_not_a_wrapper, check_task_name, inject, no_tasks_hint,
-                    registry, remove)
+from .tasks import (TASK_ATTR, MethodConfig, check_not_a_wrapper, check_not_on_meta, check_task_name, inject,
+                    no_tasks_hint, registry, remove)
 
 CONFIG_FILE = "pet_fast_config.json"
 WEIGHTS_FILE = "pet_fast_task.safetensors"
@@ -135,10 +135,15 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
 
     name = _task_name(model, name)
     cfg = registry(model).configs[name]
+    state = task_state(model, name)
+    on_meta = [k for k, v in state.items() if v.is_meta]
+    if on_meta:  # offloaded (accelerate keeps the values elsewhere) or never materialised: no values to write
+        raise ValueError(f"save: {on_meta[0]} is on the meta device ({len(on_meta)} of task {name!r}'s tensors are): "
+                         f"save the task before offloading the model (accelerate's cpu_offload / dispatch_model)")
     path = check_save_path(path)
     key = f"{TASK_ATTR}.{name}."
     tensors, mask_shapes = {}, {}
-    for k, v in task_state(model, name).items():
+    for k, v in state.items():
         k2 = k.replace(key, f"{TASK_ATTR}.{_PLACEHOLDER}.")
         if isinstance(cfg, MaskConfig) and k.endswith(".scores"):
             base = k2[: -len(".scores")]
@@ -305,6 +310,7 @@ def load(model: nn.Module, path, name: Optional[str] = None) -> str:
     from .methods.mask import MaskConfig
 
     check_not_a_wrapper(model, "load")
+    check_not_on_meta(model, "load")
     path = Path(path)
     if not path.is_dir():
         left = sorted(path.parent.glob(f".{path.name}{_OLD_MARK}*")) if not path.exists() else []

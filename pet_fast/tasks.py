@@ -107,6 +107,18 @@ def check_not_a_wrapper(model: nn.Module, what: str) -> None:
                          f"(wrap or compile after inject and set_active)")
 
 
+def check_not_on_meta(model: nn.Module, what: str) -> None:
+    """ValueError where a tensor of ``model`` is on the meta device (built under ``torch.device("meta")`` or
+    ``init_empty_weights``, or offloaded by accelerate). A task attached there would be created on meta too,
+    and ``to_empty`` would then leave it uninitialised memory: no error, wrong outputs."""
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if tensors:
+        name, _ = tensors[0]
+        raise ValueError(f"{what}: {name} is on the meta device ({len(tensors)} of the model's tensors are): load the "
+                         f"model's weights first (from_pretrained, or to_empty + load_state_dict), then {what}; with "
+                         f"accelerate, {what} before dispatch_model / cpu_offload")
+
+
 def no_tasks_hint(model) -> str:
     """For "model has no pet_fast tasks" errors: where a wrapper (DistributedDataParallel, DataParallel,
     torch.compile's module) holds the injected model, how to reach it; else how to add a task."""
@@ -159,6 +171,7 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
         raise TypeError(f"config must be one of the pet_fast method configs ({sorted(METHODS)}), got {type(config).__name__}")
     check_task_name(name)
     check_not_a_wrapper(model, "inject")
+    check_not_on_meta(model, "inject")
     existed = registry(model) is not None
     reg = _registry_or_create(model)
     if name in reg.configs:

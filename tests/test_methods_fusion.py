@@ -819,6 +819,27 @@ def test_the_annealed_temperature_is_saved_and_loaded(tmp_path):
     torch.testing.assert_close(logits(other, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
 
 
+def test_the_annealed_temperature_follows_a_state_dict_loaded_with_assign():
+    """load_state_dict(assign=True) puts new tensors in place of temperature_steps (version 0 when read from
+    safetensors, as the fresh buffer's): the temperature follows them (it stayed at its start, 50)."""
+    model = _annealing_model()
+    ids, mask = batch()
+    model.train()
+    for _ in range(5):
+        logits(model, ids, mask)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if k.endswith("temperature_steps"):
+            state[k] = torch.tensor(int(v), dtype=v.dtype)  # version 0
+            assert state[k]._version == 0
+    other = _annealing_model()
+    other.load_state_dict(state, assign=True)
+    model.eval()
+    other.eval()
+    torch.testing.assert_close(logits(other, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
+    assert [f.T for f in other.modules() if isinstance(f, pet_fast.AdapterFusion)] == pytest.approx([50.0 - 5 * 0.05] * 2)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_a_recomputed_layer_keeps_its_forwards_temperature(reentrant):
     """Under gradient checkpointing each layer's forward runs again in the backward: it takes the temperature

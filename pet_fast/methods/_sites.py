@@ -132,12 +132,13 @@ def _adapter(module, inp, residual, add_input=False):
 
 def _frozen_layer_norm(norm) -> Optional[tuple]:
     """(weight, bias, eps) of an nn.LayerNorm over the last dimension whose parameters do not train (the
-    base's, as adapters leave it), for the adapter op to apply itself; None for anything else."""
+    base's, as adapters leave it), for the adapter op to apply itself; None for anything else, and for
+    parameters on the meta device: an offloading hook (accelerate) loads them when the norm itself is called."""
     if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
         return None
     p = norm._parameters
     w, b = p.get("weight"), p.get("bias")
-    if (w is not None and w.requires_grad) or (b is not None and b.requires_grad):
+    if any(t is not None and (t.requires_grad or t.is_meta) for t in (w, b)):
         return None
     return w, b, norm.eps
 

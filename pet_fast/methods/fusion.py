@@ -28,6 +28,12 @@ def _maybe_cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+def _seen(steps: torch.Tensor) -> tuple:
+    """What tells that ``temperature_steps`` changed outside the forwards: the tensor (a load with
+    ``assign=True`` puts a new one there, whose version may equal the old one's) and its version."""
+    return id(steps), steps._version
+
+
 class AdapterFusion(nn.Module):
     """The fusion layer of AdapterHub's ``BertFusion``.
 
@@ -68,7 +74,7 @@ class AdapterFusion(nn.Module):
         self._last_t = self.T  # the temperature of the last training forward (what its recomputation takes)
         if temperature:
             self.register_buffer("temperature_steps", torch.zeros((), dtype=torch.long, device=device))
-            self._steps_seen = self.temperature_steps._version
+            self._steps_seen = _seen(self.temperature_steps)
         self.residual_before = residual_before
         self.value_before_softmax = value_before_softmax
 
@@ -89,7 +95,8 @@ class AdapterFusion(nn.Module):
 
     def _temperature(self) -> float:
         """This call's softmax temperature, lowered after each training forward down to 1. A copy into
-        ``temperature_steps`` (load, load_state_dict: its version moves) sets the temperature from it."""
+        ``temperature_steps`` (load, load_state_dict: its version moves) or a new tensor there
+        (``load_state_dict(assign=True)``) sets the temperature from it."""
         steps = self._buffers.get("temperature_steps")
         compiling = torch.compiler.is_compiling()  # (compiled code: no version or backward-pass reads)
         if compiling and steps is not None and self.key is not None:
@@ -99,11 +106,11 @@ class AdapterFusion(nn.Module):
             if self.training:
                 steps.add_(1)
             return t
-        if steps is not None and not compiling and steps._version != self._steps_seen:
+        if steps is not None and not compiling and _seen(steps) != self._steps_seen:
             t = TEMPERATURE_START
             for _ in range(min(int(steps), 2 * ANNEALING_STEPS)):  # (one read; as the forwards lowered it, bit for bit)
                 t = max(t - self.reduction, 1.0)
-            self.T, self._last_t, self._steps_seen = t, t, steps._version
+            self.T, self._last_t, self._steps_seen = t, t, _seen(steps)
         if not self.training:
             return self.T
         if not compiling and graph_task() != -1:  # recomputed in the backward (gradient checkpointing): its
@@ -116,7 +123,7 @@ class AdapterFusion(nn.Module):
             if steps is not None:
                 steps.add_(1)
                 if not compiling:
-                    self._steps_seen = steps._version
+                    self._steps_seen = _seen(steps)
         return t
 
     def forward(self, query: torch.Tensor, values: torch.Tensor, residual: torch.Tensor, *,

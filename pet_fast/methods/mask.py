@@ -13,6 +13,7 @@ from ..ops._autocast import compute_dtype
 from ..ops.mask_packing import pack_mask, unpack_mask
 from ..ops.masked_linear import backend_for, masked_linear
 from ..ops.masked_weights import masked_weights
+from ._float32 import keeping_float32
 from ._per_forward import PerForward, attached, forgotten as _forgotten, installed
 
 
@@ -129,17 +130,7 @@ class MaskScores(nn.Module):
         """``model.to(...)``, ``.half()``, ``.cuda()`` reach the scores: they move with the model, but a cast to
         float16/bfloat16 leaves them in float32 (rounded there, scores near the threshold would land on it and
         flip the mask: the default init_score, threshold + 0.01, does at threshold 4 in bfloat16)."""
-        scores = self._parameters.get("scores")
-        if scores is not None and scores.dtype in (torch.float32, torch.float64):
-            target = fn(torch.zeros((), dtype=scores.dtype, device=scores.device))  # where fn sends a score
-            if target.dtype in (torch.float16, torch.bfloat16):
-                cast = fn
-
-                def fn(t):
-                    if t is scores or t is scores.grad:
-                        return t.to(device=target.device)
-                    return cast(t)
-        return super()._apply(fn, recurse)
+        return super()._apply(keeping_float32(self, fn), recurse)
 
     def mask(self) -> torch.Tensor:
         if self._parameters.get("scores") is None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import models
 from ..tasks import TASK_ATTR, MethodConfig, register_method, task_holder
+from ._float32 import keeping_float32
 from ._per_forward import PerForward, checkpoint_modules, uninstalled
 
 
@@ -55,8 +56,20 @@ class PrefixEncoder(nn.Module):
                                      nn.Linear(projection_dim, out_dim, **kw))
         self.dropout = nn.Dropout(dropout)
 
+    def _apply(self, fn, recurse=True):
+        """A cast of the model to float16/bfloat16 leaves the prefix in float32 (as attached to such a model)."""
+        return super()._apply(keeping_float32(self, fn), recurse)
+
+    def _check_values(self) -> None:
+        first = self.prefix if self.projection_dim is None else self.embedding
+        if first.is_meta:  # read here without calling this module: offloading hooks never load it
+            raise ValueError("the prefix's parameters are on the meta device (offloaded by accelerate?): pet_fast reads "
+                             "them without calling the PrefixEncoder, so offloading hooks do not load them; keep the "
+                             "model's pet_fast_tasks modules on the execution device")
+
     def flat(self) -> torch.Tensor:
         """(P, num_layers * 2 * num_kv_heads * head_dim)."""
+        self._check_values()
         if self.projection_dim is None:
             return self.prefix
         return self.mlp(self.embedding)
@@ -66,6 +79,7 @@ class PrefixEncoder(nn.Module):
         that layer's slice (for the MLP, only its rows of the last Linear)."""
         P, H, D = self.prefix_length, self.num_kv_heads, self.head_dim
         w = 2 * H * D
+        self._check_values()
         if self.projection_dim is None:
             x = self.prefix[:, index * w:(index + 1) * w]
         else:

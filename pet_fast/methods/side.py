@@ -102,6 +102,7 @@ import torch.nn.functional as F  # noqa: E402
 from .. import models  # noqa: E402
 from .._threads import ThreadSlot  # noqa: E402
 from ._base_graphs import BaseGraphs  # noqa: E402
+from ._float32 import keeping_float32  # noqa: E402
 from ..ops._autocast import AUTOCAST_DEVICES  # noqa: E402
 from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
@@ -202,6 +203,11 @@ class SideBranch(nn.Module):
         self.use_cache = cache
         self.cache = {}
         self.base_graphs = base_graphs
+
+    def _apply(self, fn, recurse=True):
+        """A cast of the model to float16/bfloat16 leaves the side network in float32 (as attached to such a
+        model: it trains in float32, and blend gives the head the base's dtype)."""
+        return super()._apply(keeping_float32(self, fn), recurse)
 
     def alpha(self):
         if self.alpha_logit is not None:

@@ -35,10 +35,19 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+def meta_hint(t: torch.Tensor) -> str:
+    """For device errors: why a tensor may be on the meta device, where it is."""
+    if not t.is_meta:
+        return ""
+    return ("; a meta tensor holds no values: offloaded by accelerate? pet_fast reads some parameters without "
+            "calling the modules that own them, so offloading hooks do not load them (see the README)")
+
+
 def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+            raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}"
+                             f"{meta_hint(t)}")
 
 
 def real_number(name: str, value, *, positive: bool = False) -> float:

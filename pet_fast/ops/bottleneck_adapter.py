@@ -83,7 +83,7 @@ def check_layer_norm(x, layer_norm, residual, add_input) -> Optional[tuple]:
         if not (t.dtype == x.dtype or t.dtype == torch.float32):
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}) or float32, got {t.dtype}")
         if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}{_checks.meta_hint(t)}")
         if _checks.needs_grad(t):
             raise ValueError(f"{name} requires grad: the op's LayerNorm computes no gradient for its weight and "
                              "bias (they are the frozen base's); apply the LayerNorm outside the op to train them")

@@ -59,7 +59,7 @@ def check_inputs(weights, scores, threshold, dtype) -> tuple:
         device = w.device if device is None else device
         if w.device != device or s.device != device:
             raise ValueError(f"weights[{i}] and scores[{i}] must be on the device of weights[0] ({device}), "
-                             f"got {w.device} and {s.device}")
+                             f"got {w.device} and {s.device}{_checks.meta_hint(s if s.is_meta else w)}")
     if dtype is None:
         dtype = weights[0].dtype
     elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
