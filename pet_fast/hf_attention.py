@@ -317,6 +317,10 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         return _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if query.dtype != target or key.dtype != target or value.dtype != target:
         query, key, value = query.to(target), key.to(target), value.to(target)
+    for unsupported in ("softcap", "s_aux"):  # (inject refuses such models; a model that passes them anyway)
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"prefix attention does not apply {unsupported!r} (attention logit softcapping, attention "
+                             f"sinks), which {type(module).__name__} passes: its output would be computed without it")
     pk, pv = prefix
     if pk.dtype != target or pv.dtype != target:  # the source gives them in target already, as a rule
         pk, pv = pk.to(target), pv.to(target)

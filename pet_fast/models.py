@@ -115,13 +115,29 @@ def match_targets(model: nn.Module, target_modules, *, kinds: tuple = (nn.Module
     return found
 
 
+_BLOCK_LISTS = ("layer", "layers", "h", "block", "blocks")
+
+
 def layer_index(name: str) -> int:
-    """The block index in a module name such as ``bert.encoder.layer.3.output`` (-1 if none)."""
+    """The block index in a module name such as ``bert.encoder.layer.3.output`` (-1 if none): the outermost
+    numbered block list's (T5's ``encoder.block.3.layer.1.SelfAttention``: 3, not its sub-layer's 1)."""
     parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i].isdigit() and parts[i - 1] in ("layer", "layers", "h", "block", "blocks"):
+    for i in range(1, len(parts)):
+        if parts[i].isdigit() and parts[i - 1] in _BLOCK_LISTS:
             return int(parts[i])
     return -1
+
+
+def without_left_out(found: List[tuple], leave_out) -> List[tuple]:
+    """(name, module) pairs of ``target_modules`` outside the blocks of ``leave_out``; with a ``leave_out``,
+    ValueError for a target whose name holds no block index (it could not be left out)."""
+    if not leave_out:
+        return list(found)
+    unknown = [n for n, _ in found if layer_index(n) < 0]
+    if unknown:
+        raise ValueError(f"leave_out needs each target's block index in its name ('<{'|'.join(_BLOCK_LISTS)}>.<i>'), "
+                         f"and {unknown[0]} has none ({len(unknown)} targets); choose the targets without leave_out")
+    return [(n, m) for n, m in found if layer_index(n) not in leave_out]
 
 
 def linear_like(module: nn.Module) -> bool:

@@ -325,3 +325,44 @@ def test_parallel_adapters_run_when_a_hook_wraps_the_sublayer_after_inject(kind)
     for block in models.layers(model):
         add_hook_to_module(getattr(block, "mlp"), ModelHook())  # a hook that changes nothing
     torch.testing.assert_close(logits(model, ids, mask), want, rtol=0, atol=0)
+
+
+def _tiny_t5():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=61, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)
+    return tf.T5ForConditionalGeneration(cfg).eval()
+
+
+def _hosts(model):
+    return sorted(n.rsplit(".pet_fast_tasks", 1)[0] for n, _ in model.named_modules() if n.endswith("pet_fast_tasks"))
+
+
+@pytest.mark.parametrize("config", [
+    lambda **kw: pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, **kw),
+    lambda **kw: pet_fast.MaskConfig(**kw)])
+def test_leave_out_with_target_modules_skips_blocks_not_sublayers(config):
+    """T5's names hold two indices, block.<i>.layer.<k>: leave_out took the sub-layer's k (it left out every
+    block's self-attention and kept block 0's feed-forward)."""
+    model = _tiny_t5()
+    pet_fast.inject(model, config(target_modules=["SelfAttention.o", "DenseReluDense.wo"], leave_out=[0]), "t")
+    assert _hosts(model) == [f"{stack}.block.1.layer.{k}.{part}" for stack, k, part in [
+        ("decoder", 0, "SelfAttention.o"), ("decoder", 2, "DenseReluDense.wo"),
+        ("encoder", 0, "SelfAttention.o"), ("encoder", 1, "DenseReluDense.wo")]]
+
+
+def test_leave_out_refuses_targets_without_a_block_index():
+    """ALBERT's one shared layer (albert_layer_groups.0.albert_layers.0) has no block index: leave_out was
+    ignored, with no error."""
+    import transformers as tf
+
+    cfg = tf.AlbertConfig(vocab_size=61, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=37)
+    model = tf.AlbertModel(cfg).eval()
+    with pytest.raises(ValueError, match=r"leave_out needs each target's block index .* "
+                                         r"encoder\.albert_layer_groups\.0\.albert_layers\.0\.ffn_output has none"):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, target_modules=["ffn_output"],
+                                                      leave_out=[1]), "t")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, target_modules=["ffn_output"]), "t")

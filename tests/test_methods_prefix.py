@@ -999,3 +999,34 @@ def test_two_active_tasks_with_head_copies_are_told_about_train_head():
     set_active(model, ["a", "b"])
     with pytest.raises(RuntimeError, match=r"tasks \['a', 'b'\] each have their own copy of the task head.*train_head=False"):
         model(input_ids=torch.randint(3, V, (2, 5)))
+
+
+def _gemma2(softcap):
+    import transformers as tf
+
+    cfg = tf.Gemma2Config(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, intermediate_size=37, attn_logit_softcapping=softcap,
+                          sliding_window=64, query_pre_attn_scalar=8, pad_token_id=0)
+    torch.manual_seed(0)
+    return tf.Gemma2ForCausalLM(cfg).eval()
+
+
+def test_models_whose_attention_softcaps_or_has_sinks_are_refused():
+    """Gemma2's logit softcapping and GPT-OSS's attention sinks reach the attention function as arguments the
+    prefix path did not apply: its logits were off by 2e-2 (softcap 0.05), with no error."""
+    import transformers as tf
+
+    with pytest.raises(ValueError, match="does not apply attention logit softcapping"):
+        pet_fast.inject(_gemma2(0.05), pet_fast.PrefixConfig(prefix_length=3), "p")
+    cfg = tf.GptOssConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, intermediate_size=16, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=64, pad_token_id=0, layer_types=["full_attention"] * 2)
+    with pytest.raises(ValueError, match=r"does not apply attention sinks \(GptOssAttention.sinks\)"):
+        pet_fast.inject(tf.GptOssForCausalLM(cfg).eval(), pet_fast.PrefixConfig(prefix_length=3), "p")
+    model = _gemma2(None)  # without softcapping: runs, and refuses a softcap that appears later
+    pet_fast.inject(model, pet_fast.PrefixConfig(prefix_length=3), "p")
+    ids = torch.randint(3, 61, (2, 5))
+    model(input_ids=ids)
+    model.model.layers[1].self_attn.attn_logit_softcapping = 0.05
+    with pytest.raises(ValueError, match="does not apply 'softcap'.*which Gemma2Attention passes"):
+        model(input_ids=ids)

@@ -183,7 +183,9 @@ class AdapterConfig(MethodConfig):
     ``["attention.output.dense"]``) after which an adapter runs on their output (houlsby/pfeiffer:
     ``h + A(h)``; parallel: ``h + A(input)``), for any model (without a transformers config, give ``bottleneck``;
     modules of the task head, e.g. ``classifier.dense``, are left out: each task has its own copy of the head,
-    which trains whole). ``leave_out``: block indices to skip.
+    which trains whole). ``leave_out``: block indices to skip (with ``target_modules``, the index of the
+    outermost numbered block list in each target's name, ``...layer.<i>.``: in an encoder-decoder model
+    both stacks' blocks ``i``; a target without one is refused).
     """
 
     method = "adapter"
@@ -242,9 +244,8 @@ class AdapterConfig(MethodConfig):
         fam = models.family(model)
         out = []
         if self.target_modules is not None:
-            for name, mod in models.match_targets(model, self.target_modules):
-                if models.layer_index(name) not in self.leave_out:
-                    out.append((mod, "generic", None))
+            for name, mod in models.without_left_out(models.match_targets(model, self.target_modules), self.leave_out):
+                out.append((mod, "generic", None))
             return out
         if fam == "generic":
             raise ValueError(f"model type {models.model_type(model)!r} has no known adapter placement; pass target_modules")

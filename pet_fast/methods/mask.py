@@ -244,7 +244,7 @@ class MaskConfig(MethodConfig):
     with ``W * 1[scores > threshold]``; only the scores (and the head) train, through the straight-through
     estimator. Scores start at ``init_score`` (default ``threshold + 0.01``), so the first mask keeps every
     weight. Several mask tasks share the frozen weights; ``pet_fast.merge(model)`` folds the active one into
-    plain linears."""
+    plain linears. ``leave_out``: block indices to skip, as AdapterConfig's."""
 
     method = "mask"
     threshold: float = 0.0
@@ -276,7 +276,7 @@ class MaskConfig(MethodConfig):
             bad = [n for n, m in found if not models.linear_like(m)]
             if bad:
                 raise ValueError(f"mask-tuning needs nn.Linear (or Conv1D) targets; not linear: {bad}")
-            return [(n, m) for n, m in found if models.layer_index(n) not in self.leave_out]
+            return models.without_left_out(found, self.leave_out)
         if models.family(model) == "generic":
             raise ValueError(f"model type {models.model_type(model)!r} has no known transformer blocks; pass target_modules")
         out = []

@@ -183,6 +183,13 @@ def model_dims(model: nn.Module) -> Tuple[int, int, int, int]:
     if not mods:
         raise ValueError(f"found no self-attention modules (with a layer_idx) in {type(model).__name__}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap:
+        raise ValueError(f"prefix tuning does not apply attention logit softcapping (the model's "
+                         f"attn_logit_softcapping is {softcap}): its attention would be computed without it")
+    if "sinks" in mods[0]._parameters:
+        raise ValueError(f"prefix tuning does not apply attention sinks ({type(mods[0]).__name__}.sinks): its attention "
+                         f"would be computed without them")
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = (getattr(mods[0], "head_dim", None) or getattr(mods[0], "attention_head_size", None)
