@@ -1030,3 +1030,50 @@ def test_models_whose_attention_softcaps_or_has_sinks_are_refused():
     model.model.layers[1].self_attn.attn_logit_softcapping = 0.05
     with pytest.raises(ValueError, match="does not apply 'softcap'.*which Gemma2Attention passes"):
         model(input_ids=ids)
+
+
+def _opt(head):
+    cfg = tf.OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=0,
+                       eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    return {"lm": tf.OPTForCausalLM, "cls": tf.OPTForSequenceClassification}[head](cfg).eval()
+
+
+@pytest.mark.parametrize("head", ["lm", "cls"])
+def test_opt_positions_come_from_the_mask_shifted_by_the_prefix(head):
+    """OPT derives positions from the attention mask (padding-aware). The position hook sat on base_model's
+    forward: OPTForCausalLM calls the decoder past it (no shift: 0.17 off PEFT's), and on
+    OPTForSequenceClassification it replaced the mask's positions by arange + P (a left-padded row 1.0 off)."""
+    model = _opt(head)
+    base = copy.deepcopy(model)
+    inject(model, PrefixConfig(prefix_length=3, init_std=1.0), "p")
+    ids, mask = torch.randint(3, 61, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    ids[0, :2], mask[0, :2] = 1, 0  # left padding
+    with torch.no_grad():
+        table = prefix_encoder(model, "p").flat()
+        L, Hkv, D, _ = model_dims(base)
+        cache = peft_cache(table, L, Hkv, D, 2, base.config)
+        full = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
+        if head == "lm":
+            got, want = model(input_ids=ids, attention_mask=mask).logits, base(input_ids=ids, attention_mask=full,
+                                                                               **{CACHE: cache}).logits
+        else:
+            got = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            want = base.model(input_ids=ids, attention_mask=full, **{CACHE: cache}).last_hidden_state
+            unpadded = model.model(input_ids=ids[:1, 2:]).last_hidden_state
+            torch.testing.assert_close(got[:1, 2:], unpadded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 2:][mask[:, 2:].bool()], want[:, 2:][mask[:, 2:].bool()], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_opt_generation_with_a_prefix_equals_it_without_the_cache():
+    model = _opt("lm")
+    inject(model, PrefixConfig(prefix_length=3, init_std=1.0), "p")
+    ids, mask = torch.randint(3, 61, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    ids[0, :2], mask[0, :2] = 1, 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    cached = model.generate(ids, **kw)
+    torch.testing.assert_close(cached, model.generate(ids, use_cache=False, **kw))
+    with pytest.raises(ValueError, match="these tokens need 66 positions, but the model has 64"):
+        model(input_ids=torch.randint(3, 61, (1, 63)))

@@ -321,13 +321,15 @@ class _ShiftPositions:
             return None
         kwargs = dict(kwargs)
         pos = kwargs.get("position_ids")
-        if pos is not None:
+        if pos is not None and self.kind != "mask_positions":
             kwargs["position_ids"] = pos + shift
             if pos.numel() and _position_table(module) is not None and not torch.compiler.is_compiling():
                 # (one read of the largest: a sync on a GPU, only for models with a table of absolute positions,
                 # only where the caller passes positions; compiled code checks nothing here)
                 _check_positions(module, pos.shape[-1], int(pos.max()) + 1 + shift, shift, given=True)
             return args, kwargs
+        if self.kind == "mask_positions":
+            return args, self._mask_positions(module, args, kwargs, shift)
         if self.kind == "embeddings":
             # BERT/RoBERTa embeddings take the cache length and derive the positions from it (RoBERTa:
             # from the padding of input_ids), exactly as PEFT's prefix of length P in the cache does.
@@ -354,6 +356,38 @@ class _ShiftPositions:
         _check_positions(module, T, past + shift + T, shift)
         kwargs["position_ids"] = (torch.arange(T, device=ref.device) + (past + shift)).unsqueeze(0)
         return args, kwargs
+
+
+    @staticmethod
+    def _mask_positions(module, args, kwargs, shift: int) -> dict:
+        """A position embedding that derives the positions from the attention mask (OPT's: the count of real
+        tokens so far, -1 at padding; its model passes them in, or the embedding computes them): real tokens'
+        positions + P, as a prefix of P real tokens in the cache gives them; padding keeps -1."""
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            params = list(models.signature(type(module).forward).parameters)[1:]
+            bound = dict(zip(params, args), **kwargs)
+            mask, past = bound["attention_mask"], int(bound.get("cache_length", bound.get("past_key_values_length", 0)))
+            pos = ((torch.cumsum(mask, dim=1) * mask) - 1).long()[:, past:]
+        kwargs["position_ids"] = torch.where(pos >= 0, pos + shift, pos)
+        if pos.numel() and not torch.compiler.is_compiling():  # (a read of the largest: a sync on a GPU)
+            end = int(pos.max()) + 1 + shift
+            limit = module.num_embeddings - int(getattr(module, "offset", 0))
+            if end > limit:
+                raise ValueError(
+                    f"prefix tuning with shift_positions=True moves the tokens' positions by the prefix length {shift} "
+                    f"(as PEFT does): these tokens need {end} positions, but the model has {limit}; use "
+                    f"PrefixConfig(shift_positions=False) or sequences of at most {limit - shift} positions")
+        return kwargs
+
+
+def _mask_position_embedding(base: nn.Module):
+    """The model's position embedding that derives positions from the attention mask (an nn.Embedding whose
+    forward takes ``attention_mask`` and ``position_ids``: OPT's), or None."""
+    for m in base.modules():
+        if isinstance(m, nn.Embedding) and {"attention_mask", "position_ids"} <= set(models.signature(type(m).forward).parameters):
+            return m
+    return None
 
 
 def _tokens(ref) -> int:
@@ -392,6 +426,9 @@ def _install_position_hook(model: nn.Module, holder, reg) -> None:
     base = getattr(model, "base_model", model)
     if models.family(model) == "bert" and hasattr(getattr(base, "embeddings", None), "position_embeddings"):
         target, kind = base.embeddings, "embeddings"
+    elif _mask_position_embedding(base) is not None:
+        # hooked where the positions are made: OPTForCausalLM calls the decoder itself, past base_model's forward
+        target, kind = _mask_position_embedding(base), "mask_positions"
     else:
         target, kind = base, "model"
         if "position_ids" not in models.signature(type(target).forward).parameters:
