@@ -1,4 +1,6 @@
 """SideConfig: frozen base without graph or saved activations, side network, alpha, cache."""
+import copy
+
 import pytest
 import torch
 
@@ -389,3 +391,61 @@ def test_training_a_side_task_together_with_another_task_is_refused():
         model(input_ids=ids, attention_mask=mask)
     model.eval()
     model(input_ids=ids, attention_mask=mask)
+
+
+def _generic_lm(kind, **over):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "opt":
+        cfg = tf.OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=37,
+                           max_position_embeddings=64, dropout=0.0, **over)
+        return tf.OPTForCausalLM(cfg).eval()
+    cfg = tf.GPTNeoXConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37, max_position_embeddings=64, **over)
+    return tf.GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["opt", "neox"])
+def test_side_network_on_other_decoders_runs_and_is_causal(kind):
+    """OPTForCausalLM calls its decoder past the backbone's forward: the side task never ran (alpha=0 gave the
+    plain model's logits, and nothing trained). And on decoders other than GPT-2 and Llama the side network
+    attended to later tokens (their configs' is_decoder is False): a token's logits saw the future."""
+    model = _generic_lm(kind)
+    plain = copy.deepcopy(model)
+    pet_fast.inject(model, pet_fast.SideConfig(alpha=0.0, width=16, heads=2), "s")
+    with torch.no_grad():
+        for p in pet_fast.task_parameters(model, "s").values():
+            p.add_(torch.randn_like(p) * 0.5)
+    ids = torch.randint(3, 61, (2, 7))
+    later = ids.clone()
+    later[:, 4:] = torch.randint(3, 61, (2, 3))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        assert (got - plain(input_ids=ids).logits).abs().max() > 0.1
+        torch.testing.assert_close(model(input_ids=later).logits[:, :4], got[:, :4], rtol=0, atol=0)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in pet_fast.task_parameters(model, "s").items() if "network" in n)
+
+
+def test_side_network_reads_embeddings_narrower_than_the_hidden_states():
+    """ALBERT's and ELECTRA's token embeddings are narrower than hidden_size, OPT's last hidden states too
+    (word_embed_proj_dim): the first forward failed inside nn.Linear. ViT's patch embeddings are refused."""
+    import transformers as tf
+
+    small = dict(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    models = [tf.AlbertForSequenceClassification(tf.AlbertConfig(embedding_size=16, **small)),
+              tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=24, **small)),
+              _generic_lm("opt", word_embed_proj_dim=16)]
+    ids = torch.randint(3, 61, (2, 7))
+    for model in models:
+        model.eval()
+        plain = copy.deepcopy(model)
+        pet_fast.inject(model, pet_fast.SideConfig(alpha=1.0, width=16, heads=2), "s")
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    vit = tf.ViTForImageClassification(tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                    intermediate_size=37, image_size=16, patch_size=8))
+    with pytest.raises(ValueError, match="runs its side network on token embeddings .* are a ViTPatchEmbeddings"):
+        pet_fast.inject(vit, pet_fast.SideConfig(width=16, heads=2), "s")

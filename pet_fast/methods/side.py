@@ -129,17 +129,17 @@ class _SideBlock(nn.Module):
 
 
 class SideNetwork(nn.Module):
-    """The default side network: the frozen input embeddings (width d) -> Linear(d, width) + learned
-    positions -> ``layers`` small pre-LN transformer blocks (causal for decoder models) -> LayerNorm ->
-    Linear(width, d). The last projection starts at zero (the side output starts at 0)."""
+    """The default side network: the frozen input embeddings (width ``d_embed``, default d) -> Linear(d_embed,
+    width) + learned positions -> ``layers`` small pre-LN transformer blocks (causal for decoder models) ->
+    LayerNorm -> Linear(width, d). The last projection starts at zero (the side output starts at 0)."""
 
     def __init__(self, d_model: int, *, width: int = 64, layers: int = 1, heads: int = 4, ffn: Optional[int] = None,
-                 max_positions: int = 512, causal: bool = False):
+                 max_positions: int = 512, causal: bool = False, d_embed: Optional[int] = None):
         super().__init__()
         if width % heads:
             raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
         self.causal = causal
-        self.proj_in = nn.Linear(d_model, width)
+        self.proj_in = nn.Linear(d_embed or d_model, width)
         self.pos = nn.Parameter(torch.randn(max_positions, width) * 0.02)
         self.blocks = nn.ModuleList([_SideBlock(width, heads, ffn or 4 * width) for _ in range(layers)])
         self.norm = nn.LayerNorm(width)
@@ -502,11 +502,13 @@ def side_forward(site, *args, **kwargs):
         emb = inputs_embeds if inputs_embeds is not None else host.get_input_embeddings()(input_ids)
     mask2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
     side = branch.network(emb.detach(), mask2d, arguments.get("position_ids"))
+    if side.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"side task {side_name!r}: the side network gives {side.shape[-1]} features, but "
+                         f"{type(host).__name__}'s last hidden states have {hidden.shape[-1]}")
     blended = branch.blend(hidden, side)
     if branch.training and torch.is_grad_enabled():
         branch.steps += 1
-    pooler = getattr(host, "pooler", None)
-    pooled = pooler(blended) if isinstance(pooler, nn.Module) else None
+    pooled = _pooled(host, blended)
     if out is None:  # served from the cache or replayed: built as the backbone builds its output
         return _output(host, arguments, blended, pooled)
     if isinstance(out, tuple):
@@ -515,6 +517,17 @@ def side_forward(site, *args, **kwargs):
     if pooled is not None:
         out.pooler_output = pooled
     return out
+
+
+def _pooled(host: nn.Module, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    """The backbone's pooled output of the blended states, as it pools its own: a pooler module on the whole
+    sequence (BERT's takes the first token itself), or ALBERT's Linear and activation on the first token."""
+    pooler = getattr(host, "pooler", None)
+    if isinstance(pooler, nn.Linear):
+        act = getattr(host, "pooler_activation", None)
+        pooled = pooler(hidden[:, 0])
+        return act(pooled) if isinstance(act, nn.Module) else pooled
+    return pooler(hidden) if isinstance(pooler, nn.Module) else None
 
 
 def _output(host: nn.Module, arguments: dict, hidden: torch.Tensor, pooled: Optional[torch.Tensor]):
@@ -532,11 +545,33 @@ def _output(host: nn.Module, arguments: dict, hidden: torch.Tensor, pooled: Opti
     return out if return_dict else out.to_tuple()
 
 
+def side_host(model: nn.Module) -> nn.Module:
+    """The module whose forward side-tuning takes over: the backbone, or the transformers model inside it
+    that embeds the same tokens and runs the blocks where the backbone only hands its inputs on (OPT's
+    decoder: OPTForCausalLM calls it itself, past the backbone's forward)."""
+    host = models.backbone(model)
+    emb = host.get_input_embeddings() if hasattr(host, "get_input_embeddings") else None
+    while emb is not None:
+        inner = [c for c in host.children() if hasattr(c, "config") and hasattr(c, "get_input_embeddings")
+                 and c.get_input_embeddings() is emb and "input_ids" in models.signature(type(c).forward).parameters]
+        if len(inner) != 1:
+            break
+        host = inner[0]
+    return host
+
+
+def _causal(host: nn.Module) -> bool:
+    """Whether the base's self-attention is causal (a decoder's: the side network must not see later tokens
+    either). transformers' attention modules say so in ``is_causal`` (BERT's: its config's is_decoder)."""
+    return any(getattr(m, "is_causal", False) is True for n, m in host.named_modules()
+               if "Attention" in type(m).__name__ and "cross" not in n.lower())
+
+
 @contextlib.contextmanager
 def example_ids(model: nn.Module, ids):
     """Give the ids of the examples of the next forwards (for the side-tuning cache), when the model
     call cannot take ``example_ids=`` itself."""
-    host = models.backbone(model)
+    host = side_host(model)
     slot = host.__dict__.get(_IDS_ATTR)
     if slot is None:  # (per thread: another thread's forwards keep their own ids)
         slot = host.__dict__[_IDS_ATTR] = ThreadSlot()
@@ -623,24 +658,30 @@ class SideConfig(MethodConfig):
     def attach(self, model: nn.Module, name: str, registry) -> None:
         from . import _sites
 
-        host = models.backbone(model)
+        host = side_host(model)
         if not hasattr(host, "get_input_embeddings") or host.get_input_embeddings() is None:
             raise ValueError("side-tuning needs a transformers backbone with input embeddings")
+        if not isinstance(host.get_input_embeddings(), nn.Embedding):
+            raise ValueError(f"side-tuning runs its side network on token embeddings (an nn.Embedding); "
+                             f"{type(model).__name__}'s input embeddings are a {type(host.get_input_embeddings()).__name__}")
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError(f"side-tuning blends the backbone's last hidden states with a side network over its input "
                              f"tokens; encoder-decoder models ({type(model).__name__}: the decoder's states are over "
                              f"other tokens) are not supported")
         _sites.check_installable(host, "side")
         hidden = models.hidden_size(model)
+        project_out = getattr(host, "project_out", None)  # OPT's: its last hidden states narrower than hidden_size
+        if isinstance(project_out, nn.Linear):
+            hidden = project_out.out_features
         cfg = getattr(model, "config", None)
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
-        causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False))
+        causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False)) or _causal(host)
         ref = host.get_input_embeddings().weight
         # trained in float32 (float64 in a float64 model), also in a bfloat16 or float16 model: blend() gives
         # the head the base's dtype
         dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
         network = SideNetwork(hidden, width=self.width, layers=self.layers, heads=self.heads, ffn=self.ffn,
-                              max_positions=max_pos, causal=causal)
+                              max_positions=max_pos, causal=causal, d_embed=ref.shape[1])  # (ALBERT's are narrower)
         branch = SideBranch(network, alpha=self.alpha, alpha_init=self.alpha_init, alpha_end=self.alpha_end,
                             schedule_steps=self.schedule_steps, cache=self.cache,
                             base_graphs=self.base_graphs).to(device=ref.device, dtype=dtype)
