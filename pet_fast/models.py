@@ -39,9 +39,11 @@ def family(model: nn.Module) -> str:
     return "generic"
 
 
-# The task heads of transformers models that every task gets its own trainable copy of (attach_task_head).
-# Not LM heads (tied to the embeddings or pretrained) nor the pooler (pretrained).
-TASK_HEADS = ("classifier", "score", "qa_outputs")
+# The task heads of transformers models that every task gets its own trainable copy of (attach_task_head): the
+# model's direct children that its task class adds on the backbone (BART's and T5's classification_head,
+# DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's sequence_summary). Not LM heads (tied to the
+# embeddings or pretrained) nor a backbone's own pooler (BERT's: pretrained, inside model.bert).
+TASK_HEADS = ("classifier", "score", "qa_outputs", "classification_head", "pre_classifier", "pooler", "sequence_summary")
 
 
 # --------------------------------------------------------------------------------------------

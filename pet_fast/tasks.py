@@ -39,7 +39,8 @@ def register_method(cls):
 
 @dataclasses.dataclass
 class MethodConfig:
-    """Base of the method configs. ``train_head``: keep the task head (e.g. the classifier) trainable."""
+    """Base of the method configs. ``train_head``: give the task its own trainable copy of the task head (the
+    model's children named in ``models.TASK_HEADS``: the classifier, and e.g. DistilBERT's pre_classifier)."""
 
     method: ClassVar[str] = ""
     train_head: bool = True

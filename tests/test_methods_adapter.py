@@ -366,3 +366,48 @@ def test_leave_out_refuses_targets_without_a_block_index():
         pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, target_modules=["ffn_output"],
                                                       leave_out=[1]), "t")
     pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, target_modules=["ffn_output"]), "t")
+
+
+@pytest.mark.parametrize("kind, heads", [("bart", ["classification_head"]),
+                                         ("distilbert", ["classifier", "pre_classifier"]),
+                                         ("deberta-v2", ["classifier", "pooler"])])
+def test_task_heads_of_other_classification_models_train_and_are_saved(kind, heads, tmp_path):
+    """BART's (and T5's) classification_head, DistilBERT's pre_classifier and DeBERTa's pooler are new layers of
+    the task class: they stayed frozen at their random init with train_head=True, and were not saved."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "bart":
+        cfg = tf.BartConfig(vocab_size=61, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_labels=3)
+        make, target = lambda: tf.BartForSequenceClassification(cfg).eval(), "fc2"
+    elif kind == "distilbert":
+        cfg = tf.DistilBertConfig(vocab_size=61, dim=32, n_layers=1, n_heads=4, hidden_dim=37, num_labels=3)
+        make, target = lambda: tf.DistilBertForSequenceClassification(cfg).eval(), "lin2"
+    else:
+        cfg = tf.DebertaV2Config(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=37, num_labels=3)
+        make, target = lambda: tf.DebertaV2ForSequenceClassification(cfg).eval(), "output.dense"
+    model = make()
+    torch.manual_seed(0)
+    fresh = make()
+    with torch.no_grad():  # another random head: the saved task must bring its own
+        for head in heads:
+            for p in getattr(fresh, head).parameters():
+                p.normal_()
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, target_modules=[target]), "t")
+    names = pet_fast.trainable_parameters(model)
+    for head in heads:
+        assert any(n.startswith(f"{head}.pet_fast_tasks.t.") for n in names), (head, sorted(names))
+    ids = torch.randint(3, 61, (2, 7))
+    ids[:, -1] = 2  # (BART classifies at its last eos token)
+    model.train()
+    opt = torch.optim.SGD(list(names.values()), lr=0.5)
+    for _ in range(2):
+        model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    pet_fast.load(fresh, pet_fast.save(model, tmp_path / "t", "t"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

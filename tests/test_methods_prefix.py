@@ -1077,3 +1077,11 @@ def test_opt_generation_with_a_prefix_equals_it_without_the_cache():
     torch.testing.assert_close(cached, model.generate(ids, use_cache=False, **kw))
     with pytest.raises(ValueError, match="these tokens need 66 positions, but the model has 64"):
         model(input_ids=torch.randint(3, 61, (1, 63)))
+
+
+def test_encoder_decoder_models_are_refused_by_name():
+    """T5 and BART were refused with "could not map the attention modules ... (layer_idx [0, 0, 0, 1, 1, 1])"."""
+    cfg = tf.BartConfig(vocab_size=61, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37)
+    with pytest.raises(ValueError, match=r"prefix tuning of encoder-decoder models \(BartForConditionalGeneration\)"):
+        inject(tf.BartForConditionalGeneration(cfg), PrefixConfig(prefix_length=3), "p")

@@ -175,6 +175,9 @@ def model_dims(model: nn.Module) -> Tuple[int, int, int, int]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("prefix tuning needs a transformers PreTrainedModel (with a config and an attention interface)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"prefix tuning of encoder-decoder models ({type(model).__name__}) is not supported: it "
+                         f"attaches to one stack of self-attention layers")
     can = getattr(model, "_can_set_attn_implementation", None)
     if callable(can) and not can():
         raise ValueError(f"{type(model).__name__} does not route its attention through transformers' AttentionInterface; "
