@@ -111,7 +111,7 @@ def test_pre_ln_closed_form(kind, placement):
     torch.testing.assert_close(logits(model, ids, mask), logits(base, ids, mask), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "gpt2", "llama", "mistral", "qwen2", "qwen3"])
 def test_identity_init_keeps_logits_and_gradients_reach_exactly_the_task(kind):
     model = build(kind)
     ids, mask = batch()

@@ -48,9 +48,10 @@ def make(family, impl="sdpa"):
         cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=impl)
         return tf.GPT2LMHeadModel(cfg).eval()
-    kv = {"llama": 2, "mistral": 2, "qwen2": 1}[family]
-    cfgcls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-    clsm = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family]
+    kv = {"llama": 2, "mistral": 2, "qwen2": 1, "qwen3": 2}[family]
+    cfgcls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
+    clsm = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+            "qwen3": tf.Qwen3ForCausalLM}[family]
     cfg = cfgcls(num_key_value_heads=kv, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
                  pad_token_id=0, **common)
     return clsm(cfg).eval()
@@ -145,7 +146,7 @@ def injected(family, impl="sdpa", **kw):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("qwen3",))  # (Qwen3: its q/k norms come before the prefix joins)
 def test_matches_prefix_as_cached_tokens(family, impl):
     proj = 8 if impl == "eager" else None  # MLP re-parametrisation on one, flat on the other
     model, base = injected(family, impl, projection_dim=proj)
@@ -157,7 +158,7 @@ def test_matches_prefix_as_cached_tokens(family, impl):
         ref = reference(base, family, table, ids, mask)
         plain = run(base, family, ids, mask)
     real = mask.bool()
-    if family in CAUSAL:
+    if family in CAUSAL + ("qwen3",):
         close(out[real], ref[real])
         assert (out[real] - plain[real]).abs().max() > 1e-2  # the prefix does change the outputs
     else:

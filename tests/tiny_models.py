@@ -5,7 +5,8 @@ V = 61  # vocabulary
 
 
 def build(kind: str, *, head: str = "cls", seed: int = 0, num_labels: int = 3):
-    """kind: bert | roberta | gpt2 | llama | mistral | qwen2; head: cls (sequence classification) | lm | base."""
+    """kind: bert | roberta | electra | gpt2 | llama | mistral | qwen2 | qwen3; head: cls (sequence
+    classification) | lm | base."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -20,11 +21,15 @@ def build(kind: str, *, head: str = "cls", seed: int = 0, num_labels: int = 3):
         cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64, pad_token_id=0,
                             bos_token_id=1, eos_token_id=2, num_labels=num_labels)
         classes = (tf.GPT2ForSequenceClassification, tf.GPT2LMHeadModel, tf.GPT2Model)
-    elif kind in ("llama", "mistral", "qwen2"):
-        cls_cfg = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[kind]
+    elif kind == "electra":  # (token embeddings narrower than the hidden states)
+        cfg = tf.ElectraConfig(embedding_size=24, hidden_size=32, max_position_embeddings=64, **common)
+        classes = (tf.ElectraForSequenceClassification, tf.ElectraForMaskedLM, tf.ElectraModel)
+    elif kind in ("llama", "mistral", "qwen2", "qwen3"):
+        cls_cfg = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+                   "qwen3": tf.Qwen3Config}[kind]
         cfg = cls_cfg(hidden_size=32, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
                       eos_token_id=2, **common)
-        name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+        name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
         classes = (getattr(tf, f"{name}ForSequenceClassification"), getattr(tf, f"{name}ForCausalLM"), getattr(tf, f"{name}Model"))
     else:
         raise ValueError(kind)
