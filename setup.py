@@ -48,8 +48,9 @@ def _extension():
             sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
             nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
-            if archs is None:
-                nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+            if archs is None:  # machine code for A100/H100, and compute_90 PTX that newer GPUs (sm_100, sm_120) compile
+                nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+                               "-gencode=arch=compute_90,code=compute_90"]
             ext = CUDAExtension(
                 name="pet_fast._C",
                 sources=sources,
