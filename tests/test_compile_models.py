@@ -187,6 +187,41 @@ def test_fusion_with_dropout_on_the_scores_compiles_fullgraph(backend):
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("key", [True, False])
+def test_compiled_annealing_takes_each_steps_gradients_at_its_own_temperature(key):
+    """AOT autograd recomputed the temperature from the step count in the backward, after the forward had counted
+    the step: the key's gradient came at the next step's temperature (x 50/49.95, far below the model test's
+    tolerance; the float32 temperature of compiled code against eager's float64 differs by ~3e-7). Without a key projection the query side takes the temperature: one graph for all steps (a
+    Python float there compiled once per step)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    d = 8
+    adapters = [pet_fast.BottleneckAdapter(d, 3) for _ in range(2)]
+    fusions = [pet_fast.AdapterFusion(d, temperature=True, key=key).train() for _ in range(2)]
+    with torch.no_grad():  # (larger scores: the temperature shows)
+        fusions[0].query.weight.normal_()
+        if key:
+            fusions[0].key.weight.normal_()
+    fusions[1].load_state_dict(fusions[0].state_dict())
+    x = torch.randn(2, 5, d)
+    eager = fusions[0]
+    compiled = torch.compile(lambda x: fusions[1].fuse(x, x, x, adapters), backend="aot_eager", fullgraph=True)
+    counters.clear()
+    for step in range(4):
+        eager.fuse(x, x, x, adapters).square().sum().backward()
+        compiled(x).square().sum().backward()
+        for name, p in eager.named_parameters():
+            if p.grad is None:  # (the key's bias: cancels in the softmax)
+                continue
+            got = dict(fusions[1].named_parameters())[name].grad
+            assert float((got - p.grad).abs().max() / p.grad.abs().max()) < 1e-5, (name, step)
+            p.grad = None
+        fusions[1].zero_grad(set_to_none=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert int(fusions[1].temperature_steps) == int(eager.temperature_steps) == 4
+
+
 def test_fusion_with_an_annealed_temperature_compiles_once():
     """temperature=True lowers the softmax temperature at every training forward: compiled code reads it from the
     buffer as a tensor, so ten fullgraph training steps need no recompilation (a Python float would be a graph

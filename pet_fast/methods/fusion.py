@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..dispatch import graph_task
-from ..ops import _checks
+from ..ops import _autograd, _checks
 from ..ops._autocast import compute_dtype
 from ..ops import adapter_fusion as fusion_ops
 from ._per_forward import PerForward, attached, forgotten as _forgotten, installed
@@ -22,6 +22,21 @@ FOLD_MIN_TOKENS_PER_WIDTH = 1.0
 # temperature=True (AdapterHub's): the softmax temperature starts here and falls by 1/ANNEALING_STEPS of it per
 # training forward, down to 1
 TEMPERATURE_START, ANNEALING_STEPS = 50.0, 1000
+
+
+def _annealed(steps: torch.Tensor, start: float, reduction: float) -> torch.Tensor:
+    return (start - reduction * steps).clamp(min=1.0).to(torch.float32)
+
+
+def _annealed_fake(steps: torch.Tensor, start: float, reduction: float) -> torch.Tensor:
+    return torch.empty((), dtype=torch.float32, device=steps.device)
+
+
+# The temperature compiled code reads from ``temperature_steps`` before it counts the step, as an opaque op: AOT
+# autograd recomputes cheap arithmetic on a graph input in the backward instead of saving it, and by then the
+# step count (the input) has moved on, so the key's gradient was taken at the next step's temperature (a factor
+# 50/49.95 at the start). An op it cannot recompute keeps the forward's value for the backward.
+ANNEALED_TEMPERATURE = _autograd.custom_op("fusion_annealed_temperature", _annealed, fake=_annealed_fake)
 
 
 def _maybe_cast(t, dtype):
@@ -99,10 +114,10 @@ class AdapterFusion(nn.Module):
         (``load_state_dict(assign=True)``) sets the temperature from it."""
         steps = self._buffers.get("temperature_steps")
         compiling = torch.compiler.is_compiling()  # (compiled code: no version or backward-pass reads)
-        if compiling and steps is not None and self.key is not None:
-            # compiled code takes it from the buffer, a tensor (folded into the key side, _temperature_folded): a
-            # Python float would be a constant of the graph, compiled again at every step
-            t = (TEMPERATURE_START - self.reduction * steps).clamp(min=1.0)
+        if compiling and steps is not None and (self.key is not None or self.query is not None):
+            # compiled code takes it from the buffer, a tensor (folded into the key or query side,
+            # _temperature_folded): a Python float would be a constant of the graph, compiled again at every step
+            t = ANNEALED_TEMPERATURE(steps, TEMPERATURE_START, self.reduction)
             if self.training:
                 steps.add_(1)
             return t
@@ -242,8 +257,10 @@ def _temperature_folded(proj: dict, shift: Optional[torch.Tensor], t) -> tuple:
     scores (the folded query-key product and its bias, or the key projection and its bias; the score shift) and
     temperature 1 for the op. A temperature annealed at every training forward (``temperature=True``) would
     otherwise be a new constant of the fused kernels' recorded launches at every step, recorded anew each time
-    (kernels/_replay.py). The scores are the same up to rounding; without a key side the temperature stays."""
-    names = ("w_query_key", "b_query_key") if proj.get("w_query_key") is not None else ("w_key", "b_key")
+    (kernels/_replay.py). The scores are the same up to rounding. Without a key projection, the query side
+    takes it (the scores are bilinear in the two); without either the temperature stays."""
+    names = (("w_query_key", "b_query_key") if proj.get("w_query_key") is not None
+             else ("w_key", "b_key") if proj.get("w_key") is not None else ("w_query", "b_query"))
     if proj.get(names[0]) is None or (not isinstance(t, torch.Tensor) and t == 1.0):  # (a tensor: compiled code's)
         return proj, shift, t
     inv = 1.0 / t
