@@ -1,4 +1,5 @@
 """FusionConfig: AdapterHub's BertFusion over adapter tasks, checked against closed forms."""
+import contextlib
 import copy
 
 import pytest
@@ -950,3 +951,40 @@ def test_vmap_over_the_fused_adapters_weights():
         got = vmap(run)(sets)
         for i in range(2):
             torch.testing.assert_close(got[i], run({k: v[i] for k, v in sets.items()}))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_layer_run_without_grad_leaves_later_layers_projections_their_gradients(monkeypatch, fold):
+    """The per-forward batch of every layer's projections was keyed without grad mode: made at a first layer run
+    under no_grad (frozen lower layers, a reentrant checkpoint), later layers took it, and their fusion's query,
+    key and value got no gradient (float32 from d tokens per call, any size under autocast)."""
+    from pet_fast.methods import fusion as fusion_mod
+
+    ids, mask = batch(B=4)  # (36 tokens: the fold pays from d = 32)
+
+    def grads(batched):
+        monkeypatch.setattr(fusion_mod, "FOLD_MIN_TOKENS_PER_WIDTH", 1.0 if batched and fold else 1e9)
+        model = _fused_model("pfeiffer")
+        model.train()
+        if batched and not fold:  # the cast batch: under autocast
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+        else:
+            ctx = contextlib.nullcontext()
+        layer0 = model.bert.encoder.layer[0]
+        inner = layer0.forward
+
+        def frozen(*a, **kw):
+            with torch.no_grad():
+                return inner(*a, **kw)
+
+        layer0.forward = frozen
+        with ctx:
+            logits(model, ids, mask).float().square().sum().backward()
+        return {k: p.grad for k, p in pet_fast.trainable_parameters(model).items() if "layer.1." in k and ".f." in k}
+
+    ref, got = grads(False), grads(True)
+    assert ref and all(g is not None for g in ref.values())
+    assert [k for k, g in got.items() if g is None] == []
+    if fold:
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)

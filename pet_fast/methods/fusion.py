@@ -352,7 +352,8 @@ class _ForwardProjections(PerForward):
         if torch.compiler.is_compiling() or not self.open:
             return None
         name, cache = module.__dict__.get("_task"), self.cache
-        key = (name, dtype, fold, key_bias)
+        # grad mode in the key: a batch made under no_grad (a frozen lower layer) holds no graph for later layers
+        key = (name, dtype, fold, key_bias, torch.is_grad_enabled())
         batch = cache.get(key)
         if batch is None:
             batch = cache[key] = self._batch(name, dtype, module, fold, key_bias)
