@@ -46,6 +46,13 @@ def family(model: nn.Module) -> str:
 TASK_HEADS = ("classifier", "score", "qa_outputs", "classification_head", "pre_classifier", "pooler", "sequence_summary")
 
 
+def task_heads(model: nn.Module) -> List[str]:
+    """Names of ``model``'s children that are task heads (TASK_HEADS); a bare backbone (BertModel: its own
+    pretrained pooler is a direct child) has none of its pooler."""
+    bare = backbone(model) is model
+    return [n for n, _ in model.named_children() if n in TASK_HEADS and not (bare and n == "pooler")]
+
+
 # --------------------------------------------------------------------------------------------
 # Attach points per family
 
@@ -104,7 +111,7 @@ def match_targets(model: nn.Module, target_modules, *, kinds: tuple = (nn.Module
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
     # A task head is copied per task and trains whole (attach_task_head): its modules are no targets.
-    heads = tuple(n + "." for n, _ in model.named_children() if n in TASK_HEADS)
+    heads = tuple(n + "." for n in task_heads(model))
     found, in_heads = [], []
     for name, mod in model.named_modules():
         if "pet_fast_tasks" in name.split("."):
@@ -139,7 +146,17 @@ def without_left_out(found: List[tuple], leave_out) -> List[tuple]:
     if unknown:
         raise ValueError(f"leave_out needs each target's block index in its name ('<{'|'.join(_BLOCK_LISTS)}>.<i>'), "
                          f"and {unknown[0]} has none ({len(unknown)} targets); choose the targets without leave_out")
+    check_leave_out(leave_out, sorted({layer_index(n) for n, _ in found}))
     return [(n, m) for n, m in found if layer_index(n) not in leave_out]
+
+
+def check_leave_out(leave_out, blocks) -> None:
+    """ValueError for a ``leave_out`` index that names none of ``blocks`` (a negative index, or one past the
+    last block, would skip nothing)."""
+    stray = sorted(set(leave_out) - set(blocks))
+    if stray:
+        raise ValueError(f"leave_out {stray} names no block of the model (its blocks: {min(blocks)}..{max(blocks)})"
+                         if blocks else f"leave_out {stray}: the model has no blocks")
 
 
 def linear_like(module: nn.Module) -> bool:
@@ -157,8 +174,9 @@ def attach_task_head(model: nn.Module, name: str, registry) -> List[nn.Parameter
     from .methods import _sites
 
     params = []
+    heads = task_heads(model)
     for child_name, child in list(model.named_children()):
-        if child_name not in TASK_HEADS:
+        if child_name not in heads:
             continue
         try:
             _sites.check_installable(child, "head")

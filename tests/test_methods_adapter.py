@@ -411,3 +411,35 @@ def test_task_heads_of_other_classification_models_train_and_are_saved(kind, hea
     pet_fast.load(fresh, pet_fast.save(model, tmp_path / "t", "t"))
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [lambda **kw: pet_fast.AdapterConfig(placement="houlsby", **kw),
+                                    lambda **kw: pet_fast.MaskConfig(**kw)])
+def test_leave_out_refuses_indices_that_name_no_block(config):
+    """leave_out=[-1] (meant as the last block) or [5] on a 2-block model skipped nothing, with no error."""
+    for bad in ([-1], [5], [0, 2]):
+        with pytest.raises(ValueError, match=r"leave_out \[.*\] names no block of the model \(its blocks: 0\.\.1\)"):
+            pet_fast.inject(build("bert"), config(leave_out=bad), "t")
+        with pytest.raises(ValueError, match=r"names no block of the model \(its blocks: 0\.\.1\)"):
+            pet_fast.inject(build("bert"), config(leave_out=bad, target_modules=["output.dense"]), "t")
+    model = build("bert")
+    pet_fast.inject(model, config(leave_out=[1]), "t")
+    assert all(".layer.0." in n for n in _hosts(model) if ".layer." in n)
+
+
+def test_a_bare_backbone_keeps_its_pretrained_pooler_frozen():
+    """BertModel's pooler is its direct child: it took it for a task head and trained a copy per task."""
+    model = build("bert", head="base")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby"), "t")
+    assert not any("pooler" in n for n in pet_fast.trainable_parameters(model))
+
+
+def test_an_adapter_after_a_module_without_parameters_takes_the_models_dtype():
+    """A target without parameters (a dropout) gave the adapter float32 on the CPU whatever the model's dtype and
+    device."""
+    model = build("bert").double()
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", target_modules=["attention.output.dropout"]), "t")
+    params = {n: p for n, p in pet_fast.task_parameters(model, "t").items() if "dropout" in n}
+    assert params and all(p.dtype == torch.float64 for p in params.values())
+    ids, mask = batch()
+    assert logits(model, ids, mask).dtype == torch.float64

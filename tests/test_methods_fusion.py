@@ -125,6 +125,25 @@ def test_fusion_regularization_value():
     ws = [m.value.weight for m in model.modules() if isinstance(m, pet_fast.AdapterFusion)]
     want = sum(0.01 * (torch.eye(32) - w).pow(2).sum() for w in ws)
     torch.testing.assert_close(pet_fast.fusion_regularization_loss(model), want)
+    torch.testing.assert_close(pet_fast.fusion_regularization_loss(model, "f"), want)
+
+
+def test_fusion_regularization_follows_the_config():
+    """FusionConfig(regularization=False) (the static kind's default) was read by no code: the loss counted its
+    value projections all the same."""
+    model = build("bert")
+    for i in range(2):
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4), f"a{i}")
+    pet_fast.inject(model, pet_fast.FusionConfig(adapters=["a0", "a1"], regularization=False), "f")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, pet_fast.AdapterFusion):
+                m.value.weight.normal_()
+    assert float(pet_fast.fusion_regularization_loss(model)) == 0.0
+    with pytest.raises(ValueError, match="fusion task 'f' was configured with regularization=False"):
+        pet_fast.fusion_regularization_loss(model, "f")
+    with pytest.raises(ValueError, match="'a0' is not a fusion task"):
+        pet_fast.fusion_regularization_loss(model, "a0")
 
 
 def test_fusion_defaults_and_refusals():

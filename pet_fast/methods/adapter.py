@@ -249,7 +249,9 @@ class AdapterConfig(MethodConfig):
             return out
         if fam == "generic":
             raise ValueError(f"model type {models.model_type(model)!r} has no known adapter placement; pass target_modules")
-        for i, block in enumerate(models.layers(model)):
+        blocks = models.layers(model)
+        models.check_leave_out(self.leave_out, range(len(blocks)))
+        for i, block in enumerate(blocks):
             if i in self.leave_out:
                 continue
             parts = models.block_parts(block, fam)
@@ -304,8 +306,10 @@ class AdapterConfig(MethodConfig):
             _sites.install(host, kind, registry, peer)
             if kind == "capture":
                 continue
-            ref = next(host.parameters(), None)
-            dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+            ref = next((p for p in host.parameters() if p.is_floating_point()), None)
+            if ref is None:  # a target without parameters (a dropout, an activation): the model's dtype and device
+                ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+            dtype = None if ref is None else ref.dtype
             adapter = BottleneckAdapter(_width(host, kind, hidden), r, activation=self.activation, scaling=self.scaling,
                                         init=self.init, dtype=dtype, device=None if ref is None else ref.device)
             adapter.placement = self.placement

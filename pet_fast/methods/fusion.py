@@ -57,8 +57,11 @@ class AdapterFusion(nn.Module):
     identity (1 on the diagonal, 1e-6 elsewhere); ``temperature=True`` starts the softmax temperature
     at 50 and lowers it by 0.05 per training forward down to 1 (its progress is the buffer
     ``temperature_steps``, saved with the task; a layer recomputed in the backward under gradient
-    checkpointing takes its forward's temperature and lowers nothing); ``dropout`` applies to the attention
-    scores in training, as AdapterHub applies it (before the temperature; the key bias then counts). In
+    checkpointing takes the temperature of the module's last training forward and lowers nothing: its own
+    forward's where each forward has its backward, as in gradient accumulation, but with two training
+    forwards before one backward the first is recomputed at the second's temperature, 0.05 lower);
+    ``dropout`` applies to the attention scores in training, as AdapterHub applies it (before the
+    temperature; the key bias then counts). In
     :meth:`fuse` the stacked op takes it as its ``score_mask``, and in :meth:`forward` (given adapter outputs)
     the given-outputs op, so the fused backends train with it.
     """
@@ -591,11 +594,21 @@ class FusionConfig(MethodConfig):
 
 def fusion_regularization_loss(model: _nn.Module, name: Optional[str] = None) -> torch.Tensor:
     """AdapterHub's fusion regularizer: ``0.01 * sum ||I - W_value||_F^2`` over the value projections
-    of fusion task ``name`` (default: the active fusion tasks) whose weight trains."""
+    of fusion task ``name`` (default: the active fusion tasks configured with ``regularization``) whose
+    weight trains. A ``name`` configured without it is refused (ValueError)."""
     from ..tasks import TASK_ATTR, registry
 
     reg = registry(model)
-    names = [name] if name is not None else [n for n in (reg.active if reg else ()) if isinstance(reg.configs[n], FusionConfig)]
+    if name is not None:
+        cfg = reg.configs.get(name) if reg else None
+        if not isinstance(cfg, FusionConfig):
+            raise ValueError(f"{name!r} is not a fusion task of this model")
+        if not cfg.regularization:
+            raise ValueError(f"fusion task {name!r} was configured with regularization=False")
+        names = [name]
+    else:
+        names = [n for n in (reg.active if reg else ()) if isinstance(reg.configs[n], FusionConfig)
+                 and reg.configs[n].regularization]
     total = None
     for mod in model.modules():
         holder = mod._modules.get(TASK_ATTR)

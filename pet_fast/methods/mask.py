@@ -280,7 +280,9 @@ class MaskConfig(MethodConfig):
         if models.family(model) == "generic":
             raise ValueError(f"model type {models.model_type(model)!r} has no known transformer blocks; pass target_modules")
         out = []
-        for i, block in enumerate(models.layers(model)):
+        blocks = models.layers(model)
+        models.check_leave_out(self.leave_out, range(len(blocks)))
+        for i, block in enumerate(blocks):
             if i in self.leave_out:
                 continue
             for n, m in block.named_modules():
