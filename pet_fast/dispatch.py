@@ -56,14 +56,16 @@ class _OpEntry:
 _REGISTRY: dict[str, _OpEntry] = {}
 # Stack of use_backend() choices, one per thread (a block in one thread must not change what another
 # thread's calls pick); a plain list inside, so torch.compile can trace it.
-_LOCAL = threading.local()
+class _Local(threading.local):
+    def __init__(self):  # (per thread, at its first access: never made inside a traced call, where torch.compile
+        self.stack = []  # guarded on its absence and compiled the model again at the second call)
+
+
+_LOCAL = _Local()
 
 
 def _context() -> list:
-    stack = getattr(_LOCAL, "stack", None)
-    if stack is None:
-        stack = _LOCAL.stack = []
-    return stack
+    return _LOCAL.stack
 
 
 # The stacks of the threads that have a use_backend() block open. Autograd runs a GPU's backward in a thread of

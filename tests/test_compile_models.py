@@ -263,3 +263,55 @@ def test_fusion_with_an_annealed_temperature_compiles_once():
     assert all(int(m.temperature_steps) == 10 for m in fusions)
     model.eval()  # eager again: the temperature read back from the buffer
     assert all(m._temperature() == pytest.approx(50.0 - 10 * 0.05) for m in fusions)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "fusion"])
+def test_compiled_adapters_follow_the_sequence_length_without_a_graph_per_length(method):
+    """auto's ranking of backends read the call's token count as an int: each sequence length compiled a new graph
+    (fullgraph=True failed at dynamo's recompilation limit, 8). It now guards on the count's power-of-two class."""
+    from torch._dynamo.utils import counters
+
+    model = build("bert", num_labels=2)
+    if method == "fusion":
+        for n in ("x", "y"):
+            pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", bottleneck=4), n)
+        pet_fast.inject(model, pet_fast.FusionConfig(adapters=["x", "y"], dropout_prob=0.0), "t")
+    else:
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4), "t")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    counters.clear()
+    labels = torch.tensor([0, 1, 0])
+    for T in range(9, 21):
+        ids, mask = batch(T=T)
+        got = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(got, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    # transformers' problem_type, the first static graph, the dynamic one, and the classes 16-31 and 32-63 tokens
+    assert counters["stats"]["unique_graphs"] <= 4
+
+
+def test_a_new_thread_compiles_the_model_once():
+    """use_backend()'s per-thread stack was made inside the first traced call: the second call compiled again."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    model = build("bert", head="base")
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4), "a")
+    compiled = torch.compile(model, backend="eager")
+    ids, mask = batch()
+    seen = []
+
+    def run():
+        counters.clear()
+        for _ in range(3):
+            compiled(input_ids=ids, attention_mask=mask)
+        seen.append(counters["stats"]["unique_graphs"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == [1]

@@ -20,6 +20,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 DEFAULT_ORDER = ("cuda", "triton", "eager")
 ENV_VAR = "PET_FAST_DISPATCH_TABLE"
 
@@ -100,6 +102,19 @@ def table_device(path) -> str | None:
     return None if device is None else str(device)
 
 
+def _hint(size) -> int:
+    """A size as an int. Under torch.compile a symbolic size is read as its power-of-two class, found by
+    comparisons (guards on the class's bounds): int() of it held the compiled graph to that exact token count
+    (one recompilation per sequence length; fullgraph=True failed at dynamo's limit). The order only ranks
+    correct backends."""
+    if not torch.compiler.is_compiling():
+        return int(size)
+    k = 1
+    while size >= 2 * k:
+        k *= 2
+    return k
+
+
 def preference(op: str):
     """A preference function for ``dispatch.set_preference(op, ...)``, reading :data:`TABLE`."""
 
@@ -108,7 +123,7 @@ def preference(op: str):
             return list(DEFAULT_ORDER)
         mode = "fwd+bwd" if info.get("requires_grad") else "fwd"
         dtype = str(info["dtype"]).replace("torch.", "")
-        point = [math.log(max(int(info.get(key, 1)), 1)) for key in ("n", "d", "r", "k")]
+        point = [math.log(max(_hint(info.get(key, 1)), 1)) for key in ("n", "d", "r", "k")]
         best, best_dist = None, None
         for row in TABLE:
             if row[0] != op or row[1] != mode:
