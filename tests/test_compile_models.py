@@ -315,3 +315,41 @@ def test_a_new_thread_compiles_the_model_once():
     thread.start()
     thread.join()
     assert seen == [1]
+
+
+def test_side_tuning_with_a_scheduled_alpha_compiles_once_and_matches_eager():
+    """The schedule read the step count with int(): a graph break in every forward, alpha a Python float guarded by
+    value (one graph per step up to dynamo's limit), and fullgraph=True failed. Compiled code now reads it from
+    the buffer as a tensor, before the step is counted: every step's gradients are eager's."""
+    from torch._dynamo.utils import counters
+
+    def make():
+        model = build("bert", num_labels=2)
+        pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, alpha=0.9, alpha_end=0.1, schedule_steps=3), "s")
+        with torch.no_grad():
+            for p in pet_fast.task_parameters(model, "s").values():
+                p.add_(torch.randn_like(p) * 0.1)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model.train()
+
+    torch.manual_seed(0)
+    eager = make()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 0])
+    counters.clear()
+    for step in range(5):  # past the schedule's end
+        eager(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads = dict(compiled_model.named_parameters())
+        for k, p in eager.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(grads[k].grad, p.grad, rtol=1e-5, atol=1e-7, msg=f"{k} at step {step}")
+        eager.zero_grad(set_to_none=True)
+        compiled_model.zero_grad(set_to_none=True)
+    assert counters["stats"]["unique_graphs"] <= 2  # (transformers' problem_type: one more)
+    assert sum(counters["graph_break"].values()) == 0
+    assert int(compiled_model.bert.pet_fast_tasks["s"].steps) == 5
