@@ -47,7 +47,7 @@ def _why_not_buildable() -> Optional[str]:
     """A reason the extension cannot be built just in time here, or None if it can be tried."""
     import torch
 
-    if os.environ.get("PET_FAST_JIT", "1").strip() in ("0", "false", "no", "off"):
+    if os.environ.get("PET_FAST_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
         return "PET_FAST_JIT=0 disables the just-in-time build"
     if torch.version.cuda is None:
         return "torch is a CPU-only build"
@@ -72,11 +72,12 @@ def _build_just_in_time():
     sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))
     import torch
 
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{_sources_digest(sources)}"
-    build_dir = cache_dir() / tag
-    build_dir.mkdir(parents=True, exist_ok=True)
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}" + ("a" if major >= 9 else "")
+    # one folder per GPU architecture too (a cache shared by A100 and H100 nodes rebuilt at every switch)
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-sm{arch}-{_sources_digest(sources)}"
+    build_dir = cache_dir() / tag
+    build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "--use_fast_math", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     with FileLock(str(build_dir / "build.lock")):
         # torch's own lock file in the build folder outlives a build that was killed (Ctrl-C, a time limit),

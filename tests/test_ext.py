@@ -22,8 +22,9 @@ def test_absent_extension_is_explained_without_building(monkeypatch, tmp_path):
         _ext._reset_for_tests()
 
 
-def test_jit_can_be_disabled(monkeypatch):
-    monkeypatch.setenv("PET_FAST_JIT", "0")
+@pytest.mark.parametrize("value", ["0", "off", "OFF", " False "])
+def test_jit_can_be_disabled(monkeypatch, value):
+    monkeypatch.setenv("PET_FAST_JIT", value)
     assert _ext._why_not_buildable() == "PET_FAST_JIT=0 disables the just-in-time build"
 
 
@@ -60,9 +61,24 @@ def test_a_stale_torch_build_lock_is_removed_before_building(monkeypatch, tmp_pa
     monkeypatch.setattr(cpp, "load", fake_load)
     src = _ext.source_dir()
     sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{_ext._sources_digest(sources)}"
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-sm90a-{_ext._sources_digest(sources)}"
     (tmp_path / tag).mkdir(parents=True)
     (tmp_path / tag / "lock").write_text("")
     with pytest.warns(RuntimeWarning, match="stale build lock"):
         assert _ext._build_just_in_time() == "module"
     assert seen["lock"] is False and "-gencode=arch=compute_90a,code=sm_90a" in seen["flags"]
+
+
+def test_each_gpu_architecture_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """The build folder's name held no architecture: a cache shared by nodes with other GPUs rebuilt at every
+    switch (and a build for one served the other until ninja noticed the flags)."""
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("PET_FAST_CACHE", str(tmp_path))
+    folders = []
+    monkeypatch.setattr(cpp, "load", lambda name, sources, build_directory, **kw: folders.append(build_directory))
+    for cap in ((8, 0), (9, 0), (8, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cap=cap: cap)
+        _ext._build_just_in_time()
+    assert folders[0] == folders[2] != folders[1] and "-sm80-" in folders[0] and "-sm90a-" in folders[1]
