@@ -457,6 +457,9 @@ class PrefixConfig(MethodConfig):
       (AdapterHub's behaviour).
     * The prefix is never stored in the KV cache: the attention function adds it at every step, and
       the attention mask covers only real tokens (no ones(P) columns to add).
+    * Sliding-window layers (Mistral, Qwen2, Gemma3's local layers): every query sees the whole prefix,
+      however far it is from the start. PEFT's prefix, P cached tokens, leaves a query's window once the
+      query is ``sliding_window - P`` tokens in: results equal PEFT's only for sequences within that.
     * ``keep_attention_dropout``: in training, layers with attention dropout pass it to the op
       (``prefix_attention(dropout_p=...)``: the Triton kernels draw it themselves, the eager backend is
       SDPA's); False trains without attention dropout (while this task is active: a setting per task).
