@@ -42,6 +42,9 @@ from .ops._autocast import compute_dtype
 
 NAME = "pet_fast_prefix"
 ATTR = "_pet_fast_prefix"
+# On the model's other attention modules (cross-attention, modules the method did not take): the implementation
+# the model had, which they keep running.
+ORIGINAL_ATTR = "_pet_fast_original_attention"
 
 _REGISTERED = False
 
@@ -223,8 +226,8 @@ def _allowed(B, L, S, key_padding_mask, causal, device) -> Optional[torch.Tensor
 
 def _is_causal(module, kwargs) -> bool:
     c = kwargs.get("is_causal")
-    if c is None:
-        c = getattr(module, "is_causal", False)
+    if c is None:  # (transformers' rule: a module that does not say is causal)
+        c = getattr(module, "is_causal", True)
     return bool(c)
 
 
@@ -245,7 +248,7 @@ def _original_function(module: nn.Module, name: str) -> Callable:
 
 
 def _run_original(module, lp, query, key, value, attention_mask, scaling, dropout, **kwargs):
-    name = lp.original if lp is not None else "sdpa"
+    name = lp.original if lp is not None else module.__dict__.get(ORIGINAL_ATTR, "sdpa")
     fn = _original_function(module, name)
     B, L, S = query.shape[0], query.shape[2], key.shape[2]
     causal = _is_causal(module, kwargs)
@@ -388,6 +391,8 @@ def disable(model: nn.Module, modules, original: str) -> None:
     """Undo :func:`enable` and the layer prefixes set on ``modules``: the model runs ``original`` again."""
     for m in modules:
         m.__dict__.pop(ATTR, None)
+    for m in model.modules():
+        m.__dict__.pop(ORIGINAL_ATTR, None)
     if current_implementation(model) != NAME:
         return
     setter = getattr(model, "set_attn_implementation", None)
@@ -407,6 +412,9 @@ def enable(model: nn.Module) -> str:
         raise ValueError(
             f"prefix tuning runs on models configured with attn_implementation 'eager' or 'sdpa'; this model uses "
             f"{original!r}. Load it with attn_implementation='sdpa' (or 'eager')")
+    for m in model.modules():
+        if "Attention" in type(m).__name__:
+            m.__dict__[ORIGINAL_ATTR] = original
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
         setter(NAME)

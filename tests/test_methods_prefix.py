@@ -1086,3 +1086,41 @@ def test_encoder_decoder_models_are_refused_by_name():
                         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37)
     with pytest.raises(ValueError, match=r"prefix tuning of encoder-decoder models \(BartForConditionalGeneration\)"):
         inject(tf.BartForConditionalGeneration(cfg), PrefixConfig(prefix_length=3), "p")
+
+
+def test_attention_the_prefix_does_not_take_keeps_the_models_implementation():
+    """A BERT decoder's cross-attention (no prefix there) ran sdpa in an eager model: its attention weights were
+    gone (output_attentions)."""
+    cfg = tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                        max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
+                        attn_implementation="eager")
+    torch.manual_seed(0)
+    base = tf.BertLMHeadModel(cfg).eval()
+    model = copy.deepcopy(base)
+    inject(model, PrefixConfig(prefix_length=3), "p")
+    ids, enc = torch.randint(3, V, (2, 6)), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = model(input_ids=ids, encoder_hidden_states=enc, output_attentions=True)
+        assert all(a is not None and a.shape == (2, 4, 6, 5) for a in out.cross_attentions)
+        set_active(model, None)
+        out = model(input_ids=ids, encoder_hidden_states=enc, output_attentions=True)
+        want = base(input_ids=ids, encoder_hidden_states=enc, output_attentions=True)
+    for a, b in zip(out.cross_attentions + out.attentions, want.cross_attentions + want.attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    pet_fast.remove(model, "p")
+    assert not any(hf_attention.ORIGINAL_ATTR in m.__dict__ for m in model.modules())
+
+
+def test_an_attention_module_that_does_not_say_is_causal_stays_causal():
+    """transformers takes a module without is_causal for causal; the prefix path took it for bidirectional:
+    earlier tokens saw later ones."""
+    model, _ = injected("llama", "sdpa")
+    for m in model.modules():
+        if "is_causal" in m.__dict__ and "Attention" in type(m).__name__:
+            del m.is_causal
+    ids = torch.randint(3, V, (1, 8))
+    later = ids.clone()
+    later[:, 5:] = torch.randint(3, V, (1, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=later).logits[:, :5], model(input_ids=ids).logits[:, :5],
+                                   rtol=0, atol=0)
