@@ -1124,3 +1124,41 @@ def test_an_attention_module_that_does_not_say_is_causal_stays_causal():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=later).logits[:, :5], model(input_ids=ids).logits[:, :5],
                                    rtol=0, atol=0)
+
+
+def test_roberta_like_encoders_outside_the_family_shift_positions_as_roberta():
+    """Data2VecText derives positions as RoBERTa does (padding-aware, after padding_idx): outside the recognised
+    family its positions became arange(T) + P (2.8 off PEFT's on real tokens)."""
+    cfg = tf.Data2VecTextConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=70, pad_token_id=1,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    base = tf.Data2VecTextModel(cfg).eval()
+    model = copy.deepcopy(base)
+    inject(model, PrefixConfig(prefix_length=3, init_std=1.0), "p")
+    ids, mask, _ = batch([7, 4], "right")
+    ids[mask == 0] = 1
+    with torch.no_grad():
+        L, Hkv, D, _ = model_dims(base)
+        cache = peft_cache(prefix_encoder(model, "p").flat(), L, Hkv, D, 2, base.config)
+        full = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
+        want = base(input_ids=ids, attention_mask=full, **{CACHE: cache}).last_hidden_state
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    close(got[mask.bool()], want[mask.bool()])
+
+
+def test_arguments_passed_by_position_reach_the_position_hook():
+    """GPT2Model(new_ids, past): the hook read the cache from keywords only (positions from 0 again: 1.75 off);
+    LlamaModel(ids, mask, positions): the hook added position_ids as a keyword (TypeError)."""
+    model, _ = injected("gpt2")
+    gpt2 = model.transformer
+    ids = torch.randint(3, V, (1, 6))
+    with torch.no_grad():
+        full = gpt2(input_ids=ids).last_hidden_state
+        past = gpt2(input_ids=ids[:, :4], use_cache=True).past_key_values
+        close(gpt2(ids[:, 4:], past).last_hidden_state, full[:, 4:])
+    llama = injected("llama")[0].model
+    mask = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        close(llama(ids, mask, torch.arange(6)[None]).last_hidden_state,
+              llama(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6)[None]).last_hidden_state)

@@ -323,6 +323,9 @@ class _ShiftPositions:
         if not shift:
             return None
         kwargs = dict(kwargs)
+        if args and self.kind == "model":  # every argument by name (a cache or positions passed by position)
+            kwargs = _by_name(module, args, kwargs)
+            args = ()
         pos = kwargs.get("position_ids")
         if pos is not None and self.kind != "mask_positions":
             kwargs["position_ids"] = pos + shift
@@ -393,6 +396,16 @@ def _mask_position_embedding(base: nn.Module):
     return None
 
 
+def _by_name(module, args, kwargs) -> dict:
+    """``module``'s call arguments all as keywords (its forward's ``**kwargs`` merged in)."""
+    bound = models.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+    bound.pop(next(iter(bound)))  # self
+    for name, p in models.signature(type(module).forward).parameters.items():
+        if p.kind is p.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+    return bound
+
+
 def _tokens(ref) -> int:
     """The sequence length of input ids or embeddings (0 when there are none)."""
     return ref.shape[1] if ref is not None and ref.dim() >= 2 else 0
@@ -427,8 +440,12 @@ def _install_position_hook(model: nn.Module, holder, reg) -> None:
         return
 
     base = getattr(model, "base_model", model)
-    if models.family(model) == "bert" and hasattr(getattr(base, "embeddings", None), "position_embeddings"):
-        target, kind = base.embeddings, "embeddings"
+    embeddings = getattr(base, "embeddings", None)
+    takes_cache_length = isinstance(embeddings, nn.Module) and bool(
+        {"cache_length", "past_key_values_length"} & set(models.signature(type(embeddings).forward).parameters))
+    if hasattr(embeddings, "position_embeddings") and (models.family(model) == "bert" or takes_cache_length):
+        # (BERT's kind, and encoders outside the family that derive positions as it does: Data2VecText, XLM-R XL)
+        target, kind = embeddings, "embeddings"
     elif _mask_position_embedding(base) is not None:
         # hooked where the positions are made: OPTForCausalLM calls the decoder itself, past base_model's forward
         target, kind = _mask_position_embedding(base), "mask_positions"
