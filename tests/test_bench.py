@@ -41,6 +41,8 @@ def test_quick_run_writes_every_row(quick_run):
     for method in bench.METHODS:  # (the GPU-only rows: none here)
         assert any(r["row"] == f"{method}/eager" for r in rows) != (method in bench.GPU_GRAPH_METHODS)
     for r in rows:
+        if r["row"] in bench.EXTERNAL:  # (AdapterHub's or PEFT's rows, where installed: noted, may fail)
+            continue
         assert "note" not in r, r  # every row ran (no error)
         assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] is None  # no peak memory on the CPU
         assert r["vs_floor"] == pytest.approx(r["ms"] / next(f["ms"] for f in rows if f["model"] == r["model"]
