@@ -1162,3 +1162,41 @@ def test_arguments_passed_by_position_reach_the_position_hook():
     with torch.no_grad():
         close(llama(ids, mask, torch.arange(6)[None]).last_hidden_state,
               llama(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6)[None]).last_hidden_state)
+
+
+def test_a_peft_checkpoint_with_a_trained_tied_head_is_refused_and_leaves_the_model(tmp_path):
+    """GPT-2's lm_head is tied to its embeddings; PEFT's modules_to_save trains an untied copy. The import looked
+    the key up among deduplicated names, failed (AttributeError) after attaching the task, and left it attached."""
+    model = make("gpt2")
+    L, Hkv, D, _ = model_dims(model)
+    table = torch.randn(3, L * 2 * Hkv * D)
+    head = model.lm_head.weight.detach()
+    write_peft(tmp_path / "same", model, table, {"base_model.lm_head.weight": head.clone()})
+    write_peft(tmp_path / "trained", model, table, {"base_model.lm_head.weight": head + 0.5})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'lm_head.weight' is tied to 'transformer.wte.weight' in this model"):
+        pet_fast.load(model, tmp_path / "trained", "p")
+    assert registry(model) is None or "p" not in registry(model).configs
+    assert model.config._attn_implementation == "sdpa"
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    pet_fast.load(model, tmp_path / "same", "p")  # the untrained head (equal to the tied weight): imported
+    torch.testing.assert_close(prefix_encoder(model, "p").flat().detach(), table)
+
+
+def test_an_adapterhub_prefix_of_a_grouped_query_model_is_refused_saying_why(tmp_path):
+    """AdapterHub sizes a GQA model's prefix by its query heads (the keys and values repeated to them): the import
+    failed on a shape ("needs control_trans of shape (192,)") that did not say so."""
+    from safetensors.torch import save_file
+
+    model = make("llama")  # 4 query heads, 2 key/value heads
+    L, Hkv, D, _ = model_dims(model)
+    meta = {"config": {"architecture": "prefix_tuning", "flat": True, "prefix_length": 3, "non_linearity": "tanh",
+                       "leave_out": [], "use_gating": False, "dropout": 0.0}, "name": "pt", "model_class": "LlamaForCausalLM"}
+    os.makedirs(tmp_path / "ah")
+    with open(tmp_path / "ah" / "adapter_config.json", "w") as f:
+        json.dump(meta, f)
+    save_file({"model.prefix_tunings.pt.self_prefix.control_trans": torch.randn(3 * L * 2 * 4 * D)},
+              str(tmp_path / "ah" / "adapter.safetensors"))
+    with pytest.raises(ValueError, match="has 4 heads per layer .* has 2 key/value heads"):
+        pet_fast.load(model, tmp_path / "ah")

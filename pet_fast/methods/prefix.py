@@ -600,8 +600,6 @@ def peft_prefix_load(model: nn.Module, path, name: str) -> None:
     head_dim): our flat layout. ``modules_to_save`` weights (``base_model.<key>``) are copied into the
     model when it has those keys.
     """
-    from .. import tasks as _inject
-
     path = os.fspath(path)
     cfg = _read_json(path)
     if not cfg or str(cfg.get("peft_type", "")).upper() != "PREFIX_TUNING":
@@ -635,19 +633,31 @@ def peft_prefix_load(model: nn.Module, path, name: str) -> None:
         if model_sd[k].shape != tensor.shape:
             raise ValueError(f"PEFT checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, model's {k!r} is {tuple(model_sd[k].shape)}")
         extra[k] = tensor
-    _inject.inject(model, PrefixConfig(prefix_length=P, shift_positions=True), name)
-    enc = prefix_encoder(model, name)
-    with torch.no_grad():
-        enc.prefix.copy_(table.to(enc.prefix.dtype))
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
+    from ..io import attach_and_fill
+
+    def fill(_state):  # (a failure here leaves the model as it was: attach_and_fill undoes the inject)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        first = {}  # a tied tensor's first name: lm_head.weight -> transformer.wte.weight
+        for n, t in list(params.items()) + list(buffers.items()):
+            first.setdefault(id(t), n)
+        targets = []
         for k, tensor in extra.items():
             # A head the task trains has a per-task copy (<head>.pet_fast_tasks.<name>.*): PEFT's
             # modules_to_save weights belong there, so switching tasks keeps them apart.
             head, _, leaf = k.partition(".")
             task_key = f"{head}.{TASK_ATTR}.{name}.{leaf}"
             target = params.get(task_key, params.get(k, buffers.get(k)))
-            target.copy_(tensor.to(target.dtype))
+            if first[id(target)] not in (task_key, k) and not torch.equal(target, tensor.to(target.dtype)):
+                raise ValueError(f"PEFT checkpoint tensor {k!r} is tied to {first[id(target)]!r} in this model (PEFT "
+                                 f"trained an untied copy): loading it would change {first[id(target)]!r} too")
+            targets.append((target, tensor))
+        with torch.no_grad():
+            prefix_encoder(model, name).prefix.copy_(table.to(torch.float32))
+            for target, tensor in targets:
+                target.copy_(tensor.to(target.dtype))
+
+    attach_and_fill(model, PrefixConfig(prefix_length=P, shift_positions=True), name, fill)
 
 
 def adapterhub_prefix_detect(path) -> bool:
@@ -696,6 +706,15 @@ def adapterhub_prefix_load(model: nn.Module, path, name: str) -> None:
         if marker in key and ".self_prefix." in key:
             suffix = key.split(".self_prefix.", 1)[1]
             picked.setdefault(suffix, tensor)  # the pool is saved under several names; they are equal
+    config_ = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    query_heads = int(config_.num_attention_heads)
+    if query_heads != kv_heads:  # AdapterHub sizes a GQA model's prefix by its query heads
+        made = picked.get("control_trans") if flat else picked.get("control_trans.2.weight")
+        by_query_heads = num_layers * 2 * query_heads * head_dim
+        if made is not None and (made.numel() == P * by_query_heads if flat else made.shape[0] == by_query_heads):
+            raise ValueError(f"this AdapterHub prefix has {query_heads} heads per layer (AdapterHub sizes prefixes by the "
+                             f"query heads and repeats the keys and values to them), where the model's attention "
+                             f"has {kv_heads} key/value heads, which pet_fast's prefixes follow: it cannot be imported")
     if flat:
         if "control_trans" not in picked or tuple(picked["control_trans"].shape) != (P * out_dim,):
             got = tuple(picked["control_trans"].shape) if "control_trans" in picked else None
