@@ -449,3 +449,21 @@ def test_side_network_reads_embeddings_narrower_than_the_hidden_states():
                                                     intermediate_size=37, image_size=16, patch_size=8))
     with pytest.raises(ValueError, match="runs its side network on token embeddings .* are a ViTPatchEmbeddings"):
         pet_fast.inject(vit, pet_fast.SideConfig(width=16, heads=2), "s")
+
+
+def test_side_cache_runs_the_base_for_calls_asking_its_hidden_states():
+    """A cache hit built the output from the last hidden state alone: output_hidden_states (given, or set in the
+    model's config) came back None on the second identical call."""
+    model, calls = _cached_side_model("cls")
+    ids, mask = batch()
+    with torch.no_grad():
+        for _ in range(2):
+            out = model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3], output_hidden_states=True)
+            assert out.hidden_states is not None and len(out.hidden_states) == 3
+        model.config.output_hidden_states = True
+        out = model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+        assert out.hidden_states is not None
+        model.config.output_hidden_states = False
+        model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+        model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
+    assert len(calls) == 4  # three runs asking for hidden states, one to fill the cache, one hit

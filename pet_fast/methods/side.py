@@ -451,6 +451,20 @@ def _base_hidden(site, host: nn.Module, call: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+def _asks_more(host: nn.Module, arguments: dict) -> bool:
+    """Whether the call asks the base for its hidden states or attentions (given, or by the model's config): a
+    cached row keeps the last hidden state only, so such calls run the base."""
+    given = dict(arguments.get("kwargs") or {}, **{k: v for k, v in arguments.items() if k != "kwargs"})
+    config = getattr(host, "config", None)
+    for name in ("output_hidden_states", "output_attentions"):
+        value = given.get(name)
+        if value is None:
+            value = getattr(config, name, False)
+        if value:
+            return True
+    return False
+
+
 def _check_side_call(arguments: dict, ids, ref) -> None:
     """Refuses what side-tuning cannot compute right: a call that continues from a KV cache (the side network
     sees only the new tokens, without their context: generate with use_cache=False), and example ids that do not
@@ -485,7 +499,8 @@ def side_forward(site, *args, **kwargs):
     ref = input_ids if input_ids is not None else inputs_embeds
     # (a prepared 4-d attention mask is not compared row by row: such calls run the base, and are not kept)
     use_cache = (branch.use_cache and ids is not None and isinstance(ref, torch.Tensor) and ref.dim() >= 2
-                 and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2))
+                 and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2)
+                 and not _asks_more(host, arguments))
     alone = len(site.registry.active) == 1
     if not alone and host.training and torch.is_grad_enabled():
         others = [n for n in site.registry.active if n != side_name]
