@@ -443,3 +443,28 @@ def test_an_adapter_after_a_module_without_parameters_takes_the_models_dtype():
     assert params and all(p.dtype == torch.float64 for p in params.values())
     ids, mask = batch()
     assert logits(model, ids, mask).dtype == torch.float64
+
+
+def test_pfeiffer_at_a_pruned_layer_norm_applies_the_pruned_weight():
+    """Pruning moves a LayerNorm's weight out of its parameter dict: the adapter op applied the norm without a
+    weight (4.2 off). Such a norm runs itself."""
+    import torch.nn.utils.prune as prune
+
+    def make():
+        model = build("bert")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "LayerNorm.weight" in n:
+                    p.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(len(n)))
+        pet_fast.inject(model, pet_fast.AdapterConfig(placement="pfeiffer", init="bert"), "t")
+        norm = model.bert.encoder.layer[0].output.LayerNorm
+        torch.manual_seed(0)
+        prune.random_unstructured(norm, "weight", amount=0.3)
+        return model, norm
+
+    model, _ = make()
+    plain, norm = make()
+    prune.remove(norm, "weight")  # the same weights, made permanent
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids, mask), logits(plain, ids, mask), rtol=1e-5, atol=1e-6)

@@ -282,3 +282,38 @@ def test_mixed_mask_tasks_under_torch_compile():
             torch.testing.assert_close(logits(compiled, ids, mask), want, rtol=0, atol=0)
     assert not any("recompile" in str(k).lower() and "limit" in str(k).lower() for k in counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 12  # (25 with the look-ups traced)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_pruned_and_parametrised_linears_are_masked_as_the_module_computes_them(when):
+    """torch.nn.utils.prune and parametrize move a linear's weight or bias out of its parameter dict: mask-tuning
+    read the dict, so a moved bias was left out (2.2-6.5 off) and a moved weight raised KeyError."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    class Doubled(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    def change(model):
+        layer = model.bert.encoder.layer[0]
+        prune.l1_unstructured(layer.attention.self.query, "weight", amount=0.5)
+        prune.l1_unstructured(layer.attention.self.key, "bias", amount=0.5)
+        parametrize.register_parametrization(layer.attention.self.value, "bias", Doubled())
+        torch.nn.utils.parametrizations.weight_norm(layer.output.dense)
+
+    plain, model = build("bert"), build("bert")
+    change(plain)
+    if when == "before":
+        change(model)
+    pet_fast.inject(model, pet_fast.MaskConfig(), "m")
+    if when == "after":
+        change(model)
+    ids, mask = batch()
+    got = logits(model, ids, mask)  # (eval mode: no dropout; scores at init keep every weight)
+    with torch.no_grad():
+        torch.testing.assert_close(got, logits(plain, ids, mask), rtol=1e-5, atol=1e-6)
+    got.square().sum().backward()
+    layer = model.bert.encoder.layer[0]
+    for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value, layer.output.dense):
+        assert lin.pet_fast_tasks["m"].scores.grad is not None

@@ -134,9 +134,11 @@ def _frozen_layer_norm(norm) -> Optional[tuple]:
     """(weight, bias, eps) of an nn.LayerNorm over the last dimension whose parameters do not train (the
     base's, as adapters leave it), for the adapter op to apply itself; None for anything else, and for
     parameters on the meta device: an offloading hook (accelerate) loads them when the norm itself is called."""
-    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
-        return None
+    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or norm._forward_pre_hooks:
+        return None  # (a hook, e.g. pruning's, makes its parameters when it is called)
     p = norm._parameters
+    if "weight" not in p or "bias" not in p:  # parametrised: the module makes them
+        return None
     w, b = p.get("weight"), p.get("bias")
     if any(t is not None and (t.requires_grad or t.is_meta) for t in (w, b)):
         return None

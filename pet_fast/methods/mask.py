@@ -155,21 +155,20 @@ class MaskScores(nn.Module):
     def apply_to(self, host: nn.Module, x: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
         """The masked linear of ``host`` on ``x``; ``name``: this task's name, for the masked weight its
         forward made for every linear at once (_ForwardMasks), when there is one."""
-        hp = host._parameters  # not nn.Module's attribute lookup: this runs in every linear of every step
+        weight, bias = host_weight_bias(host)
         conv = type(host).__name__ == "Conv1D"
         scores = self._parameters["scores"]
         if scores is None:  # packed for serving: the packed-bit GEMM (the cuda kernel for few tokens)
-            weight, bias = _params_for(x.dtype, hp["weight"].t() if conv else hp["weight"], hp.get("bias"))
+            weight, bias = _params_for(x.dtype, weight.t() if conv else weight, bias)
             return masked_linear(x, weight, None, bias, packed_mask=self._buffers["packed"])
         forward = self.__dict__.get("_forward")
         if forward is not None and name is not None and not conv:
             w_eff = forward.weight(name, self, host, x)
             if w_eff is not None:  # under autocast F.linear casts x and the bias; else they have w_eff's dtype
-                bias = hp.get("bias")
                 if bias is not None and bias.dtype != w_eff.dtype and not torch.is_autocast_enabled(x.device.type):
                     bias = bias.to(w_eff.dtype)
                 return F.linear(x, w_eff, bias)
-        weight, bias = _params_for(x.dtype, hp["weight"].t() if conv else hp["weight"], hp.get("bias"))
+        weight, bias = _params_for(x.dtype, weight.t() if conv else weight, bias)
         return masked_linear(x, weight, scores, bias, threshold=self.threshold)
 
     def extra_repr(self) -> str:
@@ -216,11 +215,21 @@ class _ForwardMasks(PerForward):
         pairs = [(h, m) for h, m in sites if m.threshold == module.threshold and _batchable(h, m, dtype)]
         if not any(m is module for _, m in pairs):
             return {}
-        weight, bias = _params_for(x.dtype, host._parameters["weight"], host._parameters.get("bias"))
+        weight, bias = _params_for(x.dtype, *host_weight_bias(host))
         chosen = backend_for(x, weight, module._parameters["scores"], bias, threshold=module.threshold)
         outs = masked_weights([h._parameters["weight"] for h, _ in pairs], [m._parameters["scores"] for _, m in pairs],
                               threshold=module.threshold, dtype=dtype, backend="eager" if chosen == "eager" else None)
         return {id(m): w for (_, m), w in zip(pairs, outs)}
+
+
+def host_weight_bias(host: nn.Module) -> tuple:
+    """A masked linear's weight and bias: from its parameter dict (not nn.Module's attribute lookup: this runs in
+    every linear of every step), or, where a pruning or parametrisation took them out of it, as the module
+    makes them (read without the bias, such a linear computed without it)."""
+    hp = host._parameters
+    weight = hp["weight"] if "weight" in hp else host.weight
+    bias = hp["bias"] if "bias" in hp else getattr(host, "bias", None)
+    return weight, bias
 
 
 def _batchable(host: nn.Module, module: "MaskScores", dtype: torch.dtype) -> bool:
@@ -371,8 +380,7 @@ class _MixedTasks:
             return None
         from ..ops.masked_linear import masked_linear_multitask
 
-        hp = host._parameters
-        weight, bias = MaskScores.weight_of(host), hp.get("bias")
+        weight, bias = MaskScores.weight_of(host), host_weight_bias(host)[1]
         weight = weight.to(x.dtype).contiguous()
         bias = None if bias is None else bias.to(x.dtype)
         return masked_linear_multitask(x, weight, stack, self._ids(x.device, x.shape), bias, validate_ids=False)
