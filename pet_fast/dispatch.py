@@ -175,7 +175,9 @@ def requested(backend: Optional[str] = None) -> tuple[str, str]:
 
 
 def _preference(entry: _OpEntry, info: Mapping) -> list[str]:
-    order = list(entry.preference(info)) if entry.preference is not None else ["cuda", "triton", "eager"]
+    # (torch.export: no measured ranking, whose size comparisons would hold the program to the traced sizes)
+    measured = entry.preference is not None and not torch.compiler.is_exporting()
+    order = list(entry.preference(info)) if measured else ["cuda", "triton", "eager"]
     if "eager" not in order:
         order.append("eager")
     return order

@@ -423,8 +423,8 @@ def _check_positions(module, tokens: int, end: int, shift: int, given: bool = Fa
     a device-side assert). Models without such a table (rotary positions) have no limit. ``given``: positions
     the caller passed (RoBERTa's padding offset then does not apply)."""
     table = _position_table(module)
-    if table is None or not tokens:
-        return
+    if table is None or not tokens or torch.compiler.is_compiling():  # (compiled code checks nothing here: a
+        return  # comparison of symbolic sizes would hold the graph to them)
     pad = getattr(module, "padding_idx", None)  # RoBERTa's derived positions start after its padding index
     limit = table.num_embeddings - (pad + 1 if isinstance(pad, int) and not given else 0)
     if int(end) > limit:
