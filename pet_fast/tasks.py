@@ -101,9 +101,15 @@ _WRAPPERS = {"DataParallel": "module", "DistributedDataParallel": "module", "Ful
 
 def check_not_a_wrapper(model: nn.Module, what: str) -> None:
     """ValueError where ``model`` is a wrapper (DistributedDataParallel, DataParallel, FSDP, torch.compile's
-    module) of the model ``what`` must act on: its registry, head and state-dict names are the inner model's."""
+    module, peft's PeftModel) of the model ``what`` must act on: its registry, head and state-dict names are the
+    inner model's."""
     attr = _WRAPPERS.get(type(model).__name__)
-    if attr is not None and isinstance(getattr(model, attr, None), nn.Module):
+    if attr is None and type(model).__name__.startswith("PeftModel"):  # peft's: its tuner holds the model
+        attr = "base_model.model"
+    inner = model
+    for part in attr.split(".") if attr else ():
+        inner = getattr(inner, part, None)
+    if attr is not None and isinstance(inner, nn.Module):
         raise ValueError(f"{what} acts on the model itself, and {type(model).__name__} wraps it: pass model.{attr} "
                          f"(wrap or compile after inject and set_active)")
 

@@ -471,13 +471,27 @@ def test_a_wrapped_model_is_named_in_the_error(tmp_path):
         pet_fast.load(wrapped, tmp_path / "c")
 
 
-@pytest.mark.parametrize("wrap", ["DataParallel", "compiled"])
+class _Tuner(torch.nn.Module):  # peft's layout: PeftModel.base_model (its tuner) .model (the model)
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+class PeftModelForSequenceClassification(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = _Tuner(model)
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compiled", "peft"])
 def test_inject_refuses_a_wrapper(wrap):
     """A wrapper's children are the model (no head to copy) and its state-dict names carry the wrapper's prefix:
-    inject refuses it, naming the attribute to pass, and changes nothing."""
+    inject refuses it, naming the attribute to pass, and changes nothing. (peft's PeftModel: no head copy was made,
+    and the refusals that came pointed elsewhere.)"""
     model = build("bert")
-    wrapped = torch.nn.DataParallel(model) if wrap == "DataParallel" else torch.compile(model)
-    attr = "module" if wrap == "DataParallel" else "_orig_mod"
+    wrapped = {"DataParallel": torch.nn.DataParallel, "compiled": torch.compile,
+               "peft": PeftModelForSequenceClassification}[wrap](model)
+    attr = {"DataParallel": "module", "compiled": "_orig_mod", "peft": "base_model.model"}[wrap]
     with pytest.raises(ValueError, match=rf"inject acts on the model itself, .* pass model.{attr}"):
         pet_fast.inject(wrapped, pet_fast.AdapterConfig(), "t")
     assert all(p.requires_grad for p in model.parameters()) and pet_fast.tasks.registry(wrapped) is None

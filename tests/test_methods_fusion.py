@@ -1007,3 +1007,22 @@ def test_a_layer_run_without_grad_leaves_later_layers_projections_their_gradient
     if fold:
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_torch_jit_trace_of_a_fused_model_serves_other_shapes():
+    """Traced, the adapters' widths are tensors: the check that they agree refused every traced fusion."""
+    model = _fused_model("pfeiffer").eval()
+    ids, mask = batch()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    with torch.no_grad():
+        traced = torch.jit.trace(Logits(model), (ids, mask), check_trace=False, strict=False)
+        ids2, mask2 = batch(B=4, T=11)
+        torch.testing.assert_close(traced(ids2, mask2), logits(model, ids2, mask2), rtol=1e-5, atol=1e-6)

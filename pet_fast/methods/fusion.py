@@ -193,7 +193,7 @@ class AdapterFusion(nn.Module):
         one by one and their outputs fused (the given-values op)."""
         if len(adapters) == 0:
             raise ValueError("adapters must hold at least one BottleneckAdapter")
-        if len({a.d_model for a in adapters}) != 1:
+        if not torch.jit.is_tracing() and len({a.d_model for a in adapters}) != 1:  # (traced: sizes are tensors)
             raise ValueError(f"adapters must share d_model to be fused, got {[a.d_model for a in adapters]}")
         dropout = self.training and self.dropout > 0
         if not _stackable(adapters):
