@@ -31,7 +31,7 @@ from torch import nn
 
 from . import models
 from .tasks import (TASK_ATTR, MethodConfig, check_not_a_wrapper, check_not_on_meta, check_task_name, inject,
-                    no_tasks_hint, registry, remove)
+                    no_tasks_hint, registry, remove, task_hosts)
 
 CONFIG_FILE = "pet_fast_config.json"
 WEIGHTS_FILE = "pet_fast_task.safetensors"
@@ -135,6 +135,10 @@ def save(model: nn.Module, path, name: Optional[str] = None, *, include_scores: 
 
     name = _task_name(model, name)
     cfg = registry(model).configs[name]
+    held, attached = task_hosts(model, name), getattr(registry(model), "hosts", {}).get(name)
+    if attached is not None and held != attached:
+        raise ValueError(f"save: task {name!r} was attached to {attached} modules and {held} hold it now: modules that "
+                         f"held it were replaced (by quantize_dynamic, say), and its checkpoint would miss their part")
     state = task_state(model, name)
     on_meta = [k for k, v in state.items() if v.is_meta]
     if on_meta:  # offloaded (accelerate keeps the values elsewhere) or never materialised: no values to write

@@ -78,6 +78,8 @@ class TaskRegistry:
         self.configs: Dict[str, MethodConfig] = {}
         self.active: Tuple[str, ...] = ()
         self.base_frozen = False
+        # per task, how many modules hold its parts (task_hosts): save refuses a task that lost some since
+        self.hosts: Dict[str, int] = {}
         # mask tasks serving one batch together (methods/mask.py mixed_mask_tasks): per thread, as the block is
         self._mixed = ThreadSlot()
 
@@ -199,6 +201,7 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
         holder = host._modules.get(TASK_ATTR)
         if holder is not None and name in holder._modules:
             holder[name].train(host.training)
+    reg.__dict__.setdefault("hosts", {})[name] = task_hosts(model, name)  # (a registry pickled before it had one)
     if not reg.base_frozen:
         for p in model.parameters():  # the new task's parameters are re-enabled by set_active below
             p.requires_grad_(False)
@@ -206,6 +209,11 @@ def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     reg.configs[name] = config
     set_active(model, name)
     return model
+
+
+def task_hosts(model: nn.Module, name: str) -> int:
+    """How many of ``model``'s modules hold a part of task ``name`` (in their ``pet_fast_tasks``)."""
+    return sum(1 for m in model.modules() if name in getattr(m._modules.get(TASK_ATTR), "_modules", ()))
 
 
 def _undo_attach(model: nn.Module, name: str, config: MethodConfig, reg: TaskRegistry) -> None:
@@ -240,6 +248,7 @@ def remove(model: nn.Module, name: str) -> None:
         if _sites.site_kind(mod) == "capture":
             _sites.uninstall_if_unused(mod)
     config = reg.configs.pop(name)
+    reg.__dict__.get("hosts", {}).pop(name, None)
     reg.active = tuple(n for n in reg.active if n != name)
     config.detach(model, name, reg)
     set_active(model, reg.active)

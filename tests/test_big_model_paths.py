@@ -110,3 +110,15 @@ def test_a_half_cast_after_inject_keeps_float32_task_parameters(method, dtype, t
     ids, mask = batch()
     with torch.no_grad():
         torch.testing.assert_close(logits(fresh, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
+
+
+def test_save_refuses_a_task_whose_modules_were_replaced(tmp_path):
+    """quantize_dynamic after inject swaps the masked linears (and the head) for quantized ones, which drop the
+    task's parts: save wrote a checkpoint without them (0 tensors for a mask task), with no error."""
+    model = build("bert")
+    pet_fast.inject(model, pet_fast.MaskConfig(), "m")
+    pet_fast.save(model, tmp_path / "ok", "m")
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"save: task 'm' was attached to \d+ modules and 0 hold it now"):
+        pet_fast.save(quantized, tmp_path / "q", "m")
+    assert not (tmp_path / "q").exists()
