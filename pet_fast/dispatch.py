@@ -174,9 +174,25 @@ def requested(backend: Optional[str] = None) -> tuple[str, str]:
     return "auto", "default"
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+# torch.compiler.is_exporting came in torch 2.6 and said True inside torch.compile too until 2.12 (compiled
+# code would then lose auto's measured ranking): trusted from 2.12 on.
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None) if _torch_at_least(2, 12) else None
+
+
+def _exporting() -> bool:
+    return _IS_EXPORTING is not None and _IS_EXPORTING()
+
+
 def _preference(entry: _OpEntry, info: Mapping) -> list[str]:
     # (torch.export: no measured ranking, whose size comparisons would hold the program to the traced sizes)
-    measured = entry.preference is not None and not torch.compiler.is_exporting()
+    measured = entry.preference is not None and not _exporting()
     order = list(entry.preference(info)) if measured else ["cuda", "triton", "eager"]
     if "eager" not in order:
         order.append("eager")

@@ -360,7 +360,10 @@ def load(model: nn.Module, path, name: Optional[str] = None) -> str:
             values[k2] = t
 
     def fill(state):
-        _copy_checked(state, values, f"checkpoint {str(path)!r}")
+        # a checkpoint saved before these heads were copied per task: the copies keep the model's own head
+        older = {k for k in set(state) - set(values) if k.split(".", 1)[0] in models.LATER_TASK_HEADS
+                 and k.startswith(f"{k.split('.', 1)[0]}.{TASK_ATTR}.{name}.")}
+        _copy_checked({k: v for k, v in state.items() if k not in older}, values, f"checkpoint {str(path)!r}")
 
     attach_and_fill(model, config, name, fill)
     return name

@@ -44,6 +44,9 @@ def family(model: nn.Module) -> str:
 # DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's sequence_summary). Not LM heads (tied to the
 # embeddings or pretrained) nor a backbone's own pooler (BERT's: pretrained, inside model.bert).
 TASK_HEADS = ("classifier", "score", "qa_outputs", "classification_head", "pre_classifier", "pooler", "sequence_summary")
+# Heads given a per-task copy only since 2026-11-29: checkpoints saved before lack their copies (load keeps the
+# copy made from the model's own head, which such a task ran with).
+LATER_TASK_HEADS = ("classification_head", "pre_classifier", "pooler", "sequence_summary")
 
 
 def task_heads(model: nn.Module) -> List[str]:

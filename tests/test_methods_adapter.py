@@ -468,3 +468,31 @@ def test_pfeiffer_at_a_pruned_layer_norm_applies_the_pruned_weight():
     ids, mask = batch()
     with torch.no_grad():
         torch.testing.assert_close(logits(model, ids, mask), logits(plain, ids, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_saved_before_pre_classifier_was_copied_per_task_still_loads(tmp_path):
+    """DistilBERT's pre_classifier (BART's classification_head, DeBERTa's pooler...) has had a per-task copy since
+    2026-11-29: a checkpoint saved before has none, and its load failed on the missing tensors. The copy then keeps
+    the model's own head, which the task ran with."""
+    import json
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    cfg = tf.DistilBertConfig(vocab_size=61, dim=32, n_layers=1, n_heads=4, hidden_dim=37, num_labels=3)
+    torch.manual_seed(0)
+    model = tf.DistilBertForSequenceClassification(cfg).eval()
+    fresh = copy.deepcopy(model)
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=4, init="bert",
+                                                  target_modules=["lin2"]), "t")
+    folder = pet_fast.save(model, tmp_path / "t", "t")
+    tensors = {k: v for k, v in load_file(str(folder / "pet_fast_task.safetensors")).items()
+               if not k.startswith("pre_classifier.")}
+    save_file(tensors, str(folder / "pet_fast_task.safetensors"))  # as saved before
+    meta = json.loads((folder / "pet_fast_config.json").read_text())
+    meta["tensors"] = {k: v for k, v in meta["tensors"].items() if k in tensors}
+    (folder / "pet_fast_config.json").write_text(json.dumps(meta))
+    pet_fast.load(fresh, folder)
+    ids = torch.randint(3, 61, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

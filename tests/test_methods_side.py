@@ -467,3 +467,29 @@ def test_side_cache_runs_the_base_for_calls_asking_its_hidden_states():
         model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
         model(input_ids=ids, attention_mask=mask, example_ids=[1, 2, 3])
     assert len(calls) == 4  # three runs asking for hidden states, one to fill the cache, one hit
+
+
+def test_side_network_is_causal_where_attention_modules_do_not_say_and_pools_as_bigbird():
+    """Bloom's attention has no is_causal: its side network attended to later tokens. BigBird's pooler is a
+    Linear with its tanh beside it (as `activation`): the side path left the tanh out."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4)).eval()
+    pet_fast.inject(bloom, pet_fast.SideConfig(alpha=0.0, width=16, heads=2), "s")
+    with torch.no_grad():
+        for p in pet_fast.task_parameters(bloom, "s").values():
+            p.add_(torch.randn_like(p) * 0.5)
+        ids = torch.randint(3, 61, (2, 7))
+        later = ids.clone()
+        later[:, 4:] = torch.randint(3, 61, (2, 3))
+        torch.testing.assert_close(bloom(input_ids=later).logits[:, :4], bloom(input_ids=ids).logits[:, :4],
+                                   rtol=0, atol=0)
+    cfg = tf.BigBirdConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=37, attention_type="original_full", max_position_embeddings=64)
+    bigbird = tf.BigBirdModel(cfg).eval()
+    plain = copy.deepcopy(bigbird)
+    pet_fast.inject(bigbird, pet_fast.SideConfig(alpha=1.0, width=16, heads=2), "s")
+    with torch.no_grad():
+        torch.testing.assert_close(bigbird(input_ids=ids).pooler_output, plain(input_ids=ids).pooler_output,
+                                   rtol=0, atol=0)

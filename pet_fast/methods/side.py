@@ -552,10 +552,11 @@ def side_forward(site, *args, **kwargs):
 
 def _pooled(host: nn.Module, hidden: torch.Tensor) -> Optional[torch.Tensor]:
     """The backbone's pooled output of the blended states, as it pools its own: a pooler module on the whole
-    sequence (BERT's takes the first token itself), or ALBERT's Linear and activation on the first token."""
+    sequence (BERT's takes the first token itself), or a Linear and its activation on the first token (ALBERT,
+    BigBird)."""
     pooler = getattr(host, "pooler", None)
     if isinstance(pooler, nn.Linear):
-        act = getattr(host, "pooler_activation", None)
+        act = getattr(host, "pooler_activation", getattr(host, "activation", None))  # (ALBERT's; BigBird's)
         pooled = pooler(hidden[:, 0])
         return act(pooled) if isinstance(act, nn.Module) else pooled
     return pooler(hidden) if isinstance(pooler, nn.Module) else None
@@ -591,11 +592,18 @@ def side_host(model: nn.Module) -> nn.Module:
     return host
 
 
-def _causal(host: nn.Module) -> bool:
+def _causal(host: nn.Module, model: nn.Module) -> bool:
     """Whether the base's self-attention is causal (a decoder's: the side network must not see later tokens
-    either). transformers' attention modules say so in ``is_causal`` (BERT's: its config's is_decoder)."""
-    return any(getattr(m, "is_causal", False) is True for n, m in host.named_modules()
-               if "Attention" in type(m).__name__ and "cross" not in n.lower())
+    either). transformers' attention modules say so in ``is_causal`` (BERT's: its config's is_decoder); for
+    models whose modules do not (Bloom, MPT, XGLM), a model type with causal LMs and no masked LM is causal."""
+    said = [m.is_causal for n, m in host.named_modules()
+            if "Attention" in type(m).__name__ and "cross" not in n.lower() and isinstance(getattr(m, "is_causal", None), bool)]
+    if said:
+        return any(said)
+    from transformers.models.auto import modeling_auto as auto
+
+    kind = models.model_type(model)
+    return kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 @contextlib.contextmanager
@@ -706,7 +714,7 @@ class SideConfig(MethodConfig):
             hidden = project_out.out_features
         cfg = getattr(model, "config", None)
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
-        causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False)) or _causal(host)
+        causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False)) or _causal(host, model)
         ref = host.get_input_embeddings().weight
         # trained in float32 (float64 in a float64 model), also in a bfloat16 or float16 model: blend() gives
         # the head the base's dtype
