@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pet_fast
-from tiny_models import batch, build, logits
+from tiny_models import Logits, batch, build, logits
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -360,14 +360,6 @@ def test_torch_export_with_dynamic_batch_and_length_serves_other_shapes(method):
     """auto's measured ranking compared the token count (and the prefix's position check read the length): the
     exported program held guards on the traced sizes, and other shapes failed with a guard assertion."""
     from torch.export import Dim
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     model = build("bert")
     if method == "packed_mask":

@@ -10,7 +10,7 @@ import pet_fast
 import pet_fast.ops.adapter_fusion as fusion_ops
 from pet_fast.methods.fusion import _ForwardProjections
 from pet_fast.tasks import TASK_ATTR
-from tiny_models import batch, build, logits
+from tiny_models import Logits, batch, build, logits
 
 
 def A(ad, z):
@@ -1013,14 +1013,6 @@ def test_torch_jit_trace_of_a_fused_model_serves_other_shapes():
     """Traced, the adapters' widths are tensors: the check that they agree refused every traced fusion."""
     model = _fused_model("pfeiffer").eval()
     ids, mask = batch()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
     with torch.no_grad():
         traced = torch.jit.trace(Logits(model), (ids, mask), check_trace=False, strict=False)

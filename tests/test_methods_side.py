@@ -406,6 +406,21 @@ def _generic_lm(kind, **over):
     return tf.GPTNeoXForCausalLM(cfg).eval()
 
 
+def _assert_side_network_causal(model):
+    """A side task (alpha=0: the side network's output alone) with random weights on ``model``: a token's logits do
+    not change with later tokens. Returns the batch."""
+    pet_fast.inject(model, pet_fast.SideConfig(alpha=0.0, width=16, heads=2), "s")
+    ids = torch.randint(3, 61, (2, 7))
+    later = ids.clone()
+    later[:, 4:] = torch.randint(3, 61, (2, 3))
+    with torch.no_grad():
+        for p in pet_fast.task_parameters(model, "s").values():
+            p.add_(torch.randn_like(p) * 0.5)
+        torch.testing.assert_close(model(input_ids=later).logits[:, :4], model(input_ids=ids).logits[:, :4],
+                                   rtol=0, atol=0)
+    return ids
+
+
 @pytest.mark.parametrize("kind", ["opt", "neox"])
 def test_side_network_on_other_decoders_runs_and_is_causal(kind):
     """OPTForCausalLM calls its decoder past the backbone's forward: the side task never ran (alpha=0 gave the
@@ -413,17 +428,9 @@ def test_side_network_on_other_decoders_runs_and_is_causal(kind):
     attended to later tokens (their configs' is_decoder is False): a token's logits saw the future."""
     model = _generic_lm(kind)
     plain = copy.deepcopy(model)
-    pet_fast.inject(model, pet_fast.SideConfig(alpha=0.0, width=16, heads=2), "s")
+    ids = _assert_side_network_causal(model)
     with torch.no_grad():
-        for p in pet_fast.task_parameters(model, "s").values():
-            p.add_(torch.randn_like(p) * 0.5)
-    ids = torch.randint(3, 61, (2, 7))
-    later = ids.clone()
-    later[:, 4:] = torch.randint(3, 61, (2, 3))
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-        assert (got - plain(input_ids=ids).logits).abs().max() > 0.1
-        torch.testing.assert_close(model(input_ids=later).logits[:, :4], got[:, :4], rtol=0, atol=0)
+        assert (model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() > 0.1
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in pet_fast.task_parameters(model, "s").items() if "network" in n)
@@ -475,16 +482,8 @@ def test_side_network_is_causal_where_attention_modules_do_not_say_and_pools_as_
     import transformers as tf
 
     torch.manual_seed(0)
-    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4)).eval()
-    pet_fast.inject(bloom, pet_fast.SideConfig(alpha=0.0, width=16, heads=2), "s")
-    with torch.no_grad():
-        for p in pet_fast.task_parameters(bloom, "s").values():
-            p.add_(torch.randn_like(p) * 0.5)
-        ids = torch.randint(3, 61, (2, 7))
-        later = ids.clone()
-        later[:, 4:] = torch.randint(3, 61, (2, 3))
-        torch.testing.assert_close(bloom(input_ids=later).logits[:, :4], bloom(input_ids=ids).logits[:, :4],
-                                   rtol=0, atol=0)
+    ids = _assert_side_network_causal(tf.BloomForCausalLM(tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2,
+                                                                         n_head=4)).eval())
     cfg = tf.BigBirdConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                            intermediate_size=37, attention_type="original_full", max_position_embeddings=64)
     bigbird = tf.BigBirdModel(cfg).eval()

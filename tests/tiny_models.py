@@ -55,3 +55,15 @@ def batch(seed: int = 1, B: int = 3, T: int = 9, pad_left: bool = False):
 def logits(model, ids, mask):
     out = model(input_ids=ids, attention_mask=mask)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+class Logits(torch.nn.Module):
+    """``model``'s logits from (input_ids, attention_mask) given by position: the form torch.jit.trace and
+    torch.export take."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
