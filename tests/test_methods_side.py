@@ -492,3 +492,92 @@ def test_side_network_is_causal_where_attention_modules_do_not_say_and_pools_as_
     with torch.no_grad():
         torch.testing.assert_close(bigbird(input_ids=ids).pooler_output, plain(input_ids=ids).pooler_output,
                                    rtol=0, atol=0)
+
+
+def test_side_cache_hits_rebuild_the_bases_output_class():
+    """A hit rebuilt a fixed output class: task classes reading other fields of their base's output
+    (GPT2LMHeadModel: cross_attentions) failed on every epoch after the first."""
+    model = build("gpt2", head="lm")
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    ids, mask = batch()
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2]).logits
+        again = model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2]).logits
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_side_network_sees_a_left_padded_encoder_row_as_unpadded():
+    """The side network gave an encoder's tokens the table's first positions whatever the padding: a left-padded
+    row changed by 1.35 where RoBERTa's own positions leave it as unpadded."""
+    model = build("roberta", head="base")
+    pet_fast.inject(model, pet_fast.SideConfig(alpha=0.5, width=16, heads=2), "s")
+    with torch.no_grad():
+        for p in pet_fast.task_parameters(model, "s").values():
+            p.add_(torch.randn_like(p) * 0.5)
+        ids, mask = batch(pad_left=True)
+        ids[0, :3] = 1  # RoBERTa's padding id
+        padded = model(input_ids=ids, attention_mask=mask).last_hidden_state[0, 3:]
+        alone = model(input_ids=ids[:1, 3:]).last_hidden_state[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_example_ids_given_to_a_task_class_that_drops_extra_keywords_reach_the_cache():
+    """DebertaV2ForSequenceClassification (Bloom, Falcon, Longformer...) does not hand extra keywords to its
+    backbone: example_ids=... was dropped and the cache never filled, with no error."""
+    import transformers as tf
+
+    cfg = tf.DebertaV2Config(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=37, num_labels=2)
+    torch.manual_seed(0)
+    model = tf.DebertaV2ForSequenceClassification(cfg).eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    calls = []
+    model.deberta.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(3, 61, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids, example_ids=[4, 5]).logits
+        got = model(input_ids=ids, example_ids=[4, 5]).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    pet_fast.remove(model, "s")
+    assert "_pet_fast_side_ids_hook" not in model.__dict__ and not model._forward_pre_hooks
+
+
+def test_side_tuning_a_vision_language_model_reads_its_text_models_sizes():
+    """Llava's side host is its language model, but the hidden size and positions were read from the composite's
+    config (text_config and vision_config only): inject was refused as if the model had no hidden size."""
+    import transformers as tf
+
+    text = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64)
+    vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=16, patch_size=4, projection_dim=16)
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                            image_token_index=60)).eval()
+    plain = copy.deepcopy(model)
+    pet_fast.inject(model, pet_fast.SideConfig(alpha=1.0, width=16, heads=2), "s")
+    network = model.model.language_model.pet_fast_tasks["s"].network
+    assert network.pos.shape[0] == 64 and network.causal
+    ids = torch.randint(3, 59, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_side_cache_compares_longformers_global_attention_mask():
+    """A row cached with one global_attention_mask was served for a call with another (0.016 off)."""
+    import transformers as tf
+
+    cfg = tf.LongformerConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                              intermediate_size=37, attention_window=4, max_position_embeddings=70, pad_token_id=1)
+    torch.manual_seed(0)
+    model = tf.LongformerModel(cfg).eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    ids = torch.randint(3, 61, (2, 8))
+    marked = torch.zeros(2, 8, dtype=torch.long)
+    marked[:, 0] = 1
+    with torch.no_grad():
+        model(input_ids=ids, example_ids=[0, 1])
+        got = model(input_ids=ids, global_attention_mask=marked, example_ids=[0, 1]).last_hidden_state
+        want = model(input_ids=ids, global_attention_mask=marked).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -153,9 +153,10 @@ class SideNetwork(nn.Module):
         B, T, _ = emb.shape
         if T > self.pos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the side network's {self.pos.shape[0]} positions")
-        if position_ids is None and self.causal and attention_mask is not None:
-            # a decoder's batch is padded on the left: each row's real tokens count their positions from 0 (as the
-            # base's, from the mask); right padding gives 0..T-1 as the table's first rows
+        if position_ids is None and attention_mask is not None:
+            # each row's real tokens count their positions from 0, however the batch is padded (a decoder's on the
+            # left; an encoder's row then gives what it gives unpadded, as RoBERTa's own positions do); right
+            # padding gives 0..T-1 as the table's first rows
             position_ids = attention_mask.long().cumsum(-1) - 1  # (-1 on left padding: clamped below)
         pos = self.pos[:T] if position_ids is None else self.pos[position_ids.clamp(0, self.pos.shape[0] - 1)]
         x = self.proj_in(emb.to(self.proj_in.weight.dtype)) + pos
@@ -365,7 +366,7 @@ def _normalise_ids(ids) -> list:
 # The inputs that decide the base's output per row, as the cache compares them: the integer ones
 # (input_ids first, then the 2-d attention mask, token types and positions given) side by side in one
 # int64 tensor on the host (one copy, one synchronisation per batch), the input embeddings on their device.
-_ROW_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_ROW_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "global_attention_mask")
 
 
 class _CallInputs:
@@ -527,6 +528,8 @@ def side_forward(site, *args, **kwargs):
             with torch.no_grad(), _base_eval(host):
                 out = site.original(*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            if not isinstance(out, tuple):
+                host.__dict__[_OUTPUT_CLASS] = type(out)
         if use_cache:
             _cache_store(branch, ids, inputs, hidden)
     with torch.no_grad():
@@ -562,12 +565,19 @@ def _pooled(host: nn.Module, hidden: torch.Tensor) -> Optional[torch.Tensor]:
     return pooler(hidden) if isinstance(pooler, nn.Module) else None
 
 
+_OUTPUT_CLASS = "_pet_fast_side_output_class"
+
+
 def _output(host: nn.Module, arguments: dict, hidden: torch.Tensor, pooled: Optional[torch.Tensor]):
     """The backbone's output for a call whose base did not run: its class (with a pooler's output or a cache
     field, empty) or, with ``return_dict=False`` given or in the model's config, its tuple."""
     from transformers import modeling_outputs as mo
 
-    if pooled is not None:
+    cls = host.__dict__.get(_OUTPUT_CLASS)  # the class the base returned (its task class reads its fields)
+    if cls is not None and dataclasses.is_dataclass(cls):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        out = cls(last_hidden_state=hidden, **({"pooler_output": pooled} if "pooler_output" in fields else {}))
+    elif pooled is not None:
         out = mo.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooled)
     else:
         out = mo.BaseModelOutputWithPast(last_hidden_state=hidden)
@@ -620,6 +630,38 @@ def example_ids(model: nn.Module, ids):
         yield
     finally:  # (a nested block gives the outer one's ids back)
         slot.set(outer)
+
+
+class _ExampleIdsHook:
+    """Pre- and post-forward hook of the outer model: takes ``example_ids=`` from its call into the side host's
+    slot for that forward (task classes such as DebertaV2ForSequenceClassification or BloomForCausalLM do not
+    hand extra keywords to their backbone: the ids were dropped, and the cache never filled). An object, not a
+    closure: a copy of the model gets its own, reading the copy's host."""
+
+    def __init__(self, host: nn.Module):
+        self.host = host
+        self.outer = ThreadSlot()  # per thread, the ids given before this forward's (restored after it)
+
+    def pre(self, module, args, kwargs):
+        if "example_ids" not in kwargs:
+            return None
+        kwargs = dict(kwargs)
+        slot = self.host.__dict__.get(_IDS_ATTR)
+        if slot is None:
+            slot = self.host.__dict__[_IDS_ATTR] = ThreadSlot()
+        self.outer.set(((self.outer.get() or ()) + (slot.get(),)))
+        slot.set(kwargs.pop("example_ids"))
+        return args, kwargs
+
+    def post(self, module, args, kwargs, output):
+        stack = self.outer.get()
+        if stack:  # (this forward took ids: the earlier ones back, also after an exception)
+            self.outer.set(stack[:-1])
+            self.host.__dict__[_IDS_ATTR].set(stack[-1])
+        return None
+
+
+_IDS_HOOK = "_pet_fast_side_ids_hook"
 
 
 @register_method
@@ -708,11 +750,12 @@ class SideConfig(MethodConfig):
                              f"tokens; encoder-decoder models ({type(model).__name__}: the decoder's states are over "
                              f"other tokens) are not supported")
         _sites.check_installable(host, "side")
-        hidden = models.hidden_size(model)
+        # (the host's config: a vision-language model's text model has the hidden size, its own config not)
+        hidden = models.hidden_size(host if getattr(host, "config", None) is not None else model)
         project_out = getattr(host, "project_out", None)  # OPT's: its last hidden states narrower than hidden_size
         if isinstance(project_out, nn.Linear):
             hidden = project_out.out_features
-        cfg = getattr(model, "config", None)
+        cfg = getattr(host, "config", None) or getattr(model, "config", None)
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
         causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False)) or _causal(host, model)
         ref = host.get_input_embeddings().weight
@@ -726,3 +769,14 @@ class SideConfig(MethodConfig):
                             base_graphs=self.base_graphs).to(device=ref.device, dtype=dtype)
         _sites.install(host, "side", registry)
         task_holder(host)[name] = branch
+        if model is not host and _IDS_HOOK not in model.__dict__:
+            hook = _ExampleIdsHook(host)
+            model.__dict__[_IDS_HOOK] = (model.register_forward_pre_hook(hook.pre, with_kwargs=True),
+                                         model.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
+
+    def detach(self, model: nn.Module, name: str, registry) -> None:
+        """With the model's last side task gone: the outer model's example_ids hook removed."""
+        if any(isinstance(c, SideConfig) for c in registry.configs.values()):
+            return
+        for handle in model.__dict__.pop(_IDS_HOOK, ()):
+            handle.remove()
