@@ -131,8 +131,8 @@ def test_side_network_attends_as_its_dense_mask_says(causal, padded):
     if causal:
         dense &= torch.ones(T, T, dtype=torch.bool).tril()
     dense |= torch.eye(T, dtype=torch.bool)
-    # positions: a decoder's rows count theirs from their first real token (left padding), else 0..T-1
-    pos = net.pos[(mask.cumsum(1) - 1).clamp(min=0)] if (causal and padded) else net.pos[:T]
+    # positions: with a mask, each row counts its own from its first real token (left padding), else 0..T-1
+    pos = net.pos[(mask.cumsum(1) - 1).clamp(min=0)] if padded else net.pos[:T]
     x = net.proj_in(emb) + pos
     for block in net.blocks:
         x = block(x, dense)
