@@ -325,6 +325,12 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             raise ValueError(f"prefix attention does not apply {unsupported!r} (attention logit softcapping, attention "
                              f"sinks), which {type(module).__name__} passes: its output would be computed without it")
     pk, pv = prefix
+    if (pk.shape[-1] != key.shape[-1] or pv.shape[-1] != value.shape[-1] or pk.shape[-3] != key.shape[1]
+            or pv.shape[-3] != value.shape[1]):  # (the op's checks are skipped below: this one is not by construction)
+        raise ValueError(f"the prefix of {type(module).__name__} has {pk.shape[-3]} heads of width {pk.shape[-1]} "
+                         f"(keys) and {pv.shape[-1]} (values), but its keys have {key.shape[1]} heads of width "
+                         f"{key.shape[-1]} and its values width {value.shape[-1]}: prefix tuning sizes every layer "
+                         f"alike (not for attention such as DeepSeek's MLA or layers of other head widths)")
     if pk.dtype != target or pv.dtype != target:  # the source gives them in target already, as a rule
         pk, pv = pk.to(target), pv.to(target)
     causal = _is_causal(module, kwargs)

@@ -496,3 +496,10 @@ def test_a_checkpoint_saved_before_pre_classifier_was_copied_per_task_still_load
     ids = torch.randint(3, 61, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_target_naming_a_container_is_refused():
+    """target_modules=["layers"] matched Llama's ModuleList of blocks: the adapter was attached, trained and
+    saved, but a ModuleList is never called: it changed nothing."""
+    with pytest.raises(ValueError, match=r"matches 'model.layers', a ModuleList \(a container, which is never called\)"):
+        pet_fast.inject(build("llama"), pet_fast.AdapterConfig(placement="houlsby", target_modules=["layers"]), "t")

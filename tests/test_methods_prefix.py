@@ -1200,3 +1200,20 @@ def test_an_adapterhub_prefix_of_a_grouped_query_model_is_refused_saying_why(tmp
               str(tmp_path / "ah" / "adapter.safetensors"))
     with pytest.raises(ValueError, match="has 4 heads per layer .* has 2 key/value heads"):
         pet_fast.load(model, tmp_path / "ah")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_attention_of_other_key_widths_than_the_prefix_is_refused(backend):
+    """DeepSeek's MLA keys are qk_nope + qk_rope wide while config.head_dim is the rope part: the prefix was sized 4
+    for keys 12 wide, and the triton backend (auto's on a GPU) ran it reading past the prefix: finite, wrong logits."""
+    cfg = tf.DeepseekV3Config(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=48, max_position_embeddings=64, pad_token_id=0,
+                              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                              first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
+                              qk_nope_head_dim=8, v_head_dim=12, n_group=1, topk_group=1, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tf.DeepseekV3ForCausalLM(cfg).eval()
+    inject(model, PrefixConfig(prefix_length=3), "p")
+    with pytest.raises(ValueError, match=r"the prefix of DeepseekV3Attention has 4 heads of width 4 .* keys have 4 "
+                                         r"heads of width 12"), pet_fast.use_backend(backend), torch.no_grad():
+        model(input_ids=torch.randint(3, V, (2, 5)))
