@@ -1217,3 +1217,14 @@ def test_attention_of_other_key_widths_than_the_prefix_is_refused(backend):
     with pytest.raises(ValueError, match=r"the prefix of DeepseekV3Attention has 4 heads of width 4 .* keys have 4 "
                                          r"heads of width 12"), pet_fast.use_backend(backend), torch.no_grad():
         model(input_ids=torch.randint(3, V, (2, 5)))
+
+
+def test_a_hybrid_model_is_refused_saying_why():
+    """Jamba's attention layers sit between mamba layers (layer_idx 1, 3): the refusal named the indices only."""
+    cfg = tf.JambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=48, num_experts=2, num_experts_per_tok=1, attn_layer_period=2,
+                         attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4,
+                         mamba_d_conv=2, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"layer_idx \[1, 3\]\): prefix tuning needs the self-attention layers "
+                                         r"numbered 0..n-1 \(not hybrid models"):
+        inject(tf.JambaForCausalLM(cfg), PrefixConfig(prefix_length=3), "p")

@@ -166,7 +166,9 @@ def _attention_modules(model: nn.Module) -> List[nn.Module]:
     found.sort(key=lambda t: t[0])
     idxs = [t[0] for t in found]
     if idxs != list(range(len(idxs))):
-        raise ValueError(f"could not map the attention modules of {type(model).__name__} to layers (layer_idx {idxs})")
+        raise ValueError(f"could not map the attention modules of {type(model).__name__} to layers (layer_idx {idxs}): "
+                         f"prefix tuning needs the self-attention layers numbered 0..n-1 (not hybrid models whose "
+                         f"attention layers sit between other kinds, nor encoder-decoder stacks)")
     return [m for _, _, m in found]
 
 
