@@ -644,6 +644,8 @@ class _ExampleIdsHook:
 
     def pre(self, module, args, kwargs):
         if "example_ids" not in kwargs:
+            if self.outer.get():  # a forward nested in one that took ids: its post pops this mark, not theirs
+                self.outer.set(self.outer.get() + (_NO_IDS,))
             return None
         kwargs = dict(kwargs)
         slot = self.host.__dict__.get(_IDS_ATTR)
@@ -655,10 +657,14 @@ class _ExampleIdsHook:
 
     def post(self, module, args, kwargs, output):
         stack = self.outer.get()
-        if stack:  # (this forward took ids: the earlier ones back, also after an exception)
+        if stack:  # (a forward that took ids: the earlier ones back, also after an exception)
             self.outer.set(stack[:-1])
-            self.host.__dict__[_IDS_ATTR].set(stack[-1])
+            if stack[-1] is not _NO_IDS:
+                self.host.__dict__[_IDS_ATTR].set(stack[-1])
         return None
+
+
+_NO_IDS = object()
 
 
 _IDS_HOOK = "_pet_fast_side_ids_hook"
