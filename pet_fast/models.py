@@ -120,7 +120,8 @@ def match_targets(model: nn.Module, target_modules, *, kinds: tuple = (nn.Module
         if "pet_fast_tasks" in name.split("."):
             continue
         if any(name == t or name.endswith("." + t) for t in targets) and isinstance(mod, kinds):
-            if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):  # never called: nothing attached there would run
+            if isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and type(mod).forward is nn.Module.forward:
+                # (a container without a forward of its own is never called: nothing attached there would run)
                 raise ValueError(f"target_modules entry matches {name!r}, a {type(mod).__name__} (a container, which "
                                  f"is never called): name the modules inside it")
             (in_heads if (name + ".").startswith(heads) and heads else found).append((name, mod))

@@ -503,3 +503,26 @@ def test_a_target_naming_a_container_is_refused():
     saved, but a ModuleList is never called: it changed nothing."""
     with pytest.raises(ValueError, match=r"matches 'model.layers', a ModuleList \(a container, which is never called\)"):
         pet_fast.inject(build("llama"), pet_fast.AdapterConfig(placement="houlsby", target_modules=["layers"]), "t")
+
+
+def test_a_container_with_a_forward_of_its_own_is_a_target():
+    """A ModuleDict subclass that the model calls (SwitchTransformers' experts) was refused as a container."""
+    class Experts(torch.nn.ModuleDict):
+        def forward(self, x):  # (its experts by name, as SwitchTransformers' are)
+            return self["a"](x) + self["b"](x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Experts({"a": torch.nn.Linear(8, 8), "b": torch.nn.Linear(8, 8)})
+            self.config = type("Config", (), {"hidden_size": 8})()  # (the width the adapters take)
+
+        def forward(self, x):
+            return self.experts(x)
+
+    model = Model()
+    x = torch.randn(2, 3, 8)
+    want = model(x)
+    pet_fast.inject(model, pet_fast.AdapterConfig(placement="houlsby", bottleneck=2, init="bert",
+                                                  target_modules=["experts"], train_head=False), "t")
+    assert (model(x) - want).abs().max() > 0  # the adapter runs after the experts

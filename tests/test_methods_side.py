@@ -581,3 +581,61 @@ def test_side_cache_compares_longformers_global_attention_mask():
         got = model(input_ids=ids, global_attention_mask=marked, example_ids=[0, 1]).last_hidden_state
         want = model(input_ids=ids, global_attention_mask=marked).last_hidden_state
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_replayed_base_call_rebuilds_the_bases_output_class(monkeypatch):
+    """The base's output class was recorded only from eager runs: a call served from the base's CUDA graphs (here
+    the replay simulated on the CPU) built a fixed class, and GPT-2's LM head failed on cross_attentions."""
+    from pet_fast.methods import side
+
+    monkeypatch.setattr(side.BaseGraphs, "usable", staticmethod(lambda call: True))
+    monkeypatch.setattr(side, "_graphs", lambda branch, host: (lambda fn, call: fn(**call)))
+    model = build("gpt2", head="lm")
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, base_graphs=True), "s")
+    ids, mask = batch()
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask).logits.shape == (3, 9, 61)
+
+
+def test_a_model_whose_forward_takes_example_ids_keeps_them():
+    """The outer model's hook took example_ids out of every call: a model of one's own that declares them lost
+    them (TypeError when required)."""
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = build("bert", head="base")
+            self.config = self.bert.config
+            self.head = torch.nn.Linear(32, 2)
+
+        @property
+        def base_model(self):
+            return self.bert
+
+        def forward(self, input_ids, attention_mask=None, *, example_ids):
+            self.seen = example_ids
+            return self.head(self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                       example_ids=example_ids).last_hidden_state[:, 0])
+
+    model = Classifier().eval()
+    pet_fast.inject(model, pet_fast.SideConfig(width=16, heads=2, cache=True), "s")
+    calls = []
+    model.bert.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids, mask = batch()
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=mask, example_ids=[0, 1, 2])
+    assert model.seen == [0, 1, 2] and len(calls) == 1
+
+
+def test_side_tuning_a_model_without_a_position_table_of_its_own():
+    """XLNet's max_position_embeddings is -1: the side network's table was made with -1 rows and failed."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.XLNetModel(tf.XLNetConfig(vocab_size=61, d_model=32, n_layer=1, n_head=4, d_inner=37)).eval()
+    plain = copy.deepcopy(model)
+    pet_fast.inject(model, pet_fast.SideConfig(alpha=1.0, width=16, heads=2), "s")
+    ids = torch.randint(3, 61, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)

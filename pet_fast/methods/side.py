@@ -449,6 +449,8 @@ def _graphs(branch, host: nn.Module) -> BaseGraphs:
 def _base_hidden(site, host: nn.Module, call: dict) -> torch.Tensor:
     with _base_eval(host):
         out = site.original(**call)
+    if not isinstance(out, tuple):
+        host.__dict__[_OUTPUT_CLASS] = type(out)  # (the class a replayed call's output is built as)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
@@ -652,7 +654,10 @@ class _ExampleIdsHook:
         if slot is None:
             slot = self.host.__dict__[_IDS_ATTR] = ThreadSlot()
         self.outer.set(((self.outer.get() or ()) + (slot.get(),)))
-        slot.set(kwargs.pop("example_ids"))
+        if "example_ids" in models.signature(type(module).forward).parameters:
+            slot.set(kwargs["example_ids"])  # (a forward that takes them itself keeps them)
+        else:
+            slot.set(kwargs.pop("example_ids"))
         return args, kwargs
 
     def post(self, module, args, kwargs, output):
@@ -762,7 +767,8 @@ class SideConfig(MethodConfig):
         if isinstance(project_out, nn.Linear):
             hidden = project_out.out_features
         cfg = getattr(host, "config", None) or getattr(model, "config", None)
-        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
+        max_pos = next((v for v in (getattr(cfg, "max_position_embeddings", None), getattr(cfg, "n_positions", None))
+                        if isinstance(v, int) and v > 0), 512)  # (XLNet's is -1: no table of its own)
         causal = models.family(model) in ("gpt2", "llama") or bool(getattr(cfg, "is_decoder", False)) or _causal(host, model)
         ref = host.get_input_embeddings().weight
         # trained in float32 (float64 in a float64 model), also in a bfloat16 or float16 model: blend() gives
