@@ -174,16 +174,17 @@ def requested(backend: Optional[str] = None) -> tuple[str, str]:
     return "auto", "default"
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
+def torch_at_least(major: int, minor: int) -> bool:
+    """Whether the installed torch is release major.minor or later."""
     try:
-        return tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (major, minor)
+        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
     except ValueError:
         return False
 
 
 # torch.compiler.is_exporting came in torch 2.6 and said True inside torch.compile too until 2.12 (compiled
 # code would then lose auto's measured ranking): trusted from 2.12 on.
-_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None) if _torch_at_least(2, 12) else None
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None) if torch_at_least(2, 12) else None
 
 
 def _exporting() -> bool:

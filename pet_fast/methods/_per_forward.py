@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..ops import _autograd
+
 
 class PerForward:
     def __init__(self, checkpoint_modules: Sequence[nn.Module]):
@@ -131,3 +133,18 @@ def attached(host: nn.Module, name: str, module: nn.Module) -> bool:
 
     holder = host._modules.get(TASK_ATTR)
     return holder is not None and holder._modules.get(name) is module
+
+
+def _float_copy(steps: torch.Tensor) -> torch.Tensor:
+    return steps.to(torch.float32, copy=True)
+
+
+def _float_copy_fake(steps: torch.Tensor) -> torch.Tensor:
+    return torch.empty(steps.shape, dtype=torch.float32, device=steps.device)
+
+
+# A step count that a compiled forward reads from a buffer and then advances (fusion's temperature annealing,
+# side-tuning's alpha schedule), read through an opaque op: AOT autograd recomputes plain arithmetic on a graph
+# input in the backward instead of saving it, and by then the buffer holds the next count (fusion's key
+# gradients came at the next step's temperature, x 50/49.95). The op's output is saved instead.
+counted_steps = _autograd.custom_op("counted_steps", _float_copy, fake=_float_copy_fake)

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from ..dispatch import graph_task
-from ..ops import _autograd, _checks
+from ..ops import _checks
 from ..ops._autocast import compute_dtype
 from ..ops import adapter_fusion as fusion_ops
-from ._per_forward import PerForward, attached, forgotten as _forgotten, installed
+from ._per_forward import PerForward, attached, counted_steps, forgotten as _forgotten, installed
 from .adapter import BottleneckAdapter
 
 
@@ -22,21 +22,6 @@ FOLD_MIN_TOKENS_PER_WIDTH = 1.0
 # temperature=True (AdapterHub's): the softmax temperature starts here and falls by 1/ANNEALING_STEPS of it per
 # training forward, down to 1
 TEMPERATURE_START, ANNEALING_STEPS = 50.0, 1000
-
-
-def _annealed(steps: torch.Tensor, start: float, reduction: float) -> torch.Tensor:
-    return (start - reduction * steps).clamp(min=1.0).to(torch.float32)
-
-
-def _annealed_fake(steps: torch.Tensor, start: float, reduction: float) -> torch.Tensor:
-    return torch.empty((), dtype=torch.float32, device=steps.device)
-
-
-# The temperature compiled code reads from ``temperature_steps`` before it counts the step, as an opaque op: AOT
-# autograd recomputes cheap arithmetic on a graph input in the backward instead of saving it, and by then the
-# step count (the input) has moved on, so the key's gradient was taken at the next step's temperature (a factor
-# 50/49.95 at the start). An op it cannot recompute keeps the forward's value for the backward.
-ANNEALED_TEMPERATURE = _autograd.custom_op("fusion_annealed_temperature", _annealed, fake=_annealed_fake)
 
 
 def _maybe_cast(t, dtype):
@@ -120,7 +105,7 @@ class AdapterFusion(nn.Module):
         if compiling and steps is not None and (self.key is not None or self.query is not None):
             # compiled code takes it from the buffer, a tensor (folded into the key or query side,
             # _temperature_folded): a Python float would be a constant of the graph, compiled again at every step
-            t = ANNEALED_TEMPERATURE(steps, TEMPERATURE_START, self.reduction)
+            t = (TEMPERATURE_START - self.reduction * counted_steps(steps)).clamp(min=1.0)
             if self.training:
                 steps.add_(1)
             return t

@@ -325,7 +325,7 @@ class _ShiftPositions:
         if not shift:
             return None
         kwargs = dict(kwargs)
-        if args and self.kind == "model":  # every argument by name (a cache or positions passed by position)
+        if args and self.kind != "embeddings":  # every argument by name (a cache or positions passed by position)
             kwargs = _by_name(module, args, kwargs)
             args = ()
         pos = kwargs.get("position_ids")
@@ -337,7 +337,7 @@ class _ShiftPositions:
                 _check_positions(module, pos.shape[-1], int(pos.max()) + 1 + shift, shift, given=True)
             return args, kwargs
         if self.kind == "mask_positions":
-            return args, self._mask_positions(module, args, kwargs, shift)
+            return args, self._mask_positions(module, kwargs, shift)
         if self.kind == "embeddings":
             # BERT/RoBERTa embeddings take the cache length and derive the positions from it (RoBERTa:
             # from the padding of input_ids), exactly as PEFT's prefix of length P in the cache does.
@@ -367,15 +367,13 @@ class _ShiftPositions:
 
 
     @staticmethod
-    def _mask_positions(module, args, kwargs, shift: int) -> dict:
+    def _mask_positions(module, kwargs, shift: int) -> dict:
         """A position embedding that derives the positions from the attention mask (OPT's: the count of real
         tokens so far, -1 at padding; its model passes them in, or the embedding computes them): real tokens'
         positions + P, as a prefix of P real tokens in the cache gives them; padding keeps -1."""
         pos = kwargs.get("position_ids")
         if pos is None:
-            params = list(models.signature(type(module).forward).parameters)[1:]
-            bound = dict(zip(params, args), **kwargs)
-            mask, past = bound["attention_mask"], int(bound.get("cache_length", bound.get("past_key_values_length", 0)))
+            mask, past = kwargs["attention_mask"], int(kwargs.get("cache_length", kwargs.get("past_key_values_length", 0)))
             pos = ((torch.cumsum(mask, dim=1) * mask) - 1).long()[:, past:]
         kwargs["position_ids"] = torch.where(pos >= 0, pos + shift, pos)
         if pos.numel() and not torch.compiler.is_compiling():  # (a read of the largest: a sync on a GPU)
@@ -448,9 +446,9 @@ def _install_position_hook(model: nn.Module, holder, reg) -> None:
     if hasattr(embeddings, "position_embeddings") and (models.family(model) == "bert" or takes_cache_length):
         # (BERT's kind, and encoders outside the family that derive positions as it does: Data2VecText, XLM-R XL)
         target, kind = embeddings, "embeddings"
-    elif _mask_position_embedding(base) is not None:
+    elif (made_from_mask := _mask_position_embedding(base)) is not None:
         # hooked where the positions are made: OPTForCausalLM calls the decoder itself, past base_model's forward
-        target, kind = _mask_position_embedding(base), "mask_positions"
+        target, kind = made_from_mask, "mask_positions"
     else:
         target, kind = base, "model"
         if "position_ids" not in models.signature(type(target).forward).parameters:

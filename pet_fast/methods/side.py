@@ -103,7 +103,7 @@ from .. import models  # noqa: E402
 from .._threads import ThreadSlot  # noqa: E402
 from ._base_graphs import BaseGraphs  # noqa: E402
 from ._float32 import keeping_float32  # noqa: E402
-from ..ops import _autograd  # noqa: E402
+from ._per_forward import counted_steps  # noqa: E402
 from ..ops._autocast import AUTOCAST_DEVICES  # noqa: E402
 from ..tasks import MethodConfig, register_method, task_holder  # noqa: E402
 
@@ -184,19 +184,6 @@ class CachedRow(NamedTuple):
     hidden: torch.Tensor
 
 
-def _scheduled(steps: torch.Tensor, start: float, end: float, total: int) -> torch.Tensor:
-    return start + steps.clamp(max=total).to(torch.float32) / total * (end - start)
-
-
-def _scheduled_fake(steps: torch.Tensor, start: float, end: float, total: int) -> torch.Tensor:
-    return torch.empty((), dtype=torch.float32, device=steps.device)
-
-
-# A scheduled alpha in compiled code, read from the step count before the forward counts its step, as an opaque
-# op: AOT autograd would recompute plain arithmetic on the buffer in the backward, after the count moved on.
-SCHEDULED_ALPHA = _autograd.custom_op("side_scheduled_alpha", _scheduled, fake=_scheduled_fake)
-
-
 class SideBranch(nn.Module):
     """One side-tuning task on a backbone: the side network, the blend weight and the optional
     cache of base outputs. ``alpha``: fixed, ``"learned"`` (sigmoid of a trained logit starting at
@@ -229,7 +216,8 @@ class SideBranch(nn.Module):
             return torch.sigmoid(self.alpha_logit)
         if self.alpha_end is not None and self.schedule_steps > 0:
             if torch.compiler.is_compiling():  # a tensor from the buffer (a Python float: one graph per step)
-                return SCHEDULED_ALPHA(self.steps, self.alpha_value, self.alpha_end, self.schedule_steps)
+                t = counted_steps(self.steps).clamp(max=self.schedule_steps) / self.schedule_steps
+                return self.alpha_value + t * (self.alpha_end - self.alpha_value)
             t = min(int(self.steps), self.schedule_steps) / self.schedule_steps
             return self.alpha_value + t * (self.alpha_end - self.alpha_value)
         return self.alpha_value

@@ -209,14 +209,7 @@ def _sdpa_takes_enable_gqa() -> bool:
 _SDPA_GQA = _sdpa_takes_enable_gqa()
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
-    try:
-        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
-    except ValueError:
-        return False
-
-
-_SDPA_GQA_WITH_MASK = _torch_at_least(2, 11)  # the release it was measured on (below)
+_SDPA_GQA_WITH_MASK = dispatch.torch_at_least(2, 11)  # the release it was measured on (below)
 
 
 def _sdpa_gqa(device_type: str, dtype, masked: bool = False) -> bool:
